@@ -8,7 +8,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(files, ["proto"])?;
     prost_build::Config::new()
         .bytes(["."])
-        .extern_path(".meshchat.client.v1", "crate::client")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -1,2 +1,96 @@
-//! placeholder, replaced below
-fn main() {}
+//! Durable writes/s of the embedded store with 1, 16 and 256 concurrent writers.
+//!
+//! Group commit (the default, up to 512 writes per fsync) side by side with the baseline of
+//! one transaction and one fsync per write (`max_batch = 1`), in the same run. Both use
+//! `synchronous=FULL`: a write returns only after it is durable.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use meshchat_idgen::{ChatId, Generator, MessageId, UserId};
+use meshchat_storage::{EmbeddedConfig, EmbeddedStore, HistoryStore, NewMessage};
+
+fn store(dir: &std::path::Path, max_batch: usize) -> Arc<EmbeddedStore> {
+    let mut config = EmbeddedConfig::in_dir(dir);
+    config.max_batch = max_batch;
+    Arc::new(EmbeddedStore::open(config).expect("open store"))
+}
+
+/// Appends `total` messages from `writers` concurrent tasks; returns the elapsed time.
+async fn run(
+    store: &Arc<EmbeddedStore>,
+    ids: &Arc<Generator>,
+    writers: u64,
+    total: u64,
+) -> Duration {
+    let start = Instant::now();
+    let per = total.div_ceil(writers);
+    let mut tasks = Vec::with_capacity(writers as usize);
+    for w in 0..writers {
+        let (store, ids) = (store.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            let sender = UserId(10 + w);
+            let chat = ChatId::direct(sender, UserId(1));
+            for _ in 0..per {
+                let id = MessageId(ids.next_id().expect("id").0);
+                store
+                    .append(NewMessage {
+                        id,
+                        chat,
+                        sender,
+                        client_msg_id: id.to_string(),
+                        body: Bytes::from_static(&[b'x'; 200]),
+                        reply_to: None,
+                    })
+                    .await
+                    .expect("append");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    start.elapsed()
+}
+
+fn durable_writes(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let ids = Arc::new(Generator::new(5).expect("generator"));
+    let mut g = c.benchmark_group("storage/durable_append");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(8));
+    for writers in [1u64, 16, 256] {
+        for (label, max_batch) in [("group_commit", 512usize), ("no_grouping", 1)] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let s = store(dir.path(), max_batch);
+            // Writes per iteration: enough for every writer to have several in flight.
+            let batch = (writers * 4).max(64);
+            g.throughput(Throughput::Elements(batch));
+            g.bench_with_input(
+                BenchmarkId::new(label, format!("{writers}_writers")),
+                &writers,
+                |b, &writers| {
+                    b.iter_custom(|iters| {
+                        rt.block_on(async {
+                            let mut total = Duration::ZERO;
+                            for _ in 0..iters {
+                                total += run(&s, &ids, writers, batch).await;
+                            }
+                            total
+                        })
+                    })
+                },
+            );
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, durable_writes);
+criterion_main!(benches);

@@ -178,7 +178,9 @@ mod tests {
 
     #[test]
     fn malformed_chat_ids_are_errors() {
-        for s in ["", "d:1", "d:2:1", "x:1", "c:", "c:1:2", "d:a:b", "c:-1", "d:1:2:3"] {
+        for s in [
+            "", "d:1", "d:2:1", "x:1", "c:", "c:1:2", "d:a:b", "c:-1", "d:1:2:3",
+        ] {
             assert!(s.parse::<ChatId>().is_err(), "{s} should not parse");
         }
     }

@@ -264,9 +264,7 @@ impl<C: Clock> Generator<C> {
                 Ok(_) => {
                     let ts = next >> SEQUENCE_BITS;
                     let seq = next & MAX_SEQUENCE;
-                    return Ok(Snowflake(
-                        (ts << TIMESTAMP_SHIFT) | self.worker_bits | seq,
-                    ));
+                    return Ok(Snowflake((ts << TIMESTAMP_SHIFT) | self.worker_bits | seq));
                 }
                 Err(actual) => cur = actual,
             }
@@ -388,7 +386,10 @@ mod tests {
         let g2 = g.clone();
         let waiter = std::thread::spawn(move || g2.next_id());
         std::thread::sleep(Duration::from_millis(20));
-        assert!(!waiter.is_finished(), "must not issue an id ahead of the clock");
+        assert!(
+            !waiter.is_finished(),
+            "must not issue an id ahead of the clock"
+        );
         clock.advance(1);
         let id = waiter.join().expect("thread").expect("id");
         assert_eq!((id.ms_since_epoch(), id.sequence()), (2_001, 0));

@@ -179,7 +179,8 @@ mod tests {
         let mut c = codec(1024);
         let mut buf = BytesMut::new();
         for i in 0..10 {
-            c.encode(send_frame(&format!("hello {i}")), &mut buf).expect("encode");
+            c.encode(send_frame(&format!("hello {i}")), &mut buf)
+                .expect("encode");
         }
         for i in 0..10 {
             let f = c.decode(&mut buf).expect("decode").expect("whole frame");
@@ -192,12 +193,15 @@ mod tests {
     fn short_buffer_is_need_more_at_every_split_point() {
         let mut c = codec(1024);
         let mut whole = BytesMut::new();
-        c.encode(send_frame("split me"), &mut whole).expect("encode");
+        c.encode(send_frame("split me"), &mut whole)
+            .expect("encode");
         for cut in 0..whole.len() {
             let mut c = codec(1024);
             let mut part = BytesMut::from(&whole[..cut]);
             assert!(
-                c.decode(&mut part).expect("partial is not an error").is_none(),
+                c.decode(&mut part)
+                    .expect("partial is not an error")
+                    .is_none(),
                 "cut at {cut}"
             );
             part.extend_from_slice(&whole[cut..]);
@@ -231,7 +235,10 @@ mod tests {
         let mut c = codec(16);
         let mut buf = BytesMut::new();
         assert!(matches!(
-            c.encode(send_frame("this body is longer than sixteen bytes"), &mut buf),
+            c.encode(
+                send_frame("this body is longer than sixteen bytes"),
+                &mut buf
+            ),
             Err(CodecError::FrameTooLarge { .. })
         ));
         assert!(buf.is_empty(), "nothing half-written");

@@ -13,17 +13,27 @@
 
 pub mod codec;
 
-/// Client <-> node messages (`proto/client.proto`, package `meshchat.client.v1`).
+/// Generated code, nested as the protobuf packages are (so cross-package references resolve).
 #[allow(missing_docs, unreachable_pub, clippy::all)]
-pub mod client {
-    include!(concat!(env!("OUT_DIR"), "/meshchat.client.v1.rs"));
+mod generated {
+    pub mod meshchat {
+        pub mod client {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/meshchat.client.v1.rs"));
+            }
+        }
+        pub mod mesh {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/meshchat.mesh.v1.rs"));
+            }
+        }
+    }
 }
 
+/// Client <-> node messages (`proto/client.proto`, package `meshchat.client.v1`).
+pub use generated::meshchat::client::v1 as client;
 /// Node <-> node messages (`proto/mesh.proto`, package `meshchat.mesh.v1`).
-#[allow(missing_docs, unreachable_pub, clippy::all)]
-pub mod mesh {
-    include!(concat!(env!("OUT_DIR"), "/meshchat.mesh.v1.rs"));
-}
+pub use generated::meshchat::mesh::v1 as mesh;
 
 pub use codec::{CodecError, DEFAULT_MAX_FRAME, FrameCodec, LENGTH_PREFIX};
 

@@ -1,0 +1,685 @@
+//! The backend contract: one suite of behaviour every [`Storage`] backend must show.
+//!
+//! A backend's test file implements [`Harness`] (how to open and close a store over the same
+//! data) and invokes [`contract_tests!`](crate::contract_tests), which makes one `#[tokio::test]`
+//! per contract below. The Cassandra backend runs the very same functions.
+//!
+//! Each contract uses fresh, randomly named users and channels, so several contracts may share
+//! one keyspace or file.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use meshchat_idgen::{ChannelId, ChatId, Generator, MessageId, UserId};
+
+use crate::error::StorageError;
+use crate::model::{Direction, NewMessage, PageQuery, Reaction, ReceiptKind, StoredMessage};
+use crate::traits::Storage;
+
+/// How a contract opens and closes the backend under test.
+#[async_trait]
+pub trait Harness: Send + Sync {
+    /// Opens the store. Opening again after [`Harness::close`] reaches the same data.
+    async fn open(&self) -> Arc<dyn Storage>;
+    /// Closes a store, waiting for its queued writes to become durable.
+    async fn close(&self, store: Arc<dyn Storage>);
+}
+
+/// Makes one `#[tokio::test]` per contract. `$harness` is an expression of a type that
+/// implements [`Harness`], evaluated once per test; it may `return` early to skip.
+#[macro_export]
+macro_rules! contract_tests {
+    ($harness:expr) => {
+        $crate::contract_tests!(@each $harness;
+            users_register_and_lookup,
+            append_and_page_both_directions,
+            append_is_idempotent_per_sender,
+            replies_must_point_into_the_chat,
+            reactions_set_replace_and_remove,
+            chat_list_unread_and_marks,
+            channels_membership,
+            marks_need_membership,
+            concurrent_writers_all_land,
+            reopen_after_close_keeps_everything,
+        );
+    };
+    (@each $harness:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let harness = $harness;
+                $crate::contract::$name(&harness).await;
+            }
+        )*
+    };
+}
+
+static NEXT_WORKER: AtomicU64 = AtomicU64::new(0);
+
+/// Fresh ids and names for one contract run.
+struct Ids {
+    generator: Generator,
+    tag: String,
+}
+
+impl Ids {
+    fn new() -> Self {
+        let worker =
+            (std::process::id() as u64 + NEXT_WORKER.fetch_add(1, Ordering::Relaxed)) % 1024;
+        let generator = Generator::new(worker as u16).expect("worker id in range");
+        let tag = format!("{:x}", generator.next_id().expect("id").0);
+        Self { generator, tag }
+    }
+    fn id(&self) -> u64 {
+        self.generator.next_id().expect("clock in range").0
+    }
+    fn message_id(&self) -> MessageId {
+        MessageId(self.id())
+    }
+    fn name(&self, base: &str) -> String {
+        format!("{base}-{}", self.tag)
+    }
+    async fn user(&self, s: &dyn Storage, base: &str) -> UserId {
+        let id = UserId(self.id());
+        s.create_user(id, &self.name(base), "$argon2id$test")
+            .await
+            .expect("create user");
+        id
+    }
+    fn msg(&self, chat: ChatId, sender: UserId, text: &str) -> NewMessage {
+        NewMessage {
+            id: self.message_id(),
+            chat,
+            sender,
+            client_msg_id: format!("c-{}", self.id()),
+            body: Bytes::from(text.to_owned()),
+            reply_to: None,
+        }
+    }
+}
+
+fn texts(page: &[StoredMessage]) -> Vec<String> {
+    page.iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect()
+}
+
+/// Users: register, look up by name and id, duplicate names refused, bad names refused.
+pub async fn users_register_and_lookup(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let alice = ids.user(&*s, "alice").await;
+    let creds = s
+        .user_by_name(&ids.name("alice"))
+        .await
+        .expect("lookup")
+        .expect("alice exists");
+    assert_eq!(creds.user.id, alice);
+    assert_eq!(creds.password_hash, "$argon2id$test");
+    assert_eq!(
+        s.user_by_id(alice).await.expect("lookup").map(|u| u.name),
+        Some(ids.name("alice"))
+    );
+    match s
+        .create_user(UserId(ids.id()), &ids.name("alice"), "x")
+        .await
+    {
+        Err(StorageError::UserExists(n)) => assert_eq!(n, ids.name("alice")),
+        other => panic!("expected UserExists, got {other:?}"),
+    }
+    assert!(matches!(
+        s.create_user(UserId(ids.id()), "", "x").await,
+        Err(StorageError::InvalidArgument(_))
+    ));
+    assert!(
+        s.user_by_name(&ids.name("nobody"))
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+    assert!(
+        s.user_by_id(UserId(ids.id()))
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+    h.close(s).await;
+}
+
+/// History: pages in both directions, exclusive cursors, ordered by id, no gaps or repeats.
+pub async fn append_and_page_both_directions(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let (a, b) = (ids.user(&*s, "a").await, ids.user(&*s, "b").await);
+    let chat = ChatId::direct(a, b);
+    let mut sent = Vec::new();
+    for n in 0..30 {
+        let m = ids.msg(chat, if n % 2 == 0 { a } else { b }, &format!("m{n}"));
+        sent.push(m.id);
+        let out = s.append(m).await.expect("append");
+        assert!(!out.duplicate);
+    }
+    // Backward from the newest in pages of 7.
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = s
+            .page(
+                chat,
+                PageQuery {
+                    cursor,
+                    direction: Direction::Backward,
+                    limit: 7,
+                },
+            )
+            .await
+            .expect("page");
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 7);
+        assert!(page.windows(2).all(|w| w[0].id > w[1].id), "newest first");
+        cursor = page.last().map(|m| m.id);
+        seen.extend(page.iter().map(|m| m.id));
+    }
+    let mut expect = sent.clone();
+    expect.reverse();
+    assert_eq!(seen, expect, "backward paging returns every message once");
+    // Forward from the oldest.
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = s
+            .page(
+                chat,
+                PageQuery {
+                    cursor,
+                    direction: Direction::Forward,
+                    limit: 8,
+                },
+            )
+            .await
+            .expect("page");
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
+        cursor = page.last().map(|m| m.id);
+        seen.extend(page.iter().map(|m| m.id));
+    }
+    assert_eq!(seen, sent, "forward paging returns every message once");
+    // A cursor in the middle is exclusive.
+    let mid = sent[10];
+    let after = s
+        .page(
+            chat,
+            PageQuery {
+                cursor: Some(mid),
+                direction: Direction::Forward,
+                limit: 2,
+            },
+        )
+        .await
+        .expect("page");
+    assert_eq!(texts(&after), vec!["m11", "m12"]);
+    let before = s
+        .page(
+            chat,
+            PageQuery {
+                cursor: Some(mid),
+                direction: Direction::Backward,
+                limit: 2,
+            },
+        )
+        .await
+        .expect("page");
+    assert_eq!(texts(&before), vec!["m9", "m8"]);
+    // Fields survive the round trip.
+    let one = s
+        .message(chat, sent[3])
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(one.sender, b);
+    assert_eq!(one.chat, chat);
+    assert_eq!(&one.body[..], b"m3");
+    // Another chat sees none of it.
+    let other = ChatId::direct(a, UserId(ids.id()));
+    assert!(
+        s.page(
+            other,
+            PageQuery {
+                cursor: None,
+                direction: Direction::Backward,
+                limit: 10
+            }
+        )
+        .await
+        .expect("page")
+        .is_empty()
+    );
+    h.close(s).await;
+}
+
+/// A retried send (same sender and client message id) returns the first id, stores nothing.
+pub async fn append_is_idempotent_per_sender(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let (a, b) = (ids.user(&*s, "a").await, ids.user(&*s, "b").await);
+    let chat = ChatId::direct(a, b);
+    let first = ids.msg(chat, a, "hello");
+    let first_id = first.id;
+    let mut retry = first.clone();
+    retry.id = ids.message_id();
+    assert_eq!(
+        s.append(first).await.expect("append").id,
+        first_id,
+        "first append stores under its own id"
+    );
+    let again = s.append(retry).await.expect("retry");
+    assert!(again.duplicate);
+    assert_eq!(again.id, first_id);
+    // The same client id from another sender is a different message.
+    let mut from_b = ids.msg(chat, b, "hi");
+    from_b.client_msg_id = format!("c-{}", first_id.0);
+    let mut twin = ids.msg(chat, a, "x");
+    twin.client_msg_id = from_b.client_msg_id.clone();
+    assert!(!s.append(from_b).await.expect("append").duplicate);
+    assert!(!s.append(twin).await.expect("append").duplicate);
+    let all = s
+        .page(
+            chat,
+            PageQuery {
+                cursor: None,
+                direction: Direction::Forward,
+                limit: 100,
+            },
+        )
+        .await
+        .expect("page");
+    assert_eq!(texts(&all), vec!["hello", "hi", "x"]);
+    h.close(s).await;
+}
+
+/// Replies point at a message of the same chat; anything else is `UnknownMessage`.
+pub async fn replies_must_point_into_the_chat(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let (a, b, c) = (
+        ids.user(&*s, "a").await,
+        ids.user(&*s, "b").await,
+        ids.user(&*s, "c").await,
+    );
+    let ab = ChatId::direct(a, b);
+    let ac = ChatId::direct(a, c);
+    let root = s.append(ids.msg(ab, a, "root")).await.expect("append").id;
+    let mut reply = ids.msg(ab, b, "re: root");
+    reply.reply_to = Some(root);
+    let reply_id = s.append(reply).await.expect("reply").id;
+    assert_eq!(
+        s.message(ab, reply_id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .reply_to,
+        Some(root)
+    );
+    let mut stray = ids.msg(ac, c, "re: something elsewhere");
+    stray.reply_to = Some(root);
+    assert!(matches!(
+        s.append(stray).await,
+        Err(StorageError::UnknownMessage { .. })
+    ));
+    h.close(s).await;
+}
+
+/// Reactions: one per user per message, replaced by a new one, removable; unknown messages
+/// are refused.
+pub async fn reactions_set_replace_and_remove(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let (a, b) = (ids.user(&*s, "a").await, ids.user(&*s, "b").await);
+    let chat = ChatId::direct(a, b);
+    let m = s
+        .append(ids.msg(chat, a, "react to me"))
+        .await
+        .expect("append")
+        .id;
+    s.react(chat, m, b, "👍").await.expect("react");
+    s.react(chat, m, a, "🎉").await.expect("react");
+    s.react(chat, m, b, "❤️").await.expect("replace");
+    let mut got = s
+        .message(chat, m)
+        .await
+        .expect("get")
+        .expect("exists")
+        .reactions;
+    got.sort();
+    let mut want = vec![
+        Reaction {
+            user: a,
+            emoji: "🎉".into(),
+        },
+        Reaction {
+            user: b,
+            emoji: "❤️".into(),
+        },
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    assert!(s.unreact(chat, m, a).await.expect("unreact"));
+    assert!(
+        !s.unreact(chat, m, a)
+            .await
+            .expect("second unreact is a no-op")
+    );
+    let page = s
+        .page(
+            chat,
+            PageQuery {
+                cursor: None,
+                direction: Direction::Backward,
+                limit: 5,
+            },
+        )
+        .await
+        .expect("page");
+    assert_eq!(page[0].reactions.len(), 1, "pages carry reactions too");
+    assert!(matches!(
+        s.react(chat, ids.message_id(), a, "👍").await,
+        Err(StorageError::UnknownMessage { .. })
+    ));
+    assert!(matches!(
+        s.react(chat, m, a, "").await,
+        Err(StorageError::InvalidArgument(_))
+    ));
+    h.close(s).await;
+}
+
+/// Chat lists: newest first, unread counts from the seen mark, marks only move forwards, and
+/// the sender sees the peer's marks.
+pub async fn chat_list_unread_and_marks(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let (a, b, c) = (
+        ids.user(&*s, "a").await,
+        ids.user(&*s, "b").await,
+        ids.user(&*s, "c").await,
+    );
+    let ab = ChatId::direct(a, b);
+    let cb = ChatId::direct(c, b);
+    let mut to_b = Vec::new();
+    for n in 0..3 {
+        to_b.push(
+            s.append(ids.msg(ab, a, &format!("a{n}")))
+                .await
+                .expect("append")
+                .id,
+        );
+    }
+    s.append(ids.msg(cb, c, "from c")).await.expect("append");
+    let list = s.chat_list(b, 50).await.expect("chat list");
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0].chat, cb, "most recently active first");
+    assert_eq!(list[0].title, ids.name("c"));
+    assert_eq!(list[1].chat, ab);
+    assert_eq!(list[1].unread, 3);
+    assert_eq!(list[1].newest.as_ref().map(|m| m.id), Some(to_b[2]));
+    // b's own message is never unread for b.
+    s.append(ids.msg(ab, b, "reply")).await.expect("append");
+    let marks = s
+        .mark(b, ab, ReceiptKind::Delivered, to_b[2])
+        .await
+        .expect("delivered");
+    assert_eq!(marks.delivered, to_b[2]);
+    assert_eq!(marks.seen, MessageId(0));
+    let marks = s
+        .mark(b, ab, ReceiptKind::Seen, to_b[1])
+        .await
+        .expect("seen");
+    assert_eq!(marks.seen, to_b[1]);
+    assert_eq!(
+        marks.delivered, to_b[2],
+        "seen never moves delivered backwards"
+    );
+    let back = s
+        .mark(b, ab, ReceiptKind::Seen, to_b[0])
+        .await
+        .expect("seen");
+    assert_eq!(back.seen, to_b[1], "marks never move backwards");
+    let list = s.chat_list(b, 50).await.expect("chat list");
+    let row = list.iter().find(|r| r.chat == ab).expect("ab listed");
+    assert_eq!(row.unread, 1, "one message from a after the seen mark");
+    // The sender sees the recipient's marks.
+    let a_list = s.chat_list(a, 50).await.expect("chat list");
+    let a_row = a_list
+        .iter()
+        .find(|r| r.chat == ab)
+        .expect("ab listed for a");
+    assert_eq!(
+        a_row.peer.map(|p| (p.delivered, p.seen)),
+        Some((to_b[2], to_b[1]))
+    );
+    assert_eq!(a_row.unread, 1, "b's reply is unread for a");
+    assert_eq!(a_row.title, ids.name("b"));
+    // Limit applies.
+    assert_eq!(s.chat_list(b, 1).await.expect("chat list").len(), 1);
+    assert!(matches!(
+        s.mark(b, ab, ReceiptKind::Seen, ids.message_id()).await,
+        Err(StorageError::UnknownMessage { .. })
+    ));
+    h.close(s).await;
+}
+
+/// Channels: create (unique names), join, leave, members, a user's channels, membership.
+pub async fn channels_membership(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let (a, b, c) = (
+        ids.user(&*s, "a").await,
+        ids.user(&*s, "b").await,
+        ids.user(&*s, "c").await,
+    );
+    let ch = ChannelId(ids.id());
+    let created = s
+        .create_channel(ch, &ids.name("general"), a)
+        .await
+        .expect("create");
+    assert_eq!(created.member_count, 1);
+    assert!(matches!(
+        s.create_channel(ChannelId(ids.id()), &ids.name("general"), b)
+            .await,
+        Err(StorageError::ChannelExists(_))
+    ));
+    assert!(s.join_channel(ch, b).await.expect("join"));
+    assert!(!s.join_channel(ch, b).await.expect("join twice is a no-op"));
+    assert!(s.join_channel(ch, c).await.expect("join"));
+    let mut members = s.channel_members(ch).await.expect("members");
+    members.sort();
+    let mut want = vec![a, b, c];
+    want.sort();
+    assert_eq!(members, want);
+    assert_eq!(
+        s.channel_by_name(&ids.name("general"))
+            .await
+            .expect("by name")
+            .map(|c| (c.id, c.member_count)),
+        Some((ch, 3))
+    );
+    assert!(s.leave_channel(ch, c).await.expect("leave"));
+    assert!(
+        !s.leave_channel(ch, c)
+            .await
+            .expect("leave twice is a no-op")
+    );
+    let chat = ChatId::Channel(ch);
+    assert!(s.is_member(b, chat).await.expect("member"));
+    assert!(!s.is_member(c, chat).await.expect("member"));
+    assert_eq!(
+        s.channels_of(b)
+            .await
+            .expect("mine")
+            .iter()
+            .map(|c| c.id)
+            .collect::<Vec<_>>(),
+        vec![ch]
+    );
+    assert!(s.channels_of(c).await.expect("mine").is_empty());
+    // Channel history and chat lists.
+    let m = s
+        .append(ids.msg(chat, a, "hello channel"))
+        .await
+        .expect("append")
+        .id;
+    let b_list = s.chat_list(b, 10).await.expect("list");
+    let row = b_list
+        .iter()
+        .find(|r| r.chat == chat)
+        .expect("channel listed");
+    assert_eq!(row.unread, 1);
+    assert_eq!(row.title, ids.name("general"));
+    assert_eq!(row.newest.as_ref().map(|m| m.id), Some(m));
+    assert!(row.peer.is_none());
+    // Unknown channels are errors, not empty answers.
+    let nope = ChannelId(ids.id());
+    assert!(matches!(
+        s.join_channel(nope, a).await,
+        Err(StorageError::UnknownChannel(_))
+    ));
+    assert!(matches!(
+        s.leave_channel(nope, a).await,
+        Err(StorageError::UnknownChannel(_))
+    ));
+    assert!(matches!(
+        s.channel_members(nope).await,
+        Err(StorageError::UnknownChannel(_))
+    ));
+    assert!(s.channel(nope).await.expect("lookup").is_none());
+    assert!(matches!(
+        s.join_channel(ch, UserId(ids.id())).await,
+        Err(StorageError::UnknownUser(_))
+    ));
+    h.close(s).await;
+}
+
+/// Receipts from a user outside the chat are refused.
+pub async fn marks_need_membership(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let (a, b, c) = (
+        ids.user(&*s, "a").await,
+        ids.user(&*s, "b").await,
+        ids.user(&*s, "c").await,
+    );
+    let ab = ChatId::direct(a, b);
+    let m = s
+        .append(ids.msg(ab, a, "private"))
+        .await
+        .expect("append")
+        .id;
+    assert!(matches!(
+        s.mark(c, ab, ReceiptKind::Seen, m).await,
+        Err(StorageError::NotMember { .. })
+    ));
+    assert!(!s.is_member(c, ab).await.expect("member"));
+    assert!(s.is_member(b, ab).await.expect("member"));
+    let ch = ChannelId(ids.id());
+    s.create_channel(ch, &ids.name("club"), a)
+        .await
+        .expect("create");
+    let cm = s
+        .append(ids.msg(ChatId::Channel(ch), a, "members only"))
+        .await
+        .expect("append")
+        .id;
+    assert!(matches!(
+        s.mark(b, ChatId::Channel(ch), ReceiptKind::Delivered, cm)
+            .await,
+        Err(StorageError::NotMember { .. })
+    ));
+    h.close(s).await;
+}
+
+/// Many concurrent writers: every append returns, every message is there, ids unique.
+pub async fn concurrent_writers_all_land(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Arc::new(Ids::new());
+    let (a, b) = (ids.user(&*s, "a").await, ids.user(&*s, "b").await);
+    let chat = ChatId::direct(a, b);
+    let mut tasks = Vec::new();
+    for w in 0..64 {
+        let s = s.clone();
+        let ids = ids.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            for n in 0..8 {
+                let m = ids.msg(chat, if w % 2 == 0 { a } else { b }, &format!("{w}/{n}"));
+                mine.push(s.append(m).await.expect("append").id);
+            }
+            mine
+        }));
+    }
+    let mut acked = HashSet::new();
+    for t in tasks {
+        for id in t.await.expect("task") {
+            assert!(acked.insert(id));
+        }
+    }
+    let stored: HashSet<MessageId> = s
+        .page(
+            chat,
+            PageQuery {
+                cursor: None,
+                direction: Direction::Forward,
+                limit: 10_000,
+            },
+        )
+        .await
+        .expect("page")
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(stored, acked);
+    h.close(s).await;
+}
+
+/// Close and reopen: everything written before the close is there.
+pub async fn reopen_after_close_keeps_everything(h: &dyn Harness) {
+    let ids = Ids::new();
+    let s = h.open().await;
+    let (a, b) = (ids.user(&*s, "a").await, ids.user(&*s, "b").await);
+    let chat = ChatId::direct(a, b);
+    let m = s
+        .append(ids.msg(chat, a, "before close"))
+        .await
+        .expect("append")
+        .id;
+    s.react(chat, m, b, "👀").await.expect("react");
+    s.mark(b, chat, ReceiptKind::Seen, m).await.expect("mark");
+    let ch = ChannelId(ids.id());
+    s.create_channel(ch, &ids.name("persist"), a)
+        .await
+        .expect("create");
+    h.close(s).await;
+
+    let s = h.open().await;
+    let got = s.message(chat, m).await.expect("get").expect("still there");
+    assert_eq!(&got.body[..], b"before close");
+    assert_eq!(got.reactions.len(), 1);
+    let list = s.chat_list(b, 10).await.expect("list");
+    assert_eq!(list[0].mine.seen, m);
+    assert_eq!(
+        s.channel(ch).await.expect("channel").map(|c| c.owner),
+        Some(a)
+    );
+    assert!(
+        s.user_by_name(&ids.name("a"))
+            .await
+            .expect("user")
+            .is_some()
+    );
+    h.close(s).await;
+}

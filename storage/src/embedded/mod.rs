@@ -1,0 +1,459 @@
+//! The embedded backend: SQLite in WAL mode, on disk, shared by every node process on the
+//! machine.
+//!
+//! ## Why SQLite
+//!
+//! The dev cluster and the fault tests run nodes as separate processes over one data
+//! directory and SIGKILL them; history must survive and stay readable by the others, as it
+//! does with Cassandra. SQLite in WAL mode is the one well-proven embedded engine that several
+//! processes can open at once (readers never block the writer; writers take turns through a
+//! file lock) and it is crash-safe by design. fjall and redb take an exclusive lock on their
+//! files, so a second node process could not open the store. See `docs/STORAGE.md` for the
+//! measurements.
+//!
+//! ## Group commit
+//!
+//! All writes of a process go through one bounded queue to one writer thread. The thread takes
+//! every job waiting (up to `max_batch`), runs each inside its own SAVEPOINT (a failing job
+//! rolls back alone), commits the batch in one transaction with `synchronous=FULL` (one fsync
+//! of the WAL for the whole batch), and only then answers each job. So a write returns only
+//! after it is durable, and N concurrent writers share one sync.
+//!
+//! A full queue makes the caller wait up to `enqueue_timeout`, then fail with
+//! `StorageError::Overloaded`: memory never grows with load.
+//!
+//! Reads run on a small pool of read-only connections via `spawn_blocking`; WAL readers see
+//! every committed write and never block the writer.
+
+mod schema;
+mod sql;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use meshchat_idgen::{ChannelId, ChatId, MessageId, UserId};
+use parking_lot::Mutex;
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+use crate::error::StorageError;
+use crate::model::{
+    AppendOutcome, Channel, ChatSummary, Marks, NewMessage, PageQuery, ReceiptKind, StoredMessage,
+    User, UserCredentials,
+};
+use crate::traits::{HistoryStore, StateStore};
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "meshchat.db";
+
+/// How durable a commit is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// `synchronous=FULL`: every commit fsyncs the WAL. Survives process crash and power loss.
+    /// The default: acked means durable.
+    Full,
+    /// `synchronous=NORMAL`: survives a process crash, may lose the last commits on power
+    /// loss. For benchmarks and throwaway dev clusters only.
+    Normal,
+}
+
+/// Settings of the embedded store. Defaults are sized for one node process.
+#[derive(Debug, Clone)]
+pub struct EmbeddedConfig {
+    /// Database file.
+    pub path: PathBuf,
+    /// Most jobs committed in one transaction (default 512). Bigger batches amortise the
+    /// fsync further but make the first job of the batch wait longer.
+    pub max_batch: usize,
+    /// Jobs that may wait for the writer (default 16,384). The bound on queued write memory.
+    pub queue_capacity: usize,
+    /// How long a write waits for room in a full queue before `Overloaded` (default 2 s).
+    pub enqueue_timeout: Duration,
+    /// Read connections (default 4).
+    pub readers: usize,
+    /// How long SQLite waits for another process's write lock (default 10 s).
+    pub busy_timeout: Duration,
+    /// Commit durability (default [`Durability::Full`]).
+    pub durability: Durability,
+}
+
+impl EmbeddedConfig {
+    /// Defaults for a store in `dir` (file [`DB_FILE`]).
+    pub fn in_dir(dir: impl AsRef<Path>) -> Self {
+        Self {
+            path: dir.as_ref().join(DB_FILE),
+            max_batch: 512,
+            queue_capacity: 16_384,
+            enqueue_timeout: Duration::from_secs(2),
+            readers: 4,
+            busy_timeout: Duration::from_secs(10),
+            durability: Durability::Full,
+        }
+    }
+}
+
+type Finish = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
+
+/// One queued write: runs inside the batch transaction, and says whether it succeeded and how
+/// to answer its caller once the batch's commit outcome is known.
+type Job = Box<dyn FnOnce(&Connection) -> (bool, Finish) + Send>;
+
+/// The embedded SQLite store. Cheap to share behind an `Arc`; dropping the last handle lets the
+/// writer drain its queue and stop.
+pub struct EmbeddedStore {
+    jobs: mpsc::Sender<Job>,
+    readers: Arc<ReaderPool>,
+    config: EmbeddedConfig,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.config.path)
+            .finish()
+    }
+}
+
+struct ReaderPool {
+    path: PathBuf,
+    busy_timeout: Duration,
+    idle: Mutex<Vec<Connection>>,
+    permits: Semaphore,
+}
+
+fn open_connection(
+    path: &Path,
+    flags: OpenFlags,
+    busy: Duration,
+) -> Result<Connection, StorageError> {
+    let conn = Connection::open_with_flags(path, flags).map_err(StorageError::backend)?;
+    conn.busy_timeout(busy).map_err(StorageError::backend)?;
+    Ok(conn)
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store at `config.path` and starts its writer thread.
+    pub fn open(config: EmbeddedConfig) -> Result<Self, StorageError> {
+        if let Some(dir) = config.path.parent() {
+            std::fs::create_dir_all(dir).map_err(StorageError::backend)?;
+        }
+        let writer_conn = open_connection(
+            &config.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            config.busy_timeout,
+        )?;
+        schema::prepare(&writer_conn, config.durability)?;
+        let (jobs, rx) = mpsc::channel::<Job>(config.queue_capacity.max(1));
+        let max_batch = config.max_batch.max(1);
+        let writer = std::thread::Builder::new()
+            .name("meshchat-store-writer".into())
+            .spawn(move || writer_loop(writer_conn, rx, max_batch))
+            .map_err(StorageError::backend)?;
+        info!(path = %config.path.display(), "embedded store open");
+        Ok(Self {
+            jobs,
+            readers: Arc::new(ReaderPool {
+                path: config.path.clone(),
+                busy_timeout: config.busy_timeout,
+                idle: Mutex::new(Vec::new()),
+                permits: Semaphore::new(config.readers.max(1)),
+            }),
+            config,
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Opens the store in `dir` with default settings.
+    pub fn open_dir(dir: impl AsRef<Path>) -> Result<Self, StorageError> {
+        Self::open(EmbeddedConfig::in_dir(dir))
+    }
+
+    /// The settings this store was opened with.
+    pub fn config(&self) -> &EmbeddedConfig {
+        &self.config
+    }
+
+    /// Stops accepting writes, waits for every queued write to commit, and stops the writer.
+    pub async fn close(self) {
+        let Self { jobs, writer, .. } = self;
+        drop(jobs);
+        let handle = writer.lock().take();
+        if let Some(handle) = handle {
+            let joined = tokio::task::spawn_blocking(move || handle.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                error!("embedded store writer thread panicked");
+            }
+        }
+    }
+
+    /// Runs `f` inside the next group-commit batch; answers after the batch is durable.
+    async fn write<T, F>(&self, f: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StorageError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let finish: Finish = Box::new(move |commit| {
+                // The caller may have gone away; its write is durable all the same.
+                let _ = tx.send(commit.and(result));
+            });
+            (ok, finish)
+        });
+        let started = Instant::now();
+        match self
+            .jobs
+            .send_timeout(job, self.config.enqueue_timeout)
+            .await
+        {
+            Ok(()) => {}
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                return Err(StorageError::Overloaded {
+                    waited_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(StorageError::Closed),
+        }
+        rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Runs `f` on a read connection on the blocking pool.
+    async fn read<T, F>(&self, f: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StorageError> + Send + 'static,
+    {
+        let pool = self.readers.clone();
+        let _permit = pool
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StorageError::Closed)?;
+        let pool2 = pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = match pool2.idle.lock().pop() {
+                Some(c) => c,
+                None => open_connection(
+                    &pool2.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    pool2.busy_timeout,
+                )?,
+            };
+            let out = f(&conn);
+            pool2.idle.lock().push(conn);
+            out
+        })
+        .await
+        .map_err(StorageError::backend)?
+    }
+}
+
+// Takes the connection by value: the writer thread owns it until the queue closes.
+#[allow(clippy::needless_pass_by_value)]
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
+    let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
+    let mut finishes: Vec<Finish> = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let size = batch.len();
+        let started = Instant::now();
+        let commit = run_batch(&conn, &mut batch, &mut finishes);
+        if let Err(e) = &commit {
+            warn!(error = %e, size, "group commit failed; every job in the batch gets the error");
+        }
+        debug!(
+            size,
+            micros = started.elapsed().as_micros() as u64,
+            "group commit"
+        );
+        for finish in finishes.drain(..) {
+            finish(commit.clone());
+        }
+    }
+    debug!("embedded store writer drained and stopped");
+}
+
+fn run_batch(
+    conn: &Connection,
+    batch: &mut Vec<Job>,
+    finishes: &mut Vec<Finish>,
+) -> Result<(), StorageError> {
+    let begin = conn.execute_batch("BEGIN IMMEDIATE");
+    if let Err(e) = begin {
+        // Could not even start: fail every job without running it.
+        let err = StorageError::backend(e);
+        for job in batch.drain(..) {
+            drop(job);
+        }
+        return Err(err);
+    }
+    let mut failed: Option<StorageError> = None;
+    for job in batch.drain(..) {
+        if failed.is_some() {
+            // A savepoint statement failed: the transaction is unusable; do not run the rest.
+            drop(job);
+            continue;
+        }
+        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+            failed = Some(StorageError::backend(e));
+            continue;
+        }
+        let (ok, finish) = job(conn);
+        let end = if ok {
+            conn.execute_batch("RELEASE job")
+        } else {
+            conn.execute_batch("ROLLBACK TO job; RELEASE job")
+        };
+        if let Err(e) = end {
+            failed = Some(StorageError::backend(e));
+        }
+        finishes.push(finish);
+    }
+    if let Some(e) = failed {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(e);
+    }
+    match conn.execute_batch("COMMIT") {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(StorageError::backend(e))
+        }
+    }
+}
+
+#[async_trait]
+impl HistoryStore for EmbeddedStore {
+    async fn append(&self, msg: NewMessage) -> Result<AppendOutcome, StorageError> {
+        self.write(move |c| sql::append(c, &msg)).await
+    }
+
+    async fn message(
+        &self,
+        chat: ChatId,
+        id: MessageId,
+    ) -> Result<Option<StoredMessage>, StorageError> {
+        self.read(move |c| sql::message(c, chat, id)).await
+    }
+
+    async fn page(
+        &self,
+        chat: ChatId,
+        query: PageQuery,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        self.read(move |c| sql::page(c, chat, query)).await
+    }
+
+    async fn react(
+        &self,
+        chat: ChatId,
+        id: MessageId,
+        user: UserId,
+        emoji: &str,
+    ) -> Result<(), StorageError> {
+        let emoji = emoji.to_owned();
+        self.write(move |c| sql::react(c, chat, id, user, &emoji))
+            .await
+    }
+
+    async fn unreact(
+        &self,
+        chat: ChatId,
+        id: MessageId,
+        user: UserId,
+    ) -> Result<bool, StorageError> {
+        self.write(move |c| sql::unreact(c, chat, id, user)).await
+    }
+}
+
+#[async_trait]
+impl StateStore for EmbeddedStore {
+    async fn create_user(
+        &self,
+        id: UserId,
+        name: &str,
+        password_hash: &str,
+    ) -> Result<User, StorageError> {
+        let (name, hash) = (name.to_owned(), password_hash.to_owned());
+        self.write(move |c| sql::create_user(c, id, &name, &hash))
+            .await
+    }
+
+    async fn user_by_name(&self, name: &str) -> Result<Option<UserCredentials>, StorageError> {
+        let name = name.to_owned();
+        self.read(move |c| sql::user_by_name(c, &name)).await
+    }
+
+    async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StorageError> {
+        self.read(move |c| sql::user_by_id(c, id)).await
+    }
+
+    async fn is_member(&self, user: UserId, chat: ChatId) -> Result<bool, StorageError> {
+        self.read(move |c| sql::is_member(c, user, chat)).await
+    }
+
+    async fn mark(
+        &self,
+        user: UserId,
+        chat: ChatId,
+        kind: ReceiptKind,
+        upto: MessageId,
+    ) -> Result<Marks, StorageError> {
+        self.write(move |c| sql::mark(c, user, chat, kind, upto))
+            .await
+    }
+
+    async fn chat_list(&self, user: UserId, limit: u32) -> Result<Vec<ChatSummary>, StorageError> {
+        self.read(move |c| sql::chat_list(c, user, limit)).await
+    }
+
+    async fn create_channel(
+        &self,
+        id: ChannelId,
+        name: &str,
+        owner: UserId,
+    ) -> Result<Channel, StorageError> {
+        let name = name.to_owned();
+        self.write(move |c| sql::create_channel(c, id, &name, owner))
+            .await
+    }
+
+    async fn channel(&self, id: ChannelId) -> Result<Option<Channel>, StorageError> {
+        self.read(move |c| sql::channel(c, id)).await
+    }
+
+    async fn channel_by_name(&self, name: &str) -> Result<Option<Channel>, StorageError> {
+        let name = name.to_owned();
+        self.read(move |c| sql::channel_by_name(c, &name)).await
+    }
+
+    async fn join_channel(&self, id: ChannelId, user: UserId) -> Result<bool, StorageError> {
+        self.write(move |c| sql::join_channel(c, id, user)).await
+    }
+
+    async fn leave_channel(&self, id: ChannelId, user: UserId) -> Result<bool, StorageError> {
+        self.write(move |c| sql::leave_channel(c, id, user)).await
+    }
+
+    async fn channel_members(&self, id: ChannelId) -> Result<Vec<UserId>, StorageError> {
+        self.read(move |c| sql::channel_members(c, id)).await
+    }
+
+    async fn channels_of(&self, user: UserId) -> Result<Vec<Channel>, StorageError> {
+        self.read(move |c| sql::channels_of(c, user)).await
+    }
+}

@@ -1,0 +1,108 @@
+//! The embedded store's schema and connection settings. Versioned with `PRAGMA user_version`.
+//!
+//! Keys mirror the Cassandra schema (`storage/cql/`, a later issue) so both backends answer the
+//! same queries the same way: history keyed by `(chat, id)`, chat lists by `(user, chat)`,
+//! members by `(channel, user)` with an index for `(user, channel)`.
+
+use rusqlite::Connection;
+
+use super::Durability;
+use crate::error::StorageError;
+
+/// Schema version written to `PRAGMA user_version`.
+pub(super) const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS users (
+    id            INTEGER PRIMARY KEY,
+    name          TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL
+);
+
+-- History: one row per message, clustered by chat then id (WITHOUT ROWID = the primary key
+-- is the b-tree key, so a page is one range scan).
+CREATE TABLE IF NOT EXISTS messages (
+    chat          TEXT    NOT NULL,
+    id            INTEGER NOT NULL,
+    sender        INTEGER NOT NULL,
+    client_msg_id TEXT    NOT NULL,
+    body          BLOB    NOT NULL,
+    reply_to      INTEGER,
+    PRIMARY KEY (chat, id)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS reactions (
+    chat       TEXT    NOT NULL,
+    message_id INTEGER NOT NULL,
+    user_id    INTEGER NOT NULL,
+    emoji      TEXT    NOT NULL,
+    PRIMARY KEY (chat, message_id, user_id)
+) WITHOUT ROWID;
+
+-- Idempotency: (sender, client message id) -> the first message stored for it.
+CREATE TABLE IF NOT EXISTS idempotency (
+    sender        INTEGER NOT NULL,
+    client_msg_id TEXT    NOT NULL,
+    chat          TEXT    NOT NULL,
+    message_id    INTEGER NOT NULL,
+    PRIMARY KEY (sender, client_msg_id)
+) WITHOUT ROWID;
+
+-- Newest message per chat (for ordering chat lists).
+CREATE TABLE IF NOT EXISTS chats (
+    chat            TEXT    PRIMARY KEY,
+    last_message_id INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Each user's chats with their receipt marks.
+CREATE TABLE IF NOT EXISTS user_chats (
+    user_id   INTEGER NOT NULL,
+    chat      TEXT    NOT NULL,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    seen      INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, chat)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS channels (
+    id    INTEGER PRIMARY KEY,
+    name  TEXT    NOT NULL UNIQUE,
+    owner INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS channel_members (
+    channel_id INTEGER NOT NULL,
+    user_id    INTEGER NOT NULL,
+    PRIMARY KEY (channel_id, user_id)
+) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS channel_members_by_user ON channel_members (user_id, channel_id);
+"#;
+
+/// Sets the connection up (WAL, durability, foreign settings) and creates the schema.
+pub(super) fn prepare(conn: &Connection, durability: Durability) -> Result<(), StorageError> {
+    let sync = match durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    // journal_mode=WAL is persistent in the file; setting it again is a no-op.
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = {sync};
+         PRAGMA temp_store = MEMORY;"
+    ))
+    .map_err(StorageError::backend)?;
+    let found: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(StorageError::backend)?;
+    if found > SCHEMA_VERSION {
+        return Err(StorageError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+    ))
+    .map_err(StorageError::backend)?;
+    Ok(())
+}

@@ -1,0 +1,608 @@
+//! The embedded store's statements. Each function runs on a connection handed to it: writes
+//! inside the writer's batch transaction (within a savepoint), reads on a read connection.
+//! Statements are cached per connection (`prepare_cached`).
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use meshchat_idgen::{ChannelId, ChatId, MessageId, UserId};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::error::StorageError;
+use crate::model::{
+    AppendOutcome, Channel, ChatSummary, Direction, Marks, NewMessage, PageQuery, Reaction,
+    ReceiptKind, StoredMessage, UNREAD_CAP, User, UserCredentials,
+};
+
+/// Longest emoji string stored (a reaction is a short symbol, not a message).
+pub(crate) const MAX_EMOJI_BYTES: usize = 64;
+/// Longest user or channel name.
+pub(crate) const MAX_NAME_BYTES: usize = 64;
+
+fn db(e: rusqlite::Error) -> StorageError {
+    StorageError::backend(e)
+}
+
+/// Ids are u64 on the wire and i64 in SQLite; Snowflakes never set the sign bit, and other
+/// values round-trip by bit pattern.
+fn i(v: u64) -> i64 {
+    v as i64
+}
+
+fn u(v: i64) -> u64 {
+    v as u64
+}
+
+fn chat_key(chat: ChatId) -> String {
+    chat.to_string()
+}
+
+fn parse_chat(s: &str) -> Result<ChatId, StorageError> {
+    s.parse().map_err(StorageError::backend)
+}
+
+pub(super) fn append(c: &Connection, m: &NewMessage) -> Result<AppendOutcome, StorageError> {
+    if let Some(first) = c
+        .prepare_cached(
+            "SELECT message_id FROM idempotency WHERE sender = ?1 AND client_msg_id = ?2",
+        )
+        .map_err(db)?
+        .query_row(params![i(m.sender.0), m.client_msg_id], |r| {
+            r.get::<_, i64>(0)
+        })
+        .optional()
+        .map_err(db)?
+    {
+        return Ok(AppendOutcome {
+            id: MessageId(u(first)),
+            duplicate: true,
+        });
+    }
+    let key = chat_key(m.chat);
+    if let Some(reply_to) = m.reply_to
+        && !message_exists(c, &key, reply_to)?
+    {
+        return Err(StorageError::UnknownMessage {
+            chat: m.chat,
+            id: reply_to,
+        });
+    }
+    c.prepare_cached(
+        "INSERT INTO messages (chat, id, sender, client_msg_id, body, reply_to)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .map_err(db)?
+    .execute(params![
+        key,
+        i(m.id.0),
+        i(m.sender.0),
+        m.client_msg_id,
+        &m.body[..],
+        m.reply_to.map(|r| i(r.0)),
+    ])
+    .map_err(db)?;
+    c.prepare_cached(
+        "INSERT INTO idempotency (sender, client_msg_id, chat, message_id) VALUES (?1, ?2, ?3, ?4)",
+    )
+    .map_err(db)?
+    .execute(params![i(m.sender.0), m.client_msg_id, key, i(m.id.0)])
+    .map_err(db)?;
+    c.prepare_cached(
+        "INSERT INTO chats (chat, last_message_id) VALUES (?1, ?2)
+         ON CONFLICT (chat) DO UPDATE SET last_message_id = max(last_message_id, excluded.last_message_id)",
+    )
+    .map_err(db)?
+    .execute(params![key, i(m.id.0)])
+    .map_err(db)?;
+    if let ChatId::Direct { low, high } = m.chat {
+        let mut add = c
+            .prepare_cached("INSERT OR IGNORE INTO user_chats (user_id, chat) VALUES (?1, ?2)")
+            .map_err(db)?;
+        add.execute(params![i(low.0), key]).map_err(db)?;
+        add.execute(params![i(high.0), key]).map_err(db)?;
+    }
+    Ok(AppendOutcome {
+        id: m.id,
+        duplicate: false,
+    })
+}
+
+fn message_exists(c: &Connection, key: &str, id: MessageId) -> Result<bool, StorageError> {
+    c.prepare_cached("SELECT 1 FROM messages WHERE chat = ?1 AND id = ?2")
+        .map_err(db)?
+        .query_row(params![key, i(id.0)], |_| Ok(()))
+        .optional()
+        .map_err(db)
+        .map(|o| o.is_some())
+}
+
+fn message_row(chat: ChatId, r: &Row<'_>) -> rusqlite::Result<StoredMessage> {
+    Ok(StoredMessage {
+        id: MessageId(u(r.get(0)?)),
+        chat,
+        sender: UserId(u(r.get(1)?)),
+        client_msg_id: r.get(2)?,
+        body: Bytes::from(r.get::<_, Vec<u8>>(3)?),
+        reply_to: r.get::<_, Option<i64>>(4)?.map(|v| MessageId(u(v))),
+        reactions: Vec::new(),
+    })
+}
+
+/// Loads the reactions of `msgs` (all of one chat) in one range query.
+fn attach_reactions(
+    c: &Connection,
+    key: &str,
+    msgs: &mut [StoredMessage],
+) -> Result<(), StorageError> {
+    let (Some(lo), Some(hi)) = (
+        msgs.iter().map(|m| m.id).min(),
+        msgs.iter().map(|m| m.id).max(),
+    ) else {
+        return Ok(());
+    };
+    let mut by_msg: BTreeMap<u64, Vec<Reaction>> = BTreeMap::new();
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT message_id, user_id, emoji FROM reactions
+             WHERE chat = ?1 AND message_id BETWEEN ?2 AND ?3 ORDER BY message_id, user_id",
+        )
+        .map_err(db)?;
+    let rows = stmt
+        .query_map(params![key, i(lo.0), i(hi.0)], |r| {
+            Ok((
+                u(r.get(0)?),
+                Reaction {
+                    user: UserId(u(r.get(1)?)),
+                    emoji: r.get(2)?,
+                },
+            ))
+        })
+        .map_err(db)?;
+    for row in rows {
+        let (id, reaction) = row.map_err(db)?;
+        by_msg.entry(id).or_default().push(reaction);
+    }
+    for m in msgs {
+        if let Some(r) = by_msg.remove(&m.id.0) {
+            m.reactions = r;
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn message(
+    c: &Connection,
+    chat: ChatId,
+    id: MessageId,
+) -> Result<Option<StoredMessage>, StorageError> {
+    let key = chat_key(chat);
+    let found = c
+        .prepare_cached(
+            "SELECT id, sender, client_msg_id, body, reply_to FROM messages
+             WHERE chat = ?1 AND id = ?2",
+        )
+        .map_err(db)?
+        .query_row(params![key, i(id.0)], |r| message_row(chat, r))
+        .optional()
+        .map_err(db)?;
+    match found {
+        Some(m) => {
+            let mut one = [m];
+            attach_reactions(c, &key, &mut one)?;
+            let [m] = one;
+            Ok(Some(m))
+        }
+        None => Ok(None),
+    }
+}
+
+pub(super) fn page(
+    c: &Connection,
+    chat: ChatId,
+    q: PageQuery,
+) -> Result<Vec<StoredMessage>, StorageError> {
+    let key = chat_key(chat);
+    let (sql, bound) = match q.direction {
+        Direction::Backward => (
+            "SELECT id, sender, client_msg_id, body, reply_to FROM messages
+             WHERE chat = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3",
+            q.cursor.map(|m| i(m.0)).unwrap_or(i64::MAX),
+        ),
+        Direction::Forward => (
+            "SELECT id, sender, client_msg_id, body, reply_to FROM messages
+             WHERE chat = ?1 AND id > ?2 ORDER BY id ASC LIMIT ?3",
+            q.cursor.map(|m| i(m.0)).unwrap_or(i64::MIN),
+        ),
+    };
+    let mut stmt = c.prepare_cached(sql).map_err(db)?;
+    let mut msgs = stmt
+        .query_map(params![key, bound, q.limit], |r| message_row(chat, r))
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    attach_reactions(c, &key, &mut msgs)?;
+    Ok(msgs)
+}
+
+pub(super) fn react(
+    c: &Connection,
+    chat: ChatId,
+    id: MessageId,
+    user: UserId,
+    emoji: &str,
+) -> Result<(), StorageError> {
+    if emoji.is_empty() || emoji.len() > MAX_EMOJI_BYTES {
+        return Err(StorageError::InvalidArgument("emoji must be 1 to 64 bytes"));
+    }
+    let key = chat_key(chat);
+    if !message_exists(c, &key, id)? {
+        return Err(StorageError::UnknownMessage { chat, id });
+    }
+    c.prepare_cached(
+        "INSERT INTO reactions (chat, message_id, user_id, emoji) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (chat, message_id, user_id) DO UPDATE SET emoji = excluded.emoji",
+    )
+    .map_err(db)?
+    .execute(params![key, i(id.0), i(user.0), emoji])
+    .map_err(db)?;
+    Ok(())
+}
+
+pub(super) fn unreact(
+    c: &Connection,
+    chat: ChatId,
+    id: MessageId,
+    user: UserId,
+) -> Result<bool, StorageError> {
+    let key = chat_key(chat);
+    if !message_exists(c, &key, id)? {
+        return Err(StorageError::UnknownMessage { chat, id });
+    }
+    let n = c
+        .prepare_cached(
+            "DELETE FROM reactions WHERE chat = ?1 AND message_id = ?2 AND user_id = ?3",
+        )
+        .map_err(db)?
+        .execute(params![key, i(id.0), i(user.0)])
+        .map_err(db)?;
+    Ok(n > 0)
+}
+
+fn check_name(name: &str) -> Result<(), StorageError> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(StorageError::InvalidArgument("names must be 1 to 64 bytes"));
+    }
+    Ok(())
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+    )
+}
+
+pub(super) fn create_user(
+    c: &Connection,
+    id: UserId,
+    name: &str,
+    hash: &str,
+) -> Result<User, StorageError> {
+    check_name(name)?;
+    match c
+        .prepare_cached("INSERT INTO users (id, name, password_hash) VALUES (?1, ?2, ?3)")
+        .map_err(db)?
+        .execute(params![i(id.0), name, hash])
+    {
+        Ok(_) => Ok(User {
+            id,
+            name: name.to_owned(),
+        }),
+        Err(e) if is_unique_violation(&e) => Err(StorageError::UserExists(name.to_owned())),
+        Err(e) => Err(db(e)),
+    }
+}
+
+pub(super) fn user_by_name(
+    c: &Connection,
+    name: &str,
+) -> Result<Option<UserCredentials>, StorageError> {
+    c.prepare_cached("SELECT id, name, password_hash FROM users WHERE name = ?1")
+        .map_err(db)?
+        .query_row(params![name], |r| {
+            Ok(UserCredentials {
+                user: User {
+                    id: UserId(u(r.get(0)?)),
+                    name: r.get(1)?,
+                },
+                password_hash: r.get(2)?,
+            })
+        })
+        .optional()
+        .map_err(db)
+}
+
+pub(super) fn user_by_id(c: &Connection, id: UserId) -> Result<Option<User>, StorageError> {
+    c.prepare_cached("SELECT name FROM users WHERE id = ?1")
+        .map_err(db)?
+        .query_row(params![i(id.0)], |r| {
+            Ok(User {
+                id,
+                name: r.get(0)?,
+            })
+        })
+        .optional()
+        .map_err(db)
+}
+
+pub(super) fn is_member(c: &Connection, user: UserId, chat: ChatId) -> Result<bool, StorageError> {
+    match chat {
+        ChatId::Direct { .. } => {
+            let Some(peer) = chat.peer_of(user) else {
+                return Ok(false);
+            };
+            Ok(user_by_id(c, peer)?.is_some())
+        }
+        ChatId::Channel(ch) => c
+            .prepare_cached("SELECT 1 FROM channel_members WHERE channel_id = ?1 AND user_id = ?2")
+            .map_err(db)?
+            .query_row(params![i(ch.0), i(user.0)], |_| Ok(()))
+            .optional()
+            .map_err(db)
+            .map(|o| o.is_some()),
+    }
+}
+
+fn marks_of(c: &Connection, user: UserId, key: &str) -> Result<Option<Marks>, StorageError> {
+    c.prepare_cached("SELECT delivered, seen FROM user_chats WHERE user_id = ?1 AND chat = ?2")
+        .map_err(db)?
+        .query_row(params![i(user.0), key], |r| {
+            Ok(Marks {
+                delivered: MessageId(u(r.get(0)?)),
+                seen: MessageId(u(r.get(1)?)),
+            })
+        })
+        .optional()
+        .map_err(db)
+}
+
+pub(super) fn mark(
+    c: &Connection,
+    user: UserId,
+    chat: ChatId,
+    kind: ReceiptKind,
+    upto: MessageId,
+) -> Result<Marks, StorageError> {
+    if !is_member(c, user, chat)? {
+        return Err(StorageError::NotMember { user, chat });
+    }
+    let key = chat_key(chat);
+    if !message_exists(c, &key, upto)? {
+        return Err(StorageError::UnknownMessage { chat, id: upto });
+    }
+    // A 1:1 chat row may not exist yet for a member who never wrote in it.
+    c.prepare_cached("INSERT OR IGNORE INTO user_chats (user_id, chat) VALUES (?1, ?2)")
+        .map_err(db)?
+        .execute(params![i(user.0), key])
+        .map_err(db)?;
+    let sql = match kind {
+        ReceiptKind::Delivered => {
+            "UPDATE user_chats SET delivered = max(delivered, ?3) WHERE user_id = ?1 AND chat = ?2"
+        }
+        ReceiptKind::Seen => {
+            "UPDATE user_chats SET seen = max(seen, ?3), delivered = max(delivered, ?3)
+             WHERE user_id = ?1 AND chat = ?2"
+        }
+    };
+    c.prepare_cached(sql)
+        .map_err(db)?
+        .execute(params![i(user.0), key, i(upto.0)])
+        .map_err(db)?;
+    Ok(marks_of(c, user, &key)?.unwrap_or_default())
+}
+
+pub(super) fn chat_list(
+    c: &Connection,
+    user: UserId,
+    limit: u32,
+) -> Result<Vec<ChatSummary>, StorageError> {
+    let rows: Vec<(String, Marks, Option<i64>)> = c
+        .prepare_cached(
+            "SELECT uc.chat, uc.delivered, uc.seen, ch.last_message_id
+             FROM user_chats uc LEFT JOIN chats ch ON ch.chat = uc.chat
+             WHERE uc.user_id = ?1
+             ORDER BY coalesce(ch.last_message_id, 0) DESC, uc.chat
+             LIMIT ?2",
+        )
+        .map_err(db)?
+        .query_map(params![i(user.0), limit], |r| {
+            Ok((
+                r.get(0)?,
+                Marks {
+                    delivered: MessageId(u(r.get(1)?)),
+                    seen: MessageId(u(r.get(2)?)),
+                },
+                r.get(3)?,
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<_, _>>()
+        .map_err(db)?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (key, mine, last) in rows {
+        let chat = parse_chat(&key)?;
+        let newest = match last {
+            Some(id) => message(c, chat, MessageId(u(id)))?,
+            None => None,
+        };
+        let unread: u32 = c
+            .prepare_cached(
+                "SELECT count(*) FROM (SELECT 1 FROM messages
+                  WHERE chat = ?1 AND id > ?2 AND sender != ?3 LIMIT ?4)",
+            )
+            .map_err(db)?
+            .query_row(params![key, i(mine.seen.0), i(user.0), UNREAD_CAP], |r| {
+                r.get(0)
+            })
+            .map_err(db)?;
+        let (title, peer) = match chat {
+            ChatId::Direct { .. } => {
+                let peer_id = chat.peer_of(user).unwrap_or(user);
+                let name = user_by_id(c, peer_id)?.map(|u| u.name).unwrap_or_default();
+                (name, Some(marks_of(c, peer_id, &key)?.unwrap_or_default()))
+            }
+            ChatId::Channel(ch) => (channel(c, ch)?.map(|ch| ch.name).unwrap_or_default(), None),
+        };
+        out.push(ChatSummary {
+            chat,
+            title,
+            newest,
+            unread,
+            mine,
+            peer,
+        });
+    }
+    Ok(out)
+}
+
+fn channel_row(r: &Row<'_>) -> rusqlite::Result<Channel> {
+    Ok(Channel {
+        id: ChannelId(u(r.get(0)?)),
+        name: r.get(1)?,
+        owner: UserId(u(r.get(2)?)),
+        member_count: r.get(3)?,
+    })
+}
+
+const CHANNEL_COLUMNS: &str = "c.id, c.name, c.owner,
+    (SELECT count(*) FROM channel_members m WHERE m.channel_id = c.id)";
+
+pub(super) fn create_channel(
+    c: &Connection,
+    id: ChannelId,
+    name: &str,
+    owner: UserId,
+) -> Result<Channel, StorageError> {
+    check_name(name)?;
+    if user_by_id(c, owner)?.is_none() {
+        return Err(StorageError::UnknownUser(owner));
+    }
+    match c
+        .prepare_cached("INSERT INTO channels (id, name, owner) VALUES (?1, ?2, ?3)")
+        .map_err(db)?
+        .execute(params![i(id.0), name, i(owner.0)])
+    {
+        Ok(_) => {}
+        Err(e) if is_unique_violation(&e) => {
+            return Err(StorageError::ChannelExists(name.to_owned()));
+        }
+        Err(e) => return Err(db(e)),
+    }
+    join_channel(c, id, owner)?;
+    Ok(Channel {
+        id,
+        name: name.to_owned(),
+        owner,
+        member_count: 1,
+    })
+}
+
+pub(super) fn channel(c: &Connection, id: ChannelId) -> Result<Option<Channel>, StorageError> {
+    c.prepare_cached(&format!(
+        "SELECT {CHANNEL_COLUMNS} FROM channels c WHERE c.id = ?1"
+    ))
+    .map_err(db)?
+    .query_row(params![i(id.0)], channel_row)
+    .optional()
+    .map_err(db)
+}
+
+pub(super) fn channel_by_name(c: &Connection, name: &str) -> Result<Option<Channel>, StorageError> {
+    c.prepare_cached(&format!(
+        "SELECT {CHANNEL_COLUMNS} FROM channels c WHERE c.name = ?1"
+    ))
+    .map_err(db)?
+    .query_row(params![name], channel_row)
+    .optional()
+    .map_err(db)
+}
+
+fn channel_exists(c: &Connection, id: ChannelId) -> Result<bool, StorageError> {
+    c.prepare_cached("SELECT 1 FROM channels WHERE id = ?1")
+        .map_err(db)?
+        .query_row(params![i(id.0)], |_| Ok(()))
+        .optional()
+        .map_err(db)
+        .map(|o| o.is_some())
+}
+
+pub(super) fn join_channel(
+    c: &Connection,
+    id: ChannelId,
+    user: UserId,
+) -> Result<bool, StorageError> {
+    if !channel_exists(c, id)? {
+        return Err(StorageError::UnknownChannel(id));
+    }
+    if user_by_id(c, user)?.is_none() {
+        return Err(StorageError::UnknownUser(user));
+    }
+    let n = c
+        .prepare_cached(
+            "INSERT OR IGNORE INTO channel_members (channel_id, user_id) VALUES (?1, ?2)",
+        )
+        .map_err(db)?
+        .execute(params![i(id.0), i(user.0)])
+        .map_err(db)?;
+    c.prepare_cached("INSERT OR IGNORE INTO user_chats (user_id, chat) VALUES (?1, ?2)")
+        .map_err(db)?
+        .execute(params![i(user.0), chat_key(ChatId::Channel(id))])
+        .map_err(db)?;
+    Ok(n > 0)
+}
+
+pub(super) fn leave_channel(
+    c: &Connection,
+    id: ChannelId,
+    user: UserId,
+) -> Result<bool, StorageError> {
+    if !channel_exists(c, id)? {
+        return Err(StorageError::UnknownChannel(id));
+    }
+    let n = c
+        .prepare_cached("DELETE FROM channel_members WHERE channel_id = ?1 AND user_id = ?2")
+        .map_err(db)?
+        .execute(params![i(id.0), i(user.0)])
+        .map_err(db)?;
+    c.prepare_cached("DELETE FROM user_chats WHERE user_id = ?1 AND chat = ?2")
+        .map_err(db)?
+        .execute(params![i(user.0), chat_key(ChatId::Channel(id))])
+        .map_err(db)?;
+    Ok(n > 0)
+}
+
+pub(super) fn channel_members(c: &Connection, id: ChannelId) -> Result<Vec<UserId>, StorageError> {
+    if !channel_exists(c, id)? {
+        return Err(StorageError::UnknownChannel(id));
+    }
+    c.prepare_cached("SELECT user_id FROM channel_members WHERE channel_id = ?1 ORDER BY user_id")
+        .map_err(db)?
+        .query_map(params![i(id.0)], |r| Ok(UserId(u(r.get(0)?))))
+        .map_err(db)?
+        .collect::<Result<_, _>>()
+        .map_err(db)
+}
+
+pub(super) fn channels_of(c: &Connection, user: UserId) -> Result<Vec<Channel>, StorageError> {
+    c.prepare_cached(&format!(
+        "SELECT {CHANNEL_COLUMNS} FROM channel_members um JOIN channels c ON c.id = um.channel_id
+         WHERE um.user_id = ?1 ORDER BY c.name"
+    ))
+    .map_err(db)?
+    .query_map(params![i(user.0)], channel_row)
+    .map_err(db)?
+    .collect::<Result<_, _>>()
+    .map_err(db)
+}
