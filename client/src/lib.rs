@@ -1,6 +1,35 @@
 //! # meshchat-client
 //!
-//! Owns the Rust client library (connect with redirects, auth, send with retry, an event stream
-//! of pushes, history and channel queries, reconnect with gap fill) and the `meshchat` CLI.
+//! Owns the Rust client library and the `meshchat` CLI (`src/bin/meshchat.rs`).
 //!
-//! Not built yet: this crate is filled in by the node issue.
+//! - [`client`]: [`Client`]: connect (following redirects), register/login/authenticate, send
+//!   with retry that reuses the client message id, queries, channels, and reconnect that fills
+//!   gaps from history; [`Events`]: pushes, deduplicated by message id.
+//! - [`conn`]: one QUIC connection: request/reply matching, push sequence checking.
+//! - [`error`] holds `ClientError`.
+
+pub mod client;
+pub mod conn;
+pub mod error;
+
+pub use client::{Client, Events, Session};
+pub use conn::{ConnectOptions, Event};
+pub use error::ClientError;
+
+/// Reads the CA certificates of a PEM file (for [`ConnectOptions::new`]).
+pub fn load_ca(
+    path: &std::path::Path,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, ClientError> {
+    use rustls_pki_types::pem::PemObject;
+    let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| ClientError::Setup(format!("{}: {e}", path.display())))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::Setup(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(ClientError::Setup(format!(
+            "{}: no certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}

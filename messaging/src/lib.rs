@@ -1,8 +1,30 @@
 //! # meshchat-messaging
 //!
-//! Owns the messaging node, `meshchat-node`: the client QUIC endpoint, authentication, one task
-//! per connection, the connection registry (user -> live connections), the send and delivery
-//! paths, queries, configuration (file + env + flags), Redis config and membership, metrics and
-//! tracing.
+//! Owns the messaging node, `meshchat-node`.
 //!
-//! Not built yet: this crate is filled in by the node issue.
+//! - [`config`]: `NodeConfig` and its parts, with documented defaults; file + env + flags.
+//! - [`server`]: start/run a node: QUIC endpoint, bounded accept loop, graceful shutdown.
+//! - [`session`]: one task per connection: auth, request loop, pushes with sequence numbers.
+//! - [`node`]: the chat service: every request handler and the send path.
+//! - [`registry`]: user -> live connections, bounded per-connection push queues.
+//! - [`router`]: where deliveries go (local today; the mesh slots in behind it).
+//! - [`auth`]: argon2id password hashes and JWT tokens.
+//! - [`tls`]: certificates (dev CA), rustls/quinn configs sized for chat.
+//! - [`error`]: request errors and the one mapping to protocol error codes.
+//! - [`convert`]: wire <-> domain conversions.
+//! - [`dev`]: `meshchat-node dev`, a local cluster on loopback.
+
+pub mod auth;
+pub mod config;
+pub mod convert;
+pub mod dev;
+pub mod error;
+pub mod node;
+pub mod registry;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod tls;
+
+pub use config::NodeConfig;
+pub use server::{RunningNode, StartError, run, start};

@@ -6,12 +6,14 @@
 //!   pushes with per-connection sequence numbers, receipts, reactions, history, chat list,
 //!   channels, redirects, errors with stable codes).
 //! - `proto/mesh.proto` -> [`mesh`]: node <-> node frames (peer hello, batched envelopes).
+//! - [`ids`]: wire <-> [`meshchat_idgen::ChatId`] conversions shared by node and client.
 //! - [`codec`]: the frame codec: a 4-byte big-endian length then the protobuf body, with a
 //!   hard maximum checked before the body is read; a short buffer is "need more", not an error.
 //!
 //! Code is generated at build time by prost-build with protox (pure Rust): no system `protoc`.
 
 pub mod codec;
+pub mod ids;
 
 /// Generated code, nested as the protobuf packages are (so cross-package references resolve).
 #[allow(missing_docs, unreachable_pub, clippy::all)]

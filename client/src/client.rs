@@ -1,0 +1,577 @@
+//! The high-level client: connect (following redirects), authenticate, send with retry,
+//! queries, and reconnect that fills gaps from history.
+//!
+//! Events arrive on [`Events`], which drops messages already seen (by message id) and keeps,
+//! per chat, the newest message id received: the cursor that [`Client::reconnect`] fills gaps
+//! from.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use meshchat_idgen::{ChannelId, ChatId, UserId};
+use meshchat_proto::client::{self as pb, ErrorCode, client_frame, server_frame};
+use meshchat_proto::ids::{chat_from_wire, chat_to_wire};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::conn::{Conn, ConnectOptions, Event, client_endpoint};
+use crate::error::ClientError;
+
+/// How many message ids [`Events`] remembers for dedup.
+const DEDUP_WINDOW: usize = 16_384;
+/// Redirect hops followed before giving up.
+const MAX_REDIRECTS: usize = 3;
+/// Send attempts before giving up on a retryable error.
+const SEND_ATTEMPTS: u32 = 6;
+
+/// Who this client is logged in as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// User id.
+    pub user: UserId,
+    /// User name.
+    pub name: String,
+    /// Token for re-authentication.
+    pub token: String,
+    /// Token expiry, Unix ms.
+    pub expires_unix_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    ids: HashSet<u64>,
+    order: VecDeque<u64>,
+    cursors: HashMap<ChatId, u64>,
+}
+
+impl Seen {
+    /// Records a message; false if it was seen before.
+    fn record(&mut self, chat: Option<ChatId>, id: u64) -> bool {
+        if !self.ids.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > DEDUP_WINDOW
+            && let Some(old) = self.order.pop_front()
+        {
+            self.ids.remove(&old);
+        }
+        if let Some(chat) = chat {
+            let c = self.cursors.entry(chat).or_insert(0);
+            *c = (*c).max(id);
+        }
+        true
+    }
+}
+
+/// The stream of events for the application. Messages are deduplicated by id.
+#[derive(Debug)]
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl Events {
+    /// The next event; `None` once the client is dropped.
+    pub async fn next(&mut self) -> Option<Event> {
+        loop {
+            let ev = self.rx.recv().await?;
+            if let Event::Message(m) = &ev {
+                let chat = chat_from_wire(m.chat.as_ref()).ok();
+                if !self.seen.lock().record(chat, m.message_id) {
+                    continue;
+                }
+            }
+            return Some(ev);
+        }
+    }
+
+    /// The next event within `timeout`.
+    pub async fn next_within(&mut self, timeout: Duration) -> Option<Event> {
+        tokio::time::timeout(timeout, self.next())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// A meshchat client.
+#[derive(Debug)]
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    opts: ConnectOptions,
+    server: Mutex<String>,
+    conn: Mutex<Option<Arc<Conn>>>,
+    events: mpsc::Sender<Event>,
+    seen: Arc<Mutex<Seen>>,
+    session: Mutex<Option<Session>>,
+    hello: Mutex<Option<pb::HelloOk>>,
+}
+
+fn random_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn unexpected(b: &server_frame::Body) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply: {b:?}"))
+}
+
+impl Client {
+    /// Connects to `server` (`host:port`) and says hello. Does not authenticate.
+    pub async fn connect(
+        server: &str,
+        opts: ConnectOptions,
+    ) -> Result<(Self, Events), ClientError> {
+        let bind: SocketAddr = if crate::conn::resolve(server)?.0.is_ipv6() {
+            "[::]:0"
+                .parse()
+                .map_err(|_| ClientError::Setup("bind".into()))?
+        } else {
+            "0.0.0.0:0"
+                .parse()
+                .map_err(|_| ClientError::Setup("bind".into()))?
+        };
+        let endpoint = client_endpoint(&opts, bind)?;
+        Self::connect_with(endpoint, server, opts).await
+    }
+
+    /// Like [`Client::connect`] over an existing endpoint (many clients can share one).
+    pub async fn connect_with(
+        endpoint: quinn::Endpoint,
+        server: &str,
+        opts: ConnectOptions,
+    ) -> Result<(Self, Events), ClientError> {
+        let (tx, rx) = mpsc::channel(opts.event_buffer.max(1));
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let client = Self {
+            endpoint,
+            opts,
+            server: Mutex::new(server.to_owned()),
+            conn: Mutex::new(None),
+            events: tx,
+            seen: seen.clone(),
+            session: Mutex::new(None),
+            hello: Mutex::new(None),
+        };
+        client.open().await?;
+        Ok((client, Events { rx, seen }))
+    }
+
+    async fn open(&self) -> Result<Arc<Conn>, ClientError> {
+        let server = self.server.lock().clone();
+        let conn = Conn::open(&self.endpoint, &server, &self.opts, self.events.clone()).await?;
+        let hello = conn
+            .request(client_frame::Body::Hello(pb::Hello {
+                protocol_version: meshchat_proto::PROTOCOL_VERSION,
+                client_name: concat!("meshchat-client/", env!("CARGO_PKG_VERSION")).into(),
+            }))
+            .await?;
+        match hello {
+            server_frame::Body::HelloOk(h) => *self.hello.lock() = Some(h),
+            other => return Err(unexpected(&other)),
+        }
+        *self.conn.lock() = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// The live connection.
+    pub fn conn(&self) -> Result<Arc<Conn>, ClientError> {
+        self.conn
+            .lock()
+            .clone()
+            .ok_or_else(|| ClientError::Disconnected("not connected".into()))
+    }
+
+    /// What the node said in its hello.
+    pub fn hello(&self) -> Option<pb::HelloOk> {
+        *self.hello.lock()
+    }
+
+    /// The logged-in session.
+    pub fn session(&self) -> Option<Session> {
+        self.session.lock().clone()
+    }
+
+    /// My user id.
+    pub fn me(&self) -> Result<UserId, ClientError> {
+        self.session
+            .lock()
+            .as_ref()
+            .map(|s| s.user)
+            .ok_or(ClientError::NotLoggedIn)
+    }
+
+    /// The node currently connected to.
+    pub fn server(&self) -> String {
+        self.server.lock().clone()
+    }
+
+    /// Sends a request on the current connection.
+    pub async fn request(
+        &self,
+        body: client_frame::Body,
+    ) -> Result<server_frame::Body, ClientError> {
+        self.conn()?.request(body).await
+    }
+
+    async fn auth(&self, body: client_frame::Body) -> Result<Session, ClientError> {
+        for _ in 0..=MAX_REDIRECTS {
+            match self.request(body.clone()).await? {
+                server_frame::Body::AuthOk(ok) => {
+                    let s = Session {
+                        user: UserId(ok.user_id),
+                        name: ok.user_name,
+                        token: ok.token,
+                        expires_unix_ms: ok.expires_unix_ms,
+                    };
+                    *self.session.lock() = Some(s.clone());
+                    return Ok(s);
+                }
+                server_frame::Body::Redirect(r) => {
+                    debug!(to = %r.address, epoch = r.ring_epoch, "redirected");
+                    if let Ok(c) = self.conn() {
+                        c.close();
+                    }
+                    *self.server.lock() = r.address;
+                    self.open().await?;
+                }
+                other => return Err(unexpected(&other)),
+            }
+        }
+        Err(ClientError::Protocol("too many redirects".into()))
+    }
+
+    /// Registers a new user and logs this connection in.
+    pub async fn register(&self, name: &str, password: &str) -> Result<Session, ClientError> {
+        self.auth(client_frame::Body::Register(pb::Register {
+            user_name: name.into(),
+            password: password.into(),
+        }))
+        .await
+    }
+
+    /// Logs in with a password.
+    pub async fn login(&self, name: &str, password: &str) -> Result<Session, ClientError> {
+        self.auth(client_frame::Body::Login(pb::Login {
+            user_name: name.into(),
+            password: password.into(),
+        }))
+        .await
+    }
+
+    /// Authenticates with a token from an earlier register/login.
+    pub async fn authenticate(&self, token: &str) -> Result<Session, ClientError> {
+        self.auth(client_frame::Body::Authenticate(pb::Authenticate {
+            token: token.into(),
+        }))
+        .await
+    }
+
+    /// Opens a new connection, re-authenticates with the session token, and fills gaps:
+    /// every chat with a known cursor is read forward from it, and chats new to this client
+    /// from my delivered mark. Filled messages arrive on [`Events`] (deduplicated).
+    pub async fn reconnect(&self) -> Result<(), ClientError> {
+        let token = self
+            .session
+            .lock()
+            .as_ref()
+            .map(|s| s.token.clone())
+            .ok_or(ClientError::NotLoggedIn)?;
+        if let Ok(c) = self.conn() {
+            c.close();
+        }
+        self.open().await?;
+        self.authenticate(&token).await?;
+        self.fill_gaps().await
+    }
+
+    /// Reads every chat forward from its cursor and feeds what it finds to [`Events`].
+    pub async fn fill_gaps(&self) -> Result<(), ClientError> {
+        let mut from: HashMap<ChatId, u64> = self.seen.lock().cursors.clone();
+        for row in self.chat_list().await? {
+            if let Ok(chat) = chat_from_wire(row.chat.as_ref()) {
+                from.entry(chat).or_insert(row.my_delivered);
+            }
+        }
+        for (chat, mut cursor) in from {
+            loop {
+                let page = self
+                    .history(chat, cursor, pb::Direction::Forward, 0)
+                    .await?;
+                for m in page.messages {
+                    // Bounded channel: waits for the application to read.
+                    let _ = self.events.send(Event::Message(m)).await;
+                }
+                if page.next_cursor == 0 {
+                    break;
+                }
+                cursor = page.next_cursor;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a message; retries with the same client message id (so never twice) across
+    /// disconnects, rate limits and overload, reconnecting when needed.
+    pub async fn send(
+        &self,
+        chat: ChatId,
+        body: impl Into<Bytes>,
+        reply_to: Option<u64>,
+    ) -> Result<pb::Processed, ClientError> {
+        self.send_with_id(chat, body, reply_to, &random_id()).await
+    }
+
+    /// [`Client::send`] with a caller-chosen client message id.
+    pub async fn send_with_id(
+        &self,
+        chat: ChatId,
+        body: impl Into<Bytes>,
+        reply_to: Option<u64>,
+        client_msg_id: &str,
+    ) -> Result<pb::Processed, ClientError> {
+        let req = client_frame::Body::Send(pb::SendMessage {
+            client_msg_id: client_msg_id.to_owned(),
+            chat: Some(chat_to_wire(chat)),
+            body: body.into(),
+            reply_to: reply_to.unwrap_or(0),
+        });
+        let mut backoff = Duration::from_millis(50);
+        let mut last = ClientError::Timeout;
+        for attempt in 0..SEND_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            let conn = match self.conn() {
+                Ok(c) if c.is_open() => c,
+                _ => match self.reconnect().await {
+                    Ok(()) => self.conn()?,
+                    Err(e) if e.is_retryable() => {
+                        last = e;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
+            match conn.request(req.clone()).await {
+                Ok(server_frame::Body::Processed(p)) => {
+                    // My own message: the node does not push it back to this connection.
+                    self.seen.lock().record(Some(chat), p.message_id);
+                    return Ok(p);
+                }
+                Ok(other) => return Err(unexpected(&other)),
+                Err(e) if e.is_retryable() => {
+                    debug!(error = %e, attempt, "send failed; retrying with the same id");
+                    if matches!(e, ClientError::Disconnected(_) | ClientError::Timeout) {
+                        conn.close();
+                    }
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    /// The 1:1 chat with `peer`.
+    pub fn direct_chat(&self, peer: UserId) -> Result<ChatId, ClientError> {
+        Ok(ChatId::direct(self.me()?, peer))
+    }
+
+    /// Marks messages up to `id` delivered or seen.
+    pub async fn mark(
+        &self,
+        chat: ChatId,
+        id: u64,
+        kind: pb::ReceiptKind,
+    ) -> Result<(), ClientError> {
+        match self
+            .request(client_frame::Body::Receipt(pb::MarkReceipt {
+                chat: Some(chat_to_wire(chat)),
+                message_id: id,
+                kind: kind as i32,
+            }))
+            .await?
+        {
+            server_frame::Body::Done(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sets my reaction on a message.
+    pub async fn react(&self, chat: ChatId, id: u64, emoji: &str) -> Result<(), ClientError> {
+        match self
+            .request(client_frame::Body::React(pb::React {
+                chat: Some(chat_to_wire(chat)),
+                message_id: id,
+                emoji: emoji.into(),
+            }))
+            .await?
+        {
+            server_frame::Body::Done(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Removes my reaction.
+    pub async fn unreact(&self, chat: ChatId, id: u64) -> Result<(), ClientError> {
+        match self
+            .request(client_frame::Body::Unreact(pb::Unreact {
+                chat: Some(chat_to_wire(chat)),
+                message_id: id,
+            }))
+            .await?
+        {
+            server_frame::Body::Done(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// One page of history (`cursor` 0 = from the end the direction starts at; `limit` 0 =
+    /// the node's default).
+    pub async fn history(
+        &self,
+        chat: ChatId,
+        cursor: u64,
+        direction: pb::Direction,
+        limit: u32,
+    ) -> Result<pb::HistoryPage, ClientError> {
+        match self
+            .request(client_frame::Body::History(pb::HistoryQuery {
+                chat: Some(chat_to_wire(chat)),
+                cursor,
+                direction: direction as i32,
+                limit,
+            }))
+            .await?
+        {
+            server_frame::Body::HistoryPage(p) => Ok(p),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// My chats, most recently active first.
+    pub async fn chat_list(&self) -> Result<Vec<pb::ChatSummary>, ClientError> {
+        match self
+            .request(client_frame::Body::ChatList(pb::ChatListQuery {}))
+            .await?
+        {
+            server_frame::Body::ChatList(l) => Ok(l.chats),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A user by name.
+    pub async fn resolve_user(&self, name: &str) -> Result<pb::UserInfo, ClientError> {
+        self.resolve(pb::ResolveUser {
+            user_name: name.into(),
+            user_id: 0,
+        })
+        .await
+    }
+
+    /// A user by id.
+    pub async fn user_by_id(&self, id: UserId) -> Result<pb::UserInfo, ClientError> {
+        self.resolve(pb::ResolveUser {
+            user_name: String::new(),
+            user_id: id.0,
+        })
+        .await
+    }
+
+    async fn resolve(&self, q: pb::ResolveUser) -> Result<pb::UserInfo, ClientError> {
+        match self.request(client_frame::Body::ResolveUser(q)).await? {
+            server_frame::Body::User(u) => Ok(u),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Creates a channel (I become its first member).
+    pub async fn channel_create(&self, name: &str) -> Result<pb::ChannelInfo, ClientError> {
+        match self
+            .request(client_frame::Body::ChannelCreate(pb::ChannelCreate {
+                name: name.into(),
+            }))
+            .await?
+        {
+            server_frame::Body::Channel(c) => Ok(c),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Joins a channel by name.
+    pub async fn channel_join(&self, name: &str) -> Result<pb::ChannelInfo, ClientError> {
+        match self
+            .request(client_frame::Body::ChannelJoin(pb::ChannelJoin {
+                channel_id: 0,
+                name: name.into(),
+            }))
+            .await?
+        {
+            server_frame::Body::Channel(c) => Ok(c),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Leaves a channel.
+    pub async fn channel_leave(&self, id: ChannelId) -> Result<(), ClientError> {
+        match self
+            .request(client_frame::Body::ChannelLeave(pb::ChannelLeave {
+                channel_id: id.0,
+            }))
+            .await?
+        {
+            server_frame::Body::Done(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The channels I am in.
+    pub async fn channel_list(&self) -> Result<Vec<pb::ChannelInfo>, ClientError> {
+        match self
+            .request(client_frame::Body::ChannelList(pb::ChannelListMine {}))
+            .await?
+        {
+            server_frame::Body::Channels(l) => Ok(l.channels),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A channel of mine by name.
+    pub async fn my_channel(&self, name: &str) -> Result<pb::ChannelInfo, ClientError> {
+        let name = name.trim_start_matches('#');
+        self.channel_list()
+            .await?
+            .into_iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| ClientError::Server {
+                code: ErrorCode::UnknownChannel,
+                message: format!("you are not in a channel named {name:?}"),
+            })
+    }
+
+    /// Members of a channel I am in.
+    pub async fn channel_members(&self, id: ChannelId) -> Result<Vec<pb::UserInfo>, ClientError> {
+        match self
+            .request(client_frame::Body::ChannelMembers(pb::ChannelMembers {
+                channel_id: id.0,
+            }))
+            .await?
+        {
+            server_frame::Body::Members(m) => Ok(m.members),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Closes the connection.
+    pub fn close(&self) {
+        if let Ok(c) = self.conn() {
+            c.close();
+        }
+    }
+}

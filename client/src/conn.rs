@@ -1,0 +1,335 @@
+//! One live QUIC connection to a node: request/reply matching and the push stream.
+//!
+//! A reader task decodes `ServerFrame`s: replies complete their request's oneshot, pushes go to
+//! the bounded event channel with their sequence numbers checked (a gap is reported as
+//! [`Event::Gap`]). Writes go through a mutex-guarded send stream, one frame per request.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::StreamExt;
+use meshchat_proto::FrameCodec;
+use meshchat_proto::client::{
+    self as pb, ClientFrame, ErrorCode, ServerFrame, client_frame, push, server_frame,
+};
+use meshchat_proto::codec::encode_into;
+use parking_lot::Mutex;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::FramedRead;
+use tracing::debug;
+
+use crate::error::ClientError;
+
+/// Something the node pushed, or a change in the connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A new message in one of my chats (from someone else, or from my other device).
+    Message(pb::Message),
+    /// Someone marked messages delivered or seen.
+    Receipt(pb::ReceiptEvent),
+    /// A reaction was set (or removed: empty emoji).
+    Reaction(pb::ReactionEvent),
+    /// Channel membership changed.
+    Channel(pb::ChannelEvent),
+    /// The node asks this client to reconnect elsewhere.
+    Redirect(pb::Redirect),
+    /// Pushes were lost on this connection (`expected` was due, `got` arrived).
+    Gap {
+        /// Sequence number that was due.
+        expected: u64,
+        /// Sequence number that arrived.
+        got: u64,
+    },
+    /// The connection closed; `code` is the node's error code when it closed on purpose.
+    Disconnected {
+        /// Protocol error code of the close (0 = none).
+        code: u64,
+        /// Reason text.
+        reason: String,
+    },
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
+
+/// Transport settings for a client connection.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// CA certificates to trust (the cluster's CA; in dev, `<data-dir>/ca.pem`).
+    pub roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// How long a request waits for its reply.
+    pub request_timeout: Duration,
+    /// Pushes buffered for the application. When it is full the reader stops reading, the
+    /// node's queue for this connection fills, and the node cuts the connection off as a slow
+    /// reader (the client then reconnects and fills the gap from history).
+    pub event_buffer: usize,
+    /// Largest frame accepted from the node.
+    pub max_frame: usize,
+    /// QUIC keep-alive interval (must be below the node's idle timeout).
+    pub keep_alive: Duration,
+    /// QUIC receive window of the protocol stream, in bytes.
+    pub stream_receive_window: u32,
+}
+
+impl ConnectOptions {
+    /// Defaults trusting `roots`.
+    pub fn new(roots: Vec<rustls_pki_types::CertificateDer<'static>>) -> Self {
+        Self {
+            roots,
+            request_timeout: Duration::from_secs(15),
+            event_buffer: 1024,
+            max_frame: 1 << 20,
+            keep_alive: Duration::from_secs(15),
+            stream_receive_window: 256 * 1024,
+        }
+    }
+}
+
+/// A QUIC client endpoint; one can carry many connections.
+pub fn client_endpoint(
+    opts: &ConnectOptions,
+    bind: SocketAddr,
+) -> Result<quinn::Endpoint, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for r in &opts.roots {
+        roots
+            .add(r.clone())
+            .map_err(|e| ClientError::Setup(format!("CA certificate: {e}")))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Setup(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![meshchat_proto::CLIENT_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientError::Setup(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(opts.keep_alive))
+        .max_concurrent_bidi_streams(0u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(opts.stream_receive_window.into())
+        .receive_window((opts.stream_receive_window.saturating_mul(2)).into())
+        .mtu_discovery_config(None);
+    config.transport_config(Arc::new(transport));
+    let mut endpoint =
+        quinn::Endpoint::client(bind).map_err(|e| ClientError::Setup(format!("endpoint: {e}")))?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+/// Splits `host:port` into a socket address and the TLS server name.
+pub fn resolve(server: &str) -> Result<(SocketAddr, String), ClientError> {
+    use std::net::ToSocketAddrs;
+    let addr = server
+        .to_socket_addrs()
+        .map_err(|e| ClientError::Setup(format!("server address {server:?}: {e}")))?
+        .next()
+        .ok_or_else(|| {
+            ClientError::Setup(format!("server address {server:?} resolves to nothing"))
+        })?;
+    let host = match server.rsplit_once(':') {
+        Some((h, _)) => h.trim_matches(|c| c == '[' || c == ']').to_owned(),
+        None => server.to_owned(),
+    };
+    Ok((addr, host))
+}
+
+/// One connection with its reader task.
+#[derive(Debug)]
+pub struct Conn {
+    conn: quinn::Connection,
+    send: tokio::sync::Mutex<quinn::SendStream>,
+    pending: Pending,
+    next_id: AtomicU64,
+    timeout: Duration,
+    max_frame: usize,
+}
+
+impl Conn {
+    /// Connects to `server` and opens the protocol stream. Events go to `events`.
+    pub async fn open(
+        endpoint: &quinn::Endpoint,
+        server: &str,
+        opts: &ConnectOptions,
+        events: mpsc::Sender<Event>,
+    ) -> Result<Arc<Self>, ClientError> {
+        let (addr, name) = resolve(server)?;
+        let conn = endpoint
+            .connect(addr, &name)
+            .map_err(|e| ClientError::Connect(e.to_string()))?
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let this = Arc::new(Self {
+            conn: conn.clone(),
+            send: tokio::sync::Mutex::new(send),
+            pending: pending.clone(),
+            next_id: AtomicU64::new(1),
+            timeout: opts.request_timeout,
+            max_frame: opts.max_frame,
+        });
+        tokio::spawn(read_loop(conn, recv, pending, events, opts.max_frame));
+        Ok(this)
+    }
+
+    /// Whether the connection is still open.
+    pub fn is_open(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+
+    /// The node's address.
+    pub fn remote(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    /// Closes the connection.
+    pub fn close(&self) {
+        self.conn.close(0u32.into(), b"client closing");
+    }
+
+    /// Sends raw bytes on the protocol stream (for tests of malformed input).
+    pub async fn send_raw(&self, bytes: &[u8]) -> Result<(), ClientError> {
+        let mut s = self.send.lock().await;
+        s.write_all(bytes)
+            .await
+            .map_err(|e| ClientError::Disconnected(e.to_string()))?;
+        s.flush()
+            .await
+            .map_err(|e| ClientError::Disconnected(e.to_string()))
+    }
+
+    /// Waits for a reply with `request_id` (used with [`Conn::send_raw`]).
+    pub fn expect_reply(&self, request_id: u64) -> oneshot::Receiver<ServerFrame> {
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(request_id, tx);
+        rx
+    }
+
+    /// Sends a request and waits for its reply body. Node errors become
+    /// [`ClientError::Server`].
+    pub async fn request(
+        &self,
+        body: client_frame::Body,
+    ) -> Result<server_frame::Body, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let rx = self.expect_reply(id);
+        let mut buf = BytesMut::new();
+        encode_into(
+            &ClientFrame {
+                request_id: id,
+                body: Some(body),
+            },
+            self.max_frame,
+            &mut buf,
+        )
+        .map_err(|e| ClientError::Setup(format!("request does not encode: {e}")))?;
+        if let Err(e) = self.send_raw(&buf).await {
+            self.pending.lock().remove(&id);
+            return Err(e);
+        }
+        let frame = match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(_)) => {
+                return Err(ClientError::Disconnected(
+                    self.conn
+                        .close_reason()
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| "connection closed".into()),
+                ));
+            }
+            Err(_) => {
+                self.pending.lock().remove(&id);
+                return Err(ClientError::Timeout);
+            }
+        };
+        match frame.body {
+            Some(server_frame::Body::Error(e)) => Err(ClientError::Server {
+                code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
+                message: e.message,
+            }),
+            Some(b) => Ok(b),
+            None => Err(ClientError::Protocol("reply without a body".into())),
+        }
+    }
+}
+
+async fn read_loop(
+    conn: quinn::Connection,
+    recv: quinn::RecvStream,
+    pending: Pending,
+    events: mpsc::Sender<Event>,
+    max_frame: usize,
+) {
+    let mut reader = FramedRead::new(recv, FrameCodec::<ServerFrame, ClientFrame>::new(max_frame));
+    let mut next_seq = 1u64;
+    while let Some(frame) = reader.next().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                debug!(error = %e, "read failed");
+                break;
+            }
+        };
+        if frame.request_id != 0 {
+            if let Some(tx) = pending.lock().remove(&frame.request_id) {
+                let _ = tx.send(frame);
+            }
+            continue;
+        }
+        let event = match frame.body {
+            Some(server_frame::Body::Push(p)) => {
+                if p.seq != next_seq {
+                    let _ = events
+                        .send(Event::Gap {
+                            expected: next_seq,
+                            got: p.seq,
+                        })
+                        .await;
+                }
+                next_seq = p.seq + 1;
+                match p.event {
+                    Some(push::Event::Message(m)) => Event::Message(m),
+                    Some(push::Event::Receipt(r)) => Event::Receipt(r),
+                    Some(push::Event::Reaction(r)) => Event::Reaction(r),
+                    Some(push::Event::Channel(c)) => Event::Channel(c),
+                    Some(push::Event::Redirect(r)) => Event::Redirect(r),
+                    None => continue,
+                }
+            }
+            // An unsolicited error (frame too large, auth timeout) or redirect.
+            Some(server_frame::Body::Redirect(r)) => Event::Redirect(r),
+            Some(server_frame::Body::Error(e)) => {
+                debug!(code = e.code, message = %e.message, "node error without request");
+                continue;
+            }
+            _ => continue,
+        };
+        if events.send(event).await.is_err() {
+            // Nobody listens; keep serving replies.
+            continue;
+        }
+    }
+    // Fail every waiting request now rather than at its timeout.
+    pending.lock().clear();
+    let (code, reason) = match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(a)) => (
+            a.error_code.into_inner(),
+            String::from_utf8_lossy(&a.reason).into_owned(),
+        ),
+        Some(other) => (0, other.to_string()),
+        None => (0, "stream ended".into()),
+    };
+    let _ = events.send(Event::Disconnected { code, reason }).await;
+}

@@ -1,0 +1,120 @@
+//! `meshchat-node`: parse flags, start tracing, hand config to the library. Nothing else.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use meshchat_messaging::NodeConfig;
+use meshchat_messaging::dev::DevCluster;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(version, about = "meshchat messaging node")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one node from a config file (+ MESHCHAT_* environment variables).
+    Run {
+        /// TOML config file (see deploy/node.example.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override `listen`.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Override `data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Override `node_id`.
+        #[arg(long)]
+        node_id: Option<u32>,
+    },
+    /// A local cluster on loopback with the embedded store, for development.
+    Dev {
+        /// Nodes to run.
+        #[arg(long, default_value_t = 1)]
+        nodes: u32,
+        /// Shared data directory (store, dev CA, token secret).
+        #[arg(long, default_value = "./meshchat-dev")]
+        data_dir: PathBuf,
+        /// Node i listens on 127.0.0.1:(base-port + i).
+        #[arg(long, default_value_t = 7400)]
+        base_port: u16,
+    },
+}
+
+async fn ctrl_c() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run {
+            config,
+            listen,
+            data_dir,
+            node_id,
+        } => {
+            let mut c = NodeConfig::load(config.as_deref()).context("loading config")?;
+            if let Some(l) = listen {
+                c.listen = l;
+            }
+            if let Some(d) = data_dir {
+                c.data_dir = d;
+            }
+            if let Some(n) = node_id {
+                c.node_id = n;
+            }
+            meshchat_messaging::run(c, ctrl_c()).await?;
+        }
+        Cmd::Dev {
+            nodes,
+            data_dir,
+            base_port,
+        } => {
+            let dev = DevCluster {
+                nodes,
+                data_dir: std::path::absolute(&data_dir).unwrap_or(data_dir),
+                base_port,
+            };
+            let running = dev.start().await?;
+            let client = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(|d| d.join("meshchat")))
+                .filter(|p| p.exists())
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "meshchat".into());
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{}", dev.banner(&running, &client));
+            }
+            ctrl_c().await;
+            for r in running {
+                r.shutdown().await;
+            }
+        }
+    }
+    Ok(())
+}

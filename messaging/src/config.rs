@@ -1,0 +1,311 @@
+//! Node configuration: plain data with documented defaults, read from a TOML file, then
+//! `MESHCHAT_*` environment variables, then command-line flags (each overriding the last).
+//!
+//! Environment variables use `__` for nesting: `MESHCHAT_LIMITS__MAX_BODY_BYTES=8192`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment did not parse.
+    #[error("configuration: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    /// A value is out of range.
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id in the cluster (default 1).
+    pub node_id: u32,
+    /// Snowflake worker id (0..=1023). Default: `node_id % 1024`. With Redis membership it
+    /// is leased instead (issue 5).
+    pub worker_id: Option<u16>,
+    /// UDP address the client endpoint binds (default `127.0.0.1:7400`).
+    pub listen: SocketAddr,
+    /// Address clients are told to use for this node (redirects, `dev` output). Default: the
+    /// listen address.
+    pub advertise: Option<String>,
+    /// Directory for the embedded store, the dev CA and the dev token key.
+    pub data_dir: PathBuf,
+    /// TLS material.
+    pub tls: TlsConfig,
+    /// Token settings.
+    pub auth: AuthConfig,
+    /// Bounds on everything a client can make the node hold or do.
+    pub limits: LimitsConfig,
+    /// QUIC transport sizing.
+    pub transport: TransportSettings,
+    /// How long a graceful shutdown may take before connections are cut (default 10 s).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            node_id: 1,
+            worker_id: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            advertise: None,
+            data_dir: PathBuf::from("./meshchat-data"),
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            transport: TransportSettings::default(),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// TLS certificate and key. Without them the node generates (once) a development CA and a
+/// node certificate in the data dir: `<data_dir>/ca.pem` is what clients trust.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of this node.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of this node.
+    pub key: Option<PathBuf>,
+}
+
+/// Token settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// File holding the token signing secret (at least 32 bytes). Every node of a cluster
+    /// must share it. Default: `<data_dir>/token.key`, generated if missing.
+    pub secret_file: Option<PathBuf>,
+    /// How long a token is valid (default 7 days).
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
+    /// Password hashes computed at once (argon2id costs ~19 MiB each; default 2).
+    pub max_concurrent_hashes: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            secret_file: None,
+            token_ttl: Duration::from_secs(7 * 24 * 3600),
+            max_concurrent_hashes: 2,
+        }
+    }
+}
+
+/// Bounds. Every one is a limit a client can hit, with the error code it gets.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest frame a client may send, in bytes (`FRAME_TOO_LARGE`; default 64 KiB).
+    pub max_frame_bytes: u32,
+    /// Largest message body, in bytes (`MESSAGE_TOO_LARGE`; default 16 KiB).
+    pub max_body_bytes: u32,
+    /// Largest history page (larger requests are capped; default 200).
+    pub max_page_size: u32,
+    /// Page size when the client asks for 0 (default 50).
+    pub default_page_size: u32,
+    /// Most chats in a chat-list answer (default 500).
+    pub max_chat_list: u32,
+    /// Sustained sends per user per second (`RATE_LIMITED`; default 50).
+    pub send_rate_per_sec: u32,
+    /// Burst of sends per user above the sustained rate (default 100).
+    pub send_burst: u32,
+    /// Live client connections per node (`UNAVAILABLE` beyond; default 200,000).
+    pub max_connections: usize,
+    /// TLS handshakes in progress at once (default 1,024). More wait in the kernel queue.
+    pub max_concurrent_handshakes: usize,
+    /// Time to authenticate after connecting (`AUTH_TIMEOUT`; default 10 s).
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    /// A connection with no traffic for this long is closed (default 60 s). Clients send
+    /// QUIC keep-alives more often than this.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Pushes queued per connection before it is cut off as a slow reader (`SLOW_READER`;
+    /// default 256).
+    pub outbound_queue: usize,
+    /// Requests one connection may have in progress at once; more wait (default 32).
+    pub max_inflight_per_conn: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 64 * 1024,
+            max_body_bytes: 16 * 1024,
+            max_page_size: 200,
+            default_page_size: 50,
+            max_chat_list: 500,
+            send_rate_per_sec: 50,
+            send_burst: 100,
+            max_connections: 200_000,
+            max_concurrent_handshakes: 1_024,
+            auth_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            outbound_queue: 256,
+            max_inflight_per_conn: 32,
+        }
+    }
+}
+
+/// QUIC transport sizing for chat: small windows, one stream, no bulk-transfer buffers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportSettings {
+    /// Per-stream receive window in bytes (default 128 KiB: two max frames in flight).
+    pub stream_receive_window: u32,
+    /// Per-connection receive window in bytes (default 256 KiB).
+    pub receive_window: u32,
+    /// Per-connection send window in bytes (default 256 KiB).
+    pub send_window: u64,
+    /// Kernel UDP receive buffer requested for the endpoint socket (default 8 MiB; capped by
+    /// `net.core.rmem_max`). Handshake bursts drop packets with the 208 KB default.
+    pub udp_recv_buffer: usize,
+    /// Kernel UDP send buffer (default 8 MiB; capped by `net.core.wmem_max`).
+    pub udp_send_buffer: usize,
+    /// Path MTU discovery (default off: costs memory per connection, chat frames are small).
+    pub mtu_discovery: bool,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        Self {
+            stream_receive_window: 128 * 1024,
+            receive_window: 256 * 1024,
+            send_window: 256 * 1024,
+            udp_recv_buffer: 8 * 1024 * 1024,
+            udp_send_buffer: 8 * 1024 * 1024,
+            mtu_discovery: false,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Defaults, then `file` (if any), then `MESHCHAT_*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(NodeConfig::default()));
+        if let Some(f) = file {
+            fig = fig.merge(Toml::file_exact(f));
+        }
+        fig = fig.merge(Env::prefixed("MESHCHAT_").split("__").ignore(&[
+            "home",
+            "password",
+            "cql_nodes",
+        ]));
+        let config: NodeConfig = fig.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.worker_id() > meshchat_idgen::MAX_WORKER {
+            return bad("worker_id must be 0..=1023");
+        }
+        if l.max_frame_bytes < 1024 {
+            return bad("limits.max_frame_bytes must be at least 1024");
+        }
+        if l.max_body_bytes == 0 || l.max_body_bytes + 1024 > l.max_frame_bytes {
+            return bad("limits.max_body_bytes must be > 0 and leave 1 KiB of a frame for headers");
+        }
+        if l.max_page_size == 0 || l.default_page_size == 0 || l.default_page_size > l.max_page_size
+        {
+            return bad("limits.default_page_size must be 1..=max_page_size");
+        }
+        if l.send_rate_per_sec == 0 || l.send_burst == 0 {
+            return bad("limits.send_rate_per_sec and send_burst must be > 0");
+        }
+        if l.outbound_queue == 0 || l.max_inflight_per_conn == 0 || l.max_connections == 0 {
+            return bad(
+                "limits.outbound_queue, max_inflight_per_conn, max_connections must be > 0",
+            );
+        }
+        if l.max_concurrent_handshakes == 0 {
+            return bad("limits.max_concurrent_handshakes must be > 0");
+        }
+        if self.transport.stream_receive_window < l.max_frame_bytes + 4 {
+            return bad("transport.stream_receive_window must hold one whole max frame");
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return bad("tls.cert and tls.key go together");
+        }
+        Ok(())
+    }
+
+    /// The Snowflake worker id this node uses.
+    pub fn worker_id(&self) -> u16 {
+        self.worker_id.unwrap_or((self.node_id % 1024) as u16)
+    }
+
+    /// The address clients should dial.
+    pub fn advertised(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// The token secret file.
+    pub fn secret_file(&self) -> PathBuf {
+        self.auth
+            .secret_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("token.key"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        NodeConfig::default().validate().expect("defaults validate");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own error type
+    fn file_then_env_override() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "node_id = 3\n[limits]\nmax_body_bytes = 2048\nauth_timeout = \"3s\"\n",
+        )
+        .expect("write");
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("MESHCHAT_LIMITS__MAX_PAGE_SIZE", "77");
+            let c = NodeConfig::load(Some(&file)).expect("load");
+            assert_eq!(c.node_id, 3);
+            assert_eq!(c.limits.max_body_bytes, 2048);
+            assert_eq!(c.limits.auth_timeout, Duration::from_secs(3));
+            assert_eq!(c.limits.max_page_size, 77);
+            assert_eq!(c.worker_id(), 3);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let mut c = NodeConfig::default();
+        c.limits.max_body_bytes = c.limits.max_frame_bytes;
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid(_))));
+        let c = NodeConfig {
+            worker_id: Some(5000),
+            ..NodeConfig::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,635 @@
+//! The node's chat service: every request handler, independent of the transport.
+//!
+//! A connection task ([`crate::session`]) decodes frames and calls [`Node::handle`] with the
+//! connection's verified identity; the handler validates, talks to storage, pushes events via
+//! the [`Router`], and returns the reply body. Auth requests (`register`, `login`,
+//! `authenticate`) are handled by [`Node::authenticate_request`] because they change the
+//! connection's state.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use meshchat_idgen::{ChannelId, ChatId, Generator, MessageId, UserId};
+use meshchat_proto::client::{self as pb, client_frame, push, server_frame};
+use meshchat_storage::{Direction, NewMessage, PageQuery, ReceiptKind, Storage, StorageError};
+use prost::Message as _;
+use tracing::{Instrument, debug, info_span};
+
+use crate::auth::{Auth, Identity};
+use crate::config::NodeConfig;
+use crate::convert::{self, chat_from, chat_to, message_id};
+use crate::error::RequestError;
+use crate::registry::{ConnId, Registry};
+use crate::router::Router;
+
+/// Longest client message id accepted.
+const MAX_CLIENT_MSG_ID: usize = 64;
+/// Entries kept in the user-name cache before it is cleared (names never change).
+const NAME_CACHE_MAX: usize = 100_000;
+/// Channel member lists cached at once before the cache is cleared.
+const MEMBER_CACHE_MAX: usize = 10_000;
+
+/// The chat service of one node.
+pub struct Node {
+    pub(crate) config: NodeConfig,
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) ids: Generator,
+    pub(crate) auth: Auth,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) router: Arc<dyn Router>,
+    rate: DefaultKeyedRateLimiter<UserId>,
+    names: DashMap<UserId, Arc<str>>,
+    members: DashMap<ChannelId, Arc<Vec<UserId>>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("node_id", &self.config.node_id)
+            .finish()
+    }
+}
+
+/// Encodes a push event once, without its sequence number (each connection adds its own).
+pub fn encode_push(event: push::Event) -> Bytes {
+    Bytes::from(
+        pb::Push {
+            seq: 0,
+            event: Some(event),
+        }
+        .encode_to_vec(),
+    )
+}
+
+/// Checks a user or channel name: 1..=32 of `a-z 0-9 _ . -`, starting with a letter or digit.
+pub fn valid_name(name: &str) -> Result<(), RequestError> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(RequestError::InvalidArgument(format!(
+            "name {name:?} must be 1-32 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit"
+        )))
+    }
+}
+
+impl Node {
+    /// A node over `storage`, delivering through `router`.
+    pub fn new(
+        config: NodeConfig,
+        storage: Arc<dyn Storage>,
+        auth: Auth,
+        registry: Arc<Registry>,
+        router: Arc<dyn Router>,
+    ) -> Result<Self, RequestError> {
+        let ids = Generator::new(config.worker_id())
+            .map_err(|e| RequestError::Internal(e.to_string()))?;
+        let per_sec = NonZeroU32::new(config.limits.send_rate_per_sec).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(config.limits.send_burst).unwrap_or(NonZeroU32::MIN);
+        let rate = RateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst));
+        Ok(Self {
+            config,
+            storage,
+            ids,
+            auth,
+            registry,
+            router,
+            rate,
+            names: DashMap::new(),
+            members: DashMap::new(),
+        })
+    }
+
+    /// The node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// Drops rate-limiter state of users idle long enough to be back at a full burst.
+    pub fn housekeeping(&self) {
+        self.rate.retain_recent();
+        self.rate.shrink_to_fit();
+    }
+
+    fn next_id(&self) -> Result<u64, RequestError> {
+        self.ids
+            .next_id()
+            .map(|s| s.0)
+            .map_err(|e| RequestError::Overloaded(format!("id generator: {e}")))
+    }
+
+    /// The `HelloOk` this node answers with.
+    pub fn hello_ok(&self) -> pb::HelloOk {
+        let l = &self.config.limits;
+        pb::HelloOk {
+            protocol_version: meshchat_proto::PROTOCOL_VERSION,
+            node_id: self.config.node_id,
+            ring_epoch: self.router.epoch(),
+            max_frame_bytes: l.max_frame_bytes,
+            max_body_bytes: l.max_body_bytes,
+            max_page_size: l.max_page_size,
+        }
+    }
+
+    /// Handles register / login / authenticate. Returns the identity the connection now has.
+    pub async fn authenticate_request(
+        &self,
+        body: client_frame::Body,
+    ) -> Result<(Identity, pb::AuthOk), RequestError> {
+        let identity = match body {
+            client_frame::Body::Register(r) => {
+                valid_name(&r.user_name)?;
+                if r.password.len() < 8 || r.password.len() > 1024 {
+                    return Err(RequestError::InvalidArgument(
+                        "password must be 8 to 1024 bytes".into(),
+                    ));
+                }
+                if self.storage.user_by_name(&r.user_name).await?.is_some() {
+                    return Err(StorageError::UserExists(r.user_name).into());
+                }
+                let hash = self.auth.hash_password(r.password).await?;
+                let id = UserId(self.next_id()?);
+                let user = self.storage.create_user(id, &r.user_name, &hash).await?;
+                Identity {
+                    user: user.id,
+                    name: user.name,
+                }
+            }
+            client_frame::Body::Login(l) => {
+                let Some(creds) = self.storage.user_by_name(&l.user_name).await? else {
+                    // Same answer as a wrong password: do not reveal which names exist.
+                    return Err(RequestError::BadCredentials);
+                };
+                if !self
+                    .auth
+                    .verify_password(l.password, creds.password_hash)
+                    .await?
+                {
+                    return Err(RequestError::BadCredentials);
+                }
+                Identity {
+                    user: creds.user.id,
+                    name: creds.user.name,
+                }
+            }
+            client_frame::Body::Authenticate(a) => self.auth.verify(&a.token)?,
+            _ => return Err(RequestError::UnknownRequest),
+        };
+        let (token, expires_unix_ms) = self.auth.mint(identity.user, &identity.name)?;
+        self.names
+            .insert(identity.user, Arc::from(identity.name.as_str()));
+        let ok = pb::AuthOk {
+            user_id: identity.user.0,
+            user_name: identity.name.clone(),
+            token,
+            expires_unix_ms,
+        };
+        Ok((identity, ok))
+    }
+
+    /// Handles one request of an authenticated connection.
+    pub async fn handle(
+        self: Arc<Self>,
+        me: Arc<Identity>,
+        conn: ConnId,
+        body: client_frame::Body,
+    ) -> Result<server_frame::Body, RequestError> {
+        use client_frame::Body as B;
+        use server_frame::Body as R;
+        match body {
+            B::Send(s) => {
+                let span = info_span!("send", user = me.user.0);
+                self.send(&me, conn, s)
+                    .instrument(span)
+                    .await
+                    .map(R::Processed)
+            }
+            B::Receipt(r) => self
+                .receipt(&me, conn, r)
+                .await
+                .map(|()| R::Done(pb::Done {})),
+            B::React(r) => {
+                let chat = chat_from(r.chat.as_ref())?;
+                let id = message_id(r.message_id, "message_id")?;
+                if r.emoji.is_empty() || r.emoji.len() > 64 {
+                    return Err(RequestError::InvalidArgument(
+                        "emoji must be 1 to 64 bytes".into(),
+                    ));
+                }
+                self.require_member(me.user, chat).await?;
+                self.storage.react(chat, id, me.user, &r.emoji).await?;
+                self.push_reaction(&me, conn, chat, id, r.emoji).await?;
+                Ok(R::Done(pb::Done {}))
+            }
+            B::Unreact(r) => {
+                let chat = chat_from(r.chat.as_ref())?;
+                let id = message_id(r.message_id, "message_id")?;
+                self.require_member(me.user, chat).await?;
+                if self.storage.unreact(chat, id, me.user).await? {
+                    self.push_reaction(&me, conn, chat, id, String::new())
+                        .await?;
+                }
+                Ok(R::Done(pb::Done {}))
+            }
+            B::History(q) => self.history(&me, q).await.map(R::HistoryPage),
+            B::ChatList(_) => self.chat_list(&me).await.map(R::ChatList),
+            B::ChannelCreate(c) => {
+                valid_name(&c.name)?;
+                let id = ChannelId(self.next_id()?);
+                let ch = self.storage.create_channel(id, &c.name, me.user).await?;
+                Ok(R::Channel(convert::channel_to(&ch)))
+            }
+            B::ChannelJoin(j) => {
+                let id = self.channel_ref(j.channel_id, &j.name).await?;
+                self.storage.join_channel(id, me.user).await?;
+                self.members.remove(&id);
+                let ch = self
+                    .storage
+                    .channel(id)
+                    .await?
+                    .ok_or(StorageError::UnknownChannel(id))?;
+                self.push_channel_event(id, me.user, true).await?;
+                Ok(R::Channel(convert::channel_to(&ch)))
+            }
+            B::ChannelLeave(l) => {
+                let id = self.channel_ref(l.channel_id, "").await?;
+                if self.storage.leave_channel(id, me.user).await? {
+                    self.members.remove(&id);
+                    self.push_channel_event(id, me.user, false).await?;
+                    // The leaver's other devices learn too.
+                    let push = encode_push(push::Event::Channel(pb::ChannelEvent {
+                        channel_id: id.0,
+                        user_id: me.user.0,
+                        joined: false,
+                    }));
+                    self.router.deliver(&[me.user], &push, Some(conn));
+                } else {
+                    return Err(RequestError::Forbidden(format!(
+                        "you are not a member of channel {id}"
+                    )));
+                }
+                Ok(R::Done(pb::Done {}))
+            }
+            B::ChannelList(_) => {
+                let chans = self.storage.channels_of(me.user).await?;
+                Ok(R::Channels(pb::ChannelList {
+                    channels: chans.iter().map(convert::channel_to).collect(),
+                }))
+            }
+            B::ChannelMembers(m) => {
+                let id = self.channel_ref(m.channel_id, "").await?;
+                let members = self.members_of(id).await?;
+                if !members.contains(&me.user) {
+                    return Err(RequestError::Forbidden(format!(
+                        "you are not a member of channel {id}"
+                    )));
+                }
+                let mut out = Vec::with_capacity(members.len());
+                for u in members.iter() {
+                    out.push(pb::UserInfo {
+                        user_id: u.0,
+                        user_name: self.name_of(*u).await?.to_string(),
+                    });
+                }
+                Ok(R::Members(pb::MemberList {
+                    channel_id: id.0,
+                    members: out,
+                }))
+            }
+            B::ResolveUser(r) => {
+                let user = if r.user_id != 0 {
+                    self.storage
+                        .user_by_id(UserId(r.user_id))
+                        .await?
+                        .ok_or_else(|| RequestError::UnknownUser(r.user_id.to_string()))?
+                } else {
+                    self.storage
+                        .user_by_name(&r.user_name)
+                        .await?
+                        .ok_or_else(|| RequestError::UnknownUser(r.user_name.clone()))?
+                        .user
+                };
+                Ok(R::User(pb::UserInfo {
+                    user_id: user.id.0,
+                    user_name: user.name,
+                }))
+            }
+            B::Ping(p) => Ok(R::Pong(pb::Pong { nonce: p.nonce })),
+            B::Hello(_) => Err(RequestError::InvalidArgument(
+                "hello is only valid as the first frame".into(),
+            )),
+            B::Register(_) | B::Login(_) | B::Authenticate(_) => {
+                Err(RequestError::AlreadyAuthenticated)
+            }
+            B::PushAck(_) => Ok(R::Done(pb::Done {})),
+        }
+    }
+
+    async fn channel_ref(&self, id: u64, name: &str) -> Result<ChannelId, RequestError> {
+        if id != 0 {
+            return Ok(ChannelId(id));
+        }
+        if name.is_empty() {
+            return Err(RequestError::InvalidArgument(
+                "channel_id or name is required".into(),
+            ));
+        }
+        let name = name.trim_start_matches('#');
+        match self.storage.channel_by_name(name).await? {
+            Some(c) => Ok(c.id),
+            None => Err(RequestError::UnknownChannelName(name.to_owned())),
+        }
+    }
+
+    async fn name_of(&self, user: UserId) -> Result<Arc<str>, RequestError> {
+        if let Some(n) = self.names.get(&user) {
+            return Ok(n.clone());
+        }
+        let name: Arc<str> = match self.storage.user_by_id(user).await? {
+            Some(u) => Arc::from(u.name.as_str()),
+            None => Arc::from(""),
+        };
+        if self.names.len() >= NAME_CACHE_MAX {
+            self.names.clear();
+        }
+        self.names.insert(user, name.clone());
+        Ok(name)
+    }
+
+    /// Channel members, from the per-node cache (invalidated on join/leave).
+    async fn members_of(&self, id: ChannelId) -> Result<Arc<Vec<UserId>>, RequestError> {
+        if let Some(m) = self.members.get(&id) {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(self.storage.channel_members(id).await?);
+        if self.members.len() >= MEMBER_CACHE_MAX {
+            self.members.clear();
+        }
+        self.members.insert(id, m.clone());
+        Ok(m)
+    }
+
+    /// Everyone who receives events of `chat`.
+    async fn audience(&self, chat: ChatId) -> Result<Arc<Vec<UserId>>, RequestError> {
+        match chat {
+            ChatId::Direct { low, high } if low == high => Ok(Arc::new(vec![low])),
+            ChatId::Direct { low, high } => Ok(Arc::new(vec![low, high])),
+            ChatId::Channel(c) => self.members_of(c).await,
+        }
+    }
+
+    async fn require_member(&self, user: UserId, chat: ChatId) -> Result<(), RequestError> {
+        let ok = match chat {
+            ChatId::Direct { .. } => {
+                if !chat.is_direct_member(user) {
+                    false
+                } else {
+                    let peer = chat.peer_of(user).unwrap_or(user);
+                    if self.storage.user_by_id(peer).await?.is_none() {
+                        return Err(RequestError::UnknownUser(peer.to_string()));
+                    }
+                    true
+                }
+            }
+            ChatId::Channel(c) => {
+                let members = match self.members_of(c).await {
+                    Ok(m) => m,
+                    Err(RequestError::Storage(StorageError::UnknownChannel(c))) => {
+                        return Err(StorageError::UnknownChannel(c).into());
+                    }
+                    Err(e) => return Err(e),
+                };
+                members.contains(&user)
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(RequestError::Forbidden(format!(
+                "you are not a member of {chat}"
+            )))
+        }
+    }
+
+    async fn send(
+        &self,
+        me: &Identity,
+        conn: ConnId,
+        s: pb::SendMessage,
+    ) -> Result<pb::Processed, RequestError> {
+        let limits = &self.config.limits;
+        if s.client_msg_id.is_empty() || s.client_msg_id.len() > MAX_CLIENT_MSG_ID {
+            return Err(RequestError::InvalidArgument(
+                "client_msg_id must be 1 to 64 bytes".into(),
+            ));
+        }
+        if s.body.is_empty() {
+            return Err(RequestError::InvalidArgument(
+                "message body is empty".into(),
+            ));
+        }
+        if s.body.len() > limits.max_body_bytes as usize {
+            return Err(RequestError::MessageTooLarge {
+                len: s.body.len(),
+                max: limits.max_body_bytes,
+            });
+        }
+        let chat = chat_from(s.chat.as_ref())?;
+        self.require_member(me.user, chat).await?;
+        if let Err(not_until) = self.rate.check_key(&me.user) {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            return Err(RequestError::RateLimited {
+                retry_after_ms: wait.as_millis() as u64 + 1,
+            });
+        }
+        let id = MessageId(self.next_id()?);
+        let reply_to = (s.reply_to != 0).then_some(MessageId(s.reply_to));
+        let msg = NewMessage {
+            id,
+            chat,
+            sender: me.user,
+            client_msg_id: s.client_msg_id.clone(),
+            body: s.body,
+            reply_to,
+        };
+        let body = msg.body.clone();
+        // Durable before acked: the append returns after the group commit.
+        let out = self.storage.append(msg).await?;
+        if !out.duplicate {
+            let stored = meshchat_storage::StoredMessage {
+                id,
+                chat,
+                sender: me.user,
+                client_msg_id: s.client_msg_id.clone(),
+                body,
+                reply_to,
+                reactions: Vec::new(),
+            };
+            let push = encode_push(push::Event::Message(convert::message_to(&stored, &me.name)));
+            let audience = self.audience(chat).await?;
+            let d = self.router.deliver(&audience, &push, Some(conn));
+            debug!(
+                message = id.0,
+                queued = d.queued,
+                cut_off = d.cut_off,
+                "delivered"
+            );
+        }
+        Ok(pb::Processed {
+            client_msg_id: s.client_msg_id,
+            message_id: out.id.0,
+            duplicate: out.duplicate,
+            chat: Some(chat_to(chat)),
+        })
+    }
+
+    async fn receipt(
+        &self,
+        me: &Identity,
+        conn: ConnId,
+        r: pb::MarkReceipt,
+    ) -> Result<(), RequestError> {
+        let chat = chat_from(r.chat.as_ref())?;
+        let id = message_id(r.message_id, "message_id")?;
+        let kind = convert::receipt_from(r.kind)?;
+        self.require_member(me.user, chat).await?;
+        let before = self.storage.mark(me.user, chat, kind, id).await?;
+        let push = encode_push(push::Event::Receipt(pb::ReceiptEvent {
+            chat: Some(chat_to(chat)),
+            user_id: me.user.0,
+            message_id: match kind {
+                ReceiptKind::Delivered => before.delivered.0,
+                ReceiptKind::Seen => before.seen.0,
+            },
+            kind: convert::receipt_to(kind) as i32,
+        }));
+        // My other devices, and the other side of a 1:1 chat. In a channel, the author of the
+        // marked message learns of it (not all members: that would be a push per member).
+        let mut to = vec![me.user];
+        match chat {
+            ChatId::Direct { .. } => {
+                if let Some(peer) = chat.peer_of(me.user) {
+                    to.push(peer);
+                }
+            }
+            ChatId::Channel(_) => {
+                if let Some(m) = self.storage.message(chat, id).await?
+                    && m.sender != me.user
+                {
+                    to.push(m.sender);
+                }
+            }
+        }
+        self.router.deliver(&to, &push, Some(conn));
+        Ok(())
+    }
+
+    async fn push_reaction(
+        &self,
+        me: &Identity,
+        conn: ConnId,
+        chat: ChatId,
+        id: MessageId,
+        emoji: String,
+    ) -> Result<(), RequestError> {
+        let push = encode_push(push::Event::Reaction(pb::ReactionEvent {
+            chat: Some(chat_to(chat)),
+            message_id: id.0,
+            user_id: me.user.0,
+            emoji,
+        }));
+        let audience = self.audience(chat).await?;
+        self.router.deliver(&audience, &push, Some(conn));
+        Ok(())
+    }
+
+    async fn push_channel_event(
+        &self,
+        id: ChannelId,
+        user: UserId,
+        joined: bool,
+    ) -> Result<(), RequestError> {
+        let push = encode_push(push::Event::Channel(pb::ChannelEvent {
+            channel_id: id.0,
+            user_id: user.0,
+            joined,
+        }));
+        let members = self.members_of(id).await?;
+        self.router.deliver(&members, &push, None);
+        Ok(())
+    }
+
+    async fn history(
+        &self,
+        me: &Identity,
+        q: pb::HistoryQuery,
+    ) -> Result<pb::HistoryPage, RequestError> {
+        let chat = chat_from(q.chat.as_ref())?;
+        self.require_member(me.user, chat).await?;
+        let l = &self.config.limits;
+        let limit = match q.limit {
+            0 => l.default_page_size,
+            n => n.min(l.max_page_size),
+        };
+        let direction = match pb::Direction::try_from(q.direction) {
+            Ok(pb::Direction::Forward) => Direction::Forward,
+            Ok(pb::Direction::Backward) => Direction::Backward,
+            Err(_) => {
+                return Err(RequestError::InvalidArgument(
+                    "direction must be BACKWARD or FORWARD".into(),
+                ));
+            }
+        };
+        let page = self
+            .storage
+            .page(
+                chat,
+                PageQuery {
+                    cursor: (q.cursor != 0).then_some(MessageId(q.cursor)),
+                    direction,
+                    limit,
+                },
+            )
+            .await?;
+        let next_cursor = if page.len() as u32 == limit {
+            page.last().map(|m| m.id.0).unwrap_or(0)
+        } else {
+            0
+        };
+        let mut messages = Vec::with_capacity(page.len());
+        for m in &page {
+            messages.push(convert::message_to(m, &self.name_of(m.sender).await?));
+        }
+        Ok(pb::HistoryPage {
+            chat: Some(chat_to(chat)),
+            messages,
+            next_cursor,
+        })
+    }
+
+    async fn chat_list(&self, me: &Identity) -> Result<pb::ChatList, RequestError> {
+        let rows = self
+            .storage
+            .chat_list(me.user, self.config.limits.max_chat_list)
+            .await?;
+        let mut chats = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let name = match &r.newest {
+                Some(m) => self.name_of(m.sender).await?,
+                None => Arc::from(""),
+            };
+            chats.push(convert::summary_to(r, &name));
+        }
+        Ok(pb::ChatList { chats })
+    }
+}

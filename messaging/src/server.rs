@@ -1,0 +1,191 @@
+//! Running a node: bind the QUIC endpoint, accept connections within the bounds, and shut
+//! down gracefully.
+//!
+//! Shutdown order: stop accepting; tell every connection task (a `watch` flips); each task
+//! stops reading, finishes its in-flight requests (their storage writes complete, so nothing
+//! acked is lost), writes their replies and closes its connection with `UNAVAILABLE`; wait
+//! for the tasks up to `shutdown_grace`; close the store (its writer drains the queue);
+//! wait for the endpoint to send its CONNECTION_CLOSE frames.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshchat_proto::client::ErrorCode;
+use meshchat_storage::{EmbeddedStore, Storage};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::auth::{Auth, AuthSetupError};
+use crate::config::NodeConfig;
+use crate::error::{RequestError, close_code};
+use crate::node::Node;
+use crate::registry::Registry;
+use crate::router::LocalRouter;
+use crate::session;
+use crate::tls::{self, TlsError};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS or socket setup failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Token secret setup failed.
+    #[error(transparent)]
+    Auth(#[from] AuthSetupError),
+    /// Storage did not open.
+    #[error("storage: {0}")]
+    Storage(#[from] meshchat_storage::StorageError),
+    /// Configuration refused.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<RequestError> for StartError {
+    fn from(e: RequestError) -> Self {
+        StartError::Other(e.to_string())
+    }
+}
+
+/// A started node: its address and a way to stop it.
+#[derive(Debug)]
+pub struct RunningNode {
+    /// The bound UDP address.
+    pub addr: SocketAddr,
+    /// The chat service (for inspection in tests and metrics).
+    pub node: Arc<Node>,
+    stop: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl RunningNode {
+    /// Stops the node gracefully and waits until it is down.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.done.await {
+            warn!(error = %e, "node task ended abnormally");
+        }
+    }
+}
+
+/// Opens storage, binds the endpoint and starts accepting. Returns once the node listens.
+pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| StartError::Other(format!("data dir {}: {e}", config.data_dir.display())))?;
+    let secret = Auth::load_or_create_secret(&config.secret_file())?;
+    let auth = Auth::new(
+        &secret,
+        config.auth.token_ttl,
+        config.auth.max_concurrent_hashes,
+    );
+    let store = Arc::new(EmbeddedStore::open_dir(&config.data_dir)?);
+    let identity = tls::node_identity(&config)?;
+    let server_config = tls::server_config(identity, meshchat_proto::CLIENT_ALPN, &config)?;
+    let socket = tls::udp_socket(config.listen, &config.transport)?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| StartError::Other(format!("endpoint: {e}")))?;
+    let addr = endpoint
+        .local_addr()
+        .map_err(|e| StartError::Other(format!("endpoint address: {e}")))?;
+    let registry = Arc::new(Registry::new());
+    let router = Arc::new(LocalRouter::new(registry.clone()));
+    let storage: Arc<dyn Storage> = store.clone();
+    let node = Arc::new(Node::new(config, storage, auth, registry, router)?);
+    let (stop, stop_rx) = watch::channel(false);
+    let span = info_span!("node", id = node.config.node_id, %addr);
+    let done = tokio::spawn(accept_loop(node.clone(), endpoint, store, stop_rx).instrument(span));
+    info!(%addr, node = node.config.node_id, "listening");
+    Ok(RunningNode {
+        addr,
+        node,
+        stop,
+        done,
+    })
+}
+
+/// Runs a node until `shutdown` resolves, then stops it gracefully.
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let running = start(config).await?;
+    shutdown.await;
+    info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn accept_loop(
+    node: Arc<Node>,
+    endpoint: quinn::Endpoint,
+    store: Arc<EmbeddedStore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let limits = node.config.limits.clone();
+    let handshakes = Arc::new(Semaphore::new(limits.max_concurrent_handshakes));
+    let tasks = TaskTracker::new();
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = housekeeping.tick() => node.housekeeping(),
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                // Connections in any state (handshaking or live) count against the bound.
+                if tasks.len() >= limits.max_connections {
+                    incoming.refuse();
+                    continue;
+                }
+                let permit = match handshakes.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        // Too many handshakes at once: ask the client to retry (QUIC retry
+                        // costs it one round trip and us no state).
+                        if incoming.may_retry() {
+                            let _ = incoming.retry();
+                        } else {
+                            incoming.refuse();
+                        }
+                        continue;
+                    }
+                };
+                tasks.spawn(session::serve(node.clone(), incoming, permit, stop.clone()));
+            }
+        }
+    }
+    // Stop accepting new connections at the QUIC layer too.
+    endpoint.set_server_config(None);
+    tasks.close();
+    let grace = node.config.shutdown_grace;
+    if tokio::time::timeout(grace + Duration::from_secs(1), tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            left = tasks.len(),
+            "connections still open after the grace period; closing them"
+        );
+        for c in node.registry.all() {
+            c.conn
+                .close(close_code(ErrorCode::Unavailable), b"node shutting down");
+        }
+    }
+    drop(node);
+    // Every request finished, so the store's queue is empty; close it to be sure.
+    match Arc::try_unwrap(store) {
+        Ok(store) => store.close().await,
+        Err(_) => warn!("store still referenced at shutdown; its writer drains on drop"),
+    }
+    endpoint.close(close_code(ErrorCode::Unavailable), b"node shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    info!("stopped");
+}

@@ -1,0 +1,313 @@
+//! One task per client connection: handshake, hello, authentication, then a loop that reads
+//! requests, runs up to `max_inflight_per_conn` of them at once, writes their replies, and
+//! writes pushes from the connection's bounded outbound queue with a per-connection sequence
+//! number.
+//!
+//! Memory per idle connection is kept small on purpose: the read buffer starts at 256 bytes
+//! (tokio's default is 8 KiB), the write buffer starts empty, the outbound queue is created
+//! only after authentication, and nothing else is held per connection.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use meshchat_proto::FrameCodec;
+use meshchat_proto::client::{
+    self as pb, ClientFrame, ErrorCode, ServerFrame, client_frame, server_frame,
+};
+use meshchat_proto::codec::{CodecError, encode_into};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::FramedRead;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::auth::Identity;
+use crate::error::{RequestError, close_code};
+use crate::node::Node;
+use crate::registry::{ConnHandle, ConnId};
+
+/// Initial capacity of a connection's read buffer; grows to the frame size when needed.
+const READ_BUFFER: usize = 256;
+/// Field number of `push` in `ServerFrame` (see client.proto).
+const SERVER_FRAME_PUSH_FIELD: u32 = 14;
+/// Field number of `seq` in `Push`.
+const PUSH_SEQ_FIELD: u32 = 1;
+
+/// Appends one `ServerFrame { push: Push { seq, <event> } }` frame, where `event` is a `Push`
+/// body encoded once for all recipients with `seq = 0` (so it holds only the event field).
+pub(crate) fn encode_push_frame(seq: u64, event: &Bytes, out: &mut BytesMut) {
+    let seq_len = 1 + encoded_len_varint(seq);
+    let push_len = seq_len + event.len();
+    let frame_len = 1 + encoded_len_varint(push_len as u64) + push_len;
+    out.reserve(4 + frame_len);
+    out.extend_from_slice(&(frame_len as u32).to_be_bytes());
+    encode_key(SERVER_FRAME_PUSH_FIELD, WireType::LengthDelimited, out);
+    encode_varint(push_len as u64, out);
+    encode_key(PUSH_SEQ_FIELD, WireType::Varint, out);
+    encode_varint(seq, out);
+    out.extend_from_slice(event);
+}
+
+fn error_frame(request_id: u64, e: &RequestError) -> ServerFrame {
+    ServerFrame {
+        request_id,
+        body: Some(server_frame::Body::Error(e.to_proto())),
+    }
+}
+
+fn code_frame(request_id: u64, code: ErrorCode, message: &str) -> ServerFrame {
+    ServerFrame {
+        request_id,
+        body: Some(server_frame::Body::Error(pb::Error {
+            code: code as i32,
+            message: message.to_owned(),
+        })),
+    }
+}
+
+type Reply = std::pin::Pin<Box<dyn std::future::Future<Output = ServerFrame> + Send>>;
+
+/// Drives one connection from handshake to close.
+pub(crate) async fn serve(
+    node: Arc<Node>,
+    incoming: quinn::Incoming,
+    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(%remote, error = %e, "handshake failed");
+            return;
+        }
+    };
+    drop(handshake_permit);
+    let id = node.registry.next_conn_id();
+    let span = info_span!("conn", id = id.0, peer = %remote);
+    run(node, conn, id, &mut shutdown).instrument(span).await;
+}
+
+async fn run(
+    node: Arc<Node>,
+    conn: quinn::Connection,
+    id: ConnId,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    let limits = node.config.limits.clone();
+    let auth_deadline = tokio::time::sleep(limits.auth_timeout);
+    tokio::pin!(auth_deadline);
+
+    // The client opens one bidirectional stream.
+    let (mut send, recv) = tokio::select! {
+        s = conn.accept_bi() => match s {
+            Ok(s) => s,
+            Err(e) => { debug!(error = %e, "closed before opening a stream"); return; }
+        },
+        _ = &mut auth_deadline => {
+            conn.close(close_code(ErrorCode::AuthTimeout), b"no stream opened in time");
+            return;
+        }
+        _ = shutdown.changed() => {
+            conn.close(close_code(ErrorCode::Unavailable), b"node shutting down");
+            return;
+        }
+    };
+    let mut reader = FramedRead::with_capacity(
+        recv,
+        FrameCodec::<ClientFrame, ServerFrame>::new(limits.max_frame_bytes as usize),
+        READ_BUFFER,
+    );
+    let mut out = BytesMut::new();
+    let mut identity: Option<Arc<Identity>> = None;
+    let mut pushes: Option<mpsc::Receiver<Bytes>> = None;
+    let mut seq: u64 = 0;
+    let mut inflight: FuturesUnordered<Reply> = FuturesUnordered::new();
+    let max_frame = limits.max_frame_bytes as usize;
+    // Why the loop ended: a code and reason to close with, or None for a clean client close.
+    let close: Option<(ErrorCode, &'static [u8])> = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                break Some((ErrorCode::Unavailable, b"node shutting down"));
+            }
+            Some(reply) = inflight.next(), if !inflight.is_empty() => {
+                if let Err(e) = encode_into(&reply, max_frame.max(1 << 20), &mut out) {
+                    warn!(error = %e, "reply did not encode");
+                    out.clear();
+                    let _ = encode_into(
+                        &code_frame(reply.request_id, ErrorCode::Internal, "reply too large"),
+                        max_frame,
+                        &mut out,
+                    );
+                }
+            }
+            Some(push) = async { match pushes.as_mut() { Some(rx) => rx.recv().await, None => None } }, if pushes.is_some() => {
+                seq += 1;
+                encode_push_frame(seq, &push, &mut out);
+                // Batch whatever else is queued into the same write.
+                if let Some(rx) = pushes.as_mut() {
+                    while out.len() < 64 * 1024 {
+                        match rx.try_recv() {
+                            Ok(p) => { seq += 1; encode_push_frame(seq, &p, &mut out); }
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            frame = reader.next(), if inflight.len() < limits.max_inflight_per_conn => {
+                match frame {
+                    None => break None,
+                    Some(Err(CodecError::FrameTooLarge { len, max })) => {
+                        let msg = format!("frame of {len} bytes is over the maximum of {max}");
+                        let _ = encode_into(&code_frame(0, ErrorCode::FrameTooLarge, &msg), max_frame, &mut out);
+                        // The stream cannot be resynchronised after an unread body.
+                        flush(&mut send, &mut out).await;
+                        break Some((ErrorCode::FrameTooLarge, b"frame too large"));
+                    }
+                    Some(Err(CodecError::Malformed(e))) => {
+                        // The whole frame was consumed: the stream stays in sync.
+                        let msg = format!("frame is not a valid ClientFrame: {e}");
+                        let _ = encode_into(&code_frame(0, ErrorCode::MalformedFrame, &msg), max_frame, &mut out);
+                    }
+                    Some(Err(CodecError::Io(e))) => {
+                        debug!(error = %e, "read failed");
+                        break None;
+                    }
+                    Some(Ok(frame)) => {
+                        let rid = frame.request_id;
+                        match (frame.body, identity.as_ref()) {
+                            (None, _) => {
+                                let _ = encode_into(&error_frame(rid, &RequestError::UnknownRequest), max_frame, &mut out);
+                            }
+                            (Some(client_frame::Body::Hello(h)), _) => {
+                                let reply = if h.protocol_version == meshchat_proto::PROTOCOL_VERSION {
+                                    ServerFrame { request_id: rid, body: Some(server_frame::Body::HelloOk(node.hello_ok())) }
+                                } else {
+                                    error_frame(rid, &RequestError::VersionMismatch { got: h.protocol_version, want: meshchat_proto::PROTOCOL_VERSION })
+                                };
+                                let _ = encode_into(&reply, max_frame, &mut out);
+                            }
+                            (Some(body @ (client_frame::Body::Register(_) | client_frame::Body::Login(_) | client_frame::Body::Authenticate(_))), None) => {
+                                match node.authenticate_request(body).await {
+                                    Ok((who, ok)) => {
+                                        let (tx, rx) = mpsc::channel(limits.outbound_queue);
+                                        node.registry.insert(who.user, ConnHandle { id, tx, conn: conn.clone() });
+                                        debug!(user = who.user.0, "authenticated");
+                                        identity = Some(Arc::new(who));
+                                        pushes = Some(rx);
+                                        let _ = encode_into(&ServerFrame { request_id: rid, body: Some(server_frame::Body::AuthOk(ok)) }, max_frame, &mut out);
+                                    }
+                                    Err(e) => {
+                                        let _ = encode_into(&error_frame(rid, &e), max_frame, &mut out);
+                                    }
+                                }
+                            }
+                            (Some(client_frame::Body::Ping(p)), None) => {
+                                let _ = encode_into(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Pong(pb::Pong { nonce: p.nonce })) }, max_frame, &mut out);
+                            }
+                            (Some(_), None) => {
+                                let _ = encode_into(&error_frame(rid, &RequestError::Unauthenticated), max_frame, &mut out);
+                            }
+                            (Some(body), Some(me)) => {
+                                let fut = node.clone().handle(me.clone(), id, body).map(move |r| match r {
+                                    Ok(body) => ServerFrame { request_id: rid, body: Some(body) },
+                                    Err(e) => {
+                                        if matches!(e.code(), ErrorCode::Internal) {
+                                            warn!(error = %e, "request failed");
+                                        }
+                                        error_frame(rid, &e)
+                                    }
+                                });
+                                inflight.push(Box::pin(fut));
+                            }
+                        }
+                    }
+                }
+            }
+            _ = &mut auth_deadline, if identity.is_none() => {
+                let _ = encode_into(&code_frame(0, ErrorCode::AuthTimeout, "not authenticated in time"), max_frame, &mut out);
+                flush(&mut send, &mut out).await;
+                break Some((ErrorCode::AuthTimeout, b"not authenticated in time"));
+            }
+        }
+        if !out.is_empty() && !flush(&mut send, &mut out).await {
+            break None;
+        }
+    };
+
+    if let Some(me) = &identity {
+        node.registry.remove(me.user, id);
+    }
+    if let Some((code, reason)) = close {
+        if code == ErrorCode::Unavailable {
+            // Shutting down: finish what is in flight (their writes are durable either way).
+            let grace = node.config.shutdown_grace;
+            let _ = tokio::time::timeout(grace, async {
+                while let Some(reply) = inflight.next().await {
+                    let _ = encode_into(&reply, max_frame, &mut out);
+                }
+                flush(&mut send, &mut out).await;
+            })
+            .await;
+        }
+        let _ = send.finish();
+        conn.close(close_code(code), reason);
+    } else {
+        let _ = send.finish();
+        conn.close(0u32.into(), b"bye");
+    }
+}
+
+/// Writes `out` to the stream; false if the stream is gone.
+async fn flush(send: &mut quinn::SendStream, out: &mut BytesMut) -> bool {
+    if out.is_empty() {
+        return true;
+    }
+    let ok = send.write_all(out).await.is_ok();
+    out.clear();
+    if out.capacity() > 64 * 1024 {
+        // Do not keep a large buffer around after a burst.
+        *out = BytesMut::new();
+    }
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshchat_proto::client::push;
+    use prost::Message;
+
+    #[test]
+    fn push_frames_decode_as_server_frames_with_their_seq() {
+        let event = crate::node::encode_push(push::Event::Channel(pb::ChannelEvent {
+            channel_id: 7,
+            user_id: 9,
+            joined: true,
+        }));
+        for seq in [1u64, 127, 128, 300_000, u64::MAX >> 1] {
+            let mut out = BytesMut::new();
+            encode_push_frame(seq, &event, &mut out);
+            let len = u32::from_be_bytes([out[0], out[1], out[2], out[3]]) as usize;
+            assert_eq!(len, out.len() - 4);
+            let f = ServerFrame::decode(&out[4..]).expect("decodes");
+            assert_eq!(f.request_id, 0);
+            match f.body {
+                Some(server_frame::Body::Push(p)) => {
+                    assert_eq!(p.seq, seq);
+                    assert_eq!(
+                        p.event,
+                        Some(push::Event::Channel(pb::ChannelEvent {
+                            channel_id: 7,
+                            user_id: 9,
+                            joined: true
+                        }))
+                    );
+                }
+                other => panic!("not a push: {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! TLS and QUIC endpoint setup: certificates (from files, or a development CA generated once
+//! into the data dir), the rustls server config (TLS 1.3 only, ring provider, our ALPN), the
+//! QUIC transport sized for chat, and the UDP socket with large kernel buffers.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tracing::info;
+
+use crate::config::{LimitsConfig, NodeConfig, TransportSettings};
+
+/// File name of the development CA certificate in the data dir (clients trust this).
+pub const DEV_CA_CERT: &str = "ca.pem";
+const DEV_CA_KEY: &str = "ca.key";
+
+/// Errors setting TLS or the endpoint up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Reading or writing a PEM file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// A PEM file did not hold what it should.
+    #[error("{path}: {what}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// Certificate generation failed.
+    #[error("generating certificates: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// rustls refused the configuration.
+    #[error("tls config: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The transport config was refused.
+    #[error("quic config: {0}")]
+    Quic(String),
+    /// The socket could not be set up.
+    #[error("udp socket {addr}: {source}")]
+    Socket {
+        /// Address.
+        addr: SocketAddr,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The process-wide crypto provider: ring.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A certificate chain and its key.
+#[derive(Debug)]
+pub struct Identity {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+/// Loads a PEM chain and key.
+pub fn load_identity(cert: &Path, key: &Path) -> Result<Identity, TlsError> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| TlsError::Pem {
+            path: cert.to_owned(),
+            what: e.to_string(),
+        })?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: cert.to_owned(),
+            what: e.to_string(),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::Pem {
+            path: cert.to_owned(),
+            what: "no certificate".into(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Pem {
+        path: key.to_owned(),
+        what: e.to_string(),
+    })?;
+    Ok(Identity { chain, key })
+}
+
+/// Loads every certificate of a PEM file (a CA bundle).
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| TlsError::Pem {
+            path: path.to_owned(),
+            what: e.to_string(),
+        })?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.to_owned(),
+            what: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_owned(),
+            what: "no certificate".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The development CA in `dir`: created on first use (`ca.pem`, `ca.key`), then reused, so
+/// every node of a dev cluster and every client trusts the same root.
+fn dev_ca(dir: &Path) -> Result<Issuer<'static, KeyPair>, TlsError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let cert_path = dir.join(DEV_CA_CERT);
+    let key_path = dir.join(DEV_CA_KEY);
+    if !cert_path.exists() {
+        let key = KeyPair::generate()?;
+        let cert = dev_ca_params()?.self_signed(&key)?;
+        // Key first, certificate last: a reader that sees ca.pem also finds ca.key.
+        write_new(&key_path, key.serialize_pem().as_bytes())?;
+        write_new(&cert_path, cert.pem().as_bytes())?;
+        info!(path = %cert_path.display(), "generated development CA");
+    }
+    let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+    let key = KeyPair::from_pem(&key_pem)?;
+    // The issuer is the CA's subject name and key: rebuilding the same parameters names the
+    // same CA (the key identifier is derived from the key) without parsing ca.pem.
+    Ok(Issuer::new(dev_ca_params()?, key))
+}
+
+fn dev_ca_params() -> Result<CertificateParams, TlsError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "meshchat development CA");
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(params)
+}
+
+/// Writes a file atomically (temp + rename); if another process created it first, keeps
+/// theirs.
+fn write_new(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+    if path.exists() {
+        let _ = std::fs::remove_file(&tmp);
+        return Ok(());
+    }
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// A node certificate signed by the development CA in `dir`, valid for `localhost`,
+/// 127.0.0.1, ::1 and `extra_names`.
+pub fn dev_identity(dir: &Path, extra_names: &[String]) -> Result<Identity, TlsError> {
+    let issuer = dev_ca(dir)?;
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    names.extend(extra_names.iter().cloned());
+    names.sort();
+    names.dedup();
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(names)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "meshchat node");
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(Identity {
+        chain: vec![cert.der().clone()],
+        key: PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| TlsError::Pem {
+            path: dir.to_owned(),
+            what: e.to_owned(),
+        })?,
+    })
+}
+
+/// The node's identity from config: files if given, else the development CA.
+pub fn node_identity(config: &NodeConfig) -> Result<Identity, TlsError> {
+    match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => load_identity(cert, key),
+        _ => {
+            let host = config
+                .advertised()
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']').to_owned())
+                .into_iter()
+                .collect::<Vec<_>>();
+            dev_identity(&config.data_dir, &host)
+        }
+    }
+}
+
+/// QUIC transport sized for chat. quinn's defaults are for bulk transfer (1.25 MB stream
+/// windows, 100 + 100 streams); a chat connection needs one bidirectional stream and windows
+/// that hold a few frames.
+pub fn transport(
+    t: &TransportSettings,
+    limits: &LimitsConfig,
+) -> Result<quinn::TransportConfig, TlsError> {
+    let mut tc = quinn::TransportConfig::default();
+    tc.max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(t.stream_receive_window.into())
+        .receive_window(t.receive_window.into())
+        .send_window(t.send_window)
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(limits.idle_timeout)
+                .map_err(|e| TlsError::Quic(e.to_string()))?,
+        ))
+        .datagram_receive_buffer_size(None)
+        .datagram_send_buffer_size(0)
+        .crypto_buffer_size(16 * 1024)
+        .enable_segmentation_offload(false);
+    if !t.mtu_discovery {
+        tc.mtu_discovery_config(None);
+    }
+    Ok(tc)
+}
+
+/// The client-facing QUIC server config.
+pub fn server_config(
+    identity: Identity,
+    alpn: &[u8],
+    config: &NodeConfig,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain, identity.key)?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    // Session tickets cost memory per resumption; chat clients reconnect rarely.
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    sc.transport_config(Arc::new(transport(&config.transport, &config.limits)?));
+    // Handshakes beyond this are refused at the QUIC layer instead of queueing without bound.
+    sc.max_incoming(config.limits.max_concurrent_handshakes.max(1));
+    Ok(sc)
+}
+
+/// A UDP socket bound to `addr` with the requested kernel buffers (capped by the kernel's
+/// `net.core.rmem_max` / `wmem_max`).
+pub fn udp_socket(
+    addr: SocketAddr,
+    t: &TransportSettings,
+) -> Result<std::net::UdpSocket, TlsError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source| TlsError::Socket { addr, source };
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).ok();
+    }
+    // Best effort: an unprivileged process gets what the kernel allows.
+    socket.set_recv_buffer_size(t.udp_recv_buffer).ok();
+    socket.set_send_buffer_size(t.udp_send_buffer).ok();
+    socket.bind(&addr.into()).map_err(err)?;
+    Ok(socket.into())
+}
+
+/// Keep-alive interval clients should use for a node idle timeout (a third of it).
+pub fn keep_alive_for(idle: Duration) -> Duration {
+    (idle / 3).max(Duration::from_secs(1))
+}

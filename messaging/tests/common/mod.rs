@@ -1,0 +1,149 @@
+//! Shared helpers for the node's integration tests: a real node on 127.0.0.1 with a real
+//! embedded store in a temp dir, and real QUIC clients.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::time::Duration;
+
+use meshchat_client::{Client, ConnectOptions, Event, Events, Session};
+use meshchat_messaging::{NodeConfig, RunningNode};
+use meshchat_proto::client::ErrorCode;
+
+pub struct TestNode {
+    pub running: Option<RunningNode>,
+    pub dir: tempfile::TempDir,
+    pub config: NodeConfig,
+}
+
+pub fn config_in(dir: &std::path::Path) -> NodeConfig {
+    let mut c = NodeConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: dir.to_owned(),
+        ..NodeConfig::default()
+    };
+    c.limits.send_rate_per_sec = 10_000;
+    c.limits.send_burst = 10_000;
+    c.shutdown_grace = Duration::from_secs(3);
+    c
+}
+
+impl TestNode {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut NodeConfig)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = config_in(dir.path());
+        tweak(&mut config);
+        let running = meshchat_messaging::start(config.clone())
+            .await
+            .expect("node starts");
+        // Later restarts reuse the port.
+        config.listen = running.addr;
+        Self {
+            running: Some(running),
+            dir,
+            config,
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        self.running.as_ref().expect("running").addr.to_string()
+    }
+
+    pub fn options(&self) -> ConnectOptions {
+        let ca = meshchat_client::load_ca(&self.dir.path().join("ca.pem")).expect("dev CA");
+        ConnectOptions::new(ca)
+    }
+
+    pub async fn client(&self) -> (Client, Events) {
+        self.client_with(self.options()).await
+    }
+
+    pub async fn client_with(&self, opts: ConnectOptions) -> (Client, Events) {
+        Client::connect(&self.addr(), opts).await.expect("connect")
+    }
+
+    /// A newly registered user on a new connection.
+    pub async fn user(&self, name: &str) -> (Client, Events, Session) {
+        let (c, e) = self.client().await;
+        let s = c.register(name, "password-123").await.expect("register");
+        (c, e, s)
+    }
+
+    /// Another device of an existing user (token authentication).
+    pub async fn device(&self, session: &Session) -> (Client, Events) {
+        let (c, e) = self.client().await;
+        c.authenticate(&session.token).await.expect("authenticate");
+        (c, e)
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let running = meshchat_messaging::start(self.config.clone())
+            .await
+            .expect("node restarts");
+        self.running = Some(running);
+    }
+}
+
+/// The next message push within 5 s, skipping other events.
+pub async fn next_message(events: &mut Events) -> meshchat_proto::client::Message {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match events.next_within(left).await {
+            Some(Event::Message(m)) => return m,
+            Some(_) => continue,
+            None => panic!("no message push within 5 s"),
+        }
+    }
+}
+
+/// The next event matching `pick` within 5 s.
+pub async fn next_matching<T>(events: &mut Events, mut pick: impl FnMut(Event) -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match events.next_within(left).await {
+            Some(ev) => {
+                if let Some(t) = pick(ev) {
+                    return t;
+                }
+            }
+            None => panic!("expected event did not arrive within 5 s"),
+        }
+    }
+}
+
+/// Asserts no message push arrives within `wait`.
+pub async fn no_message(events: &mut Events, wait: Duration) {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match events.next_within(left).await {
+            Some(Event::Message(m)) => panic!("unexpected message {m:?}"),
+            Some(_) => continue,
+            None => return,
+        }
+    }
+}
+
+pub fn text(m: &meshchat_proto::client::Message) -> String {
+    String::from_utf8_lossy(&m.body).into_owned()
+}
+
+pub fn code_of<T: std::fmt::Debug>(r: Result<T, meshchat_client::ClientError>) -> ErrorCode {
+    match r {
+        Err(e) => e
+            .code()
+            .unwrap_or_else(|| panic!("not a node error: {e:?}")),
+        Ok(v) => panic!("expected an error, got {v:?}"),
+    }
+}
