@@ -273,7 +273,8 @@ impl Client {
 
     /// Opens a new connection, re-authenticates with the session token, and fills gaps:
     /// every chat with a known cursor is read forward from it, and chats new to this client
-    /// from my delivered mark. Filled messages arrive on [`Events`] (deduplicated).
+    /// from my delivered mark. Filled messages arrive on [`Events`] (deduplicated), from a
+    /// background task.
     pub async fn reconnect(&self) -> Result<(), ClientError> {
         let token = self
             .session
@@ -286,33 +287,56 @@ impl Client {
         }
         self.open().await?;
         self.authenticate(&token).await?;
-        self.fill_gaps().await
+        self.fill_gaps().await.map(drop)
     }
 
-    /// Reads every chat forward from its cursor and feeds what it finds to [`Events`].
-    pub async fn fill_gaps(&self) -> Result<(), ClientError> {
+    /// Reads every chat forward from its cursor and feeds what it finds to [`Events`]. The
+    /// chat list is read here; the paging runs in a background task (it waits for the
+    /// application to take events, and must not hold up the caller, who may be the one
+    /// reading them). Returns that task's handle.
+    pub async fn fill_gaps(&self) -> Result<tokio::task::JoinHandle<()>, ClientError> {
         let mut from: HashMap<ChatId, u64> = self.seen.lock().cursors.clone();
         for row in self.chat_list().await? {
             if let Ok(chat) = chat_from_wire(row.chat.as_ref()) {
                 from.entry(chat).or_insert(row.my_delivered);
             }
         }
-        for (chat, mut cursor) in from {
-            loop {
-                let page = self
-                    .history(chat, cursor, pb::Direction::Forward, 0)
-                    .await?;
-                for m in page.messages {
-                    // Bounded channel: waits for the application to read.
-                    let _ = self.events.send(Event::Message(m)).await;
+        let conn = self.conn()?;
+        let events = self.events.clone();
+        Ok(tokio::spawn(async move {
+            for (chat, mut cursor) in from {
+                loop {
+                    let page = match conn
+                        .request(client_frame::Body::History(pb::HistoryQuery {
+                            chat: Some(chat_to_wire(chat)),
+                            cursor,
+                            direction: pb::Direction::Forward as i32,
+                            limit: 0,
+                        }))
+                        .await
+                    {
+                        Ok(server_frame::Body::HistoryPage(p)) => p,
+                        Ok(other) => {
+                            debug!(reply = ?other, "gap fill: unexpected reply");
+                            return;
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "gap fill stopped");
+                            return;
+                        }
+                    };
+                    for m in page.messages {
+                        if events.send(Event::Message(m)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if page.next_cursor == 0 {
+                        break;
+                    }
+                    cursor = page.next_cursor;
                 }
-                if page.next_cursor == 0 {
-                    break;
-                }
-                cursor = page.next_cursor;
             }
-        }
-        Ok(())
+        }))
     }
 
     /// Sends a message; retries with the same client message id (so never twice) across

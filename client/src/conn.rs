@@ -38,6 +38,14 @@ pub enum Event {
     Channel(pb::ChannelEvent),
     /// The node asks this client to reconnect elsewhere.
     Redirect(pb::Redirect),
+    /// The node reported an error that answers no request (a malformed or oversized frame,
+    /// an authentication timeout). `code` is an `ErrorCode`.
+    NodeError {
+        /// Protocol error code.
+        code: i32,
+        /// The node's message.
+        message: String,
+    },
     /// Pushes were lost on this connection (`expected` was due, `got` arrived).
     Gap {
         /// Sequence number that was due.
@@ -310,10 +318,10 @@ async fn read_loop(
             }
             // An unsolicited error (frame too large, auth timeout) or redirect.
             Some(server_frame::Body::Redirect(r)) => Event::Redirect(r),
-            Some(server_frame::Body::Error(e)) => {
-                debug!(code = e.code, message = %e.message, "node error without request");
-                continue;
-            }
+            Some(server_frame::Body::Error(e)) => Event::NodeError {
+                code: e.code,
+                message: e.message,
+            },
             _ => continue,
         };
         if events.send(event).await.is_err() {
@@ -323,7 +331,15 @@ async fn read_loop(
     }
     // Fail every waiting request now rather than at its timeout.
     pending.lock().clear();
-    let (code, reason) = match conn.close_reason() {
+    // The node finishes the stream just before it closes the connection with a code; wait
+    // briefly for that close so the event carries the reason.
+    let reason = match conn.close_reason() {
+        Some(r) => Some(r),
+        None => tokio::time::timeout(Duration::from_secs(2), conn.closed())
+            .await
+            .ok(),
+    };
+    let (code, reason) = match reason {
         Some(quinn::ConnectionError::ApplicationClosed(a)) => (
             a.error_code.into_inner(),
             String::from_utf8_lossy(&a.reason).into_owned(),

@@ -113,6 +113,11 @@ impl Node {
         &self.config
     }
 
+    /// The connection registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Drops rate-limiter state of users idle long enough to be back at a full burst.
     pub fn housekeeping(&self) {
         self.rate.retain_recent();

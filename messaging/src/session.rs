@@ -8,6 +8,7 @@
 //! only after authentication, and nothing else is held per connection.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
@@ -18,8 +19,9 @@ use meshchat_proto::client::{
 };
 use meshchat_proto::codec::{CodecError, encode_into};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
-use tokio_util::codec::FramedRead;
+use tokio_util::codec::Decoder;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::auth::Identity;
@@ -29,6 +31,60 @@ use crate::registry::{ConnHandle, ConnId};
 
 /// Initial capacity of a connection's read buffer; grows to the frame size when needed.
 const READ_BUFFER: usize = 256;
+/// A read buffer that grew past this is dropped once empty, so one large frame does not pin
+/// memory for the connection's lifetime.
+const READ_BUFFER_KEEP: usize = 16 * 1024;
+/// How long a closing connection waits for the client to acknowledge the last frames (an
+/// error explaining the close) before the QUIC close discards them.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// Reads frames off the protocol stream. Unlike `FramedRead`, it keeps going after a
+/// malformed frame (whose bytes were consumed whole, so the stream is still in sync).
+/// `next` is cancel-safe: all state lives in the struct.
+struct FrameReader {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+    codec: FrameCodec<ClientFrame, ServerFrame>,
+    eof: bool,
+}
+
+impl FrameReader {
+    fn new(recv: quinn::RecvStream, max_frame: usize) -> Self {
+        Self {
+            recv,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+            codec: FrameCodec::new(max_frame),
+            eof: false,
+        }
+    }
+
+    /// The next frame, a decode error, or `None` at the end of the stream.
+    async fn next(&mut self) -> Option<Result<ClientFrame, CodecError>> {
+        loop {
+            match self.codec.decode(&mut self.buf) {
+                Ok(Some(f)) => {
+                    if self.buf.is_empty() && self.buf.capacity() > READ_BUFFER_KEEP {
+                        self.buf = BytesMut::with_capacity(READ_BUFFER);
+                    }
+                    return Some(Ok(f));
+                }
+                Ok(None) => {}
+                Err(e) => return Some(Err(e)),
+            }
+            if self.eof {
+                return None;
+            }
+            if self.buf.capacity() == self.buf.len() {
+                self.buf.reserve(READ_BUFFER);
+            }
+            match self.recv.read_buf(&mut self.buf).await {
+                Ok(0) => self.eof = true,
+                Ok(_) => {}
+                Err(e) => return Some(Err(CodecError::Io(e))),
+            }
+        }
+    }
+}
 /// Field number of `push` in `ServerFrame` (see client.proto).
 const SERVER_FRAME_PUSH_FIELD: u32 = 14;
 /// Field number of `seq` in `Push`.
@@ -114,11 +170,7 @@ async fn run(
             return;
         }
     };
-    let mut reader = FramedRead::with_capacity(
-        recv,
-        FrameCodec::<ClientFrame, ServerFrame>::new(limits.max_frame_bytes as usize),
-        READ_BUFFER,
-    );
+    let mut reader = FrameReader::new(recv, limits.max_frame_bytes as usize);
     let mut out = BytesMut::new();
     let mut identity: Option<Arc<Identity>> = None;
     let mut pushes: Option<mpsc::Receiver<Bytes>> = None;
@@ -252,11 +304,20 @@ async fn run(
             })
             .await;
         }
-        let _ = send.finish();
+        linger(&mut send).await;
         conn.close(close_code(code), reason);
     } else {
-        let _ = send.finish();
+        linger(&mut send).await;
         conn.close(0u32.into(), b"bye");
+    }
+}
+
+/// Finishes the stream and waits (bounded) for the client to acknowledge what was written:
+/// a QUIC close discards unacknowledged stream data, and the last frame is often the error
+/// that explains the close.
+async fn linger(send: &mut quinn::SendStream) {
+    if send.finish().is_ok() {
+        let _ = tokio::time::timeout(CLOSE_LINGER, send.stopped()).await;
     }
 }
 

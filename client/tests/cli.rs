@@ -1,0 +1,220 @@
+//! The `meshchat` CLI end to end, as a newcomer uses it: a real node (in this process, real
+//! QUIC and store), the real binary run as a child process with profile directories.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+const CLI: &str = env!("CARGO_BIN_EXE_meshchat");
+
+struct Env {
+    _node: meshchat_messaging::RunningNode,
+    addr: String,
+    ca: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+async fn env() -> Env {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut config = meshchat_messaging::NodeConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: dir.path().join("node"),
+        ..Default::default()
+    };
+    config.limits.send_rate_per_sec = 1000;
+    let node = meshchat_messaging::start(config).await.expect("node");
+    Env {
+        addr: node.addr.to_string(),
+        ca: dir.path().join("node/ca.pem"),
+        _node: node,
+        dir,
+    }
+}
+
+impl Env {
+    fn home(&self, user: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("home-{user}"))
+    }
+
+    /// Runs the CLI for `user` with `--json`; returns its output.
+    fn run(&self, user: &str, args: &[&str]) -> Output {
+        Command::new(CLI)
+            .arg("--server")
+            .arg(&self.addr)
+            .arg("--ca")
+            .arg(&self.ca)
+            .arg("--home")
+            .arg(self.home(user))
+            .arg("--json")
+            .args(args)
+            .env("MESHCHAT_PASSWORD", "secret-password")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run meshchat")
+    }
+
+    fn ok(&self, user: &str, args: &[&str]) -> Vec<Value> {
+        let out = self.run(user, args);
+        assert!(
+            out.status.success(),
+            "meshchat {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lines(&out.stdout)
+    }
+}
+
+fn lines(bytes: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+fn spawn_listen(env: &Env, user: &str, count: u32) -> std::process::Child {
+    Command::new(CLI)
+        .arg("--home")
+        .arg(env.home(user))
+        .args([
+            "--json",
+            "listen",
+            "--count",
+            &count.to_string(),
+            "--timeout",
+            "20",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn listen")
+}
+
+/// Waits until `listen` says on stderr that it is authenticated and receiving.
+/// Returns the stderr reader: keep it alive so the child can still write to stderr.
+fn wait_listening(
+    child: &mut std::process::Child,
+) -> std::io::BufReader<std::process::ChildStderr> {
+    use std::io::BufRead;
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("read stderr");
+    assert!(line.starts_with("listening on"), "listen said: {line:?}");
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_people_chat_with_the_cli_and_see_receipts() {
+    let env = env().await;
+    let reg = env.ok("alice", &["register", "alice"]);
+    assert_eq!(reg[0]["type"], "auth");
+    assert_eq!(reg[0]["user"], "alice");
+    env.ok("bob", &["register", "bob"]);
+    assert!(Path::new(&env.home("bob")).join("profile.json").exists());
+
+    // Bob listens (the profile remembers server and CA); alice sends.
+    let mut bob_listen = spawn_listen(&env, "bob", 1);
+    let _stderr = wait_listening(&mut bob_listen);
+    let sent = env.ok("alice", &["send", "bob", "hello bob"]);
+    assert_eq!(sent[0]["type"], "processed");
+    assert_eq!(sent[0]["chat"], "bob");
+    let id = sent[0]["message_id"].as_u64().expect("id");
+    let out = bob_listen
+        .wait_with_output()
+        .expect("listen exits after 1 event");
+    assert!(out.status.success());
+    let got = lines(&out.stdout);
+    assert_eq!(got[0]["type"], "message");
+    assert_eq!(got[0]["from"], "alice");
+    assert_eq!(got[0]["chat"], "alice");
+    assert_eq!(got[0]["text"], "hello bob");
+    assert_eq!(got[0]["message_id"].as_u64(), Some(id));
+
+    // Listening marked it delivered; bob marks it seen; alice's chat list shows both.
+    env.ok("bob", &["seen", "alice", &id.to_string()]);
+    let chats = env.ok("alice", &["chats"]);
+    assert_eq!(chats[0]["chat"], "bob");
+    assert_eq!(chats[0]["peer_seen"].as_u64(), Some(id));
+    assert_eq!(chats[0]["peer_delivered"].as_u64(), Some(id));
+    let bob_chats = env.ok("bob", &["chats"]);
+    assert_eq!(bob_chats[0]["unread"].as_u64(), Some(0));
+
+    // Reply, react, history.
+    let reply = env.ok(
+        "bob",
+        &["send", "alice", "hi alice", "--reply-to", &id.to_string()],
+    );
+    let reply_id = reply[0]["message_id"].as_u64().expect("id");
+    env.ok("alice", &["react", "bob", &reply_id.to_string(), "🎉"]);
+    let hist = env.ok("alice", &["history", "bob", "--limit", "10"]);
+    let msgs: Vec<&Value> = hist.iter().filter(|v| v["type"] == "message").collect();
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(msgs[0]["text"], "hi alice", "newest first");
+    assert_eq!(msgs[0]["reply_to"].as_u64(), Some(id));
+    assert_eq!(msgs[0]["reactions"][0]["emoji"], "🎉");
+    env.ok("alice", &["unreact", "bob", &reply_id.to_string()]);
+    let after = env.ok("alice", &["history", "bob", "--after", &id.to_string()]);
+    assert_eq!(after[0]["text"], "hi alice");
+    assert_eq!(after[0]["reactions"].as_array().map(Vec::len), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_from_the_cli() {
+    let env = env().await;
+    for u in ["ann", "ben", "cid"] {
+        env.ok(u, &["register", u]);
+    }
+    let made = env.ok("ann", &["channel", "create", "ops"]);
+    assert_eq!(made[0]["name"], "ops");
+    env.ok("ben", &["channel", "join", "#ops"]);
+    let mut ben_listen = spawn_listen(&env, "ben", 1);
+    let _stderr = wait_listening(&mut ben_listen);
+    env.ok("ann", &["send", "#ops", "deploy at noon"]);
+    let got = lines(&ben_listen.wait_with_output().expect("listen").stdout);
+    assert_eq!(got[0]["chat"], "#ops");
+    assert_eq!(got[0]["text"], "deploy at noon");
+    let members = env.ok("ben", &["channel", "members", "ops"]);
+    let mut names: Vec<&str> = members.iter().filter_map(|m| m["user"].as_str()).collect();
+    names.sort();
+    assert_eq!(names, vec!["ann", "ben"]);
+    assert_eq!(env.ok("ben", &["channel", "list"]).len(), 1);
+    env.ok("ben", &["channel", "send", "ops", "ack"]);
+    env.ok("ben", &["channel", "leave", "ops"]);
+    assert!(env.ok("ben", &["channel", "list"]).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_go_to_stderr_with_their_code() {
+    let env = env().await;
+    env.ok("ann", &["register", "ann"]);
+    env.ok("cid", &["register", "cid"]);
+    // Unknown user.
+    let out = env.run("ann", &["send", "nobody", "hi"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err: Value = serde_json::from_slice(&out.stderr).expect("json error");
+    assert_eq!(err["code"], "UNKNOWN_USER");
+    assert!(out.stdout.is_empty());
+    // Taken name.
+    let out = env.run("x", &["register", "ann"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err: Value = serde_json::from_slice(&out.stderr).expect("json error");
+    assert_eq!(err["code"], "USER_EXISTS");
+    // Not my channel.
+    env.ok("ann", &["channel", "create", "secret"]);
+    let out = env.run("cid", &["channel", "members", "secret"]);
+    assert_ne!(out.status.code(), Some(0));
+    // Not logged in is a local error (exit 1).
+    let out = env.run("nobody-home", &["chats"]);
+    assert_eq!(out.status.code(), Some(1));
+    // Wrong password.
+    let out = Command::new(CLI)
+        .args(["--server", &env.addr, "--ca"])
+        .arg(&env.ca)
+        .arg("--home")
+        .arg(env.home("ann2"))
+        .args(["login", "ann", "--password", "wrong-password"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("BAD_CREDENTIALS"));
+}

@@ -1,0 +1,90 @@
+//! `meshchat-node dev` as a newcomer runs it: the real binary, a fresh data dir, the printed
+//! instructions, two users chatting through it, and a clean stop on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use meshchat_client::{Client, ConnectOptions, Event};
+use meshchat_idgen::ChatId;
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_prints_how_to_connect_and_serves_two_users() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let port = free_udp_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshchat-node"))
+        .args([
+            "dev",
+            "--nodes",
+            "1",
+            "--base-port",
+            &port.to_string(),
+            "--data-dir",
+        ])
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn meshchat-node dev");
+    let mut banner = String::new();
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    while out.read_line(&mut line).expect("read") > 0 {
+        banner.push_str(&line);
+        if line.contains("Stop with Ctrl-C") {
+            break;
+        }
+        line.clear();
+    }
+    let addr = format!("127.0.0.1:{port}");
+    assert!(banner.contains(&format!("node 1: {addr}")), "{banner}");
+    let ca = data.join("ca.pem");
+    assert!(
+        banner.contains(&format!("--ca {}", ca.display())),
+        "{banner}"
+    );
+    assert!(banner.contains("register alice"), "{banner}");
+
+    let opts = ConnectOptions::new(meshchat_client::load_ca(&ca).expect("ca"));
+    let (alice, _ae) = Client::connect(&addr, opts.clone()).await.expect("connect");
+    let (bob, mut be) = Client::connect(&addr, opts).await.expect("connect");
+    let a = alice
+        .register("alice", "alicepass1")
+        .await
+        .expect("register");
+    let b = bob.register("bob", "bobpass12").await.expect("register");
+    alice
+        .send(ChatId::direct(a.user, b.user), "hello bob", None)
+        .await
+        .expect("send");
+    match be.next_within(Duration::from_secs(5)).await {
+        Some(Event::Message(m)) => assert_eq!(&m.body[..], b"hello bob"),
+        other => panic!("expected the message, got {other:?}"),
+    }
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            assert!(st.success(), "dev exited with {st:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dev did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
