@@ -298,6 +298,19 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_in_deploy_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/node.example.toml");
+        let c = NodeConfig::load(Some(&path)).expect("deploy/node.example.toml loads");
+        assert_eq!(
+            c.limits,
+            LimitsConfig::default(),
+            "it documents the defaults"
+        );
+        assert_eq!(c.transport, TransportSettings::default());
+        assert_eq!(c.auth.token_ttl, AuthConfig::default().token_ttl);
+    }
+
+    #[test]
     fn out_of_range_values_are_refused() {
         let mut c = NodeConfig::default();
         c.limits.max_body_bytes = c.limits.max_frame_bytes;
