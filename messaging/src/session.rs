@@ -20,14 +20,14 @@ use meshchat_proto::client::{
 use meshchat_proto::codec::{CodecError, encode_into};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 use tokio::io::AsyncReadExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::codec::Decoder;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::auth::Identity;
 use crate::error::{RequestError, close_code};
 use crate::node::Node;
-use crate::registry::{ConnHandle, ConnId};
+use crate::registry::{ConnHandle, ConnId, Outbox};
 
 /// Initial capacity of a connection's read buffer; grows to the frame size when needed.
 const READ_BUFFER: usize = 256;
@@ -151,7 +151,7 @@ async fn run(
     id: ConnId,
     shutdown: &mut watch::Receiver<bool>,
 ) {
-    let limits = node.config.limits.clone();
+    let limits = &node.config.limits;
     let auth_deadline = tokio::time::sleep(limits.auth_timeout);
     tokio::pin!(auth_deadline);
 
@@ -173,7 +173,8 @@ async fn run(
     let mut reader = FrameReader::new(recv, limits.max_frame_bytes as usize);
     let mut out = BytesMut::new();
     let mut identity: Option<Arc<Identity>> = None;
-    let mut pushes: Option<mpsc::Receiver<Bytes>> = None;
+    let mut outbox: Option<Arc<Outbox>> = None;
+    let mut batch: Vec<Bytes> = Vec::new();
     let mut seq: u64 = 0;
     let mut inflight: FuturesUnordered<Reply> = FuturesUnordered::new();
     let max_frame = limits.max_frame_bytes as usize;
@@ -195,17 +196,17 @@ async fn run(
                     );
                 }
             }
-            Some(push) = async { match pushes.as_mut() { Some(rx) => rx.recv().await, None => None } }, if pushes.is_some() => {
-                seq += 1;
-                encode_push_frame(seq, &push, &mut out);
-                // Batch whatever else is queued into the same write.
-                if let Some(rx) = pushes.as_mut() {
-                    while out.len() < 64 * 1024 {
-                        match rx.try_recv() {
-                            Ok(p) => { seq += 1; encode_push_frame(seq, &p, &mut out); }
-                            Err(_) => break,
-                        }
-                    }
+            () = async { match outbox.as_ref() { Some(o) => o.wait().await, None => std::future::pending().await } }, if outbox.is_some() => {
+                // Write whatever is queued in one go (one write, few packets).
+                if let Some(o) = outbox.as_ref() {
+                    o.drain_into(256, &mut batch);
+                }
+                for push in batch.drain(..) {
+                    seq += 1;
+                    encode_push_frame(seq, &push, &mut out);
+                }
+                if batch.capacity() > 256 {
+                    batch = Vec::new();
                 }
             }
             frame = reader.next(), if inflight.len() < limits.max_inflight_per_conn => {
@@ -242,13 +243,15 @@ async fn run(
                                 let _ = encode_into(&reply, max_frame, &mut out);
                             }
                             (Some(body @ (client_frame::Body::Register(_) | client_frame::Body::Login(_) | client_frame::Body::Authenticate(_))), None) => {
-                                match node.authenticate_request(body).await {
+                                // Boxed: this rare, large future would otherwise be part of
+                                // every idle connection's task.
+                                match Box::pin(node.authenticate_request(body)).await {
                                     Ok((who, ok)) => {
-                                        let (tx, rx) = mpsc::channel(limits.outbound_queue);
-                                        node.registry.insert(who.user, ConnHandle { id, tx, conn: conn.clone() });
+                                        let ob = Outbox::new(limits.outbound_queue);
+                                        node.registry.insert(who.user, ConnHandle { id, outbox: ob.clone(), conn: conn.clone() });
                                         debug!(user = who.user.0, "authenticated");
                                         identity = Some(Arc::new(who));
-                                        pushes = Some(rx);
+                                        outbox = Some(ob);
                                         let _ = encode_into(&ServerFrame { request_id: rid, body: Some(server_frame::Body::AuthOk(ok)) }, max_frame, &mut out);
                                     }
                                     Err(e) => {
