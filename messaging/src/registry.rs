@@ -211,7 +211,10 @@ mod tests {
         o.wait().await;
         let mut got = Vec::new();
         o.drain_into(10, &mut got);
-        assert_eq!(got, vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+        assert_eq!(
+            got,
+            vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]
+        );
         // A push made while nobody waits is not lost.
         let o2 = o.clone();
         let waiter = tokio::spawn(async move {

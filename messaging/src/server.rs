@@ -67,8 +67,13 @@ pub struct RunningNode {
 impl RunningNode {
     /// Stops the node gracefully and waits until it is down.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        if let Err(e) = self.done.await {
+        let RunningNode {
+            node, stop, done, ..
+        } = self;
+        // Our handle must not keep the store open past the accept loop's close of it.
+        drop(node);
+        let _ = stop.send(true);
+        if let Err(e) = done.await {
             warn!(error = %e, "node task ended abnormally");
         }
     }
