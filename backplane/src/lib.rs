@@ -1,9 +1,15 @@
 //! # meshchat-backplane
 //!
-//! Owns how messaging nodes find and talk to each other: membership (who is in the cluster,
-//! at which epoch), the consistent-hash ring (pure and deterministic: the same members give the
-//! same ring on every node) and the QUIC mesh (one mutually authenticated connection per peer,
-//! batched frames, bounded per-peer queues, reconnect with backoff).
+//! Owns how messaging nodes find and talk to each other.
 //!
-//! Not built yet: this crate is filled in by the mesh issue. Until then every user is homed on
-//! the node it connects to.
+//! - [`ring`]: the consistent-hash ring (virtual nodes with a bucket index; pure and
+//!   deterministic: the same members give the same ring on every node) and the rendezvous
+//!   baseline it was measured against.
+//!
+//! Planned (mesh issue): membership (Redis registry, heartbeats, leased worker ids) as a
+//! sans-IO core, the QUIC mesh (one mutually authenticated connection per peer, batched
+//! frames, bounded per-peer queues, reconnect with backoff), and cross-node routing.
+
+pub mod ring;
+
+pub use ring::{Rendezvous, Ring, RingError};
