@@ -25,6 +25,8 @@ use crate::error::ClientError;
 const DEDUP_WINDOW: usize = 16_384;
 /// Redirect hops followed before giving up.
 const MAX_REDIRECTS: usize = 3;
+/// How far before the newest id seen a gap fill starts, in milliseconds of Snowflake time.
+const GAP_FILL_OVERLAP_MS: u64 = 10_000;
 /// Send attempts before giving up on a retryable error.
 const SEND_ATTEMPTS: u32 = 6;
 
@@ -296,6 +298,11 @@ impl Client {
     /// reading them). Returns that task's handle.
     pub async fn fill_gaps(&self) -> Result<tokio::task::JoinHandle<()>, ClientError> {
         let mut from: HashMap<ChatId, u64> = self.seen.lock().cursors.clone();
+        // Ids are taken before the commit, so commits (and pushes) can land slightly out of
+        // id order: resume a window before the newest id seen; dedup drops the overlap.
+        for cursor in from.values_mut() {
+            *cursor = cursor.saturating_sub(GAP_FILL_OVERLAP_MS << 22);
+        }
         for row in self.chat_list().await? {
             if let Ok(chat) = chat_from_wire(row.chat.as_ref()) {
                 from.entry(chat).or_insert(row.my_delivered);
@@ -318,7 +325,13 @@ impl Client {
                         Ok(server_frame::Body::HistoryPage(p)) => p,
                         Ok(other) => {
                             debug!(reply = ?other, "gap fill: unexpected reply");
-                            return;
+                            break;
+                        }
+                        // This chat only (say, a channel left on another device): go on with
+                        // the others. A dead connection ends the fill.
+                        Err(e @ ClientError::Server { .. }) => {
+                            debug!(error = %e, %chat, "gap fill skips a chat");
+                            break;
                         }
                         Err(e) => {
                             debug!(error = %e, "gap fill stopped");

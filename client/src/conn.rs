@@ -243,11 +243,21 @@ impl Conn {
             &mut buf,
         )
         .map_err(|e| ClientError::Setup(format!("request does not encode: {e}")))?;
-        if let Err(e) = self.send_raw(&buf).await {
-            self.pending.lock().remove(&id);
-            return Err(e);
+        // One deadline for the write and the reply: a node that stops reading must not hang
+        // the caller in the write.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        match tokio::time::timeout_at(deadline, self.send_raw(&buf)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.pending.lock().remove(&id);
+                return Err(e);
+            }
+            Err(_) => {
+                self.pending.lock().remove(&id);
+                return Err(ClientError::Timeout);
+            }
         }
-        let frame = match tokio::time::timeout(self.timeout, rx).await {
+        let frame = match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(f)) => f,
             Ok(Err(_)) => {
                 return Err(ClientError::Disconnected(

@@ -137,6 +137,10 @@ pub struct LimitsConfig {
     pub outbound_queue: usize,
     /// Requests one connection may have in progress at once; more wait (default 32).
     pub max_inflight_per_conn: usize,
+    /// A write to a client blocked this long (the client stopped reading) closes the
+    /// connection with `SLOW_READER` (default 10 s).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -155,6 +159,7 @@ impl Default for LimitsConfig {
             idle_timeout: Duration::from_secs(60),
             outbound_queue: 256,
             max_inflight_per_conn: 32,
+            write_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -29,6 +29,8 @@ use crate::router::Router;
 const MAX_CLIENT_MSG_ID: usize = 64;
 /// Entries kept in the user-name cache before it is cleared (names never change).
 const NAME_CACHE_MAX: usize = 100_000;
+/// Bytes of the newest message's body shown in a chat-list row.
+const CHAT_LIST_PREVIEW_BYTES: usize = 512;
 /// Channel member lists cached at once before the cache is cleared.
 const MEMBER_CACHE_MAX: usize = 10_000;
 
@@ -43,6 +45,12 @@ pub struct Node {
     rate: DefaultKeyedRateLimiter<UserId>,
     names: DashMap<UserId, Arc<str>>,
     members: DashMap<ChannelId, Arc<Vec<UserId>>>,
+    /// Bumped on every join/leave: a member list read from storage is cached only if no
+    /// change happened while it was being read (else a stale list could be cached after the
+    /// invalidation).
+    members_epoch: std::sync::atomic::AtomicU64,
+    /// Rate of other mutating requests (receipts, reactions, joins, creates) per user.
+    event_rate: DefaultKeyedRateLimiter<UserId>,
 }
 
 impl std::fmt::Debug for Node {
@@ -95,6 +103,12 @@ impl Node {
         let per_sec = NonZeroU32::new(config.limits.send_rate_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.limits.send_burst).unwrap_or(NonZeroU32::MIN);
         let rate = RateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst));
+        // Receipts and reactions are cheaper than sends and come in bursts (one per read
+        // message): twice the send quota.
+        let event_rate = RateLimiter::keyed(
+            Quota::per_second(per_sec.saturating_mul(NonZeroU32::MIN.saturating_add(1)))
+                .allow_burst(burst.saturating_mul(NonZeroU32::MIN.saturating_add(1))),
+        );
         Ok(Self {
             config,
             storage,
@@ -105,6 +119,8 @@ impl Node {
             rate,
             names: DashMap::new(),
             members: DashMap::new(),
+            members_epoch: std::sync::atomic::AtomicU64::new(0),
+            event_rate,
         })
     }
 
@@ -120,8 +136,36 @@ impl Node {
 
     /// Drops rate-limiter state of users idle long enough to be back at a full burst.
     pub fn housekeeping(&self) {
-        self.rate.retain_recent();
-        self.rate.shrink_to_fit();
+        for r in [&self.rate, &self.event_rate] {
+            r.retain_recent();
+            r.shrink_to_fit();
+        }
+    }
+
+    fn check_rate(
+        limiter: &DefaultKeyedRateLimiter<UserId>,
+        user: UserId,
+    ) -> Result<(), RequestError> {
+        limiter.check_key(&user).map_err(|not_until| {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            RequestError::RateLimited {
+                retry_after_ms: wait.as_millis() as u64 + 1,
+            }
+        })
+    }
+
+    /// Drops the cached member list of `id` after a join or leave.
+    fn members_changed(&self, id: ChannelId) {
+        self.members_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.members.remove(&id);
+    }
+
+    /// Bytes a reply body may use so the whole frame stays under `max_frame_bytes`.
+    fn reply_budget(&self) -> usize {
+        (self.config.limits.max_frame_bytes as usize).saturating_sub(1024)
     }
 
     fn next_id(&self) -> Result<u64, RequestError> {
@@ -222,6 +266,7 @@ impl Node {
                 .await
                 .map(|()| R::Done(pb::Done {})),
             B::React(r) => {
+                Self::check_rate(&self.event_rate, me.user)?;
                 let chat = chat_from(r.chat.as_ref())?;
                 let id = message_id(r.message_id, "message_id")?;
                 if r.emoji.is_empty() || r.emoji.len() > 64 {
@@ -235,6 +280,7 @@ impl Node {
                 Ok(R::Done(pb::Done {}))
             }
             B::Unreact(r) => {
+                Self::check_rate(&self.event_rate, me.user)?;
                 let chat = chat_from(r.chat.as_ref())?;
                 let id = message_id(r.message_id, "message_id")?;
                 self.require_member(me.user, chat).await?;
@@ -247,6 +293,7 @@ impl Node {
             B::History(q) => self.history(&me, q).await.map(R::HistoryPage),
             B::ChatList(_) => self.chat_list(&me).await.map(R::ChatList),
             B::ChannelCreate(c) => {
+                Self::check_rate(&self.event_rate, me.user)?;
                 valid_name(&c.name)?;
                 let id = ChannelId(self.next_id()?);
                 let ch = self.storage.create_channel(id, &c.name, me.user).await?;
@@ -265,9 +312,10 @@ impl Node {
                 Ok(R::Channel(convert::channel_to(&ch)))
             }
             B::ChannelLeave(l) => {
+                Self::check_rate(&self.event_rate, me.user)?;
                 let id = self.channel_ref(l.channel_id, "").await?;
                 if self.storage.leave_channel(id, me.user).await? {
-                    self.members.remove(&id);
+                    self.members_changed(id);
                     self.push_channel_event(id, me.user, false).await?;
                     // The leaver's other devices learn too.
                     let push = encode_push(push::Event::Channel(pb::ChannelEvent {
@@ -369,16 +417,20 @@ impl Node {
         Ok(name)
     }
 
-    /// Channel members, from the per-node cache (invalidated on join/leave).
+    /// Channel members, from the per-node cache (invalidated on join/leave). Used for fan-out;
+    /// authorisation asks storage ([`Self::require_member`]).
     async fn members_of(&self, id: ChannelId) -> Result<Arc<Vec<UserId>>, RequestError> {
         if let Some(m) = self.members.get(&id) {
             return Ok(m.clone());
         }
+        let epoch = self.members_epoch.load(std::sync::atomic::Ordering::SeqCst);
         let m = Arc::new(self.storage.channel_members(id).await?);
-        if self.members.len() >= MEMBER_CACHE_MAX {
-            self.members.clear();
+        if self.members_epoch.load(std::sync::atomic::Ordering::SeqCst) == epoch {
+            if self.members.len() >= MEMBER_CACHE_MAX {
+                self.members.clear();
+            }
+            self.members.insert(id, m.clone());
         }
-        self.members.insert(id, m.clone());
         Ok(m)
     }
 
@@ -405,14 +457,14 @@ impl Node {
                 }
             }
             ChatId::Channel(c) => {
-                let members = match self.members_of(c).await {
-                    Ok(m) => m,
-                    Err(RequestError::Storage(StorageError::UnknownChannel(c))) => {
-                        return Err(StorageError::UnknownChannel(c).into());
-                    }
-                    Err(e) => return Err(e),
-                };
-                members.contains(&user)
+                // Authoritative: storage, not the fan-out cache.
+                if self.storage.is_member(user, chat).await? {
+                    true
+                } else if self.storage.channel(c).await?.is_none() {
+                    return Err(StorageError::UnknownChannel(c).into());
+                } else {
+                    false
+                }
             }
         };
         if ok {
@@ -449,14 +501,10 @@ impl Node {
         }
         let chat = chat_from(s.chat.as_ref())?;
         self.require_member(me.user, chat).await?;
-        if let Err(not_until) = self.rate.check_key(&me.user) {
-            let wait = not_until.wait_time_from(governor::clock::Clock::now(
-                &governor::clock::DefaultClock::default(),
-            ));
-            return Err(RequestError::RateLimited {
-                retry_after_ms: wait.as_millis() as u64 + 1,
-            });
-        }
+        Self::check_rate(&self.rate, me.user)?;
+        // Who gets it, resolved before the write: once the message is durable, nothing may
+        // fail between the ack and the push (a retry would be a duplicate and push nothing).
+        let audience = self.audience(chat).await?;
         let id = MessageId(self.next_id()?);
         let reply_to = (s.reply_to != 0).then_some(MessageId(s.reply_to));
         let msg = NewMessage {
@@ -481,7 +529,6 @@ impl Node {
                 reactions: Vec::new(),
             };
             let push = encode_push(push::Event::Message(convert::message_to(&stored, &me.name)));
-            let audience = self.audience(chat).await?;
             let d = self.router.deliver(&audience, &push, Some(conn));
             debug!(
                 message = id.0,
@@ -507,6 +554,7 @@ impl Node {
         let chat = chat_from(r.chat.as_ref())?;
         let id = message_id(r.message_id, "message_id")?;
         let kind = convert::receipt_from(r.kind)?;
+        Self::check_rate(&self.event_rate, me.user)?;
         self.require_member(me.user, chat).await?;
         let before = self.storage.mark(me.user, chat, kind, id).await?;
         let push = encode_push(push::Event::Receipt(pb::ReceiptEvent {
@@ -606,15 +654,27 @@ impl Node {
                 },
             )
             .await?;
-        let next_cursor = if page.len() as u32 == limit {
-            page.last().map(|m| m.id.0).unwrap_or(0)
+        // The reply must fit one frame: stop early (with a cursor) when the page's bytes
+        // would pass the budget.
+        let budget = self.reply_budget();
+        let mut used = 0usize;
+        let mut truncated = false;
+        let mut messages = Vec::with_capacity(page.len());
+        for m in &page {
+            let wire = convert::message_to(m, &self.name_of(m.sender).await?);
+            let len = wire.encoded_len() + 8;
+            if used + len > budget && !messages.is_empty() {
+                truncated = true;
+                break;
+            }
+            used += len;
+            messages.push(wire);
+        }
+        let next_cursor = if truncated || page.len() as u32 == limit {
+            messages.last().map(|m| m.message_id).unwrap_or(0)
         } else {
             0
         };
-        let mut messages = Vec::with_capacity(page.len());
-        for m in &page {
-            messages.push(convert::message_to(m, &self.name_of(m.sender).await?));
-        }
         Ok(pb::HistoryPage {
             chat: Some(chat_to(chat)),
             messages,
@@ -627,13 +687,28 @@ impl Node {
             .storage
             .chat_list(me.user, self.config.limits.max_chat_list)
             .await?;
+        let budget = self.reply_budget();
+        let mut used = 0usize;
         let mut chats = Vec::with_capacity(rows.len());
         for r in &rows {
             let name = match &r.newest {
                 Some(m) => self.name_of(m.sender).await?,
                 None => Arc::from(""),
             };
-            chats.push(convert::summary_to(r, &name));
+            let mut row = convert::summary_to(r, &name);
+            if let Some(newest) = row.newest.as_mut() {
+                // A preview, not the message: the chat list must fit one frame whatever
+                // others sent. The full message is one history request away.
+                if newest.body.len() > CHAT_LIST_PREVIEW_BYTES {
+                    newest.body.truncate(CHAT_LIST_PREVIEW_BYTES);
+                }
+                newest.reactions.clear();
+            }
+            used += row.encoded_len() + 8;
+            if used > budget {
+                break;
+            }
+            chats.push(row);
         }
         Ok(pb::ChatList { chats })
     }

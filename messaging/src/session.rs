@@ -186,7 +186,7 @@ async fn run(
                 break Some((ErrorCode::Unavailable, b"node shutting down"));
             }
             Some(reply) = inflight.next(), if !inflight.is_empty() => {
-                if let Err(e) = encode_into(&reply, max_frame.max(1 << 20), &mut out) {
+                if let Err(e) = encode_into(&reply, max_frame, &mut out) {
                     warn!(error = %e, "reply did not encode");
                     out.clear();
                     let _ = encode_into(
@@ -209,6 +209,11 @@ async fn run(
                     batch = Vec::new();
                 }
             }
+            _ = &mut auth_deadline, if identity.is_none() => {
+                let _ = encode_into(&code_frame(0, ErrorCode::AuthTimeout, "not authenticated in time"), max_frame, &mut out);
+                flush_within(&mut send, &mut out, limits.write_timeout).await;
+                break Some((ErrorCode::AuthTimeout, b"not authenticated in time"));
+            }
             frame = reader.next(), if inflight.len() < limits.max_inflight_per_conn => {
                 match frame {
                     None => break None,
@@ -216,7 +221,7 @@ async fn run(
                         let msg = format!("frame of {len} bytes is over the maximum of {max}");
                         let _ = encode_into(&code_frame(0, ErrorCode::FrameTooLarge, &msg), max_frame, &mut out);
                         // The stream cannot be resynchronised after an unread body.
-                        flush(&mut send, &mut out).await;
+                        flush_within(&mut send, &mut out, limits.write_timeout).await;
                         break Some((ErrorCode::FrameTooLarge, b"frame too large"));
                     }
                     Some(Err(CodecError::Malformed(e))) => {
@@ -281,14 +286,15 @@ async fn run(
                     }
                 }
             }
-            _ = &mut auth_deadline, if identity.is_none() => {
-                let _ = encode_into(&code_frame(0, ErrorCode::AuthTimeout, "not authenticated in time"), max_frame, &mut out);
-                flush(&mut send, &mut out).await;
-                break Some((ErrorCode::AuthTimeout, b"not authenticated in time"));
-            }
         }
-        if !out.is_empty() && !flush(&mut send, &mut out).await {
-            break None;
+        if !out.is_empty() {
+            match flush_within(&mut send, &mut out, limits.write_timeout).await {
+                Flushed::Ok => {}
+                Flushed::Gone => break None,
+                // The client stopped reading: a task blocked on one connection must not
+                // outlive every deadline (auth, shutdown) by waiting here.
+                Flushed::Blocked => break Some((ErrorCode::SlowReader, b"client stopped reading")),
+            }
         }
     };
 
@@ -321,6 +327,25 @@ async fn run(
 async fn linger(send: &mut quinn::SendStream) {
     if send.finish().is_ok() {
         let _ = tokio::time::timeout(CLOSE_LINGER, send.stopped()).await;
+    }
+}
+
+enum Flushed {
+    Ok,
+    Gone,
+    Blocked,
+}
+
+/// [`flush`] bounded by `limit`.
+async fn flush_within(
+    send: &mut quinn::SendStream,
+    out: &mut BytesMut,
+    limit: Duration,
+) -> Flushed {
+    match tokio::time::timeout(limit, flush(send, out)).await {
+        Ok(true) => Flushed::Ok,
+        Ok(false) => Flushed::Gone,
+        Err(_) => Flushed::Blocked,
     }
 }
 

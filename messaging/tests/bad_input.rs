@@ -277,6 +277,28 @@ async fn oversized_messages_and_the_rate_limit() {
     }
     assert_eq!(&codes[..3], &[None, None, None], "the burst is allowed");
     assert_eq!(codes[3], Some(ErrorCode::RateLimited));
+    // Reactions, receipts and joins have their own quota (twice the send quota) and are
+    // refused with RATE_LIMITED past it, so nobody can flood others' push queues with them.
+    let target = a
+        .history(chat, 0, meshchat_proto::client::Direction::Backward, 1)
+        .await
+        .expect("history")
+        .messages[0]
+        .message_id;
+    let mut react_codes = Vec::new();
+    for n in 0..8 {
+        react_codes.push(
+            a.react(chat, target, if n % 2 == 0 { "👍" } else { "👎" })
+                .await
+                .err()
+                .and_then(|e| e.code()),
+        );
+    }
+    assert!(
+        react_codes[..6].iter().all(Option::is_none),
+        "{react_codes:?}"
+    );
+    assert_eq!(react_codes[7], Some(ErrorCode::RateLimited));
     // The retrying send gets through once the bucket refills.
     a.send(chat, "patient", None)
         .await

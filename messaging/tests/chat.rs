@@ -427,3 +427,49 @@ async fn graceful_shutdown_closes_clients_with_a_code() {
         .expect("history");
     assert_eq!(page.messages[0].message_id, acked.message_id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_fit_one_frame_whatever_the_messages_weigh() {
+    let node = TestNode::start_with(|c| {
+        c.limits.max_frame_bytes = 8 * 1024;
+        c.limits.max_body_bytes = 4 * 1024;
+        c.transport.stream_receive_window = 64 * 1024;
+    })
+    .await;
+    let (alice, _ae, a) = node.user("alice").await;
+    let (bob, _be, b) = node.user("bob").await;
+    let chat = ChatId::direct(a.user, b.user);
+    let big = vec![b'x'; 4_000];
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(
+            alice
+                .send(chat, big.clone(), None)
+                .await
+                .expect("send")
+                .message_id,
+        );
+    }
+    // Ten 4 KB messages do not fit an 8 KiB frame: pages come back short, with a cursor, and
+    // paging still returns every message exactly once.
+    let mut got = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let page = bob
+            .history(chat, cursor, Direction::Forward, 10)
+            .await
+            .expect("page");
+        assert!(page.messages.len() < 10, "truncated to the frame budget");
+        got.extend(page.messages.iter().map(|m| m.message_id));
+        if page.next_cursor == 0 {
+            break;
+        }
+        cursor = page.next_cursor;
+    }
+    assert_eq!(got, ids);
+    // The chat list shows a bounded preview of the newest message.
+    let list = bob.chat_list().await.expect("chat list");
+    let newest = list[0].newest.as_ref().expect("newest");
+    assert_eq!(newest.message_id, *ids.last().expect("ids"));
+    assert_eq!(newest.body.len(), 512);
+}

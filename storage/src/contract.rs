@@ -543,6 +543,14 @@ pub async fn channels_membership(h: &dyn Harness) {
     assert_eq!(row.title, ids.name("general"));
     assert_eq!(row.newest.as_ref().map(|m| m.id), Some(m));
     assert!(row.peer.is_none());
+    // A member who joins later starts with the backlog marked seen: no "999+ unread", and no
+    // gap fill of the whole history.
+    let d = ids.user(&*s, "d").await;
+    s.join_channel(ch, d).await.expect("join");
+    let d_rows = s.chat_list(d, 10).await.expect("list");
+    assert_eq!(d_rows[0].unread, 0);
+    assert_eq!(d_rows[0].mine.seen, m);
+    assert_eq!(d_rows[0].mine.delivered, m);
     // Unknown channels are errors, not empty answers.
     let nope = ChannelId(ids.id());
     assert!(matches!(

@@ -122,7 +122,7 @@ struct ReaderPool {
     path: PathBuf,
     busy_timeout: Duration,
     idle: Mutex<Vec<Connection>>,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
 }
 
 fn open_connection(
@@ -162,7 +162,7 @@ impl EmbeddedStore {
                 path: config.path.clone(),
                 busy_timeout: config.busy_timeout,
                 idle: Mutex::new(Vec::new()),
-                permits: Semaphore::new(config.readers.max(1)),
+                permits: Arc::new(Semaphore::new(config.readers.max(1))),
             }),
             config,
             writer: Mutex::new(Some(writer)),
@@ -222,7 +222,10 @@ impl EmbeddedStore {
             }
             Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(StorageError::Closed),
         }
-        rx.await.map_err(|_| StorageError::Closed)?
+        // The writer drops a job unanswered only when its batch could not run at all
+        // (BEGIN or a savepoint failed, e.g. another process held the lock too long).
+        rx.await
+            .map_err(|_| StorageError::backend(std::io::Error::other("write batch aborted")))?
     }
 
     /// Runs `f` on a read connection on the blocking pool.
@@ -232,23 +235,26 @@ impl EmbeddedStore {
         F: FnOnce(&Connection) -> Result<T, StorageError> + Send + 'static,
     {
         let pool = self.readers.clone();
-        let _permit = pool
+        // The permit moves into the blocking closure: if the caller is cancelled, the read
+        // still holds its slot until it finishes, so the pool bound holds.
+        let permit = pool
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| StorageError::Closed)?;
-        let pool2 = pool.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = match pool2.idle.lock().pop() {
+            let _permit = permit;
+            let conn = match pool.idle.lock().pop() {
                 Some(c) => c,
                 None => open_connection(
-                    &pool2.path,
+                    &pool.path,
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                    pool2.busy_timeout,
+                    pool.busy_timeout,
                 )?,
             };
             let out = f(&conn);
-            pool2.idle.lock().push(conn);
+            pool.idle.lock().push(conn);
             out
         })
         .await

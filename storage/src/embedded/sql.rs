@@ -556,10 +556,16 @@ pub(super) fn join_channel(
         .map_err(db)?
         .execute(params![i(id.0), i(user.0)])
         .map_err(db)?;
-    c.prepare_cached("INSERT OR IGNORE INTO user_chats (user_id, chat) VALUES (?1, ?2)")
-        .map_err(db)?
-        .execute(params![i(user.0), chat_key(ChatId::Channel(id))])
-        .map_err(db)?;
+    // A new member starts with everything before joining marked seen: no "999+ unread" and
+    // no gap fill of the whole backlog.
+    c.prepare_cached(
+        "INSERT OR IGNORE INTO user_chats (user_id, chat, delivered, seen)
+         SELECT ?1, ?2, coalesce(max(last_message_id), 0), coalesce(max(last_message_id), 0)
+         FROM chats WHERE chat = ?2",
+    )
+    .map_err(db)?
+    .execute(params![i(user.0), chat_key(ChatId::Channel(id))])
+    .map_err(db)?;
     Ok(n > 0)
 }
 
