@@ -221,6 +221,7 @@ impl Client {
     }
 
     async fn auth(&self, body: client_frame::Body) -> Result<Session, ClientError> {
+        let mut body = body;
         for _ in 0..=MAX_REDIRECTS {
             match self.request(body.clone()).await? {
                 server_frame::Body::AuthOk(ok) => {
@@ -240,6 +241,12 @@ impl Client {
                     }
                     *self.server.lock() = r.address;
                     self.open().await?;
+                    // The redirect carries a token: authenticate with it at the home node
+                    // (a registration must not be repeated there).
+                    if !r.token.is_empty() {
+                        body =
+                            client_frame::Body::Authenticate(pb::Authenticate { token: r.token });
+                    }
                 }
                 other => return Err(unexpected(&other)),
             }

@@ -49,6 +49,62 @@ pub struct NodeConfig {
     /// How long a graceful shutdown may take before connections are cut (default 10 s).
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// The cluster this node belongs to. Without members, the node is alone and homes every
+    /// user.
+    pub cluster: ClusterConfig,
+}
+
+/// Cluster membership and the node <-> node mesh. Static membership today; Redis
+/// membership comes with the rest of the mesh issue.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Name of the cluster; a peer with another name is refused (default "meshchat").
+    pub cluster_id: String,
+    /// UDP address of this node's mesh endpoint (default: none, no mesh).
+    pub mesh_listen: Option<SocketAddr>,
+    /// Every member, this node included.
+    pub members: Vec<StaticMember>,
+    /// Ring epoch of this static member list (raise it when the list changes).
+    pub epoch: u64,
+    /// Envelopes queued per peer before new ones are dropped (counted and logged;
+    /// default 65,536).
+    pub peer_queue: usize,
+    /// CA that signs every node's certificate (mutual TLS between nodes). Default: the
+    /// development CA in the data dir.
+    pub ca: Option<PathBuf>,
+}
+
+/// One member of a static cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StaticMember {
+    /// Node id.
+    pub id: u32,
+    /// Its mesh address (UDP).
+    pub mesh_addr: SocketAddr,
+    /// The address its clients dial (redirects point here).
+    pub client_addr: String,
+    /// Relative capacity (default 1).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            cluster_id: "meshchat".into(),
+            mesh_listen: None,
+            members: Vec::new(),
+            epoch: 1,
+            peer_queue: 65_536,
+            ca: None,
+        }
+    }
 }
 
 impl Default for NodeConfig {
@@ -64,6 +120,7 @@ impl Default for NodeConfig {
             limits: LimitsConfig::default(),
             transport: TransportSettings::default(),
             shutdown_grace: Duration::from_secs(10),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -246,6 +303,27 @@ impl NodeConfig {
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key go together");
+        }
+        let c = &self.cluster;
+        if !c.members.is_empty() {
+            if c.mesh_listen.is_none() {
+                return bad("cluster.members needs cluster.mesh_listen");
+            }
+            if !c.members.iter().any(|m| m.id == self.node_id) {
+                return bad("cluster.members must include this node's node_id");
+            }
+            let mut ids: Vec<u32> = c.members.iter().map(|m| m.id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            if ids.len() != c.members.len() {
+                return bad("cluster.members has a node id twice");
+            }
+            if c.members.iter().any(|m| m.weight == 0) {
+                return bad("cluster.members weights must be > 0");
+            }
+        }
+        if c.peer_queue == 0 {
+            return bad("cluster.peer_queue must be > 0");
         }
         Ok(())
     }

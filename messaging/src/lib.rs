@@ -7,7 +7,9 @@
 //! - [`session`]: one task per connection: auth, request loop, pushes with sequence numbers.
 //! - [`node`]: the chat service: every request handler and the send path.
 //! - [`registry`]: user -> live connections, bounded per-connection push queues.
-//! - [`router`]: where deliveries go (local today; the mesh slots in behind it).
+//! - [`router`]: where deliveries go: the one interface between the send path and the cluster.
+//! - [`members`]: the per-node channel member cache (fan-out only; invalidated across the mesh).
+//! - [`mesh`]: the node <-> node QUIC mesh with static membership, a [`router::Router`].
 //! - [`auth`]: argon2id password hashes and JWT tokens.
 //! - [`tls`]: certificates (dev CA), rustls/quinn configs sized for chat.
 //! - [`error`]: request errors and the one mapping to protocol error codes.
@@ -19,6 +21,8 @@ pub mod config;
 pub mod convert;
 pub mod dev;
 pub mod error;
+pub mod members;
+pub mod mesh;
 pub mod node;
 pub mod registry;
 pub mod router;

@@ -22,8 +22,9 @@ use crate::auth::{Auth, Identity};
 use crate::config::NodeConfig;
 use crate::convert::{self, chat_from, chat_to, message_id};
 use crate::error::RequestError;
+use crate::members::MemberCache;
 use crate::registry::{ConnId, Registry};
-use crate::router::Router;
+use crate::router::{Home, Router};
 
 /// Longest client message id accepted.
 const MAX_CLIENT_MSG_ID: usize = 64;
@@ -31,8 +32,15 @@ const MAX_CLIENT_MSG_ID: usize = 64;
 const NAME_CACHE_MAX: usize = 100_000;
 /// Bytes of the newest message's body shown in a chat-list row.
 const CHAT_LIST_PREVIEW_BYTES: usize = 512;
-/// Channel member lists cached at once before the cache is cleared.
-const MEMBER_CACHE_MAX: usize = 10_000;
+
+/// What an authentication request led to.
+#[derive(Debug)]
+pub enum AuthOutcome {
+    /// The connection is now this user's.
+    Authenticated(Identity, pb::AuthOk),
+    /// The user's home is another node: reconnect there with the token inside.
+    Redirect(pb::Redirect),
+}
 
 /// The chat service of one node.
 pub struct Node {
@@ -44,11 +52,7 @@ pub struct Node {
     pub(crate) router: Arc<dyn Router>,
     rate: DefaultKeyedRateLimiter<UserId>,
     names: DashMap<UserId, Arc<str>>,
-    members: DashMap<ChannelId, Arc<Vec<UserId>>>,
-    /// Bumped on every join/leave: a member list read from storage is cached only if no
-    /// change happened while it was being read (else a stale list could be cached after the
-    /// invalidation).
-    members_epoch: std::sync::atomic::AtomicU64,
+    members: Arc<MemberCache>,
     /// Rate of other mutating requests (receipts, reactions, joins, creates) per user.
     event_rate: DefaultKeyedRateLimiter<UserId>,
 }
@@ -97,6 +101,7 @@ impl Node {
         auth: Auth,
         registry: Arc<Registry>,
         router: Arc<dyn Router>,
+        members: Arc<MemberCache>,
     ) -> Result<Self, RequestError> {
         let ids = Generator::new(config.worker_id())
             .map_err(|e| RequestError::Internal(e.to_string()))?;
@@ -118,8 +123,7 @@ impl Node {
             router,
             rate,
             names: DashMap::new(),
-            members: DashMap::new(),
-            members_epoch: std::sync::atomic::AtomicU64::new(0),
+            members,
             event_rate,
         })
     }
@@ -156,11 +160,10 @@ impl Node {
         })
     }
 
-    /// Drops the cached member list of `id` after a join or leave.
+    /// Drops the cached member list of `id` after a join or leave, here and on peers.
     fn members_changed(&self, id: ChannelId) {
-        self.members_epoch
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.members.remove(&id);
+        self.members.invalidate(id);
+        self.router.channel_changed(id);
     }
 
     /// Bytes a reply body may use so the whole frame stays under `max_frame_bytes`.
@@ -188,11 +191,12 @@ impl Node {
         }
     }
 
-    /// Handles register / login / authenticate. Returns the identity the connection now has.
+    /// Handles register / login / authenticate: the identity the connection now has, or a
+    /// redirect (with a fresh token) when the user's home is another node.
     pub async fn authenticate_request(
         &self,
         body: client_frame::Body,
-    ) -> Result<(Identity, pb::AuthOk), RequestError> {
+    ) -> Result<AuthOutcome, RequestError> {
         let identity = match body {
             client_frame::Body::Register(r) => {
                 valid_name(&r.user_name)?;
@@ -235,13 +239,21 @@ impl Node {
         let (token, expires_unix_ms) = self.auth.mint(identity.user, &identity.name)?;
         self.names
             .insert(identity.user, Arc::from(identity.name.as_str()));
+        if let Home::Remote { node, addr, epoch } = self.router.home(identity.user) {
+            return Ok(AuthOutcome::Redirect(pb::Redirect {
+                node_id: node.0,
+                address: addr,
+                ring_epoch: epoch,
+                token,
+            }));
+        }
         let ok = pb::AuthOk {
             user_id: identity.user.0,
             user_name: identity.name.clone(),
             token,
             expires_unix_ms,
         };
-        Ok((identity, ok))
+        Ok(AuthOutcome::Authenticated(identity, ok))
     }
 
     /// Handles one request of an authenticated connection.
@@ -300,15 +312,19 @@ impl Node {
                 Ok(R::Channel(convert::channel_to(&ch)))
             }
             B::ChannelJoin(j) => {
+                Self::check_rate(&self.event_rate, me.user)?;
                 let id = self.channel_ref(j.channel_id, &j.name).await?;
-                self.storage.join_channel(id, me.user).await?;
-                self.members.remove(&id);
+                // Push only when something changed: a repeated join must not be a way to
+                // flood the members' queues.
+                if self.storage.join_channel(id, me.user).await? {
+                    self.members_changed(id);
+                    self.push_channel_event(id, me.user, true).await?;
+                }
                 let ch = self
                     .storage
                     .channel(id)
                     .await?
                     .ok_or(StorageError::UnknownChannel(id))?;
-                self.push_channel_event(id, me.user, true).await?;
                 Ok(R::Channel(convert::channel_to(&ch)))
             }
             B::ChannelLeave(l) => {
@@ -420,17 +436,12 @@ impl Node {
     /// Channel members, from the per-node cache (invalidated on join/leave). Used for fan-out;
     /// authorisation asks storage ([`Self::require_member`]).
     async fn members_of(&self, id: ChannelId) -> Result<Arc<Vec<UserId>>, RequestError> {
-        if let Some(m) = self.members.get(&id) {
-            return Ok(m.clone());
+        if let Some(m) = self.members.get(id) {
+            return Ok(m);
         }
-        let epoch = self.members_epoch.load(std::sync::atomic::Ordering::SeqCst);
+        let version = self.members.version();
         let m = Arc::new(self.storage.channel_members(id).await?);
-        if self.members_epoch.load(std::sync::atomic::Ordering::SeqCst) == epoch {
-            if self.members.len() >= MEMBER_CACHE_MAX {
-                self.members.clear();
-            }
-            self.members.insert(id, m.clone());
-        }
+        self.members.insert_if_unchanged(id, m.clone(), version);
         Ok(m)
     }
 

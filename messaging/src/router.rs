@@ -9,9 +9,25 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use meshchat_idgen::UserId;
+use meshchat_idgen::{ChannelId, NodeId, UserId};
 
 use crate::registry::{ConnId, Delivery, Registry};
+
+/// Where a user is homed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Home {
+    /// On this node.
+    Local,
+    /// On another node: clients of this user are redirected there.
+    Remote {
+        /// The home node.
+        node: NodeId,
+        /// The address its clients dial.
+        addr: String,
+        /// Ring epoch of this decision.
+        epoch: u64,
+    },
+}
 
 /// Delivers pushes to users wherever their connections live.
 pub trait Router: Send + Sync + 'static {
@@ -23,6 +39,14 @@ pub trait Router: Send + Sync + 'static {
     fn epoch(&self) -> u64 {
         0
     }
+
+    /// Where `user` is homed.
+    fn home(&self, _user: UserId) -> Home {
+        Home::Local
+    }
+
+    /// A channel's members changed here: tell the nodes that cache its member list.
+    fn channel_changed(&self, _channel: ChannelId) {}
 }
 
 /// Every user is local: deliver through this node's registry.

@@ -21,9 +21,11 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::auth::{Auth, AuthSetupError};
 use crate::config::NodeConfig;
 use crate::error::{RequestError, close_code};
+use crate::members::MemberCache;
+use crate::mesh::Mesh;
 use crate::node::Node;
 use crate::registry::Registry;
-use crate::router::LocalRouter;
+use crate::router::{LocalRouter, Router};
 use crate::session;
 use crate::tls::{self, TlsError};
 
@@ -60,6 +62,8 @@ pub struct RunningNode {
     pub addr: SocketAddr,
     /// The chat service (for inspection in tests and metrics).
     pub node: Arc<Node>,
+    /// The mesh, when the node is part of a cluster.
+    pub mesh: Option<Arc<Mesh>>,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
 }
@@ -68,10 +72,15 @@ impl RunningNode {
     /// Stops the node gracefully and waits until it is down.
     pub async fn shutdown(self) {
         let RunningNode {
-            node, stop, done, ..
+            node,
+            mesh,
+            stop,
+            done,
+            ..
         } = self;
-        // Our handle must not keep the store open past the accept loop's close of it.
+        // Our handles must not keep the store open past the accept loop's close of it.
         drop(node);
+        drop(mesh);
         let _ = stop.send(true);
         if let Err(e) = done.await {
             warn!(error = %e, "node task ended abnormally");
@@ -92,6 +101,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     );
     let store = Arc::new(EmbeddedStore::open_dir(&config.data_dir)?);
     let identity = tls::node_identity(&config)?;
+    let mesh_identity = tls::Identity {
+        chain: identity.chain.clone(),
+        key: identity.key.clone_key(),
+    };
     let server_config = tls::server_config(identity, meshchat_proto::CLIENT_ALPN, &config)?;
     let socket = tls::udp_socket(config.listen, &config.transport)?;
     let endpoint = quinn::Endpoint::new(
@@ -105,16 +118,31 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         .local_addr()
         .map_err(|e| StartError::Other(format!("endpoint address: {e}")))?;
     let registry = Arc::new(Registry::new());
-    let router = Arc::new(LocalRouter::new(registry.clone()));
-    let storage: Arc<dyn Storage> = store.clone();
-    let node = Arc::new(Node::new(config, storage, auth, registry, router)?);
+    let members = Arc::new(MemberCache::new());
     let (stop, stop_rx) = watch::channel(false);
+    let (router, mesh): (Arc<dyn Router>, Option<Arc<Mesh>>) = if config.cluster.members.is_empty()
+    {
+        (Arc::new(LocalRouter::new(registry.clone())), None)
+    } else {
+        let mesh = Mesh::start(
+            &config,
+            &mesh_identity,
+            registry.clone(),
+            members.clone(),
+            &stop_rx,
+        )
+        .map_err(|e| StartError::Other(e.to_string()))?;
+        (mesh.clone(), Some(mesh))
+    };
+    let storage: Arc<dyn Storage> = store.clone();
+    let node = Arc::new(Node::new(config, storage, auth, registry, router, members)?);
     let span = info_span!("node", id = node.config.node_id, %addr);
     let done = tokio::spawn(accept_loop(node.clone(), endpoint, store, stop_rx).instrument(span));
     info!(%addr, node = node.config.node_id, "listening");
     Ok(RunningNode {
         addr,
         node,
+        mesh,
         stop,
         done,
     })

@@ -26,7 +26,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::auth::Identity;
 use crate::error::{RequestError, close_code};
-use crate::node::Node;
+use crate::node::{AuthOutcome, Node};
 use crate::registry::{ConnHandle, ConnId, Outbox};
 
 /// Initial capacity of a connection's read buffer; grows to the frame size when needed.
@@ -251,7 +251,11 @@ async fn run(
                                 // Boxed: this rare, large future would otherwise be part of
                                 // every idle connection's task.
                                 match Box::pin(node.authenticate_request(body)).await {
-                                    Ok((who, ok)) => {
+                                    Ok(AuthOutcome::Redirect(r)) => {
+                                        debug!(to = r.node_id, "redirecting to the user's home node");
+                                        let _ = encode_into(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Redirect(r)) }, max_frame, &mut out);
+                                    }
+                                    Ok(AuthOutcome::Authenticated(who, ok)) => {
                                         let ob = Outbox::new(limits.outbound_queue);
                                         node.registry.insert(who.user, ConnHandle { id, outbox: ob.clone(), conn: conn.clone() });
                                         debug!(user = who.user.0, "authenticated");

@@ -183,6 +183,11 @@ pub fn dev_identity(dir: &Path, extra_names: &[String]) -> Result<Identity, TlsE
     params
         .distinguished_name
         .push(DnType::CommonName, "meshchat node");
+    // The same certificate serves clients and, in the mesh, both dials and accepts.
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     let cert = params.signed_by(&key, &issuer)?;
     Ok(Identity {
         chain: vec![cert.der().clone()],
@@ -198,13 +203,15 @@ pub fn node_identity(config: &NodeConfig) -> Result<Identity, TlsError> {
     match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => load_identity(cert, key),
         _ => {
-            let host = config
+            let mut names = config
                 .advertised()
                 .rsplit_once(':')
                 .map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']').to_owned())
                 .into_iter()
                 .collect::<Vec<_>>();
-            dev_identity(&config.data_dir, &host)
+            // Peers dial this name in the mesh.
+            names.push(format!("node-{}", config.node_id));
+            dev_identity(&config.data_dir, &names)
         }
     }
 }

@@ -1,0 +1,643 @@
+//! The node <-> node QUIC mesh with static membership, and the [`Router`] that uses it.
+//!
+//! - **Ring**: every member builds the same consistent-hash ring from the static member list
+//!   (`[cluster]` in the config); a user's home is the ring owner of their id.
+//! - **Links**: one QUIC connection per pair of nodes. The lower node id dials, the higher
+//!   accepts, so two nodes never dial each other at once. Mutual TLS: both sides present a
+//!   certificate signed by the cluster CA and verify the other's; a node without one is
+//!   refused in the handshake. The dialer then sends `PeerHello` (cluster id, node id,
+//!   protocol version) and the acceptor answers `PeerHelloOk` or closes.
+//! - **Batching and bounds**: each peer has a bounded envelope queue; a writer task drains it
+//!   into `PeerBatch` frames (up to 1,024 envelopes or 64 KiB each), so under load many
+//!   messages share one frame and packet. A full queue drops the new envelope and counts it.
+//! - **Reconnect**: the dialer retries with jittered exponential backoff (100 ms .. 5 s).
+//!
+//! ## What happens to an in-flight envelope
+//!
+//! Envelopes carry live pushes only; every message they announce is already durable (the send
+//! path acks after the commit, and pushes after that). An envelope queued for a peer whose link
+//! is down waits in the queue and is sent when the link returns; if the queue is full it is
+//! dropped (counted in [`PeerStats::dropped`]). An envelope written to a link that dies is
+//! lost. Either way the recipient's devices see the message when they next fill gaps from
+//! history (on reconnect). A receiver that no longer owns a recipient (its ring moved on)
+//! delivers to that recipient's connections it still has and forwards the rest to the owner it
+//! knows, once (`hops` bounds it).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use meshchat_backplane::ring::{DEFAULT_VNODES_PER_WEIGHT, Ring};
+use meshchat_idgen::{ChannelId, NodeId, UserId};
+use meshchat_proto::codec::encode_into;
+use meshchat_proto::mesh::{self as pm, envelope};
+use meshchat_proto::{FrameCodec, MESH_ALPN, PROTOCOL_VERSION};
+use parking_lot::Mutex;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::{Notify, watch};
+use tokio_util::codec::FramedRead;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::{ClusterConfig, NodeConfig};
+use crate::members::MemberCache;
+use crate::registry::{ConnId, Delivery, Registry};
+use crate::router::{Home, Router};
+use crate::tls::{self, Identity, TlsError};
+
+/// Largest mesh frame (a batch).
+const MAX_MESH_FRAME: usize = 1 << 20;
+/// Most envelopes in one batch.
+const BATCH_ENVELOPES: usize = 1_024;
+/// Batch size at which the writer stops adding envelopes.
+const BATCH_BYTES: usize = 64 * 1024;
+/// Forwarding bound for envelopes that reach a node that no longer owns their recipients.
+const MAX_HOPS: u32 = 1;
+
+/// Counters of one peer link.
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    /// Envelopes written to the link.
+    pub envelopes_sent: AtomicU64,
+    /// Batch frames written.
+    pub frames_sent: AtomicU64,
+    /// Envelopes received from the peer.
+    pub envelopes_received: AtomicU64,
+    /// Envelopes dropped because the queue was full.
+    pub dropped: AtomicU64,
+    /// Times the link came up.
+    pub connects: AtomicU64,
+}
+
+struct Peer {
+    id: NodeId,
+    addr: SocketAddr,
+    queue: Mutex<VecDeque<pm::Envelope>>,
+    ready: Notify,
+    capacity: usize,
+    up: AtomicBool,
+    stats: PeerStats,
+}
+
+impl Peer {
+    fn enqueue(&self, env: pm::Envelope) {
+        {
+            let mut q = self.queue.lock();
+            if q.len() >= self.capacity {
+                drop(q);
+                let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    warn!(
+                        peer = self.id.0,
+                        dropped = n,
+                        "peer queue full: dropping envelopes"
+                    );
+                }
+                return;
+            }
+            q.push_back(env);
+        }
+        self.ready.notify_one();
+    }
+}
+
+/// The mesh: ring, peers, and routing.
+pub struct Mesh {
+    me: NodeId,
+    cluster_id: String,
+    epoch: u64,
+    ring: Arc<Ring>,
+    client_addrs: HashMap<NodeId, String>,
+    peers: BTreeMap<NodeId, Arc<Peer>>,
+    registry: Arc<Registry>,
+    members: Arc<MemberCache>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("me", &self.me)
+            .field("epoch", &self.epoch)
+            .field("peers", &self.peers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Errors starting the mesh.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// TLS or socket setup.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The ring could not be built.
+    #[error("ring: {0}")]
+    Ring(#[from] meshchat_backplane::RingError),
+    /// Anything else.
+    #[error("mesh: {0}")]
+    Other(String),
+}
+
+fn quic_transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .keep_alive_interval(Some(Duration::from_secs(2)))
+        .max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(10)).ok());
+    t
+}
+
+impl Mesh {
+    /// Builds the ring and peer set from the static cluster config and starts the mesh
+    /// endpoint, its accept loop and a dial loop for every higher-id peer.
+    pub fn start(
+        config: &NodeConfig,
+        identity: &Identity,
+        registry: Arc<Registry>,
+        members: Arc<MemberCache>,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Arc<Self>, MeshError> {
+        let c: &ClusterConfig = &config.cluster;
+        let me = NodeId(config.node_id);
+        let weights: BTreeMap<NodeId, u32> =
+            c.members.iter().map(|m| (NodeId(m.id), m.weight)).collect();
+        let ring = Arc::new(Ring::build(&weights, DEFAULT_VNODES_PER_WEIGHT)?);
+        let peers: BTreeMap<NodeId, Arc<Peer>> = c
+            .members
+            .iter()
+            .filter(|m| m.id != config.node_id)
+            .map(|m| {
+                (
+                    NodeId(m.id),
+                    Arc::new(Peer {
+                        id: NodeId(m.id),
+                        addr: m.mesh_addr,
+                        queue: Mutex::new(VecDeque::new()),
+                        ready: Notify::new(),
+                        capacity: c.peer_queue,
+                        up: AtomicBool::new(false),
+                        stats: PeerStats::default(),
+                    }),
+                )
+            })
+            .collect();
+        let mesh = Arc::new(Self {
+            me,
+            cluster_id: c.cluster_id.clone(),
+            epoch: c.epoch,
+            ring,
+            client_addrs: c
+                .members
+                .iter()
+                .map(|m| (NodeId(m.id), m.client_addr.clone()))
+                .collect(),
+            peers,
+            registry,
+            members,
+        });
+        let roots = match &c.ca {
+            Some(p) => tls::load_certs(p)?,
+            None => tls::load_certs(&config.data_dir.join(tls::DEV_CA_CERT))?,
+        };
+        let listen = c
+            .mesh_listen
+            .ok_or_else(|| MeshError::Other("cluster.mesh_listen is not set".into()))?;
+        let endpoint = mesh_endpoint(listen, identity, &roots)?;
+        info!(%listen, members = c.members.len(), epoch = c.epoch, "mesh listening");
+        let span = info_span!("mesh", me = me.0);
+        tokio::spawn(
+            accept_loop(mesh.clone(), endpoint.clone(), stop.clone()).instrument(span.clone()),
+        );
+        for peer in mesh.peers.values().filter(|p| p.id > me) {
+            tokio::spawn(
+                dial_loop(mesh.clone(), endpoint.clone(), peer.clone(), stop.clone())
+                    .instrument(info_span!(parent: &span, "peer", id = peer.id.0)),
+            );
+        }
+        Ok(mesh)
+    }
+
+    /// This node.
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    /// The ring.
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// Counters of the link to `peer`.
+    pub fn peer_stats(&self, peer: NodeId) -> Option<&PeerStats> {
+        self.peers.get(&peer).map(|p| &p.stats)
+    }
+
+    /// Whether the link to `peer` is up.
+    pub fn peer_up(&self, peer: NodeId) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| p.up.load(Ordering::Relaxed))
+    }
+
+    fn owner(&self, user: UserId) -> NodeId {
+        self.ring.owner(user).unwrap_or(self.me)
+    }
+
+    /// Handles one envelope from a peer.
+    fn receive(&self, env: pm::Envelope) {
+        let d = match env.body {
+            Some(envelope::Body::Deliver(d)) => d,
+            Some(envelope::Body::ChannelChanged(c)) => {
+                self.members.invalidate(ChannelId(c.channel_id));
+                return;
+            }
+            // UsersMoved comes with dynamic membership.
+            _ => return,
+        };
+        let mut here = Vec::with_capacity(d.recipients.len());
+        let mut elsewhere: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
+        for r in d.recipients {
+            let user = UserId(r);
+            let owner = self.owner(user);
+            if owner == self.me || self.registry.is_online(user) || env.hops >= MAX_HOPS {
+                here.push(user);
+            } else {
+                elsewhere.entry(owner).or_default().push(r);
+            }
+        }
+        if !here.is_empty() {
+            self.registry.push_to(&here, &d.push, None);
+        }
+        for (node, recipients) in elsewhere {
+            if let Some(peer) = self.peers.get(&node) {
+                peer.enqueue(pm::Envelope {
+                    ring_epoch: self.epoch,
+                    hops: env.hops + 1,
+                    body: Some(envelope::Body::Deliver(pm::Deliver {
+                        recipients,
+                        push: d.push.clone(),
+                    })),
+                });
+            }
+        }
+    }
+}
+
+impl Router for Mesh {
+    fn deliver(&self, recipients: &[UserId], push: &Bytes, skip: Option<ConnId>) -> Delivery {
+        let mut local = Vec::new();
+        let mut remote: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
+        for &u in recipients {
+            let owner = self.owner(u);
+            // A user still connected here (before re-homing) is served here too.
+            if owner == self.me || self.registry.is_online(u) {
+                local.push(u);
+            }
+            if owner != self.me {
+                remote.entry(owner).or_default().push(u.0);
+            }
+        }
+        let mut d = self.registry.push_to(&local, push, skip);
+        for (node, users) in remote {
+            if let Some(peer) = self.peers.get(&node) {
+                peer.enqueue(pm::Envelope {
+                    ring_epoch: self.epoch,
+                    hops: 0,
+                    body: Some(envelope::Body::Deliver(pm::Deliver {
+                        recipients: users,
+                        push: push.clone(),
+                    })),
+                });
+                d.queued += 1;
+            }
+        }
+        d
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn channel_changed(&self, channel: ChannelId) {
+        for peer in self.peers.values() {
+            peer.enqueue(pm::Envelope {
+                ring_epoch: self.epoch,
+                hops: 0,
+                body: Some(envelope::Body::ChannelChanged(pm::ChannelChanged {
+                    channel_id: channel.0,
+                })),
+            });
+        }
+    }
+
+    fn home(&self, user: UserId) -> Home {
+        let owner = self.owner(user);
+        if owner == self.me {
+            Home::Local
+        } else {
+            Home::Remote {
+                node: owner,
+                addr: self.client_addrs.get(&owner).cloned().unwrap_or_default(),
+                epoch: self.epoch,
+            }
+        }
+    }
+}
+
+fn mesh_endpoint(
+    listen: SocketAddr,
+    identity: &Identity,
+    roots: &[CertificateDer<'static>],
+) -> Result<quinn::Endpoint, TlsError> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone())?;
+    }
+    let store = Arc::new(store);
+    let provider = tls::provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        store.clone(),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| TlsError::Quic(format!("client verifier: {e}")))?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    server.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(store)
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
+    client.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    let transport = Arc::new(quic_transport());
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(server)
+            .map_err(|e| TlsError::Quic(e.to_string()))?,
+    ));
+    sc.transport_config(transport.clone());
+    let mut cc = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(client)
+            .map_err(|e| TlsError::Quic(e.to_string()))?,
+    ));
+    cc.transport_config(transport);
+    let socket = tls::udp_socket(listen, &crate::config::TransportSettings::default())?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(sc),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| TlsError::Socket {
+        addr: listen,
+        source: e,
+    })?;
+    endpoint.set_default_client_config(cc);
+    Ok(endpoint)
+}
+
+/// The TLS name a node's certificate carries for the mesh.
+pub fn mesh_name(id: NodeId) -> String {
+    format!("node-{}", id.0)
+}
+
+async fn accept_loop(mesh: Arc<Mesh>, endpoint: quinn::Endpoint, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            inc = endpoint.accept() => {
+                let Some(inc) = inc else { break };
+                let mesh = mesh.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let remote = inc.remote_address();
+                    let conn = match inc.await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            // Includes peers without a valid cluster certificate.
+                            warn!(%remote, error = %e, "mesh handshake refused");
+                            return;
+                        }
+                    };
+                    if let Err(e) = accept_peer(mesh, conn, stop).await {
+                        debug!(%remote, error = %e, "mesh link ended");
+                    }
+                });
+            }
+        }
+    }
+    endpoint.close(0u32.into(), b"node stopping");
+}
+
+async fn accept_peer(
+    mesh: Arc<Mesh>,
+    conn: quinn::Connection,
+    stop: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let (mut send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+    let mut reader = FramedRead::new(
+        recv,
+        FrameCodec::<pm::PeerHello, pm::PeerHelloOk>::new(4096),
+    );
+    let hello = match reader.next().await {
+        Some(Ok(h)) => h,
+        other => return Err(format!("no hello: {other:?}")),
+    };
+    let peer = mesh.peers.get(&NodeId(hello.node_id)).cloned();
+    let refuse = if hello.cluster_id != mesh.cluster_id {
+        Some("wrong cluster")
+    } else if hello.protocol_version != PROTOCOL_VERSION {
+        Some("protocol version mismatch")
+    } else if peer.is_none() || hello.node_id >= mesh.me.0 {
+        Some("not a member that dials this node")
+    } else {
+        None
+    };
+    if let Some(why) = refuse {
+        warn!(peer = hello.node_id, why, "mesh peer refused");
+        conn.close(1u32.into(), why.as_bytes());
+        return Err(why.into());
+    }
+    let Some(peer) = peer else {
+        return Err("unknown peer".into());
+    };
+    let mut buf = BytesMut::new();
+    encode_into(
+        &pm::PeerHelloOk {
+            node_id: mesh.me.0,
+            protocol_version: PROTOCOL_VERSION,
+            ring_epoch: mesh.epoch,
+        },
+        4096,
+        &mut buf,
+    )
+    .map_err(|e| e.to_string())?;
+    send.write_all(&buf).await.map_err(|e| e.to_string())?;
+    if hello.ring_epoch != mesh.epoch {
+        warn!(
+            peer = hello.node_id,
+            theirs = hello.ring_epoch,
+            ours = mesh.epoch,
+            "ring epochs differ"
+        );
+    }
+    let recv = reader.into_inner();
+    run_link(mesh, peer, conn, send, recv, stop).await;
+    Ok(())
+}
+
+async fn dial_loop(
+    mesh: Arc<Mesh>,
+    endpoint: quinn::Endpoint,
+    peer: Arc<Peer>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let conn = endpoint
+                .connect(peer.addr, &mesh_name(peer.id))
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            let mut buf = BytesMut::new();
+            encode_into(
+                &pm::PeerHello {
+                    cluster_id: mesh.cluster_id.clone(),
+                    node_id: mesh.me.0,
+                    protocol_version: PROTOCOL_VERSION,
+                    ring_epoch: mesh.epoch,
+                },
+                4096,
+                &mut buf,
+            )
+            .map_err(|e| e.to_string())?;
+            send.write_all(&buf).await.map_err(|e| e.to_string())?;
+            let mut reader = FramedRead::new(
+                recv,
+                FrameCodec::<pm::PeerHelloOk, pm::PeerHello>::new(4096),
+            );
+            match reader.next().await {
+                Some(Ok(ok)) if ok.node_id == peer.id.0 => {}
+                other => return Err(format!("bad hello reply: {other:?}")),
+            }
+            Ok::<_, String>((conn, send, reader.into_inner()))
+        };
+        let result = tokio::select! {
+            _ = stop.changed() => return,
+            r = attempt => r,
+        };
+        match result {
+            Ok((conn, send, recv)) => {
+                backoff = Duration::from_millis(100);
+                run_link(mesh.clone(), peer.clone(), conn, send, recv, stop.clone()).await;
+                if *stop.borrow() {
+                    return;
+                }
+            }
+            Err(e) => debug!(error = %e, "dial failed"),
+        }
+        // Jittered exponential backoff.
+        let jitter =
+            Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(backoff + jitter) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Runs an established link until either side fails or the node stops.
+async fn run_link(
+    mesh: Arc<Mesh>,
+    peer: Arc<Peer>,
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    mut stop: watch::Receiver<bool>,
+) {
+    peer.up.store(true, Ordering::Relaxed);
+    peer.stats.connects.fetch_add(1, Ordering::Relaxed);
+    info!(peer = peer.id.0, "mesh link up");
+    let reader = {
+        let mesh = mesh.clone();
+        let peer = peer.clone();
+        async move {
+            let mut frames = FramedRead::new(
+                recv,
+                FrameCodec::<pm::PeerBatch, pm::PeerBatch>::new(MAX_MESH_FRAME),
+            );
+            while let Some(frame) = frames.next().await {
+                match frame {
+                    Ok(batch) => {
+                        peer.stats
+                            .envelopes_received
+                            .fetch_add(batch.envelopes.len() as u64, Ordering::Relaxed);
+                        for env in batch.envelopes {
+                            mesh.receive(env);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(peer = peer.id.0, error = %e, "bad mesh frame");
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let writer = async {
+        let mut buf = BytesMut::new();
+        loop {
+            let batch: Vec<pm::Envelope> = {
+                let mut q = peer.queue.lock();
+                let mut bytes = 0usize;
+                let mut out = Vec::new();
+                while out.len() < BATCH_ENVELOPES && bytes < BATCH_BYTES {
+                    match q.pop_front() {
+                        Some(e) => {
+                            bytes += prost::Message::encoded_len(&e);
+                            out.push(e);
+                        }
+                        None => break,
+                    }
+                }
+                out
+            };
+            if batch.is_empty() {
+                peer.ready.notified().await;
+                continue;
+            }
+            let n = batch.len() as u64;
+            buf.clear();
+            if let Err(e) = encode_into(
+                &pm::PeerBatch { envelopes: batch },
+                MAX_MESH_FRAME,
+                &mut buf,
+            ) {
+                warn!(error = %e, "batch did not encode; dropped");
+                peer.stats.dropped.fetch_add(n, Ordering::Relaxed);
+                continue;
+            }
+            if send.write_all(&buf).await.is_err() {
+                // The envelopes of this batch are lost with the link (see module docs).
+                break;
+            }
+            peer.stats.envelopes_sent.fetch_add(n, Ordering::Relaxed);
+            peer.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    tokio::select! {
+        _ = reader => {}
+        _ = writer => {}
+        _ = stop.changed() => {}
+        _ = conn.closed() => {}
+    }
+    peer.up.store(false, Ordering::Relaxed);
+    conn.close(0u32.into(), b"link closed");
+    info!(peer = peer.id.0, "mesh link down");
+}

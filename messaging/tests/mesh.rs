@@ -1,0 +1,274 @@
+//! Three nodes in a static cluster over a real QUIC mesh (mutual TLS with the dev CA), one
+//! shared embedded store in a temp dir, real clients following redirects.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{next_message, text};
+use meshchat_client::{Client, ConnectOptions, Events, Session};
+use meshchat_idgen::{ChannelId, ChatId, NodeId};
+use meshchat_messaging::config::StaticMember;
+use meshchat_messaging::{NodeConfig, RunningNode};
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+struct Cluster {
+    nodes: Vec<RunningNode>,
+    dir: tempfile::TempDir,
+}
+
+async fn cluster(n: u32) -> Cluster {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().expect("dir");
+    let members: Vec<StaticMember> = (1..=n)
+        .map(|id| StaticMember {
+            id,
+            mesh_addr: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+            client_addr: format!("127.0.0.1:{}", free_port()),
+            weight: 1,
+        })
+        .collect();
+    let mut nodes = Vec::new();
+    for m in &members {
+        let mut c = common::config_in(dir.path());
+        c.node_id = m.id;
+        c.listen = m.client_addr.parse().expect("addr");
+        c.cluster.mesh_listen = Some(m.mesh_addr);
+        c.cluster.members = members.clone();
+        nodes.push(meshchat_messaging::start(c).await.expect("node starts"));
+    }
+    // Wait for every link (lower ids dial higher ones).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for node in &nodes {
+        let mesh = node.mesh.as_ref().expect("mesh");
+        for peer in 1..=n {
+            if peer == mesh.me().0 {
+                continue;
+            }
+            while !mesh.peer_up(NodeId(peer)) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "mesh link {} -> {peer} never came up",
+                    mesh.me().0
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    Cluster { nodes, dir }
+}
+
+impl Cluster {
+    fn options(&self) -> ConnectOptions {
+        ConnectOptions::new(
+            meshchat_client::load_ca(&self.dir.path().join("ca.pem")).expect("dev CA"),
+        )
+    }
+
+    /// Registers `name` through node 1; the client follows the redirect to its home.
+    async fn user(&self, name: &str) -> (Client, Events, Session) {
+        let (c, e) = Client::connect(&self.nodes[0].addr.to_string(), self.options())
+            .await
+            .expect("connect");
+        let s = c.register(name, "password-123").await.expect("register");
+        (c, e, s)
+    }
+
+    fn home_of(&self, client: &Client) -> NodeId {
+        let addr = client.server();
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| n.addr.to_string() == addr)
+            .expect("connected to a member");
+        NodeId(i as u32 + 1)
+    }
+
+    fn mesh(&self, node: NodeId) -> &Arc<meshchat_messaging::mesh::Mesh> {
+        self.nodes[node.0 as usize - 1].mesh.as_ref().expect("mesh")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_homed_on_different_nodes_chat_both_ways() {
+    let cl = cluster(3).await;
+    let mut users = Vec::new();
+    for i in 0..12 {
+        let u = cl.user(&format!("user{i}")).await;
+        let home = cl.home_of(&u.0);
+        assert_eq!(
+            cl.mesh(home).ring().owner(u.2.user),
+            Some(home),
+            "the client ended up on its ring owner"
+        );
+        users.push((u, home));
+    }
+    // Two users with different homes.
+    let (a_idx, b_idx) = (0..users.len())
+        .flat_map(|i| (0..users.len()).map(move |j| (i, j)))
+        .find(|&(i, j)| users[i].1 != users[j].1)
+        .expect("12 users spread over 3 nodes");
+    let (a_home, b_home) = (users[a_idx].1, users[b_idx].1);
+    let a_user = users[a_idx].0.2.user;
+    let b_user = users[b_idx].0.2.user;
+    let chat = ChatId::direct(a_user, b_user);
+    users[a_idx]
+        .0
+        .0
+        .send(chat, "across the mesh", None)
+        .await
+        .expect("send");
+    let m = next_message(&mut users[b_idx].0.1).await;
+    assert_eq!(text(&m), "across the mesh");
+    users[b_idx]
+        .0
+        .0
+        .send(chat, "and back", None)
+        .await
+        .expect("send");
+    let m = next_message(&mut users[a_idx].0.1).await;
+    assert_eq!(text(&m), "and back");
+    assert!(
+        cl.mesh(a_home)
+            .peer_stats(b_home)
+            .expect("peer")
+            .envelopes_sent
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_spanning_all_nodes_costs_one_frame_per_node() {
+    let cl = cluster(3).await;
+    // Three members on each node.
+    let mut by_home: std::collections::BTreeMap<NodeId, Vec<(Client, Events, Session)>> =
+        Default::default();
+    let mut i = 0;
+    while by_home.len() < 3 || by_home.values().any(|v| v.len() < 3) {
+        let u = cl.user(&format!("m{i}")).await;
+        i += 1;
+        let home = cl.home_of(&u.0);
+        let slot = by_home.entry(home).or_default();
+        if slot.len() < 3 {
+            slot.push(u);
+        }
+        assert!(i < 200, "could not place three users per node");
+    }
+    let sender_home = NodeId(1);
+    let ch = by_home[&sender_home][0]
+        .0
+        .channel_create("all")
+        .await
+        .expect("create");
+    for (home, us) in by_home.iter() {
+        for (k, u) in us.iter().enumerate() {
+            if *home == sender_home && k == 0 {
+                continue;
+            }
+            u.0.channel_join("all").await.expect("join");
+        }
+    }
+    // Let join events settle, then count envelopes for exactly one channel message.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mesh = cl.mesh(sender_home);
+    let sent = |peer: u32| {
+        mesh.peer_stats(NodeId(peer))
+            .expect("peer")
+            .envelopes_sent
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = (sent(2), sent(3));
+    let chat = ChatId::Channel(ChannelId(ch.channel_id));
+    by_home[&sender_home][0]
+        .0
+        .send(chat, "to everyone", None)
+        .await
+        .expect("send");
+    for (home, us) in by_home.iter_mut() {
+        for (k, u) in us.iter_mut().enumerate() {
+            if *home == sender_home && k == 0 {
+                continue;
+            }
+            // Skip join events; the message must arrive.
+            let m = next_message(&mut u.1).await;
+            assert_eq!(text(&m), "to everyone");
+        }
+    }
+    let after = (sent(2), sent(3));
+    assert_eq!(
+        after.0 - before.0,
+        1,
+        "one envelope to node 2 for three members there"
+    );
+    assert_eq!(
+        after.1 - before.1,
+        1,
+        "one envelope to node 3 for three members there"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_certificate_from_another_ca_is_refused() {
+    let cl = cluster(2).await;
+    let rogue_dir = tempfile::tempdir().expect("dir");
+    let rogue = meshchat_messaging::tls::dev_identity(rogue_dir.path(), &["node-0".into()])
+        .expect("rogue identity");
+    // The rogue trusts the real CA (so it can check the server) but presents its own.
+    let roots = meshchat_messaging::tls::load_certs(&cl.dir.path().join("ca.pem")).expect("ca");
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r).expect("root");
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(meshchat_messaging::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(store)
+        .with_client_auth_cert(rogue.chain, rogue.key)
+        .expect("client cert");
+    tls.alpn_protocols = vec![meshchat_proto::MESH_ALPN.to_vec()];
+    let mut endpoint =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls"),
+    )));
+    let node1: NodeConfig = {
+        let mut c = common::config_in(cl.dir.path());
+        c.node_id = 1;
+        c
+    };
+    let _ = node1;
+    let mesh_addr = cl.nodes[0]
+        .node
+        .config()
+        .cluster
+        .mesh_listen
+        .expect("mesh addr");
+    let outcome = async {
+        let conn = endpoint.connect(mesh_addr, "node-1")?.await?;
+        // TLS 1.3: the client may finish before the server checks its certificate; the
+        // refusal then arrives as the connection closing.
+        let (_s, mut r) = conn.open_bi().await?;
+        let mut buf = [0u8; 1];
+        r.read(&mut buf).await?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    };
+    let result = tokio::time::timeout(Duration::from_secs(5), outcome)
+        .await
+        .expect("refused promptly");
+    assert!(
+        result.is_err(),
+        "a foreign certificate must not get a mesh link"
+    );
+    assert!(!cl.mesh(NodeId(1)).peer_up(NodeId(0)));
+}
