@@ -1,10 +1,18 @@
 //! `meshchat-node dev`: a local cluster on loopback with the embedded store, for newcomers and
-//! tests. Node i (0-based) gets node id i+1 and listens on 127.0.0.1:(base_port + i); all
-//! share the data dir (one store, one dev CA at `<data_dir>/ca.pem`, one token secret).
+//! tests. Node i (0-based) gets node id i+1, serves clients on 127.0.0.1:(base_port + i) and
+//! the mesh on 127.0.0.1:(base_port + 100 + i); all share the data dir (one store, one dev CA
+//! at `<data_dir>/ca.pem`, one token secret), the way production nodes share Cassandra.
+//!
+//! One node runs in this process. Several run as separate child processes
+//! (`meshchat-node run --config <data_dir>/node-<id>.toml`), so a test can SIGKILL one; stopping
+//! `dev` stops them all (SIGTERM, then SIGKILL after the grace period).
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, StaticMember};
 use crate::server::{RunningNode, StartError, start};
 
 /// Settings of a dev cluster.
@@ -14,67 +22,139 @@ pub struct DevCluster {
     pub nodes: u32,
     /// Shared data dir.
     pub data_dir: PathBuf,
-    /// Port of node 0; node i listens on base_port + i.
+    /// Client port of node 0; node i listens on base_port + i, its mesh on base_port + 100 + i.
     pub base_port: u16,
 }
 
+/// A running dev cluster.
+#[derive(Debug)]
+pub enum Running {
+    /// One node in this process.
+    InProcess(RunningNode),
+    /// Child processes, one per node.
+    Children(Vec<Child>),
+}
+
 impl DevCluster {
-    /// The config of node `i` (0-based).
-    pub fn node_config(&self, i: u32) -> NodeConfig {
-        let port = self.base_port + i as u16;
-        NodeConfig {
-            node_id: i + 1,
-            listen: ([127, 0, 0, 1], port).into(),
-            data_dir: self.data_dir.clone(),
-            ..NodeConfig::default()
-        }
+    fn members(&self) -> Vec<StaticMember> {
+        (0..self.nodes)
+            .map(|i| StaticMember {
+                id: i + 1,
+                mesh_addr: ([127, 0, 0, 1], self.base_port + 100 + i as u16).into(),
+                client_addr: format!("127.0.0.1:{}", self.base_port + i as u16),
+                weight: 1,
+            })
+            .collect()
     }
 
-    /// Starts the cluster's nodes in this process.
-    pub async fn start(&self) -> Result<Vec<RunningNode>, StartError> {
+    /// The config of node `i` (0-based).
+    pub fn node_config(&self, i: u32) -> NodeConfig {
+        let mut c = NodeConfig {
+            node_id: i + 1,
+            listen: ([127, 0, 0, 1], self.base_port + i as u16).into(),
+            data_dir: self.data_dir.clone(),
+            ..NodeConfig::default()
+        };
+        if self.nodes > 1 {
+            c.cluster.mesh_listen = Some(([127, 0, 0, 1], self.base_port + 100 + i as u16).into());
+            c.cluster.members = self.members();
+        }
+        c
+    }
+
+    /// The client addresses, by node id.
+    pub fn addresses(&self) -> Vec<(u32, String)> {
+        (0..self.nodes)
+            .map(|i| (i + 1, format!("127.0.0.1:{}", self.base_port + i as u16)))
+            .collect()
+    }
+
+    /// Starts the cluster: one node in-process, or one child process per node (`exe` is the
+    /// `meshchat-node` binary; each child's log lines go to `log`). Returns once every node
+    /// listens.
+    pub async fn start(
+        &self,
+        exe: &Path,
+        log: impl Fn(&str) + Send + Clone + 'static,
+    ) -> Result<Running, StartError> {
         if self.nodes == 0 {
             return Err(StartError::Other("--nodes must be at least 1".into()));
         }
-        if self.nodes > 1 {
-            return Err(StartError::Other(
-                "more than one node needs the mesh backplane, which is not built yet; use --nodes 1"
-                    .into(),
-            ));
-        }
-        if u32::from(self.base_port) + self.nodes > u32::from(u16::MAX) {
+        if u32::from(self.base_port) + 100 + self.nodes > u32::from(u16::MAX) {
             return Err(StartError::Other(
                 "--base-port too high for that many nodes".into(),
             ));
         }
-        let mut running = Vec::new();
-        for i in 0..self.nodes {
-            running.push(start(self.node_config(i)).await?);
+        if self.nodes == 1 {
+            return Ok(Running::InProcess(start(self.node_config(0)).await?));
         }
-        Ok(running)
+        std::fs::create_dir_all(&self.data_dir)
+            .map_err(|e| StartError::Other(format!("data dir: {e}")))?;
+        // Generate the CA and token secret once, before the nodes race to do it.
+        crate::tls::dev_identity(&self.data_dir, &[])?;
+        crate::auth::Auth::load_or_create_secret(&self.node_config(0).secret_file())?;
+        let mut children = Vec::new();
+        for i in 0..self.nodes {
+            let path = self.data_dir.join(format!("node-{}.toml", i + 1));
+            let toml = toml::to_string(&self.node_config(i))
+                .map_err(|e| StartError::Other(format!("writing config: {e}")))?;
+            std::fs::write(&path, toml)
+                .map_err(|e| StartError::Other(format!("{}: {e}", path.display())))?;
+            let child = Command::new(exe)
+                .arg("run")
+                .arg("--config")
+                .arg(&path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| StartError::Other(format!("spawning node {}: {e}", i + 1)))?;
+            children.push(child);
+        }
+        // Each child logs "listening" once its client endpoint is up; pass its log through.
+        for child in &mut children {
+            let Some(stderr) = child.stderr.take() else {
+                continue;
+            };
+            let (tx, rx) = std::sync::mpsc::channel();
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut tx = Some(tx);
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("listening")
+                        && line.contains("meshchat_messaging::server")
+                        && let Some(tx) = tx.take()
+                    {
+                        let _ = tx.send(());
+                    }
+                    log(&line);
+                }
+            });
+            if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+                stop_children(&mut children, Duration::from_secs(1));
+                return Err(StartError::Other("a node did not start within 30 s".into()));
+            }
+        }
+        Ok(Running::Children(children))
     }
 
     /// What to print once the cluster is up: addresses and the exact client commands.
-    pub fn banner(&self, running: &[RunningNode], client_bin: &str) -> String {
+    pub fn banner(&self, client_bin: &str) -> String {
         let ca = self.data_dir.join(crate::tls::DEV_CA_CERT);
-        let first = running
-            .first()
-            .map(|r| r.addr.to_string())
-            .unwrap_or_default();
+        let addrs = self.addresses();
+        let first = addrs.first().map(|a| a.1.clone()).unwrap_or_default();
         let mut s = format!(
             "meshchat dev cluster: {} node(s), data in {}\n",
-            running.len(),
-            display(&self.data_dir)
+            addrs.len(),
+            self.data_dir.display()
         );
-        for r in running {
-            s.push_str(&format!(
-                "  node {}: {} (QUIC, ALPN meshchat/1)\n",
-                r.node.config().node_id,
-                r.addr
-            ));
+        for (id, addr) in &addrs {
+            s.push_str(&format!("  node {id}: {addr} (QUIC, ALPN meshchat/1)\n"));
         }
-        let base = format!("{client_bin} --server {first} --ca {} --home", display(&ca));
+        let base = format!("{client_bin} --server {first} --ca {} --home", ca.display());
         s.push_str(&format!(
-            "\nConnect (each user in its own shell; --home keeps that user's login):\n\
+            "\nConnect (each user in its own shell; --home keeps that user's login; any node\n\
+             redirects a user to its home node):\n\
              \x20 {base} /tmp/mc-alice register alice --password alicepass1\n\
              \x20 {base} /tmp/mc-bob register bob --password bobpass12\n\
              \x20 {base} /tmp/mc-bob listen\n\
@@ -86,6 +166,25 @@ impl DevCluster {
     }
 }
 
-fn display(p: &Path) -> String {
-    p.display().to_string()
+/// SIGTERM every child, wait up to `grace`, then SIGKILL what is left.
+pub fn stop_children(children: &mut [Child], grace: Duration) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    for c in children.iter() {
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    for c in children.iter_mut() {
+        loop {
+            match c.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
 }

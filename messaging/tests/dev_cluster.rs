@@ -88,3 +88,115 @@ async fn dev_prints_how_to_connect_and_serves_two_users() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_with_three_nodes_runs_three_processes_that_route_between_them() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    // Client ports base..base+2, mesh ports base+100..base+102: find a free block.
+    let base = loop {
+        let p = free_udp_port();
+        if p < 60_000
+            && (0..3).all(|i| {
+                std::net::UdpSocket::bind(("127.0.0.1", p + i)).is_ok()
+                    && std::net::UdpSocket::bind(("127.0.0.1", p + 100 + i)).is_ok()
+            })
+        {
+            break p;
+        }
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshchat-node"))
+        .args([
+            "dev",
+            "--nodes",
+            "3",
+            "--base-port",
+            &base.to_string(),
+            "--data-dir",
+        ])
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn meshchat-node dev");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut banner = String::new();
+    let mut line = String::new();
+    while out.read_line(&mut line).expect("read") > 0 {
+        banner.push_str(&line);
+        if line.contains("Stop with Ctrl-C") {
+            break;
+        }
+        line.clear();
+    }
+    for i in 0..3 {
+        assert!(
+            banner.contains(&format!("127.0.0.1:{}", base + i)),
+            "{banner}"
+        );
+    }
+    assert!(data.join("node-2.toml").exists(), "one config per node");
+
+    let opts = ConnectOptions::new(meshchat_client::load_ca(&data.join("ca.pem")).expect("ca"));
+    let first = format!("127.0.0.1:{base}");
+    // Register users through node 1 until two have different homes.
+    let mut users = Vec::new();
+    for i in 0..10 {
+        let (c, e) = Client::connect(&first, opts.clone())
+            .await
+            .expect("connect");
+        let s = c
+            .register(&format!("u{i}"), "password-123")
+            .await
+            .expect("register");
+        users.push((c.server(), c, e, s));
+    }
+    let (i, j) = (0..users.len())
+        .flat_map(|i| (0..users.len()).map(move |j| (i, j)))
+        .find(|&(i, j)| users[i].0 != users[j].0)
+        .expect("users on two different nodes");
+    let chat = ChatId::direct(users[i].3.user, users[j].3.user);
+    // Retry until the mesh link between the two processes is up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut got = None;
+    let mut n = 0;
+    while got.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cross-node delivery"
+        );
+        users[i]
+            .1
+            .send(chat, format!("hello {n}"), None)
+            .await
+            .expect("send");
+        n += 1;
+        if let Some(Event::Message(m)) = users[j].2.next_within(Duration::from_millis(500)).await {
+            got = Some(m);
+        }
+    }
+    assert!(String::from_utf8_lossy(&got.expect("message").body).starts_with("hello"));
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            assert!(st.success(), "dev exited with {st:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "dev did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every node process is gone: their ports are free again.
+    for i in 0..3 {
+        assert!(
+            std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok(),
+            "node {} still holds its port",
+            i + 1
+        );
+    }
+}

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use meshchat_messaging::NodeConfig;
-use meshchat_messaging::dev::DevCluster;
+use meshchat_messaging::dev::{DevCluster, Running, stop_children};
+use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -99,20 +100,28 @@ async fn main() -> anyhow::Result<()> {
                 data_dir: std::path::absolute(&data_dir).unwrap_or(data_dir),
                 base_port,
             };
-            let running = dev.start().await?;
-            let client = std::env::current_exe()
-                .ok()
-                .and_then(|p| p.parent().map(|d| d.join("meshchat")))
+            let exe = std::env::current_exe().context("locating meshchat-node")?;
+            #[allow(clippy::print_stderr)]
+            let running = dev.start(&exe, |line| eprintln!("{line}")).await?;
+            let client = exe
+                .parent()
+                .map(|d| d.join("meshchat"))
                 .filter(|p| p.exists())
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| "meshchat".into());
             #[allow(clippy::print_stdout)]
             {
-                println!("{}", dev.banner(&running, &client));
+                println!("{}", dev.banner(&client));
             }
             ctrl_c().await;
-            for r in running {
-                r.shutdown().await;
+            match running {
+                Running::InProcess(node) => node.shutdown().await,
+                Running::Children(mut children) => {
+                    tokio::task::spawn_blocking(move || {
+                        stop_children(&mut children, Duration::from_secs(15))
+                    })
+                    .await?;
+                }
             }
         }
     }
