@@ -5,11 +5,19 @@
 //! - [`ring`]: the consistent-hash ring (virtual nodes with a bucket index; pure and
 //!   deterministic: the same members give the same ring on every node) and the rendezvous
 //!   baseline it was measured against.
+//! - [`membership`]: the sans-IO membership core: epoch-ordered snapshots of the member set in,
+//!   ring decisions out (adopt a new ring, keep serving while the source is down), no clock.
+//! - `sim` (tests only): a deterministic multi-node simulation of membership cores, a
+//!   TTL-based source of truth and a lossy, partitionable network on a simulated clock.
 //!
-//! Planned (mesh issue): membership (Redis registry, heartbeats, leased worker ids) as a
-//! sans-IO core, the QUIC mesh (one mutually authenticated connection per peer, batched
-//! frames, bounded per-peer queues, reconnect with backoff), and cross-node routing.
+//! The QUIC mesh transport and routing currently live in `meshchat-messaging` (`mesh.rs`, static
+//! membership). Planned (mesh issue): the Redis driver of [`membership`] (registry with
+//! heartbeats, leased worker ids, pub/sub), re-homing on ring changes, and moving the mesh
+//! transport here.
 
+pub mod membership;
 pub mod ring;
+#[cfg(test)]
+mod sim;
 
 pub use ring::{Rendezvous, Ring, RingError};

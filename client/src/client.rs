@@ -612,6 +612,30 @@ impl Client {
         }
     }
 
+    /// Which node is `name`'s home.
+    pub async fn where_is(&self, name: &str) -> Result<pb::UserHome, ClientError> {
+        match self
+            .request(client_frame::Body::WhereIs(pb::WhereIs {
+                user_name: name.into(),
+            }))
+            .await?
+        {
+            server_frame::Body::UserHome(h) => Ok(h),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The cluster's members and ring epoch, as the connected node sees them.
+    pub async fn cluster(&self) -> Result<pb::ClusterInfo, ClientError> {
+        match self
+            .request(client_frame::Body::Cluster(pb::ClusterQuery {}))
+            .await?
+        {
+            server_frame::Body::Cluster(c) => Ok(c),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Closes the connection.
     pub fn close(&self) {
         if let Ok(c) = self.conn() {

@@ -139,6 +139,14 @@ async fn two_people_chat_with_the_cli_and_see_receipts() {
     let bob_chats = env.ok("bob", &["chats"]);
     assert_eq!(bob_chats[0]["unread"].as_u64(), Some(0));
 
+    // Routing reports: one node, homes everyone.
+    let home = env.ok("alice", &["whereis", "bob"]);
+    assert_eq!(home[0]["user"], "bob");
+    assert_eq!(home[0]["node"].as_u64(), Some(1));
+    assert_eq!(home[0]["addr"], env.addr.as_str());
+    let cluster = env.ok("alice", &["cluster"]);
+    assert_eq!(cluster[0]["members"][0]["state"], "self");
+
     // Reply, react, history.
     let reply = env.ok(
         "bob",

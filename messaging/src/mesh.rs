@@ -23,7 +23,7 @@
 //! delivers to that recipient's connections it still has and forwards the rest to the owner it
 //! knows, once (`hops` bounds it).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,7 +45,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::config::{ClusterConfig, NodeConfig};
 use crate::members::MemberCache;
 use crate::registry::{ConnId, Delivery, Registry};
-use crate::router::{Home, Router};
+use crate::router::{Home, MemberView, Router};
 use crate::tls::{self, Identity, TlsError};
 
 /// Largest mesh frame (a batch).
@@ -110,7 +110,8 @@ pub struct Mesh {
     cluster_id: String,
     epoch: u64,
     ring: Arc<Ring>,
-    client_addrs: HashMap<NodeId, String>,
+    client_addrs: BTreeMap<NodeId, String>,
+    weights: BTreeMap<NodeId, u32>,
     peers: BTreeMap<NodeId, Arc<Peer>>,
     registry: Arc<Registry>,
     members: Arc<MemberCache>,
@@ -193,6 +194,7 @@ impl Mesh {
                 .iter()
                 .map(|m| (NodeId(m.id), m.client_addr.clone()))
                 .collect(),
+            weights: weights.clone(),
             peers,
             registry,
             members,
@@ -318,6 +320,24 @@ impl Router for Mesh {
 
     fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    fn members(&self) -> Vec<MemberView> {
+        self.client_addrs
+            .iter()
+            .map(|(&node, addr)| MemberView {
+                node,
+                addr: addr.clone(),
+                weight: self.weights.get(&node).copied().unwrap_or(1),
+                state: if node == self.me {
+                    "self"
+                } else if self.peer_up(node) {
+                    "up"
+                } else {
+                    "down"
+                },
+            })
+            .collect()
     }
 
     fn channel_changed(&self, channel: ChannelId) {

@@ -391,6 +391,54 @@ impl Node {
                     user_name: user.name,
                 }))
             }
+            B::WhereIs(w) => {
+                let creds = self
+                    .storage
+                    .user_by_name(&w.user_name)
+                    .await?
+                    .ok_or_else(|| RequestError::UnknownUser(w.user_name.clone()))?;
+                let (node_id, address, ring_epoch) = match self.router.home(creds.user.id) {
+                    Home::Local => (
+                        self.config.node_id,
+                        self.config.advertised(),
+                        self.router.epoch(),
+                    ),
+                    Home::Remote { node, addr, epoch } => (node.0, addr, epoch),
+                };
+                Ok(R::UserHome(pb::UserHome {
+                    user_id: creds.user.id.0,
+                    user_name: creds.user.name,
+                    node_id,
+                    address,
+                    ring_epoch,
+                }))
+            }
+            B::Cluster(_) => {
+                let mut members: Vec<pb::ClusterMember> = self
+                    .router
+                    .members()
+                    .into_iter()
+                    .map(|m| pb::ClusterMember {
+                        node_id: m.node.0,
+                        address: m.addr,
+                        weight: m.weight,
+                        state: m.state.into(),
+                    })
+                    .collect();
+                if members.is_empty() {
+                    members.push(pb::ClusterMember {
+                        node_id: self.config.node_id,
+                        address: self.config.advertised(),
+                        weight: 1,
+                        state: "self".into(),
+                    });
+                }
+                Ok(R::Cluster(pb::ClusterInfo {
+                    ring_epoch: self.router.epoch(),
+                    node_id: self.config.node_id,
+                    members,
+                }))
+            }
             B::Ping(p) => Ok(R::Pong(pb::Pong { nonce: p.nonce })),
             B::Hello(_) => Err(RequestError::InvalidArgument(
                 "hello is only valid as the first frame".into(),

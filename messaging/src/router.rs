@@ -29,6 +29,19 @@ pub enum Home {
     },
 }
 
+/// One member of the cluster as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberView {
+    /// Node id.
+    pub node: NodeId,
+    /// Client address.
+    pub addr: String,
+    /// Ring weight.
+    pub weight: u32,
+    /// "self", "up" or "down" (this node's link to it).
+    pub state: &'static str,
+}
+
 /// Delivers pushes to users wherever their connections live.
 pub trait Router: Send + Sync + 'static {
     /// Pushes `push` (a `Push` body without its sequence number) to every live connection of
@@ -47,6 +60,11 @@ pub trait Router: Send + Sync + 'static {
 
     /// A channel's members changed here: tell the nodes that cache its member list.
     fn channel_changed(&self, _channel: ChannelId) {}
+
+    /// The cluster's members as this node sees them; empty for a node alone.
+    fn members(&self) -> Vec<MemberView> {
+        Vec::new()
+    }
 }
 
 /// Every user is local: deliver through this node's registry.

@@ -117,6 +117,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     let addr = endpoint
         .local_addr()
         .map_err(|e| StartError::Other(format!("endpoint address: {e}")))?;
+    let mut config = config;
+    if config.advertise.is_none() {
+        // Port 0 in `listen` means "any": tell clients the port actually bound.
+        config.advertise = Some(addr.to_string());
+    }
     let registry = Arc::new(Registry::new());
     let members = Arc::new(MemberCache::new());
     let (stop, stop_rx) = watch::channel(false);

@@ -138,6 +138,21 @@ async fn users_homed_on_different_nodes_chat_both_ways() {
         .expect("send");
     let m = next_message(&mut users[a_idx].0.1).await;
     assert_eq!(text(&m), "and back");
+    // whereis and cluster report the routing any node sees.
+    let asked = &users[a_idx].0.0;
+    let home = asked
+        .where_is(&format!("user{b_idx}"))
+        .await
+        .expect("whereis");
+    assert_eq!(home.node_id, b_home.0);
+    assert_eq!(home.ring_epoch, 1);
+    let info = asked.cluster().await.expect("cluster");
+    assert_eq!(info.members.len(), 3);
+    assert!(
+        info.members
+            .iter()
+            .all(|m| m.state == "up" || m.state == "self")
+    );
     assert!(
         cl.mesh(a_home)
             .peer_stats(b_home)

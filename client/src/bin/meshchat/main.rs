@@ -110,6 +110,13 @@ enum Cmd {
     /// Channels.
     #[command(subcommand)]
     Channel(ChannelCmd),
+    /// Which node is a user's home.
+    Whereis {
+        /// User name.
+        user: String,
+    },
+    /// The cluster's members, their states and the ring epoch.
+    Cluster,
     /// Print pushes as they arrive (marks received messages delivered).
     Listen {
         /// Exit after this many events.
@@ -411,6 +418,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 ChannelCmd::Send { .. } => unreachable!("handled above"),
             }
+            Ok(())
+        }
+        Cmd::Whereis { user } => {
+            let s = logged_in(&cli, &profile).await?;
+            let h = s.client.where_is(user).await?;
+            s.out.user_home(&h);
+            Ok(())
+        }
+        Cmd::Cluster => {
+            let s = logged_in(&cli, &profile).await?;
+            let c = s.client.cluster().await?;
+            s.out.cluster(&c);
             Ok(())
         }
         Cmd::Listen {

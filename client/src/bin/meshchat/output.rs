@@ -10,6 +10,8 @@
 //!   `peer_delivered`, `peer_seen`
 //! - `channel`: `channel_id`, `name`, `owner_id`, `member_count`; `member`: `channel`,
 //!   `user`, `user_id`; `channel_event`: `channel_id`, `user_id`, `joined`
+//! - `whereis` (no `type`, as specified): `user`, `node`, `addr`, `epoch`; `cluster`: `epoch`,
+//!   `node`, `members` (`[{node, addr, weight, state}]`)
 //! - `auth`: `user`, `user_id`, `expires_unix_ms`; `done`: `action`, `chat`, `message_id`;
 //!   `page_end`: `next_cursor`; `error` (on stderr): `code`, `code_num`, `message`
 //!
@@ -264,6 +266,38 @@ impl Out {
         self.emit(
             json!({"type": "done", "action": action, "chat": name, "message_id": id}),
             format!("{action}: ok"),
+        );
+    }
+
+    pub(crate) fn user_home(&self, h: &pb::UserHome) {
+        self.emit(
+            json!({"user": h.user_name, "node": h.node_id, "addr": h.address, "epoch": h.ring_epoch}),
+            format!(
+                "{} is homed on node {} ({}), ring epoch {}",
+                h.user_name, h.node_id, h.address, h.ring_epoch
+            ),
+        );
+    }
+
+    pub(crate) fn cluster(&self, c: &pb::ClusterInfo) {
+        let members: Vec<Value> = c
+            .members
+            .iter()
+            .map(|m| json!({"node": m.node_id, "addr": m.address, "weight": m.weight, "state": m.state}))
+            .collect();
+        let mut human = format!(
+            "ring epoch {} (answered by node {})",
+            c.ring_epoch, c.node_id
+        );
+        for m in &c.members {
+            human.push_str(&format!(
+                "\n  node {:<4} {:<22} weight {}  {}",
+                m.node_id, m.address, m.weight, m.state
+            ));
+        }
+        self.emit(
+            json!({"type": "cluster", "epoch": c.ring_epoch, "node": c.node_id, "members": members}),
+            human,
         );
     }
 

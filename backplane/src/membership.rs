@@ -1,0 +1,589 @@
+//! Cluster membership as a sans-IO core: snapshots of the member set in, ring decisions out.
+//!
+//! The source of truth (the Redis registry, or a static config published once with epoch 1)
+//! publishes [`Snapshot`]s: the whole member set plus an epoch that grows with every change.
+//! The driver feeds them to [`Membership::handle`] together with what it learns about its
+//! connection to the source ([`Event::SourceDown`], [`Event::SourceUp`]) and timer ticks, and
+//! acts on the returned [`Decision`]s. The core reads no clock and does no I/O, so every rule
+//! here is tested without sockets or sleeps, alone (below) and as a cluster of cores in the
+//! deterministic simulation (`sim.rs`).
+//!
+//! ## Rules
+//!
+//! - **Epochs only grow.** A snapshot whose epoch is not above the current one is stale (it
+//!   was overtaken in flight) or a duplicate (a periodic resync): it is ignored and yields no
+//!   decision. Delivery order therefore does not matter, only that the newest snapshot
+//!   eventually arrives.
+//! - **The ring is a function of the snapshot alone**: Active members with a non-zero weight,
+//!   at their published weights (see [`Membership::handle`] for the edge cases). Every core
+//!   that has seen the same epoch has the same ring, whatever it saw before.
+//! - **Rebuild only on change.** Building a ring costs ~20 ms at 64 members, and most epochs
+//!   (an address change, a member registering as Draining or with weight 0) do not change it. A newer snapshot with the same ring input updates the epoch and the
+//!   member details but keeps the same `Arc<Ring>` and emits no decision, so
+//!   [`Decision::RingChanged`] always means ownership may have moved and is worth a handoff
+//!   pass ([`moved_away`]).
+//! - **An unreachable source is not an empty cluster.** On [`Event::SourceDown`] the core keeps
+//!   its last ring and says so once per outage ([`Decision::KeepServing`]); it catches up when
+//!   snapshots arrive again.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use meshchat_idgen::{NodeId, UserId};
+
+use crate::ring::{self, Ring, RingError};
+
+/// The ring's own limit on points (members x weight x points per weight), mirrored here so a
+/// snapshot with absurd weights degrades (fewer points per weight) instead of failing.
+const MAX_RING_POINTS: u64 = 1 << 26;
+
+/// One member of the cluster as the source of truth publishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The node's id.
+    pub id: NodeId,
+    /// Where peers reach it over the QUIC mesh (`host:port`).
+    pub mesh_addr: String,
+    /// Where clients reach it (`host:port`), for redirects.
+    pub client_addr: String,
+    /// Its share of users relative to the other members. 0 means no share at all: such a
+    /// member is kept in the set but left out of the ring.
+    pub weight: u32,
+    /// Whether it takes users.
+    pub state: MemberState,
+}
+
+/// Whether a member takes users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MemberState {
+    /// On the ring: owns its share of users.
+    Active,
+    /// Leaving gracefully: still in the member set (peers keep talking to it while its users
+    /// are handed off) but left out of the ring, so it owns no users.
+    Draining,
+}
+
+/// The whole member set at one epoch, as the source of truth publishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Grows with every change at the source (a static config publishes epoch 1 once).
+    pub epoch: u64,
+    /// Every member, in any order. If an id appears twice, the last entry wins.
+    pub members: Vec<Member>,
+}
+
+/// What the driver tells the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A snapshot arrived (a publish or a periodic resync), possibly late or twice.
+    Snapshot(Snapshot),
+    /// The source of truth could not be reached (a failed heartbeat or read). Report every
+    /// failure; the core decides once per outage.
+    SourceDown {
+        /// The driver's clock, in ms.
+        now_ms: u64,
+    },
+    /// The source of truth answered again after a [`Event::SourceDown`].
+    SourceUp {
+        /// The driver's clock, in ms.
+        now_ms: u64,
+    },
+    /// A timer tick. No rule of the core is time-based today (member expiry is the source's
+    /// TTL), so ticks yield nothing; drivers send them anyway so a time-based rule can be added
+    /// without changing every driver.
+    Tick {
+        /// The driver's clock, in ms.
+        now_ms: u64,
+    },
+}
+
+/// What the core tells the driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Adopt [`Membership::ring`]: ownership may have moved (hand off users with
+    /// [`moved_away`]). Emitted only when the ring's input (Active members with their weights)
+    /// changed; both lists empty means only weights changed.
+    RingChanged {
+        /// The epoch of the snapshot that changed the ring.
+        epoch: u64,
+        /// Members now on the ring that were not, sorted by id.
+        joined: Vec<NodeId>,
+        /// Members no longer on the ring (gone, Draining or weight 0), sorted by id.
+        left: Vec<NodeId>,
+    },
+    /// The source of truth is unreachable: keep serving on the current ring (at `epoch`)
+    /// rather than dropping users. Emitted once per outage, at its first
+    /// [`Event::SourceDown`].
+    KeepServing {
+        /// The epoch of the ring being kept.
+        epoch: u64,
+    },
+}
+
+/// The membership core of one node: the member set, its epoch and the ring built from it.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    me: NodeId,
+    epoch: u64,
+    members: BTreeMap<NodeId, Member>,
+    /// The ring's input: Active members with a non-zero weight, at their published weights.
+    ring_weights: BTreeMap<NodeId, u32>,
+    ring: Arc<Ring>,
+    /// When the current outage began (its first `SourceDown`); `None` while the source is up.
+    outage_since_ms: Option<u64>,
+}
+
+impl Membership {
+    /// The core of node `me`: no members, epoch 0 (any published epoch is newer), an empty
+    /// ring (owning nothing).
+    pub fn new(me: NodeId) -> Self {
+        Self {
+            me,
+            epoch: 0,
+            members: BTreeMap::new(),
+            ring_weights: BTreeMap::new(),
+            ring: Arc::new(empty_ring()),
+            outage_since_ms: None,
+        }
+    }
+
+    /// Applies one event and returns what to do. Pure: no clock reads, no I/O.
+    ///
+    /// A [`Event::Snapshot`] newer than the current epoch replaces the member set and, if the
+    /// ring's input changed, rebuilds the ring from it:
+    ///
+    /// - members with weight 0 are kept in the set but left off the ring (the ring cannot hold
+    ///   them: [`RingError::ZeroWeight`]), exactly like Draining members;
+    /// - if the weights would exceed the ring's point limit ([`RingError::TooManyPoints`]), the
+    ///   points per unit of weight are lowered until they fit, and if even one point per unit
+    ///   is too many every weight counts as 1. Both are derived from the snapshot alone, so
+    ///   every core still builds the same ring.
+    pub fn handle(&mut self, ev: Event) -> Vec<Decision> {
+        match ev {
+            Event::Snapshot(snapshot) => self.on_snapshot(snapshot).into_iter().collect(),
+            Event::SourceDown { now_ms } => {
+                if self.outage_since_ms.is_some() {
+                    return Vec::new();
+                }
+                self.outage_since_ms = Some(now_ms);
+                vec![Decision::KeepServing { epoch: self.epoch }]
+            }
+            Event::SourceUp { .. } => {
+                self.outage_since_ms = None;
+                Vec::new()
+            }
+            Event::Tick { .. } => Vec::new(),
+        }
+    }
+
+    fn on_snapshot(&mut self, snapshot: Snapshot) -> Option<Decision> {
+        if snapshot.epoch <= self.epoch {
+            return None; // stale or duplicate
+        }
+        let members: BTreeMap<NodeId, Member> =
+            snapshot.members.into_iter().map(|m| (m.id, m)).collect();
+        let weights: BTreeMap<NodeId, u32> = members
+            .values()
+            .filter(|m| m.state == MemberState::Active && m.weight > 0)
+            .map(|m| (m.id, m.weight))
+            .collect();
+        self.epoch = snapshot.epoch;
+        self.members = members;
+        if weights == self.ring_weights {
+            return None; // same ring: keep it, no rebuild
+        }
+        // Unreachable in practice (zero weights are filtered, the point limit is respected);
+        // if the ring still cannot be built, keep serving on the last one rather than panic.
+        // The next snapshot retries, because `ring_weights` still describes the old ring.
+        let ring = build_ring(&weights).ok()?;
+        let joined = weights
+            .keys()
+            .filter(|id| !self.ring_weights.contains_key(id))
+            .copied()
+            .collect();
+        let left = self
+            .ring_weights
+            .keys()
+            .filter(|id| !weights.contains_key(id))
+            .copied()
+            .collect();
+        self.ring = Arc::new(ring);
+        self.ring_weights = weights;
+        Some(Decision::RingChanged {
+            epoch: self.epoch,
+            joined,
+            left,
+        })
+    }
+
+    /// This node's id.
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    /// The epoch of the newest snapshot applied (0 before the first).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The current ring. Clone the `Arc` to keep an old ring for [`moved_away`].
+    pub fn ring(&self) -> &Arc<Ring> {
+        &self.ring
+    }
+
+    /// When the current outage of the source began (the `now_ms` of its first
+    /// [`Event::SourceDown`]), or `None` while the source is reachable.
+    pub fn outage_since_ms(&self) -> Option<u64> {
+        self.outage_since_ms
+    }
+
+    /// A member of the current set (on the ring or not).
+    pub fn member(&self, id: NodeId) -> Option<&Member> {
+        self.members.get(&id)
+    }
+
+    /// Every member of the current set, Draining and weight-0 ones included, sorted by id.
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.members.values()
+    }
+
+    /// The node that owns `user` on the current ring; `None` while the ring is empty.
+    pub fn owner(&self, user: UserId) -> Option<NodeId> {
+        self.ring.owner(user)
+    }
+
+    /// Whether this node owns `user` on the current ring.
+    pub fn is_local(&self, user: UserId) -> bool {
+        self.owner(user) == Some(self.me)
+    }
+
+    /// Groups recipients by owning node: one entry per node, never one per recipient.
+    ///
+    /// Each node's list is sorted by id with duplicates removed, so a recipient listed twice
+    /// is delivered once. Recipients with no owner (an empty ring) are left out: an empty plan
+    /// for a non-empty input means there is no ring yet.
+    pub fn plan(&self, recipients: &[UserId]) -> BTreeMap<NodeId, Vec<UserId>> {
+        let mut plan: BTreeMap<NodeId, Vec<UserId>> = BTreeMap::new();
+        for &user in recipients {
+            if let Some(node) = self.ring.owner(user) {
+                plan.entry(node).or_default().push(user);
+            }
+        }
+        for users in plan.values_mut() {
+            users.sort_unstable();
+            users.dedup();
+        }
+        plan
+    }
+}
+
+/// Users in `users` (e.g. those connected to `me`) whose owner is `me` under `old` but not
+/// under `new`, with their new owner.
+///
+/// Users with no owner under `new` (an empty ring) are left out: there is no one to hand them
+/// to. Passing the same ring twice returns nothing without looking anything up.
+pub fn moved_away(
+    old: &Ring,
+    new: &Ring,
+    me: NodeId,
+    users: impl IntoIterator<Item = UserId>,
+) -> Vec<(UserId, NodeId)> {
+    if std::ptr::eq(old, new) {
+        return Vec::new();
+    }
+    users
+        .into_iter()
+        .filter(|&user| old.owner(user) == Some(me))
+        .filter_map(|user| match new.owner(user) {
+            Some(owner) if owner != me => Some((user, owner)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn empty_ring() -> Ring {
+    // No members: no weight to be zero, no points to exceed the limit.
+    Ring::build(&BTreeMap::new(), ring::DEFAULT_VNODES_PER_WEIGHT)
+        .expect("an empty ring always builds")
+}
+
+/// The ring input actually built for `weights` (all non-zero): the weights and the points per
+/// unit of weight, lowered from the default only when the default would exceed the ring's
+/// point limit. A function of `weights` alone, so every core derives the same.
+fn ring_params(weights: &BTreeMap<NodeId, u32>) -> (BTreeMap<NodeId, u32>, u32) {
+    let total: u64 = weights.values().map(|&w| u64::from(w)).sum();
+    let default = u64::from(ring::DEFAULT_VNODES_PER_WEIGHT);
+    if total.saturating_mul(default) <= MAX_RING_POINTS {
+        return (weights.clone(), ring::DEFAULT_VNODES_PER_WEIGHT);
+    }
+    let per_weight = MAX_RING_POINTS / total.max(1);
+    if per_weight >= 1 {
+        // per_weight < default here, so it fits in u32.
+        return (weights.clone(), per_weight as u32);
+    }
+    // Weights this large are a misconfiguration; an even split beats no ring.
+    let flat: BTreeMap<NodeId, u32> = weights.keys().map(|&id| (id, 1)).collect();
+    let per_weight = (MAX_RING_POINTS / (flat.len().max(1) as u64)).min(default) as u32;
+    (flat, per_weight)
+}
+
+fn build_ring(weights: &BTreeMap<NodeId, u32>) -> Result<Ring, RingError> {
+    let (weights, per_weight) = ring_params(weights);
+    Ring::build(&weights, per_weight)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: u32, weight: u32, state: MemberState) -> Member {
+        Member {
+            id: NodeId(id),
+            mesh_addr: format!("10.0.0.{id}:7100"),
+            client_addr: format!("10.0.0.{id}:7000"),
+            weight,
+            state,
+        }
+    }
+
+    fn active(ids: impl IntoIterator<Item = u32>) -> Vec<Member> {
+        ids.into_iter()
+            .map(|id| member(id, 1, MemberState::Active))
+            .collect()
+    }
+
+    fn snap(epoch: u64, members: Vec<Member>) -> Event {
+        Event::Snapshot(Snapshot { epoch, members })
+    }
+
+    fn users(n: u64) -> impl Iterator<Item = UserId> {
+        (0..n).map(|u| UserId(u * 7_919 + 13))
+    }
+
+    #[test]
+    fn a_new_core_owns_nothing_and_takes_a_static_config_at_epoch_1() {
+        let mut m = Membership::new(NodeId(1));
+        assert_eq!(m.epoch(), 0);
+        assert!(m.ring().is_empty());
+        assert_eq!(m.owner(UserId(5)), None);
+        assert!(!m.is_local(UserId(5)));
+        assert!(m.plan(&[UserId(5), UserId(6)]).is_empty());
+        assert_eq!(m.members().count(), 0);
+
+        let d = m.handle(snap(1, active([2, 1])));
+        assert_eq!(
+            d,
+            vec![Decision::RingChanged {
+                epoch: 1,
+                joined: vec![NodeId(1), NodeId(2)],
+                left: vec![],
+            }]
+        );
+        assert_eq!(m.epoch(), 1);
+        assert_eq!(m.ring().members(), &[NodeId(1), NodeId(2)]);
+        let ids: Vec<NodeId> = m.members().map(|m| m.id).collect();
+        assert_eq!(ids, vec![NodeId(1), NodeId(2)], "members() is sorted by id");
+        assert_eq!(
+            m.member(NodeId(2)).map(|m| m.mesh_addr.as_str()),
+            Some("10.0.0.2:7100")
+        );
+        let local = users(1_000).filter(|&u| m.is_local(u)).count();
+        assert!(
+            (400..600).contains(&local),
+            "node 1 owns about half: {local}"
+        );
+    }
+
+    #[test]
+    fn stale_and_duplicate_snapshots_change_nothing() {
+        let mut m = Membership::new(NodeId(1));
+        assert!(!m.handle(snap(5, active(1..=3))).is_empty());
+        let ring = Arc::clone(m.ring());
+        // A duplicate (resync) and an overtaken one with a different member set.
+        assert!(m.handle(snap(5, active(1..=3))).is_empty());
+        assert!(m.handle(snap(4, active([1]))).is_empty());
+        assert!(m.handle(snap(0, Vec::new())).is_empty());
+        assert_eq!(m.epoch(), 5);
+        assert!(Arc::ptr_eq(m.ring(), &ring));
+        assert_eq!(m.members().count(), 3);
+    }
+
+    /// The documented choice: a newer epoch whose ring input is unchanged updates the epoch and
+    /// the member details but emits no decision and does not rebuild the ring.
+    #[test]
+    fn a_newer_epoch_with_the_same_ring_updates_details_without_a_rebuild() {
+        let mut m = Membership::new(NodeId(1));
+        m.handle(snap(1, active(1..=3)));
+        let ring = Arc::clone(m.ring());
+
+        let mut moved = active(1..=3);
+        moved[1].mesh_addr = "10.9.9.9:7100".into();
+        // A weight-0 and a Draining member are not on the ring either: still the same ring.
+        moved.push(member(4, 0, MemberState::Active));
+        moved.push(member(5, 3, MemberState::Draining));
+        assert!(m.handle(snap(2, moved)).is_empty());
+        assert_eq!(m.epoch(), 2);
+        assert!(Arc::ptr_eq(m.ring(), &ring), "no rebuild");
+        assert_eq!(
+            m.member(NodeId(2)).map(|m| m.mesh_addr.as_str()),
+            Some("10.9.9.9:7100")
+        );
+        assert_eq!(m.members().count(), 5);
+        // And the epoch it took still makes older snapshots stale.
+        assert!(m.handle(snap(2, active([1]))).is_empty());
+        assert!(Arc::ptr_eq(m.ring(), &ring));
+    }
+
+    #[test]
+    fn a_weight_change_alone_rebuilds_with_empty_joined_and_left() {
+        let mut m = Membership::new(NodeId(1));
+        m.handle(snap(1, active(1..=2)));
+        let old = Arc::clone(m.ring());
+        let mut heavier = active(1..=2);
+        heavier[1].weight = 3;
+        assert_eq!(
+            m.handle(snap(2, heavier)),
+            vec![Decision::RingChanged {
+                epoch: 2,
+                joined: vec![],
+                left: vec![],
+            }]
+        );
+        assert!(!Arc::ptr_eq(m.ring(), &old));
+        let share = users(20_000)
+            .filter(|&u| m.owner(u) == Some(NodeId(2)))
+            .count() as f64
+            / 20_000.0;
+        assert!((share - 0.75).abs() < 0.03, "weight 3 of 4 owns {share:.3}");
+    }
+
+    #[test]
+    fn zero_weight_members_are_kept_but_own_nothing() {
+        let mut m = Membership::new(NodeId(3));
+        let mut ms = active(1..=2);
+        ms.push(member(3, 0, MemberState::Active));
+        let d = m.handle(snap(1, ms));
+        assert_eq!(
+            d,
+            vec![Decision::RingChanged {
+                epoch: 1,
+                joined: vec![NodeId(1), NodeId(2)],
+                left: vec![],
+            }]
+        );
+        assert_eq!(m.member(NodeId(3)).map(|m| m.weight), Some(0));
+        assert!(users(5_000).all(|u| !m.is_local(u)));
+
+        // Only zero weights: an empty ring, not a panic.
+        let d = m.handle(snap(2, vec![member(3, 0, MemberState::Active)]));
+        assert_eq!(
+            d,
+            vec![Decision::RingChanged {
+                epoch: 2,
+                joined: vec![],
+                left: vec![NodeId(1), NodeId(2)],
+            }]
+        );
+        assert!(m.ring().is_empty());
+        assert_eq!(m.owner(UserId(1)), None);
+    }
+
+    #[test]
+    fn absurd_weights_degrade_deterministically_instead_of_failing() {
+        // Fits: the default.
+        let small: BTreeMap<NodeId, u32> = [(NodeId(1), 1), (NodeId(2), 4)].into();
+        assert_eq!(
+            ring_params(&small),
+            (small.clone(), ring::DEFAULT_VNODES_PER_WEIGHT)
+        );
+        // Too many points at the default: fewer per weight, weights kept.
+        let big: BTreeMap<NodeId, u32> = [(NodeId(1), 10_000), (NodeId(2), 6_384)].into();
+        let (w, per) = ring_params(&big);
+        assert_eq!(w, big);
+        assert_eq!(per, 4_096);
+        assert!(16_384 * u64::from(per) <= MAX_RING_POINTS);
+        // Even one point per weight is too many: an even split.
+        let absurd: BTreeMap<NodeId, u32> = [(NodeId(1), u32::MAX), (NodeId(2), 1)].into();
+        let (w, per) = ring_params(&absurd);
+        assert_eq!(w, [(NodeId(1), 1), (NodeId(2), 1)].into());
+        assert_eq!(per, ring::DEFAULT_VNODES_PER_WEIGHT);
+
+        let mut a = Membership::new(NodeId(1));
+        let mut b = Membership::new(NodeId(2));
+        let ms = vec![
+            member(1, u32::MAX, MemberState::Active),
+            member(2, 1, MemberState::Active),
+        ];
+        for core in [&mut a, &mut b] {
+            let d = core.handle(snap(1, ms.clone()));
+            assert!(matches!(d.as_slice(), [Decision::RingChanged { .. }]));
+            assert_eq!(core.ring().members(), &[NodeId(1), NodeId(2)]);
+        }
+        assert!(users(2_000).all(|u| a.owner(u) == b.owner(u)));
+    }
+
+    #[test]
+    fn keep_serving_once_per_outage() {
+        let mut m = Membership::new(NodeId(1));
+        m.handle(snap(3, active(1..=2)));
+        let ring = Arc::clone(m.ring());
+        assert_eq!(
+            m.handle(Event::SourceDown { now_ms: 100 }),
+            vec![Decision::KeepServing { epoch: 3 }]
+        );
+        assert!(m.handle(Event::SourceDown { now_ms: 200 }).is_empty());
+        assert!(m.handle(Event::Tick { now_ms: 250 }).is_empty());
+        assert_eq!(m.outage_since_ms(), Some(100));
+        assert!(Arc::ptr_eq(m.ring(), &ring), "the ring is kept");
+        assert_eq!(m.owner(UserId(9)), ring.owner(UserId(9)));
+
+        assert!(m.handle(Event::SourceUp { now_ms: 300 }).is_empty());
+        assert_eq!(m.outage_since_ms(), None);
+        assert_eq!(
+            m.handle(Event::SourceDown { now_ms: 400 }),
+            vec![Decision::KeepServing { epoch: 3 }],
+            "a new outage is reported again"
+        );
+        // Snapshots still apply during an outage (e.g. one that was in flight).
+        assert!(!m.handle(snap(4, active(1..=3))).is_empty());
+        assert_eq!(m.outage_since_ms(), Some(400));
+    }
+
+    #[test]
+    fn moved_away_lists_only_my_users_that_left_me() {
+        let old = Ring::uniform([NodeId(1), NodeId(2)]).expect("ring");
+        let new = Ring::uniform([NodeId(1), NodeId(2), NodeId(3)]).expect("ring");
+        let all: Vec<UserId> = users(10_000).collect();
+        let moved = moved_away(&old, &new, NodeId(1), all.iter().copied());
+        assert!(!moved.is_empty());
+        for &(u, to) in &moved {
+            assert_eq!(old.owner(u), Some(NodeId(1)));
+            assert_eq!(new.owner(u), Some(to));
+            assert_eq!(to, NodeId(3));
+        }
+        let expected = all
+            .iter()
+            .filter(|&&u| old.owner(u) == Some(NodeId(1)) && new.owner(u) != Some(NodeId(1)))
+            .count();
+        assert_eq!(moved.len(), expected);
+
+        assert!(moved_away(&old, &old, NodeId(1), all.iter().copied()).is_empty());
+        let empty = Ring::uniform([]).expect("ring");
+        assert!(moved_away(&old, &empty, NodeId(1), all.iter().copied()).is_empty());
+    }
+
+    #[test]
+    fn plan_dedups_and_groups_by_owner() {
+        let mut m = Membership::new(NodeId(1));
+        m.handle(snap(1, active(1..=3)));
+        let mut recipients: Vec<UserId> = users(300).collect();
+        recipients.extend(users(50)); // listed twice
+        let plan = m.plan(&recipients);
+        assert!(plan.len() <= 3);
+        assert_eq!(plan.values().map(Vec::len).sum::<usize>(), 300);
+        for (node, us) in &plan {
+            assert!(us.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates");
+            assert!(us.iter().all(|&u| m.owner(u) == Some(*node)));
+        }
+    }
+}

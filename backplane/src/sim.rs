@@ -1,0 +1,913 @@
+//! A deterministic multi-node simulation of membership (test-only), in the style of
+//! quinn-proto's `tests/util.rs`: N [`Membership`] cores, a simulated source of truth and a
+//! simulated network, all driven by one loop over simulated time. No threads, no sleeps, no
+//! real clock: the same test runs the same way every time.
+//!
+//! - [`Source`] models the Redis registry: a node's heartbeat (re)writes its entry with a TTL
+//!   in simulated ms, entries expire when the TTL runs out, and every change to the member set
+//!   bumps the epoch and publishes a [`Snapshot`]. Refreshing an unchanged entry is not a
+//!   change.
+//! - [`Network`] carries published snapshots to each node with a per-link delay (plus random
+//!   jitter, which reorders them; so does changing the delay between two publishes); it can
+//!   drop them (a per-link rate from a seeded generator, or "the next n") and partition a node
+//!   from the source (both ways: its heartbeats fail and deliveries arriving meanwhile are
+//!   lost).
+//! - Every `resync_ms` the source re-sends its latest snapshot to every node (the driver's
+//!   periodic poll), so lost deliveries and healed partitions converge even without a change.
+//! - A node's driver reports [`Event::SourceDown`] on every failed heartbeat and
+//!   [`Event::SourceUp`] on the first successful one after, as the real driver will.
+//!
+//! The harness checks the core's invariants on every event (epochs never go back, ignored
+//! snapshots yield nothing, a `RingChanged` matches the ring it announces) and logs decisions
+//! and ignored snapshots per node for the tests to assert on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use meshchat_idgen::{NodeId, UserId};
+
+use crate::membership::{Decision, Event, Member, MemberState, Membership, Snapshot, moved_away};
+use crate::ring::{Ring, mix};
+
+/// Timings of a simulation, in simulated ms.
+#[derive(Debug, Clone, Copy)]
+struct Config {
+    /// How far one step advances the clock.
+    step_ms: u64,
+    /// How often each node heartbeats.
+    heartbeat_ms: u64,
+    /// How long an entry lives without a heartbeat.
+    ttl_ms: u64,
+    /// How often the source re-sends its latest snapshot to every node.
+    resync_ms: u64,
+    /// Link delay of new nodes.
+    delay_ms: u64,
+    /// Seed of the drop generator.
+    seed: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            step_ms: 1,
+            heartbeat_ms: 1_000,
+            ttl_ms: 3_000,
+            resync_ms: 2_000,
+            delay_ms: 5,
+            seed: 1,
+        }
+    }
+}
+
+/// The simulated source of truth (the Redis registry).
+#[derive(Debug)]
+struct Source {
+    ttl_ms: u64,
+    epoch: u64,
+    /// Entries and when they expire.
+    entries: BTreeMap<NodeId, (Member, u64)>,
+    /// (time, node) of every expiry, for the tests.
+    expired: Vec<(u64, NodeId)>,
+}
+
+impl Source {
+    fn new(ttl_ms: u64) -> Self {
+        Self {
+            ttl_ms,
+            epoch: 0,
+            entries: BTreeMap::new(),
+            expired: Vec::new(),
+        }
+    }
+
+    /// Writes `m`'s entry with a fresh TTL (`SET node:<id> ... EX ttl`). Returns whether the
+    /// member set changed (a new entry or different details), which bumps the epoch.
+    fn heartbeat(&mut self, now: u64, m: &Member) -> bool {
+        let expires = now + self.ttl_ms;
+        match self.entries.get_mut(&m.id) {
+            Some((current, at)) if current == m => {
+                *at = expires;
+                false
+            }
+            _ => {
+                self.entries.insert(m.id, (m.clone(), expires));
+                self.epoch += 1;
+                true
+            }
+        }
+    }
+
+    /// Drops entries whose TTL ran out. Returns whether any did (one epoch for the sweep).
+    fn expire(&mut self, now: u64) -> bool {
+        let gone: Vec<NodeId> = self
+            .entries
+            .iter()
+            .filter(|(_, (_, at))| *at <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for &id in &gone {
+            self.entries.remove(&id);
+            self.expired.push((now, id));
+        }
+        if !gone.is_empty() {
+            self.epoch += 1;
+        }
+        !gone.is_empty()
+    }
+
+    fn has(&self, id: NodeId) -> bool {
+        self.entries.contains_key(&id)
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            epoch: self.epoch,
+            members: self.entries.values().map(|(m, _)| m.clone()).collect(),
+        }
+    }
+}
+
+/// One node's link to the source.
+#[derive(Debug, Clone)]
+struct Link {
+    delay_ms: u64,
+    /// Up to this much extra delay per delivery, at random: reorders deliveries.
+    jitter_ms: u64,
+    /// Deliveries dropped at random, per thousand.
+    drop_per_mille: u64,
+    /// Deliveries still to drop unconditionally.
+    drop_next: u32,
+    partitioned: bool,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    at: u64,
+    seq: u64,
+    to: usize,
+    snapshot: Snapshot,
+}
+
+/// The simulated network between the source and the nodes.
+#[derive(Debug)]
+struct Network {
+    links: Vec<Link>,
+    in_flight: Vec<InFlight>,
+    seq: u64,
+    rng: u64,
+    /// Per node: deliveries dropped on send.
+    dropped: Vec<u32>,
+    /// Per node: deliveries lost because they arrived while it was partitioned.
+    lost_in_partition: Vec<u32>,
+}
+
+impl Network {
+    fn new(seed: u64) -> Self {
+        Self {
+            links: Vec::new(),
+            in_flight: Vec::new(),
+            seq: 0,
+            rng: seed,
+            dropped: Vec::new(),
+            lost_in_partition: Vec::new(),
+        }
+    }
+
+    /// A deterministic generator (splitmix64 over a counter).
+    fn next_random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(1);
+        mix(self.rng)
+    }
+
+    fn send(&mut self, now: u64, to: usize, snapshot: Snapshot) {
+        let link = &mut self.links[to];
+        if link.drop_next > 0 {
+            link.drop_next -= 1;
+            self.dropped[to] += 1;
+            return;
+        }
+        let (delay, jitter, rate) = (link.delay_ms, link.jitter_ms, link.drop_per_mille);
+        if rate > 0 && self.next_random() % 1_000 < rate {
+            self.dropped[to] += 1;
+            return;
+        }
+        let delay = delay + self.next_random() % (jitter + 1);
+        self.seq += 1;
+        self.in_flight.push(InFlight {
+            at: now + delay,
+            seq: self.seq,
+            to,
+            snapshot,
+        });
+    }
+
+    /// Everything due by `now`, in arrival order (then send order).
+    fn due(&mut self, now: u64) -> Vec<InFlight> {
+        let (mut due, later): (Vec<_>, Vec<_>) =
+            self.in_flight.drain(..).partition(|m| m.at <= now);
+        self.in_flight = later;
+        due.sort_by_key(|m| (m.at, m.seq));
+        due
+    }
+}
+
+/// An ignored snapshot: (its epoch, the core's epoch when it arrived).
+type Ignored = (u64, u64);
+
+/// One simulated node: its core and what its driver knows.
+#[derive(Debug)]
+struct Node {
+    core: Membership,
+    /// What it registers.
+    me: Member,
+    /// False once killed: no heartbeats, no deliveries, a frozen core.
+    alive: bool,
+    next_heartbeat: u64,
+    last_heartbeat: u64,
+    /// Whether its driver believes the source is down.
+    source_down: bool,
+    source_down_reports: u32,
+    decisions: Vec<(u64, Decision)>,
+    ignored: Vec<Ignored>,
+}
+
+impl Node {
+    fn keep_serving(&self) -> Vec<u64> {
+        self.decisions
+            .iter()
+            .filter_map(|(_, d)| match d {
+                Decision::KeepServing { epoch } => Some(*epoch),
+                Decision::RingChanged { .. } => None,
+            })
+            .collect()
+    }
+
+    fn ring_changes(&self) -> Vec<(u64, Vec<NodeId>, Vec<NodeId>)> {
+        self.decisions
+            .iter()
+            .filter_map(|(_, d)| match d {
+                Decision::RingChanged {
+                    epoch,
+                    joined,
+                    left,
+                } => Some((*epoch, joined.clone(), left.clone())),
+                Decision::KeepServing { .. } => None,
+            })
+            .collect()
+    }
+}
+
+/// The whole simulated cluster.
+#[derive(Debug)]
+struct Sim {
+    cfg: Config,
+    now: u64,
+    next_resync: u64,
+    source: Source,
+    net: Network,
+    nodes: Vec<Node>,
+}
+
+impl Sim {
+    fn new(cfg: Config) -> Self {
+        Self {
+            cfg,
+            now: 0,
+            next_resync: cfg.resync_ms,
+            source: Source::new(cfg.ttl_ms),
+            net: Network::new(cfg.seed),
+            nodes: Vec::new(),
+        }
+    }
+
+    /// Starts node `id` with `weight`; it registers at once. Returns its index.
+    fn add_node(&mut self, id: u32, weight: u32) -> usize {
+        let i = self.nodes.len();
+        self.nodes.push(Node {
+            core: Membership::new(NodeId(id)),
+            me: Member {
+                id: NodeId(id),
+                mesh_addr: format!("10.0.0.{id}:7100"),
+                client_addr: format!("10.0.0.{id}:7000"),
+                weight,
+                state: MemberState::Active,
+            },
+            alive: true,
+            next_heartbeat: self.now,
+            last_heartbeat: 0,
+            source_down: false,
+            source_down_reports: 0,
+            decisions: Vec::new(),
+            ignored: Vec::new(),
+        });
+        self.net.links.push(Link {
+            delay_ms: self.cfg.delay_ms,
+            jitter_ms: 0,
+            drop_per_mille: 0,
+            drop_next: 0,
+            partitioned: false,
+        });
+        self.net.dropped.push(0);
+        self.net.lost_in_partition.push(0);
+        self.heartbeat(i);
+        i
+    }
+
+    /// The process dies: it stops heartbeating and hears nothing more.
+    fn kill(&mut self, i: usize) {
+        self.nodes[i].alive = false;
+    }
+
+    /// Cuts node `i` off from the source both ways.
+    fn partition(&mut self, i: usize) {
+        self.net.links[i].partitioned = true;
+    }
+
+    fn heal(&mut self, i: usize) {
+        self.net.links[i].partitioned = false;
+    }
+
+    /// Node `i` starts draining: it re-registers as Draining at once.
+    fn drain(&mut self, i: usize) {
+        self.nodes[i].me.state = MemberState::Draining;
+        self.heartbeat(i);
+    }
+
+    fn core(&self, i: usize) -> &Membership {
+        &self.nodes[i].core
+    }
+
+    /// Feeds one event to node `i`'s core, checking the core's invariants, and logs the result.
+    fn feed(&mut self, i: usize, ev: Event) {
+        let now = self.now;
+        let node = &mut self.nodes[i];
+        let before = node.core.epoch();
+        let old_ring = Arc::clone(node.core.ring());
+        let offered = match &ev {
+            Event::Snapshot(s) => Some(s.epoch),
+            _ => None,
+        };
+        let decisions = node.core.handle(ev);
+        let after = node.core.epoch();
+        assert!(
+            after >= before,
+            "node {i}: epoch went back {before} -> {after}"
+        );
+        match offered {
+            Some(e) if e <= before => {
+                assert!(decisions.is_empty(), "node {i}: ignored snapshot decided");
+                assert_eq!(after, before);
+                assert!(Arc::ptr_eq(&old_ring, node.core.ring()));
+                node.ignored.push((e, before));
+            }
+            Some(e) => assert_eq!(after, e, "node {i}: a newer snapshot sets the epoch"),
+            None => assert_eq!(after, before, "node {i}: only snapshots move the epoch"),
+        }
+        for d in &decisions {
+            if let Decision::RingChanged {
+                epoch,
+                joined,
+                left,
+            } = d
+            {
+                let ring = node.core.ring();
+                assert_eq!(*epoch, after);
+                assert!(
+                    !Arc::ptr_eq(&old_ring, ring),
+                    "RingChanged without a new ring"
+                );
+                assert!(joined.iter().all(|n| ring.members().contains(n)));
+                assert!(joined.iter().all(|n| !old_ring.members().contains(n)));
+                assert!(left.iter().all(|n| !ring.members().contains(n)));
+                assert!(left.iter().all(|n| old_ring.members().contains(n)));
+            }
+        }
+        if decisions.is_empty() && offered.is_some_and(|e| e > before) {
+            assert!(
+                Arc::ptr_eq(&old_ring, node.core.ring()),
+                "node {i}: the ring was rebuilt without a RingChanged"
+            );
+        }
+        node.decisions
+            .extend(decisions.into_iter().map(|d| (now, d)));
+    }
+
+    /// Sends the source's latest snapshot to every live node.
+    fn publish(&mut self) {
+        let snapshot = self.source.snapshot();
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].alive {
+                self.net.send(self.now, i, snapshot.clone());
+            }
+        }
+    }
+
+    /// Node `i`'s driver heartbeats: through its link, which may be cut.
+    fn heartbeat(&mut self, i: usize) {
+        let now = self.now;
+        self.nodes[i].next_heartbeat = now + self.cfg.heartbeat_ms;
+        if self.net.links[i].partitioned {
+            self.nodes[i].source_down = true;
+            self.nodes[i].source_down_reports += 1;
+            self.feed(i, Event::SourceDown { now_ms: now });
+            return;
+        }
+        if self.nodes[i].source_down {
+            self.nodes[i].source_down = false;
+            self.feed(i, Event::SourceUp { now_ms: now });
+        }
+        self.nodes[i].last_heartbeat = now;
+        let me = self.nodes[i].me.clone();
+        if self.source.heartbeat(now, &me) {
+            self.publish();
+        }
+    }
+
+    /// Advances the clock by one step and runs everything due.
+    fn step(&mut self) {
+        self.now += self.cfg.step_ms;
+        let now = self.now;
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].alive && self.nodes[i].next_heartbeat <= now {
+                self.heartbeat(i);
+            }
+        }
+        if self.source.expire(now) {
+            self.publish();
+        }
+        if self.next_resync <= now {
+            self.next_resync = now + self.cfg.resync_ms;
+            self.publish();
+        }
+        for m in self.net.due(now) {
+            if !self.nodes[m.to].alive {
+                continue;
+            }
+            if self.net.links[m.to].partitioned {
+                self.net.lost_in_partition[m.to] += 1;
+                continue;
+            }
+            self.feed(m.to, Event::Snapshot(m.snapshot));
+        }
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].alive {
+                self.feed(i, Event::Tick { now_ms: now });
+            }
+        }
+    }
+
+    fn run_for(&mut self, ms: u64) {
+        let end = self.now + ms;
+        while self.now < end {
+            self.step();
+        }
+    }
+
+    /// Steps until `done` holds (checked before each step), for at most `max_ms`.
+    fn run_until(&mut self, max_ms: u64, done: impl Fn(&Self) -> bool) -> bool {
+        let end = self.now + max_ms;
+        while !done(self) {
+            if self.now >= end {
+                return false;
+            }
+            self.step();
+        }
+        true
+    }
+
+    /// Indexes of nodes that are alive and can reach the source.
+    fn reachable(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.nodes.len()).filter(|&i| self.nodes[i].alive && !self.net.links[i].partitioned)
+    }
+
+    /// Every reachable node is at the source's epoch.
+    fn converged(&self) -> bool {
+        self.reachable()
+            .all(|i| self.nodes[i].core.epoch() == self.source.epoch)
+    }
+
+    /// Asserts that the reachable nodes agree on the epoch, the members and the owner of
+    /// every user in `users`.
+    fn assert_agree(&self, users: &[UserId]) {
+        let nodes: Vec<usize> = self.reachable().collect();
+        let first = self.core(nodes[0]);
+        for &i in &nodes[1..] {
+            let core = self.core(i);
+            assert_eq!(core.epoch(), first.epoch(), "node {i} epoch");
+            assert!(core.members().eq(first.members()), "node {i} members");
+            assert_eq!(
+                core.ring().members(),
+                first.ring().members(),
+                "node {i} ring"
+            );
+            for &u in users {
+                assert_eq!(core.owner(u), first.owner(u), "node {i} owner of {u}");
+            }
+        }
+    }
+}
+
+fn sample_users(n: u64) -> Vec<UserId> {
+    (0..n).map(|u| UserId(u * 104_729 + 7)).collect()
+}
+
+fn ids(ns: impl IntoIterator<Item = u32>) -> Vec<NodeId> {
+    ns.into_iter().map(NodeId).collect()
+}
+
+/// Five nodes (ids 1..=5, weight 1) registered 100 ms apart, run until they agree.
+fn five_nodes(cfg: Config) -> Sim {
+    let mut sim = Sim::new(cfg);
+    for id in 1..=5 {
+        sim.add_node(id, 1);
+        sim.run_for(100);
+    }
+    assert!(sim.run_until(1_000, Sim::converged), "five nodes converge");
+    sim
+}
+
+#[test]
+fn five_nodes_converge_on_one_epoch_and_one_owner_per_user() {
+    let sim = five_nodes(Config::default());
+    assert_eq!(sim.source.epoch, 5, "one epoch per registration");
+    let users = sample_users(10_000);
+    sim.assert_agree(&users);
+    for i in 0..5 {
+        let core = sim.core(i);
+        assert_eq!(core.epoch(), 5);
+        assert_eq!(core.ring().members(), ids(1..=5).as_slice());
+        assert_eq!(core.members().count(), 5);
+        // Registration order shows in the log: the ring grew one member per epoch it saw.
+        let changes = sim.nodes[i].ring_changes();
+        assert_eq!(changes.last().map(|c| c.0), Some(5));
+        let all_joined: BTreeSet<NodeId> =
+            changes.iter().flat_map(|c| c.1.iter().copied()).collect();
+        assert_eq!(all_joined, ids(1..=5).into_iter().collect());
+    }
+    // Every user has exactly one owner, and every member owns a fair share.
+    let mut load: BTreeMap<NodeId, u32> = BTreeMap::new();
+    for &u in &users {
+        let owner = sim.core(0).owner(u).expect("owner");
+        *load.entry(owner).or_default() += 1;
+        let locals = (0..5).filter(|&i| sim.core(i).is_local(u)).count();
+        assert_eq!(locals, 1, "{u} is local on exactly one node");
+    }
+    assert_eq!(load.len(), 5);
+    assert!(
+        load.values().all(|&l| (1_800..2_200).contains(&l)),
+        "{load:?}"
+    );
+}
+
+#[test]
+fn dropped_and_reordered_deliveries_still_converge_on_the_newest_epoch() {
+    let mut sim = five_nodes(Config::default());
+    // Nodes 0 and 1 lose half of everything; node 3 loses the next two deliveries; node 2
+    // gets the next publish late, after the one that follows it.
+    sim.net.links[0].drop_per_mille = 500;
+    sim.net.links[1].drop_per_mille = 500;
+    sim.net.links[3].drop_next = 2;
+    sim.net.links[2].delay_ms = 800;
+    sim.add_node(6, 1);
+    let e1 = sim.source.epoch;
+    sim.run_for(50);
+    sim.net.links[2].delay_ms = 5;
+    sim.add_node(7, 1);
+    let e2 = sim.source.epoch;
+    assert_eq!(e2, e1 + 1);
+
+    // Node 2 adopts e2 first; e1 arrives ~750 ms later and is ignored.
+    sim.run_for(20);
+    assert_eq!(sim.core(2).epoch(), e2);
+    sim.run_for(800);
+    assert!(
+        sim.nodes[2]
+            .ignored
+            .iter()
+            .any(|&(e, at)| e == e1 && at == e2),
+        "the overtaken snapshot was ignored: {:?}",
+        sim.nodes[2].ignored
+    );
+    assert_eq!(sim.core(2).epoch(), e2);
+    let epochs: Vec<u64> = sim.nodes[2].ring_changes().iter().map(|c| c.0).collect();
+    assert!(!epochs.contains(&e1), "no decision for the stale epoch");
+    assert!(epochs.windows(2).all(|w| w[0] < w[1]), "{epochs:?}");
+
+    assert!(
+        sim.run_until(10_000, Sim::converged),
+        "resyncs repair the drops"
+    );
+    assert!(
+        sim.net.dropped[0] + sim.net.dropped[1] > 0,
+        "drops happened"
+    );
+    assert_eq!(sim.net.dropped[3], 2);
+    let users = sample_users(10_000);
+    sim.assert_agree(&users);
+    for i in sim.reachable().collect::<Vec<_>>() {
+        assert_eq!(sim.core(i).ring().members(), ids(1..=7).as_slice());
+    }
+    // Periodic resyncs are duplicates: ignored, and they made no decision (checked in feed).
+    let dups = sim.nodes[4]
+        .ignored
+        .iter()
+        .filter(|&&(e, at)| e == at)
+        .count();
+    assert!(dups > 0, "resyncs reached node 4 as duplicates");
+}
+
+#[test]
+fn a_dead_node_expires_and_only_its_users_move() {
+    let mut sim = five_nodes(Config::default());
+    let users = sample_users(10_000);
+    let old: Arc<Ring> = Arc::clone(sim.core(0).ring());
+    let dead = NodeId(3);
+    sim.kill(2);
+    let last_heartbeat = sim.nodes[2].last_heartbeat;
+    assert!(
+        sim.run_until(10_000, |s| !s.source.has(dead) && s.converged()),
+        "the source expires the dead node and survivors adopt it"
+    );
+    // The source waited out the TTL, not less, not more.
+    assert_eq!(
+        sim.source.expired,
+        vec![(last_heartbeat + sim.cfg.ttl_ms, dead)]
+    );
+    sim.assert_agree(&users);
+
+    let survivors = [0usize, 1, 3, 4];
+    let new: Arc<Ring> = Arc::clone(sim.core(0).ring());
+    assert_eq!(new.members(), ids([1, 2, 4, 5]).as_slice());
+    for &i in &survivors {
+        let changes = sim.nodes[i].ring_changes();
+        let last = changes.last().expect("a ring change");
+        assert_eq!((&last.1, &last.2), (&vec![], &vec![dead]));
+    }
+
+    let mut dead_users = 0;
+    for &u in &users {
+        let was = old.owner(u).expect("owner");
+        let is = new.owner(u).expect("owner");
+        if was == dead {
+            dead_users += 1;
+            assert_ne!(is, dead);
+            assert!(new.members().contains(&is), "{u} has a live owner");
+        } else {
+            assert_eq!(is, was, "{u} was on a survivor and must not move");
+        }
+    }
+    assert!(dead_users > 1_500, "the dead node owned {dead_users}");
+    // Survivors hand off nothing; the dead node's users are exactly what it would have
+    // handed off.
+    for &i in &survivors {
+        let me = sim.core(i).me();
+        let mine = users.iter().copied().filter(|&u| old.owner(u) == Some(me));
+        assert!(moved_away(&old, &new, me, mine).is_empty(), "node {me}");
+    }
+    let handed = moved_away(&old, &new, dead, users.iter().copied());
+    assert_eq!(handed.len(), dead_users);
+    assert!(handed.iter().all(|&(u, to)| new.owner(u) == Some(to)));
+}
+
+#[test]
+fn a_join_moves_about_one_nth_and_moved_away_reports_exactly_those_users() {
+    let mut sim = five_nodes(Config::default());
+    let users = sample_users(20_000);
+    let old: Arc<Ring> = Arc::clone(sim.core(0).ring());
+    let joiner = NodeId(6);
+    sim.add_node(6, 1);
+    assert!(sim.run_until(1_000, Sim::converged));
+    sim.assert_agree(&users);
+    let new: Arc<Ring> = Arc::clone(sim.core(0).ring());
+    assert_eq!(new.members(), ids(1..=6).as_slice());
+    for i in 0..5 {
+        let last = sim.nodes[i].ring_changes().pop().expect("a ring change");
+        assert_eq!((last.1, last.2), (vec![joiner], vec![]));
+    }
+
+    let moved: BTreeSet<UserId> = users
+        .iter()
+        .copied()
+        .filter(|&u| old.owner(u) != new.owner(u))
+        .collect();
+    let ideal = users.len() as f64 / 6.0;
+    let n = moved.len() as f64;
+    assert!(
+        n <= 1.1 * ideal && n >= 0.9 * ideal,
+        "moved {n} (ideal {ideal:.0})"
+    );
+    assert!(moved.iter().all(|&u| new.owner(u) == Some(joiner)));
+    // The joiner now owns exactly the moved users.
+    assert!(
+        users
+            .iter()
+            .all(|&u| sim.core(5).is_local(u) == moved.contains(&u))
+    );
+
+    let mut reported = BTreeSet::new();
+    for k in 1..=5 {
+        let from_k = moved_away(&old, &new, NodeId(k), users.iter().copied());
+        assert!(from_k.iter().all(|&(_, to)| to == joiner));
+        let expected: BTreeSet<UserId> = moved
+            .iter()
+            .copied()
+            .filter(|&u| old.owner(u) == Some(NodeId(k)))
+            .collect();
+        let got: BTreeSet<UserId> = from_k.iter().map(|&(u, _)| u).collect();
+        assert_eq!(got.len(), from_k.len(), "no user reported twice");
+        assert_eq!(got, expected, "node {k}");
+        reported.extend(got);
+    }
+    assert_eq!(reported, moved);
+}
+
+#[test]
+fn a_partitioned_node_keeps_serving_once_per_outage_and_catches_up_after_healing() {
+    let mut sim = five_nodes(Config::default());
+    let users = sample_users(10_000);
+    let p = 2;
+    let before_epoch = sim.core(p).epoch();
+    let before_ring = Arc::clone(sim.core(p).ring());
+
+    sim.partition(p);
+    sim.add_node(6, 1);
+    // Long enough for node 3's entry to expire at the source.
+    sim.run_for(5_000);
+    assert!(
+        !sim.source.has(NodeId(3)),
+        "the source expired the cut-off node"
+    );
+    assert!(
+        sim.nodes[p].source_down_reports >= 4,
+        "every heartbeat failed"
+    );
+    assert_eq!(
+        sim.nodes[p].keep_serving(),
+        vec![before_epoch],
+        "once per outage"
+    );
+    assert_eq!(sim.core(p).epoch(), before_epoch);
+    assert!(
+        Arc::ptr_eq(sim.core(p).ring(), &before_ring),
+        "the last ring is kept"
+    );
+    assert!(sim.core(p).outage_since_ms().is_some());
+    assert!(
+        sim.net.lost_in_partition[p] > 0,
+        "deliveries were lost meanwhile"
+    );
+    // It still answers from its last ring, while the others moved on without it.
+    assert!(users.iter().any(|&u| sim.core(p).is_local(u)));
+    assert!(sim.converged());
+    sim.assert_agree(&users);
+    assert_eq!(
+        sim.core(0).ring().members(),
+        ids([1, 2, 4, 5, 6]).as_slice()
+    );
+
+    sim.heal(p);
+    assert!(
+        sim.run_until(3_000, |s| s.source.has(NodeId(3)) && s.converged()),
+        "it re-registers and catches up"
+    );
+    assert!(sim.core(p).epoch() > before_epoch);
+    assert_eq!(sim.core(p).epoch(), sim.source.epoch);
+    assert_eq!(
+        sim.core(p).outage_since_ms(),
+        None,
+        "SourceUp ended the outage"
+    );
+    sim.assert_agree(&users);
+    assert_eq!(sim.core(p).ring().members(), ids(1..=6).as_slice());
+
+    // A second outage is a new outage: one more KeepServing, at the new epoch.
+    let second_epoch = sim.core(p).epoch();
+    sim.partition(p);
+    sim.run_for(1_500);
+    sim.heal(p);
+    assert!(sim.run_until(3_000, Sim::converged));
+    assert_eq!(
+        sim.nodes[p].keep_serving(),
+        vec![before_epoch, second_epoch]
+    );
+}
+
+#[test]
+fn plan_groups_recipients_by_owner_one_entry_per_node() {
+    let sim = five_nodes(Config::default());
+    let recipients = sample_users(1_000);
+    let plan = sim.core(0).plan(&recipients);
+    assert!(plan.len() <= 5, "{} entries", plan.len());
+    let mut seen = BTreeSet::new();
+    for (node, group) in &plan {
+        assert!(!group.is_empty());
+        for &u in group {
+            assert!(seen.insert(u), "{u} planned twice");
+            assert_eq!(sim.core(0).owner(u), Some(*node));
+        }
+    }
+    assert_eq!(seen, recipients.iter().copied().collect());
+    // Any node plans the same fan-out.
+    for i in 1..5 {
+        assert_eq!(sim.core(i).plan(&recipients), plan, "node {i}");
+    }
+}
+
+#[test]
+fn draining_members_own_no_users_but_stay_members() {
+    let mut sim = five_nodes(Config::default());
+    let users = sample_users(10_000);
+    let draining = NodeId(2);
+    assert!(users.iter().any(|&u| sim.core(1).is_local(u)));
+    sim.drain(1);
+    assert!(sim.run_until(1_000, Sim::converged));
+    sim.assert_agree(&users);
+    for i in 0..5 {
+        let core = sim.core(i);
+        assert_eq!(core.members().count(), 5);
+        assert_eq!(
+            core.member(draining).map(|m| m.state),
+            Some(MemberState::Draining)
+        );
+        assert_eq!(core.ring().members(), ids([1, 3, 4, 5]).as_slice());
+        assert!(users.iter().all(|&u| core.owner(u) != Some(draining)));
+        let last = sim.nodes[i].ring_changes().pop().expect("a ring change");
+        assert_eq!((last.1, last.2), (vec![], vec![draining]));
+    }
+    assert!(users.iter().all(|&u| !sim.core(1).is_local(u)));
+    // Its heartbeats keep it registered while it drains.
+    sim.run_for(5_000);
+    assert!(sim.source.has(draining));
+    assert!(sim.core(0).member(draining).is_some());
+}
+
+/// Random kills, joins, partitions and lossy links over many seeds: whatever happened, once
+/// the links heal, every reachable node ends on the source's epoch with the same ring.
+#[test]
+fn random_faults_always_converge() {
+    let users = sample_users(2_000);
+    let mut stale = 0;
+    for seed in 1..=6u64 {
+        let mut sim = Sim::new(Config {
+            seed,
+            ..Config::default()
+        });
+        for id in 1..=4 {
+            sim.add_node(id, 1 + id % 2);
+        }
+        let mut next_id = 5;
+        for round in 0..8u64 {
+            let r = sim.net.next_random();
+            let n = sim.nodes.len();
+            let i = (r % n as u64) as usize;
+            match (r >> 8) % 5 {
+                0 => sim.partition(i),
+                1 => sim.heal(i),
+                2 if sim.reachable().count() > 2 => sim.kill(i),
+                3 => {
+                    sim.add_node(next_id, 1);
+                    next_id += 1;
+                }
+                _ => sim.net.links[i].drop_per_mille = 300,
+            }
+            sim.net.links[i].delay_ms = 1 + (r >> 16) % 300;
+            sim.net.links[i].jitter_ms = (r >> 20) % 1_500;
+            sim.run_for(500 + (r >> 24) % 3_000);
+            assert!(
+                sim.nodes.iter().filter(|n| n.alive).count() >= 2,
+                "seed {seed} round {round}"
+            );
+        }
+        for i in 0..sim.nodes.len() {
+            sim.heal(i);
+            sim.net.links[i].drop_per_mille = 0;
+        }
+        assert!(
+            sim.run_until(10_000, |s| {
+                // Settled: the dead have expired and everyone live is registered.
+                s.nodes.iter().all(|n| s.source.has(n.me.id) == n.alive) && s.converged()
+            }),
+            "seed {seed}: no convergence"
+        );
+        sim.assert_agree(&users);
+        stale += sim
+            .nodes
+            .iter()
+            .flat_map(|n| &n.ignored)
+            .filter(|&&(e, at)| e < at)
+            .count();
+        let live: Vec<NodeId> = sim
+            .nodes
+            .iter()
+            .filter(|n| n.alive)
+            .map(|n| n.me.id)
+            .collect();
+        assert_eq!(
+            sim.core(sim.reachable().next().expect("a live node"))
+                .ring()
+                .members(),
+            live.as_slice()
+        );
+    }
+    assert!(stale > 0, "jitter reordered some deliveries");
+}
