@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# Servers started by tests on free ports (the mesh and load-test suites need them).
+# Servers started by tests and benches on free ports (Redis for membership, Redis and NATS as
+# the mesh hop bench's peers).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   as_root apt-get update -qq
@@ -21,4 +23,13 @@ cargo nextest --version >/dev/null 2>&1 || cargo install --locked cargo-nextest
 # proto/fuzz/README.md). Plain cargo builds it without sanitizers, into the shared target dir.
 cargo build --quiet --manifest-path proto/fuzz/Cargo.toml --target-dir target
 
-cargo nextest run --workspace --no-fail-fast "$@"
+# The Cassandra backend is compiled and unit-tested always; its contract suite needs a real
+# cluster (none can be installed here) and is reported as skipped unless MESHCHAT_CQL_NODES
+# points at one.
+extra=()
+if [ -n "${MESHCHAT_CQL_NODES:-}" ]; then
+  extra+=(--run-ignored all)
+else
+  echo "NOTE: MESHCHAT_CQL_NODES is not set: the Cassandra contract suite is SKIPPED (listed as skipped below)"
+fi
+cargo nextest run --workspace --features meshchat-storage/cassandra --no-fail-fast "${extra[@]}" "$@"

@@ -44,7 +44,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::{ClusterConfig, NodeConfig};
 use crate::members::MemberCache;
-use crate::registry::{ConnId, Delivery, Registry};
+use crate::registry::{ConnId, Delivery, LocalDelivery};
 use crate::router::{Home, MemberView, Router};
 use crate::tls::{self, Identity, TlsError};
 
@@ -113,7 +113,7 @@ pub struct Mesh {
     client_addrs: BTreeMap<NodeId, String>,
     weights: BTreeMap<NodeId, u32>,
     peers: BTreeMap<NodeId, Arc<Peer>>,
-    registry: Arc<Registry>,
+    registry: Arc<dyn LocalDelivery>,
     members: Arc<MemberCache>,
 }
 
@@ -156,7 +156,7 @@ impl Mesh {
     pub fn start(
         config: &NodeConfig,
         identity: &Identity,
-        registry: Arc<Registry>,
+        registry: Arc<dyn LocalDelivery>,
         members: Arc<MemberCache>,
         stop: &watch::Receiver<bool>,
     ) -> Result<Arc<Self>, MeshError> {

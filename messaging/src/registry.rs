@@ -109,6 +109,24 @@ pub struct Delivery {
     pub cut_off: usize,
 }
 
+/// Where the mesh hands pushes for users on this node: the registry in a node; anything that
+/// records them in a bench or test.
+pub trait LocalDelivery: Send + Sync + 'static {
+    /// Queues `push` on every live connection of `users` on this node, except `skip`.
+    fn push_to(&self, users: &[UserId], push: &Bytes, skip: Option<ConnId>) -> Delivery;
+    /// Whether `user` has a live connection on this node.
+    fn is_online(&self, user: UserId) -> bool;
+}
+
+impl LocalDelivery for Registry {
+    fn push_to(&self, users: &[UserId], push: &Bytes, skip: Option<ConnId>) -> Delivery {
+        Registry::push_to(self, users, push, skip)
+    }
+    fn is_online(&self, user: UserId) -> bool {
+        Registry::is_online(self, user)
+    }
+}
+
 /// user -> live connections on this node.
 #[derive(Debug, Default)]
 pub struct Registry {

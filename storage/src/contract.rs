@@ -30,10 +30,25 @@ pub trait Harness: Send + Sync {
 
 /// Makes one `#[tokio::test]` per contract. `$harness` is an expression of a type that
 /// implements [`Harness`], evaluated once per test; it may `return` early to skip.
+///
+/// `contract_tests!(#[ignore = "why"] harness)` marks every test ignored: the test runner
+/// reports them as skipped (never as passed) unless ignored tests are asked for.
 #[macro_export]
 macro_rules! contract_tests {
-    ($harness:expr) => {
-        $crate::contract_tests!(@each $harness;
+    // Internal arms first: an `@...` input must never reach the `$harness:expr` matcher.
+    (@each $attrs:tt $harness:expr; $($name:ident),* $(,)?) => {
+        $( $crate::contract_tests!(@one $attrs $harness; $name); )*
+    };
+    (@one [$($attr:tt)*] $harness:expr; $name:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $($attr)*
+        async fn $name() {
+            let harness = $harness;
+            $crate::contract::$name(&harness).await;
+        }
+    };
+    (@all $attrs:tt $harness:expr) => {
+        $crate::contract_tests!(@each $attrs $harness;
             users_register_and_lookup,
             append_and_page_both_directions,
             append_is_idempotent_per_sender,
@@ -46,14 +61,11 @@ macro_rules! contract_tests {
             reopen_after_close_keeps_everything,
         );
     };
-    (@each $harness:expr; $($name:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let harness = $harness;
-                $crate::contract::$name(&harness).await;
-            }
-        )*
+    (#[ignore = $why:literal] $harness:expr) => {
+        $crate::contract_tests!(@all [#[ignore = $why]] $harness);
+    };
+    ($harness:expr) => {
+        $crate::contract_tests!(@all [] $harness);
     };
 }
 

@@ -10,9 +10,13 @@
 //! - [`error`]: [`StorageError`], shared by every backend.
 //! - [`embedded`]: the default backend, SQLite in WAL mode with group commit; several node
 //!   processes on one machine share one store.
+//! - `cassandra` (feature `cassandra`): the Cassandra/ScyllaDB backend over the `scylla`
+//!   driver, its CQL schema (`storage/cql/`) and migrator.
 //! - [`contract`]: the backend-generic contract suite; each backend's tests instantiate it
 //!   with [`contract_tests!`].
 
+#[cfg(feature = "cassandra")]
+pub mod cassandra;
 pub mod contract;
 pub mod embedded;
 pub mod error;

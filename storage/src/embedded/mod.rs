@@ -148,7 +148,19 @@ impl EmbeddedStore {
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             config.busy_timeout,
         )?;
-        schema::prepare(&writer_conn, config.durability)?;
+        // Several processes may open a fresh store at once: switching to WAL and creating the
+        // schema can then meet SQLITE_BUSY without SQLite's busy handler being consulted.
+        // Retry until the busy timeout, as the handler would.
+        let started = Instant::now();
+        loop {
+            match schema::prepare(&writer_conn, config.durability) {
+                Ok(()) => break,
+                Err(e) if schema::is_busy(&e) && started.elapsed() < config.busy_timeout => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let (jobs, rx) = mpsc::channel::<Job>(config.queue_capacity.max(1));
         let max_batch = config.max_batch.max(1);
         let writer = std::thread::Builder::new()

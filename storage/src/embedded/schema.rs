@@ -106,3 +106,15 @@ pub(super) fn prepare(conn: &Connection, durability: Durability) -> Result<(), S
     .map_err(StorageError::backend)?;
     Ok(())
 }
+
+/// Whether `e` is SQLite's "database is busy/locked" (worth retrying).
+pub(super) fn is_busy(e: &StorageError) -> bool {
+    let StorageError::Backend(inner) = e else {
+        return false;
+    };
+    matches!(
+        inner.downcast_ref::<rusqlite::Error>(),
+        Some(rusqlite::Error::SqliteFailure(f, _))
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}

@@ -1,0 +1,820 @@
+//! The Cassandra/ScyllaDB backend (feature `cassandra`): [`CassandraStore`] implements
+//! [`HistoryStore`] and [`StateStore`] over the `scylla` driver.
+//!
+//! - [`config`]: [`CassandraConfig`] and its validation.
+//! - [`schema`]: the CQL schema (`storage/cql/`) and the versioned, idempotent migrator.
+//! - `statements`: every statement, prepared once per store.
+//! - `rows`: CQL <-> model mapping, history buckets, LWT results.
+//! - [`error`]: [`CassandraError`], reaching callers as [`StorageError::Backend`].
+//!
+//! Concurrency rules (see docs/STORAGE.md): no value is read-modified-written. Unread
+//! counts and newest messages are computed from history; receipt marks are clustering rows
+//! whose maximum is the mark; names and idempotency keys are claimed with Paxos
+//! (`IF NOT EXISTS`). Every write waits for the configured consistency before it returns.
+
+pub mod config;
+pub mod error;
+mod rows;
+pub mod schema;
+mod statements;
+
+use std::cmp::Reverse;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+use meshchat_idgen::{ChannelId, ChatId, MessageId, UserId};
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::policies::retry::DefaultRetryPolicy;
+use scylla::statement::Statement;
+use scylla::statement::prepared::PreparedStatement;
+
+pub use config::CassandraConfig;
+pub use error::{CassandraError, ConfigError};
+pub use rows::bucket_of;
+pub use schema::{SCHEMA_VERSION, migrate, schema_statements};
+
+use error::drv;
+use rows::{MessageRow, chat_key, i, lwt_outcome, mark_kind, parse_chat, u};
+use statements::{Prepared, Texts};
+
+use crate::error::StorageError;
+use crate::model::{
+    AppendOutcome, Channel, ChatSummary, Direction, Marks, NewMessage, PageQuery, ReceiptKind,
+    StoredMessage, UNREAD_CAP, User, UserCredentials,
+};
+use crate::traits::{HistoryStore, StateStore};
+
+/// Longest emoji string stored (as in the embedded store).
+const MAX_EMOJI_BYTES: usize = 64;
+/// Longest user or channel name (as in the embedded store).
+const MAX_NAME_BYTES: usize = 64;
+/// How many chats of one chat list are looked at concurrently.
+const CHAT_LIST_FANOUT: usize = 16;
+
+/// Opens a driver session for `cfg`: token-aware load balancing preferring `local_dc`,
+/// the configured consistency, serial consistency and timeout on every request, and the
+/// driver's default retry policy (which retries timed-out writes only when a statement is
+/// marked idempotent).
+pub async fn connect_session(cfg: &CassandraConfig) -> Result<Session, StorageError> {
+    cfg.validate()?;
+    let mut policy = DefaultPolicy::builder().token_aware(true);
+    if let Some(dc) = &cfg.local_dc {
+        policy = policy
+            .prefer_datacenter(dc.clone())
+            .permit_dc_failover(false);
+    }
+    let profile = ExecutionProfile::builder()
+        .consistency(cfg.consistency)
+        .serial_consistency(Some(cfg.serial_consistency))
+        .request_timeout(Some(cfg.request_timeout))
+        .load_balancing_policy(policy.build())
+        .retry_policy(Arc::new(DefaultRetryPolicy::new()))
+        .build();
+    SessionBuilder::new()
+        .known_nodes(&cfg.nodes)
+        .default_execution_profile_handle(profile.into_handle())
+        .build()
+        .await
+        .map_err(drv)
+}
+
+/// A [`Storage`](crate::Storage) backend on Cassandra or ScyllaDB.
+pub struct CassandraStore {
+    session: Arc<Session>,
+    st: Prepared,
+    width_ms: u64,
+}
+
+impl std::fmt::Debug for CassandraStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CassandraStore")
+            .field("width_ms", &self.width_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CassandraStore {
+    /// Connects and prepares every statement. The keyspace must be migrated ([`migrate`]);
+    /// a keyspace from a newer build is refused ([`StorageError::SchemaTooNew`]), as is a
+    /// config whose bucket width differs from the keyspace's.
+    pub async fn connect(cfg: &CassandraConfig) -> Result<Self, StorageError> {
+        let session = connect_session(cfg).await?;
+        Self::with_session(Arc::new(session), cfg).await
+    }
+
+    /// Like [`CassandraStore::connect`] on an open session (shared with other users).
+    pub async fn with_session(
+        session: Arc<Session>,
+        cfg: &CassandraConfig,
+    ) -> Result<Self, StorageError> {
+        cfg.validate()?;
+        match schema::stored_version(&session, cfg).await? {
+            None => return Err(CassandraError::NotMigrated(cfg.keyspace.clone()).into()),
+            Some(found) if found > SCHEMA_VERSION => {
+                return Err(StorageError::SchemaTooNew {
+                    found: i64::from(found),
+                    supported: i64::from(SCHEMA_VERSION),
+                });
+            }
+            Some(_) => {}
+        }
+        let mut q = Statement::new(format!(
+            "SELECT value FROM {}.settings WHERE name = ?",
+            cfg.keyspace
+        ));
+        q.set_is_idempotent(true);
+        let stored = session
+            .query_unpaged(q, (schema::BUCKET_WIDTH_SETTING,))
+            .await
+            .map_err(drv)?
+            .into_rows_result()
+            .map_err(drv)?
+            .maybe_first_row::<(Option<i64>,)>()
+            .map_err(drv)?
+            .and_then(|(v,)| v)
+            .ok_or_else(|| CassandraError::NotMigrated(cfg.keyspace.clone()))?;
+        if u(stored) != cfg.bucket_width_ms {
+            return Err(CassandraError::BucketWidthMismatch {
+                stored: u(stored),
+                configured: cfg.bucket_width_ms,
+            }
+            .into());
+        }
+        let st = Prepared::prepare(&session, &Texts::new(&cfg.keyspace)).await?;
+        Ok(Self {
+            session,
+            st,
+            width_ms: cfg.bucket_width_ms,
+        })
+    }
+
+    /// The driver session (for health checks and metrics).
+    pub fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
+    fn bucket(&self, id: MessageId) -> i32 {
+        bucket_of(id, self.width_ms)
+    }
+
+    async fn exec(
+        &self,
+        st: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> Result<scylla::response::query_result::QueryResult, StorageError> {
+        self.session.execute_unpaged(st, values).await.map_err(drv)
+    }
+
+    /// All rows of a (paged) query, decoded as `R`.
+    async fn all<R>(
+        &self,
+        st: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> Result<Vec<R>, StorageError>
+    where
+        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm> + Send + 'static,
+    {
+        self.session
+            .execute_iter(st.clone(), values)
+            .await
+            .map_err(drv)?
+            .rows_stream::<R>()
+            .map_err(drv)?
+            .map_err(drv)
+            .try_collect()
+            .await
+    }
+
+    /// The first row of an unpaged query, decoded as `R`.
+    async fn first<R>(
+        &self,
+        st: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> Result<Option<R>, StorageError>
+    where
+        R: for<'f> scylla::deserialize::row::DeserializeRow<'f, 'f>,
+    {
+        self.exec(st, values)
+            .await?
+            .into_rows_result()
+            .map_err(drv)?
+            .maybe_first_row::<R>()
+            .map_err(drv)
+    }
+
+    async fn message_exists(&self, chat: ChatId, id: MessageId) -> Result<bool, StorageError> {
+        Ok(self.message(chat, id).await?.is_some())
+    }
+
+    /// Writes a message and everything that makes it visible: its row, its bucket in the
+    /// chat's bucket index, and (1:1) the chat on both users' lists. All blind, idempotent
+    /// upserts, so a retry (or a later duplicate) may write them again.
+    async fn write_message(&self, m: &NewMessage) -> Result<(), StorageError> {
+        let key = chat_key(m.chat);
+        let bucket = self.bucket(m.id);
+        let row = self.exec(
+            &self.st.insert_message,
+            (
+                &key,
+                bucket,
+                i(m.id.0),
+                i(m.sender.0),
+                &m.client_msg_id,
+                &m.body[..],
+                m.reply_to.map(|r| i(r.0)),
+            ),
+        );
+        let index = self.exec(&self.st.insert_bucket, (&key, bucket));
+        futures::try_join!(row, index)?;
+        self.list_direct_chat(m.chat).await
+    }
+
+    /// Puts a 1:1 chat on both participants' chat lists (key-only rows: marks untouched).
+    async fn list_direct_chat(&self, chat: ChatId) -> Result<(), StorageError> {
+        if let ChatId::Direct { low, high } = chat {
+            let key = chat_key(chat);
+            futures::try_join!(
+                self.exec(&self.st.add_user_chat, (i(low.0), &key)),
+                self.exec(&self.st.add_user_chat, (i(high.0), &key)),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Reads one page of one bucket.
+    async fn bucket_page(
+        &self,
+        chat: ChatId,
+        bucket: i32,
+        direction: Direction,
+        bound: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        let st = match direction {
+            Direction::Backward => &self.st.page_backward,
+            Direction::Forward => &self.st.page_forward,
+        };
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let rows: Vec<MessageRow> = self.all(st, (chat_key(chat), bucket, bound, limit)).await?;
+        Ok(rows.into_iter().map(|r| r.into_message(chat)).collect())
+    }
+
+    /// The chat's non-empty buckets from `start` in `direction` (exact: every append
+    /// records its bucket, so empty buckets are never probed and the walk ends where the
+    /// chat starts or ends).
+    async fn buckets(
+        &self,
+        chat: ChatId,
+        start: i32,
+        direction: Direction,
+    ) -> Result<Vec<i32>, StorageError> {
+        let st = match direction {
+            Direction::Backward => &self.st.buckets_down,
+            Direction::Forward => &self.st.buckets_up,
+        };
+        let rows: Vec<(i32,)> = self.all(st, (chat_key(chat), start)).await?;
+        Ok(rows.into_iter().map(|(b,)| b).collect())
+    }
+
+    async fn newest(&self, chat: ChatId) -> Result<Option<StoredMessage>, StorageError> {
+        let page = self
+            .page(
+                chat,
+                PageQuery {
+                    cursor: None,
+                    direction: Direction::Backward,
+                    limit: 1,
+                },
+            )
+            .await?;
+        Ok(page.into_iter().next())
+    }
+
+    /// Messages from others after `seen`, up to [`UNREAD_CAP`]: walks the buckets from the
+    /// newest down to the seen mark's bucket.
+    async fn unread(
+        &self,
+        user: UserId,
+        chat: ChatId,
+        seen: MessageId,
+    ) -> Result<u32, StorageError> {
+        let key = chat_key(chat);
+        let floor = self.bucket(seen);
+        let me = i(user.0);
+        let mut count = 0u32;
+        for bucket in self.buckets(chat, i32::MAX, Direction::Backward).await? {
+            if bucket < floor {
+                break;
+            }
+            let mut rows = self
+                .session
+                .execute_iter(self.st.senders_after.clone(), (&key, bucket, i(seen.0)))
+                .await
+                .map_err(drv)?
+                .rows_stream::<(i64,)>()
+                .map_err(drv)?;
+            while let Some(row) = rows.next().await {
+                let (sender,) = row.map_err(drv)?;
+                if sender != me {
+                    count += 1;
+                    if count >= UNREAD_CAP {
+                        return Ok(UNREAD_CAP);
+                    }
+                }
+            }
+        }
+        Ok(count)
+    }
+
+    async fn read_marks(&self, user: UserId, chat: ChatId) -> Result<Marks, StorageError> {
+        let key = chat_key(chat);
+        let (d, s) = futures::try_join!(
+            self.first::<(i64,)>(
+                &self.st.read_mark,
+                (i(user.0), &key, mark_kind(ReceiptKind::Delivered))
+            ),
+            self.first::<(i64,)>(
+                &self.st.read_mark,
+                (i(user.0), &key, mark_kind(ReceiptKind::Seen))
+            ),
+        )?;
+        Ok(Marks {
+            delivered: MessageId(d.map_or(0, |(v,)| u(v))),
+            seen: MessageId(s.map_or(0, |(v,)| u(v))),
+        })
+    }
+
+    /// Inserts mark rows (delivered first, so a reader never sees seen above delivered).
+    async fn put_marks(
+        &self,
+        user: UserId,
+        key: &str,
+        kinds: &[ReceiptKind],
+        upto: MessageId,
+    ) -> Result<(), StorageError> {
+        for kind in kinds {
+            self.exec(
+                &self.st.insert_mark,
+                (i(user.0), key, mark_kind(*kind), i(upto.0)),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn channel_exists(&self, id: ChannelId) -> Result<bool, StorageError> {
+        Ok(self
+            .first::<(Option<String>, Option<i64>)>(&self.st.channel_by_id, (i(id.0),))
+            .await?
+            .is_some())
+    }
+
+    async fn summary(
+        &self,
+        user: UserId,
+        chat: ChatId,
+        newest: Option<StoredMessage>,
+    ) -> Result<ChatSummary, StorageError> {
+        let mine = self.read_marks(user, chat).await?;
+        let unread = self.unread(user, chat, mine.seen).await?;
+        let (title, peer) = match chat {
+            ChatId::Direct { .. } => {
+                let peer_id = chat.peer_of(user).unwrap_or(user);
+                let (name, marks) =
+                    futures::try_join!(self.user_by_id(peer_id), self.read_marks(peer_id, chat))?;
+                (name.map(|u| u.name).unwrap_or_default(), Some(marks))
+            }
+            ChatId::Channel(ch) => (
+                self.channel(ch).await?.map(|c| c.name).unwrap_or_default(),
+                None,
+            ),
+        };
+        Ok(ChatSummary {
+            chat,
+            title,
+            newest,
+            unread,
+            mine,
+            peer,
+        })
+    }
+
+    async fn channel_row(&self, id: ChannelId) -> Result<Option<Channel>, StorageError> {
+        let Some((name, owner)) = self
+            .first::<(Option<String>, Option<i64>)>(&self.st.channel_by_id, (i(id.0),))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let count = self
+            .first::<(i64,)>(&self.st.member_count, (i(id.0),))
+            .await?
+            .map_or(0, |(n,)| n);
+        Ok(Some(Channel {
+            id,
+            name: name.unwrap_or_default(),
+            owner: UserId(owner.map_or(0, u)),
+            member_count: u32::try_from(count).unwrap_or(u32::MAX),
+        }))
+    }
+}
+
+fn check_name(name: &str) -> Result<(), StorageError> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(StorageError::InvalidArgument("names must be 1 to 64 bytes"));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl HistoryStore for CassandraStore {
+    async fn append(&self, msg: NewMessage) -> Result<AppendOutcome, StorageError> {
+        if let Some(reply_to) = msg.reply_to
+            && !self.message_exists(msg.chat, reply_to).await?
+        {
+            return Err(StorageError::UnknownMessage {
+                chat: msg.chat,
+                id: reply_to,
+            });
+        }
+        // Claim the idempotency key first (Paxos): exactly one append per key wins.
+        let claim = self
+            .exec(
+                &self.st.claim_idempotency,
+                (
+                    i(msg.sender.0),
+                    &msg.client_msg_id,
+                    chat_key(msg.chat),
+                    i(msg.id.0),
+                ),
+            )
+            .await
+            .and_then(lwt_outcome)?;
+        let first_id = match claim.existing_bigint("message_id") {
+            Some(first) if !claim.applied && u(first) != msg.id.0 => MessageId(u(first)),
+            // Applied, or the claim is ours from an earlier attempt of this very append.
+            _ => {
+                self.write_message(&msg).await?;
+                return Ok(AppendOutcome {
+                    id: msg.id,
+                    duplicate: false,
+                });
+            }
+        };
+        // A retry. The first attempt may have died between its claim and its writes: finish
+        // them with this retry's content (same key = same message) under the first id.
+        let first_chat = match claim.existing_text("chat") {
+            Some(c) => parse_chat(c)?,
+            None => msg.chat,
+        };
+        let first = NewMessage {
+            id: first_id,
+            chat: first_chat,
+            ..msg
+        };
+        if self.message_exists(first.chat, first.id).await? {
+            // Re-record the bucket and chat lists (idempotent) in case those writes failed.
+            let key = chat_key(first.chat);
+            self.exec(&self.st.insert_bucket, (&key, self.bucket(first.id)))
+                .await?;
+            self.list_direct_chat(first.chat).await?;
+        } else {
+            self.write_message(&first).await?;
+        }
+        Ok(AppendOutcome {
+            id: first_id,
+            duplicate: true,
+        })
+    }
+
+    async fn message(
+        &self,
+        chat: ChatId,
+        id: MessageId,
+    ) -> Result<Option<StoredMessage>, StorageError> {
+        Ok(self
+            .first::<MessageRow>(
+                &self.st.message_by_id,
+                (chat_key(chat), self.bucket(id), i(id.0)),
+            )
+            .await?
+            .map(|r| r.into_message(chat)))
+    }
+
+    async fn page(
+        &self,
+        chat: ChatId,
+        query: PageQuery,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        let limit = query.limit as usize;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (start, bound) = match (query.direction, query.cursor) {
+            (_, Some(c)) => (self.bucket(c), i(c.0)),
+            (Direction::Backward, None) => (i32::MAX, i64::MAX),
+            (Direction::Forward, None) => (i32::MIN, i64::MIN),
+        };
+        let mut out = Vec::new();
+        for bucket in self.buckets(chat, start, query.direction).await? {
+            let page = self
+                .bucket_page(chat, bucket, query.direction, bound, limit - out.len())
+                .await?;
+            out.extend(page);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn react(
+        &self,
+        chat: ChatId,
+        id: MessageId,
+        user: UserId,
+        emoji: &str,
+    ) -> Result<(), StorageError> {
+        if emoji.is_empty() || emoji.len() > MAX_EMOJI_BYTES {
+            return Err(StorageError::InvalidArgument("emoji must be 1 to 64 bytes"));
+        }
+        // Messages are never deleted, so checking first cannot race with a removal; the
+        // map entry is its own cell, so concurrent reactions of other users are kept.
+        if !self.message_exists(chat, id).await? {
+            return Err(StorageError::UnknownMessage { chat, id });
+        }
+        self.exec(
+            &self.st.set_reaction,
+            (i(user.0), emoji, chat_key(chat), self.bucket(id), i(id.0)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn unreact(
+        &self,
+        chat: ChatId,
+        id: MessageId,
+        user: UserId,
+    ) -> Result<bool, StorageError> {
+        let Some(m) = self.message(chat, id).await? else {
+            return Err(StorageError::UnknownMessage { chat, id });
+        };
+        let had = m.reactions.iter().any(|r| r.user == user);
+        if had {
+            self.exec(
+                &self.st.delete_reaction,
+                (i(user.0), chat_key(chat), self.bucket(id), i(id.0)),
+            )
+            .await?;
+        }
+        Ok(had)
+    }
+}
+
+#[async_trait]
+impl StateStore for CassandraStore {
+    async fn create_user(
+        &self,
+        id: UserId,
+        name: &str,
+        password_hash: &str,
+    ) -> Result<User, StorageError> {
+        check_name(name)?;
+        let claim = self
+            .exec(&self.st.claim_user_name, (name, i(id.0), password_hash))
+            .await
+            .and_then(lwt_outcome)?;
+        if !claim.applied && claim.existing_bigint("id") != Some(i(id.0)) {
+            return Err(StorageError::UserExists(name.to_owned()));
+        }
+        self.exec(&self.st.insert_user, (i(id.0), name)).await?;
+        Ok(User {
+            id,
+            name: name.to_owned(),
+        })
+    }
+
+    async fn user_by_name(&self, name: &str) -> Result<Option<UserCredentials>, StorageError> {
+        Ok(self
+            .first::<(Option<i64>, String, Option<String>)>(&self.st.user_by_name, (name,))
+            .await?
+            .map(|(id, name, hash)| UserCredentials {
+                user: User {
+                    id: UserId(id.map_or(0, u)),
+                    name,
+                },
+                password_hash: hash.unwrap_or_default(),
+            }))
+    }
+
+    async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StorageError> {
+        Ok(self
+            .first::<(Option<String>,)>(&self.st.user_by_id, (i(id.0),))
+            .await?
+            .map(|(name,)| User {
+                id,
+                name: name.unwrap_or_default(),
+            }))
+    }
+
+    async fn is_member(&self, user: UserId, chat: ChatId) -> Result<bool, StorageError> {
+        match chat {
+            ChatId::Direct { .. } => match chat.peer_of(user) {
+                Some(peer) => Ok(self.user_by_id(peer).await?.is_some()),
+                None => Ok(false),
+            },
+            ChatId::Channel(ch) => Ok(self
+                .first::<(i64,)>(&self.st.member, (i(ch.0), i(user.0)))
+                .await?
+                .is_some()),
+        }
+    }
+
+    async fn mark(
+        &self,
+        user: UserId,
+        chat: ChatId,
+        kind: ReceiptKind,
+        upto: MessageId,
+    ) -> Result<Marks, StorageError> {
+        if !self.is_member(user, chat).await? {
+            return Err(StorageError::NotMember { user, chat });
+        }
+        if !self.message_exists(chat, upto).await? {
+            return Err(StorageError::UnknownMessage { chat, id: upto });
+        }
+        let key = chat_key(chat);
+        if let ChatId::Direct { .. } = chat {
+            // A member who never wrote in the chat may not have it listed yet.
+            self.exec(&self.st.add_user_chat, (i(user.0), &key)).await?;
+        }
+        let kinds: &[ReceiptKind] = match kind {
+            ReceiptKind::Delivered => &[ReceiptKind::Delivered],
+            ReceiptKind::Seen => &[ReceiptKind::Delivered, ReceiptKind::Seen],
+        };
+        self.put_marks(user, &key, kinds, upto).await?;
+        let marks = self.read_marks(user, chat).await?;
+        // Drop rows below the current maxima (never the maxima themselves, so a concurrent
+        // mark cannot be lost).
+        for (k, top) in [
+            (ReceiptKind::Delivered, marks.delivered),
+            (ReceiptKind::Seen, marks.seen),
+        ] {
+            if top.0 > 0 {
+                self.exec(
+                    &self.st.prune_marks,
+                    (i(user.0), &key, mark_kind(k), i(top.0)),
+                )
+                .await?;
+            }
+        }
+        Ok(marks)
+    }
+
+    async fn chat_list(&self, user: UserId, limit: u32) -> Result<Vec<ChatSummary>, StorageError> {
+        let keys: Vec<(String,)> = self.all(&self.st.user_chats, (i(user.0),)).await?;
+        let chats = keys
+            .iter()
+            .map(|(k,)| parse_chat(k))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Newest message of every chat (computed from history: nothing to keep in sync).
+        let mut with_newest: Vec<(ChatId, Option<StoredMessage>)> = futures::stream::iter(chats)
+            .map(|chat| async move { Ok::<_, StorageError>((chat, self.newest(chat).await?)) })
+            .buffered(CHAT_LIST_FANOUT)
+            .try_collect()
+            .await?;
+        with_newest.sort_by_key(|(chat, newest)| {
+            (
+                Reverse(newest.as_ref().map_or(0, |m| m.id.0)),
+                chat_key(*chat),
+            )
+        });
+        with_newest.truncate(limit as usize);
+        futures::stream::iter(with_newest)
+            .map(|(chat, newest)| self.summary(user, chat, newest))
+            .buffered(CHAT_LIST_FANOUT)
+            .try_collect()
+            .await
+    }
+
+    async fn create_channel(
+        &self,
+        id: ChannelId,
+        name: &str,
+        owner: UserId,
+    ) -> Result<Channel, StorageError> {
+        check_name(name)?;
+        if self.user_by_id(owner).await?.is_none() {
+            return Err(StorageError::UnknownUser(owner));
+        }
+        let claim = self
+            .exec(&self.st.claim_channel_name, (name, i(id.0)))
+            .await
+            .and_then(lwt_outcome)?;
+        if !claim.applied && claim.existing_bigint("id") != Some(i(id.0)) {
+            return Err(StorageError::ChannelExists(name.to_owned()));
+        }
+        self.exec(&self.st.insert_channel, (i(id.0), name, i(owner.0)))
+            .await?;
+        self.join_channel(id, owner).await?;
+        Ok(Channel {
+            id,
+            name: name.to_owned(),
+            owner,
+            member_count: 1,
+        })
+    }
+
+    async fn channel(&self, id: ChannelId) -> Result<Option<Channel>, StorageError> {
+        self.channel_row(id).await
+    }
+
+    async fn channel_by_name(&self, name: &str) -> Result<Option<Channel>, StorageError> {
+        match self
+            .first::<(Option<i64>,)>(&self.st.channel_id_by_name, (name,))
+            .await?
+        {
+            Some((Some(id),)) => self.channel_row(ChannelId(u(id))).await,
+            _ => Ok(None),
+        }
+    }
+
+    async fn join_channel(&self, id: ChannelId, user: UserId) -> Result<bool, StorageError> {
+        if !self.channel_exists(id).await? {
+            return Err(StorageError::UnknownChannel(id));
+        }
+        if self.user_by_id(user).await?.is_none() {
+            return Err(StorageError::UnknownUser(user));
+        }
+        let chat = ChatId::Channel(id);
+        let key = chat_key(chat);
+        let added = self
+            .exec(&self.st.add_member, (i(id.0), i(user.0)))
+            .await
+            .and_then(lwt_outcome)?
+            .applied;
+        if added {
+            // A new member starts with the backlog marked seen (as in the embedded store).
+            if let Some(newest) = self.newest(chat).await? {
+                self.put_marks(
+                    user,
+                    &key,
+                    &[ReceiptKind::Delivered, ReceiptKind::Seen],
+                    newest.id,
+                )
+                .await?;
+            }
+        }
+        // Idempotent companions, written again on a repeated join in case they were lost.
+        futures::try_join!(
+            self.exec(&self.st.add_channel_of_user, (i(user.0), i(id.0))),
+            self.exec(&self.st.add_user_chat, (i(user.0), &key)),
+        )?;
+        Ok(added)
+    }
+
+    async fn leave_channel(&self, id: ChannelId, user: UserId) -> Result<bool, StorageError> {
+        if !self.channel_exists(id).await? {
+            return Err(StorageError::UnknownChannel(id));
+        }
+        let key = chat_key(ChatId::Channel(id));
+        let removed = self
+            .exec(&self.st.remove_member, (i(id.0), i(user.0)))
+            .await
+            .and_then(lwt_outcome)?
+            .applied;
+        futures::try_join!(
+            self.exec(&self.st.remove_channel_of_user, (i(user.0), i(id.0))),
+            self.exec(&self.st.remove_user_chat, (i(user.0), &key)),
+            self.exec(&self.st.clear_marks, (i(user.0), &key)),
+        )?;
+        Ok(removed)
+    }
+
+    async fn channel_members(&self, id: ChannelId) -> Result<Vec<UserId>, StorageError> {
+        if !self.channel_exists(id).await? {
+            return Err(StorageError::UnknownChannel(id));
+        }
+        let rows: Vec<(i64,)> = self.all(&self.st.members, (i(id.0),)).await?;
+        Ok(rows.into_iter().map(|(v,)| UserId(u(v))).collect())
+    }
+
+    async fn channels_of(&self, user: UserId) -> Result<Vec<Channel>, StorageError> {
+        let ids: Vec<(i64,)> = self.all(&self.st.channels_of_user, (i(user.0),)).await?;
+        let mut out: Vec<Channel> = futures::stream::iter(ids)
+            .map(|(id,)| self.channel_row(ChannelId(u(id))))
+            .buffered(CHAT_LIST_FANOUT)
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+}

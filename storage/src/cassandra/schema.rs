@@ -1,0 +1,270 @@
+//! The CQL schema (`storage/cql/*.cql`, compiled in) and the migrator: splitting the files
+//! into statements, filling the keyspace and replication placeholders, and applying them
+//! once per schema version.
+
+use scylla::client::session::Session;
+use scylla::statement::Statement;
+
+use super::config::CassandraConfig;
+use super::error::{CassandraError, drv};
+use crate::error::StorageError;
+
+/// Newest schema version this build knows (the number of the last `storage/cql` file).
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// `component` of this schema's rows in `schema_version`.
+pub(crate) const COMPONENT: &str = "meshchat";
+
+/// Key of the bucket width in the `settings` table.
+pub(crate) const BUCKET_WIDTH_SETTING: &str = "bucket_width_ms";
+
+/// The schema files, in order: (version, file name, text).
+const FILES: &[(i32, &str, &str)] = &[(
+    1,
+    "001_schema.cql",
+    include_str!("../../cql/001_schema.cql"),
+)];
+
+/// Splits a schema file into statements: drops whole-line `--` comments and blank lines,
+/// splits on `;` and trims. Every statement comes back without its `;`.
+pub(crate) fn split_statements(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with("--") {
+            continue;
+        }
+        for (n, part) in trimmed.split(';').enumerate() {
+            if n > 0 {
+                let stmt = current.trim().to_owned();
+                if !stmt.is_empty() {
+                    out.push(stmt);
+                }
+                current.clear();
+            }
+            if !part.trim().is_empty() {
+                if !current.is_empty() {
+                    current.push(' ');
+                }
+                current.push_str(part.trim());
+            }
+        }
+    }
+    let rest = current.trim();
+    if !rest.is_empty() {
+        out.push(rest.to_owned());
+    }
+    out
+}
+
+/// Fills `${keyspace}` and `${replication}`.
+fn fill(stmt: &str, cfg: &CassandraConfig) -> String {
+    stmt.replace("${keyspace}", &cfg.keyspace)
+        .replace("${replication}", &cfg.replication_cql())
+}
+
+fn statements_of(cfg: &CassandraConfig, newer_than: i32) -> Vec<String> {
+    FILES
+        .iter()
+        .filter(|(v, _, _)| *v > newer_than)
+        .flat_map(|(_, _, text)| split_statements(text))
+        .map(|s| fill(&s, cfg))
+        .collect()
+}
+
+/// Every schema statement for `cfg`, placeholders filled, in the order the migrator runs
+/// them (each without a trailing `;`). What `meshchat-node migrate --dry-run` prints.
+pub fn schema_statements(cfg: &CassandraConfig) -> Vec<String> {
+    statements_of(cfg, 0)
+}
+
+/// The schema version recorded in the keyspace, `None` if the keyspace or the version table
+/// does not exist yet.
+pub async fn stored_version(
+    session: &Session,
+    cfg: &CassandraConfig,
+) -> Result<Option<i32>, StorageError> {
+    let ks = &cfg.keyspace;
+    let exists = session
+        .query_unpaged(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ? AND table_name = ?",
+            (ks.as_str(), "schema_version"),
+        )
+        .await
+        .map_err(drv)?
+        .into_rows_result()
+        .map_err(drv)?
+        .rows_num()
+        > 0;
+    if !exists {
+        return Ok(None);
+    }
+    let mut q = Statement::new(format!(
+        "SELECT version FROM {ks}.schema_version WHERE component = ? LIMIT 1"
+    ));
+    q.set_is_idempotent(true);
+    let row = session
+        .query_unpaged(q, (COMPONENT,))
+        .await
+        .map_err(drv)?
+        .into_rows_result()
+        .map_err(drv)?
+        .maybe_first_row::<(i32,)>()
+        .map_err(drv)?;
+    Ok(row.map(|(v,)| v))
+}
+
+/// Brings the keyspace to [`SCHEMA_VERSION`] and returns the statements run (with
+/// `dry_run`, the statements that would run; nothing is executed).
+///
+/// Idempotent: every statement is `CREATE ... IF NOT EXISTS`, and a version already
+/// recorded in `schema_version` is skipped. A keyspace from a newer build is refused with
+/// [`StorageError::SchemaTooNew`]. The first run also records the history bucket width;
+/// a later run with another width fails.
+pub async fn migrate(
+    session: &Session,
+    cfg: &CassandraConfig,
+    dry_run: bool,
+) -> Result<Vec<String>, StorageError> {
+    cfg.validate()?;
+    let found = stored_version(session, cfg).await?.unwrap_or(0);
+    if found > SCHEMA_VERSION {
+        return Err(StorageError::SchemaTooNew {
+            found: i64::from(found),
+            supported: i64::from(SCHEMA_VERSION),
+        });
+    }
+    let todo = statements_of(cfg, found);
+    if dry_run {
+        return Ok(todo);
+    }
+    for stmt in &todo {
+        // DDL: the driver waits for schema agreement after each one.
+        session
+            .query_unpaged(stmt.as_str(), ())
+            .await
+            .map_err(drv)?;
+    }
+    let ks = &cfg.keyspace;
+    // Record the bucket width once; a different width later is an error (data would be
+    // looked for in the wrong partitions).
+    let claim = session
+        .query_unpaged(
+            format!("INSERT INTO {ks}.settings (name, value) VALUES (?, ?) IF NOT EXISTS"),
+            (BUCKET_WIDTH_SETTING, width_i64(cfg.bucket_width_ms)),
+        )
+        .await
+        .map_err(drv)?;
+    let outcome = super::rows::lwt_outcome(claim)?;
+    if let Some(stored) = outcome.existing_bigint("value")
+        && stored as u64 != cfg.bucket_width_ms
+    {
+        return Err(CassandraError::BucketWidthMismatch {
+            stored: stored as u64,
+            configured: cfg.bucket_width_ms,
+        }
+        .into());
+    }
+    for (version, _, _) in FILES.iter().filter(|(v, _, _)| *v > found) {
+        let mut q = Statement::new(format!(
+            "INSERT INTO {ks}.schema_version (component, version, applied_at) \
+             VALUES (?, ?, toTimestamp(now()))"
+        ));
+        q.set_is_idempotent(true);
+        session
+            .query_unpaged(q, (COMPONENT, *version))
+            .await
+            .map_err(drv)?;
+    }
+    Ok(todo)
+}
+
+fn width_i64(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn splitting_drops_comments_and_blanks() {
+        let text = "-- a comment\nCREATE TABLE a (\n  x int\n);\n\n-- another\nCREATE TABLE b (y int);\n  ;\n";
+        assert_eq!(
+            split_statements(text),
+            vec!["CREATE TABLE a ( x int )", "CREATE TABLE b (y int)"]
+        );
+        assert_eq!(
+            split_statements("SELECT 1; SELECT 2"),
+            vec!["SELECT 1", "SELECT 2"]
+        );
+        assert!(split_statements("-- only a comment\n\n").is_empty());
+    }
+
+    #[test]
+    fn schema_file_parses_into_filled_statements() {
+        let cfg = CassandraConfig {
+            keyspace: "chat_ks".into(),
+            replication: BTreeMap::from([("eu".into(), 3)]),
+            ..CassandraConfig::default()
+        };
+        let stmts = schema_statements(&cfg);
+        assert!(stmts.len() >= 14, "got {} statements", stmts.len());
+        for s in &stmts {
+            assert!(!s.trim().is_empty(), "empty statement");
+            assert!(!s.contains(';'), "a statement holds a ';': {s}");
+            assert!(!s.contains("${"), "unfilled placeholder: {s}");
+            assert!(!s.contains("--"), "comment left in: {s}");
+            assert!(s.contains("IF NOT EXISTS"), "not idempotent: {s}");
+            assert!(s.starts_with("CREATE "), "not DDL: {s}");
+            assert_eq!(
+                s.matches('(').count(),
+                s.matches(')').count(),
+                "unbalanced: {s}"
+            );
+        }
+        assert_eq!(
+            stmts[0],
+            "CREATE KEYSPACE IF NOT EXISTS chat_ks WITH replication = \
+             {'class': 'NetworkTopologyStrategy', 'eu': 3} AND durable_writes = true"
+        );
+        for table in [
+            "schema_version",
+            "settings",
+            "messages",
+            "chat_buckets",
+            "idempotency",
+            "user_chats",
+            "receipt_marks",
+            "users",
+            "users_by_name",
+            "channels",
+            "channels_by_name",
+            "channel_members",
+            "channels_by_user",
+        ] {
+            let head = format!("CREATE TABLE IF NOT EXISTS chat_ks.{table} (");
+            assert_eq!(
+                stmts.iter().filter(|s| s.starts_with(&head)).count(),
+                1,
+                "table {table}"
+            );
+        }
+        let messages = stmts
+            .iter()
+            .find(|s| s.contains("chat_ks.messages ("))
+            .expect("messages table");
+        assert!(messages.contains("PRIMARY KEY ((chat, bucket), id)"));
+        assert!(messages.contains("CLUSTERING ORDER BY (id DESC)"));
+    }
+
+    #[test]
+    fn the_last_file_is_the_schema_version() {
+        assert_eq!(FILES.last().map(|f| f.0), Some(SCHEMA_VERSION));
+        assert!(FILES.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(statements_of(&CassandraConfig::default(), SCHEMA_VERSION).is_empty());
+    }
+}
