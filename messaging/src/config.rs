@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use meshchat_storage::cassandra::consistency as scylla_consistency;
 use serde::{Deserialize, Serialize};
 
 /// Why a configuration was refused.
@@ -52,6 +53,94 @@ pub struct NodeConfig {
     /// The cluster this node belongs to. Without members, the node is alone and homes every
     /// user.
     pub cluster: ClusterConfig,
+    /// Where state and history live.
+    pub storage: StorageSettings,
+}
+
+/// Which storage backend the node uses.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The embedded SQLite store in `data_dir` (default).
+    #[default]
+    Embedded,
+    /// Cassandra / ScyllaDB (`[storage.cassandra]`).
+    Cassandra,
+}
+
+/// `[storage]`: the backend and its settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSettings {
+    /// `embedded` (default) or `cassandra`.
+    pub backend: Backend,
+    /// Cassandra / ScyllaDB settings (used when `backend = "cassandra"`).
+    pub cassandra: CassandraSettings,
+}
+
+/// `[storage.cassandra]`, mapped onto `meshchat_storage::cassandra::CassandraConfig`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CassandraSettings {
+    /// Contact points, `host:port`.
+    pub nodes: Vec<String>,
+    /// Keyspace (default "meshchat").
+    pub keyspace: String,
+    /// Local datacenter (token- and DC-aware routing prefers it).
+    pub local_dc: Option<String>,
+    /// `local_quorum` (default), `quorum`, `local_one`, `one`, `all`, `each_quorum`.
+    pub consistency: String,
+    /// Per-request timeout (default 5 s).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Replication factor per datacenter, used when `migrate` creates the keyspace.
+    pub replication: std::collections::BTreeMap<String, u32>,
+}
+
+impl Default for CassandraSettings {
+    fn default() -> Self {
+        let d = meshchat_storage::cassandra::CassandraConfig::default();
+        Self {
+            nodes: d.nodes,
+            keyspace: d.keyspace,
+            local_dc: d.local_dc,
+            consistency: "local_quorum".into(),
+            request_timeout: d.request_timeout,
+            replication: d.replication,
+        }
+    }
+}
+
+impl CassandraSettings {
+    /// The storage crate's config; an unknown consistency name is an error.
+    pub fn to_config(&self) -> Result<meshchat_storage::cassandra::CassandraConfig, ConfigError> {
+        use scylla_consistency::Consistency as C;
+        let consistency = match self.consistency.to_ascii_lowercase().as_str() {
+            "local_quorum" => C::LocalQuorum,
+            "quorum" => C::Quorum,
+            "each_quorum" => C::EachQuorum,
+            "local_one" => C::LocalOne,
+            "one" => C::One,
+            "all" => C::All,
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "storage.cassandra.consistency {other:?} is not one of local_quorum, quorum, each_quorum, local_one, one, all"
+                )));
+            }
+        };
+        let cfg = meshchat_storage::cassandra::CassandraConfig {
+            nodes: self.nodes.clone(),
+            keyspace: self.keyspace.clone(),
+            local_dc: self.local_dc.clone(),
+            consistency,
+            request_timeout: self.request_timeout,
+            replication: self.replication.clone(),
+            ..meshchat_storage::cassandra::CassandraConfig::default()
+        };
+        cfg.validate()
+            .map_err(|e| ConfigError::Invalid(format!("storage.cassandra: {e}")))?;
+        Ok(cfg)
+    }
 }
 
 /// Cluster membership and the node <-> node mesh. Static membership today; Redis
@@ -121,6 +210,7 @@ impl Default for NodeConfig {
             transport: TransportSettings::default(),
             shutdown_grace: Duration::from_secs(10),
             cluster: ClusterConfig::default(),
+            storage: StorageSettings::default(),
         }
     }
 }
@@ -324,6 +414,9 @@ impl NodeConfig {
         }
         if c.peer_queue == 0 {
             return bad("cluster.peer_queue must be > 0");
+        }
+        if self.storage.backend == Backend::Cassandra {
+            self.storage.cassandra.to_config()?;
         }
         Ok(())
     }

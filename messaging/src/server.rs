@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::auth::{Auth, AuthSetupError};
-use crate::config::NodeConfig;
+use crate::config::{Backend, NodeConfig};
 use crate::error::{RequestError, close_code};
 use crate::members::MemberCache;
 use crate::mesh::Mesh;
@@ -99,7 +99,18 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         config.auth.token_ttl,
         config.auth.max_concurrent_hashes,
     );
-    let store = Arc::new(EmbeddedStore::open_dir(&config.data_dir)?);
+    let (storage, embedded): (Arc<dyn Storage>, Option<Arc<EmbeddedStore>>) =
+        match config.storage.backend {
+            Backend::Embedded => {
+                let store = Arc::new(EmbeddedStore::open_dir(&config.data_dir)?);
+                (store.clone(), Some(store))
+            }
+            Backend::Cassandra => {
+                let cfg = config.storage.cassandra.to_config()?;
+                let store = meshchat_storage::cassandra::CassandraStore::connect(&cfg).await?;
+                (Arc::new(store), None)
+            }
+        };
     let identity = tls::node_identity(&config)?;
     let mesh_identity = tls::Identity {
         chain: identity.chain.clone(),
@@ -139,10 +150,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         .map_err(|e| StartError::Other(e.to_string()))?;
         (mesh.clone(), Some(mesh))
     };
-    let storage: Arc<dyn Storage> = store.clone();
     let node = Arc::new(Node::new(config, storage, auth, registry, router, members)?);
     let span = info_span!("node", id = node.config.node_id, %addr);
-    let done = tokio::spawn(accept_loop(node.clone(), endpoint, store, stop_rx).instrument(span));
+    let done =
+        tokio::spawn(accept_loop(node.clone(), endpoint, embedded, stop_rx).instrument(span));
     info!(%addr, node = node.config.node_id, "listening");
     Ok(RunningNode {
         addr,
@@ -165,7 +176,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
 async fn accept_loop(
     node: Arc<Node>,
     endpoint: quinn::Endpoint,
-    store: Arc<EmbeddedStore>,
+    store: Option<Arc<EmbeddedStore>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let limits = node.config.limits.clone();
@@ -218,10 +229,13 @@ async fn accept_loop(
         }
     }
     drop(node);
-    // Every request finished, so the store's queue is empty; close it to be sure.
-    match Arc::try_unwrap(store) {
-        Ok(store) => store.close().await,
-        Err(_) => warn!("store still referenced at shutdown; its writer drains on drop"),
+    // Every request finished, so the store's queue is empty; close it to be sure. (Cassandra
+    // writes were acknowledged by the cluster before they were acked: nothing to drain.)
+    if let Some(store) = store {
+        match Arc::try_unwrap(store) {
+            Ok(store) => store.close().await,
+            Err(_) => warn!("store still referenced at shutdown; its writer drains on drop"),
+        }
     }
     endpoint.close(close_code(ErrorCode::Unavailable), b"node shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;

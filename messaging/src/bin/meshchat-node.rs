@@ -33,6 +33,15 @@ enum Cmd {
         #[arg(long)]
         node_id: Option<u32>,
     },
+    /// Create or upgrade the Cassandra/ScyllaDB schema (`[storage.cassandra]` of the config).
+    Migrate {
+        /// TOML config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the statements that would run, run nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// A local cluster on loopback with the embedded store, for development.
     Dev {
         /// Nodes to run.
@@ -89,6 +98,22 @@ async fn main() -> anyhow::Result<()> {
                 c.node_id = n;
             }
             meshchat_messaging::run(c, ctrl_c()).await?;
+        }
+        Cmd::Migrate { config, dry_run } => {
+            let c = NodeConfig::load(config.as_deref()).context("loading config")?;
+            let cfg = c.storage.cassandra.to_config()?;
+            let statements = if dry_run {
+                // Without a cluster: the full schema this build would create.
+                meshchat_storage::cassandra::schema_statements(&cfg)
+            } else {
+                let session = meshchat_storage::cassandra::connect_session(&cfg).await?;
+                meshchat_storage::cassandra::migrate(&session, &cfg, false).await?
+            };
+            #[allow(clippy::print_stdout)]
+            for s in &statements {
+                println!("{s};");
+            }
+            tracing::info!(count = statements.len(), dry_run, "schema statements");
         }
         Cmd::Dev {
             nodes,

@@ -33,6 +33,10 @@ use scylla::statement::Statement;
 use scylla::statement::prepared::PreparedStatement;
 
 pub use config::CassandraConfig;
+/// The driver's consistency levels, re-exported so config code needs no direct `scylla` dependency.
+pub mod consistency {
+    pub use scylla::statement::{Consistency, SerialConsistency};
+}
 pub use error::{CassandraError, ConfigError};
 pub use rows::bucket_of;
 pub use schema::{SCHEMA_VERSION, migrate, schema_statements};
