@@ -419,6 +419,16 @@ fn mesh_endpoint(
     Ok(endpoint)
 }
 
+/// Writes one handshake frame (a `PeerHello` or its answer).
+async fn write_frame<M: prost::Message>(
+    send: &mut quinn::SendStream,
+    msg: &M,
+) -> Result<(), String> {
+    let mut buf = BytesMut::new();
+    encode_into(msg, 4096, &mut buf).map_err(|e| e.to_string())?;
+    send.write_all(&buf).await.map_err(|e| e.to_string())
+}
+
 /// The TLS name a node's certificate carries for the mesh.
 pub fn mesh_name(id: NodeId) -> String {
     format!("node-{}", id.0)
@@ -484,18 +494,15 @@ async fn accept_peer(
     let Some(peer) = peer else {
         return Err("unknown peer".into());
     };
-    let mut buf = BytesMut::new();
-    encode_into(
+    write_frame(
+        &mut send,
         &pm::PeerHelloOk {
             node_id: mesh.me.0,
             protocol_version: PROTOCOL_VERSION,
             ring_epoch: mesh.epoch,
         },
-        4096,
-        &mut buf,
     )
-    .map_err(|e| e.to_string())?;
-    send.write_all(&buf).await.map_err(|e| e.to_string())?;
+    .await?;
     if hello.ring_epoch != mesh.epoch {
         warn!(
             peer = hello.node_id,
@@ -524,19 +531,16 @@ async fn dial_loop(
                 .await
                 .map_err(|e| e.to_string())?;
             let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            let mut buf = BytesMut::new();
-            encode_into(
+            write_frame(
+                &mut send,
                 &pm::PeerHello {
                     cluster_id: mesh.cluster_id.clone(),
                     node_id: mesh.me.0,
                     protocol_version: PROTOCOL_VERSION,
                     ring_epoch: mesh.epoch,
                 },
-                4096,
-                &mut buf,
             )
-            .map_err(|e| e.to_string())?;
-            send.write_all(&buf).await.map_err(|e| e.to_string())?;
+            .await?;
             let mut reader = FramedRead::new(
                 recv,
                 FrameCodec::<pm::PeerHelloOk, pm::PeerHello>::new(4096),

@@ -7,6 +7,31 @@ use meshchat_idgen::{ChannelId, ChatId, MessageId, UserId};
 /// shows "999+"; counting further would make the chat list cost grow with the backlog).
 pub const UNREAD_CAP: u32 = 999;
 
+/// Longest emoji string stored (a reaction is a short symbol, not a message).
+pub const MAX_EMOJI_BYTES: usize = 64;
+/// Longest user or channel name stored.
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// Checks a user or channel name against what every backend stores.
+pub fn check_name(name: &str) -> Result<(), crate::StorageError> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(crate::StorageError::InvalidArgument(
+            "names must be 1 to 64 bytes",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a reaction's emoji against what every backend stores.
+pub fn check_emoji(emoji: &str) -> Result<(), crate::StorageError> {
+    if emoji.is_empty() || emoji.len() > MAX_EMOJI_BYTES {
+        return Err(crate::StorageError::InvalidArgument(
+            "emoji must be 1 to 64 bytes",
+        ));
+    }
+    Ok(())
+}
+
 /// A message to store. The id is assigned by the sender's home node before the write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewMessage {

@@ -48,14 +48,10 @@ use statements::{Prepared, Texts};
 use crate::error::StorageError;
 use crate::model::{
     AppendOutcome, Channel, ChatSummary, Direction, Marks, NewMessage, PageQuery, ReceiptKind,
-    StoredMessage, UNREAD_CAP, User, UserCredentials,
+    StoredMessage, UNREAD_CAP, User, UserCredentials, check_emoji, check_name,
 };
 use crate::traits::{HistoryStore, StateStore};
 
-/// Longest emoji string stored (as in the embedded store).
-const MAX_EMOJI_BYTES: usize = 64;
-/// Longest user or channel name (as in the embedded store).
-const MAX_NAME_BYTES: usize = 64;
 /// How many chats of one chat list are looked at concurrently.
 const CHAT_LIST_FANOUT: usize = 16;
 
@@ -427,13 +423,6 @@ impl CassandraStore {
     }
 }
 
-fn check_name(name: &str) -> Result<(), StorageError> {
-    if name.is_empty() || name.len() > MAX_NAME_BYTES {
-        return Err(StorageError::InvalidArgument("names must be 1 to 64 bytes"));
-    }
-    Ok(())
-}
-
 #[async_trait]
 impl HistoryStore for CassandraStore {
     async fn append(&self, msg: NewMessage) -> Result<AppendOutcome, StorageError> {
@@ -543,9 +532,7 @@ impl HistoryStore for CassandraStore {
         user: UserId,
         emoji: &str,
     ) -> Result<(), StorageError> {
-        if emoji.is_empty() || emoji.len() > MAX_EMOJI_BYTES {
-            return Err(StorageError::InvalidArgument("emoji must be 1 to 64 bytes"));
-        }
+        check_emoji(emoji)?;
         // Messages are never deleted, so checking first cannot race with a removal; the
         // map entry is its own cell, so concurrent reactions of other users are kept.
         if !self.message_exists(chat, id).await? {

@@ -11,13 +11,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use crate::error::StorageError;
 use crate::model::{
     AppendOutcome, Channel, ChatSummary, Direction, Marks, NewMessage, PageQuery, Reaction,
-    ReceiptKind, StoredMessage, UNREAD_CAP, User, UserCredentials,
+    ReceiptKind, StoredMessage, UNREAD_CAP, User, UserCredentials, check_emoji, check_name,
 };
-
-/// Longest emoji string stored (a reaction is a short symbol, not a message).
-pub(crate) const MAX_EMOJI_BYTES: usize = 64;
-/// Longest user or channel name.
-pub(crate) const MAX_NAME_BYTES: usize = 64;
 
 fn db(e: rusqlite::Error) -> StorageError {
     StorageError::backend(e)
@@ -231,9 +226,7 @@ pub(super) fn react(
     user: UserId,
     emoji: &str,
 ) -> Result<(), StorageError> {
-    if emoji.is_empty() || emoji.len() > MAX_EMOJI_BYTES {
-        return Err(StorageError::InvalidArgument("emoji must be 1 to 64 bytes"));
-    }
+    check_emoji(emoji)?;
     let key = chat_key(chat);
     if !message_exists(c, &key, id)? {
         return Err(StorageError::UnknownMessage { chat, id });
@@ -266,13 +259,6 @@ pub(super) fn unreact(
         .execute(params![key, i(id.0), i(user.0)])
         .map_err(db)?;
     Ok(n > 0)
-}
-
-fn check_name(name: &str) -> Result<(), StorageError> {
-    if name.is_empty() || name.len() > MAX_NAME_BYTES {
-        return Err(StorageError::InvalidArgument("names must be 1 to 64 bytes"));
-    }
-    Ok(())
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
