@@ -36,7 +36,7 @@ use meshchat_idgen::{ChannelId, NodeId, UserId};
 use meshchat_proto::codec::encode_into;
 use meshchat_proto::mesh::{self as pm, envelope};
 use meshchat_proto::{FrameCodec, MESH_ALPN, PROTOCOL_VERSION};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{Notify, watch};
 use tokio_util::codec::FramedRead;
@@ -75,6 +75,8 @@ pub struct PeerStats {
 struct Peer {
     id: NodeId,
     addr: SocketAddr,
+    /// Flipped when the peer leaves the member set: ends its dial loop and link.
+    gone: watch::Sender<bool>,
     queue: Mutex<VecDeque<pm::Envelope>>,
     ready: Notify,
     capacity: usize,
@@ -108,21 +110,61 @@ impl Peer {
 pub struct Mesh {
     me: NodeId,
     cluster_id: String,
+    view: RwLock<View>,
+    peers: RwLock<BTreeMap<NodeId, Arc<Peer>>>,
+    registry: Arc<dyn LocalDelivery>,
+    members: Arc<MemberCache>,
+    endpoint: quinn::Endpoint,
+    stop: watch::Receiver<bool>,
+    peer_queue: usize,
+    span: tracing::Span,
+}
+
+/// What routing decisions are made from: one consistent member set.
+struct View {
     epoch: u64,
     ring: Arc<Ring>,
     client_addrs: BTreeMap<NodeId, String>,
     weights: BTreeMap<NodeId, u32>,
-    peers: BTreeMap<NodeId, Arc<Peer>>,
-    registry: Arc<dyn LocalDelivery>,
-    members: Arc<MemberCache>,
+}
+
+/// A member as the mesh needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshMember {
+    /// Node id.
+    pub id: NodeId,
+    /// Mesh address (UDP).
+    pub mesh_addr: SocketAddr,
+    /// Client address (redirect target).
+    pub client_addr: String,
+    /// Ring weight.
+    pub weight: u32,
+}
+
+/// Snapshot of one peer link's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    /// Envelopes written to the link.
+    pub envelopes_sent: u64,
+    /// Batch frames written.
+    pub frames_sent: u64,
+    /// Envelopes received from the peer.
+    pub envelopes_received: u64,
+    /// Envelopes dropped because the queue was full.
+    pub dropped: u64,
+    /// Times the link came up.
+    pub connects: u64,
 }
 
 impl std::fmt::Debug for Mesh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mesh")
             .field("me", &self.me)
-            .field("epoch", &self.epoch)
-            .field("peers", &self.peers.keys().collect::<Vec<_>>())
+            .field("epoch", &self.view.read().epoch)
+            .field(
+                "peers",
+                &self.peers.read().keys().copied().collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -151,8 +193,9 @@ fn quic_transport() -> quinn::TransportConfig {
 }
 
 impl Mesh {
-    /// Builds the ring and peer set from the static cluster config and starts the mesh
-    /// endpoint, its accept loop and a dial loop for every higher-id peer.
+    /// Starts the mesh endpoint and its accept loop. With a static member list
+    /// (`cluster.members`) the ring and peers are set at once; with dynamic membership they
+    /// arrive through [`Mesh::apply`].
     pub fn start(
         config: &NodeConfig,
         identity: &Identity,
@@ -162,43 +205,6 @@ impl Mesh {
     ) -> Result<Arc<Self>, MeshError> {
         let c: &ClusterConfig = &config.cluster;
         let me = NodeId(config.node_id);
-        let weights: BTreeMap<NodeId, u32> =
-            c.members.iter().map(|m| (NodeId(m.id), m.weight)).collect();
-        let ring = Arc::new(Ring::build(&weights, DEFAULT_VNODES_PER_WEIGHT)?);
-        let peers: BTreeMap<NodeId, Arc<Peer>> = c
-            .members
-            .iter()
-            .filter(|m| m.id != config.node_id)
-            .map(|m| {
-                (
-                    NodeId(m.id),
-                    Arc::new(Peer {
-                        id: NodeId(m.id),
-                        addr: m.mesh_addr,
-                        queue: Mutex::new(VecDeque::new()),
-                        ready: Notify::new(),
-                        capacity: c.peer_queue,
-                        up: AtomicBool::new(false),
-                        stats: PeerStats::default(),
-                    }),
-                )
-            })
-            .collect();
-        let mesh = Arc::new(Self {
-            me,
-            cluster_id: c.cluster_id.clone(),
-            epoch: c.epoch,
-            ring,
-            client_addrs: c
-                .members
-                .iter()
-                .map(|m| (NodeId(m.id), m.client_addr.clone()))
-                .collect(),
-            weights: weights.clone(),
-            peers,
-            registry,
-            members,
-        });
         let roots = match &c.ca {
             Some(p) => tls::load_certs(p)?,
             None => tls::load_certs(&config.data_dir.join(tls::DEV_CA_CERT))?,
@@ -207,18 +213,123 @@ impl Mesh {
             .mesh_listen
             .ok_or_else(|| MeshError::Other("cluster.mesh_listen is not set".into()))?;
         let endpoint = mesh_endpoint(listen, identity, &roots)?;
-        info!(%listen, members = c.members.len(), epoch = c.epoch, "mesh listening");
         let span = info_span!("mesh", me = me.0);
-        tokio::spawn(
-            accept_loop(mesh.clone(), endpoint.clone(), stop.clone()).instrument(span.clone()),
-        );
-        for peer in mesh.peers.values().filter(|p| p.id > me) {
-            tokio::spawn(
-                dial_loop(mesh.clone(), endpoint.clone(), peer.clone(), stop.clone())
-                    .instrument(info_span!(parent: &span, "peer", id = peer.id.0)),
-            );
+        let mesh = Arc::new(Self {
+            me,
+            cluster_id: c.cluster_id.clone(),
+            view: RwLock::new(View {
+                epoch: 0,
+                ring: Arc::new(Ring::build(&BTreeMap::new(), DEFAULT_VNODES_PER_WEIGHT)?),
+                client_addrs: BTreeMap::new(),
+                weights: BTreeMap::new(),
+            }),
+            peers: RwLock::new(BTreeMap::new()),
+            registry,
+            members,
+            endpoint: endpoint.clone(),
+            stop: stop.clone(),
+            peer_queue: c.peer_queue,
+            span: span.clone(),
+        });
+        info!(%listen, "mesh listening");
+        tokio::spawn(accept_loop(mesh.clone(), endpoint, stop.clone()).instrument(span));
+        if !c.members.is_empty() {
+            let members: Vec<MeshMember> = c
+                .members
+                .iter()
+                .map(|m| MeshMember {
+                    id: NodeId(m.id),
+                    mesh_addr: m.mesh_addr,
+                    client_addr: m.client_addr.clone(),
+                    weight: m.weight,
+                })
+                .collect();
+            let weights: BTreeMap<NodeId, u32> = members.iter().map(|m| (m.id, m.weight)).collect();
+            let ring = Arc::new(Ring::build(&weights, DEFAULT_VNODES_PER_WEIGHT)?);
+            mesh.apply(c.epoch, ring, &members);
         }
         Ok(mesh)
+    }
+
+    /// Adopts a new member set and its ring (same ring on every node): adds and removes
+    /// peers, and tells users connected here whose home moved to reconnect there (a redirect
+    /// push). Returns how many users were told to move.
+    pub fn apply(self: &Arc<Self>, epoch: u64, ring: Arc<Ring>, members: &[MeshMember]) -> usize {
+        {
+            let mut v = self.view.write();
+            v.epoch = epoch;
+            v.ring = ring.clone();
+            v.client_addrs = members
+                .iter()
+                .map(|m| (m.id, m.client_addr.clone()))
+                .collect();
+            v.weights = members.iter().map(|m| (m.id, m.weight)).collect();
+        }
+        let mut peers = self.peers.write();
+        peers.retain(|id, p| {
+            let keep = members.iter().any(|m| m.id == *id && m.mesh_addr == p.addr);
+            if !keep {
+                let _ = p.gone.send(true);
+                info!(peer = id.0, "peer left the member set");
+            }
+            keep
+        });
+        for m in members.iter().filter(|m| m.id != self.me) {
+            if peers.contains_key(&m.id) {
+                continue;
+            }
+            let (gone, _) = watch::channel(false);
+            let peer = Arc::new(Peer {
+                id: m.id,
+                addr: m.mesh_addr,
+                gone,
+                queue: Mutex::new(VecDeque::new()),
+                ready: Notify::new(),
+                capacity: self.peer_queue,
+                up: AtomicBool::new(false),
+                stats: PeerStats::default(),
+            });
+            if m.id > self.me {
+                tokio::spawn(
+                    dial_loop(
+                        self.clone(),
+                        self.endpoint.clone(),
+                        peer.clone(),
+                        self.stop.clone(),
+                    )
+                    .instrument(info_span!(parent: &self.span, "peer", id = m.id.0)),
+                );
+            }
+            peers.insert(m.id, peer);
+        }
+        drop(peers);
+        // Re-home: users connected here whose owner is now another node.
+        let mut moved = 0;
+        for user in self.registry.users() {
+            let owner = ring.owner(user).unwrap_or(self.me);
+            if owner == self.me {
+                continue;
+            }
+            let addr = self
+                .view
+                .read()
+                .client_addrs
+                .get(&owner)
+                .cloned()
+                .unwrap_or_default();
+            let push = crate::node::encode_push(meshchat_proto::client::push::Event::Redirect(
+                meshchat_proto::client::Redirect {
+                    node_id: owner.0,
+                    address: addr,
+                    ring_epoch: epoch,
+                    token: String::new(),
+                },
+            ));
+            self.registry.push_to(&[user], &push, None);
+            moved += 1;
+        }
+        info!(epoch, members = members.len(), moved, "ring adopted");
+        moved
     }
 
     /// This node.
@@ -226,25 +337,41 @@ impl Mesh {
         self.me
     }
 
-    /// The ring.
-    pub fn ring(&self) -> &Ring {
-        &self.ring
+    /// The ring routing uses now.
+    pub fn ring(&self) -> Arc<Ring> {
+        self.view.read().ring.clone()
+    }
+
+    /// The ring epoch.
+    pub fn current_epoch(&self) -> u64 {
+        self.view.read().epoch
     }
 
     /// Counters of the link to `peer`.
-    pub fn peer_stats(&self, peer: NodeId) -> Option<&PeerStats> {
-        self.peers.get(&peer).map(|p| &p.stats)
+    pub fn peer_stats(&self, peer: NodeId) -> Option<PeerCounters> {
+        self.peers.read().get(&peer).map(|p| PeerCounters {
+            envelopes_sent: p.stats.envelopes_sent.load(Ordering::Relaxed),
+            frames_sent: p.stats.frames_sent.load(Ordering::Relaxed),
+            envelopes_received: p.stats.envelopes_received.load(Ordering::Relaxed),
+            dropped: p.stats.dropped.load(Ordering::Relaxed),
+            connects: p.stats.connects.load(Ordering::Relaxed),
+        })
     }
 
     /// Whether the link to `peer` is up.
     pub fn peer_up(&self, peer: NodeId) -> bool {
         self.peers
+            .read()
             .get(&peer)
             .is_some_and(|p| p.up.load(Ordering::Relaxed))
     }
 
+    fn peer(&self, id: NodeId) -> Option<Arc<Peer>> {
+        self.peers.read().get(&id).cloned()
+    }
+
     fn owner(&self, user: UserId) -> NodeId {
-        self.ring.owner(user).unwrap_or(self.me)
+        self.view.read().ring.owner(user).unwrap_or(self.me)
     }
 
     /// Handles one envelope from a peer.
@@ -273,9 +400,9 @@ impl Mesh {
             self.registry.push_to(&here, &d.push, None);
         }
         for (node, recipients) in elsewhere {
-            if let Some(peer) = self.peers.get(&node) {
+            if let Some(peer) = self.peer(node) {
                 peer.enqueue(pm::Envelope {
-                    ring_epoch: self.epoch,
+                    ring_epoch: self.current_epoch(),
                     hops: env.hops + 1,
                     body: Some(envelope::Body::Deliver(pm::Deliver {
                         recipients,
@@ -302,10 +429,11 @@ impl Router for Mesh {
             }
         }
         let mut d = self.registry.push_to(&local, push, skip);
+        let epoch = self.current_epoch();
         for (node, users) in remote {
-            if let Some(peer) = self.peers.get(&node) {
+            if let Some(peer) = self.peer(node) {
                 peer.enqueue(pm::Envelope {
-                    ring_epoch: self.epoch,
+                    ring_epoch: epoch,
                     hops: 0,
                     body: Some(envelope::Body::Deliver(pm::Deliver {
                         recipients: users,
@@ -319,16 +447,17 @@ impl Router for Mesh {
     }
 
     fn epoch(&self) -> u64 {
-        self.epoch
+        self.current_epoch()
     }
 
     fn members(&self) -> Vec<MemberView> {
-        self.client_addrs
+        let v = self.view.read();
+        v.client_addrs
             .iter()
             .map(|(&node, addr)| MemberView {
                 node,
                 addr: addr.clone(),
-                weight: self.weights.get(&node).copied().unwrap_or(1),
+                weight: v.weights.get(&node).copied().unwrap_or(1),
                 state: if node == self.me {
                     "self"
                 } else if self.peer_up(node) {
@@ -341,9 +470,11 @@ impl Router for Mesh {
     }
 
     fn channel_changed(&self, channel: ChannelId) {
-        for peer in self.peers.values() {
+        let epoch = self.current_epoch();
+        let peers: Vec<Arc<Peer>> = self.peers.read().values().cloned().collect();
+        for peer in peers {
             peer.enqueue(pm::Envelope {
-                ring_epoch: self.epoch,
+                ring_epoch: epoch,
                 hops: 0,
                 body: Some(envelope::Body::ChannelChanged(pm::ChannelChanged {
                     channel_id: channel.0,
@@ -353,14 +484,15 @@ impl Router for Mesh {
     }
 
     fn home(&self, user: UserId) -> Home {
-        let owner = self.owner(user);
+        let v = self.view.read();
+        let owner = v.ring.owner(user).unwrap_or(self.me);
         if owner == self.me {
             Home::Local
         } else {
             Home::Remote {
                 node: owner,
-                addr: self.client_addrs.get(&owner).cloned().unwrap_or_default(),
-                epoch: self.epoch,
+                addr: v.client_addrs.get(&owner).cloned().unwrap_or_default(),
+                epoch: v.epoch,
             }
         }
     }
@@ -476,7 +608,7 @@ async fn accept_peer(
         Some(Ok(h)) => h,
         other => return Err(format!("no hello: {other:?}")),
     };
-    let peer = mesh.peers.get(&NodeId(hello.node_id)).cloned();
+    let peer = mesh.peer(NodeId(hello.node_id));
     let refuse = if hello.cluster_id != mesh.cluster_id {
         Some("wrong cluster")
     } else if hello.protocol_version != PROTOCOL_VERSION {
@@ -499,15 +631,15 @@ async fn accept_peer(
         &pm::PeerHelloOk {
             node_id: mesh.me.0,
             protocol_version: PROTOCOL_VERSION,
-            ring_epoch: mesh.epoch,
+            ring_epoch: mesh.current_epoch(),
         },
     )
     .await?;
-    if hello.ring_epoch != mesh.epoch {
+    if hello.ring_epoch != mesh.current_epoch() {
         warn!(
             peer = hello.node_id,
             theirs = hello.ring_epoch,
-            ours = mesh.epoch,
+            ours = mesh.current_epoch(),
             "ring epochs differ"
         );
     }
@@ -523,6 +655,7 @@ async fn dial_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut gone = peer.gone.subscribe();
     loop {
         let attempt = async {
             let conn = endpoint
@@ -537,7 +670,7 @@ async fn dial_loop(
                     cluster_id: mesh.cluster_id.clone(),
                     node_id: mesh.me.0,
                     protocol_version: PROTOCOL_VERSION,
-                    ring_epoch: mesh.epoch,
+                    ring_epoch: mesh.current_epoch(),
                 },
             )
             .await?;
@@ -553,13 +686,14 @@ async fn dial_loop(
         };
         let result = tokio::select! {
             _ = stop.changed() => return,
+            _ = gone.changed() => return,
             r = attempt => r,
         };
         match result {
             Ok((conn, send, recv)) => {
                 backoff = Duration::from_millis(100);
                 run_link(mesh.clone(), peer.clone(), conn, send, recv, stop.clone()).await;
-                if *stop.borrow() {
+                if *stop.borrow() || *gone.borrow() {
                     return;
                 }
             }
@@ -570,6 +704,7 @@ async fn dial_loop(
             Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
         tokio::select! {
             _ = stop.changed() => return,
+            _ = gone.changed() => return,
             _ = tokio::time::sleep(backoff + jitter) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -655,10 +790,12 @@ async fn run_link(
             peer.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
         }
     };
+    let mut gone = peer.gone.subscribe();
     tokio::select! {
         _ = reader => {}
         _ = writer => {}
         _ = stop.changed() => {}
+        _ = gone.changed() => {}
         _ = conn.closed() => {}
     }
     peer.up.store(false, Ordering::Relaxed);

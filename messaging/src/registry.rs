@@ -116,6 +116,10 @@ pub trait LocalDelivery: Send + Sync + 'static {
     fn push_to(&self, users: &[UserId], push: &Bytes, skip: Option<ConnId>) -> Delivery;
     /// Whether `user` has a live connection on this node.
     fn is_online(&self, user: UserId) -> bool;
+    /// Every user with a live connection here (for re-homing after a ring change).
+    fn users(&self) -> Vec<UserId> {
+        Vec::new()
+    }
 }
 
 impl LocalDelivery for Registry {
@@ -124,6 +128,9 @@ impl LocalDelivery for Registry {
     }
     fn is_online(&self, user: UserId) -> bool {
         Registry::is_online(self, user)
+    }
+    fn users(&self) -> Vec<UserId> {
+        self.users.iter().map(|e| *e.key()).collect()
     }
 }
 
