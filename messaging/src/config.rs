@@ -162,6 +162,17 @@ pub struct ClusterConfig {
     /// CA that signs every node's certificate (mutual TLS between nodes). Default: the
     /// development CA in the data dir.
     pub ca: Option<PathBuf>,
+    /// Redis URL for dynamic membership (`redis://host:port/`). Without it the static
+    /// `members` list is the membership.
+    pub redis: Option<String>,
+    /// How often a node refreshes its registration and reads the member set (default 1 s).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// A member that has not refreshed for this long leaves the ring (default 5 s).
+    #[serde(with = "humantime_serde")]
+    pub member_ttl: Duration,
+    /// This node's ring weight under dynamic membership (default 1).
+    pub weight: u32,
 }
 
 /// One member of a static cluster.
@@ -192,6 +203,10 @@ impl Default for ClusterConfig {
             epoch: 1,
             peer_queue: 65_536,
             ca: None,
+            redis: None,
+            heartbeat: Duration::from_secs(1),
+            member_ttl: Duration::from_secs(5),
+            weight: 1,
         }
     }
 }
@@ -414,6 +429,20 @@ impl NodeConfig {
         }
         if c.peer_queue == 0 {
             return bad("cluster.peer_queue must be > 0");
+        }
+        if c.redis.is_some() {
+            if !c.members.is_empty() {
+                return bad("cluster.redis and cluster.members exclude each other");
+            }
+            if c.mesh_listen.is_none() {
+                return bad("cluster.redis needs cluster.mesh_listen");
+            }
+            if c.heartbeat.is_zero() || c.member_ttl < c.heartbeat * 2 {
+                return bad("cluster.member_ttl must be at least twice cluster.heartbeat");
+            }
+            if c.weight == 0 {
+                return bad("cluster.weight must be > 0");
+            }
         }
         if self.storage.backend == Backend::Cassandra {
             self.storage.cassandra.to_config()?;

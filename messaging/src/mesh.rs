@@ -246,7 +246,7 @@ impl Mesh {
                 .collect();
             let weights: BTreeMap<NodeId, u32> = members.iter().map(|m| (m.id, m.weight)).collect();
             let ring = Arc::new(Ring::build(&weights, DEFAULT_VNODES_PER_WEIGHT)?);
-            mesh.apply(c.epoch, ring, &members);
+            mesh.apply(c.epoch, &ring, &members);
         }
         Ok(mesh)
     }
@@ -254,7 +254,7 @@ impl Mesh {
     /// Adopts a new member set and its ring (same ring on every node): adds and removes
     /// peers, and tells users connected here whose home moved to reconnect there (a redirect
     /// push). Returns how many users were told to move.
-    pub fn apply(self: &Arc<Self>, epoch: u64, ring: Arc<Ring>, members: &[MeshMember]) -> usize {
+    pub fn apply(self: &Arc<Self>, epoch: u64, ring: &Arc<Ring>, members: &[MeshMember]) -> usize {
         {
             let mut v = self.view.write();
             v.epoch = epoch;

@@ -55,6 +55,9 @@ pub struct Node {
     members: Arc<MemberCache>,
     /// Rate of other mutating requests (receipts, reactions, joins, creates) per user.
     event_rate: DefaultKeyedRateLimiter<UserId>,
+    /// False while this node does not hold its Snowflake worker-id lease (dynamic
+    /// membership): it then issues no ids, so two nodes can never share a worker id.
+    ids_allowed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Node {
@@ -125,6 +128,7 @@ impl Node {
             names: DashMap::new(),
             members,
             event_rate,
+            ids_allowed: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         })
     }
 
@@ -171,7 +175,17 @@ impl Node {
         (self.config.limits.max_frame_bytes as usize).saturating_sub(1024)
     }
 
+    /// The switch the membership driver turns off while the worker-id lease is not held.
+    pub fn ids_allowed(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.ids_allowed.clone()
+    }
+
     fn next_id(&self) -> Result<u64, RequestError> {
+        if !self.ids_allowed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(RequestError::Overloaded(
+                "this node does not hold its worker-id lease; retry".into(),
+            ));
+        }
         self.ids
             .next_id()
             .map(|s| s.0)

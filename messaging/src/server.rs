@@ -22,6 +22,7 @@ use crate::auth::{Auth, AuthSetupError};
 use crate::config::{Backend, NodeConfig};
 use crate::error::{RequestError, close_code};
 use crate::members::MemberCache;
+use crate::membership_redis::{RedisMembership, Registration};
 use crate::mesh::Mesh;
 use crate::node::Node;
 use crate::registry::Registry;
@@ -136,8 +137,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     let registry = Arc::new(Registry::new());
     let members = Arc::new(MemberCache::new());
     let (stop, stop_rx) = watch::channel(false);
-    let (router, mesh): (Arc<dyn Router>, Option<Arc<Mesh>>) = if config.cluster.members.is_empty()
-    {
+    let clustered = !config.cluster.members.is_empty() || config.cluster.redis.is_some();
+    let (router, mesh): (Arc<dyn Router>, Option<Arc<Mesh>>) = if !clustered {
         (Arc::new(LocalRouter::new(registry.clone())), None)
     } else {
         let mesh = Mesh::start(
@@ -151,6 +152,31 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         (mesh.clone(), Some(mesh))
     };
     let node = Arc::new(Node::new(config, storage, auth, registry, router, members)?);
+    if let (Some(url), Some(mesh)) = (node.config.cluster.redis.clone(), mesh.clone()) {
+        let c = &node.config;
+        let mesh_addr = c
+            .cluster
+            .mesh_listen
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let driver = RedisMembership {
+            url,
+            prefix: format!("meshchat:{}", c.cluster.cluster_id),
+            me: Registration {
+                id: c.node_id,
+                mesh: mesh_addr,
+                client: c.advertised(),
+                weight: c.cluster.weight,
+            },
+            worker: c.worker_id(),
+            heartbeat: c.cluster.heartbeat,
+            ttl: c.cluster.member_ttl,
+        };
+        // No ids until the lease is held.
+        let ids = node.ids_allowed();
+        ids.store(false, std::sync::atomic::Ordering::SeqCst);
+        tokio::spawn(driver.run(mesh, ids, stop_rx.clone()));
+    }
     let span = info_span!("node", id = node.config.node_id, %addr);
     let done =
         tokio::spawn(accept_loop(node.clone(), endpoint, embedded, stop_rx).instrument(span));

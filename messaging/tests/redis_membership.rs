@@ -1,0 +1,197 @@
+//! Dynamic membership through a real `redis-server` (started here on a free port): nodes
+//! register and converge on one ring, a joining node takes about 1/N of the users (and their
+//! clients are redirected), a node that leaves is dropped, and Redis going away and coming
+//! back neither crashes a node nor stops routing.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{next_matching, next_message, text};
+use meshchat_client::{Client, ConnectOptions, Event, Events, Session};
+use meshchat_idgen::ChatId;
+use meshchat_messaging::RunningNode;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+struct Redis(Child);
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn redis(port: u16) -> Redis {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (.ci/test.sh installs it)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Redis(child)
+}
+
+async fn node(dir: &std::path::Path, id: u32, redis_port: u16) -> RunningNode {
+    let mut c = common::config_in(dir);
+    c.node_id = id;
+    c.listen = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    c.cluster.mesh_listen = Some(format!("127.0.0.1:{}", free_port()).parse().expect("addr"));
+    c.cluster.redis = Some(format!("redis://127.0.0.1:{redis_port}/"));
+    c.cluster.heartbeat = Duration::from_millis(200);
+    c.cluster.member_ttl = Duration::from_millis(1_000);
+    meshchat_messaging::start(c).await.expect("node starts")
+}
+
+/// Waits until every node sees exactly `ids` as members with every link up.
+async fn converge(nodes: &[&RunningNode], ids: &[u32]) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let ok = nodes.iter().all(|n| {
+            let mesh = n.mesh.as_ref().expect("mesh");
+            let ring = mesh.ring();
+            let members: Vec<u32> = ring.members().iter().map(|m| m.0).collect();
+            members == ids
+                && ids
+                    .iter()
+                    .filter(|&&p| p != mesh.me().0)
+                    .all(|&p| mesh.peer_up(meshchat_idgen::NodeId(p)))
+        });
+        let epochs: Vec<u64> = nodes
+            .iter()
+            .map(|n| n.mesh.as_ref().expect("mesh").current_epoch())
+            .collect();
+        if ok && epochs.windows(2).all(|w| w[0] == w[1]) {
+            return epochs[0];
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no convergence on {ids:?}: epochs {epochs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn options(dir: &std::path::Path) -> ConnectOptions {
+    ConnectOptions::new(meshchat_client::load_ca(&dir.join("ca.pem")).expect("ca"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_converge_rehome_on_join_and_survive_a_redis_restart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let mut server = redis(port);
+    let n1 = node(dir.path(), 1, port).await;
+    let n2 = node(dir.path(), 2, port).await;
+    let n3 = node(dir.path(), 3, port).await;
+    let e1 = converge(&[&n1, &n2, &n3], &[1, 2, 3]).await;
+    assert!(e1 >= 1);
+
+    // Users register through node 1 and land on their homes.
+    let mut users: Vec<(Client, Events, Session)> = Vec::new();
+    for i in 0..16 {
+        let (c, e) = Client::connect(&n1.addr.to_string(), options(dir.path()))
+            .await
+            .expect("connect");
+        let s = c
+            .register(&format!("r{i}"), "password-123")
+            .await
+            .expect("register");
+        users.push((c, e, s));
+    }
+    let homes: std::collections::BTreeSet<String> = users.iter().map(|u| u.0.server()).collect();
+    assert!(homes.len() >= 2, "16 users land on more than one node");
+    let (a, b) = (0..users.len())
+        .flat_map(|i| (0..users.len()).map(move |j| (i, j)))
+        .find(|&(i, j)| users[i].0.server() != users[j].0.server())
+        .expect("two homes");
+    let chat = ChatId::direct(users[a].2.user, users[b].2.user);
+    users[a]
+        .0
+        .send(chat, "via redis membership", None)
+        .await
+        .expect("send");
+    assert_eq!(
+        text(&next_message(&mut users[b].1).await),
+        "via redis membership"
+    );
+
+    // A fourth node joins: everyone adopts a 4-member ring at a newer epoch, and the users
+    // whose home moved are told where to go.
+    let n4 = node(dir.path(), 4, port).await;
+    let e2 = converge(&[&n1, &n2, &n3, &n4], &[1, 2, 3, 4]).await;
+    assert!(e2 > e1, "a join is a new epoch");
+    let ring = n1.mesh.as_ref().expect("mesh").ring();
+    let moving: Vec<usize> = (0..users.len())
+        .filter(|&i| ring.owner(users[i].2.user) == Some(meshchat_idgen::NodeId(4)))
+        .collect();
+    for &i in &moving {
+        let r = next_matching(&mut users[i].1, |e| match e {
+            Event::Redirect(r) => Some(r),
+            _ => None,
+        })
+        .await;
+        assert_eq!(r.node_id, 4);
+        assert_eq!(r.address, n4.addr.to_string());
+    }
+    assert!(
+        moving.len() < users.len() / 2,
+        "a join moves about 1/N: {} of 16",
+        moving.len()
+    );
+
+    // Redis goes away: no crash, and routing on the last ring continues.
+    drop(server);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (c, d) = (0..users.len())
+        .flat_map(|i| (0..users.len()).map(move |j| (i, j)))
+        .find(|&(i, j)| {
+            !moving.contains(&i)
+                && !moving.contains(&j)
+                && users[i].0.server() != users[j].0.server()
+        })
+        .expect("two unmoved users on different nodes");
+    let chat = ChatId::direct(users[c].2.user, users[d].2.user);
+    users[c]
+        .0
+        .send(chat, "redis is down", None)
+        .await
+        .expect("send while redis is down");
+    assert_eq!(text(&next_message(&mut users[d].1).await), "redis is down");
+
+    // Redis comes back empty: nodes re-register and the epoch keeps growing.
+    server = redis(port);
+    let e3 = converge(&[&n1, &n2, &n3, &n4], &[1, 2, 3, 4]).await;
+    assert!(
+        e3 >= e2,
+        "epochs never go backwards after a Redis restart ({e3} < {e2})"
+    );
+
+    // A node leaves gracefully: the others drop it.
+    n4.shutdown().await;
+    let e4 = converge(&[&n1, &n2, &n3], &[1, 2, 3]).await;
+    assert!(e4 > e3);
+    drop(server);
+}
