@@ -299,6 +299,23 @@ impl Client {
         self.fill_gaps().await.map(drop)
     }
 
+    /// Reconnects through another node (say, when the current one died): that node redirects
+    /// the client to its home if needed; then the gap is filled from history.
+    pub async fn reconnect_via(&self, server: &str) -> Result<(), ClientError> {
+        *self.server.lock() = server.to_owned();
+        self.reconnect().await
+    }
+
+    /// Follows a redirect push (the ring moved this user's home): reconnects to the new home,
+    /// re-authenticates with the session token and fills the gap from history.
+    pub async fn follow_redirect(&self, r: &pb::Redirect) -> Result<(), ClientError> {
+        if r.address.is_empty() {
+            return Err(ClientError::Protocol("redirect without an address".into()));
+        }
+        *self.server.lock() = r.address.clone();
+        self.reconnect().await
+    }
+
     /// Reads every chat forward from its cursor and feeds what it finds to [`Events`]. The
     /// chat list is read here; the paging runs in a background task (it waits for the
     /// application to take events, and must not hold up the caller, who may be the one

@@ -3,6 +3,9 @@
 //! the mesh on 127.0.0.1:(base_port + 100 + i); all share the data dir (one store, one dev CA
 //! at `<data_dir>/ca.pem`, one token secret), the way production nodes share Cassandra.
 //!
+//! Membership is a static list, or Redis with `--redis URL` (nodes register, heartbeat and
+//! can be added later with `meshchat-node run`).
+//!
 //! One node runs in this process. Several run as separate child processes
 //! (`meshchat-node run --config <data_dir>/node-<id>.toml`), so a test can SIGKILL one; stopping
 //! `dev` stops them all (SIGTERM, then SIGKILL after the grace period).
@@ -24,6 +27,8 @@ pub struct DevCluster {
     pub data_dir: PathBuf,
     /// Client port of node 0; node i listens on base_port + i, its mesh on base_port + 100 + i.
     pub base_port: u16,
+    /// Redis URL for dynamic membership; `None` = a static member list.
+    pub redis: Option<String>,
 }
 
 /// A running dev cluster.
@@ -55,9 +60,12 @@ impl DevCluster {
             data_dir: self.data_dir.clone(),
             ..NodeConfig::default()
         };
-        if self.nodes > 1 {
+        if self.nodes > 1 || self.redis.is_some() {
             c.cluster.mesh_listen = Some(([127, 0, 0, 1], self.base_port + 100 + i as u16).into());
-            c.cluster.members = self.members();
+            match &self.redis {
+                Some(url) => c.cluster.redis = Some(url.clone()),
+                None => c.cluster.members = self.members(),
+            }
         }
         c
     }
@@ -85,7 +93,7 @@ impl DevCluster {
                 "--base-port too high for that many nodes".into(),
             ));
         }
-        if self.nodes == 1 {
+        if self.nodes == 1 && self.redis.is_none() {
             return Ok(Running::InProcess(start(self.node_config(0)).await?));
         }
         std::fs::create_dir_all(&self.data_dir)

@@ -53,6 +53,9 @@ enum Cmd {
         /// Node i listens on 127.0.0.1:(base-port + i).
         #[arg(long, default_value_t = 7400)]
         base_port: u16,
+        /// Redis URL for dynamic membership (default: a static member list).
+        #[arg(long)]
+        redis: Option<String>,
     },
 }
 
@@ -119,11 +122,13 @@ async fn main() -> anyhow::Result<()> {
             nodes,
             data_dir,
             base_port,
+            redis,
         } => {
             let dev = DevCluster {
                 nodes,
                 data_dir: std::path::absolute(&data_dir).unwrap_or(data_dir),
                 base_port,
+                redis,
             };
             let exe = std::env::current_exe().context("locating meshchat-node")?;
             #[allow(clippy::print_stderr)]

@@ -498,7 +498,14 @@ async fn listen(
                 s.out.reaction(r, me);
             }
             Event::Channel(c) => s.out.channel_event(c),
-            Event::Redirect(r) => s.out.note(&format!("redirected to {}", r.address)),
+            Event::Redirect(r) => {
+                s.out.note(&format!(
+                    "home moved to node {} ({}); reconnecting",
+                    r.node_id, r.address
+                ));
+                s.client.follow_redirect(r).await?;
+                continue;
+            }
             Event::NodeError { code, message } => {
                 s.out.note(&format!("node error {code}: {message}"));
             }
