@@ -10,10 +10,9 @@
 //! - `sim` (tests only): a deterministic multi-node simulation of membership cores, a
 //!   TTL-based source of truth and a lossy, partitionable network on a simulated clock.
 //!
-//! The QUIC mesh transport and routing currently live in `meshchat-messaging` (`mesh.rs`, static
-//! membership). Planned (mesh issue): the Redis driver of [`membership`] (registry with
-//! heartbeats, leased worker ids, pub/sub), re-homing on ring changes, and moving the mesh
-//! transport here.
+//! The QUIC mesh transport, routing and the Redis driver of [`membership`] live in
+//! `meshchat-messaging` (`mesh.rs`, `membership_redis.rs`) for now; moving the transport here
+//! is planned.
 
 pub mod membership;
 pub mod ring;

@@ -138,6 +138,22 @@ async fn users_homed_on_different_nodes_chat_both_ways() {
         .expect("send");
     let m = next_message(&mut users[a_idx].0.1).await;
     assert_eq!(text(&m), "and back");
+    // Another device of the same user, connecting through any node, lands on the home too
+    // and gets the user's pushes there.
+    for entry in &cl.nodes {
+        let (dev, _de) = Client::connect(&entry.addr.to_string(), cl.options())
+            .await
+            .expect("connect");
+        dev.authenticate(&users[b_idx].0.2.token)
+            .await
+            .expect("authenticate");
+        assert_eq!(
+            cl.home_of(&dev),
+            b_home,
+            "a device follows the redirect home"
+        );
+    }
+
     // whereis and cluster report the routing any node sees.
     let asked = &users[a_idx].0.0;
     let home = asked
