@@ -15,27 +15,26 @@ fn free_udp_port() -> u16 {
         .expect("free port")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dev_prints_how_to_connect_and_serves_two_users() {
-    let dir = tempfile::tempdir().expect("dir");
-    let data = dir.path().join("data");
-    let port = free_udp_port();
+/// Starts `meshchat-node dev` and returns it with everything it printed up to "Stop with
+/// Ctrl-C" (the banner: printed once every node listens). The child keeps its stdout pipe
+/// (the reader goes back into the `Child`), as a terminal would.
+fn start_dev(nodes: u32, base_port: u16, data: &std::path::Path) -> (std::process::Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_meshchat-node"))
         .args([
             "dev",
             "--nodes",
-            "1",
+            &nodes.to_string(),
             "--base-port",
-            &port.to_string(),
+            &base_port.to_string(),
             "--data-dir",
         ])
-        .arg(&data)
+        .arg(data)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn meshchat-node dev");
-    let mut banner = String::new();
     let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut banner = String::new();
     let mut line = String::new();
     while out.read_line(&mut line).expect("read") > 0 {
         banner.push_str(&line);
@@ -44,6 +43,37 @@ async fn dev_prints_how_to_connect_and_serves_two_users() {
         }
         line.clear();
     }
+    child.stdout = Some(out.into_inner());
+    (child, banner)
+}
+
+/// Sends SIGTERM and waits (bounded) for a clean exit.
+async fn stop_dev(mut child: std::process::Child, within: Duration) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            assert!(st.success(), "dev exited with {st:?}");
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dev did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_prints_how_to_connect_and_serves_two_users() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let port = free_udp_port();
+    let (child, banner) = start_dev(1, port, &data);
     let addr = format!("127.0.0.1:{port}");
     assert!(banner.contains(&format!("node 1: {addr}")), "{banner}");
     let ca = data.join("ca.pem");
@@ -70,23 +100,7 @@ async fn dev_prints_how_to_connect_and_serves_two_users() {
         other => panic!("expected the message, got {other:?}"),
     }
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            assert!(st.success(), "dev exited with {st:?}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "dev did not stop on SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    stop_dev(child, Duration::from_secs(15)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,30 +119,7 @@ async fn dev_with_three_nodes_runs_three_processes_that_route_between_them() {
             break p;
         }
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meshchat-node"))
-        .args([
-            "dev",
-            "--nodes",
-            "3",
-            "--base-port",
-            &base.to_string(),
-            "--data-dir",
-        ])
-        .arg(&data)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn meshchat-node dev");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut banner = String::new();
-    let mut line = String::new();
-    while out.read_line(&mut line).expect("read") > 0 {
-        banner.push_str(&line);
-        if line.contains("Stop with Ctrl-C") {
-            break;
-        }
-        line.clear();
-    }
+    let (child, banner) = start_dev(3, base, &data);
     for i in 0..3 {
         assert!(
             banner.contains(&format!("127.0.0.1:{}", base + i)),
@@ -177,20 +168,7 @@ async fn dev_with_three_nodes_runs_three_processes_that_route_between_them() {
     }
     assert!(String::from_utf8_lossy(&got.expect("message").body).starts_with("hello"));
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            assert!(st.success(), "dev exited with {st:?}");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "dev did not stop");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    stop_dev(child, Duration::from_secs(30)).await;
     // Every node process is gone: their ports are free again.
     for i in 0..3 {
         assert!(

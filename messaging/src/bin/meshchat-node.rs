@@ -59,19 +59,19 @@ enum Cmd {
     },
 }
 
-async fn ctrl_c() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// SIGINT or SIGTERM. The handlers are installed when this is called, not when the returned
+/// future is first polled: a signal that arrives while the node is still starting (or right
+/// after `dev` printed its banner) must stop it gracefully, not kill it.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
+    })
 }
 
 #[tokio::main]
@@ -83,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let stop = shutdown_signal()?;
     match cli.cmd {
         Cmd::Run {
             config,
@@ -100,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
             if let Some(n) = node_id {
                 c.node_id = n;
             }
-            meshchat_messaging::run(c, ctrl_c()).await?;
+            meshchat_messaging::run(c, stop).await?;
         }
         Cmd::Migrate { config, dry_run } => {
             let c = NodeConfig::load(config.as_deref()).context("loading config")?;
@@ -139,11 +140,14 @@ async fn main() -> anyhow::Result<()> {
                 .filter(|p| p.exists())
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| "meshchat".into());
-            #[allow(clippy::print_stdout)]
             {
-                println!("{}", dev.banner(&client));
+                // Not println!: a reader that closed our stdout must not take the cluster down.
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{}", dev.banner(&client));
+                let _ = out.flush();
             }
-            ctrl_c().await;
+            stop.await;
             match running {
                 Running::InProcess(node) => node.shutdown().await,
                 Running::Children(mut children) => {
