@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,21 +12,8 @@ use meshchat_client::{Client, ConnectOptions, Event, Events, Session};
 use meshchat_idgen::ChatId;
 use parking_lot::Mutex;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::{Proc, free_port};
 
 fn spawn_node(dir: &std::path::Path, id: u32, redis: u16) -> (Proc, String) {
     let client_port = free_port();
@@ -71,24 +58,7 @@ fn spawn_node(dir: &std::path::Path, id: u32, redis: u16) -> (Proc, String) {
 async fn sigkill_under_traffic_loses_no_acked_message() {
     let dir = tempfile::tempdir().expect("dir");
     let redis_port = free_port();
-    let _redis = Proc(
-        Command::new("redis-server")
-            .args([
-                "--port",
-                &redis_port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (.ci/test.sh installs it)"),
-    );
-    while std::net::TcpStream::connect(("127.0.0.1", redis_port)).is_err() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let _redis = common::redis_server(redis_port);
     // The first node creates the dev CA and token secret the others reuse.
     let (n1, a1) = spawn_node(dir.path(), 1, redis_port);
     let (n2, a2) = spawn_node(dir.path(), 2, redis_port);

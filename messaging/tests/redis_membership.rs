@@ -5,54 +5,12 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{next_matching, next_message, text};
+use common::{free_port, next_matching, next_message, text};
 use meshchat_client::{Client, ConnectOptions, Event, Events, Session};
 use meshchat_idgen::ChatId;
 use meshchat_messaging::RunningNode;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-struct Redis(Child);
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn redis(port: u16) -> Redis {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server must be installed (.ci/test.sh installs it)");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redis-server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Redis(child)
-}
 
 async fn node(dir: &std::path::Path, id: u32, redis_port: u16) -> RunningNode {
     let mut c = common::config_in(dir);
@@ -104,7 +62,7 @@ fn options(dir: &std::path::Path) -> ConnectOptions {
 async fn nodes_converge_rehome_on_join_and_survive_a_redis_restart() {
     let dir = tempfile::tempdir().expect("dir");
     let port = free_port();
-    let mut server = redis(port);
+    let mut server = common::redis_server(port);
     let n1 = node(dir.path(), 1, port).await;
     let n2 = node(dir.path(), 2, port).await;
     let n3 = node(dir.path(), 3, port).await;
@@ -201,7 +159,7 @@ async fn nodes_converge_rehome_on_join_and_survive_a_redis_restart() {
     assert_eq!(text(&next_message(&mut users[d].1).await), "redis is down");
 
     // Redis comes back empty: nodes re-register and the epoch keeps growing.
-    server = redis(port);
+    server = common::redis_server(port);
     let e3 = converge(&[&n1, &n2, &n3, &n4], &[1, 2, 3, 4]).await;
     assert!(
         e3 >= e2,
