@@ -6,18 +6,11 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{next_message, text};
+use common::{free_port, next_message, text};
 use meshchat_client::{Client, ConnectOptions, Events, Session};
 use meshchat_idgen::{ChannelId, ChatId, NodeId};
 use meshchat_messaging::config::StaticMember;
 use meshchat_messaging::{NodeConfig, RunningNode};
-
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 struct Cluster {
     nodes: Vec<RunningNode>,
