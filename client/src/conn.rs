@@ -102,6 +102,30 @@ pub fn client_endpoint(
     opts: &ConnectOptions,
     bind: SocketAddr,
 ) -> Result<quinn::Endpoint, ClientError> {
+    let mut endpoint =
+        quinn::Endpoint::client(bind).map_err(|e| ClientError::Setup(format!("endpoint: {e}")))?;
+    endpoint.set_default_client_config(client_config(opts)?);
+    Ok(endpoint)
+}
+
+/// A client endpoint on a UDP socket the caller made (say, with large kernel buffers for a
+/// load generator's handshake bursts).
+pub fn client_endpoint_on(
+    opts: &ConnectOptions,
+    socket: std::net::UdpSocket,
+) -> Result<quinn::Endpoint, ClientError> {
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| ClientError::Setup("no async runtime".into()))?;
+    let mut endpoint =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+            .map_err(|e| ClientError::Setup(format!("endpoint: {e}")))?;
+    endpoint.set_default_client_config(client_config(opts)?);
+    Ok(endpoint)
+}
+
+/// The TLS and transport settings every client connection uses: TLS 1.3, ALPN
+/// `meshchat/1`, one stream, keep-alives, no path MTU discovery.
+pub fn client_config(opts: &ConnectOptions) -> Result<quinn::ClientConfig, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     for r in &opts.roots {
         roots
@@ -127,10 +151,7 @@ pub fn client_endpoint(
         .receive_window((opts.stream_receive_window.saturating_mul(2)).into())
         .mtu_discovery_config(None);
     config.transport_config(Arc::new(transport));
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|e| ClientError::Setup(format!("endpoint: {e}")))?;
-    endpoint.set_default_client_config(config);
-    Ok(endpoint)
+    Ok(config)
 }
 
 /// Splits `host:port` into a socket address and the TLS server name.

@@ -1,25 +1,31 @@
 //! # meshchat-loadtest
 //!
-//! Owns `meshchat-loadtest`: opens many real QUIC connections to a running node, drives
-//! scenarios, and reports what the node paid for them.
+//! Owns `meshchat-loadtest`: opens many real QUIC connections to a meshchat cluster (one it
+//! is pointed at, or one it starts), drives chat traffic, proves delivery message by message,
+//! and reports what happened as JSON and HTML.
 //!
-//! Built so far: the `idle` scenario (open N authenticated connections over several client
-//! endpoints, hold them, sample the node's RSS from `/proc/PID/status`) used to measure the
-//! node's memory per idle connection. The traffic scenarios, HDR latency histograms, progress
-//! bars and HTML reports come with the load-test issue.
-//!
-//! - [`idle`]: the idle-connections scenario.
-//! - [`proc_rss`]: reading a process's resident memory.
+//! - [`cluster`]: the cluster under test (external, or spawned node processes).
+//! - [`provision`]: synthetic users (store rows and minted tokens, no per-user hashing).
+//! - [`fleet`]: the connections: endpoints, source addresses, paced ramp, event draining.
+//! - [`scenario`]: `idle`, `direct`, `channel`, `reconnect`, `mixed` traffic generators.
+//! - [`tracker`]: HDR histograms, counters and the delivery ledger (acked-undelivered).
+//! - [`sampler`]: the once-a-second timeline, with node RSS and CPU from `/proc`.
+//! - [`report`]: `report.json` and `report.html` (plots by `plotters`).
+//! - [`run`]: one whole experiment.
 
-pub mod idle;
+pub mod cluster;
+pub mod fleet;
+pub mod provision;
+pub mod report;
+pub mod run;
+pub mod sampler;
+pub mod scenario;
+pub mod tracker;
 
-/// Resident set size of process `pid` in bytes, from `/proc/PID/status` (`VmRSS`).
-pub fn proc_rss(pid: u32) -> std::io::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .ok_or_else(|| std::io::Error::other("no VmRSS line"))
+/// Raises this process's open-file limit to its hard limit; returns the new soft limit.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(std::io::Error::from)?;
+    Ok(hard)
 }

@@ -1,53 +1,114 @@
-//! `meshchat-loadtest`: flags in, JSON report out.
+//! `meshchat-loadtest`: flags in; `report.json` + `report.html` out, and a one-screen
+//! summary on stdout. Exits 1 when the run failed its checks (acked-undelivered messages,
+//! wrong ids, duplicates, or connections that could not be opened).
 #![allow(clippy::print_stdout)]
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use meshchat_client::ConnectOptions;
-use meshchat_loadtest::idle::{IdleRun, run};
+use clap::Parser;
+use meshchat_loadtest::cluster::Target;
+use meshchat_loadtest::run::{RunConfig, run};
+use meshchat_loadtest::scenario::{Scenario, Traffic, expand};
 
-#[derive(Parser)]
-#[command(version, about = "meshchat load harness")]
+/// meshchat load harness: N real QUIC connections, chat traffic, HDR latencies, reports.
+#[derive(Parser, Debug, serde::Serialize)]
+#[command(version)]
 struct Cli {
-    /// Node address.
-    #[arg(long, default_value = "127.0.0.1:7400")]
-    server: String,
-    /// CA certificate of the cluster.
+    /// Start N local node processes (embedded store, fresh temp dir) and test them.
+    #[arg(long, conflicts_with = "server")]
+    spawn_nodes: Option<u32>,
+    /// `meshchat-node` binary for --spawn-nodes (default: next to this binary).
     #[arg(long)]
-    ca: PathBuf,
-    /// The cluster's token secret file (to mint tokens for synthetic users).
+    node_bin: Option<PathBuf>,
+    /// Data dir for --spawn-nodes (default: a temp dir, removed afterwards).
     #[arg(long)]
-    token_secret: PathBuf,
-    #[command(subcommand)]
-    scenario: Scenario,
-}
-
-#[derive(Subcommand)]
-enum Scenario {
-    /// Open N authenticated connections and hold them; report the node's RSS per connection.
-    Idle {
-        /// Connections.
-        #[arg(long, default_value_t = 10_000)]
-        connections: usize,
-        /// Client UDP sockets to spread connections over.
-        #[arg(long, default_value_t = 8)]
-        endpoints: usize,
-        /// Handshakes in flight at once.
-        #[arg(long, default_value_t = 256)]
-        concurrency: usize,
-        /// Seconds to hold the connections once open.
-        #[arg(long, default_value_t = 10)]
-        hold_secs: u64,
-        /// The node's pid, to sample its RSS.
-        #[arg(long)]
-        node_pid: Option<u32>,
-        /// First synthetic user id.
-        #[arg(long, default_value_t = 1_000_000_000)]
-        first_user: u64,
-    },
+    data_dir: Option<PathBuf>,
+    /// Address of a running node (repeat for several); users are sent to their home node.
+    #[arg(long)]
+    server: Vec<String>,
+    /// The cluster's CA certificate (with --server).
+    #[arg(long, requires = "server")]
+    ca: Option<PathBuf>,
+    /// The cluster's token signing secret file (with --server), to mint tokens.
+    #[arg(long, requires = "server")]
+    token_secret: Option<PathBuf>,
+    /// The embedded store dir of a --server cluster, to provision users (else they must exist).
+    #[arg(long, requires = "server")]
+    store_dir: Option<PathBuf>,
+    /// Pids of --server nodes on this machine, to sample their RSS and CPU.
+    #[arg(long, value_delimiter = ',')]
+    node_pid: Vec<u32>,
+    /// Scenarios: idle, direct, channel, reconnect, mixed (comma-separated, combinable).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "mixed")]
+    scenario: Vec<Scenario>,
+    /// Connections, one synthetic user each.
+    #[arg(long, default_value_t = 1_000)]
+    connections: usize,
+    /// New connections per second during the ramp.
+    #[arg(long, default_value_t = 2_000.0)]
+    ramp_rate: f64,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 512)]
+    concurrency: usize,
+    /// Client UDP sockets.
+    #[arg(long, default_value_t = 16)]
+    endpoints: usize,
+    /// Loopback source addresses (127.0.0.1 ..= 127.0.0.N) the sockets are spread over.
+    #[arg(long, default_value_t = 4)]
+    source_addrs: u8,
+    /// Seconds of traffic (or of holding the connections, for idle) after the ramp.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// 1:1 messages per second (direct).
+    #[arg(long, default_value_t = 1_000.0)]
+    rate: f64,
+    /// Channel messages per second (channel).
+    #[arg(long, default_value_t = 50.0)]
+    channel_rate: f64,
+    /// Channels to create (channel).
+    #[arg(long, default_value_t = 10)]
+    channels: usize,
+    /// Members per channel (channel).
+    #[arg(long, default_value_t = 50)]
+    channel_size: usize,
+    /// Share of connections dropped and re-established per round (reconnect).
+    #[arg(long, default_value_t = 0.05)]
+    reconnect_share: f64,
+    /// Seconds between reconnect rounds (reconnect).
+    #[arg(long, default_value_t = 5.0)]
+    reconnect_every: f64,
+    /// Message body bytes.
+    #[arg(long, default_value_t = 64)]
+    body_bytes: usize,
+    /// Sends in flight at once per generator; beyond it sends are skipped and counted.
+    #[arg(long, default_value_t = 20_000)]
+    max_inflight: usize,
+    /// Longest wait for in-flight messages after the traffic stops, seconds.
+    #[arg(long, default_value_t = 20)]
+    drain: u64,
+    /// Client QUIC keep-alive, seconds (below the node's idle timeout).
+    #[arg(long, default_value_t = 20)]
+    keep_alive: u64,
+    /// Kernel UDP buffer per client socket, bytes (capped by net.core.rmem_max).
+    #[arg(long, default_value_t = 8 << 20)]
+    udp_buffer: usize,
+    /// First synthetic user id.
+    #[arg(long, default_value_t = 1_000_000_000)]
+    first_user: u64,
+    /// Do not write synthetic users into the store.
+    #[arg(long)]
+    no_provision: bool,
+    /// Seed of the random choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Directory for report.json, report.html and (spawned) nodes.log.
+    #[arg(long, default_value = "loadtest-report")]
+    out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
 }
 
 #[tokio::main]
@@ -60,35 +121,120 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let roots = meshchat_client::load_ca(&cli.ca)?;
-    let secret = std::fs::read(&cli.token_secret)
-        .with_context(|| format!("reading {}", cli.token_secret.display()))?;
-    let secret = secret.trim_ascii().to_vec();
-    match cli.scenario {
-        Scenario::Idle {
-            connections,
-            endpoints,
-            concurrency,
-            hold_secs,
-            node_pid,
-            first_user,
-        } => {
-            let mut options = ConnectOptions::new(roots);
-            options.event_buffer = 16;
-            let report = run(IdleRun {
-                server: cli.server,
-                options,
-                secret,
-                connections,
-                endpoints,
-                concurrency,
-                hold: Duration::from_secs(hold_secs),
-                node_pid,
-                first_user,
-            })
-            .await?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
+    let nofile = meshchat_loadtest::raise_fd_limit().context("raising the open-file limit")?;
+    tracing::info!(nofile, "open-file limit");
+    std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
+    let target = match cli.spawn_nodes {
+        Some(n) => {
+            let bin = match &cli.node_bin {
+                Some(b) => b.clone(),
+                None => std::env::current_exe()?
+                    .parent()
+                    .context("binary without a directory")?
+                    .join("meshchat-node"),
+            };
+            anyhow::ensure!(
+                bin.exists(),
+                "{} not found: build it (cargo build --release) or pass --node-bin",
+                bin.display()
+            );
+            Target::spawn(n, &bin, cli.data_dir.clone(), &cli.out.join("nodes.log"))?
         }
+        None => {
+            anyhow::ensure!(
+                !cli.server.is_empty(),
+                "give --spawn-nodes N, or --server ADDR with --ca and --token-secret"
+            );
+            let ca = cli.ca.clone().context("--server needs --ca")?;
+            let secret = cli
+                .token_secret
+                .clone()
+                .context("--server needs --token-secret")?;
+            Target::external(
+                cli.server.clone(),
+                ca,
+                &secret,
+                &cli.node_pid,
+                cli.store_dir.clone(),
+            )?
+        }
+    };
+    let cfg = RunConfig {
+        scenarios: expand(&cli.scenario),
+        connections: cli.connections,
+        endpoints: cli.endpoints,
+        source_addrs: cli.source_addrs,
+        ramp_rate: cli.ramp_rate,
+        concurrency: cli.concurrency,
+        duration: Duration::from_secs(cli.duration),
+        drain: Duration::from_secs(cli.drain),
+        traffic: Traffic {
+            direct_rate: cli.rate,
+            channel_rate: cli.channel_rate,
+            channels: cli.channels,
+            channel_size: cli.channel_size,
+            reconnect_share: cli.reconnect_share,
+            reconnect_every_secs: cli.reconnect_every,
+            body_bytes: cli.body_bytes,
+            max_inflight: cli.max_inflight,
+            seed: cli.seed,
+        },
+        first_user: cli.first_user,
+        provision: !cli.no_provision,
+        keep_alive: Duration::from_secs(cli.keep_alive.max(1)),
+        udp_buffer: cli.udp_buffer,
+        out: cli.out.clone(),
+        progress: !cli.no_progress,
+        command: std::env::args().collect(),
+        settings: serde_json::to_value(&cli)?,
+    };
+    let report = run(cfg, target).await?;
+    let c = &report.connections;
+    let m = &report.messages;
+    println!(
+        "connections {}/{} (failed {}), ramp {:.1}s at {:.0}/s, handshake p99 {:.1} ms",
+        c.established,
+        c.requested,
+        c.failed,
+        c.ramp_secs,
+        c.connects_per_sec,
+        c.handshake.p99_us as f64 / 1000.0
+    );
+    println!(
+        "messages sent {} acked {} failed {} delivered {}; {:.0} acked/s",
+        m.sent, m.acked, m.send_failed, m.delivered, m.acked_per_sec
+    );
+    println!(
+        "ack p50/p99 {:.2}/{:.2} ms; end-to-end p50/p99/max {:.2}/{:.2}/{:.2} ms",
+        m.ack_latency.p50_us as f64 / 1000.0,
+        m.ack_latency.p99_us as f64 / 1000.0,
+        m.e2e_latency.p50_us as f64 / 1000.0,
+        m.e2e_latency.p99_us as f64 / 1000.0,
+        m.e2e_latency.max_us as f64 / 1000.0
+    );
+    for n in &report.nodes {
+        println!(
+            "{}: {} connections, RSS {:.1} -> {:.1} MiB ({}), CPU {:.0}% in traffic",
+            n.name,
+            n.connections,
+            n.rss_before as f64 / 1048576.0,
+            n.rss_held as f64 / 1048576.0,
+            n.rss_per_connection
+                .map_or("-".into(), |b| format!("{b:.0} B/connection")),
+            n.cpu_traffic_pct
+        );
+    }
+    println!("acked but undelivered: {}", m.acked_undelivered);
+    println!(
+        "{}; reports in {}",
+        if report.passed { "PASSED" } else { "FAILED" },
+        report.out_note(&cli.out)
+    );
+    if !report.passed {
+        for f in &report.failures {
+            println!("  - {f}");
+        }
+        std::process::exit(1);
     }
     Ok(())
 }

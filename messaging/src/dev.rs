@@ -52,6 +52,18 @@ impl DevCluster {
             .collect()
     }
 
+    fn check(&self) -> Result<(), StartError> {
+        if self.nodes == 0 {
+            return Err(StartError::Other("--nodes must be at least 1".into()));
+        }
+        if u32::from(self.base_port) + 100 + self.nodes > u32::from(u16::MAX) {
+            return Err(StartError::Other(
+                "--base-port too high for that many nodes".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The config of node `i` (0-based).
     pub fn node_config(&self, i: u32) -> NodeConfig {
         let mut c = NodeConfig {
@@ -85,17 +97,22 @@ impl DevCluster {
         exe: &Path,
         log: impl Fn(&str) + Send + Clone + 'static,
     ) -> Result<Running, StartError> {
-        if self.nodes == 0 {
-            return Err(StartError::Other("--nodes must be at least 1".into()));
-        }
-        if u32::from(self.base_port) + 100 + self.nodes > u32::from(u16::MAX) {
-            return Err(StartError::Other(
-                "--base-port too high for that many nodes".into(),
-            ));
-        }
+        self.check()?;
         if self.nodes == 1 && self.redis.is_none() {
             return Ok(Running::InProcess(start(self.node_config(0)).await?));
         }
+        self.start_processes(exe, log).map(Running::Children)
+    }
+
+    /// Starts every node as a child process (`exe run --config <data_dir>/node-<id>.toml`),
+    /// even a single one (the load tester measures each node's own memory and CPU). Returns
+    /// once every node listens; each child's log lines go to `log`.
+    pub fn start_processes(
+        &self,
+        exe: &Path,
+        log: impl Fn(&str) + Send + Clone + 'static,
+    ) -> Result<Vec<Child>, StartError> {
+        self.check()?;
         std::fs::create_dir_all(&self.data_dir)
             .map_err(|e| StartError::Other(format!("data dir: {e}")))?;
         // Generate the CA and token secret once, before the nodes race to do it.
@@ -143,7 +160,7 @@ impl DevCluster {
                 return Err(StartError::Other("a node did not start within 30 s".into()));
             }
         }
-        Ok(Running::Children(children))
+        Ok(children)
     }
 
     /// What to print once the cluster is up: addresses and the exact client commands.
