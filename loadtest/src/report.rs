@@ -105,6 +105,8 @@ pub struct Messages {
     pub unresolved_sends: u64,
     /// A recipient received the same message twice.
     pub duplicates: u64,
+    /// A sender's own message pushed to its new connection after a retry (correct).
+    pub own_echoes: u64,
     /// A push's message id differed from the ack's.
     pub id_mismatches: u64,
     /// Pushes no ledger entry expected.

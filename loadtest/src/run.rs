@@ -312,6 +312,7 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
             acked_undelivered_ids: outstanding.acked_undelivered_ids.clone(),
             unresolved_sends: outstanding.unresolved_sends,
             duplicates: Counters::get(&c.duplicates),
+            own_echoes: Counters::get(&c.own_echoes),
             id_mismatches: Counters::get(&c.id_mismatches),
             unexpected: Counters::get(&c.unexpected),
             generator_skipped: Counters::get(&c.generator_skipped),

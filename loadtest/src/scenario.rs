@@ -190,7 +190,7 @@ async fn generate(
             let Some(client) = fleet.client(p.sender) else {
                 continue;
             };
-            let nonce = tracker.register(p.recipients);
+            let nonce = tracker.register(fleet.user(p.sender), p.recipients);
             let body = tracker::body(nonce, t.body_bytes);
             let (tracker, fleet) = (tracker.clone(), fleet.clone());
             tokio::spawn(async move {

@@ -128,6 +128,10 @@ pub struct Counters {
     pub delivered: AtomicU64,
     /// A recipient received the same message twice.
     pub duplicates: AtomicU64,
+    /// The sender's own message pushed back to it: its retry went out on a new connection
+    /// after the first one closed, so the push of the first attempt reached the new one.
+    /// Right (it is the sender's "other device"), counted apart.
+    pub own_echoes: AtomicU64,
     /// A push carried another message id than the ack of the same message.
     pub id_mismatches: AtomicU64,
     /// Pushes of load-test messages no ledger entry expected (sends that failed, or a
@@ -164,6 +168,7 @@ impl Counters {
 #[derive(Debug)]
 struct Entry {
     sent: Instant,
+    sender: UserId,
     /// Message id from the ack.
     acked: Option<u64>,
     /// Message id the first push carried (checked against the ack).
@@ -221,13 +226,14 @@ impl Tracker {
         }
     }
 
-    /// Registers a message about to be sent to `recipients`; returns its nonce.
-    pub fn register(&self, recipients: Vec<UserId>) -> u64 {
+    /// Registers a message `sender` is about to send to `recipients`; returns its nonce.
+    pub fn register(&self, sender: UserId, recipients: Vec<UserId>) -> u64 {
         let nonce = self.next_nonce.fetch_add(1, Ordering::Relaxed);
         self.ledger.insert(
             nonce,
             Entry {
                 sent: Instant::now(),
+                sender,
                 acked: None,
                 pushed_id: None,
                 remaining: recipients,
@@ -283,8 +289,13 @@ impl Tracker {
             return;
         };
         let Some(pos) = e.remaining.iter().position(|&u| u == user) else {
+            let echo = user == e.sender;
             drop(e);
-            Counters::inc(&self.counters.duplicates);
+            Counters::inc(if echo {
+                &self.counters.own_echoes
+            } else {
+                &self.counters.duplicates
+            });
             return;
         };
         e.remaining.swap_remove(pos);
@@ -376,14 +387,14 @@ mod tests {
     fn a_message_leaves_the_ledger_once_acked_and_delivered_in_either_order() {
         let t = Tracker::new();
         let (a, b) = (UserId(1), UserId(2));
-        let n1 = t.register(vec![a, b]);
+        let n1 = t.register(UserId(9), vec![a, b]);
         t.delivered(a, 100, &body(n1, 0));
         t.acked(n1, 100);
         assert_eq!(t.outstanding().acked_undelivered, 1);
         t.delivered(b, 100, &body(n1, 0));
         assert!(t.settled());
         // Push before ack.
-        let n2 = t.register(vec![a]);
+        let n2 = t.register(UserId(9), vec![a]);
         t.delivered(a, 200, &body(n2, 0));
         assert_eq!(t.outstanding().unresolved_sends, 1);
         t.acked(n2, 200);
@@ -397,8 +408,11 @@ mod tests {
     #[test]
     fn wrong_ids_duplicates_and_losses_are_counted() {
         let t = Tracker::new();
-        let n = t.register(vec![UserId(1), UserId(2)]);
+        let n = t.register(UserId(9), vec![UserId(1), UserId(2)]);
         t.acked(n, 10);
+        t.delivered(UserId(9), 10, &body(n, 0));
+        assert_eq!(Counters::get(&t.counters.own_echoes), 1);
+        assert_eq!(Counters::get(&t.counters.duplicates), 0);
         t.delivered(UserId(1), 11, &body(n, 0));
         assert_eq!(Counters::get(&t.counters.id_mismatches), 1);
         t.delivered(UserId(1), 10, &body(n, 0));
@@ -406,7 +420,7 @@ mod tests {
         let o = t.outstanding();
         assert_eq!(o.acked_undelivered, 1);
         assert_eq!(o.acked_undelivered_ids, vec![10]);
-        let f = t.register(vec![UserId(3)]);
+        let f = t.register(UserId(9), vec![UserId(3)]);
         t.failed(f);
         t.delivered(UserId(3), 12, &body(f, 0));
         assert_eq!(Counters::get(&t.counters.unexpected), 1);
