@@ -591,8 +591,8 @@ impl Node {
         let body = msg.body.clone();
         // Durable before acked: the append returns after the group commit.
         let out = self.storage.append(msg).await?;
-        if !out.duplicate {
-            let stored = meshchat_storage::StoredMessage {
+        let stored = if !out.duplicate {
+            Some(meshchat_storage::StoredMessage {
                 id,
                 chat,
                 sender: me.user,
@@ -600,11 +600,23 @@ impl Node {
                 body,
                 reply_to,
                 reactions: Vec::new(),
-            };
+            })
+        } else {
+            // A retry of a message already stored. The first attempt's push may never have
+            // gone out: its request is dropped when its connection closes between the commit
+            // and the push (a client that timed out and retried elsewhere), or its node died
+            // there. Push the stored message again; clients drop ids they already have, so a
+            // second copy costs bandwidth, never a duplicate (found by the load test).
+            self.storage
+                .message(chat, out.id)
+                .await?
+                .filter(|m| m.sender == me.user)
+        };
+        if let Some(stored) = stored {
             let push = encode_push(push::Event::Message(convert::message_to(&stored, &me.name)));
             let d = self.router.deliver(&audience, &push, Some(conn));
             debug!(
-                message = id.0,
+                message = stored.id.0,
                 queued = d.queued,
                 cut_off = d.cut_off,
                 "delivered"

@@ -332,6 +332,41 @@ async fn a_resent_message_is_stored_and_delivered_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_a_stored_but_unpushed_message_is_pushed() {
+    use meshchat_storage::HistoryStore;
+    let node = TestNode::start().await;
+    let (alice, _ae, a) = node.user("alice").await;
+    let (_bob, mut bob_ev, b) = node.user("bob").await;
+    let chat = ChatId::direct(a.user, b.user);
+    // The first attempt committed, then its request died before the push (its connection
+    // closed): the row is in the store and bob never heard of it.
+    let store = meshchat_storage::EmbeddedStore::open_dir(node.dir.path()).expect("store");
+    let first = meshchat_idgen::MessageId(1 << 40);
+    store
+        .append(meshchat_storage::NewMessage {
+            id: first,
+            chat,
+            sender: a.user,
+            client_msg_id: "lost-push".into(),
+            body: "stored, never pushed".into(),
+            reply_to: None,
+        })
+        .await
+        .expect("append");
+    // The client retries with the same id: the first id is acked, and bob gets it now.
+    let again = alice
+        .send_with_id(chat, "stored, never pushed", None, "lost-push")
+        .await
+        .expect("retry");
+    assert!(again.duplicate);
+    assert_eq!(again.message_id, first.0);
+    let m = next_message(&mut bob_ev).await;
+    assert_eq!(m.message_id, first.0);
+    assert_eq!(text(&m), "stored, never pushed");
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_keeps_all_history() {
     let mut node = TestNode::start().await;
     let (alice, _ae, a) = node.user("alice").await;
