@@ -79,6 +79,10 @@ struct Cli {
     /// Seconds between reconnect rounds (reconnect).
     #[arg(long, default_value_t = 5.0)]
     reconnect_every: f64,
+    /// Contacts per user in direct (each user writes to a fixed set; 0: anyone, every
+    /// message a new chat).
+    #[arg(long, default_value_t = 16)]
+    contacts: usize,
     /// Message body bytes.
     #[arg(long, default_value_t = 64)]
     body_bytes: usize,
@@ -175,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
             channel_size: cli.channel_size,
             reconnect_share: cli.reconnect_share,
             reconnect_every_secs: cli.reconnect_every,
+            contacts: cli.contacts,
             body_bytes: cli.body_bytes,
             max_inflight: cli.max_inflight,
             seed: cli.seed,

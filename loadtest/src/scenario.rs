@@ -67,6 +67,9 @@ pub struct Traffic {
     pub reconnect_share: f64,
     /// Seconds between reconnect rounds.
     pub reconnect_every_secs: f64,
+    /// Contacts per user in `direct`: each user writes to a fixed set of this many others,
+    /// so chats repeat as they do in real use (0: any user, every message a new chat).
+    pub contacts: usize,
     /// Message body size in bytes.
     pub body_bytes: usize,
     /// Sends in flight at once, per generator.
@@ -237,12 +240,24 @@ pub fn start(
     let (fleet, tracker) = (&fleet, &tracker);
     if scenarios.contains(&Scenario::Direct) && live.len() >= 2 {
         let (fleet2, live) = (fleet.clone(), live.clone());
+        // Contact k of the user at position p is the user at p + offsets[k] (mod n).
+        let n = live.len();
+        let mut orng = StdRng::seed_from_u64(t.seed ^ 0xC0_47AC);
+        let offsets: Vec<usize> = (0..t.contacts.min(n - 1))
+            .map(|_| orng.random_range(1..n))
+            .collect();
         let pick = move |rng: &mut StdRng| {
-            let s = live[rng.random_range(0..live.len())];
-            let mut r = live[rng.random_range(0..live.len())];
-            while r == s {
-                r = live[rng.random_range(0..live.len())];
-            }
+            let p = rng.random_range(0..n);
+            let s = live[p];
+            let r = if offsets.is_empty() {
+                let mut r = live[rng.random_range(0..n)];
+                while r == s {
+                    r = live[rng.random_range(0..n)];
+                }
+                r
+            } else {
+                live[(p + offsets[rng.random_range(0..offsets.len())]) % n]
+            };
             let (su, ru) = (fleet2.user(s), fleet2.user(r));
             Some(Pick {
                 sender: s,

@@ -82,6 +82,21 @@ pub(super) fn append(c: &Connection, m: &NewMessage) -> Result<AppendOutcome, St
     .map_err(db)?
     .execute(params![i(m.sender.0), m.client_msg_id, key, i(m.id.0)])
     .map_err(db)?;
+    // Most messages go to a chat that exists: one UPDATE. Only a chat's first message
+    // inserts its row and (for 1:1 chats) both members' chat-list rows.
+    let existing = c
+        .prepare_cached(
+            "UPDATE chats SET last_message_id = max(last_message_id, ?2) WHERE chat = ?1",
+        )
+        .map_err(db)?
+        .execute(params![key, i(m.id.0)])
+        .map_err(db)?;
+    if existing > 0 {
+        return Ok(AppendOutcome {
+            id: m.id,
+            duplicate: false,
+        });
+    }
     c.prepare_cached(
         "INSERT INTO chats (chat, last_message_id) VALUES (?1, ?2)
          ON CONFLICT (chat) DO UPDATE SET last_message_id = max(last_message_id, excluded.last_message_id)",
