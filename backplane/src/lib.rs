@@ -7,13 +7,16 @@
 //!   baseline it was measured against.
 //! - [`membership`]: the sans-IO membership core: epoch-ordered snapshots of the member set in,
 //!   ring decisions out (adopt a new ring, keep serving while the source is down), no clock.
+//! - [`fanout`]: channel fan-out planning, pure: splits one push's recipients into those
+//!   served here and one recipient list per owning peer node (one envelope per peer).
 //! - `sim` (tests only): a deterministic multi-node simulation of membership cores, a
 //!   TTL-based source of truth and a lossy, partitionable network on a simulated clock.
 //!
-//! The QUIC mesh transport, routing and the Redis driver of [`membership`] live in
+//! The QUIC mesh transport, the rest of routing and the Redis driver of [`membership`] live in
 //! `meshchat-messaging` (`mesh.rs`, `membership_redis.rs`) for now; moving the transport here
 //! is planned.
 
+pub mod fanout;
 pub mod membership;
 pub mod ring;
 #[cfg(test)]

@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use meshchat_backplane::fanout;
 use meshchat_backplane::ring::{DEFAULT_VNODES_PER_WEIGHT, Ring};
 use meshchat_idgen::{ChannelId, NodeId, UserId};
 use meshchat_proto::codec::encode_into;
@@ -416,21 +417,22 @@ impl Mesh {
 
 impl Router for Mesh {
     fn deliver(&self, recipients: &[UserId], push: &Bytes, skip: Option<ConnId>) -> Delivery {
-        let mut local = Vec::new();
-        let mut remote: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
-        for &u in recipients {
-            let owner = self.owner(u);
-            // A user still connected here (before re-homing) is served here too.
-            if owner == self.me || self.registry.is_online(u) {
-                local.push(u);
-            }
-            if owner != self.me {
-                remote.entry(owner).or_default().push(u.0);
-            }
-        }
-        let mut d = self.registry.push_to(&local, push, skip);
-        let epoch = self.current_epoch();
-        for (node, users) in remote {
+        // One ring for the whole fan-out, and the epoch it belongs to: one lock instead of one
+        // per recipient, and a ring change mid-way cannot split the recipients over two rings.
+        let (ring, epoch) = {
+            let v = self.view.read();
+            (v.ring.clone(), v.epoch)
+        };
+        let me = self.me;
+        // A user still connected here (before re-homing) is served here too.
+        let plan = fanout::plan(
+            me,
+            recipients,
+            |u| ring.owner(u).unwrap_or(me),
+            |u| self.registry.is_online(u),
+        );
+        let mut d = self.registry.push_to(&plan.local, push, skip);
+        for (node, users) in plan.remote {
             if let Some(peer) = self.peer(node) {
                 peer.enqueue(pm::Envelope {
                     ring_epoch: epoch,
