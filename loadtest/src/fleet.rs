@@ -361,25 +361,27 @@ impl Fleet {
         debug!(user = user.0, "event stream ended");
     }
 
-    /// Reconnects a connection that dropped on its own (with backoff; a few attempts).
+    /// Reconnects a connection that dropped on its own, as a real client does: until it
+    /// works or the run stops, with jittered exponential backoff (100 ms .. 5 s), one
+    /// attempt at a time per connection.
     async fn heal(&self, i: usize, client: &Client) {
-        let mut backoff = Duration::from_millis(100 + rand::random::<u64>() % 200);
-        for _ in 0..5 {
-            if self.stopping.load(Ordering::Relaxed) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 + 1));
+            tokio::time::sleep(backoff / 2 + jitter).await;
+            if self.stopping.load(Ordering::Relaxed) || client.conn().is_ok_and(|c| c.is_open()) {
                 return;
             }
-            tokio::time::sleep(backoff).await;
-            if client.conn().is_ok_and(|c| c.is_open()) {
-                return;
+            if self.slots[i].planned.swap(true, Ordering::Relaxed) {
+                return; // another reconnect of this connection is under way
             }
-            self.slots[i].planned.store(true, Ordering::Relaxed);
             let r = client.reconnect().await;
             self.slots[i].planned.store(false, Ordering::Relaxed);
             match r {
                 Ok(()) => return,
                 Err(e) => self.note_error("heal", &e),
             }
-            backoff = (backoff * 2).min(Duration::from_secs(3));
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 

@@ -29,7 +29,7 @@ use crate::router::{Home, Router};
 /// Longest client message id accepted.
 const MAX_CLIENT_MSG_ID: usize = 64;
 /// Entries kept in the user-name cache before it is cleared (names never change).
-const NAME_CACHE_MAX: usize = 100_000;
+const NAME_CACHE_MAX: usize = 1_000_000;
 /// Bytes of the newest message's body shown in a chat-list row.
 const CHAT_LIST_PREVIEW_BYTES: usize = 512;
 
