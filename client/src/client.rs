@@ -27,6 +27,8 @@ const DEDUP_WINDOW: usize = 16_384;
 const MAX_REDIRECTS: usize = 3;
 /// How far before the newest id seen a gap fill starts, in milliseconds of Snowflake time.
 const GAP_FILL_OVERLAP_MS: u64 = 10_000;
+/// Attempts at one gap-fill page on a busy node before the fill stops.
+const GAP_FILL_ATTEMPTS: u32 = 8;
 /// Send attempts before giving up on a retryable error.
 const SEND_ATTEMPTS: u32 = 6;
 
@@ -336,6 +338,7 @@ impl Client {
         let events = self.events.clone();
         Ok(tokio::spawn(async move {
             for (chat, mut cursor) in from {
+                let mut attempt = 0u32;
                 loop {
                     let page = match conn
                         .request(client_frame::Body::History(pb::HistoryQuery {
@@ -347,6 +350,20 @@ impl Client {
                         .await
                     {
                         Ok(server_frame::Body::HistoryPage(p)) => p,
+                        // A busy node (timeout, overload, rate limit) on a live connection:
+                        // the same page again, with backoff. Giving up here would lose the
+                        // gap for good (found by the load test under overload).
+                        Err(e)
+                            if e.is_retryable()
+                                && conn.is_open()
+                                && attempt < GAP_FILL_ATTEMPTS =>
+                        {
+                            attempt += 1;
+                            debug!(error = %e, attempt, %chat, "gap fill page retried");
+                            tokio::time::sleep(Duration::from_millis(100) * 2u32.pow(attempt.min(5)))
+                                .await;
+                            continue;
+                        }
                         Ok(other) => {
                             debug!(reply = ?other, "gap fill: unexpected reply");
                             break;
@@ -362,6 +379,7 @@ impl Client {
                             return;
                         }
                     };
+                    attempt = 0;
                     for m in page.messages {
                         if events.send(Event::Message(m)).await.is_err() {
                             return;

@@ -54,3 +54,23 @@ fn a_store_from_a_newer_schema_is_refused() {
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
 }
+
+/// A write that waited longer than `max_queue_delay` for the writer is refused with
+/// `Overloaded` and not applied (so an id is never committed long after it was issued).
+#[tokio::test]
+async fn a_write_that_waited_too_long_is_refused_not_applied() {
+    use meshchat_idgen::UserId;
+    use meshchat_storage::{EmbeddedConfig, StateStore, StorageError};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cfg = EmbeddedConfig::in_dir(dir.path());
+    cfg.max_queue_delay = std::time::Duration::ZERO;
+    let store = EmbeddedStore::open(cfg).expect("open");
+    let r = store.create_user(UserId(7), "late", "hash").await;
+    assert!(matches!(r, Err(StorageError::Overloaded { .. })), "{r:?}");
+    assert!(store.user_by_id(UserId(7)).await.expect("read").is_none());
+    store.close().await;
+    // With the default bound the same write lands.
+    let store = EmbeddedStore::open_dir(dir.path()).expect("reopen");
+    store.create_user(UserId(7), "late", "hash").await.expect("create");
+    store.close().await;
+}

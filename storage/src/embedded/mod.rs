@@ -72,6 +72,13 @@ pub struct EmbeddedConfig {
     pub queue_capacity: usize,
     /// How long a write waits for room in a full queue before `Overloaded` (default 2 s).
     pub enqueue_timeout: Duration,
+    /// Longest a write may wait, from the call to the writer picking it up; an older one is
+    /// refused with `Overloaded` instead of applied (default 5 s). So a message id (issued
+    /// just before the append) is never committed more than ~5 s after it was issued: the
+    /// bound clients' gap fill relies on (it re-reads 10 s before the newest id it has). It
+    /// also sheds work whose caller has likely given up, so an overloaded node catches up
+    /// instead of committing stale requests.
+    pub max_queue_delay: Duration,
     /// Read connections (default 4).
     pub readers: usize,
     /// How long SQLite waits for another process's write lock (default 10 s).
@@ -88,6 +95,7 @@ impl EmbeddedConfig {
             max_batch: 512,
             queue_capacity: 16_384,
             enqueue_timeout: Duration::from_secs(2),
+            max_queue_delay: Duration::from_secs(5),
             readers: 4,
             busy_timeout: Duration::from_secs(10),
             durability: Durability::Full,
@@ -259,8 +267,17 @@ impl EmbeddedStore {
         F: FnOnce(&Connection) -> Result<T, StorageError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
+        let started = Instant::now();
+        let max_wait = self.config.max_queue_delay;
         let job: Job = Box::new(move |conn| {
-            let result = f(conn);
+            let waited = started.elapsed();
+            let result = if waited > max_wait {
+                Err(StorageError::Overloaded {
+                    waited_ms: waited.as_millis() as u64,
+                })
+            } else {
+                f(conn)
+            };
             let ok = result.is_ok();
             let finish: Finish = Box::new(move |commit| {
                 // The caller may have gone away; its write is durable all the same.
@@ -268,7 +285,6 @@ impl EmbeddedStore {
             });
             (ok, finish)
         });
-        let started = Instant::now();
         match self
             .jobs
             .send_timeout(job, self.config.enqueue_timeout)
