@@ -360,8 +360,10 @@ impl Client {
                         {
                             attempt += 1;
                             debug!(error = %e, attempt, %chat, "gap fill page retried");
-                            tokio::time::sleep(Duration::from_millis(100) * 2u32.pow(attempt.min(5)))
-                                .await;
+                            tokio::time::sleep(
+                                Duration::from_millis(100) * 2u32.pow(attempt.min(5)),
+                            )
+                            .await;
                             continue;
                         }
                         Ok(other) => {

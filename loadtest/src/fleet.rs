@@ -367,7 +367,8 @@ impl Fleet {
     async fn heal(&self, i: usize, client: &Client) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 + 1));
+            let jitter =
+                Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 + 1));
             tokio::time::sleep(backoff / 2 + jitter).await;
             if self.stopping.load(Ordering::Relaxed) || client.conn().is_ok_and(|c| c.is_open()) {
                 return;

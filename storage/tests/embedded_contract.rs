@@ -71,6 +71,9 @@ async fn a_write_that_waited_too_long_is_refused_not_applied() {
     store.close().await;
     // With the default bound the same write lands.
     let store = EmbeddedStore::open_dir(dir.path()).expect("reopen");
-    store.create_user(UserId(7), "late", "hash").await.expect("create");
+    store
+        .create_user(UserId(7), "late", "hash")
+        .await
+        .expect("create");
     store.close().await;
 }
