@@ -168,16 +168,6 @@ impl Fleet {
         self.errors.lock().clone()
     }
 
-    /// Number of slots.
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    /// Whether there are no slots.
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
-
     /// The user of slot `i`.
     pub fn user(&self, i: usize) -> UserId {
         self.slots[i].user
@@ -421,10 +411,5 @@ impl Fleet {
         for e in &self.endpoints {
             let _ = tokio::time::timeout(Duration::from_secs(2), e.wait_idle()).await;
         }
-    }
-
-    /// The token of slot `i` (for tests).
-    pub fn token(&self, i: usize) -> &str {
-        &self.slots[i].token
     }
 }

@@ -42,10 +42,7 @@ pub fn nonce_of(body: &[u8]) -> Option<u64> {
 /// A latency histogram in microseconds.
 pub fn histogram() -> Histogram<u64> {
     // 3 significant figures from 1 µs to 120 s: a few tens of KiB.
-    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).unwrap_or_else(|_| {
-        // Bounds are constants that hdrhistogram accepts; this arm is unreachable in practice.
-        Histogram::new(3).unwrap_or_else(|_| unreachable!("hdrhistogram rejects sigfig 3"))
-    })
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("constant bounds hdrhistogram accepts")
 }
 
 fn micros(d: Duration) -> u64 {
