@@ -20,7 +20,11 @@
 //! after it is durable, and N concurrent writers share one sync.
 //!
 //! A full queue makes the caller wait up to `enqueue_timeout`, then fail with
-//! `StorageError::Overloaded`: memory never grows with load.
+//! `StorageError::Overloaded`: memory never grows with load. A job that waited longer than
+//! `max_queue_delay` before the writer reached it is refused the same way, not applied.
+//!
+//! A checkpointer thread copies committed WAL frames back into the database (PASSIVE, every
+//! 200 ms), so checkpoints do not run inside the writer's commits.
 //!
 //! Reads run on a small pool of read-only connections via `spawn_blocking`; WAL readers see
 //! every committed write and never block the writer.
