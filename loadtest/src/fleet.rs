@@ -363,11 +363,9 @@ impl Fleet {
             if self.stopping.load(Ordering::Relaxed) || client.conn().is_ok_and(|c| c.is_open()) {
                 return;
             }
-            if self.slots[i].planned.swap(true, Ordering::Relaxed) {
+            let Some(r) = self.reconnect_once(i, client).await else {
                 return; // another reconnect of this connection is under way
-            }
-            let r = client.reconnect().await;
-            self.slots[i].planned.store(false, Ordering::Relaxed);
+            };
             match r {
                 Ok(()) => return,
                 Err(e) => self.note_error("heal", &e),
@@ -376,19 +374,31 @@ impl Fleet {
         }
     }
 
+    /// One reconnect of slot `i`, marked planned while it runs (its disconnect is no
+    /// failure); `None` if one is already under way.
+    async fn reconnect_once(
+        &self,
+        i: usize,
+        client: &Client,
+    ) -> Option<Result<(), meshchat_client::ClientError>> {
+        if self.slots[i].planned.swap(true, Ordering::Relaxed) {
+            return None;
+        }
+        let r = client.reconnect().await;
+        self.slots[i].planned.store(false, Ordering::Relaxed);
+        Some(r)
+    }
+
     /// A planned reconnect of slot `i` (the reconnect scenario): close, connect,
     /// authenticate, fill the gap. Records its time.
     pub async fn reconnect(&self, i: usize) {
         let Some(client) = self.client(i) else {
             return;
         };
-        let slot = &self.slots[i];
-        if slot.planned.swap(true, Ordering::Relaxed) {
-            return; // one already under way
-        }
         let started = Instant::now();
-        let r = client.reconnect().await;
-        slot.planned.store(false, Ordering::Relaxed);
+        let Some(r) = self.reconnect_once(i, &client).await else {
+            return; // one already under way
+        };
         match r {
             Ok(()) => {
                 self.tracker.reconnect(started.elapsed());

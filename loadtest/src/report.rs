@@ -30,12 +30,8 @@ impl Machine {
     pub fn this() -> Self {
         let memory_bytes = std::fs::read_to_string("/proc/meminfo")
             .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find_map(|l| l.strip_prefix("MemTotal:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .map_or(0, |kb| kb * 1024);
+            .and_then(|m| crate::sampler::kb_field(&m, "MemTotal:"))
+            .unwrap_or(0);
         Self {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             memory_bytes,

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::cluster::Target;
 use crate::fleet::{Fleet, FleetConfig};
 use crate::report::{Connections, Machine, Messages, NodeFigures, Reconnects, Report};
-use crate::sampler::{Sampler, Watched, proc_stat};
+use crate::sampler::{Sampler, Watched, proc_rss};
 use crate::scenario::{self, Scenario, Traffic};
 use crate::tracker::{Counters, Latency, Tracker};
 
@@ -71,7 +71,7 @@ fn bar(show: bool, len: u64) -> ProgressBar {
 }
 
 fn rss(w: &Watched) -> u64 {
-    proc_stat(w.pid).map_or(0, |s| s.rss)
+    proc_rss(w.pid).unwrap_or(0)
 }
 
 /// Runs the experiment against `target` and returns the report (also written to

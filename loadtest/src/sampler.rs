@@ -54,12 +54,15 @@ pub fn proc_stat(pid: u32) -> std::io::Result<ProcStat> {
 /// Resident set size of process `pid` in bytes, from `/proc/PID/status` (`VmRSS`).
 pub fn proc_rss(pid: u32) -> std::io::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+    kb_field(&status, "VmRSS:").ok_or_else(|| std::io::Error::other("no VmRSS line"))
+}
+
+/// The value of a `Key:   123 kB` line of a `/proc` file (`status`, `meminfo`), in bytes.
+pub fn kb_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
-        .ok_or_else(|| std::io::Error::other("no VmRSS line"))
 }
 
 /// One process's figures in a sample.

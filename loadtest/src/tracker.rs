@@ -262,11 +262,17 @@ impl Tracker {
         let _ = h.ack.record(ack);
         let _ = h.ack_interval.record(ack);
         if let Some(e2e) = done {
-            let _ = h.e2e.record(e2e);
-            let _ = h.e2e_interval.record(e2e);
-            drop(h);
-            self.ledger.remove(&nonce);
+            self.complete(h, nonce, e2e);
         }
+    }
+
+    /// Message `nonce` is acked and with every recipient: records its end-to-end time and
+    /// takes it out of the ledger (histogram lock released first).
+    fn complete(&self, mut h: parking_lot::MutexGuard<'_, Histograms>, nonce: u64, e2e: u64) {
+        let _ = h.e2e.record(e2e);
+        let _ = h.e2e_interval.record(e2e);
+        drop(h);
+        self.ledger.remove(&nonce);
     }
 
     /// The send of `nonce` failed for good (after the client's retries).
@@ -310,10 +316,7 @@ impl Tracker {
         let mut h = self.hist.lock();
         let _ = h.delivery.record(one);
         if let Some(e2e) = done {
-            let _ = h.e2e.record(e2e);
-            let _ = h.e2e_interval.record(e2e);
-            drop(h);
-            self.ledger.remove(&nonce);
+            self.complete(h, nonce, e2e);
         }
     }
 
