@@ -248,8 +248,15 @@ impl RedisMembership {
                         } = d
                         {
                             info!(epoch, ?joined, ?left, "ring changed");
-                            mesh.apply(epoch, core.ring(), &mesh_members(&core));
                         }
+                    }
+                    // Adopt every newer epoch, not only those that changed the ring: a node
+                    // whose first snapshot after a Redis restart already holds its old member
+                    // set (the others re-registered first) otherwise kept its old epoch while
+                    // the cluster moved on (seen once in CI), and an address change with
+                    // unchanged weights was never applied.
+                    if core.epoch() > mesh.current_epoch() {
+                        mesh.apply(core.epoch(), core.ring(), &mesh_members(&core));
                     }
                 }
                 Err(e) => {
