@@ -1,0 +1,361 @@
+#!/usr/bin/env bash
+# Boot a real, single-node Apache Cassandra 5.0.x for development and tests,
+# from Maven Central only (no container engine, no Apache download site).
+#
+#   cassandra.sh fetch                 resolve cassandra-all + runtime deps into the lib cache
+#   cassandra.sh start <dir> <cqlport> write config into <dir>, boot, wait until CQL is ready
+#   cassandra.sh stop  <dir>           stop the process group started by `start` (SIGTERM)
+#   cassandra.sh kill  <dir>           SIGKILL that process group (crash simulation)
+#   cassandra.sh status <dir>          exit 0 if the instance of <dir> is alive
+#
+# Ports of one instance: CQL = <cqlport>, storage (gossip) = <cqlport>+1,
+# local-only JMX = <cqlport>+2. Two instances with CQL ports at least 3 apart coexist.
+#
+# Environment:
+#   MESHCHAT_CASSANDRA_VERSION  cassandra-all version (default 5.0.8)
+#   MESHCHAT_CASSANDRA_HOME     cache root (default $HOME/.cache/meshchat-cassandra)
+#   MESHCHAT_CASSANDRA_LIB      jar dir (default $MESHCHAT_CASSANDRA_HOME/lib/<version>)
+#   MESHCHAT_CASSANDRA_JAVA     java binary (default JDK 17; Cassandra 5.0 runs on 11/17 only)
+#   MESHCHAT_CASSANDRA_HEAP     heap size for -Xms/-Xmx (default 1G)
+#   MESHCHAT_CASSANDRA_BOOT_TIMEOUT  seconds to wait for readiness (default 180)
+#   MESHCHAT_CASSANDRA_UNSAFESYSTEM  -Dcassandra.unsafesystem (default false: with true, schema
+#                               is not in the commit log and is lost on a SIGKILL)
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VERSION="${MESHCHAT_CASSANDRA_VERSION:-5.0.8}"
+CACHE="${MESHCHAT_CASSANDRA_HOME:-$HOME/.cache/meshchat-cassandra}"
+LIB="${MESHCHAT_CASSANDRA_LIB:-$CACHE/lib/$VERSION}"
+JAVA="${MESHCHAT_CASSANDRA_JAVA:-/usr/lib/jvm/java-17-openjdk-amd64/bin/java}"
+HEAP="${MESHCHAT_CASSANDRA_HEAP:-1G}"
+BOOT_TIMEOUT="${MESHCHAT_CASSANDRA_BOOT_TIMEOUT:-180}"
+UNSAFESYSTEM="${MESHCHAT_CASSANDRA_UNSAFESYSTEM:-false}"
+
+die() { echo "cassandra.sh: $*" >&2; exit 1; }
+
+now_ms() { date +%s%3N; }
+
+# ---------------------------------------------------------------- fetch
+cmd_fetch() {
+    local marker="$LIB/.fetched-$VERSION"
+    if [[ -f "$marker" ]]; then
+        echo "cassandra $VERSION already fetched in $LIB"
+        return 0
+    fi
+    command -v mvn >/dev/null || die "mvn not found (apt-get install -y maven)"
+    local t0 tmp
+    t0=$(now_ms)
+    tmp="$LIB.tmp.$$"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    echo "fetching org.apache.cassandra:cassandra-all:$VERSION and runtime deps from Maven Central ..."
+    # -Dcassandra.version overrides the property in pom.xml.
+    if ! mvn -B -q -Dstyle.color=never -f "$HERE/pom.xml" -Dcassandra.version="$VERSION" \
+        org.apache.maven.plugins:maven-dependency-plugin:3.6.1:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$tmp" >"$tmp.log" 2>&1; then
+        cat "$tmp.log" >&2
+        rm -rf "$tmp" "$tmp.log"
+        die "maven could not resolve cassandra-all $VERSION"
+    fi
+    rm -f "$tmp.log"
+    [[ -f "$tmp/cassandra-all-$VERSION.jar" ]] || { rm -rf "$tmp"; die "cassandra-all-$VERSION.jar missing after fetch"; }
+    rm -rf "$LIB"
+    mkdir -p "$(dirname "$LIB")"
+    mv "$tmp" "$LIB"
+    touch "$marker"
+    echo "fetched $(ls "$LIB"/*.jar | wc -l) jars ($(du -sh "$LIB" | cut -f1)) into $LIB in $(( ($(now_ms) - t0) ))ms"
+}
+
+# ---------------------------------------------------------------- helpers
+# Liveness is read from /proc, not `kill -0`: a JVM whose leader thread has
+# exited shows as a zombie ("Zl") while its other threads still run shutdown
+# hooks and hold ports, and a fully dead JVM can linger as a zombie until it
+# is reaped (PID 1 here reaps lazily); `kill -0` is true in both cases.
+alive() { # true while any thread of process $1 is not a zombie
+    local t st
+    [[ -d "/proc/$1" ]] || return 1
+    for t in /proc/"$1"/task/*/stat; do
+        st=$(sed 's/.*) //' "$t" 2>/dev/null | cut -d' ' -f1) || continue
+        [[ -n "$st" && "$st" != Z && "$st" != X ]] && return 0
+    done
+    return 1
+}
+
+group_alive() { # any live process left in process group $1?
+    local p
+    for p in $(ps -eo pid=,pgid= | awk -v g="$1" '$2 == g { print $1 }'); do
+        alive "$p" && return 0
+    done
+    return 1
+}
+
+pid_of() { # prints the pid from <dir>/cassandra.pid if that process is alive
+    local dir="$1" pid
+    [[ -f "$dir/cassandra.pid" ]] || return 1
+    pid=$(cat "$dir/cassandra.pid")
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    alive "$pid" || return 1
+    echo "$pid"
+}
+
+port_open() { # bash's /dev/tcp: no nc/ss needed
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+show_logs() {
+    local dir="$1"
+    echo "---- last lines of $dir/logs/system.log ----" >&2
+    tail -n 40 "$dir/logs/system.log" >&2 2>/dev/null || true
+    echo "---- last lines of $dir/logs/stdout.log ----" >&2
+    tail -n 40 "$dir/logs/stdout.log" >&2 2>/dev/null || true
+}
+
+write_yaml() {
+    local dir="$1" cql="$2" storage="$3"
+    cat >"$dir/conf/cassandra.yaml" <<EOF
+# Generated by deploy/cassandra-dev/cassandra.sh: single-node dev/test server.
+cluster_name: meshchat-dev
+num_tokens: 1
+partitioner: org.apache.cassandra.dht.Murmur3Partitioner
+endpoint_snitch: SimpleSnitch
+seed_provider:
+  - class_name: org.apache.cassandra.locator.SimpleSeedProvider
+    parameters:
+      - seeds: "127.0.0.1:$storage"
+listen_address: 127.0.0.1
+rpc_address: 127.0.0.1
+storage_port: $storage
+native_transport_port: $cql
+start_native_transport: true
+
+data_file_directories:
+  - $dir/data/data
+commitlog_directory: $dir/data/commitlog
+hints_directory: $dir/data/hints
+saved_caches_directory: $dir/data/saved_caches
+cdc_raw_directory: $dir/data/cdc_raw
+
+# An acknowledged write is fsynced to the commit log first.
+commitlog_sync: batch
+
+auto_snapshot: false
+authenticator: AllowAllAuthenticator
+authorizer: AllowAllAuthorizer
+EOF
+}
+
+write_logback() {
+    local dir="$1"
+    cat >"$dir/conf/logback.xml" <<EOF
+<configuration scan="false">
+  <shutdownHook class="ch.qos.logback.core.hook.DefaultShutdownHook"/>
+  <appender name="SYSTEMLOG" class="ch.qos.logback.core.FileAppender">
+    <filter class="ch.qos.logback.classic.filter.ThresholdFilter">
+      <level>INFO</level>
+    </filter>
+    <file>$dir/logs/system.log</file>
+    <encoder>
+      <pattern>%-5level [%thread] %date{ISO8601} %F:%L - %msg%n</pattern>
+    </encoder>
+  </appender>
+  <appender name="STDOUT" class="ch.qos.logback.core.ConsoleAppender">
+    <filter class="ch.qos.logback.classic.filter.ThresholdFilter">
+      <level>WARN</level>
+    </filter>
+    <encoder>
+      <pattern>%-5level [%thread] %date{ISO8601} %F:%L - %msg%n</pattern>
+    </encoder>
+  </appender>
+  <root level="INFO">
+    <appender-ref ref="SYSTEMLOG"/>
+    <appender-ref ref="STDOUT"/>
+  </root>
+  <logger name="org.apache.cassandra" level="INFO"/>
+</configuration>
+EOF
+}
+
+write_jvm_args() {
+    local dir="$1" jmx="$2" cp jar
+    cp=""
+    for jar in "$LIB"/*.jar; do cp="${cp:+$cp:}$jar"; done
+    # Flags from Cassandra 5.0 conf/jvm-server.options and conf/jvm17-server.options
+    # (-XX:+AlwaysPreTouch and -XX:-UseBiasedLocking dropped), plus what
+    # conf/cassandra-env.sh adds (jamm agent, JMX port).
+    cat >"$dir/conf/jvm.args" <<EOF
+-Xms$HEAP
+-Xmx$HEAP
+-ea
+-da:net.openhft...
+-XX:+UseThreadPriorities
+-XX:+HeapDumpOnOutOfMemoryError
+-XX:+ExitOnOutOfMemoryError
+-XX:HeapDumpPath=$dir/logs
+-Xss256k
+-XX:+UseTLAB
+-XX:+ResizeTLAB
+-XX:+PerfDisableSharedMem
+-Djava.net.preferIPv4Stack=true
+-XX:+UseG1GC
+-XX:+ParallelRefProcEnabled
+-XX:MaxTenuringThreshold=1
+-XX:G1HeapRegionSize=16m
+-XX:G1RSetUpdatingPauseTimePercent=5
+-XX:MaxGCPauseMillis=300
+-XX:InitiatingHeapOccupancyPercent=70
+-Djdk.attach.allowAttachSelf=true
+--add-exports=java.base/jdk.internal.misc=ALL-UNNAMED
+--add-exports=java.management.rmi/com.sun.jmx.remote.internal.rmi=ALL-UNNAMED
+--add-exports=java.rmi/sun.rmi.registry=ALL-UNNAMED
+--add-exports=java.rmi/sun.rmi.server=ALL-UNNAMED
+--add-exports=java.sql/java.sql=ALL-UNNAMED
+--add-exports=java.base/java.lang.ref=ALL-UNNAMED
+--add-exports=jdk.unsupported/sun.misc=ALL-UNNAMED
+--add-exports=jdk.compiler/com.sun.tools.javac.file=ALL-UNNAMED
+--add-exports=jdk.attach/sun.tools.attach=ALL-UNNAMED
+--add-opens=java.base/java.lang.module=ALL-UNNAMED
+--add-opens=java.base/jdk.internal.loader=ALL-UNNAMED
+--add-opens=java.base/jdk.internal.ref=ALL-UNNAMED
+--add-opens=java.base/jdk.internal.reflect=ALL-UNNAMED
+--add-opens=java.base/jdk.internal.math=ALL-UNNAMED
+--add-opens=java.base/jdk.internal.module=ALL-UNNAMED
+--add-opens=java.base/jdk.internal.util.jar=ALL-UNNAMED
+--add-opens=jdk.management/com.sun.management.internal=ALL-UNNAMED
+--add-opens=java.base/sun.nio.ch=ALL-UNNAMED
+--add-opens=java.base/java.io=ALL-UNNAMED
+--add-opens=java.base/java.lang.reflect=ALL-UNNAMED
+--add-opens=jdk.compiler/com.sun.tools.javac=ALL-UNNAMED
+--add-opens=java.base/java.lang=ALL-UNNAMED
+--add-opens=java.base/java.util=ALL-UNNAMED
+--add-opens=java.base/java.nio=ALL-UNNAMED
+-Dio.netty.tryReflectionSetAccessible=true
+-Dio.netty.allocator.useCacheForAllThreads=true
+-Dio.netty.allocator.maxOrder=11
+-javaagent:$LIB/jamm-0.4.0.jar
+-Dcassandra.jmx.local.port=$jmx
+-Dcom.sun.management.jmxremote.rmi.port=$jmx
+-Dcassandra.config=file://$dir/conf/cassandra.yaml
+-Dcassandra.storagedir=$dir/data
+-Dcassandra.logdir=$dir/logs
+-Dlogback.configurationFile=$dir/conf/logback.xml
+-Dcassandra-foreground=yes
+-Dcassandra.unsafesystem=$UNSAFESYSTEM
+-Dcassandra.skip_wait_for_gossip_to_settle=0
+-Djna.tmpdir=$dir/tmp
+-Djava.io.tmpdir=$dir/tmp
+-cp
+$cp
+org.apache.cassandra.service.CassandraDaemon
+EOF
+}
+
+# ---------------------------------------------------------------- start
+cmd_start() {
+    [[ $# -eq 2 ]] || die "usage: cassandra.sh start <dir> <cql-port>"
+    local dir="$1" cql="$2"
+    [[ "$cql" =~ ^[0-9]+$ ]] && (( cql > 0 && cql < 65533 )) || die "bad port: $cql"
+    mkdir -p "$dir"
+    dir="$(cd "$dir" && pwd)"
+    local storage=$((cql + 1)) jmx=$((cql + 2)) p
+    if pid_of "$dir" >/dev/null; then die "already running in $dir (pid $(cat "$dir/cassandra.pid"))"; fi
+    for p in "$cql" "$storage" "$jmx"; do
+        port_open "$p" && die "port $p on 127.0.0.1 is already in use"
+    done
+    [[ -x "$JAVA" ]] || die "java not found at $JAVA (Cassandra 5.0 needs JDK 11 or 17)"
+    cmd_fetch >/dev/null
+    [[ -f "$LIB/jamm-0.4.0.jar" ]] || die "jamm-0.4.0.jar missing in $LIB"
+
+    # A data dir may be reused (restart / crash-recovery tests); config is rewritten.
+    mkdir -p "$dir/conf" "$dir/logs" "$dir/tmp" "$dir/data"
+    write_yaml "$dir" "$cql" "$storage"
+    write_logback "$dir"
+    write_jvm_args "$dir" "$jmx"
+    : >"$dir/logs/system.log"
+
+    local t0 pid
+    t0=$(now_ms)
+    # setsid: the server gets its own session and process group (pgid == pid),
+    # so `stop` can signal exactly that group. The inner shell writes its own
+    # pid and execs java, so the pid file holds the JVM's pid.
+    rm -f "$dir/cassandra.pid"
+    setsid bash -c 'echo $$ >"$1/cassandra.pid"; exec "$2" "@$1/conf/jvm.args"' _ "$dir" "$JAVA" \
+        </dev/null >"$dir/logs/stdout.log" 2>&1 &
+    local i=0
+    while [[ ! -s "$dir/cassandra.pid" ]]; do
+        (( i++ < 100 )) || die "no pid file written"
+        sleep 0.05
+    done
+    pid=$(cat "$dir/cassandra.pid")
+    echo "cassandra $VERSION starting: pid $pid, cql 127.0.0.1:$cql, storage $storage, jmx $jmx, dir $dir"
+
+    local deadline=$(( $(date +%s) + BOOT_TIMEOUT ))
+    while :; do
+        if ! alive "$pid"; then
+            echo "cassandra.sh: cassandra (pid $pid) died during boot" >&2
+            show_logs "$dir"
+            exit 1
+        fi
+        if grep -q "Startup complete" "$dir/logs/system.log" 2>/dev/null && port_open "$cql"; then
+            break
+        fi
+        if (( $(date +%s) >= deadline )); then
+            echo "cassandra.sh: cassandra (pid $pid) not ready after ${BOOT_TIMEOUT}s; stopping it" >&2
+            show_logs "$dir"
+            cmd_stop "$dir" >&2 || true
+            exit 1
+        fi
+        sleep 0.2
+    done
+    local ms=$(( $(now_ms) - t0 ))
+    echo "cassandra ready on 127.0.0.1:$cql after ${ms}ms (boot time $((ms / 1000)).$(printf '%03d' $((ms % 1000)))s)"
+}
+
+# ---------------------------------------------------------------- stop / kill
+# stop: SIGTERM (Cassandra's shutdown hook drains), SIGKILL after 30 s.
+# kill: SIGKILL at once, to simulate a crash (restart with `start` on the same
+#       dir replays the commit log).
+stop_group() {
+    local dir="$1" sig="$2" pid pgid hwm
+    pid=$(pid_of "$dir") || { echo "cassandra not running in $dir"; rm -f "$dir/cassandra.pid"; return 0; }
+    pgid=$(ps -o pgid= -p "$pid" | tr -d ' ')
+    [[ "$pgid" == "$pid" ]] || die "pid $pid is not the leader of its process group ($pgid); refusing to signal"
+    hwm=$(awk '/VmHWM/ {print $2 " " $3}' "/proc/$pid/status" 2>/dev/null || true)
+    echo "sending SIG$sig to cassandra process group $pgid (peak RSS ${hwm:-unknown})"
+    kill -"$sig" -- "-$pgid" 2>/dev/null || true
+    local i=0
+    while group_alive "$pgid"; do
+        if (( i == 300 )) && [[ "$sig" != KILL ]]; then
+            echo "cassandra did not exit 30s after SIG$sig; sending SIGKILL" >&2
+            kill -KILL -- "-$pgid" 2>/dev/null || true
+        fi
+        (( i++ < 600 )) || die "process group $pgid still alive after 60s"
+        sleep 0.1
+    done
+    rm -f "$dir/cassandra.pid"
+    echo "cassandra stopped after $((i / 10)).$((i % 10))s"
+}
+
+cmd_stop() {
+    [[ $# -eq 1 ]] || die "usage: cassandra.sh stop <dir>"
+    stop_group "$1" TERM
+}
+
+cmd_kill() {
+    [[ $# -eq 1 ]] || die "usage: cassandra.sh kill <dir>"
+    stop_group "$1" KILL
+}
+
+cmd_status() {
+    [[ $# -eq 1 ]] || die "usage: cassandra.sh status <dir>"
+    local pid
+    if pid=$(pid_of "$1"); then echo "running: pid $pid"; else echo "not running"; return 1; fi
+}
+
+case "${1:-}" in
+    fetch) shift; cmd_fetch "$@" ;;
+    start) shift; cmd_start "$@" ;;
+    stop) shift; cmd_stop "$@" ;;
+    kill) shift; cmd_kill "$@" ;;
+    status) shift; cmd_status "$@" ;;
+    *) echo "usage: $0 {fetch|start <dir> <cql-port>|stop <dir>|kill <dir>|status <dir>}" >&2; exit 2 ;;
+esac
