@@ -25,6 +25,15 @@
 //! - **An unreachable source is not an empty cluster.** On [`Event::SourceDown`] the core keeps
 //!   its last ring and says so once per outage ([`Decision::KeepServing`]); it catches up when
 //!   snapshots arrive again.
+//! - **...but only while the lease lasts.** A node whose worker id and registration are leased
+//!   from the source ([`Membership::with_lease`]) holds them until `sent_at + ttl - margin` of
+//!   its last successful round ([`Event::LeaseRound`]), on its own monotonic clock. `sent_at`
+//!   is taken *before* the round is sent, so the source's own expiry (which starts when it
+//!   executes the round, later) is never earlier than the node's. Past that instant the node
+//!   is **fenced** ([`Decision::Fenced`]): the source may already have expired its registration
+//!   (its users re-homed elsewhere) and granted its worker id to another process, so it must
+//!   stop issuing ids, stop serving clients and report not-ready until a round succeeds again
+//!   ([`Decision::Unfenced`]). A static cluster has no lease and is never fenced.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -88,9 +97,19 @@ pub enum Event {
         /// The driver's clock, in ms.
         now_ms: u64,
     },
-    /// A timer tick. No rule of the core is time-based today (member expiry is the source's
-    /// TTL), so ticks yield nothing; drivers send them anyway so a time-based rule can be added
-    /// without changing every driver.
+    /// A round with the source succeeded: it began (was sent) at `sent_at_ms` and ended at
+    /// `now_ms`; `held` says whether the worker-id lease is ours (false: another process
+    /// holds it). Both on the driver's monotonic clock.
+    LeaseRound {
+        /// When the round was sent (before the source could have applied it).
+        sent_at_ms: u64,
+        /// When its answer arrived.
+        now_ms: u64,
+        /// Whether the source says the worker-id lease is this process's.
+        held: bool,
+    },
+    /// A timer tick: fences a node whose lease ran out (drivers tick at least once per
+    /// heartbeat; the id gate itself checks the deadline on every id).
     Tick {
         /// The driver's clock, in ms.
         now_ms: u64,
@@ -118,6 +137,39 @@ pub enum Decision {
         /// The epoch of the ring being kept.
         epoch: u64,
     },
+    /// The lease ran out (or is held by another process): stop issuing ids, close or redirect
+    /// clients, report not-ready. Emitted once per fenced period.
+    Fenced {
+        /// The epoch of the last ring this node knew.
+        epoch: u64,
+    },
+    /// The lease is held again: serve.
+    Unfenced {
+        /// The current epoch.
+        epoch: u64,
+    },
+}
+
+/// Lease timings of a node whose worker id and registration the source leases out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// The TTL the source puts on the registration and the worker-id lease, in ms.
+    pub ttl_ms: u64,
+    /// Safety margin taken off the TTL, in ms: covers clock-rate differences between the node
+    /// and the source over one TTL (a few ppm in practice), and the gap between a fence
+    /// decision and its last effects. Keep it well above the driver's tick.
+    pub margin_ms: u64,
+}
+
+impl LeaseConfig {
+    /// A lease of `ttl_ms` with the default margin: a tenth of the TTL, at least 100 ms (and
+    /// never the whole TTL).
+    pub fn new(ttl_ms: u64) -> Self {
+        Self {
+            ttl_ms,
+            margin_ms: (ttl_ms / 10).max(100).min(ttl_ms / 2),
+        }
+    }
 }
 
 /// The membership core of one node: the member set, its epoch and the ring built from it.
@@ -131,6 +183,12 @@ pub struct Membership {
     ring: Arc<Ring>,
     /// When the current outage began (its first `SourceDown`); `None` while the source is up.
     outage_since_ms: Option<u64>,
+    /// `None`: a static cluster, never fenced.
+    lease: Option<LeaseConfig>,
+    /// Until when (driver's monotonic ms, exclusive) the lease is ours; 0: not held.
+    lease_valid_until_ms: u64,
+    /// Whether the node is fenced (a leased node starts fenced, silently: it has not served).
+    fenced: bool,
 }
 
 impl Membership {
@@ -144,6 +202,20 @@ impl Membership {
             ring_weights: BTreeMap::new(),
             ring: Arc::new(empty_ring()),
             outage_since_ms: None,
+            lease: None,
+            lease_valid_until_ms: 0,
+            fenced: false,
+        }
+    }
+
+    /// The core of node `me` whose worker id and registration are leased from the source:
+    /// fenced until its first successful [`Event::LeaseRound`], and again whenever the lease
+    /// runs out.
+    pub fn with_lease(me: NodeId, lease: LeaseConfig) -> Self {
+        Self {
+            lease: Some(lease),
+            fenced: true,
+            ..Self::new(me)
         }
     }
 
@@ -162,18 +234,72 @@ impl Membership {
         match ev {
             Event::Snapshot(snapshot) => self.on_snapshot(snapshot).into_iter().collect(),
             Event::SourceDown { now_ms } => {
-                if self.outage_since_ms.is_some() {
-                    return Vec::new();
+                let mut out = Vec::new();
+                if self.outage_since_ms.is_none() {
+                    self.outage_since_ms = Some(now_ms);
+                    out.push(Decision::KeepServing { epoch: self.epoch });
                 }
-                self.outage_since_ms = Some(now_ms);
-                vec![Decision::KeepServing { epoch: self.epoch }]
+                out.extend(self.check_lease(now_ms));
+                out
             }
             Event::SourceUp { .. } => {
                 self.outage_since_ms = None;
                 Vec::new()
             }
-            Event::Tick { .. } => Vec::new(),
+            Event::LeaseRound {
+                sent_at_ms,
+                now_ms,
+                held,
+            } => {
+                if let Some(lease) = self.lease {
+                    self.lease_valid_until_ms = if held {
+                        // Rounds may finish out of order; a later-sent one never shortens it.
+                        (sent_at_ms + lease.ttl_ms.saturating_sub(lease.margin_ms))
+                            .max(self.lease_valid_until_ms)
+                    } else {
+                        0 // another process holds it: stop now
+                    };
+                }
+                self.check_lease(now_ms).into_iter().collect()
+            }
+            Event::Tick { now_ms } => self.check_lease(now_ms).into_iter().collect(),
         }
+    }
+
+    /// Fences or unfences on a change of [`Self::may_serve`] at `now_ms`.
+    fn check_lease(&mut self, now_ms: u64) -> Option<Decision> {
+        let fenced = !self.may_serve(now_ms);
+        if fenced == self.fenced {
+            return None;
+        }
+        self.fenced = fenced;
+        Some(if fenced {
+            Decision::Fenced { epoch: self.epoch }
+        } else {
+            Decision::Unfenced { epoch: self.epoch }
+        })
+    }
+
+    /// Whether this node may issue ids and serve clients at `now_ms`: always in a static
+    /// cluster, else while its lease lasts. Answers from the clock, not from the last
+    /// decision, so a stalled driver cannot extend a lease.
+    pub fn may_serve(&self, now_ms: u64) -> bool {
+        self.lease.is_none() || now_ms < self.lease_valid_until_ms
+    }
+
+    /// Until when (exclusive, driver's monotonic ms) this node may issue ids; `u64::MAX`
+    /// without a lease. Drivers copy it into the id gate after every event.
+    pub fn lease_valid_until_ms(&self) -> u64 {
+        if self.lease.is_none() {
+            u64::MAX
+        } else {
+            self.lease_valid_until_ms
+        }
+    }
+
+    /// Whether the last decision fenced this node.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced
     }
 
     fn on_snapshot(&mut self, snapshot: Snapshot) -> Option<Decision> {

@@ -17,16 +17,23 @@
 //! - A node's driver reports [`Event::SourceDown`] on every failed heartbeat and
 //!   [`Event::SourceUp`] on the first successful one after, as the real driver will.
 //!
+//! - The source also leases Snowflake worker ids (`SET NX PX ttl` with a per-process token);
+//!   every successful heartbeat renews the node's lease and feeds [`Event::LeaseRound`].
+//!
 //! The harness checks the core's invariants on every event (epochs never go back, ignored
-//! snapshots yield nothing, a `RingChanged` matches the ring it announces) and logs decisions
-//! and ignored snapshots per node for the tests to assert on.
+//! snapshots yield nothing, a `RingChanged` matches the ring it announces) and after every
+//! step the fencing invariant: a live node that may serve holds its worker-id lease at the
+//! source right now, so no two processes ever issue ids with one worker id. It logs
+//! decisions and ignored snapshots per node for the tests to assert on.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use meshchat_idgen::{NodeId, UserId};
 
-use crate::membership::{Decision, Event, Member, MemberState, Membership, Snapshot, moved_away};
+use crate::membership::{
+    Decision, Event, LeaseConfig, Member, MemberState, Membership, Snapshot, moved_away,
+};
 use crate::ring::{Ring, mix};
 
 /// Timings of a simulation, in simulated ms.
@@ -68,6 +75,8 @@ struct Source {
     entries: BTreeMap<NodeId, (Member, u64)>,
     /// (time, node) of every expiry, for the tests.
     expired: Vec<(u64, NodeId)>,
+    /// Worker-id leases: worker -> (holder's process token, expiry).
+    leases: BTreeMap<u16, (usize, u64)>,
 }
 
 impl Source {
@@ -77,7 +86,26 @@ impl Source {
             epoch: 0,
             entries: BTreeMap::new(),
             expired: Vec::new(),
+            leases: BTreeMap::new(),
         }
+    }
+
+    /// The lease script: take `worker` if free or expired, renew it if `token` holds it.
+    fn lease(&mut self, now: u64, worker: u16, token: usize) -> bool {
+        match self.leases.get(&worker) {
+            Some(&(holder, expires)) if holder != token && expires > now => false,
+            _ => {
+                self.leases.insert(worker, (token, now + self.ttl_ms));
+                true
+            }
+        }
+    }
+
+    /// Whether `token` holds `worker`'s lease at `now`.
+    fn holds(&self, now: u64, worker: u16, token: usize) -> bool {
+        self.leases
+            .get(&worker)
+            .is_some_and(|&(holder, expires)| holder == token && expires > now)
     }
 
     /// Writes `m`'s entry with a fresh TTL (`SET node:<id> ... EX ttl`). Returns whether the
@@ -220,6 +248,8 @@ struct Node {
     core: Membership,
     /// What it registers.
     me: Member,
+    /// Its Snowflake worker id; its process token is its index.
+    worker: u16,
     /// False once killed: no heartbeats, no deliveries, a frozen core.
     alive: bool,
     next_heartbeat: u64,
@@ -237,7 +267,7 @@ impl Node {
             .iter()
             .filter_map(|(_, d)| match d {
                 Decision::KeepServing { epoch } => Some(*epoch),
-                Decision::RingChanged { .. } => None,
+                _ => None,
             })
             .collect()
     }
@@ -251,7 +281,7 @@ impl Node {
                     joined,
                     left,
                 } => Some((*epoch, joined.clone(), left.clone())),
-                Decision::KeepServing { .. } => None,
+                _ => None,
             })
             .collect()
     }
@@ -280,11 +310,19 @@ impl Sim {
         }
     }
 
-    /// Starts node `id` with `weight`; it registers at once. Returns its index.
+    /// Starts node `id` with `weight` (worker id = `id`); it registers at once. Returns its
+    /// index.
     fn add_node(&mut self, id: u32, weight: u32) -> usize {
+        self.add_process(id, weight, id as u16)
+    }
+
+    /// Starts a process as node `id` with worker id `worker` (another process may claim the
+    /// same id or worker: a misconfiguration or a restart racing its predecessor).
+    fn add_process(&mut self, id: u32, weight: u32, worker: u16) -> usize {
         let i = self.nodes.len();
         self.nodes.push(Node {
-            core: Membership::new(NodeId(id)),
+            core: Membership::with_lease(NodeId(id), LeaseConfig::new(self.cfg.ttl_ms)),
+            worker,
             me: Member {
                 id: NodeId(id),
                 mesh_addr: format!("10.0.0.{id}:7100"),
@@ -418,8 +456,44 @@ impl Sim {
         }
         self.nodes[i].last_heartbeat = now;
         let me = self.nodes[i].me.clone();
-        if self.source.heartbeat(now, &me) {
+        let changed = self.source.heartbeat(now, &me);
+        let held = self.source.lease(now, self.nodes[i].worker, i);
+        self.feed(
+            i,
+            Event::LeaseRound {
+                sent_at_ms: now,
+                now_ms: now,
+                held,
+            },
+        );
+        if changed {
             self.publish();
+        }
+    }
+
+    /// Live nodes that may serve (issue ids) now.
+    fn serving(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].alive && self.core(i).may_serve(self.now))
+            .collect()
+    }
+
+    /// Fencing: a live node that may serve holds its worker-id lease at the source now, and
+    /// its decisions agree with its clock.
+    fn check_fencing(&self) {
+        for i in self.serving() {
+            let n = &self.nodes[i];
+            assert!(
+                self.source.holds(self.now, n.worker, i),
+                "t={}: node {i} serves without holding worker {}",
+                self.now,
+                n.worker
+            );
+            assert!(
+                !n.core.is_fenced(),
+                "t={}: node {i} serving but fenced",
+                self.now
+            );
         }
     }
 
@@ -454,6 +528,7 @@ impl Sim {
                 self.feed(i, Event::Tick { now_ms: now });
             }
         }
+        self.check_fencing();
     }
 
     fn run_for(&mut self, ms: u64) {
@@ -910,4 +985,83 @@ fn random_faults_always_converge() {
         );
     }
     assert!(stale > 0, "jitter reordered some deliveries");
+}
+
+/// The times at which node `i` was fenced and unfenced, in order.
+fn fence_log(sim: &Sim, i: usize) -> Vec<(u64, bool)> {
+    sim.nodes[i]
+        .decisions
+        .iter()
+        .filter_map(|(t, d)| match d {
+            Decision::Fenced { .. } => Some((*t, true)),
+            Decision::Unfenced { .. } => Some((*t, false)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_partitioned_node_fences_itself_before_its_worker_id_can_be_taken() {
+    let cfg = Config::default();
+    let mut sim = five_nodes(cfg);
+    let p = 2;
+    let worker = sim.nodes[p].worker;
+    let log = fence_log(&sim, p);
+    assert!(
+        log.len() == 1 && !log[0].1,
+        "serving since its first round: {log:?}"
+    );
+
+    // Cut it off, and start a second process configured with the same worker id (a
+    // replacement started while the old one is only unreachable).
+    let cut_at = sim.now;
+    sim.partition(p);
+    let twin = sim.add_process(9, 1, worker);
+    assert!(
+        !sim.core(twin).may_serve(sim.now),
+        "the lease is still held"
+    );
+    assert!(sim.run_until(10_000, |s| s.core(twin).may_serve(s.now)));
+    let twin_from = sim.now;
+
+    let log = fence_log(&sim, p);
+    assert_eq!(log.len(), 2, "{log:?}");
+    let fenced_at = log[1].0;
+    assert!(log[1].1, "fenced");
+    assert!(
+        fenced_at < twin_from,
+        "fenced at {fenced_at}, the twin took the worker at {twin_from}"
+    );
+    // Within one TTL of its last good round (heartbeats are 1 s apart).
+    assert!(fenced_at <= cut_at + cfg.ttl_ms, "fenced at {fenced_at}");
+    // Its last ring is kept (KeepServing), but it may not serve on it.
+    assert!(sim.core(p).is_fenced());
+
+    // Healed, it stays fenced: the twin holds the worker now.
+    sim.heal(p);
+    sim.run_for(3 * cfg.ttl_ms);
+    assert!(sim.core(p).is_fenced());
+    assert_eq!(fence_log(&sim, p).len(), 2);
+
+    // The twin dies: the worker id comes back to it after the twin's lease expires.
+    sim.kill(twin);
+    assert!(sim.run_until(2 * cfg.ttl_ms, |s| !s.core(p).is_fenced()));
+    assert!(sim.now >= twin_from + cfg.ttl_ms - cfg.heartbeat_ms);
+}
+
+#[test]
+fn two_processes_with_one_node_id_never_serve_together() {
+    let cfg = Config::default();
+    let mut sim = Sim::new(cfg);
+    let first = sim.add_node(1, 1);
+    sim.add_node(2, 1);
+    // A restart of node 1 that races its predecessor (same node id, same worker id).
+    let second = sim.add_process(1, 1, 1);
+    sim.run_for(2 * cfg.ttl_ms);
+    assert!(sim.core(first).may_serve(sim.now));
+    assert!(sim.core(second).is_fenced(), "never held the lease");
+    assert!(fence_log(&sim, second).is_empty(), "it never served");
+
+    sim.kill(first);
+    assert!(sim.run_until(2 * cfg.ttl_ms, |s| s.core(second).may_serve(s.now)));
 }

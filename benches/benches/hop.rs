@@ -103,6 +103,7 @@ fn mesh_hop(rt: &tokio::runtime::Runtime) -> MeshHop {
             mesh_addr: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
             client_addr: format!("127.0.0.1:{}", free_port()),
             weight: 1,
+            worker_id: None,
         })
         .collect();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);

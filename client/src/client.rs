@@ -31,6 +31,12 @@ const GAP_FILL_OVERLAP_MS: u64 = 10_000;
 const GAP_FILL_ATTEMPTS: u32 = 8;
 /// Send attempts before giving up on a retryable error.
 const SEND_ATTEMPTS: u32 = 6;
+/// How long a node that failed to answer is passed over by a failover (and a redirect to it
+/// is not followed): about two membership TTLs, by which time the ring has dropped a dead
+/// node and redirects point at its successor.
+const SUSPECT_FOR: Duration = Duration::from_secs(10);
+/// How long one failover keeps trying before it reports the last error.
+const FAILOVER_FOR: Duration = Duration::from_secs(60);
 
 /// Who this client is logged in as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +120,16 @@ pub struct Client {
     seen: Arc<Mutex<Seen>>,
     session: Mutex<Option<Session>>,
     hello: Mutex<Option<pb::HelloOk>>,
+    /// Nodes to fail over to: the seeds, then the cluster's members once learned.
+    known: Mutex<Vec<String>>,
+    /// Whether the cluster's members were learned (once per client).
+    learned: std::sync::atomic::AtomicBool,
+    /// Nodes that failed to answer, and since when.
+    suspects: Mutex<HashMap<String, std::time::Instant>>,
+    /// One failover at a time (the supervisor and a send may both notice a dead node).
+    failing_over: tokio::sync::Mutex<()>,
+    /// Set by [`Client::close`]: the supervisor stops.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 fn random_id() -> String {
@@ -151,6 +167,9 @@ impl Client {
     ) -> Result<(Self, Events), ClientError> {
         let (tx, rx) = mpsc::channel(opts.event_buffer.max(1));
         let seen = Arc::new(Mutex::new(Seen::default()));
+        let mut known = vec![server.to_owned()];
+        known.extend(opts.seeds.iter().cloned());
+        known.dedup();
         let client = Self {
             endpoint,
             opts,
@@ -160,6 +179,11 @@ impl Client {
             seen: seen.clone(),
             session: Mutex::new(None),
             hello: Mutex::new(None),
+            known: Mutex::new(known),
+            learned: std::sync::atomic::AtomicBool::new(false),
+            suspects: Mutex::new(HashMap::new()),
+            failing_over: tokio::sync::Mutex::new(()),
+            closing: std::sync::atomic::AtomicBool::new(false),
         };
         client.open().await?;
         Ok((client, Events { rx, seen }))
@@ -234,10 +258,19 @@ impl Client {
                         expires_unix_ms: ok.expires_unix_ms,
                     };
                     *self.session.lock() = Some(s.clone());
+                    self.learn_members().await;
                     return Ok(s);
                 }
                 server_frame::Body::Redirect(r) => {
                     debug!(to = %r.address, epoch = r.ring_epoch, "redirected");
+                    if self.is_suspect(&r.address) {
+                        // The ring has not dropped a node that just failed to answer: come
+                        // back through another node once it has.
+                        return Err(ClientError::Connect(format!(
+                            "redirected to {}, which did not answer recently",
+                            r.address
+                        )));
+                    }
                     if let Ok(c) = self.conn() {
                         c.close();
                     }
@@ -316,6 +349,159 @@ impl Client {
         }
         *self.server.lock() = r.address.clone();
         self.reconnect().await
+    }
+
+    /// Learns the cluster's client addresses once, for failover (best effort).
+    async fn learn_members(&self) {
+        use std::sync::atomic::Ordering;
+        if self.learned.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        match self.cluster().await {
+            Ok(info) => {
+                let mut known = self.known.lock();
+                for m in info.members {
+                    if !m.address.is_empty() && !known.contains(&m.address) {
+                        known.push(m.address);
+                    }
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, "cluster members not learned");
+                self.learned.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn suspect(&self, server: &str) {
+        self.suspects
+            .lock()
+            .insert(server.to_owned(), std::time::Instant::now());
+    }
+
+    fn is_suspect(&self, server: &str) -> bool {
+        let mut suspects = self.suspects.lock();
+        suspects.retain(|_, since| since.elapsed() < SUSPECT_FOR);
+        suspects.contains_key(server)
+    }
+
+    /// Nodes to try, in order: every known node not suspected, or every known node if all
+    /// are.
+    fn candidates(&self) -> Vec<String> {
+        let known = self.known.lock().clone();
+        let fresh: Vec<String> = known
+            .iter()
+            .filter(|s| !self.is_suspect(s))
+            .cloned()
+            .collect();
+        if fresh.is_empty() { known } else { fresh }
+    }
+
+    /// Re-homes this session after its connection failed: passes over the node that failed,
+    /// tries every other known node (seeds and the members learned at login) with jittered
+    /// backoff until one authenticates the session (redirecting it to its home on the current
+    /// ring, never back to a node that just failed to answer), then fills the gap from
+    /// history. Gives up after a minute, or at once on an error no retry can fix (an expired
+    /// token). Concurrent calls share one failover.
+    pub async fn failover(&self) -> Result<(), ClientError> {
+        let before = self.conn().ok();
+        let _one = self.failing_over.lock().await;
+        if let Ok(now) = self.conn()
+            && now.is_open()
+            && !before.as_ref().is_some_and(|b| Arc::ptr_eq(b, &now))
+        {
+            return Ok(()); // another caller already failed over
+        }
+        let token = self
+            .session
+            .lock()
+            .as_ref()
+            .map(|s| s.token.clone())
+            .ok_or(ClientError::NotLoggedIn)?;
+        if let Some(c) = before {
+            c.close();
+        }
+        self.suspect(&self.server());
+        let deadline = std::time::Instant::now() + FAILOVER_FOR;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut last = ClientError::Connect("no node to fail over to".into());
+            for server in self.candidates() {
+                *self.server.lock() = server.clone();
+                let attempt = async {
+                    self.open().await?;
+                    self.authenticate(&token).await
+                };
+                match attempt.await {
+                    Ok(_) => {
+                        debug!(%server, "failed over");
+                        return self.fill_gaps().await.map(drop);
+                    }
+                    Err(e) if e.is_retryable() => {
+                        debug!(%server, error = %e, "failover candidate failed");
+                        if matches!(e, ClientError::Connect(_) | ClientError::Timeout)
+                            || e.code() == Some(ErrorCode::Unavailable)
+                        {
+                            // Only this node, not the one it redirected to.
+                            if !self.is_suspect(&self.server()) || self.server() == server {
+                                self.suspect(&self.server());
+                            }
+                        }
+                        if let Ok(c) = self.conn() {
+                            c.close();
+                        }
+                        last = e;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(last);
+            }
+            let jitter = Duration::from_millis(rand::random::<u64>() % 100);
+            tokio::time::sleep(backoff + jitter).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Keeps this session connected in the background: whenever its connection ends (the
+    /// node died, was declared dead by the liveness check, fenced itself or shut down) it
+    /// fails over ([`Client::failover`]). Stops when the client is closed or dropped, or
+    /// when the session cannot be restored (an expired token).
+    pub fn supervise(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        use std::sync::atomic::Ordering;
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let conn = match weak.upgrade().map(|c| c.conn()) {
+                    Some(Ok(c)) => c,
+                    Some(Err(_)) => {
+                        // Between connections: a failover is running elsewhere, or failed.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    None => return,
+                };
+                conn.closed().await;
+                let Some(client) = weak.upgrade() else { return };
+                if client.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Ok(now) = client.conn()
+                    && !Arc::ptr_eq(&now, &conn)
+                {
+                    continue; // replaced (a redirect followed, a reconnect)
+                }
+                match client.failover().await {
+                    Ok(()) => {}
+                    Err(e) if e.is_retryable() => debug!(error = %e, "failover failed; retrying"),
+                    Err(e) => {
+                        debug!(error = %e, "session cannot be restored; supervisor stops");
+                        return;
+                    }
+                }
+            }
+        })
     }
 
     /// Reads every chat forward from its cursor and feeds what it finds to [`Events`]. The
@@ -430,7 +616,7 @@ impl Client {
             }
             let conn = match self.conn() {
                 Ok(c) if c.is_open() => c,
-                _ => match self.reconnect().await {
+                _ => match self.failover().await {
                     Ok(()) => self.conn()?,
                     Err(e) if e.is_retryable() => {
                         last = e;
@@ -452,7 +638,9 @@ impl Client {
                     // on the same connection (the node drops the duplicate). Reconnecting
                     // would add a TLS handshake to a node that is already behind, and with
                     // many clients doing it at once a slow node became a reconnect storm
-                    // (load test, 100k connections). QUIC's idle timeout finds dead links.
+                    // (load test, 100k connections). A dead node is found by the liveness check
+                    // (`ConnectOptions::liveness_timeout`), which closes the connection: the
+                    // next attempt then fails over.
                     if matches!(e, ClientError::Disconnected(_)) {
                         conn.close();
                     }
@@ -678,8 +866,10 @@ impl Client {
         }
     }
 
-    /// Closes the connection.
+    /// Closes the connection (and stops a supervisor).
     pub fn close(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Ok(c) = self.conn() {
             c.close();
         }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -77,8 +77,23 @@ pub struct ConnectOptions {
     pub event_buffer: usize,
     /// Largest frame accepted from the node.
     pub max_frame: usize,
-    /// QUIC keep-alive interval (must be well below the idle timeout).
+    /// QUIC keep-alive interval (must be well below the idle timeout). It is also how soon an
+    /// idle client learns that its node died: a keep-alive that the node does not
+    /// acknowledge within [`Self::liveness_timeout`] ends the connection (default 5 s; a node
+    /// answers each with one ACK, ~0.2 packets/s per idle client).
     pub keep_alive: Duration,
+    /// How long the node may stay completely silent (not even a transport ACK) after this
+    /// client sent it something that needs an answer, before the connection is declared
+    /// dead and closed (default 3 s). ACKs come from the node's QUIC stack, not from its
+    /// request handlers, so a node that is slow to answer requests but alive is not taken
+    /// for dead: only a dead process, host or path is.
+    pub liveness_timeout: Duration,
+    /// Bound on one connection attempt (QUIC handshake plus the protocol stream; default 3 s):
+    /// a dead node must not hold a failover for the whole idle timeout.
+    pub connect_timeout: Duration,
+    /// Other nodes to try when the current one is unreachable (`host:port`); the client also
+    /// learns the cluster's members after it logs in.
+    pub seeds: Vec<String>,
     /// QUIC idle timeout this client offers (the connection uses the smaller of this and
     /// the node's). quinn's default is 30 s, which left a 20 s keep-alive one late packet
     /// from a timeout on a busy host (load test: 1.7k idle-timeout drops at 100k
@@ -96,7 +111,10 @@ impl ConnectOptions {
             request_timeout: Duration::from_secs(15),
             event_buffer: 1024,
             max_frame: 1 << 20,
-            keep_alive: Duration::from_secs(15),
+            keep_alive: Duration::from_secs(5),
+            liveness_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(3),
+            seeds: Vec::new(),
             idle_timeout: Duration::from_secs(60),
             stream_receive_window: 256 * 1024,
         }
@@ -201,15 +219,26 @@ impl Conn {
         events: mpsc::Sender<Event>,
     ) -> Result<Arc<Self>, ClientError> {
         let (addr, name) = resolve(server)?;
-        let conn = endpoint
+        let connecting = endpoint
             .connect(addr, &name)
-            .map_err(|e| ClientError::Connect(e.to_string()))?
-            .await
             .map_err(|e| ClientError::Connect(e.to_string()))?;
-        let (send, recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let (conn, (send, recv)) = tokio::time::timeout(opts.connect_timeout, async {
+            let conn = connecting
+                .await
+                .map_err(|e| ClientError::Connect(e.to_string()))?;
+            let streams = conn
+                .open_bi()
+                .await
+                .map_err(|e| ClientError::Connect(e.to_string()))?;
+            Ok::<_, ClientError>((conn, streams))
+        })
+        .await
+        .map_err(|_| {
+            ClientError::Connect(format!(
+                "{server}: no answer within {:?}",
+                opts.connect_timeout
+            ))
+        })??;
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let this = Arc::new(Self {
             conn: conn.clone(),
@@ -219,8 +248,19 @@ impl Conn {
             timeout: opts.request_timeout,
             max_frame: opts.max_frame,
         });
-        tokio::spawn(read_loop(conn, recv, pending, events, opts.max_frame));
+        let dead = Arc::new(AtomicBool::new(false));
+        tokio::spawn(watch_liveness(
+            conn.clone(),
+            opts.liveness_timeout,
+            dead.clone(),
+        ));
+        tokio::spawn(read_loop(conn, recv, pending, events, opts.max_frame, dead));
         Ok(this)
+    }
+
+    /// Resolves when the connection is closed (by either side, or found dead).
+    pub async fn closed(&self) {
+        self.conn.closed().await;
     }
 
     /// Whether the connection is still open.
@@ -314,12 +354,53 @@ impl Conn {
     }
 }
 
+/// The `Disconnected` reason after [`watch_liveness`] closed the connection.
+const DEAD_REASON: &str = "node silent: declared dead by the liveness check";
+
+/// Ack-eliciting frames this side has sent (what the node must acknowledge).
+fn eliciting_sent(s: &quinn::ConnectionStats) -> u64 {
+    let f = &s.frame_tx;
+    f.stream + f.ping + f.max_data + f.max_stream_data
+}
+
+/// Closes `conn` when the node stays silent for `timeout` after this side sent it an
+/// ack-eliciting frame (a request, or a keep-alive PING). Checks four times per timeout; a
+/// datagram of any kind from the node (an ACK suffices) proves it alive.
+async fn watch_liveness(conn: quinn::Connection, timeout: Duration, dead: Arc<AtomicBool>) {
+    let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(50)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let s = conn.stats();
+    let (mut rx, mut sent) = (s.udp_rx.datagrams, eliciting_sent(&s));
+    let mut waiting_since: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return,
+            _ = tick.tick() => {}
+        }
+        let s = conn.stats();
+        let (now_rx, now_sent) = (s.udp_rx.datagrams, eliciting_sent(&s));
+        if now_rx != rx {
+            waiting_since = None;
+        } else if now_sent != sent && waiting_since.is_none() {
+            waiting_since = Some(tokio::time::Instant::now());
+        }
+        (rx, sent) = (now_rx, now_sent);
+        if waiting_since.is_some_and(|t| t.elapsed() >= timeout) {
+            debug!(remote = %conn.remote_address(), "node silent; closing the connection");
+            dead.store(true, Ordering::SeqCst);
+            conn.close(0u32.into(), DEAD_REASON.as_bytes());
+            return;
+        }
+    }
+}
+
 async fn read_loop(
     conn: quinn::Connection,
     recv: quinn::RecvStream,
     pending: Pending,
     events: mpsc::Sender<Event>,
     max_frame: usize,
+    dead: Arc<AtomicBool>,
 ) {
     let mut reader = FramedRead::new(recv, FrameCodec::<ServerFrame, ClientFrame>::new(max_frame));
     let mut next_seq = 1u64;
@@ -385,6 +466,10 @@ async fn read_loop(
             a.error_code.into_inner(),
             String::from_utf8_lossy(&a.reason).into_owned(),
         ),
+        Some(quinn::ConnectionError::LocallyClosed) if dead.load(Ordering::SeqCst) => {
+            (0, DEAD_REASON.into())
+        }
+        Some(quinn::ConnectionError::LocallyClosed) => (0, "closed by this client".into()),
         Some(other) => (0, other.to_string()),
         None => (0, "stream ended".into()),
     };

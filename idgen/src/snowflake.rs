@@ -229,6 +229,28 @@ impl<C: Clock> Generator<C> {
         }
     }
 
+    /// Makes every later id's timestamp exceed `unix_ms` (never lowers the floor). A new
+    /// holder of a worker id calls it with the previous holder's deadline, so that ids stay
+    /// unique across the handover even when this host's clock is behind the previous one's.
+    /// Until the clock passes the floor, ids keep counting on the millisecond after it (as
+    /// after a clock step back: 4,095 ids, then [`IdError::ClockMovedBackwards`] if the floor
+    /// is over [`Self::max_backwards_wait_ms`] ahead, else a short wait for the clock).
+    pub fn raise_floor(&self, unix_ms: u64) {
+        let ms = unix_ms.saturating_sub(EPOCH_UNIX_MS).min(MAX_TIMESTAMP - 1);
+        // "Last issued: (ms + 1, sequence 0)": the next id is (ms + 1, 1) or later, above every
+        // id stamped at `ms`, whatever its sequence.
+        self.state
+            .fetch_max((ms + 1) << SEQUENCE_BITS, Ordering::AcqRel);
+    }
+
+    /// The wall-clock ms of the newest id issued (or of the floor), 0 before any.
+    pub fn last_unix_ms(&self) -> u64 {
+        match self.state.load(Ordering::Acquire) >> SEQUENCE_BITS {
+            0 => 0,
+            ms => ms + EPOCH_UNIX_MS,
+        }
+    }
+
     /// Issues the next id. Strictly greater than every id this generator issued before.
     pub fn next_id(&self) -> Result<Snowflake, IdError> {
         let mut now = self.now()?;
@@ -393,6 +415,22 @@ mod tests {
         clock.advance(1);
         let id = waiter.join().expect("thread").expect("id");
         assert_eq!((id.ms_since_epoch(), id.sequence()), (2_001, 0));
+    }
+
+    #[test]
+    fn ids_after_a_raised_floor_are_above_it() {
+        let clock = manual(5_000);
+        let g = Generator::with_clock(7, clock.clone()).expect("id");
+        let before = g.next_id().expect("id");
+        // A previous holder of worker 7 stamped up to 5,400 ms on a clock ahead of ours.
+        g.raise_floor(EPOCH_UNIX_MS + 5_400);
+        g.raise_floor(EPOCH_UNIX_MS + 10); // never lowers
+        let after = g.next_id().expect("id");
+        assert!(after > before);
+        assert_eq!(after.ms_since_epoch(), 5_401);
+        // Once the clock passes the floor, ids follow the clock again.
+        clock.advance(1_000);
+        assert_eq!(g.next_id().expect("id").ms_since_epoch(), 6_000);
     }
 
     #[test]

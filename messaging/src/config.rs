@@ -188,6 +188,17 @@ pub struct StaticMember {
     /// Relative capacity (default 1).
     #[serde(default = "one")]
     pub weight: u32,
+    /// Its Snowflake worker id (default `id % 1024`). Checked unique across the list: a
+    /// static cluster has no lease to keep two nodes from sharing one.
+    #[serde(default)]
+    pub worker_id: Option<u16>,
+}
+
+impl StaticMember {
+    /// The worker id this member uses.
+    pub fn worker(&self) -> u16 {
+        self.worker_id.unwrap_or((self.id % 1024) as u16)
+    }
 }
 
 fn one() -> u32 {
@@ -425,6 +436,21 @@ impl NodeConfig {
             }
             if c.members.iter().any(|m| m.weight == 0) {
                 return bad("cluster.members weights must be > 0");
+            }
+            let mut workers: Vec<u16> = c.members.iter().map(StaticMember::worker).collect();
+            workers.sort_unstable();
+            workers.dedup();
+            if workers.len() != c.members.len() {
+                return bad(
+                    "cluster.members: two members share a Snowflake worker id (id % 1024, or \
+                     worker_id): they would issue duplicate ids",
+                );
+            }
+            if c.members
+                .iter()
+                .any(|m| m.id == self.node_id && m.worker() != self.worker_id())
+            {
+                return bad("worker_id differs from this node's entry in cluster.members");
             }
         }
         if c.peer_queue == 0 {

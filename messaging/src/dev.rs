@@ -48,6 +48,7 @@ impl DevCluster {
                 mesh_addr: ([127, 0, 0, 1], self.base_port + 100 + i as u16).into(),
                 client_addr: format!("127.0.0.1:{}", self.base_port + i as u16),
                 weight: 1,
+                worker_id: None,
             })
             .collect()
     }

@@ -65,6 +65,10 @@ pub enum RequestError {
     /// A node-side bound was hit (hashing queue, id generator).
     #[error("{0}")]
     Overloaded(String),
+    /// The node lost its worker-id lease (cut off from the cluster's membership for longer
+    /// than the lease, or another process holds it): it serves nobody until it holds it again.
+    #[error("this node is fenced (cut off from cluster membership); connect to another node")]
+    Fenced,
     /// Storage refused or failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -91,6 +95,7 @@ impl RequestError {
             E::UnknownUser(_) => ErrorCode::UnknownUser,
             E::UnknownChannelName(_) => ErrorCode::UnknownChannel,
             E::Overloaded(_) => ErrorCode::Overloaded,
+            E::Fenced => ErrorCode::Unavailable,
             E::Internal(_) => ErrorCode::Internal,
             E::Storage(s) => match s {
                 StorageError::UserExists(_) => ErrorCode::UserExists,

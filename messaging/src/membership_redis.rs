@@ -4,9 +4,12 @@
 //! Every `heartbeat` a node, in one round trip each:
 //! 1. refreshes its registration `<p>:node:<id>` (JSON: id, mesh and client addresses,
 //!    weight) with a TTL of `member_ttl`;
-//! 2. renews its Snowflake worker-id lease `<p>:worker:<w>` (SET NX, or PEXPIRE if it is
-//!    ours). A node that cannot hold its lease stops issuing ids (sends fail with
-//!    `OVERLOADED`) until it holds it again, so no two live nodes share a worker id;
+//! 2. renews its Snowflake worker-id lease `<p>:worker:<w>` (SET NX, or PEXPIRE if its value
+//!    is this process's random token: a second process with the same node id or worker id
+//!    never "holds" it too), and records in `<p>:worker:<w>:hw` the wall-clock ms until
+//!    which it may stamp ids. A process that takes over a worker id raises its generator's
+//!    floor above the previous holder's mark, so ids stay unique across the handover even
+//!    if its clock is behind;
 //! 3. runs the snapshot script: reads every live registration; if the set differs from the
 //!    last published one it bumps `<p>:epoch` and PUBLISHes it on `<p>:changes`. It returns
 //!    (epoch, members), the same answer for every node.
@@ -16,22 +19,37 @@
 //! round trip instead of one heartbeat. Expired registrations (a dead node) disappear from the
 //! next snapshot: the survivors adopt a ring without it.
 //!
-//! Redis unreachable: the core keeps the last ring (`KeepServing`), the node keeps serving, and
-//! the driver retries every heartbeat. A Redis that comes back empty (restarted without
+//! Every outcome goes to the sans-IO core, which decides until when the lease is held
+//! (`sent_at + ttl - margin` of the last good round, on the monotonic clock, see
+//! `meshchat_backplane::membership`); the driver copies that deadline into the node's
+//! [`LeaseGate`], which every id and every authentication checks against the clock.
+//!
+//! Redis unreachable: the core keeps the last ring (`KeepServing`) and the node keeps serving
+//! while its lease lasts, retrying every heartbeat. When the lease runs out the core says
+//! `Fenced`: by then Redis has expired the registration (the others re-homed its users) and
+//! may give the worker id to another process, so the node stops issuing ids, refuses
+//! authentication and closes every client connection with `UNAVAILABLE` (clients reconnect
+//! through another node, which redirects them to their new home). It serves again after its
+//! next successful round (`Unfenced`). A Redis that comes back empty (restarted without
 //! persistence) would restart the epoch counter at 0, which every core would ignore as stale;
 //! the script takes the caller's epoch as a floor, so epochs only grow.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use meshchat_backplane::membership::{Decision, Event, Member, MemberState, Membership, Snapshot};
-use meshchat_idgen::NodeId;
+use meshchat_backplane::membership::{
+    Decision, Event, LeaseConfig, Member, MemberState, Membership, Snapshot,
+};
+use meshchat_idgen::{Generator, NodeId};
+use meshchat_proto::client::ErrorCode;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
+use crate::error::close_code;
+use crate::lease::LeaseGate;
 use crate::mesh::{Mesh, MeshMember};
+use crate::registry::Registry;
 
 /// One registration as stored in Redis. Field order is fixed: the snapshot script compares
 /// the concatenated JSON to detect changes.
@@ -75,14 +93,47 @@ end
 return {epoch, members}
 "#;
 
+/// KEYS: the lease, its high-water mark. ARGV: this process's token, the TTL in ms, the
+/// wall-clock ms until which this holder may stamp ids. Returns {2, mark} when the lease was
+/// just taken (mark: the previous holders' high-water mark, which ids must stay above), {1, 0}
+/// when renewed, {0, 0} when another process holds it.
 const LEASE: &str = r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local state = 1
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  state = 2
+elseif redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+else
+  return {0, 0}
+end
+local mark = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[3]) > mark then
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', 86400000)
+end
+if state == 2 then return {2, mark} end
+return {1, 0}
+"#;
+
+/// Graceful release. KEYS: the lease, its high-water mark. ARGV: this process's token, the
+/// newest wall-clock ms it stamped.
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', 86400000)
 end
 return 0
 "#;
+
+/// What a round learned about the worker-id lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseState {
+    /// Another process holds it.
+    Lost,
+    /// Ours, renewed.
+    Renewed,
+    /// Ours, just taken: ids must stay above the previous holders' mark (unix ms).
+    Taken { floor_unix_ms: u64 },
+}
 
 /// Settings of the driver.
 #[derive(Debug, Clone)]
@@ -101,7 +152,24 @@ pub struct RedisMembership {
     pub ttl: Duration,
 }
 
-fn now_ms() -> u64 {
+/// What the driver drives besides the mesh: the node's id gate and generator, and the
+/// connections to close when fenced.
+#[derive(Debug, Clone)]
+pub struct Fencing {
+    /// The gate every id and authentication checks.
+    pub gate: Arc<LeaseGate>,
+    /// The generator whose floor is raised on taking over a worker id.
+    pub ids: Arc<Generator>,
+    /// Client connections, closed when the node is fenced.
+    pub registry: Arc<Registry>,
+}
+
+/// A random token that tells this process's lease from any other's.
+fn process_token(node: u32) -> String {
+    format!("{node}:{:016x}", rand::random::<u64>())
+}
+
+fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -132,12 +200,15 @@ fn mesh_members(core: &Membership) -> Vec<MeshMember> {
 }
 
 impl RedisMembership {
-    /// One heartbeat: register, renew the lease, read the snapshot.
+    /// One heartbeat: register, renew the lease (stamping up to `mark_unix_ms`), read the
+    /// snapshot.
     async fn round(
         &self,
         conn: &mut redis::aio::MultiplexedConnection,
         floor: u64,
-    ) -> redis::RedisResult<(u64, Vec<Registration>, bool)> {
+        token: &str,
+        mark_unix_ms: u64,
+    ) -> redis::RedisResult<(u64, Vec<Registration>, LeaseState)> {
         let ttl = self.ttl.as_millis() as u64;
         let me = serde_json::to_string(&self.me).map_err(|e| {
             redis::RedisError::from((redis::ErrorKind::Client, "encoding", e.to_string()))
@@ -149,12 +220,21 @@ impl RedisMembership {
             .arg(ttl)
             .query_async::<()>(conn)
             .await?;
-        let lease: i64 = redis::Script::new(LEASE)
+        let (state, mark): (i64, u64) = redis::Script::new(LEASE)
             .key(format!("{}:worker:{}", self.prefix, self.worker))
-            .arg(self.me.id)
+            .key(format!("{}:worker:{}:hw", self.prefix, self.worker))
+            .arg(token)
             .arg(ttl)
+            .arg(mark_unix_ms)
             .invoke_async(conn)
             .await?;
+        let lease = match state {
+            2 => LeaseState::Taken {
+                floor_unix_ms: mark,
+            },
+            1 => LeaseState::Renewed,
+            _ => LeaseState::Lost,
+        };
         let (epoch, raw): (u64, Vec<String>) = redis::Script::new(SNAPSHOT)
             .arg(&self.prefix)
             .arg(floor)
@@ -164,18 +244,13 @@ impl RedisMembership {
             .iter()
             .filter_map(|j| serde_json::from_str::<Registration>(j).ok())
             .collect();
-        Ok((epoch, members, lease == 1))
+        Ok((epoch, members, lease))
     }
 
     /// Runs until `stop` flips: heartbeats, feeds the core, applies ring changes to `mesh`,
-    /// and keeps `ids_allowed` in step with the worker-id lease. On stop it deregisters (a
-    /// graceful leave is seen at once, not after the TTL).
-    pub async fn run(
-        self,
-        mesh: Arc<Mesh>,
-        ids_allowed: Arc<AtomicBool>,
-        mut stop: watch::Receiver<bool>,
-    ) {
+    /// keeps the lease gate in step with the core and closes every client when fenced. On
+    /// stop it deregisters (a graceful leave is seen at once, not after the TTL).
+    pub async fn run(self, mesh: Arc<Mesh>, fencing: Fencing, mut stop: watch::Receiver<bool>) {
         let client = match redis::Client::open(self.url.as_str()) {
             Ok(c) => c,
             Err(e) => {
@@ -190,17 +265,35 @@ impl RedisMembership {
             changed.clone(),
             stop.clone(),
         ));
-        let mut core = Membership::new(NodeId(self.me.id));
+        let token = process_token(self.me.id);
+        let gate = &fencing.gate;
+        let mut core = Membership::with_lease(
+            NodeId(self.me.id),
+            LeaseConfig::new(self.ttl.as_millis() as u64),
+        );
         let mut conn: Option<redis::aio::MultiplexedConnection> = None;
         let mut down = false;
         let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Wake at the lease deadline too, so fencing does not wait for a slow round.
+            let deadline = gate.valid_until_ms();
+            let fence_at = async {
+                if deadline == u64::MAX || core.is_fenced() {
+                    std::future::pending::<()>().await
+                }
+                tokio::time::sleep_until(gate.instant_of(deadline).into()).await
+            };
             tokio::select! {
                 _ = stop.changed() => break,
                 _ = tick.tick() => {}
                 _ = changed.notified() => {}
+                _ = fence_at => {}
             }
+            let mut decisions = core.handle(Event::Tick {
+                now_ms: gate.now_ms(),
+            });
+            let sent_at = gate.now_ms();
             if conn.is_none() {
                 conn =
                     tokio::time::timeout(self.heartbeat, client.get_multiplexed_async_connection())
@@ -208,48 +301,52 @@ impl RedisMembership {
                         .ok()
                         .and_then(Result::ok);
             }
+            // The wall-clock ms until which this holder may stamp ids if the round renews the
+            // lease: the next holder's floor.
+            let mark = now_unix_ms() + self.ttl.as_millis() as u64;
             let result = match conn.as_mut() {
-                Some(c) => tokio::time::timeout(self.heartbeat * 2, self.round(c, core.epoch()))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(redis::RedisError::from((redis::ErrorKind::Io, "timed out")))
-                    }),
+                Some(c) => tokio::time::timeout(
+                    self.heartbeat * 2,
+                    self.round(c, core.epoch(), &token, mark),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(redis::RedisError::from((redis::ErrorKind::Io, "timed out")))
+                }),
                 None => Err(redis::RedisError::from((
                     redis::ErrorKind::Io,
                     "not connected",
                 ))),
             };
+            let now = gate.now_ms();
             match result {
                 Ok((epoch, regs, lease)) => {
                     if down {
                         down = false;
-                        core.handle(Event::SourceUp { now_ms: now_ms() });
+                        decisions.extend(core.handle(Event::SourceUp { now_ms: now }));
                         info!("redis reachable again");
                     }
-                    if ids_allowed.swap(lease, Ordering::SeqCst) != lease {
-                        if lease {
-                            info!(worker = self.worker, "worker id lease held");
-                        } else {
-                            warn!(
-                                worker = self.worker,
-                                "worker id lease lost: not issuing ids"
-                            );
+                    match lease {
+                        LeaseState::Taken { floor_unix_ms } => {
+                            // Before the gate opens: no id at or below the previous holders'.
+                            fencing.ids.raise_floor(floor_unix_ms);
+                            info!(worker = self.worker, floor_unix_ms, "worker id lease taken");
                         }
+                        LeaseState::Lost => warn!(
+                            worker = self.worker,
+                            "worker id lease held by another process: not issuing ids"
+                        ),
+                        LeaseState::Renewed => {}
                     }
-                    let decisions = core.handle(Event::Snapshot(Snapshot {
+                    decisions.extend(core.handle(Event::LeaseRound {
+                        sent_at_ms: sent_at,
+                        now_ms: now,
+                        held: lease != LeaseState::Lost,
+                    }));
+                    decisions.extend(core.handle(Event::Snapshot(Snapshot {
                         epoch,
                         members: regs.iter().map(to_member).collect(),
-                    }));
-                    for d in decisions {
-                        if let Decision::RingChanged {
-                            epoch,
-                            joined,
-                            left,
-                        } = d
-                        {
-                            info!(epoch, ?joined, ?left, "ring changed");
-                        }
-                    }
+                    })));
                     // Adopt every newer epoch, not only those that changed the ring: a node
                     // whose first snapshot after a Redis restart already holds its old member
                     // set (the others re-registered first) otherwise kept its old epoch while
@@ -262,28 +359,59 @@ impl RedisMembership {
                 Err(e) => {
                     conn = None;
                     down = true;
-                    for d in core.handle(Event::SourceDown { now_ms: now_ms() }) {
-                        if let Decision::KeepServing { epoch } = d {
-                            warn!(error = %e, epoch, "redis unreachable: serving on the last ring");
+                    decisions.extend(core.handle(Event::SourceDown { now_ms: now }));
+                    debug!(error = %e, "membership round failed");
+                }
+            }
+            gate.set_valid_until(core.lease_valid_until_ms());
+            for d in decisions {
+                match d {
+                    Decision::RingChanged {
+                        epoch,
+                        joined,
+                        left,
+                    } => info!(epoch, ?joined, ?left, "ring changed"),
+                    Decision::KeepServing { epoch } => {
+                        warn!(
+                            epoch,
+                            "redis unreachable: serving on the last ring while the lease lasts"
+                        )
+                    }
+                    Decision::Fenced { epoch } => {
+                        let conns = fencing.registry.all();
+                        warn!(
+                            epoch,
+                            closing = conns.len(),
+                            "fenced: worker-id lease lost; not issuing ids, closing clients"
+                        );
+                        for c in conns {
+                            c.conn.close(
+                                close_code(ErrorCode::Unavailable),
+                                b"node fenced: cut off from cluster membership",
+                            );
                         }
                     }
-                    debug!(error = %e, "membership round failed");
+                    Decision::Unfenced { epoch } => info!(epoch, "lease held: serving"),
                 }
             }
         }
         // Graceful leave: drop the registration and the lease now.
+        gate.set_valid_until(0);
         if let Some(c) = conn.as_mut() {
             let _ = redis::cmd("DEL")
                 .arg(format!("{}:node:{}", self.prefix, self.me.id))
                 .query_async::<()>(c)
                 .await;
-            let _ = redis::Script::new(
-                "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end return 0",
-            )
-            .key(format!("{}:worker:{}", self.prefix, self.worker))
-            .arg(self.me.id)
-            .invoke_async::<i64>(c)
-            .await;
+            // The gate is closed: nothing is stamped after now (or after the floor this
+            // process counted on), so the next holder's floor can be that, not our deadline.
+            let last = fencing.ids.last_unix_ms().max(now_unix_ms());
+            let _ = redis::Script::new(RELEASE)
+                .key(format!("{}:worker:{}", self.prefix, self.worker))
+                .key(format!("{}:worker:{}:hw", self.prefix, self.worker))
+                .arg(&token)
+                .arg(last)
+                .invoke_async::<i64>(c)
+                .await;
             // Let the others see the change now.
             let _ = redis::Script::new(SNAPSHOT)
                 .arg(&self.prefix)

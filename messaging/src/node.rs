@@ -22,6 +22,7 @@ use crate::auth::{Auth, Identity};
 use crate::config::NodeConfig;
 use crate::convert::{self, chat_from, chat_to, message_id};
 use crate::error::RequestError;
+use crate::lease::LeaseGate;
 use crate::members::MemberCache;
 use crate::registry::{ConnId, Registry};
 use crate::router::{Home, Router};
@@ -46,7 +47,7 @@ pub enum AuthOutcome {
 pub struct Node {
     pub(crate) config: NodeConfig,
     pub(crate) storage: Arc<dyn Storage>,
-    pub(crate) ids: Generator,
+    pub(crate) ids: Arc<Generator>,
     pub(crate) auth: Auth,
     pub(crate) registry: Arc<Registry>,
     pub(crate) router: Arc<dyn Router>,
@@ -55,9 +56,9 @@ pub struct Node {
     members: Arc<MemberCache>,
     /// Rate of other mutating requests (receipts, reactions, joins, creates) per user.
     event_rate: DefaultKeyedRateLimiter<UserId>,
-    /// False while this node does not hold its Snowflake worker-id lease (dynamic
-    /// membership): it then issues no ids, so two nodes can never share a worker id.
-    ids_allowed: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether this process holds its Snowflake worker-id lease (always, in a static
+    /// cluster). Without it the node is fenced: no ids, no authentication.
+    lease: Arc<LeaseGate>,
 }
 
 impl std::fmt::Debug for Node {
@@ -106,8 +107,10 @@ impl Node {
         router: Arc<dyn Router>,
         members: Arc<MemberCache>,
     ) -> Result<Self, RequestError> {
-        let ids = Generator::new(config.worker_id())
-            .map_err(|e| RequestError::Internal(e.to_string()))?;
+        let ids = Arc::new(
+            Generator::new(config.worker_id())
+                .map_err(|e| RequestError::Internal(e.to_string()))?,
+        );
         let per_sec = NonZeroU32::new(config.limits.send_rate_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.limits.send_burst).unwrap_or(NonZeroU32::MIN);
         let rate = RateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst));
@@ -128,7 +131,7 @@ impl Node {
             names: DashMap::new(),
             members,
             event_rate,
-            ids_allowed: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            lease: Arc::new(LeaseGate::unbounded()),
         })
     }
 
@@ -175,17 +178,32 @@ impl Node {
         (self.config.limits.max_frame_bytes as usize).saturating_sub(1024)
     }
 
-    /// The switch the membership driver turns off while the worker-id lease is not held.
-    pub fn ids_allowed(&self) -> Arc<std::sync::atomic::AtomicBool> {
-        self.ids_allowed.clone()
+    /// Replaces the lease gate (the Redis membership driver's, closed until its first round).
+    pub fn set_lease_gate(&mut self, gate: Arc<LeaseGate>) {
+        self.lease = gate;
+    }
+
+    /// The id generator (the membership driver raises its floor on taking over a worker id).
+    pub fn id_generator(&self) -> Arc<Generator> {
+        self.ids.clone()
+    }
+
+    /// The lease gate the membership driver keeps.
+    pub fn lease_gate(&self) -> &Arc<LeaseGate> {
+        &self.lease
+    }
+
+    /// Refuses while the node is fenced (its worker-id lease ran out or is another's).
+    fn check_fence(&self) -> Result<(), RequestError> {
+        if self.lease.allows() {
+            Ok(())
+        } else {
+            Err(RequestError::Fenced)
+        }
     }
 
     fn next_id(&self) -> Result<u64, RequestError> {
-        if !self.ids_allowed.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(RequestError::Overloaded(
-                "this node does not hold its worker-id lease; retry".into(),
-            ));
-        }
+        self.check_fence()?;
         self.ids
             .next_id()
             .map(|s| s.0)
@@ -211,6 +229,7 @@ impl Node {
         &self,
         body: client_frame::Body,
     ) -> Result<AuthOutcome, RequestError> {
+        self.check_fence()?;
         let identity = match body {
             client_frame::Body::Register(r) => {
                 valid_name(&r.user_name)?;
@@ -592,40 +611,53 @@ impl Node {
             body: s.body,
             reply_to,
         };
-        let body = msg.body.clone();
-        // Durable before acked: the append returns after the group commit.
-        let out = self.storage.append(msg).await?;
-        let stored = if !out.duplicate {
-            Some(meshchat_storage::StoredMessage {
-                id,
-                chat,
-                sender: me.user,
-                client_msg_id: s.client_msg_id.clone(),
-                body,
-                reply_to,
-                reactions: Vec::new(),
-            })
-        } else {
-            // A retry of a message already stored. The first attempt's push may never have
-            // gone out: its request is dropped when its connection closes between the commit
-            // and the push (a client that timed out and retried elsewhere), or its node died
-            // there. Push the stored message again; clients drop ids they already have, so a
-            // second copy costs bandwidth, never a duplicate (found by the load test).
-            self.storage
-                .message(chat, out.id)
-                .await?
-                .filter(|m| m.sender == me.user)
-        };
-        if let Some(stored) = stored {
-            let push = encode_push(push::Event::Message(convert::message_to(&stored, &me.name)));
-            let d = self.router.deliver(&audience, &push, Some(conn));
-            debug!(
-                message = stored.id.0,
-                queued = d.queued,
-                cut_off = d.cut_off,
-                "delivered"
-            );
-        }
+        // The append and the push run in their own task: the request future is dropped when
+        // its connection closes, and a push lost between the commit and the deliver would be
+        // invisible to every recipient. The task finishes both whatever happens to the
+        // request; the request only waits for it.
+        let storage = self.storage.clone();
+        let router = self.router.clone();
+        let (user, name) = (me.user, me.name.clone());
+        let client_msg_id = s.client_msg_id.clone();
+        let committed = tokio::spawn(async move {
+            let body = msg.body.clone();
+            // Durable before acked: the append returns after the group commit.
+            let out = storage.append(msg).await?;
+            let stored = if !out.duplicate {
+                Some(meshchat_storage::StoredMessage {
+                    id,
+                    chat,
+                    sender: user,
+                    client_msg_id,
+                    body,
+                    reply_to,
+                    reactions: Vec::new(),
+                })
+            } else {
+                // A retry of a message already stored. The first attempt's push may never
+                // have gone out (its node died between the commit and the push). Push the
+                // stored message again; clients drop ids they already have, so a second copy
+                // costs bandwidth, never a duplicate (found by the load test).
+                storage
+                    .message(chat, out.id)
+                    .await?
+                    .filter(|m| m.sender == user)
+            };
+            if let Some(stored) = stored {
+                let push = encode_push(push::Event::Message(convert::message_to(&stored, &name)));
+                let d = router.deliver(&audience, &push, Some(conn));
+                debug!(
+                    message = stored.id.0,
+                    queued = d.queued,
+                    cut_off = d.cut_off,
+                    "delivered"
+                );
+            }
+            Ok::<_, RequestError>(out)
+        });
+        let out = committed
+            .await
+            .map_err(|e| RequestError::Internal(format!("send task: {e}")))??;
         Ok(pb::Processed {
             client_msg_id: s.client_msg_id,
             message_id: out.id.0,

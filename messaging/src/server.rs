@@ -21,8 +21,9 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::auth::{Auth, AuthSetupError};
 use crate::config::{Backend, NodeConfig};
 use crate::error::{RequestError, close_code};
+use crate::lease::LeaseGate;
 use crate::members::MemberCache;
-use crate::membership_redis::{RedisMembership, Registration};
+use crate::membership_redis::{Fencing, RedisMembership, Registration};
 use crate::mesh::Mesh;
 use crate::node::Node;
 use crate::registry::Registry;
@@ -100,6 +101,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         config.auth.token_ttl,
         config.auth.max_concurrent_hashes,
     );
+    // Every process on this store (one host) takes its worker id's lock for its lifetime: a
+    // second process with the same worker id (a duplicate node id, or a stale process still
+    // running) is refused here instead of issuing duplicate ids.
+    let worker_lock = match config.storage.backend {
+        Backend::Embedded => Some(lock_worker_id(&config)?),
+        Backend::Cassandra => None,
+    };
     let (storage, embedded): (Arc<dyn Storage>, Option<Arc<EmbeddedStore>>) =
         match config.storage.backend {
             Backend::Embedded => {
@@ -151,7 +159,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         .map_err(|e| StartError::Other(e.to_string()))?;
         (mesh.clone(), Some(mesh))
     };
-    let node = Arc::new(Node::new(config, storage, auth, registry, router, members)?);
+    let mut node = Node::new(config, storage, auth, registry.clone(), router, members)?;
+    if node.config.cluster.redis.is_some() {
+        // No ids and no clients until the first round takes the worker-id lease.
+        node.set_lease_gate(Arc::new(LeaseGate::closed()));
+    }
+    let node = Arc::new(node);
     if let (Some(url), Some(mesh)) = (node.config.cluster.redis.clone(), mesh.clone()) {
         let c = &node.config;
         let mesh_addr = c
@@ -172,14 +185,23 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
             heartbeat: c.cluster.heartbeat,
             ttl: c.cluster.member_ttl,
         };
-        // No ids until the lease is held.
-        let ids = node.ids_allowed();
-        ids.store(false, std::sync::atomic::Ordering::SeqCst);
-        tokio::spawn(driver.run(mesh, ids, stop_rx.clone()));
+        let fencing = Fencing {
+            gate: node.lease_gate().clone(),
+            ids: node.id_generator(),
+            registry,
+        };
+        tokio::spawn(driver.run(mesh, fencing, stop_rx.clone()));
     }
     let span = info_span!("node", id = node.config.node_id, %addr);
-    let done =
-        tokio::spawn(accept_loop(node.clone(), endpoint, embedded, stop_rx).instrument(span));
+    let node_for_loop = node.clone();
+    let done = tokio::spawn(
+        async move {
+            accept_loop(node_for_loop, endpoint, embedded, stop_rx).await;
+            // Held until the node is down: only then may another process take the worker id.
+            drop(worker_lock);
+        }
+        .instrument(span),
+    );
     info!(%addr, node = node.config.node_id, "listening");
     Ok(RunningNode {
         addr,
@@ -188,6 +210,33 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         stop,
         done,
     })
+}
+
+/// Takes `<data_dir>/worker-<w>.lock` (an exclusive advisory lock, released by the kernel when
+/// the process dies), or refuses to start because another process holds it.
+fn lock_worker_id(config: &NodeConfig) -> Result<std::fs::File, StartError> {
+    let path = config
+        .data_dir
+        .join(format!("worker-{}.lock", config.worker_id()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StartError::Other(format!("{}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::Other(format!(
+            "worker id {} is in use by another process on this store ({}): two processes with \
+             one worker id would issue duplicate message and user ids; give each node its own \
+             node_id (or worker_id)",
+            config.worker_id(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(StartError::Other(format!("{}: {e}", path.display())))
+        }
+    }
 }
 
 /// Runs a node until `shutdown` resolves, then stops it gracefully.

@@ -29,6 +29,7 @@ async fn cluster(n: u32) -> Cluster {
             mesh_addr: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
             client_addr: format!("127.0.0.1:{}", free_port()),
             weight: 1,
+            worker_id: None,
         })
         .collect();
     let mut nodes = Vec::new();

@@ -1,6 +1,9 @@
-//! A node process killed with SIGKILL under traffic: every acknowledged message reaches every
-//! recipient after their clients re-home and fill the gap from history. Real processes
-//! (`meshchat-node run`), a real `redis-server`, one shared store.
+//! A node process killed with SIGKILL under traffic: the clients it served notice by
+//! themselves (the liveness check), fail over through another node to their new home and
+//! fill the gap from history, and every acknowledged message reaches every recipient. Real
+//! processes (`meshchat-node run`), a real `redis-server`, one shared store. The victim is
+//! the home of the first user, whichever node that is, so the test does not depend on where
+//! random ids land on the ring.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
@@ -13,11 +16,11 @@ use meshchat_idgen::ChatId;
 use parking_lot::Mutex;
 
 mod common;
-use common::{Proc, free_port};
+use common::{Proc, free_port, free_udp_port};
 
 fn spawn_node(dir: &std::path::Path, id: u32, redis: u16) -> (Proc, String) {
-    let client_port = free_port();
-    let mesh_port = free_port();
+    let client_port = free_udp_port();
+    let mesh_port = free_udp_port();
     let cfg = dir.join(format!("node-{id}.toml"));
     std::fs::write(
         &cfg,
@@ -84,29 +87,38 @@ async fn sigkill_under_traffic_loses_no_acked_message() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    let seeds = vec![a1.clone(), a2.clone(), a3.clone()];
+    let mut opts = opts;
+    opts.seeds = seeds.clone();
+    // Users until the first user's home (the victim) has one and another node has some.
     let mut users: Vec<(Arc<Client>, Events, Session)> = Vec::new();
-    for i in 0..12 {
-        let (c, e) = Client::connect(&a1, opts.clone()).await.expect("connect");
-        let s = c
-            .register(&format!("k{i}"), "password-123")
-            .await
-            .expect("register");
-        users.push((Arc::new(c), e, s));
-    }
-    // The victim: node 2. Recipients homed there; senders homed elsewhere.
-    let on = |addr: &str| -> Vec<usize> {
+    let on = |users: &[(Arc<Client>, Events, Session)], addr: &str| -> Vec<usize> {
         (0..users.len())
             .filter(|&i| users[i].0.server() == addr)
             .collect()
     };
-    let victims = on(&a2);
+    let mut n = 0;
+    while users.len() < 6 || on(&users, &users[0].0.server()).len() == users.len() {
+        assert!(n < 200, "200 users all homed on one node");
+        let (c, e) = Client::connect(&a1, opts.clone()).await.expect("connect");
+        let s = c
+            .register(&format!("k{n}"), "password-123")
+            .await
+            .expect("register");
+        users.push((Arc::new(c), e, s));
+        n += 1;
+    }
+    let victim_addr = users[0].0.server();
+    let victim = [&n1, &n2, &n3][seeds
+        .iter()
+        .position(|a| *a == victim_addr)
+        .expect("a node")];
+    let victims = on(&users, &victim_addr);
     let senders: Vec<usize> = (0..users.len()).filter(|i| !victims.contains(i)).collect();
-    assert!(
-        !victims.is_empty() && !senders.is_empty(),
-        "users on node 2 and elsewhere"
-    );
+    let supervisors: Vec<_> = victims.iter().map(|&v| users[v].0.supervise()).collect();
 
-    // Traffic: every sender sends to every victim, before, during and after the kill.
+    // Traffic: every sender sends to every victim, before, during and after the kill. A send
+    // whose node is gone fails over by itself (send retries with the same client id).
     let acked: Arc<Mutex<BTreeMap<u64, BTreeSet<u64>>>> = Arc::default();
     let mut tasks = Vec::new();
     for &s in &senders {
@@ -114,48 +126,52 @@ async fn sigkill_under_traffic_loses_no_acked_message() {
         let me = users[s].2.user;
         let to: Vec<_> = victims.iter().map(|&v| users[v].2.user).collect();
         let acked = acked.clone();
-        let seed = a1.clone();
         tasks.push(tokio::spawn(async move {
             for n in 0..30 {
                 for &v in &to {
-                    match client
+                    if let Ok(p) = client
                         .send(ChatId::direct(me, v), format!("m{n}"), None)
                         .await
                     {
-                        Ok(p) => {
-                            acked.lock().entry(v.0).or_default().insert(p.message_id);
-                        }
-                        // Our own node may be the one that moved; come back through a seed.
-                        Err(_) => {
-                            let _ = client.reconnect_via(&seed).await;
-                        }
+                        acked.lock().entry(v.0).or_default().insert(p.message_id);
                     }
                 }
+                // Pacing, not synchronisation: spreads the sends over the kill.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let pid = n2.0.id();
+    // Kill once some messages to the victims are acked.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while acked.lock().values().map(BTreeSet::len).sum::<usize>() < senders.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no traffic before the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed_at = tokio::time::Instant::now();
     let killed = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
+        .args(["-KILL", &victim.0.id().to_string()])
         .status()
         .expect("kill");
     assert!(killed.success());
     for t in tasks {
         t.await.expect("sender");
     }
-    // The victims' clients lost their node: they come back through node 1, are redirected to
-    // their new homes, and fill the gap from history.
-    tokio::time::sleep(Duration::from_millis(3_500)).await; // the TTL: node 2 leaves the ring
+    // The victims' clients re-home by themselves: no reconnect by hand.
     let mut got: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
     for &v in &victims {
         let (client, events, session) = &mut users[v];
-        client
-            .reconnect_via(&a1)
-            .await
-            .expect("re-home through node 1");
-        assert_ne!(client.server(), a2, "re-homed away from the dead node");
+        let deadline = killed_at + Duration::from_secs(30);
+        while client.server() == victim_addr || !client.conn().is_ok_and(|c| c.is_open()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "user {} never re-homed",
+                session.user
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let want = acked
             .lock()
             .get(&session.user.0)
@@ -182,5 +198,8 @@ async fn sigkill_under_traffic_loses_no_acked_message() {
         );
         assert!(!want.is_empty());
     }
-    drop((n1, n3, a3));
+    for s in supervisors {
+        s.abort();
+    }
+    drop((n1, n2, n3));
 }

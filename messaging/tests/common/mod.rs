@@ -107,8 +107,17 @@ pub async fn next_message(events: &mut Events) -> meshchat_proto::client::Messag
 }
 
 /// The next event matching `pick` within 5 s.
-pub async fn next_matching<T>(events: &mut Events, mut pick: impl FnMut(Event) -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+pub async fn next_matching<T>(events: &mut Events, pick: impl FnMut(Event) -> Option<T>) -> T {
+    next_matching_within(events, Duration::from_secs(5), pick).await
+}
+
+/// The next event matching `pick` within `within`.
+pub async fn next_matching_within<T>(
+    events: &mut Events,
+    within: Duration,
+    mut pick: impl FnMut(Event) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match events.next_within(left).await {
@@ -117,7 +126,7 @@ pub async fn next_matching<T>(events: &mut Events, mut pick: impl FnMut(Event) -
                     return t;
                 }
             }
-            None => panic!("expected event did not arrive within 5 s"),
+            None => panic!("expected event did not arrive within {within:?}"),
         }
     }
 }
@@ -148,7 +157,16 @@ pub fn code_of<T: std::fmt::Debug>(r: Result<T, meshchat_client::ClientError>) -
     }
 }
 
-/// A free TCP port on loopback (also free for UDP in practice).
+/// A free UDP port on loopback, found by binding UDP (QUIC listens on UDP; a free TCP port
+/// says nothing about UDP).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free UDP port")
+}
+
+/// A free TCP port on loopback (for TCP servers such as Redis).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

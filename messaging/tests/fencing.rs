@@ -1,0 +1,186 @@
+//! Fencing and unique ids with Redis membership, against a real `redis-server` (started here
+//! on a free port): a node cut off from Redis for longer than its lease stops issuing ids,
+//! closes its clients and refuses new ones, and serves again when Redis is back; two
+//! processes configured with one worker id never both issue ids, and the one that takes the
+//! worker id over issues ids above every id of the previous holder. Every wait is for a
+//! condition, with a deadline.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{code_of, free_port, free_udp_port};
+use meshchat_client::{Client, ConnectOptions, Event};
+use meshchat_messaging::RunningNode;
+use meshchat_proto::client::ErrorCode;
+
+const TTL: Duration = Duration::from_millis(1_500);
+
+async fn node(dir: &std::path::Path, id: u32, worker: Option<u16>, redis_port: u16) -> RunningNode {
+    let mut c = common::config_in(dir);
+    c.node_id = id;
+    c.worker_id = worker;
+    c.listen = format!("127.0.0.1:{}", free_udp_port())
+        .parse()
+        .expect("addr");
+    c.cluster.mesh_listen = Some(
+        format!("127.0.0.1:{}", free_udp_port())
+            .parse()
+            .expect("addr"),
+    );
+    c.cluster.redis = Some(format!("redis://127.0.0.1:{redis_port}/"));
+    c.cluster.heartbeat = Duration::from_millis(100);
+    c.cluster.member_ttl = TTL;
+    meshchat_messaging::start(c).await.expect("node starts")
+}
+
+fn options(dir: &std::path::Path) -> ConnectOptions {
+    ConnectOptions::new(meshchat_client::load_ca(&dir.join("ca.pem")).expect("ca"))
+}
+
+/// Polls `cond` every 20 ms until it holds; panics after `within`.
+async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn serving(n: &RunningNode) -> bool {
+    n.node.lease_gate().allows()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_redis_past_its_lease_fences_itself_and_recovers() {
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let server = common::redis_server(port);
+    let n = node(dir.path(), 1, None, port).await;
+    wait_for("first lease", Duration::from_secs(10), || serving(&n)).await;
+
+    let (alice, mut events) = Client::connect(&n.addr.to_string(), options(dir.path()))
+        .await
+        .expect("connect");
+    alice
+        .register("alice", "password-123")
+        .await
+        .expect("register");
+
+    // Redis goes away: within one lease the node fences itself and closes its clients.
+    let cut = tokio::time::Instant::now();
+    drop(server);
+    let (code, reason) =
+        common::next_matching_within(&mut events, Duration::from_secs(10), |e| match e {
+            Event::Disconnected { code, reason } => Some((code, reason)),
+            _ => None,
+        })
+        .await;
+    let fenced_after = cut.elapsed();
+    assert_eq!(code, ErrorCode::Unavailable as u64, "{reason}");
+    assert!(reason.contains("fenced"), "{reason}");
+    assert!(!serving(&n));
+    assert!(
+        fenced_after < TTL + Duration::from_secs(2),
+        "fenced {fenced_after:?} after the cut (lease {TTL:?})"
+    );
+
+    // New clients are refused with UNAVAILABLE while fenced.
+    let (bob, _bob_events) = Client::connect(&n.addr.to_string(), options(dir.path()))
+        .await
+        .expect("connect");
+    assert_eq!(
+        code_of(bob.login("alice", "password-123").await),
+        ErrorCode::Unavailable
+    );
+
+    // Redis is back (empty): the node takes its lease again and serves.
+    let _server = common::redis_server(port);
+    wait_for("lease after redis is back", Duration::from_secs(10), || {
+        serving(&n)
+    })
+    .await;
+    let (again, _e) = Client::connect(&n.addr.to_string(), options(dir.path()))
+        .await
+        .expect("connect");
+    again
+        .login("alice", "password-123")
+        .await
+        .expect("login after recovery");
+    n.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_with_one_worker_id_never_both_issue_ids() {
+    let dir = tempfile::tempdir().expect("dir");
+    let other = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let _server = common::redis_server(port);
+    // Two nodes misconfigured with the same worker id (separate data dirs, so only the lease
+    // can tell them apart).
+    let a = node(dir.path(), 1, Some(7), port).await;
+    wait_for("a holds worker 7", Duration::from_secs(10), || serving(&a)).await;
+    // An id from a (alone on the ring, so the user's home is a).
+    let (ca, _ea) = Client::connect(&a.addr.to_string(), options(dir.path()))
+        .await
+        .expect("connect");
+    let last_of_a = ca
+        .register("ua", "password-123")
+        .await
+        .expect("register")
+        .user;
+    let b = node(other.path(), 2, Some(7), port).await;
+
+    // Over many heartbeats b never holds it, and cannot register anyone.
+    let (cb, _eb) = Client::connect(&b.addr.to_string(), options(other.path()))
+        .await
+        .expect("connect");
+    for i in 0..10 {
+        assert_eq!(
+            code_of(cb.register(&format!("b{i}"), "password-123").await),
+            ErrorCode::Unavailable
+        );
+        assert!(serving(&a) && !serving(&b));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // a leaves: b takes worker 7 over, and its ids are above every id a issued.
+    a.shutdown().await;
+    wait_for("b takes worker 7 over", Duration::from_secs(10), || {
+        serving(&b)
+    })
+    .await;
+    let first_of_b = cb
+        .register("ub", "password-123")
+        .await
+        .expect("register")
+        .user;
+    assert!(
+        first_of_b.0 > last_of_a.0,
+        "b's first id {first_of_b:?} is not above a's last {last_of_a:?}"
+    );
+    assert_eq!(first_of_b.0 >> 12 & 1023, 7, "worker bits");
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_with_the_same_node_id_is_refused_on_one_store() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut c = common::config_in(dir.path());
+    c.node_id = 5;
+    let first = meshchat_messaging::start(c.clone()).await.expect("starts");
+    let err = meshchat_messaging::start(c.clone())
+        .await
+        .expect_err("a second process with worker id 5 on this store");
+    assert!(err.to_string().contains("worker id 5 is in use"), "{err}");
+    first.shutdown().await;
+    // Released with the first: the id can be used again.
+    meshchat_messaging::start(c)
+        .await
+        .expect("starts again")
+        .shutdown()
+        .await;
+}
