@@ -460,7 +460,9 @@ impl Client {
             }
             let jitter = Duration::from_millis(rand::random::<u64>() % 100);
             tokio::time::sleep(backoff + jitter).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            // Short cap: while the ring still names the dead node, the wait is for the
+            // membership TTL to pass, and a client should notice the new ring soon after.
+            backoff = (backoff * 2).min(Duration::from_millis(500));
         }
     }
 

@@ -79,12 +79,13 @@ pub struct ConnectOptions {
     pub max_frame: usize,
     /// QUIC keep-alive interval (must be well below the idle timeout). It is also how soon an
     /// idle client learns that its node died: a keep-alive that the node does not
-    /// acknowledge within [`Self::liveness_timeout`] ends the connection (default 5 s; a node
-    /// answers each with one ACK, ~0.2 packets/s per idle client).
+    /// acknowledge within [`Self::liveness_timeout`] ends the connection (default 4 s, so an
+    /// idle client notices a dead node within 6.5 s; the node answers each keep-alive with
+    /// one ACK: 0.25 packets/s each way per idle client).
     pub keep_alive: Duration,
     /// How long the node may stay completely silent (not even a transport ACK) after this
     /// client sent it something that needs an answer, before the connection is declared
-    /// dead and closed (default 3 s). ACKs come from the node's QUIC stack, not from its
+    /// dead and closed (default 2.5 s). ACKs come from the node's QUIC stack, not from its
     /// request handlers, so a node that is slow to answer requests but alive is not taken
     /// for dead: only a dead process, host or path is.
     pub liveness_timeout: Duration,
@@ -111,8 +112,8 @@ impl ConnectOptions {
             request_timeout: Duration::from_secs(15),
             event_buffer: 1024,
             max_frame: 1 << 20,
-            keep_alive: Duration::from_secs(5),
-            liveness_timeout: Duration::from_secs(3),
+            keep_alive: Duration::from_secs(4),
+            liveness_timeout: Duration::from_millis(2_500),
             connect_timeout: Duration::from_secs(3),
             seeds: Vec::new(),
             idle_timeout: Duration::from_secs(60),

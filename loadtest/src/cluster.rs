@@ -1,6 +1,11 @@
 //! The cluster under test: one the operator runs (`--server`, `--ca`, `--token-secret`), or
 //! a local one the harness starts itself (`--spawn-nodes N`: N `meshchat-node` processes on
-//! loopback sharing an embedded store in a fresh data dir, stopped when the run ends).
+//! loopback sharing an embedded store in a fresh data dir, stopped when the run ends; with
+//! `--redis-membership` also a `redis-server` of its own for membership).
+//!
+//! A spawned cluster can be hurt on purpose (the chaos faults): a node killed with SIGKILL
+//! and started again, Redis stopped and started again (empty, as after a restart without
+//! persistence).
 
 use std::io::Write;
 use std::net::UdpSocket;
@@ -28,6 +33,12 @@ pub enum ClusterError {
     /// The nodes did not start.
     #[error("starting nodes: {0}")]
     Start(String),
+    /// `redis-server` did not start.
+    #[error("starting redis-server: {0}")]
+    Redis(String),
+    /// A fault names something the cluster does not have.
+    #[error("fault: {0}")]
+    Fault(String),
     /// No free port range for the spawned nodes.
     #[error("no free port range on 127.0.0.1 for {0} nodes")]
     NoPorts(u32),
@@ -56,15 +67,99 @@ pub struct Target {
     spawned: Option<Spawned>,
 }
 
-#[derive(Debug)]
+type LogFn = Arc<dyn Fn(&str) + Send + Sync>;
+
 struct Spawned {
     children: Vec<Child>,
+    dev: DevCluster,
+    bin: PathBuf,
+    log: LogFn,
+    redis: Option<RedisServer>,
     _tmp: Option<tempfile::TempDir>,
+}
+
+impl std::fmt::Debug for Spawned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spawned")
+            .field("nodes", &self.children.len())
+            .field("redis", &self.redis)
+            .finish()
+    }
 }
 
 impl Drop for Spawned {
     fn drop(&mut self) {
         stop_children(&mut self.children, Duration::from_secs(10));
+    }
+}
+
+/// A `redis-server` of the harness's own on a free loopback port, without persistence.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts one on a free port; returns once it accepts connections.
+    pub fn start() -> Result<Self, ClusterError> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| ClusterError::Redis(e.to_string()))?
+            .port();
+        let mut r = Self { port, child: None };
+        r.up()?;
+        Ok(r)
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts it (again, empty) on its port and waits until it accepts connections.
+    pub fn up(&mut self) -> Result<(), ClusterError> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| ClusterError::Redis(format!("redis-server (is it installed?): {e}")))?;
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                return Err(ClusterError::Redis(
+                    "not accepting connections after 10 s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Kills it (SIGKILL: everything in it is lost).
+    pub fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.down();
     }
 }
 
@@ -95,13 +190,15 @@ impl Target {
         })
     }
 
-    /// Starts `n` node processes of `node_bin` in `data_dir` (a temp dir if `None`); their
-    /// log lines go to `log_file`.
+    /// Starts `n` node processes of `node_bin` in `data_dir` (a temp dir if `None`), with
+    /// Redis membership on a `redis-server` of their own if `redis`; their log lines go to
+    /// `log_file`.
     pub fn spawn(
         n: u32,
         node_bin: &Path,
         data_dir: Option<PathBuf>,
         log_file: &Path,
+        redis: bool,
     ) -> Result<Self, ClusterError> {
         let (tmp, data_dir) = match data_dir {
             Some(d) => (None, d),
@@ -115,20 +212,28 @@ impl Target {
             }
         };
         let base_port = free_base_port(n)?;
+        let redis = if redis {
+            Some(RedisServer::start()?)
+        } else {
+            None
+        };
         let dev = DevCluster {
             nodes: n,
             data_dir: data_dir.clone(),
             base_port,
-            redis: None,
+            redis: redis.as_ref().map(RedisServer::url),
         };
-        let log = Arc::new(Mutex::new(
+        let file = Arc::new(Mutex::new(
             std::fs::File::create(log_file).map_err(io(log_file))?,
         ));
-        let children = dev
-            .start_processes(node_bin, move |line| {
-                let _ = writeln!(log.lock(), "{line}");
-            })
-            .map_err(|e| ClusterError::Start(e.to_string()))?;
+        let log: LogFn = Arc::new(move |line: &str| {
+            let _ = writeln!(file.lock(), "{line}");
+        });
+        let children = {
+            let log = log.clone();
+            dev.start_processes(node_bin, move |line| log(line))
+                .map_err(|e| ClusterError::Start(e.to_string()))?
+        };
         let nodes = children
             .iter()
             .enumerate()
@@ -147,6 +252,10 @@ impl Target {
             store_dir: Some(data_dir),
             spawned: Some(Spawned {
                 children,
+                dev,
+                bin: node_bin.to_owned(),
+                log,
+                redis,
                 _tmp: tmp,
             }),
         })
@@ -160,6 +269,64 @@ impl Target {
     /// Stops spawned nodes (SIGTERM, then SIGKILL after the grace period).
     pub fn stop(&mut self) {
         self.spawned = None;
+    }
+
+    fn spawned(&mut self) -> Result<&mut Spawned, ClusterError> {
+        self.spawned
+            .as_mut()
+            .ok_or_else(|| ClusterError::Fault("faults need --spawn-nodes".into()))
+    }
+
+    /// Kills node `i` (0-based) with SIGKILL and reaps it.
+    pub fn kill_node(&mut self, i: usize) -> Result<(), ClusterError> {
+        let s = self.spawned()?;
+        let child = s
+            .children
+            .get_mut(i)
+            .ok_or_else(|| ClusterError::Fault(format!("no node {}", i + 1)))?;
+        child
+            .kill()
+            .map_err(|e| ClusterError::Fault(format!("killing node {}: {e}", i + 1)))?;
+        let _ = child.wait();
+        Ok(())
+    }
+
+    /// Starts node `i` (0-based) again with its config; returns once it listens.
+    pub fn restart_node(&mut self, i: usize) -> Result<(), ClusterError> {
+        let s = self.spawned()?;
+        if i >= s.children.len() {
+            return Err(ClusterError::Fault(format!("no node {}", i + 1)));
+        }
+        let log = s.log.clone();
+        let child = s
+            .dev
+            .spawn_node(&s.bin, i as u32, move |line| log(line))
+            .map_err(|e| ClusterError::Start(e.to_string()))?;
+        let pid = child.id();
+        let old = std::mem::replace(&mut s.children[i], child);
+        drop(old);
+        if let Some(w) = self.nodes.get_mut(i) {
+            w.pid = pid;
+        }
+        Ok(())
+    }
+
+    /// Kills the harness's Redis (its data is lost).
+    pub fn redis_down(&mut self) -> Result<(), ClusterError> {
+        self.redis()?.down();
+        Ok(())
+    }
+
+    /// Starts the harness's Redis again, empty.
+    pub fn redis_up(&mut self) -> Result<(), ClusterError> {
+        self.redis()?.up()
+    }
+
+    fn redis(&mut self) -> Result<&mut RedisServer, ClusterError> {
+        self.spawned()?
+            .redis
+            .as_mut()
+            .ok_or_else(|| ClusterError::Fault("Redis faults need --redis-membership".into()))
     }
 }
 

@@ -205,6 +205,18 @@ impl Fleet {
         m
     }
 
+    /// Slots connected to `server` right now.
+    pub fn open_on(&self, server: &str) -> Vec<usize> {
+        (0..self.slots.len())
+            .filter(|&i| {
+                self.slots[i]
+                    .client
+                    .get()
+                    .is_some_and(|c| c.server() == server && c.conn().is_ok_and(|c| c.is_open()))
+            })
+            .collect()
+    }
+
     fn server_for(&self, i: usize) -> String {
         if let Some(h) = self.homes.read().as_ref()
             && let Some(node) = h.ring.owner(self.slots[i].user)
@@ -351,9 +363,10 @@ impl Fleet {
         debug!(user = user.0, "event stream ended");
     }
 
-    /// Reconnects a connection that dropped on its own, as a real client does: until it
-    /// works or the run stops, with jittered exponential backoff (100 ms .. 5 s), one
-    /// attempt at a time per connection.
+    /// Restores a connection that dropped on its own, as a real client does: a failover
+    /// (any known node, redirected home; never straight back to a node that just failed)
+    /// until it works or the run stops, with jittered exponential backoff (100 ms .. 5 s)
+    /// between failovers, one at a time per connection.
     async fn heal(&self, i: usize, client: &Client) {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -363,7 +376,7 @@ impl Fleet {
             if self.stopping.load(Ordering::Relaxed) || client.conn().is_ok_and(|c| c.is_open()) {
                 return;
             }
-            let Some(r) = self.reconnect_once(i, client).await else {
+            let Some(r) = self.reconnect_once(i, client, true).await else {
                 return; // another reconnect of this connection is under way
             };
             match r {
@@ -374,17 +387,23 @@ impl Fleet {
         }
     }
 
-    /// One reconnect of slot `i`, marked planned while it runs (its disconnect is no
-    /// failure); `None` if one is already under way.
+    /// One reconnect (or, for a connection that failed, a failover) of slot `i`, marked
+    /// planned while it runs (its disconnect is no failure); `None` if one is already under
+    /// way.
     async fn reconnect_once(
         &self,
         i: usize,
         client: &Client,
+        failover: bool,
     ) -> Option<Result<(), meshchat_client::ClientError>> {
         if self.slots[i].planned.swap(true, Ordering::Relaxed) {
             return None;
         }
-        let r = client.reconnect().await;
+        let r = if failover {
+            client.failover().await
+        } else {
+            client.reconnect().await
+        };
         self.slots[i].planned.store(false, Ordering::Relaxed);
         Some(r)
     }
@@ -396,7 +415,7 @@ impl Fleet {
             return;
         };
         let started = Instant::now();
-        let Some(r) = self.reconnect_once(i, &client).await else {
+        let Some(r) = self.reconnect_once(i, &client, false).await else {
             return; // one already under way
         };
         match r {

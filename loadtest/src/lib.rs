@@ -5,6 +5,7 @@
 //! and reports what happened as JSON and HTML.
 //!
 //! - [`cluster`]: the cluster under test (external, or spawned node processes).
+//! - [`chaos`]: faults on a plan (node kill and restart, Redis down and up) and re-home times.
 //! - [`provision`]: synthetic users (store rows and minted tokens, no per-user hashing).
 //! - [`fleet`]: the connections: endpoints, source addresses, paced ramp, event draining.
 //! - [`scenario`]: `idle`, `direct`, `channel`, `reconnect`, `mixed` traffic generators.
@@ -13,6 +14,7 @@
 //! - [`report`]: `report.json` and `report.html` (plots by `plotters`).
 //! - [`run`]: one whole experiment.
 
+pub mod chaos;
 pub mod cluster;
 pub mod fleet;
 pub mod provision;

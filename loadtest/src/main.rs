@@ -92,8 +92,9 @@ struct Cli {
     /// Longest wait for in-flight messages after the traffic stops, seconds.
     #[arg(long, default_value_t = 20)]
     drain: u64,
-    /// Client QUIC keep-alive, seconds (below the node's idle timeout).
-    #[arg(long, default_value_t = 20)]
+    /// Client QUIC keep-alive, seconds (below the node's idle timeout). It bounds how soon
+    /// an idle client notices a dead node (keep-alive + the 2.5 s liveness timeout).
+    #[arg(long, default_value_t = 4)]
     keep_alive: u64,
     /// Kernel UDP buffer per client socket, bytes (capped by net.core.rmem_max).
     #[arg(long, default_value_t = 8 << 20)]
@@ -113,6 +114,15 @@ struct Cli {
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// Spawned nodes use Redis membership, on a `redis-server` the harness starts (implied
+    /// by any --fault: a killed node leaves the ring only with dynamic membership).
+    #[arg(long)]
+    redis_membership: bool,
+    /// A fault during the traffic, at seconds from its start (repeatable): kill:N (SIGKILL
+    /// node N), restart:N, redis-down, redis-up. Example: --fault kill:2@20 --fault
+    /// restart:2@40. Needs --spawn-nodes.
+    #[arg(long, requires = "spawn_nodes")]
+    fault: Vec<meshchat_loadtest::chaos::Fault>,
 }
 
 #[tokio::main]
@@ -142,7 +152,13 @@ async fn main() -> anyhow::Result<()> {
                 "{} not found: build it (cargo build --release) or pass --node-bin",
                 bin.display()
             );
-            Target::spawn(n, &bin, cli.data_dir.clone(), &cli.out.join("nodes.log"))?
+            Target::spawn(
+                n,
+                &bin,
+                cli.data_dir.clone(),
+                &cli.out.join("nodes.log"),
+                cli.redis_membership || !cli.fault.is_empty(),
+            )?
         }
         None => {
             anyhow::ensure!(
@@ -192,6 +208,7 @@ async fn main() -> anyhow::Result<()> {
         progress: !cli.no_progress,
         command: std::env::args().collect(),
         settings: serde_json::to_value(&cli)?,
+        faults: cli.fault.clone(),
     };
     let report = run(cfg, target).await?;
     let c = &report.connections;
@@ -227,6 +244,30 @@ async fn main() -> anyhow::Result<()> {
             n.rss_per_connection
                 .map_or("-".into(), |b| format!("{b:.0} B/connection")),
             n.cpu_traffic_pct
+        );
+    }
+    for f in &report.faults {
+        println!(
+            "fault {:?} at {:.1}s: {}{}",
+            f.fault.action,
+            f.done_at_secs,
+            if f.ok { "done" } else { "FAILED " },
+            if f.victims > 0 {
+                format!(" ({} connections on it)", f.victims)
+            } else {
+                f.detail.clone()
+            }
+        );
+    }
+    let r = &report.rehome;
+    if r.victims > 0 {
+        println!(
+            "re-homed {}/{}: p50/p99/max {:.2}/{:.2}/{:.2} s after the kill",
+            r.rehomed,
+            r.victims,
+            r.latency.p50_us as f64 / 1e6,
+            r.latency.p99_us as f64 / 1e6,
+            r.latency.max_us as f64 / 1e6
         );
     }
     println!("acked but undelivered: {}", m.acked_undelivered);

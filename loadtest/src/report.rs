@@ -8,11 +8,12 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde::Serialize;
 
+use crate::chaos::FaultEvent;
 use crate::sampler::Sample;
 use crate::tracker::{Latency, Outstanding};
 
 /// Version of the JSON layout; bumped when a field changes meaning or goes away.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The machine the run was on.
 #[derive(Debug, Clone, Serialize)]
@@ -40,6 +41,17 @@ impl Machine {
                 .unwrap_or_default(),
         }
     }
+}
+
+/// Clients of killed nodes (chaos), and how long each took to serve again elsewhere.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Rehome {
+    /// Connections the killed nodes held when they were killed.
+    pub victims: u64,
+    /// Of those, connections authenticated on another node before the run ended.
+    pub rehomed: u64,
+    /// Kill -> authenticated on another node (gap fill then runs in the background).
+    pub latency: Latency,
 }
 
 /// Connection figures.
@@ -167,6 +179,10 @@ pub struct Report {
     pub reconnects: Reconnects,
     /// Messages.
     pub messages: Messages,
+    /// Chaos faults carried out, in order.
+    pub faults: Vec<FaultEvent>,
+    /// Re-home times of killed nodes' clients.
+    pub rehome: Rehome,
     /// Nodes on this machine.
     pub nodes: Vec<NodeFigures>,
     /// Errors by text, with counts.
@@ -199,6 +215,16 @@ impl Report {
         }
         if m.duplicates > 0 {
             f.push(format!("{} duplicate deliveries", m.duplicates));
+        }
+        if self.rehome.rehomed < self.rehome.victims {
+            f.push(format!(
+                "{} of {} clients of killed nodes never served again elsewhere",
+                self.rehome.victims - self.rehome.rehomed,
+                self.rehome.victims
+            ));
+        }
+        if let Some(bad) = self.faults.iter().find(|e| !e.ok) {
+            f.push(format!("fault {:?} failed: {}", bad.fault, bad.detail));
         }
         if self.connections.established < self.connections.requested as u64 {
             f.push(format!(

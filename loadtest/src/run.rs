@@ -11,9 +11,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use meshchat_client::ConnectOptions;
 use tracing::{info, warn};
 
+use crate::chaos::{Fault, run_plan};
 use crate::cluster::Target;
 use crate::fleet::{Fleet, FleetConfig};
-use crate::report::{Connections, Machine, Messages, NodeFigures, Reconnects, Report};
+use crate::report::{Connections, Machine, Messages, NodeFigures, Reconnects, Rehome, Report};
 use crate::sampler::{Sampler, Watched, proc_rss};
 use crate::scenario::{self, Scenario, Traffic};
 use crate::tracker::{Counters, Latency, Tracker};
@@ -55,6 +56,8 @@ pub struct RunConfig {
     pub command: Vec<String>,
     /// The flags, for the report.
     pub settings: serde_json::Value,
+    /// Chaos faults during the traffic.
+    pub faults: Vec<Fault>,
 }
 
 fn bar(show: bool, len: u64) -> ProgressBar {
@@ -97,6 +100,7 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
     let mut options = ConnectOptions::new(meshchat_client::load_ca(&target.ca)?);
     options.keep_alive = cfg.keep_alive;
     options.event_buffer = 256;
+    options.seeds = target.servers.clone();
     let fleet = Fleet::new(
         FleetConfig {
             servers: target.servers.clone(),
@@ -195,10 +199,21 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
     );
     let acked_before = Counters::get(&tracker.counters.acked);
     let traffic_started = Instant::now();
-    while tokio::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        pb.set_position(traffic_started.elapsed().as_secs());
-    }
+    let progress = async {
+        while tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            pb.set_position(traffic_started.elapsed().as_secs());
+        }
+    };
+    let chaos = run_plan(
+        &cfg.faults,
+        &mut target,
+        &fleet,
+        &tracker,
+        traffic_started,
+        until + cfg.drain,
+    );
+    let (faults, ()) = tokio::join!(chaos, progress);
     let traffic_secs = traffic_started.elapsed().as_secs_f64();
     let acked_in_traffic = Counters::get(&tracker.counters.acked) - acked_before;
     let _ = tokio::time::timeout(Duration::from_secs(35), async {
@@ -321,6 +336,12 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
             ack_latency: Latency::of(&h.ack),
             e2e_latency: Latency::of(&h.e2e),
             delivery_latency: Latency::of(&h.delivery),
+        },
+        faults,
+        rehome: Rehome {
+            victims: Counters::get(&c.rehome_victims),
+            rehomed: Counters::get(&c.rehomed),
+            latency: Latency::of(&h.rehome),
         },
         nodes,
         errors: fleet.errors(),

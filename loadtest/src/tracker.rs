@@ -96,6 +96,8 @@ pub struct Histograms {
     pub handshake: Histogram<u64>,
     /// A planned reconnect: close, connect, authenticate.
     pub reconnect: Histogram<u64>,
+    /// Node killed -> its client authenticated on another node (chaos).
+    pub rehome: Histogram<u64>,
     /// Send -> processed ack.
     pub ack: Histogram<u64>,
     /// Send -> the last recipient received it.
@@ -148,6 +150,10 @@ pub struct Counters {
     pub gaps: AtomicU64,
     /// Errors the node pushed that answer no request.
     pub node_errors: AtomicU64,
+    /// Clients connected to a node when it was killed.
+    pub rehome_victims: AtomicU64,
+    /// Of those, clients that were serving again on another node.
+    pub rehomed: AtomicU64,
 }
 
 impl Counters {
@@ -159,6 +165,11 @@ impl Counters {
     /// Adds one.
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n`.
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -213,6 +224,7 @@ impl Tracker {
             hist: Mutex::new(Histograms {
                 handshake: histogram(),
                 reconnect: histogram(),
+                rehome: histogram(),
                 ack: histogram(),
                 e2e: histogram(),
                 delivery: histogram(),
@@ -328,6 +340,12 @@ impl Tracker {
     /// Records a planned reconnect time.
     pub fn reconnect(&self, d: Duration) {
         let _ = self.hist.lock().reconnect.record(micros(d));
+    }
+
+    /// A killed node's client serving again elsewhere, `d` after the kill.
+    pub fn rehomed(&self, d: Duration) {
+        Counters::inc(&self.counters.rehomed);
+        let _ = self.hist.lock().rehome.record(micros(d));
     }
 
     /// Messages in the ledger (sent and not yet acked and delivered everywhere).

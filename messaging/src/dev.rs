@@ -121,47 +121,51 @@ impl DevCluster {
         crate::auth::Auth::load_or_create_secret(&self.node_config(0).secret_file())?;
         let mut children = Vec::new();
         for i in 0..self.nodes {
-            let path = self.data_dir.join(format!("node-{}.toml", i + 1));
-            let toml = toml::to_string(&self.node_config(i))
-                .map_err(|e| StartError::Other(format!("writing config: {e}")))?;
-            std::fs::write(&path, toml)
-                .map_err(|e| StartError::Other(format!("{}: {e}", path.display())))?;
-            let child = Command::new(exe)
-                .arg("run")
-                .arg("--config")
-                .arg(&path)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(|e| StartError::Other(format!("spawning node {}: {e}", i + 1)))?;
-            children.push(child);
+            children.push(self.spawn_child(exe, i)?);
         }
         // Each child logs "listening" once its client endpoint is up; pass its log through.
         for child in &mut children {
-            let Some(stderr) = child.stderr.take() else {
-                continue;
-            };
-            let (tx, rx) = std::sync::mpsc::channel();
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let mut tx = Some(tx);
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("listening")
-                        && line.contains("meshchat_messaging::server")
-                        && let Some(tx) = tx.take()
-                    {
-                        let _ = tx.send(());
-                    }
-                    log(&line);
-                }
-            });
-            if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            if let Err(e) = wait_listening(child, log.clone()) {
                 stop_children(&mut children, Duration::from_secs(1));
-                return Err(StartError::Other("a node did not start within 30 s".into()));
+                return Err(e);
             }
         }
         Ok(children)
+    }
+
+    /// Starts node `i` (0-based) alone as a child process, say again after it was killed;
+    /// returns once it listens. The cluster's data dir, CA and secret must exist (a first
+    /// [`Self::start_processes`] made them).
+    pub fn spawn_node(
+        &self,
+        exe: &Path,
+        i: u32,
+        log: impl Fn(&str) + Send + Clone + 'static,
+    ) -> Result<Child, StartError> {
+        let mut child = self.spawn_child(exe, i)?;
+        if let Err(e) = wait_listening(&mut child, log) {
+            stop_children(std::slice::from_mut(&mut child), Duration::from_secs(1));
+            return Err(e);
+        }
+        Ok(child)
+    }
+
+    /// Writes node `i`'s config and spawns `exe run --config <data_dir>/node-<id>.toml`.
+    fn spawn_child(&self, exe: &Path, i: u32) -> Result<Child, StartError> {
+        let path = self.data_dir.join(format!("node-{}.toml", i + 1));
+        let toml = toml::to_string(&self.node_config(i))
+            .map_err(|e| StartError::Other(format!("writing config: {e}")))?;
+        std::fs::write(&path, toml)
+            .map_err(|e| StartError::Other(format!("{}: {e}", path.display())))?;
+        Command::new(exe)
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| StartError::Other(format!("spawning node {}: {e}", i + 1)))
     }
 
     /// What to print once the cluster is up: addresses and the exact client commands.
@@ -190,6 +194,32 @@ impl DevCluster {
         ));
         s
     }
+}
+
+/// Passes `child`'s log lines to `log` (from a thread) and waits up to 30 s for its
+/// "listening" line.
+fn wait_listening(
+    child: &mut Child,
+    log: impl Fn(&str) + Send + 'static,
+) -> Result<(), StartError> {
+    let Some(stderr) = child.stderr.take() else {
+        return Ok(());
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("listening")
+                && line.contains("meshchat_messaging::server")
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(());
+            }
+            log(&line);
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .map_err(|_| StartError::Other("a node did not start within 30 s".into()))
 }
 
 /// SIGTERM every child, wait up to `grace`, then SIGKILL what is left.

@@ -1,0 +1,196 @@
+//! Chaos faults on a spawned cluster, on a plan given on the command line
+//! (`--fault kill:2@20 --fault restart:2@40 --fault redis-down@10 --fault redis-up@25`, times
+//! in seconds from the start of the traffic), and what they did: a timeline of the faults and,
+//! for every node killed, how long each of its clients took to be serving again on another
+//! node (the client library's liveness check and failover, no help from the harness).
+//!
+//! Partitions (network namespaces) are not here yet: see docs/RELIABILITY.md.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tracing::warn;
+
+use crate::cluster::Target;
+use crate::fleet::Fleet;
+use crate::tracker::{Counters, Tracker};
+
+/// One fault of the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Action {
+    /// SIGKILL node N (1-based).
+    Kill(usize),
+    /// Start node N (1-based) again.
+    Restart(usize),
+    /// Kill the harness's Redis.
+    RedisDown,
+    /// Start it again, empty.
+    RedisUp,
+}
+
+/// A fault at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Fault {
+    /// Seconds from the start of the traffic.
+    pub at_secs: u64,
+    /// What happens.
+    pub action: Action,
+}
+
+impl FromStr for Fault {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (what, at) = s
+            .split_once('@')
+            .ok_or_else(|| format!("{s:?}: expected WHAT@SECONDS"))?;
+        let at_secs = at
+            .parse()
+            .map_err(|_| format!("{s:?}: {at:?} is not a number of seconds"))?;
+        let node = |n: &str| -> Result<usize, String> {
+            match n.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(n),
+                _ => Err(format!("{s:?}: node numbers start at 1")),
+            }
+        };
+        let action = match what.split_once(':') {
+            Some(("kill", n)) => Action::Kill(node(n)?),
+            Some(("restart", n)) => Action::Restart(node(n)?),
+            None if what == "redis-down" => Action::RedisDown,
+            None if what == "redis-up" => Action::RedisUp,
+            _ => {
+                return Err(format!(
+                    "{s:?}: faults are kill:N, restart:N, redis-down, redis-up"
+                ));
+            }
+        };
+        Ok(Self { at_secs, action })
+    }
+}
+
+/// What a fault did, for the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultEvent {
+    /// The fault.
+    pub fault: Fault,
+    /// Seconds from the start of the traffic when it was carried out.
+    pub done_at_secs: f64,
+    /// Whether it worked.
+    pub ok: bool,
+    /// Error, or a note.
+    pub detail: String,
+    /// For a kill: connections the node held at that moment.
+    pub victims: usize,
+}
+
+/// Carries out `plan` against `target` during the traffic phase, which started at `from`;
+/// returns when the last fault is done. Killed nodes' clients are watched until they are
+/// re-homed or `watch_until` passes.
+pub async fn run_plan(
+    plan: &[Fault],
+    target: &mut Target,
+    fleet: &Arc<Fleet>,
+    tracker: &Arc<Tracker>,
+    from: Instant,
+    watch_until: tokio::time::Instant,
+) -> Vec<FaultEvent> {
+    let mut plan = plan.to_vec();
+    plan.sort_by_key(|f| f.at_secs);
+    let mut events = Vec::new();
+    for fault in plan {
+        let due = from + Duration::from_secs(fault.at_secs);
+        tokio::time::sleep_until(due.into()).await;
+        let mut victims = Vec::new();
+        let result = match fault.action {
+            Action::Kill(n) => {
+                let addr = target.servers.get(n - 1).cloned().unwrap_or_default();
+                victims = fleet.open_on(&addr);
+                let r = tokio::task::block_in_place(|| target.kill_node(n - 1));
+                if r.is_ok() {
+                    watch_rehome(fleet.clone(), tracker.clone(), &victims, watch_until);
+                }
+                r
+            }
+            Action::Restart(n) => tokio::task::block_in_place(|| target.restart_node(n - 1)),
+            Action::RedisDown => target.redis_down(),
+            Action::RedisUp => tokio::task::block_in_place(|| target.redis_up()),
+        };
+        if let Err(e) = &result {
+            warn!(?fault, error = %e, "fault failed");
+        }
+        events.push(FaultEvent {
+            fault,
+            done_at_secs: from.elapsed().as_secs_f64(),
+            ok: result.is_ok(),
+            detail: result.err().map(|e| e.to_string()).unwrap_or_default(),
+            victims: victims.len(),
+        });
+    }
+    events
+}
+
+/// Records, for each of `victims` (slots connected to the killed node), the time until its
+/// client is authenticated again on an open connection (at its new home, or at the node
+/// itself once it is back and owns the user again: every authentication mints a new
+/// token, so a new token means a new session), in the re-home histogram.
+fn watch_rehome(
+    fleet: Arc<Fleet>,
+    tracker: Arc<Tracker>,
+    victims: &[usize],
+    until: tokio::time::Instant,
+) {
+    let killed = Instant::now();
+    let mut left: Vec<(usize, String)> = victims
+        .iter()
+        .filter_map(|&i| Some((i, fleet.client(i)?.session()?.token)))
+        .collect();
+    Counters::add(&tracker.counters.rehome_victims, left.len() as u64);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        while !left.is_empty() && tokio::time::Instant::now() < until {
+            tick.tick().await;
+            left.retain(|(i, old)| {
+                let done = fleet.client(*i).is_some_and(|c| {
+                    c.session().is_some_and(|s| s.token != *old)
+                        && c.conn().is_ok_and(|now| now.is_open())
+                });
+                if done {
+                    tracker.rehomed(killed.elapsed());
+                }
+                !done
+            });
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_parse_and_bad_ones_say_why() {
+        assert_eq!(
+            "kill:2@20".parse::<Fault>(),
+            Ok(Fault {
+                at_secs: 20,
+                action: Action::Kill(2)
+            })
+        );
+        assert_eq!(
+            "redis-up@7".parse::<Fault>().map(|f| f.action),
+            Ok(Action::RedisUp)
+        );
+        for bad in [
+            "kill:0@1",
+            "kill:2",
+            "boom@3",
+            "restart:x@1",
+            "redis-down@soon",
+        ] {
+            let e = bad.parse::<Fault>().expect_err(bad);
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+}
