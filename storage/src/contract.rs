@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use meshchat_idgen::{ChannelId, ChatId, Generator, MessageId, UserId};
+use meshchat_idgen::{
+    ChannelId, ChatId, Clock, Generator, ManualClock, MessageId, SystemClock, UserId,
+};
 
 use crate::error::StorageError;
 use crate::model::{Direction, NewMessage, PageQuery, Reaction, ReceiptKind, StoredMessage};
@@ -59,6 +61,13 @@ macro_rules! contract_tests {
             marks_need_membership,
             concurrent_writers_all_land,
             reopen_after_close_keeps_everything,
+            paging_across_day_buckets,
+            unread_across_day_buckets,
+            idempotency_key_includes_the_chat,
+            concurrent_claims_of_one_name,
+            concurrent_appends_of_one_client_msg_id,
+            repeated_join_keeps_marks_and_rejoin_skips_backlog,
+            member_counts_follow_joins_and_leaves,
         );
     };
     (#[ignore = $why:literal] $harness:expr) => {
@@ -71,9 +80,20 @@ macro_rules! contract_tests {
 
 static NEXT_WORKER: AtomicU64 = AtomicU64::new(0);
 
+/// One day of Snowflake milliseconds: the default history bucket width of the Cassandra
+/// backend, so messages a day apart land in different partitions.
+pub const DAY_MS: u64 = 86_400_000;
+
 /// Fresh ids and names for one contract run.
+///
+/// User, channel and client ids come from the real clock (unique across runs sharing a
+/// store). Message ids come from an injected clock that starts 60 days in the past and only
+/// moves when told to (plus one millisecond per id), so a contract decides which day bucket
+/// each message lands in.
 struct Ids {
     generator: Generator,
+    clock: Arc<ManualClock>,
+    messages: Generator<Arc<ManualClock>>,
     tag: String,
 }
 
@@ -83,13 +103,27 @@ impl Ids {
             (std::process::id() as u64 + NEXT_WORKER.fetch_add(1, Ordering::Relaxed)) % 1024;
         let generator = Generator::new(worker as u16).expect("worker id in range");
         let tag = format!("{:x}", generator.next_id().expect("id").0);
-        Self { generator, tag }
+        let now = SystemClock.now_unix_ms();
+        let clock = Arc::new(ManualClock::new(now - 60 * DAY_MS));
+        let messages =
+            Generator::with_clock(worker as u16, clock.clone()).expect("worker id in range");
+        Self {
+            generator,
+            clock,
+            messages,
+            tag,
+        }
     }
     fn id(&self) -> u64 {
         self.generator.next_id().expect("clock in range").0
     }
     fn message_id(&self) -> MessageId {
-        MessageId(self.id())
+        self.clock.advance(1);
+        MessageId(self.messages.next_id().expect("clock in range").0)
+    }
+    /// Moves the message clock forwards by `days` days.
+    fn advance_days(&self, days: u64) {
+        self.clock.advance(days * DAY_MS);
     }
     fn name(&self, base: &str) -> String {
         format!("{base}-{}", self.tag)
@@ -111,6 +145,48 @@ impl Ids {
             reply_to: None,
         }
     }
+}
+
+/// The day (bucket of the default width) of a message id.
+fn day_of(id: MessageId) -> u64 {
+    id.snowflake().ms_since_epoch() / DAY_MS
+}
+
+/// Every message of `chat`, paged in `direction` with pages of `limit`, checking each page's
+/// order and size on the way.
+async fn all_pages(
+    s: &dyn Storage,
+    chat: ChatId,
+    direction: Direction,
+    limit: u32,
+) -> Vec<MessageId> {
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = s
+            .page(
+                chat,
+                PageQuery {
+                    cursor,
+                    direction,
+                    limit,
+                },
+            )
+            .await
+            .expect("page");
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= limit as usize, "page above its limit");
+        match direction {
+            Direction::Backward => assert!(page.windows(2).all(|w| w[0].id > w[1].id)),
+            Direction::Forward => assert!(page.windows(2).all(|w| w[0].id < w[1].id)),
+        }
+        cursor = page.last().map(|m| m.id);
+        seen.extend(page.iter().map(|m| m.id));
+        assert!(seen.len() < 100_000, "paging does not end");
+    }
+    seen
 }
 
 fn texts(page: &[StoredMessage]) -> Vec<String> {
@@ -700,6 +776,477 @@ pub async fn reopen_after_close_keeps_everything(h: &dyn Harness) {
             .await
             .expect("user")
             .is_some()
+    );
+    h.close(s).await;
+}
+
+/// History spread over several day buckets, with empty days between them: paging both ways
+/// with page sizes that end inside, at and across bucket boundaries returns every message once,
+/// in order; cursors in empty days and exactly on a bucket's first or last message work.
+pub async fn paging_across_day_buckets(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let (a, b) = (ids.user(&*s, "a").await, ids.user(&*s, "b").await);
+    let chat = ChatId::direct(a, b);
+    // Messages per active day, and empty days after each: more active days than a backend
+    // might read bucket lists at once (the Cassandra backend reads 8).
+    let plan: [(usize, u64); 12] = [
+        (3, 1),
+        (1, 4),
+        (5, 1),
+        (2, 0),
+        (4, 9),
+        (1, 1),
+        (1, 0),
+        (2, 2),
+        (1, 0),
+        (3, 30),
+        (1, 0),
+        (2, 1),
+    ];
+    let mut sent = Vec::new();
+    let mut firsts = Vec::new();
+    let mut empty_day_ids = Vec::new();
+    for (n, (count, gap)) in plan.iter().enumerate() {
+        for k in 0..*count {
+            let m = ids.msg(chat, if k % 2 == 0 { a } else { b }, &format!("d{n}/{k}"));
+            if k == 0 {
+                firsts.push(m.id);
+            }
+            sent.push(m.id);
+            assert!(!s.append(m).await.expect("append").duplicate);
+        }
+        ids.advance_days(1);
+        if *gap > 0 {
+            // An id from an empty day (never stored): a cursor there must still work.
+            empty_day_ids.push(ids.message_id());
+            ids.advance_days(*gap);
+        }
+    }
+    let days: HashSet<u64> = sent.iter().map(|m| day_of(*m)).collect();
+    assert_eq!(days.len(), plan.len(), "one day bucket per group");
+    let mut newest_first = sent.clone();
+    newest_first.reverse();
+    for limit in [1, 2, 3, 4, 5, 7, 16, 100] {
+        assert_eq!(
+            all_pages(&*s, chat, Direction::Backward, limit).await,
+            newest_first,
+            "backward, pages of {limit}"
+        );
+        assert_eq!(
+            all_pages(&*s, chat, Direction::Forward, limit).await,
+            sent,
+            "forward, pages of {limit}"
+        );
+    }
+    let page = |cursor: MessageId, direction: Direction, limit: u32| {
+        let s = s.clone();
+        async move {
+            s.page(
+                chat,
+                PageQuery {
+                    cursor: Some(cursor),
+                    direction,
+                    limit,
+                },
+            )
+            .await
+            .expect("page")
+            .into_iter()
+            .map(|m| m.id)
+            .collect::<Vec<_>>()
+        }
+    };
+    // Cursors on a bucket's first message cross into the previous bucket and stay exclusive.
+    for first in &firsts {
+        let at = sent.iter().position(|m| m == first).expect("sent");
+        let want_back: Vec<MessageId> = sent[..at].iter().rev().take(3).copied().collect();
+        assert_eq!(page(*first, Direction::Backward, 3).await, want_back);
+        let want_fwd: Vec<MessageId> = sent[at + 1..].iter().take(3).copied().collect();
+        assert_eq!(page(*first, Direction::Forward, 3).await, want_fwd);
+    }
+    // Cursors in empty days.
+    for gap_id in &empty_day_ids {
+        let below: Vec<MessageId> = sent
+            .iter()
+            .rev()
+            .filter(|m| *m < gap_id)
+            .take(4)
+            .copied()
+            .collect();
+        let above: Vec<MessageId> = sent
+            .iter()
+            .filter(|m| *m > gap_id)
+            .take(4)
+            .copied()
+            .collect();
+        assert_eq!(page(*gap_id, Direction::Backward, 4).await, below);
+        assert_eq!(page(*gap_id, Direction::Forward, 4).await, above);
+    }
+    // Past either end: nothing.
+    assert!(page(sent[0], Direction::Backward, 5).await.is_empty());
+    let last = *sent.last().expect("sent");
+    assert!(page(last, Direction::Forward, 5).await.is_empty());
+    // The newest message is listed even though older days hold more messages, and unread
+    // counts cover every day.
+    let list = s.chat_list(a, 10).await.expect("chat list");
+    assert_eq!(list[0].newest.as_ref().map(|m| m.id), Some(last));
+    let from_b = plan.iter().map(|(n, _)| n / 2).sum::<usize>() as u32;
+    let from_a = sent.len() as u32 - from_b;
+    assert_eq!(list[0].unread, from_b);
+    let list = s.chat_list(b, 10).await.expect("chat list");
+    assert_eq!(list[0].unread, from_a);
+    h.close(s).await;
+}
+
+/// Unread counts when the seen mark is days behind the newest message: counted across
+/// buckets, from both participants' side, never counting one's own messages.
+pub async fn unread_across_day_buckets(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let (a, b) = (ids.user(&*s, "a").await, ids.user(&*s, "b").await);
+    let chat = ChatId::direct(a, b);
+    let send = |from: UserId, text: String| {
+        let s = s.clone();
+        let m = ids.msg(chat, from, &text);
+        async move { s.append(m).await.expect("append").id }
+    };
+    let unread = |user: UserId| {
+        let s = s.clone();
+        async move {
+            let list = s.chat_list(user, 10).await.expect("chat list");
+            let row = list.iter().find(|r| r.chat == chat).expect("chat listed");
+            (row.unread, row.mine)
+        }
+    };
+    // Day 0: a sends 2, b sends 1.
+    let a0 = send(a, "a0".into()).await;
+    let _a1 = send(a, "a1".into()).await;
+    let b0 = send(b, "b0".into()).await;
+    ids.advance_days(3);
+    // Day 3: a sends 3.
+    let mut day3 = Vec::new();
+    for n in 0..3 {
+        day3.push(send(a, format!("a3/{n}")).await);
+    }
+    ids.advance_days(2);
+    // Day 5: b sends 2, a sends 1.
+    let b5 = send(b, "b5/0".into()).await;
+    send(b, "b5/1".into()).await;
+    let a5 = send(a, "a5".into()).await;
+    assert_eq!(
+        unread(b).await.0,
+        6,
+        "b: every message of a, over three days"
+    );
+    assert_eq!(unread(a).await.0, 3, "a: every message of b, over two days");
+    // b has seen up to a0 (day 0): a1 and the 4 later ones of a are unread.
+    s.mark(b, chat, ReceiptKind::Seen, a0).await.expect("mark");
+    assert_eq!(unread(b).await, (5, marks(a0, a0)));
+    // b has seen up to the middle of day 3.
+    s.mark(b, chat, ReceiptKind::Seen, day3[1])
+        .await
+        .expect("mark");
+    assert_eq!(unread(b).await.0, 2, "a3/2 and a5");
+    // a has seen b0 (day 0): b's 2 messages of day 5 are unread, a's own are not.
+    s.mark(a, chat, ReceiptKind::Seen, b0).await.expect("mark");
+    assert_eq!(unread(a).await.0, 2);
+    // A seen mark on a message of one's own counts from there.
+    s.mark(a, chat, ReceiptKind::Seen, b5).await.expect("mark");
+    assert_eq!(unread(a).await.0, 1);
+    s.mark(b, chat, ReceiptKind::Seen, a5).await.expect("mark");
+    assert_eq!(unread(b).await, (0, marks(a5, a5)));
+    h.close(s).await;
+}
+
+fn marks(delivered: MessageId, seen: MessageId) -> crate::model::Marks {
+    crate::model::Marks { delivered, seen }
+}
+
+/// The idempotency key is (sender, chat, client message id): the same client id in another
+/// chat is another message, stored in that chat; a retry in either chat finds its own.
+pub async fn idempotency_key_includes_the_chat(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let (a, b, c) = (
+        ids.user(&*s, "a").await,
+        ids.user(&*s, "b").await,
+        ids.user(&*s, "c").await,
+    );
+    let ab = ChatId::direct(a, b);
+    let ac = ChatId::direct(a, c);
+    let ch = ChannelId(ids.id());
+    s.create_channel(ch, &ids.name("idem"), a)
+        .await
+        .expect("create");
+    let key = format!("c-{}", ids.id());
+    let mut firsts = Vec::new();
+    for (chat, text) in [(ab, "to b"), (ac, "to c"), (ChatId::Channel(ch), "to all")] {
+        let mut m = ids.msg(chat, a, text);
+        m.client_msg_id = key.clone();
+        let id = m.id;
+        let out = s.append(m).await.expect("append");
+        assert_eq!(
+            (out.id, out.duplicate),
+            (id, false),
+            "{text}: a new message"
+        );
+        firsts.push((chat, id, text));
+    }
+    for (chat, id, text) in &firsts {
+        let got = s.message(*chat, *id).await.expect("get").expect("stored");
+        assert_eq!(
+            &got.body[..],
+            text.as_bytes(),
+            "each chat keeps its own body"
+        );
+        let mut retry = ids.msg(*chat, a, "retry");
+        retry.client_msg_id = key.clone();
+        let out = s.append(retry).await.expect("retry");
+        assert_eq!(
+            (out.id, out.duplicate),
+            (*id, true),
+            "{text}: retry finds its own"
+        );
+        let page = s
+            .page(
+                *chat,
+                PageQuery {
+                    cursor: None,
+                    direction: Direction::Forward,
+                    limit: 10,
+                },
+            )
+            .await
+            .expect("page");
+        assert_eq!(
+            texts(&page),
+            vec![text.to_string()],
+            "nothing else in {chat}"
+        );
+    }
+    h.close(s).await;
+}
+
+/// Concurrent registrations of one user name (and creations of one channel name): exactly
+/// one wins, the rest get `UserExists` / `ChannelExists`, and the name leads to the winner.
+pub async fn concurrent_claims_of_one_name(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Arc::new(Ids::new());
+    let name = ids.name("contested");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (s, id, name) = (s.clone(), UserId(ids.id()), name.clone());
+        tasks.push(tokio::spawn(async move {
+            (id, s.create_user(id, &name, "$argon2id$x").await)
+        }));
+    }
+    let mut winners = Vec::new();
+    let mut losers = Vec::new();
+    for t in tasks {
+        match t.await.expect("task") {
+            (id, Ok(user)) => {
+                assert_eq!((user.id, user.name.as_str()), (id, name.as_str()));
+                winners.push(id);
+            }
+            (id, Err(StorageError::UserExists(n))) => {
+                assert_eq!(n, name);
+                losers.push(id);
+            }
+            (_, Err(e)) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one registration wins");
+    let winner = winners[0];
+    let creds = s
+        .user_by_name(&name)
+        .await
+        .expect("lookup")
+        .expect("exists");
+    assert_eq!(creds.user.id, winner);
+    assert!(s.user_by_id(winner).await.expect("lookup").is_some());
+    for id in losers {
+        assert!(
+            s.user_by_id(id).await.expect("lookup").is_none(),
+            "a loser left a user"
+        );
+    }
+    // Channels.
+    let cname = ids.name("contested-channel");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (s, id, cname) = (s.clone(), ChannelId(ids.id()), cname.clone());
+        tasks.push(tokio::spawn(async move {
+            (id, s.create_channel(id, &cname, winner).await)
+        }));
+    }
+    let mut won = Vec::new();
+    for t in tasks {
+        match t.await.expect("task") {
+            (id, Ok(ch)) => {
+                assert_eq!(ch.id, id);
+                won.push(id);
+            }
+            (_, Err(StorageError::ChannelExists(n))) => assert_eq!(n, cname),
+            (_, Err(e)) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "exactly one channel creation wins");
+    let ch = s
+        .channel_by_name(&cname)
+        .await
+        .expect("lookup")
+        .expect("exists");
+    assert_eq!((ch.id, ch.owner, ch.member_count), (won[0], winner, 1));
+    assert_eq!(
+        s.channels_of(winner)
+            .await
+            .expect("mine")
+            .iter()
+            .map(|c| c.id)
+            .collect::<Vec<_>>(),
+        vec![won[0]]
+    );
+    h.close(s).await;
+}
+
+/// Concurrent appends of one (sender, chat, client message id), each with its own message id
+/// (retries racing through different nodes): all succeed, exactly one stores, all return its
+/// id, and the chat holds one message.
+pub async fn concurrent_appends_of_one_client_msg_id(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Arc::new(Ids::new());
+    let (a, b) = (ids.user(&*s, "a").await, ids.user(&*s, "b").await);
+    let chat = ChatId::direct(a, b);
+    let template = ids.msg(chat, a, "once");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut m = template.clone();
+        m.id = ids.message_id();
+        let s = s.clone();
+        tasks.push(tokio::spawn(
+            async move { s.append(m).await.expect("append") },
+        ));
+    }
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.expect("task"));
+    }
+    let fresh: Vec<_> = outcomes.iter().filter(|o| !o.duplicate).collect();
+    assert_eq!(fresh.len(), 1, "exactly one append stores: {outcomes:?}");
+    let id = fresh[0].id;
+    assert!(
+        outcomes.iter().all(|o| o.id == id),
+        "all return one id: {outcomes:?}"
+    );
+    let page = s
+        .page(
+            chat,
+            PageQuery {
+                cursor: None,
+                direction: Direction::Forward,
+                limit: 100,
+            },
+        )
+        .await
+        .expect("page");
+    assert_eq!(page.iter().map(|m| m.id).collect::<Vec<_>>(), vec![id]);
+    assert_eq!(texts(&page), vec!["once"]);
+    h.close(s).await;
+}
+
+/// A repeated join changes nothing (the member's marks stay where they are); leaving and
+/// joining again starts the member with the backlog seen again.
+pub async fn repeated_join_keeps_marks_and_rejoin_skips_backlog(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let (a, b) = (ids.user(&*s, "a").await, ids.user(&*s, "b").await);
+    let ch = ChannelId(ids.id());
+    let chat = ChatId::Channel(ch);
+    s.create_channel(ch, &ids.name("rejoin"), a)
+        .await
+        .expect("create");
+    // b joins an empty channel: nothing to mark, nothing unread.
+    assert!(s.join_channel(ch, b).await.expect("join"));
+    let row = |user: UserId| {
+        let s = s.clone();
+        async move {
+            let list = s.chat_list(user, 10).await.expect("list");
+            list.into_iter().find(|r| r.chat == chat)
+        }
+    };
+    assert_eq!(row(b).await.expect("listed").unread, 0);
+    let m1 = s.append(ids.msg(chat, a, "one")).await.expect("append").id;
+    ids.advance_days(2);
+    let m2 = s.append(ids.msg(chat, a, "two")).await.expect("append").id;
+    assert_eq!(row(b).await.expect("listed").unread, 2);
+    // A repeated join is a no-op: the two messages stay unread.
+    assert!(!s.join_channel(ch, b).await.expect("join again"));
+    let r = row(b).await.expect("listed");
+    assert_eq!((r.unread, r.mine), (2, marks(MessageId(0), MessageId(0))));
+    s.mark(b, chat, ReceiptKind::Seen, m1).await.expect("mark");
+    assert!(!s.join_channel(ch, b).await.expect("join again"));
+    let r = row(b).await.expect("listed");
+    assert_eq!((r.unread, r.mine), (1, marks(m1, m1)));
+    // Leave: gone from the list; rejoin: the backlog counts as seen.
+    assert!(s.leave_channel(ch, b).await.expect("leave"));
+    assert!(row(b).await.is_none());
+    ids.advance_days(1);
+    let m3 = s
+        .append(ids.msg(chat, a, "three"))
+        .await
+        .expect("append")
+        .id;
+    assert!(s.join_channel(ch, b).await.expect("rejoin"));
+    let r = row(b).await.expect("listed again");
+    assert_eq!((r.unread, r.mine), (0, marks(m3, m3)));
+    assert!(m2 < m3);
+    h.close(s).await;
+}
+
+/// `member_count` follows joins and leaves.
+pub async fn member_counts_follow_joins_and_leaves(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let owner = ids.user(&*s, "owner").await;
+    let ch = ChannelId(ids.id());
+    s.create_channel(ch, &ids.name("count"), owner)
+        .await
+        .expect("create");
+    let mut users = Vec::new();
+    for n in 0..12 {
+        let u = ids.user(&*s, &format!("u{n}")).await;
+        assert!(s.join_channel(ch, u).await.expect("join"));
+        users.push(u);
+    }
+    let count = || {
+        let s = s.clone();
+        async move {
+            s.channel(ch)
+                .await
+                .expect("channel")
+                .expect("exists")
+                .member_count
+        }
+    };
+    assert_eq!(count().await, 13);
+    for u in &users[..5] {
+        assert!(s.leave_channel(ch, *u).await.expect("leave"));
+    }
+    assert_eq!(count().await, 8);
+    assert_eq!(s.channel_members(ch).await.expect("members").len(), 8);
+    let by_name = s
+        .channel_by_name(&ids.name("count"))
+        .await
+        .expect("lookup")
+        .expect("exists");
+    assert_eq!(by_name.member_count, 8);
+    let mine = s.channels_of(users[7]).await.expect("mine");
+    assert_eq!(
+        mine.iter()
+            .map(|c| (c.id, c.member_count))
+            .collect::<Vec<_>>(),
+        vec![(ch, 8)]
     );
     h.close(s).await;
 }

@@ -41,8 +41,9 @@ pub struct NewMessage {
     pub chat: ChatId,
     /// Who sent it.
     pub sender: UserId,
-    /// The sender's idempotency key: a second append with the same `(sender, client_msg_id)`
-    /// stores nothing and returns the first message's id.
+    /// The sender's idempotency key: a second append with the same
+    /// `(sender, chat, client_msg_id)` stores nothing and returns the first message's id.
+    /// The same client id in another chat is another message.
     pub client_msg_id: String,
     /// Opaque body (UTF-8 text for the CLI, but storage does not care).
     pub body: Bytes,
@@ -55,7 +56,7 @@ pub struct NewMessage {
 pub struct AppendOutcome {
     /// The stored message's id: the new id, or the first message's id for a retry.
     pub id: MessageId,
-    /// True when `(sender, client_msg_id)` was seen before and nothing new was stored.
+    /// True when `(sender, chat, client_msg_id)` was seen before and nothing new was stored.
     pub duplicate: bool,
 }
 

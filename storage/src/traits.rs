@@ -2,7 +2,7 @@
 //!
 //! Contract (checked for every backend by [`crate::contract`]):
 //! - a write returns only after it is durable at the backend's durability setting;
-//! - `append` is idempotent on `(sender, client_msg_id)`;
+//! - `append` is idempotent on `(sender, chat, client_msg_id)`;
 //! - history pages are ordered by message id and exclusive of their cursor;
 //! - receipt marks only move forwards; `seen` implies `delivered`.
 
@@ -18,7 +18,7 @@ use crate::model::{
 /// Messages and reactions, per chat, paged by id.
 #[async_trait]
 pub trait HistoryStore: Send + Sync + 'static {
-    /// Stores a message, or finds the first one with the same `(sender, client_msg_id)`.
+    /// Stores a message, or finds the first one with the same `(sender, chat, client_msg_id)`.
     /// Fails with `UnknownMessage` if `reply_to` is not a message of the same chat.
     /// For a 1:1 chat it also puts the chat on both users' chat lists.
     async fn append(&self, msg: NewMessage) -> Result<AppendOutcome, StorageError>;

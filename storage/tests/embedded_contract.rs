@@ -77,3 +77,54 @@ async fn a_write_that_waited_too_long_is_refused_not_applied() {
         .expect("create");
     store.close().await;
 }
+
+/// A version-1 store (idempotency keyed without the chat) is upgraded in place: its keys
+/// still find their messages, and a client id reused in another chat is a new message.
+#[tokio::test]
+async fn a_version_1_store_is_upgraded_to_per_chat_idempotency() {
+    use bytes::Bytes;
+    use meshchat_idgen::{ChatId, MessageId, UserId};
+    use meshchat_storage::{HistoryStore, NewMessage};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = EmbeddedStore::open_dir(dir.path()).expect("open");
+    let (a, b, c) = (UserId(1), UserId(2), UserId(3));
+    let ab = ChatId::direct(a, b);
+    let msg = |id: u64, chat: ChatId| NewMessage {
+        id: MessageId(id),
+        chat,
+        sender: a,
+        client_msg_id: "k-1".into(),
+        body: Bytes::from_static(b"hi"),
+        reply_to: None,
+    };
+    store.append(msg(100, ab)).await.expect("append");
+    store.close().await;
+    // Turn the file back into version 1: the old table shape and version number.
+    let path = dir.path().join(meshchat_storage::embedded::DB_FILE);
+    let conn = rusqlite::Connection::open(&path).expect("sqlite");
+    conn.execute_batch(
+        "CREATE TABLE old_idem (sender INTEGER NOT NULL, client_msg_id TEXT NOT NULL,
+             chat TEXT NOT NULL, message_id INTEGER NOT NULL,
+             PRIMARY KEY (sender, client_msg_id)) WITHOUT ROWID;
+         INSERT INTO old_idem SELECT sender, client_msg_id, chat, message_id FROM idempotency;
+         DROP TABLE idempotency;
+         ALTER TABLE old_idem RENAME TO idempotency;
+         PRAGMA user_version = 1;",
+    )
+    .expect("downgrade");
+    drop(conn);
+    let store = EmbeddedStore::open_dir(dir.path()).expect("reopen upgrades");
+    let retry = store.append(msg(200, ab)).await.expect("retry");
+    assert_eq!((retry.id, retry.duplicate), (MessageId(100), true));
+    let other = store
+        .append(msg(300, ChatId::direct(a, c)))
+        .await
+        .expect("other chat");
+    assert_eq!((other.id, other.duplicate), (MessageId(300), false));
+    store.close().await;
+    let conn = rusqlite::Connection::open(&path).expect("sqlite");
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("version");
+    assert_eq!(version, 2);
+}

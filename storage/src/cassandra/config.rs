@@ -41,7 +41,18 @@ pub struct CassandraConfig {
     /// Width of one history partition in milliseconds (default one day). Fixed when the
     /// keyspace is created: a store refuses a config that disagrees with its keyspace.
     pub bucket_width_ms: u64,
+    /// How long an idempotency key is remembered (default 7 days). A retry of an append
+    /// later than this stores the message again.
+    pub idempotency_ttl: Duration,
+    /// Accept a replication factor below 3 or a consistency below quorum on a cluster that is
+    /// not on this machine (default `false`: refused, because an acked write could then be
+    /// lost with one node). A cluster whose every contact point is a loopback address counts
+    /// as a development server and is always accepted.
+    pub allow_weak_durability: bool,
 }
+
+/// Replicas per datacenter below which a non-local cluster is refused.
+pub const MIN_PRODUCTION_RF: u32 = 3;
 
 impl Default for CassandraConfig {
     /// A single local node (`127.0.0.1:9042`, datacenter `datacenter1`, replication 1):
@@ -56,8 +67,23 @@ impl Default for CassandraConfig {
             request_timeout: Duration::from_secs(5),
             replication: BTreeMap::from([("datacenter1".to_owned(), 1)]),
             bucket_width_ms: DEFAULT_BUCKET_WIDTH_MS,
+            idempotency_ttl: DEFAULT_IDEMPOTENCY_TTL,
+            allow_weak_durability: false,
         }
     }
+}
+
+/// Default for [`CassandraConfig::idempotency_ttl`]: seven days.
+pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(7 * 86_400);
+
+/// Whether a contact point is on this machine (`127.0.0.0/8`, `::1`, `localhost`).
+fn is_loopback(node: &str) -> bool {
+    let host = node.rsplit_once(':').map_or(node, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn bad(msg: impl Into<String>) -> ConfigError {
@@ -133,7 +159,49 @@ impl CassandraConfig {
                 "bucket_width_ms: at least {MIN_BUCKET_WIDTH_MS} (one minute)"
             )));
         }
+        let ttl = self.idempotency_ttl.as_secs();
+        if ttl == 0 || ttl > i32::MAX as u64 {
+            return Err(bad(
+                "idempotency_ttl: from 1 s to 68 years (a CQL TTL in seconds)",
+            ));
+        }
+        if !self.is_dev() && !self.allow_weak_durability {
+            if !matches!(
+                self.consistency,
+                Consistency::Quorum
+                    | Consistency::LocalQuorum
+                    | Consistency::EachQuorum
+                    | Consistency::All
+            ) {
+                return Err(bad(format!(
+                    "consistency: {} is below quorum: an acked write could be lost with one \
+                     node (set allow_weak_durability to accept that)",
+                    self.consistency
+                )));
+            }
+            if let Some((dc, rf)) = self
+                .replication
+                .iter()
+                .find(|(_, rf)| **rf < MIN_PRODUCTION_RF)
+            {
+                return Err(bad(format!(
+                    "replication: {dc} has {rf} replicas; at least {MIN_PRODUCTION_RF} are needed \
+                     for a quorum that survives one node (set allow_weak_durability to accept fewer)"
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// A development server: every contact point is on this machine. Development servers
+    /// may run with one replica and any consistency.
+    pub fn is_dev(&self) -> bool {
+        self.nodes.iter().all(|n| is_loopback(n))
+    }
+
+    /// The idempotency TTL in seconds, as CQL binds it.
+    pub(crate) fn idempotency_ttl_secs(&self) -> i32 {
+        i32::try_from(self.idempotency_ttl.as_secs()).unwrap_or(i32::MAX)
     }
 
     /// The keyspace's replication map in CQL:
@@ -205,6 +273,34 @@ mod tests {
                 Box::new(|c| c.local_dc = Some(" ".into())),
             ),
             ("tiny bucket", Box::new(|c| c.bucket_width_ms = 1_000)),
+            ("zero ttl", Box::new(|c| c.idempotency_ttl = Duration::ZERO)),
+            (
+                "remote rf 1",
+                Box::new(|c| c.nodes = vec!["10.0.0.1:9042".into()]),
+            ),
+            (
+                "remote consistency one",
+                Box::new(|c| {
+                    c.nodes = vec!["10.0.0.1:9042".into()];
+                    c.replication = BTreeMap::from([("datacenter1".into(), 3)]);
+                    c.consistency = Consistency::One;
+                }),
+            ),
+            (
+                "remote local_one",
+                Box::new(|c| {
+                    c.nodes = vec!["127.0.0.1:9042".into(), "db1:9042".into()];
+                    c.replication = BTreeMap::from([("datacenter1".into(), 3)]);
+                    c.consistency = Consistency::LocalOne;
+                }),
+            ),
+            (
+                "one remote dc with rf 2",
+                Box::new(|c| {
+                    c.nodes = vec!["db1:9042".into()];
+                    c.replication = BTreeMap::from([("eu".into(), 3), ("us".into(), 2)]);
+                }),
+            ),
         ];
         for (what, edit) in cases {
             let mut c = ok.clone();
@@ -226,10 +322,43 @@ mod tests {
             ..CassandraConfig::default()
         };
         c.replication = BTreeMap::from([("eu".into(), 3), ("us".into(), 2)]);
-        c.validate().expect("valid");
+        assert!(
+            c.validate().is_err(),
+            "us has 2 replicas on a remote cluster"
+        );
+        c.allow_weak_durability = true;
+        c.validate()
+            .expect("valid when weak durability is accepted");
         assert_eq!(
             c.replication_cql(),
             "{'class': 'NetworkTopologyStrategy', 'eu': 3, 'us': 2}"
         );
+        c.allow_weak_durability = false;
+        c.replication.insert("us".into(), 3);
+        c.validate().expect("valid with 3 replicas everywhere");
+    }
+
+    #[test]
+    fn loopback_clusters_are_development_servers() {
+        for nodes in [
+            vec!["127.0.0.1:9042"],
+            vec!["127.0.0.2:19042", "localhost:9042"],
+            vec!["[::1]:9042"],
+        ] {
+            let c = CassandraConfig {
+                nodes: nodes.iter().map(|n| n.to_string()).collect(),
+                consistency: Consistency::One,
+                ..CassandraConfig::default()
+            };
+            assert!(c.is_dev(), "{nodes:?}");
+            c.validate().expect("a dev server may use RF 1 and ONE");
+        }
+        for nodes in [vec!["10.0.0.1:9042"], vec!["127.0.0.1:9042", "db:9042"]] {
+            let c = CassandraConfig {
+                nodes: nodes.iter().map(|n| n.to_string()).collect(),
+                ..CassandraConfig::default()
+            };
+            assert!(!c.is_dev(), "{nodes:?}");
+        }
     }
 }

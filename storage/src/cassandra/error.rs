@@ -45,6 +45,19 @@ pub enum CassandraError {
     /// The keyspace has no schema version: the migrator has not run.
     #[error("keyspace {0} has no meshchat schema; run `meshchat-node migrate` first")]
     NotMigrated(String),
+    /// Outside development, the keyspace has too few replicas for "acked means durable".
+    #[error(
+        "keyspace {keyspace} has {replicas} replicas in {datacenter}; a cluster that is not on \
+         this machine needs at least 3 (or allow_weak_durability)"
+    )]
+    WeakReplication {
+        /// The keyspace.
+        keyspace: String,
+        /// The datacenter (or `replication_factor`).
+        datacenter: String,
+        /// Its replicas.
+        replicas: u32,
+    },
     /// The keyspace was created with another history bucket width.
     #[error("keyspace bucket width is {stored} ms but the config says {configured} ms")]
     BucketWidthMismatch {

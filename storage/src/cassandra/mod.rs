@@ -27,10 +27,12 @@ use meshchat_idgen::{ChannelId, ChatId, MessageId, UserId};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
 use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::policies::retry::DefaultRetryPolicy;
 use scylla::statement::Statement;
 use scylla::statement::prepared::PreparedStatement;
+use scylla::value::MaybeUnset;
 
 pub use config::CassandraConfig;
 /// The driver's consistency levels, re-exported so config code needs no direct `scylla` dependency.
@@ -39,10 +41,12 @@ pub mod consistency {
 }
 pub use error::{CassandraError, ConfigError};
 pub use rows::bucket_of;
-pub use schema::{SCHEMA_VERSION, migrate, schema_statements};
+pub use schema::{
+    SCHEMA_VERSION, ServerFlavour, detect_server, migrate, schema_statements, schema_statements_for,
+};
 
 use error::drv;
-use rows::{MessageRow, chat_key, i, lwt_outcome, mark_kind, parse_chat, u};
+use rows::{LwtOutcome, MessageRow, chat_key, i, lwt_outcome, mark_kind, parse_chat, u};
 use statements::{Prepared, Texts};
 
 use crate::error::StorageError;
@@ -54,6 +58,44 @@ use crate::traits::{HistoryStore, StateStore};
 
 /// How many chats of one chat list are looked at concurrently.
 const CHAT_LIST_FANOUT: usize = 16;
+
+/// Rows of `chat_buckets` read per request while walking a chat's buckets.
+const BUCKETS_PER_READ: i32 = 8;
+
+/// Rows per request while counting unread messages (the count stops at [`UNREAD_CAP`],
+/// or earlier at the seen mark).
+const UNREAD_ROWS_PER_READ: i32 = 1_000;
+
+/// Attempts of a lightweight transaction that timed out (contention on one partition, or
+/// a lost reply). Every LWT here is safe to repeat: a repeat that finds the row it wrote
+/// itself recognises it (same id) and carries on.
+const LWT_ATTEMPTS: usize = 4;
+
+/// Whether a failed request is a timeout (server- or client-side) that a repeat may cure.
+fn is_timeout(e: &StorageError) -> bool {
+    let StorageError::Backend(inner) = e else {
+        return false;
+    };
+    let Some(CassandraError::Execution(e)) = inner.downcast_ref::<CassandraError>() else {
+        return false;
+    };
+    match e {
+        ExecutionError::RequestTimeout(_) => true,
+        ExecutionError::LastAttemptError(RequestAttemptError::DbError(db, _)) => matches!(
+            db,
+            DbError::WriteTimeout { .. }
+                | DbError::ReadTimeout { .. }
+                | DbError::Unavailable { .. }
+        ),
+        _ => false,
+    }
+}
+
+/// The write timestamp (microseconds) of a message's `chat_latest` cell: its Snowflake time,
+/// so the newest id wins however concurrent appends are ordered.
+fn latest_timestamp(id: MessageId) -> i64 {
+    i64::try_from(id.snowflake().unix_ms().saturating_mul(1_000)).unwrap_or(i64::MAX)
+}
 
 /// Opens a driver session for `cfg`: token-aware load balancing preferring `local_dc`,
 /// the configured consistency, serial consistency and timeout on every request, and the
@@ -87,6 +129,7 @@ pub struct CassandraStore {
     session: Arc<Session>,
     st: Prepared,
     width_ms: u64,
+    idempotency_ttl: i32,
 }
 
 impl std::fmt::Debug for CassandraStore {
@@ -144,11 +187,14 @@ impl CassandraStore {
             }
             .into());
         }
+        schema::check_replication(&session, cfg).await?;
+        schema::warn_unless_commitlog_is_synced(&session, cfg).await;
         let st = Prepared::prepare(&session, &Texts::new(&cfg.keyspace)).await?;
         Ok(Self {
             session,
             st,
             width_ms: cfg.bucket_width_ms,
+            idempotency_ttl: cfg.idempotency_ttl_secs(),
         })
     }
 
@@ -167,6 +213,25 @@ impl CassandraStore {
         values: impl scylla::serialize::row::SerializeRow,
     ) -> Result<scylla::response::query_result::QueryResult, StorageError> {
         self.session.execute_unpaged(st, values).await.map_err(drv)
+    }
+
+    /// Runs a lightweight transaction, repeating it on a timeout (see [`LWT_ATTEMPTS`]): the
+    /// callers treat "not applied, but the existing row is ours" as success.
+    async fn lwt(
+        &self,
+        st: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow + Clone,
+    ) -> Result<LwtOutcome, StorageError> {
+        let mut attempt = 1;
+        loop {
+            match self.exec(st, values.clone()).await.and_then(lwt_outcome) {
+                Err(e) if attempt < LWT_ATTEMPTS && is_timeout(&e) => {
+                    tracing::debug!(error = %e, attempt, "lightweight transaction timed out; repeating it");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// All rows of a (paged) query, decoded as `R`.
@@ -210,27 +275,42 @@ impl CassandraStore {
         Ok(self.message(chat, id).await?.is_some())
     }
 
-    /// Writes a message and everything that makes it visible: its row, its bucket in the
-    /// chat's bucket index, and (1:1) the chat on both users' lists. All blind, idempotent
-    /// upserts, so a retry (or a later duplicate) may write them again.
+    /// Writes a message and everything that makes it visible: its row, then its bucket in
+    /// the chat's bucket index, the chat's newest id and (1:1) the chat on both users' lists.
+    /// All blind, idempotent upserts, so a retry (or a later duplicate) may write them again.
     async fn write_message(&self, m: &NewMessage) -> Result<(), StorageError> {
         let key = chat_key(m.chat);
-        let bucket = self.bucket(m.id);
-        let row = self.exec(
+        let reply_to = match m.reply_to {
+            Some(r) => MaybeUnset::Set(i(r.0)),
+            None => MaybeUnset::Unset,
+        };
+        self.exec(
             &self.st.insert_message,
             (
                 &key,
-                bucket,
+                self.bucket(m.id),
                 i(m.id.0),
                 i(m.sender.0),
                 &m.client_msg_id,
                 &m.body[..],
-                m.reply_to.map(|r| i(r.0)),
+                reply_to,
             ),
-        );
-        let index = self.exec(&self.st.insert_bucket, (&key, bucket));
-        futures::try_join!(row, index)?;
-        self.list_direct_chat(m.chat).await
+        )
+        .await?;
+        self.write_companions(m.chat, m.id).await
+    }
+
+    /// The rows that make a stored message findable: its bucket, the chat's newest id, and
+    /// (1:1) both users' chat lists. Written after the message row, so nothing points at a
+    /// message that is not there.
+    async fn write_companions(&self, chat: ChatId, id: MessageId) -> Result<(), StorageError> {
+        let key = chat_key(chat);
+        futures::try_join!(
+            self.exec(&self.st.insert_bucket, (&key, self.bucket(id))),
+            self.exec(&self.st.set_latest, (latest_timestamp(id), i(id.0), &key)),
+            self.list_direct_chat(chat),
+        )?;
+        Ok(())
     }
 
     /// Puts a 1:1 chat on both participants' chat lists (key-only rows: marks untouched).
@@ -263,9 +343,9 @@ impl CassandraStore {
         Ok(rows.into_iter().map(|r| r.into_message(chat)).collect())
     }
 
-    /// The chat's non-empty buckets from `start` in `direction` (exact: every append
-    /// records its bucket, so empty buckets are never probed and the walk ends where the
-    /// chat starts or ends).
+    /// Up to [`BUCKETS_PER_READ`] of the chat's non-empty buckets from `start` (inclusive)
+    /// in `direction`. Exact: every append records its bucket, so empty buckets are never
+    /// probed and the walk ends where the chat starts or ends.
     async fn buckets(
         &self,
         chat: ChatId,
@@ -276,26 +356,37 @@ impl CassandraStore {
             Direction::Backward => &self.st.buckets_down,
             Direction::Forward => &self.st.buckets_up,
         };
-        let rows: Vec<(i32,)> = self.all(st, (chat_key(chat), start)).await?;
-        Ok(rows.into_iter().map(|(b,)| b).collect())
+        let rows = self
+            .exec(st, (chat_key(chat), start, BUCKETS_PER_READ))
+            .await?
+            .into_rows_result()
+            .map_err(drv)?;
+        rows.rows::<(i32,)>()
+            .map_err(drv)?
+            .map(|r| r.map(|(b,)| b).map_err(drv))
+            .collect()
     }
 
-    async fn newest(&self, chat: ChatId) -> Result<Option<StoredMessage>, StorageError> {
-        let page = self
-            .page(
-                chat,
-                PageQuery {
-                    cursor: None,
-                    direction: Direction::Backward,
-                    limit: 1,
-                },
-            )
-            .await?;
-        Ok(page.into_iter().next())
+    /// The next bucket to read after `last` in `direction`, `None` past the end.
+    fn next_start(last: i32, direction: Direction) -> Option<i32> {
+        match direction {
+            Direction::Backward => last.checked_sub(1),
+            Direction::Forward => last.checked_add(1),
+        }
+    }
+
+    /// The newest message id of a chat (one single-row read).
+    async fn latest_id(&self, chat: ChatId) -> Result<Option<MessageId>, StorageError> {
+        Ok(self
+            .first::<(Option<i64>,)>(&self.st.latest, (chat_key(chat),))
+            .await?
+            .and_then(|(v,)| v)
+            .map(|v| MessageId(u(v))))
     }
 
     /// Messages from others after `seen`, up to [`UNREAD_CAP`]: walks the buckets from the
-    /// newest down to the seen mark's bucket.
+    /// newest down to the seen mark's bucket, [`UNREAD_ROWS_PER_READ`] rows per request, and
+    /// stops at the cap.
     async fn unread(
         &self,
         user: UserId,
@@ -306,23 +397,44 @@ impl CassandraStore {
         let floor = self.bucket(seen);
         let me = i(user.0);
         let mut count = 0u32;
-        for bucket in self.buckets(chat, i32::MAX, Direction::Backward).await? {
-            if bucket < floor {
-                break;
-            }
-            let mut rows = self
-                .session
-                .execute_iter(self.st.senders_after.clone(), (&key, bucket, i(seen.0)))
-                .await
-                .map_err(drv)?
-                .rows_stream::<(i64,)>()
-                .map_err(drv)?;
-            while let Some(row) = rows.next().await {
-                let (sender,) = row.map_err(drv)?;
-                if sender != me {
-                    count += 1;
-                    if count >= UNREAD_CAP {
-                        return Ok(UNREAD_CAP);
+        let mut start = Some(i32::MAX);
+        while let Some(from) = start {
+            let buckets = self.buckets(chat, from, Direction::Backward).await?;
+            start = match buckets.last() {
+                Some(last) if buckets.len() == BUCKETS_PER_READ as usize => {
+                    Self::next_start(*last, Direction::Backward)
+                }
+                _ => None,
+            };
+            for bucket in buckets {
+                if bucket < floor {
+                    return Ok(count);
+                }
+                // Newest first, UNREAD_ROWS_PER_READ rows per request, below the last row read.
+                let mut below = i64::MAX;
+                loop {
+                    let rows = self
+                        .exec(
+                            &self.st.senders_after,
+                            (&key, bucket, i(seen.0), below, UNREAD_ROWS_PER_READ),
+                        )
+                        .await?
+                        .into_rows_result()
+                        .map_err(drv)?;
+                    let mut read = 0;
+                    for row in rows.rows::<(i64, i64)>().map_err(drv)? {
+                        let (id, sender) = row.map_err(drv)?;
+                        read += 1;
+                        below = id;
+                        if sender != me {
+                            count += 1;
+                            if count >= UNREAD_CAP {
+                                return Ok(UNREAD_CAP);
+                            }
+                        }
+                    }
+                    if read < UNREAD_ROWS_PER_READ {
+                        break;
                     }
                 }
             }
@@ -377,8 +489,12 @@ impl CassandraStore {
         &self,
         user: UserId,
         chat: ChatId,
-        newest: Option<StoredMessage>,
+        latest: Option<MessageId>,
     ) -> Result<ChatSummary, StorageError> {
+        let newest = match latest {
+            Some(id) => self.message(chat, id).await?,
+            None => None,
+        };
         let mine = self.read_marks(user, chat).await?;
         let unread = self.unread(user, chat, mine.seen).await?;
         let (title, peer) = match chat {
@@ -388,8 +504,12 @@ impl CassandraStore {
                     futures::try_join!(self.user_by_id(peer_id), self.read_marks(peer_id, chat))?;
                 (name.map(|u| u.name).unwrap_or_default(), Some(marks))
             }
+            // The name only: a title needs no member count.
             ChatId::Channel(ch) => (
-                self.channel(ch).await?.map(|c| c.name).unwrap_or_default(),
+                self.first::<(Option<String>, Option<i64>)>(&self.st.channel_by_id, (i(ch.0),))
+                    .await?
+                    .and_then(|(name, _)| name)
+                    .unwrap_or_default(),
                 None,
             ),
         };
@@ -434,19 +554,21 @@ impl HistoryStore for CassandraStore {
                 id: reply_to,
             });
         }
-        // Claim the idempotency key first (Paxos): exactly one append per key wins.
+        // Claim the idempotency key first (Paxos): exactly one append per key wins. The key
+        // is (sender, chat, client_msg_id), so the first message is always in this chat.
+        let key = chat_key(msg.chat);
         let claim = self
-            .exec(
+            .lwt(
                 &self.st.claim_idempotency,
                 (
                     i(msg.sender.0),
+                    &key,
                     &msg.client_msg_id,
-                    chat_key(msg.chat),
                     i(msg.id.0),
+                    self.idempotency_ttl,
                 ),
             )
-            .await
-            .and_then(lwt_outcome)?;
+            .await?;
         let first_id = match claim.existing_bigint("message_id") {
             Some(first) if !claim.applied && u(first) != msg.id.0 => MessageId(u(first)),
             // Applied, or the claim is ours from an earlier attempt of this very append.
@@ -460,23 +582,15 @@ impl HistoryStore for CassandraStore {
         };
         // A retry. The first attempt may have died between its claim and its writes: finish
         // them with this retry's content (same key = same message) under the first id.
-        let first_chat = match claim.existing_text("chat") {
-            Some(c) => parse_chat(c)?,
-            None => msg.chat,
-        };
-        let first = NewMessage {
-            id: first_id,
-            chat: first_chat,
-            ..msg
-        };
-        if self.message_exists(first.chat, first.id).await? {
-            // Re-record the bucket and chat lists (idempotent) in case those writes failed.
-            let key = chat_key(first.chat);
-            self.exec(&self.st.insert_bucket, (&key, self.bucket(first.id)))
-                .await?;
-            self.list_direct_chat(first.chat).await?;
+        if self.message_exists(msg.chat, first_id).await? {
+            // Re-record the companions (idempotent) in case those writes failed.
+            self.write_companions(msg.chat, first_id).await?;
         } else {
-            self.write_message(&first).await?;
+            self.write_message(&NewMessage {
+                id: first_id,
+                ..msg
+            })
+            .await?;
         }
         Ok(AppendOutcome {
             id: first_id,
@@ -513,13 +627,23 @@ impl HistoryStore for CassandraStore {
             (Direction::Forward, None) => (i32::MIN, i64::MIN),
         };
         let mut out = Vec::new();
-        for bucket in self.buckets(chat, start, query.direction).await? {
-            let page = self
-                .bucket_page(chat, bucket, query.direction, bound, limit - out.len())
-                .await?;
-            out.extend(page);
-            if out.len() >= limit {
-                break;
+        let mut next = Some(start);
+        while let Some(from) = next {
+            let buckets = self.buckets(chat, from, query.direction).await?;
+            next = match buckets.last() {
+                Some(last) if buckets.len() == BUCKETS_PER_READ as usize => {
+                    Self::next_start(*last, query.direction)
+                }
+                _ => None,
+            };
+            for bucket in buckets {
+                let page = self
+                    .bucket_page(chat, bucket, query.direction, bound, limit - out.len())
+                    .await?;
+                out.extend(page);
+                if out.len() >= limit {
+                    return Ok(out);
+                }
             }
         }
         Ok(out)
@@ -576,14 +700,18 @@ impl StateStore for CassandraStore {
         password_hash: &str,
     ) -> Result<User, StorageError> {
         check_name(name)?;
+        // The id row first, then the name claim: a claimed name always leads to a user row
+        // (a failure after the claim would otherwise leave a user who can log in but whom
+        // nobody can message). A lost claim removes the id row again; should that fail, the
+        // row is unreachable (ids are only found through names and chats).
+        self.exec(&self.st.insert_user, (i(id.0), name)).await?;
         let claim = self
-            .exec(&self.st.claim_user_name, (name, i(id.0), password_hash))
-            .await
-            .and_then(lwt_outcome)?;
+            .lwt(&self.st.claim_user_name, (name, i(id.0), password_hash))
+            .await?;
         if !claim.applied && claim.existing_bigint("id") != Some(i(id.0)) {
+            self.exec(&self.st.delete_user, (i(id.0),)).await?;
             return Err(StorageError::UserExists(name.to_owned()));
         }
-        self.exec(&self.st.insert_user, (i(id.0), name)).await?;
         Ok(User {
             id,
             name: name.to_owned(),
@@ -673,21 +801,18 @@ impl StateStore for CassandraStore {
             .iter()
             .map(|(k,)| parse_chat(k))
             .collect::<Result<Vec<_>, _>>()?;
-        // Newest message of every chat (computed from history: nothing to keep in sync).
-        let mut with_newest: Vec<(ChatId, Option<StoredMessage>)> = futures::stream::iter(chats)
-            .map(|chat| async move { Ok::<_, StorageError>((chat, self.newest(chat).await?)) })
+        // The newest id of every chat (one single-row read each), then the full newest
+        // message, unread count, marks and title only for the chats kept.
+        let mut with_latest: Vec<(ChatId, Option<MessageId>)> = futures::stream::iter(chats)
+            .map(|chat| async move { Ok::<_, StorageError>((chat, self.latest_id(chat).await?)) })
             .buffered(CHAT_LIST_FANOUT)
             .try_collect()
             .await?;
-        with_newest.sort_by_key(|(chat, newest)| {
-            (
-                Reverse(newest.as_ref().map_or(0, |m| m.id.0)),
-                chat_key(*chat),
-            )
-        });
-        with_newest.truncate(limit as usize);
-        futures::stream::iter(with_newest)
-            .map(|(chat, newest)| self.summary(user, chat, newest))
+        with_latest
+            .sort_by_key(|(chat, latest)| (Reverse(latest.map_or(0, |m| m.0)), chat_key(*chat)));
+        with_latest.truncate(limit as usize);
+        futures::stream::iter(with_latest)
+            .map(|(chat, latest)| self.summary(user, chat, latest))
             .buffered(CHAT_LIST_FANOUT)
             .try_collect()
             .await
@@ -703,15 +828,17 @@ impl StateStore for CassandraStore {
         if self.user_by_id(owner).await?.is_none() {
             return Err(StorageError::UnknownUser(owner));
         }
-        let claim = self
-            .exec(&self.st.claim_channel_name, (name, i(id.0)))
-            .await
-            .and_then(lwt_outcome)?;
-        if !claim.applied && claim.existing_bigint("id") != Some(i(id.0)) {
-            return Err(StorageError::ChannelExists(name.to_owned()));
-        }
+        // The id row first, then the name claim (see create_user): a claimed name always
+        // leads to a channel.
         self.exec(&self.st.insert_channel, (i(id.0), name, i(owner.0)))
             .await?;
+        let claim = self
+            .lwt(&self.st.claim_channel_name, (name, i(id.0)))
+            .await?;
+        if !claim.applied && claim.existing_bigint("id") != Some(i(id.0)) {
+            self.exec(&self.st.delete_channel, (i(id.0),)).await?;
+            return Err(StorageError::ChannelExists(name.to_owned()));
+        }
         self.join_channel(id, owner).await?;
         Ok(Channel {
             id,
@@ -744,28 +871,46 @@ impl StateStore for CassandraStore {
         }
         let chat = ChatId::Channel(id);
         let key = chat_key(chat);
-        let added = self
-            .exec(&self.st.add_member, (i(id.0), i(user.0)))
-            .await
-            .and_then(lwt_outcome)?
+        let applied = self
+            .lwt(&self.st.add_member, (i(id.0), i(user.0)))
+            .await?
             .applied;
+        // Already a member: a repeated join, or the retry of a join that failed after its
+        // membership row (an LWT timeout whose write went through, or a failure of the writes
+        // below). The companions are written last, so a missing companion means unfinished:
+        // finish it and report the join as ours.
+        let added = applied
+            || self
+                .first::<(i64,)>(&self.st.channel_of_user, (i(user.0), i(id.0)))
+                .await?
+                .is_none();
         if added {
             // A new member starts with the backlog marked seen (as in the embedded store).
-            if let Some(newest) = self.newest(chat).await? {
+            // Rows at 0 when the channel is empty record "joined, nothing to skip", so a
+            // later repeated join never marks the messages sent in between as seen.
+            let has_marks = self
+                .first::<(i64,)>(
+                    &self.st.read_mark,
+                    (i(user.0), &key, mark_kind(ReceiptKind::Seen)),
+                )
+                .await?
+                .is_some();
+            if !has_marks {
+                let newest = self.latest_id(chat).await?.unwrap_or(MessageId(0));
                 self.put_marks(
                     user,
                     &key,
                     &[ReceiptKind::Delivered, ReceiptKind::Seen],
-                    newest.id,
+                    newest,
                 )
                 .await?;
             }
         }
-        // Idempotent companions, written again on a repeated join in case they were lost.
-        futures::try_join!(
-            self.exec(&self.st.add_channel_of_user, (i(user.0), i(id.0))),
-            self.exec(&self.st.add_user_chat, (i(user.0), &key)),
-        )?;
+        // Idempotent companions, written again on a repeated join in case they were lost;
+        // channels_by_user last (it marks the join finished).
+        self.exec(&self.st.add_user_chat, (i(user.0), &key)).await?;
+        self.exec(&self.st.add_channel_of_user, (i(user.0), i(id.0)))
+            .await?;
         Ok(added)
     }
 
@@ -774,16 +919,24 @@ impl StateStore for CassandraStore {
             return Err(StorageError::UnknownChannel(id));
         }
         let key = chat_key(ChatId::Channel(id));
-        let removed = self
-            .exec(&self.st.remove_member, (i(id.0), i(user.0)))
-            .await
-            .and_then(lwt_outcome)?
+        let applied = self
+            .lwt(&self.st.remove_member, (i(id.0), i(user.0)))
+            .await?
             .applied;
+        // Not a member: never was, or the retry of a leave that failed after its membership
+        // delete (its companions are still there: finish it and report the leave as ours).
+        let removed = applied
+            || self
+                .first::<(i64,)>(&self.st.channel_of_user, (i(user.0), i(id.0)))
+                .await?
+                .is_some();
         futures::try_join!(
-            self.exec(&self.st.remove_channel_of_user, (i(user.0), i(id.0))),
             self.exec(&self.st.remove_user_chat, (i(user.0), &key)),
             self.exec(&self.st.clear_marks, (i(user.0), &key)),
         )?;
+        // channels_by_user last: while it is there, a retry knows the leave is unfinished.
+        self.exec(&self.st.remove_channel_of_user, (i(user.0), i(id.0)))
+            .await?;
         Ok(removed)
     }
 

@@ -124,6 +124,7 @@ impl LwtOutcome {
     }
 
     /// A text column of the existing row.
+    #[cfg(test)]
     pub(crate) fn existing_text(&self, name: &str) -> Option<&str> {
         self.existing
             .get(name)

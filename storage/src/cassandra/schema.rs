@@ -64,19 +64,161 @@ fn fill(stmt: &str, cfg: &CassandraConfig) -> String {
         .replace("${replication}", &cfg.replication_cql())
 }
 
-fn statements_of(cfg: &CassandraConfig, newer_than: i32) -> Vec<String> {
+/// Which server the migrator talks to: keyspace options differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerFlavour {
+    /// Apache Cassandra (refuses a `tablets` keyspace option).
+    Cassandra,
+    /// ScyllaDB. `tablets`: the server supports tablets (6.0+), where they are on by default
+    /// for new keyspaces and lightweight transactions are refused in tablet keyspaces, so
+    /// meshchat's keyspace is created with tablets off.
+    Scylla {
+        /// The server knows tablets (has `system.tablets`).
+        tablets: bool,
+    },
+}
+
+/// The clause a keyspace needs on this server, appended to `CREATE KEYSPACE`.
+fn keyspace_clause(flavour: ServerFlavour) -> &'static str {
+    match flavour {
+        ServerFlavour::Scylla { tablets: true } => " AND tablets = {'enabled': false}",
+        _ => "",
+    }
+}
+
+/// Tells Cassandra from ScyllaDB by the system tables only ScyllaDB has
+/// (`system.scylla_local`; `system.tablets` on versions with tablets).
+pub async fn detect_server(session: &Session) -> Result<ServerFlavour, StorageError> {
+    let rows = session
+        .query_unpaged(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = 'system' \
+             AND table_name IN ('scylla_local', 'tablets')",
+            (),
+        )
+        .await
+        .map_err(drv)?
+        .into_rows_result()
+        .map_err(drv)?;
+    let mut names = Vec::new();
+    for row in rows.rows::<(String,)>().map_err(drv)? {
+        names.push(row.map_err(drv)?.0);
+    }
+    Ok(flavour_from_tables(&names))
+}
+
+fn flavour_from_tables(names: &[String]) -> ServerFlavour {
+    if names.iter().any(|n| n == "scylla_local") {
+        ServerFlavour::Scylla {
+            tablets: names.iter().any(|n| n == "tablets"),
+        }
+    } else {
+        ServerFlavour::Cassandra
+    }
+}
+
+fn statements_of(cfg: &CassandraConfig, newer_than: i32, flavour: ServerFlavour) -> Vec<String> {
     FILES
         .iter()
         .filter(|(v, _, _)| *v > newer_than)
         .flat_map(|(_, _, text)| split_statements(text))
-        .map(|s| fill(&s, cfg))
+        .map(|s| {
+            let mut stmt = fill(&s, cfg);
+            if stmt.starts_with("CREATE KEYSPACE ") {
+                stmt.push_str(keyspace_clause(flavour));
+            }
+            stmt
+        })
         .collect()
 }
 
-/// Every schema statement for `cfg`, placeholders filled, in the order the migrator runs
-/// them (each without a trailing `;`). What `meshchat-node migrate --dry-run` prints.
+/// Every schema statement for `cfg` on Apache Cassandra, placeholders filled, in the order
+/// the migrator runs them (each without a trailing `;`).
 pub fn schema_statements(cfg: &CassandraConfig) -> Vec<String> {
-    statements_of(cfg, 0)
+    statements_of(cfg, 0, ServerFlavour::Cassandra)
+}
+
+/// Like [`schema_statements`] for a given server (ScyllaDB with tablets gets
+/// `AND tablets = {'enabled': false}` on its keyspace).
+pub fn schema_statements_for(cfg: &CassandraConfig, flavour: ServerFlavour) -> Vec<String> {
+    statements_of(cfg, 0, flavour)
+}
+
+/// Outside development (see [`CassandraConfig::is_dev`]), refuses a keyspace replicated
+/// fewer than [`MIN_PRODUCTION_RF`](super::config::MIN_PRODUCTION_RF) times in a datacenter,
+/// unless `allow_weak_durability` is set: the config's `replication` only applies when the
+/// migrator creates the keyspace, so the keyspace itself is checked.
+pub async fn check_replication(
+    session: &Session,
+    cfg: &CassandraConfig,
+) -> Result<(), StorageError> {
+    if cfg.is_dev() || cfg.allow_weak_durability {
+        return Ok(());
+    }
+    let row = session
+        .query_unpaged(
+            "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = ?",
+            (cfg.keyspace.as_str(),),
+        )
+        .await
+        .map_err(drv)?
+        .into_rows_result()
+        .map_err(drv)?
+        .maybe_first_row::<(std::collections::HashMap<String, String>,)>()
+        .map_err(drv)?;
+    let Some((replication,)) = row else {
+        return Err(CassandraError::NotMigrated(cfg.keyspace.clone()).into());
+    };
+    match weak_replica_count(&replication) {
+        Some((dc, rf)) => Err(CassandraError::WeakReplication {
+            keyspace: cfg.keyspace.clone(),
+            datacenter: dc,
+            replicas: rf,
+        }
+        .into()),
+        None => Ok(()),
+    }
+}
+
+/// The first datacenter (or `replication_factor` of SimpleStrategy) with fewer than
+/// `MIN_PRODUCTION_RF` replicas.
+fn weak_replica_count(
+    replication: &std::collections::HashMap<String, String>,
+) -> Option<(String, u32)> {
+    let mut entries: Vec<_> = replication.iter().filter(|(k, _)| *k != "class").collect();
+    entries.sort();
+    entries.into_iter().find_map(|(dc, rf)| {
+        // "3", or "3/1" (replicas/transient) on Cassandra 4+.
+        let full = rf.split('/').next().unwrap_or(rf).trim();
+        let n = full.parse::<u32>().unwrap_or(0);
+        (n < super::config::MIN_PRODUCTION_RF).then(|| (dc.clone(), n))
+    })
+}
+
+/// "Acked means durable" also needs the servers to fsync their commit log before they
+/// acknowledge (`commitlog_sync: batch` or `group`); `periodic` (Cassandra's default)
+/// acknowledges first and syncs every 10 s. Reads the contacted node's setting where the
+/// server exposes it (Cassandra 4+: `system_views.settings`) and warns if it is periodic.
+pub async fn warn_unless_commitlog_is_synced(session: &Session, cfg: &CassandraConfig) {
+    let read = session
+        .query_unpaged(
+            "SELECT value FROM system_views.settings WHERE name = 'commitlog_sync'",
+            (),
+        )
+        .await
+        .map_err(drv)
+        .and_then(|r| r.into_rows_result().map_err(drv))
+        .and_then(|r| r.maybe_first_row::<(Option<String>,)>().map_err(drv));
+    match read {
+        Ok(Some((Some(mode),))) if mode.eq_ignore_ascii_case("periodic") => {
+            tracing::warn!(
+                keyspace = %cfg.keyspace,
+                "the server runs commitlog_sync: periodic: it acknowledges writes before they \
+                 are on disk, so a power loss of a quorum can lose acked messages; use batch or group"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "commitlog_sync setting not readable"),
+    }
 }
 
 /// The schema version recorded in the keyspace, `None` if the keyspace or the version table
@@ -135,7 +277,7 @@ pub async fn migrate(
             supported: i64::from(SCHEMA_VERSION),
         });
     }
-    let todo = statements_of(cfg, found);
+    let todo = statements_of(cfg, found, detect_server(session).await?);
     if dry_run {
         return Ok(todo);
     }
@@ -236,6 +378,7 @@ mod tests {
             "settings",
             "messages",
             "chat_buckets",
+            "chat_latest",
             "idempotency",
             "user_chats",
             "receipt_marks",
@@ -265,6 +408,66 @@ mod tests {
     fn the_last_file_is_the_schema_version() {
         assert_eq!(FILES.last().map(|f| f.0), Some(SCHEMA_VERSION));
         assert!(FILES.windows(2).all(|w| w[0].0 < w[1].0));
-        assert!(statements_of(&CassandraConfig::default(), SCHEMA_VERSION).is_empty());
+        assert!(
+            statements_of(
+                &CassandraConfig::default(),
+                SCHEMA_VERSION,
+                ServerFlavour::Cassandra
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn scylla_with_tablets_gets_tablets_off_and_cassandra_does_not() {
+        let cfg = CassandraConfig::default();
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(flavour_from_tables(&names(&[])), ServerFlavour::Cassandra);
+        assert_eq!(
+            flavour_from_tables(&names(&["scylla_local"])),
+            ServerFlavour::Scylla { tablets: false }
+        );
+        assert_eq!(
+            flavour_from_tables(&names(&["tablets", "scylla_local"])),
+            ServerFlavour::Scylla { tablets: true }
+        );
+        let cassandra = schema_statements_for(&cfg, ServerFlavour::Cassandra);
+        assert_eq!(cassandra, schema_statements(&cfg));
+        assert!(cassandra.iter().all(|s| !s.contains("tablets")));
+        let old_scylla = schema_statements_for(&cfg, ServerFlavour::Scylla { tablets: false });
+        assert_eq!(old_scylla, cassandra);
+        let scylla = schema_statements_for(&cfg, ServerFlavour::Scylla { tablets: true });
+        assert!(scylla[0].starts_with("CREATE KEYSPACE IF NOT EXISTS meshchat"));
+        assert!(scylla[0].ends_with("AND durable_writes = true AND tablets = {'enabled': false}"));
+        assert_eq!(scylla.iter().filter(|s| s.contains("tablets")).count(), 1);
+    }
+
+    #[test]
+    fn weak_replication_is_found() {
+        let map = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        let nts = "org.apache.cassandra.locator.NetworkTopologyStrategy";
+        assert_eq!(
+            weak_replica_count(&map(&[("class", nts), ("dc1", "3"), ("dc2", "1")])),
+            Some(("dc2".into(), 1))
+        );
+        assert_eq!(
+            weak_replica_count(&map(&[("class", nts), ("dc1", "3")])),
+            None
+        );
+        assert_eq!(
+            weak_replica_count(&map(&[("class", nts), ("dc1", "5/2")])),
+            None
+        );
+        assert_eq!(
+            weak_replica_count(&map(&[
+                ("class", "org.apache.cassandra.locator.SimpleStrategy"),
+                ("replication_factor", "2")
+            ])),
+            Some(("replication_factor".into(), 2))
+        );
     }
 }

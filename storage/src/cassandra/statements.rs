@@ -62,7 +62,8 @@ macro_rules! statements {
 }
 
 statements! {
-    // History.
+    // History. `reply_to` is bound as an unset value when there is none (a bound null would
+    // write a tombstone cell per message).
     insert_message, true,
         "INSERT INTO {ks}.messages (chat, bucket, id, sender, client_msg_id, body, reply_to) \
          VALUES (?, ?, ?, ?, ?, ?, ?)";
@@ -75,18 +76,23 @@ statements! {
         "SELECT {cols} FROM {ks}.messages WHERE chat = ? AND bucket = ? AND id > ? \
          ORDER BY id ASC LIMIT ?";
     senders_after, true,
-        "SELECT sender FROM {ks}.messages WHERE chat = ? AND bucket = ? AND id > ?";
+        "SELECT id, sender FROM {ks}.messages WHERE chat = ? AND bucket = ? AND id > ? \
+         AND id < ? LIMIT ?";
     insert_bucket, true,
         "INSERT INTO {ks}.chat_buckets (chat, bucket) VALUES (?, ?)";
     buckets_down, true,
         "SELECT bucket FROM {ks}.chat_buckets WHERE chat = ? AND bucket <= ? \
-         ORDER BY bucket DESC";
+         ORDER BY bucket DESC LIMIT ?";
     buckets_up, true,
         "SELECT bucket FROM {ks}.chat_buckets WHERE chat = ? AND bucket >= ? \
-         ORDER BY bucket ASC";
+         ORDER BY bucket ASC LIMIT ?";
+    set_latest, true,
+        "UPDATE {ks}.chat_latest USING TIMESTAMP ? SET last_id = ? WHERE chat = ?";
+    latest, true,
+        "SELECT last_id FROM {ks}.chat_latest WHERE chat = ?";
     claim_idempotency, false,
-        "INSERT INTO {ks}.idempotency (sender, client_msg_id, chat, message_id) \
-         VALUES (?, ?, ?, ?) IF NOT EXISTS";
+        "INSERT INTO {ks}.idempotency (sender, chat, client_msg_id, message_id) \
+         VALUES (?, ?, ?, ?) IF NOT EXISTS USING TTL ?";
     set_reaction, true,
         "UPDATE {ks}.messages SET reactions[?] = ? WHERE chat = ? AND bucket = ? AND id = ?";
     delete_reaction, true,
@@ -111,6 +117,8 @@ statements! {
         "INSERT INTO {ks}.users_by_name (name, id, password_hash) VALUES (?, ?, ?) IF NOT EXISTS";
     insert_user, true,
         "INSERT INTO {ks}.users (id, name) VALUES (?, ?)";
+    delete_user, true,
+        "DELETE FROM {ks}.users WHERE id = ?";
     user_by_name, true,
         "SELECT id, name, password_hash FROM {ks}.users_by_name WHERE name = ?";
     user_by_id, true,
@@ -120,6 +128,8 @@ statements! {
         "INSERT INTO {ks}.channels_by_name (name, id) VALUES (?, ?) IF NOT EXISTS";
     insert_channel, true,
         "INSERT INTO {ks}.channels (id, name, owner) VALUES (?, ?, ?)";
+    delete_channel, true,
+        "DELETE FROM {ks}.channels WHERE id = ?";
     channel_by_id, true,
         "SELECT name, owner FROM {ks}.channels WHERE id = ?";
     channel_id_by_name, true,
@@ -138,6 +148,8 @@ statements! {
         "INSERT INTO {ks}.channels_by_user (user_id, channel_id) VALUES (?, ?)";
     remove_channel_of_user, true,
         "DELETE FROM {ks}.channels_by_user WHERE user_id = ? AND channel_id = ?";
+    channel_of_user, true,
+        "SELECT channel_id FROM {ks}.channels_by_user WHERE user_id = ? AND channel_id = ?";
     channels_of_user, true,
         "SELECT channel_id FROM {ks}.channels_by_user WHERE user_id = ?";
 }
@@ -190,5 +202,17 @@ mod tests {
         }
         assert!(t.page_backward.contains("id < ?") && t.page_backward.contains("DESC"));
         assert!(t.page_forward.contains("id > ?") && t.page_forward.contains("ASC"));
+        // Every read of a history or bucket partition is bounded.
+        for text in [
+            &t.page_backward,
+            &t.page_forward,
+            &t.senders_after,
+            &t.buckets_down,
+            &t.buckets_up,
+        ] {
+            assert!(text.ends_with("LIMIT ?"), "{text}");
+        }
+        assert!(t.claim_idempotency.contains("chat, client_msg_id"));
+        assert!(t.claim_idempotency.ends_with("USING TTL ?"));
     }
 }

@@ -10,7 +10,25 @@ use super::Durability;
 use crate::error::StorageError;
 
 /// Schema version written to `PRAGMA user_version`.
-pub(super) const SCHEMA_VERSION: i64 = 1;
+/// 2: the idempotency key includes the chat.
+pub(super) const SCHEMA_VERSION: i64 = 2;
+
+/// Version 1 -> 2: the idempotency key was (sender, client_msg_id), so a client id reused
+/// in another chat was acked as a duplicate and not stored. Rebuilds the table with the chat
+/// in the key (existing rows keep their meaning: each names its chat).
+const MIGRATE_V1: &str = r#"
+CREATE TABLE idempotency_v2 (
+    sender        INTEGER NOT NULL,
+    chat          TEXT    NOT NULL,
+    client_msg_id TEXT    NOT NULL,
+    message_id    INTEGER NOT NULL,
+    PRIMARY KEY (sender, chat, client_msg_id)
+) WITHOUT ROWID;
+INSERT INTO idempotency_v2 (sender, chat, client_msg_id, message_id)
+    SELECT sender, chat, client_msg_id, message_id FROM idempotency;
+DROP TABLE idempotency;
+ALTER TABLE idempotency_v2 RENAME TO idempotency;
+"#;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS users (
@@ -39,13 +57,14 @@ CREATE TABLE IF NOT EXISTS reactions (
     PRIMARY KEY (chat, message_id, user_id)
 ) WITHOUT ROWID;
 
--- Idempotency: (sender, client message id) -> the first message stored for it.
+-- Idempotency: (sender, chat, client message id) -> the first message stored for it.
+-- (Version 1 keyed it by (sender, client message id) only: see MIGRATE_V1.)
 CREATE TABLE IF NOT EXISTS idempotency (
     sender        INTEGER NOT NULL,
-    client_msg_id TEXT    NOT NULL,
     chat          TEXT    NOT NULL,
+    client_msg_id TEXT    NOT NULL,
     message_id    INTEGER NOT NULL,
-    PRIMARY KEY (sender, client_msg_id)
+    PRIMARY KEY (sender, chat, client_msg_id)
 ) WITHOUT ROWID;
 
 -- Newest message per chat (for ordering chat lists).
@@ -109,10 +128,22 @@ pub(super) fn prepare(conn: &Connection, durability: Durability) -> Result<(), S
             supported: SCHEMA_VERSION,
         });
     }
-    conn.execute_batch(&format!(
-        "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-    ))
-    .map_err(StorageError::backend)?;
+    // Another process may migrate at the same time: the version is read again under the
+    // write lock, and the whole upgrade is one transaction.
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(StorageError::backend)?;
+    let upgrade = (|| {
+        let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if found == 1 {
+            conn.execute_batch(MIGRATE_V1)?;
+        }
+        conn.execute_batch(&format!("{SCHEMA} PRAGMA user_version = {SCHEMA_VERSION};"))?;
+        conn.execute_batch("COMMIT")
+    })();
+    if let Err(e) = upgrade {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(StorageError::backend(e));
+    }
     Ok(())
 }
 

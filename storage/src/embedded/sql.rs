@@ -37,12 +37,16 @@ fn parse_chat(s: &str) -> Result<ChatId, StorageError> {
 }
 
 pub(super) fn append(c: &Connection, m: &NewMessage) -> Result<AppendOutcome, StorageError> {
+    let key = chat_key(m.chat);
+    // The idempotency key is (sender, chat, client_msg_id): a client id reused in another
+    // chat is another message.
     if let Some(first) = c
         .prepare_cached(
-            "SELECT message_id FROM idempotency WHERE sender = ?1 AND client_msg_id = ?2",
+            "SELECT message_id FROM idempotency
+             WHERE sender = ?1 AND chat = ?2 AND client_msg_id = ?3",
         )
         .map_err(db)?
-        .query_row(params![i(m.sender.0), m.client_msg_id], |r| {
+        .query_row(params![i(m.sender.0), key, m.client_msg_id], |r| {
             r.get::<_, i64>(0)
         })
         .optional()
@@ -53,7 +57,6 @@ pub(super) fn append(c: &Connection, m: &NewMessage) -> Result<AppendOutcome, St
             duplicate: true,
         });
     }
-    let key = chat_key(m.chat);
     if let Some(reply_to) = m.reply_to
         && !message_exists(c, &key, reply_to)?
     {
