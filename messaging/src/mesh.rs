@@ -17,8 +17,12 @@
 //! Envelopes carry live pushes only; every message they announce is already durable (the send
 //! path acks after the commit, and pushes after that). An envelope queued for a peer whose link
 //! is down waits in the queue and is sent when the link returns; if the queue is full it is
-//! dropped (counted in [`PeerStats::dropped`]). An envelope written to a link that dies is
-//! lost. Either way the recipient's devices see the message when they next fill gaps from
+//! dropped (counted in [`PeerStats::dropped`]). A batch whose write fails, or whose link is
+//! replaced or stopped mid-write, goes back to the front of the queue (receivers may then see
+//! an envelope twice; clients drop message ids they have). An envelope whose write completed
+//! into a link that then dies is lost. A peer that says hello again (a restart, or a new
+//! connection while the old one is not yet known dead) replaces its old link at once: the old
+//! link stops taking envelopes from the queue, so none is written into a dead connection. Either way the recipient's devices see the message when they next fill gaps from
 //! history (on reconnect). A receiver that no longer owns a recipient (its ring moved on)
 //! delivers to that recipient's connections it still has and forwards the rest to the owner it
 //! knows, once (`hops` bounds it).
@@ -83,6 +87,9 @@ struct Peer {
     capacity: usize,
     up: AtomicBool,
     stats: PeerStats,
+    /// Bumped by every link that comes up; a link whose generation is no longer current
+    /// (the peer said hello again) stops.
+    link: watch::Sender<u64>,
 }
 
 impl Peer {
@@ -289,6 +296,7 @@ impl Mesh {
                 capacity: self.peer_queue,
                 up: AtomicBool::new(false),
                 stats: PeerStats::default(),
+                link: watch::channel(0).0,
             });
             if m.id > self.me {
                 tokio::spawn(
@@ -722,9 +730,24 @@ async fn run_link(
     recv: quinn::RecvStream,
     mut stop: watch::Receiver<bool>,
 ) {
+    // This link replaces any older one of the same peer.
+    let mut generation = 0;
+    peer.link.send_modify(|g| {
+        *g += 1;
+        generation = *g;
+    });
+    let mut replaced = peer.link.subscribe();
+    let replaced = async move {
+        while replaced.changed().await.is_ok() {
+            if *replaced.borrow() != generation {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    };
     peer.up.store(true, Ordering::Relaxed);
     peer.stats.connects.fetch_add(1, Ordering::Relaxed);
-    info!(peer = peer.id.0, "mesh link up");
+    info!(peer = peer.id.0, generation, "mesh link up");
     let reader = {
         let mesh = mesh.clone();
         let peer = peer.clone();
@@ -751,6 +774,9 @@ async fn run_link(
             }
         }
     };
+    // The batch being written, put back at the front of the queue if the write does not
+    // complete (this link's own: a replacing link has its own).
+    let writing: Mutex<Vec<pm::Envelope>> = Mutex::new(Vec::new());
     let writer = async {
         let mut buf = BytesMut::new();
         loop {
@@ -775,32 +801,44 @@ async fn run_link(
             }
             let n = batch.len() as u64;
             buf.clear();
-            if let Err(e) = encode_into(
-                &pm::PeerBatch { envelopes: batch },
-                MAX_MESH_FRAME,
-                &mut buf,
-            ) {
+            let frame = pm::PeerBatch { envelopes: batch };
+            if let Err(e) = encode_into(&frame, MAX_MESH_FRAME, &mut buf) {
                 warn!(error = %e, "batch did not encode; dropped");
                 peer.stats.dropped.fetch_add(n, Ordering::Relaxed);
                 continue;
             }
+            // Kept until the write completes: requeued if it fails or is cancelled.
+            *writing.lock() = frame.envelopes;
             if send.write_all(&buf).await.is_err() {
-                // The envelopes of this batch are lost with the link (see module docs).
                 break;
             }
+            writing.lock().clear();
             peer.stats.envelopes_sent.fetch_add(n, Ordering::Relaxed);
             peer.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
         }
     };
     let mut gone = peer.gone.subscribe();
-    tokio::select! {
-        _ = reader => {}
-        _ = writer => {}
-        _ = stop.changed() => {}
-        _ = gone.changed() => {}
-        _ = conn.closed() => {}
+    let superseded = tokio::select! {
+        _ = reader => false,
+        _ = writer => false,
+        _ = stop.changed() => false,
+        _ = gone.changed() => false,
+        _ = conn.closed() => false,
+        _ = replaced => true,
+    };
+    // A batch whose write did not complete goes back to the front of the queue.
+    let unsent = std::mem::take(&mut *writing.lock());
+    if !unsent.is_empty() {
+        let mut q = peer.queue.lock();
+        for env in unsent.into_iter().rev() {
+            q.push_front(env);
+        }
+        drop(q);
+        peer.ready.notify_one();
     }
-    peer.up.store(false, Ordering::Relaxed);
+    if !superseded {
+        peer.up.store(false, Ordering::Relaxed);
+    }
     conn.close(0u32.into(), b"link closed");
-    info!(peer = peer.id.0, "mesh link down");
+    info!(peer = peer.id.0, generation, superseded, "mesh link down");
 }
