@@ -46,6 +46,9 @@ pub enum Event {
         /// The node's message.
         message: String,
     },
+    /// The node says pushes meant for this user may have been lost between nodes (a full
+    /// queue on the way): fill the gap from history, as for [`Event::Gap`].
+    Resync,
     /// Pushes were lost on this connection (`expected` was due, `got` arrived).
     Gap {
         /// Sequence number that was due.
@@ -436,6 +439,7 @@ async fn read_loop(
                     Some(push::Event::Reaction(r)) => Event::Reaction(r),
                     Some(push::Event::Channel(c)) => Event::Channel(c),
                     Some(push::Event::Redirect(r)) => Event::Redirect(r),
+                    Some(push::Event::Resync(_)) => Event::Resync,
                     None => continue,
                 }
             }

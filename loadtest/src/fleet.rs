@@ -332,7 +332,7 @@ impl Fleet {
                         fleet.slots[i].planned.store(false, Ordering::Relaxed);
                     });
                 }
-                Event::Gap { .. } => {
+                Event::Gap { .. } | Event::Resync => {
                     Counters::inc(&counters.gaps);
                     let (fleet, client) = (self.clone(), client.clone());
                     tokio::spawn(async move {

@@ -48,6 +48,13 @@ impl MemberCache {
         self.lists.insert(id, list);
     }
 
+    /// Drops every list (a peer lost a `ChannelChanged` it meant for us: which channel is not
+    /// known).
+    pub fn invalidate_all(&self) {
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        self.lists.clear();
+    }
+
     /// Drops a channel's list after a join or leave (here or on a peer).
     pub fn invalidate(&self, id: ChannelId) {
         self.changes.fetch_add(1, Ordering::SeqCst);

@@ -17,7 +17,11 @@
 //! Envelopes carry live pushes only; every message they announce is already durable (the send
 //! path acks after the commit, and pushes after that). An envelope queued for a peer whose link
 //! is down waits in the queue and is sent when the link returns; if the queue is full it is
-//! dropped (counted in [`PeerStats::dropped`]). A batch whose write fails, or whose link is
+//! dropped (counted in [`PeerStats::dropped`]) and its recipients are remembered (up to 65,536
+//! users, else "everyone"): ahead of its next batch the peer gets a `Resync` naming them,
+//! outside the queue's bound, and pushes `Resync` to their connections so the clients fill
+//! the gap from history while online (a dropped `ChannelChanged` resyncs everyone and clears
+//! the peer's member cache). A batch whose write fails, or whose link is
 //! replaced or stopped mid-write, goes back to the front of the queue (receivers may then see
 //! an envelope twice; clients drop message ids they have). An envelope whose write completed
 //! into a link that then dies is lost. A peer that says hello again (a restart, or a new
@@ -27,7 +31,7 @@
 //! delivers to that recipient's connections it still has and forwards the rest to the owner it
 //! knows, once (`hops` bounds it).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +42,7 @@ use futures::StreamExt;
 use meshchat_backplane::fanout;
 use meshchat_backplane::ring::{DEFAULT_VNODES_PER_WEIGHT, Ring};
 use meshchat_idgen::{ChannelId, NodeId, UserId};
+use meshchat_proto::client::{self as pc, push};
 use meshchat_proto::codec::encode_into;
 use meshchat_proto::mesh::{self as pm, envelope};
 use meshchat_proto::{FrameCodec, MESH_ALPN, PROTOCOL_VERSION};
@@ -61,6 +66,52 @@ const BATCH_ENVELOPES: usize = 1_024;
 const BATCH_BYTES: usize = 64 * 1024;
 /// Forwarding bound for envelopes that reach a node that no longer owns their recipients.
 const MAX_HOPS: u32 = 1;
+/// Users remembered per peer whose envelopes were dropped; past it the resync covers every
+/// connection on the peer.
+const MAX_MISSED_USERS: usize = 65_536;
+
+/// What a peer missed because its queue was full: told to it ahead of the next batch.
+#[derive(Debug, Default)]
+struct Missed {
+    users: BTreeSet<u64>,
+    all: bool,
+}
+
+impl Missed {
+    fn is_empty(&self) -> bool {
+        !self.all && self.users.is_empty()
+    }
+
+    fn add(&mut self, env: &pm::Envelope) {
+        match &env.body {
+            Some(envelope::Body::Deliver(d)) if !self.all => {
+                self.users.extend(d.recipients.iter().copied());
+                if self.users.len() > MAX_MISSED_USERS {
+                    self.users.clear();
+                    self.all = true;
+                }
+            }
+            Some(envelope::Body::Deliver(_)) => {}
+            // A channel change or a move: which users it concerns is not listed here.
+            _ => {
+                self.users.clear();
+                self.all = true;
+            }
+        }
+    }
+
+    fn take(&mut self) -> pm::Envelope {
+        let m = std::mem::take(self);
+        pm::Envelope {
+            ring_epoch: 0,
+            hops: 0,
+            body: Some(envelope::Body::Resync(pm::Resync {
+                users: m.users.into_iter().collect(),
+                all: m.all,
+            })),
+        }
+    }
+}
 
 /// Counters of one peer link.
 #[derive(Debug, Default)]
@@ -90,6 +141,8 @@ struct Peer {
     /// Bumped by every link that comes up; a link whose generation is no longer current
     /// (the peer said hello again) stops.
     link: watch::Sender<u64>,
+    /// Users whose envelopes the full queue dropped, for the resync ahead of the next batch.
+    missed: Mutex<Missed>,
 }
 
 impl Peer {
@@ -98,6 +151,8 @@ impl Peer {
             let mut q = self.queue.lock();
             if q.len() >= self.capacity {
                 drop(q);
+                // Not lost invisibly: the peer is told ahead of the next batch.
+                self.missed.lock().add(&env);
                 let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
                     warn!(
@@ -297,6 +352,7 @@ impl Mesh {
                 up: AtomicBool::new(false),
                 stats: PeerStats::default(),
                 link: watch::channel(0).0,
+                missed: Mutex::new(Missed::default()),
             });
             if m.id > self.me {
                 tokio::spawn(
@@ -389,6 +445,25 @@ impl Mesh {
             Some(envelope::Body::Deliver(d)) => d,
             Some(envelope::Body::ChannelChanged(c)) => {
                 self.members.invalidate(ChannelId(c.channel_id));
+                return;
+            }
+            Some(envelope::Body::Resync(r)) => {
+                let users: Vec<UserId> = if r.all {
+                    self.members.invalidate_all();
+                    self.registry.users()
+                } else {
+                    r.users.into_iter().map(UserId).collect()
+                };
+                warn!(
+                    users = users.len(),
+                    all = r.all,
+                    "a peer dropped envelopes for us: telling the users to fill their gaps"
+                );
+                self.registry.push_to(
+                    &users,
+                    &crate::node::encode_push(push::Event::Resync(pc::Resync {})),
+                    None,
+                );
                 return;
             }
             // UsersMoved comes with dynamic membership.
@@ -781,9 +856,15 @@ async fn run_link(
         let mut buf = BytesMut::new();
         loop {
             let batch: Vec<pm::Envelope> = {
+                let mut out = Vec::new();
+                {
+                    let mut missed = peer.missed.lock();
+                    if !missed.is_empty() {
+                        out.push(missed.take());
+                    }
+                }
                 let mut q = peer.queue.lock();
                 let mut bytes = 0usize;
-                let mut out = Vec::new();
                 while out.len() < BATCH_ENVELOPES && bytes < BATCH_BYTES {
                     match q.pop_front() {
                         Some(e) => {

@@ -515,6 +515,11 @@ async fn listen(
                 ));
                 s.client.fill_gaps().await?; // runs in the background
             }
+            Event::Resync => {
+                s.out
+                    .note("the node lost pushes on the way; filling from history");
+                s.client.fill_gaps().await?;
+            }
             Event::Disconnected { code, reason } => {
                 s.out.note(&format!(
                     "disconnected (code {code}: {reason}); reconnecting"
