@@ -35,6 +35,9 @@ const SEND_ATTEMPTS: u32 = 6;
 /// is not followed): about two membership TTLs, by which time the ring has dropped a dead
 /// node and redirects point at its successor.
 const SUSPECT_FOR: Duration = Duration::from_secs(10);
+/// How long an authentication waits on one node whose ring still names a suspect node as the
+/// user's home (below the node's 10 s authentication timeout).
+const SUSPECT_WAIT: Duration = Duration::from_secs(8);
 /// How long one failover keeps trying before it reports the last error.
 const FAILOVER_FOR: Duration = Duration::from_secs(60);
 
@@ -248,7 +251,9 @@ impl Client {
 
     async fn auth(&self, body: client_frame::Body) -> Result<Session, ClientError> {
         let mut body = body;
-        for _ in 0..=MAX_REDIRECTS {
+        let mut redirects = 0;
+        let mut waited = Duration::ZERO;
+        loop {
             match self.request(body.clone()).await? {
                 server_frame::Body::AuthOk(ok) => {
                     let s = Session {
@@ -263,30 +268,42 @@ impl Client {
                 }
                 server_frame::Body::Redirect(r) => {
                     debug!(to = %r.address, epoch = r.ring_epoch, "redirected");
+                    // The redirect carries a token: authenticate with it from now on (a
+                    // registration must not be repeated).
+                    if !r.token.is_empty() {
+                        body =
+                            client_frame::Body::Authenticate(pb::Authenticate { token: r.token });
+                    }
                     if self.is_suspect(&r.address) {
-                        // The ring has not dropped a node that just failed to answer: come
-                        // back through another node once it has.
-                        return Err(ClientError::Connect(format!(
-                            "redirected to {}, which did not answer recently",
-                            r.address
-                        )));
+                        // The ring still names a node that just failed to answer: its
+                        // registration has not expired yet. Ask this node again, on this
+                        // connection, until its ring has moved on (no new handshake per try:
+                        // thousands of clients failing over at once must not become a
+                        // handshake storm), within the node's authentication timeout.
+                        if waited >= SUSPECT_WAIT {
+                            return Err(ClientError::Connect(format!(
+                                "redirected to {}, which did not answer recently",
+                                r.address
+                            )));
+                        }
+                        let pause = Duration::from_millis(250 + rand::random::<u64>() % 250);
+                        tokio::time::sleep(pause).await;
+                        waited += pause;
+                        continue;
+                    }
+                    redirects += 1;
+                    if redirects > MAX_REDIRECTS {
+                        return Err(ClientError::Protocol("too many redirects".into()));
                     }
                     if let Ok(c) = self.conn() {
                         c.close();
                     }
                     *self.server.lock() = r.address;
                     self.open().await?;
-                    // The redirect carries a token: authenticate with it at the home node
-                    // (a registration must not be repeated there).
-                    if !r.token.is_empty() {
-                        body =
-                            client_frame::Body::Authenticate(pb::Authenticate { token: r.token });
-                    }
                 }
                 other => return Err(unexpected(&other)),
             }
         }
-        Err(ClientError::Protocol("too many redirects".into()))
     }
 
     /// Registers a new user and logs this connection in.
@@ -422,6 +439,9 @@ impl Client {
             c.close();
         }
         self.suspect(&self.server());
+        // Every client of a dead node notices at about the same time: spread their first
+        // attempts so the survivors see a ramp, not a wall of handshakes.
+        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 2_000)).await;
         let deadline = std::time::Instant::now() + FAILOVER_FOR;
         let mut backoff = Duration::from_millis(100);
         loop {

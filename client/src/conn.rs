@@ -83,17 +83,21 @@ pub struct ConnectOptions {
     /// QUIC keep-alive interval (must be well below the idle timeout). It is also how soon an
     /// idle client learns that its node died: a keep-alive that the node does not
     /// acknowledge within [`Self::liveness_timeout`] ends the connection (default 4 s, so an
-    /// idle client notices a dead node within 6.5 s; the node answers each keep-alive with
+    /// idle client notices a dead node within 10 s; the node answers each keep-alive with
     /// one ACK: 0.25 packets/s each way per idle client).
     pub keep_alive: Duration,
     /// How long the node may stay completely silent (not even a transport ACK) after this
     /// client sent it something that needs an answer, before the connection is declared
-    /// dead and closed (default 2.5 s). ACKs come from the node's QUIC stack, not from its
+    /// dead and closed (default 6 s). ACKs come from the node's QUIC stack, not from its
     /// request handlers, so a node that is slow to answer requests but alive is not taken
-    /// for dead: only a dead process, host or path is.
+    /// for dead: only a dead process, host or path is. Not shorter: when a node dies, its
+    /// clients' failover loads the survivors, whose UDP receive queues can overflow for
+    /// seconds; at 2.5 s that took live connections for dead and failed them over too, a
+    /// cascade (load test, 10k connections, docs/RELIABILITY.md).
     pub liveness_timeout: Duration,
-    /// Bound on one connection attempt (QUIC handshake plus the protocol stream; default 3 s):
-    /// a dead node must not hold a failover for the whole idle timeout.
+    /// Bound on one connection attempt (QUIC handshake plus the protocol stream; default 8 s):
+    /// a dead node must not hold a failover for the whole idle timeout, and a busy survivor
+    /// must not see its handshakes abandoned (and repeated) half-way.
     pub connect_timeout: Duration,
     /// Other nodes to try when the current one is unreachable (`host:port`); the client also
     /// learns the cluster's members after it logs in.
@@ -116,8 +120,8 @@ impl ConnectOptions {
             event_buffer: 1024,
             max_frame: 1 << 20,
             keep_alive: Duration::from_secs(4),
-            liveness_timeout: Duration::from_millis(2_500),
-            connect_timeout: Duration::from_secs(3),
+            liveness_timeout: Duration::from_secs(6),
+            connect_timeout: Duration::from_secs(8),
             seeds: Vec::new(),
             idle_timeout: Duration::from_secs(60),
             stream_receive_window: 256 * 1024,
