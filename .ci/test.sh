@@ -86,7 +86,7 @@ fi
 cargo build --quiet --manifest-path proto/fuzz/Cargo.toml --target-dir target
 
 # Build every test binary while Cassandra boots.
-args=(--workspace --features meshchat-storage/cassandra --no-fail-fast)
+args=(--workspace --features meshchat-storage/cassandra)
 cargo nextest run --no-run "${args[@]}" "$@"
 
 if [ -n "$cass_starter" ]; then
@@ -102,4 +102,4 @@ fi
 
 # The Cassandra contract suite is #[ignore]d (reported as skipped by a plain `cargo test`
 # without a server); here a server is always there, so every ignored test runs.
-cargo nextest run "${args[@]}" --run-ignored all "$@"
+cargo nextest run "${args[@]}" --no-fail-fast --run-ignored all "$@"

@@ -337,12 +337,17 @@ impl Client {
     /// from my delivered mark. Filled messages arrive on [`Events`] (deduplicated), from a
     /// background task.
     pub async fn reconnect(&self) -> Result<(), ClientError> {
-        let token = self
-            .session
-            .lock()
-            .as_ref()
-            .map(|s| s.token.clone())
-            .ok_or(ClientError::NotLoggedIn)?;
+        self.reconnect_at(None).await
+    }
+
+    /// [`Client::reconnect`], to `server` if given.
+    async fn reconnect_at(&self, server: Option<&str>) -> Result<(), ClientError> {
+        let token = self.session_token()?;
+        // Not beside a failover: each would close the other's new connection.
+        let _one = self.failing_over.lock().await;
+        if let Some(server) = server {
+            *self.server.lock() = server.to_owned();
+        }
         if let Ok(c) = self.conn() {
             c.close();
         }
@@ -354,8 +359,7 @@ impl Client {
     /// Reconnects through another node (say, when the current one died): that node redirects
     /// the client to its home if needed; then the gap is filled from history.
     pub async fn reconnect_via(&self, server: &str) -> Result<(), ClientError> {
-        *self.server.lock() = server.to_owned();
-        self.reconnect().await
+        self.reconnect_at(Some(server)).await
     }
 
     /// Follows a redirect push (the ring moved this user's home): reconnects to the new home,
@@ -364,8 +368,20 @@ impl Client {
         if r.address.is_empty() {
             return Err(ClientError::Protocol("redirect without an address".into()));
         }
-        *self.server.lock() = r.address.clone();
-        self.reconnect().await
+        self.reconnect_at(Some(&r.address)).await
+    }
+
+    /// The session's token, for re-authentication.
+    fn session_token(&self) -> Result<String, ClientError> {
+        self.session
+            .lock()
+            .as_ref()
+            .map(|s| s.token.clone())
+            .ok_or(ClientError::NotLoggedIn)
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Learns the cluster's client addresses once, for failover (best effort).
@@ -429,12 +445,7 @@ impl Client {
         {
             return Ok(()); // another caller already failed over
         }
-        let token = self
-            .session
-            .lock()
-            .as_ref()
-            .map(|s| s.token.clone())
-            .ok_or(ClientError::NotLoggedIn)?;
+        let token = self.session_token()?;
         if let Some(c) = before {
             c.close();
         }
@@ -447,12 +458,22 @@ impl Client {
         loop {
             let mut last = ClientError::Connect("no node to fail over to".into());
             for server in self.candidates() {
+                if self.is_closing() {
+                    return Err(ClientError::Disconnected("client closed".into()));
+                }
                 *self.server.lock() = server.clone();
                 let attempt = async {
                     self.open().await?;
                     self.authenticate(&token).await
                 };
                 match attempt.await {
+                    Ok(_) if self.is_closing() => {
+                        // Closed while this attempt ran: do not leave a session behind.
+                        if let Ok(c) = self.conn() {
+                            c.close();
+                        }
+                        return Err(ClientError::Disconnected("client closed".into()));
+                    }
                     Ok(_) => {
                         debug!(%server, "failed over");
                         return self.fill_gaps().await.map(drop);
@@ -491,7 +512,6 @@ impl Client {
     /// fails over ([`Client::failover`]). Stops when the client is closed or dropped, or
     /// when the session cannot be restored (an expired token).
     pub fn supervise(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        use std::sync::atomic::Ordering;
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -506,7 +526,7 @@ impl Client {
                 };
                 conn.closed().await;
                 let Some(client) = weak.upgrade() else { return };
-                if client.closing.load(Ordering::SeqCst) {
+                if client.is_closing() {
                     return;
                 }
                 if let Ok(now) = client.conn()
@@ -636,6 +656,9 @@ impl Client {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
+            // A failover in progress has a connection that is open but not yet
+            // authenticated: wait for it to finish instead of sending on it.
+            drop(self.failing_over.lock().await);
             let conn = match self.conn() {
                 Ok(c) if c.is_open() => c,
                 _ => match self.failover().await {

@@ -93,7 +93,7 @@ struct Cli {
     #[arg(long, default_value_t = 20)]
     drain: u64,
     /// Client QUIC keep-alive, seconds (below the node's idle timeout). It bounds how soon
-    /// an idle client notices a dead node (keep-alive + the 2.5 s liveness timeout).
+    /// an idle client notices a dead node (keep-alive + the 6 s liveness timeout).
     #[arg(long, default_value_t = 4)]
     keep_alive: u64,
     /// Kernel UDP buffer per client socket, bytes (capped by net.core.rmem_max).

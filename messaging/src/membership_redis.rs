@@ -2,15 +2,15 @@
 //! (`meshchat_backplane::membership`).
 //!
 //! Every `heartbeat` a node, in one round trip each:
-//! 1. refreshes its registration `<p>:node:<id>` (JSON: id, mesh and client addresses,
-//!    weight) with a TTL of `member_ttl`;
-//! 2. renews its Snowflake worker-id lease `<p>:worker:<w>` (SET NX, or PEXPIRE if its value
+//! 1. renews its Snowflake worker-id lease `<p>:worker:<w>` (SET NX, or PEXPIRE if its value
 //!    is this process's random token: a second process with the same node id or worker id
 //!    never "holds" it too), and records in `<p>:worker:<w>:hw` the wall-clock ms until
 //!    which it may stamp ids. A process that takes over a worker id raises its generator's
 //!    floor above the previous holder's mark, so ids stay unique across the handover even
-//!    if its clock is behind;
-//! 3. runs the snapshot script: reads every live registration; if the set differs from the
+//!    if its clock is behind; and, only while it holds the lease, refreshes its registration
+//!    `<p>:node:<id>` (JSON: id, mesh and client addresses, weight) with a TTL of
+//!    `member_ttl` (a process without its worker id never enters the ring);
+//! 2. runs the snapshot script: reads every live registration; if the set differs from the
 //!    last published one it bumps `<p>:epoch` and PUBLISHes it on `<p>:changes`. It returns
 //!    (epoch, members), the same answer for every node.
 //!
@@ -93,10 +93,13 @@ end
 return {epoch, members}
 "#;
 
-/// KEYS: the lease, its high-water mark. ARGV: this process's token, the TTL in ms, the
-/// wall-clock ms until which this holder may stamp ids. Returns {2, mark} when the lease was
-/// just taken (mark: the previous holders' high-water mark, which ids must stay above), {1, 0}
-/// when renewed, {0, 0} when another process holds it.
+/// KEYS: the lease, its high-water mark, this node's registration. ARGV: this process's
+/// token, the TTL in ms, the wall-clock ms until which this holder may stamp ids, the
+/// registration. Returns {2, mark} when the lease was just taken (mark: the previous
+/// holders' high-water mark, which ids must stay above), {1, 0} when renewed, {0, 0} when
+/// another process holds it. Only the holder writes the registration: a process that does not
+/// hold its worker id (a twin with the same node id, or another node configured with the
+/// same worker id) never enters the ring and never overwrites the holder's entry.
 const LEASE: &str = r#"
 local state = 1
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -106,6 +109,7 @@ elseif redis.call('GET', KEYS[1]) == ARGV[1] then
 else
   return {0, 0}
 end
+redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[2])
 local mark = tonumber(redis.call('GET', KEYS[2]) or '0')
 if tonumber(ARGV[3]) > mark then
   redis.call('SET', KEYS[2], ARGV[3], 'PX', 86400000)
@@ -114,11 +118,12 @@ if state == 2 then return {2, mark} end
 return {1, 0}
 "#;
 
-/// Graceful release. KEYS: the lease, its high-water mark. ARGV: this process's token, the
-/// newest wall-clock ms it stamped.
+/// Graceful release. KEYS: the lease, its high-water mark, this node's registration. ARGV:
+/// this process's token, the newest wall-clock ms it stamped. Only the holder deregisters.
 const RELEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[3])
   redis.call('SET', KEYS[2], ARGV[2], 'PX', 86400000)
 end
 return 0
@@ -213,19 +218,14 @@ impl RedisMembership {
         let me = serde_json::to_string(&self.me).map_err(|e| {
             redis::RedisError::from((redis::ErrorKind::Client, "encoding", e.to_string()))
         })?;
-        redis::cmd("SET")
-            .arg(format!("{}:node:{}", self.prefix, self.me.id))
-            .arg(me)
-            .arg("PX")
-            .arg(ttl)
-            .query_async::<()>(conn)
-            .await?;
         let (state, mark): (i64, u64) = redis::Script::new(LEASE)
             .key(format!("{}:worker:{}", self.prefix, self.worker))
             .key(format!("{}:worker:{}:hw", self.prefix, self.worker))
+            .key(format!("{}:node:{}", self.prefix, self.me.id))
             .arg(token)
             .arg(ttl)
             .arg(mark_unix_ms)
+            .arg(me)
             .invoke_async(conn)
             .await?;
         let lease = match state {
@@ -303,7 +303,9 @@ impl RedisMembership {
             }
             // The wall-clock ms until which this holder may stamp ids if the round renews the
             // lease: the next holder's floor.
-            let mark = now_unix_ms() + self.ttl.as_millis() as u64;
+            // Above what this process already stamped too: after taking over with a floor
+            // ahead of this host's clock, ids carry the floor's time, not the clock's.
+            let mark = now_unix_ms().max(fencing.ids.last_unix_ms()) + self.ttl.as_millis() as u64;
             let result = match conn.as_mut() {
                 Some(c) => tokio::time::timeout(
                     self.heartbeat * 2,
@@ -398,16 +400,13 @@ impl RedisMembership {
         // Graceful leave: drop the registration and the lease now.
         gate.set_valid_until(0);
         if let Some(c) = conn.as_mut() {
-            let _ = redis::cmd("DEL")
-                .arg(format!("{}:node:{}", self.prefix, self.me.id))
-                .query_async::<()>(c)
-                .await;
             // The gate is closed: nothing is stamped after now (or after the floor this
             // process counted on), so the next holder's floor can be that, not our deadline.
             let last = fencing.ids.last_unix_ms().max(now_unix_ms());
             let _ = redis::Script::new(RELEASE)
                 .key(format!("{}:worker:{}", self.prefix, self.worker))
                 .key(format!("{}:worker:{}:hw", self.prefix, self.worker))
+                .key(format!("{}:node:{}", self.prefix, self.me.id))
                 .arg(&token)
                 .arg(last)
                 .invoke_async::<i64>(c)

@@ -17,7 +17,7 @@
 //! Envelopes carry live pushes only; every message they announce is already durable (the send
 //! path acks after the commit, and pushes after that). An envelope queued for a peer whose link
 //! is down waits in the queue and is sent when the link returns; if the queue is full it is
-//! dropped (counted in [`PeerStats::dropped`]) and its recipients are remembered (up to 65,536
+//! dropped (counted in [`PeerStats::dropped`]) and its recipients are remembered (up to 8,192
 //! users, else "everyone"): ahead of its next batch the peer gets a `Resync` naming them,
 //! outside the queue's bound, and pushes `Resync` to their connections so the clients fill
 //! the gap from history while online (a dropped `ChannelChanged` resyncs everyone and clears
@@ -68,7 +68,7 @@ const BATCH_BYTES: usize = 64 * 1024;
 const MAX_HOPS: u32 = 1;
 /// Users remembered per peer whose envelopes were dropped; past it the resync covers every
 /// connection on the peer.
-const MAX_MISSED_USERS: usize = 65_536;
+const MAX_MISSED_USERS: usize = 8_192;
 
 /// What a peer missed because its queue was full: told to it ahead of the next batch.
 #[derive(Debug, Default)]
@@ -151,8 +151,10 @@ impl Peer {
             let mut q = self.queue.lock();
             if q.len() >= self.capacity {
                 drop(q);
-                // Not lost invisibly: the peer is told ahead of the next batch.
+                // Not lost invisibly: the peer is told ahead of the next batch (wake the
+                // writer: the queue may have emptied meanwhile).
                 self.missed.lock().add(&env);
+                self.ready.notify_one();
                 let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
                     warn!(
@@ -884,8 +886,16 @@ async fn run_link(
             buf.clear();
             let frame = pm::PeerBatch { envelopes: batch };
             if let Err(e) = encode_into(&frame, MAX_MESH_FRAME, &mut buf) {
-                warn!(error = %e, "batch did not encode; dropped");
+                warn!(error = %e, "batch did not encode; dropped, its recipients resynced");
                 peer.stats.dropped.fetch_add(n, Ordering::Relaxed);
+                let mut missed = peer.missed.lock();
+                for env in &frame.envelopes {
+                    match &env.body {
+                        // A resync in the batch: resync everyone (its list is gone).
+                        Some(envelope::Body::Resync(_)) => missed.all = true,
+                        _ => missed.add(env),
+                    }
+                }
                 continue;
             }
             // Kept until the write completes: requeued if it fails or is cancelled.

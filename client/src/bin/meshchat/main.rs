@@ -521,19 +521,18 @@ async fn listen(
                 s.client.fill_gaps().await?;
             }
             Event::Disconnected { code, reason } => {
+                // The close of an earlier connection (a redirect followed, a failover's
+                // candidate) while the current one is fine: nothing to do.
+                if s.client.conn().is_ok_and(|c| c.is_open()) {
+                    continue;
+                }
                 s.out.note(&format!(
                     "disconnected (code {code}: {reason}); reconnecting"
                 ));
-                let mut ok = false;
-                for attempt in 0..5u32 {
-                    tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt))).await;
-                    if s.client.reconnect().await.is_ok() {
-                        ok = true;
-                        break;
-                    }
-                }
-                if !ok {
-                    bail!("lost the connection and could not reconnect");
+                // Any node will do: the failover passes over a dead one and follows the
+                // redirect to this user's current home.
+                if let Err(e) = s.client.failover().await {
+                    bail!("lost the connection and could not reconnect: {e}");
                 }
                 continue;
             }
