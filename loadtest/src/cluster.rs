@@ -1,7 +1,9 @@
 //! The cluster under test: one the operator runs (`--server`, `--ca`, `--token-secret`), or
 //! a local one the harness starts itself (`--spawn-nodes N`: N `meshchat-node` processes on
-//! loopback sharing an embedded store in a fresh data dir, stopped when the run ends; with
-//! `--redis-membership` also a `redis-server` of its own for membership).
+//! loopback sharing one store, stopped when the run ends: an embedded store in a fresh data
+//! dir, or with `--storage cassandra` a keyspace on a Cassandra server the operator runs,
+//! migrated before the nodes start; with `--redis-membership` also a `redis-server` of its own
+//! for membership).
 //!
 //! A spawned cluster can be hurt on purpose (the chaos faults): a node killed with SIGKILL
 //! and started again, Redis stopped and started again (empty, as after a restart without
@@ -14,9 +16,10 @@ use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshchat_messaging::dev::{DevCluster, stop_children};
+use meshchat_messaging::dev::{DevCluster, DevStorage, stop_children};
 use parking_lot::Mutex;
 
+use crate::provision::Store;
 use crate::sampler::Watched;
 
 /// Why the cluster could not be reached or started.
@@ -62,8 +65,8 @@ pub struct Target {
     pub secret: Vec<u8>,
     /// Node processes on this machine, to sample.
     pub nodes: Vec<Watched>,
-    /// Embedded store directory, when the harness can provision users there.
-    pub store_dir: Option<PathBuf>,
+    /// The cluster's store, when the harness can provision users there.
+    pub store: Option<Store>,
     spawned: Option<Spawned>,
 }
 
@@ -170,7 +173,7 @@ impl Target {
         ca: PathBuf,
         secret_file: &Path,
         node_pids: &[u32],
-        store_dir: Option<PathBuf>,
+        store: Option<Store>,
     ) -> Result<Self, ClusterError> {
         let secret = std::fs::read(secret_file).map_err(io(secret_file))?;
         Ok(Self {
@@ -185,20 +188,21 @@ impl Target {
                     pid,
                 })
                 .collect(),
-            store_dir,
+            store,
             spawned: None,
         })
     }
 
-    /// Starts `n` node processes of `node_bin` in `data_dir` (a temp dir if `None`), with
-    /// Redis membership on a `redis-server` of their own if `redis`; their log lines go to
-    /// `log_file`.
-    pub fn spawn(
+    /// Starts `n` node processes of `node_bin` in `data_dir` (a temp dir if `None`) on
+    /// `storage` (a Cassandra keyspace is migrated first), with Redis membership on a
+    /// `redis-server` of their own if `redis`; their log lines go to `log_file`.
+    pub async fn spawn(
         n: u32,
         node_bin: &Path,
         data_dir: Option<PathBuf>,
         log_file: &Path,
         redis: bool,
+        storage: DevStorage,
     ) -> Result<Self, ClusterError> {
         let (tmp, data_dir) = match data_dir {
             Some(d) => (None, d),
@@ -222,7 +226,11 @@ impl Target {
             data_dir: data_dir.clone(),
             base_port,
             redis: redis.as_ref().map(RedisServer::url),
+            storage,
         };
+        dev.prepare_storage()
+            .await
+            .map_err(|e| ClusterError::Start(e.to_string()))?;
         let file = Arc::new(Mutex::new(
             std::fs::File::create(log_file).map_err(io(log_file))?,
         ));
@@ -249,7 +257,10 @@ impl Target {
             ca: data_dir.join(meshchat_messaging::tls::DEV_CA_CERT),
             secret: secret.trim_ascii().to_vec(),
             nodes,
-            store_dir: Some(data_dir),
+            store: Some(match &dev.storage {
+                DevStorage::Embedded => Store::Embedded(data_dir),
+                DevStorage::Cassandra(settings) => Store::Cassandra(settings.clone()),
+            }),
             spawned: Some(Spawned {
                 children,
                 dev,

@@ -9,14 +9,19 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use meshchat_loadtest::cluster::Target;
+use meshchat_loadtest::provision::Store;
 use meshchat_loadtest::run::{RunConfig, run};
+use meshchat_loadtest::sampler::Watched;
 use meshchat_loadtest::scenario::{Scenario, Traffic, expand};
+use meshchat_messaging::config::CassandraSettings;
+use meshchat_messaging::dev::DevStorage;
 
 /// meshchat load harness: N real QUIC connections, chat traffic, HDR latencies, reports.
 #[derive(Parser, Debug, serde::Serialize)]
 #[command(version)]
 struct Cli {
-    /// Start N local node processes (embedded store, fresh temp dir) and test them.
+    /// Start N local node processes (fresh temp dir; embedded store, or --storage cassandra)
+    /// and test them.
     #[arg(long, conflicts_with = "server")]
     spawn_nodes: Option<u32>,
     /// `meshchat-node` binary for --spawn-nodes (default: next to this binary).
@@ -40,6 +45,22 @@ struct Cli {
     /// Pids of --server nodes on this machine, to sample their RSS and CPU.
     #[arg(long, value_delimiter = ',')]
     node_pid: Vec<u32>,
+    /// The cluster's store: `embedded` (spawned nodes: in the data dir; --server: --store-dir)
+    /// or `cassandra` (the server at --cql: spawned nodes use it, users are provisioned into
+    /// it).
+    #[arg(long, value_enum, default_value_t = StorageKind::Embedded)]
+    storage: StorageKind,
+    /// Cassandra contact points, `host:port` (comma-separated), with --storage cassandra.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:9042")]
+    cql: Vec<String>,
+    /// Cassandra keyspace, with --storage cassandra (default: with --spawn-nodes a fresh
+    /// `meshchat_lt_<unix seconds>`, migrated before the nodes start; with --server `meshchat`).
+    #[arg(long)]
+    keyspace: Option<String>,
+    /// Another process on this machine to sample, `NAME=PID` (repeatable), e.g. the
+    /// Cassandra server: its CPU over the traffic phase and its peak RSS go in the report.
+    #[arg(long)]
+    watch_pid: Vec<String>,
     /// Scenarios: idle, direct, channel, reconnect, mixed (comma-separated, combinable).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "mixed")]
     scenario: Vec<Scenario>,
@@ -125,6 +146,27 @@ struct Cli {
     fault: Vec<meshchat_loadtest::chaos::Fault>,
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum StorageKind {
+    Embedded,
+    Cassandra,
+}
+
+/// `NAME=PID`.
+fn parse_watch(s: &str) -> anyhow::Result<Watched> {
+    let (name, pid) = s
+        .split_once('=')
+        .with_context(|| format!("--watch-pid {s:?}: expected NAME=PID"))?;
+    let pid = pid
+        .parse()
+        .with_context(|| format!("--watch-pid {s:?}: bad pid"))?;
+    Ok(Watched {
+        name: name.to_owned(),
+        pid,
+    })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -138,6 +180,28 @@ async fn main() -> anyhow::Result<()> {
     let nofile = meshchat_loadtest::raise_fd_limit().context("raising the open-file limit")?;
     tracing::info!(nofile, "open-file limit");
     std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
+    let watch = cli
+        .watch_pid
+        .iter()
+        .map(|w| parse_watch(w))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let cassandra = match cli.storage {
+        StorageKind::Embedded => None,
+        StorageKind::Cassandra => Some(CassandraSettings {
+            nodes: cli.cql.clone(),
+            keyspace: cli.keyspace.clone().unwrap_or_else(|| {
+                if cli.spawn_nodes.is_some() {
+                    let secs = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    format!("meshchat_lt_{secs}")
+                } else {
+                    "meshchat".into()
+                }
+            }),
+            ..CassandraSettings::default()
+        }),
+    };
     let target = match cli.spawn_nodes {
         Some(n) => {
             let bin = match &cli.node_bin {
@@ -158,7 +222,9 @@ async fn main() -> anyhow::Result<()> {
                 cli.data_dir.clone(),
                 &cli.out.join("nodes.log"),
                 cli.redis_membership || !cli.fault.is_empty(),
-            )?
+                cassandra.map_or(DevStorage::Embedded, DevStorage::Cassandra),
+            )
+            .await?
         }
         None => {
             anyhow::ensure!(
@@ -175,7 +241,10 @@ async fn main() -> anyhow::Result<()> {
                 ca,
                 &secret,
                 &cli.node_pid,
-                cli.store_dir.clone(),
+                match cassandra {
+                    Some(c) => Some(Store::Cassandra(c)),
+                    None => cli.store_dir.clone().map(Store::Embedded),
+                },
             )?
         }
     };
@@ -209,6 +278,7 @@ async fn main() -> anyhow::Result<()> {
         command: std::env::args().collect(),
         settings: serde_json::to_value(&cli)?,
         faults: cli.fault.clone(),
+        watch,
     };
     let report = run(cfg, target).await?;
     let c = &report.connections;
@@ -244,6 +314,31 @@ async fn main() -> anyhow::Result<()> {
             n.rss_per_connection
                 .map_or("-".into(), |b| format!("{b:.0} B/connection")),
             n.cpu_traffic_pct
+        );
+    }
+    let node_cpu: f64 = report.nodes.iter().map(|n| n.cpu_traffic_pct).sum();
+    if m.acked_per_sec > 0.0 {
+        println!(
+            "node CPU {:.0}% of a core in traffic (all nodes), {:.0} us per acked message",
+            node_cpu,
+            node_cpu / 100.0 / m.acked_per_sec * 1e6
+        );
+    }
+    for o in &report.others {
+        println!(
+            "{} (pid {}): CPU {:.0}% in traffic, RSS max {:.1} MiB{}",
+            o.name,
+            o.pid,
+            o.cpu_traffic_pct,
+            o.rss_max as f64 / 1048576.0,
+            if m.acked_per_sec > 0.0 {
+                format!(
+                    ", {:.0} us per acked message",
+                    o.cpu_traffic_pct / 100.0 / m.acked_per_sec * 1e6
+                )
+            } else {
+                String::new()
+            }
         );
     }
     for f in &report.faults {

@@ -1,15 +1,17 @@
-//! Synthetic users, made fast: rows written straight into the cluster's embedded store
-//! (the operator hands the harness the store directory) and tokens minted with the
-//! cluster's signing key. No password is hashed per user: every synthetic user shares one
+//! Synthetic users, made fast: rows written straight into the cluster's store (its embedded
+//! store directory, or its Cassandra keyspace) and tokens minted with the cluster's signing
+//! key. No password is hashed per user: every synthetic user shares one
 //! argon2id hash of a random password nobody knows, so nobody can log in as one, and the
 //! node checks their tokens, rate limits and permissions exactly as it does for real users.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use meshchat_idgen::UserId;
 use meshchat_messaging::auth::Auth;
+use meshchat_messaging::config::CassandraSettings;
+use meshchat_storage::cassandra::CassandraStore;
 use meshchat_storage::{EmbeddedStore, StateStore, StorageError};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -26,6 +28,37 @@ pub enum ProvisionError {
     /// A token could not be minted.
     #[error("minting a token: {0}")]
     Mint(String),
+    /// The Cassandra settings are invalid.
+    #[error("{0}")]
+    Config(#[from] meshchat_messaging::config::ConfigError),
+}
+
+/// The store of the cluster under test, where synthetic users are written.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// The embedded store in this directory.
+    Embedded(PathBuf),
+    /// This Cassandra keyspace (migrated).
+    Cassandra(CassandraSettings),
+}
+
+/// An open store, and the embedded store again when it is one (to close it: wait for its
+/// writes).
+type Opened = (Arc<dyn StateStore>, Option<Arc<EmbeddedStore>>);
+
+impl Store {
+    async fn open(&self) -> Result<Opened, ProvisionError> {
+        Ok(match self {
+            Store::Embedded(dir) => {
+                let store = Arc::new(EmbeddedStore::open_dir(dir)?);
+                (store.clone(), Some(store))
+            }
+            Store::Cassandra(settings) => (
+                Arc::new(CassandraStore::connect(&settings.to_config()?).await?),
+                None,
+            ),
+        })
+    }
 }
 
 /// The synthetic user of slot `i`.
@@ -55,16 +88,17 @@ pub fn tokens(
         .collect()
 }
 
-/// Writes the `n` users from `first` into the embedded store in `dir` (users that already
-/// exist are kept). Returns how many were new.
-pub async fn users(dir: &Path, first: u64, n: usize) -> Result<usize, ProvisionError> {
-    let store = Arc::new(EmbeddedStore::open_dir(dir)?);
+/// Writes the `n` users from `first` into `store` (users that already exist are kept).
+/// Returns how many were new.
+pub async fn users(store: &Store, first: u64, n: usize) -> Result<usize, ProvisionError> {
+    let (store, embedded) = store.open().await?;
     let hash: Arc<str> = Auth::new(&[0u8; 32], TOKEN_TTL, 1)
         .hash_password(format!("{:032x}", rand::random::<u128>()))
         .await
         .map_err(|e| ProvisionError::Mint(e.to_string()))?
         .into();
-    // Many writers at once: the store's group commit batches them.
+    // Many writers at once: the embedded store's group commit batches them; Cassandra
+    // serves them in parallel (each a name claim, a lightweight transaction).
     let gate = Arc::new(Semaphore::new(256));
     let mut tasks = JoinSet::new();
     let mut created = 0;
@@ -92,7 +126,8 @@ pub async fn users(dir: &Path, first: u64, n: usize) -> Result<usize, ProvisionE
     while let Some(r) = tasks.join_next().await {
         tally(r, &mut created, &mut first_error);
     }
-    if let Ok(store) = Arc::try_unwrap(store) {
+    drop(store);
+    if let Some(store) = embedded.and_then(|s| Arc::try_unwrap(s).ok()) {
         store.close().await;
     }
     match first_error {

@@ -185,6 +185,8 @@ pub struct Report {
     pub rehome: Rehome,
     /// Nodes on this machine.
     pub nodes: Vec<NodeFigures>,
+    /// Other processes sampled (`--watch-pid`, say the Cassandra server): CPU and RSS only.
+    pub others: Vec<NodeFigures>,
     /// Errors by text, with counts.
     pub errors: BTreeMap<String, u64>,
     /// Whether the run passed its checks (zero acked-undelivered, no id mismatch, no

@@ -58,6 +58,8 @@ pub struct RunConfig {
     pub settings: serde_json::Value,
     /// Chaos faults during the traffic.
     pub faults: Vec<Fault>,
+    /// Other processes on this machine to sample (a Cassandra server, say).
+    pub watch: Vec<Watched>,
 }
 
 fn bar(show: bool, len: u64) -> ProgressBar {
@@ -86,14 +88,14 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
     let tracker = Arc::new(Tracker::new());
     let users = crate::provision::tokens(&target.secret, cfg.first_user, cfg.connections)?;
     if cfg.provision {
-        match &target.store_dir {
-            Some(dir) => {
+        match &target.store {
+            Some(store) => {
                 let t = Instant::now();
-                let made = crate::provision::users(dir, cfg.first_user, cfg.connections).await?;
+                let made = crate::provision::users(store, cfg.first_user, cfg.connections).await?;
                 info!(made, secs = t.elapsed().as_secs_f64(), "users provisioned");
             }
             None => warn!(
-                "no store directory: assuming the synthetic users exist (pass --store-dir to provision them)"
+                "no store: assuming the synthetic users exist (pass --store-dir or --storage cassandra to provision them)"
             ),
         }
     }
@@ -120,6 +122,7 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
         name: "loadgen".into(),
         pid: std::process::id(),
     });
+    watched.extend(cfg.watch.iter().cloned());
     let rss_before: Vec<u64> = target.nodes.iter().map(rss).collect();
 
     // Sampler and progress bar.
@@ -250,35 +253,33 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
             } else {
                 per_server.get(&addr).copied().unwrap_or(0)
             };
-            let series: Vec<&crate::sampler::ProcSample> = timeline
-                .iter()
-                .flat_map(|s| s.procs.iter())
-                .filter(|p| p.name == w.name)
-                .collect();
-            let in_traffic: Vec<f64> = timeline
-                .iter()
-                .filter(|s| s.t_secs > traffic_from && s.t_secs <= traffic_to)
-                .flat_map(|s| {
-                    s.procs
-                        .iter()
-                        .filter(|p| p.name == w.name)
-                        .map(|p| p.cpu_pct)
-                })
-                .collect();
+            let (cpu_traffic_pct, rss_max) =
+                proc_figures(&timeline, &w.name, traffic_from, traffic_to);
             NodeFigures {
                 name: w.name.clone(),
                 pid: w.pid,
                 rss_before: rss_before[i],
                 rss_held: rss_held[i],
-                rss_max: series.iter().map(|p| p.rss_bytes).max().unwrap_or(0),
+                rss_max,
                 connections: conns,
                 rss_per_connection: (conns > 0 && rss_held[i] > 0)
                     .then(|| (rss_held[i] as f64 - rss_before[i] as f64) / conns as f64),
-                cpu_traffic_pct: if in_traffic.is_empty() {
-                    0.0
-                } else {
-                    in_traffic.iter().sum::<f64>() / in_traffic.len() as f64
-                },
+                cpu_traffic_pct,
+            }
+        })
+        .collect();
+    let others = cfg
+        .watch
+        .iter()
+        .map(|w| {
+            let (cpu_traffic_pct, rss_max) =
+                proc_figures(&timeline, &w.name, traffic_from, traffic_to);
+            NodeFigures {
+                name: w.name.clone(),
+                pid: w.pid,
+                rss_max,
+                cpu_traffic_pct,
+                ..NodeFigures::default()
             }
         })
         .collect();
@@ -344,6 +345,7 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
             latency: Latency::of(&h.rehome),
         },
         nodes,
+        others,
         errors: fleet.errors(),
         passed: false,
         failures: Vec::new(),
@@ -353,4 +355,34 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
     report.judge(&outstanding);
     report.write(&cfg.out)?;
     Ok(report)
+}
+
+/// Mean CPU of process `name` over the traffic phase (samples after `from` up to `to`, percent
+/// of one core) and its highest RSS sampled.
+fn proc_figures(timeline: &[crate::sampler::Sample], name: &str, from: f64, to: f64) -> (f64, u64) {
+    let mine = |s: &crate::sampler::Sample| {
+        s.procs
+            .iter()
+            .filter(|p| p.name == name)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let rss_max = timeline
+        .iter()
+        .flat_map(mine)
+        .map(|p| p.rss_bytes)
+        .max()
+        .unwrap_or(0);
+    let in_traffic: Vec<f64> = timeline
+        .iter()
+        .filter(|s| s.t_secs > from && s.t_secs <= to)
+        .flat_map(mine)
+        .map(|p| p.cpu_pct)
+        .collect();
+    let cpu = if in_traffic.is_empty() {
+        0.0
+    } else {
+        in_traffic.iter().sum::<f64>() / in_traffic.len() as f64
+    };
+    (cpu, rss_max)
 }

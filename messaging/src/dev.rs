@@ -1,7 +1,9 @@
-//! `meshchat-node dev`: a local cluster on loopback with the embedded store, for newcomers and
-//! tests. Node i (0-based) gets node id i+1, serves clients on 127.0.0.1:(base_port + i) and
-//! the mesh on 127.0.0.1:(base_port + 100 + i); all share the data dir (one store, one dev CA
-//! at `<data_dir>/ca.pem`, one token secret), the way production nodes share Cassandra.
+//! `meshchat-node dev`: a local cluster on loopback, for newcomers and tests. Node i (0-based)
+//! gets node id i+1, serves clients on 127.0.0.1:(base_port + i) and the mesh on
+//! 127.0.0.1:(base_port + 100 + i); all share the data dir (one dev CA at `<data_dir>/ca.pem`,
+//! one token secret) and one store: the embedded store in the data dir (default), or a
+//! Cassandra/ScyllaDB keyspace ([`DevStorage::Cassandra`], migrated once before the nodes
+//! start), the way production nodes share Cassandra.
 //!
 //! Membership is a static list, or Redis with `--redis URL` (nodes register, heartbeat and
 //! can be added later with `meshchat-node run`).
@@ -15,8 +17,27 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::config::{NodeConfig, StaticMember};
+use crate::config::{Backend, CassandraSettings, NodeConfig, StaticMember};
 use crate::server::{RunningNode, StartError, start};
+
+/// Where a dev cluster keeps state and history.
+#[derive(Debug, Clone, Default)]
+pub enum DevStorage {
+    /// The embedded store in the data dir (default).
+    #[default]
+    Embedded,
+    /// A Cassandra/ScyllaDB keyspace shared by every node; [`DevCluster::start`] (or
+    /// [`DevCluster::prepare_storage`]) migrates its schema once before the nodes start.
+    Cassandra(CassandraSettings),
+}
+
+/// Creates or upgrades the schema of the keyspace in `settings` (idempotent: a migrated
+/// keyspace is left as it is). Returns the statements that ran.
+pub async fn migrate_cassandra(settings: &CassandraSettings) -> Result<Vec<String>, StartError> {
+    let cfg = settings.to_config()?;
+    let session = meshchat_storage::cassandra::connect_session(&cfg).await?;
+    Ok(meshchat_storage::cassandra::migrate(&session, &cfg, false).await?)
+}
 
 /// Settings of a dev cluster.
 #[derive(Debug, Clone)]
@@ -29,6 +50,8 @@ pub struct DevCluster {
     pub base_port: u16,
     /// Redis URL for dynamic membership; `None` = a static member list.
     pub redis: Option<String>,
+    /// The store every node uses.
+    pub storage: DevStorage,
 }
 
 /// A running dev cluster.
@@ -73,6 +96,10 @@ impl DevCluster {
             data_dir: self.data_dir.clone(),
             ..NodeConfig::default()
         };
+        if let DevStorage::Cassandra(settings) = &self.storage {
+            c.storage.backend = Backend::Cassandra;
+            c.storage.cassandra = settings.clone();
+        }
         if self.nodes > 1 || self.redis.is_some() {
             c.cluster.mesh_listen = Some(([127, 0, 0, 1], self.base_port + 100 + i as u16).into());
             match &self.redis {
@@ -90,15 +117,31 @@ impl DevCluster {
             .collect()
     }
 
-    /// Starts the cluster: one node in-process, or one child process per node (`exe` is the
-    /// `meshchat-node` binary; each child's log lines go to `log`). Returns once every node
-    /// listens.
+    /// Makes the store ready before any node starts: with [`DevStorage::Cassandra`], migrates
+    /// the keyspace (once, so the nodes do not race to create it); nothing for the embedded
+    /// store (each node opens it).
+    pub async fn prepare_storage(&self) -> Result<(), StartError> {
+        if let DevStorage::Cassandra(settings) = &self.storage {
+            let ran = migrate_cassandra(settings).await?;
+            tracing::info!(
+                keyspace = %settings.keyspace,
+                statements = ran.len(),
+                "Cassandra schema migrated"
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts the cluster: prepares the store ([`Self::prepare_storage`]), then one node
+    /// in-process, or one child process per node (`exe` is the `meshchat-node` binary; each
+    /// child's log lines go to `log`). Returns once every node listens.
     pub async fn start(
         &self,
         exe: &Path,
         log: impl Fn(&str) + Send + Clone + 'static,
     ) -> Result<Running, StartError> {
         self.check()?;
+        self.prepare_storage().await?;
         if self.nodes == 1 && self.redis.is_none() {
             return Ok(Running::InProcess(start(self.node_config(0)).await?));
         }
@@ -107,7 +150,8 @@ impl DevCluster {
 
     /// Starts every node as a child process (`exe run --config <data_dir>/node-<id>.toml`),
     /// even a single one (the load tester measures each node's own memory and CPU). Returns
-    /// once every node listens; each child's log lines go to `log`.
+    /// once every node listens; each child's log lines go to `log`. A Cassandra keyspace must
+    /// be migrated first ([`Self::prepare_storage`]).
     pub fn start_processes(
         &self,
         exe: &Path,
@@ -178,6 +222,13 @@ impl DevCluster {
             addrs.len(),
             self.data_dir.display()
         );
+        if let DevStorage::Cassandra(c) = &self.storage {
+            s.push_str(&format!(
+                "  store: Cassandra {}, keyspace {}\n",
+                c.nodes.join(","),
+                c.keyspace
+            ));
+        }
         for (id, addr) in &addrs {
             s.push_str(&format!("  node {id}: {addr} (QUIC, ALPN meshchat/1)\n"));
         }

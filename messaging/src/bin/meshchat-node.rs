@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use meshchat_messaging::NodeConfig;
-use meshchat_messaging::dev::{DevCluster, Running, stop_children};
+use meshchat_messaging::config::CassandraSettings;
+use meshchat_messaging::dev::{DevCluster, DevStorage, Running, stop_children};
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
@@ -42,7 +43,7 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
-    /// A local cluster on loopback with the embedded store, for development.
+    /// A local cluster on loopback (embedded store, or a Cassandra server), for development.
     Dev {
         /// Nodes to run.
         #[arg(long, default_value_t = 1)]
@@ -56,7 +57,23 @@ enum Cmd {
         /// Redis URL for dynamic membership (default: a static member list).
         #[arg(long)]
         redis: Option<String>,
+        /// Where state and history live: `embedded` (a store in the data dir) or `cassandra`
+        /// (the server at --cql; the keyspace is migrated before the nodes start).
+        #[arg(long, value_enum, default_value_t = DevBackend::Embedded)]
+        storage: DevBackend,
+        /// Cassandra contact points, `host:port` (comma-separated), with --storage cassandra.
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:9042")]
+        cql: Vec<String>,
+        /// Cassandra keyspace, with --storage cassandra (one replica in `datacenter1`).
+        #[arg(long, default_value = "meshchat")]
+        keyspace: String,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DevBackend {
+    Embedded,
+    Cassandra,
 }
 
 /// SIGINT or SIGTERM. The handlers are installed when this is called, not when the returned
@@ -124,12 +141,24 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             base_port,
             redis,
+            storage,
+            cql,
+            keyspace,
         } => {
+            let storage = match storage {
+                DevBackend::Embedded => DevStorage::Embedded,
+                DevBackend::Cassandra => DevStorage::Cassandra(CassandraSettings {
+                    nodes: cql,
+                    keyspace,
+                    ..CassandraSettings::default()
+                }),
+            };
             let dev = DevCluster {
                 nodes,
                 data_dir: std::path::absolute(&data_dir).unwrap_or(data_dir),
                 base_port,
                 redis,
+                storage,
             };
             let exe = std::env::current_exe().context("locating meshchat-node")?;
             #[allow(clippy::print_stderr)]

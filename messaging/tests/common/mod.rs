@@ -2,6 +2,10 @@
 //! embedded store in a temp dir, and real QUIC clients.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod cassandra;
+pub mod dev;
+pub mod kill;
+
 use std::time::Duration;
 
 use meshchat_client::{Client, ConnectOptions, Event, Events, Session};

@@ -1,0 +1,210 @@
+//! A node process killed with SIGKILL under traffic: the clients it served notice by
+//! themselves (the liveness check), fail over through another node to their new home and
+//! fill the gap from history, and every acknowledged message reaches every recipient. Real
+//! processes (`meshchat-node run`), a real `redis-server`, one shared store (embedded, or a
+//! Cassandra keyspace). The victim is the home of the first user, whichever node that is, so
+//! the check does not depend on where random ids land on the ring.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshchat_client::{Client, ConnectOptions, Event, Events, Session};
+use meshchat_idgen::ChatId;
+use parking_lot::Mutex;
+
+use super::{Proc, free_port, free_udp_port};
+
+/// Starts `meshchat-node run` as node `id` in `dir` with Redis membership on port `redis`;
+/// `store` is appended to its config (a `[storage]` section, or empty for the embedded store).
+/// Returns once the node has adopted a ring.
+pub fn spawn_node(dir: &std::path::Path, id: u32, redis: u16, store: &str) -> (Proc, String) {
+    let client_port = free_udp_port();
+    let mesh_port = free_udp_port();
+    let cfg = dir.join(format!("node-{id}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "node_id = {id}\nlisten = \"127.0.0.1:{client_port}\"\ndata_dir = \"{}\"\n\
+             [limits]\nsend_rate_per_sec = 10000\nsend_burst = 10000\n\
+             [cluster]\nmesh_listen = \"127.0.0.1:{mesh_port}\"\nredis = \"redis://127.0.0.1:{redis}/\"\n\
+             heartbeat = \"300ms\"\nmember_ttl = \"3s\"\n{store}",
+            dir.display()
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshchat-node"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn node");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("ring adopted")
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("node joined the ring");
+    (Proc(child), format!("127.0.0.1:{client_port}"))
+}
+
+/// Three node processes on one store (`store`: see [`spawn_node`]); the home of the first
+/// user is SIGKILLed under traffic, and every acked message still reaches its recipient.
+/// Returns the nodes' data dir.
+pub async fn sigkill_under_traffic_loses_no_acked_message(store: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("dir");
+    let redis_port = free_port();
+    let _redis = super::redis_server(redis_port);
+    // The first node creates the dev CA and token secret the others reuse.
+    let (n1, a1) = spawn_node(dir.path(), 1, redis_port, store);
+    let (n2, a2) = spawn_node(dir.path(), 2, redis_port, store);
+    let (n3, a3) = spawn_node(dir.path(), 3, redis_port, store);
+    let opts =
+        ConnectOptions::new(meshchat_client::load_ca(&dir.path().join("ca.pem")).expect("ca"));
+    // Every node must see the full ring (all links up) before users register.
+    let (probe, _pe) = Client::connect(&a1, opts.clone()).await.expect("connect");
+    probe
+        .register("probe", "password-123")
+        .await
+        .expect("register");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = probe.cluster().await.expect("cluster");
+        if info.members.len() == 3 && info.members.iter().all(|m| m.state != "down") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cluster never formed: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let seeds = vec![a1.clone(), a2.clone(), a3.clone()];
+    let mut opts = opts;
+    opts.seeds = seeds.clone();
+    // Users until the first user's home (the victim) has one and another node has some.
+    let mut users: Vec<(Arc<Client>, Events, Session)> = Vec::new();
+    let on = |users: &[(Arc<Client>, Events, Session)], addr: &str| -> Vec<usize> {
+        (0..users.len())
+            .filter(|&i| users[i].0.server() == addr)
+            .collect()
+    };
+    let mut n = 0;
+    while users.len() < 6 || on(&users, &users[0].0.server()).len() == users.len() {
+        assert!(n < 200, "200 users all homed on one node");
+        let (c, e) = Client::connect(&a1, opts.clone()).await.expect("connect");
+        let s = c
+            .register(&format!("k{n}"), "password-123")
+            .await
+            .expect("register");
+        users.push((Arc::new(c), e, s));
+        n += 1;
+    }
+    let victim_addr = users[0].0.server();
+    let victim = [&n1, &n2, &n3][seeds
+        .iter()
+        .position(|a| *a == victim_addr)
+        .expect("a node")];
+    let victims = on(&users, &victim_addr);
+    let senders: Vec<usize> = (0..users.len()).filter(|i| !victims.contains(i)).collect();
+    let supervisors: Vec<_> = victims.iter().map(|&v| users[v].0.supervise()).collect();
+
+    // Traffic: every sender sends to every victim, before, during and after the kill. A send
+    // whose node is gone fails over by itself (send retries with the same client id).
+    let acked: Arc<Mutex<BTreeMap<u64, BTreeSet<u64>>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for &s in &senders {
+        let client = users[s].0.clone();
+        let me = users[s].2.user;
+        let to: Vec<_> = victims.iter().map(|&v| users[v].2.user).collect();
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in 0..30 {
+                for &v in &to {
+                    if let Ok(p) = client
+                        .send(ChatId::direct(me, v), format!("m{n}"), None)
+                        .await
+                    {
+                        acked.lock().entry(v.0).or_default().insert(p.message_id);
+                    }
+                }
+                // Pacing, not synchronisation: spreads the sends over the kill.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    // Kill once some messages to the victims are acked.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while acked.lock().values().map(BTreeSet::len).sum::<usize>() < senders.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no traffic before the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed_at = tokio::time::Instant::now();
+    let killed = Command::new("kill")
+        .args(["-KILL", &victim.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    for t in tasks {
+        t.await.expect("sender");
+    }
+    // The victims' clients re-home by themselves: no reconnect by hand.
+    let mut got: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    for &v in &victims {
+        let (client, events, session) = &mut users[v];
+        let deadline = killed_at + Duration::from_secs(30);
+        while client.server() == victim_addr || !client.conn().is_ok_and(|c| c.is_open()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "user {} never re-homed",
+                session.user
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let want = acked
+            .lock()
+            .get(&session.user.0)
+            .cloned()
+            .unwrap_or_default();
+        let mine = got.entry(session.user.0).or_default();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while !want.is_subset(mine) {
+            match tokio::time::timeout_at(deadline, events.next()).await {
+                Ok(Some(Event::Message(m))) => {
+                    mine.insert(m.message_id);
+                }
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        let missing: Vec<_> = want.difference(mine).collect();
+        assert!(
+            missing.is_empty(),
+            "user {} misses {} of {} acked messages",
+            session.user,
+            missing.len(),
+            want.len()
+        );
+        assert!(!want.is_empty());
+    }
+    for s in supervisors {
+        s.abort();
+    }
+    drop((n1, n2, n3));
+    dir
+}
