@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::{Proc, free_udp_port};
 use meshchat_client::{Client, ConnectOptions, Event};
 use meshchat_idgen::ChatId;
-use meshchat_messaging::dev::DevCluster;
+use meshchat_messaging::dev::{DevCluster, DevStorage};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_peer_replaces_its_old_link_and_no_push_is_lost() {
@@ -35,6 +35,7 @@ async fn a_restarted_peer_replaces_its_old_link_and_no_push_is_lost() {
         data_dir: dir.path().to_owned(),
         base_port: base,
         redis: None,
+        storage: DevStorage::Embedded,
     };
     let mut children: Vec<Proc> = dev
         .start_processes(exe, |_| {})
