@@ -8,11 +8,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Proc, free_udp_port};
-use meshchat_client::{Client, ConnectOptions, Event};
+use meshchat_client::{ConnectOptions, Event};
 use meshchat_idgen::ChatId;
 use meshchat_messaging::dev::{DevCluster, DevStorage};
 
@@ -49,29 +48,11 @@ async fn a_restarted_peer_replaces_its_old_link_and_no_push_is_lost() {
     opts.seeds = addrs.clone();
 
     // A user homed on node 1 (the dialer, which we restart) and one on node 2.
-    let (mut on1, mut on2) = (None, None);
-    for i in 0..200 {
-        if on1.is_some() && on2.is_some() {
-            break;
-        }
-        let (c, e) = Client::connect(&addrs[1], opts.clone())
-            .await
-            .expect("connect");
-        let s = c
-            .register(&format!("u{i}"), "password-123")
-            .await
-            .expect("register");
-        let slot = if c.server() == addrs[0] {
-            &mut on1
-        } else {
-            &mut on2
-        };
-        if slot.is_none() {
-            *slot = Some((Arc::new(c), e, s));
-        }
-    }
-    let (bob, mut bob_events, bob_s) = on1.expect("a user on node 1");
-    let (alice, _alice_events, alice_s) = on2.expect("a user on node 2");
+    let mut users = common::one_user_homed_at_each(&addrs[1], &opts, &addrs)
+        .await
+        .into_iter();
+    let (bob, mut bob_events, bob_s) = users.next().expect("a user on node 1");
+    let (alice, _alice_events, alice_s) = users.next().expect("a user on node 2");
     let _supervisor = bob.supervise();
     let chat = ChatId::direct(alice_s.user, bob_s.user);
     alice.send(chat, "before", None).await.expect("send");

@@ -7,11 +7,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::free_udp_port;
-use meshchat_client::{Client, ConnectOptions, Event};
+use meshchat_client::{ConnectOptions, Event};
 use meshchat_idgen::{ChatId, NodeId};
 use meshchat_messaging::config::StaticMember;
 
@@ -52,29 +51,11 @@ async fn dropped_mesh_envelopes_are_resynced_while_the_recipient_stays_online() 
     let addrs: Vec<String> = members.iter().map(|m| m.client_addr.clone()).collect();
 
     // One user homed on each node.
-    let (mut on1, mut on2) = (None, None);
-    for i in 0..200 {
-        if on1.is_some() && on2.is_some() {
-            break;
-        }
-        let (c, e) = Client::connect(&addrs[0], opts.clone())
-            .await
-            .expect("connect");
-        let s = c
-            .register(&format!("u{i}"), "password-123")
-            .await
-            .expect("register");
-        let slot = if c.server() == addrs[0] {
-            &mut on1
-        } else {
-            &mut on2
-        };
-        if slot.is_none() {
-            *slot = Some((Arc::new(c), e, s));
-        }
-    }
-    let (alice, _ae, alice_s) = on1.expect("a user on node 1");
-    let (bob, mut bob_events, bob_s) = on2.expect("a user on node 2");
+    let mut users = common::one_user_homed_at_each(&addrs[0], &opts, &addrs)
+        .await
+        .into_iter();
+    let (alice, _ae, alice_s) = users.next().expect("a user on node 1");
+    let (bob, mut bob_events, bob_s) = users.next().expect("a user on node 2");
     let chat = ChatId::direct(alice_s.user, bob_s.user);
 
     // A burst: 300 sends at once from node 1 to bob on node 2.

@@ -148,6 +148,37 @@ pub async fn no_message(events: &mut Events, wait: Duration) {
     }
 }
 
+/// Registers users through `via` until one is homed at each address of `homes` (whichever
+/// way the random ids land on the ring; bounded at 200 users). Returns them in `homes` order.
+pub async fn one_user_homed_at_each(
+    via: &str,
+    opts: &ConnectOptions,
+    homes: &[String],
+) -> Vec<(std::sync::Arc<Client>, Events, Session)> {
+    let mut found: Vec<Option<(std::sync::Arc<Client>, Events, Session)>> =
+        homes.iter().map(|_| None).collect();
+    for i in 0..200 {
+        if found.iter().all(Option::is_some) {
+            break;
+        }
+        let (c, e) = Client::connect(via, opts.clone()).await.expect("connect");
+        let s = c
+            .register(&format!("h{i}"), "password-123")
+            .await
+            .expect("register");
+        if let Some(k) = homes.iter().position(|h| *h == c.server())
+            && found[k].is_none()
+        {
+            found[k] = Some((std::sync::Arc::new(c), e, s));
+        }
+    }
+    found
+        .into_iter()
+        .zip(homes)
+        .map(|(u, h)| u.unwrap_or_else(|| panic!("no user homed at {h} among 200")))
+        .collect()
+}
+
 pub fn text(m: &meshchat_proto::client::Message) -> String {
     String::from_utf8_lossy(&m.body).into_owned()
 }
