@@ -134,7 +134,7 @@ async fn two_processes_with_one_worker_id_never_both_issue_ids() {
         .user;
     let b = node(other.path(), 2, Some(7), port).await;
 
-    // Over many heartbeats b never holds it, and cannot register anyone.
+    // Across ten renewals of a's lease, b never holds it and cannot register anyone.
     let (cb, _eb) = Client::connect(&b.addr.to_string(), options(other.path()))
         .await
         .expect("connect");
@@ -144,7 +144,11 @@ async fn two_processes_with_one_worker_id_never_both_issue_ids() {
             ErrorCode::Unavailable
         );
         assert!(serving(&a) && !serving(&b));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let renewed = a.node.lease_gate().valid_until_ms();
+        wait_for("a renews its lease", Duration::from_secs(10), || {
+            a.node.lease_gate().valid_until_ms() != renewed
+        })
+        .await;
     }
 
     // a leaves: b takes worker 7 over, and its ids are above every id a issued.
