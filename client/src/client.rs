@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use meshchat_idgen::{ChannelId, ChatId, UserId};
+use meshchat_idgen::{ChannelId, ChatId, NodeId, UserId};
 use meshchat_proto::client::{self as pb, ErrorCode, client_frame, server_frame};
 use meshchat_proto::ids::{chat_from_wire, chat_to_wire};
 use parking_lot::Mutex;
@@ -125,14 +125,18 @@ pub struct Client {
     hello: Mutex<Option<pb::HelloOk>>,
     /// Nodes to fail over to: the seeds, then the cluster's members once learned.
     known: Mutex<Vec<String>>,
-    /// Whether the cluster's members were learned (once per client).
+    /// Whether the cluster's members were learned (at login, and again after a failover).
     learned: std::sync::atomic::AtomicBool,
+    /// The ring's members as last learned (ids, addresses, weights), to predict a new home.
+    members: Mutex<Vec<pb::ClusterMember>>,
     /// Nodes that failed to answer, and since when.
     suspects: Mutex<HashMap<String, std::time::Instant>>,
     /// One failover at a time (the supervisor and a send may both notice a dead node).
     failing_over: tokio::sync::Mutex<()>,
     /// Set by [`Client::close`]: the supervisor stops.
     closing: std::sync::atomic::AtomicBool,
+    /// Gap fills that ran to the end ([`Client::gap_fills`]).
+    gap_fills: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn random_id() -> String {
@@ -184,9 +188,11 @@ impl Client {
             hello: Mutex::new(None),
             known: Mutex::new(known),
             learned: std::sync::atomic::AtomicBool::new(false),
+            members: Mutex::new(Vec::new()),
             suspects: Mutex::new(HashMap::new()),
             failing_over: tokio::sync::Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
+            gap_fills: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         };
         client.open().await?;
         Ok((client, Events { rx, seen }))
@@ -384,7 +390,8 @@ impl Client {
         self.closing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Learns the cluster's client addresses once, for failover (best effort).
+    /// Learns the cluster's members (client addresses, ids, weights), for failover (best
+    /// effort): once at login, and again after each failover (the ring changed).
     async fn learn_members(&self) {
         use std::sync::atomic::Ordering;
         if self.learned.swap(true, Ordering::SeqCst) {
@@ -393,11 +400,12 @@ impl Client {
         match self.cluster().await {
             Ok(info) => {
                 let mut known = self.known.lock();
-                for m in info.members {
+                for m in &info.members {
                     if !m.address.is_empty() && !known.contains(&m.address) {
-                        known.push(m.address);
+                        known.push(m.address.clone());
                     }
                 }
+                *self.members.lock() = info.members;
             }
             Err(e) => {
                 debug!(error = %e, "cluster members not learned");
@@ -418,16 +426,46 @@ impl Client {
         suspects.contains_key(server)
     }
 
-    /// Nodes to try, in order: every known node not suspected, or every known node if all
-    /// are.
+    /// Nodes to try, in order: every known node not suspected (the predicted home first),
+    /// or every known node if all are.
     fn candidates(&self) -> Vec<String> {
         let known = self.known.lock().clone();
-        let fresh: Vec<String> = known
+        let mut fresh: Vec<String> = known
             .iter()
             .filter(|s| !self.is_suspect(s))
             .cloned()
             .collect();
+        if let Some(home) = self.predicted_home()
+            && let Some(at) = fresh.iter().position(|s| *s == home)
+        {
+            fresh[..=at].rotate_right(1);
+        }
         if fresh.is_empty() { known } else { fresh }
+    }
+
+    /// Where the ring will put this user once the suspected nodes have left it: the ring is
+    /// a pure function of the members' ids and weights (docs/PROTOCOL.md, "Liveness and
+    /// failover"), so a failover can go straight to the new home (one handshake, no
+    /// redirect). `None` before the members are known.
+    fn predicted_home(&self) -> Option<String> {
+        let me = self.me().ok()?;
+        let members = self.members.lock().clone();
+        let live: Vec<&pb::ClusterMember> = members
+            .iter()
+            .filter(|m| !self.is_suspect(&m.address))
+            .collect();
+        let weights: std::collections::BTreeMap<NodeId, u32> = live
+            .iter()
+            .map(|m| (NodeId(m.node_id), m.weight.max(1)))
+            .collect();
+        let owner = meshchat_backplane::ring::owner_among(
+            &weights,
+            meshchat_backplane::ring::DEFAULT_VNODES_PER_WEIGHT,
+            me,
+        )?;
+        live.iter()
+            .find(|m| NodeId(m.node_id) == owner)
+            .map(|m| m.address.clone())
     }
 
     /// Re-homes this session after its connection failed: passes over the node that failed,
@@ -452,6 +490,7 @@ impl Client {
         self.suspect(&self.server());
         // Every client of a dead node notices at about the same time: spread their first
         // attempts so the survivors see a ramp, not a wall of handshakes.
+        let started = std::time::Instant::now();
         tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 2_000)).await;
         let deadline = std::time::Instant::now() + FAILOVER_FOR;
         let mut backoff = Duration::from_millis(100);
@@ -462,8 +501,12 @@ impl Client {
                     return Err(ClientError::Disconnected("client closed".into()));
                 }
                 *self.server.lock() = server.clone();
+                let tried = std::time::Instant::now();
                 let attempt = async {
                     self.open().await?;
+                    // The ring changed: learn its members again at this login.
+                    self.learned
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
                     self.authenticate(&token).await
                 };
                 match attempt.await {
@@ -475,7 +518,12 @@ impl Client {
                         return Err(ClientError::Disconnected("client closed".into()));
                     }
                     Ok(_) => {
-                        debug!(%server, "failed over");
+                        debug!(
+                            %server,
+                            took_ms = started.elapsed().as_millis() as u64,
+                            attempt_ms = tried.elapsed().as_millis() as u64,
+                            "failed over"
+                        );
                         return self.fill_gaps().await.map(drop);
                     }
                     Err(e) if e.is_retryable() => {
@@ -557,13 +605,23 @@ impl Client {
         for cursor in from.values_mut() {
             *cursor = cursor.saturating_sub(GAP_FILL_OVERLAP_MS << 22);
         }
+        // The chat list carries each chat's newest id (its head): a chat whose head is not
+        // past the point a read would start from has nothing to fill, so only chats with
+        // news cost a history read (a failover after a few seconds away reads a chat or two,
+        // not one per chat).
+        let mut heads: HashMap<ChatId, u64> = HashMap::new();
         for row in self.chat_list().await? {
             if let Ok(chat) = chat_from_wire(row.chat.as_ref()) {
                 from.entry(chat).or_insert(row.my_delivered);
+                heads.insert(chat, row.newest.as_ref().map_or(0, |m| m.message_id));
             }
         }
+        // Chats missing from the list (past its limit, or left) keep their read.
+        from.retain(|chat, cursor| heads.get(chat).is_none_or(|&head| head > *cursor));
         let conn = self.conn()?;
         let events = self.events.clone();
+        let filled = self.gap_fills.clone();
+        let (chats, started) = (from.len(), std::time::Instant::now());
         Ok(tokio::spawn(async move {
             for (chat, mut cursor) in from {
                 let mut attempt = 0u32;
@@ -621,7 +679,19 @@ impl Client {
                     cursor = page.next_cursor;
                 }
             }
+            filled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            debug!(
+                chats,
+                took_ms = started.elapsed().as_millis() as u64,
+                "gap filled"
+            );
         }))
+    }
+
+    /// How many gap fills ran to the end (every chat read up to its head) since this client
+    /// was made: a failover is complete, gap filled, once this grows.
+    pub fn gap_fills(&self) -> u64 {
+        self.gap_fills.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Sends a message; retries with the same client message id (so never twice) across

@@ -372,19 +372,34 @@ fn eliciting_sent(s: &quinn::ConnectionStats) -> u64 {
 }
 
 /// Closes `conn` when the node stays silent for `timeout` after this side sent it an
-/// ack-eliciting frame (a request, or a keep-alive PING). Checks four times per timeout; a
-/// datagram of any kind from the node (an ACK suffices) proves it alive.
+/// ack-eliciting frame (a request, or a keep-alive PING). Checks twelve times per timeout; a
+/// datagram of any kind from the node (an ACK suffices) proves it alive. A check that runs
+/// late by more than a quarter of the timeout means this process was not running (starved of
+/// CPU, suspended): received datagrams may be waiting unread, so silence until then proves
+/// nothing and the clock starts again.
 async fn watch_liveness(conn: quinn::Connection, timeout: Duration, dead: Arc<AtomicBool>) {
-    let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(50)));
+    // Fine enough that the tick adds little to the timeout (1/12 of it: 0.5 s at 6 s).
+    let period = (timeout / 12).max(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let s = conn.stats();
     let (mut rx, mut sent) = (s.udp_rx.datagrams, eliciting_sent(&s));
     let mut waiting_since: Option<tokio::time::Instant> = None;
+    let mut last_check = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = conn.closed() => return,
             _ = tick.tick() => {}
         }
+        let now = tokio::time::Instant::now();
+        if now.duration_since(last_check) > period + timeout / 4 && waiting_since.is_some() {
+            debug!(
+                late_ms = (now - last_check - period).as_millis() as u64,
+                "liveness check ran late; its clock restarts"
+            );
+            waiting_since = Some(now);
+        }
+        last_check = now;
         let s = conn.stats();
         let (now_rx, now_sent) = (s.udp_rx.datagrams, eliciting_sent(&s));
         if now_rx != rx {

@@ -134,7 +134,8 @@ pub async fn run_plan(
 /// Records, for each of `victims` (slots connected to the killed node), the time until its
 /// client is authenticated again on an open connection (at its new home, or at the node
 /// itself once it is back and owns the user again: every authentication mints a new
-/// token, so a new token means a new session), in the re-home histogram.
+/// token, so a new token means a new session) and has filled its gap (a gap fill that
+/// started after the kill ran to the end), in the re-home histogram.
 fn watch_rehome(
     fleet: Arc<Fleet>,
     tracker: Arc<Tracker>,
@@ -142,19 +143,23 @@ fn watch_rehome(
     until: tokio::time::Instant,
 ) {
     let killed = Instant::now();
-    let mut left: Vec<(usize, String)> = victims
+    let mut left: Vec<(usize, String, u64)> = victims
         .iter()
-        .filter_map(|&i| Some((i, fleet.client(i)?.session()?.token)))
+        .filter_map(|&i| {
+            let c = fleet.client(i)?;
+            Some((i, c.session()?.token, c.gap_fills()))
+        })
         .collect();
     Counters::add(&tracker.counters.rehome_victims, left.len() as u64);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         while !left.is_empty() && tokio::time::Instant::now() < until {
             tick.tick().await;
-            left.retain(|(i, old)| {
+            left.retain(|(i, old, fills)| {
                 let done = fleet.client(*i).is_some_and(|c| {
                     c.session().is_some_and(|s| s.token != *old)
                         && c.conn().is_ok_and(|now| now.is_open())
+                        && c.gap_fills() > *fills
                 });
                 if done {
                     tracker.rehomed(killed.elapsed());

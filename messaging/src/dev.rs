@@ -201,8 +201,16 @@ impl DevCluster {
             .map_err(|e| StartError::Other(format!("writing config: {e}")))?;
         std::fs::write(&path, toml)
             .map_err(|e| StartError::Other(format!("{}: {e}", path.display())))?;
-        Command::new(exe)
-            .arg("run")
+        let mut cmd = Command::new(exe);
+        if let Ok(filter) = std::env::var("RUST_LOG") {
+            // A filter meant for the caller (say `warn,meshchat_client=debug`) must not hide
+            // the "listening" line this waits for.
+            cmd.env(
+                "RUST_LOG",
+                format!("{filter},meshchat_messaging::server=info"),
+            );
+        }
+        cmd.arg("run")
             .arg("--config")
             .arg(&path)
             .stdin(Stdio::null())
