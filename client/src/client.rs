@@ -491,7 +491,7 @@ impl Client {
         // Every client of a dead node notices at about the same time: spread their first
         // attempts so the survivors see a ramp, not a wall of handshakes.
         let started = std::time::Instant::now();
-        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 2_000)).await;
+        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 1_000)).await;
         let deadline = std::time::Instant::now() + FAILOVER_FOR;
         let mut backoff = Duration::from_millis(100);
         loop {

@@ -114,9 +114,13 @@ struct Cli {
     #[arg(long, default_value_t = 20)]
     drain: u64,
     /// Client QUIC keep-alive, seconds (below the node's idle timeout). It bounds how soon
-    /// an idle client notices a dead node (keep-alive + the 6 s liveness timeout).
-    #[arg(long, default_value_t = 4)]
-    keep_alive: u64,
+    /// an idle client notices a dead node (keep-alive + the liveness timeout).
+    #[arg(long, default_value_t = 4.0)]
+    keep_alive: f64,
+    /// Client liveness timeout, seconds: a connection silent this long after a send is
+    /// declared dead (the client library's default unless given).
+    #[arg(long)]
+    liveness: Option<f64>,
     /// Kernel UDP buffer per client socket, bytes (capped by net.core.rmem_max).
     #[arg(long, default_value_t = 8 << 20)]
     udp_buffer: usize,
@@ -271,7 +275,8 @@ async fn main() -> anyhow::Result<()> {
         },
         first_user: cli.first_user,
         provision: !cli.no_provision,
-        keep_alive: Duration::from_secs(cli.keep_alive.max(1)),
+        keep_alive: Duration::from_secs_f64(cli.keep_alive.max(0.5)),
+        liveness: cli.liveness.map(|s| Duration::from_secs_f64(s.max(0.5))),
         udp_buffer: cli.udp_buffer,
         out: cli.out.clone(),
         progress: !cli.no_progress,

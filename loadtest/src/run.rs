@@ -46,6 +46,8 @@ pub struct RunConfig {
     pub provision: bool,
     /// Client keep-alive.
     pub keep_alive: Duration,
+    /// Client liveness timeout (the library's default if `None`).
+    pub liveness: Option<Duration>,
     /// Kernel UDP buffer per client socket.
     pub udp_buffer: usize,
     /// Where the reports go.
@@ -101,6 +103,9 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
     }
     let mut options = ConnectOptions::new(meshchat_client::load_ca(&target.ca)?);
     options.keep_alive = cfg.keep_alive;
+    if let Some(l) = cfg.liveness {
+        options.liveness_timeout = l;
+    }
     options.event_buffer = 256;
     options.seeds = target.servers.clone();
     let fleet = Fleet::new(
