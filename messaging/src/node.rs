@@ -388,12 +388,10 @@ impl Node {
             }
             B::ChannelMembers(m) => {
                 let id = self.channel_ref(m.channel_id, "").await?;
-                let members = self.members_of(id).await?;
-                if !members.contains(&me.user) {
-                    return Err(RequestError::Forbidden(format!(
-                        "you are not a member of channel {id}"
-                    )));
-                }
+                // Authorised from storage, never from the fan-out cache: a lost
+                // `ChannelChanged` must not let a user who left read the member list.
+                self.require_member(me.user, ChatId::Channel(id)).await?;
+                let members = self.storage.channel_members(id).await?;
                 let mut out = Vec::with_capacity(members.len());
                 for u in members.iter() {
                     out.push(pb::UserInfo {
