@@ -700,7 +700,10 @@ impl Node {
                     .await?
                     .filter(|m| m.sender == user)
             };
-            if let Some(stored) = stored {
+            if let Some(mut stored) = stored {
+                // The push announces the message; its reactions (any number by now) are a
+                // history request away, and would not always fit a frame.
+                stored.reactions.clear();
                 let push = encode_push(push::Event::Message(convert::message_to(&stored, &name)));
                 let d = router.deliver(&audience, &push, Some(conn));
                 debug!(
@@ -839,7 +842,10 @@ impl Node {
         let mut truncated = false;
         let mut messages = Vec::with_capacity(page.len());
         for m in &page {
-            let wire = convert::message_to(m, &self.name_of(m.sender).await?);
+            // Reactions aggregated, and a lone message shrunk to fit: a page holds at least
+            // one message and a cursor past it, whatever its reactions.
+            let mut wire = convert::history_message_to(m, &self.name_of(m.sender).await?, me.user);
+            convert::shrink_history_message(&mut wire, budget, me.user);
             let len = wire.encoded_len() + 8;
             if used + len > budget && !messages.is_empty() {
                 truncated = true;

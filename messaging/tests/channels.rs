@@ -188,3 +188,97 @@ async fn list_pages_are_cut_to_fit_the_frame() {
     assert_eq!(alice.channel_list().await.expect("all").len(), 601);
     close(store).await;
 }
+
+/// A message with 800 reactions used to make every history page holding it fail with
+/// INTERNAL "reply too large", forever. Now history pages count reactions per emoji and a
+/// page always holds at least one message and a cursor past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_with_800_reactions_still_pages() {
+    use meshchat_proto::client::Direction;
+    use meshchat_storage::HistoryStore;
+    let node = TestNode::start().await;
+    let (alice, _ae, a) = node.user("alice").await;
+    let ch = alice.channel_create("popular").await.expect("create");
+    let chat = ChatId::Channel(ChannelId(ch.channel_id));
+    let before = alice.send(chat, "before", None).await.expect("send");
+    // A full-size body, so the reactions are what pushes the message past the frame.
+    let body = "x".repeat(node.config.limits.max_body_bytes as usize);
+    let hot = alice.send(chat, body, None).await.expect("send");
+    let after = alice.send(chat, "after", None).await.expect("send");
+    alice
+        .react(chat, hot.message_id, "my-own-rare-one")
+        .await
+        .expect("react");
+    let store = Arc::new(EmbeddedStore::open_dir(node.dir.path()).expect("store"));
+    futures::stream::iter(0..800u64)
+        .map(|n| {
+            let store = store.clone();
+            async move {
+                // 400 kinds of 64-byte emoji, two reactions each.
+                let emoji = format!("{:064}", n % 400);
+                store
+                    .react(
+                        chat,
+                        meshchat_idgen::MessageId(hot.message_id),
+                        UserId((1 << 40) + n),
+                        &emoji,
+                    )
+                    .await
+                    .expect("react");
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+
+    let check = |m: &meshchat_proto::client::Message| {
+        assert_eq!(m.message_id, hot.message_id);
+        assert_eq!(m.reaction_total, 801);
+        assert!(m.reaction_counts.len() <= 32);
+        assert!(
+            m.reaction_counts
+                .iter()
+                .any(|c| c.mine && c.emoji == "my-own-rare-one" && c.count == 1),
+            "my reaction is counted and marked"
+        );
+        assert_eq!(
+            m.reactions
+                .iter()
+                .map(|r| (r.user_id, r.emoji.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(a.user.0, "my-own-rare-one")],
+            "only my own reaction is listed"
+        );
+    };
+    // Backward from the newest: the page may stop at the big message, with a cursor.
+    let mut seen = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let page = alice
+            .history(chat, cursor, Direction::Backward, 50)
+            .await
+            .expect("backward page");
+        assert!(!page.messages.is_empty() || page.next_cursor == 0);
+        for m in &page.messages {
+            if m.message_id == hot.message_id {
+                check(m);
+            }
+            seen.push(m.message_id);
+        }
+        if page.next_cursor == 0 {
+            break;
+        }
+        cursor = page.next_cursor;
+    }
+    assert_eq!(
+        seen,
+        vec![after.message_id, hot.message_id, before.message_id]
+    );
+    // A page that starts at the big message.
+    let page = alice
+        .history(chat, before.message_id, Direction::Forward, 50)
+        .await
+        .expect("forward page from the big message");
+    check(&page.messages[0]);
+    close(store).await;
+}
