@@ -10,6 +10,9 @@
 //! - **Batching and bounds**: each peer has a bounded envelope queue; a writer task drains it
 //!   into `PeerBatch` frames (up to 1,024 envelopes or 64 KiB each), so under load many
 //!   messages share one frame and packet. A full queue drops the new envelope and counts it.
+//!   A delivery to many users of one peer (a large channel) is split into envelopes of at
+//!   most 256 KiB, and the queue refuses a larger envelope (resyncing its recipients), so a
+//!   batch always fits the 1 MiB mesh frame.
 //! - **Reconnect**: the dialer retries with jittered exponential backoff (100 ms .. 5 s).
 //!
 //! ## What happens to an in-flight envelope
@@ -69,6 +72,51 @@ const MAX_HOPS: u32 = 1;
 /// Users remembered per peer whose envelopes were dropped; past it the resync covers every
 /// connection on the peer.
 const MAX_MISSED_USERS: usize = 8_192;
+/// Largest envelope a peer queue takes. A delivery to more recipients than fit is split into
+/// several envelopes ([`deliver_envelopes`]); an envelope still larger (a push bigger than
+/// this) is refused at the queue and its recipients resynced, so it can never make a batch
+/// frame too large and take the batch's other envelopes with it.
+const MAX_ENVELOPE_BYTES: usize = 256 * 1024;
+/// Bytes of one recipient in a `Deliver` (a varint u64 is at most 10).
+const RECIPIENT_BYTES: usize = 10;
+
+// A batch stops adding envelopes once past BATCH_BYTES, so the largest batch is that, one
+// largest envelope, a resync naming MAX_MISSED_USERS users, and the per-envelope framing:
+// always under the frame limit.
+const _: () = assert!(
+    BATCH_BYTES + MAX_ENVELOPE_BYTES + MAX_MISSED_USERS * RECIPIENT_BYTES + BATCH_ENVELOPES * 8
+        < MAX_MESH_FRAME
+);
+
+/// The `Deliver` envelopes of `push` to `recipients` (all on one peer): as many as it takes
+/// to keep each under [`MAX_ENVELOPE_BYTES`]. A channel with 100k+ members on one node made
+/// one envelope larger than a mesh frame, and the whole batch around it was dropped.
+fn deliver_envelopes(
+    epoch: u64,
+    hops: u32,
+    recipients: Vec<u64>,
+    push: &Bytes,
+) -> impl Iterator<Item = pm::Envelope> + '_ {
+    // Room for recipients once the push and the envelope's own fields are in.
+    let per_envelope =
+        (MAX_ENVELOPE_BYTES.saturating_sub(push.len() + 64) / RECIPIENT_BYTES).max(1);
+    let chunks: Vec<Vec<u64>> = if recipients.len() <= per_envelope {
+        vec![recipients]
+    } else {
+        recipients
+            .chunks(per_envelope)
+            .map(<[u64]>::to_vec)
+            .collect()
+    };
+    chunks.into_iter().map(move |recipients| pm::Envelope {
+        ring_epoch: epoch,
+        hops,
+        body: Some(envelope::Body::Deliver(pm::Deliver {
+            recipients,
+            push: push.clone(),
+        })),
+    })
+}
 
 /// What a peer missed because its queue was full: told to it ahead of the next batch.
 #[derive(Debug, Default)]
@@ -147,27 +195,33 @@ struct Peer {
 
 impl Peer {
     fn enqueue(&self, env: pm::Envelope) {
+        // Bounded on the way in: one envelope too large for a batch frame would otherwise
+        // fail the encoding of the whole batch it lands in.
+        if prost::Message::encoded_len(&env) > MAX_ENVELOPE_BYTES {
+            self.drop_envelope(&env, "envelope over the size limit: dropping it");
+            return;
+        }
         {
             let mut q = self.queue.lock();
             if q.len() >= self.capacity {
                 drop(q);
-                // Not lost invisibly: the peer is told ahead of the next batch (wake the
-                // writer: the queue may have emptied meanwhile).
-                self.missed.lock().add(&env);
-                self.ready.notify_one();
-                let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    warn!(
-                        peer = self.id.0,
-                        dropped = n,
-                        "peer queue full: dropping envelopes"
-                    );
-                }
+                self.drop_envelope(&env, "peer queue full: dropping envelopes");
                 return;
             }
             q.push_back(env);
         }
         self.ready.notify_one();
+    }
+
+    /// Drops an envelope, not invisibly: its recipients are told ahead of the next batch
+    /// (the writer is woken: the queue may be empty).
+    fn drop_envelope(&self, env: &pm::Envelope, why: &'static str) {
+        self.missed.lock().add(env);
+        self.ready.notify_one();
+        let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            warn!(peer = self.id.0, dropped = n, why);
+        }
     }
 }
 
@@ -487,14 +541,10 @@ impl Mesh {
         }
         for (node, recipients) in elsewhere {
             if let Some(peer) = self.peer(node) {
-                peer.enqueue(pm::Envelope {
-                    ring_epoch: self.current_epoch(),
-                    hops: env.hops + 1,
-                    body: Some(envelope::Body::Deliver(pm::Deliver {
-                        recipients,
-                        push: d.push.clone(),
-                    })),
-                });
+                let epoch = self.current_epoch();
+                for env in deliver_envelopes(epoch, env.hops + 1, recipients, &d.push) {
+                    peer.enqueue(env);
+                }
             }
         }
     }
@@ -519,15 +569,10 @@ impl Router for Mesh {
         let mut d = self.registry.push_to(&plan.local, push, skip);
         for (node, users) in plan.remote {
             if let Some(peer) = self.peer(node) {
-                peer.enqueue(pm::Envelope {
-                    ring_epoch: epoch,
-                    hops: 0,
-                    body: Some(envelope::Body::Deliver(pm::Deliver {
-                        recipients: users,
-                        push: push.clone(),
-                    })),
-                });
-                d.queued += 1;
+                for env in deliver_envelopes(epoch, 0, users, push) {
+                    peer.enqueue(env);
+                    d.queued += 1;
+                }
             }
         }
         d

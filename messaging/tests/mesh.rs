@@ -375,3 +375,110 @@ async fn dropped_mesh_envelopes_are_resynced_while_the_recipient_stays_online() 
         n.shutdown().await;
     }
 }
+
+/// A channel delivery to more users of one node than one mesh frame can name (150k
+/// recipients, about 1.35 MB of ids; the frame is 1 MiB) used to make one envelope too large
+/// for any batch, and the whole batch was dropped. It is now split across envelopes: nothing
+/// is dropped, and a real member named last gets the push over the real QUIC link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_to_150k_users_of_one_node_is_split_across_envelopes() {
+    use meshchat_idgen::UserId;
+    use meshchat_messaging::router::Router;
+    use meshchat_proto::client::{self as pb, push};
+    let c = cluster(2).await;
+    let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr.to_string()).collect();
+    let mut users = common::one_user_homed_at_each(&addrs[0], &c.options(), &addrs)
+        .await
+        .into_iter();
+    let _alice = users.next().expect("a user on node 1");
+    let (_bob, mut bob_events, bob_s) = users.next().expect("a user on node 2");
+
+    let mesh1 = c.mesh(NodeId(1));
+    let ring = mesh1.ring();
+    // Offline users homed on node 2, with 9-byte varint ids like real Snowflakes.
+    let mut recipients: Vec<UserId> = (0u64..)
+        .map(|k| UserId((1 << 60) + k))
+        .filter(|u| ring.owner(*u) == Some(NodeId(2)))
+        .take(150_000)
+        .collect();
+    recipients.push(bob_s.user);
+    let before = mesh1.peer_stats(NodeId(2)).expect("peer");
+    let push = meshchat_messaging::node::encode_push(push::Event::Message(pb::Message {
+        message_id: 4242,
+        chat: Some(meshchat_proto::ids::chat_to_wire(ChatId::direct(
+            bob_s.user, bob_s.user,
+        ))),
+        body: "to a huge channel".into(),
+        ..Default::default()
+    }));
+    let d = Router::deliver(&**mesh1, &recipients, &push, None);
+    assert!(d.queued >= 6, "{} envelopes for 150k recipients", d.queued);
+
+    let m = next_message(&mut bob_events).await;
+    assert_eq!((m.message_id, text(&m)), (4242, "to a huge channel".into()));
+    let after = mesh1.peer_stats(NodeId(2)).expect("peer");
+    assert_eq!(after.dropped, before.dropped, "no envelope dropped");
+    assert!(after.envelopes_sent - before.envelopes_sent >= 6);
+    for n in c.nodes {
+        n.shutdown().await;
+    }
+}
+
+/// An envelope too large for a mesh frame (a 1.1 MB push) is refused when it is queued, and
+/// its recipients are resynced: it cannot take the batch around it down (the message queued
+/// right after it still arrives).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_envelope_is_refused_at_the_queue_not_with_its_batch() {
+    use meshchat_messaging::router::Router;
+    use meshchat_proto::client::{self as pb, push};
+    let c = cluster(2).await;
+    let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr.to_string()).collect();
+    let mut users = common::one_user_homed_at_each(&addrs[0], &c.options(), &addrs)
+        .await
+        .into_iter();
+    let _alice = users.next().expect("a user on node 1");
+    let (_bob, mut bob_events, bob_s) = users.next().expect("a user on node 2");
+    let chat = Some(meshchat_proto::ids::chat_to_wire(ChatId::direct(
+        bob_s.user, bob_s.user,
+    )));
+    let message = |id: u64, body: Vec<u8>| {
+        meshchat_messaging::node::encode_push(push::Event::Message(pb::Message {
+            message_id: id,
+            chat: chat.clone(),
+            body: body.into(),
+            ..Default::default()
+        }))
+    };
+    let mesh1 = c.mesh(NodeId(1));
+    let before = mesh1.peer_stats(NodeId(2)).expect("peer");
+    Router::deliver(
+        &**mesh1,
+        &[bob_s.user],
+        &message(1, vec![b'x'; 1_100_000]),
+        None,
+    );
+    Router::deliver(
+        &**mesh1,
+        &[bob_s.user],
+        &message(2, b"small".to_vec()),
+        None,
+    );
+
+    let (mut resynced, mut got) = (false, false);
+    while !(resynced && got) {
+        match bob_events.next_within(Duration::from_secs(5)).await {
+            Some(Event::Resync) => resynced = true,
+            Some(Event::Message(m)) => {
+                assert_eq!(m.message_id, 2, "only the small message is pushed");
+                got = true;
+            }
+            Some(_) => {}
+            None => panic!("resync {resynced}, small message {got} after 5 s"),
+        }
+    }
+    let after = mesh1.peer_stats(NodeId(2)).expect("peer");
+    assert_eq!(after.dropped - before.dropped, 1, "only the oversized one");
+    for n in c.nodes {
+        n.shutdown().await;
+    }
+}
