@@ -73,7 +73,7 @@ pub fn history_message_to(m: &StoredMessage, sender_name: &str, me: UserId) -> p
         })
         .collect();
     // Most used first; the BTreeMap already ordered ties by emoji and the sort is stable.
-    counts.sort_by(|a, b| b.count.cmp(&a.count));
+    counts.sort_by_key(|c| std::cmp::Reverse(c.count));
     if counts.len() > COUNTED_EMOJI {
         // The asker's emoji stays, in the last place, if it was not among the most used.
         if let Some(i) = counts[COUNTED_EMOJI..].iter().position(|c| c.mine) {

@@ -13,7 +13,9 @@ use common::{free_udp_port, next_message, text};
 use meshchat_client::{Client, ConnectOptions, Event, Events, Session};
 use meshchat_idgen::{ChannelId, ChatId, NodeId};
 use meshchat_messaging::config::StaticMember;
+use meshchat_messaging::router::Router;
 use meshchat_messaging::{NodeConfig, RunningNode};
+use meshchat_proto::client::{self as pb, push};
 
 struct Cluster {
     nodes: Vec<RunningNode>,
@@ -376,6 +378,19 @@ async fn dropped_mesh_envelopes_are_resynced_while_the_recipient_stays_online() 
     }
 }
 
+/// Two nodes and a user homed on each; returns the cluster, both clients (kept alive), and
+/// the events and session of bob, the user on node 2.
+async fn two_nodes_with_bob_on_node_2() -> (Cluster, Vec<Arc<Client>>, Events, Session) {
+    let c = cluster(2).await;
+    let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr.to_string()).collect();
+    let mut users = common::one_user_homed_at_each(&addrs[0], &c.options(), &addrs)
+        .await
+        .into_iter();
+    let (alice, _, _) = users.next().expect("a user on node 1");
+    let (bob, bob_events, bob_s) = users.next().expect("a user on node 2");
+    (c, vec![alice, bob], bob_events, bob_s)
+}
+
 /// A channel delivery to more users of one node than one mesh frame can name (150k
 /// recipients, about 1.35 MB of ids; the frame is 1 MiB) used to make one envelope too large
 /// for any batch, and the whole batch was dropped. It is now split across envelopes: nothing
@@ -383,16 +398,7 @@ async fn dropped_mesh_envelopes_are_resynced_while_the_recipient_stays_online() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_to_150k_users_of_one_node_is_split_across_envelopes() {
     use meshchat_idgen::UserId;
-    use meshchat_messaging::router::Router;
-    use meshchat_proto::client::{self as pb, push};
-    let c = cluster(2).await;
-    let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr.to_string()).collect();
-    let mut users = common::one_user_homed_at_each(&addrs[0], &c.options(), &addrs)
-        .await
-        .into_iter();
-    let _alice = users.next().expect("a user on node 1");
-    let (_bob, mut bob_events, bob_s) = users.next().expect("a user on node 2");
-
+    let (c, _users, mut bob_events, bob_s) = two_nodes_with_bob_on_node_2().await;
     let mesh1 = c.mesh(NodeId(1));
     let ring = mesh1.ring();
     // Offline users homed on node 2, with 9-byte varint ids like real Snowflakes.
@@ -429,22 +435,14 @@ async fn a_delivery_to_150k_users_of_one_node_is_split_across_envelopes() {
 /// right after it still arrives).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_envelope_is_refused_at_the_queue_not_with_its_batch() {
-    use meshchat_messaging::router::Router;
-    use meshchat_proto::client::{self as pb, push};
-    let c = cluster(2).await;
-    let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr.to_string()).collect();
-    let mut users = common::one_user_homed_at_each(&addrs[0], &c.options(), &addrs)
-        .await
-        .into_iter();
-    let _alice = users.next().expect("a user on node 1");
-    let (_bob, mut bob_events, bob_s) = users.next().expect("a user on node 2");
+    let (c, _users, mut bob_events, bob_s) = two_nodes_with_bob_on_node_2().await;
     let chat = Some(meshchat_proto::ids::chat_to_wire(ChatId::direct(
         bob_s.user, bob_s.user,
     )));
     let message = |id: u64, body: Vec<u8>| {
         meshchat_messaging::node::encode_push(push::Event::Message(pb::Message {
             message_id: id,
-            chat: chat.clone(),
+            chat,
             body: body.into(),
             ..Default::default()
         }))
