@@ -23,8 +23,10 @@
 //! dropped (counted in [`PeerStats::dropped`]) and its recipients are remembered (up to 8,192
 //! users, else "everyone"): ahead of its next batch the peer gets a `Resync` naming them,
 //! outside the queue's bound, and pushes `Resync` to their connections so the clients fill
-//! the gap from history while online (a dropped `ChannelChanged` resyncs everyone and clears
-//! the peer's member cache). A batch whose write fails, or whose link is
+//! the gap from history while online. Channel member changes (`ChannelChanged`) are not in
+//! the queue: they wait on a lane of their own, coalesced per channel, and go ahead of the
+//! next batch, so they are never dropped; a link that comes up drops the cached member lists
+//! (a change written into the link it replaces may have been lost). A batch whose write fails, or whose link is
 //! replaced or stopped mid-write, goes back to the front of the queue (receivers may then see
 //! an envelope twice; clients drop message ids they have). An envelope whose write completed
 //! into a link that then dies is lost. A peer that says hello again (a restart, or a new
@@ -81,10 +83,14 @@ const MAX_ENVELOPE_BYTES: usize = 256 * 1024;
 const RECIPIENT_BYTES: usize = 10;
 
 // A batch stops adding envelopes once past BATCH_BYTES, so the largest batch is that, one
-// largest envelope, a resync naming MAX_MISSED_USERS users, and the per-envelope framing:
-// always under the frame limit.
+// largest envelope, a resync naming MAX_MISSED_USERS users, the channel-change lane, and the
+// per-envelope framing: always under the frame limit.
 const _: () = assert!(
-    BATCH_BYTES + MAX_ENVELOPE_BYTES + MAX_MISSED_USERS * RECIPIENT_BYTES + BATCH_ENVELOPES * 8
+    BATCH_BYTES
+        + MAX_ENVELOPE_BYTES
+        + MAX_MISSED_USERS * RECIPIENT_BYTES
+        + MAX_CHANGED_CHANNELS * 16
+        + BATCH_ENVELOPES * 8
         < MAX_MESH_FRAME
 );
 
@@ -116,6 +122,53 @@ fn deliver_envelopes(
             push: push.clone(),
         })),
     })
+}
+
+/// Channels waiting on a peer's lane before one `ChannelChanged{all}` replaces them.
+const MAX_CHANGED_CHANNELS: usize = 4_096;
+
+/// Member-list invalidations owed to a peer: a lane that is never dropped. Sent ahead of the
+/// next batch, outside the queue's bound, coalesced per channel. (Through the droppable
+/// queue, one lost invalidation left a stale fan-out list, or cost a resync of every user
+/// on the peer.)
+#[derive(Debug, Default)]
+struct Changed {
+    channels: BTreeSet<u64>,
+    all: bool,
+}
+
+impl Changed {
+    fn add(&mut self, channel: ChannelId) {
+        if self.all {
+            return;
+        }
+        self.channels.insert(channel.0);
+        if self.channels.len() > MAX_CHANGED_CHANNELS {
+            self.channels.clear();
+            self.all = true;
+        }
+    }
+
+    /// The envelopes owed, emptying the lane.
+    fn take(&mut self) -> Vec<pm::Envelope> {
+        let c = std::mem::take(self);
+        let changed = |channel_id, all| pm::Envelope {
+            ring_epoch: 0,
+            hops: 0,
+            body: Some(envelope::Body::ChannelChanged(pm::ChannelChanged {
+                channel_id,
+                all,
+            })),
+        };
+        if c.all {
+            vec![changed(0, true)]
+        } else {
+            c.channels
+                .into_iter()
+                .map(|id| changed(id, false))
+                .collect()
+        }
+    }
 }
 
 /// What a peer missed because its queue was full: told to it ahead of the next batch.
@@ -191,6 +244,8 @@ struct Peer {
     link: watch::Sender<u64>,
     /// Users whose envelopes the full queue dropped, for the resync ahead of the next batch.
     missed: Mutex<Missed>,
+    /// Channel member changes owed to the peer (never dropped).
+    changed: Mutex<Changed>,
 }
 
 impl Peer {
@@ -409,6 +464,7 @@ impl Mesh {
                 stats: PeerStats::default(),
                 link: watch::channel(0).0,
                 missed: Mutex::new(Missed::default()),
+                changed: Mutex::new(Changed::default()),
             });
             if m.id > self.me {
                 tokio::spawn(
@@ -500,7 +556,11 @@ impl Mesh {
         let d = match env.body {
             Some(envelope::Body::Deliver(d)) => d,
             Some(envelope::Body::ChannelChanged(c)) => {
-                self.members.invalidate(ChannelId(c.channel_id));
+                if c.all {
+                    self.members.invalidate_all();
+                } else {
+                    self.members.invalidate(ChannelId(c.channel_id));
+                }
                 return;
             }
             Some(envelope::Body::Resync(r)) => {
@@ -602,16 +662,10 @@ impl Router for Mesh {
     }
 
     fn channel_changed(&self, channel: ChannelId) {
-        let epoch = self.current_epoch();
         let peers: Vec<Arc<Peer>> = self.peers.read().values().cloned().collect();
         for peer in peers {
-            peer.enqueue(pm::Envelope {
-                ring_epoch: epoch,
-                hops: 0,
-                body: Some(envelope::Body::ChannelChanged(pm::ChannelChanged {
-                    channel_id: channel.0,
-                })),
-            });
+            peer.changed.lock().add(channel);
+            peer.ready.notify_one();
         }
     }
 
@@ -869,6 +923,9 @@ async fn run_link(
     };
     peer.up.store(true, Ordering::Relaxed);
     peer.stats.connects.fetch_add(1, Ordering::Relaxed);
+    // A `ChannelChanged` the peer wrote into the link this one replaces may never have
+    // arrived: cached member lists are re-read from storage rather than trusted.
+    mesh.members.invalidate_all();
     info!(peer = peer.id.0, generation, "mesh link up");
     let reader = {
         let mesh = mesh.clone();
@@ -910,6 +967,8 @@ async fn run_link(
                         out.push(missed.take());
                     }
                 }
+                // Member changes go before the pushes queued after them.
+                out.extend(peer.changed.lock().take());
                 let mut q = peer.queue.lock();
                 let mut bytes = 0usize;
                 while out.len() < BATCH_ENVELOPES && bytes < BATCH_BYTES {
@@ -977,4 +1036,32 @@ async fn run_link(
     }
     conn.close(0u32.into(), b"link closed");
     info!(peer = peer.id.0, generation, superseded, "mesh link down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changed_of(env: &pm::Envelope) -> (u64, bool) {
+        match &env.body {
+            Some(envelope::Body::ChannelChanged(c)) => (c.channel_id, c.all),
+            other => panic!("not a channel change: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn channel_changes_coalesce_per_channel_then_into_all() {
+        let mut c = Changed::default();
+        for id in [7, 3, 7, 7] {
+            c.add(ChannelId(id));
+        }
+        let out: Vec<_> = c.take().iter().map(changed_of).collect();
+        assert_eq!(out, vec![(3, false), (7, false)]);
+        assert!(c.take().is_empty(), "taking empties the lane");
+        for id in 1..=MAX_CHANGED_CHANNELS as u64 + 1 {
+            c.add(ChannelId(id));
+        }
+        let out: Vec<_> = c.take().iter().map(changed_of).collect();
+        assert_eq!(out, vec![(0, true)]);
+    }
 }
