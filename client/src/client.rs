@@ -920,15 +920,33 @@ impl Client {
         }
     }
 
-    /// The channels I am in.
-    pub async fn channel_list(&self) -> Result<Vec<pb::ChannelInfo>, ClientError> {
+    /// One page of the channels I am in, ascending by id: those above `after`
+    /// (`ChannelId(0)`: from the start), at most `limit` (0: the node's default). The reply's
+    /// `next_cursor` is the `after` of the next page, 0 after the last.
+    pub async fn channel_list_page(
+        &self,
+        after: ChannelId,
+        limit: u32,
+    ) -> Result<pb::ChannelList, ClientError> {
         match self
-            .request(client_frame::Body::ChannelList(pb::ChannelListMine {}))
+            .request(client_frame::Body::ChannelList(pb::ChannelListMine {
+                limit,
+                after_channel_id: after.0,
+            }))
             .await?
         {
-            server_frame::Body::Channels(l) => Ok(l.channels),
+            server_frame::Body::Channels(l) => Ok(l),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// Every channel I am in, ascending by id (walks all pages).
+    pub async fn channel_list(&self) -> Result<Vec<pb::ChannelInfo>, ClientError> {
+        walk_pages(|after| async move {
+            let p = self.channel_list_page(ChannelId(after), 0).await?;
+            Ok((p.channels, p.next_cursor))
+        })
+        .await
     }
 
     /// A channel of mine by name.
@@ -944,17 +962,35 @@ impl Client {
             })
     }
 
-    /// Members of a channel I am in.
-    pub async fn channel_members(&self, id: ChannelId) -> Result<Vec<pb::UserInfo>, ClientError> {
+    /// One page of the members of a channel I am in, ascending by user id: those above
+    /// `after` (`UserId(0)`: from the start), at most `limit` (0: the node's default). The
+    /// reply's `next_cursor` is the `after` of the next page, 0 after the last.
+    pub async fn channel_members_page(
+        &self,
+        id: ChannelId,
+        after: UserId,
+        limit: u32,
+    ) -> Result<pb::MemberList, ClientError> {
         match self
             .request(client_frame::Body::ChannelMembers(pb::ChannelMembers {
                 channel_id: id.0,
+                limit,
+                after_user_id: after.0,
             }))
             .await?
         {
-            server_frame::Body::Members(m) => Ok(m.members),
+            server_frame::Body::Members(m) => Ok(m),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// Every member of a channel I am in, ascending by user id (walks all pages).
+    pub async fn channel_members(&self, id: ChannelId) -> Result<Vec<pb::UserInfo>, ClientError> {
+        walk_pages(|after| async move {
+            let p = self.channel_members_page(id, UserId(after), 0).await?;
+            Ok((p.members, p.next_cursor))
+        })
+        .await
     }
 
     /// Which node is `name`'s home.
@@ -988,5 +1024,25 @@ impl Client {
         if let Ok(c) = self.conn() {
             c.close();
         }
+    }
+}
+
+/// Collects every row of a cursor-paged list: `page(after)` returns one page's rows and the
+/// next cursor (0 after the last page). A cursor that does not move forwards ends the walk
+/// (a misbehaving node cannot loop it).
+async fn walk_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, ClientError>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, u64), ClientError>>,
+{
+    let mut out = Vec::new();
+    let mut after = 0u64;
+    loop {
+        let (rows, next) = page(after).await?;
+        out.extend(rows);
+        if next <= after {
+            return Ok(out);
+        }
+        after = next;
     }
 }

@@ -1,6 +1,8 @@
 //! Conversions between wire types (`meshchat_proto::client`) and domain types.
 
-use meshchat_idgen::{ChatId, MessageId, Snowflake};
+use std::collections::BTreeMap;
+
+use meshchat_idgen::{ChatId, MessageId, Snowflake, UserId};
 use meshchat_proto::client as pb;
 use meshchat_storage::{Channel, ChatSummary, Reaction, ReceiptKind, StoredMessage};
 
@@ -16,8 +18,15 @@ pub fn chat_to(c: ChatId) -> pb::ChatId {
     meshchat_proto::ids::chat_to_wire(c)
 }
 
-/// A stored message on the wire.
+/// A stored message on the wire, with every reaction (pushes, single messages).
 pub fn message_to(m: &StoredMessage, sender_name: &str) -> pb::Message {
+    pb::Message {
+        reactions: m.reactions.iter().map(reaction_to).collect(),
+        ..message_without_reactions(m, sender_name)
+    }
+}
+
+fn message_without_reactions(m: &StoredMessage, sender_name: &str) -> pb::Message {
     pb::Message {
         message_id: m.id.0,
         chat: Some(chat_to(m.chat)),
@@ -25,9 +34,11 @@ pub fn message_to(m: &StoredMessage, sender_name: &str) -> pb::Message {
         client_msg_id: m.client_msg_id.clone(),
         body: m.body.clone(),
         reply_to: m.reply_to.map(|r| r.0).unwrap_or(0),
-        reactions: m.reactions.iter().map(reaction_to).collect(),
+        reactions: Vec::new(),
         sent_unix_ms: Snowflake(m.id.0).unix_ms(),
         sender_name: sender_name.to_owned(),
+        reaction_counts: Vec::new(),
+        reaction_total: 0,
     }
 }
 
@@ -35,6 +46,75 @@ fn reaction_to(r: &Reaction) -> pb::Reaction {
     pb::Reaction {
         user_id: r.user.0,
         emoji: r.emoji.clone(),
+    }
+}
+
+/// Individual reactions a history message lists; past this only the asker's own.
+pub const LISTED_REACTIONS: usize = 32;
+/// Emoji a history message counts; the rest show only in `reaction_total`.
+pub const COUNTED_EMOJI: usize = 32;
+
+/// A stored message as a history page carries it for `me`: reactions aggregated per emoji
+/// (bounded whatever the number of reactions: a message with hundreds of reactions made every
+/// page holding it too large for a frame), the individual list only when short.
+pub fn history_message_to(m: &StoredMessage, sender_name: &str, me: UserId) -> pb::Message {
+    let mut counts: BTreeMap<&str, (u32, bool)> = BTreeMap::new();
+    for r in &m.reactions {
+        let c = counts.entry(r.emoji.as_str()).or_default();
+        c.0 += 1;
+        c.1 |= r.user == me;
+    }
+    let mut counts: Vec<pb::ReactionCount> = counts
+        .into_iter()
+        .map(|(emoji, (count, mine))| pb::ReactionCount {
+            emoji: emoji.to_owned(),
+            count,
+            mine,
+        })
+        .collect();
+    // Most used first; the BTreeMap already ordered ties by emoji and the sort is stable.
+    counts.sort_by_key(|c| std::cmp::Reverse(c.count));
+    if counts.len() > COUNTED_EMOJI {
+        // The asker's emoji stays, in the last place, if it was not among the most used.
+        if let Some(i) = counts[COUNTED_EMOJI..].iter().position(|c| c.mine) {
+            counts.swap(COUNTED_EMOJI - 1, COUNTED_EMOJI + i);
+        }
+        counts.truncate(COUNTED_EMOJI);
+    }
+    let reactions = if m.reactions.len() <= LISTED_REACTIONS {
+        m.reactions.iter().map(reaction_to).collect()
+    } else {
+        m.reactions
+            .iter()
+            .filter(|r| r.user == me)
+            .map(reaction_to)
+            .collect()
+    };
+    pb::Message {
+        reactions,
+        reaction_counts: counts,
+        reaction_total: u32::try_from(m.reactions.len()).unwrap_or(u32::MAX),
+        ..message_without_reactions(m, sender_name)
+    }
+}
+
+/// Shrinks a history message until its encoding fits `budget` bytes, if it can: first the
+/// individual reactions go (but the asker's own), then the least used counted emoji (but the
+/// asker's). A message whose body alone passes the budget is left as it is (the frame keeps
+/// 1 KiB beyond the budget for exactly that).
+pub fn shrink_history_message(wire: &mut pb::Message, budget: usize, me: UserId) {
+    use prost::Message as _;
+    if wire.encoded_len() <= budget {
+        return;
+    }
+    wire.reactions.retain(|r| r.user_id == me.0);
+    while wire.encoded_len() > budget {
+        match wire.reaction_counts.iter().rposition(|c| !c.mine) {
+            Some(i) => {
+                wire.reaction_counts.remove(i);
+            }
+            None => break,
+        }
     }
 }
 
@@ -90,4 +170,85 @@ pub fn message_id(v: u64, field: &str) -> Result<MessageId, RequestError> {
         )));
     }
     Ok(MessageId(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use meshchat_idgen::ChannelId;
+    use prost::Message as _;
+
+    use super::*;
+
+    /// A message with `n` reactions: user `k` reacts with emoji `k % kinds` (64 bytes each);
+    /// user 1 (me) reacts with the rarest one.
+    fn reacted(n: u64, kinds: u64) -> StoredMessage {
+        let emoji = |k: u64| format!("{k:064}");
+        StoredMessage {
+            id: MessageId(1 << 30),
+            chat: ChatId::Channel(ChannelId(9)),
+            sender: UserId(2),
+            client_msg_id: "c".into(),
+            body: "body".into(),
+            reply_to: None,
+            reactions: (1..=n)
+                .map(|u| Reaction {
+                    user: UserId(u),
+                    emoji: if u == 1 {
+                        "rare".into()
+                    } else {
+                        emoji(u % kinds)
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn many_reactions_are_counted_with_mine_kept() {
+        let m = reacted(800, 100);
+        let w = history_message_to(&m, "s", UserId(1));
+        assert_eq!(w.reaction_total, 800);
+        assert_eq!(w.reaction_counts.len(), COUNTED_EMOJI);
+        assert!(
+            w.reaction_counts[..COUNTED_EMOJI - 1]
+                .windows(2)
+                .all(|p| p[0].count >= p[1].count)
+        );
+        let mine: Vec<_> = w.reaction_counts.iter().filter(|c| c.mine).collect();
+        assert_eq!(mine.len(), 1);
+        assert_eq!((mine[0].emoji.as_str(), mine[0].count), ("rare", 1));
+        assert_eq!(w.reactions.len(), 1, "only my own reaction is listed");
+        assert_eq!(w.reactions[0].user_id, 1);
+        assert!(w.encoded_len() < 8 * 1024, "{} bytes", w.encoded_len());
+    }
+
+    #[test]
+    fn few_reactions_are_listed_and_counted() {
+        let m = reacted(5, 2);
+        let w = history_message_to(&m, "s", UserId(3));
+        assert_eq!(w.reactions.len(), 5);
+        assert_eq!(w.reaction_counts.iter().map(|c| c.count).sum::<u32>(), 5);
+        assert_eq!(
+            w.reaction_counts
+                .iter()
+                .filter(|c| c.mine)
+                .map(|c| c.count)
+                .collect::<Vec<_>>(),
+            vec![2],
+            "user 3 reacted with emoji 1, as did user 5"
+        );
+    }
+
+    #[test]
+    fn a_message_is_shrunk_to_its_budget_keeping_mine() {
+        let m = reacted(30, 30);
+        let mut w = history_message_to(&m, "s", UserId(1));
+        let full = w.encoded_len();
+        shrink_history_message(&mut w, full, UserId(1));
+        assert_eq!(w.encoded_len(), full, "a message that fits is untouched");
+        shrink_history_message(&mut w, 300, UserId(1));
+        assert!(w.encoded_len() <= 300, "{} bytes", w.encoded_len());
+        assert_eq!(w.reactions.len(), 1);
+        assert!(w.reaction_counts.iter().any(|c| c.mine));
+    }
 }

@@ -1,6 +1,6 @@
 //! The per-node cache of channel member lists, used for fan-out (authorisation always asks
 //! storage). Shared by the send path and the mesh, which drops entries when a peer reports a
-//! join or leave (`ChannelChanged`).
+//! join or leave (`ChannelChanged`, on a mesh lane that is never dropped).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,8 +48,8 @@ impl MemberCache {
         self.lists.insert(id, list);
     }
 
-    /// Drops every list (a peer lost a `ChannelChanged` it meant for us: which channel is not
-    /// known).
+    /// Drops every list: a mesh link came up (a change may have been lost with the old one),
+    /// a peer owed us changes of too many channels to list, or resynced everyone.
     pub fn invalidate_all(&self) {
         self.changes.fetch_add(1, Ordering::SeqCst);
         self.lists.clear();

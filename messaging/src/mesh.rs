@@ -10,6 +10,9 @@
 //! - **Batching and bounds**: each peer has a bounded envelope queue; a writer task drains it
 //!   into `PeerBatch` frames (up to 1,024 envelopes or 64 KiB each), so under load many
 //!   messages share one frame and packet. A full queue drops the new envelope and counts it.
+//!   A delivery to many users of one peer (a large channel) is split into envelopes of at
+//!   most 256 KiB, and the queue refuses a larger envelope (resyncing its recipients), so a
+//!   batch always fits the 1 MiB mesh frame.
 //! - **Reconnect**: the dialer retries with jittered exponential backoff (100 ms .. 5 s).
 //!
 //! ## What happens to an in-flight envelope
@@ -20,8 +23,10 @@
 //! dropped (counted in [`PeerStats::dropped`]) and its recipients are remembered (up to 8,192
 //! users, else "everyone"): ahead of its next batch the peer gets a `Resync` naming them,
 //! outside the queue's bound, and pushes `Resync` to their connections so the clients fill
-//! the gap from history while online (a dropped `ChannelChanged` resyncs everyone and clears
-//! the peer's member cache). A batch whose write fails, or whose link is
+//! the gap from history while online. Channel member changes (`ChannelChanged`) are not in
+//! the queue: they wait on a lane of their own, coalesced per channel, and go ahead of the
+//! next batch, so they are never dropped; a link that comes up drops the cached member lists
+//! (a change written into the link it replaces may have been lost). A batch whose write fails, or whose link is
 //! replaced or stopped mid-write, goes back to the front of the queue (receivers may then see
 //! an envelope twice; clients drop message ids they have). An envelope whose write completed
 //! into a link that then dies is lost. A peer that says hello again (a restart, or a new
@@ -69,6 +74,102 @@ const MAX_HOPS: u32 = 1;
 /// Users remembered per peer whose envelopes were dropped; past it the resync covers every
 /// connection on the peer.
 const MAX_MISSED_USERS: usize = 8_192;
+/// Largest envelope a peer queue takes. A delivery to more recipients than fit is split into
+/// several envelopes ([`deliver_envelopes`]); an envelope still larger (a push bigger than
+/// this) is refused at the queue and its recipients resynced, so it can never make a batch
+/// frame too large and take the batch's other envelopes with it.
+const MAX_ENVELOPE_BYTES: usize = 256 * 1024;
+/// Bytes of one recipient in a `Deliver` (a varint u64 is at most 10).
+const RECIPIENT_BYTES: usize = 10;
+
+// A batch stops adding envelopes once past BATCH_BYTES, so the largest batch is that, one
+// largest envelope, a resync naming MAX_MISSED_USERS users, the channel-change lane, and the
+// per-envelope framing: always under the frame limit.
+const _: () = assert!(
+    BATCH_BYTES
+        + MAX_ENVELOPE_BYTES
+        + MAX_MISSED_USERS * RECIPIENT_BYTES
+        + MAX_CHANGED_CHANNELS * 16
+        + BATCH_ENVELOPES * 8
+        < MAX_MESH_FRAME
+);
+
+/// The `Deliver` envelopes of `push` to `recipients` (all on one peer): as many as it takes
+/// to keep each under [`MAX_ENVELOPE_BYTES`]. A channel with 100k+ members on one node made
+/// one envelope larger than a mesh frame, and the whole batch around it was dropped.
+fn deliver_envelopes(
+    epoch: u64,
+    hops: u32,
+    recipients: Vec<u64>,
+    push: &Bytes,
+) -> impl Iterator<Item = pm::Envelope> + '_ {
+    // Room for recipients once the push and the envelope's own fields are in.
+    let per_envelope =
+        (MAX_ENVELOPE_BYTES.saturating_sub(push.len() + 64) / RECIPIENT_BYTES).max(1);
+    let chunks: Vec<Vec<u64>> = if recipients.len() <= per_envelope {
+        vec![recipients]
+    } else {
+        recipients
+            .chunks(per_envelope)
+            .map(<[u64]>::to_vec)
+            .collect()
+    };
+    chunks.into_iter().map(move |recipients| pm::Envelope {
+        ring_epoch: epoch,
+        hops,
+        body: Some(envelope::Body::Deliver(pm::Deliver {
+            recipients,
+            push: push.clone(),
+        })),
+    })
+}
+
+/// Channels waiting on a peer's lane before one `ChannelChanged{all}` replaces them.
+const MAX_CHANGED_CHANNELS: usize = 4_096;
+
+/// Member-list invalidations owed to a peer: a lane that is never dropped. Sent ahead of the
+/// next batch, outside the queue's bound, coalesced per channel. (Through the droppable
+/// queue, one lost invalidation left a stale fan-out list, or cost a resync of every user
+/// on the peer.)
+#[derive(Debug, Default)]
+struct Changed {
+    channels: BTreeSet<u64>,
+    all: bool,
+}
+
+impl Changed {
+    fn add(&mut self, channel: ChannelId) {
+        if self.all {
+            return;
+        }
+        self.channels.insert(channel.0);
+        if self.channels.len() > MAX_CHANGED_CHANNELS {
+            self.channels.clear();
+            self.all = true;
+        }
+    }
+
+    /// The envelopes owed, emptying the lane.
+    fn take(&mut self) -> Vec<pm::Envelope> {
+        let c = std::mem::take(self);
+        let changed = |channel_id, all| pm::Envelope {
+            ring_epoch: 0,
+            hops: 0,
+            body: Some(envelope::Body::ChannelChanged(pm::ChannelChanged {
+                channel_id,
+                all,
+            })),
+        };
+        if c.all {
+            vec![changed(0, true)]
+        } else {
+            c.channels
+                .into_iter()
+                .map(|id| changed(id, false))
+                .collect()
+        }
+    }
+}
 
 /// What a peer missed because its queue was full: told to it ahead of the next batch.
 #[derive(Debug, Default)]
@@ -143,31 +244,39 @@ struct Peer {
     link: watch::Sender<u64>,
     /// Users whose envelopes the full queue dropped, for the resync ahead of the next batch.
     missed: Mutex<Missed>,
+    /// Channel member changes owed to the peer (never dropped).
+    changed: Mutex<Changed>,
 }
 
 impl Peer {
     fn enqueue(&self, env: pm::Envelope) {
+        // Bounded on the way in: one envelope too large for a batch frame would otherwise
+        // fail the encoding of the whole batch it lands in.
+        if prost::Message::encoded_len(&env) > MAX_ENVELOPE_BYTES {
+            self.drop_envelope(&env, "envelope over the size limit: dropping it");
+            return;
+        }
         {
             let mut q = self.queue.lock();
             if q.len() >= self.capacity {
                 drop(q);
-                // Not lost invisibly: the peer is told ahead of the next batch (wake the
-                // writer: the queue may have emptied meanwhile).
-                self.missed.lock().add(&env);
-                self.ready.notify_one();
-                let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    warn!(
-                        peer = self.id.0,
-                        dropped = n,
-                        "peer queue full: dropping envelopes"
-                    );
-                }
+                self.drop_envelope(&env, "peer queue full: dropping envelopes");
                 return;
             }
             q.push_back(env);
         }
         self.ready.notify_one();
+    }
+
+    /// Drops an envelope, not invisibly: its recipients are told ahead of the next batch
+    /// (the writer is woken: the queue may be empty).
+    fn drop_envelope(&self, env: &pm::Envelope, why: &'static str) {
+        self.missed.lock().add(env);
+        self.ready.notify_one();
+        let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            warn!(peer = self.id.0, dropped = n, why);
+        }
     }
 }
 
@@ -355,6 +464,7 @@ impl Mesh {
                 stats: PeerStats::default(),
                 link: watch::channel(0).0,
                 missed: Mutex::new(Missed::default()),
+                changed: Mutex::new(Changed::default()),
             });
             if m.id > self.me {
                 tokio::spawn(
@@ -446,7 +556,11 @@ impl Mesh {
         let d = match env.body {
             Some(envelope::Body::Deliver(d)) => d,
             Some(envelope::Body::ChannelChanged(c)) => {
-                self.members.invalidate(ChannelId(c.channel_id));
+                if c.all {
+                    self.members.invalidate_all();
+                } else {
+                    self.members.invalidate(ChannelId(c.channel_id));
+                }
                 return;
             }
             Some(envelope::Body::Resync(r)) => {
@@ -487,14 +601,10 @@ impl Mesh {
         }
         for (node, recipients) in elsewhere {
             if let Some(peer) = self.peer(node) {
-                peer.enqueue(pm::Envelope {
-                    ring_epoch: self.current_epoch(),
-                    hops: env.hops + 1,
-                    body: Some(envelope::Body::Deliver(pm::Deliver {
-                        recipients,
-                        push: d.push.clone(),
-                    })),
-                });
+                let epoch = self.current_epoch();
+                for env in deliver_envelopes(epoch, env.hops + 1, recipients, &d.push) {
+                    peer.enqueue(env);
+                }
             }
         }
     }
@@ -519,15 +629,10 @@ impl Router for Mesh {
         let mut d = self.registry.push_to(&plan.local, push, skip);
         for (node, users) in plan.remote {
             if let Some(peer) = self.peer(node) {
-                peer.enqueue(pm::Envelope {
-                    ring_epoch: epoch,
-                    hops: 0,
-                    body: Some(envelope::Body::Deliver(pm::Deliver {
-                        recipients: users,
-                        push: push.clone(),
-                    })),
-                });
-                d.queued += 1;
+                for env in deliver_envelopes(epoch, 0, users, push) {
+                    peer.enqueue(env);
+                    d.queued += 1;
+                }
             }
         }
         d
@@ -557,16 +662,10 @@ impl Router for Mesh {
     }
 
     fn channel_changed(&self, channel: ChannelId) {
-        let epoch = self.current_epoch();
         let peers: Vec<Arc<Peer>> = self.peers.read().values().cloned().collect();
         for peer in peers {
-            peer.enqueue(pm::Envelope {
-                ring_epoch: epoch,
-                hops: 0,
-                body: Some(envelope::Body::ChannelChanged(pm::ChannelChanged {
-                    channel_id: channel.0,
-                })),
-            });
+            peer.changed.lock().add(channel);
+            peer.ready.notify_one();
         }
     }
 
@@ -824,6 +923,9 @@ async fn run_link(
     };
     peer.up.store(true, Ordering::Relaxed);
     peer.stats.connects.fetch_add(1, Ordering::Relaxed);
+    // A `ChannelChanged` the peer wrote into the link this one replaces may never have
+    // arrived: cached member lists are re-read from storage rather than trusted.
+    mesh.members.invalidate_all();
     info!(peer = peer.id.0, generation, "mesh link up");
     let reader = {
         let mesh = mesh.clone();
@@ -865,6 +967,8 @@ async fn run_link(
                         out.push(missed.take());
                     }
                 }
+                // Member changes go before the pushes queued after them.
+                out.extend(peer.changed.lock().take());
                 let mut q = peer.queue.lock();
                 let mut bytes = 0usize;
                 while out.len() < BATCH_ENVELOPES && bytes < BATCH_BYTES {
@@ -932,4 +1036,32 @@ async fn run_link(
     }
     conn.close(0u32.into(), b"link closed");
     info!(peer = peer.id.0, generation, superseded, "mesh link down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changed_of(env: &pm::Envelope) -> (u64, bool) {
+        match &env.body {
+            Some(envelope::Body::ChannelChanged(c)) => (c.channel_id, c.all),
+            other => panic!("not a channel change: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn channel_changes_coalesce_per_channel_then_into_all() {
+        let mut c = Changed::default();
+        for id in [7, 3, 7, 7] {
+            c.add(ChannelId(id));
+        }
+        let out: Vec<_> = c.take().iter().map(changed_of).collect();
+        assert_eq!(out, vec![(3, false), (7, false)]);
+        assert!(c.take().is_empty(), "taking empties the lane");
+        for id in 1..=MAX_CHANGED_CHANNELS as u64 + 1 {
+            c.add(ChannelId(id));
+        }
+        let out: Vec<_> = c.take().iter().map(changed_of).collect();
+        assert_eq!(out, vec![(0, true)]);
+    }
 }

@@ -34,6 +34,49 @@ const NAME_CACHE_MAX: usize = 1_000_000;
 /// Bytes of the newest message's body shown in a chat-list row.
 const CHAT_LIST_PREVIEW_BYTES: usize = 512;
 
+/// Entries of a member or channel list page when the request leaves `limit` at 0.
+const DEFAULT_LIST_PAGE: u32 = 500;
+/// Most entries of a member or channel list page (a page is also cut to fit one frame).
+const MAX_LIST_PAGE: u32 = 1_000;
+
+/// The page size a list request asked for, defaulted and capped.
+fn list_limit(asked: u32) -> u32 {
+    match asked {
+        0 => DEFAULT_LIST_PAGE,
+        n => n.min(MAX_LIST_PAGE),
+    }
+}
+
+/// Cuts a list page read with one row more than `limit` to at most `limit` rows whose
+/// encoding fits `budget` bytes (always at least one row, which fits: list rows are small).
+/// Returns the rows and the cursor of the next page: the id of the last row kept when rows
+/// were left, else 0.
+fn fit_page<T: prost::Message>(
+    rows: Vec<T>,
+    limit: u32,
+    budget: usize,
+    id: impl Fn(&T) -> u64,
+) -> (Vec<T>, u64) {
+    let read = rows.len();
+    let mut used = 0usize;
+    let mut kept = Vec::with_capacity(read.min(limit as usize));
+    for row in rows {
+        // The field tag and length prefix of a repeated message: at most 1 + 5 bytes.
+        let len = row.encoded_len() + 6;
+        if kept.len() == limit as usize || (used + len > budget && !kept.is_empty()) {
+            break;
+        }
+        used += len;
+        kept.push(row);
+    }
+    let next = if kept.len() < read {
+        kept.last().map(&id).unwrap_or(0)
+    } else {
+        0
+    };
+    (kept, next)
+}
+
 /// What an authentication request led to.
 #[derive(Debug)]
 pub enum AuthOutcome {
@@ -380,30 +423,44 @@ impl Node {
                 }
                 Ok(R::Done(pb::Done {}))
             }
-            B::ChannelList(_) => {
-                let chans = self.storage.channels_of(me.user).await?;
+            B::ChannelList(q) => {
+                let limit = list_limit(q.limit);
+                // One more than the page holds: whether another page follows.
+                let chans = self
+                    .storage
+                    .channels_of_page(me.user, ChannelId(q.after_channel_id), limit + 1)
+                    .await?;
+                let rows = chans.iter().map(convert::channel_to).collect();
+                let (channels, next_cursor) =
+                    fit_page(rows, limit, self.reply_budget(), |c| c.channel_id);
                 Ok(R::Channels(pb::ChannelList {
-                    channels: chans.iter().map(convert::channel_to).collect(),
+                    channels,
+                    next_cursor,
                 }))
             }
             B::ChannelMembers(m) => {
                 let id = self.channel_ref(m.channel_id, "").await?;
-                let members = self.members_of(id).await?;
-                if !members.contains(&me.user) {
-                    return Err(RequestError::Forbidden(format!(
-                        "you are not a member of channel {id}"
-                    )));
-                }
-                let mut out = Vec::with_capacity(members.len());
+                // Authorised from storage, never from the fan-out cache: a lost
+                // `ChannelChanged` must not let a user who left read the member list.
+                self.require_member(me.user, ChatId::Channel(id)).await?;
+                let limit = list_limit(m.limit);
+                let members = self
+                    .storage
+                    .channel_members_page(id, UserId(m.after_user_id), limit + 1)
+                    .await?;
+                let mut rows = Vec::with_capacity(members.len());
                 for u in members.iter() {
-                    out.push(pb::UserInfo {
+                    rows.push(pb::UserInfo {
                         user_id: u.0,
                         user_name: self.name_of(*u).await?.to_string(),
                     });
                 }
+                let (members, next_cursor) =
+                    fit_page(rows, limit, self.reply_budget(), |u| u.user_id);
                 Ok(R::Members(pb::MemberList {
                     channel_id: id.0,
-                    members: out,
+                    members,
+                    next_cursor,
                 }))
             }
             B::ResolveUser(r) => {
@@ -643,7 +700,10 @@ impl Node {
                     .await?
                     .filter(|m| m.sender == user)
             };
-            if let Some(stored) = stored {
+            if let Some(mut stored) = stored {
+                // The push announces the message; its reactions (any number by now) are a
+                // history request away, and would not always fit a frame.
+                stored.reactions.clear();
                 let push = encode_push(push::Event::Message(convert::message_to(&stored, &name)));
                 let d = router.deliver(&audience, &push, Some(conn));
                 debug!(
@@ -782,7 +842,10 @@ impl Node {
         let mut truncated = false;
         let mut messages = Vec::with_capacity(page.len());
         for m in &page {
-            let wire = convert::message_to(m, &self.name_of(m.sender).await?);
+            // Reactions aggregated, and a lone message shrunk to fit: a page holds at least
+            // one message and a cursor past it, whatever its reactions.
+            let mut wire = convert::history_message_to(m, &self.name_of(m.sender).await?, me.user);
+            convert::shrink_history_message(&mut wire, budget, me.user);
             let len = wire.encoded_len() + 8;
             if used + len > budget && !messages.is_empty() {
                 truncated = true;

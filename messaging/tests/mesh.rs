@@ -13,7 +13,9 @@ use common::{free_udp_port, next_message, text};
 use meshchat_client::{Client, ConnectOptions, Event, Events, Session};
 use meshchat_idgen::{ChannelId, ChatId, NodeId};
 use meshchat_messaging::config::StaticMember;
+use meshchat_messaging::router::Router;
 use meshchat_messaging::{NodeConfig, RunningNode};
+use meshchat_proto::client::{self as pb, push};
 
 struct Cluster {
     nodes: Vec<RunningNode>,
@@ -371,6 +373,222 @@ async fn dropped_mesh_envelopes_are_resynced_while_the_recipient_stays_online() 
         dropped == 0 || resyncs > 0,
         "{dropped} envelopes dropped but bob was never told"
     );
+    for n in c.nodes {
+        n.shutdown().await;
+    }
+}
+
+/// Two nodes and a user homed on each; returns the cluster, both clients (kept alive), and
+/// the events and session of bob, the user on node 2.
+async fn two_nodes_with_bob_on_node_2() -> (Cluster, Vec<Arc<Client>>, Events, Session) {
+    let c = cluster(2).await;
+    let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr.to_string()).collect();
+    let mut users = common::one_user_homed_at_each(&addrs[0], &c.options(), &addrs)
+        .await
+        .into_iter();
+    let (alice, _, _) = users.next().expect("a user on node 1");
+    let (bob, bob_events, bob_s) = users.next().expect("a user on node 2");
+    (c, vec![alice, bob], bob_events, bob_s)
+}
+
+/// A channel delivery to more users of one node than one mesh frame can name (150k
+/// recipients, about 1.35 MB of ids; the frame is 1 MiB) used to make one envelope too large
+/// for any batch, and the whole batch was dropped. It is now split across envelopes: nothing
+/// is dropped, and a real member named last gets the push over the real QUIC link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_to_150k_users_of_one_node_is_split_across_envelopes() {
+    use meshchat_idgen::UserId;
+    let (c, _users, mut bob_events, bob_s) = two_nodes_with_bob_on_node_2().await;
+    let mesh1 = c.mesh(NodeId(1));
+    let ring = mesh1.ring();
+    // Offline users homed on node 2, with 9-byte varint ids like real Snowflakes.
+    let mut recipients: Vec<UserId> = (0u64..)
+        .map(|k| UserId((1 << 60) + k))
+        .filter(|u| ring.owner(*u) == Some(NodeId(2)))
+        .take(150_000)
+        .collect();
+    recipients.push(bob_s.user);
+    let before = mesh1.peer_stats(NodeId(2)).expect("peer");
+    let push = meshchat_messaging::node::encode_push(push::Event::Message(pb::Message {
+        message_id: 4242,
+        chat: Some(meshchat_proto::ids::chat_to_wire(ChatId::direct(
+            bob_s.user, bob_s.user,
+        ))),
+        body: "to a huge channel".into(),
+        ..Default::default()
+    }));
+    let d = Router::deliver(&**mesh1, &recipients, &push, None);
+    assert!(d.queued >= 6, "{} envelopes for 150k recipients", d.queued);
+
+    let m = next_message(&mut bob_events).await;
+    assert_eq!((m.message_id, text(&m)), (4242, "to a huge channel".into()));
+    let after = mesh1.peer_stats(NodeId(2)).expect("peer");
+    assert_eq!(after.dropped, before.dropped, "no envelope dropped");
+    assert!(after.envelopes_sent - before.envelopes_sent >= 6);
+    for n in c.nodes {
+        n.shutdown().await;
+    }
+}
+
+/// An envelope too large for a mesh frame (a 1.1 MB push) is refused when it is queued, and
+/// its recipients are resynced: it cannot take the batch around it down (the message queued
+/// right after it still arrives).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_envelope_is_refused_at_the_queue_not_with_its_batch() {
+    let (c, _users, mut bob_events, bob_s) = two_nodes_with_bob_on_node_2().await;
+    let chat = Some(meshchat_proto::ids::chat_to_wire(ChatId::direct(
+        bob_s.user, bob_s.user,
+    )));
+    let message = |id: u64, body: Vec<u8>| {
+        meshchat_messaging::node::encode_push(push::Event::Message(pb::Message {
+            message_id: id,
+            chat,
+            body: body.into(),
+            ..Default::default()
+        }))
+    };
+    let mesh1 = c.mesh(NodeId(1));
+    let before = mesh1.peer_stats(NodeId(2)).expect("peer");
+    Router::deliver(
+        &**mesh1,
+        &[bob_s.user],
+        &message(1, vec![b'x'; 1_100_000]),
+        None,
+    );
+    Router::deliver(
+        &**mesh1,
+        &[bob_s.user],
+        &message(2, b"small".to_vec()),
+        None,
+    );
+
+    let (mut resynced, mut got) = (false, false);
+    while !(resynced && got) {
+        match bob_events.next_within(Duration::from_secs(5)).await {
+            Some(Event::Resync) => resynced = true,
+            Some(Event::Message(m)) => {
+                assert_eq!(m.message_id, 2, "only the small message is pushed");
+                got = true;
+            }
+            Some(_) => {}
+            None => panic!("resync {resynced}, small message {got} after 5 s"),
+        }
+    }
+    let after = mesh1.peer_stats(NodeId(2)).expect("peer");
+    assert_eq!(after.dropped - before.dropped, 1, "only the oversized one");
+    for n in c.nodes {
+        n.shutdown().await;
+    }
+}
+
+/// Channel member changes travel on a lane that is never dropped. With a peer queue of one
+/// envelope kept full by a flood of pushes to an offline user, each followed by a member
+/// change of the channel, a join on node 1 still reaches node 2's member cache: bob's next channel message (fanned out by node 2) reaches
+/// the new member carol. Through the queue the change could be dropped, which resynced every
+/// user on node 2 (dave, in no channel, included) and until then left node 2's list stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_reaches_a_peer_whose_queue_is_full() {
+    use meshchat_idgen::UserId;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let c = cluster_with(2, |cfg| cfg.cluster.peer_queue = 1).await;
+    let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr.to_string()).collect();
+    let homes = [
+        addrs[0].clone(),
+        addrs[0].clone(),
+        addrs[1].clone(),
+        addrs[1].clone(),
+    ];
+    let mut users = common::one_user_homed_at_each(&addrs[0], &c.options(), &homes)
+        .await
+        .into_iter();
+    let (alice, mut alice_ev, _) = users.next().expect("alice on node 1");
+    let (carol, mut carol_ev, _) = users.next().expect("carol on node 1");
+    let (bob, _bob_ev, _) = users.next().expect("bob on node 2");
+    // Online on node 2, in no channel: only a resync of everyone reaches him.
+    let (dave, mut dave_ev, _) = users.next().expect("dave on node 2");
+
+    let ch = alice.channel_create("lane").await.expect("create");
+    let chat = ChatId::Channel(ChannelId(ch.channel_id));
+    bob.channel_join("lane").await.expect("join");
+    // Node 2 fans bob's message out, caching the member list [alice, bob].
+    let p = bob.send(chat, "before carol", None).await.expect("send");
+    assert_eq!(next_message(&mut alice_ev).await.message_id, p.message_id);
+
+    // Keep node 1's queue to node 2 full while carol joins.
+    let mesh1 = c.mesh(NodeId(1)).clone();
+    let ring = mesh1.ring();
+    let ghost = (1u64 << 60..)
+        .map(UserId)
+        .find(|u| ring.owner(*u) == Some(NodeId(2)))
+        .expect("a user id homed on node 2");
+    let flooding = Arc::new(AtomicBool::new(true));
+    let flood = {
+        let (mesh1, flooding) = (mesh1.clone(), flooding.clone());
+        let push = meshchat_messaging::node::encode_push(push::Event::Message(pb::Message {
+            message_id: 1,
+            body: "flood".into(),
+            ..Default::default()
+        }));
+        std::thread::spawn(move || {
+            let channel = ChannelId(ch.channel_id);
+            while flooding.load(Ordering::Relaxed) {
+                // A push fills the queue; a member change right behind it meets it full.
+                Router::deliver(&*mesh1, &[ghost], &push, None);
+                Router::channel_changed(&*mesh1, channel);
+            }
+        })
+    };
+    // The queue overflows before the join and still after it: the join's change met a
+    // full queue.
+    let dropped = || mesh1.peer_stats(NodeId(2)).expect("peer").dropped;
+    let overflowing = |since: u64| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while dropped() <= since {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the flood never overflowed the peer queue"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    overflowing(0).await;
+    carol.channel_join("lane").await.expect("join");
+    overflowing(dropped()).await;
+    flooding.store(false, Ordering::Relaxed);
+    flood.join().expect("flood thread");
+
+    // Node 2 learns of carol: a message bob sends reaches her (its change may still be on
+    // the way when bob first sends: send again until one arrives, within 10 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut sent = BTreeSet::new();
+    'arrived: loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node 2 never learnt carol joined"
+        );
+        let p = bob
+            .send(chat, format!("after carol {}", sent.len()), None)
+            .await
+            .expect("send");
+        sent.insert(p.message_id);
+        while let Some(ev) = carol_ev.next_within(Duration::from_millis(500)).await {
+            if let Event::Message(m) = ev
+                && sent.contains(&m.message_id)
+            {
+                break 'arrived;
+            }
+        }
+    }
+    // No resync of everyone on node 2 (a dropped change's cost through the queue): dave,
+    // in no channel and sent nothing, was never resynced. His request's reply comes after
+    // any push queued for him before it.
+    dave.channel_list().await.expect("dave's round trip");
+    while let Some(ev) = dave_ev.next_within(Duration::from_millis(1)).await {
+        assert!(
+            !matches!(ev, Event::Resync),
+            "dave was resynced: a channel change was dropped"
+        );
+    }
     for n in c.nodes {
         n.shutdown().await;
     }

@@ -68,6 +68,7 @@ macro_rules! contract_tests {
             concurrent_appends_of_one_client_msg_id,
             repeated_join_keeps_marks_and_rejoin_skips_backlog,
             member_counts_follow_joins_and_leaves,
+            member_and_channel_pages_walk_by_cursor,
         );
     };
     (#[ignore = $why:literal] $harness:expr) => {
@@ -1248,5 +1249,82 @@ pub async fn member_counts_follow_joins_and_leaves(h: &dyn Harness) {
             .collect::<Vec<_>>(),
         vec![(ch, 8)]
     );
+    h.close(s).await;
+}
+
+/// Member and channel lists page by id cursor: ascending, exclusive of the cursor, at most
+/// `limit` each, and the walk sees every row once.
+pub async fn member_and_channel_pages_walk_by_cursor(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let owner = ids.user(&*s, "pager").await;
+    let mut channels = Vec::new();
+    for n in 0..5 {
+        let ch = ChannelId(ids.id());
+        s.create_channel(ch, &ids.name(&format!("pg{n}")), owner)
+            .await
+            .expect("create");
+        channels.push(ch);
+    }
+    let ch = channels[0];
+    let mut want = vec![owner];
+    for n in 0..7 {
+        let u = ids.user(&*s, &format!("pm{n}")).await;
+        assert!(s.join_channel(ch, u).await.expect("join"));
+        want.push(u);
+    }
+    want.sort();
+
+    let mut got = Vec::new();
+    let mut after = UserId(0);
+    loop {
+        let page = s
+            .channel_members_page(ch, after, 3)
+            .await
+            .expect("members page");
+        assert!(page.len() <= 3);
+        assert!(page.windows(2).all(|w| w[0] < w[1]), "ascending");
+        assert!(page.iter().all(|u| *u > after), "exclusive of the cursor");
+        got.extend_from_slice(&page);
+        match page.last() {
+            Some(last) if page.len() == 3 => after = *last,
+            _ => break,
+        }
+    }
+    assert_eq!(got, want);
+
+    let mut got = Vec::new();
+    let mut after = ChannelId(0);
+    loop {
+        let page = s
+            .channels_of_page(owner, after, 2)
+            .await
+            .expect("channels page");
+        assert!(page.len() <= 2);
+        got.extend(page.iter().map(|c| c.id));
+        match page.last() {
+            Some(last) if page.len() == 2 => after = last.id,
+            _ => break,
+        }
+    }
+    channels.sort();
+    assert_eq!(got, channels);
+    let first = s
+        .channels_of_page(owner, ChannelId(0), 1)
+        .await
+        .expect("first");
+    assert_eq!(
+        first
+            .iter()
+            .map(|c| (c.id, c.member_count))
+            .collect::<Vec<_>>(),
+        vec![(ch, 8)]
+    );
+
+    let nope = ChannelId(ids.id());
+    assert!(matches!(
+        s.channel_members_page(nope, UserId(0), 10).await,
+        Err(StorageError::UnknownChannel(_))
+    ));
     h.close(s).await;
 }

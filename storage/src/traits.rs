@@ -116,6 +116,24 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// The channels `user` is a member of.
     async fn channels_of(&self, user: UserId) -> Result<Vec<Channel>, StorageError>;
+
+    /// One page of a channel's members: user ids above `after` (`UserId(0)`: from the
+    /// start), ascending, at most `limit`. `UnknownChannel` if none.
+    async fn channel_members_page(
+        &self,
+        id: ChannelId,
+        after: UserId,
+        limit: u32,
+    ) -> Result<Vec<UserId>, StorageError>;
+
+    /// One page of the channels `user` is a member of: channel ids above `after`
+    /// (`ChannelId(0)`: from the start), ascending, at most `limit`.
+    async fn channels_of_page(
+        &self,
+        user: UserId,
+        after: ChannelId,
+        limit: u32,
+    ) -> Result<Vec<Channel>, StorageError>;
 }
 
 /// A whole backend: history and state. Blanket-implemented.

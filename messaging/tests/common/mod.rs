@@ -149,7 +149,8 @@ pub async fn no_message(events: &mut Events, wait: Duration) {
 }
 
 /// Registers users through `via` until one is homed at each address of `homes` (whichever
-/// way the random ids land on the ring; bounded at 200 users). Returns them in `homes` order.
+/// way the random ids land on the ring; bounded at 200 users; an address listed twice gets
+/// two users). Returns them in `homes` order.
 pub async fn one_user_homed_at_each(
     via: &str,
     opts: &ConnectOptions,
@@ -166,9 +167,8 @@ pub async fn one_user_homed_at_each(
             .register(&format!("h{i}"), "password-123")
             .await
             .expect("register");
-        if let Some(k) = homes.iter().position(|h| *h == c.server())
-            && found[k].is_none()
-        {
+        // The first free slot of that home (a home may be listed more than once).
+        if let Some(k) = (0..homes.len()).find(|&k| homes[k] == c.server() && found[k].is_none()) {
             found[k] = Some((std::sync::Arc::new(c), e, s));
         }
     }

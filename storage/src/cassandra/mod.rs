@@ -523,6 +523,19 @@ impl CassandraStore {
         })
     }
 
+    /// The channel rows of `ids` (channel-id rows of a query), in the same order; ids whose
+    /// channel row is gone are skipped.
+    async fn channel_rows(&self, ids: Vec<(i64,)>) -> Result<Vec<Channel>, StorageError> {
+        Ok(futures::stream::iter(ids)
+            .map(|(id,)| self.channel_row(ChannelId(u(id))))
+            .buffered(CHAT_LIST_FANOUT)
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
     async fn channel_row(&self, id: ChannelId) -> Result<Option<Channel>, StorageError> {
         let Some((name, owner)) = self
             .first::<(Option<String>, Option<i64>)>(&self.st.channel_by_id, (i(id.0),))
@@ -950,15 +963,41 @@ impl StateStore for CassandraStore {
 
     async fn channels_of(&self, user: UserId) -> Result<Vec<Channel>, StorageError> {
         let ids: Vec<(i64,)> = self.all(&self.st.channels_of_user, (i(user.0),)).await?;
-        let mut out: Vec<Channel> = futures::stream::iter(ids)
-            .map(|(id,)| self.channel_row(ChannelId(u(id))))
-            .buffered(CHAT_LIST_FANOUT)
-            .try_collect::<Vec<_>>()
-            .await?
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut out = self.channel_rows(ids).await?;
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    async fn channel_members_page(
+        &self,
+        id: ChannelId,
+        after: UserId,
+        limit: u32,
+    ) -> Result<Vec<UserId>, StorageError> {
+        if !self.channel_exists(id).await? {
+            return Err(StorageError::UnknownChannel(id));
+        }
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let rows: Vec<(i64,)> = self
+            .all(&self.st.members_after, (i(id.0), i(after.0), limit))
+            .await?;
+        Ok(rows.into_iter().map(|(v,)| UserId(u(v))).collect())
+    }
+
+    async fn channels_of_page(
+        &self,
+        user: UserId,
+        after: ChannelId,
+        limit: u32,
+    ) -> Result<Vec<Channel>, StorageError> {
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let ids: Vec<(i64,)> = self
+            .all(
+                &self.st.channels_of_user_after,
+                (i(user.0), i(after.0), limit),
+            )
+            .await?;
+        // `buffered` keeps the ascending id order of the rows.
+        self.channel_rows(ids).await
     }
 }

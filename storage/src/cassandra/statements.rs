@@ -152,6 +152,12 @@ statements! {
         "SELECT channel_id FROM {ks}.channels_by_user WHERE user_id = ? AND channel_id = ?";
     channels_of_user, true,
         "SELECT channel_id FROM {ks}.channels_by_user WHERE user_id = ?";
+    // Pages: ids above the cursor, in clustering (ascending id) order.
+    members_after, true,
+        "SELECT user_id FROM {ks}.channel_members WHERE channel_id = ? AND user_id > ? LIMIT ?";
+    channels_of_user_after, true,
+        "SELECT channel_id FROM {ks}.channels_by_user WHERE user_id = ? AND channel_id > ? \
+         LIMIT ?";
 }
 
 #[cfg(test)]
@@ -209,6 +215,8 @@ mod tests {
             &t.senders_after,
             &t.buckets_down,
             &t.buckets_up,
+            &t.members_after,
+            &t.channels_of_user_after,
         ] {
             assert!(text.ends_with("LIMIT ?"), "{text}");
         }

@@ -542,4 +542,24 @@ impl StateStore for EmbeddedStore {
     async fn channels_of(&self, user: UserId) -> Result<Vec<Channel>, StorageError> {
         self.read(move |c| sql::channels_of(c, user)).await
     }
+
+    async fn channel_members_page(
+        &self,
+        id: ChannelId,
+        after: UserId,
+        limit: u32,
+    ) -> Result<Vec<UserId>, StorageError> {
+        self.read(move |c| sql::channel_members_page(c, id, after, limit))
+            .await
+    }
+
+    async fn channels_of_page(
+        &self,
+        user: UserId,
+        after: ChannelId,
+        limit: u32,
+    ) -> Result<Vec<Channel>, StorageError> {
+        self.read(move |c| sql::channels_of_page(c, user, after, limit))
+            .await
+    }
 }

@@ -594,15 +594,29 @@ pub(super) fn leave_channel(
 }
 
 pub(super) fn channel_members(c: &Connection, id: ChannelId) -> Result<Vec<UserId>, StorageError> {
+    channel_members_page(c, id, UserId(0), u32::MAX)
+}
+
+pub(super) fn channel_members_page(
+    c: &Connection,
+    id: ChannelId,
+    after: UserId,
+    limit: u32,
+) -> Result<Vec<UserId>, StorageError> {
     if !channel_exists(c, id)? {
         return Err(StorageError::UnknownChannel(id));
     }
-    c.prepare_cached("SELECT user_id FROM channel_members WHERE channel_id = ?1 ORDER BY user_id")
-        .map_err(db)?
-        .query_map(params![i(id.0)], |r| Ok(UserId(u(r.get(0)?))))
-        .map_err(db)?
-        .collect::<Result<_, _>>()
-        .map_err(db)
+    c.prepare_cached(
+        "SELECT user_id FROM channel_members WHERE channel_id = ?1 AND user_id > ?2
+         ORDER BY user_id LIMIT ?3",
+    )
+    .map_err(db)?
+    .query_map(params![i(id.0), i(after.0), i64::from(limit)], |r| {
+        Ok(UserId(u(r.get(0)?)))
+    })
+    .map_err(db)?
+    .collect::<Result<_, _>>()
+    .map_err(db)
 }
 
 pub(super) fn channels_of(c: &Connection, user: UserId) -> Result<Vec<Channel>, StorageError> {
@@ -612,6 +626,26 @@ pub(super) fn channels_of(c: &Connection, user: UserId) -> Result<Vec<Channel>, 
     ))
     .map_err(db)?
     .query_map(params![i(user.0)], channel_row)
+    .map_err(db)?
+    .collect::<Result<_, _>>()
+    .map_err(db)
+}
+
+pub(super) fn channels_of_page(
+    c: &Connection,
+    user: UserId,
+    after: ChannelId,
+    limit: u32,
+) -> Result<Vec<Channel>, StorageError> {
+    c.prepare_cached(&format!(
+        "SELECT {CHANNEL_COLUMNS} FROM channel_members um JOIN channels c ON c.id = um.channel_id
+         WHERE um.user_id = ?1 AND um.channel_id > ?2 ORDER BY um.channel_id LIMIT ?3"
+    ))
+    .map_err(db)?
+    .query_map(
+        params![i(user.0), i(after.0), i64::from(limit)],
+        channel_row,
+    )
     .map_err(db)?
     .collect::<Result<_, _>>()
     .map_err(db)
