@@ -12,7 +12,7 @@
 //!    `member_ttl` (a process without its worker id never enters the ring);
 //! 2. runs the snapshot script: reads every live registration; if the set differs from the
 //!    last published one it bumps `<p>:epoch` and PUBLISHes it on `<p>:changes`. It returns
-//!    (epoch, members), the same answer for every node.
+//!    (epoch, members, Redis's run id), the same answer for every node.
 //!
 //! The answer goes to the core; a `RingChanged` decision is applied to the mesh. A
 //! subscriber on `<p>:changes` triggers an immediate read, so joins and leaves spread in one
@@ -33,6 +33,14 @@
 //! next successful round (`Unfenced`). A Redis that comes back empty (restarted without
 //! persistence) would restart the epoch counter at 0, which every core would ignore as stale;
 //! the script takes the caller's epoch as a floor, so epochs only grow.
+//!
+//! Redis restarted empty (or failed over with lost writes) also forgets the leases, the
+//! high-water marks and the registrations. A take that finds no mark is reported as
+//! `no_history`, and the core keeps the node fenced for a TTL unless this process held the
+//! lease throughout (any other previous holder has fenced itself by then). The run id comes
+//! with every snapshot: when it changes, the core defers snapshots that drop ring members for
+//! a TTL, so the first node to re-register does not publish a one-node ring to itself and
+//! the others (mass redirects, then back) while the rest re-register.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -90,13 +98,15 @@ if redis.call('GET', prefix .. ':digest') ~= digest then
   epoch = redis.call('INCR', prefix .. ':epoch')
   redis.call('PUBLISH', prefix .. ':changes', epoch)
 end
-return {epoch, members}
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or ''
+return {epoch, members, run_id}
 "#;
 
 /// KEYS: the lease, its high-water mark, this node's registration. ARGV: this process's
 /// token, the TTL in ms, the wall-clock ms until which this holder may stamp ids, the
 /// registration. Returns {2, mark} when the lease was just taken (mark: the previous
-/// holders' high-water mark, which ids must stay above), {1, 0} when renewed, {0, 0} when
+/// holders' high-water mark, which ids must stay above; 0 if there is none: Redis lost it or
+/// the worker id is new), {1, 0} when renewed, {0, 0} when
 /// another process holds it. Only the holder writes the registration: a process that does not
 /// hold its worker id (a twin with the same node id, or another node configured with the
 /// same worker id) never enters the ring and never overwrites the holder's entry.
@@ -136,8 +146,19 @@ enum LeaseState {
     Lost,
     /// Ours, renewed.
     Renewed,
-    /// Ours, just taken: ids must stay above the previous holders' mark (unix ms).
+    /// Ours, just taken: ids must stay above the previous holders' mark (unix ms; 0: no mark,
+    /// the core waits out a TTL).
     Taken { floor_unix_ms: u64 },
+}
+
+/// What one round learned.
+#[derive(Debug)]
+struct Round {
+    epoch: u64,
+    members: Vec<Registration>,
+    lease: LeaseState,
+    /// Redis's run id: changes when it restarts or fails over.
+    instance: String,
 }
 
 /// Settings of the driver.
@@ -213,7 +234,7 @@ impl RedisMembership {
         floor: u64,
         token: &str,
         mark_unix_ms: u64,
-    ) -> redis::RedisResult<(u64, Vec<Registration>, LeaseState)> {
+    ) -> redis::RedisResult<Round> {
         let ttl = self.ttl.as_millis() as u64;
         let me = serde_json::to_string(&self.me).map_err(|e| {
             redis::RedisError::from((redis::ErrorKind::Client, "encoding", e.to_string()))
@@ -235,7 +256,7 @@ impl RedisMembership {
             1 => LeaseState::Renewed,
             _ => LeaseState::Lost,
         };
-        let (epoch, raw): (u64, Vec<String>) = redis::Script::new(SNAPSHOT)
+        let (epoch, raw, instance): (u64, Vec<String>, String) = redis::Script::new(SNAPSHOT)
             .arg(&self.prefix)
             .arg(floor)
             .invoke_async(conn)
@@ -244,7 +265,12 @@ impl RedisMembership {
             .iter()
             .filter_map(|j| serde_json::from_str::<Registration>(j).ok())
             .collect();
-        Ok((epoch, members, lease))
+        Ok(Round {
+            epoch,
+            members,
+            lease,
+            instance,
+        })
     }
 
     /// Runs until `stop` flips: heartbeats, feeds the core, applies ring changes to `mesh`,
@@ -276,13 +302,19 @@ impl RedisMembership {
         let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // Wake at the lease deadline too, so fencing does not wait for a slow round.
-            let deadline = gate.valid_until_ms();
+            // Wake at the lease deadline too, so fencing does not wait for a slow round, and
+            // at the end of a wait after a take with no history, so serving does not either.
+            let (from, until) = (gate.valid_from_ms(), gate.valid_until_ms());
+            let wake = if core.is_fenced() {
+                (from < until).then_some(from)
+            } else {
+                (until != u64::MAX).then_some(until)
+            };
             let fence_at = async {
-                if deadline == u64::MAX || core.is_fenced() {
-                    std::future::pending::<()>().await
+                match wake {
+                    Some(ms) => tokio::time::sleep_until(gate.instant_of(ms).into()).await,
+                    None => std::future::pending::<()>().await,
                 }
-                tokio::time::sleep_until(gate.instant_of(deadline).into()).await
             };
             tokio::select! {
                 _ = stop.changed() => break,
@@ -322,13 +354,23 @@ impl RedisMembership {
             };
             let now = gate.now_ms();
             match result {
-                Ok((epoch, regs, lease)) => {
+                Ok(Round {
+                    epoch,
+                    members: regs,
+                    lease,
+                    instance,
+                }) => {
                     if down {
                         down = false;
                         decisions.extend(core.handle(Event::SourceUp { now_ms: now }));
                         info!("redis reachable again");
                     }
                     match lease {
+                        LeaseState::Taken { floor_unix_ms: 0 } => info!(
+                            worker = self.worker,
+                            "worker id lease taken with no high-water mark on record \
+                             (redis lost its data, or the id is new)"
+                        ),
                         LeaseState::Taken { floor_unix_ms } => {
                             // Before the gate opens: no id at or below the previous holders'.
                             fencing.ids.raise_floor(floor_unix_ms);
@@ -344,6 +386,11 @@ impl RedisMembership {
                         sent_at_ms: sent_at,
                         now_ms: now,
                         held: lease != LeaseState::Lost,
+                        no_history: lease == LeaseState::Taken { floor_unix_ms: 0 },
+                    }));
+                    decisions.extend(core.handle(Event::SourceInstance {
+                        id: instance,
+                        now_ms: now,
                     }));
                     decisions.extend(core.handle(Event::Snapshot(Snapshot {
                         epoch,
@@ -365,7 +412,7 @@ impl RedisMembership {
                     debug!(error = %e, "membership round failed");
                 }
             }
-            gate.set_valid_until(core.lease_valid_until_ms());
+            gate.set_window(core.serve_from_ms(), core.lease_valid_until_ms());
             for d in decisions {
                 match d {
                     Decision::RingChanged {
@@ -394,6 +441,16 @@ impl RedisMembership {
                         }
                     }
                     Decision::Unfenced { epoch } => info!(epoch, "lease held: serving"),
+                    Decision::ShrinkDeferred {
+                        epoch,
+                        missing,
+                        until_ms,
+                    } => info!(
+                        epoch,
+                        ?missing,
+                        wait_ms = until_ms.saturating_sub(now),
+                        "redis instance changed: keeping members that have not re-registered yet"
+                    ),
                 }
             }
         }
@@ -415,7 +472,7 @@ impl RedisMembership {
             let _ = redis::Script::new(SNAPSHOT)
                 .arg(&self.prefix)
                 .arg(core.epoch())
-                .invoke_async::<(u64, Vec<String>)>(c)
+                .invoke_async::<(u64, Vec<String>, String)>(c)
                 .await;
         }
     }
