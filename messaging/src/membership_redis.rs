@@ -9,8 +9,11 @@
 //!    floor above the previous holder's mark, so ids stay unique across the handover even
 //!    if its clock is behind; and, only while it holds the lease, refreshes its registration
 //!    `<p>:node:<id>` (JSON: id, mesh and client addresses, weight) with a TTL of
-//!    `member_ttl` (a process without its worker id never enters the ring);
-//! 2. runs the snapshot script: reads every live registration; if the set differs from the
+//!    `member_ttl` (a process without its worker id never enters the ring), and its entry in
+//!    the sorted set `<p>:nodes` (score: when the registration expires, Redis ms);
+//! 2. runs the snapshot script: prunes `<p>:nodes` of expired entries and reads the
+//!    registration of each remaining one (no `KEYS` scan of the keyspace on every heartbeat
+//!    of every node); if the set differs from the
 //!    last published one it bumps `<p>:epoch` and PUBLISHes it on `<p>:changes`. It returns
 //!    (epoch, members, Redis's run id), the same answer for every node.
 //!
@@ -76,15 +79,20 @@ pub struct Registration {
 const SNAPSHOT: &str = r#"
 local prefix = ARGV[1]
 local floor = tonumber(ARGV[2])
-local keys = redis.call('KEYS', prefix .. ':node:*')
-table.sort(keys)
+local set = prefix .. ':nodes'
+local t = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', set, '-inf', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+local ids = redis.call('ZRANGE', set, 0, -1)
+table.sort(ids)
 local members = {}
 local digest = ''
-for _, k in ipairs(keys) do
-  local v = redis.call('GET', k)
+for _, id in ipairs(ids) do
+  local v = redis.call('GET', prefix .. ':node:' .. id)
   if v then
     members[#members + 1] = v
     digest = digest .. v .. '\n'
+  else
+    redis.call('ZREM', set, id)
   end
 end
 local epoch = tonumber(redis.call('GET', prefix .. ':epoch') or '0')
@@ -102,9 +110,9 @@ local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or ''
 return {epoch, members, run_id}
 "#;
 
-/// KEYS: the lease, its high-water mark, this node's registration. ARGV: this process's
-/// token, the TTL in ms, the wall-clock ms until which this holder may stamp ids, the
-/// registration. Returns {2, mark} when the lease was just taken (mark: the previous
+/// KEYS: the lease, its high-water mark, this node's registration, the set of registered
+/// nodes. ARGV: this process's token, the TTL in ms, the wall-clock ms until which this
+/// holder may stamp ids, the registration, this node's id. Returns {2, mark} when the lease was just taken (mark: the previous
 /// holders' high-water mark, which ids must stay above; 0 if there is none: Redis lost it or
 /// the worker id is new), {1, 0} when renewed, {0, 0} when
 /// another process holds it. Only the holder writes the registration: a process that does not
@@ -120,6 +128,9 @@ else
   return {0, 0}
 end
 redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[4], now + tonumber(ARGV[2]), ARGV[5])
 local mark = tonumber(redis.call('GET', KEYS[2]) or '0')
 if tonumber(ARGV[3]) > mark then
   redis.call('SET', KEYS[2], ARGV[3], 'PX', 86400000)
@@ -128,12 +139,14 @@ if state == 2 then return {2, mark} end
 return {1, 0}
 "#;
 
-/// Graceful release. KEYS: the lease, its high-water mark, this node's registration. ARGV:
-/// this process's token, the newest wall-clock ms it stamped. Only the holder deregisters.
+/// Graceful release. KEYS: the lease, its high-water mark, this node's registration, the set
+/// of registered nodes. ARGV: this process's token, the newest wall-clock ms it stamped, this
+/// node's id. Only the holder deregisters.
 const RELEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   redis.call('DEL', KEYS[3])
+  redis.call('ZREM', KEYS[4], ARGV[3])
   redis.call('SET', KEYS[2], ARGV[2], 'PX', 86400000)
 end
 return 0
@@ -243,10 +256,12 @@ impl RedisMembership {
             .key(format!("{}:worker:{}", self.prefix, self.worker))
             .key(format!("{}:worker:{}:hw", self.prefix, self.worker))
             .key(format!("{}:node:{}", self.prefix, self.me.id))
+            .key(format!("{}:nodes", self.prefix))
             .arg(token)
             .arg(ttl)
             .arg(mark_unix_ms)
             .arg(me)
+            .arg(self.me.id)
             .invoke_async(conn)
             .await?;
         let lease = match state {
@@ -464,8 +479,10 @@ impl RedisMembership {
                 .key(format!("{}:worker:{}", self.prefix, self.worker))
                 .key(format!("{}:worker:{}:hw", self.prefix, self.worker))
                 .key(format!("{}:node:{}", self.prefix, self.me.id))
+                .key(format!("{}:nodes", self.prefix))
                 .arg(&token)
                 .arg(last)
+                .arg(self.me.id)
                 .invoke_async::<i64>(c)
                 .await;
             // Let the others see the change now.
