@@ -76,7 +76,20 @@ pub struct Registration {
     pub weight: u32,
 }
 
-const SNAPSHOT: &str = r#"
+/// Lua that sets `run_id` to Redis's run id (it changes on every restart and failover), or
+/// to '' where `INFO` is not allowed in scripts (then restarts go unnoticed: no shrink is
+/// deferred, and only a missing mark makes a new holder wait).
+macro_rules! run_id_lua {
+    () => {
+        "local ok, info = pcall(redis.call, 'INFO', 'server')
+local run_id = ok and string.match(info, 'run_id:(%w+)') or ''
+"
+    };
+}
+
+const SNAPSHOT: &str = concat!(
+    run_id_lua!(),
+    r#"
 local prefix = ARGV[1]
 local floor = tonumber(ARGV[2])
 local set = prefix .. ':nodes'
@@ -106,51 +119,65 @@ if redis.call('GET', prefix .. ':digest') ~= digest then
   epoch = redis.call('INCR', prefix .. ':epoch')
   redis.call('PUBLISH', prefix .. ':changes', epoch)
 end
-local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or ''
 return {epoch, members, run_id}
-"#;
+"#
+);
 
 /// KEYS: the lease, its high-water mark, this node's registration, the set of registered
-/// nodes. ARGV: this process's token, the TTL in ms, the wall-clock ms until which this
-/// holder may stamp ids, the registration, this node's id. Returns {2, mark} when the lease was just taken (mark: the previous
-/// holders' high-water mark, which ids must stay above; 0 if there is none: Redis lost it or
-/// the worker id is new), {1, 0} when renewed, {0, 0} when
-/// another process holds it. Only the holder writes the registration: a process that does not
+/// nodes, the run id of the Redis that wrote the mark. ARGV: this process's token, the TTL in
+/// ms, the wall-clock ms until which this holder may stamp ids, the registration, this node's
+/// id. Returns {2, mark, trusted} when the lease was just taken (mark: the previous holders'
+/// high-water mark, which ids must stay above, 0 if there is none; trusted: 1 if this Redis
+/// instance wrote it, 0 if it is missing or was written before a restart or failover, which
+/// may have lost later marks and leases), {1, 0, 1} when renewed, {0, 0, 1} when another
+/// process holds it. Only the holder writes the registration: a process that does not
 /// hold its worker id (a twin with the same node id, or another node configured with the
 /// same worker id) never enters the ring and never overwrites the holder's entry.
-const LEASE: &str = r#"
+const LEASE: &str = concat!(
+    run_id_lua!(),
+    r#"
 local state = 1
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   state = 2
 elseif redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 else
-  return {0, 0}
+  return {0, 0, 1}
 end
 redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[2]), ARGV[5])
 local mark = tonumber(redis.call('GET', KEYS[2]) or '0')
+local trusted = 0
+if mark > 0 and run_id ~= '' and redis.call('GET', KEYS[5]) == run_id then
+  trusted = 1
+end
 if tonumber(ARGV[3]) > mark then
   redis.call('SET', KEYS[2], ARGV[3], 'PX', 86400000)
 end
-if state == 2 then return {2, mark} end
-return {1, 0}
-"#;
+redis.call('SET', KEYS[5], run_id, 'PX', 86400000)
+if state == 2 then return {2, mark, trusted} end
+return {1, 0, 1}
+"#
+);
 
 /// Graceful release. KEYS: the lease, its high-water mark, this node's registration, the set
-/// of registered nodes. ARGV: this process's token, the newest wall-clock ms it stamped, this
-/// node's id. Only the holder deregisters.
-const RELEASE: &str = r#"
+/// of registered nodes, the run id of the Redis that wrote the mark. ARGV: this process's
+/// token, the newest wall-clock ms it stamped, this node's id. Only the holder deregisters.
+const RELEASE: &str = concat!(
+    run_id_lua!(),
+    r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   redis.call('DEL', KEYS[3])
   redis.call('ZREM', KEYS[4], ARGV[3])
   redis.call('SET', KEYS[2], ARGV[2], 'PX', 86400000)
+  redis.call('SET', KEYS[5], run_id, 'PX', 86400000)
 end
 return 0
-"#;
+"#
+);
 
 /// What a round learned about the worker-id lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,9 +186,10 @@ enum LeaseState {
     Lost,
     /// Ours, renewed.
     Renewed,
-    /// Ours, just taken: ids must stay above the previous holders' mark (unix ms; 0: no mark,
-    /// the core waits out a TTL).
-    Taken { floor_unix_ms: u64 },
+    /// Ours, just taken: ids must stay above the previous holders' mark (unix ms, 0: none).
+    /// Not `trusted` (missing, or written before Redis restarted or failed over): the core
+    /// waits out a TTL before serving.
+    Taken { floor_unix_ms: u64, trusted: bool },
 }
 
 /// What one round learned.
@@ -252,11 +280,12 @@ impl RedisMembership {
         let me = serde_json::to_string(&self.me).map_err(|e| {
             redis::RedisError::from((redis::ErrorKind::Client, "encoding", e.to_string()))
         })?;
-        let (state, mark): (i64, u64) = redis::Script::new(LEASE)
+        let (state, mark, trusted): (i64, u64, i64) = redis::Script::new(LEASE)
             .key(format!("{}:worker:{}", self.prefix, self.worker))
             .key(format!("{}:worker:{}:hw", self.prefix, self.worker))
             .key(format!("{}:node:{}", self.prefix, self.me.id))
             .key(format!("{}:nodes", self.prefix))
+            .key(format!("{}:worker:{}:hw:run", self.prefix, self.worker))
             .arg(token)
             .arg(ttl)
             .arg(mark_unix_ms)
@@ -267,6 +296,7 @@ impl RedisMembership {
         let lease = match state {
             2 => LeaseState::Taken {
                 floor_unix_ms: mark,
+                trusted: trusted == 1,
             },
             1 => LeaseState::Renewed,
             _ => LeaseState::Lost,
@@ -381,15 +411,19 @@ impl RedisMembership {
                         info!("redis reachable again");
                     }
                     match lease {
-                        LeaseState::Taken { floor_unix_ms: 0 } => info!(
-                            worker = self.worker,
-                            "worker id lease taken with no high-water mark on record \
-                             (redis lost its data, or the id is new)"
-                        ),
-                        LeaseState::Taken { floor_unix_ms } => {
+                        LeaseState::Taken {
+                            floor_unix_ms,
+                            trusted,
+                        } => {
                             // Before the gate opens: no id at or below the previous holders'.
                             fencing.ids.raise_floor(floor_unix_ms);
-                            info!(worker = self.worker, floor_unix_ms, "worker id lease taken");
+                            info!(
+                                worker = self.worker,
+                                floor_unix_ms,
+                                trusted,
+                                "worker id lease taken (untrusted mark: missing, or from \
+                                 before a redis restart; ids wait a TTL unless held throughout)"
+                            );
                         }
                         LeaseState::Lost => warn!(
                             worker = self.worker,
@@ -401,7 +435,7 @@ impl RedisMembership {
                         sent_at_ms: sent_at,
                         now_ms: now,
                         held: lease != LeaseState::Lost,
-                        no_history: lease == LeaseState::Taken { floor_unix_ms: 0 },
+                        no_history: matches!(lease, LeaseState::Taken { trusted: false, .. }),
                     }));
                     decisions.extend(core.handle(Event::SourceInstance {
                         id: instance,
@@ -480,6 +514,7 @@ impl RedisMembership {
                 .key(format!("{}:worker:{}:hw", self.prefix, self.worker))
                 .key(format!("{}:node:{}", self.prefix, self.me.id))
                 .key(format!("{}:nodes", self.prefix))
+                .key(format!("{}:worker:{}:hw:run", self.prefix, self.worker))
                 .arg(&token)
                 .arg(last)
                 .arg(self.me.id)
