@@ -15,6 +15,9 @@ use meshchat_idgen::{ChannelId, ChatId, NodeId};
 use meshchat_messaging::config::StaticMember;
 use meshchat_messaging::{NodeConfig, RunningNode};
 
+/// A user's client, its events and its session.
+type User = (Arc<Client>, Events, Session);
+
 struct Cluster {
     nodes: Vec<RunningNode>,
     dir: tempfile::TempDir,
@@ -97,6 +100,18 @@ impl Cluster {
             .position(|n| n.addr.to_string() == addr)
             .expect("connected to a member");
         NodeId(i as u32 + 1)
+    }
+
+    /// One user homed on node 1 and one on node 2, and their direct chat.
+    async fn pair(&self) -> (User, User, ChatId) {
+        let addrs: Vec<String> = self.nodes.iter().map(|n| n.addr.to_string()).collect();
+        let mut users = common::one_user_homed_at_each(&addrs[0], &self.options(), &addrs)
+            .await
+            .into_iter();
+        let a = users.next().expect("a user on node 1");
+        let b = users.next().expect("a user on node 2");
+        let chat = ChatId::direct(a.2.user, b.2.user);
+        (a, b, chat)
     }
 
     fn mesh(&self, node: NodeId) -> &Arc<meshchat_messaging::mesh::Mesh> {
@@ -311,15 +326,7 @@ async fn a_node_with_a_certificate_from_another_ca_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_mesh_envelopes_are_resynced_while_the_recipient_stays_online() {
     let c = cluster_with(2, |cfg| cfg.cluster.peer_queue = 1).await;
-    let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr.to_string()).collect();
-
-    // One user homed on each node.
-    let mut users = common::one_user_homed_at_each(&addrs[0], &c.options(), &addrs)
-        .await
-        .into_iter();
-    let (alice, _ae, alice_s) = users.next().expect("a user on node 1");
-    let (bob, mut bob_events, bob_s) = users.next().expect("a user on node 2");
-    let chat = ChatId::direct(alice_s.user, bob_s.user);
+    let ((alice, _ae, _), (bob, mut bob_events, _), chat) = c.pair().await;
 
     // A burst: 300 sends at once from node 1 to bob on node 2.
     let mut sends = tokio::task::JoinSet::new();
@@ -438,18 +445,6 @@ impl Drop for Relay {
     }
 }
 
-/// Polls `cond` every 20 ms until it holds; panics after `within`.
-async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + within;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// A push whose batch was written into a mesh link that then dies (the path goes dark: the
 /// write completes into QUIC's buffer, nothing arrives, the link idles out) is not lost
 /// invisibly: the next link carries a `Resync` for its recipient, who fills the gap while
@@ -466,13 +461,7 @@ async fn a_push_written_into_a_link_that_dies_is_resynced_to_the_online_recipien
         }
     })
     .await;
-    let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr.to_string()).collect();
-    let mut users = common::one_user_homed_at_each(&addrs[0], &c.options(), &addrs)
-        .await
-        .into_iter();
-    let (alice, _ae, alice_s) = users.next().expect("a user on node 1");
-    let (bob, mut bob_events, bob_s) = users.next().expect("a user on node 2");
-    let chat = ChatId::direct(alice_s.user, bob_s.user);
+    let ((alice, _ae, _), (bob, mut bob_events, _), chat) = c.pair().await;
     alice.send(chat, "before", None).await.expect("send");
     assert_eq!(text(&next_message(&mut bob_events).await), "before");
 
@@ -487,17 +476,17 @@ async fn a_push_written_into_a_link_that_dies_is_resynced_to_the_online_recipien
         .await
         .expect("acked: it is durable")
         .message_id;
-    wait_for("the push is written", Duration::from_secs(10), || {
+    common::wait_for("the push is written", Duration::from_secs(10), || {
         sent(&mesh1) > before
     })
     .await;
     // The link idles out; the path comes back and node 1 dials again.
-    wait_for("the link dies", Duration::from_secs(30), || {
+    common::wait_for("the link dies", Duration::from_secs(30), || {
         !mesh1.peer_up(NodeId(2))
     })
     .await;
     relay.set_dark(false);
-    wait_for("a new link", Duration::from_secs(30), || {
+    common::wait_for("a new link", Duration::from_secs(30), || {
         mesh1.peer_up(NodeId(2))
     })
     .await;

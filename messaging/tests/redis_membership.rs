@@ -123,18 +123,6 @@ impl Drop for Watch {
     }
 }
 
-/// Polls `cond` every 20 ms until it holds; panics after `within`.
-async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + within;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn options(dir: &std::path::Path) -> ConnectOptions {
     ConnectOptions::new(meshchat_client::load_ca(&dir.join("ca.pem")).expect("ca"))
 }
@@ -263,7 +251,7 @@ async fn nodes_converge_rehome_on_join_and_survive_a_redis_restart() {
     // mark on record, and issues no id (no registration) until a TTL after that, while the
     // rings keep every member.
     drop(server);
-    wait_for("every node fenced", Duration::from_secs(15), || {
+    common::wait_for("every node fenced", Duration::from_secs(15), || {
         all.iter().all(|n| !n.node.lease_gate().allows())
     })
     .await;
@@ -281,7 +269,7 @@ async fn nodes_converge_rehome_on_join_and_survive_a_redis_restart() {
     assert!(early < back + TTL, "the refusal came inside the wait");
     let first_serving = {
         let mut at = None;
-        wait_for("a node serves again", Duration::from_secs(15), || {
+        common::wait_for("a node serves again", Duration::from_secs(15), || {
             let now = tokio::time::Instant::now();
             if all.iter().any(|n| n.node.lease_gate().allows()) {
                 at = Some(now);
