@@ -38,9 +38,11 @@
 //! the script takes the caller's epoch as a floor, so epochs only grow.
 //!
 //! Redis restarted empty (or failed over with lost writes) also forgets the leases, the
-//! high-water marks and the registrations. A take that finds no mark is reported as
-//! `no_history`, and the core keeps the node fenced for a TTL unless this process held the
-//! lease throughout (any other previous holder has fenced itself by then). The run id comes
+//! high-water marks and the registrations (a failover may keep stale ones). A take that finds
+//! no mark, or one written by another Redis instance (each mark is stored with the run id of
+//! the Redis that wrote it), is reported as `no_history`, and the core keeps the node fenced
+//! for a TTL unless this process held the lease throughout (any other previous holder has
+//! fenced itself by then). The run id comes
 //! with every snapshot: when it changes, the core defers snapshots that drop ring members for
 //! a TTL, so the first node to re-register does not publish a one-node ring to itself and
 //! the others (mass redirects, then back) while the rest re-register.
