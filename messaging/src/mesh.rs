@@ -133,65 +133,64 @@ impl Missed {
 }
 
 /// Whom one link's recently written batches were for, in case the link dies before the peer
-/// has them (see the module docs). Bounded: past [`MAX_MISSED_USERS`] users the oldest batches
-/// are forgotten and "everyone" is remembered instead, for as long as they would have been.
+/// has them (see the module docs). Bounded: past [`MAX_MISSED_USERS`] users the oldest
+/// batches are forgotten and "everyone" is remembered instead, for as long as they would have
+/// been.
 #[derive(Debug, Default)]
 struct Written {
-    /// When each batch was written and its users (`None`: not listed, i.e. everyone).
-    batches: VecDeque<(Instant, Option<Vec<u64>>)>,
+    /// When each batch was written, and its recipients.
+    batches: VecDeque<(Instant, Vec<u64>)>,
     users: usize,
+    /// The newest write whose recipients are not listed (forgotten past the bound, or an
+    /// envelope that names none): until it leaves the window, a resync covers everyone.
+    all_at: Option<Instant>,
 }
 
 impl Written {
     fn record(&mut self, now: Instant, envelopes: &[pm::Envelope]) {
         self.forget_before(now);
         let mut users = Vec::new();
-        let mut all = false;
         for env in envelopes {
             match &env.body {
                 Some(envelope::Body::Deliver(d)) => users.extend_from_slice(&d.recipients),
                 Some(envelope::Body::Resync(r)) if !r.all => users.extend_from_slice(&r.users),
-                _ => all = true,
+                _ => self.all_at = Some(now),
             }
         }
-        if all {
-            self.batches.push_back((now, None));
-        } else {
-            self.users += users.len();
-            self.batches.push_back((now, Some(users)));
-        }
-        // Over the bound: the oldest listed batches become "everyone", as of their time.
+        self.users += users.len();
+        self.batches.push_back((now, users));
         while self.users > MAX_MISSED_USERS {
-            let Some(i) = self.batches.iter().position(|(_, u)| u.is_some()) else {
+            let Some((at, users)) = self.batches.pop_front() else {
                 break;
             };
-            if let Some(users) = self.batches[i].1.take() {
-                self.users -= users.len();
-            }
+            self.users -= users.len();
+            self.all_at = self.all_at.max(Some(at));
         }
     }
 
     fn forget_before(&mut self, now: Instant) {
-        while let Some((at, users)) = self.batches.front() {
-            if now.duration_since(*at) <= RESYNC_WINDOW {
-                break;
+        let old = |at: &Instant| now.duration_since(*at) > RESYNC_WINDOW;
+        while self.batches.front().is_some_and(|(at, _)| old(at)) {
+            if let Some((_, users)) = self.batches.pop_front() {
+                self.users -= users.len();
             }
-            self.users -= users.as_ref().map_or(0, Vec::len);
-            self.batches.pop_front();
+        }
+        if self.all_at.as_ref().is_some_and(old) {
+            self.all_at = None;
         }
     }
 
     /// Adds the users of the batches still within the window at `now` to `missed`; returns
-    /// how many batches that was.
-    fn resync_into(mut self, now: Instant, missed: &mut Missed) -> usize {
+    /// whether there were any.
+    fn resync_into(mut self, now: Instant, missed: &mut Missed) -> bool {
         self.forget_before(now);
-        for (_, users) in &self.batches {
-            match users {
-                Some(users) => missed.add_users(users),
-                None => missed.add_all(),
-            }
+        if self.all_at.is_some() {
+            missed.add_all();
         }
-        self.batches.len()
+        for (_, users) in &self.batches {
+            missed.add_users(users);
+        }
+        self.all_at.is_some() || !self.batches.is_empty()
     }
 }
 
@@ -1002,11 +1001,10 @@ async fn run_link(
     // (nothing to do if this node stops or the peer left the member set).
     if !*stop.borrow() && !*gone.borrow() {
         let written = std::mem::take(&mut *written.lock());
-        let batches = written.resync_into(Instant::now(), &mut peer.missed.lock());
-        if batches > 0 {
+        if written.resync_into(Instant::now(), &mut peer.missed.lock()) {
             debug!(
                 peer = peer.id.0,
-                batches, "link ended: resyncing the recipients of its recent batches"
+                "link ended: resyncing the recipients of its recent batches"
             );
             peer.ready.notify_one();
         }
@@ -1052,7 +1050,7 @@ mod tests {
         // Ends within the window of the second batch only.
         let mut missed = Missed::default();
         let end = t0 + RESYNC_WINDOW + Duration::from_secs(1);
-        assert_eq!(w.resync_into(end, &mut missed), 1);
+        assert!(w.resync_into(end, &mut missed));
         assert_eq!(missed.users, BTreeSet::from([3]));
         assert!(!missed.all);
     }
@@ -1066,7 +1064,18 @@ mod tests {
         w.record(t0, &[deliver(vec![u64::MAX])]);
         assert!(w.users <= MAX_MISSED_USERS);
         let mut missed = Missed::default();
-        assert_eq!(w.resync_into(t0, &mut missed), 2);
+        assert!(w.resync_into(t0, &mut missed));
         assert!(missed.all, "the forgotten list is resynced as everyone");
+
+        // Once the forgotten batch is out of the window, "everyone" is forgotten too.
+        let mut w = Written::default();
+        w.record(t0, &[deliver((0..MAX_MISSED_USERS as u64).collect())]);
+        w.record(t0 + Duration::from_secs(5), &[deliver(vec![u64::MAX])]);
+        let mut missed = Missed::default();
+        let end = t0 + RESYNC_WINDOW + Duration::from_secs(1);
+        assert!(w.resync_into(end, &mut missed));
+        assert!(!missed.all);
+        assert_eq!(missed.users, BTreeSet::from([u64::MAX]));
+        assert!(!Written::default().resync_into(end, &mut Missed::default()));
     }
 }
