@@ -34,6 +34,22 @@
 //!   (its users re-homed elsewhere) and granted its worker id to another process, so it must
 //!   stop issuing ids, stop serving clients and report not-ready until a round succeeds again
 //!   ([`Decision::Unfenced`]). A static cluster has no lease and is never fenced.
+//! - **A source that lost its data is not a fresh start.** A source restarted empty (or failed
+//!   over to a replica that missed recent writes) forgets the leases and the high-water marks
+//!   of the worker ids, so the process that takes a worker id next cannot know whether a
+//!   previous holder is still inside a lease the lost data granted. Such a take is reported
+//!   with `no_history` ([`Event::LeaseRound`]); the core then holds the node fenced until a
+//!   full TTL after the answer arrived ([`Membership::serve_from_ms`]): any previous holder
+//!   fences itself at the end of its own lease, which ended by then. The one exception is the
+//!   process that held the lease itself when the round was sent (the common case of a Redis
+//!   restart): nobody else could hold the worker id meanwhile, so it serves on. The source's
+//!   forgetting is also no reason to drop members: after the driver reports a new source
+//!   instance ([`Event::SourceInstance`], e.g. Redis's run id changed), a snapshot that drops
+//!   members of the current ring is deferred for one TTL ([`Decision::ShrinkDeferred`]), the
+//!   time every live member takes to re-register (a member that does not would have expired
+//!   by then anyway). Snapshots that drop nobody are adopted at once, so the ring moves on
+//!   as soon as the members are back; a deferred one is adopted when offered again after the
+//!   grace (the driver re-reads every heartbeat).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -107,6 +123,20 @@ pub enum Event {
         now_ms: u64,
         /// Whether the source says the worker-id lease is this process's.
         held: bool,
+        /// The round took the lease and the source had no record of earlier holders (no
+        /// high-water mark: it lost its data, or the worker id was never used). Unless this
+        /// process held the lease when the round was sent, it may not serve until a TTL after
+        /// `now_ms`.
+        no_history: bool,
+    },
+    /// The instance of the source that answered (e.g. Redis's run id), reported with every
+    /// successful round. A change means the source restarted or failed over and may have lost
+    /// registrations: for one TTL, snapshots that drop ring members are deferred.
+    SourceInstance {
+        /// The instance's id; only equality matters.
+        id: String,
+        /// The driver's clock, in ms.
+        now_ms: u64,
     },
     /// A timer tick: fences a node whose lease ran out (drivers tick at least once per
     /// heartbeat; the id gate itself checks the deadline on every id).
@@ -148,6 +178,17 @@ pub enum Decision {
         /// The current epoch.
         epoch: u64,
     },
+    /// A snapshot that drops ring members arrived while the source may have lost
+    /// registrations (within a TTL of a new [`Event::SourceInstance`]): the current ring is
+    /// kept until the members re-register or the grace ends. Emitted once per deferred epoch.
+    ShrinkDeferred {
+        /// The deferred snapshot's epoch.
+        epoch: u64,
+        /// Ring members it lacks, sorted by id.
+        missing: Vec<NodeId>,
+        /// Until when (driver's ms, exclusive) such snapshots are deferred.
+        until_ms: u64,
+    },
 }
 
 /// Lease timings of a node whose worker id and registration the source leases out.
@@ -187,8 +228,17 @@ pub struct Membership {
     lease: Option<LeaseConfig>,
     /// Until when (driver's monotonic ms, exclusive) the lease is ours; 0: not held.
     lease_valid_until_ms: u64,
+    /// Not before this instant (driver's monotonic ms) after a lease taken with no history.
+    serve_from_ms: u64,
     /// Whether the node is fenced (a leased node starts fenced, silently: it has not served).
     fenced: bool,
+    /// The newest `now_ms` any event carried (snapshots carry none).
+    now_ms: u64,
+    /// The source instance last reported, and until when shrinking snapshots are deferred.
+    source_instance: Option<String>,
+    hold_shrink_until_ms: u64,
+    /// The epoch of the last [`Decision::ShrinkDeferred`] (once per epoch).
+    deferred_epoch: u64,
 }
 
 impl Membership {
@@ -204,7 +254,12 @@ impl Membership {
             outage_since_ms: None,
             lease: None,
             lease_valid_until_ms: 0,
+            serve_from_ms: 0,
             fenced: false,
+            now_ms: 0,
+            source_instance: None,
+            hold_shrink_until_ms: 0,
+            deferred_epoch: 0,
         }
     }
 
@@ -234,6 +289,7 @@ impl Membership {
         match ev {
             Event::Snapshot(snapshot) => self.on_snapshot(snapshot).into_iter().collect(),
             Event::SourceDown { now_ms } => {
+                self.observe(now_ms);
                 let mut out = Vec::new();
                 if self.outage_since_ms.is_none() {
                     self.outage_since_ms = Some(now_ms);
@@ -242,7 +298,8 @@ impl Membership {
                 out.extend(self.check_lease(now_ms));
                 out
             }
-            Event::SourceUp { .. } => {
+            Event::SourceUp { now_ms } => {
+                self.observe(now_ms);
                 self.outage_since_ms = None;
                 Vec::new()
             }
@@ -250,20 +307,49 @@ impl Membership {
                 sent_at_ms,
                 now_ms,
                 held,
+                no_history,
             } => {
+                self.observe(now_ms);
                 if let Some(lease) = self.lease {
-                    self.lease_valid_until_ms = if held {
+                    if held {
+                        // Held when this round was sent: nobody else can have held the worker
+                        // id since, whatever the source forgot.
+                        let ours_throughout = self.lease_valid_until_ms > sent_at_ms;
+                        if no_history && !ours_throughout {
+                            self.serve_from_ms = self.serve_from_ms.max(now_ms + lease.ttl_ms);
+                        }
                         // Rounds may finish out of order; a later-sent one never shortens it.
-                        (sent_at_ms + lease.ttl_ms.saturating_sub(lease.margin_ms))
-                            .max(self.lease_valid_until_ms)
+                        self.lease_valid_until_ms = (sent_at_ms
+                            + lease.ttl_ms.saturating_sub(lease.margin_ms))
+                        .max(self.lease_valid_until_ms);
                     } else {
-                        0 // another process holds it: stop now
-                    };
+                        // Another process holds it: stop now. It wrote a high-water mark, so
+                        // the next take has a history.
+                        self.lease_valid_until_ms = 0;
+                        self.serve_from_ms = 0;
+                    }
                 }
                 self.check_lease(now_ms).into_iter().collect()
             }
-            Event::Tick { now_ms } => self.check_lease(now_ms).into_iter().collect(),
+            Event::SourceInstance { id, now_ms } => {
+                self.observe(now_ms);
+                let changed = self.source_instance.as_ref().is_some_and(|old| *old != id);
+                if changed {
+                    let grace = self.lease.map_or(0, |l| l.ttl_ms);
+                    self.hold_shrink_until_ms = now_ms + grace;
+                }
+                self.source_instance = Some(id);
+                Vec::new()
+            }
+            Event::Tick { now_ms } => {
+                self.observe(now_ms);
+                self.check_lease(now_ms).into_iter().collect()
+            }
         }
+    }
+
+    fn observe(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
     }
 
     /// Fences or unfences on a change of [`Self::may_serve`] at `now_ms`.
@@ -281,10 +367,22 @@ impl Membership {
     }
 
     /// Whether this node may issue ids and serve clients at `now_ms`: always in a static
-    /// cluster, else while its lease lasts. Answers from the clock, not from the last
-    /// decision, so a stalled driver cannot extend a lease.
+    /// cluster, else while its lease lasts (and, after a take with no history, from
+    /// [`Self::serve_from_ms`] on). Answers from the clock, not from the last decision, so a
+    /// stalled driver cannot extend a lease.
     pub fn may_serve(&self, now_ms: u64) -> bool {
-        self.lease.is_none() || now_ms < self.lease_valid_until_ms
+        self.lease.is_none() || (self.serve_from_ms <= now_ms && now_ms < self.lease_valid_until_ms)
+    }
+
+    /// From when (inclusive, driver's monotonic ms) this node may issue ids: 0 unless it took
+    /// its lease with no history and is waiting out a TTL. Drivers copy it into the id gate
+    /// (before [`Self::lease_valid_until_ms`]).
+    pub fn serve_from_ms(&self) -> u64 {
+        if self.lease.is_none() {
+            0
+        } else {
+            self.serve_from_ms
+        }
     }
 
     /// Until when (exclusive, driver's monotonic ms) this node may issue ids; `u64::MAX`
@@ -302,6 +400,12 @@ impl Membership {
         self.fenced
     }
 
+    /// Whether snapshots that drop ring members are being deferred (within a TTL of a new
+    /// source instance).
+    pub fn holding_shrink(&self) -> bool {
+        self.now_ms < self.hold_shrink_until_ms
+    }
+
     fn on_snapshot(&mut self, snapshot: Snapshot) -> Option<Decision> {
         if snapshot.epoch <= self.epoch {
             return None; // stale or duplicate
@@ -313,6 +417,27 @@ impl Membership {
             .filter(|m| m.state == MemberState::Active && m.weight > 0)
             .map(|m| (m.id, m.weight))
             .collect();
+        if self.holding_shrink() {
+            let missing: Vec<NodeId> = self
+                .ring_weights
+                .keys()
+                .filter(|id| !weights.contains_key(id))
+                .copied()
+                .collect();
+            if !missing.is_empty() {
+                // Not adopted, epoch included: the same snapshot offered after the grace is
+                // still newer, and is adopted then.
+                if self.deferred_epoch == snapshot.epoch {
+                    return None;
+                }
+                self.deferred_epoch = snapshot.epoch;
+                return Some(Decision::ShrinkDeferred {
+                    epoch: snapshot.epoch,
+                    missing,
+                    until_ms: self.hold_shrink_until_ms,
+                });
+            }
+        }
         self.epoch = snapshot.epoch;
         self.members = members;
         if weights == self.ring_weights {
@@ -673,6 +798,134 @@ mod tests {
         // Snapshots still apply during an outage (e.g. one that was in flight).
         assert!(!m.handle(snap(4, active(1..=3))).is_empty());
         assert_eq!(m.outage_since_ms(), Some(400));
+    }
+
+    fn round(sent_at_ms: u64, now_ms: u64, held: bool, no_history: bool) -> Event {
+        Event::LeaseRound {
+            sent_at_ms,
+            now_ms,
+            held,
+            no_history,
+        }
+    }
+
+    #[test]
+    fn a_lease_taken_with_no_history_serves_only_a_ttl_after_the_take() {
+        let lease = LeaseConfig::new(3_000);
+        let mut m = Membership::with_lease(NodeId(1), lease);
+        // The source had no mark: someone may still be inside a lease it forgot.
+        assert!(m.handle(round(1_000, 1_010, true, true)).is_empty());
+        assert_eq!(m.serve_from_ms(), 4_010);
+        assert!(!m.may_serve(1_010));
+        // Renewals keep the lease alive meanwhile but do not shorten the wait.
+        assert!(m.handle(round(2_000, 2_005, true, false)).is_empty());
+        assert!(m.handle(round(3_000, 3_005, true, false)).is_empty());
+        assert!(!m.may_serve(4_009));
+        assert!(m.handle(Event::Tick { now_ms: 4_009 }).is_empty());
+        assert_eq!(
+            m.handle(Event::Tick { now_ms: 4_010 }),
+            vec![Decision::Unfenced { epoch: 0 }]
+        );
+        assert!(m.may_serve(4_010));
+
+        // Losing the lease ends the wait too; a later take with a mark does not wait.
+        let mut m = Membership::with_lease(NodeId(1), lease);
+        m.handle(round(0, 5, true, true));
+        m.handle(round(1_000, 1_005, false, false));
+        assert_eq!(m.serve_from_ms(), 0);
+        m.handle(round(2_000, 2_005, true, false));
+        assert!(m.may_serve(2_005));
+    }
+
+    #[test]
+    fn the_holder_that_retakes_its_own_lease_from_an_emptied_source_serves_on() {
+        let lease = LeaseConfig::new(3_000);
+        let mut m = Membership::with_lease(NodeId(1), lease);
+        m.handle(round(0, 5, true, false));
+        assert!(m.may_serve(5));
+        // The source restarted empty; the next round takes the lease again, with no mark.
+        // It was ours when the round was sent (valid until 2,700): nobody else held it.
+        assert!(m.handle(round(1_000, 1_050, true, true)).is_empty());
+        assert_eq!(m.serve_from_ms(), 0);
+        assert!(m.may_serve(1_050));
+
+        // A holder whose lease ran out before the round was sent waits like anyone.
+        let mut m = Membership::with_lease(NodeId(1), lease);
+        m.handle(round(0, 5, true, false));
+        assert_eq!(
+            m.handle(Event::Tick { now_ms: 2_700 }),
+            vec![Decision::Fenced { epoch: 0 }]
+        );
+        assert!(m.handle(round(5_000, 5_020, true, true)).is_empty());
+        assert!(!m.may_serve(5_020));
+        assert_eq!(m.serve_from_ms(), 8_020);
+        assert!(m.handle(round(8_000, 8_010, true, false)).is_empty());
+        assert_eq!(
+            m.handle(round(8_020, 8_025, true, false)),
+            vec![Decision::Unfenced { epoch: 0 }]
+        );
+    }
+
+    #[test]
+    fn after_a_new_source_instance_a_snapshot_that_drops_members_waits_a_ttl() {
+        let lease = LeaseConfig::new(3_000);
+        let mut m = Membership::with_lease(NodeId(1), lease);
+        let instance = |id: &str, now_ms| Event::SourceInstance {
+            id: id.into(),
+            now_ms,
+        };
+        assert!(m.handle(instance("a", 0)).is_empty());
+        m.handle(snap(7, active(1..=3)));
+        let ring = Arc::clone(m.ring());
+        // The first instance seen is no restart; the same one again is none either.
+        assert!(!m.holding_shrink());
+        assert!(m.handle(instance("a", 1_000)).is_empty());
+        assert!(!m.holding_shrink());
+
+        // Restarted empty: node 1 re-registered first, the source publishes a one-node set.
+        assert!(m.handle(instance("b", 2_000)).is_empty());
+        assert!(m.holding_shrink());
+        assert_eq!(
+            m.handle(snap(8, active([1]))),
+            vec![Decision::ShrinkDeferred {
+                epoch: 8,
+                missing: vec![NodeId(2), NodeId(3)],
+                until_ms: 5_000,
+            }]
+        );
+        assert_eq!(m.epoch(), 7, "not adopted");
+        assert!(Arc::ptr_eq(m.ring(), &ring));
+        assert!(m.handle(snap(8, active([1]))).is_empty(), "once per epoch");
+        // Node 2 is back, node 3 not yet: still a shrink.
+        assert!(matches!(
+            m.handle(snap(9, active([1, 2]))).as_slice(),
+            [Decision::ShrinkDeferred { epoch: 9, .. }]
+        ));
+        // Everyone back: adopted at once, the ring unchanged (no rebuild, no decision).
+        assert!(m.handle(snap(10, active(1..=3))).is_empty());
+        assert_eq!(m.epoch(), 10);
+        assert!(Arc::ptr_eq(m.ring(), &ring));
+        // A join during the grace is adopted too.
+        assert!(matches!(
+            m.handle(snap(11, active(1..=4))).as_slice(),
+            [Decision::RingChanged { epoch: 11, .. }]
+        ));
+
+        // Node 3 really died with the restart: dropped once the grace is over.
+        assert!(matches!(
+            m.handle(snap(12, active([1, 2, 4]))).as_slice(),
+            [Decision::ShrinkDeferred { epoch: 12, .. }]
+        ));
+        m.handle(Event::Tick { now_ms: 5_000 });
+        assert!(!m.holding_shrink());
+        assert_eq!(
+            m.handle(snap(12, active([1, 2, 4]))),
+            vec![Decision::RingChanged {
+                epoch: 12,
+                joined: vec![],
+                left: vec![NodeId(3)],
+            }]
+        );
     }
 
     #[test]

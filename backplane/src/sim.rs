@@ -18,12 +18,17 @@
 //!   [`Event::SourceUp`] on the first successful one after, as the real driver will.
 //!
 //! - The source also leases Snowflake worker ids (`SET NX PX ttl` with a per-process token);
-//!   every successful heartbeat renews the node's lease and feeds [`Event::LeaseRound`].
+//!   every successful heartbeat renews the node's lease, records the worker id's high-water
+//!   mark and feeds [`Event::LeaseRound`] (after [`Event::SourceInstance`]).
+//! - The source can restart empty ([`Source::wipe`]): entries, leases and marks are gone and
+//!   its instance id changes, as with a Redis restarted without persistence.
 //!
 //! The harness checks the core's invariants on every event (epochs never go back, ignored
 //! snapshots yield nothing, a `RingChanged` matches the ring it announces) and after every
-//! step the fencing invariant: a live node that may serve holds its worker-id lease at the
-//! source right now, so no two processes ever issue ids with one worker id. It logs
+//! step the fencing invariants: a live node that may serve holds its worker-id lease at the
+//! source right now (unless the source lost it since the node's last round), and at most one
+//! live node may serve per worker id, so no two processes ever issue ids with one worker id
+//! even across a source that forgot its leases. It logs
 //! decisions and ignored snapshots per node for the tests to assert on.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -77,6 +82,20 @@ struct Source {
     expired: Vec<(u64, NodeId)>,
     /// Worker-id leases: worker -> (holder's process token, expiry).
     leases: BTreeMap<u16, (usize, u64)>,
+    /// Worker ids with a high-water mark (any holder ever renewed them since the last wipe).
+    marks: BTreeSet<u16>,
+    /// Changes on every wipe (the Redis run id).
+    instance: u64,
+    /// When the source last restarted empty.
+    wiped_at: Option<u64>,
+}
+
+/// The lease script's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LeaseAnswer {
+    held: bool,
+    /// Taken with no high-water mark on record.
+    no_history: bool,
 }
 
 impl Source {
@@ -87,18 +106,42 @@ impl Source {
             entries: BTreeMap::new(),
             expired: Vec::new(),
             leases: BTreeMap::new(),
+            marks: BTreeSet::new(),
+            instance: 1,
+            wiped_at: None,
         }
     }
 
-    /// The lease script: take `worker` if free or expired, renew it if `token` holds it.
-    fn lease(&mut self, now: u64, worker: u16, token: usize) -> bool {
+    /// The lease script: take `worker` if free or expired, renew it if `token` holds it; a
+    /// holder records the high-water mark.
+    fn lease(&mut self, now: u64, worker: u16, token: usize) -> LeaseAnswer {
         match self.leases.get(&worker) {
-            Some(&(holder, expires)) if holder != token && expires > now => false,
-            _ => {
+            Some(&(holder, expires)) if holder != token && expires > now => LeaseAnswer {
+                held: false,
+                no_history: false,
+            },
+            current => {
+                let taken =
+                    !current.is_some_and(|&(holder, expires)| holder == token && expires > now);
                 self.leases.insert(worker, (token, now + self.ttl_ms));
-                true
+                let no_history = taken && !self.marks.contains(&worker);
+                self.marks.insert(worker);
+                LeaseAnswer {
+                    held: true,
+                    no_history,
+                }
             }
         }
+    }
+
+    /// Restarts empty: every entry, lease and mark is gone, the instance changes. The epoch
+    /// goes on from where it was (the real script takes the callers' epoch as a floor).
+    fn wipe(&mut self, now: u64) {
+        self.entries.clear();
+        self.leases.clear();
+        self.marks.clear();
+        self.instance += 1;
+        self.wiped_at = Some(now);
     }
 
     /// Whether `token` holds `worker`'s lease at `now`.
@@ -174,6 +217,8 @@ struct InFlight {
     seq: u64,
     to: usize,
     snapshot: Snapshot,
+    /// The source instance that published it (read together, as the real script does).
+    instance: u64,
 }
 
 /// The simulated network between the source and the nodes.
@@ -207,7 +252,7 @@ impl Network {
         mix(self.rng)
     }
 
-    fn send(&mut self, now: u64, to: usize, snapshot: Snapshot) {
+    fn send(&mut self, now: u64, to: usize, snapshot: Snapshot, instance: u64) {
         let link = &mut self.links[to];
         if link.drop_next > 0 {
             link.drop_next -= 1;
@@ -226,6 +271,7 @@ impl Network {
             seq: self.seq,
             to,
             snapshot,
+            instance,
         });
     }
 
@@ -398,6 +444,20 @@ impl Sim {
                 assert!(Arc::ptr_eq(&old_ring, node.core.ring()));
                 node.ignored.push((e, before));
             }
+            Some(e) if after == before => {
+                // Deferred: a shrink while the source may have lost registrations.
+                assert!(
+                    node.core.holding_shrink(),
+                    "node {i}: newer epoch {e} ignored"
+                );
+                assert!(Arc::ptr_eq(&old_ring, node.core.ring()));
+                assert!(
+                    decisions.iter().all(
+                        |d| matches!(d, Decision::ShrinkDeferred { epoch, .. } if *epoch == e)
+                    ),
+                    "node {i}: {decisions:?}"
+                );
+            }
             Some(e) => assert_eq!(after, e, "node {i}: a newer snapshot sets the epoch"),
             None => assert_eq!(after, before, "node {i}: only snapshots move the epoch"),
         }
@@ -435,7 +495,8 @@ impl Sim {
         let snapshot = self.source.snapshot();
         for i in 0..self.nodes.len() {
             if self.nodes[i].alive {
-                self.net.send(self.now, i, snapshot.clone());
+                self.net
+                    .send(self.now, i, snapshot.clone(), self.source.instance);
             }
         }
     }
@@ -457,13 +518,22 @@ impl Sim {
         self.nodes[i].last_heartbeat = now;
         let me = self.nodes[i].me.clone();
         let changed = self.source.heartbeat(now, &me);
-        let held = self.source.lease(now, self.nodes[i].worker, i);
+        let answer = self.source.lease(now, self.nodes[i].worker, i);
+        let instance = self.source.instance.to_string();
+        self.feed(
+            i,
+            Event::SourceInstance {
+                id: instance,
+                now_ms: now,
+            },
+        );
         self.feed(
             i,
             Event::LeaseRound {
                 sent_at_ms: now,
                 now_ms: now,
-                held,
+                held: answer.held,
+                no_history: answer.no_history,
             },
         );
         if changed {
@@ -478,13 +548,22 @@ impl Sim {
             .collect()
     }
 
-    /// Fencing: a live node that may serve holds its worker-id lease at the source now, and
-    /// its decisions agree with its clock.
+    /// Fencing: a live node that may serve holds its worker-id lease at the source now (or
+    /// held it when the source last restarted empty and has not heard from it since), at most
+    /// one live node serves per worker id, and decisions agree with the clock.
     fn check_fencing(&self) {
+        let mut servers: BTreeMap<u16, usize> = BTreeMap::new();
         for i in self.serving() {
             let n = &self.nodes[i];
+            if let Some(other) = servers.insert(n.worker, i) {
+                panic!(
+                    "t={}: nodes {other} and {i} both serve worker {}",
+                    self.now, n.worker
+                );
+            }
+            let unheard_since_wipe = self.source.wiped_at.is_some_and(|w| w >= n.last_heartbeat);
             assert!(
-                self.source.holds(self.now, n.worker, i),
+                self.source.holds(self.now, n.worker, i) || unheard_since_wipe,
                 "t={}: node {i} serves without holding worker {}",
                 self.now,
                 n.worker
@@ -521,6 +600,13 @@ impl Sim {
                 self.net.lost_in_partition[m.to] += 1;
                 continue;
             }
+            self.feed(
+                m.to,
+                Event::SourceInstance {
+                    id: m.instance.to_string(),
+                    now_ms: now,
+                },
+            );
             self.feed(m.to, Event::Snapshot(m.snapshot));
         }
         for i in 0..self.nodes.len() {
@@ -590,7 +676,8 @@ fn ids(ns: impl IntoIterator<Item = u32>) -> Vec<NodeId> {
     ns.into_iter().map(NodeId).collect()
 }
 
-/// Five nodes (ids 1..=5, weight 1) registered 100 ms apart, run until they agree.
+/// Five nodes (ids 1..=5, weight 1) registered 100 ms apart, run until they agree and serve
+/// (their worker ids are new to the source: each waits a TTL after its first round).
 fn five_nodes(cfg: Config) -> Sim {
     let mut sim = Sim::new(cfg);
     for id in 1..=5 {
@@ -598,6 +685,10 @@ fn five_nodes(cfg: Config) -> Sim {
         sim.run_for(100);
     }
     assert!(sim.run_until(1_000, Sim::converged), "five nodes converge");
+    assert!(
+        sim.run_until(cfg.ttl_ms, |s| s.serving().len() == 5),
+        "five nodes serve"
+    );
     sim
 }
 
@@ -1064,4 +1155,117 @@ fn two_processes_with_one_node_id_never_serve_together() {
 
     sim.kill(first);
     assert!(sim.run_until(2 * cfg.ttl_ms, |s| s.core(second).may_serve(s.now)));
+}
+
+/// Ring sizes node `i` adopted at or after `since`.
+fn ring_sizes_since(sim: &Sim, i: usize, since: u64) -> Vec<usize> {
+    let mut sizes = Vec::new();
+    let mut size = None;
+    for (t, d) in &sim.nodes[i].decisions {
+        if let Decision::RingChanged { joined, left, .. } = d {
+            let s: usize = size.unwrap_or(0) + joined.len() - left.len();
+            size = Some(s);
+            if *t >= since {
+                sizes.push(s);
+            }
+        }
+    }
+    sizes
+}
+
+#[test]
+fn a_source_restarted_empty_shrinks_no_ring_and_the_holders_serve_on() {
+    let cfg = Config::default();
+    let mut sim = five_nodes(cfg);
+    let users = sample_users(5_000);
+    let before = Arc::clone(sim.core(0).ring());
+    let epoch = sim.source.epoch;
+    let logs: Vec<_> = (0..5).map(|i| fence_log(&sim, i)).collect();
+    let wiped = sim.now;
+    sim.source.wipe(wiped);
+    // The nodes re-register one by one at their next heartbeats; every snapshot in between
+    // lacks someone.
+    assert!(sim.run_until(3 * cfg.heartbeat_ms, |s| {
+        s.nodes.iter().all(|n| s.source.has(n.me.id)) && s.converged()
+    }));
+    assert!(sim.source.epoch > epoch, "epochs go on");
+    for (i, log) in logs.iter().enumerate() {
+        assert_eq!(
+            ring_sizes_since(&sim, i, wiped),
+            Vec::<usize>::new(),
+            "node {i} adopted no other ring (wiped at {wiped}): {:?}",
+            sim.nodes[i].decisions
+        );
+        assert_eq!(sim.core(i).ring().members(), ids(1..=5).as_slice());
+        assert!(
+            sim.nodes[i]
+                .decisions
+                .iter()
+                .any(|(t, d)| *t >= wiped && matches!(d, Decision::ShrinkDeferred { .. })),
+            "node {i} saw a shrink and deferred it"
+        );
+        // Each retook its own lease with no history and, having held it throughout, served on.
+        assert_eq!(&fence_log(&sim, i), log, "node {i}");
+    }
+    sim.assert_agree(&users);
+    assert!(
+        users
+            .iter()
+            .all(|&u| sim.core(0).owner(u) == before.owner(u))
+    );
+
+    // A member that died with the restart never re-registers: dropped once the grace ends.
+    sim.source.wipe(sim.now);
+    sim.kill(4);
+    let wiped = sim.now;
+    assert!(sim.run_until(3 * cfg.ttl_ms, |s| {
+        s.reachable()
+            .all(|i| s.core(i).ring().members() == ids(1..=4).as_slice())
+    }));
+    assert!(sim.now >= wiped + cfg.ttl_ms, "held for the grace");
+    for i in 0..4 {
+        assert_eq!(ring_sizes_since(&sim, i, wiped), vec![4], "node {i}");
+    }
+}
+
+#[test]
+fn a_process_that_takes_a_forgotten_worker_id_waits_out_the_old_holders_lease() {
+    let cfg = Config::default();
+    let mut sim = five_nodes(cfg);
+    let old = 2;
+    let worker = sim.nodes[old].worker;
+    // A second process configured with the same worker id: refused while the lease is held.
+    let twin = sim.add_process(9, 1, worker);
+    sim.run_for(cfg.heartbeat_ms);
+    assert!(sim.core(old).may_serve(sim.now));
+    assert!(!sim.core(twin).may_serve(sim.now));
+
+    // The source restarts empty and the twin's round reaches it first: it takes the worker id
+    // with no history, while the old holder is still inside its lease.
+    sim.source.wipe(sim.now);
+    sim.heartbeat(twin);
+    let taken = sim.now;
+    assert!(sim.source.holds(sim.now, worker, twin));
+    assert!(sim.core(old).may_serve(sim.now), "still inside its lease");
+    assert!(!sim.core(twin).may_serve(sim.now), "waits a TTL");
+    // The old holder learns at its next round that the lease is another's and stops; the
+    // twin serves a full TTL after its take. At most one serves at any step (check_fencing).
+    assert!(sim.run_until(2 * cfg.ttl_ms, |s| s.core(twin).may_serve(s.now)));
+    assert_eq!(sim.now, taken + cfg.ttl_ms);
+    assert!(sim.core(old).is_fenced());
+
+    // A node cut off past its lease that comes back to a wiped source waits a TTL too.
+    let p = 3;
+    sim.partition(p);
+    assert!(sim.run_until(2 * cfg.ttl_ms, |s| s.core(p).is_fenced()));
+    sim.source.wipe(sim.now);
+    sim.heal(p);
+    assert!(sim.run_until(cfg.heartbeat_ms + 1, |s| s.source.holds(
+        s.now,
+        s.nodes[p].worker,
+        p
+    )));
+    let retaken = sim.nodes[p].last_heartbeat;
+    assert!(sim.run_until(2 * cfg.ttl_ms, |s| s.core(p).may_serve(s.now)));
+    assert_eq!(sim.now, retaken + cfg.ttl_ms);
 }

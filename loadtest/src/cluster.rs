@@ -237,11 +237,31 @@ impl Target {
         let log: LogFn = Arc::new(move |line: &str| {
             let _ = writeln!(file.lock(), "{line}");
         });
+        // With Redis, a node serves once its worker-id lease is held ("lease held: serving");
+        // on a new Redis that is a lease TTL after it took the worker id, not at "listening".
+        let serving = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let children = {
             let log = log.clone();
-            dev.start_processes(node_bin, move |line| log(line))
-                .map_err(|e| ClusterError::Start(e.to_string()))?
+            let serving = serving.clone();
+            dev.start_processes(node_bin, move |line| {
+                if line.contains("lease held: serving") {
+                    serving.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                log(line)
+            })
+            .map_err(|e| ClusterError::Start(e.to_string()))?
         };
+        if redis.is_some() {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while serving.load(std::sync::atomic::Ordering::Relaxed) < n {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(ClusterError::Start(
+                        "the nodes did not take their worker-id leases within 60 s".into(),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         let nodes = children
             .iter()
             .enumerate()

@@ -204,10 +204,13 @@ impl DevCluster {
         let mut cmd = Command::new(exe);
         if let Ok(filter) = std::env::var("RUST_LOG") {
             // A filter meant for the caller (say `warn,meshchat_client=debug`) must not hide
-            // the "listening" line this waits for.
+            // the lines callers wait for: "listening" here, "lease held: serving" in the load
+            // test.
             cmd.env(
                 "RUST_LOG",
-                format!("{filter},meshchat_messaging::server=info"),
+                format!(
+                    "{filter},meshchat_messaging::server=info,meshchat_messaging::membership_redis=info"
+                ),
             );
         }
         cmd.arg("run")

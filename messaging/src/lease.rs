@@ -14,6 +14,9 @@ use std::time::Instant;
 #[derive(Debug)]
 pub struct LeaseGate {
     origin: Instant,
+    /// Inclusive start in ms since `origin`: 0 unless the lease was taken from a source with
+    /// no record of earlier holders and the node waits out a TTL.
+    valid_from_ms: AtomicU64,
     /// Exclusive deadline in ms since `origin`; `u64::MAX`: no lease (static cluster).
     valid_until_ms: AtomicU64,
 }
@@ -32,6 +35,7 @@ impl LeaseGate {
     fn with_deadline(ms: u64) -> Self {
         Self {
             origin: Instant::now(),
+            valid_from_ms: AtomicU64::new(0),
             valid_until_ms: AtomicU64::new(ms),
         }
     }
@@ -51,6 +55,19 @@ impl LeaseGate {
         self.valid_until_ms.store(ms, Ordering::SeqCst);
     }
 
+    /// Sets the window (the membership core's `serve_from_ms` and `lease_valid_until_ms`).
+    /// The start is stored first: a reader between the two stores sees the later start with
+    /// the earlier deadline, never the reverse, so a wait is never skipped.
+    pub fn set_window(&self, from_ms: u64, until_ms: u64) {
+        self.valid_from_ms.store(from_ms, Ordering::SeqCst);
+        self.set_valid_until(until_ms);
+    }
+
+    /// The start of the window, in this gate's ms.
+    pub fn valid_from_ms(&self) -> u64 {
+        self.valid_from_ms.load(Ordering::SeqCst)
+    }
+
     /// The deadline, in this gate's ms.
     pub fn valid_until_ms(&self) -> u64 {
         self.valid_until_ms.load(Ordering::SeqCst)
@@ -58,7 +75,8 @@ impl LeaseGate {
 
     /// Whether the lease is held now.
     pub fn allows(&self) -> bool {
-        self.now_ms() < self.valid_until_ms()
+        let now = self.now_ms();
+        self.valid_from_ms() <= now && now < self.valid_until_ms()
     }
 }
 
@@ -75,5 +93,15 @@ mod tests {
         g.set_valid_until(g.now_ms());
         assert!(!g.allows(), "the deadline is exclusive");
         assert!(LeaseGate::unbounded().allows());
+    }
+
+    #[test]
+    fn closed_before_the_start_of_its_window() {
+        let g = LeaseGate::closed();
+        let now = g.now_ms();
+        g.set_window(now + 60_000, now + 120_000);
+        assert!(!g.allows());
+        g.set_window(now, now + 120_000);
+        assert!(g.allows());
     }
 }

@@ -9,10 +9,13 @@
 //!    floor above the previous holder's mark, so ids stay unique across the handover even
 //!    if its clock is behind; and, only while it holds the lease, refreshes its registration
 //!    `<p>:node:<id>` (JSON: id, mesh and client addresses, weight) with a TTL of
-//!    `member_ttl` (a process without its worker id never enters the ring);
-//! 2. runs the snapshot script: reads every live registration; if the set differs from the
+//!    `member_ttl` (a process without its worker id never enters the ring), and its entry in
+//!    the sorted set `<p>:nodes` (score: when the registration expires, Redis ms);
+//! 2. runs the snapshot script: prunes `<p>:nodes` of expired entries and reads the
+//!    registration of each remaining one (no `KEYS` scan of the keyspace on every heartbeat
+//!    of every node); if the set differs from the
 //!    last published one it bumps `<p>:epoch` and PUBLISHes it on `<p>:changes`. It returns
-//!    (epoch, members), the same answer for every node.
+//!    (epoch, members, Redis's run id), the same answer for every node.
 //!
 //! The answer goes to the core; a `RingChanged` decision is applied to the mesh. A
 //! subscriber on `<p>:changes` triggers an immediate read, so joins and leaves spread in one
@@ -33,6 +36,16 @@
 //! next successful round (`Unfenced`). A Redis that comes back empty (restarted without
 //! persistence) would restart the epoch counter at 0, which every core would ignore as stale;
 //! the script takes the caller's epoch as a floor, so epochs only grow.
+//!
+//! Redis restarted empty (or failed over with lost writes) also forgets the leases, the
+//! high-water marks and the registrations (a failover may keep stale ones). A take that finds
+//! no mark, or one written by another Redis instance (each mark is stored with the run id of
+//! the Redis that wrote it), is reported as `no_history`, and the core keeps the node fenced
+//! for a TTL unless this process held the lease throughout (any other previous holder has
+//! fenced itself by then). The run id comes
+//! with every snapshot: when it changes, the core defers snapshots that drop ring members for
+//! a TTL, so the first node to re-register does not publish a one-node ring to itself and
+//! the others (mass redirects, then back) while the rest re-register.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -65,18 +78,36 @@ pub struct Registration {
     pub weight: u32,
 }
 
-const SNAPSHOT: &str = r#"
+/// Lua that sets `run_id` to Redis's run id (it changes on every restart and failover), or
+/// to '' where `INFO` is not allowed in scripts (then restarts go unnoticed: no shrink is
+/// deferred, and only a missing mark makes a new holder wait).
+macro_rules! run_id_lua {
+    () => {
+        "local ok, info = pcall(redis.call, 'INFO', 'server')
+local run_id = ok and string.match(info, 'run_id:(%w+)') or ''
+"
+    };
+}
+
+const SNAPSHOT: &str = concat!(
+    run_id_lua!(),
+    r#"
 local prefix = ARGV[1]
 local floor = tonumber(ARGV[2])
-local keys = redis.call('KEYS', prefix .. ':node:*')
-table.sort(keys)
+local set = prefix .. ':nodes'
+local t = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', set, '-inf', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+local ids = redis.call('ZRANGE', set, 0, -1)
+table.sort(ids)
 local members = {}
 local digest = ''
-for _, k in ipairs(keys) do
-  local v = redis.call('GET', k)
+for _, id in ipairs(ids) do
+  local v = redis.call('GET', prefix .. ':node:' .. id)
   if v then
     members[#members + 1] = v
     digest = digest .. v .. '\n'
+  else
+    redis.call('ZREM', set, id)
   end
 end
 local epoch = tonumber(redis.call('GET', prefix .. ':epoch') or '0')
@@ -90,44 +121,65 @@ if redis.call('GET', prefix .. ':digest') ~= digest then
   epoch = redis.call('INCR', prefix .. ':epoch')
   redis.call('PUBLISH', prefix .. ':changes', epoch)
 end
-return {epoch, members}
-"#;
+return {epoch, members, run_id}
+"#
+);
 
-/// KEYS: the lease, its high-water mark, this node's registration. ARGV: this process's
-/// token, the TTL in ms, the wall-clock ms until which this holder may stamp ids, the
-/// registration. Returns {2, mark} when the lease was just taken (mark: the previous
-/// holders' high-water mark, which ids must stay above), {1, 0} when renewed, {0, 0} when
-/// another process holds it. Only the holder writes the registration: a process that does not
+/// KEYS: the lease, its high-water mark, this node's registration, the set of registered
+/// nodes, the run id of the Redis that wrote the mark. ARGV: this process's token, the TTL in
+/// ms, the wall-clock ms until which this holder may stamp ids, the registration, this node's
+/// id. Returns {2, mark, trusted} when the lease was just taken (mark: the previous holders'
+/// high-water mark, which ids must stay above, 0 if there is none; trusted: 1 if this Redis
+/// instance wrote it, 0 if it is missing or was written before a restart or failover, which
+/// may have lost later marks and leases), {1, 0, 1} when renewed, {0, 0, 1} when another
+/// process holds it. Only the holder writes the registration: a process that does not
 /// hold its worker id (a twin with the same node id, or another node configured with the
 /// same worker id) never enters the ring and never overwrites the holder's entry.
-const LEASE: &str = r#"
+const LEASE: &str = concat!(
+    run_id_lua!(),
+    r#"
 local state = 1
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   state = 2
 elseif redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 else
-  return {0, 0}
+  return {0, 0, 1}
 end
 redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[4], now + tonumber(ARGV[2]), ARGV[5])
 local mark = tonumber(redis.call('GET', KEYS[2]) or '0')
+local trusted = 0
+if mark > 0 and run_id ~= '' and redis.call('GET', KEYS[5]) == run_id then
+  trusted = 1
+end
 if tonumber(ARGV[3]) > mark then
   redis.call('SET', KEYS[2], ARGV[3], 'PX', 86400000)
 end
-if state == 2 then return {2, mark} end
-return {1, 0}
-"#;
+redis.call('SET', KEYS[5], run_id, 'PX', 86400000)
+if state == 2 then return {2, mark, trusted} end
+return {1, 0, 1}
+"#
+);
 
-/// Graceful release. KEYS: the lease, its high-water mark, this node's registration. ARGV:
-/// this process's token, the newest wall-clock ms it stamped. Only the holder deregisters.
-const RELEASE: &str = r#"
+/// Graceful release. KEYS: the lease, its high-water mark, this node's registration, the set
+/// of registered nodes, the run id of the Redis that wrote the mark. ARGV: this process's
+/// token, the newest wall-clock ms it stamped, this node's id. Only the holder deregisters.
+const RELEASE: &str = concat!(
+    run_id_lua!(),
+    r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   redis.call('DEL', KEYS[3])
+  redis.call('ZREM', KEYS[4], ARGV[3])
   redis.call('SET', KEYS[2], ARGV[2], 'PX', 86400000)
+  redis.call('SET', KEYS[5], run_id, 'PX', 86400000)
 end
 return 0
-"#;
+"#
+);
 
 /// What a round learned about the worker-id lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,8 +188,20 @@ enum LeaseState {
     Lost,
     /// Ours, renewed.
     Renewed,
-    /// Ours, just taken: ids must stay above the previous holders' mark (unix ms).
-    Taken { floor_unix_ms: u64 },
+    /// Ours, just taken: ids must stay above the previous holders' mark (unix ms, 0: none).
+    /// Not `trusted` (missing, or written before Redis restarted or failed over): the core
+    /// waits out a TTL before serving.
+    Taken { floor_unix_ms: u64, trusted: bool },
+}
+
+/// What one round learned.
+#[derive(Debug)]
+struct Round {
+    epoch: u64,
+    members: Vec<Registration>,
+    lease: LeaseState,
+    /// Redis's run id: changes when it restarts or fails over.
+    instance: String,
 }
 
 /// Settings of the driver.
@@ -213,29 +277,33 @@ impl RedisMembership {
         floor: u64,
         token: &str,
         mark_unix_ms: u64,
-    ) -> redis::RedisResult<(u64, Vec<Registration>, LeaseState)> {
+    ) -> redis::RedisResult<Round> {
         let ttl = self.ttl.as_millis() as u64;
         let me = serde_json::to_string(&self.me).map_err(|e| {
             redis::RedisError::from((redis::ErrorKind::Client, "encoding", e.to_string()))
         })?;
-        let (state, mark): (i64, u64) = redis::Script::new(LEASE)
+        let (state, mark, trusted): (i64, u64, i64) = redis::Script::new(LEASE)
             .key(format!("{}:worker:{}", self.prefix, self.worker))
             .key(format!("{}:worker:{}:hw", self.prefix, self.worker))
             .key(format!("{}:node:{}", self.prefix, self.me.id))
+            .key(format!("{}:nodes", self.prefix))
+            .key(format!("{}:worker:{}:hw:run", self.prefix, self.worker))
             .arg(token)
             .arg(ttl)
             .arg(mark_unix_ms)
             .arg(me)
+            .arg(self.me.id)
             .invoke_async(conn)
             .await?;
         let lease = match state {
             2 => LeaseState::Taken {
                 floor_unix_ms: mark,
+                trusted: trusted == 1,
             },
             1 => LeaseState::Renewed,
             _ => LeaseState::Lost,
         };
-        let (epoch, raw): (u64, Vec<String>) = redis::Script::new(SNAPSHOT)
+        let (epoch, raw, instance): (u64, Vec<String>, String) = redis::Script::new(SNAPSHOT)
             .arg(&self.prefix)
             .arg(floor)
             .invoke_async(conn)
@@ -244,7 +312,12 @@ impl RedisMembership {
             .iter()
             .filter_map(|j| serde_json::from_str::<Registration>(j).ok())
             .collect();
-        Ok((epoch, members, lease))
+        Ok(Round {
+            epoch,
+            members,
+            lease,
+            instance,
+        })
     }
 
     /// Runs until `stop` flips: heartbeats, feeds the core, applies ring changes to `mesh`,
@@ -276,13 +349,19 @@ impl RedisMembership {
         let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // Wake at the lease deadline too, so fencing does not wait for a slow round.
-            let deadline = gate.valid_until_ms();
+            // Wake at the lease deadline too, so fencing does not wait for a slow round, and
+            // at the end of a wait after a take with no history, so serving does not either.
+            let (from, until) = (gate.valid_from_ms(), gate.valid_until_ms());
+            let wake = if core.is_fenced() {
+                (from < until).then_some(from)
+            } else {
+                (until != u64::MAX).then_some(until)
+            };
             let fence_at = async {
-                if deadline == u64::MAX || core.is_fenced() {
-                    std::future::pending::<()>().await
+                match wake {
+                    Some(ms) => tokio::time::sleep_until(gate.instant_of(ms).into()).await,
+                    None => std::future::pending::<()>().await,
                 }
-                tokio::time::sleep_until(gate.instant_of(deadline).into()).await
             };
             tokio::select! {
                 _ = stop.changed() => break,
@@ -322,17 +401,31 @@ impl RedisMembership {
             };
             let now = gate.now_ms();
             match result {
-                Ok((epoch, regs, lease)) => {
+                Ok(Round {
+                    epoch,
+                    members: regs,
+                    lease,
+                    instance,
+                }) => {
                     if down {
                         down = false;
                         decisions.extend(core.handle(Event::SourceUp { now_ms: now }));
                         info!("redis reachable again");
                     }
                     match lease {
-                        LeaseState::Taken { floor_unix_ms } => {
+                        LeaseState::Taken {
+                            floor_unix_ms,
+                            trusted,
+                        } => {
                             // Before the gate opens: no id at or below the previous holders'.
                             fencing.ids.raise_floor(floor_unix_ms);
-                            info!(worker = self.worker, floor_unix_ms, "worker id lease taken");
+                            info!(
+                                worker = self.worker,
+                                floor_unix_ms,
+                                trusted,
+                                "worker id lease taken (untrusted mark: missing, or from \
+                                 before a redis restart; ids wait a TTL unless held throughout)"
+                            );
                         }
                         LeaseState::Lost => warn!(
                             worker = self.worker,
@@ -344,6 +437,11 @@ impl RedisMembership {
                         sent_at_ms: sent_at,
                         now_ms: now,
                         held: lease != LeaseState::Lost,
+                        no_history: matches!(lease, LeaseState::Taken { trusted: false, .. }),
+                    }));
+                    decisions.extend(core.handle(Event::SourceInstance {
+                        id: instance,
+                        now_ms: now,
                     }));
                     decisions.extend(core.handle(Event::Snapshot(Snapshot {
                         epoch,
@@ -365,7 +463,7 @@ impl RedisMembership {
                     debug!(error = %e, "membership round failed");
                 }
             }
-            gate.set_valid_until(core.lease_valid_until_ms());
+            gate.set_window(core.serve_from_ms(), core.lease_valid_until_ms());
             for d in decisions {
                 match d {
                     Decision::RingChanged {
@@ -394,6 +492,16 @@ impl RedisMembership {
                         }
                     }
                     Decision::Unfenced { epoch } => info!(epoch, "lease held: serving"),
+                    Decision::ShrinkDeferred {
+                        epoch,
+                        missing,
+                        until_ms,
+                    } => info!(
+                        epoch,
+                        ?missing,
+                        wait_ms = until_ms.saturating_sub(now),
+                        "redis instance changed: keeping members that have not re-registered yet"
+                    ),
                 }
             }
         }
@@ -407,15 +515,18 @@ impl RedisMembership {
                 .key(format!("{}:worker:{}", self.prefix, self.worker))
                 .key(format!("{}:worker:{}:hw", self.prefix, self.worker))
                 .key(format!("{}:node:{}", self.prefix, self.me.id))
+                .key(format!("{}:nodes", self.prefix))
+                .key(format!("{}:worker:{}:hw:run", self.prefix, self.worker))
                 .arg(&token)
                 .arg(last)
+                .arg(self.me.id)
                 .invoke_async::<i64>(c)
                 .await;
             // Let the others see the change now.
             let _ = redis::Script::new(SNAPSHOT)
                 .arg(&self.prefix)
                 .arg(core.epoch())
-                .invoke_async::<(u64, Vec<String>)>(c)
+                .invoke_async::<(u64, Vec<String>, String)>(c)
                 .await;
         }
     }

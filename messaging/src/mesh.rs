@@ -28,11 +28,16 @@
 //! next batch, so they are never dropped; a link that comes up drops the cached member lists
 //! (a change written into the link it replaces may have been lost). A batch whose write fails, or whose link is
 //! replaced or stopped mid-write, goes back to the front of the queue (receivers may then see
-//! an envelope twice; clients drop message ids they have). An envelope whose write completed
-//! into a link that then dies is lost. A peer that says hello again (a restart, or a new
-//! connection while the old one is not yet known dead) replaces its old link at once: the old
-//! link stops taking envelopes from the queue, so none is written into a dead connection. Either way the recipient's devices see the message when they next fill gaps from
-//! history (on reconnect). A receiver that no longer owns a recipient (its ring moved on)
+//! an envelope twice; clients drop message ids they have). A write that completed only put
+//! the batch into QUIC's send buffer: if the link dies before the peer acknowledged it, the
+//! batch is gone, and QUIC does not say which frames arrived. So each link remembers the
+//! recipients of the batches it wrote within the last [`RESYNC_WINDOW`] (bounded like the
+//! missed set: past [`MAX_MISSED_USERS`] it becomes "everyone"), and when the link ends
+//! (failed, closed, timed out, or replaced by a new hello) they join the missed set: the next
+//! link's first batch carries a `Resync` for them, and their clients fill the gap while
+//! online. A peer that says hello again (a restart, or a new connection while the old one is
+//! not yet known dead) replaces its old link at once: the old link stops taking envelopes
+//! from the queue, so none is written into a dead connection. A receiver that no longer owns a recipient (its ring moved on)
 //! delivers to that recipient's connections it still has and forwards the rest to the owner it
 //! knows, once (`hops` bounds it).
 
@@ -40,7 +45,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -170,6 +175,13 @@ impl Changed {
         }
     }
 }
+/// The mesh connection's idle timeout: a peer silent this long is declared dead.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a link remembers whom its written batches were for. A batch written into a
+/// connection that stays alive this long after has been acknowledged (QUIC retransmits until
+/// it is, and a path that delivers nothing ends the connection after [`IDLE_TIMEOUT`]), so
+/// only batches written within this window of a link's end can have been lost with it.
+const RESYNC_WINDOW: Duration = Duration::from_secs(IDLE_TIMEOUT.as_secs() + 2);
 
 /// What a peer missed because its queue was full: told to it ahead of the next batch.
 #[derive(Debug, Default)]
@@ -185,20 +197,27 @@ impl Missed {
 
     fn add(&mut self, env: &pm::Envelope) {
         match &env.body {
-            Some(envelope::Body::Deliver(d)) if !self.all => {
-                self.users.extend(d.recipients.iter().copied());
-                if self.users.len() > MAX_MISSED_USERS {
-                    self.users.clear();
-                    self.all = true;
-                }
-            }
-            Some(envelope::Body::Deliver(_)) => {}
-            // A channel change or a move: which users it concerns is not listed here.
-            _ => {
-                self.users.clear();
-                self.all = true;
-            }
+            Some(envelope::Body::Deliver(d)) => self.add_users(&d.recipients),
+            Some(envelope::Body::Resync(r)) if !r.all => self.add_users(&r.users),
+            // A channel change, a move or a resync of everyone: which users it concerns is not
+            // listed here.
+            _ => self.add_all(),
         }
+    }
+
+    fn add_users(&mut self, users: &[u64]) {
+        if self.all {
+            return;
+        }
+        self.users.extend(users.iter().copied());
+        if self.users.len() > MAX_MISSED_USERS {
+            self.add_all();
+        }
+    }
+
+    fn add_all(&mut self) {
+        self.users.clear();
+        self.all = true;
     }
 
     fn take(&mut self) -> pm::Envelope {
@@ -211,6 +230,68 @@ impl Missed {
                 all: m.all,
             })),
         }
+    }
+}
+
+/// Whom one link's recently written batches were for, in case the link dies before the peer
+/// has them (see the module docs). Bounded: past [`MAX_MISSED_USERS`] users the oldest
+/// batches are forgotten and "everyone" is remembered instead, for as long as they would have
+/// been.
+#[derive(Debug, Default)]
+struct Written {
+    /// When each batch was written, and its recipients.
+    batches: VecDeque<(Instant, Vec<u64>)>,
+    users: usize,
+    /// The newest write whose recipients are not listed (forgotten past the bound, or an
+    /// envelope that names none): until it leaves the window, a resync covers everyone.
+    all_at: Option<Instant>,
+}
+
+impl Written {
+    fn record(&mut self, now: Instant, envelopes: &[pm::Envelope]) {
+        self.forget_before(now);
+        let mut users = Vec::new();
+        for env in envelopes {
+            match &env.body {
+                Some(envelope::Body::Deliver(d)) => users.extend_from_slice(&d.recipients),
+                Some(envelope::Body::Resync(r)) if !r.all => users.extend_from_slice(&r.users),
+                _ => self.all_at = Some(now),
+            }
+        }
+        self.users += users.len();
+        self.batches.push_back((now, users));
+        while self.users > MAX_MISSED_USERS {
+            let Some((at, users)) = self.batches.pop_front() else {
+                break;
+            };
+            self.users -= users.len();
+            self.all_at = self.all_at.max(Some(at));
+        }
+    }
+
+    fn forget_before(&mut self, now: Instant) {
+        let old = |at: &Instant| now.duration_since(*at) > RESYNC_WINDOW;
+        while self.batches.front().is_some_and(|(at, _)| old(at)) {
+            if let Some((_, users)) = self.batches.pop_front() {
+                self.users -= users.len();
+            }
+        }
+        if self.all_at.as_ref().is_some_and(old) {
+            self.all_at = None;
+        }
+    }
+
+    /// Adds the users of the batches still within the window at `now` to `missed`; returns
+    /// whether there were any.
+    fn resync_into(mut self, now: Instant, missed: &mut Missed) -> bool {
+        self.forget_before(now);
+        if self.all_at.is_some() {
+            missed.add_all();
+        }
+        for (_, users) in &self.batches {
+            missed.add_users(users);
+        }
+        self.all_at.is_some() || !self.batches.is_empty()
     }
 }
 
@@ -362,7 +443,7 @@ fn quic_transport() -> quinn::TransportConfig {
     t.max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(0u32.into())
         .keep_alive_interval(Some(Duration::from_secs(2)))
-        .max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(10)).ok());
+        .max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
     t
 }
 
@@ -956,6 +1037,8 @@ async fn run_link(
     // The batch being written, put back at the front of the queue if the write does not
     // complete (this link's own: a replacing link has its own).
     let writing: Mutex<Vec<pm::Envelope>> = Mutex::new(Vec::new());
+    // Whom the batches it wrote were for, resynced if the link ends before the peer has them.
+    let written: Mutex<Written> = Mutex::new(Written::default());
     let writer = async {
         let mut buf = BytesMut::new();
         loop {
@@ -994,11 +1077,7 @@ async fn run_link(
                 peer.stats.dropped.fetch_add(n, Ordering::Relaxed);
                 let mut missed = peer.missed.lock();
                 for env in &frame.envelopes {
-                    match &env.body {
-                        // A resync in the batch: resync everyone (its list is gone).
-                        Some(envelope::Body::Resync(_)) => missed.all = true,
-                        _ => missed.add(env),
-                    }
+                    missed.add(env);
                 }
                 continue;
             }
@@ -1007,7 +1086,8 @@ async fn run_link(
             if send.write_all(&buf).await.is_err() {
                 break;
             }
-            writing.lock().clear();
+            let done = std::mem::take(&mut *writing.lock());
+            written.lock().record(Instant::now(), &done);
             peer.stats.envelopes_sent.fetch_add(n, Ordering::Relaxed);
             peer.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
         }
@@ -1021,6 +1101,18 @@ async fn run_link(
         _ = conn.closed() => false,
         _ = replaced => true,
     };
+    // What this link wrote lately may have died with it: the next link resyncs those users
+    // (nothing to do if this node stops or the peer left the member set).
+    if !*stop.borrow() && !*gone.borrow() {
+        let written = std::mem::take(&mut *written.lock());
+        if written.resync_into(Instant::now(), &mut peer.missed.lock()) {
+            debug!(
+                peer = peer.id.0,
+                "link ended: resyncing the recipients of its recent batches"
+            );
+            peer.ready.notify_one();
+        }
+    }
     // A batch whose write did not complete goes back to the front of the queue.
     let unsent = std::mem::take(&mut *writing.lock());
     if !unsent.is_empty() {
@@ -1049,6 +1141,17 @@ mod tests {
         }
     }
 
+    fn deliver(recipients: Vec<u64>) -> pm::Envelope {
+        pm::Envelope {
+            ring_epoch: 1,
+            hops: 0,
+            body: Some(envelope::Body::Deliver(pm::Deliver {
+                recipients,
+                push: Bytes::new(),
+            })),
+        }
+    }
+
     #[test]
     fn channel_changes_coalesce_per_channel_then_into_all() {
         let mut c = Changed::default();
@@ -1063,5 +1166,43 @@ mod tests {
         }
         let out: Vec<_> = c.take().iter().map(changed_of).collect();
         assert_eq!(out, vec![(0, true)]);
+    }
+
+    #[test]
+    fn a_dead_link_resyncs_the_recipients_of_its_recent_batches_only() {
+        let t0 = Instant::now();
+        let mut w = Written::default();
+        w.record(t0, &[deliver(vec![1, 2])]);
+        w.record(t0 + Duration::from_secs(5), &[deliver(vec![3])]);
+        // Ends within the window of the second batch only.
+        let mut missed = Missed::default();
+        let end = t0 + RESYNC_WINDOW + Duration::from_secs(1);
+        assert!(w.resync_into(end, &mut missed));
+        assert_eq!(missed.users, BTreeSet::from([3]));
+        assert!(!missed.all);
+    }
+
+    #[test]
+    fn past_the_bound_the_oldest_batches_become_everyone() {
+        let t0 = Instant::now();
+        let mut w = Written::default();
+        let big: Vec<u64> = (0..MAX_MISSED_USERS as u64).collect();
+        w.record(t0, &[deliver(big)]);
+        w.record(t0, &[deliver(vec![u64::MAX])]);
+        assert!(w.users <= MAX_MISSED_USERS);
+        let mut missed = Missed::default();
+        assert!(w.resync_into(t0, &mut missed));
+        assert!(missed.all, "the forgotten list is resynced as everyone");
+
+        // Once the forgotten batch is out of the window, "everyone" is forgotten too.
+        let mut w = Written::default();
+        w.record(t0, &[deliver((0..MAX_MISSED_USERS as u64).collect())]);
+        w.record(t0 + Duration::from_secs(5), &[deliver(vec![u64::MAX])]);
+        let mut missed = Missed::default();
+        let end = t0 + RESYNC_WINDOW + Duration::from_secs(1);
+        assert!(w.resync_into(end, &mut missed));
+        assert!(!missed.all);
+        assert_eq!(missed.users, BTreeSet::from([u64::MAX]));
+        assert!(!Written::default().resync_into(end, &mut Missed::default()));
     }
 }

@@ -38,18 +38,6 @@ fn options(dir: &std::path::Path) -> ConnectOptions {
     ConnectOptions::new(meshchat_client::load_ca(&dir.join("ca.pem")).expect("ca"))
 }
 
-/// Polls `cond` every 20 ms until it holds; panics after `within`.
-async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + within;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn serving(n: &RunningNode) -> bool {
     n.node.lease_gate().allows()
 }
@@ -60,7 +48,7 @@ async fn a_node_cut_off_from_redis_past_its_lease_fences_itself_and_recovers() {
     let port = free_port();
     let server = common::redis_server(port);
     let n = node(dir.path(), 1, None, port).await;
-    wait_for("first lease", Duration::from_secs(10), || serving(&n)).await;
+    common::wait_for("first lease", Duration::from_secs(10), || serving(&n)).await;
 
     let (alice, mut events) = Client::connect(&n.addr.to_string(), options(dir.path()))
         .await
@@ -99,7 +87,7 @@ async fn a_node_cut_off_from_redis_past_its_lease_fences_itself_and_recovers() {
 
     // Redis is back (empty): the node takes its lease again and serves.
     let _server = common::redis_server(port);
-    wait_for("lease after redis is back", Duration::from_secs(10), || {
+    common::wait_for("lease after redis is back", Duration::from_secs(10), || {
         serving(&n)
     })
     .await;
@@ -122,7 +110,7 @@ async fn two_processes_with_one_worker_id_never_both_issue_ids() {
     // Two nodes misconfigured with the same worker id (separate data dirs, so only the lease
     // can tell them apart).
     let a = node(dir.path(), 1, Some(7), port).await;
-    wait_for("a holds worker 7", Duration::from_secs(10), || serving(&a)).await;
+    common::wait_for("a holds worker 7", Duration::from_secs(10), || serving(&a)).await;
     // An id from a (alone on the ring, so the user's home is a).
     let (ca, _ea) = Client::connect(&a.addr.to_string(), options(dir.path()))
         .await
@@ -145,7 +133,7 @@ async fn two_processes_with_one_worker_id_never_both_issue_ids() {
         );
         assert!(serving(&a) && !serving(&b));
         let renewed = a.node.lease_gate().valid_until_ms();
-        wait_for("a renews its lease", Duration::from_secs(10), || {
+        common::wait_for("a renews its lease", Duration::from_secs(10), || {
             a.node.lease_gate().valid_until_ms() != renewed
         })
         .await;
@@ -153,7 +141,7 @@ async fn two_processes_with_one_worker_id_never_both_issue_ids() {
 
     // a leaves: b takes worker 7 over, and its ids are above every id a issued.
     a.shutdown().await;
-    wait_for("b takes worker 7 over", Duration::from_secs(10), || {
+    common::wait_for("b takes worker 7 over", Duration::from_secs(10), || {
         serving(&b)
     })
     .await;

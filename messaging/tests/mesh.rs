@@ -17,6 +17,9 @@ use meshchat_messaging::router::Router;
 use meshchat_messaging::{NodeConfig, RunningNode};
 use meshchat_proto::client::{self as pb, push};
 
+/// A user's client, its events and its session.
+type User = (Arc<Client>, Events, Session);
+
 struct Cluster {
     nodes: Vec<RunningNode>,
     dir: tempfile::TempDir,
@@ -99,6 +102,18 @@ impl Cluster {
             .position(|n| n.addr.to_string() == addr)
             .expect("connected to a member");
         NodeId(i as u32 + 1)
+    }
+
+    /// One user homed on node 1 and one on node 2, and their direct chat.
+    async fn pair(&self) -> (User, User, ChatId) {
+        let addrs: Vec<String> = self.nodes.iter().map(|n| n.addr.to_string()).collect();
+        let mut users = common::one_user_homed_at_each(&addrs[0], &self.options(), &addrs)
+            .await
+            .into_iter();
+        let a = users.next().expect("a user on node 1");
+        let b = users.next().expect("a user on node 2");
+        let chat = ChatId::direct(a.2.user, b.2.user);
+        (a, b, chat)
     }
 
     fn mesh(&self, node: NodeId) -> &Arc<meshchat_messaging::mesh::Mesh> {
@@ -313,15 +328,7 @@ async fn a_node_with_a_certificate_from_another_ca_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_mesh_envelopes_are_resynced_while_the_recipient_stays_online() {
     let c = cluster_with(2, |cfg| cfg.cluster.peer_queue = 1).await;
-    let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr.to_string()).collect();
-
-    // One user homed on each node.
-    let mut users = common::one_user_homed_at_each(&addrs[0], &c.options(), &addrs)
-        .await
-        .into_iter();
-    let (alice, _ae, alice_s) = users.next().expect("a user on node 1");
-    let (bob, mut bob_events, bob_s) = users.next().expect("a user on node 2");
-    let chat = ChatId::direct(alice_s.user, bob_s.user);
+    let ((alice, _ae, _), (bob, mut bob_events, _), chat) = c.pair().await;
 
     // A burst: 300 sends at once from node 1 to bob on node 2.
     let mut sends = tokio::task::JoinSet::new();
@@ -589,6 +596,138 @@ async fn a_join_reaches_a_peer_whose_queue_is_full() {
             "dave was resynced: a channel change was dropped"
         );
     }
+    for n in c.nodes {
+        n.shutdown().await;
+    }
+}
+
+/// A UDP relay in front of a node's mesh port that can black-hole everything: a network path
+/// that dies without a word. Its target is set once the node's address is known.
+struct Relay {
+    addr: std::net::SocketAddr,
+    target: Arc<parking_lot::Mutex<Option<std::net::SocketAddr>>>,
+    blackhole: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start() -> Self {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = front.local_addr().expect("addr");
+        let target: Arc<parking_lot::Mutex<Option<std::net::SocketAddr>>> = Arc::default();
+        let blackhole: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let (t, b) = (target.clone(), blackhole.clone());
+        let task = tokio::spawn(async move {
+            let (mut up, mut down) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+            let mut client = None;
+            loop {
+                let dark = || b.load(std::sync::atomic::Ordering::SeqCst);
+                tokio::select! {
+                    Ok((n, from)) = front.recv_from(&mut up) => {
+                        client = Some(from);
+                        let to = *t.lock();
+                        if let (false, Some(to)) = (dark(), to) {
+                            let _ = back.send_to(&up[..n], to).await;
+                        }
+                    }
+                    Ok((n, _)) = back.recv_from(&mut down) => {
+                        if let (false, Some(to)) = (dark(), client) {
+                            let _ = front.send_to(&down[..n], to).await;
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            addr,
+            target,
+            blackhole,
+            task,
+        }
+    }
+
+    fn set_dark(&self, dark: bool) {
+        self.blackhole
+            .store(dark, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A push whose batch was written into a mesh link that then dies (the path goes dark: the
+/// write completes into QUIC's buffer, nothing arrives, the link idles out) is not lost
+/// invisibly: the next link carries a `Resync` for its recipient, who fills the gap while
+/// online. Node 1 reaches node 2's mesh port through a relay that the test darkens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_written_into_a_link_that_dies_is_resynced_to_the_online_recipient() {
+    let relay = Relay::start().await;
+    let (relay_addr, target) = (relay.addr, relay.target.clone());
+    let c = cluster_with(2, move |cfg| {
+        if cfg.node_id == 1 {
+            let m = &mut cfg.cluster.members[1];
+            *target.lock() = Some(m.mesh_addr);
+            m.mesh_addr = relay_addr;
+        }
+    })
+    .await;
+    let ((alice, _ae, _), (bob, mut bob_events, _), chat) = c.pair().await;
+    alice.send(chat, "before", None).await.expect("send");
+    assert_eq!(text(&next_message(&mut bob_events).await), "before");
+
+    // The path goes dark; the push is written into the link all the same.
+    let mesh1 = c.mesh(NodeId(1)).clone();
+    let sent =
+        |m: &meshchat_messaging::mesh::Mesh| m.peer_stats(NodeId(2)).expect("peer").envelopes_sent;
+    let before = sent(&mesh1);
+    relay.set_dark(true);
+    let lost = alice
+        .send(chat, "into a dying link", None)
+        .await
+        .expect("acked: it is durable")
+        .message_id;
+    common::wait_for("the push is written", Duration::from_secs(10), || {
+        sent(&mesh1) > before
+    })
+    .await;
+    // The link idles out; the path comes back and node 1 dials again.
+    common::wait_for("the link dies", Duration::from_secs(30), || {
+        !mesh1.peer_up(NodeId(2))
+    })
+    .await;
+    relay.set_dark(false);
+    common::wait_for("a new link", Duration::from_secs(30), || {
+        mesh1.peer_up(NodeId(2))
+    })
+    .await;
+
+    // Bob stayed online on node 2 the whole time: he is told to fill his gap, and does.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut resynced = false;
+    loop {
+        match tokio::time::timeout_at(deadline, bob_events.next()).await {
+            Ok(Some(Event::Message(m))) if m.message_id == lost => break,
+            Ok(Some(Event::Resync)) => {
+                resynced = true;
+                bob.fill_gaps().await.expect("fill");
+            }
+            Ok(Some(Event::Disconnected { code, reason })) => assert!(
+                bob.conn().is_ok_and(|c| c.is_open()),
+                "bob was disconnected ({code}: {reason}): the test needs him online"
+            ),
+            Ok(Some(_)) => {}
+            _ => panic!("the push written into the dead link never reached bob"),
+        }
+    }
+    assert!(resynced, "it came through a resync");
     for n in c.nodes {
         n.shutdown().await;
     }

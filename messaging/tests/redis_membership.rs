@@ -1,16 +1,24 @@
 //! Dynamic membership through a real `redis-server` (started here on a free port): nodes
 //! register and converge on one ring, a joining node takes about 1/N of the users (and their
 //! clients are redirected), a node that leaves is dropped, and Redis going away and coming
-//! back neither crashes a node nor stops routing.
+//! back neither crashes a node nor stops routing. Redis comes back empty (a real
+//! `redis-server` without persistence, killed and started again): no node ever adopts a ring
+//! that lost members to the restart, the holders of the worker ids serve on, and nodes whose
+//! leases ran out meanwhile issue no id for a full TTL after they take them back.
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{free_port, next_matching, next_message, text};
 use meshchat_client::{Client, ConnectOptions, Event, Events, Session};
 use meshchat_idgen::ChatId;
 use meshchat_messaging::RunningNode;
+use meshchat_proto::client::ErrorCode;
+
+const TTL: Duration = Duration::from_millis(3_000);
 
 async fn node(dir: &std::path::Path, id: u32, redis_port: u16) -> RunningNode {
     let mut c = common::config_in(dir);
@@ -21,15 +29,19 @@ async fn node(dir: &std::path::Path, id: u32, redis_port: u16) -> RunningNode {
     // Generous TTL: under a loaded test run a heartbeat can be late without the member
     // flapping out of the ring.
     c.cluster.heartbeat = Duration::from_millis(200);
-    c.cluster.member_ttl = Duration::from_millis(3_000);
+    c.cluster.member_ttl = TTL;
     meshchat_messaging::start(c).await.expect("node starts")
 }
 
-/// Waits until every node sees exactly `ids` as members with every link up.
+/// Waits until every node sees exactly `ids` as members with every link up, and serves (a
+/// worker id new to Redis is usable a TTL after it was taken).
 async fn converge(nodes: &[&RunningNode], ids: &[u32]) -> u64 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let ok = nodes.iter().all(|n| {
+            if !n.node.lease_gate().allows() {
+                return false;
+            }
             let mesh = n.mesh.as_ref().expect("mesh");
             let ring = mesh.ring();
             let members: Vec<u32> = ring.members().iter().map(|m| m.0).collect();
@@ -51,6 +63,63 @@ async fn converge(nodes: &[&RunningNode], ids: &[u32]) -> u64 {
             "no convergence on {ids:?}: epochs {epochs:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What [`Watch`] saw.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The smallest ring any node held.
+    min_ring: AtomicUsize,
+    /// Whether some node's gate was ever closed.
+    closed: AtomicBool,
+}
+
+/// Watches every node's ring and lease gate every millisecond (observation only: nothing
+/// waits on it) until dropped.
+struct Watch {
+    seen: Arc<Seen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watch {
+    fn start(nodes: &[&RunningNode]) -> Self {
+        let seen = Arc::new(Seen {
+            min_ring: AtomicUsize::new(usize::MAX),
+            closed: AtomicBool::new(false),
+        });
+        let watched: Vec<_> = nodes
+            .iter()
+            .map(|n| (n.mesh.clone().expect("mesh"), n.node.clone()))
+            .collect();
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                for (mesh, node) in &watched {
+                    s.min_ring
+                        .fetch_min(mesh.ring().members().len(), Ordering::SeqCst);
+                    if !node.lease_gate().allows() {
+                        s.closed.store(true, Ordering::SeqCst);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        Self { seen, task }
+    }
+
+    fn min_ring(&self) -> usize {
+        self.seen.min_ring.load(Ordering::SeqCst)
+    }
+
+    fn closed(&self) -> bool {
+        self.seen.closed.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -140,8 +209,9 @@ async fn nodes_converge_rehome_on_join_and_survive_a_redis_restart() {
     );
 
     // Redis goes away: no crash, and routing on the last ring continues.
+    let all = [&n1, &n2, &n3, &n4];
+    let watch = Watch::start(&all);
     drop(server);
-    tokio::time::sleep(Duration::from_millis(600)).await;
     let (c, d) = (0..users.len())
         .flat_map(|i| (0..users.len()).map(move |j| (i, j)))
         .find(|&(i, j)| {
@@ -158,13 +228,67 @@ async fn nodes_converge_rehome_on_join_and_survive_a_redis_restart() {
         .expect("send while redis is down");
     assert_eq!(text(&next_message(&mut users[d].1).await), "redis is down");
 
-    // Redis comes back empty: nodes re-register and the epoch keeps growing.
+    // Redis comes back empty within the lease: nodes re-register one by one, the epoch keeps
+    // growing, no node adopts a ring without the members still re-registering, and the
+    // holders of the worker ids take them back and serve on.
     server = common::redis_server(port);
-    let e3 = converge(&[&n1, &n2, &n3, &n4], &[1, 2, 3, 4]).await;
+    let e3 = converge(&all, &[1, 2, 3, 4]).await;
     assert!(
         e3 >= e2,
         "epochs never go backwards after a Redis restart ({e3} < {e2})"
     );
+    assert_eq!(watch.min_ring(), 4, "a node adopted a shrunken ring");
+    assert!(!watch.closed(), "a node stopped serving");
+    users[c]
+        .0
+        .send(chat, "redis is back", None)
+        .await
+        .expect("send after the restart");
+    assert_eq!(text(&next_message(&mut users[d].1).await), "redis is back");
+
+    // Redis goes away for longer than the lease: every node fences itself (and closes its
+    // clients). It comes back empty: each node takes its worker id back with no high-water
+    // mark on record, and issues no id (no registration) until a TTL after that, while the
+    // rings keep every member.
+    drop(server);
+    common::wait_for("every node fenced", Duration::from_secs(15), || {
+        all.iter().all(|n| !n.node.lease_gate().allows())
+    })
+    .await;
+    // Connected before Redis returns (a fenced node still completes handshakes), so the
+    // registration below is one request inside the wait even on a slow machine.
+    let (probe, _pe) = Client::connect(&n1.addr.to_string(), options(dir.path()))
+        .await
+        .expect("connect");
+    let back = tokio::time::Instant::now();
+    server = common::redis_server(port);
+    assert_eq!(
+        common::code_of(probe.register("too-early", "password-123").await),
+        ErrorCode::Unavailable,
+        "no id while the lease is young"
+    );
+    let early = tokio::time::Instant::now();
+    assert!(early < back + TTL, "the refusal came inside the wait");
+    let first_serving = {
+        let mut at = None;
+        common::wait_for("a node serves again", Duration::from_secs(15), || {
+            let now = tokio::time::Instant::now();
+            if all.iter().any(|n| n.node.lease_gate().allows()) {
+                at = Some(now);
+            }
+            at.is_some()
+        })
+        .await;
+        at.expect("serving")
+    };
+    assert!(
+        first_serving >= back + TTL,
+        "a node served {:?} after Redis came back, inside the lease wait of {TTL:?}",
+        first_serving - back
+    );
+    let e3 = converge(&all, &[1, 2, 3, 4]).await;
+    assert_eq!(watch.min_ring(), 4, "a node adopted a shrunken ring");
+    drop(watch);
 
     // A node leaves gracefully: the others drop it.
     n4.shutdown().await;

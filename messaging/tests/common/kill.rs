@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use meshchat_client::{Client, ConnectOptions, Event, Events, Session};
 use meshchat_idgen::ChatId;
+use meshchat_proto::client::ErrorCode;
 use parking_lot::Mutex;
 
 use super::{Proc, free_port, free_udp_port};
@@ -59,6 +60,30 @@ pub fn spawn_node(dir: &std::path::Path, id: u32, redis: u16, store: &str) -> (P
     (Proc(child), format!("127.0.0.1:{client_port}"))
 }
 
+/// Registers `name` through `addr`, retrying while its home says UNAVAILABLE: a new
+/// cluster's worker ids are new to Redis, and each node issues ids (registers users) only a
+/// lease TTL after it took its worker id.
+async fn register_when_served(
+    addr: &str,
+    opts: &ConnectOptions,
+    name: &str,
+) -> (Client, Events, Session) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (c, e) = Client::connect(addr, opts.clone()).await.expect("connect");
+        match c.register(name, "password-123").await {
+            Ok(s) => return (c, e, s),
+            Err(err) if err.code() == Some(ErrorCode::Unavailable) => {}
+            Err(err) => panic!("register {name}: {err}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}: never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Three node processes on one store (`store`: see [`spawn_node`]); the home of the first
 /// user is SIGKILLed under traffic, and every acked message still reaches its recipient.
 /// Returns the nodes' data dir.
@@ -72,12 +97,10 @@ pub async fn sigkill_under_traffic_loses_no_acked_message(store: &str) -> tempfi
     let (n3, a3) = spawn_node(dir.path(), 3, redis_port, store);
     let opts =
         ConnectOptions::new(meshchat_client::load_ca(&dir.path().join("ca.pem")).expect("ca"));
-    // Every node must see the full ring (all links up) before users register.
-    let (probe, _pe) = Client::connect(&a1, opts.clone()).await.expect("connect");
-    probe
-        .register("probe", "password-123")
-        .await
-        .expect("register");
+    // Every node must see the full ring (all links up) before users register. A new
+    // cluster's worker ids are new to Redis: each node issues ids (registers users) a lease
+    // TTL after it took its worker id, and says UNAVAILABLE until then.
+    let (probe, _pe, _) = register_when_served(&a1, &opts, "probe").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let info = probe.cluster().await.expect("cluster");
@@ -104,11 +127,7 @@ pub async fn sigkill_under_traffic_loses_no_acked_message(store: &str) -> tempfi
     let mut n = 0;
     while users.len() < 6 || on(&users, &users[0].0.server()).len() == users.len() {
         assert!(n < 200, "200 users all homed on one node");
-        let (c, e) = Client::connect(&a1, opts.clone()).await.expect("connect");
-        let s = c
-            .register(&format!("k{n}"), "password-123")
-            .await
-            .expect("register");
+        let (c, e, s) = register_when_served(&a1, &opts, &format!("k{n}")).await;
         users.push((Arc::new(c), e, s));
         n += 1;
     }

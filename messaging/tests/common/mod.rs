@@ -98,6 +98,18 @@ impl TestNode {
 }
 
 /// The next message push within 5 s, skipping other events.
+/// Polls `cond` every 20 ms until it holds; panics after `within`.
+pub async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn next_message(events: &mut Events) -> meshchat_proto::client::Message {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
