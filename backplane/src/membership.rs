@@ -58,10 +58,6 @@ use meshchat_idgen::{NodeId, UserId};
 
 use crate::ring::{self, Ring, RingError};
 
-/// The ring's own limit on points (members x weight x points per weight), mirrored here so a
-/// snapshot with absurd weights degrades (fewer points per weight) instead of failing.
-const MAX_RING_POINTS: u64 = 1 << 26;
-
 /// One member of the cluster as the source of truth publishes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
@@ -558,28 +554,8 @@ fn empty_ring() -> Ring {
         .expect("an empty ring always builds")
 }
 
-/// The ring input actually built for `weights` (all non-zero): the weights and the points per
-/// unit of weight, lowered from the default only when the default would exceed the ring's
-/// point limit. A function of `weights` alone, so every core derives the same.
-fn ring_params(weights: &BTreeMap<NodeId, u32>) -> (BTreeMap<NodeId, u32>, u32) {
-    let total: u64 = weights.values().map(|&w| u64::from(w)).sum();
-    let default = u64::from(ring::DEFAULT_VNODES_PER_WEIGHT);
-    if total.saturating_mul(default) <= MAX_RING_POINTS {
-        return (weights.clone(), ring::DEFAULT_VNODES_PER_WEIGHT);
-    }
-    let per_weight = MAX_RING_POINTS / total.max(1);
-    if per_weight >= 1 {
-        // per_weight < default here, so it fits in u32.
-        return (weights.clone(), per_weight as u32);
-    }
-    // Weights this large are a misconfiguration; an even split beats no ring.
-    let flat: BTreeMap<NodeId, u32> = weights.keys().map(|&id| (id, 1)).collect();
-    let per_weight = (MAX_RING_POINTS / (flat.len().max(1) as u64)).min(default) as u32;
-    (flat, per_weight)
-}
-
 fn build_ring(weights: &BTreeMap<NodeId, u32>) -> Result<Ring, RingError> {
-    let (weights, per_weight) = ring_params(weights);
+    let (weights, per_weight) = ring::params(weights);
     Ring::build(&weights, per_weight)
 }
 
@@ -744,18 +720,18 @@ mod tests {
         // Fits: the default.
         let small: BTreeMap<NodeId, u32> = [(NodeId(1), 1), (NodeId(2), 4)].into();
         assert_eq!(
-            ring_params(&small),
+            ring::params(&small),
             (small.clone(), ring::DEFAULT_VNODES_PER_WEIGHT)
         );
         // Too many points at the default: fewer per weight, weights kept.
         let big: BTreeMap<NodeId, u32> = [(NodeId(1), 10_000), (NodeId(2), 6_384)].into();
-        let (w, per) = ring_params(&big);
+        let (w, per) = ring::params(&big);
         assert_eq!(w, big);
         assert_eq!(per, 4_096);
-        assert!(16_384 * u64::from(per) <= MAX_RING_POINTS);
+        assert!(16_384 * u64::from(per) <= ring::MAX_POINTS);
         // Even one point per weight is too many: an even split.
         let absurd: BTreeMap<NodeId, u32> = [(NodeId(1), u32::MAX), (NodeId(2), 1)].into();
-        let (w, per) = ring_params(&absurd);
+        let (w, per) = ring::params(&absurd);
         assert_eq!(w, [(NodeId(1), 1), (NodeId(2), 1)].into());
         assert_eq!(per, ring::DEFAULT_VNODES_PER_WEIGHT);
 

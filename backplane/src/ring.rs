@@ -161,12 +161,48 @@ impl Ring {
     }
 }
 
-/// The owner of `user` on the ring that [`Ring::build`] would make of `members`, without
-/// building it: one pass over the points, no allocation. O(points) per call (~25k mixes for
-/// three members of weight 1): for a client that predicts its home once per failover, where
-/// building a ring (sorting every point) would cost ~50x more. `None` for no members or a
-/// zero weight.
-pub fn owner_among(
+/// Most points a ring may have.
+pub const MAX_POINTS: u64 = 1 << 26;
+
+/// The ring input the cluster builds for `weights` (members of weight 0 are not on the
+/// ring): the weights and the points per unit of weight, lowered from the default only when
+/// the default would pass [`MAX_POINTS`]; weights so large that even one point per unit
+/// would pass it are flattened to 1. A function of `weights` alone, so every node (and a
+/// client predicting its home) derives the same.
+pub fn params(weights: &BTreeMap<NodeId, u32>) -> (BTreeMap<NodeId, u32>, u32) {
+    let weights: BTreeMap<NodeId, u32> = weights
+        .iter()
+        .filter(|(_, w)| **w > 0)
+        .map(|(&n, &w)| (n, w))
+        .collect();
+    let total: u64 = weights.values().map(|&w| u64::from(w)).sum();
+    let default = u64::from(DEFAULT_VNODES_PER_WEIGHT);
+    if total.saturating_mul(default) <= MAX_POINTS {
+        return (weights, DEFAULT_VNODES_PER_WEIGHT);
+    }
+    let per_weight = MAX_POINTS / total.max(1);
+    if per_weight >= 1 {
+        // per_weight < default here, so it fits in u32.
+        return (weights, per_weight as u32);
+    }
+    // Weights this large are a misconfiguration; an even split beats no ring.
+    let flat: BTreeMap<NodeId, u32> = weights.keys().map(|&id| (id, 1)).collect();
+    let per_weight = (MAX_POINTS / (flat.len().max(1) as u64)).min(default) as u32;
+    (flat, per_weight)
+}
+
+/// The owner of `user` on the cluster's ring for `weights` ([`params`] then [`Ring::build`]),
+/// without building it: one pass over the points, no allocation. O(points) per call (~25k
+/// mixes for three members of weight 1): for a client that predicts its home once per
+/// failover, where building a ring (sorting every point) would cost ~50x more. `None` for no
+/// members.
+pub fn owner_among(weights: &BTreeMap<NodeId, u32>, user: UserId) -> Option<NodeId> {
+    let (members, vnodes_per_weight) = params(weights);
+    owner_scan(&members, vnodes_per_weight, user)
+}
+
+/// [`owner_among`] for given points per weight (the weights already within [`MAX_POINTS`]).
+fn owner_scan(
     members: &BTreeMap<NodeId, u32>,
     vnodes_per_weight: u32,
     user: UserId,
@@ -177,10 +213,7 @@ pub fn owner_among(
     let mut after: Option<(u64, NodeId)> = None;
     let mut first: Option<(u64, NodeId)> = None;
     for (&n, &w) in members {
-        if w == 0 {
-            return None;
-        }
-        for r in 0..w * vnodes_per_weight.max(1) {
+        for r in 0..w.saturating_mul(vnodes_per_weight.max(1)) {
             let p = vnode_point(n, r);
             if p >= h && after.is_none_or(|(a, _)| p < a) {
                 after = Some((p, n));
@@ -265,10 +298,25 @@ mod tests {
             let ring = Ring::build(&m, 64).expect("ring");
             for u in 0..20_000u64 {
                 let user = UserId(mix(u));
-                assert_eq!(owner_among(&m, 64, user), ring.owner(user), "{set:?} {u}");
+                assert_eq!(owner_scan(&m, 64, user), ring.owner(user), "{set:?} {u}");
+            }
+            let (w, per) = params(&m);
+            let full = Ring::build(&w, per).expect("ring");
+            for u in 0..200u64 {
+                let user = UserId(mix(u));
+                assert_eq!(owner_among(&m, user), full.owner(user), "{set:?} {u}");
             }
         }
-        assert_eq!(owner_among(&BTreeMap::new(), 64, UserId(1)), None);
+        assert_eq!(owner_among(&BTreeMap::new(), UserId(1)), None);
+        // Weight 0 is off the ring; a weight too large for the default is scaled down.
+        let m = BTreeMap::from([(NodeId(1), 0), (NodeId(2), 1)]);
+        assert_eq!(owner_among(&m, UserId(77)), Some(NodeId(2)));
+        let huge = BTreeMap::from([(NodeId(1), 1 << 20), (NodeId(2), 1 << 20)]);
+        let (w, per) = params(&huge);
+        assert!(
+            per >= 1 && u64::from(per) * (2 << 20) <= MAX_POINTS,
+            "{per} {w:?}"
+        );
     }
 
     #[test]

@@ -29,6 +29,17 @@ const MAX_REDIRECTS: usize = 3;
 const GAP_FILL_OVERLAP_MS: u64 = 10_000;
 /// Attempts at one gap-fill page on a busy node before the fill stops.
 const GAP_FILL_ATTEMPTS: u32 = 8;
+/// Chats a gap fill reads at once.
+const GAP_FILL_CONCURRENCY: usize = 8;
+/// How long an acked send is kept for a re-push after a failover: longer than the liveness
+/// timeout plus the ring's `member_ttl`, so anything the dead node acked but may not have
+/// pushed yet is covered.
+const RECENT_SENDS_FOR: Duration = Duration::from_secs(15);
+/// Bound on the bodies of the sends kept for a re-push.
+const RECENT_SENDS_BYTES: usize = 256 * 1024;
+/// Bound on the number of sends kept for a re-push (below the node's send burst, so the
+/// re-push itself is not rate limited).
+const RECENT_SENDS_MAX: usize = 64;
 /// Send attempts before giving up on a retryable error.
 const SEND_ATTEMPTS: u32 = 6;
 /// How long a node that failed to answer is passed over by a failover (and a redirect to it
@@ -137,14 +148,143 @@ pub struct Client {
     closing: std::sync::atomic::AtomicBool,
     /// Gap fills that ran to the end ([`Client::gap_fills`]).
     gap_fills: Arc<std::sync::atomic::AtomicU64>,
+    /// Sends acked lately, for a re-push after a failover ([`RecentSends`]).
+    recent: Mutex<RecentSends>,
+}
+
+/// Sends acked within [`RECENT_SENDS_FOR`], at most [`RECENT_SENDS_MAX`] and
+/// [`RECENT_SENDS_BYTES`] of bodies (the newest kept). A
+/// node that acked a send (the message is durable) and died before its pushes left it took
+/// them along, and no one else knows they are missing: after a failover the client sends
+/// these again with the same client message id, and the new home, finding them stored,
+/// pushes the stored messages again (docs/PROTOCOL.md, "Delivery semantics").
+#[derive(Debug, Default)]
+struct RecentSends {
+    sends: VecDeque<(std::time::Instant, pb::SendMessage)>,
+    bytes: usize,
+}
+
+impl RecentSends {
+    fn record(&mut self, at: std::time::Instant, send: pb::SendMessage) {
+        let now = std::time::Instant::now();
+        self.bytes += send.body.len();
+        self.sends.push_back((at, send));
+        while self.bytes > RECENT_SENDS_BYTES
+            || self.sends.len() > RECENT_SENDS_MAX
+            || self
+                .sends
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > RECENT_SENDS_FOR)
+        {
+            match self.sends.pop_front() {
+                Some((_, old)) => self.bytes -= old.body.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn take(&mut self) -> Vec<(std::time::Instant, pb::SendMessage)> {
+        let now = std::time::Instant::now();
+        self.bytes = 0;
+        std::mem::take(&mut self.sends)
+            .into_iter()
+            .filter(|(at, _)| now.duration_since(*at) <= RECENT_SENDS_FOR)
+            .collect()
+    }
 }
 
 fn random_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
+fn hello_body() -> client_frame::Body {
+    client_frame::Body::Hello(pb::Hello {
+        protocol_version: meshchat_proto::PROTOCOL_VERSION,
+        client_name: concat!("meshchat-client/", env!("CARGO_PKG_VERSION")).into(),
+    })
+}
+
 fn unexpected(b: &server_frame::Body) -> ClientError {
     ClientError::Protocol(format!("unexpected reply: {b:?}"))
+}
+
+/// How one chat's gap fill ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FillEnd {
+    /// Read up to its head, or a chat this user may no longer read.
+    Done,
+    /// A busy node never answered: the chat may still have a gap.
+    Incomplete,
+    /// The connection died or the application dropped its events: the fill is over.
+    Stopped,
+}
+
+/// Reads `chat` forward from `cursor` to its head on `conn` and feeds the messages to
+/// `events`.
+async fn fill_chat(
+    conn: &Conn,
+    events: &mpsc::Sender<Event>,
+    chat: ChatId,
+    mut cursor: u64,
+) -> FillEnd {
+    let mut attempt = 0u32;
+    loop {
+        let page = match conn
+            .request(client_frame::Body::History(pb::HistoryQuery {
+                chat: Some(chat_to_wire(chat)),
+                cursor,
+                direction: pb::Direction::Forward as i32,
+                limit: 0,
+            }))
+            .await
+        {
+            Ok(server_frame::Body::HistoryPage(p)) => p,
+            // A busy node (timeout, overload, rate limit) on a live connection: the same
+            // page again, with backoff. Giving up here would lose the gap for good (found by
+            // the load test under overload).
+            Err(e) if e.is_retryable() && conn.is_open() && attempt < GAP_FILL_ATTEMPTS => {
+                attempt += 1;
+                debug!(error = %e, attempt, %chat, "gap fill page retried");
+                tokio::time::sleep(Duration::from_millis(100) * 2u32.pow(attempt.min(5))).await;
+                continue;
+            }
+            Ok(other) => {
+                debug!(reply = ?other, "gap fill: unexpected reply");
+                return FillEnd::Done;
+            }
+            // This chat only (say, a channel left on another device): go on with the others.
+            // A chat I may no longer read has nothing to fill; a busy node that never
+            // answered leaves it incomplete.
+            Err(e @ ClientError::Server { .. }) => {
+                debug!(error = %e, %chat, "gap fill skips a chat");
+                return if e.is_retryable() {
+                    FillEnd::Incomplete
+                } else {
+                    FillEnd::Done
+                };
+            }
+            // Out of attempts on a live connection: this chat only.
+            Err(e) if e.is_retryable() && conn.is_open() => {
+                debug!(error = %e, %chat, "gap fill gives up on a chat for now");
+                return FillEnd::Incomplete;
+            }
+            // A dead connection ends the fill.
+            Err(e) => {
+                debug!(error = %e, "gap fill stopped");
+                return FillEnd::Stopped;
+            }
+        };
+        attempt = 0;
+        for m in page.messages {
+            if events.send(Event::Message(m)).await.is_err() {
+                return FillEnd::Stopped;
+            }
+        }
+        if page.next_cursor == 0 {
+            return FillEnd::Done;
+        }
+        cursor = page.next_cursor;
+    }
 }
 
 impl Client {
@@ -193,26 +333,65 @@ impl Client {
             failing_over: tokio::sync::Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
             gap_fills: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            recent: Mutex::new(RecentSends::default()),
         };
         client.open().await?;
         Ok((client, Events { rx, seen }))
     }
 
     async fn open(&self) -> Result<Arc<Conn>, ClientError> {
+        let conn = self.dial().await?;
+        let hello = conn.request(hello_body()).await;
+        self.adopt(conn, hello)
+    }
+
+    /// Opens a connection to the current server (QUIC handshake and stream), nothing more.
+    async fn dial(&self) -> Result<Arc<Conn>, ClientError> {
         let server = self.server.lock().clone();
-        let conn = Conn::open(&self.endpoint, &server, &self.opts, self.events.clone()).await?;
-        let hello = conn
-            .request(client_frame::Body::Hello(pb::Hello {
-                protocol_version: meshchat_proto::PROTOCOL_VERSION,
-                client_name: concat!("meshchat-client/", env!("CARGO_PKG_VERSION")).into(),
-            }))
-            .await?;
+        Conn::open(&self.endpoint, &server, &self.opts, self.events.clone()).await
+    }
+
+    /// Makes `conn` this client's connection once the node answered its hello. On any other
+    /// answer the connection is closed: it must not linger (and, with an authentication sent
+    /// along, keep receiving this user's pushes).
+    fn adopt(
+        &self,
+        conn: Arc<Conn>,
+        hello: Result<server_frame::Body, ClientError>,
+    ) -> Result<Arc<Conn>, ClientError> {
         match hello {
-            server_frame::Body::HelloOk(h) => *self.hello.lock() = Some(h),
-            other => return Err(unexpected(&other)),
+            Ok(server_frame::Body::HelloOk(h)) => *self.hello.lock() = Some(h),
+            Ok(other) => {
+                conn.close();
+                return Err(unexpected(&other));
+            }
+            Err(e) => {
+                conn.close();
+                return Err(e);
+            }
         }
         *self.conn.lock() = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// Opens a connection and authenticates with `token`, the hello and the authentication
+    /// sent together (the node reads them in order): one round trip fewer than
+    /// [`Client::open`] then [`Client::authenticate`], which counts when a dead node's
+    /// clients all fail over to busy survivors.
+    async fn open_authenticated(&self, token: &str) -> Result<Session, ClientError> {
+        let conn = self.dial().await?;
+        let body = client_frame::Body::Authenticate(pb::Authenticate {
+            token: token.into(),
+        });
+        // `biased`: the hello is polled first, so it takes the stream's write lock first (a
+        // node also takes an authentication without a hello before it).
+        let (hello, first) = tokio::join!(
+            biased;
+            conn.request(hello_body()),
+            conn.request(body.clone())
+        );
+        self.adopt(conn, hello)?;
+        self.auth_from(body, Some(first)).await
     }
 
     /// The live connection.
@@ -256,11 +435,24 @@ impl Client {
     }
 
     async fn auth(&self, body: client_frame::Body) -> Result<Session, ClientError> {
+        self.auth_from(body, None).await
+    }
+
+    /// [`Client::auth`], with the reply to `body`'s first sending already in hand if `first`.
+    async fn auth_from(
+        &self,
+        body: client_frame::Body,
+        mut first: Option<Result<server_frame::Body, ClientError>>,
+    ) -> Result<Session, ClientError> {
         let mut body = body;
         let mut redirects = 0;
         let mut waited = Duration::ZERO;
         loop {
-            match self.request(body.clone()).await? {
+            let reply = match first.take() {
+                Some(r) => r?,
+                None => self.request(body.clone()).await?,
+            };
+            match reply {
                 server_frame::Body::AuthOk(ok) => {
                     let s = Session {
                         user: UserId(ok.user_id),
@@ -454,15 +646,9 @@ impl Client {
             .iter()
             .filter(|m| !self.is_suspect(&m.address))
             .collect();
-        let weights: std::collections::BTreeMap<NodeId, u32> = live
-            .iter()
-            .map(|m| (NodeId(m.node_id), m.weight.max(1)))
-            .collect();
-        let owner = meshchat_backplane::ring::owner_among(
-            &weights,
-            meshchat_backplane::ring::DEFAULT_VNODES_PER_WEIGHT,
-            me,
-        )?;
+        let weights: std::collections::BTreeMap<NodeId, u32> =
+            live.iter().map(|m| (NodeId(m.node_id), m.weight)).collect();
+        let owner = meshchat_backplane::ring::owner_among(&weights, me)?;
         live.iter()
             .find(|m| NodeId(m.node_id) == owner)
             .map(|m| m.address.clone())
@@ -491,7 +677,7 @@ impl Client {
         // Every client of a dead node notices at about the same time: spread their first
         // attempts so the survivors see a ramp, not a wall of handshakes.
         let started = std::time::Instant::now();
-        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 1_000)).await;
+        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 500)).await;
         let deadline = std::time::Instant::now() + FAILOVER_FOR;
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -502,13 +688,7 @@ impl Client {
                 }
                 *self.server.lock() = server.clone();
                 let tried = std::time::Instant::now();
-                let attempt = async {
-                    self.open().await?;
-                    // The ring changed: learn its members again at this login.
-                    self.learned
-                        .store(false, std::sync::atomic::Ordering::SeqCst);
-                    self.authenticate(&token).await
-                };
+                let attempt = self.open_authenticated(&token);
                 match attempt.await {
                     Ok(_) if self.is_closing() => {
                         // Closed while this attempt ran: do not leave a session behind.
@@ -524,7 +704,14 @@ impl Client {
                             attempt_ms = tried.elapsed().as_millis() as u64,
                             "failed over"
                         );
-                        return self.fill_gaps().await.map(drop);
+                        let fill = self.fill_gaps().await;
+                        // The ring changed: learn its members again, once the gap fill is
+                        // under way (not before it: one round trip less to being whole).
+                        self.learned
+                            .store(false, std::sync::atomic::Ordering::SeqCst);
+                        self.learn_members().await;
+                        self.repush_recent(fill?);
+                        return Ok(());
                     }
                     Err(e) if e.is_retryable() => {
                         debug!(%server, error = %e, "failover candidate failed");
@@ -606,90 +793,114 @@ impl Client {
             *cursor = cursor.saturating_sub(GAP_FILL_OVERLAP_MS << 22);
         }
         // The chat list carries each chat's newest id (its head): a chat whose head is not
-        // past the point a read would start from has nothing to fill, so only chats with
-        // news cost a history read (a failover after a few seconds away reads a chat or two,
-        // not one per chat).
+        // past the point a read would start from has nothing to fill. That skips the chats
+        // this client has not seen a message of (read from my delivered mark) that did not
+        // move; a chat it has seen is always read (its head is at least the newest id seen,
+        // past the read's start 10 s before it).
         let mut heads: HashMap<ChatId, u64> = HashMap::new();
-        for row in self.chat_list().await? {
+        let mut attempt = 0u32;
+        let rows = loop {
+            // A busy node right after a failover: retried like history pages, since without
+            // the list there is no fill at all.
+            match self.chat_list().await {
+                Ok(rows) => break rows,
+                Err(e)
+                    if e.is_retryable()
+                        && self.conn().is_ok_and(|c| c.is_open())
+                        && attempt < GAP_FILL_ATTEMPTS =>
+                {
+                    attempt += 1;
+                    debug!(error = %e, attempt, "gap fill: chat list retried");
+                    tokio::time::sleep(Duration::from_millis(100) * 2u32.pow(attempt.min(5))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        for row in rows {
             if let Ok(chat) = chat_from_wire(row.chat.as_ref()) {
                 from.entry(chat).or_insert(row.my_delivered);
-                heads.insert(chat, row.newest.as_ref().map_or(0, |m| m.message_id));
+                if let Some(newest) = &row.newest {
+                    heads.insert(chat, newest.message_id);
+                }
             }
         }
-        // Chats missing from the list (past its limit, or left) keep their read.
+        // Chats missing from the list (past its limit, or left) or listed without a newest
+        // message (a store that could not read it) keep their read.
         from.retain(|chat, cursor| heads.get(chat).is_none_or(|&head| head > *cursor));
         let conn = self.conn()?;
         let events = self.events.clone();
         let filled = self.gap_fills.clone();
         let (chats, started) = (from.len(), std::time::Instant::now());
         Ok(tokio::spawn(async move {
-            for (chat, mut cursor) in from {
-                let mut attempt = 0u32;
-                loop {
-                    let page = match conn
-                        .request(client_frame::Body::History(pb::HistoryQuery {
-                            chat: Some(chat_to_wire(chat)),
-                            cursor,
-                            direction: pb::Direction::Forward as i32,
-                            limit: 0,
-                        }))
-                        .await
-                    {
-                        Ok(server_frame::Body::HistoryPage(p)) => p,
-                        // A busy node (timeout, overload, rate limit) on a live connection:
-                        // the same page again, with backoff. Giving up here would lose the
-                        // gap for good (found by the load test under overload).
-                        Err(e)
-                            if e.is_retryable()
-                                && conn.is_open()
-                                && attempt < GAP_FILL_ATTEMPTS =>
-                        {
-                            attempt += 1;
-                            debug!(error = %e, attempt, %chat, "gap fill page retried");
-                            tokio::time::sleep(
-                                Duration::from_millis(100) * 2u32.pow(attempt.min(5)),
-                            )
-                            .await;
-                            continue;
-                        }
-                        Ok(other) => {
-                            debug!(reply = ?other, "gap fill: unexpected reply");
-                            break;
-                        }
-                        // This chat only (say, a channel left on another device): go on with
-                        // the others. A dead connection ends the fill.
-                        Err(e @ ClientError::Server { .. }) => {
-                            debug!(error = %e, %chat, "gap fill skips a chat");
-                            break;
-                        }
-                        Err(e) => {
-                            debug!(error = %e, "gap fill stopped");
-                            return;
-                        }
-                    };
-                    attempt = 0;
-                    for m in page.messages {
-                        if events.send(Event::Message(m)).await.is_err() {
-                            return;
-                        }
-                    }
-                    if page.next_cursor == 0 {
-                        break;
-                    }
-                    cursor = page.next_cursor;
-                }
+            use futures::StreamExt;
+            // A few chats at a time: after a failover the reads are round trips to a busy
+            // node, and one after another they added up to seconds.
+            let ends: Vec<FillEnd> = futures::stream::iter(from)
+                .map(|(chat, cursor)| fill_chat(&conn, &events, chat, cursor))
+                .buffer_unordered(GAP_FILL_CONCURRENCY)
+                .collect()
+                .await;
+            if ends.contains(&FillEnd::Stopped) {
+                return;
             }
-            filled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let complete = !ends.contains(&FillEnd::Incomplete);
+            if complete {
+                filled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            } else {
+                // A gap is known and not filled: ask the application for another fill, as
+                // a node does when it dropped pushes.
+                let _ = events.send(Event::Resync).await;
+            }
             debug!(
                 chats,
+                complete,
                 took_ms = started.elapsed().as_millis() as u64,
                 "gap filled"
             );
         }))
     }
 
-    /// How many gap fills ran to the end (every chat read up to its head) since this client
-    /// was made: a failover is complete, gap filled, once this grows.
+    /// Sends the messages acked within [`RECENT_SENDS_FOR`] again, same client message ids:
+    /// the node pushes each stored message again (its `Processed` says `duplicate`), which
+    /// repairs pushes a dead node acked but never sent out. Best effort, one at a time in the
+    /// background, each retried a few times; the re-pushed sends are not kept again.
+    fn repush_recent(&self, after: tokio::task::JoinHandle<()>) {
+        let sends = self.recent.lock().take();
+        if sends.is_empty() {
+            return;
+        }
+        let Ok(conn) = self.conn() else { return };
+        debug!(
+            sends = sends.len(),
+            "re-pushing sends acked before the failover"
+        );
+        // In the background, after this client's own gap fill (`after`): being whole again
+        // comes first, and sends waiting for this failover must not wait for it either.
+        tokio::spawn(async move {
+            let _ = after.await;
+            for (_, s) in sends {
+                let mut backoff = Duration::from_millis(200);
+                for _ in 0..4 {
+                    match conn.request(client_frame::Body::Send(s.clone())).await {
+                        Ok(_) => break,
+                        // Rate limited or busy (the user's send budget may be spent): later.
+                        Err(e) if e.is_retryable() && conn.is_open() => {
+                            debug!(error = %e, "re-push retried");
+                            tokio::time::sleep(backoff).await;
+                            backoff *= 2;
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "re-push failed");
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// How many gap fills ran to the end (every readable chat read up to its head) since
+    /// this client was made: a failover is complete, gap filled, once this grows.
     pub fn gap_fills(&self) -> u64 {
         self.gap_fills.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -744,6 +955,9 @@ impl Client {
                 Ok(server_frame::Body::Processed(p)) => {
                     // My own message: the node does not push it back to this connection.
                     self.seen.lock().record(Some(chat), p.message_id);
+                    if let client_frame::Body::Send(s) = req {
+                        self.recent.lock().record(std::time::Instant::now(), s);
+                    }
                     return Ok(p);
                 }
                 Ok(other) => return Err(unexpected(&other)),

@@ -82,13 +82,13 @@ pub struct ConnectOptions {
     pub max_frame: usize,
     /// QUIC keep-alive interval (must be well below the idle timeout). It is also how soon an
     /// idle client learns that its node died: a keep-alive that the node does not
-    /// acknowledge within [`Self::liveness_timeout`] ends the connection (default 4 s, so an
-    /// idle client notices a dead node within 10 s; the node answers each keep-alive with
-    /// one ACK: 0.25 packets/s each way per idle client).
+    /// acknowledge within [`Self::liveness_timeout`] ends the connection (default 2 s, so an
+    /// idle client notices a dead node within 7.5 s; the node answers each keep-alive with
+    /// one ACK: 0.5 packets/s each way per idle client).
     pub keep_alive: Duration,
     /// How long the node may stay completely silent (not even a transport ACK) after this
     /// client sent it something that needs an answer, before the connection is declared
-    /// dead and closed (default 6 s). ACKs come from the node's QUIC stack, not from its
+    /// dead and closed (default 5 s). ACKs come from the node's QUIC stack, not from its
     /// request handlers, so a node that is slow to answer requests but alive is not taken
     /// for dead: only a dead process, host or path is. Not shorter: when a node dies, its
     /// clients' failover loads the survivors, whose UDP receive queues can overflow for
@@ -119,8 +119,8 @@ impl ConnectOptions {
             request_timeout: Duration::from_secs(15),
             event_buffer: 1024,
             max_frame: 1 << 20,
-            keep_alive: Duration::from_secs(4),
-            liveness_timeout: Duration::from_secs(6),
+            keep_alive: Duration::from_secs(2),
+            liveness_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(8),
             seeds: Vec::new(),
             idle_timeout: Duration::from_secs(60),
@@ -378,7 +378,7 @@ fn eliciting_sent(s: &quinn::ConnectionStats) -> u64 {
 /// CPU, suspended): received datagrams may be waiting unread, so silence until then proves
 /// nothing and the clock starts again.
 async fn watch_liveness(conn: quinn::Connection, timeout: Duration, dead: Arc<AtomicBool>) {
-    // Fine enough that the tick adds little to the timeout (1/12 of it: 0.5 s at 6 s).
+    // Fine enough that the tick adds little to the timeout (1/12 of it: ~0.4 s at 5 s).
     let period = (timeout / 12).max(Duration::from_millis(50));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

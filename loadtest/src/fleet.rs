@@ -168,6 +168,16 @@ impl Fleet {
         self.errors.lock().clone()
     }
 
+    /// Slots in the fleet.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the fleet has no slots.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
     /// The user of slot `i`.
     pub fn user(&self, i: usize) -> UserId {
         self.slots[i].user

@@ -115,7 +115,7 @@ struct Cli {
     drain: u64,
     /// Client QUIC keep-alive, seconds (below the node's idle timeout). It bounds how soon
     /// an idle client notices a dead node (keep-alive + the liveness timeout).
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 2.0)]
     keep_alive: f64,
     /// Client liveness timeout, seconds: a connection silent this long after a send is
     /// declared dead (the client library's default unless given).
@@ -275,8 +275,10 @@ async fn main() -> anyhow::Result<()> {
         },
         first_user: cli.first_user,
         provision: !cli.no_provision,
-        keep_alive: Duration::from_secs_f64(cli.keep_alive.max(0.5)),
-        liveness: cli.liveness.map(|s| Duration::from_secs_f64(s.max(0.5))),
+        keep_alive: Duration::from_secs_f64(cli.keep_alive.clamp(0.5, 3600.0)),
+        liveness: cli
+            .liveness
+            .map(|s| Duration::from_secs_f64(s.clamp(0.5, 3600.0))),
         udp_buffer: cli.udp_buffer,
         out: cli.out.clone(),
         progress: !cli.no_progress,

@@ -238,6 +238,25 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
     }
     let open_at_end = fleet.open_now();
     let outstanding = tracker.outstanding();
+    // Where each missed recipient stood at the end: the first thing to know about a loss.
+    for (id, sender, missing) in &outstanding.acked_undelivered_missing {
+        for user in missing {
+            let slot = (0..fleet.len()).find(|&i| fleet.user(i) == *user);
+            let client = slot.and_then(|i| fleet.client(i));
+            warn!(
+                message_id = id,
+                sender = sender.0,
+                recipient = user.0,
+                slot,
+                server = client.as_ref().map(|c| c.server()),
+                open = client
+                    .as_ref()
+                    .is_some_and(|c| c.conn().is_ok_and(|c| c.is_open())),
+                gap_fills = client.as_ref().map(|c| c.gap_fills()),
+                "acked message never reached this recipient"
+            );
+        }
+    }
     sampler_task.abort();
     pb.finish_and_clear();
     fleet.close_all().await;

@@ -211,6 +211,8 @@ pub struct Outstanding {
     pub acked_undelivered: u64,
     /// Up to 20 of their message ids.
     pub acked_undelivered_ids: Vec<u64>,
+    /// For the same (up to 20): the message id, its sender and the recipients it missed.
+    pub acked_undelivered_missing: Vec<(u64, UserId, Vec<UserId>)>,
     /// Sends neither acked nor failed when the run ended.
     pub unresolved_sends: u64,
 }
@@ -367,6 +369,8 @@ impl Tracker {
                     o.acked_undelivered += 1;
                     if o.acked_undelivered_ids.len() < 20 {
                         o.acked_undelivered_ids.push(id);
+                        o.acked_undelivered_missing
+                            .push((id, e.sender, e.remaining.clone()));
                     }
                 }
                 Some(_) => {}
@@ -374,6 +378,7 @@ impl Tracker {
             }
         }
         o.acked_undelivered_ids.sort_unstable();
+        o.acked_undelivered_missing.sort_unstable_by_key(|m| m.0);
         o
     }
 

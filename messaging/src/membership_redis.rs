@@ -80,7 +80,8 @@ pub struct Registration {
 
 /// Lua that sets `run_id` to Redis's run id (it changes on every restart and failover), or
 /// to '' where `INFO` is not allowed in scripts (then restarts go unnoticed: no shrink is
-/// deferred, and only a missing mark makes a new holder wait).
+/// deferred, and no mark can be trusted: every take of a worker id waits a TTL, the safe side
+/// where a restart or a failover to a stale replica cannot be told apart).
 macro_rules! run_id_lua {
     () => {
         "local ok, info = pcall(redis.call, 'INFO', 'server')
@@ -353,7 +354,9 @@ impl RedisMembership {
             // at the end of a wait after a take with no history, so serving does not either.
             let (from, until) = (gate.valid_from_ms(), gate.valid_until_ms());
             let wake = if core.is_fenced() {
-                (from < until).then_some(from)
+                // Only a start still ahead: a past one (a lease that ran out while Redis was
+                // away) would make this loop spin.
+                (from > gate.now_ms() && from < until).then_some(from)
             } else {
                 (until != u64::MAX).then_some(until)
             };

@@ -154,6 +154,16 @@ impl Changed {
         }
     }
 
+    /// Puts back a change taken from the lane (its batch did not go out).
+    fn readd(&mut self, c: &pm::ChannelChanged) {
+        if c.all {
+            self.channels.clear();
+            self.all = true;
+        } else {
+            self.add(ChannelId(c.channel_id));
+        }
+    }
+
     /// The envelopes owed, emptying the lane.
     fn take(&mut self) -> Vec<pm::Envelope> {
         let c = std::mem::take(self);
@@ -199,8 +209,10 @@ impl Missed {
         match &env.body {
             Some(envelope::Body::Deliver(d)) => self.add_users(&d.recipients),
             Some(envelope::Body::Resync(r)) if !r.all => self.add_users(&r.users),
-            // A channel change, a move or a resync of everyone: which users it concerns is not
-            // listed here.
+            // Channel changes have a lane of their own, and a link that comes up drops the
+            // member cache: nothing to resync.
+            Some(envelope::Body::ChannelChanged(_)) => {}
+            // A move or a resync of everyone: which users it concerns is not listed here.
             _ => self.add_all(),
         }
     }
@@ -255,6 +267,8 @@ impl Written {
             match &env.body {
                 Some(envelope::Body::Deliver(d)) => users.extend_from_slice(&d.recipients),
                 Some(envelope::Body::Resync(r)) if !r.all => users.extend_from_slice(&r.users),
+                // Covered without a resync: a link that comes up drops the member cache.
+                Some(envelope::Body::ChannelChanged(_)) => {}
                 _ => self.all_at = Some(now),
             }
         }
@@ -500,7 +514,9 @@ impl Mesh {
                 })
                 .collect();
             let weights: BTreeMap<NodeId, u32> = members.iter().map(|m| (m.id, m.weight)).collect();
-            let ring = Arc::new(Ring::build(&weights, DEFAULT_VNODES_PER_WEIGHT)?);
+            // The same ring input as Redis membership builds (and clients predict).
+            let (weights, per_weight) = meshchat_backplane::ring::params(&weights);
+            let ring = Arc::new(Ring::build(&weights, per_weight)?);
             mesh.apply(c.epoch, &ring, &members);
         }
         Ok(mesh)
@@ -521,11 +537,23 @@ impl Mesh {
             v.weights = members.iter().map(|m| (m.id, m.weight)).collect();
         }
         let mut peers = self.peers.write();
+        // What a departed peer may never have got: its queue and what it missed. Its link
+        // hands over what it wrote lately when it ends (`run_link`).
+        let mut orphaned = Missed::default();
         peers.retain(|id, p| {
             let keep = members.iter().any(|m| m.id == *id && m.mesh_addr == p.addr);
             if !keep {
                 let _ = p.gone.send(true);
                 info!(peer = id.0, "peer left the member set");
+                for env in p.queue.lock().drain(..) {
+                    orphaned.add(&env);
+                }
+                let missed = std::mem::take(&mut *p.missed.lock());
+                if missed.all {
+                    orphaned.add_all();
+                } else {
+                    orphaned.add_users(&missed.users.into_iter().collect::<Vec<_>>());
+                }
             }
             keep
         });
@@ -561,6 +589,7 @@ impl Mesh {
             peers.insert(m.id, peer);
         }
         drop(peers);
+        self.retarget(orphaned);
         // Re-home: users connected here whose owner is now another node.
         let mut moved = 0;
         for user in self.registry.users() {
@@ -630,6 +659,58 @@ impl Mesh {
 
     fn owner(&self, user: UserId) -> NodeId {
         self.view.read().ring.owner(user).unwrap_or(self.me)
+    }
+
+    /// Pushes that went to a peer which then left the member set (died): queued for it,
+    /// dropped for it, or written into its link shortly before it ended. Its users now live
+    /// elsewhere, where they may already be connected and done with their gap fill (they
+    /// re-home on their own as soon as the ring moves, which can be before this node learns
+    /// of it): their new owners tell them to fill their gaps again, here directly, on a peer
+    /// through its resync lane.
+    fn retarget(&self, orphaned: Missed) {
+        if orphaned.is_empty() {
+            return;
+        }
+        let resync = || crate::node::encode_push(push::Event::Resync(pc::Resync {}));
+        if orphaned.all {
+            warn!("pushes for a departed peer were lost: resyncing every user");
+            self.registry
+                .push_to(&self.registry.users(), &resync(), None);
+            for p in self.peers.read().values() {
+                p.missed.lock().add_all();
+                p.ready.notify_one();
+            }
+            return;
+        }
+        let mut here = Vec::new();
+        let mut elsewhere: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
+        for u in orphaned.users {
+            match self.owner(UserId(u)) {
+                owner if owner == self.me => here.push(UserId(u)),
+                owner => elsewhere.entry(owner).or_default().push(u),
+            }
+        }
+        info!(
+            here = here.len(),
+            elsewhere = elsewhere.values().map(Vec::len).sum::<usize>(),
+            "pushes for a departed peer may be lost: resyncing their recipients"
+        );
+        if !here.is_empty() {
+            self.registry.push_to(&here, &resync(), None);
+        }
+        for (node, users) in elsewhere {
+            match self.peer(node) {
+                Some(peer) => {
+                    peer.missed.lock().add_users(&users);
+                    peer.ready.notify_one();
+                }
+                None => warn!(
+                    node = node.0,
+                    users = users.len(),
+                    "no peer entry for the new owner: these users fill at their next reconnect"
+                ),
+            }
+        }
     }
 
     /// Handles one envelope from a peer.
@@ -1075,9 +1156,14 @@ async fn run_link(
             if let Err(e) = encode_into(&frame, MAX_MESH_FRAME, &mut buf) {
                 warn!(error = %e, "batch did not encode; dropped, its recipients resynced");
                 peer.stats.dropped.fetch_add(n, Ordering::Relaxed);
-                let mut missed = peer.missed.lock();
                 for env in &frame.envelopes {
-                    missed.add(env);
+                    match &env.body {
+                        // Back on the lane that is never dropped, not a resync of everyone.
+                        Some(envelope::Body::ChannelChanged(c)) => {
+                            peer.changed.lock().readd(c);
+                        }
+                        _ => peer.missed.lock().add(env),
+                    }
                 }
                 continue;
             }
@@ -1101,9 +1187,18 @@ async fn run_link(
         _ = conn.closed() => false,
         _ = replaced => true,
     };
-    // What this link wrote lately may have died with it: the next link resyncs those users
-    // (nothing to do if this node stops or the peer left the member set).
-    if !*stop.borrow() && !*gone.borrow() {
+    // What this link wrote lately may have died with it: the next link resyncs those users;
+    // if the peer left the member set (it died), their new owners do. Nothing to do if this
+    // node stops.
+    if !*stop.borrow() && *gone.borrow() {
+        let mut lost = Missed::default();
+        let written = std::mem::take(&mut *written.lock());
+        written.resync_into(Instant::now(), &mut lost);
+        for env in std::mem::take(&mut *writing.lock()) {
+            lost.add(&env);
+        }
+        mesh.retarget(lost);
+    } else if !*stop.borrow() {
         let written = std::mem::take(&mut *written.lock());
         if written.resync_into(Instant::now(), &mut peer.missed.lock()) {
             debug!(
@@ -1150,6 +1245,25 @@ mod tests {
                 push: Bytes::new(),
             })),
         }
+    }
+
+    #[test]
+    fn a_dead_link_does_not_resync_everyone_for_a_channel_change() {
+        let t0 = Instant::now();
+        let mut w = Written::default();
+        let changed = pm::Envelope {
+            ring_epoch: 0,
+            hops: 0,
+            body: Some(envelope::Body::ChannelChanged(pm::ChannelChanged {
+                channel_id: 9,
+                all: false,
+            })),
+        };
+        w.record(t0, &[changed, deliver(vec![5])]);
+        let mut missed = Missed::default();
+        assert!(w.resync_into(t0, &mut missed));
+        assert!(!missed.all, "a channel change must not resync everyone");
+        assert_eq!(missed.users, BTreeSet::from([5]));
     }
 
     #[test]

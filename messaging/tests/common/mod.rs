@@ -97,7 +97,6 @@ impl TestNode {
     }
 }
 
-/// The next message push within 5 s, skipping other events.
 /// Polls `cond` every 20 ms until it holds; panics after `within`.
 pub async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;
@@ -110,6 +109,7 @@ pub async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bo
     }
 }
 
+/// The next message push within 5 s, skipping other events.
 pub async fn next_message(events: &mut Events) -> meshchat_proto::client::Message {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {

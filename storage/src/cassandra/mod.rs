@@ -990,14 +990,34 @@ impl StateStore for CassandraStore {
         after: ChannelId,
         limit: u32,
     ) -> Result<Vec<Channel>, StorageError> {
-        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
-        let ids: Vec<(i64,)> = self
-            .all(
-                &self.st.channels_of_user_after,
-                (i(user.0), i(after.0), limit),
-            )
-            .await?;
-        // `buffered` keeps the ascending id order of the rows.
-        self.channel_rows(ids).await
+        let want = limit as usize;
+        if want == 0 {
+            return Ok(Vec::new());
+        }
+        let mut after = after;
+        let mut out = Vec::new();
+        // A membership whose channel row is missing (a create that failed half way) is
+        // skipped; read on past it so that a short page still means "no more" to the
+        // caller's paging.
+        loop {
+            let asked = want - out.len();
+            let ids: Vec<(i64,)> = self
+                .all(
+                    &self.st.channels_of_user_after,
+                    (
+                        i(user.0),
+                        i(after.0),
+                        i32::try_from(asked).unwrap_or(i32::MAX),
+                    ),
+                )
+                .await?;
+            let (read, last) = (ids.len(), ids.last().map(|(id,)| ChannelId(u(*id))));
+            // `buffered` keeps the ascending id order of the rows.
+            out.extend(self.channel_rows(ids).await?);
+            match last {
+                Some(last) if read == asked && out.len() < want => after = last,
+                _ => return Ok(out),
+            }
+        }
     }
 }
