@@ -62,18 +62,27 @@ pub fn spawn_node(dir: &std::path::Path, id: u32, redis: u16, store: &str) -> (P
 
 /// Registers `name` through `addr`, retrying while its home says UNAVAILABLE: a new
 /// cluster's worker ids are new to Redis, and each node issues ids (registers users) only a
-/// lease TTL after it took its worker id.
+/// lease TTL after it took its worker id. A node that is not the user's home registers the
+/// user and redirects with a token; if the home is not serving yet, the attempt fails after
+/// the user exists: the retry then logs in.
 async fn register_when_served(
     addr: &str,
     opts: &ConnectOptions,
     name: &str,
 ) -> (Client, Events, Session) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut exists = false;
     loop {
         let (c, e) = Client::connect(addr, opts.clone()).await.expect("connect");
-        match c.register(name, "password-123").await {
+        let attempt = if exists {
+            c.login(name, "password-123").await
+        } else {
+            c.register(name, "password-123").await
+        };
+        match attempt {
             Ok(s) => return (c, e, s),
             Err(err) if err.code() == Some(ErrorCode::Unavailable) => {}
+            Err(err) if err.code() == Some(ErrorCode::UserExists) => exists = true,
             Err(err) => panic!("register {name}: {err}"),
         }
         assert!(
