@@ -208,6 +208,12 @@ fn unexpected(b: &server_frame::Body) -> ClientError {
     ClientError::Protocol(format!("unexpected reply: {b:?}"))
 }
 
+/// The pause before gap-fill attempt `attempt` (1-based) on a busy node: 200 ms, doubling,
+/// at most 3.2 s.
+fn gap_fill_backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100) * 2u32.pow(attempt.min(5))
+}
+
 /// How one chat's gap fill ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FillEnd {
@@ -245,7 +251,7 @@ async fn fill_chat(
             Err(e) if e.is_retryable() && conn.is_open() && attempt < GAP_FILL_ATTEMPTS => {
                 attempt += 1;
                 debug!(error = %e, attempt, %chat, "gap fill page retried");
-                tokio::time::sleep(Duration::from_millis(100) * 2u32.pow(attempt.min(5))).await;
+                tokio::time::sleep(gap_fill_backoff(attempt)).await;
                 continue;
             }
             Ok(other) => {
@@ -811,7 +817,7 @@ impl Client {
                 {
                     attempt += 1;
                     debug!(error = %e, attempt, "gap fill: chat list retried");
-                    tokio::time::sleep(Duration::from_millis(100) * 2u32.pow(attempt.min(5))).await;
+                    tokio::time::sleep(gap_fill_backoff(attempt)).await;
                 }
                 Err(e) => return Err(e),
             }

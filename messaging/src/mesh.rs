@@ -207,8 +207,8 @@ impl Missed {
 
     fn add(&mut self, env: &pm::Envelope) {
         match &env.body {
-            Some(envelope::Body::Deliver(d)) => self.add_users(&d.recipients),
-            Some(envelope::Body::Resync(r)) if !r.all => self.add_users(&r.users),
+            Some(envelope::Body::Deliver(d)) => self.add_users(d.recipients.iter().copied()),
+            Some(envelope::Body::Resync(r)) if !r.all => self.add_users(r.users.iter().copied()),
             // Channel changes have a lane of their own, and a link that comes up drops the
             // member cache: nothing to resync.
             Some(envelope::Body::ChannelChanged(_)) => {}
@@ -217,11 +217,11 @@ impl Missed {
         }
     }
 
-    fn add_users(&mut self, users: &[u64]) {
+    fn add_users(&mut self, users: impl IntoIterator<Item = u64>) {
         if self.all {
             return;
         }
-        self.users.extend(users.iter().copied());
+        self.users.extend(users);
         if self.users.len() > MAX_MISSED_USERS {
             self.add_all();
         }
@@ -230,6 +230,15 @@ impl Missed {
     fn add_all(&mut self) {
         self.users.clear();
         self.all = true;
+    }
+
+    /// Adds everything `other` names.
+    fn absorb(&mut self, other: Missed) {
+        if other.all {
+            self.add_all();
+        } else {
+            self.add_users(other.users);
+        }
     }
 
     fn take(&mut self) -> pm::Envelope {
@@ -303,7 +312,7 @@ impl Written {
             missed.add_all();
         }
         for (_, users) in &self.batches {
-            missed.add_users(users);
+            missed.add_users(users.iter().copied());
         }
         self.all_at.is_some() || !self.batches.is_empty()
     }
@@ -548,12 +557,7 @@ impl Mesh {
                 for env in p.queue.lock().drain(..) {
                     orphaned.add(&env);
                 }
-                let missed = std::mem::take(&mut *p.missed.lock());
-                if missed.all {
-                    orphaned.add_all();
-                } else {
-                    orphaned.add_users(&missed.users.into_iter().collect::<Vec<_>>());
-                }
+                orphaned.absorb(std::mem::take(&mut *p.missed.lock()));
             }
             keep
         });
@@ -701,7 +705,7 @@ impl Mesh {
         for (node, users) in elsewhere {
             match self.peer(node) {
                 Some(peer) => {
-                    peer.missed.lock().add_users(&users);
+                    peer.missed.lock().add_users(users);
                     peer.ready.notify_one();
                 }
                 None => warn!(
