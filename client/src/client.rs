@@ -837,6 +837,7 @@ impl Client {
         let events = self.events.clone();
         let filled = self.gap_fills.clone();
         let (chats, started) = (from.len(), std::time::Instant::now());
+        let me = self.me().map_or(0, |u| u.0);
         Ok(tokio::spawn(async move {
             use futures::StreamExt;
             // A few chats at a time: after a failover the reads are round trips to a busy
@@ -858,6 +859,7 @@ impl Client {
                 let _ = events.send(Event::Resync).await;
             }
             debug!(
+                user = me,
                 chats,
                 complete,
                 took_ms = started.elapsed().as_millis() as u64,

@@ -1,10 +1,17 @@
 //! Chaos faults on a spawned cluster, on a plan given on the command line
 //! (`--fault kill:2@20 --fault restart:2@40 --fault redis-down@10 --fault redis-up@25`, times
 //! in seconds from the start of the traffic), and what they did: a timeline of the faults and,
-//! for every node killed, how long each of its clients took to be serving again on another
-//! node (the client library's liveness check and failover, no help from the harness).
+//! for every node killed or partitioned, how long each of its clients took to be serving
+//! again on another node (the client library's liveness check and failover, no help from the
+//! harness).
 //!
-//! Partitions (network namespaces) are not here yet: see docs/RELIABILITY.md.
+//! The faults are real, not simulated: SIGKILL; a `redis-server` killed and started empty;
+//! a partition made of network namespaces the harness creates (`cluster::Netns`: each node
+//! in its own namespace on a bridge, traffic to the other nodes and Redis dropped in the
+//! kernel); the embedded store's write lock held by another process (`storage-down`: every
+//! node's writes fail, reads go on); and users flooding at ten times their send rate limit
+//! (`flood:K`: K users for [`FLOOD_SECS`], each send tried once, without the client
+//! library's retries, as an abusive client would).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -28,7 +35,20 @@ pub enum Action {
     RedisDown,
     /// Start it again, empty.
     RedisUp,
+    /// Cut node N (1-based) off from the other nodes and Redis (its clients still reach it).
+    Partition(usize),
+    /// Heal node N's partition.
+    Heal(usize),
+    /// Hold the embedded store's write lock from another process: every write fails.
+    StorageDown,
+    /// Release it.
+    StorageUp,
+    /// K users send at ten times the send rate limit for [`FLOOD_SECS`].
+    Flood(usize),
 }
+
+/// How long a `flood:K` fault lasts.
+pub const FLOOD_SECS: u64 = 10;
 
 /// A fault at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -58,11 +78,20 @@ impl FromStr for Fault {
         let action = match what.split_once(':') {
             Some(("kill", n)) => Action::Kill(node(n)?),
             Some(("restart", n)) => Action::Restart(node(n)?),
+            Some(("partition", n)) => Action::Partition(node(n)?),
+            Some(("heal", n)) => Action::Heal(node(n)?),
+            Some(("flood", k)) => match k.parse::<usize>() {
+                Ok(k) if k >= 1 => Action::Flood(k),
+                _ => return Err(format!("{s:?}: flood:K needs K >= 1 users")),
+            },
             None if what == "redis-down" => Action::RedisDown,
             None if what == "redis-up" => Action::RedisUp,
+            None if what == "storage-down" => Action::StorageDown,
+            None if what == "storage-up" => Action::StorageUp,
             _ => {
                 return Err(format!(
-                    "{s:?}: faults are kill:N, restart:N, redis-down, redis-up"
+                    "{s:?}: faults are kill:N, restart:N, partition:N, heal:N, redis-down, \
+                     redis-up, storage-down, storage-up, flood:K"
                 ));
             }
         };
@@ -85,17 +114,40 @@ pub struct FaultEvent {
     pub victims: usize,
 }
 
+/// What the faults act on besides the cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct World<'a> {
+    /// The connections.
+    pub fleet: &'a Arc<Fleet>,
+    /// Where results go.
+    pub tracker: &'a Arc<Tracker>,
+    /// Slots connected when the traffic started.
+    pub live: &'a Arc<Vec<usize>>,
+    /// Sends per second of each flooding user.
+    pub flood_rate: f64,
+    /// Message body size.
+    pub body_bytes: usize,
+    /// Seed of the random choices.
+    pub seed: u64,
+}
+
 /// Carries out `plan` against `target` during the traffic phase, which started at `from`;
-/// returns when the last fault is done. Killed nodes' clients are watched until they are
-/// re-homed or `watch_until` passes.
+/// returns when the last fault is done (a flood is started and runs on by itself). Killed
+/// and partitioned nodes' clients are watched until they are re-homed or `watch_until`
+/// passes.
 pub async fn run_plan(
     plan: &[Fault],
     target: &mut Target,
-    fleet: &Arc<Fleet>,
-    tracker: &Arc<Tracker>,
+    world: World<'_>,
     from: Instant,
     watch_until: tokio::time::Instant,
 ) -> Vec<FaultEvent> {
+    let World {
+        fleet,
+        tracker,
+        live,
+        ..
+    } = world;
     let mut plan = plan.to_vec();
     plan.sort_by_key(|f| f.at_secs);
     let mut events = Vec::new();
@@ -113,9 +165,36 @@ pub async fn run_plan(
                 }
                 r
             }
+            Action::Partition(n) => {
+                let addr = target.servers.get(n - 1).cloned().unwrap_or_default();
+                victims = fleet.open_on(&addr);
+                let r = tokio::task::block_in_place(|| target.partition(n - 1));
+                if r.is_ok() {
+                    watch_rehome(fleet.clone(), tracker.clone(), &victims, watch_until);
+                }
+                r
+            }
+            Action::Heal(n) => tokio::task::block_in_place(|| target.heal(n - 1)),
             Action::Restart(n) => tokio::task::block_in_place(|| target.restart_node(n - 1)),
             Action::RedisDown => target.redis_down(),
             Action::RedisUp => tokio::task::block_in_place(|| target.redis_up()),
+            Action::StorageDown => tokio::task::block_in_place(|| target.storage_down()),
+            Action::StorageUp => tokio::task::block_in_place(|| target.storage_up()),
+            Action::Flood(k) => {
+                // The first K connected users, spread over the nodes like everyone else.
+                let flooders: Vec<usize> = live.iter().copied().take(k).collect();
+                tokio::spawn(crate::scenario::flood(
+                    fleet.clone(),
+                    tracker.clone(),
+                    flooders,
+                    live.clone(),
+                    world.flood_rate,
+                    Duration::from_secs(FLOOD_SECS),
+                    world.body_bytes,
+                    world.seed ^ 0xF100D,
+                ));
+                Ok(())
+            }
         };
         if let Err(e) = &result {
             warn!(?fault, error = %e, "fault failed");
@@ -131,7 +210,8 @@ pub async fn run_plan(
     events
 }
 
-/// Records, for each of `victims` (slots connected to the killed node), the time until its
+/// Records, for each of `victims` (slots connected to the killed or partitioned node), the
+/// time until its
 /// client is authenticated again on an open connection (at its new home, or at the node
 /// itself once it is back and owns the user again: every authentication mints a new
 /// token, so a new token means a new session) and has filled its gap (a gap fill that

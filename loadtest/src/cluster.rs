@@ -7,10 +7,12 @@
 //!
 //! A spawned cluster can be hurt on purpose (the chaos faults): a node killed with SIGKILL
 //! and started again, Redis stopped and started again (empty, as after a restart without
-//! persistence).
+//! persistence), a node partitioned from the others and Redis and healed (the nodes then run
+//! in network namespaces: [`crate::netns`]), the embedded store's write lock held by the
+//! harness (every node's writes fail; reads go on).
 
 use std::io::Write;
-use std::net::UdpSocket;
+use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use std::time::Duration;
 use meshchat_messaging::dev::{DevCluster, DevStorage, stop_children};
 use parking_lot::Mutex;
 
+use crate::netns::Netns;
 use crate::provision::Store;
 use crate::sampler::Watched;
 
@@ -42,6 +45,12 @@ pub enum ClusterError {
     /// A fault names something the cluster does not have.
     #[error("fault: {0}")]
     Fault(String),
+    /// The network namespaces could not be made or changed.
+    #[error("network namespaces: {0}")]
+    Netns(#[from] crate::netns::NetnsError),
+    /// The store's write lock could not be taken.
+    #[error("storage fault: {0}")]
+    Storage(String),
     /// No free port range for the spawned nodes.
     #[error("no free port range on 127.0.0.1 for {0} nodes")]
     NoPorts(u32),
@@ -67,7 +76,12 @@ pub struct Target {
     pub nodes: Vec<Watched>,
     /// The cluster's store, when the harness can provision users there.
     pub store: Option<Store>,
+    /// Where the harness's clients send from (empty: loopback); set when the nodes run in
+    /// network namespaces.
+    pub client_ips: Vec<IpAddr>,
     spawned: Option<Spawned>,
+    /// The embedded store's write lock, while a `storage-down` fault holds it.
+    write_lock: Option<rusqlite::Connection>,
 }
 
 type LogFn = Arc<dyn Fn(&str) + Send + Sync>;
@@ -78,6 +92,9 @@ struct Spawned {
     bin: PathBuf,
     log: LogFn,
     redis: Option<RedisServer>,
+    /// Dropped after the children are stopped (field order): a namespace is gone only
+    /// once no process runs in it.
+    netns: Option<Netns>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -96,28 +113,33 @@ impl Drop for Spawned {
     }
 }
 
-/// A `redis-server` of the harness's own on a free loopback port, without persistence.
+/// A `redis-server` of the harness's own on a free port, without persistence.
 #[derive(Debug)]
 pub struct RedisServer {
+    ip: Ipv4Addr,
     port: u16,
     child: Option<Child>,
 }
 
 impl RedisServer {
-    /// Starts one on a free port; returns once it accepts connections.
-    pub fn start() -> Result<Self, ClusterError> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
+    /// Starts one on a free port of `ip`; returns once it accepts connections.
+    pub fn start(ip: Ipv4Addr) -> Result<Self, ClusterError> {
+        let port = std::net::TcpListener::bind((ip, 0))
             .and_then(|l| l.local_addr())
             .map_err(|e| ClusterError::Redis(e.to_string()))?
             .port();
-        let mut r = Self { port, child: None };
+        let mut r = Self {
+            ip,
+            port,
+            child: None,
+        };
         r.up()?;
         Ok(r)
     }
 
     /// Its URL.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        format!("redis://{}:{}/", self.ip, self.port)
     }
 
     /// Starts it (again, empty) on its port and waits until it accepts connections.
@@ -127,12 +149,18 @@ impl RedisServer {
         }
         let child = std::process::Command::new("redis-server")
             .args([
+                "--bind",
+                &self.ip.to_string(),
                 "--port",
                 &self.port.to_string(),
                 "--save",
                 "",
                 "--appendonly",
                 "no",
+                // Off the loopback only on the run's private bridge (crate::netns), which
+                // exists only inside this machine.
+                "--protected-mode",
+                if self.ip.is_loopback() { "yes" } else { "no" },
             ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -140,7 +168,7 @@ impl RedisServer {
             .map_err(|e| ClusterError::Redis(format!("redis-server (is it installed?): {e}")))?;
         self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while std::net::TcpStream::connect((self.ip, self.port)).is_err() {
             if std::time::Instant::now() > deadline {
                 return Err(ClusterError::Redis(
                     "not accepting connections after 10 s".into(),
@@ -189,13 +217,18 @@ impl Target {
                 })
                 .collect(),
             store,
+            client_ips: Vec::new(),
             spawned: None,
+            write_lock: None,
         })
     }
 
     /// Starts `n` node processes of `node_bin` in `data_dir` (a temp dir if `None`) on
     /// `storage` (a Cassandra keyspace is migrated first), with Redis membership on a
-    /// `redis-server` of their own if `redis`; their log lines go to `log_file`.
+    /// `redis-server` of their own if `redis`; their log lines go to `log_file`. With
+    /// `netns`, each node runs in a network namespace of its own ([`crate::netns`]; needs
+    /// root) and the harness's clients send from `client_sources` addresses of the bridge.
+    #[allow(clippy::too_many_arguments)]
     pub async fn spawn(
         n: u32,
         node_bin: &Path,
@@ -203,6 +236,8 @@ impl Target {
         log_file: &Path,
         redis: bool,
         storage: DevStorage,
+        netns: bool,
+        client_sources: u8,
     ) -> Result<Self, ClusterError> {
         let (tmp, data_dir) = match data_dir {
             Some(d) => (None, d),
@@ -215,19 +250,31 @@ impl Target {
                 (Some(t), p)
             }
         };
-        let base_port = free_base_port(n)?;
-        let redis = if redis {
-            Some(RedisServer::start()?)
+        let netns = if netns {
+            Some(Netns::create(n as usize, client_sources)?)
         } else {
             None
         };
-        let dev = DevCluster {
-            nodes: n,
-            data_dir: data_dir.clone(),
-            base_port,
-            redis: redis.as_ref().map(RedisServer::url),
-            storage,
+        // In namespaces every node has its own ports; on loopback they share them.
+        let base_port = free_base_port(n)?;
+        let redis = if redis {
+            Some(RedisServer::start(
+                netns.as_ref().map_or(Ipv4Addr::LOCALHOST, Netns::redis_ip),
+            )?)
+        } else {
+            None
         };
+        let mut dev = DevCluster::new(
+            n,
+            data_dir.clone(),
+            base_port,
+            redis.as_ref().map(RedisServer::url),
+            storage,
+        );
+        if let Some(ns) = &netns {
+            dev.hosts = (0..n as usize).map(|i| ns.node_ip(i)).collect();
+            dev.netns = (0..n as usize).map(|i| ns.namespace(i)).collect();
+        }
         dev.prepare_storage()
             .await
             .map_err(|e| ClusterError::Start(e.to_string()))?;
@@ -281,14 +328,19 @@ impl Target {
                 DevStorage::Embedded => Store::Embedded(data_dir),
                 DevStorage::Cassandra(settings) => Store::Cassandra(settings.clone()),
             }),
+            client_ips: netns.as_ref().map_or_else(Vec::new, |ns| {
+                ns.client_ips().into_iter().map(IpAddr::V4).collect()
+            }),
             spawned: Some(Spawned {
                 children,
                 dev,
                 bin: node_bin.to_owned(),
                 log,
                 redis,
+                netns,
                 _tmp: tmp,
             }),
+            write_lock: None,
         })
     }
 
@@ -299,6 +351,7 @@ impl Target {
 
     /// Stops spawned nodes (SIGTERM, then SIGKILL after the grace period).
     pub fn stop(&mut self) {
+        self.write_lock = None;
         self.spawned = None;
     }
 
@@ -351,6 +404,54 @@ impl Target {
     /// Starts the harness's Redis again, empty.
     pub fn redis_up(&mut self) -> Result<(), ClusterError> {
         self.redis()?.up()
+    }
+
+    /// Cuts node `i` (0-based) off from the other nodes and Redis ([`Netns::partition`]).
+    pub fn partition(&mut self, i: usize) -> Result<(), ClusterError> {
+        Ok(self.netns()?.partition(i)?)
+    }
+
+    /// Heals node `i`'s partition.
+    pub fn heal(&mut self, i: usize) -> Result<(), ClusterError> {
+        Ok(self.netns()?.heal(i)?)
+    }
+
+    fn netns(&mut self) -> Result<&mut Netns, ClusterError> {
+        self.spawned()?.netns.as_mut().ok_or_else(|| {
+            ClusterError::Fault("partitions need the nodes in network namespaces".into())
+        })
+    }
+
+    /// Takes the embedded store's write lock from this process (`BEGIN EXCLUSIVE` on its
+    /// database) and holds it until [`Self::storage_up`]: every node's writes wait out
+    /// their busy timeout and fail; reads go on (WAL). The way a stuck maintenance job or a
+    /// hung disk looks to the nodes.
+    pub fn storage_down(&mut self) -> Result<(), ClusterError> {
+        let Some(Store::Embedded(dir)) = &self.store else {
+            return Err(ClusterError::Fault(
+                "storage faults need the embedded store".into(),
+            ));
+        };
+        let path = dir.join(meshchat_storage::embedded::DB_FILE);
+        let err = |e: rusqlite::Error| ClusterError::Storage(format!("{}: {e}", path.display()));
+        let conn = rusqlite::Connection::open(&path).map_err(err)?;
+        // The nodes' writer commits a batch every few milliseconds: the lock is free often.
+        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+        conn.execute_batch("BEGIN EXCLUSIVE").map_err(err)?;
+        self.write_lock = Some(conn);
+        Ok(())
+    }
+
+    /// Releases the write lock of [`Self::storage_down`].
+    pub fn storage_up(&mut self) -> Result<(), ClusterError> {
+        match self.write_lock.take() {
+            Some(conn) => conn
+                .execute_batch("ROLLBACK")
+                .map_err(|e| ClusterError::Storage(e.to_string())),
+            None => Err(ClusterError::Fault(
+                "storage-up without storage-down".into(),
+            )),
+        }
     }
 
     fn redis(&mut self) -> Result<&mut RedisServer, ClusterError> {

@@ -38,6 +38,9 @@ pub struct FleetConfig {
     pub endpoints: usize,
     /// Loopback source addresses to spread the endpoints over (127.0.0.1 ..= 127.0.0.N).
     pub source_addrs: u8,
+    /// Source addresses to use instead of loopback ones (the nodes run in network
+    /// namespaces); empty: 127.0.0.1 ..= 127.0.0.`source_addrs`.
+    pub source_ips: Vec<IpAddr>,
     /// New connections started per second.
     pub ramp_rate: f64,
     /// Handshakes in flight at once.
@@ -116,7 +119,10 @@ impl Fleet {
             .is_some_and(|(a, _)| a.is_ipv6());
         let mut endpoints = Vec::new();
         for e in 0..cfg.endpoints.max(1) {
-            let ip: IpAddr = if v6 {
+            let ip: IpAddr = if let Some(&ip) = cfg.source_ips.get(e % cfg.source_ips.len().max(1))
+            {
+                ip
+            } else if v6 {
                 IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1])
             } else {
                 // 127.0.0.1 ..= 127.0.0.N: all of 127/8 is local on Linux.

@@ -5,7 +5,9 @@
 //! and reports what happened as JSON and HTML.
 //!
 //! - [`cluster`]: the cluster under test (external, or spawned node processes).
-//! - [`chaos`]: faults on a plan (node kill and restart, Redis down and up) and re-home times.
+//! - [`chaos`]: faults on a plan (node kill and restart, partition and heal, Redis down and
+//!   up, storage writes failing, a flood at ten times the rate limit) and re-home times.
+//! - [`netns`]: network namespaces, a bridge and veth pairs for the partition fault.
 //! - [`provision`]: synthetic users (store rows and minted tokens, no per-user hashing).
 //! - [`fleet`]: the connections: endpoints, source addresses, paced ramp, event draining.
 //! - [`scenario`]: `idle`, `direct`, `channel`, `reconnect`, `mixed` traffic generators.
@@ -17,6 +19,7 @@
 pub mod chaos;
 pub mod cluster;
 pub mod fleet;
+pub mod netns;
 pub mod provision;
 pub mod report;
 pub mod run;

@@ -144,10 +144,17 @@ struct Cli {
     #[arg(long)]
     redis_membership: bool,
     /// A fault during the traffic, at seconds from its start (repeatable): kill:N (SIGKILL
-    /// node N), restart:N, redis-down, redis-up. Example: --fault kill:2@20 --fault
-    /// restart:2@40. Needs --spawn-nodes.
+    /// node N), restart:N, partition:N (cut node N off from the other nodes and Redis; needs
+    /// root: the nodes then run in network namespaces), heal:N, redis-down, redis-up
+    /// (empty), storage-down (the embedded store's write lock held by the harness: every
+    /// write fails), storage-up, flood:K (K users send at --flood-rate for 10 s). Example:
+    /// --fault kill:2@20 --fault restart:2@40. Needs --spawn-nodes.
     #[arg(long, requires = "spawn_nodes")]
     fault: Vec<meshchat_loadtest::chaos::Fault>,
+    /// Sends per second of each user of a flood:K fault: ten times the nodes' default
+    /// `limits.send_rate_per_sec` (50).
+    #[arg(long, default_value_t = 500.0)]
+    flood_rate: f64,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum, serde::Serialize)]
@@ -227,6 +234,14 @@ async fn main() -> anyhow::Result<()> {
                 &cli.out.join("nodes.log"),
                 cli.redis_membership || !cli.fault.is_empty(),
                 cassandra.map_or(DevStorage::Embedded, DevStorage::Cassandra),
+                cli.fault.iter().any(|f| {
+                    matches!(
+                        f.action,
+                        meshchat_loadtest::chaos::Action::Partition(_)
+                            | meshchat_loadtest::chaos::Action::Heal(_)
+                    )
+                }),
+                cli.source_addrs,
             )
             .await?
         }
@@ -285,6 +300,7 @@ async fn main() -> anyhow::Result<()> {
         command: std::env::args().collect(),
         settings: serde_json::to_value(&cli)?,
         faults: cli.fault.clone(),
+        flood_rate: cli.flood_rate,
         watch,
     };
     let report = run(cfg, target).await?;

@@ -83,6 +83,21 @@ pub struct Connections {
     pub per_node: BTreeMap<String, usize>,
 }
 
+/// A flood at ten times the send rate limit (chaos `flood:K`).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Flood {
+    /// Sends tried, once each.
+    pub sent: u64,
+    /// Accepted (tracked as any message: they must be delivered).
+    pub acked: u64,
+    /// Refused with `RATE_LIMITED`.
+    pub rate_limited: u64,
+    /// Failed otherwise.
+    pub failed: u64,
+    /// Not tried: 4,096 flood sends were in flight.
+    pub skipped: u64,
+}
+
 /// Planned reconnects (`reconnect` scenario).
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Reconnects {
@@ -183,6 +198,8 @@ pub struct Report {
     pub faults: Vec<FaultEvent>,
     /// Re-home times of killed nodes' clients.
     pub rehome: Rehome,
+    /// The flood, if the plan had one.
+    pub flood: Flood,
     /// Nodes on this machine.
     pub nodes: Vec<NodeFigures>,
     /// Other processes sampled (`--watch-pid`, say the Cassandra server): CPU and RSS only.
@@ -223,6 +240,12 @@ impl Report {
                 "{} of {} clients of killed nodes never served again elsewhere",
                 self.rehome.victims - self.rehome.rehomed,
                 self.rehome.victims
+            ));
+        }
+        if self.flood.sent > 0 && self.flood.rate_limited == 0 {
+            f.push(format!(
+                "a flood of {} sends at ten times the rate limit was never refused",
+                self.flood.sent
             ));
         }
         if let Some(bad) = self.faults.iter().find(|e| !e.ok) {

@@ -14,7 +14,9 @@ use tracing::{info, warn};
 use crate::chaos::{Fault, run_plan};
 use crate::cluster::Target;
 use crate::fleet::{Fleet, FleetConfig};
-use crate::report::{Connections, Machine, Messages, NodeFigures, Reconnects, Rehome, Report};
+use crate::report::{
+    Connections, Flood, Machine, Messages, NodeFigures, Reconnects, Rehome, Report,
+};
 use crate::sampler::{Sampler, Watched, proc_rss};
 use crate::scenario::{self, Scenario, Traffic};
 use crate::tracker::{Counters, Latency, Tracker};
@@ -60,6 +62,9 @@ pub struct RunConfig {
     pub settings: serde_json::Value,
     /// Chaos faults during the traffic.
     pub faults: Vec<Fault>,
+    /// Sends per second of each flooding user in a `flood:K` fault (ten times the nodes'
+    /// `limits.send_rate_per_sec`).
+    pub flood_rate: f64,
     /// Other processes on this machine to sample (a Cassandra server, say).
     pub watch: Vec<Watched>,
 }
@@ -115,6 +120,7 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
             connections: cfg.connections,
             endpoints: cfg.endpoints,
             source_addrs: cfg.source_addrs,
+            source_ips: target.client_ips.clone(),
             ramp_rate: cfg.ramp_rate,
             concurrency: cfg.concurrency,
             udp_buffer: cfg.udp_buffer,
@@ -216,8 +222,14 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
     let chaos = run_plan(
         &cfg.faults,
         &mut target,
-        &fleet,
-        &tracker,
+        crate::chaos::World {
+            fleet: &fleet,
+            tracker: &tracker,
+            live: &live,
+            flood_rate: cfg.flood_rate,
+            body_bytes: cfg.traffic.body_bytes,
+            seed: cfg.traffic.seed,
+        },
         traffic_started,
         until + cfg.drain,
     );
@@ -363,6 +375,13 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
             delivery_latency: Latency::of(&h.delivery),
         },
         faults,
+        flood: Flood {
+            sent: Counters::get(&c.flood_sent),
+            acked: Counters::get(&c.flood_acked),
+            rate_limited: Counters::get(&c.flood_rate_limited),
+            failed: Counters::get(&c.flood_failed),
+            skipped: Counters::get(&c.flood_skipped),
+        },
         rehome: Rehome {
             victims: Counters::get(&c.rehome_victims),
             rehomed: Counters::get(&c.rehomed),

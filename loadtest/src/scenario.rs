@@ -210,6 +210,90 @@ async fn generate(
     }
 }
 
+/// A flood (the chaos fault `flood:K`): each of `flooders` sends `per_user_rate` messages
+/// per second, to random users of `live`, for `dur`. Each send is tried once on the
+/// flooder's current connection, without the client library's retries (an abusive client
+/// does not back off). Accepted messages are tracked like any other (they must be
+/// delivered); refused ones are counted by the flood counters, not as failed sends.
+#[allow(clippy::too_many_arguments)]
+pub async fn flood(
+    fleet: Arc<Fleet>,
+    tracker: Arc<Tracker>,
+    flooders: Vec<usize>,
+    live: Arc<Vec<usize>>,
+    per_user_rate: f64,
+    dur: Duration,
+    body_bytes: usize,
+    seed: u64,
+) {
+    use meshchat_proto::client::{self as pb, ErrorCode, client_frame, server_frame};
+    if flooders.is_empty() || live.len() < 2 || per_user_rate <= 0.0 {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    // In flight at once: a refusal is cheap and quick, so this bound is only reached when
+    // the node stops answering.
+    let gate = Arc::new(Semaphore::new(4_096));
+    let rate = per_user_rate * flooders.len() as f64;
+    let start = Instant::now();
+    let until = start + dur;
+    let mut issued: u64 = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let c = &tracker.counters;
+    while Instant::now() < until {
+        tick.tick().await;
+        let due = (rate * start.elapsed().as_secs_f64()) as u64;
+        while issued < due {
+            let s = flooders[(issued % flooders.len() as u64) as usize];
+            issued += 1;
+            let Ok(permit) = gate.clone().try_acquire_owned() else {
+                Counters::inc(&c.flood_skipped);
+                continue;
+            };
+            let mut r = live[rng.random_range(0..live.len())];
+            while r == s {
+                r = live[rng.random_range(0..live.len())];
+            }
+            let Some(client) = fleet.client(s) else {
+                continue;
+            };
+            let (su, ru) = (fleet.user(s), fleet.user(r));
+            let nonce = tracker.register(su, vec![ru]);
+            let req = client_frame::Body::Send(pb::SendMessage {
+                client_msg_id: format!("flood-{nonce}"),
+                chat: Some(meshchat_proto::ids::chat_to_wire(ChatId::direct(su, ru))),
+                body: tracker::body(nonce, body_bytes).into(),
+                reply_to: 0,
+            });
+            Counters::inc(&c.flood_sent);
+            let (tracker, fleet) = (tracker.clone(), fleet.clone());
+            tokio::spawn(async move {
+                let c = &tracker.counters;
+                match client.request(req).await {
+                    Ok(server_frame::Body::Processed(p)) => {
+                        Counters::inc(&c.flood_acked);
+                        tracker.acked(nonce, p.message_id);
+                    }
+                    Err(e) if e.code() == Some(ErrorCode::RateLimited) => {
+                        Counters::inc(&c.flood_rate_limited);
+                        tracker.refused(nonce);
+                    }
+                    other => {
+                        Counters::inc(&c.flood_failed);
+                        tracker.refused(nonce);
+                        match other {
+                            Err(e) => fleet.note_error("flood send", &e),
+                            Ok(b) => fleet.note_error("flood send", &format!("{b:?}")),
+                        }
+                    }
+                }
+                drop(permit);
+            });
+        }
+    }
+}
+
 /// What the generators work on.
 #[derive(Debug, Clone)]
 pub struct World {

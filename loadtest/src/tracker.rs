@@ -154,6 +154,16 @@ pub struct Counters {
     pub rehome_victims: AtomicU64,
     /// Of those, clients that were serving again on another node.
     pub rehomed: AtomicU64,
+    /// Flood sends tried (chaos `flood:K`).
+    pub flood_sent: AtomicU64,
+    /// Of those, accepted (tracked as any message from then on).
+    pub flood_acked: AtomicU64,
+    /// Of those, refused with `RATE_LIMITED`.
+    pub flood_rate_limited: AtomicU64,
+    /// Of those, failed otherwise (an error code other than `RATE_LIMITED`, or no reply).
+    pub flood_failed: AtomicU64,
+    /// Flood sends not tried because 4,096 were in flight.
+    pub flood_skipped: AtomicU64,
 }
 
 impl Counters {
@@ -292,6 +302,12 @@ impl Tracker {
     /// The send of `nonce` failed for good (after the client's retries).
     pub fn failed(&self, nonce: u64) {
         Counters::inc(&self.counters.send_failed);
+        self.ledger.remove(&nonce);
+    }
+
+    /// A send that was refused and is not counted as a failure (a flood's refusals): the
+    /// ledger forgets it.
+    pub fn refused(&self, nonce: u64) {
         self.ledger.remove(&nonce);
     }
 

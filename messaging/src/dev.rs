@@ -1,6 +1,8 @@
 //! `meshchat-node dev`: a local cluster on loopback, for newcomers and tests. Node i (0-based)
 //! gets node id i+1, serves clients on 127.0.0.1:(base_port + i) and the mesh on
-//! 127.0.0.1:(base_port + 100 + i); all share the data dir (one dev CA at `<data_dir>/ca.pem`,
+//! 127.0.0.1:(base_port + 100 + i) (the load test's partition fault gives each node an
+//! address and a network namespace of its own instead: [`DevCluster::hosts`],
+//! [`DevCluster::netns`]); all share the data dir (one dev CA at `<data_dir>/ca.pem`,
 //! one token secret) and one store: the embedded store in the data dir (default), or a
 //! Cassandra/ScyllaDB keyspace ([`DevStorage::Cassandra`], migrated once before the nodes
 //! start), the way production nodes share Cassandra.
@@ -13,6 +15,7 @@
 //! `dev` stops them all (SIGTERM, then SIGKILL after the grace period).
 
 use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -52,6 +55,11 @@ pub struct DevCluster {
     pub redis: Option<String>,
     /// The store every node uses.
     pub storage: DevStorage,
+    /// Node i's address (client and mesh); empty, or past its end: 127.0.0.1.
+    pub hosts: Vec<Ipv4Addr>,
+    /// Node i runs in network namespace `netns[i]` (`ip netns exec`; needs root); empty, or
+    /// past its end: in this one. The load test's partition fault uses it.
+    pub netns: Vec<String>,
 }
 
 /// A running dev cluster.
@@ -64,12 +72,40 @@ pub enum Running {
 }
 
 impl DevCluster {
+    /// A cluster of `nodes` on loopback from `base_port`, sharing `data_dir` and `storage`,
+    /// with Redis membership on `redis` if given.
+    pub fn new(
+        nodes: u32,
+        data_dir: PathBuf,
+        base_port: u16,
+        redis: Option<String>,
+        storage: DevStorage,
+    ) -> Self {
+        Self {
+            nodes,
+            data_dir,
+            base_port,
+            redis,
+            storage,
+            hosts: Vec::new(),
+            netns: Vec::new(),
+        }
+    }
+
+    /// Node `i`'s (0-based) address.
+    fn host(&self, i: u32) -> Ipv4Addr {
+        self.hosts
+            .get(i as usize)
+            .copied()
+            .unwrap_or(Ipv4Addr::LOCALHOST)
+    }
+
     fn members(&self) -> Vec<StaticMember> {
         (0..self.nodes)
             .map(|i| StaticMember {
                 id: i + 1,
-                mesh_addr: ([127, 0, 0, 1], self.base_port + 100 + i as u16).into(),
-                client_addr: format!("127.0.0.1:{}", self.base_port + i as u16),
+                mesh_addr: (self.host(i), self.base_port + 100 + i as u16).into(),
+                client_addr: format!("{}:{}", self.host(i), self.base_port + i as u16),
                 weight: 1,
                 worker_id: None,
             })
@@ -92,7 +128,7 @@ impl DevCluster {
     pub fn node_config(&self, i: u32) -> NodeConfig {
         let mut c = NodeConfig {
             node_id: i + 1,
-            listen: ([127, 0, 0, 1], self.base_port + i as u16).into(),
+            listen: (self.host(i), self.base_port + i as u16).into(),
             data_dir: self.data_dir.clone(),
             ..NodeConfig::default()
         };
@@ -101,7 +137,7 @@ impl DevCluster {
             c.storage.cassandra = settings.clone();
         }
         if self.nodes > 1 || self.redis.is_some() {
-            c.cluster.mesh_listen = Some(([127, 0, 0, 1], self.base_port + 100 + i as u16).into());
+            c.cluster.mesh_listen = Some((self.host(i), self.base_port + 100 + i as u16).into());
             match &self.redis {
                 Some(url) => c.cluster.redis = Some(url.clone()),
                 None => c.cluster.members = self.members(),
@@ -113,7 +149,12 @@ impl DevCluster {
     /// The client addresses, by node id.
     pub fn addresses(&self) -> Vec<(u32, String)> {
         (0..self.nodes)
-            .map(|i| (i + 1, format!("127.0.0.1:{}", self.base_port + i as u16)))
+            .map(|i| {
+                (
+                    i + 1,
+                    format!("{}:{}", self.host(i), self.base_port + i as u16),
+                )
+            })
             .collect()
     }
 
@@ -201,7 +242,15 @@ impl DevCluster {
             .map_err(|e| StartError::Other(format!("writing config: {e}")))?;
         std::fs::write(&path, toml)
             .map_err(|e| StartError::Other(format!("{}: {e}", path.display())))?;
-        let mut cmd = Command::new(exe);
+        let mut cmd = match self.netns.get(i as usize) {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                // `ip netns exec` execs the node: the child's pid is the node's.
+                c.args(["netns", "exec", ns]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
         if let Ok(filter) = std::env::var("RUST_LOG") {
             // A filter meant for the caller (say `warn,meshchat_client=debug`) must not hide
             // the lines callers wait for: "listening" here, "lease held: serving" in the load

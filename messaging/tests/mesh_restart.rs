@@ -29,13 +29,7 @@ async fn a_restarted_peer_replaces_its_old_link_and_no_push_is_lost() {
                     .all(|&q| std::net::UdpSocket::bind(("127.0.0.1", q)).is_ok())
         })
         .expect("a free port range");
-    let dev = DevCluster {
-        nodes: 2,
-        data_dir: dir.path().to_owned(),
-        base_port: base,
-        redis: None,
-        storage: DevStorage::Embedded,
-    };
+    let dev = DevCluster::new(2, dir.path().to_owned(), base, None, DevStorage::Embedded);
     let mut children: Vec<Proc> = dev
         .start_processes(exe, |_| {})
         .expect("cluster starts")

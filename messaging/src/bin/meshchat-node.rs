@@ -153,13 +153,13 @@ async fn main() -> anyhow::Result<()> {
                     ..CassandraSettings::default()
                 }),
             };
-            let dev = DevCluster {
+            let dev = DevCluster::new(
                 nodes,
-                data_dir: std::path::absolute(&data_dir).unwrap_or(data_dir),
+                std::path::absolute(&data_dir).unwrap_or(data_dir),
                 base_port,
                 redis,
                 storage,
-            };
+            );
             let exe = std::env::current_exe().context("locating meshchat-node")?;
             #[allow(clippy::print_stderr)]
             let running = dev.start(&exe, |line| eprintln!("{line}")).await?;
