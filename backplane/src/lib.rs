@@ -7,6 +7,8 @@
 //!   baseline it was measured against.
 //! - [`membership`]: the sans-IO membership core: epoch-ordered snapshots of the member set in,
 //!   ring decisions out (adopt a new ring, keep serving while the source is down), no clock.
+//! - [`lease`]: the lease gate: whether this process may issue ids and serve (fencing); the
+//!   membership driver sets it, the node checks it on every id and authentication.
 //! - [`fanout`]: channel fan-out planning, pure: splits one push's recipients into those
 //!   served here and one recipient list per owning peer node (one envelope per peer).
 //! - `sim` (tests only): a deterministic multi-node simulation of membership cores, a
@@ -17,6 +19,7 @@
 //! is planned.
 
 pub mod fanout;
+pub mod lease;
 pub mod membership;
 pub mod ring;
 #[cfg(test)]

@@ -10,7 +10,6 @@
 //! - [`router`]: where deliveries go: the one interface between the send path and the cluster.
 //! - [`members`]: the per-node channel member cache (fan-out only; invalidated across the mesh).
 //! - [`membership_redis`]: dynamic membership through Redis, feeding the backplane's core.
-//! - [`lease`]: the lease gate: whether this process may issue ids and serve (fencing).
 //! - [`mesh`]: the node <-> node QUIC mesh with static membership, a [`router::Router`].
 //! - [`auth`]: argon2id password hashes and JWT tokens.
 //! - [`tls`]: certificates (dev CA), rustls/quinn configs sized for chat.
@@ -23,7 +22,6 @@ pub mod config;
 pub mod convert;
 pub mod dev;
 pub mod error;
-pub mod lease;
 pub mod members;
 pub mod membership_redis;
 pub mod mesh;

@@ -60,9 +60,9 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::error::close_code;
-use crate::lease::LeaseGate;
 use crate::mesh::{Mesh, MeshMember};
 use crate::registry::Registry;
+use meshchat_backplane::lease::LeaseGate;
 
 /// One registration as stored in Redis. Field order is fixed: the snapshot script compares
 /// the concatenated JSON to detect changes.

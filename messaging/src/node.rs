@@ -22,10 +22,10 @@ use crate::auth::{Auth, Identity};
 use crate::config::NodeConfig;
 use crate::convert::{self, chat_from, chat_to, message_id};
 use crate::error::RequestError;
-use crate::lease::LeaseGate;
 use crate::members::MemberCache;
 use crate::registry::{ConnId, Registry};
 use crate::router::{Home, Router};
+use meshchat_backplane::lease::LeaseGate;
 
 /// Longest client message id accepted.
 const MAX_CLIENT_MSG_ID: usize = 64;

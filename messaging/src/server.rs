@@ -21,7 +21,6 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::auth::{Auth, AuthSetupError};
 use crate::config::{Backend, NodeConfig};
 use crate::error::{RequestError, close_code};
-use crate::lease::LeaseGate;
 use crate::members::MemberCache;
 use crate::membership_redis::{Fencing, RedisMembership, Registration};
 use crate::mesh::Mesh;
@@ -30,6 +29,7 @@ use crate::registry::Registry;
 use crate::router::{LocalRouter, Router};
 use crate::session;
 use crate::tls::{self, TlsError};
+use meshchat_backplane::lease::LeaseGate;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
