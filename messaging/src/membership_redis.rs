@@ -50,9 +50,11 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use meshchat_backplane::lease::LeaseGate;
 use meshchat_backplane::membership::{
     Decision, Event, LeaseConfig, Member, MemberState, Membership, Snapshot,
 };
+use meshchat_backplane::mesh::{Mesh, MeshMember};
 use meshchat_idgen::{Generator, NodeId};
 use meshchat_proto::client::ErrorCode;
 use serde::{Deserialize, Serialize};
@@ -60,9 +62,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::error::close_code;
-use crate::mesh::{Mesh, MeshMember};
 use crate::registry::Registry;
-use meshchat_backplane::lease::LeaseGate;
 
 /// One registration as stored in Redis. Field order is fixed: the snapshot script compares
 /// the concatenated JSON to detect changes.

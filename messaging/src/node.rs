@@ -12,6 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use meshchat_backplane::lease::LeaseGate;
 use meshchat_idgen::{ChannelId, ChatId, Generator, MessageId, UserId};
 use meshchat_proto::client::{self as pb, client_frame, push, server_frame};
 use meshchat_storage::{Direction, NewMessage, PageQuery, ReceiptKind, Storage, StorageError};
@@ -25,7 +26,6 @@ use crate::error::RequestError;
 use crate::members::MemberCache;
 use crate::registry::{ConnId, Registry};
 use crate::router::{Home, Router};
-use meshchat_backplane::lease::LeaseGate;
 
 /// Longest client message id accepted.
 const MAX_CLIENT_MSG_ID: usize = 64;

@@ -12,6 +12,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tracing::info;
 
+// Shared with the mesh's endpoint (`meshchat_backplane::tls`).
+pub use meshchat_backplane::tls::{Identity, provider};
+
 use crate::config::{LimitsConfig, NodeConfig, TransportSettings};
 
 /// File name of the development CA certificate in the data dir (clients trust this).
@@ -61,20 +64,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
         path: path.to_owned(),
         source,
     }
-}
-
-/// The process-wide crypto provider: ring.
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A certificate chain and its key.
-#[derive(Debug)]
-pub struct Identity {
-    /// Leaf first.
-    pub chain: Vec<CertificateDer<'static>>,
-    /// The leaf's key.
-    pub key: PrivateKeyDer<'static>,
 }
 
 /// Loads a PEM chain and key.

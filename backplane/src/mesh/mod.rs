@@ -49,10 +49,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use meshchat_backplane::fanout;
-use meshchat_backplane::ring::{DEFAULT_VNODES_PER_WEIGHT, Ring};
 use meshchat_idgen::{ChannelId, NodeId, UserId};
-use meshchat_proto::client::{self as pc, push};
 use meshchat_proto::codec::encode_into;
 use meshchat_proto::mesh::{self as pm, envelope};
 use meshchat_proto::{FrameCodec, MESH_ALPN, PROTOCOL_VERSION};
@@ -62,11 +59,10 @@ use tokio::sync::{Notify, watch};
 use tokio_util::codec::FramedRead;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::config::{ClusterConfig, NodeConfig};
-use crate::members::MemberCache;
-use crate::registry::{ConnId, Delivery, LocalDelivery};
-use crate::router::{Home, MemberView, Router};
-use crate::tls::{self, Identity, TlsError};
+use crate::delivery::{ConnId, Delivery, Home, LocalDelivery, MemberView, Router};
+use crate::fanout;
+use crate::ring::{DEFAULT_VNODES_PER_WEIGHT, Ring};
+use crate::tls::{self, Identity};
 
 /// Largest mesh frame (a batch).
 const MAX_MESH_FRAME: usize = 1 << 20;
@@ -390,8 +386,7 @@ pub struct Mesh {
     cluster_id: String,
     view: RwLock<View>,
     peers: RwLock<BTreeMap<NodeId, Arc<Peer>>>,
-    registry: Arc<dyn LocalDelivery>,
-    members: Arc<MemberCache>,
+    local: Arc<dyn LocalDelivery>,
     endpoint: quinn::Endpoint,
     stop: watch::Receiver<bool>,
     peer_queue: usize,
@@ -404,6 +399,28 @@ struct View {
     ring: Arc<Ring>,
     client_addrs: BTreeMap<NodeId, String>,
     weights: BTreeMap<NodeId, u32>,
+}
+
+/// What a node's mesh starts from: plain data, resolved from the node's configuration by the
+/// caller, so this crate reads no configuration files.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// This node.
+    pub me: NodeId,
+    /// Name of the cluster: a peer that says hello with another name is refused.
+    pub cluster_id: String,
+    /// The address the mesh socket is bound to (for logs and errors).
+    pub listen: SocketAddr,
+    /// The CA certificates that sign every node's certificate (mutual TLS between nodes).
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Envelopes queued per peer before new ones are dropped (counted, and their recipients
+    /// resynced).
+    pub peer_queue: usize,
+    /// A static member list, this node included, adopted at start; empty with dynamic
+    /// membership, whose member sets arrive through [`Mesh::apply`].
+    pub members: Vec<MeshMember>,
+    /// Ring epoch of the static member list.
+    pub epoch: u64,
 }
 
 /// A member as the mesh needs it.
@@ -450,15 +467,23 @@ impl std::fmt::Debug for Mesh {
 /// Errors starting the mesh.
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
-    /// TLS or socket setup.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
+    /// rustls refused the configuration.
+    #[error("tls config: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The QUIC config was refused.
+    #[error("quic config: {0}")]
+    Quic(String),
+    /// The endpoint could not take its socket.
+    #[error("udp socket {addr}: {source}")]
+    Socket {
+        /// Address.
+        addr: SocketAddr,
+        /// What went wrong.
+        source: std::io::Error,
+    },
     /// The ring could not be built.
     #[error("ring: {0}")]
-    Ring(#[from] meshchat_backplane::RingError),
-    /// Anything else.
-    #[error("mesh: {0}")]
-    Other(String),
+    Ring(#[from] crate::RingError),
 }
 
 fn quic_transport() -> quinn::TransportConfig {
@@ -471,26 +496,20 @@ fn quic_transport() -> quinn::TransportConfig {
 }
 
 impl Mesh {
-    /// Starts the mesh endpoint and its accept loop. With a static member list
-    /// (`cluster.members`) the ring and peers are set at once; with dynamic membership they
-    /// arrive through [`Mesh::apply`].
+    /// Starts the mesh endpoint on `socket` and its accept loop; what is for this node goes to
+    /// `local`. With a static member list (`config.members`) the ring and peers are set at
+    /// once; with dynamic membership they arrive through [`Mesh::apply`].
     pub fn start(
-        config: &NodeConfig,
+        config: MeshConfig,
         identity: &Identity,
-        registry: Arc<dyn LocalDelivery>,
-        members: Arc<MemberCache>,
+        socket: std::net::UdpSocket,
+        local: Arc<dyn LocalDelivery>,
         stop: &watch::Receiver<bool>,
     ) -> Result<Arc<Self>, MeshError> {
-        let c: &ClusterConfig = &config.cluster;
-        let me = NodeId(config.node_id);
-        let roots = match &c.ca {
-            Some(p) => tls::load_certs(p)?,
-            None => tls::load_certs(&config.data_dir.join(tls::DEV_CA_CERT))?,
-        };
-        let listen = c
-            .mesh_listen
-            .ok_or_else(|| MeshError::Other("cluster.mesh_listen is not set".into()))?;
-        let endpoint = mesh_endpoint(listen, identity, &roots)?;
+        let c = config;
+        let me = c.me;
+        let listen = c.listen;
+        let endpoint = mesh_endpoint(listen, identity, &c.roots, socket)?;
         let span = info_span!("mesh", me = me.0);
         let mesh = Arc::new(Self {
             me,
@@ -502,8 +521,7 @@ impl Mesh {
                 weights: BTreeMap::new(),
             }),
             peers: RwLock::new(BTreeMap::new()),
-            registry,
-            members,
+            local,
             endpoint: endpoint.clone(),
             stop: stop.clone(),
             peer_queue: c.peer_queue,
@@ -512,19 +530,10 @@ impl Mesh {
         info!(%listen, "mesh listening");
         tokio::spawn(accept_loop(mesh.clone(), endpoint, stop.clone()).instrument(span));
         if !c.members.is_empty() {
-            let members: Vec<MeshMember> = c
-                .members
-                .iter()
-                .map(|m| MeshMember {
-                    id: NodeId(m.id),
-                    mesh_addr: m.mesh_addr,
-                    client_addr: m.client_addr.clone(),
-                    weight: m.weight,
-                })
-                .collect();
+            let members = c.members;
             let weights: BTreeMap<NodeId, u32> = members.iter().map(|m| (m.id, m.weight)).collect();
             // The same ring input as Redis membership builds (and clients predict).
-            let (weights, per_weight) = meshchat_backplane::ring::params(&weights);
+            let (weights, per_weight) = crate::ring::params(&weights);
             let ring = Arc::new(Ring::build(&weights, per_weight)?);
             mesh.apply(c.epoch, &ring, &members);
         }
@@ -596,7 +605,7 @@ impl Mesh {
         self.retarget(orphaned);
         // Re-home: users connected here whose owner is now another node.
         let mut moved = 0;
-        for user in self.registry.users() {
+        for user in self.local.users() {
             let owner = ring.owner(user).unwrap_or(self.me);
             if owner == self.me {
                 continue;
@@ -608,15 +617,7 @@ impl Mesh {
                 .get(&owner)
                 .cloned()
                 .unwrap_or_default();
-            let push = crate::node::encode_push(meshchat_proto::client::push::Event::Redirect(
-                meshchat_proto::client::Redirect {
-                    node_id: owner.0,
-                    address: addr,
-                    ring_epoch: epoch,
-                    token: String::new(),
-                },
-            ));
-            self.registry.push_to(&[user], &push, None);
+            self.local.redirect(user, owner, addr, epoch);
             moved += 1;
         }
         info!(epoch, members = members.len(), moved, "ring adopted");
@@ -675,11 +676,9 @@ impl Mesh {
         if orphaned.is_empty() {
             return;
         }
-        let resync = || crate::node::encode_push(push::Event::Resync(pc::Resync {}));
         if orphaned.all {
             warn!("pushes for a departed peer were lost: resyncing every user");
-            self.registry
-                .push_to(&self.registry.users(), &resync(), None);
+            self.local.resync(&self.local.users());
             for p in self.peers.read().values() {
                 p.missed.lock().add_all();
                 p.ready.notify_one();
@@ -700,7 +699,7 @@ impl Mesh {
             "pushes for a departed peer may be lost: resyncing their recipients"
         );
         if !here.is_empty() {
-            self.registry.push_to(&here, &resync(), None);
+            self.local.resync(&here);
         }
         for (node, users) in elsewhere {
             match self.peer(node) {
@@ -723,16 +722,16 @@ impl Mesh {
             Some(envelope::Body::Deliver(d)) => d,
             Some(envelope::Body::ChannelChanged(c)) => {
                 if c.all {
-                    self.members.invalidate_all();
+                    self.local.invalidate_all_channels();
                 } else {
-                    self.members.invalidate(ChannelId(c.channel_id));
+                    self.local.invalidate_channel(ChannelId(c.channel_id));
                 }
                 return;
             }
             Some(envelope::Body::Resync(r)) => {
                 let users: Vec<UserId> = if r.all {
-                    self.members.invalidate_all();
-                    self.registry.users()
+                    self.local.invalidate_all_channels();
+                    self.local.users()
                 } else {
                     r.users.into_iter().map(UserId).collect()
                 };
@@ -741,11 +740,7 @@ impl Mesh {
                     all = r.all,
                     "a peer dropped envelopes for us: telling the users to fill their gaps"
                 );
-                self.registry.push_to(
-                    &users,
-                    &crate::node::encode_push(push::Event::Resync(pc::Resync {})),
-                    None,
-                );
+                self.local.resync(&users);
                 return;
             }
             // UsersMoved comes with dynamic membership.
@@ -756,14 +751,14 @@ impl Mesh {
         for r in d.recipients {
             let user = UserId(r);
             let owner = self.owner(user);
-            if owner == self.me || self.registry.is_online(user) || env.hops >= MAX_HOPS {
+            if owner == self.me || self.local.is_online(user) || env.hops >= MAX_HOPS {
                 here.push(user);
             } else {
                 elsewhere.entry(owner).or_default().push(r);
             }
         }
         if !here.is_empty() {
-            self.registry.push_to(&here, &d.push, None);
+            self.local.push_to(&here, &d.push, None);
         }
         for (node, recipients) in elsewhere {
             if let Some(peer) = self.peer(node) {
@@ -790,9 +785,9 @@ impl Router for Mesh {
             me,
             recipients,
             |u| ring.owner(u).unwrap_or(me),
-            |u| self.registry.is_online(u),
+            |u| self.local.is_online(u),
         );
-        let mut d = self.registry.push_to(&plan.local, push, skip);
+        let mut d = self.local.push_to(&plan.local, push, skip);
         for (node, users) in plan.remote {
             if let Some(peer) = self.peer(node) {
                 for env in deliver_envelopes(epoch, 0, users, push) {
@@ -854,7 +849,8 @@ fn mesh_endpoint(
     listen: SocketAddr,
     identity: &Identity,
     roots: &[CertificateDer<'static>],
-) -> Result<quinn::Endpoint, TlsError> {
+    socket: std::net::UdpSocket,
+) -> Result<quinn::Endpoint, MeshError> {
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(r.clone())?;
@@ -866,7 +862,7 @@ fn mesh_endpoint(
         provider.clone(),
     )
     .build()
-    .map_err(|e| TlsError::Quic(format!("client verifier: {e}")))?;
+    .map_err(|e| MeshError::Quic(format!("client verifier: {e}")))?;
     let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -880,22 +876,21 @@ fn mesh_endpoint(
     let transport = Arc::new(quic_transport());
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(server)
-            .map_err(|e| TlsError::Quic(e.to_string()))?,
+            .map_err(|e| MeshError::Quic(e.to_string()))?,
     ));
     sc.transport_config(transport.clone());
     let mut cc = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(client)
-            .map_err(|e| TlsError::Quic(e.to_string()))?,
+            .map_err(|e| MeshError::Quic(e.to_string()))?,
     ));
     cc.transport_config(transport);
-    let socket = tls::udp_socket(listen, &crate::config::TransportSettings::default())?;
     let mut endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(sc),
         socket,
         Arc::new(quinn::TokioRuntime),
     )
-    .map_err(|e| TlsError::Socket {
+    .map_err(|e| MeshError::Socket {
         addr: listen,
         source: e,
     })?;
@@ -1091,7 +1086,7 @@ async fn run_link(
     peer.stats.connects.fetch_add(1, Ordering::Relaxed);
     // A `ChannelChanged` the peer wrote into the link this one replaces may never have
     // arrived: cached member lists are re-read from storage rather than trusted.
-    mesh.members.invalidate_all();
+    mesh.local.invalidate_all_channels();
     info!(peer = peer.id.0, generation, "mesh link up");
     let reader = {
         let mesh = mesh.clone();
