@@ -9,7 +9,6 @@
 //! - [`registry`]: user -> live connections, bounded per-connection push queues.
 //! - [`router`]: where deliveries go: the one interface between the send path and the cluster.
 //! - [`members`]: the per-node channel member cache (fan-out only; invalidated across the mesh).
-//! - [`membership_redis`]: dynamic membership through Redis, feeding the backplane's core.
 //! - [`auth`]: argon2id password hashes and JWT tokens.
 //! - [`tls`]: certificates (dev CA), rustls/quinn configs sized for chat.
 //! - [`error`]: request errors and the one mapping to protocol error codes.
@@ -22,7 +21,6 @@ pub mod convert;
 pub mod dev;
 pub mod error;
 pub mod members;
-pub mod membership_redis;
 pub mod node;
 pub mod registry;
 pub mod router;

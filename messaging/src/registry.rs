@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use meshchat_backplane::membership_redis::ClientConnections;
 use meshchat_idgen::UserId;
 use meshchat_proto::client::ErrorCode;
 use parking_lot::Mutex;
@@ -190,6 +191,19 @@ impl Registry {
     /// Every live connection (for shutdown).
     pub fn all(&self) -> Vec<ConnHandle> {
         self.users.iter().flat_map(|e| e.value().clone()).collect()
+    }
+}
+
+impl ClientConnections for Registry {
+    fn close_all_fenced(&self) -> usize {
+        let conns = self.all();
+        for c in &conns {
+            c.conn.close(
+                close_code(ErrorCode::Unavailable),
+                b"node fenced: cut off from cluster membership",
+            );
+        }
+        conns.len()
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use meshchat_backplane::delivery::LocalDelivery;
 use meshchat_backplane::lease::LeaseGate;
+use meshchat_backplane::membership_redis::{Fencing, RedisMembership, Registration};
 use meshchat_backplane::mesh::{Mesh, MeshConfig, MeshMember};
 use meshchat_idgen::NodeId;
 use meshchat_proto::client::ErrorCode;
@@ -26,7 +27,6 @@ use crate::auth::{Auth, AuthSetupError};
 use crate::config::{Backend, NodeConfig};
 use crate::error::{RequestError, close_code};
 use crate::members::MemberCache;
-use crate::membership_redis::{Fencing, RedisMembership, Registration};
 use crate::node::Node;
 use crate::registry::Registry;
 use crate::router::{LocalRouter, NodeDelivery, Router};
@@ -184,7 +184,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         let fencing = Fencing {
             gate: node.lease_gate().clone(),
             ids: node.id_generator(),
-            registry,
+            clients: registry,
         };
         tokio::spawn(driver.run(mesh, fencing, stop_rx.clone()));
     }
