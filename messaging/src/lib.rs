@@ -1,13 +1,17 @@
 //! # meshchat-messaging
 //!
-//! Owns the messaging node, `meshchat-node`.
+//! Owns the messaging node, `meshchat-node`: client sessions and everything they ask for. The
+//! cluster (ring, membership, the Redis driver, the lease gate, the node <-> node mesh) is
+//! `meshchat-backplane`'s; a clustered node starts the mesh (`server::start_mesh`) and hands
+//! it a delivery interface.
 //!
 //! - [`config`]: `NodeConfig` and its parts, with documented defaults; file + env + flags.
 //! - [`server`]: start/run a node: QUIC endpoint, bounded accept loop, graceful shutdown.
 //! - [`session`]: one task per connection: auth, request loop, pushes with sequence numbers.
 //! - [`node`]: the chat service: every request handler and the send path.
 //! - [`registry`]: user -> live connections, bounded per-connection push queues.
-//! - [`router`]: where deliveries go: the one interface between the send path and the cluster.
+//! - [`router`]: where deliveries go: a node alone's router, and [`router::NodeDelivery`], what
+//!   this node hands the mesh (its connections, Redirect/Resync pushes, member cache).
 //! - [`members`]: the per-node channel member cache (fan-out only; invalidated across the mesh).
 //! - [`auth`]: argon2id password hashes and JWT tokens.
 //! - [`tls`]: certificates (dev CA), rustls/quinn configs sized for chat.
