@@ -1,8 +1,8 @@
 //! Where deliveries go: the one interface between the send path and the cluster.
 //!
 //! The send path hands a [`Router`] the recipients of one event and the event encoded once.
-//! Today every user is homed on the node it connects to, so [`LocalRouter`] pushes straight
-//! into this node's [`Registry`]. The mesh (`meshchat_backplane::mesh`) implements the same
+//! A node alone homes every user, so its [`LocalRouter`] pushes straight into this node's
+//! [`Registry`]. In a cluster the mesh (`meshchat_backplane::mesh`) implements the same
 //! trait: it groups the recipients by home node on the ring, delivers the local group through
 //! [`NodeDelivery`], and sends one mesh frame per other node, never one per recipient.
 

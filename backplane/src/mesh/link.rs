@@ -23,11 +23,11 @@ use tokio::sync::watch;
 use tokio_util::codec::FramedRead;
 use tracing::{debug, info, warn};
 
+use super::Mesh;
 use super::peer::{
     MAX_CHANGED_CHANNELS, MAX_ENVELOPE_BYTES, MAX_MISSED_USERS, Missed, Peer, RECIPIENT_BYTES,
 };
-use super::{Mesh, MeshError};
-use crate::tls::{self, Identity};
+use crate::tls::{self, Identity, TlsError};
 
 /// Largest mesh frame (a batch).
 const MAX_MESH_FRAME: usize = 1 << 20;
@@ -134,7 +134,7 @@ pub(super) fn mesh_endpoint(
     identity: &Identity,
     roots: &[CertificateDer<'static>],
     socket: std::net::UdpSocket,
-) -> Result<quinn::Endpoint, MeshError> {
+) -> Result<quinn::Endpoint, TlsError> {
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(r.clone())?;
@@ -146,7 +146,7 @@ pub(super) fn mesh_endpoint(
         provider.clone(),
     )
     .build()
-    .map_err(|e| MeshError::Quic(format!("client verifier: {e}")))?;
+    .map_err(|e| TlsError::Quic(format!("client verifier: {e}")))?;
     let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -160,12 +160,12 @@ pub(super) fn mesh_endpoint(
     let transport = Arc::new(quic_transport());
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(server)
-            .map_err(|e| MeshError::Quic(e.to_string()))?,
+            .map_err(|e| TlsError::Quic(e.to_string()))?,
     ));
     sc.transport_config(transport.clone());
     let mut cc = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(client)
-            .map_err(|e| MeshError::Quic(e.to_string()))?,
+            .map_err(|e| TlsError::Quic(e.to_string()))?,
     ));
     cc.transport_config(transport);
     let mut endpoint = quinn::Endpoint::new(
@@ -174,7 +174,7 @@ pub(super) fn mesh_endpoint(
         socket,
         Arc::new(quinn::TokioRuntime),
     )
-    .map_err(|e| MeshError::Socket {
+    .map_err(|e| TlsError::Socket {
         addr: listen,
         source: e,
     })?;

@@ -70,7 +70,7 @@ pub use peer::{PeerCounters, PeerStats};
 
 use crate::delivery::LocalDelivery;
 use crate::ring::{DEFAULT_VNODES_PER_WEIGHT, Ring};
-use crate::tls::Identity;
+use crate::tls::{Identity, TlsError};
 use link::{accept_loop, mesh_endpoint};
 use peer::Peer;
 use view::View;
@@ -139,20 +139,9 @@ impl std::fmt::Debug for Mesh {
 /// Errors starting the mesh.
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
-    /// rustls refused the configuration.
-    #[error("tls config: {0}")]
-    Rustls(#[from] rustls::Error),
-    /// The QUIC config was refused.
-    #[error("quic config: {0}")]
-    Quic(String),
-    /// The endpoint could not take its socket.
-    #[error("udp socket {addr}: {source}")]
-    Socket {
-        /// Address.
-        addr: SocketAddr,
-        /// What went wrong.
-        source: std::io::Error,
-    },
+    /// TLS or socket setup.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The ring could not be built.
     #[error("ring: {0}")]
     Ring(#[from] crate::RingError),
