@@ -26,12 +26,10 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
-use meshchat_idgen::{NodeId, UserId};
+use meshchat_backplane::delivery::{ConnId, Delivery, LocalDelivery, Router};
+use meshchat_backplane::mesh::Mesh;
+use meshchat_idgen::{ChannelId, NodeId, UserId};
 use meshchat_messaging::config::{NodeConfig, StaticMember};
-use meshchat_messaging::members::MemberCache;
-use meshchat_messaging::mesh::Mesh;
-use meshchat_messaging::registry::{ConnId, Delivery, LocalDelivery};
-use meshchat_messaging::router::Router;
 use tokio::sync::mpsc;
 
 const SIZE: usize = 256;
@@ -69,6 +67,11 @@ impl LocalDelivery for Sink {
     fn is_online(&self, _user: UserId) -> bool {
         false
     }
+    // Nobody is connected to move or resync, and nothing is cached.
+    fn redirect(&self, _user: UserId, _node: NodeId, _addr: String, _epoch: u64) {}
+    fn resync(&self, _users: &[UserId]) {}
+    fn invalidate_channel(&self, _channel: ChannelId) {}
+    fn invalidate_all_channels(&self) {}
 }
 
 /// A publish/receive pair under test.
@@ -126,7 +129,7 @@ fn mesh_hop(rt: &tokio::runtime::Runtime) -> MeshHop {
             Arc::new(Sink(mpsc::unbounded_channel().0))
         };
         let mesh = rt.block_on(async {
-            Mesh::start(&c, &identity, sink, Arc::new(MemberCache::new()), &stop_rx).expect("mesh")
+            meshchat_messaging::server::start_mesh(&c, &identity, sink, &stop_rx).expect("mesh")
         });
         meshes.push(mesh);
     }

@@ -258,7 +258,7 @@ impl DevCluster {
             cmd.env(
                 "RUST_LOG",
                 format!(
-                    "{filter},meshchat_messaging::server=info,meshchat_messaging::membership_redis=info"
+                    "{filter},meshchat_messaging::server=info,meshchat_backplane::membership_redis=info"
                 ),
             );
         }

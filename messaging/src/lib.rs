@@ -1,17 +1,18 @@
 //! # meshchat-messaging
 //!
-//! Owns the messaging node, `meshchat-node`.
+//! Owns the messaging node, `meshchat-node`: client sessions and everything they ask for. The
+//! cluster (ring, membership, the Redis driver, the lease gate, the node <-> node mesh) is
+//! `meshchat-backplane`'s; a clustered node starts the mesh (`server::start_mesh`) and hands
+//! it a delivery interface.
 //!
 //! - [`config`]: `NodeConfig` and its parts, with documented defaults; file + env + flags.
 //! - [`server`]: start/run a node: QUIC endpoint, bounded accept loop, graceful shutdown.
 //! - [`session`]: one task per connection: auth, request loop, pushes with sequence numbers.
 //! - [`node`]: the chat service: every request handler and the send path.
 //! - [`registry`]: user -> live connections, bounded per-connection push queues.
-//! - [`router`]: where deliveries go: the one interface between the send path and the cluster.
+//! - [`router`]: where deliveries go: a node alone's router, and [`router::NodeDelivery`], what
+//!   this node hands the mesh (its connections, Redirect/Resync pushes, member cache).
 //! - [`members`]: the per-node channel member cache (fan-out only; invalidated across the mesh).
-//! - [`membership_redis`]: dynamic membership through Redis, feeding the backplane's core.
-//! - [`lease`]: the lease gate: whether this process may issue ids and serve (fencing).
-//! - [`mesh`]: the node <-> node QUIC mesh with static membership, a [`router::Router`].
 //! - [`auth`]: argon2id password hashes and JWT tokens.
 //! - [`tls`]: certificates (dev CA), rustls/quinn configs sized for chat.
 //! - [`error`]: request errors and the one mapping to protocol error codes.
@@ -23,10 +24,7 @@ pub mod config;
 pub mod convert;
 pub mod dev;
 pub mod error;
-pub mod lease;
 pub mod members;
-pub mod membership_redis;
-pub mod mesh;
 pub mod node;
 pub mod registry;
 pub mod router;

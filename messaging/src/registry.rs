@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use meshchat_backplane::membership_redis::ClientConnections;
 use meshchat_idgen::UserId;
 use meshchat_proto::client::ErrorCode;
 use parking_lot::Mutex;
@@ -21,9 +22,8 @@ use tracing::debug;
 
 use crate::error::close_code;
 
-/// A connection's id, unique within a node's lifetime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub u64);
+// Shared with the mesh, which passes them through (`meshchat_backplane::delivery`).
+pub use meshchat_backplane::delivery::{ConnId, Delivery};
 
 /// A connection's bounded outbound push queue.
 ///
@@ -100,40 +100,6 @@ pub struct ConnHandle {
     pub conn: quinn::Connection,
 }
 
-/// Outcome counts of one fan-out, for metrics and tests.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Delivery {
-    /// Connections the push was queued on.
-    pub queued: usize,
-    /// Connections cut off as slow readers.
-    pub cut_off: usize,
-}
-
-/// Where the mesh hands pushes for users on this node: the registry in a node; anything that
-/// records them in a bench or test.
-pub trait LocalDelivery: Send + Sync + 'static {
-    /// Queues `push` on every live connection of `users` on this node, except `skip`.
-    fn push_to(&self, users: &[UserId], push: &Bytes, skip: Option<ConnId>) -> Delivery;
-    /// Whether `user` has a live connection on this node.
-    fn is_online(&self, user: UserId) -> bool;
-    /// Every user with a live connection here (for re-homing after a ring change).
-    fn users(&self) -> Vec<UserId> {
-        Vec::new()
-    }
-}
-
-impl LocalDelivery for Registry {
-    fn push_to(&self, users: &[UserId], push: &Bytes, skip: Option<ConnId>) -> Delivery {
-        Registry::push_to(self, users, push, skip)
-    }
-    fn is_online(&self, user: UserId) -> bool {
-        Registry::is_online(self, user)
-    }
-    fn users(&self) -> Vec<UserId> {
-        self.users.iter().map(|e| *e.key()).collect()
-    }
-}
-
 /// user -> live connections on this node.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -184,6 +150,11 @@ impl Registry {
         self.users.contains_key(&user)
     }
 
+    /// Every user with a live connection here (for re-homing after a ring change).
+    pub fn users(&self) -> Vec<UserId> {
+        self.users.iter().map(|e| *e.key()).collect()
+    }
+
     /// Queues `push` on every live connection of every user in `users`, except `skip`.
     pub fn push_to(&self, users: &[UserId], push: &Bytes, skip: Option<ConnId>) -> Delivery {
         let mut d = Delivery::default();
@@ -220,6 +191,19 @@ impl Registry {
     /// Every live connection (for shutdown).
     pub fn all(&self) -> Vec<ConnHandle> {
         self.users.iter().flat_map(|e| e.value().clone()).collect()
+    }
+}
+
+impl ClientConnections for Registry {
+    fn close_all_fenced(&self) -> usize {
+        let conns = self.all();
+        for c in &conns {
+            c.conn.close(
+                close_code(ErrorCode::Unavailable),
+                b"node fenced: cut off from cluster membership",
+            );
+        }
+        conns.len()
     }
 }
 

@@ -1,71 +1,25 @@
 //! Where deliveries go: the one interface between the send path and the cluster.
 //!
 //! The send path hands a [`Router`] the recipients of one event and the event encoded once.
-//! Today every user is homed on the node it connects to, so [`LocalRouter`] pushes straight
-//! into this node's [`Registry`]. The mesh (issue 5) implements the same trait: it groups the
-//! recipients by home node on the ring, delivers the local group through the registry, and
-//! sends one mesh frame per other node, never one per recipient.
+//! A node alone homes every user, so its [`LocalRouter`] pushes straight into this node's
+//! [`Registry`]. In a cluster the mesh (`meshchat_backplane::mesh`) implements the same
+//! trait: it groups the recipients by home node on the ring, delivers the local group through
+//! [`NodeDelivery`], and sends one mesh frame per other node, never one per recipient.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
+use meshchat_backplane::delivery::LocalDelivery;
 use meshchat_idgen::{ChannelId, NodeId, UserId};
+use meshchat_proto::client::{self as pc, push};
 
+// The interface itself is the backplane's (`meshchat_backplane::delivery`), so that the
+// backplane never depends on this crate.
+pub use meshchat_backplane::delivery::{Home, MemberView, Router};
+
+use crate::members::MemberCache;
+use crate::node::encode_push;
 use crate::registry::{ConnId, Delivery, Registry};
-
-/// Where a user is homed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Home {
-    /// On this node.
-    Local,
-    /// On another node: clients of this user are redirected there.
-    Remote {
-        /// The home node.
-        node: NodeId,
-        /// The address its clients dial.
-        addr: String,
-        /// Ring epoch of this decision.
-        epoch: u64,
-    },
-}
-
-/// One member of the cluster as this node sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemberView {
-    /// Node id.
-    pub node: NodeId,
-    /// Client address.
-    pub addr: String,
-    /// Ring weight.
-    pub weight: u32,
-    /// "self", "up" or "down" (this node's link to it).
-    pub state: &'static str,
-}
-
-/// Delivers pushes to users wherever their connections live.
-pub trait Router: Send + Sync + 'static {
-    /// Pushes `push` (a `Push` body without its sequence number) to every live connection of
-    /// `recipients`, except the connection `skip` (the sender's own device).
-    fn deliver(&self, recipients: &[UserId], push: &Bytes, skip: Option<ConnId>) -> Delivery;
-
-    /// The ring epoch routing decisions are made at (0 without a ring).
-    fn epoch(&self) -> u64 {
-        0
-    }
-
-    /// Where `user` is homed.
-    fn home(&self, _user: UserId) -> Home {
-        Home::Local
-    }
-
-    /// A channel's members changed here: tell the nodes that cache its member list.
-    fn channel_changed(&self, _channel: ChannelId) {}
-
-    /// The cluster's members as this node sees them; empty for a node alone.
-    fn members(&self) -> Vec<MemberView> {
-        Vec::new()
-    }
-}
 
 /// Every user is local: deliver through this node's registry.
 #[derive(Debug, Clone)]
@@ -83,5 +37,60 @@ impl LocalRouter {
 impl Router for LocalRouter {
     fn deliver(&self, recipients: &[UserId], push: &Bytes, skip: Option<ConnId>) -> Delivery {
         self.registry.push_to(recipients, push, skip)
+    }
+}
+
+/// What this node hands the mesh: pushes for its own connections (the registry), the
+/// `Redirect` and `Resync` pushes encoded here, and the channel member cache to invalidate.
+#[derive(Debug, Clone)]
+pub struct NodeDelivery {
+    registry: Arc<Registry>,
+    members: Arc<MemberCache>,
+}
+
+impl NodeDelivery {
+    /// The mesh's way into `registry` and `members`.
+    pub fn new(registry: Arc<Registry>, members: Arc<MemberCache>) -> Self {
+        Self { registry, members }
+    }
+}
+
+impl LocalDelivery for NodeDelivery {
+    fn push_to(&self, users: &[UserId], push: &Bytes, skip: Option<ConnId>) -> Delivery {
+        self.registry.push_to(users, push, skip)
+    }
+
+    fn is_online(&self, user: UserId) -> bool {
+        self.registry.is_online(user)
+    }
+
+    fn users(&self) -> Vec<UserId> {
+        self.registry.users()
+    }
+
+    fn redirect(&self, user: UserId, node: NodeId, addr: String, epoch: u64) {
+        let push = encode_push(push::Event::Redirect(pc::Redirect {
+            node_id: node.0,
+            address: addr,
+            ring_epoch: epoch,
+            token: String::new(),
+        }));
+        self.registry.push_to(&[user], &push, None);
+    }
+
+    fn resync(&self, users: &[UserId]) {
+        self.registry.push_to(
+            users,
+            &encode_push(push::Event::Resync(pc::Resync {})),
+            None,
+        );
+    }
+
+    fn invalidate_channel(&self, channel: ChannelId) {
+        self.members.invalidate(channel);
+    }
+
+    fn invalidate_all_channels(&self) {
+        self.members.invalidate_all();
     }
 }

@@ -12,6 +12,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshchat_backplane::delivery::LocalDelivery;
+use meshchat_backplane::lease::LeaseGate;
+use meshchat_backplane::membership_redis::{Fencing, RedisMembership, Registration};
+use meshchat_backplane::mesh::{Mesh, MeshConfig, MeshMember};
+use meshchat_idgen::NodeId;
 use meshchat_proto::client::ErrorCode;
 use meshchat_storage::{EmbeddedStore, Storage};
 use tokio::sync::{Semaphore, watch};
@@ -21,15 +26,12 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::auth::{Auth, AuthSetupError};
 use crate::config::{Backend, NodeConfig};
 use crate::error::{RequestError, close_code};
-use crate::lease::LeaseGate;
 use crate::members::MemberCache;
-use crate::membership_redis::{Fencing, RedisMembership, Registration};
-use crate::mesh::Mesh;
 use crate::node::Node;
 use crate::registry::Registry;
-use crate::router::{LocalRouter, Router};
+use crate::router::{LocalRouter, NodeDelivery, Router};
 use crate::session;
-use crate::tls::{self, TlsError};
+use crate::tls::{self, Identity, TlsError};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -149,14 +151,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     let (router, mesh): (Arc<dyn Router>, Option<Arc<Mesh>>) = if !clustered {
         (Arc::new(LocalRouter::new(registry.clone())), None)
     } else {
-        let mesh = Mesh::start(
-            &config,
-            &mesh_identity,
-            registry.clone(),
-            members.clone(),
-            &stop_rx,
-        )
-        .map_err(|e| StartError::Other(e.to_string()))?;
+        let local = Arc::new(NodeDelivery::new(registry.clone(), members.clone()));
+        let mesh = start_mesh(&config, &mesh_identity, local, &stop_rx)?;
         (mesh.clone(), Some(mesh))
     };
     let mut node = Node::new(config, storage, auth, registry.clone(), router, members)?;
@@ -188,7 +184,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         let fencing = Fencing {
             gate: node.lease_gate().clone(),
             ids: node.id_generator(),
-            registry,
+            clients: registry,
         };
         tokio::spawn(driver.run(mesh, fencing, stop_rx.clone()));
     }
@@ -210,6 +206,47 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         stop,
         done,
     })
+}
+
+/// Starts the node's side of the mesh from its `[cluster]` config: the cluster CA (default:
+/// the development CA in the data dir), a UDP socket on `cluster.mesh_listen` and the static
+/// member list, if any. What the mesh delivers to this node goes to `local`.
+pub fn start_mesh(
+    config: &NodeConfig,
+    identity: &Identity,
+    local: Arc<dyn LocalDelivery>,
+    stop: &watch::Receiver<bool>,
+) -> Result<Arc<Mesh>, StartError> {
+    let c = &config.cluster;
+    let roots = match &c.ca {
+        Some(p) => tls::load_certs(p)?,
+        None => tls::load_certs(&config.data_dir.join(tls::DEV_CA_CERT))?,
+    };
+    let listen = c
+        .mesh_listen
+        .ok_or_else(|| StartError::Other("mesh: cluster.mesh_listen is not set".into()))?;
+    // The mesh keeps the default transport buffers, whatever `[transport]` says for clients.
+    let socket = tls::udp_socket(listen, &crate::config::TransportSettings::default())?;
+    let mesh_config = MeshConfig {
+        me: NodeId(config.node_id),
+        cluster_id: c.cluster_id.clone(),
+        listen,
+        roots,
+        peer_queue: c.peer_queue,
+        members: c
+            .members
+            .iter()
+            .map(|m| MeshMember {
+                id: NodeId(m.id),
+                mesh_addr: m.mesh_addr,
+                client_addr: m.client_addr.clone(),
+                weight: m.weight,
+            })
+            .collect(),
+        epoch: c.epoch,
+    };
+    Mesh::start(mesh_config, identity, socket, local, stop)
+        .map_err(|e| StartError::Other(e.to_string()))
 }
 
 /// Takes `<data_dir>/worker-<w>.lock` (an exclusive advisory lock, released by the kernel when

@@ -3,7 +3,7 @@
 //! QUIC transport sized for chat, and the UDP socket with large kernel buffers.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,69 +12,20 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tracing::info;
 
+// Shared with the mesh's endpoint (`meshchat_backplane::tls`).
+pub use meshchat_backplane::tls::{Identity, TlsError, provider};
+
 use crate::config::{LimitsConfig, NodeConfig, TransportSettings};
 
 /// File name of the development CA certificate in the data dir (clients trust this).
 pub const DEV_CA_CERT: &str = "ca.pem";
 const DEV_CA_KEY: &str = "ca.key";
 
-/// Errors setting TLS or the endpoint up.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// Reading or writing a PEM file failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What went wrong.
-        source: std::io::Error,
-    },
-    /// A PEM file did not hold what it should.
-    #[error("{path}: {what}")]
-    Pem {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        what: String,
-    },
-    /// Certificate generation failed.
-    #[error("generating certificates: {0}")]
-    Generate(#[from] rcgen::Error),
-    /// rustls refused the configuration.
-    #[error("tls config: {0}")]
-    Rustls(#[from] rustls::Error),
-    /// The transport config was refused.
-    #[error("quic config: {0}")]
-    Quic(String),
-    /// The socket could not be set up.
-    #[error("udp socket {addr}: {source}")]
-    Socket {
-        /// Address.
-        addr: SocketAddr,
-        /// What went wrong.
-        source: std::io::Error,
-    },
-}
-
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
     move |source| TlsError::Io {
         path: path.to_owned(),
         source,
     }
-}
-
-/// The process-wide crypto provider: ring.
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A certificate chain and its key.
-#[derive(Debug)]
-pub struct Identity {
-    /// Leaf first.
-    pub chain: Vec<CertificateDer<'static>>,
-    /// The leaf's key.
-    pub key: PrivateKeyDer<'static>,
 }
 
 /// Loads a PEM chain and key.

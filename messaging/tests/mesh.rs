@@ -10,10 +10,10 @@ use std::time::Duration;
 use std::collections::BTreeSet;
 
 use common::{free_udp_port, next_message, text};
+use meshchat_backplane::delivery::Router;
 use meshchat_client::{Client, ConnectOptions, Event, Events, Session};
 use meshchat_idgen::{ChannelId, ChatId, NodeId};
 use meshchat_messaging::config::StaticMember;
-use meshchat_messaging::router::Router;
 use meshchat_messaging::{NodeConfig, RunningNode};
 use meshchat_proto::client::{self as pb, push};
 
@@ -116,7 +116,7 @@ impl Cluster {
         (a, b, chat)
     }
 
-    fn mesh(&self, node: NodeId) -> &Arc<meshchat_messaging::mesh::Mesh> {
+    fn mesh(&self, node: NodeId) -> &Arc<meshchat_backplane::mesh::Mesh> {
         self.nodes[node.0 as usize - 1].mesh.as_ref().expect("mesh")
     }
 }
@@ -686,7 +686,7 @@ async fn a_push_written_into_a_link_that_dies_is_resynced_to_the_online_recipien
     // The path goes dark; the push is written into the link all the same.
     let mesh1 = c.mesh(NodeId(1)).clone();
     let sent =
-        |m: &meshchat_messaging::mesh::Mesh| m.peer_stats(NodeId(2)).expect("peer").envelopes_sent;
+        |m: &meshchat_backplane::mesh::Mesh| m.peer_stats(NodeId(2)).expect("peer").envelopes_sent;
     let before = sent(&mesh1);
     relay.set_dark(true);
     let lost = alice

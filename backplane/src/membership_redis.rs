@@ -1,5 +1,5 @@
 //! Dynamic membership through Redis: the I/O driver of the sans-IO core
-//! (`meshchat_backplane::membership`).
+//! ([`crate::membership`]).
 //!
 //! Every `heartbeat` a node, in one round trip each:
 //! 1. renews its Snowflake worker-id lease `<p>:worker:<w>` (SET NX, or PEXPIRE if its value
@@ -24,7 +24,7 @@
 //!
 //! Every outcome goes to the sans-IO core, which decides until when the lease is held
 //! (`sent_at + ttl - margin` of the last good round, on the monotonic clock, see
-//! `meshchat_backplane::membership`); the driver copies that deadline into the node's
+//! [`crate::membership`]); the driver copies that deadline into the node's
 //! [`LeaseGate`], which every id and every authentication checks against the clock.
 //!
 //! Redis unreachable: the core keeps the last ring (`KeepServing`) and the node keeps serving
@@ -50,19 +50,14 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use meshchat_backplane::membership::{
-    Decision, Event, LeaseConfig, Member, MemberState, Membership, Snapshot,
-};
 use meshchat_idgen::{Generator, NodeId};
-use meshchat_proto::client::ErrorCode;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
-use crate::error::close_code;
 use crate::lease::LeaseGate;
+use crate::membership::{Decision, Event, LeaseConfig, Member, MemberState, Membership, Snapshot};
 use crate::mesh::{Mesh, MeshMember};
-use crate::registry::Registry;
 
 /// One registration as stored in Redis. Field order is fixed: the snapshot script compares
 /// the concatenated JSON to detect changes.
@@ -222,16 +217,33 @@ pub struct RedisMembership {
     pub ttl: Duration,
 }
 
+/// The node's client connections, as the driver needs them: closed when the node is fenced
+/// (their clients reconnect through another node, which redirects them to their new home).
+pub trait ClientConnections: Send + Sync + 'static {
+    /// Closes every client connection with `UNAVAILABLE` because this node is fenced;
+    /// returns how many it closed.
+    fn close_all_fenced(&self) -> usize;
+}
+
 /// What the driver drives besides the mesh: the node's id gate and generator, and the
 /// connections to close when fenced.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Fencing {
     /// The gate every id and authentication checks.
     pub gate: Arc<LeaseGate>,
     /// The generator whose floor is raised on taking over a worker id.
     pub ids: Arc<Generator>,
     /// Client connections, closed when the node is fenced.
-    pub registry: Arc<Registry>,
+    pub clients: Arc<dyn ClientConnections>,
+}
+
+impl std::fmt::Debug for Fencing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fencing")
+            .field("gate", &self.gate)
+            .field("ids", &self.ids)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A random token that tells this process's lease from any other's.
@@ -481,18 +493,12 @@ impl RedisMembership {
                         )
                     }
                     Decision::Fenced { epoch } => {
-                        let conns = fencing.registry.all();
+                        let closed = fencing.clients.close_all_fenced();
                         warn!(
                             epoch,
-                            closing = conns.len(),
+                            closing = closed,
                             "fenced: worker-id lease lost; not issuing ids, closing clients"
                         );
-                        for c in conns {
-                            c.conn.close(
-                                close_code(ErrorCode::Unavailable),
-                                b"node fenced: cut off from cluster membership",
-                            );
-                        }
                     }
                     Decision::Unfenced { epoch } => info!(epoch, "lease held: serving"),
                     Decision::ShrinkDeferred {

@@ -1,0 +1,303 @@
+//! One peer as this node sees it: its bounded envelope queue and the drop policy (an
+//! envelope refused for lack of room or for its size is counted and its recipients resynced,
+//! never lost invisibly), the lanes that go ahead of the next batch outside the bound
+//! (`Resync` for what was missed, `ChannelChanged` coalesced per channel), the envelope size
+//! bound with the split of one delivery into envelopes under it, and the link's counters.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use meshchat_idgen::{ChannelId, NodeId};
+use meshchat_proto::mesh::{self as pm, envelope};
+use parking_lot::Mutex;
+use tokio::sync::{Notify, watch};
+use tracing::warn;
+
+/// Users remembered per peer whose envelopes were dropped; past it the resync covers every
+/// connection on the peer.
+pub(super) const MAX_MISSED_USERS: usize = 8_192;
+/// Largest envelope a peer queue takes. A delivery to more recipients than fit is split into
+/// several envelopes ([`deliver_envelopes`]); an envelope still larger (a push bigger than
+/// this) is refused at the queue and its recipients resynced, so it can never make a batch
+/// frame too large and take the batch's other envelopes with it.
+pub(super) const MAX_ENVELOPE_BYTES: usize = 256 * 1024;
+/// Bytes of one recipient in a `Deliver` (a varint u64 is at most 10).
+pub(super) const RECIPIENT_BYTES: usize = 10;
+
+/// The `Deliver` envelopes of `push` to `recipients` (all on one peer): as many as it takes
+/// to keep each under [`MAX_ENVELOPE_BYTES`]. A channel with 100k+ members on one node made
+/// one envelope larger than a mesh frame, and the whole batch around it was dropped.
+pub(super) fn deliver_envelopes(
+    epoch: u64,
+    hops: u32,
+    recipients: Vec<u64>,
+    push: &Bytes,
+) -> impl Iterator<Item = pm::Envelope> + '_ {
+    // Room for recipients once the push and the envelope's own fields are in.
+    let per_envelope =
+        (MAX_ENVELOPE_BYTES.saturating_sub(push.len() + 64) / RECIPIENT_BYTES).max(1);
+    let chunks: Vec<Vec<u64>> = if recipients.len() <= per_envelope {
+        vec![recipients]
+    } else {
+        recipients
+            .chunks(per_envelope)
+            .map(<[u64]>::to_vec)
+            .collect()
+    };
+    chunks.into_iter().map(move |recipients| pm::Envelope {
+        ring_epoch: epoch,
+        hops,
+        body: Some(envelope::Body::Deliver(pm::Deliver {
+            recipients,
+            push: push.clone(),
+        })),
+    })
+}
+
+/// Channels waiting on a peer's lane before one `ChannelChanged{all}` replaces them.
+pub(super) const MAX_CHANGED_CHANNELS: usize = 4_096;
+
+/// Member-list invalidations owed to a peer: a lane that is never dropped. Sent ahead of the
+/// next batch, outside the queue's bound, coalesced per channel. (Through the droppable
+/// queue, one lost invalidation left a stale fan-out list, or cost a resync of every user
+/// on the peer.)
+#[derive(Debug, Default)]
+pub(super) struct Changed {
+    channels: BTreeSet<u64>,
+    all: bool,
+}
+
+impl Changed {
+    pub(super) fn add(&mut self, channel: ChannelId) {
+        if self.all {
+            return;
+        }
+        self.channels.insert(channel.0);
+        if self.channels.len() > MAX_CHANGED_CHANNELS {
+            self.channels.clear();
+            self.all = true;
+        }
+    }
+
+    /// Puts back a change taken from the lane (its batch did not go out).
+    pub(super) fn readd(&mut self, c: &pm::ChannelChanged) {
+        if c.all {
+            self.channels.clear();
+            self.all = true;
+        } else {
+            self.add(ChannelId(c.channel_id));
+        }
+    }
+
+    /// The envelopes owed, emptying the lane.
+    pub(super) fn take(&mut self) -> Vec<pm::Envelope> {
+        let c = std::mem::take(self);
+        let changed = |channel_id, all| pm::Envelope {
+            ring_epoch: 0,
+            hops: 0,
+            body: Some(envelope::Body::ChannelChanged(pm::ChannelChanged {
+                channel_id,
+                all,
+            })),
+        };
+        if c.all {
+            vec![changed(0, true)]
+        } else {
+            c.channels
+                .into_iter()
+                .map(|id| changed(id, false))
+                .collect()
+        }
+    }
+}
+
+/// What a peer missed because its queue was full: told to it ahead of the next batch.
+#[derive(Debug, Default)]
+pub(super) struct Missed {
+    pub(super) users: BTreeSet<u64>,
+    pub(super) all: bool,
+}
+
+impl Missed {
+    pub(super) fn is_empty(&self) -> bool {
+        !self.all && self.users.is_empty()
+    }
+
+    pub(super) fn add(&mut self, env: &pm::Envelope) {
+        match &env.body {
+            Some(envelope::Body::Deliver(d)) => self.add_users(d.recipients.iter().copied()),
+            Some(envelope::Body::Resync(r)) if !r.all => self.add_users(r.users.iter().copied()),
+            // Channel changes have a lane of their own, and a link that comes up drops the
+            // member cache: nothing to resync.
+            Some(envelope::Body::ChannelChanged(_)) => {}
+            // A move or a resync of everyone: which users it concerns is not listed here.
+            _ => self.add_all(),
+        }
+    }
+
+    pub(super) fn add_users(&mut self, users: impl IntoIterator<Item = u64>) {
+        if self.all {
+            return;
+        }
+        self.users.extend(users);
+        if self.users.len() > MAX_MISSED_USERS {
+            self.add_all();
+        }
+    }
+
+    pub(super) fn add_all(&mut self) {
+        self.users.clear();
+        self.all = true;
+    }
+
+    /// Adds everything `other` names.
+    pub(super) fn absorb(&mut self, other: Missed) {
+        if other.all {
+            self.add_all();
+        } else {
+            self.add_users(other.users);
+        }
+    }
+
+    pub(super) fn take(&mut self) -> pm::Envelope {
+        let m = std::mem::take(self);
+        pm::Envelope {
+            ring_epoch: 0,
+            hops: 0,
+            body: Some(envelope::Body::Resync(pm::Resync {
+                users: m.users.into_iter().collect(),
+                all: m.all,
+            })),
+        }
+    }
+}
+
+/// Counters of one peer link.
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    /// Envelopes written to the link.
+    pub envelopes_sent: AtomicU64,
+    /// Batch frames written.
+    pub frames_sent: AtomicU64,
+    /// Envelopes received from the peer.
+    pub envelopes_received: AtomicU64,
+    /// Envelopes dropped because the queue was full.
+    pub dropped: AtomicU64,
+    /// Times the link came up.
+    pub connects: AtomicU64,
+}
+
+/// Snapshot of one peer link's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    /// Envelopes written to the link.
+    pub envelopes_sent: u64,
+    /// Batch frames written.
+    pub frames_sent: u64,
+    /// Envelopes received from the peer.
+    pub envelopes_received: u64,
+    /// Envelopes dropped because the queue was full.
+    pub dropped: u64,
+    /// Times the link came up.
+    pub connects: u64,
+}
+
+/// One peer: its link state, its bounded queue and the lanes that go ahead of it.
+pub(super) struct Peer {
+    pub(super) id: NodeId,
+    pub(super) addr: SocketAddr,
+    /// Flipped when the peer leaves the member set: ends its dial loop and link.
+    pub(super) gone: watch::Sender<bool>,
+    pub(super) queue: Mutex<VecDeque<pm::Envelope>>,
+    pub(super) ready: Notify,
+    pub(super) capacity: usize,
+    pub(super) up: AtomicBool,
+    pub(super) stats: PeerStats,
+    /// Bumped by every link that comes up; a link whose generation is no longer current
+    /// (the peer said hello again) stops.
+    pub(super) link: watch::Sender<u64>,
+    /// Users whose envelopes the full queue dropped, for the resync ahead of the next batch.
+    pub(super) missed: Mutex<Missed>,
+    /// Channel member changes owed to the peer (never dropped).
+    pub(super) changed: Mutex<Changed>,
+}
+
+impl Peer {
+    /// A peer at `addr`, not linked yet, whose queue holds up to `capacity` envelopes.
+    pub(super) fn new(id: NodeId, addr: SocketAddr, capacity: usize) -> Self {
+        let (gone, _) = watch::channel(false);
+        Self {
+            id,
+            addr,
+            gone,
+            queue: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            capacity,
+            up: AtomicBool::new(false),
+            stats: PeerStats::default(),
+            link: watch::channel(0).0,
+            missed: Mutex::new(Missed::default()),
+            changed: Mutex::new(Changed::default()),
+        }
+    }
+
+    pub(super) fn enqueue(&self, env: pm::Envelope) {
+        // Bounded on the way in: one envelope too large for a batch frame would otherwise
+        // fail the encoding of the whole batch it lands in.
+        if prost::Message::encoded_len(&env) > MAX_ENVELOPE_BYTES {
+            self.drop_envelope(&env, "envelope over the size limit: dropping it");
+            return;
+        }
+        {
+            let mut q = self.queue.lock();
+            if q.len() >= self.capacity {
+                drop(q);
+                self.drop_envelope(&env, "peer queue full: dropping envelopes");
+                return;
+            }
+            q.push_back(env);
+        }
+        self.ready.notify_one();
+    }
+
+    /// Drops an envelope, not invisibly: its recipients are told ahead of the next batch
+    /// (the writer is woken: the queue may be empty).
+    fn drop_envelope(&self, env: &pm::Envelope, why: &'static str) {
+        self.missed.lock().add(env);
+        self.ready.notify_one();
+        let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            warn!(peer = self.id.0, dropped = n, why);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changed_of(env: &pm::Envelope) -> (u64, bool) {
+        match &env.body {
+            Some(envelope::Body::ChannelChanged(c)) => (c.channel_id, c.all),
+            other => panic!("not a channel change: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn channel_changes_coalesce_per_channel_then_into_all() {
+        let mut c = Changed::default();
+        for id in [7, 3, 7, 7] {
+            c.add(ChannelId(id));
+        }
+        let out: Vec<_> = c.take().iter().map(changed_of).collect();
+        assert_eq!(out, vec![(3, false), (7, false)]);
+        assert!(c.take().is_empty(), "taking empties the lane");
+        for id in 1..=MAX_CHANGED_CHANNELS as u64 + 1 {
+            c.add(ChannelId(id));
+        }
+        let out: Vec<_> = c.take().iter().map(changed_of).collect();
+        assert_eq!(out, vec![(0, true)]);
+    }
+}
