@@ -732,3 +732,74 @@ async fn a_push_written_into_a_link_that_dies_is_resynced_to_the_online_recipien
         n.shutdown().await;
     }
 }
+
+/// Pushes a node queued for a peer while their link was down reach the peer's users when
+/// the link comes back. The node that accepts the link writes its backlog right behind its
+/// hello reply, so the dialer reads both at once; it used to drop everything its hello reader
+/// had taken past the reply, that first batch with it, invisibly (no resync: the batch was
+/// written into a link that stayed up). Found by the load test's partition fault. Node 1
+/// dials node 2 (the lower id dials) through a relay that the test darkens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_queued_while_the_link_was_down_arrives_when_it_is_back() {
+    let relay = Relay::start().await;
+    let (relay_addr, target) = (relay.addr, relay.target.clone());
+    let c = cluster_with(2, move |cfg| {
+        if cfg.node_id == 1 {
+            let m = &mut cfg.cluster.members[1];
+            *target.lock() = Some(m.mesh_addr);
+            m.mesh_addr = relay_addr;
+        }
+    })
+    .await;
+    // Alice is homed on node 1 (the dialer), Bob on node 2 (the acceptor).
+    let ((alice, mut alice_events, _), (bob, _be, _), chat) = c.pair().await;
+    bob.send(chat, "before", None).await.expect("send");
+    assert_eq!(text(&next_message(&mut alice_events).await), "before");
+
+    // The path goes dark and the link idles out on node 2's side too.
+    let mesh2 = c.mesh(NodeId(2)).clone();
+    relay.set_dark(true);
+    common::wait_for(
+        "the link is down on node 2",
+        Duration::from_secs(30),
+        || !mesh2.peer_up(NodeId(1)),
+    )
+    .await;
+    // Sends while there is no link: their pushes wait in node 2's queue for node 1.
+    let mut waiting = std::collections::BTreeSet::new();
+    for i in 0..5 {
+        let id = bob
+            .send(chat, format!("queued {i}"), None)
+            .await
+            .expect("acked: it is durable")
+            .message_id;
+        waiting.insert(id);
+    }
+    relay.set_dark(false);
+
+    // Alice stayed online on node 1: the backlog reaches her as pushes (a resync and a
+    // gap fill would do too: what must not happen is nothing at all).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !waiting.is_empty() {
+        match tokio::time::timeout_at(deadline, alice_events.next()).await {
+            Ok(Some(Event::Message(m))) => {
+                waiting.remove(&m.message_id);
+            }
+            Ok(Some(Event::Resync)) => {
+                alice.fill_gaps().await.expect("fill");
+            }
+            Ok(Some(Event::Disconnected { code, reason })) => assert!(
+                alice.conn().is_ok_and(|c| c.is_open()),
+                "alice was disconnected ({code}: {reason}): the test needs her online"
+            ),
+            Ok(Some(_)) => {}
+            _ => panic!(
+                "{} pushes queued while the link was down never reached alice",
+                waiting.len()
+            ),
+        }
+    }
+    for n in c.nodes {
+        n.shutdown().await;
+    }
+}

@@ -20,7 +20,7 @@ use meshchat_proto::{FrameCodec, MESH_ALPN, PROTOCOL_VERSION};
 use parking_lot::Mutex;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
-use tokio_util::codec::FramedRead;
+use tokio_util::codec::{Framed, FramedParts, FramedRead};
 use tracing::{debug, info, warn};
 
 use super::Mesh;
@@ -278,8 +278,10 @@ async fn accept_peer(
             "ring epochs differ"
         );
     }
-    let recv = reader.into_inner();
-    run_link(mesh, peer, conn, send, recv, stop).await;
+    // Bytes read past the hello stay with the link (the dialer waits for the reply before it
+    // writes, but the link must not depend on that).
+    let parts = reader.into_parts();
+    run_link(mesh, peer, conn, send, (parts.io, parts.read_buf), stop).await;
     Ok(())
 }
 
@@ -317,7 +319,11 @@ pub(super) async fn dial_loop(
                 Some(Ok(ok)) if ok.node_id == peer.id.0 => {}
                 other => return Err(format!("bad hello reply: {other:?}")),
             }
-            Ok::<_, String>((conn, send, reader.into_inner()))
+            // The peer writes its first batch right behind the hello reply: what the reader
+            // took past the reply belongs to the link (dropping it lost that batch, found by
+            // the load test's partition fault).
+            let parts = reader.into_parts();
+            Ok::<_, String>((conn, send, (parts.io, parts.read_buf)))
         };
         let result = tokio::select! {
             _ = stop.changed() => return,
@@ -346,13 +352,14 @@ pub(super) async fn dial_loop(
     }
 }
 
-/// Runs an established link until either side fails or the node stops.
+/// Runs an established link until either side fails or the node stops. `recv` is the
+/// stream with the bytes already read from it past the hello.
 async fn run_link(
     mesh: Arc<Mesh>,
     peer: Arc<Peer>,
     conn: quinn::Connection,
     mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    recv: (quinn::RecvStream, BytesMut),
     mut stop: watch::Receiver<bool>,
 ) {
     // This link replaces any older one of the same peer.
@@ -380,10 +387,15 @@ async fn run_link(
         let mesh = mesh.clone();
         let peer = peer.clone();
         async move {
-            let mut frames = FramedRead::new(
+            let (recv, read) = recv;
+            let mut parts = FramedParts::new::<pm::PeerBatch>(
                 recv,
                 FrameCodec::<pm::PeerBatch, pm::PeerBatch>::new(MAX_MESH_FRAME),
             );
+            parts.read_buf = read;
+            // `Framed` (not `FramedRead`) because only it is made from parts: it decodes what
+            // was read already before it reads the stream again. Only its reading half is used.
+            let mut frames = Framed::from_parts(parts);
             while let Some(frame) = frames.next().await {
                 match frame {
                     Ok(batch) => {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use meshchat_idgen::{ChannelId, NodeId, UserId};
 use meshchat_proto::mesh::{self as pm, envelope};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::link::dial_loop;
 use super::peer::{Missed, Peer, deliver_envelopes};
@@ -198,8 +198,11 @@ impl Mesh {
                 elsewhere.entry(owner).or_default().push(r);
             }
         }
-        if !here.is_empty() {
-            self.local.push_to(&here, &d.push, None);
+        if !here.is_empty() && self.local.push_to(&here, &d.push, None).queued == 0 {
+            debug!(
+                users = ?here,
+                "push from a peer for users not connected here: they fill at connect"
+            );
         }
         for (node, recipients) in elsewhere {
             if let Some(peer) = self.peer(node) {
