@@ -1,8 +1,10 @@
-//! A small load test for CI: two spawned node processes, a few thousand real QUIC
-//! connections, every scenario at once (`mixed`), and the harness's own checks: zero
-//! acked-but-undelivered messages (by message id), no wrong ids, no duplicates, every
-//! connection established. It runs the real `meshchat-loadtest` binary against real
-//! `meshchat-node` processes and reads its JSON report.
+//! Small load tests for CI: spawned node processes, real QUIC connections, and the
+//! harness's own checks: zero acked-but-undelivered messages (by message id), no wrong ids,
+//! no duplicates, every connection established. One runs every scenario at once (`mixed`);
+//! the others run each chaos fault of `--fault` that has no test of its own elsewhere (a
+//! partition made of network namespaces, which needs root; the store's write lock held for
+//! seconds; a flood at ten times the send rate limit). They run the real
+//! `meshchat-loadtest` binary against real `meshchat-node` processes and read its JSON report.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -32,42 +34,20 @@ fn node_bin() -> PathBuf {
     bin
 }
 
-#[test]
-fn mixed_load_on_two_nodes_loses_nothing() {
+/// Runs `meshchat-loadtest` with `args` (plus the node binary and an output dir) and
+/// returns its report, its stdout, and the output dir (node logs in `nodes.log`).
+fn run_loadtest(args: &[&str]) -> (serde_json::Value, String, tempfile::TempDir) {
     let out = tempfile::tempdir().expect("temp dir");
     let output = Command::new(env!("CARGO_BIN_EXE_meshchat-loadtest"))
-        .args([
-            "--spawn-nodes",
-            "2",
-            "--connections",
-            "2000",
-            "--ramp-rate",
-            "1500",
-            "--scenario",
-            "mixed",
-            "--duration",
-            "10",
-            "--rate",
-            "300",
-            "--channel-rate",
-            "20",
-            "--channels",
-            "5",
-            "--channel-size",
-            "40",
-            "--reconnect-share",
-            "0.02",
-            "--reconnect-every",
-            "2",
-            "--no-progress",
-        ])
+        .args(args)
+        .arg("--no-progress")
         .arg("--node-bin")
         .arg(node_bin())
         .arg("--out")
         .arg(out.path())
         .output()
         .expect("running meshchat-loadtest");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
@@ -77,6 +57,35 @@ fn mixed_load_on_two_nodes_loses_nothing() {
         &std::fs::read(out.path().join("report.json")).expect("report.json"),
     )
     .expect("report.json parses");
+    (report, stdout, out)
+}
+
+#[test]
+fn mixed_load_on_two_nodes_loses_nothing() {
+    let (report, stdout, out) = run_loadtest(&[
+        "--spawn-nodes",
+        "2",
+        "--connections",
+        "2000",
+        "--ramp-rate",
+        "1500",
+        "--scenario",
+        "mixed",
+        "--duration",
+        "10",
+        "--rate",
+        "300",
+        "--channel-rate",
+        "20",
+        "--channels",
+        "5",
+        "--channel-size",
+        "40",
+        "--reconnect-share",
+        "0.02",
+        "--reconnect-every",
+        "2",
+    ]);
     let m = &report["messages"];
     let c = &report["connections"];
     assert_eq!(report["passed"], true, "{stdout}");
@@ -101,5 +110,90 @@ fn mixed_load_on_two_nodes_loses_nothing() {
     assert!(
         html.matches("<svg").count() >= 5,
         "plots in the HTML report"
+    );
+}
+
+/// A node cut off from the other nodes and Redis (network namespaces; its clients still
+/// reach it) fences itself: its clients re-home elsewhere, no acked message is lost, and
+/// after the heal it serves again. Needs root, as `ip netns` does (CI runs as root).
+#[test]
+fn a_partitioned_node_fences_itself_and_nothing_acked_is_lost() {
+    let (report, stdout, out) = run_loadtest(&[
+        "--spawn-nodes",
+        "3",
+        "--connections",
+        "600",
+        "--scenario",
+        "direct",
+        "--rate",
+        "200",
+        "--duration",
+        "22",
+        "--drain",
+        "20",
+        "--fault",
+        "partition:2@4",
+        "--fault",
+        "heal:2@14",
+    ]);
+    let m = &report["messages"];
+    assert_eq!(report["passed"], true, "{stdout}");
+    assert_eq!(m["acked_undelivered"], 0, "{m}");
+    assert_eq!(m["duplicates"], 0, "{m}");
+    let r = &report["rehome"];
+    let victims = r["victims"].as_u64().expect("victims");
+    assert!(victims > 0, "node 2 had clients when it was cut off: {r}");
+    assert_eq!(r["rehomed"], victims, "every one re-homed: {r}");
+    let log = std::fs::read_to_string(out.path().join("nodes.log")).expect("nodes.log");
+    assert!(
+        log.contains("fenced: worker-id lease lost"),
+        "the partitioned node fenced itself"
+    );
+    assert!(
+        log.contains("redis reachable again"),
+        "and came back after the heal"
+    );
+}
+
+/// The store's write lock held by another process for 8 s (every write waits, then goes
+/// through or fails; none is acked and lost), then three users flooding at ten times the
+/// send rate limit: refused with `RATE_LIMITED`, what was accepted is delivered, and the
+/// other users' traffic goes on.
+#[test]
+fn storage_writes_stalled_and_a_flood_lose_nothing() {
+    let (report, stdout, _out) = run_loadtest(&[
+        "--spawn-nodes",
+        "2",
+        "--connections",
+        "400",
+        "--scenario",
+        "direct",
+        "--rate",
+        "150",
+        "--duration",
+        "26",
+        "--drain",
+        "20",
+        "--fault",
+        "storage-down@3",
+        "--fault",
+        "storage-up@11",
+        "--fault",
+        "flood:3@13",
+    ]);
+    let m = &report["messages"];
+    assert_eq!(report["passed"], true, "{stdout}");
+    assert_eq!(m["acked_undelivered"], 0, "{m}");
+    assert_eq!(m["duplicates"], 0, "{m}");
+    // The lock was real: some sends waited for it for seconds.
+    let max_ack = m["ack_latency"]["max_us"].as_u64().expect("max ack");
+    assert!(max_ack > 2_000_000, "no send waited for the store: {m}");
+    let f = &report["flood"];
+    assert!(f["rate_limited"].as_u64().expect("refused") > 0, "{f}");
+    assert!(f["acked"].as_u64().expect("accepted") > 0, "{f}");
+    // Three users at 500/s for 10 s: most of it is refused.
+    assert!(
+        f["rate_limited"].as_u64() > f["acked"].as_u64(),
+        "the limit held: {f}"
     );
 }

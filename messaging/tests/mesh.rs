@@ -663,12 +663,9 @@ impl Drop for Relay {
     }
 }
 
-/// A push whose batch was written into a mesh link that then dies (the path goes dark: the
-/// write completes into QUIC's buffer, nothing arrives, the link idles out) is not lost
-/// invisibly: the next link carries a `Resync` for its recipient, who fills the gap while
-/// online. Node 1 reaches node 2's mesh port through a relay that the test darkens.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_push_written_into_a_link_that_dies_is_resynced_to_the_online_recipient() {
+/// Two nodes; node 1 reaches node 2's mesh port (it dials: the lower id dials) through a
+/// relay the test can darken.
+async fn two_nodes_through_a_relay() -> (Relay, Cluster) {
     let relay = Relay::start().await;
     let (relay_addr, target) = (relay.addr, relay.target.clone());
     let c = cluster_with(2, move |cfg| {
@@ -679,6 +676,16 @@ async fn a_push_written_into_a_link_that_dies_is_resynced_to_the_online_recipien
         }
     })
     .await;
+    (relay, c)
+}
+
+/// A push whose batch was written into a mesh link that then dies (the path goes dark: the
+/// write completes into QUIC's buffer, nothing arrives, the link idles out) is not lost
+/// invisibly: the next link carries a `Resync` for its recipient, who fills the gap while
+/// online. Node 1 reaches node 2's mesh port through a relay that the test darkens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_written_into_a_link_that_dies_is_resynced_to_the_online_recipient() {
+    let (relay, c) = two_nodes_through_a_relay().await;
     let ((alice, _ae, _), (bob, mut bob_events, _), chat) = c.pair().await;
     alice.send(chat, "before", None).await.expect("send");
     assert_eq!(text(&next_message(&mut bob_events).await), "before");
@@ -741,16 +748,7 @@ async fn a_push_written_into_a_link_that_dies_is_resynced_to_the_online_recipien
 /// dials node 2 (the lower id dials) through a relay that the test darkens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_queued_while_the_link_was_down_arrives_when_it_is_back() {
-    let relay = Relay::start().await;
-    let (relay_addr, target) = (relay.addr, relay.target.clone());
-    let c = cluster_with(2, move |cfg| {
-        if cfg.node_id == 1 {
-            let m = &mut cfg.cluster.members[1];
-            *target.lock() = Some(m.mesh_addr);
-            m.mesh_addr = relay_addr;
-        }
-    })
-    .await;
+    let (relay, c) = two_nodes_through_a_relay().await;
     // Alice is homed on node 1 (the dialer), Bob on node 2 (the acceptor).
     let ((alice, mut alice_events, _), (bob, _be, _), chat) = c.pair().await;
     bob.send(chat, "before", None).await.expect("send");
