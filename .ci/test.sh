@@ -21,6 +21,8 @@ JDK17=/usr/lib/jvm/java-17-openjdk-amd64
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+# The load test's partition fault puts nodes in network namespaces (`ip netns`, as root).
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if [ -z "${MESHCHAT_CQL_NODES:-}" ]; then
   command -v mvn >/dev/null 2>&1 || missing+=(maven)
   [ -x "$JDK17/bin/java" ] || missing+=(openjdk-17-jre-headless)

@@ -9,7 +9,7 @@
 //! a partition made of network namespaces the harness creates (`cluster::Netns`: each node
 //! in its own namespace on a bridge, traffic to the other nodes and Redis dropped in the
 //! kernel); the embedded store's write lock held by another process (`storage-down`: every
-//! node's writes fail, reads go on); and users flooding at ten times their send rate limit
+//! node's writes wait, up to their busy timeout of 10 s, and then fail; reads go on); and users flooding at ten times their send rate limit
 //! (`flood:K`: K users for [`FLOOD_SECS`], each send tried once, without the client
 //! library's retries, as an abusive client would).
 
@@ -39,7 +39,8 @@ pub enum Action {
     Partition(usize),
     /// Heal node N's partition.
     Heal(usize),
-    /// Hold the embedded store's write lock from another process: every write fails.
+    /// Hold the embedded store's write lock from another process: every write waits, up to
+    /// the nodes' busy timeout (10 s), then fails.
     StorageDown,
     /// Release it.
     StorageUp,
@@ -129,6 +130,8 @@ pub struct World<'a> {
     pub body_bytes: usize,
     /// Seed of the random choices.
     pub seed: u64,
+    /// When the traffic phase ends.
+    pub traffic_until: tokio::time::Instant,
 }
 
 /// Carries out `plan` against `target` during the traffic phase, which started at `from`;
@@ -181,15 +184,20 @@ pub async fn run_plan(
             Action::StorageDown => tokio::task::block_in_place(|| target.storage_down()),
             Action::StorageUp => tokio::task::block_in_place(|| target.storage_up()),
             Action::Flood(k) => {
-                // The first K connected users, spread over the nodes like everyone else.
+                // The first K connected users, spread over the nodes like everyone else. The
+                // flood ends with the traffic at the latest: what it gets acked must have the
+                // drain to be delivered.
                 let flooders: Vec<usize> = live.iter().copied().take(k).collect();
+                let left = world
+                    .traffic_until
+                    .saturating_duration_since(tokio::time::Instant::now());
                 tokio::spawn(crate::scenario::flood(
                     fleet.clone(),
                     tracker.clone(),
                     flooders,
                     live.clone(),
                     world.flood_rate,
-                    Duration::from_secs(FLOOD_SECS),
+                    Duration::from_secs(FLOOD_SECS).min(left),
                     world.body_bytes,
                     world.seed ^ 0xF100D,
                 ));

@@ -158,7 +158,8 @@ impl RedisServer {
                 "--appendonly",
                 "no",
                 // Off the loopback only on the run's private bridge (crate::netns), which
-                // exists only inside this machine.
+                // exists only inside this machine; any local process can reach it there (a
+                // test setup: no password, no data worth protecting).
                 "--protected-mode",
                 if self.ip.is_loopback() { "yes" } else { "no" },
             ])
@@ -287,7 +288,7 @@ impl Target {
         // With Redis, a node serves once its worker-id lease is held ("lease held: serving");
         // on a new Redis that is a lease TTL after it took the worker id, not at "listening".
         let serving = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let children = {
+        let mut children = {
             let log = log.clone();
             let serving = serving.clone();
             dev.start_processes(node_bin, move |line| {
@@ -302,6 +303,8 @@ impl Target {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
             while serving.load(std::sync::atomic::Ordering::Relaxed) < n {
                 if tokio::time::Instant::now() > deadline {
+                    // Not left running (in namespaces about to be removed, too).
+                    stop_children(&mut children, Duration::from_secs(1));
                     return Err(ClusterError::Start(
                         "the nodes did not take their worker-id leases within 60 s".into(),
                     ));
@@ -423,8 +426,8 @@ impl Target {
     }
 
     /// Takes the embedded store's write lock from this process (`BEGIN EXCLUSIVE` on its
-    /// database) and holds it until [`Self::storage_up`]: every node's writes wait out
-    /// their busy timeout and fail; reads go on (WAL). The way a stuck maintenance job or a
+    /// database) and holds it until [`Self::storage_up`]: every node's writes wait, up to
+    /// their busy timeout (10 s), then fail; reads go on (WAL). The way a stuck maintenance job or a
     /// hung disk looks to the nodes.
     pub fn storage_down(&mut self) -> Result<(), ClusterError> {
         let Some(Store::Embedded(dir)) = &self.store else {

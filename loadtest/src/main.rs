@@ -147,7 +147,7 @@ struct Cli {
     /// node N), restart:N, partition:N (cut node N off from the other nodes and Redis; needs
     /// root: the nodes then run in network namespaces), heal:N, redis-down, redis-up
     /// (empty), storage-down (the embedded store's write lock held by the harness: every
-    /// write fails), storage-up, flood:K (K users send at --flood-rate for 10 s). Example:
+    /// write waits up to the nodes' busy timeout, 10 s, then fails), storage-up, flood:K (K users send at --flood-rate for 10 s). Example:
     /// --fault kill:2@20 --fault restart:2@40. Needs --spawn-nodes.
     #[arg(long, requires = "spawn_nodes")]
     fault: Vec<meshchat_loadtest::chaos::Fault>,
@@ -227,6 +227,19 @@ async fn main() -> anyhow::Result<()> {
                 "{} not found: build it (cargo build --release) or pass --node-bin",
                 bin.display()
             );
+            let netns = cli.fault.iter().any(|f| {
+                matches!(
+                    f.action,
+                    meshchat_loadtest::chaos::Action::Partition(_)
+                        | meshchat_loadtest::chaos::Action::Heal(_)
+                )
+            });
+            // Nodes in namespaces have loopbacks of their own: a Cassandra on this machine's
+            // loopback is out of their reach.
+            anyhow::ensure!(
+                !(netns && cassandra.is_some()),
+                "partition faults need --storage embedded (nodes in network namespaces cannot reach a Cassandra on loopback)"
+            );
             Target::spawn(
                 n,
                 &bin,
@@ -234,13 +247,7 @@ async fn main() -> anyhow::Result<()> {
                 &cli.out.join("nodes.log"),
                 cli.redis_membership || !cli.fault.is_empty(),
                 cassandra.map_or(DevStorage::Embedded, DevStorage::Cassandra),
-                cli.fault.iter().any(|f| {
-                    matches!(
-                        f.action,
-                        meshchat_loadtest::chaos::Action::Partition(_)
-                            | meshchat_loadtest::chaos::Action::Heal(_)
-                    )
-                }),
+                netns,
                 cli.source_addrs,
             )
             .await?

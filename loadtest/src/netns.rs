@@ -2,7 +2,8 @@
 //! own, wired by a veth pair to a bridge in the harness's namespace. The harness (the load
 //! generator's clients) and Redis stay in the harness's namespace, on addresses of the
 //! bridge. Everything lives on one private /24 that exists only inside this machine
-//! (`10.<a>.<b>.0/24`, picked per run so two runs do not meet).
+//! (`10.<a>.<b>.0/24`, a /24 with no route yet and names no link or namespace has yet, picked
+//! at random per run, so two runs at once do not meet).
 //!
 //! ```text
 //!  harness namespace:  bridge mc<tag>b   10.a.b.1 (clients), 10.a.b.2 (Redis), 10.a.b.3.. (more client sources)
@@ -70,28 +71,55 @@ fn ip(args: &[&str]) -> Result<(), NetnsError> {
     }
 }
 
+/// Whether `ip <args>` prints anything (a route, a link, a namespace that exists).
+fn ip_shows(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success() && !o.stdout.trim_ascii().is_empty())
+}
+
 impl Netns {
     /// Makes the bridge and one namespace per node (`nodes`), with `client_sources`
     /// addresses for the harness's clients (at least 1).
     pub fn create(nodes: usize, client_sources: u8) -> Result<Self, NetnsError> {
-        let pid = std::process::id();
-        let tag = format!("{:04x}", pid & 0xffff);
-        // 10.<200..=249>.<x>.0/24, from the pid: distinct for concurrent runs on one machine.
-        let net = [200 + ((pid >> 8) % 50) as u8, (pid & 0xff) as u8];
-        let n = Self {
-            tag,
-            net,
-            nodes,
-            client_sources: client_sources.clamp(1, 6),
-            partitioned: BTreeSet::new(),
-        };
-        // A previous run with the same tag that died without cleaning up.
-        n.teardown();
-        if let Err(e) = n.build() {
-            n.teardown();
-            return Err(e);
+        let mut last = None;
+        for _ in 0..20 {
+            let r: u32 = rand::random();
+            let n = Self {
+                tag: format!("{:04x}", r & 0xffff),
+                // 10.<200..=249>.<x>.0/24.
+                net: [200 + ((r >> 16) % 50) as u8, (r >> 24) as u8],
+                nodes,
+                client_sources: client_sources.clamp(1, 6),
+                partitioned: BTreeSet::new(),
+            };
+            // Taken by another run (or left by one that was killed): pick again, never
+            // remove what may be another run's.
+            let subnet = format!("10.{}.{}.0/24", n.net[0], n.net[1]);
+            let namespaces = Command::new("ip")
+                .args(["netns", "list"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            if ip_shows(&["-4", "route", "show", &subnet])
+                || ip_shows(&["link", "show", &n.bridge()])
+                || namespaces.contains(&format!("mc{}n", n.tag))
+            {
+                continue;
+            }
+            match n.build() {
+                Ok(()) => return Ok(n),
+                Err(e) => {
+                    n.teardown();
+                    last = Some(e);
+                }
+            }
         }
-        Ok(n)
+        Err(last.unwrap_or_else(|| NetnsError::Ip {
+            args: "(choosing a subnet)".into(),
+            detail: "no free 10.x.y.0/24 and names after 20 tries".into(),
+        }))
     }
 
     fn addr(&self, host: u8) -> Ipv4Addr {
@@ -168,10 +196,12 @@ impl Netns {
         Ok(())
     }
 
-    /// Removes everything (best effort: a namespace's veth goes with it).
+    /// Removes everything (best effort: a veth pair goes with either end, and an end that
+    /// never reached its namespace is deleted here).
     fn teardown(&self) {
         for i in 0..self.nodes {
             let _ = ip(&["netns", "del", &self.namespace(i)]);
+            let _ = ip(&["link", "del", &format!("mc{}h{i}", self.tag)]);
         }
         let _ = ip(&["link", "del", &self.bridge()]);
     }
@@ -193,7 +223,7 @@ impl Netns {
             return Err(NetnsError::NoNode(i + 1));
         }
         for (ns, dev, a) in self.cut(i) {
-            ip(&[
+            let r = ip(&[
                 "-n",
                 &ns,
                 "neigh",
@@ -205,7 +235,13 @@ impl Netns {
                 &dev,
                 "nud",
                 "permanent",
-            ])?;
+            ]);
+            if let Err(e) = r {
+                // All or nothing: no half partition left behind.
+                self.partitioned.insert(i);
+                let _ = self.heal(i);
+                return Err(e);
+            }
         }
         self.partitioned.insert(i);
         Ok(())
@@ -216,6 +252,7 @@ impl Netns {
         if i >= self.nodes {
             return Err(NetnsError::NoNode(i + 1));
         }
+        let mut first = None;
         for (ns, dev, a) in self.cut(i) {
             // Another partition still cutting this pair keeps its entry.
             let other = if ns == self.namespace(i) {
@@ -226,10 +263,14 @@ impl Netns {
             if other.is_some_and(|j| j != i && self.partitioned.contains(&j)) {
                 continue;
             }
-            ip(&["-n", &ns, "neigh", "del", &a.to_string(), "dev", &dev])?;
+            // Every entry, even past one that fails (or was never made): the first error is
+            // reported.
+            if let Err(e) = ip(&["-n", &ns, "neigh", "del", &a.to_string(), "dev", &dev]) {
+                first.get_or_insert(e);
+            }
         }
         self.partitioned.remove(&i);
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 }
 

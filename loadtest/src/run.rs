@@ -229,6 +229,7 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
             flood_rate: cfg.flood_rate,
             body_bytes: cfg.traffic.body_bytes,
             seed: cfg.traffic.seed,
+            traffic_until: until,
         },
         traffic_started,
         until + cfg.drain,

@@ -256,6 +256,7 @@ pub async fn flood(
                 r = live[rng.random_range(0..live.len())];
             }
             let Some(client) = fleet.client(s) else {
+                Counters::inc(&c.flood_skipped);
                 continue;
             };
             let (su, ru) = (fleet.user(s), fleet.user(r));

@@ -308,7 +308,10 @@ impl Tracker {
     /// A send that was refused and is not counted as a failure (a flood's refusals): the
     /// ledger forgets it.
     pub fn refused(&self, nonce: u64) {
-        self.ledger.remove(&nonce);
+        if self.ledger.remove(&nonce).is_some() {
+            // Not a message: `sent` counts what a node could have acked.
+            self.counters.sent.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// `user` received a push of message `id` whose body is `body`.

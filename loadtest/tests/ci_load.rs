@@ -35,10 +35,25 @@ fn node_bin() -> PathBuf {
 }
 
 /// Runs `meshchat-loadtest` with `args` (plus the node binary and an output dir) and
-/// returns its report, its stdout, and the output dir (node logs in `nodes.log`).
-fn run_loadtest(args: &[&str]) -> (serde_json::Value, String, tempfile::TempDir) {
+/// returns its report, its stdout, and the output dir (node logs in `nodes.log`). With
+/// `as_root`, through `sudo -n` unless this process is root already (network namespaces).
+fn run_loadtest(args: &[&str], as_root: bool) -> (serde_json::Value, String, tempfile::TempDir) {
     let out = tempfile::tempdir().expect("temp dir");
-    let output = Command::new(env!("CARGO_BIN_EXE_meshchat-loadtest"))
+    let bin = env!("CARGO_BIN_EXE_meshchat-loadtest");
+    let root = || {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+    };
+    let mut cmd = if as_root && !root() {
+        let mut c = Command::new("sudo");
+        c.args(["-n", "--preserve-env=RUST_LOG", bin]);
+        c
+    } else {
+        Command::new(bin)
+    };
+    let output = cmd
         .args(args)
         .arg("--no-progress")
         .arg("--node-bin")
@@ -62,30 +77,33 @@ fn run_loadtest(args: &[&str]) -> (serde_json::Value, String, tempfile::TempDir)
 
 #[test]
 fn mixed_load_on_two_nodes_loses_nothing() {
-    let (report, stdout, out) = run_loadtest(&[
-        "--spawn-nodes",
-        "2",
-        "--connections",
-        "2000",
-        "--ramp-rate",
-        "1500",
-        "--scenario",
-        "mixed",
-        "--duration",
-        "10",
-        "--rate",
-        "300",
-        "--channel-rate",
-        "20",
-        "--channels",
-        "5",
-        "--channel-size",
-        "40",
-        "--reconnect-share",
-        "0.02",
-        "--reconnect-every",
-        "2",
-    ]);
+    let (report, stdout, out) = run_loadtest(
+        &[
+            "--spawn-nodes",
+            "2",
+            "--connections",
+            "2000",
+            "--ramp-rate",
+            "1500",
+            "--scenario",
+            "mixed",
+            "--duration",
+            "10",
+            "--rate",
+            "300",
+            "--channel-rate",
+            "20",
+            "--channels",
+            "5",
+            "--channel-size",
+            "40",
+            "--reconnect-share",
+            "0.02",
+            "--reconnect-every",
+            "2",
+        ],
+        false,
+    );
     let m = &report["messages"];
     let c = &report["connections"];
     assert_eq!(report["passed"], true, "{stdout}");
@@ -115,27 +133,31 @@ fn mixed_load_on_two_nodes_loses_nothing() {
 
 /// A node cut off from the other nodes and Redis (network namespaces; its clients still
 /// reach it) fences itself: its clients re-home elsewhere, no acked message is lost, and
-/// after the heal it serves again. Needs root, as `ip netns` does (CI runs as root).
+/// after the heal it serves again. Needs root, as `ip netns` does: CI runs as root; anyone
+/// else needs passwordless sudo (the test fails, saying so, without either).
 #[test]
 fn a_partitioned_node_fences_itself_and_nothing_acked_is_lost() {
-    let (report, stdout, out) = run_loadtest(&[
-        "--spawn-nodes",
-        "3",
-        "--connections",
-        "600",
-        "--scenario",
-        "direct",
-        "--rate",
-        "200",
-        "--duration",
-        "22",
-        "--drain",
-        "20",
-        "--fault",
-        "partition:2@4",
-        "--fault",
-        "heal:2@14",
-    ]);
+    let (report, stdout, out) = run_loadtest(
+        &[
+            "--spawn-nodes",
+            "3",
+            "--connections",
+            "600",
+            "--scenario",
+            "direct",
+            "--rate",
+            "200",
+            "--duration",
+            "22",
+            "--drain",
+            "20",
+            "--fault",
+            "partition:2@4",
+            "--fault",
+            "heal:2@14",
+        ],
+        true,
+    );
     let m = &report["messages"];
     assert_eq!(report["passed"], true, "{stdout}");
     assert_eq!(m["acked_undelivered"], 0, "{m}");
@@ -149,9 +171,10 @@ fn a_partitioned_node_fences_itself_and_nothing_acked_is_lost() {
         log.contains("fenced: worker-id lease lost"),
         "the partitioned node fenced itself"
     );
+    // Three nodes served from the start; the partitioned one serves again after the heal.
     assert!(
-        log.contains("redis reachable again"),
-        "and came back after the heal"
+        log.matches("lease held: serving").count() >= 4,
+        "node 2 serves again after the heal"
     );
 }
 
@@ -161,33 +184,37 @@ fn a_partitioned_node_fences_itself_and_nothing_acked_is_lost() {
 /// other users' traffic goes on.
 #[test]
 fn storage_writes_stalled_and_a_flood_lose_nothing() {
-    let (report, stdout, _out) = run_loadtest(&[
-        "--spawn-nodes",
-        "2",
-        "--connections",
-        "400",
-        "--scenario",
-        "direct",
-        "--rate",
-        "150",
-        "--duration",
-        "26",
-        "--drain",
-        "20",
-        "--fault",
-        "storage-down@3",
-        "--fault",
-        "storage-up@11",
-        "--fault",
-        "flood:3@13",
-    ]);
+    let (report, stdout, _out) = run_loadtest(
+        &[
+            "--spawn-nodes",
+            "2",
+            "--connections",
+            "400",
+            "--scenario",
+            "direct",
+            "--rate",
+            "150",
+            "--duration",
+            "26",
+            "--drain",
+            "20",
+            "--fault",
+            "storage-down@3",
+            "--fault",
+            "storage-up@11",
+            "--fault",
+            "flood:3@13",
+        ],
+        false,
+    );
     let m = &report["messages"];
     assert_eq!(report["passed"], true, "{stdout}");
     assert_eq!(m["acked_undelivered"], 0, "{m}");
     assert_eq!(m["duplicates"], 0, "{m}");
-    // The lock was real: some sends waited for it for seconds.
+    // The lock was real: some sends waited for it for most of its 8 s (longer than anything
+    // else here makes a send wait: a rate-limited send's retries take under 4 s).
     let max_ack = m["ack_latency"]["max_us"].as_u64().expect("max ack");
-    assert!(max_ack > 2_000_000, "no send waited for the store: {m}");
+    assert!(max_ack > 5_000_000, "no send waited for the store: {m}");
     let f = &report["flood"];
     assert!(f["rate_limited"].as_u64().expect("refused") > 0, "{f}");
     assert!(f["acked"].as_u64().expect("accepted") > 0, "{f}");

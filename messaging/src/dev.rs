@@ -206,7 +206,13 @@ impl DevCluster {
         crate::auth::Auth::load_or_create_secret(&self.node_config(0).secret_file())?;
         let mut children = Vec::new();
         for i in 0..self.nodes {
-            children.push(self.spawn_child(exe, i)?);
+            match self.spawn_child(exe, i) {
+                Ok(c) => children.push(c),
+                Err(e) => {
+                    stop_children(&mut children, Duration::from_secs(1));
+                    return Err(e);
+                }
+            }
         }
         // Each child logs "listening" once its client endpoint is up; pass its log through.
         for child in &mut children {
