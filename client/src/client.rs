@@ -51,6 +51,14 @@ const SUSPECT_FOR: Duration = Duration::from_secs(10);
 const SUSPECT_WAIT: Duration = Duration::from_secs(8);
 /// How long one failover keeps trying before it reports the last error.
 const FAILOVER_FOR: Duration = Duration::from_secs(60);
+/// Tries to follow one redirect ([`Client::follow_redirect`]): 250 ms, doubling to 4 s,
+/// between tries: about 15 s in all.
+const REDIRECT_ATTEMPTS: u32 = 6;
+/// How long a failover retries at short intervals (at most 500 ms apart) before it backs
+/// off to [`FAILOVER_SLOW_CAP`]: the membership TTL and then some.
+const FAILOVER_FAST_FOR: Duration = Duration::from_secs(6);
+/// Longest wait between failover rounds once the fast phase is over.
+const FAILOVER_SLOW_CAP: Duration = Duration::from_secs(4);
 
 /// Who this client is logged in as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -566,13 +574,75 @@ impl Client {
         self.reconnect_at(Some(server)).await
     }
 
-    /// Follows a redirect push (the ring moved this user's home): reconnects to the new home,
-    /// re-authenticates with the session token and fills the gap from history.
+    /// Follows a redirect push (the ring moved this user's home): connects to the new home,
+    /// re-authenticates with the session token and fills the gap from history. Make before
+    /// break: the current connection (its node serves this user until it goes) is closed
+    /// only once the new one is authenticated; a new home that does not answer (one that
+    /// just came back takes many moved users at once) is tried again with backoff, for up to
+    /// about 15 s, while the user stays served where it is. A user left on a node that is
+    /// not its home would miss pushes from other nodes (they go to the home), so the last
+    /// resort is a failover, which lands on the home through any node.
     pub async fn follow_redirect(&self, r: &pb::Redirect) -> Result<(), ClientError> {
         if r.address.is_empty() {
             return Err(ClientError::Protocol("redirect without an address".into()));
         }
-        self.reconnect_at(Some(&r.address)).await
+        let mut backoff = Duration::from_millis(250);
+        let mut last = ClientError::Timeout;
+        for attempt in 0..REDIRECT_ATTEMPTS {
+            if attempt > 0 {
+                let half = backoff.as_millis() as u64 / 2;
+                tokio::time::sleep(Duration::from_millis(
+                    half + rand::random::<u64>() % (half + 1),
+                ))
+                .await;
+                backoff = (backoff * 2).min(Duration::from_secs(4));
+            }
+            if self.is_closing() {
+                return Err(ClientError::Disconnected("client closed".into()));
+            }
+            match self.switch_to(&r.address).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_retryable() => {
+                    debug!(address = %r.address, attempt, error = %e, "redirect not followed yet");
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        debug!(address = %r.address, error = %last, "redirect not followed: failing over");
+        self.failover().await
+    }
+
+    /// One make-before-break move to `server`: a new authenticated connection there
+    /// replaces the current one, which is closed only then; on failure the current one (if
+    /// still open) stays this client's connection.
+    async fn switch_to(&self, server: &str) -> Result<(), ClientError> {
+        let token = self.session_token()?;
+        // Not beside a failover: each would close the other's new connection.
+        let _one = self.failing_over.lock().await;
+        let old = self.conn().ok();
+        let old_server = self.server();
+        *self.server.lock() = server.to_owned();
+        match self.open_authenticated(&token).await {
+            Ok(_) => {
+                if let Some(old) = old
+                    && self.conn().is_ok_and(|now| !Arc::ptr_eq(&now, &old))
+                {
+                    old.close();
+                }
+                self.fill_gaps().await.map(drop)
+            }
+            Err(e) => {
+                if let Ok(now) = self.conn()
+                    && !old.as_ref().is_some_and(|o| Arc::ptr_eq(o, &now))
+                {
+                    now.close();
+                }
+                *self.server.lock() = old_server;
+                *self.conn.lock() = old.filter(|c| c.is_open());
+                Err(e)
+            }
+        }
     }
 
     /// The session's token, for re-authentication.
@@ -740,11 +810,24 @@ impl Client {
             if std::time::Instant::now() >= deadline {
                 return Err(last);
             }
-            let jitter = Duration::from_millis(rand::random::<u64>() % 100);
-            tokio::time::sleep(backoff + jitter).await;
-            // Short cap: while the ring still names the dead node, the wait is for the
-            // membership TTL to pass, and a client should notice the new ring soon after.
-            backoff = (backoff * 2).min(Duration::from_millis(500));
+            // Short cap at first: while the ring still names the dead node, the wait is for
+            // the membership TTL to pass, and a client should notice the new ring soon after.
+            // Past that, every node failing means the cluster itself is out (Redis lost and
+            // every node fenced): thousands of clients retrying twice a second are a
+            // handshake storm that keeps it down once it is back (10k run, Redis down 10 s),
+            // so the wait grows to seconds, jittered over its upper half.
+            let cap = if started.elapsed() < FAILOVER_FAST_FOR {
+                Duration::from_millis(500)
+            } else {
+                FAILOVER_SLOW_CAP
+            };
+            let wait = backoff.min(cap);
+            let half = wait.as_millis() as u64 / 2;
+            tokio::time::sleep(Duration::from_millis(
+                half + rand::random::<u64>() % (half + 1),
+            ))
+            .await;
+            backoff = (backoff * 2).min(cap);
         }
     }
 
