@@ -27,6 +27,11 @@ const DEDUP_WINDOW: usize = 16_384;
 const MAX_REDIRECTS: usize = 3;
 /// How far before the newest id seen a gap fill starts, in milliseconds of Snowflake time.
 const GAP_FILL_OVERLAP_MS: u64 = 10_000;
+/// How far before the newest id seen a fill after `Event::Resync` reads ([`Client::resync`]).
+/// Covers a node cut off for about a minute (its lease ends within seconds; what it acked
+/// before that reaches its recipients' nodes when the cut heals). Not a bound on every
+/// partition: the resync should say from where (open work, docs/RELIABILITY.md).
+const RESYNC_OVERLAP_MS: u64 = 120_000;
 /// Attempts at one gap-fill page on a busy node before the fill stops.
 const GAP_FILL_ATTEMPTS: u32 = 8;
 /// Chats a gap fill reads at once.
@@ -875,11 +880,28 @@ impl Client {
     /// application to take events, and must not hold up the caller, who may be the one
     /// reading them). Returns that task's handle.
     pub async fn fill_gaps(&self) -> Result<tokio::task::JoinHandle<()>, ClientError> {
+        self.fill_gaps_back(GAP_FILL_OVERLAP_MS).await
+    }
+
+    /// The gap fill for `Event::Resync` (a node says pushes meant for this client were
+    /// lost): [`Client::fill_gaps`] from [`RESYNC_OVERLAP_MS`] before the newest id seen in
+    /// each chat, not 10 s. A lost push can be much older than messages seen since in the
+    /// same chat: a node that acked it and was then cut off (a partition) resyncs its
+    /// recipients only when its link is back, by which time newer messages of that chat
+    /// have arrived by other paths (found by the load test's partition fault at 10k).
+    pub async fn resync(&self) -> Result<tokio::task::JoinHandle<()>, ClientError> {
+        self.fill_gaps_back(RESYNC_OVERLAP_MS).await
+    }
+
+    async fn fill_gaps_back(
+        &self,
+        overlap_ms: u64,
+    ) -> Result<tokio::task::JoinHandle<()>, ClientError> {
         let mut from: HashMap<ChatId, u64> = self.seen.lock().cursors.clone();
         // Ids are taken before the commit, so commits (and pushes) can land slightly out of
         // id order: resume a window before the newest id seen; dedup drops the overlap.
         for cursor in from.values_mut() {
-            *cursor = cursor.saturating_sub(GAP_FILL_OVERLAP_MS << 22);
+            *cursor = cursor.saturating_sub(overlap_ms << 22);
         }
         // The chat list carries each chat's newest id (its head): a chat whose head is not
         // past the point a read would start from has nothing to fill. That skips the chats

@@ -47,7 +47,9 @@ pub enum Event {
         message: String,
     },
     /// The node says pushes meant for this user may have been lost between nodes (a full
-    /// queue on the way): fill the gap from history, as for [`Event::Gap`].
+    /// queue on the way, a link that died, a node cut off that came back): fill the gap
+    /// from history with [`crate::Client::resync`], which reads further back than the fill
+    /// for [`Event::Gap`].
     Resync,
     /// Pushes were lost on this connection (`expected` was due, `got` arrived).
     Gap {

@@ -350,9 +350,15 @@ impl Fleet {
                 }
                 Event::Gap { .. } | Event::Resync => {
                     Counters::inc(&counters.gaps);
+                    let resync = matches!(ev, Event::Resync);
                     let (fleet, client) = (self.clone(), client.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = client.fill_gaps().await {
+                        let fill = if resync {
+                            client.resync().await
+                        } else {
+                            client.fill_gaps().await
+                        };
+                        if let Err(e) = fill {
                             fleet.note_error("gap fill", &e);
                         }
                     });
