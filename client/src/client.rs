@@ -56,8 +56,9 @@ const SUSPECT_FOR: Duration = Duration::from_secs(10);
 const SUSPECT_WAIT: Duration = Duration::from_secs(8);
 /// How long one failover keeps trying before it reports the last error.
 const FAILOVER_FOR: Duration = Duration::from_secs(60);
-/// Tries to follow one redirect ([`Client::follow_redirect`]): 250 ms, doubling to 4 s,
-/// between tries: about 15 s in all.
+/// Tries to follow one redirect ([`Client::follow_redirect`]), with waits of 125-250 ms,
+/// doubling to 2-4 s, between them (4-8 s of waiting), each try bounded by the connect
+/// timeout and the authentication.
 const REDIRECT_ATTEMPTS: u32 = 6;
 /// How long a failover retries at short intervals (at most 500 ms apart) before it backs
 /// off to [`FAILOVER_SLOW_CAP`]: the membership TTL and then some.
@@ -161,6 +162,10 @@ pub struct Client {
     closing: std::sync::atomic::AtomicBool,
     /// Gap fills that ran to the end ([`Client::gap_fills`]).
     gap_fills: Arc<std::sync::atomic::AtomicU64>,
+    /// The depth (ms before the newest id seen) owed by a fill that did not finish (its
+    /// connection closed under it: a failover, a redirect followed): the next fill reads at
+    /// least this far back.
+    owed_depth: Arc<std::sync::atomic::AtomicU64>,
     /// Sends acked lately, for a re-push after a failover ([`RecentSends`]).
     recent: Mutex<RecentSends>,
 }
@@ -352,6 +357,7 @@ impl Client {
             failing_over: tokio::sync::Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
             gap_fills: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            owed_depth: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             recent: Mutex::new(RecentSends::default()),
         };
         client.open().await?;
@@ -581,12 +587,12 @@ impl Client {
 
     /// Follows a redirect push (the ring moved this user's home): connects to the new home,
     /// re-authenticates with the session token and fills the gap from history. Make before
-    /// break: the current connection (its node serves this user until it goes) is closed
-    /// only once the new one is authenticated; a new home that does not answer (one that
-    /// just came back takes many moved users at once) is tried again with backoff, for up to
-    /// about 15 s, while the user stays served where it is. A user left on a node that is
-    /// not its home would miss pushes from other nodes (they go to the home), so the last
-    /// resort is a failover, which lands on the home through any node.
+    /// break: the current connection stays this client's until the new one is authenticated
+    /// (then it is closed); a new home that does not answer (one that just came back takes
+    /// many moved users at once) is tried again with backoff ([`REDIRECT_ATTEMPTS`]). A
+    /// user left on a node that is not its home misses pushes from other nodes (they go to
+    /// the home), so the last resort is a failover, which lands on the home through any node.
+    /// The fill afterwards reads as far back as a resync's.
     pub async fn follow_redirect(&self, r: &pb::Redirect) -> Result<(), ClientError> {
         if r.address.is_empty() {
             return Err(ClientError::Protocol("redirect without an address".into()));
@@ -611,7 +617,12 @@ impl Client {
                     debug!(address = %r.address, attempt, error = %e, "redirect not followed yet");
                     last = e;
                 }
-                Err(e) => return Err(e),
+                // No session to move (logged out, token expired): nothing to fail over.
+                Err(e @ ClientError::NotLoggedIn) => return Err(e),
+                Err(e) => {
+                    last = e;
+                    break;
+                }
             }
         }
         debug!(address = %r.address, error = %last, "redirect not followed: failing over");
@@ -623,31 +634,38 @@ impl Client {
     /// still open) stays this client's connection.
     async fn switch_to(&self, server: &str) -> Result<(), ClientError> {
         let token = self.session_token()?;
-        // Not beside a failover: each would close the other's new connection.
-        let _one = self.failing_over.lock().await;
-        let old = self.conn().ok();
-        let old_server = self.server();
-        *self.server.lock() = server.to_owned();
-        match self.open_authenticated(&token).await {
-            Ok(_) => {
-                if let Some(old) = old
-                    && self.conn().is_ok_and(|now| !Arc::ptr_eq(&now, &old))
-                {
-                    old.close();
+        {
+            // Not beside a failover: each would close the other's new connection.
+            let _one = self.failing_over.lock().await;
+            let old = self.conn().ok();
+            let old_server = self.server();
+            *self.server.lock() = server.to_owned();
+            match self.open_authenticated(&token).await {
+                Ok(_) => {
+                    if let Some(old) = old
+                        && self.conn().is_ok_and(|now| !Arc::ptr_eq(&now, &old))
+                    {
+                        old.close();
+                    }
                 }
-                self.fill_gaps().await.map(drop)
-            }
-            Err(e) => {
-                if let Ok(now) = self.conn()
-                    && !old.as_ref().is_some_and(|o| Arc::ptr_eq(o, &now))
-                {
-                    now.close();
+                Err(e) => {
+                    if let Ok(now) = self.conn()
+                        && !old.as_ref().is_some_and(|o| Arc::ptr_eq(o, &now))
+                    {
+                        now.close();
+                    }
+                    *self.server.lock() = old_server;
+                    // Even closed: the supervisor then sees it closed and fails over (with
+                    // no connection at all it would take a failover to be running).
+                    *self.conn.lock() = old;
+                    return Err(e);
                 }
-                *self.server.lock() = old_server;
-                *self.conn.lock() = old.filter(|c| c.is_open());
-                Err(e)
             }
         }
+        // Until the redirect came (paced: seconds after the ring changed), pushes from other
+        // nodes went to the new home, where this user was not yet: read as far back as for
+        // a resync, not 10 s (the newest id seen kept moving with this node's own pushes).
+        self.fill_gaps_back(RESYNC_OVERLAP_MS).await.map(drop)
     }
 
     /// The session's token, for re-authentication.
@@ -897,6 +915,12 @@ impl Client {
         &self,
         overlap_ms: u64,
     ) -> Result<tokio::task::JoinHandle<()>, ClientError> {
+        use std::sync::atomic::Ordering;
+        // A deeper fill that did not finish is owed: this one reads as far back.
+        let overlap_ms = overlap_ms.max(self.owed_depth.swap(0, Ordering::SeqCst));
+        let owe = move |depth: &std::sync::atomic::AtomicU64| {
+            depth.fetch_max(overlap_ms, Ordering::SeqCst);
+        };
         let mut from: HashMap<ChatId, u64> = self.seen.lock().cursors.clone();
         // Ids are taken before the commit, so commits (and pushes) can land slightly out of
         // id order: resume a window before the newest id seen; dedup drops the overlap.
@@ -924,7 +948,10 @@ impl Client {
                     debug!(error = %e, attempt, "gap fill: chat list retried");
                     tokio::time::sleep(gap_fill_backoff(attempt)).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    owe(&self.owed_depth);
+                    return Err(e);
+                }
             }
         };
         for row in rows {
@@ -941,6 +968,7 @@ impl Client {
         let conn = self.conn()?;
         let events = self.events.clone();
         let filled = self.gap_fills.clone();
+        let owed = self.owed_depth.clone();
         let (chats, started) = (from.len(), std::time::Instant::now());
         let me = self.me().map_or(0, |u| u.0);
         Ok(tokio::spawn(async move {
@@ -953,6 +981,10 @@ impl Client {
                 .collect()
                 .await;
             if ends.contains(&FillEnd::Stopped) {
+                // The connection closed under it: the next fill (the failover's, the
+                // redirect's, or the one a resync asks for) reads as far back.
+                owe(&owed);
+                let _ = events.send(Event::Resync).await;
                 return;
             }
             let complete = !ends.contains(&FillEnd::Incomplete);

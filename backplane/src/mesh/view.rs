@@ -115,9 +115,11 @@ impl Mesh {
     /// Tells `moved` users their new home, [`REDIRECTS_PER_TICK`] every [`REDIRECT_TICK`]:
     /// a node that joins (or comes back after a partition or a restart) would otherwise get
     /// every moved user's handshake at once from every other node (3,345 at once in a 10k
-    /// partition run: its handshakes timed out and the clients churned). The users stay
-    /// served here until they go (pushes reach a connection here and their owner). Stops if
-    /// the ring changes again: that change redirects whoever is still misplaced.
+    /// partition run: its handshakes timed out and the clients churned). Until its redirect
+    /// comes a user stays connected here: pushes from this node reach it, pushes from other
+    /// nodes go to its new home, where it is not yet (the client's fill after following the
+    /// redirect reads back as far as a resync's). Stops if the ring changes again (that
+    /// change redirects whoever is still misplaced) or the node stops.
     fn redirect_paced(self: &Arc<Self>, epoch: u64, moved: Vec<(UserId, NodeId, String)>) {
         if moved.len() <= REDIRECTS_PER_TICK {
             for (user, owner, addr) in moved {
@@ -131,6 +133,9 @@ impl Mesh {
                 let mut tick = tokio::time::interval(REDIRECT_TICK);
                 for chunk in moved.chunks(REDIRECTS_PER_TICK) {
                     tick.tick().await;
+                    if *mesh.stop.borrow() {
+                        return; // the node stops: its clients go anyway
+                    }
                     if mesh.current_epoch() != epoch {
                         debug!(epoch, "ring changed again: paced redirects stop");
                         return;
