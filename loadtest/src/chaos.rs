@@ -159,19 +159,14 @@ pub async fn run_plan(
         tokio::time::sleep_until(due.into()).await;
         let mut victims = Vec::new();
         let result = match fault.action {
-            Action::Kill(n) => {
+            // The node's clients must re-home elsewhere by themselves: watch them do it.
+            Action::Kill(n) | Action::Partition(n) => {
                 let addr = target.servers.get(n - 1).cloned().unwrap_or_default();
                 victims = fleet.open_on(&addr);
-                let r = tokio::task::block_in_place(|| target.kill_node(n - 1));
-                if r.is_ok() {
-                    watch_rehome(fleet.clone(), tracker.clone(), &victims, watch_until);
-                }
-                r
-            }
-            Action::Partition(n) => {
-                let addr = target.servers.get(n - 1).cloned().unwrap_or_default();
-                victims = fleet.open_on(&addr);
-                let r = tokio::task::block_in_place(|| target.partition(n - 1));
+                let r = tokio::task::block_in_place(|| match fault.action {
+                    Action::Kill(_) => target.kill_node(n - 1),
+                    _ => target.partition(n - 1),
+                });
                 if r.is_ok() {
                     watch_rehome(fleet.clone(), tracker.clone(), &victims, watch_until);
                 }
