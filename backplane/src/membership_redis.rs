@@ -30,10 +30,24 @@
 //! Redis unreachable: the core keeps the last ring (`KeepServing`) and the node keeps serving
 //! while its lease lasts, retrying every heartbeat. When the lease runs out the core says
 //! `Fenced`: by then Redis has expired the registration (the others re-homed its users) and
-//! may give the worker id to another process, so the node stops issuing ids, refuses
-//! authentication and closes every client connection with `UNAVAILABLE` (clients reconnect
-//! through another node, which redirects them to their new home). It serves again after its
-//! next successful round (`Unfenced`). A Redis that comes back empty (restarted without
+//! may give the worker id to another process, so the node stops issuing ids and refuses
+//! authentication and every request with `UNAVAILABLE`. What happens to its clients depends
+//! on whether the cluster can take them:
+//! - some member is silent (its mesh link down, or no datagram for
+//!   [`HOLD_WHILE_HEARD_WITHIN`]), the lease was lost to another process, or Redis answered:
+//!   this node is the one cut off, and the others have re-homed its users. It closes every
+//!   client connection with `UNAVAILABLE` (clients reconnect through another node, which
+//!   redirects them to their new home);
+//! - Redis is unreachable and every member is still heard: the whole cluster lost Redis and
+//!   every member fenced itself at about the same time, so there is no serving node to go
+//!   to. Closing would send every client of the cluster into failover at once, a handshake
+//!   storm that kept 10k clients from coming back after a 10 s outage (runs P,
+//!   docs/RELIABILITY.md). The node keeps its clients connected instead (their requests are
+//!   refused `UNAVAILABLE`, retryable) and closes them as soon as a member goes silent or its
+//!   link goes down (a member that still has Redis drops this node from its ring and closes
+//!   the link).
+//!
+//! It serves again after its next successful round (`Unfenced`). A Redis that comes back empty (restarted without
 //! persistence) would restart the epoch counter at 0, which every core would ignore as stale;
 //! the script takes the caller's epoch as a floor, so epochs only grow.
 //!
@@ -53,7 +67,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use meshchat_idgen::{Generator, NodeId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::lease::LeaseGate;
 use crate::membership::{Decision, Event, LeaseConfig, Member, MemberState, Membership, Snapshot};
@@ -218,7 +232,8 @@ pub struct RedisMembership {
 }
 
 /// The node's client connections, as the driver needs them: closed when the node is fenced
-/// (their clients reconnect through another node, which redirects them to their new home).
+/// and the cluster can take them (their clients reconnect through another node, which
+/// redirects them to their new home).
 pub trait ClientConnections: Send + Sync + 'static {
     /// Closes every client connection with `UNAVAILABLE` because this node is fenced;
     /// returns how many it closed.
@@ -243,6 +258,34 @@ impl std::fmt::Debug for Fencing {
             .field("gate", &self.gate)
             .field("ids", &self.ids)
             .finish_non_exhaustive()
+    }
+}
+
+/// A fenced node keeps its clients while it has heard every other member within this: the
+/// mesh sends a keep-alive every 2 s, so a live link is never silent for much longer than
+/// that, and a member cut off is (a partitioned node releases its clients ~1 s after it
+/// fences).
+pub const HOLD_WHILE_HEARD_WITHIN: Duration = Duration::from_secs(4);
+
+/// Runs while a fenced node keeps its clients: closes them once a member goes silent.
+async fn release_when_a_member_goes_silent(
+    mesh: Arc<Mesh>,
+    clients: Arc<dyn ClientConnections>,
+    epoch: u64,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let silent = mesh.silent_peers(HOLD_WHILE_HEARD_WITHIN);
+        if !silent.is_empty() {
+            let closed = clients.close_all_fenced();
+            warn!(
+                epoch,
+                closing = closed,
+                ?silent,
+                "fenced: a member went silent; closing clients (the cluster re-homes them)"
+            );
+            return;
+        }
     }
 }
 
@@ -359,6 +402,9 @@ impl RedisMembership {
         );
         let mut conn: Option<redis::aio::MultiplexedConnection> = None;
         let mut down = false;
+        // While fenced with every member heard: the watch that closes the clients once one
+        // goes silent.
+        let mut holding: Option<tokio::task::JoinHandle<()>> = None;
         let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -493,14 +539,39 @@ impl RedisMembership {
                         )
                     }
                     Decision::Fenced { epoch } => {
-                        let closed = fencing.clients.close_all_fenced();
-                        warn!(
-                            epoch,
-                            closing = closed,
-                            "fenced: worker-id lease lost; not issuing ids, closing clients"
-                        );
+                        let silent = mesh.silent_peers(HOLD_WHILE_HEARD_WITHIN);
+                        if down && silent.is_empty() {
+                            warn!(
+                                epoch,
+                                "fenced: redis unreachable past the lease, every member still \
+                                 heard; not issuing ids, keeping clients (requests refused \
+                                 UNAVAILABLE) until the lease is back or a member goes silent"
+                            );
+                            holding = Some(tokio::spawn(
+                                release_when_a_member_goes_silent(
+                                    mesh.clone(),
+                                    fencing.clients.clone(),
+                                    epoch,
+                                )
+                                .in_current_span(),
+                            ));
+                        } else {
+                            let closed = fencing.clients.close_all_fenced();
+                            warn!(
+                                epoch,
+                                closing = closed,
+                                ?silent,
+                                redis_down = down,
+                                "fenced: worker-id lease lost; not issuing ids, closing clients"
+                            );
+                        }
                     }
-                    Decision::Unfenced { epoch } => info!(epoch, "lease held: serving"),
+                    Decision::Unfenced { epoch } => {
+                        if let Some(h) = holding.take() {
+                            h.abort();
+                        }
+                        info!(epoch, "lease held: serving")
+                    }
                     Decision::ShrinkDeferred {
                         epoch,
                         missing,
@@ -513,6 +584,9 @@ impl RedisMembership {
                     ),
                 }
             }
+        }
+        if let Some(h) = holding.take() {
+            h.abort();
         }
         // Graceful leave: drop the registration and the lease now.
         gate.set_valid_until(0);

@@ -1,16 +1,19 @@
 //! Fencing and unique ids with Redis membership, against a real `redis-server` (started here
 //! on a free port): a node cut off from Redis for longer than its lease stops issuing ids,
-//! closes its clients and refuses new ones, and serves again when Redis is back; two
+//! refuses requests and new clients (keeping the clients it has: no other node could take
+//! them), and serves again on the same connections when Redis is back; two
 //! processes configured with one worker id never both issue ids, and the one that takes the
 //! worker id over issues ids above every id of the previous holder. Every wait is for a
 //! condition, with a deadline.
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::{code_of, free_port, free_udp_port};
+use common::{code_of, free_port, free_udp_port, next_message, text};
 use meshchat_client::{Client, ConnectOptions, Event};
+use meshchat_idgen::ChatId;
 use meshchat_messaging::RunningNode;
 use meshchat_proto::client::ErrorCode;
 
@@ -50,47 +53,66 @@ async fn a_node_cut_off_from_redis_past_its_lease_fences_itself_and_recovers() {
     let n = node(dir.path(), 1, None, port).await;
     common::wait_for("first lease", Duration::from_secs(10), || serving(&n)).await;
 
-    let (alice, mut events) = Client::connect(&n.addr.to_string(), options(dir.path()))
+    let (alice, mut alice_events) = Client::connect(&n.addr.to_string(), options(dir.path()))
         .await
         .expect("connect");
-    alice
+    let a = alice
         .register("alice", "password-123")
         .await
         .expect("register");
+    let (bob, mut bob_events) = Client::connect(&n.addr.to_string(), options(dir.path()))
+        .await
+        .expect("connect");
+    let b = bob.register("bob", "password-123").await.expect("register");
+    let chat = ChatId::direct(a.user, b.user);
+    let conn = alice.conn().expect("connected");
 
-    // Redis goes away: within one lease the node fences itself and closes its clients.
+    // Redis goes away: within one lease the node fences itself. It hears every other member
+    // (it has none), so no node could take its clients: it keeps them, and refuses their
+    // requests with UNAVAILABLE.
     let cut = tokio::time::Instant::now();
     drop(server);
-    let (code, reason) =
-        common::next_matching_within(&mut events, Duration::from_secs(10), |e| match e {
-            Event::Disconnected { code, reason } => Some((code, reason)),
-            _ => None,
-        })
-        .await;
+    common::wait_for("fenced", Duration::from_secs(10), || !serving(&n)).await;
     let fenced_after = cut.elapsed();
-    assert_eq!(code, ErrorCode::Unavailable as u64, "{reason}");
-    assert!(reason.contains("fenced"), "{reason}");
-    assert!(!serving(&n));
     assert!(
         fenced_after < TTL + Duration::from_secs(5),
         "fenced {fenced_after:?} after the cut (lease {TTL:?})"
     );
+    assert_eq!(
+        code_of(alice.send(chat, "while fenced", None).await),
+        ErrorCode::Unavailable
+    );
+    assert!(conn.is_open(), "a fenced node with no silent member keeps its clients");
 
     // New clients are refused with UNAVAILABLE while fenced.
-    let (bob, _bob_events) = Client::connect(&n.addr.to_string(), options(dir.path()))
+    let (carol, _carol_events) = Client::connect(&n.addr.to_string(), options(dir.path()))
         .await
         .expect("connect");
     assert_eq!(
-        code_of(bob.login("alice", "password-123").await),
+        code_of(carol.login("alice", "password-123").await),
         ErrorCode::Unavailable
     );
 
-    // Redis is back (empty): the node takes its lease again and serves.
+    // Redis is back (empty): the node takes its lease again and serves, on the connections
+    // it kept.
     let _server = common::redis_server(port);
     common::wait_for("lease after redis is back", Duration::from_secs(10), || {
         serving(&n)
     })
     .await;
+    alice
+        .send(chat, "after recovery", None)
+        .await
+        .expect("send after recovery");
+    assert!(
+        Arc::ptr_eq(&conn, &alice.conn().expect("connected")),
+        "served on the same connection"
+    );
+    assert_eq!(text(&next_message(&mut bob_events).await), "after recovery");
+    // Nobody was disconnected.
+    while let Some(e) = alice_events.next_within(Duration::ZERO).await {
+        assert!(!matches!(e, Event::Disconnected { .. }), "{e:?}");
+    }
     let (again, _e) = Client::connect(&n.addr.to_string(), options(dir.path()))
         .await
         .expect("connect");

@@ -246,15 +246,25 @@ async fn nodes_converge_rehome_on_join_and_survive_a_redis_restart() {
         .expect("send after the restart");
     assert_eq!(text(&next_message(&mut users[d].1).await), "redis is back");
 
-    // Redis goes away for longer than the lease: every node fences itself (and closes its
-    // clients). It comes back empty: each node takes its worker id back with no high-water
-    // mark on record, and issues no id (no registration) until a TTL after that, while the
-    // rings keep every member.
+    // Redis goes away for longer than the lease: every node fences itself. Every member
+    // still hears the others, so none closes its clients (no node could take them). It
+    // comes back empty: each node takes its worker id back with no high-water mark on
+    // record, and issues no id (no registration) until a TTL after that, while the rings
+    // keep every member.
+    let kept: Vec<_> = users
+        .iter()
+        .map(|u| u.0.conn().expect("connected"))
+        .collect();
     drop(server);
     common::wait_for("every node fenced", Duration::from_secs(15), || {
         all.iter().all(|n| !n.node.lease_gate().allows())
     })
     .await;
+    assert_eq!(
+        common::code_of(users[c].0.send(chat, "while fenced", None).await),
+        ErrorCode::Unavailable,
+        "a fenced node refuses sends"
+    );
     // Connected before Redis returns (a fenced node still completes handshakes), so the
     // registration below is one request inside the wait even on a slow machine.
     let (probe, _pe) = Client::connect(&n1.addr.to_string(), options(dir.path()))
@@ -289,6 +299,26 @@ async fn nodes_converge_rehome_on_join_and_survive_a_redis_restart() {
     let e3 = converge(&all, &[1, 2, 3, 4]).await;
     assert_eq!(watch.min_ring(), 4, "a node adopted a shrunken ring");
     drop(watch);
+    // Served again on the connections every client kept through the outage.
+    common::wait_for("every node serves", Duration::from_secs(15), || {
+        all.iter().all(|n| n.node.lease_gate().allows())
+    })
+    .await;
+    for (u, conn) in users.iter().zip(&kept) {
+        assert!(
+            Arc::ptr_eq(conn, &u.0.conn().expect("connected")) && conn.is_open(),
+            "a client was dropped by the outage"
+        );
+    }
+    users[c]
+        .0
+        .send(chat, "after the outage", None)
+        .await
+        .expect("send after the outage");
+    assert_eq!(
+        text(&next_message(&mut users[d].1).await),
+        "after the outage"
+    );
 
     // A node leaves gracefully: the others drop it.
     n4.shutdown().await;

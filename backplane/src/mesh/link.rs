@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use super::Mesh;
 use super::peer::{
-    MAX_CHANGED_CHANNELS, MAX_ENVELOPE_BYTES, MAX_MISSED_USERS, Missed, Peer, RECIPIENT_BYTES,
+    HEARD_EVERY, MAX_CHANGED_CHANNELS, MAX_ENVELOPE_BYTES, MAX_MISSED_USERS, Missed, Peer, RECIPIENT_BYTES,
 };
 use crate::tls::{self, Identity, TlsError};
 
@@ -477,8 +477,24 @@ async fn run_link(
             peer.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
         }
     };
+    // When the peer was last heard from: any datagram (a batch, an ACK, its keep-alive) counts.
+    let heard = async {
+        let mut seen = conn.stats().udp_rx.datagrams;
+        *peer.heard.lock() = Some(Instant::now());
+        let mut every = tokio::time::interval(HEARD_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let now = conn.stats().udp_rx.datagrams;
+            if now != seen {
+                seen = now;
+                *peer.heard.lock() = Some(Instant::now());
+            }
+        }
+    };
     let mut gone = peer.gone.subscribe();
     let superseded = tokio::select! {
+        _ = heard => false,
         _ = reader => false,
         _ = writer => false,
         _ = stop.changed() => false,

@@ -226,6 +226,23 @@ impl Mesh {
             .is_some_and(|p| p.up.load(Ordering::Relaxed))
     }
 
+    /// Members whose link is down, or up but silent (no datagram, not even a keep-alive
+    /// ACK) for longer than `within`. Empty when this node hears every other member: the
+    /// membership driver then keeps a fenced node's clients, because a cluster whose members
+    /// all still hear each other lost its source of truth as a whole, and there is no
+    /// serving node to send them to.
+    pub fn silent_peers(&self, within: std::time::Duration) -> Vec<NodeId> {
+        self.peers
+            .read()
+            .values()
+            .filter(|p| {
+                !p.up.load(Ordering::Relaxed)
+                    || p.heard.lock().is_none_or(|at| at.elapsed() > within)
+            })
+            .map(|p| p.id)
+            .collect()
+    }
+
     fn peer(&self, id: NodeId) -> Option<Arc<Peer>> {
         self.peers.read().get(&id).cloned()
     }

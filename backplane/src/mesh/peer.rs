@@ -7,6 +7,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use meshchat_idgen::{ChannelId, NodeId};
@@ -17,6 +18,9 @@ use tracing::warn;
 
 /// Users remembered per peer whose envelopes were dropped; past it the resync covers every
 /// connection on the peer.
+/// How often a link checks whether a datagram arrived from its peer.
+pub(super) const HEARD_EVERY: Duration = Duration::from_millis(250);
+
 pub(super) const MAX_MISSED_USERS: usize = 8_192;
 /// Largest envelope a peer queue takes. A delivery to more recipients than fit is split into
 /// several envelopes ([`deliver_envelopes`]); an envelope still larger (a push bigger than
@@ -214,6 +218,9 @@ pub(super) struct Peer {
     pub(super) ready: Notify,
     pub(super) capacity: usize,
     pub(super) up: AtomicBool,
+    /// When a datagram from the peer last arrived on its link (checked every
+    /// [`HEARD_EVERY`]): a link can stay "up" for its idle timeout after the peer went silent.
+    pub(super) heard: Mutex<Option<Instant>>,
     pub(super) stats: PeerStats,
     /// Bumped by every link that comes up; a link whose generation is no longer current
     /// (the peer said hello again) stops.
@@ -236,6 +243,7 @@ impl Peer {
             ready: Notify::new(),
             capacity,
             up: AtomicBool::new(false),
+            heard: Mutex::new(None),
             stats: PeerStats::default(),
             link: watch::channel(0).0,
             missed: Mutex::new(Missed::default()),
