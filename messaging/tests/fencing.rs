@@ -82,7 +82,10 @@ async fn a_node_cut_off_from_redis_past_its_lease_fences_itself_and_recovers() {
         code_of(alice.send(chat, "while fenced", None).await),
         ErrorCode::Unavailable
     );
-    assert!(conn.is_open(), "a fenced node with no silent member keeps its clients");
+    assert!(
+        conn.is_open(),
+        "a fenced node with no silent member keeps its clients"
+    );
 
     // New clients are refused with UNAVAILABLE while fenced.
     let (carol, _carol_events) = Client::connect(&n.addr.to_string(), options(dir.path()))

@@ -25,7 +25,8 @@ use tracing::{debug, info, warn};
 
 use super::Mesh;
 use super::peer::{
-    HEARD_EVERY, MAX_CHANGED_CHANNELS, MAX_ENVELOPE_BYTES, MAX_MISSED_USERS, Missed, Peer, RECIPIENT_BYTES,
+    HEARD_EVERY, MAX_CHANGED_CHANNELS, MAX_ENVELOPE_BYTES, MAX_MISSED_USERS, Missed, Peer,
+    RECIPIENT_BYTES,
 };
 use crate::tls::{self, Identity, TlsError};
 
