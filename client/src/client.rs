@@ -162,6 +162,8 @@ pub struct Client {
     closing: std::sync::atomic::AtomicBool,
     /// Gap fills that ran to the end ([`Client::gap_fills`]).
     gap_fills: Arc<std::sync::atomic::AtomicU64>,
+    /// Sessions granted ([`Client::authentications`]).
+    authentications: std::sync::atomic::AtomicU64,
     /// The depth (ms before the newest id seen) owed by a fill that did not finish (its
     /// connection closed under it: a failover, a redirect followed): the next fill reads at
     /// least this far back.
@@ -357,6 +359,7 @@ impl Client {
             failing_over: tokio::sync::Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
             gap_fills: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            authentications: std::sync::atomic::AtomicU64::new(0),
             owed_depth: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             recent: Mutex::new(RecentSends::default()),
         };
@@ -486,6 +489,8 @@ impl Client {
                         expires_unix_ms: ok.expires_unix_ms,
                     };
                     *self.session.lock() = Some(s.clone());
+                    self.authentications
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     self.learn_members().await;
                     return Ok(s);
                 }
@@ -711,6 +716,10 @@ impl Client {
             .insert(server.to_owned(), std::time::Instant::now());
     }
 
+    fn unsuspect(&self, server: &str) {
+        self.suspects.lock().remove(server);
+    }
+
     fn is_suspect(&self, server: &str) -> bool {
         let mut suspects = self.suspects.lock();
         suspects.retain(|_, since| since.elapsed() < SUSPECT_FOR);
@@ -801,16 +810,10 @@ impl Client {
                             %server,
                             took_ms = started.elapsed().as_millis() as u64,
                             attempt_ms = tried.elapsed().as_millis() as u64,
+                            early = false,
                             "failed over"
                         );
-                        let fill = self.fill_gaps().await;
-                        // The ring changed: learn its members again, once the gap fill is
-                        // under way (not before it: one round trip less to being whole).
-                        self.learned
-                            .store(false, std::sync::atomic::Ordering::SeqCst);
-                        self.learn_members().await;
-                        self.repush_recent(fill?);
-                        return Ok(());
+                        return self.after_rehome().await;
                     }
                     Err(e) if e.is_retryable() => {
                         debug!(%server, error = %e, "failover candidate failed");
@@ -854,10 +857,110 @@ impl Client {
         }
     }
 
+    /// What a failover does once authenticated at the new home: fill the gap, learn the
+    /// (changed) ring's members, re-push the sends acked lately.
+    async fn after_rehome(&self) -> Result<(), ClientError> {
+        let fill = self.fill_gaps().await;
+        // The ring changed: learn its members again, once the gap fill is under way (not
+        // before it: one round trip less to being whole).
+        self.learned
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.learn_members().await;
+        self.repush_recent(fill?);
+        Ok(())
+    }
+
+    /// Re-homes ahead of the liveness timeout if the current connection is silent (after
+    /// [`Event::Silent`]; see `rehome_early_from`). [`Client::supervise`] does this by
+    /// itself.
+    pub async fn rehome_early(&self) -> Result<(), ClientError> {
+        match self.conn() {
+            Ok(conn) => self.rehome_early_from(&conn).await,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Re-homes ahead of the liveness timeout, make before break, while `old` is silent
+    /// ([`ConnectOptions::suspect_after`]): authenticates at the home the ring will have
+    /// without the silent node. That node authenticates this session only once its ring
+    /// has dropped the silent one (it died: its registration expired); until then it
+    /// redirects back to it, and the attempt asks again on the same connection (as a
+    /// failover does), for at most [`SUSPECT_WAIT`]. The first datagram from the silent
+    /// node calls the attempt off and `old` stays this client's connection, so a slow node
+    /// keeps its clients; a dead one's clients save the rest of the liveness timeout.
+    async fn rehome_early_from(&self, old: &Arc<Conn>) -> Result<(), ClientError> {
+        let token = self.session_token()?;
+        let _one = self.failing_over.lock().await;
+        if !self.conn().is_ok_and(|now| Arc::ptr_eq(&now, old))
+            || !old.is_silent()
+            || !old.is_open()
+        {
+            return Ok(());
+        }
+        let from = self.server();
+        self.suspect(&from);
+        let home = match self.predicted_home() {
+            Some(home) if home != from => home,
+            // Members not known: the liveness timeout, then a failover, decides.
+            _ => {
+                self.unsuspect(&from);
+                return Ok(());
+            }
+        };
+        let (started, hello) = (std::time::Instant::now(), self.hello());
+        debug!(%from, to = %home, "node silent: re-homing ahead of the liveness timeout");
+        *self.server.lock() = home.clone();
+        let outcome = tokio::select! {
+            r = self.open_authenticated(&token) => Some(r),
+            () = old.heard() => None,
+        };
+        match outcome {
+            Some(Ok(_)) if !self.is_closing() => {
+                old.close();
+                debug!(
+                    server = %self.server(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    attempt_ms = started.elapsed().as_millis() as u64,
+                    early = true,
+                    "failed over"
+                );
+                self.after_rehome().await
+            }
+            outcome => {
+                // Called off (the node spoke again, or the client is closing) or failed:
+                // `old` stays (the liveness timeout and a failover deal with a dead one).
+                if let Ok(now) = self.conn()
+                    && !Arc::ptr_eq(&now, old)
+                {
+                    now.close();
+                }
+                *self.server.lock() = from.clone();
+                *self.conn.lock() = Some(old.clone());
+                *self.hello.lock() = hello;
+                match outcome {
+                    None => {
+                        self.unsuspect(&from);
+                        debug!(
+                            server = %from,
+                            "silent node answered again: early re-home called off"
+                        );
+                        Ok(())
+                    }
+                    Some(Err(e)) => {
+                        debug!(server = %from, error = %e, "early re-home failed");
+                        Err(e)
+                    }
+                    Some(Ok(_)) => Err(ClientError::Disconnected("client closed".into())),
+                }
+            }
+        }
+    }
+
     /// Keeps this session connected in the background: whenever its connection ends (the
     /// node died, was declared dead by the liveness check, fenced itself or shut down) it
-    /// fails over ([`Client::failover`]). Stops when the client is closed or dropped, or
-    /// when the session cannot be restored (an expired token).
+    /// fails over ([`Client::failover`]); when the node goes silent it tries the new home
+    /// ahead of that ([`ConnectOptions::suspect_after`]). Stops when the client is closed or
+    /// dropped, or when the session cannot be restored (an expired token).
     pub fn supervise(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -871,10 +974,29 @@ impl Client {
                     }
                     None => return,
                 };
-                conn.closed().await;
+                let silent = tokio::select! {
+                    biased;
+                    () = conn.closed() => false,
+                    () = conn.silenced() => true,
+                };
                 let Some(client) = weak.upgrade() else { return };
                 if client.is_closing() {
                     return;
+                }
+                if silent && conn.is_open() {
+                    if let Err(e) = client.rehome_early_from(&conn).await {
+                        debug!(error = %e, "early re-home not done; waiting for the node");
+                    }
+                    drop(client);
+                    // Still on the silent node: until it closes or speaks again (one early
+                    // attempt per silence).
+                    if conn.is_silent() {
+                        tokio::select! {
+                            () = conn.closed() => {}
+                            () = conn.heard() => {}
+                        }
+                    }
+                    continue;
                 }
                 if let Ok(now) = client.conn()
                     && !Arc::ptr_eq(&now, &conn)
@@ -1042,6 +1164,14 @@ impl Client {
                 }
             }
         });
+    }
+
+    /// How many sessions nodes granted this client (every login, registration and
+    /// re-authentication, a failover's included): a failover has authenticated somewhere
+    /// once this grows. Cheap enough to poll for thousands of clients.
+    pub fn authentications(&self) -> u64 {
+        self.authentications
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// How many gap fills ran to the end (every readable chat read up to its head) since

@@ -19,7 +19,7 @@ use meshchat_proto::client::{
 use meshchat_proto::codec::encode_into;
 use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::FramedRead;
 use tracing::debug;
 
@@ -58,6 +58,10 @@ pub enum Event {
         /// Sequence number that arrived.
         got: u64,
     },
+    /// The node has been silent past [`ConnectOptions::suspect_after`]: it may have died.
+    /// Call [`crate::Client::rehome_early`] (a supervised client does it by itself). A hint:
+    /// not sent if the event buffer is full.
+    Silent,
     /// The connection closed; `code` is the node's error code when it closed on purpose.
     Disconnected {
         /// Protocol error code of the close (0 = none).
@@ -97,6 +101,15 @@ pub struct ConnectOptions {
     /// seconds; at 2.5 s that took live connections for dead and failed them over too, a
     /// cascade (load test, 10k connections, docs/RELIABILITY.md).
     pub liveness_timeout: Duration,
+    /// How long the node may stay silent (as for [`Self::liveness_timeout`]) before the
+    /// connection counts as *silent* ([`Conn::is_silent`]; default 3 s). A supervised client
+    /// then tries its predicted new home at once, without closing this connection: that
+    /// node authenticates it only if the ring no longer has the silent node (it died and its
+    /// registration expired), and otherwise redirects it back, so a slow node never loses a
+    /// client this way; the first answer from the silent node calls the attempt off. A dead
+    /// node's clients re-home ~2 s sooner than the liveness timeout alone allows. Not below
+    /// the keep-alive interval; zero, or at or above the liveness timeout, turns it off.
+    pub suspect_after: Duration,
     /// Bound on one connection attempt (QUIC handshake plus the protocol stream; default 8 s):
     /// a dead node must not hold a failover for the whole idle timeout, and a busy survivor
     /// must not see its handshakes abandoned (and repeated) half-way.
@@ -123,6 +136,7 @@ impl ConnectOptions {
             max_frame: 1 << 20,
             keep_alive: Duration::from_secs(2),
             liveness_timeout: Duration::from_secs(5),
+            suspect_after: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(8),
             seeds: Vec::new(),
             idle_timeout: Duration::from_secs(60),
@@ -218,6 +232,8 @@ pub struct Conn {
     next_id: AtomicU64,
     timeout: Duration,
     max_frame: usize,
+    /// True while the node is silent past [`ConnectOptions::suspect_after`].
+    silent: Arc<watch::Sender<bool>>,
 }
 
 impl Conn {
@@ -257,12 +273,17 @@ impl Conn {
             next_id: AtomicU64::new(1),
             timeout: opts.request_timeout,
             max_frame: opts.max_frame,
+            silent: Arc::new(watch::channel(false).0),
         });
         let dead = Arc::new(AtomicBool::new(false));
         tokio::spawn(watch_liveness(
             conn.clone(),
-            opts.liveness_timeout,
+            Liveness {
+                timeout: opts.liveness_timeout,
+                suspect_after: opts.suspect_after,
+            },
             dead.clone(),
+            (this.silent.clone(), events.clone()),
         ));
         tokio::spawn(read_loop(conn, recv, pending, events, opts.max_frame, dead));
         Ok(this)
@@ -276,6 +297,31 @@ impl Conn {
     /// Whether the connection is still open.
     pub fn is_open(&self) -> bool {
         self.conn.close_reason().is_none()
+    }
+
+    /// Whether the node has been silent past [`ConnectOptions::suspect_after`] (and the
+    /// connection is not closed yet): it may have died.
+    pub fn is_silent(&self) -> bool {
+        *self.silent.borrow()
+    }
+
+    /// Resolves once the connection is silent ([`Conn::is_silent`]); never if it closes
+    /// first.
+    pub async fn silenced(&self) {
+        self.wait_silence(true).await;
+    }
+
+    /// Resolves once the node is heard again after a silence (at once if it is not
+    /// silent); never if the connection closes first.
+    pub async fn heard(&self) {
+        self.wait_silence(false).await;
+    }
+
+    async fn wait_silence(&self, silent: bool) {
+        let mut rx = self.silent.subscribe();
+        if rx.wait_for(|s| *s == silent).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// The node's address.
@@ -373,15 +419,40 @@ fn eliciting_sent(s: &quinn::ConnectionStats) -> u64 {
     f.stream + f.ping + f.max_data + f.max_stream_data
 }
 
+/// How long a node may stay silent.
+#[derive(Debug, Clone, Copy)]
+struct Liveness {
+    /// Until the connection is closed as dead.
+    timeout: Duration,
+    /// Until the connection is marked silent.
+    suspect_after: Duration,
+}
+
 /// Closes `conn` when the node stays silent for `timeout` after this side sent it an
-/// ack-eliciting frame (a request, or a keep-alive PING). Checks twelve times per timeout; a
-/// datagram of any kind from the node (an ACK suffices) proves it alive. A check that runs
-/// late by more than a quarter of the timeout means this process was not running (starved of
-/// CPU, suspended): received datagrams may be waiting unread, so silence until then proves
-/// nothing and the clock starts again.
-async fn watch_liveness(conn: quinn::Connection, timeout: Duration, dead: Arc<AtomicBool>) {
-    // Fine enough that the tick adds little to the timeout (1/12 of it: ~0.4 s at 5 s).
-    let period = (timeout / 12).max(Duration::from_millis(50));
+/// ack-eliciting frame (a request, or a keep-alive PING), and marks it `silent` from
+/// `suspect_after` of such silence until the node is heard again. Checks six times per
+/// `suspect_after` (or timeout, if shorter); a datagram of any kind from the node (an ACK suffices) proves it alive. A check
+/// that runs late by more than a quarter of the timeout means this process was not running
+/// (starved of CPU, suspended): received datagrams may be waiting unread, so silence until
+/// then proves nothing and the clock starts again.
+async fn watch_liveness(
+    conn: quinn::Connection,
+    Liveness {
+        timeout,
+        suspect_after,
+    }: Liveness,
+    dead: Arc<AtomicBool>,
+    (silent, events): (Arc<watch::Sender<bool>>, mpsc::Sender<Event>),
+) {
+    // Zero turns it off.
+    let suspect_after = if suspect_after.is_zero() {
+        timeout
+    } else {
+        suspect_after
+    };
+    // Fine enough that the tick adds little to either deadline (0.5 s at the defaults, a
+    // sixth of the shorter one); no finer, as a load generator runs one per connection.
+    let period = (timeout.min(suspect_after) / 6).max(Duration::from_millis(50));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let s = conn.stats();
@@ -410,6 +481,11 @@ async fn watch_liveness(conn: quinn::Connection, timeout: Duration, dead: Arc<At
             waiting_since = Some(tokio::time::Instant::now());
         }
         (rx, sent) = (now_rx, now_sent);
+        let quiet = waiting_since.is_some_and(|t| t.elapsed() >= suspect_after);
+        if silent.send_if_modified(|s| std::mem::replace(s, quiet) != quiet) && quiet {
+            debug!(remote = %conn.remote_address(), "node silent");
+            let _ = events.try_send(Event::Silent);
+        }
         if waiting_since.is_some_and(|t| t.elapsed() >= timeout) {
             debug!(remote = %conn.remote_address(), "node silent; closing the connection");
             dead.store(true, Ordering::SeqCst);

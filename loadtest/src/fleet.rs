@@ -379,6 +379,21 @@ impl Fleet {
                     let (fleet, client) = (self.clone(), client.clone());
                     tokio::spawn(async move { fleet.heal(i, &client).await });
                 }
+                Event::Silent => {
+                    // Try the new home ahead of the liveness timeout; if that does not work
+                    // out and the connection is gone meanwhile, heal it as a failure.
+                    let (fleet, client) = (self.clone(), client.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = client.rehome_early().await {
+                            debug!(user = user.0, error = %e, "early re-home not done");
+                        }
+                        if !fleet.stopping.load(Ordering::Relaxed)
+                            && !client.conn().is_ok_and(|c| c.is_open())
+                        {
+                            fleet.heal(i, &client).await;
+                        }
+                    });
+                }
                 Event::Receipt(_) | Event::Reaction(_) | Event::Channel(_) => {}
             }
         }

@@ -121,6 +121,10 @@ struct Cli {
     /// declared dead (the client library's default unless given).
     #[arg(long)]
     liveness: Option<f64>,
+    /// Client silence before it tries its new home ahead of the liveness timeout, seconds
+    /// (0 turns it off; the client library's default unless given).
+    #[arg(long)]
+    suspect_after: Option<f64>,
     /// Kernel UDP buffer per client socket, bytes (capped by net.core.rmem_max).
     #[arg(long, default_value_t = 8 << 20)]
     udp_buffer: usize,
@@ -301,6 +305,9 @@ async fn main() -> anyhow::Result<()> {
         liveness: cli
             .liveness
             .map(|s| Duration::from_secs_f64(s.clamp(0.5, 3600.0))),
+        suspect_after: cli
+            .suspect_after
+            .map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0))),
         udp_buffer: cli.udp_buffer,
         out: cli.out.clone(),
         progress: !cli.no_progress,

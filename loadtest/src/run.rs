@@ -50,6 +50,8 @@ pub struct RunConfig {
     pub keep_alive: Duration,
     /// Client liveness timeout (the library's default if `None`).
     pub liveness: Option<Duration>,
+    /// Client silence before an early re-home (the library's default if `None`).
+    pub suspect_after: Option<Duration>,
     /// Kernel UDP buffer per client socket.
     pub udp_buffer: usize,
     /// Where the reports go.
@@ -110,6 +112,9 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
     options.keep_alive = cfg.keep_alive;
     if let Some(l) = cfg.liveness {
         options.liveness_timeout = l;
+    }
+    if let Some(s) = cfg.suspect_after {
+        options.suspect_after = s;
     }
     options.event_buffer = 256;
     options.seeds = target.servers.clone();

@@ -22,6 +22,17 @@ use super::{Proc, free_port, free_udp_port};
 /// `store` is appended to its config (a `[storage]` section, or empty for the embedded store).
 /// Returns once the node has adopted a ring.
 pub fn spawn_node(dir: &std::path::Path, id: u32, redis: u16, store: &str) -> (Proc, String) {
+    spawn_node_ttl(dir, id, redis, store, "3s")
+}
+
+/// [`spawn_node`] with `member_ttl` (a humantime duration, "3s") as given.
+pub fn spawn_node_ttl(
+    dir: &std::path::Path,
+    id: u32,
+    redis: u16,
+    store: &str,
+    member_ttl: &str,
+) -> (Proc, String) {
     let client_port = free_udp_port();
     let mesh_port = free_udp_port();
     let cfg = dir.join(format!("node-{id}.toml"));
@@ -31,7 +42,7 @@ pub fn spawn_node(dir: &std::path::Path, id: u32, redis: u16, store: &str) -> (P
             "node_id = {id}\nlisten = \"127.0.0.1:{client_port}\"\ndata_dir = \"{}\"\n\
              [limits]\nsend_rate_per_sec = 10000\nsend_burst = 10000\n\
              [cluster]\nmesh_listen = \"127.0.0.1:{mesh_port}\"\nredis = \"redis://127.0.0.1:{redis}/\"\n\
-             heartbeat = \"300ms\"\nmember_ttl = \"3s\"\n{store}",
+             heartbeat = \"300ms\"\nmember_ttl = \"{member_ttl}\"\n{store}",
             dir.display()
         ),
     )
@@ -65,7 +76,7 @@ pub fn spawn_node(dir: &std::path::Path, id: u32, redis: u16, store: &str) -> (P
 /// lease TTL after it took its worker id. A node that is not the user's home registers the
 /// user and redirects with a token; if the home is not serving yet, the attempt fails after
 /// the user exists: the retry then logs in.
-async fn register_when_served(
+pub async fn register_when_served(
     addr: &str,
     opts: &ConnectOptions,
     name: &str,
@@ -93,19 +104,20 @@ async fn register_when_served(
     }
 }
 
-/// Three node processes on one store (`store`: see [`spawn_node`]); the home of the first
-/// user is SIGKILLed under traffic, and every acked message still reaches its recipient.
-/// Returns the nodes' data dir.
-pub async fn sigkill_under_traffic_loses_no_acked_message(store: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("dir");
-    let redis_port = free_port();
-    let _redis = super::redis_server(redis_port);
+/// Three node processes in `dir` with Redis membership on port `redis_port`, one store
+/// (`store`: see [`spawn_node`]), every member up and serving. Returns the processes, their
+/// client addresses, and client options trusting the dev CA with every node as a seed.
+pub async fn three_nodes(
+    dir: &std::path::Path,
+    redis_port: u16,
+    store: &str,
+    member_ttl: &str,
+) -> ([Proc; 3], [String; 3], ConnectOptions) {
     // The first node creates the dev CA and token secret the others reuse.
-    let (n1, a1) = spawn_node(dir.path(), 1, redis_port, store);
-    let (n2, a2) = spawn_node(dir.path(), 2, redis_port, store);
-    let (n3, a3) = spawn_node(dir.path(), 3, redis_port, store);
-    let opts =
-        ConnectOptions::new(meshchat_client::load_ca(&dir.path().join("ca.pem")).expect("ca"));
+    let (n1, a1) = spawn_node_ttl(dir, 1, redis_port, store, member_ttl);
+    let (n2, a2) = spawn_node_ttl(dir, 2, redis_port, store, member_ttl);
+    let (n3, a3) = spawn_node_ttl(dir, 3, redis_port, store, member_ttl);
+    let opts = ConnectOptions::new(meshchat_client::load_ca(&dir.join("ca.pem")).expect("ca"));
     // Every node must see the full ring (all links up) before users register. A new
     // cluster's worker ids are new to Redis: each node issues ids (registers users) a lease
     // TTL after it took its worker id, and says UNAVAILABLE until then.
@@ -122,30 +134,51 @@ pub async fn sigkill_under_traffic_loses_no_acked_message(store: &str) -> tempfi
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-
-    let seeds = vec![a1.clone(), a2.clone(), a3.clone()];
     let mut opts = opts;
-    opts.seeds = seeds.clone();
-    // Users until the first user's home (the victim) has one and another node has some.
+    opts.seeds = vec![a1.clone(), a2.clone(), a3.clone()];
+    ([n1, n2, n3], [a1, a2, a3], opts)
+}
+
+/// The users of `users` homed at `addr`.
+pub fn homed_at(users: &[(Arc<Client>, Events, Session)], addr: &str) -> Vec<usize> {
+    (0..users.len())
+        .filter(|&i| users[i].0.server() == addr)
+        .collect()
+}
+
+/// At least `min` users registered through `via`, and more until the first user's home
+/// has one and another node has some (whichever nodes random ids land on).
+pub async fn users_on_two_homes(
+    via: &str,
+    opts: &ConnectOptions,
+    min: usize,
+) -> Vec<(Arc<Client>, Events, Session)> {
     let mut users: Vec<(Arc<Client>, Events, Session)> = Vec::new();
-    let on = |users: &[(Arc<Client>, Events, Session)], addr: &str| -> Vec<usize> {
-        (0..users.len())
-            .filter(|&i| users[i].0.server() == addr)
-            .collect()
-    };
     let mut n = 0;
-    while users.len() < 6 || on(&users, &users[0].0.server()).len() == users.len() {
+    while users.len() < min || homed_at(&users, &users[0].0.server()).len() == users.len() {
         assert!(n < 200, "200 users all homed on one node");
-        let (c, e, s) = register_when_served(&a1, &opts, &format!("k{n}")).await;
+        let (c, e, s) = register_when_served(via, opts, &format!("k{n}")).await;
         users.push((Arc::new(c), e, s));
         n += 1;
     }
+    users
+}
+
+/// Three node processes on one store (`store`: see [`spawn_node`]); the home of the first
+/// user is SIGKILLed under traffic, and every acked message still reaches its recipient.
+/// Returns the nodes' data dir.
+pub async fn sigkill_under_traffic_loses_no_acked_message(store: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("dir");
+    let redis_port = free_port();
+    let _redis = super::redis_server(redis_port);
+    let (nodes, addrs, opts) = three_nodes(dir.path(), redis_port, store, "3s").await;
+    let mut users = users_on_two_homes(&addrs[0], &opts, 6).await;
     let victim_addr = users[0].0.server();
-    let victim = [&n1, &n2, &n3][seeds
+    let victim = &nodes[addrs
         .iter()
         .position(|a| *a == victim_addr)
         .expect("a node")];
-    let victims = on(&users, &victim_addr);
+    let victims = homed_at(&users, &victim_addr);
     let senders: Vec<usize> = (0..users.len()).filter(|i| !victims.contains(i)).collect();
     let supervisors: Vec<_> = victims.iter().map(|&v| users[v].0.supervise()).collect();
 
@@ -233,6 +266,6 @@ pub async fn sigkill_under_traffic_loses_no_acked_message(store: &str) -> tempfi
     for s in supervisors {
         s.abort();
     }
-    drop((n1, n2, n3));
+    drop(nodes);
     dir
 }

@@ -518,7 +518,15 @@ async fn listen(
             Event::Resync => {
                 s.out
                     .note("the node lost pushes on the way; filling from history");
-                s.client.fill_gaps().await?;
+                s.client.resync().await?;
+            }
+            Event::Silent => {
+                s.out
+                    .note("the node went silent; trying the new home ahead of the timeout");
+                if let Err(e) = s.client.rehome_early().await {
+                    s.out.note(&format!("staying for now: {e}"));
+                }
+                continue;
             }
             Event::Disconnected { code, reason } => {
                 // The close of an earlier connection (a redirect followed, a failover's
