@@ -30,22 +30,25 @@
 //! Redis unreachable: the core keeps the last ring (`KeepServing`) and the node keeps serving
 //! while its lease lasts, retrying every heartbeat. When the lease runs out the core says
 //! `Fenced`: by then Redis has expired the registration (the others re-homed its users) and
-//! may give the worker id to another process, so the node stops issuing ids and refuses
-//! authentication and every request with `UNAVAILABLE`. What happens to its clients depends
-//! on whether the cluster can take them:
+//! may give the worker id to another process, so the node stops issuing ids and refuses,
+//! with `UNAVAILABLE`, authentication and every request that needs a new id (sends, channel
+//! creation); reads, receipts and reactions are still served. What happens to its clients
+//! depends on whether the cluster may be able to take them:
 //! - some member is silent (its mesh link down, or no datagram for
-//!   [`HOLD_WHILE_HEARD_WITHIN`]), the lease was lost to another process, or Redis answered:
+//!   [`HOLD_WHILE_HEARD_WITHIN`]), or Redis answered and the lease is another process's:
 //!   this node is the one cut off, and the others have re-homed its users. It closes every
 //!   client connection with `UNAVAILABLE` (clients reconnect through another node, which
 //!   redirects them to their new home);
-//! - Redis is unreachable and every member is still heard: the whole cluster lost Redis and
-//!   every member fenced itself at about the same time, so there is no serving node to go
-//!   to. Closing would send every client of the cluster into failover at once, a handshake
-//!   storm that kept 10k clients from coming back after a 10 s outage (runs P,
-//!   docs/RELIABILITY.md). The node keeps its clients connected instead (their requests are
-//!   refused `UNAVAILABLE`, retryable) and closes them as soon as a member goes silent or its
-//!   link goes down (a member that still has Redis drops this node from its ring and closes
-//!   the link).
+//! - Redis is unreachable and every member is still heard: most likely the whole cluster
+//!   lost Redis and every member fenced itself at about the same time, so there is no
+//!   serving node to go to. Closing would send every client of the cluster into failover at
+//!   once, a handshake storm that kept 10k clients from coming back after a 10 s outage
+//!   (runs P, docs/RELIABILITY.md). The node keeps its clients connected instead (their
+//!   refused requests are retryable) and closes them once a member goes silent or its link
+//!   goes down (a member that still has Redis drops this node from its ring and closes the
+//!   link: the case of a node cut off from Redis alone), once Redis answers that the lease is
+//!   another process's, or after [`HOLD_AT_MOST`] (members that joined since may own its
+//!   users, and they never link to a node they do not know).
 //!
 //! It serves again after its next successful round (`Unfenced`). A Redis that comes back empty (restarted without
 //! persistence) would restart the epoch counter at 0, which every core would ignore as stale;
@@ -267,25 +270,33 @@ impl std::fmt::Debug for Fencing {
 /// fences).
 pub const HOLD_WHILE_HEARD_WITHIN: Duration = Duration::from_secs(4);
 
-/// Runs while a fenced node keeps its clients: closes them once a member goes silent.
+/// The longest a fenced node keeps its clients. A node that cannot reach Redis cannot know
+/// the ring: members that joined since (and may own its users now) never link to it. Past
+/// this, its clients go looking for a serving node, at the price of a handshake storm if
+/// the whole cluster is still out (they back off to one try per 4 s).
+pub const HOLD_AT_MOST: Duration = Duration::from_secs(120);
+
+/// Runs while a fenced node keeps its clients: closes them once a member goes silent, or
+/// after [`HOLD_AT_MOST`].
 async fn release_when_a_member_goes_silent(
     mesh: Arc<Mesh>,
     clients: Arc<dyn ClientConnections>,
     epoch: u64,
 ) {
+    let until = tokio::time::Instant::now() + HOLD_AT_MOST;
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let silent = mesh.silent_peers(HOLD_WHILE_HEARD_WITHIN);
-        if !silent.is_empty() {
-            let closed = clients.close_all_fenced();
-            warn!(
-                epoch,
-                closing = closed,
-                ?silent,
-                "fenced: a member went silent; closing clients (the cluster re-homes them)"
-            );
-            return;
-        }
+        let why = if !silent.is_empty() {
+            "fenced: a member went silent; closing clients (the cluster re-homes them)"
+        } else if tokio::time::Instant::now() >= until {
+            "fenced for too long: closing clients (they look for a serving node)"
+        } else {
+            continue;
+        };
+        let closed = clients.close_all_fenced();
+        warn!(epoch, closing = closed, ?silent, "{why}");
+        return;
     }
 }
 
@@ -488,10 +499,19 @@ impl RedisMembership {
                                  before a redis restart; ids wait a TTL unless held throughout)"
                             );
                         }
-                        LeaseState::Lost => warn!(
-                            worker = self.worker,
-                            "worker id lease held by another process: not issuing ids"
-                        ),
+                        LeaseState::Lost => {
+                            warn!(
+                                worker = self.worker,
+                                "worker id lease held by another process: not issuing ids"
+                            );
+                            // Another process serves this worker id: keeping clients here
+                            // (a hold begun while Redis was away) helps no one.
+                            if let Some(h) = holding.take() {
+                                h.abort();
+                                let closed = fencing.clients.close_all_fenced();
+                                warn!(closing = closed, "fenced: lease lost; closing clients");
+                            }
+                        }
                         LeaseState::Renewed => {}
                     }
                     decisions.extend(core.handle(Event::LeaseRound {
@@ -525,8 +545,16 @@ impl RedisMembership {
                 }
             }
             gate.set_window(core.serve_from_ms(), core.lease_valid_until_ms());
-            for d in decisions {
+            // A lease deadline reached just before a round that renewed it: fenced and
+            // unfenced in one batch. Nothing to do with the clients then.
+            let unfenced_at = decisions
+                .iter()
+                .rposition(|d| matches!(d, Decision::Unfenced { .. }));
+            for (at, d) in decisions.into_iter().enumerate() {
                 match d {
+                    Decision::Fenced { epoch } if unfenced_at.is_some_and(|u| u > at) => {
+                        debug!(epoch, "fenced and served again in one round: clients stay");
+                    }
                     Decision::RingChanged {
                         epoch,
                         joined,
@@ -547,6 +575,9 @@ impl RedisMembership {
                                  heard; not issuing ids, keeping clients (requests refused \
                                  UNAVAILABLE) until the lease is back or a member goes silent"
                             );
+                            if let Some(h) = holding.take() {
+                                h.abort();
+                            }
                             holding = Some(tokio::spawn(
                                 release_when_a_member_goes_silent(
                                     mesh.clone(),

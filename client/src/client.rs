@@ -164,12 +164,26 @@ pub struct Client {
     gap_fills: Arc<std::sync::atomic::AtomicU64>,
     /// Sessions granted ([`Client::authentications`]).
     authentications: std::sync::atomic::AtomicU64,
+    /// Early re-home attempts started ([`Client::early_rehome_attempts`]).
+    early_attempts: std::sync::atomic::AtomicU64,
     /// The depth (ms before the newest id seen) owed by a fill that did not finish (its
     /// connection closed under it: a failover, a redirect followed): the next fill reads at
     /// least this far back.
     owed_depth: Arc<std::sync::atomic::AtomicU64>,
     /// Sends acked lately, for a re-push after a failover ([`RecentSends`]).
     recent: Mutex<RecentSends>,
+}
+
+/// A candidate connection, closed when dropped unless taken out first (an attempt that
+/// failed or was called off, even half-way, leaves no connection behind).
+struct CloseUnlessKept(Option<Arc<Conn>>);
+
+impl Drop for CloseUnlessKept {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.close();
+        }
+    }
 }
 
 /// Sends acked within [`RECENT_SENDS_FOR`], at most [`RECENT_SENDS_MAX`] and
@@ -360,6 +374,7 @@ impl Client {
             closing: std::sync::atomic::AtomicBool::new(false),
             gap_fills: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             authentications: std::sync::atomic::AtomicU64::new(0),
+            early_attempts: std::sync::atomic::AtomicU64::new(0),
             owed_depth: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             recent: Mutex::new(RecentSends::default()),
         };
@@ -482,15 +497,7 @@ impl Client {
             };
             match reply {
                 server_frame::Body::AuthOk(ok) => {
-                    let s = Session {
-                        user: UserId(ok.user_id),
-                        name: ok.user_name,
-                        token: ok.token,
-                        expires_unix_ms: ok.expires_unix_ms,
-                    };
-                    *self.session.lock() = Some(s.clone());
-                    self.authentications
-                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let s = self.accept_session(ok);
                     self.learn_members().await;
                     return Ok(s);
                 }
@@ -532,6 +539,20 @@ impl Client {
                 other => return Err(unexpected(&other)),
             }
         }
+    }
+
+    /// Makes the session an `AuthOk` grants this client's.
+    fn accept_session(&self, ok: pb::AuthOk) -> Session {
+        let s = Session {
+            user: UserId(ok.user_id),
+            name: ok.user_name,
+            token: ok.token,
+            expires_unix_ms: ok.expires_unix_ms,
+        };
+        *self.session.lock() = Some(s.clone());
+        self.authentications
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        s
     }
 
     /// Registers a new user and logs this connection in.
@@ -881,13 +902,15 @@ impl Client {
     }
 
     /// Re-homes ahead of the liveness timeout, make before break, while `old` is silent
-    /// ([`ConnectOptions::suspect_after`]): authenticates at the home the ring will have
-    /// without the silent node. That node authenticates this session only once its ring
-    /// has dropped the silent one (it died: its registration expired); until then it
-    /// redirects back to it, and the attempt asks again on the same connection (as a
-    /// failover does), for at most [`SUSPECT_WAIT`]. The first datagram from the silent
-    /// node calls the attempt off and `old` stays this client's connection, so a slow node
-    /// keeps its clients; a dead one's clients save the rest of the liveness timeout.
+    /// ([`ConnectOptions::suspect_after`]): authenticates on a candidate connection to the
+    /// home the ring will have without the silent node. That node authenticates this
+    /// session only once its ring has dropped the silent one (it died: its registration
+    /// expired); until then it redirects back to it, and the attempt asks again on the same
+    /// candidate connection (as a failover does), for at most [`SUSPECT_WAIT`]. The
+    /// candidate becomes this client's connection only once authenticated, so nothing else
+    /// ever uses a half-made one; the first datagram from the silent node calls the attempt
+    /// off (the candidate is closed, `old` stays, no session moves). A slow node thus keeps
+    /// its clients; a dead one's clients save the rest of the liveness timeout.
     async fn rehome_early_from(&self, old: &Arc<Conn>) -> Result<(), ClientError> {
         let token = self.session_token()?;
         let _one = self.failing_over.lock().await;
@@ -907,16 +930,27 @@ impl Client {
                 return Ok(());
             }
         };
-        let (started, hello) = (std::time::Instant::now(), self.hello());
+        let started = std::time::Instant::now();
+        self.early_attempts
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         debug!(%from, to = %home, "node silent: re-homing ahead of the liveness timeout");
-        *self.server.lock() = home.clone();
+        // Closed if the attempt fails or is called off (dropped half-way included).
+        let mut candidate = CloseUnlessKept(None);
         let outcome = tokio::select! {
-            r = self.open_authenticated(&token) => Some(r),
+            r = self.authenticate_candidate(&home, &token, &mut candidate) => Some(r),
             () = old.heard() => None,
         };
         match outcome {
-            Some(Ok(_)) if !self.is_closing() => {
+            Some(Ok((conn, hello, ok))) => {
+                if self.is_closing() {
+                    return Err(ClientError::Disconnected("client closed".into()));
+                }
+                candidate.0 = None;
+                *self.server.lock() = home;
+                *self.hello.lock() = Some(hello);
+                *self.conn.lock() = Some(conn);
                 old.close();
+                self.accept_session(ok);
                 debug!(
                     server = %self.server(),
                     took_ms = started.elapsed().as_millis() as u64,
@@ -926,32 +960,75 @@ impl Client {
                 );
                 self.after_rehome().await
             }
-            outcome => {
-                // Called off (the node spoke again, or the client is closing) or failed:
-                // `old` stays (the liveness timeout and a failover deal with a dead one).
-                if let Ok(now) = self.conn()
-                    && !Arc::ptr_eq(&now, old)
-                {
-                    now.close();
+            None => {
+                self.unsuspect(&from);
+                debug!(server = %from, "silent node answered again: early re-home called off");
+                Ok(())
+            }
+            Some(Err(e)) => {
+                // The old node may be fine (or the candidate was): no reason to keep
+                // avoiding it; the liveness timeout and a failover deal with a dead one.
+                if old.is_open() {
+                    self.unsuspect(&from);
                 }
-                *self.server.lock() = from.clone();
-                *self.conn.lock() = Some(old.clone());
-                *self.hello.lock() = hello;
-                match outcome {
-                    None => {
-                        self.unsuspect(&from);
-                        debug!(
-                            server = %from,
-                            "silent node answered again: early re-home called off"
-                        );
-                        Ok(())
+                debug!(server = %from, error = %e, "early re-home failed");
+                Err(e)
+            }
+        }
+    }
+
+    /// Dials `server` (kept in `slot` until the caller takes it) and authenticates there with
+    /// `token`, without making it this client's connection: asks again on it every
+    /// 250-500 ms while it redirects to a suspected node (its ring still has it), for at
+    /// most [`SUSPECT_WAIT`]; any other redirect or answer ends the attempt.
+    async fn authenticate_candidate(
+        &self,
+        server: &str,
+        token: &str,
+        slot: &mut CloseUnlessKept,
+    ) -> Result<(Arc<Conn>, pb::HelloOk, pb::AuthOk), ClientError> {
+        let conn = Conn::open(&self.endpoint, server, &self.opts, self.events.clone()).await?;
+        slot.0 = Some(conn.clone());
+        let body = client_frame::Body::Authenticate(pb::Authenticate {
+            token: token.into(),
+        });
+        let (hello, mut reply) = tokio::join!(
+            biased;
+            conn.request(hello_body()),
+            conn.request(body.clone())
+        );
+        let hello = match hello? {
+            server_frame::Body::HelloOk(h) => h,
+            other => return Err(unexpected(&other)),
+        };
+        let mut waited = Duration::ZERO;
+        loop {
+            match reply? {
+                server_frame::Body::AuthOk(ok) => return Ok((conn, hello, ok)),
+                server_frame::Body::Redirect(r) if self.is_suspect(&r.address) => {
+                    if waited >= SUSPECT_WAIT {
+                        return Err(ClientError::Connect(format!(
+                            "{server} still redirects to {}",
+                            r.address
+                        )));
                     }
-                    Some(Err(e)) => {
-                        debug!(server = %from, error = %e, "early re-home failed");
-                        Err(e)
-                    }
-                    Some(Ok(_)) => Err(ClientError::Disconnected("client closed".into())),
+                    let pause = Duration::from_millis(250 + rand::random::<u64>() % 250);
+                    tokio::time::sleep(pause).await;
+                    waited += pause;
+                    let body = if r.token.is_empty() {
+                        body.clone()
+                    } else {
+                        client_frame::Body::Authenticate(pb::Authenticate { token: r.token })
+                    };
+                    reply = conn.request(body).await;
                 }
+                server_frame::Body::Redirect(r) => {
+                    return Err(ClientError::Connect(format!(
+                        "{server} redirects to {}: not the predicted home",
+                        r.address
+                    )));
+                }
+                other => return Err(unexpected(&other)),
             }
         }
     }
@@ -1171,6 +1248,14 @@ impl Client {
     /// once this grows. Cheap enough to poll for thousands of clients.
     pub fn authentications(&self) -> u64 {
         self.authentications
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many early re-homes this client started ([`ConnectOptions::suspect_after`]): how
+    /// often its node went silent with a new home to try. Each either moved the session,
+    /// was called off when the node spoke again, or failed.
+    pub fn early_rehome_attempts(&self) -> u64 {
+        self.early_attempts
             .load(std::sync::atomic::Ordering::SeqCst)
     }
 

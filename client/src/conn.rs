@@ -446,7 +446,7 @@ async fn watch_liveness(
 ) {
     // Zero turns it off.
     let suspect_after = if suspect_after.is_zero() {
-        timeout
+        Duration::MAX
     } else {
         suspect_after
     };
@@ -481,16 +481,16 @@ async fn watch_liveness(
             waiting_since = Some(tokio::time::Instant::now());
         }
         (rx, sent) = (now_rx, now_sent);
-        let quiet = waiting_since.is_some_and(|t| t.elapsed() >= suspect_after);
-        if silent.send_if_modified(|s| std::mem::replace(s, quiet) != quiet) && quiet {
-            debug!(remote = %conn.remote_address(), "node silent");
-            let _ = events.try_send(Event::Silent);
-        }
         if waiting_since.is_some_and(|t| t.elapsed() >= timeout) {
             debug!(remote = %conn.remote_address(), "node silent; closing the connection");
             dead.store(true, Ordering::SeqCst);
             conn.close(0u32.into(), DEAD_REASON.as_bytes());
             return;
+        }
+        let quiet = waiting_since.is_some_and(|t| t.elapsed() >= suspect_after);
+        if silent.send_if_modified(|s| std::mem::replace(s, quiet) != quiet) && quiet {
+            debug!(remote = %conn.remote_address(), "node silent");
+            let _ = events.try_send(Event::Silent);
         }
     }
 }
