@@ -103,7 +103,8 @@ pub struct ConnectOptions {
     pub liveness_timeout: Duration,
     /// How long the node may stay silent (as for [`Self::liveness_timeout`]) before the
     /// connection counts as *silent* ([`Conn::is_silent`]; default 3 s). A supervised client
-    /// then tries its predicted new home at once, without closing this connection: that
+    /// then tries its predicted new home (within a second, at random, unless the node is
+    /// heard again meanwhile), without closing this connection: that
     /// node authenticates it only if the ring no longer has the silent node (it died and its
     /// registration expired), and otherwise redirects it back, so a slow node never loses a
     /// client this way; the first answer from the silent node calls the attempt off. A dead
@@ -410,6 +411,9 @@ impl Conn {
     }
 }
 
+/// A node whose smoothed RTT is above four times the lowest seen plus this is slow.
+const SLOW_RTT_MARGIN: Duration = Duration::from_millis(100);
+
 /// The `Disconnected` reason after [`watch_liveness`] closed the connection.
 const DEAD_REASON: &str = "node silent: declared dead by the liveness check";
 
@@ -459,6 +463,14 @@ async fn watch_liveness(
     let (mut rx, mut sent) = (s.udp_rx.datagrams, eliciting_sent(&s));
     let mut waiting_since: Option<tokio::time::Instant> = None;
     let mut last_check = tokio::time::Instant::now();
+    // The round trip this connection can have (the lowest smoothed RTT seen), and whether
+    // the node was already slow when the silence began (its RTT well above that): a busy
+    // node's clients go silent together, and each trying another node at once overloads
+    // the others in turn (10k load test: 7k early attempts, a storm); a node that dies was
+    // answering at its usual pace until then. A silence that follows a slowdown is left to
+    // the liveness timeout.
+    let mut min_rtt = conn.rtt();
+    let mut slow_before = false;
     loop {
         tokio::select! {
             _ = conn.closed() => return,
@@ -475,10 +487,13 @@ async fn watch_liveness(
         last_check = now;
         let s = conn.stats();
         let (now_rx, now_sent) = (s.udp_rx.datagrams, eliciting_sent(&s));
+        let rtt = conn.rtt();
+        min_rtt = min_rtt.min(rtt);
         if now_rx != rx {
             waiting_since = None;
         } else if now_sent != sent && waiting_since.is_none() {
             waiting_since = Some(tokio::time::Instant::now());
+            slow_before = rtt > min_rtt * 4 + SLOW_RTT_MARGIN;
         }
         (rx, sent) = (now_rx, now_sent);
         if waiting_since.is_some_and(|t| t.elapsed() >= timeout) {
@@ -487,7 +502,7 @@ async fn watch_liveness(
             conn.close(0u32.into(), DEAD_REASON.as_bytes());
             return;
         }
-        let quiet = waiting_since.is_some_and(|t| t.elapsed() >= suspect_after);
+        let quiet = !slow_before && waiting_since.is_some_and(|t| t.elapsed() >= suspect_after);
         if silent.send_if_modified(|s| std::mem::replace(s, quiet) != quiet) && quiet {
             debug!(remote = %conn.remote_address(), "node silent");
             let _ = events.try_send(Event::Silent);

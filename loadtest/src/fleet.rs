@@ -382,10 +382,15 @@ impl Fleet {
                 Event::Silent => {
                     // Try the new home ahead of the liveness timeout; if that does not work
                     // out and the connection is gone meanwhile, heal it as a failure.
+                    Counters::inc(&counters.silences);
                     let (fleet, client) = (self.clone(), client.clone());
                     tokio::spawn(async move {
+                        let sessions = client.authentications();
                         if let Err(e) = client.rehome_early().await {
                             debug!(user = user.0, error = %e, "early re-home not done");
+                        }
+                        if client.authentications() > sessions {
+                            Counters::inc(&fleet.tracker.counters.early_rehomes);
                         }
                         if !fleet.stopping.load(Ordering::Relaxed)
                             && !client.conn().is_ok_and(|c| c.is_open())

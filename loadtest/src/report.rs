@@ -77,6 +77,11 @@ pub struct Connections {
     pub unplanned_disconnects: u64,
     /// Redirect pushes followed.
     pub redirects_followed: u64,
+    /// Times a connection went silent (`Event::Silent`: the node may have died).
+    pub silences: u64,
+    /// Of those, sessions an early re-home moved (the rest: the node spoke again, or the
+    /// attempt failed and the liveness timeout decided).
+    pub early_rehomes: u64,
     /// Connect + authenticate time.
     pub handshake: Latency,
     /// Open connections per node address at the end of the ramp.
@@ -327,6 +332,10 @@ impl Report {
                 ),
             ),
             ("unplanned disconnects", c.unplanned_disconnects.to_string()),
+            (
+                "silent connections / moved early",
+                format!("{} / {}", c.silences, c.early_rehomes),
+            ),
             (
                 "planned reconnects ok / failed",
                 format!("{} / {}", self.reconnects.ok, self.reconnects.failed),

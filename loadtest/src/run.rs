@@ -353,6 +353,8 @@ pub async fn run(cfg: RunConfig, mut target: Target) -> anyhow::Result<Report> {
             held_secs: traffic_secs,
             unplanned_disconnects: Counters::get(&c.unplanned_disconnects),
             redirects_followed: Counters::get(&c.redirects),
+            silences: Counters::get(&c.silences),
+            early_rehomes: Counters::get(&c.early_rehomes),
             handshake: Latency::of(&h.handshake),
             per_node: per_server,
         },

@@ -146,6 +146,10 @@ pub struct Counters {
     pub unplanned_disconnects: AtomicU64,
     /// Redirect pushes followed.
     pub redirects: AtomicU64,
+    /// Connections found silent (`Event::Silent`).
+    pub silences: AtomicU64,
+    /// Of those, sessions moved by an early re-home.
+    pub early_rehomes: AtomicU64,
     /// Push sequence gaps reported by the client.
     pub gaps: AtomicU64,
     /// Errors the node pushed that answer no request.
