@@ -457,6 +457,10 @@ impl RedisMembership {
             // Above what this process already stamped too: after taking over with a floor
             // ahead of this host's clock, ids carry the floor's time, not the clock's.
             let mark = now_unix_ms().max(fencing.ids.last_unix_ms()) + self.ttl.as_millis() as u64;
+            // Whether Redis was out before this round: a lease that ran out at this wake-up
+            // ran out while it was, even if this very round reaches it (restarted empty).
+            let was_down = down;
+            let mut lost = false;
             let result = match conn.as_mut() {
                 Some(c) => tokio::time::timeout(
                     self.heartbeat * 2,
@@ -500,6 +504,7 @@ impl RedisMembership {
                             );
                         }
                         LeaseState::Lost => {
+                            lost = true;
                             warn!(
                                 worker = self.worker,
                                 "worker id lease held by another process: not issuing ids"
@@ -568,7 +573,7 @@ impl RedisMembership {
                     }
                     Decision::Fenced { epoch } => {
                         let silent = mesh.silent_peers(HOLD_WHILE_HEARD_WITHIN);
-                        if down && silent.is_empty() {
+                        if (down || was_down) && !lost && silent.is_empty() {
                             warn!(
                                 epoch,
                                 "fenced: redis unreachable past the lease, every member still \
@@ -592,7 +597,7 @@ impl RedisMembership {
                                 epoch,
                                 closing = closed,
                                 ?silent,
-                                redis_down = down,
+                                redis_down = down || was_down,
                                 "fenced: worker-id lease lost; not issuing ids, closing clients"
                             );
                         }

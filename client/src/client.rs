@@ -906,7 +906,8 @@ impl Client {
     /// home the ring will have without the silent node. That node authenticates this
     /// session only once its ring has dropped the silent one (it died: its registration
     /// expired); until then it redirects back to it, and the attempt asks again on the same
-    /// candidate connection (as a failover does), for at most [`SUSPECT_WAIT`]. The
+    /// candidate connection (as a failover does); a redirect elsewhere is followed. The
+    /// whole attempt takes at most [`SUSPECT_WAIT`] (sends wait for it). The
     /// candidate becomes this client's connection only once authenticated, so nothing else
     /// ever uses a half-made one; the first datagram from the silent node calls the attempt
     /// off (the candidate is closed, `old` stays, no session moves). A slow node thus keeps
@@ -944,17 +945,23 @@ impl Client {
         debug!(%from, to = %home, "node silent: re-homing ahead of the liveness timeout");
         // Closed if the attempt fails or is called off (dropped half-way included).
         let mut candidate = CloseUnlessKept(None);
+        // Bounded as a whole: sends and failovers wait for it (they hold off on the lock).
+        let attempt = tokio::time::timeout(
+            SUSPECT_WAIT,
+            self.authenticate_candidate(&home, &token, &mut candidate),
+        );
         let outcome = tokio::select! {
-            r = self.authenticate_candidate(&home, &token, &mut candidate) => Some(r),
+            r = attempt => Some(r.unwrap_or(Err(ClientError::Timeout))),
             () = old.heard() => None,
         };
         match outcome {
-            Some(Ok((conn, hello, ok))) => {
+            Some(Ok((conn, server, hello, ok))) => {
                 if self.is_closing() {
                     return Err(ClientError::Disconnected("client closed".into()));
                 }
                 candidate.0 = None;
-                *self.server.lock() = home;
+                conn.set_muted(false);
+                *self.server.lock() = server;
                 *self.hello.lock() = Some(hello);
                 *self.conn.lock() = Some(conn);
                 old.close();
@@ -977,8 +984,13 @@ impl Client {
                 Ok(())
             }
             Some(Err(e)) => {
-                // The old node may be fine (or the candidate was): no reason to keep
-                // avoiding it; the liveness timeout and a failover deal with a dead one.
+                // A candidate that did not answer is avoided by the failover that may follow
+                // (as a failover's own candidates are); the old node, if still open, is not.
+                if matches!(e, ClientError::Connect(_) | ClientError::Timeout)
+                    || e.code() == Some(ErrorCode::Unavailable)
+                {
+                    self.suspect(&home);
+                }
                 if old.is_open() {
                     self.unsuspect(&from);
                 }
@@ -988,60 +1000,62 @@ impl Client {
         }
     }
 
-    /// Dials `server` (kept in `slot` until the caller takes it) and authenticates there with
-    /// `token`, without making it this client's connection: asks again on it every
-    /// 250-500 ms while it redirects to a suspected node (its ring still has it), for at
-    /// most [`SUSPECT_WAIT`]; any other redirect or answer ends the attempt.
+    /// Dials `server` (kept, muted, in `slot` until the caller takes it) and authenticates
+    /// there with `token`, without making it this client's connection: asks again on it
+    /// every 250-500 ms while it redirects to a suspected node (its ring still has it),
+    /// follows a redirect to any other node (at most [`MAX_REDIRECTS`]). Returns the
+    /// connection, its server, its hello and the grant.
     async fn authenticate_candidate(
         &self,
         server: &str,
         token: &str,
         slot: &mut CloseUnlessKept,
-    ) -> Result<(Arc<Conn>, pb::HelloOk, pb::AuthOk), ClientError> {
-        let conn = Conn::open(&self.endpoint, server, &self.opts, self.events.clone()).await?;
-        slot.0 = Some(conn.clone());
-        let body = client_frame::Body::Authenticate(pb::Authenticate {
+    ) -> Result<(Arc<Conn>, String, pb::HelloOk, pb::AuthOk), ClientError> {
+        let mut server = server.to_owned();
+        let mut body = client_frame::Body::Authenticate(pb::Authenticate {
             token: token.into(),
         });
-        let (hello, mut reply) = tokio::join!(
-            biased;
-            conn.request(hello_body()),
-            conn.request(body.clone())
-        );
-        let hello = match hello? {
-            server_frame::Body::HelloOk(h) => h,
-            other => return Err(unexpected(&other)),
-        };
-        let mut waited = Duration::ZERO;
-        loop {
-            match reply? {
-                server_frame::Body::AuthOk(ok) => return Ok((conn, hello, ok)),
-                server_frame::Body::Redirect(r) if self.is_suspect(&r.address) => {
-                    if waited >= SUSPECT_WAIT {
-                        return Err(ClientError::Connect(format!(
-                            "{server} still redirects to {}",
-                            r.address
-                        )));
-                    }
-                    let pause = Duration::from_millis(250 + rand::random::<u64>() % 250);
-                    tokio::time::sleep(pause).await;
-                    waited += pause;
-                    let body = if r.token.is_empty() {
-                        body.clone()
-                    } else {
-                        client_frame::Body::Authenticate(pb::Authenticate { token: r.token })
-                    };
-                    reply = conn.request(body).await;
-                }
-                server_frame::Body::Redirect(r) => {
-                    return Err(ClientError::Connect(format!(
-                        "{server} redirects to {}: not the predicted home",
-                        r.address
-                    )));
-                }
+        for _ in 0..=MAX_REDIRECTS {
+            let conn = Conn::open(&self.endpoint, &server, &self.opts, self.events.clone()).await?;
+            // Not this client's connection yet: its closing is no event for the application.
+            conn.set_muted(true);
+            if let Some(previous) = slot.0.replace(conn.clone()) {
+                previous.close();
+            }
+            let (hello, mut reply) = tokio::join!(
+                biased;
+                conn.request(hello_body()),
+                conn.request(body.clone())
+            );
+            let hello = match hello? {
+                server_frame::Body::HelloOk(h) => h,
                 other => return Err(unexpected(&other)),
+            };
+            loop {
+                match reply? {
+                    server_frame::Body::AuthOk(ok) => return Ok((conn, server, hello, ok)),
+                    server_frame::Body::Redirect(r) => {
+                        if !r.token.is_empty() {
+                            body = client_frame::Body::Authenticate(pb::Authenticate {
+                                token: r.token,
+                            });
+                        }
+                        if !self.is_suspect(&r.address) {
+                            // Its ring has moved on, and names another home: go there.
+                            server = r.address;
+                            break;
+                        }
+                        // Its ring still has the silent node: ask again (the caller bounds
+                        // the attempt).
+                        let pause = Duration::from_millis(250 + rand::random::<u64>() % 250);
+                        tokio::time::sleep(pause).await;
+                        reply = conn.request(body.clone()).await;
+                    }
+                    other => return Err(unexpected(&other)),
+                }
             }
         }
+        Err(ClientError::Protocol("too many redirects".into()))
     }
 
     /// Keeps this session connected in the background: whenever its connection ends (the

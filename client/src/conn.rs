@@ -108,7 +108,10 @@ pub struct ConnectOptions {
     /// node authenticates it only if the ring no longer has the silent node (it died and its
     /// registration expired), and otherwise redirects it back, so a slow node never loses a
     /// client this way; the first answer from the silent node calls the attempt off. A dead
-    /// node's clients re-home ~2 s sooner than the liveness timeout alone allows. Not below
+    /// node's clients re-home 1.5-2.5 s sooner than the liveness timeout alone allows. Not
+    /// after a slowdown: a silence that begins with the node's RTT above 4x its lowest +
+    /// 100 ms is left to the liveness timeout (a busy node's clients must not all try other
+    /// nodes at once). Not below
     /// the keep-alive interval; zero, or at or above the liveness timeout, turns it off.
     pub suspect_after: Duration,
     /// Bound on one connection attempt (QUIC handshake plus the protocol stream; default 8 s):
@@ -235,6 +238,9 @@ pub struct Conn {
     max_frame: usize,
     /// True while the node is silent past [`ConnectOptions::suspect_after`].
     silent: Arc<watch::Sender<bool>>,
+    /// While set, the connection's own `Silent` and `Disconnected` events are not sent (a
+    /// candidate that is not this client's connection yet).
+    muted: Arc<AtomicBool>,
 }
 
 impl Conn {
@@ -275,6 +281,7 @@ impl Conn {
             timeout: opts.request_timeout,
             max_frame: opts.max_frame,
             silent: Arc::new(watch::channel(false).0),
+            muted: Arc::new(AtomicBool::new(false)),
         });
         let dead = Arc::new(AtomicBool::new(false));
         tokio::spawn(watch_liveness(
@@ -284,9 +291,16 @@ impl Conn {
                 suspect_after: opts.suspect_after,
             },
             dead.clone(),
-            (this.silent.clone(), events.clone()),
+            (this.silent.clone(), events.clone(), this.muted.clone()),
         ));
-        tokio::spawn(read_loop(conn, recv, pending, events, opts.max_frame, dead));
+        tokio::spawn(read_loop(
+            conn,
+            recv,
+            pending,
+            (events, this.muted.clone()),
+            opts.max_frame,
+            dead,
+        ));
         Ok(this)
     }
 
@@ -300,8 +314,8 @@ impl Conn {
         self.conn.close_reason().is_none()
     }
 
-    /// Whether the node has been silent past [`ConnectOptions::suspect_after`] (and the
-    /// connection is not closed yet): it may have died.
+    /// Whether the node has been silent past [`ConnectOptions::suspect_after`]: it may have
+    /// died. Stays true once the liveness check closed the connection as dead.
     pub fn is_silent(&self) -> bool {
         *self.silent.borrow()
     }
@@ -328,6 +342,13 @@ impl Conn {
     /// The node's address.
     pub fn remote(&self) -> SocketAddr {
         self.conn.remote_address()
+    }
+
+    /// Mutes (or unmutes) this connection's own `Silent` and `Disconnected` events: a
+    /// candidate connection that may be dropped must not look like the client's connection
+    /// failing.
+    pub(crate) fn set_muted(&self, muted: bool) {
+        self.muted.store(muted, Ordering::SeqCst);
     }
 
     /// Closes the connection.
@@ -446,7 +467,11 @@ async fn watch_liveness(
         suspect_after,
     }: Liveness,
     dead: Arc<AtomicBool>,
-    (silent, events): (Arc<watch::Sender<bool>>, mpsc::Sender<Event>),
+    (silent, events, muted): (
+        Arc<watch::Sender<bool>>,
+        mpsc::Sender<Event>,
+        Arc<AtomicBool>,
+    ),
 ) {
     // Zero turns it off.
     let suspect_after = if suspect_after.is_zero() {
@@ -505,7 +530,9 @@ async fn watch_liveness(
         let quiet = !slow_before && waiting_since.is_some_and(|t| t.elapsed() >= suspect_after);
         if silent.send_if_modified(|s| std::mem::replace(s, quiet) != quiet) && quiet {
             debug!(remote = %conn.remote_address(), "node silent");
-            let _ = events.try_send(Event::Silent);
+            if !muted.load(Ordering::SeqCst) {
+                let _ = events.try_send(Event::Silent);
+            }
         }
     }
 }
@@ -514,7 +541,7 @@ async fn read_loop(
     conn: quinn::Connection,
     recv: quinn::RecvStream,
     pending: Pending,
-    events: mpsc::Sender<Event>,
+    (events, muted): (mpsc::Sender<Event>, Arc<AtomicBool>),
     max_frame: usize,
     dead: Arc<AtomicBool>,
 ) {
@@ -590,5 +617,7 @@ async fn read_loop(
         Some(other) => (0, other.to_string()),
         None => (0, "stream ended".into()),
     };
-    let _ = events.send(Event::Disconnected { code, reason }).await;
+    if !muted.load(Ordering::SeqCst) {
+        let _ = events.send(Event::Disconnected { code, reason }).await;
+    }
 }

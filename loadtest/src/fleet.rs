@@ -385,11 +385,14 @@ impl Fleet {
                     Counters::inc(&counters.silences);
                     let (fleet, client) = (self.clone(), client.clone());
                     tokio::spawn(async move {
-                        let sessions = client.authentications();
+                        let (sessions, tries) =
+                            (client.authentications(), client.early_rehome_attempts());
                         if let Err(e) = client.rehome_early().await {
                             debug!(user = user.0, error = %e, "early re-home not done");
                         }
-                        if client.authentications() > sessions {
+                        if client.early_rehome_attempts() > tries
+                            && client.authentications() > sessions
+                        {
                             Counters::inc(&fleet.tracker.counters.early_rehomes);
                         }
                         if !fleet.stopping.load(Ordering::Relaxed)
