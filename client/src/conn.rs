@@ -320,7 +320,8 @@ impl Conn {
         *self.silent.borrow()
     }
 
-    /// Resolves once the connection is silent ([`Conn::is_silent`]); never if it closes
+    /// Resolves once the connection is silent ([`Conn::is_silent`]), also after the liveness
+    /// check closed it as dead (check [`Conn::is_open`]); never if it closed otherwise
     /// first.
     pub async fn silenced(&self) {
         self.wait_silence(true).await;
