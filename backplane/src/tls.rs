@@ -1,15 +1,29 @@
 //! The TLS pieces the mesh shares with the node's client endpoint: a certificate chain with
-//! its key, the one crypto provider of the tree (ring), and the errors of setting either up.
+//! its key, the one crypto provider of the tree (ring), the check that binds a node id to its
+//! mesh certificate, and the errors of setting either up.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use meshchat_idgen::NodeId;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 /// The process-wide crypto provider: ring.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Whether `cert` names node `id` (a DNS name `node-<id>`). Only the name is read: whether the
+/// certificate chains to the cluster's CA is the handshake's business.
+pub fn names_node(cert: &CertificateDer<'_>, id: NodeId) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    let Ok(name) = ServerName::try_from(crate::mesh::mesh_name(id)) else {
+        return false;
+    };
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
 }
 
 /// A certificate chain and its key.

@@ -120,16 +120,13 @@ fn mesh_hop(rt: &tokio::runtime::Runtime) -> MeshHop {
         };
         c.cluster.mesh_listen = Some(m.mesh_addr);
         c.cluster.members = members.clone();
-        let identity =
-            meshchat_messaging::tls::dev_identity(dir.path(), &[format!("node-{}", m.id)])
-                .expect("identity");
         let sink: Arc<dyn LocalDelivery> = if m.id == 2 {
             Arc::new(Sink(tx.clone()))
         } else {
             Arc::new(Sink(mpsc::unbounded_channel().0))
         };
         let mesh = rt.block_on(async {
-            meshchat_messaging::server::start_mesh(&c, &identity, sink, &stop_rx).expect("mesh")
+            meshchat_messaging::server::start_mesh(&c, sink, &stop_rx).expect("mesh")
         });
         meshes.push(mesh);
     }

@@ -30,14 +30,9 @@ const HASH_QUEUE_WAIT: Duration = Duration::from_secs(5);
 /// Errors setting auth up.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthSetupError {
-    /// Reading or writing the secret file failed.
-    #[error("token secret file {path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// What went wrong.
-        source: std::io::Error,
-    },
+    /// Reading or creating the secret file failed, or others can read it.
+    #[error("token secret: {0}")]
+    Secret(#[from] crate::secret::SecretError),
     /// The secret is too short.
     #[error("token secret in {0} is shorter than 32 bytes")]
     TooShort(String),
@@ -105,51 +100,21 @@ impl Auth {
         }
     }
 
-    /// Reads the secret from `path`, creating a random 64-byte one if the file is missing.
+    /// Reads the secret from `path`, creating a random 64-byte one (owner-only, atomically)
+    /// if the file is missing. Refuses a file that other users can read.
     pub fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, AuthSetupError> {
-        let io = |source| AuthSetupError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                let trimmed = bytes.trim_ascii().to_vec();
-                if trimmed.len() < MIN_SECRET_BYTES {
-                    return Err(AuthSetupError::TooShort(path.display().to_string()));
-                }
-                Ok(trimmed)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let secret: String = {
-                    use rand::Rng;
-                    let mut rng = rand::rng();
-                    (0..64)
-                        .map(|_| char::from(b"0123456789abcdef"[rng.random_range(0..16)]))
-                        .collect()
-                };
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(io)?;
-                }
-                // create_new: if another node process won the race, read theirs instead.
-                match std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(path)
-                {
-                    Ok(mut f) => {
-                        use std::io::Write;
-                        f.write_all(secret.as_bytes()).map_err(io)?;
-                        f.sync_all().map_err(io)?;
-                        Ok(secret.into_bytes())
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                        Self::load_or_create_secret(path)
-                    }
-                    Err(e) => Err(io(e)),
-                }
-            }
-            Err(e) => Err(io(e)),
+        let bytes = crate::secret::read_or_create(path, || {
+            use rand::Rng;
+            let mut rng = rand::rng();
+            (0..64)
+                .map(|_| b"0123456789abcdef"[rng.random_range(0..16)])
+                .collect()
+        })?;
+        let trimmed = bytes.trim_ascii().to_vec();
+        if trimmed.len() < MIN_SECRET_BYTES {
+            return Err(AuthSetupError::TooShort(path.display().to_string()));
         }
+        Ok(trimmed)
     }
 
     /// Mints a token for `user`. Returns the token and its expiry in Unix milliseconds.
@@ -305,7 +270,8 @@ mod tests {
         let b = Auth::load_or_create_secret(&p).expect("read");
         assert_eq!(a, b);
         assert!(a.len() >= 32);
-        std::fs::write(&p, "short").expect("write");
+        std::fs::remove_file(&p).expect("rm");
+        crate::secret::read_or_create(&p, || b"short".to_vec()).expect("write");
         assert!(matches!(
             Auth::load_or_create_secret(&p),
             Err(AuthSetupError::TooShort(_))

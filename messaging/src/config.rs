@@ -159,9 +159,15 @@ pub struct ClusterConfig {
     /// Envelopes queued per peer before new ones are dropped (counted and logged;
     /// default 65,536).
     pub peer_queue: usize,
-    /// CA that signs every node's certificate (mutual TLS between nodes). Default: the
-    /// development CA in the data dir.
+    /// CA that signs every node's mesh certificate (mutual TLS between nodes); keep it apart
+    /// from the CA of the client-facing certificate. Goes with `cert` and `key`. Default: the
+    /// development mesh CA in the data dir (`mesh-ca.pem`).
     pub ca: Option<PathBuf>,
+    /// This node's mesh certificate (PEM chain, leaf first), signed by `ca`. It must carry the
+    /// DNS name `node-<node_id>`: peers accept a node only as the id its certificate names.
+    pub cert: Option<PathBuf>,
+    /// The mesh certificate's private key (PEM; refused if group or others can read it).
+    pub key: Option<PathBuf>,
     /// Redis URL for dynamic membership (`redis://host:port/`). Without it the static
     /// `members` list is the membership.
     pub redis: Option<String>,
@@ -214,6 +220,8 @@ impl Default for ClusterConfig {
             epoch: 1,
             peer_queue: 65_536,
             ca: None,
+            cert: None,
+            key: None,
             redis: None,
             // A dead node leaves the ring within ~3 s, before its idle clients notice (5-7 s,
             // client liveness): they fail over once, straight home. Six rounds per TTL: a
@@ -422,6 +430,13 @@ impl NodeConfig {
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key go together");
+        }
+        let c = &self.cluster;
+        if [c.ca.is_some(), c.cert.is_some(), c.key.is_some()]
+            .iter()
+            .any(|set| *set != c.ca.is_some())
+        {
+            return bad("cluster.ca, cluster.cert and cluster.key go together");
         }
         let c = &self.cluster;
         if !c.members.is_empty() {

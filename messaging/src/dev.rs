@@ -201,8 +201,10 @@ impl DevCluster {
         self.check()?;
         std::fs::create_dir_all(&self.data_dir)
             .map_err(|e| StartError::Other(format!("data dir: {e}")))?;
-        // Generate the CA and token secret once, before the nodes race to do it.
+        // Generate the CAs and token secret once, before the nodes race to do it (they would
+        // agree on one anyway; this keeps the logs quiet).
         crate::tls::dev_identity(&self.data_dir, &[])?;
+        crate::tls::dev_mesh_identity(&self.data_dir, 0)?;
         crate::auth::Auth::load_or_create_secret(&self.node_config(0).secret_file())?;
         let mut children = Vec::new();
         for i in 0..self.nodes {

@@ -14,6 +14,7 @@
 //!   this node hands the mesh (its connections, Redirect/Resync pushes, member cache).
 //! - [`members`]: the per-node channel member cache (fan-out only; invalidated across the mesh).
 //! - [`auth`]: argon2id password hashes and JWT tokens.
+//! - [`secret`]: secret files (token key, CA keys): owner-only, atomic, refused if exposed.
 //! - [`tls`]: certificates (dev CA), rustls/quinn configs sized for chat.
 //! - [`error`]: request errors and the one mapping to protocol error codes.
 //! - [`convert`]: wire <-> domain conversions.
@@ -28,6 +29,7 @@ pub mod members;
 pub mod node;
 pub mod registry;
 pub mod router;
+pub mod secret;
 pub mod server;
 pub mod session;
 pub mod tls;

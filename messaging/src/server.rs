@@ -31,7 +31,7 @@ use crate::node::Node;
 use crate::registry::Registry;
 use crate::router::{LocalRouter, NodeDelivery, Router};
 use crate::session;
-use crate::tls::{self, Identity, TlsError};
+use crate::tls::{self, TlsError};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -123,10 +123,6 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
             }
         };
     let identity = tls::node_identity(&config)?;
-    let mesh_identity = tls::Identity {
-        chain: identity.chain.clone(),
-        key: identity.key.clone_key(),
-    };
     let server_config = tls::server_config(identity, meshchat_proto::CLIENT_ALPN, &config)?;
     let socket = tls::udp_socket(config.listen, &config.transport)?;
     let endpoint = quinn::Endpoint::new(
@@ -152,7 +148,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         (Arc::new(LocalRouter::new(registry.clone())), None)
     } else {
         let local = Arc::new(NodeDelivery::new(registry.clone(), members.clone()));
-        let mesh = start_mesh(&config, &mesh_identity, local, &stop_rx)?;
+        let mesh = start_mesh(&config, local, &stop_rx)?;
         (mesh.clone(), Some(mesh))
     };
     let mut node = Node::new(config, storage, auth, registry.clone(), router, members)?;
@@ -208,20 +204,16 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     })
 }
 
-/// Starts the node's side of the mesh from its `[cluster]` config: the cluster CA (default:
-/// the development CA in the data dir), a UDP socket on `cluster.mesh_listen` and the static
-/// member list, if any. What the mesh delivers to this node goes to `local`.
+/// Starts the node's side of the mesh from its `[cluster]` config: the mesh identity and CA
+/// (default: the development mesh CA in the data dir), a UDP socket on `cluster.mesh_listen`
+/// and the static member list, if any. What the mesh delivers to this node goes to `local`.
 pub fn start_mesh(
     config: &NodeConfig,
-    identity: &Identity,
     local: Arc<dyn LocalDelivery>,
     stop: &watch::Receiver<bool>,
 ) -> Result<Arc<Mesh>, StartError> {
     let c = &config.cluster;
-    let roots = match &c.ca {
-        Some(p) => tls::load_certs(p)?,
-        None => tls::load_certs(&config.data_dir.join(tls::DEV_CA_CERT))?,
-    };
+    let (identity, roots) = tls::mesh_identity(config)?;
     let listen = c
         .mesh_listen
         .ok_or_else(|| StartError::Other("mesh: cluster.mesh_listen is not set".into()))?;
@@ -245,7 +237,7 @@ pub fn start_mesh(
             .collect(),
         epoch: c.epoch,
     };
-    Mesh::start(mesh_config, identity, socket, local, stop)
+    Mesh::start(mesh_config, &identity, socket, local, stop)
         .map_err(|e| StartError::Other(e.to_string()))
 }
 

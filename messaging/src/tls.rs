@@ -1,5 +1,5 @@
-//! TLS and QUIC endpoint setup: certificates (from files, or a development CA generated once
-//! into the data dir), the rustls server config (TLS 1.3 only, ring provider, our ALPN), the
+//! TLS and QUIC endpoint setup: certificates (from files, or development CAs generated once
+//! into the data dir: one for the client-facing certificate, another for the mesh), the rustls server config (TLS 1.3 only, ring provider, our ALPN), the
 //! QUIC transport sized for chat, and the UDP socket with large kernel buffers.
 
 use std::net::SocketAddr;
@@ -13,13 +13,17 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tracing::info;
 
 // Shared with the mesh's endpoint (`meshchat_backplane::tls`).
-pub use meshchat_backplane::tls::{Identity, TlsError, provider};
+use meshchat_backplane::mesh::mesh_name;
+pub use meshchat_backplane::tls::{Identity, TlsError, names_node, provider};
+use meshchat_idgen::NodeId;
 
 use crate::config::{LimitsConfig, NodeConfig, TransportSettings};
 
 /// File name of the development CA certificate in the data dir (clients trust this).
 pub const DEV_CA_CERT: &str = "ca.pem";
 const DEV_CA_KEY: &str = "ca.key";
+/// File name of the development mesh CA certificate in the data dir (nodes trust this).
+pub const DEV_MESH_CA_CERT: &str = "mesh-ca.pem";
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
     move |source| TlsError::Io {
@@ -74,41 +78,78 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-/// The development CA in `dir`: created on first use (`ca.pem`, `ca.key`), then reused, so
-/// every node of a dev cluster and every client trusts the same root.
-fn dev_ca(dir: &Path) -> Result<Issuer<'static, KeyPair>, TlsError> {
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let cert_path = dir.join(DEV_CA_CERT);
-    let key_path = dir.join(DEV_CA_KEY);
-    if !cert_path.exists() {
-        let key = KeyPair::generate()?;
-        let cert = dev_ca_params()?.self_signed(&key)?;
-        // Key first, certificate last: a reader that sees ca.pem also finds ca.key.
-        write_new(&key_path, key.serialize_pem().as_bytes())?;
-        write_new(&cert_path, cert.pem().as_bytes())?;
-        info!(path = %cert_path.display(), "generated development CA");
-    }
-    let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
-    let key = KeyPair::from_pem(&key_pem)?;
-    // The issuer is the CA's subject name and key: rebuilding the same parameters names the
-    // same CA (the key identifier is derived from the key) without parsing ca.pem.
-    Ok(Issuer::new(dev_ca_params()?, key))
+/// A development CA: its certificate and key files in the data dir, and its name.
+struct DevCa {
+    cert: &'static str,
+    key: &'static str,
+    name: &'static str,
 }
 
-fn dev_ca_params() -> Result<CertificateParams, TlsError> {
+/// The client-facing development CA: what clients of a dev node trust.
+const CLIENT_CA: DevCa = DevCa {
+    cert: DEV_CA_CERT,
+    key: DEV_CA_KEY,
+    name: "meshchat development CA",
+};
+
+/// The mesh's development CA: it signs only node identities for the mesh (mutual TLS), so a
+/// client-facing certificate, or its leaked key, never gets a node onto the mesh.
+const MESH_CA: DevCa = DevCa {
+    cert: DEV_MESH_CA_CERT,
+    key: "mesh-ca.key",
+    name: "meshchat development mesh CA",
+};
+
+/// A development CA in `dir`: its key created on first use (owner-only, atomically) and its
+/// certificate next to it, then reused, so every node of a dev cluster and every client
+/// trusts the same root.
+fn dev_ca(dir: &Path, ca: &DevCa) -> Result<Issuer<'static, KeyPair>, TlsError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let cert_path = dir.join(ca.cert);
+    let key_path = dir.join(ca.key);
+    let mut generate_error = None;
+    let key_pem = crate::secret::read_or_create(&key_path, || match KeyPair::generate() {
+        Ok(k) => k.serialize_pem().into_bytes(),
+        Err(e) => {
+            generate_error = Some(e);
+            Vec::new()
+        }
+    })
+    .map_err(|e| TlsError::Pem {
+        path: key_path.clone(),
+        what: e.to_string(),
+    })?;
+    if let Some(e) = generate_error {
+        return Err(e.into());
+    }
+    let key_pem = String::from_utf8(key_pem).map_err(|_| TlsError::Pem {
+        path: key_path.clone(),
+        what: "not a PEM key".into(),
+    })?;
+    let key = KeyPair::from_pem(&key_pem)?;
+    if !cert_path.exists() {
+        // Always from the key on disk: a certificate is never paired with another key.
+        let cert = dev_ca_params(ca.name)?.self_signed(&key)?;
+        write_new(&cert_path, cert.pem().as_bytes())?;
+        info!(path = %cert_path.display(), "generated {}", ca.name);
+    }
+    // The issuer is the CA's subject name and key: rebuilding the same parameters names the
+    // same CA (the key identifier is derived from the key) without parsing the certificate.
+    Ok(Issuer::new(dev_ca_params(ca.name)?, key))
+}
+
+fn dev_ca_params(name: &str) -> Result<CertificateParams, TlsError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "meshchat development CA");
+    params.distinguished_name.push(DnType::CommonName, name);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     Ok(params)
 }
 
-/// Writes a file atomically (temp + rename); if another process created it first, keeps
-/// theirs.
+/// Writes a public file atomically (temp + rename); if another process created it first,
+/// keeps theirs.
 fn write_new(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = path.with_extension(format!("tmp{:016x}", rand::random::<u64>()));
     std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
     if path.exists() {
         let _ = std::fs::remove_file(&tmp);
@@ -117,29 +158,20 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
-/// A node certificate signed by the development CA in `dir`, valid for `localhost`,
-/// 127.0.0.1, ::1 and `extra_names`.
-pub fn dev_identity(dir: &Path, extra_names: &[String]) -> Result<Identity, TlsError> {
-    let issuer = dev_ca(dir)?;
-    let mut names = vec![
-        "localhost".to_owned(),
-        "127.0.0.1".to_owned(),
-        "::1".to_owned(),
-    ];
-    names.extend(extra_names.iter().cloned());
-    names.sort();
-    names.dedup();
+fn signed_identity(
+    dir: &Path,
+    issuer: &Issuer<'static, KeyPair>,
+    names: Vec<String>,
+    common_name: &str,
+    usages: Vec<rcgen::ExtendedKeyUsagePurpose>,
+) -> Result<Identity, TlsError> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(names)?;
     params
         .distinguished_name
-        .push(DnType::CommonName, "meshchat node");
-    // The same certificate serves clients and, in the mesh, both dials and accepts.
-    params.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = params.signed_by(&key, &issuer)?;
+        .push(DnType::CommonName, common_name);
+    params.extended_key_usages = usages;
+    let cert = params.signed_by(&key, issuer)?;
     Ok(Identity {
         chain: vec![cert.der().clone()],
         key: PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| TlsError::Pem {
@@ -149,20 +181,95 @@ pub fn dev_identity(dir: &Path, extra_names: &[String]) -> Result<Identity, TlsE
     })
 }
 
-/// The node's identity from config: files if given, else the development CA.
+/// A client-facing node certificate signed by the development CA in `dir`, valid for
+/// `localhost`, 127.0.0.1, ::1 and `extra_names`.
+pub fn dev_identity(dir: &Path, extra_names: &[String]) -> Result<Identity, TlsError> {
+    let issuer = dev_ca(dir, &CLIENT_CA)?;
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    names.extend(extra_names.iter().cloned());
+    names.sort();
+    names.dedup();
+    signed_identity(
+        dir,
+        &issuer,
+        names,
+        "meshchat node",
+        vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth],
+    )
+}
+
+/// A mesh certificate for node `id`, signed by the development mesh CA in `dir`: its one
+/// name is `node-<id>`, which the peers check against the id the node claims.
+pub fn dev_mesh_identity(dir: &Path, id: u32) -> Result<Identity, TlsError> {
+    let issuer = dev_ca(dir, &MESH_CA)?;
+    signed_identity(
+        dir,
+        &issuer,
+        vec![mesh_name(NodeId(id))],
+        &mesh_name(NodeId(id)),
+        // A node both dials and accepts in the mesh.
+        vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    )
+}
+
+/// Loads an operator's certificate and key, refusing a key that other users can read.
+fn load_private_identity(cert: &Path, key: &Path) -> Result<Identity, TlsError> {
+    crate::secret::check_private(key).map_err(|e| TlsError::Pem {
+        path: key.to_owned(),
+        what: e.to_string(),
+    })?;
+    load_identity(cert, key)
+}
+
+/// The node's client-facing identity from config: files if given, else the development CA.
 pub fn node_identity(config: &NodeConfig) -> Result<Identity, TlsError> {
     match (&config.tls.cert, &config.tls.key) {
-        (Some(cert), Some(key)) => load_identity(cert, key),
+        (Some(cert), Some(key)) => load_private_identity(cert, key),
         _ => {
-            let mut names = config
+            let names = config
                 .advertised()
                 .rsplit_once(':')
                 .map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']').to_owned())
                 .into_iter()
                 .collect::<Vec<_>>();
-            // Peers dial this name in the mesh.
-            names.push(format!("node-{}", config.node_id));
             dev_identity(&config.data_dir, &names)
+        }
+    }
+}
+
+/// The node's mesh identity and the CA certificates its peers' certificates must chain to:
+/// `cluster.cert`, `cluster.key` and `cluster.ca` if given (the certificate must name
+/// `node-<id>`), else the development mesh CA in the data dir.
+pub fn mesh_identity(
+    config: &NodeConfig,
+) -> Result<(Identity, Vec<CertificateDer<'static>>), TlsError> {
+    let c = &config.cluster;
+    let id = NodeId(config.node_id);
+    match (&c.ca, &c.cert, &c.key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            let identity = load_private_identity(cert, key)?;
+            if !names_node(&identity.chain[0], id) {
+                return Err(TlsError::Pem {
+                    path: cert.clone(),
+                    what: format!(
+                        "the mesh certificate does not name {} (peers bind a node's id to the                          DNS name node-<id> in its certificate)",
+                        mesh_name(id)
+                    ),
+                });
+            }
+            Ok((identity, load_certs(ca)?))
+        }
+        _ => {
+            let identity = dev_mesh_identity(&config.data_dir, config.node_id)?;
+            let roots = load_certs(&config.data_dir.join(DEV_MESH_CA_CERT))?;
+            Ok((identity, roots))
         }
     }
 }

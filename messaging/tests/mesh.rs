@@ -16,6 +16,7 @@ use meshchat_idgen::{ChannelId, ChatId, NodeId};
 use meshchat_messaging::config::StaticMember;
 use meshchat_messaging::{NodeConfig, RunningNode};
 use meshchat_proto::client::{self as pb, push};
+use meshchat_proto::mesh as pb_mesh;
 
 /// A user's client, its events and its session.
 type User = (Arc<Client>, Events, Session);
@@ -265,14 +266,21 @@ async fn a_channel_spanning_all_nodes_costs_one_frame_per_node() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_with_a_certificate_from_another_ca_is_refused() {
-    let cl = cluster(2).await;
-    let rogue_dir = tempfile::tempdir().expect("dir");
-    let rogue = meshchat_messaging::tls::dev_identity(rogue_dir.path(), &["node-0".into()])
-        .expect("rogue identity");
-    // The rogue trusts the real CA (so it can check the server) but presents its own.
-    let roots = meshchat_messaging::tls::load_certs(&cl.dir.path().join("ca.pem")).expect("ca");
+/// Dials `cl`'s node `to` on its mesh endpoint with `identity`, trusting the cluster's mesh
+/// CA, and says hello as node `claim`. Ok with the peer's answer if it accepted the link.
+async fn dial_mesh_as(
+    cl: &Cluster,
+    to: u32,
+    identity: meshchat_messaging::tls::Identity,
+    claim: u32,
+) -> Result<pb_mesh::PeerHelloOk, String> {
+    use futures::StreamExt;
+    let roots = meshchat_messaging::tls::load_certs(
+        &cl.dir
+            .path()
+            .join(meshchat_messaging::tls::DEV_MESH_CA_CERT),
+    )
+    .expect("mesh ca");
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(r).expect("root");
@@ -281,7 +289,7 @@ async fn a_node_with_a_certificate_from_another_ca_is_refused() {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("tls13")
         .with_root_certificates(store)
-        .with_client_auth_cert(rogue.chain, rogue.key)
+        .with_client_auth_cert(identity.chain, identity.key)
         .expect("client cert");
     tls.alpn_protocols = vec![meshchat_proto::MESH_ALPN.to_vec()];
     let mut endpoint =
@@ -289,35 +297,92 @@ async fn a_node_with_a_certificate_from_another_ca_is_refused() {
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls"),
     )));
-    let node1: NodeConfig = {
-        let mut c = common::config_in(cl.dir.path());
-        c.node_id = 1;
-        c
-    };
-    let _ = node1;
-    let mesh_addr = cl.nodes[0]
-        .node
-        .config()
-        .cluster
-        .mesh_listen
-        .expect("mesh addr");
+    let node = &cl.nodes[to as usize - 1];
+    let mesh_addr = node.node.config().cluster.mesh_listen.expect("mesh addr");
     let outcome = async {
-        let conn = endpoint.connect(mesh_addr, "node-1")?.await?;
+        let conn = endpoint
+            .connect(mesh_addr, &format!("node-{to}"))
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
         // TLS 1.3: the client may finish before the server checks its certificate; the
         // refusal then arrives as the connection closing.
-        let (_s, mut r) = conn.open_bi().await?;
-        let mut buf = [0u8; 1];
-        r.read(&mut buf).await?;
-        Ok::<_, Box<dyn std::error::Error>>(())
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let mut buf = bytes::BytesMut::new();
+        meshchat_proto::codec::encode_into(
+            &pb_mesh::PeerHello {
+                cluster_id: node.node.config().cluster.cluster_id.clone(),
+                node_id: claim,
+                protocol_version: meshchat_proto::PROTOCOL_VERSION,
+                ring_epoch: 1,
+            },
+            4096,
+            &mut buf,
+        )
+        .map_err(|e| e.to_string())?;
+        send.write_all(&buf).await.map_err(|e| e.to_string())?;
+        let mut reader = tokio_util::codec::FramedRead::new(
+            recv,
+            meshchat_proto::FrameCodec::<pb_mesh::PeerHelloOk, pb_mesh::PeerHello>::new(4096),
+        );
+        match reader.next().await {
+            Some(Ok(ok)) => Ok(ok),
+            other => Err(format!(
+                "no hello answer ({other:?}); closed: {:?}",
+                conn.close_reason()
+            )),
+        }
     };
-    let result = tokio::time::timeout(Duration::from_secs(5), outcome)
+    tokio::time::timeout(Duration::from_secs(5), outcome)
         .await
-        .expect("refused promptly");
+        .expect("answered or refused promptly")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_certificate_from_another_ca_is_refused() {
+    let cl = cluster(2).await;
+    let rogue_dir = tempfile::tempdir().expect("dir");
+    // A mesh certificate of the right shape (it names node-1) from another mesh CA.
+    let rogue =
+        meshchat_messaging::tls::dev_mesh_identity(rogue_dir.path(), 1).expect("rogue identity");
+    let result = dial_mesh_as(&cl, 2, rogue, 1).await;
     assert!(
         result.is_err(),
-        "a foreign certificate must not get a mesh link"
+        "a foreign certificate must not get a mesh link: {result:?}"
     );
-    assert!(!cl.mesh(NodeId(1)).peer_up(NodeId(0)));
+    assert!(cl.mesh(NodeId(2)).peer_up(NodeId(1)), "the real link stays");
+}
+
+/// The client-facing certificate is signed by another CA than the mesh's: a node's client
+/// certificate (or its leaked key) does not get onto the mesh, even when it names the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_facing_certificate_does_not_get_onto_the_mesh() {
+    let cl = cluster(2).await;
+    let client_facing =
+        meshchat_messaging::tls::dev_identity(cl.dir.path(), &["node-1".into()]).expect("id");
+    let result = dial_mesh_as(&cl, 2, client_facing, 1).await;
+    assert!(result.is_err(), "refused: {result:?}");
+}
+
+/// A node holding a certificate of the cluster's own mesh CA can only be the node its
+/// certificate names: one that names node-7 and says hello as node 1 is refused, while the
+/// same hello from a certificate naming node-1 is answered (so the refusal is the name's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_claiming_an_id_its_certificate_does_not_name_is_refused() {
+    let cl = cluster(2).await;
+    let dir = cl.dir.path();
+    let seven = meshchat_messaging::tls::dev_mesh_identity(dir, 7).expect("node-7 cert");
+    let refused = dial_mesh_as(&cl, 2, seven, 1).await;
+    let reason = format!("{refused:?}");
+    assert!(
+        reason.contains("certificate does not name"),
+        "refused for its name: {reason}"
+    );
+    assert!(cl.mesh(NodeId(2)).peer_up(NodeId(1)), "the real link stays");
+
+    let one = meshchat_messaging::tls::dev_mesh_identity(dir, 1).expect("node-1 cert");
+    let answered = dial_mesh_as(&cl, 2, one, 1).await.expect("hello answered");
+    assert_eq!(answered.node_id, 2);
 }
 
 /// A push dropped between nodes is not lost invisibly: with a peer queue of one envelope, a

@@ -1,5 +1,6 @@
 //! The links: the mutual-TLS QUIC endpoint, the hello (the lower node id dials and retries
-//! with jittered backoff, the higher accepts and checks cluster, version and membership), and
+//! with jittered backoff, the higher accepts and checks that the dialer's certificate names
+//! the id it claims, then cluster, version and membership), and
 //! one established link: its reader hands envelopes to the view, its writer drains the
 //! peer's lanes and queue into batch frames. When a link ends, the batch it was writing goes
 //! back to the front of the queue and the recipients of what it wrote lately are resynced,
@@ -198,6 +199,13 @@ pub fn mesh_name(id: NodeId) -> String {
     format!("node-{}", id.0)
 }
 
+/// Whether the peer's certificate names node `id`.
+fn certified_as(conn: &quinn::Connection, id: NodeId) -> bool {
+    conn.peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .is_some_and(|chain| chain.first().is_some_and(|leaf| tls::names_node(leaf, id)))
+}
+
 pub(super) async fn accept_loop(
     mesh: Arc<Mesh>,
     endpoint: quinn::Endpoint,
@@ -245,7 +253,11 @@ async fn accept_peer(
         other => return Err(format!("no hello: {other:?}")),
     };
     let peer = mesh.peer(NodeId(hello.node_id));
-    let refuse = if hello.cluster_id != mesh.cluster_id {
+    let refuse = if !certified_as(&conn, NodeId(hello.node_id)) {
+        // The handshake proved the certificate chains to the cluster CA; the id it claims
+        // must be the one its certificate names, or any node could speak as any other.
+        Some("certificate does not name the node id in the hello")
+    } else if hello.cluster_id != mesh.cluster_id {
         Some("wrong cluster")
     } else if hello.protocol_version != PROTOCOL_VERSION {
         Some("protocol version mismatch")
