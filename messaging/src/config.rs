@@ -307,8 +307,23 @@ pub struct LimitsConfig {
     pub send_burst: u32,
     /// Live client connections per node (`UNAVAILABLE` beyond; default 200,000).
     pub max_connections: usize,
-    /// TLS handshakes in progress at once (default 1,024). More wait in the kernel queue.
+    /// TLS handshakes in progress at once (default 1,024). A client that proved its address
+    /// (answered a QUIC Retry) waits up to `handshake_queue_wait` for a slot; others retry.
     pub max_concurrent_handshakes: usize,
+    /// Past this many handshakes in progress, a client must prove its address with a QUIC
+    /// Retry (one more round trip) before it gets a slot (default 256). Spoofed sources cannot
+    /// answer a Retry, so a flood of Initials holds at most this many slots.
+    pub retry_above_handshakes: usize,
+    /// Handshakes in progress (or waiting) from one source: an IPv4 address or an IPv6 /64
+    /// (default 64). Past it a validated client is refused.
+    pub max_handshakes_per_source: u32,
+    /// A handshake not finished in this time is dropped and its slot freed (default 5 s).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// How long a validated client waits for a handshake slot before it is refused (default
+    /// 2 s).
+    #[serde(with = "humantime_serde")]
+    pub handshake_queue_wait: Duration,
     /// Time to authenticate after connecting (`AUTH_TIMEOUT`; default 10 s).
     #[serde(with = "humantime_serde")]
     pub auth_timeout: Duration,
@@ -339,6 +354,10 @@ impl Default for LimitsConfig {
             send_burst: 100,
             max_connections: 200_000,
             max_concurrent_handshakes: 1_024,
+            retry_above_handshakes: 256,
+            max_handshakes_per_source: 64,
+            handshake_timeout: Duration::from_secs(5),
+            handshake_queue_wait: Duration::from_secs(2),
             auth_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             outbound_queue: 256,
@@ -422,8 +441,13 @@ impl NodeConfig {
                 "limits.outbound_queue, max_inflight_per_conn, max_connections must be > 0",
             );
         }
-        if l.max_concurrent_handshakes == 0 {
-            return bad("limits.max_concurrent_handshakes must be > 0");
+        if l.max_concurrent_handshakes == 0 || l.max_handshakes_per_source == 0 {
+            return bad(
+                "limits.max_concurrent_handshakes and max_handshakes_per_source must be > 0",
+            );
+        }
+        if l.handshake_timeout.is_zero() {
+            return bad("limits.handshake_timeout must be > 0");
         }
         if self.transport.stream_receive_window < l.max_frame_bytes + 4 {
             return bad("transport.stream_receive_window must hold one whole max frame");

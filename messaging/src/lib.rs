@@ -13,6 +13,7 @@
 //! - [`router`]: where deliveries go: a node alone's router, and [`router::NodeDelivery`], what
 //!   this node hands the mesh (its connections, Redirect/Resync pushes, member cache).
 //! - [`members`]: the per-node channel member cache (fan-out only; invalidated across the mesh).
+//! - [`admission`]: handshake slots: Retry past a threshold, per-source caps, a short wait.
 //! - [`auth`]: argon2id password hashes and JWT tokens.
 //! - [`secret`]: secret files (token key, CA keys): owner-only, atomic, refused if exposed.
 //! - [`tls`]: certificates (dev CA), rustls/quinn configs sized for chat.
@@ -20,6 +21,7 @@
 //! - [`convert`]: wire <-> domain conversions.
 //! - [`dev`]: `meshchat-node dev`, a local cluster on loopback.
 
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod convert;

@@ -19,10 +19,11 @@ use meshchat_backplane::mesh::{Mesh, MeshConfig, MeshMember};
 use meshchat_idgen::NodeId;
 use meshchat_proto::client::ErrorCode;
 use meshchat_storage::{EmbeddedStore, Storage};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::admission::{Admit, HandshakeGate};
 use crate::auth::{Auth, AuthSetupError};
 use crate::config::{Backend, NodeConfig};
 use crate::error::{RequestError, close_code};
@@ -284,7 +285,11 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let limits = node.config.limits.clone();
-    let handshakes = Arc::new(Semaphore::new(limits.max_concurrent_handshakes));
+    let gate = Arc::new(HandshakeGate::new(
+        limits.max_concurrent_handshakes,
+        limits.retry_above_handshakes,
+        limits.max_handshakes_per_source,
+    ));
     let tasks = TaskTracker::new();
     let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
     loop {
@@ -298,20 +303,35 @@ async fn accept_loop(
                     incoming.refuse();
                     continue;
                 }
-                let permit = match handshakes.clone().try_acquire_owned() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        // Too many handshakes at once: ask the client to retry (QUIC retry
-                        // costs it one round trip and us no state).
-                        if incoming.may_retry() {
-                            let _ = incoming.retry();
-                        } else {
-                            incoming.refuse();
-                        }
-                        continue;
+                let source = incoming.remote_address().ip();
+                match gate.admit(source, incoming.remote_address_validated()) {
+                    Admit::Now(slot) => {
+                        tasks.spawn(session::serve(node.clone(), incoming, slot, stop.clone()));
                     }
-                };
-                tasks.spawn(session::serve(node.clone(), incoming, permit, stop.clone()));
+                    Admit::Wait(share) => {
+                        let (node, gate, stop) = (node.clone(), gate.clone(), stop.clone());
+                        let wait = limits.handshake_queue_wait;
+                        tasks.spawn(async move {
+                            match tokio::time::timeout(wait, gate.wait(share)).await {
+                                Ok(slot) => session::serve(node, incoming, slot, stop).await,
+                                Err(_) => {
+                                    debug!(%source, "no handshake slot in time; refused");
+                                    incoming.refuse();
+                                }
+                            }
+                        });
+                    }
+                    // Costs the node no state; a spoofed source never answers.
+                    Admit::Retry => {
+                        if incoming.retry().is_err() {
+                            debug!(%source, "retry of a validated address; refused");
+                        }
+                    }
+                    Admit::Refuse => {
+                        debug!(%source, "too many handshakes from one source; refused");
+                        incoming.refuse();
+                    }
+                }
             }
         }
     }

@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tokio_util::codec::Decoder;
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::admission::HandshakeSlot;
 use crate::auth::Identity;
 use crate::error::{RequestError, close_code};
 use crate::node::{AuthOutcome, Node};
@@ -128,18 +129,25 @@ type Reply = std::pin::Pin<Box<dyn std::future::Future<Output = ServerFrame> + S
 pub(crate) async fn serve(
     node: Arc<Node>,
     incoming: quinn::Incoming,
-    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+    handshake_slot: HandshakeSlot,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+    // A handshake that does not finish in time gives its slot back (dropping it closes the
+    // connection): a client that sends an Initial and nothing more holds a slot for
+    // `handshake_timeout`, not for the idle timeout.
+    let conn = match tokio::time::timeout(node.config.limits.handshake_timeout, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             debug!(%remote, error = %e, "handshake failed");
             return;
         }
+        Err(_) => {
+            debug!(%remote, "handshake timed out");
+            return;
+        }
     };
-    drop(handshake_permit);
+    drop(handshake_slot);
     let id = node.registry.next_conn_id();
     let span = info_span!("conn", id = id.0, peer = %remote);
     run(node, conn, id, &mut shutdown).instrument(span).await;
