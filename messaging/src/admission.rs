@@ -15,12 +15,25 @@
 //!   timeout, `handshake_queue_wait`) instead of being refused at once.
 //!
 //! The gate only counts; the accept loop applies its decisions to quinn's `Incoming`.
+//!
+//! Password attempts (`Register`, `Login`) are the other costly thing a stranger can ask for:
+//! each costs an argon2id hash (~19 MiB, tens of ms) and a login is a guess. The
+//! [`PasswordGate`] admits one before any hashing: a per-source rate, a per-account rate for
+//! logins (whether or not the account exists, so the limit reveals nothing), and one hash at a
+//! time per source, so the hashing queue serves sources in turn however many connections
+//! each opens.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use std::num::NonZeroU32;
+use std::time::Duration;
+
 use dashmap::DashMap;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
+
+use crate::error::RequestError;
 
 /// The key a source is counted under: an IPv4 address, or the /64 of an IPv6 one (a host
 /// often owns a whole /64).
@@ -159,6 +172,118 @@ impl HandshakeGate {
     }
 }
 
+/// Limits on password attempts, checked before any hashing.
+#[derive(Debug, Clone, Copy)]
+pub struct PasswordLimits {
+    /// Sustained attempts (register and login) per source per minute.
+    pub per_source_per_min: u32,
+    /// Burst of attempts per source.
+    pub source_burst: u32,
+    /// Sustained logins per account name per minute (on this node).
+    pub per_account_per_min: u32,
+    /// Burst of logins per account name.
+    pub account_burst: u32,
+    /// How long an attempt waits for its source's turn at the hashing queue.
+    pub queue_wait: Duration,
+}
+
+/// Admission of password attempts: rates per source and per account, and one hash in the
+/// queue per source at a time.
+pub struct PasswordGate {
+    per_source: DefaultKeyedRateLimiter<IpAddr>,
+    per_account: DefaultKeyedRateLimiter<String>,
+    turns: DashMap<IpAddr, Arc<Mutex<()>>>,
+    queue_wait: Duration,
+}
+
+impl std::fmt::Debug for PasswordGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PasswordGate")
+            .field("sources_waiting", &self.turns.len())
+            .finish()
+    }
+}
+
+fn per_minute(n: u32, burst: u32) -> Quota {
+    let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+    Quota::per_minute(n).allow_burst(burst)
+}
+
+fn rate_limited<K: std::hash::Hash + Eq + Clone>(
+    limiter: &DefaultKeyedRateLimiter<K>,
+    key: &K,
+) -> Result<(), RequestError> {
+    limiter.check_key(key).map_err(|not_until| {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        RequestError::RateLimited {
+            retry_after_ms: wait.as_millis() as u64 + 1,
+        }
+    })
+}
+
+/// A source's turn at the hashing queue; the next attempt from that source waits for it.
+#[derive(Debug)]
+pub struct PasswordTurn {
+    _turn: OwnedMutexGuard<()>,
+}
+
+impl PasswordGate {
+    /// A gate with these limits.
+    pub fn new(limits: PasswordLimits) -> Self {
+        Self {
+            per_source: RateLimiter::keyed(per_minute(
+                limits.per_source_per_min,
+                limits.source_burst,
+            )),
+            per_account: RateLimiter::keyed(per_minute(
+                limits.per_account_per_min,
+                limits.account_burst,
+            )),
+            turns: DashMap::new(),
+            queue_wait: limits.queue_wait,
+        }
+    }
+
+    /// Admits a password attempt from `source`, a login for `account` if given: rate limits
+    /// first (`RATE_LIMITED`, with the wait), then the source's turn (`OVERLOADED` if its
+    /// earlier attempts do not finish within the queue wait). Hash while holding the turn.
+    pub async fn admit(
+        &self,
+        source: IpAddr,
+        account: Option<&str>,
+    ) -> Result<PasswordTurn, RequestError> {
+        let key = source_key(source);
+        rate_limited(&self.per_source, &key)?;
+        if let Some(name) = account {
+            rate_limited(&self.per_account, &name.to_ascii_lowercase())?;
+        }
+        let turn = self
+            .turns
+            .entry(key)
+            .or_insert_with(|| Arc::new(Mutex::new(())))
+            .clone();
+        match tokio::time::timeout(self.queue_wait, turn.lock_owned()).await {
+            Ok(guard) => Ok(PasswordTurn { _turn: guard }),
+            Err(_) => Err(RequestError::Overloaded(
+                "this address has password attempts waiting; retry".into(),
+            )),
+        }
+    }
+
+    /// Forgets idle sources and accounts (the housekeeping tick).
+    pub fn housekeeping(&self) {
+        self.per_source.retain_recent();
+        self.per_source.shrink_to_fit();
+        self.per_account.retain_recent();
+        self.per_account.shrink_to_fit();
+        // A source whose turn nobody holds or waits for (only the map's reference is left).
+        self.turns.retain(|_, t| Arc::strong_count(t) > 1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,5 +356,60 @@ mod tests {
         assert_eq!(g.in_progress(), 1);
         drop(slot);
         assert_eq!(g.sources(), 0);
+    }
+
+    fn password_gate() -> PasswordGate {
+        PasswordGate::new(PasswordLimits {
+            per_source_per_min: 60,
+            source_burst: 3,
+            per_account_per_min: 6,
+            account_burst: 2,
+            queue_wait: std::time::Duration::from_millis(200),
+        })
+    }
+
+    #[tokio::test]
+    async fn password_attempts_are_limited_per_source_and_per_account() {
+        let g = password_gate();
+        let a = ip("10.0.0.1");
+        for _ in 0..2 {
+            drop(g.admit(a, Some("Ada")).await.expect("within the burst"));
+        }
+        // The account's burst is spent, whatever the source and the name's case.
+        let err = g
+            .admit(ip("10.0.0.9"), Some("ada"))
+            .await
+            .expect_err("account");
+        assert!(matches!(err, RequestError::RateLimited { retry_after_ms } if retry_after_ms > 0));
+        // The source has one attempt left (a registration), then it is limited too.
+        drop(g.admit(a, None).await.expect("third"));
+        assert!(matches!(
+            g.admit(a, Some("bob")).await,
+            Err(RequestError::RateLimited { .. })
+        ));
+        // Other sources and accounts are untouched.
+        drop(
+            g.admit(ip("10.0.0.2"), Some("bob"))
+                .await
+                .expect("other source"),
+        );
+    }
+
+    #[tokio::test]
+    async fn a_source_has_one_attempt_in_the_hashing_queue_at_a_time() {
+        let g = password_gate();
+        let a = ip("10.0.0.1");
+        let held = g.admit(a, None).await.expect("first");
+        // The same source waits for its turn, and gives up after the queue wait.
+        assert!(matches!(
+            g.admit(a, None).await,
+            Err(RequestError::Overloaded(_))
+        ));
+        // Another source is not behind it.
+        let other = g.admit(ip("10.0.0.2"), None).await.expect("other source");
+        drop((held, other));
+        drop(g.admit(a, None).await.expect("its turn again"));
+        g.housekeeping();
+        assert_eq!(g.turns.len(), 0, "idle sources are forgotten");
     }
 }

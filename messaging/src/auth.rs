@@ -25,7 +25,7 @@ const ISSUER: &str = "meshchat";
 /// Shortest accepted token secret.
 const MIN_SECRET_BYTES: usize = 32;
 /// How long a registration or login waits for a free hashing slot.
-const HASH_QUEUE_WAIT: Duration = Duration::from_secs(5);
+pub const HASH_QUEUE_WAIT: Duration = Duration::from_secs(5);
 
 /// Errors setting auth up.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +69,9 @@ pub struct Auth {
     validation: Validation,
     ttl: Duration,
     hashing: Arc<Semaphore>,
+    /// A hash of no password, checked when a login names no account so that it takes as
+    /// long as a wrong password.
+    nothing: tokio::sync::OnceCell<String>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -97,6 +100,7 @@ impl Auth {
             validation,
             ttl,
             hashing: Arc::new(Semaphore::new(max_concurrent_hashes.max(1))),
+            nothing: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -182,6 +186,21 @@ impl Auth {
         })
         .await
         .map_err(|e| RequestError::Internal(format!("hashing task: {e}")))?
+    }
+
+    /// Spends what checking `password` against an account would (one hash), for a login that
+    /// names no account. Always fails.
+    pub async fn verify_against_nothing(&self, password: String) -> Result<bool, RequestError> {
+        let nothing = self
+            .nothing
+            .get_or_try_init(|| {
+                let random: [u8; 16] = rand::random();
+                self.hash_password(format!("{random:x?}"))
+            })
+            .await?
+            .clone();
+        self.verify_password(password, nothing).await?;
+        Ok(false)
     }
 
     /// Checks a password against a stored PHC hash.

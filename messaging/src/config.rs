@@ -275,6 +275,19 @@ pub struct AuthConfig {
     pub token_ttl: Duration,
     /// Password hashes computed at once (argon2id costs ~19 MiB each; default 2).
     pub max_concurrent_hashes: usize,
+    /// Password attempts (`Register` and `Login`) per source (an IPv4 address or an IPv6 /64)
+    /// per minute, sustained (`RATE_LIMITED` beyond; default 30).
+    pub attempts_per_source_per_min: u32,
+    /// Burst of password attempts per source (default 10).
+    pub attempts_per_source_burst: u32,
+    /// Logins per account name per minute on one node, sustained, from any source
+    /// (`RATE_LIMITED` beyond; default 6: a password guesser gets 6 guesses a minute per node).
+    pub logins_per_account_per_min: u32,
+    /// Burst of logins per account name (default 5).
+    pub logins_per_account_burst: u32,
+    /// Failed authentications (bad credentials or token) one connection may make; the next
+    /// closes it (default 5).
+    pub max_auth_failures: u32,
 }
 
 impl Default for AuthConfig {
@@ -283,6 +296,11 @@ impl Default for AuthConfig {
             secret_file: None,
             token_ttl: Duration::from_secs(7 * 24 * 3600),
             max_concurrent_hashes: 2,
+            attempts_per_source_per_min: 30,
+            attempts_per_source_burst: 10,
+            logins_per_account_per_min: 6,
+            logins_per_account_burst: 5,
+            max_auth_failures: 5,
         }
     }
 }

@@ -19,6 +19,7 @@ use meshchat_storage::{Direction, NewMessage, PageQuery, ReceiptKind, Storage, S
 use prost::Message as _;
 use tracing::{Instrument, debug, info_span};
 
+use crate::admission::{PasswordGate, PasswordLimits};
 use crate::auth::{Auth, Identity};
 use crate::config::NodeConfig;
 use crate::convert::{self, chat_from, chat_to, message_id};
@@ -102,6 +103,8 @@ pub struct Node {
     /// Whether this process holds its Snowflake worker-id lease (always, in a static
     /// cluster). Without it the node is fenced: no ids, no authentication.
     lease: Arc<LeaseGate>,
+    /// Admission of password attempts (rates per source and account, turns per source).
+    passwords: PasswordGate,
 }
 
 impl std::fmt::Debug for Node {
@@ -150,6 +153,7 @@ impl Node {
         router: Arc<dyn Router>,
         members: Arc<MemberCache>,
     ) -> Result<Self, RequestError> {
+        let config_auth = config.auth.clone();
         let ids = Arc::new(
             Generator::new(config.worker_id())
                 .map_err(|e| RequestError::Internal(e.to_string()))?,
@@ -175,6 +179,13 @@ impl Node {
             members,
             event_rate,
             lease: Arc::new(LeaseGate::unbounded()),
+            passwords: PasswordGate::new(PasswordLimits {
+                per_source_per_min: config_auth.attempts_per_source_per_min,
+                source_burst: config_auth.attempts_per_source_burst,
+                per_account_per_min: config_auth.logins_per_account_per_min,
+                account_burst: config_auth.logins_per_account_burst,
+                queue_wait: crate::auth::HASH_QUEUE_WAIT,
+            }),
         })
     }
 
@@ -194,6 +205,7 @@ impl Node {
             r.retain_recent();
             r.shrink_to_fit();
         }
+        self.passwords.housekeeping();
     }
 
     fn check_rate(
@@ -266,11 +278,13 @@ impl Node {
         }
     }
 
-    /// Handles register / login / authenticate: the identity the connection now has, or a
-    /// redirect (with a fresh token) when the user's home is another node.
+    /// Handles register / login / authenticate from a client at `source`: the identity the
+    /// connection now has, or a redirect (with a fresh token) when the user's home is another
+    /// node. Password attempts pass the [`PasswordGate`] before any hashing.
     pub async fn authenticate_request(
         &self,
         body: client_frame::Body,
+        source: std::net::IpAddr,
     ) -> Result<AuthOutcome, RequestError> {
         self.check_fence()?;
         let identity = match body {
@@ -281,6 +295,7 @@ impl Node {
                         "password must be 8 to 1024 bytes".into(),
                     ));
                 }
+                let _turn = self.passwords.admit(source, None).await?;
                 if self.storage.user_by_name(&r.user_name).await?.is_some() {
                     return Err(StorageError::UserExists(r.user_name).into());
                 }
@@ -293,8 +308,11 @@ impl Node {
                 }
             }
             client_frame::Body::Login(l) => {
+                let _turn = self.passwords.admit(source, Some(&l.user_name)).await?;
                 let Some(creds) = self.storage.user_by_name(&l.user_name).await? else {
-                    // Same answer as a wrong password: do not reveal which names exist.
+                    // Same answer, and the same hashing time, as a wrong password: neither
+                    // reveals which names exist.
+                    self.auth.verify_against_nothing(l.password).await?;
                     return Err(RequestError::BadCredentials);
                 };
                 if !self

@@ -160,6 +160,7 @@ async fn run(
     shutdown: &mut watch::Receiver<bool>,
 ) {
     let limits = &node.config.limits;
+    let max_auth_failures = node.config.auth.max_auth_failures.max(1);
     let auth_deadline = tokio::time::sleep(limits.auth_timeout);
     tokio::pin!(auth_deadline);
 
@@ -184,6 +185,7 @@ async fn run(
     let mut outbox: Option<Arc<Outbox>> = None;
     let mut batch: Vec<Bytes> = Vec::new();
     let mut seq: u64 = 0;
+    let mut auth_failures: u32 = 0;
     let mut inflight: FuturesUnordered<Reply> = FuturesUnordered::new();
     let max_frame = limits.max_frame_bytes as usize;
     // Why the loop ended: a code and reason to close with, or None for a clean client close.
@@ -258,7 +260,7 @@ async fn run(
                             (Some(body @ (client_frame::Body::Register(_) | client_frame::Body::Login(_) | client_frame::Body::Authenticate(_))), None) => {
                                 // Boxed: this rare, large future would otherwise be part of
                                 // every idle connection's task.
-                                match Box::pin(node.authenticate_request(body)).await {
+                                match Box::pin(node.authenticate_request(body, conn.remote_address().ip())).await {
                                     Ok(AuthOutcome::Redirect(r)) => {
                                         debug!(to = r.node_id, "redirecting to the user's home node");
                                         let _ = encode_into(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Redirect(r)) }, max_frame, &mut out);
@@ -273,6 +275,16 @@ async fn run(
                                     }
                                     Err(e) => {
                                         let _ = encode_into(&error_frame(rid, &e), max_frame, &mut out);
+                                        if matches!(e, RequestError::BadCredentials | RequestError::TokenInvalid(_) | RequestError::TokenExpired) {
+                                            auth_failures += 1;
+                                            if auth_failures >= max_auth_failures {
+                                                // A guesser opens a new connection (another
+                                                // handshake) every few tries.
+                                                debug!(failures = auth_failures, "too many failed authentications");
+                                                flush_within(&mut send, &mut out, limits.write_timeout).await;
+                                                break Some((ErrorCode::BadCredentials, b"too many failed authentications"));
+                                            }
+                                        }
                                     }
                                 }
                             }

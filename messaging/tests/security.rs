@@ -115,3 +115,152 @@ async fn a_mesh_certificate_that_does_not_name_the_node_is_refused_at_start() {
         "{err}"
     );
 }
+
+/// A client of `node` whose packets come from `source` (any 127/8 address is this host).
+async fn client_from(
+    node: &common::TestNode,
+    source: &str,
+) -> (meshchat_client::Client, meshchat_client::Events) {
+    let opts = node.options();
+    let endpoint = meshchat_client::conn::client_endpoint(
+        &opts,
+        format!("{source}:0").parse().expect("source"),
+    )
+    .expect("endpoint");
+    meshchat_client::Client::connect_with(endpoint, &node.addr(), opts)
+        .await
+        .expect("connect")
+}
+
+/// A node with the shipped password-attempt limits (the test helpers raise them).
+async fn node_with_default_password_limits() -> common::TestNode {
+    common::TestNode::start_with(|c| {
+        let d = meshchat_messaging::config::AuthConfig::default();
+        c.auth.attempts_per_source_per_min = d.attempts_per_source_per_min;
+        c.auth.attempts_per_source_burst = d.attempts_per_source_burst;
+        c.auth.logins_per_account_per_min = d.logins_per_account_per_min;
+        c.auth.logins_per_account_burst = d.logins_per_account_burst;
+    })
+    .await
+}
+
+/// A guesser pipelining wrong passwords for one account on many connections from one address
+/// gets a handful of guesses hashed (the account's burst), is told `RATE_LIMITED` for the rest
+/// before any hashing, and does not keep anyone else from logging in meanwhile, nor the
+/// victim's devices from authenticating with their tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_flood_gets_a_few_guesses_and_locks_nobody_else_out() {
+    use meshchat_proto::client::ErrorCode;
+    use std::collections::BTreeMap;
+    let node = node_with_default_password_limits().await;
+    let (v, _ve) = client_from(&node, "127.0.0.11").await;
+    let victim = v
+        .register("victim", "the-real-password")
+        .await
+        .expect("victim");
+    let (c, _ce) = client_from(&node, "127.0.0.12").await;
+    c.register("carol", "carols-password").await.expect("carol");
+
+    let stop = tokio::time::Instant::now() + std::time::Duration::from_secs(6);
+    let mut guessers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (g, _ge) = client_from(&node, "127.0.0.66").await;
+        let g = std::sync::Arc::new(g);
+        for t in 0..8 {
+            let g = g.clone();
+            guessers.spawn(async move {
+                let mut seen: BTreeMap<String, u32> = BTreeMap::new();
+                let mut n = 0u32;
+                while tokio::time::Instant::now() < stop {
+                    n += 1;
+                    let outcome = match g.login("victim", &format!("guess-{t}-{n}")).await {
+                        Ok(_) => "logged in".to_owned(),
+                        Err(e) => match e.code() {
+                            Some(code) => format!("{code:?}"),
+                            // The node closed this connection: this guesser is done.
+                            None => {
+                                *seen.entry("closed".into()).or_default() += 1;
+                                break;
+                            }
+                        },
+                    };
+                    *seen.entry(outcome).or_default() += 1;
+                }
+                seen
+            });
+        }
+    }
+
+    // Meanwhile: carol logs in from her own address, and the victim's device authenticates
+    // with its token, each five times on fresh connections.
+    let mut carol_logins = 0;
+    let mut victim_tokens = 0;
+    for _ in 0..5 {
+        let (c, _ce) = client_from(&node, "127.0.0.12").await;
+        c.login("carol", "carols-password")
+            .await
+            .expect("carol logs in");
+        carol_logins += 1;
+        let (d, _de) = client_from(&node, "127.0.0.11").await;
+        d.authenticate(&victim.token)
+            .await
+            .expect("the victim's token works");
+        victim_tokens += 1;
+    }
+
+    let mut totals: BTreeMap<String, u32> = BTreeMap::new();
+    while let Some(seen) = guessers.join_next().await {
+        for (k, n) in seen.expect("guesser") {
+            *totals.entry(k).or_default() += n;
+        }
+    }
+    let hashed = totals
+        .get(&format!("{:?}", ErrorCode::BadCredentials))
+        .copied()
+        .unwrap_or(0);
+    let limited = totals
+        .get(&format!("{:?}", ErrorCode::RateLimited))
+        .copied()
+        .unwrap_or(0);
+    assert!(!totals.contains_key("logged in"), "{totals:?}");
+    // The account's burst (5) and at most one more from its rate (6 a minute) in 6 s.
+    assert!(hashed <= 6, "guesses hashed: {hashed} ({totals:?})");
+    assert!(
+        limited > 0,
+        "the rest were refused before hashing: {totals:?}"
+    );
+    assert_eq!((carol_logins, victim_tokens), (5, 5));
+}
+
+/// A connection that fails to authenticate five times is closed: a guesser pays a new
+/// handshake every few tries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_closed_after_five_failed_authentications() {
+    use meshchat_proto::client::ErrorCode;
+    let node = common::TestNode::start().await;
+    let (c, mut events) = node.client().await;
+    for _ in 0..4 {
+        assert_eq!(
+            common::code_of(c.authenticate("not-a-token").await),
+            ErrorCode::TokenInvalid
+        );
+    }
+    assert_eq!(
+        common::code_of(c.authenticate("not-a-token").await),
+        ErrorCode::TokenInvalid
+    );
+    let code = common::next_matching(&mut events, |e| match e {
+        meshchat_client::Event::Disconnected { code, .. } => Some(code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(code, ErrorCode::BadCredentials as u64);
+    // The next request finds the connection closed.
+    assert!(
+        c.authenticate("not-a-token")
+            .await
+            .expect_err("closed")
+            .code()
+            .is_none()
+    );
+}

@@ -26,6 +26,11 @@ pub fn config_in(dir: &std::path::Path) -> NodeConfig {
     };
     c.limits.send_rate_per_sec = 10_000;
     c.limits.send_burst = 10_000;
+    // Every test client comes from 127.0.0.1: the password-attempt limits are for strangers.
+    c.auth.attempts_per_source_per_min = 100_000;
+    c.auth.attempts_per_source_burst = 10_000;
+    c.auth.logins_per_account_per_min = 100_000;
+    c.auth.logins_per_account_burst = 10_000;
     c.shutdown_grace = Duration::from_secs(3);
     c
 }
