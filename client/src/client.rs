@@ -555,6 +555,32 @@ impl Client {
         s
     }
 
+    /// Refreshes the session's token on the current connection: the node answers a fresh
+    /// token (never valid past the login's hard end, `auth.max_login_lifetime`) and keeps the
+    /// connection open until that one expires. Call it before `expires_unix_ms`; once the
+    /// login's hard end has passed it fails with `TOKEN_EXPIRED` and the user must log in.
+    pub async fn refresh_token(&self) -> Result<Session, ClientError> {
+        let token = self.session_token()?;
+        match self
+            .request(client_frame::Body::Authenticate(pb::Authenticate { token }))
+            .await?
+        {
+            server_frame::Body::AuthOk(ok) => {
+                let s = Session {
+                    user: UserId(ok.user_id),
+                    name: ok.user_name,
+                    token: ok.token,
+                    expires_unix_ms: ok.expires_unix_ms,
+                };
+                *self.session.lock() = Some(s.clone());
+                Ok(s)
+            }
+            other => Err(ClientError::Protocol(format!(
+                "unexpected answer to a token refresh: {other:?}"
+            ))),
+        }
+    }
+
     /// Registers a new user and logs this connection in.
     pub async fn register(&self, name: &str, password: &str) -> Result<Session, ClientError> {
         self.auth(client_frame::Body::Register(pb::Register {

@@ -1,8 +1,16 @@
 //! Accounts: argon2id password hashes and signed, expiring tokens.
 //!
-//! Tokens are JWTs (HS256, `jsonwebtoken`) with the user id, name, issue and expiry times.
-//! Verifying one needs no storage read: any node holding the cluster's token secret can check
-//! it. Password hashing is memory-hard on purpose (~19 MiB, ~tens of ms), so it runs on the
+//! Tokens are JWTs (HS256, `jsonwebtoken`) with the user id, name, issue and expiry times,
+//! and the time the user last proved their password (`ath`). Verifying one needs no storage
+//! read: any node holding the cluster's token secret can check it.
+//!
+//! - **Key ids.** Every token names its key (`kid`, derived from the secret). A node signs
+//!   with its current secret and verifies with it and any previous ones, so the secret can be
+//!   rotated without logging everyone out: add the new one everywhere as current with the old
+//!   one as previous, then drop the old one once its tokens have expired.
+//! - **Refresh with a hard end.** `Authenticate` with a valid token returns a fresh one, but
+//!   never past `ath + max_lifetime`: a stolen token cannot be refreshed forever, and a user
+//!   proves their password again at least that often. Password hashing is memory-hard on purpose (~19 MiB, ~tens of ms), so it runs on the
 //! blocking pool behind a semaphore: at most `max_concurrent_hashes` at once, the rest fail
 //! fast with `OVERLOADED` after a short wait instead of piling up memory.
 
@@ -51,6 +59,9 @@ pub struct Claims {
     pub exp: u64,
     /// Issuer.
     pub iss: String,
+    /// When the user last proved their password (Unix seconds); refreshes keep it.
+    #[serde(default)]
+    pub ath: u64,
 }
 
 /// A verified identity.
@@ -60,14 +71,29 @@ pub struct Identity {
     pub user: UserId,
     /// Their name.
     pub name: String,
+    /// When they last proved their password (Unix seconds): tokens minted for this identity
+    /// end at `auth_time + max_lifetime` at the latest.
+    pub auth_time: u64,
+}
+
+/// The key id of a token secret: the first 8 bytes of its SHA-256, in hex. Not secret.
+pub fn key_id(secret: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, secret);
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Token minting and checking, and password hashing.
 pub struct Auth {
+    kid: String,
     encoding: EncodingKey,
-    decoding: DecodingKey,
+    /// Verification keys by key id: the current secret's and the previous ones'.
+    decoding: Vec<(String, DecodingKey)>,
     validation: Validation,
     ttl: Duration,
+    max_lifetime: Duration,
     hashing: Arc<Semaphore>,
     /// A hash of no password, checked when a login names no account so that it takes as
     /// long as a wrong password.
@@ -76,11 +102,19 @@ pub struct Auth {
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Auth").field("ttl", &self.ttl).finish()
+        f.debug_struct("Auth")
+            .field("kid", &self.kid)
+            .field("ttl", &self.ttl)
+            .field("max_lifetime", &self.max_lifetime)
+            .finish()
     }
 }
 
-fn now_secs() -> u64 {
+/// Default hard end of a login's tokens, refreshes included.
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The wall clock in Unix seconds.
+pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -88,20 +122,46 @@ fn now_secs() -> u64 {
 }
 
 impl Auth {
-    /// Auth with the given secret.
+    /// Auth signing with `secret`, tokens valid `ttl`, at most `max_concurrent_hashes`
+    /// password hashes at once; logins last at most [`DEFAULT_MAX_LIFETIME`].
     pub fn new(secret: &[u8], ttl: Duration, max_concurrent_hashes: usize) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "sub", "iss"]);
         validation.leeway = 0;
+        let kid = key_id(secret);
         Self {
+            decoding: vec![(kid.clone(), DecodingKey::from_secret(secret))],
+            kid,
             encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
             validation,
             ttl,
+            max_lifetime: DEFAULT_MAX_LIFETIME,
             hashing: Arc::new(Semaphore::new(max_concurrent_hashes.max(1))),
             nothing: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Also accepts tokens signed with these earlier secrets (rotation).
+    pub fn with_previous_secrets(mut self, previous: &[Vec<u8>]) -> Self {
+        for secret in previous {
+            let kid = key_id(secret);
+            if !self.decoding.iter().any(|(k, _)| *k == kid) {
+                self.decoding.push((kid, DecodingKey::from_secret(secret)));
+            }
+        }
+        self
+    }
+
+    /// Sets the hard end of a login's tokens, refreshes included.
+    pub fn with_max_lifetime(mut self, max_lifetime: Duration) -> Self {
+        self.max_lifetime = max_lifetime;
+        self
+    }
+
+    /// The key id tokens are signed with now.
+    pub fn kid(&self) -> &str {
+        &self.kid
     }
 
     /// Reads the secret from `path`, creating a random 64-byte one (owner-only, atomically)
@@ -114,6 +174,17 @@ impl Auth {
                 .map(|_| b"0123456789abcdef"[rng.random_range(0..16)])
                 .collect()
         })?;
+        Self::checked_secret(path, &bytes)
+    }
+
+    /// Reads an existing secret (an earlier one, kept for rotation). Refuses a file that other
+    /// users can read.
+    pub fn load_secret(path: &Path) -> Result<Vec<u8>, AuthSetupError> {
+        let bytes = crate::secret::read(path)?;
+        Self::checked_secret(path, &bytes)
+    }
+
+    fn checked_secret(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, AuthSetupError> {
         let trimmed = bytes.trim_ascii().to_vec();
         if trimmed.len() < MIN_SECRET_BYTES {
             return Err(AuthSetupError::TooShort(path.display().to_string()));
@@ -121,47 +192,94 @@ impl Auth {
         Ok(trimmed)
     }
 
-    /// Mints a token for `user`. Returns the token and its expiry in Unix milliseconds.
+    /// Mints a token for `user`, who just proved their password. Returns the token and its
+    /// expiry in Unix milliseconds.
     pub fn mint(&self, user: UserId, name: &str) -> Result<(String, u64), RequestError> {
-        self.mint_at(user, name, now_secs())
+        let now = now_secs();
+        self.mint_at(user, name, now)
     }
 
-    /// Mints a token as if issued at `iat` (Unix seconds). For tests of expiry and for the
-    /// load tester's synthetic users.
+    /// Mints a token as if the password was proved and the token issued at `iat` (Unix
+    /// seconds). For tests of expiry and for the load tester's synthetic users.
     pub fn mint_at(
         &self,
         user: UserId,
         name: &str,
         iat: u64,
     ) -> Result<(String, u64), RequestError> {
-        let exp = iat + self.ttl.as_secs();
+        self.sign(user, name, iat, iat)
+    }
+
+    /// A fresh token for an identity that proved itself with a token: same login time, so
+    /// never valid past `auth_time + max_lifetime` (`TOKEN_EXPIRED` once that has passed).
+    pub fn refresh(&self, who: &Identity) -> Result<(String, u64), RequestError> {
+        let now = now_secs();
+        if now >= who.auth_time.saturating_add(self.max_lifetime.as_secs()) {
+            return Err(RequestError::TokenExpired);
+        }
+        self.sign(who.user, &who.name, now, who.auth_time)
+    }
+
+    fn sign(
+        &self,
+        user: UserId,
+        name: &str,
+        iat: u64,
+        ath: u64,
+    ) -> Result<(String, u64), RequestError> {
+        let exp = iat
+            .saturating_add(self.ttl.as_secs())
+            .min(ath.saturating_add(self.max_lifetime.as_secs()));
         let claims = Claims {
             sub: user.0.to_string(),
             name: name.to_owned(),
             iat,
             exp,
             iss: ISSUER.to_owned(),
+            ath,
         };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(self.kid.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &self.encoding)
             .map_err(|e| RequestError::Internal(format!("minting token: {e}")))?;
         Ok((token, exp * 1000))
     }
 
-    /// Checks a token's signature, issuer and expiry. No storage read.
+    /// Checks a token's key, signature, issuer and expiry. No storage read.
     pub fn verify(&self, token: &str) -> Result<Identity, RequestError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => RequestError::TokenExpired,
-                _ => RequestError::TokenInvalid(e.to_string()),
-            })?;
+        let invalid = |e: jsonwebtoken::errors::Error| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => RequestError::TokenExpired,
+            _ => RequestError::TokenInvalid(e.to_string()),
+        };
+        let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
+        // A token without a key id predates key ids: only the current key can have signed it.
+        let kid = header.kid.unwrap_or_else(|| self.kid.clone());
+        let Some((_, key)) = self.decoding.iter().find(|(k, _)| *k == kid) else {
+            return Err(RequestError::TokenInvalid(format!(
+                "signed with key {kid}, which this node does not hold (rotated out?)"
+            )));
+        };
+        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(invalid)?;
+        // Valid strictly before `exp` (the JWT rule): a connection is closed at `exp`, and its
+        // token must not open another one in the same second.
+        if data.claims.exp <= now_secs() {
+            return Err(RequestError::TokenExpired);
+        }
         let user = data
             .claims
             .sub
             .parse::<u64>()
             .map_err(|_| RequestError::TokenInvalid("subject is not a user id".into()))?;
+        // Tokens from before `ath` count from their issue time.
+        let auth_time = if data.claims.ath == 0 {
+            data.claims.iat
+        } else {
+            data.claims.ath
+        };
         Ok(Identity {
             user: UserId(user),
             name: data.claims.name,
+            auth_time,
         })
     }
 
@@ -235,13 +353,9 @@ mod tests {
         let a = auth();
         let (t, exp_ms) = a.mint(UserId(42), "ada").expect("mint");
         assert!(exp_ms > now_secs() * 1000);
-        assert_eq!(
-            a.verify(&t).expect("verify"),
-            Identity {
-                user: UserId(42),
-                name: "ada".into()
-            }
-        );
+        let who = a.verify(&t).expect("verify");
+        assert_eq!((who.user, who.name.as_str()), (UserId(42), "ada"));
+        assert!(who.auth_time.abs_diff(now_secs()) <= 1);
     }
 
     #[test]
@@ -266,6 +380,50 @@ mod tests {
             a.verify("garbage"),
             Err(RequestError::TokenInvalid(_))
         ));
+    }
+
+    #[test]
+    fn rotated_keys_verify_old_tokens_and_unknown_keys_are_named() {
+        let old = Auth::new(&[1u8; 32], Duration::from_secs(60), 1);
+        let (t, _) = old.mint(UserId(7), "x").expect("mint");
+        // The new secret is current, the old one previous: old tokens still verify, new ones
+        // carry the new key id.
+        let rotated = Auth::new(&[2u8; 32], Duration::from_secs(60), 1)
+            .with_previous_secrets(&[vec![1u8; 32]]);
+        assert_eq!(rotated.verify(&t).expect("old token").user, UserId(7));
+        let (n, _) = rotated.mint(UserId(7), "x").expect("mint");
+        assert_eq!(
+            jsonwebtoken::decode_header(&n)
+                .expect("header")
+                .kid
+                .as_deref(),
+            Some(rotated.kid())
+        );
+        // Once the old secret is dropped, its tokens are refused, naming the key.
+        let dropped = Auth::new(&[2u8; 32], Duration::from_secs(60), 1);
+        match dropped.verify(&t) {
+            Err(RequestError::TokenInvalid(why)) => assert!(why.contains(old.kid()), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn refreshes_never_pass_the_logins_hard_end() {
+        let a = Auth::new(&[1u8; 32], Duration::from_secs(3600), 1)
+            .with_max_lifetime(Duration::from_secs(7200));
+        let now = now_secs();
+        // Logged in 100 minutes ago: a refresh is valid 20 more minutes, not an hour.
+        let mut who = Identity {
+            user: UserId(1),
+            name: "x".into(),
+            auth_time: now - 6000,
+        };
+        let (fresh, exp_ms) = a.refresh(&who).expect("refresh");
+        assert_eq!(exp_ms / 1000, now - 6000 + 7200);
+        assert_eq!(a.verify(&fresh).expect("fresh").auth_time, now - 6000);
+        // Logged in 2 hours ago: no refresh.
+        who.auth_time = now - 7200;
+        assert!(matches!(a.refresh(&who), Err(RequestError::TokenExpired)));
     }
 
     #[tokio::test]

@@ -270,9 +270,18 @@ pub struct AuthConfig {
     /// File holding the token signing secret (at least 32 bytes). Every node of a cluster
     /// must share it. Default: `<data_dir>/token.key`, generated if missing.
     pub secret_file: Option<PathBuf>,
-    /// How long a token is valid (default 7 days).
+    /// Earlier token secrets, still accepted for verification while their tokens live (key
+    /// rotation: make the new secret `secret_file`, list the old one here, drop it after
+    /// `token_ttl`). Each must be owner-only, like the current one.
+    pub previous_secret_files: Vec<PathBuf>,
+    /// How long a token is valid (default 7 days). A connection is closed with
+    /// `TOKEN_EXPIRED` when the token it last got expires, unless the client refreshed it.
     #[serde(with = "humantime_serde")]
     pub token_ttl: Duration,
+    /// Hard end of a login: refreshed tokens are never valid longer than this after the user
+    /// last gave their password (default 30 days).
+    #[serde(with = "humantime_serde")]
+    pub max_login_lifetime: Duration,
     /// Password hashes computed at once (argon2id costs ~19 MiB each; default 2).
     pub max_concurrent_hashes: usize,
     /// Password attempts (`Register` and `Login`) per source (an IPv4 address or an IPv6 /64)
@@ -294,7 +303,9 @@ impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             secret_file: None,
+            previous_secret_files: Vec::new(),
             token_ttl: Duration::from_secs(7 * 24 * 3600),
+            max_login_lifetime: Duration::from_secs(30 * 24 * 3600),
             max_concurrent_hashes: 2,
             attempts_per_source_per_min: 30,
             attempts_per_source_burst: 10,
@@ -463,6 +474,9 @@ impl NodeConfig {
             return bad(
                 "limits.max_concurrent_handshakes and max_handshakes_per_source must be > 0",
             );
+        }
+        if self.auth.token_ttl.as_secs() == 0 || self.auth.max_login_lifetime.as_secs() == 0 {
+            return bad("auth.token_ttl and auth.max_login_lifetime must be at least 1 s");
         }
         if l.handshake_timeout.is_zero() {
             return bad("limits.handshake_timeout must be > 0");

@@ -305,6 +305,7 @@ impl Node {
                 Identity {
                     user: user.id,
                     name: user.name,
+                    auth_time: crate::auth::now_secs(),
                 }
             }
             client_frame::Body::Login(l) => {
@@ -325,12 +326,15 @@ impl Node {
                 Identity {
                     user: creds.user.id,
                     name: creds.user.name,
+                    auth_time: crate::auth::now_secs(),
                 }
             }
             client_frame::Body::Authenticate(a) => self.auth.verify(&a.token)?,
             _ => return Err(RequestError::UnknownRequest),
         };
-        let (token, expires_unix_ms) = self.auth.mint(identity.user, &identity.name)?;
+        // A password proves the user now; a token carries its login's time, and the fresh
+        // token never outlives that login's hard end.
+        let (token, expires_unix_ms) = self.auth.refresh(&identity)?;
         self.names
             .insert(identity.user, Arc::from(identity.name.as_str()));
         if let Home::Remote { node, addr, epoch } = self.router.home(identity.user) {
@@ -348,6 +352,28 @@ impl Node {
             expires_unix_ms,
         };
         Ok(AuthOutcome::Authenticated(identity, ok))
+    }
+
+    /// Handles `Authenticate` on a connection authenticated as `me`: with a valid token of the
+    /// same user, a fresh token (never past its login's hard end) and the identity the
+    /// connection has from now on; another user's token is refused (`INVALID_ARGUMENT`).
+    pub fn refresh_request(
+        &self,
+        me: &Identity,
+        token: &str,
+    ) -> Result<(Identity, pb::AuthOk), RequestError> {
+        let who = self.auth.verify(token)?;
+        if who.user != me.user {
+            return Err(RequestError::AlreadyAuthenticated);
+        }
+        let (token, expires_unix_ms) = self.auth.refresh(&who)?;
+        let ok = pb::AuthOk {
+            user_id: who.user.0,
+            user_name: who.name.clone(),
+            token,
+            expires_unix_ms,
+        };
+        Ok((who, ok))
     }
 
     /// Handles one request of an authenticated connection.

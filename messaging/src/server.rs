@@ -99,11 +99,19 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| StartError::Other(format!("data dir {}: {e}", config.data_dir.display())))?;
     let secret = Auth::load_or_create_secret(&config.secret_file())?;
+    let previous = config
+        .auth
+        .previous_secret_files
+        .iter()
+        .map(|p| Auth::load_secret(p))
+        .collect::<Result<Vec<_>, _>>()?;
     let auth = Auth::new(
         &secret,
         config.auth.token_ttl,
         config.auth.max_concurrent_hashes,
-    );
+    )
+    .with_previous_secrets(&previous)
+    .with_max_lifetime(config.auth.max_login_lifetime);
     // Every process on this store (one host) takes its worker id's lock for its lifetime: a
     // second process with the same worker id (a duplicate node id, or a stale process still
     // running) is refused here instead of issuing duplicate ids.

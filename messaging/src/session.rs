@@ -106,6 +106,14 @@ pub(crate) fn encode_push_frame(seq: u64, event: &Bytes, out: &mut BytesMut) {
     out.extend_from_slice(event);
 }
 
+/// The instant a token expiring at `unix_ms` (wall clock) runs out.
+fn deadline_of(unix_ms: u64) -> tokio::time::Instant {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    tokio::time::Instant::now() + Duration::from_millis(unix_ms.saturating_sub(now_ms))
+}
+
 fn error_frame(request_id: u64, e: &RequestError) -> ServerFrame {
     ServerFrame {
         request_id,
@@ -186,6 +194,9 @@ async fn run(
     let mut batch: Vec<Bytes> = Vec::new();
     let mut seq: u64 = 0;
     let mut auth_failures: u32 = 0;
+    // When the token this connection last got expires: the connection ends then unless the
+    // client refreshed it (Authenticate again as the same user).
+    let mut expires: Option<tokio::time::Instant> = None;
     let mut inflight: FuturesUnordered<Reply> = FuturesUnordered::new();
     let max_frame = limits.max_frame_bytes as usize;
     // Why the loop ended: a code and reason to close with, or None for a clean client close.
@@ -218,6 +229,11 @@ async fn run(
                 if batch.capacity() > 256 {
                     batch = Vec::new();
                 }
+            }
+            () = async { match expires { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } }, if expires.is_some() => {
+                let _ = encode_into(&code_frame(0, ErrorCode::TokenExpired, "this connection's token expired: authenticate with a fresh token, or log in"), max_frame, &mut out);
+                flush_within(&mut send, &mut out, limits.write_timeout).await;
+                break Some((ErrorCode::TokenExpired, b"token expired"));
             }
             _ = &mut auth_deadline, if identity.is_none() => {
                 let _ = encode_into(&code_frame(0, ErrorCode::AuthTimeout, "not authenticated in time"), max_frame, &mut out);
@@ -266,6 +282,7 @@ async fn run(
                                         let _ = encode_into(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Redirect(r)) }, max_frame, &mut out);
                                     }
                                     Ok(AuthOutcome::Authenticated(who, ok)) => {
+                                        expires = Some(deadline_of(ok.expires_unix_ms));
                                         let ob = Outbox::new(limits.outbound_queue);
                                         node.registry.insert(who.user, ConnHandle { id, outbox: ob.clone(), conn: conn.clone() });
                                         debug!(user = who.user.0, "authenticated");
@@ -287,6 +304,19 @@ async fn run(
                                         }
                                     }
                                 }
+                            }
+                            (Some(client_frame::Body::Authenticate(a)), Some(me)) => {
+                                // A refresh: the same user's newer token extends this
+                                // connection's life and gets a fresh token back.
+                                let reply = match node.refresh_request(me, &a.token) {
+                                    Ok((who, ok)) => {
+                                        expires = Some(deadline_of(ok.expires_unix_ms));
+                                        identity = Some(Arc::new(who));
+                                        ServerFrame { request_id: rid, body: Some(server_frame::Body::AuthOk(ok)) }
+                                    }
+                                    Err(e) => error_frame(rid, &e),
+                                };
+                                let _ = encode_into(&reply, max_frame, &mut out);
                             }
                             (Some(client_frame::Body::Ping(p)), None) => {
                                 let _ = encode_into(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Pong(pb::Pong { nonce: p.nonce })) }, max_frame, &mut out);

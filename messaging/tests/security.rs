@@ -264,3 +264,146 @@ async fn a_connection_is_closed_after_five_failed_authentications() {
             .is_none()
     );
 }
+
+/// A live connection does not outlive its token: when the token the node last gave it
+/// expires, the node says `TOKEN_EXPIRED` and closes it with that code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_connection_is_closed_when_its_token_expires() {
+    use meshchat_proto::client::ErrorCode;
+    let node =
+        common::TestNode::start_with(|c| c.auth.token_ttl = std::time::Duration::from_secs(2))
+            .await;
+    let (c, mut events, s) = node.user("shortlived").await;
+    let left = s.expires_unix_ms.saturating_sub(now_ms());
+    assert!(left <= 2_000, "a 2 s token: {left} ms left");
+    let code = common::next_matching_within(
+        &mut events,
+        std::time::Duration::from_millis(left + 5_000),
+        |e| match e {
+            meshchat_client::Event::Disconnected { code, .. } => Some(code),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(code, ErrorCode::TokenExpired as u64);
+    // Reconnecting with the expired token is refused the same way.
+    let (d, _de) = node.client().await;
+    assert_eq!(
+        common::code_of(d.authenticate(&s.token).await),
+        ErrorCode::TokenExpired
+    );
+    drop(c);
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Refreshing keeps a connection open past its first token, but never past the login's hard
+/// end: then the refresh is refused with `TOKEN_EXPIRED`, and the connection closes. A token
+/// of another user cannot be used to refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshes_extend_a_connection_until_the_logins_hard_end() {
+    use meshchat_proto::client::ErrorCode;
+    let node = common::TestNode::start_with(|c| {
+        c.auth.token_ttl = std::time::Duration::from_secs(3);
+        c.auth.max_login_lifetime = std::time::Duration::from_secs(6);
+    })
+    .await;
+    let (_o, _oe, other) = node.user("someone-else").await;
+    let (c, mut events, first) = node.user("refresher").await;
+    let login_ms = now_ms();
+    assert_eq!(
+        common::code_of(
+            c.request(meshchat_proto::client::client_frame::Body::Authenticate(
+                meshchat_proto::client::Authenticate {
+                    token: other.token.clone()
+                }
+            ))
+            .await
+        ),
+        ErrorCode::InvalidArgument
+    );
+    // Refresh a second before each token runs out, until a refresh no longer extends it:
+    // the login's hard end (6 s after it) is reached.
+    let mut expires = first.expires_unix_ms;
+    let mut refreshes = 0;
+    loop {
+        let wait = expires.saturating_sub(now_ms()).saturating_sub(1_000);
+        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+        let s = c
+            .refresh_token()
+            .await
+            .expect("refresh before the hard end");
+        refreshes += 1;
+        assert!(
+            s.expires_unix_ms <= login_ms + 7_000,
+            "past the hard end: {s:?}"
+        );
+        if s.expires_unix_ms <= expires {
+            break;
+        }
+        expires = s.expires_unix_ms;
+    }
+    assert!(refreshes >= 2, "the token was extended at least once");
+    assert!(expires > first.expires_unix_ms);
+    // At the hard end the connection closes, and its last token opens nothing.
+    let code =
+        common::next_matching_within(
+            &mut events,
+            std::time::Duration::from_secs(8),
+            |e| match e {
+                meshchat_client::Event::Disconnected { code, .. } => Some(code),
+                _ => None,
+            },
+        )
+        .await;
+    assert_eq!(code, ErrorCode::TokenExpired as u64);
+    assert!(
+        now_ms() + 1_000 >= expires,
+        "closed at its last token's expiry"
+    );
+    let last = c.session().expect("session").token;
+    let (d, _de) = node.client().await;
+    assert_eq!(
+        common::code_of(d.authenticate(&last).await),
+        ErrorCode::TokenExpired
+    );
+}
+
+/// Key rotation: a node whose current secret is new and whose previous secret is the old one
+/// accepts tokens signed with either; the tokens it mints name the new key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_of_a_previous_secret_are_accepted_after_rotation() {
+    let keys = tempfile::tempdir().expect("keys");
+    let old = keys.path().join("token.key.old");
+    let old_secret = meshchat_messaging::auth::Auth::load_or_create_secret(&old).expect("old");
+    let node = common::TestNode::start_with(|c| {
+        c.auth.secret_file = Some(keys.path().join("token.key"));
+        c.auth.previous_secret_files = vec![old.clone()];
+    })
+    .await;
+    let (_u, _ue, s) = node.user("rotated").await;
+    let old_auth =
+        meshchat_messaging::auth::Auth::new(&old_secret, std::time::Duration::from_secs(60), 1);
+    let (old_token, _) = old_auth.mint(s.user, "rotated").expect("mint");
+    let (c, _ce) = node.client().await;
+    let again = c
+        .authenticate(&old_token)
+        .await
+        .expect("an old-key token still works");
+    let new_kid = meshchat_messaging::auth::key_id(
+        &meshchat_messaging::auth::Auth::load_secret(&keys.path().join("token.key")).expect("new"),
+    );
+    assert_ne!(new_kid, old_auth.kid());
+    // What it hands back is signed with the current key.
+    let kid = jsonwebtoken::decode_header(&again.token)
+        .expect("header")
+        .kid;
+    assert_eq!(kid.as_deref(), Some(new_kid.as_str()));
+    let (d, _de) = node.client().await;
+    let fresh = d.authenticate(&again.token).await.expect("fresh token");
+    assert_eq!(fresh.user, s.user);
+}
