@@ -10,9 +10,12 @@
 //!   one as previous, then drop the old one once its tokens have expired.
 //! - **Refresh with a hard end.** `Authenticate` with a valid token returns a fresh one, but
 //!   never past `ath + max_lifetime`: a stolen token cannot be refreshed forever, and a user
-//!   proves their password again at least that often. Password hashing is memory-hard on purpose (~19 MiB, ~tens of ms), so it runs on the
+//!   proves their password again at least that often.
+//!
+//! Password hashing is memory-hard on purpose (~19 MiB, ~tens of ms), so it runs on the
 //! blocking pool behind a semaphore: at most `max_concurrent_hashes` at once, the rest fail
-//! fast with `OVERLOADED` after a short wait instead of piling up memory.
+//! fast with `OVERLOADED` after a short wait instead of piling up memory. Who may ask for a
+//! hash at all is [`crate::admission::PasswordGate`]'s business.
 
 use std::path::Path;
 use std::sync::Arc;
