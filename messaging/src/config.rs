@@ -32,10 +32,13 @@ pub struct NodeConfig {
     /// Snowflake worker id (0..=1023). Default: `node_id % 1024`. With Redis membership it
     /// is leased instead (issue 5).
     pub worker_id: Option<u16>,
-    /// UDP address the client endpoint binds (default `127.0.0.1:7400`).
+    /// UDP address the client endpoint binds (default `127.0.0.1:7400`). Port 0 binds any free
+    /// port. An unspecified address (`0.0.0.0`, `[::]`) needs `advertise`.
     pub listen: SocketAddr,
-    /// Address clients are told to use for this node (redirects, `dev` output). Default: the
-    /// listen address.
+    /// Address clients are told to dial for this node, `host:port` (redirects, `WhereIs`,
+    /// Redis registration, the development certificate's name). Default: the listen address,
+    /// with the port actually bound when it is 0. Required when `listen` is unspecified: a
+    /// redirect to `0.0.0.0` sends the client to itself.
     pub advertise: Option<String>,
     /// Directory for the embedded store, the dev CA and the dev token key.
     pub data_dir: PathBuf,
@@ -152,6 +155,11 @@ pub struct ClusterConfig {
     pub cluster_id: String,
     /// UDP address of this node's mesh endpoint (default: none, no mesh).
     pub mesh_listen: Option<SocketAddr>,
+    /// The mesh address peers dial for this node, published in its Redis registration.
+    /// Default: `mesh_listen`. Required with `redis` when `mesh_listen` is unspecified
+    /// (`0.0.0.0`, `[::]`) or has port 0. A static cluster dials the `mesh_addr` of each
+    /// `members` entry instead; if set, it must equal this node's.
+    pub mesh_advertise: Option<SocketAddr>,
     /// Every member, this node included.
     pub members: Vec<StaticMember>,
     /// Ring epoch of this static member list (raise it when the list changes).
@@ -200,6 +208,13 @@ pub struct StaticMember {
     pub worker_id: Option<u16>,
 }
 
+impl ClusterConfig {
+    /// The mesh address peers are told to dial: `mesh_advertise`, else `mesh_listen`.
+    pub fn mesh_advertised(&self) -> Option<SocketAddr> {
+        self.mesh_advertise.or(self.mesh_listen)
+    }
+}
+
 impl StaticMember {
     /// The worker id this member uses.
     pub fn worker(&self) -> u16 {
@@ -216,6 +231,7 @@ impl Default for ClusterConfig {
         Self {
             cluster_id: "meshchat".into(),
             mesh_listen: None,
+            mesh_advertise: None,
             members: Vec::new(),
             epoch: 1,
             peer_queue: 65_536,
@@ -428,6 +444,93 @@ impl Default for TransportSettings {
     }
 }
 
+/// Most bytes a frame may hold (`limits.max_frame_bytes`): frames are buffered whole, per
+/// connection, and chat frames are small.
+pub const MAX_FRAME_BYTES: u32 = 16 * 1024 * 1024;
+/// Bytes of a frame kept for all but the message body (ids, names, protobuf tags): the
+/// smallest `max_frame_bytes`, and what `max_body_bytes` leaves of it.
+pub const FRAME_OVERHEAD: u32 = 1024;
+/// Most entries a history page may ask for (`limits.max_page_size`).
+const MAX_PAGE_SIZE: u32 = 10_000;
+/// Most chats in a chat-list answer (`limits.max_chat_list`).
+const MAX_CHAT_LIST: u32 = 100_000;
+/// Most live connections one node may be configured for (`limits.max_connections`).
+const MAX_CONNECTIONS: usize = 10_000_000;
+/// Most handshakes in progress (`limits.max_concurrent_handshakes`); far below the most
+/// permits a tokio semaphore takes (`usize::MAX >> 3`, past which it panics).
+const MAX_HANDSHAKES: usize = 1 << 20;
+/// Most pushes queued per connection (`limits.outbound_queue`), each up to a frame.
+const MAX_QUEUE: usize = 1 << 16;
+/// Most requests in progress per connection (`limits.max_inflight_per_conn`).
+const MAX_INFLIGHT: usize = 1 << 10;
+/// Most envelopes queued per peer (`cluster.peer_queue`).
+const MAX_PEER_QUEUE: usize = 1 << 24;
+/// Most argon2id hashes at once (`auth.max_concurrent_hashes`): ~19 MiB each.
+const MAX_CONCURRENT_HASHES: usize = 256;
+/// Longest timeout, wait or grace period: a day. Longer is a unit mistake, and some
+/// `Instant + Duration` sums panic on overflow.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Longest `auth.token_ttl` and `auth.max_login_lifetime`: ten years.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3650 * 24 * 3600);
+/// Longest `cluster.heartbeat`.
+const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
+/// Longest `cluster.member_ttl`: a dead node stays on the ring this long.
+const MAX_MEMBER_TTL: Duration = Duration::from_secs(3600);
+/// Largest QUIC flow-control window: a client can make the node buffer this much.
+const MAX_WINDOW: u64 = 64 * 1024 * 1024;
+/// Largest kernel UDP buffer asked for (the kernel takes an `int`; it caps it far lower).
+const MAX_UDP_BUFFER: usize = 1 << 30;
+
+fn invalid<T>(message: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid(message.into()))
+}
+
+/// `value` in `min..=max`, or an error naming `key`.
+fn within<T: PartialOrd + std::fmt::Debug + Copy>(
+    key: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return invalid(format!("{key} must be {min:?}..={max:?} (got {value:?})"));
+    }
+    Ok(())
+}
+
+/// `0.0.0.0`, `[::]` or `[::ffff:0.0.0.0]`: "every address here", which no peer can dial.
+fn is_unspecified(a: SocketAddr) -> bool {
+    a.ip().to_canonical().is_unspecified()
+}
+
+/// An address others dial: a specified IP and a port other than 0.
+fn check_dial_socket(key: &str, a: SocketAddr) -> Result<(), ConfigError> {
+    if is_unspecified(a) || a.port() == 0 {
+        return invalid(format!(
+            "{key} {a} cannot be dialled: it needs a specific address and a port other than 0"
+        ));
+    }
+    Ok(())
+}
+
+/// A `host:port` others dial: an IP socket address (`[v6]:port`), or a DNS name and a port.
+fn check_dial_address(key: &str, a: &str) -> Result<(), ConfigError> {
+    if let Ok(socket) = a.parse::<SocketAddr>() {
+        return check_dial_socket(key, socket);
+    }
+    let port = a
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty() && !host.contains([':', '[', ']']))
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+        .filter(|p| *p != 0);
+    if port.is_none() {
+        return invalid(format!(
+            "{key} {a:?} must be host:port (an IPv6 address in brackets), port 1..=65535"
+        ));
+    }
+    Ok(())
+}
+
 impl NodeConfig {
     /// Defaults, then `file` (if any), then `MESHCHAT_*` environment variables.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -445,107 +548,273 @@ impl NodeConfig {
         Ok(config)
     }
 
-    /// Checks ranges that serde cannot.
+    /// Checks ranges that serde cannot. Every refusal names its key; no check can overflow,
+    /// whatever the values (the arithmetic is in u64 or checked).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let l = &self.limits;
-        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
         if self.worker_id() > meshchat_idgen::MAX_WORKER {
-            return bad("worker_id must be 0..=1023");
+            return invalid("worker_id must be 0..=1023");
         }
-        if l.max_frame_bytes < 1024 {
-            return bad("limits.max_frame_bytes must be at least 1024");
-        }
-        if l.max_body_bytes == 0 || l.max_body_bytes + 1024 > l.max_frame_bytes {
-            return bad("limits.max_body_bytes must be > 0 and leave 1 KiB of a frame for headers");
-        }
-        if l.max_page_size == 0 || l.default_page_size == 0 || l.default_page_size > l.max_page_size
-        {
-            return bad("limits.default_page_size must be 1..=max_page_size");
-        }
-        if l.send_rate_per_sec == 0 || l.send_burst == 0 {
-            return bad("limits.send_rate_per_sec and send_burst must be > 0");
-        }
-        if l.outbound_queue == 0 || l.max_inflight_per_conn == 0 || l.max_connections == 0 {
-            return bad(
-                "limits.outbound_queue, max_inflight_per_conn, max_connections must be > 0",
-            );
-        }
-        if l.max_concurrent_handshakes == 0 || l.max_handshakes_per_source == 0 {
-            return bad(
-                "limits.max_concurrent_handshakes and max_handshakes_per_source must be > 0",
-            );
-        }
-        if self.auth.token_ttl.as_secs() == 0 || self.auth.max_login_lifetime.as_secs() == 0 {
-            return bad("auth.token_ttl and auth.max_login_lifetime must be at least 1 s");
-        }
-        if l.handshake_timeout.is_zero() {
-            return bad("limits.handshake_timeout must be > 0");
-        }
-        if self.transport.stream_receive_window < l.max_frame_bytes + 4 {
-            return bad("transport.stream_receive_window must hold one whole max frame");
-        }
+        self.validate_addresses()?;
+        self.validate_limits()?;
+        self.validate_auth()?;
+        self.validate_transport()?;
         if self.tls.cert.is_some() != self.tls.key.is_some() {
-            return bad("tls.cert and tls.key go together");
+            return invalid("tls.cert and tls.key go together");
         }
+        within(
+            "shutdown_grace",
+            self.shutdown_grace,
+            Duration::ZERO,
+            MAX_TIMEOUT,
+        )?;
+        self.validate_cluster()?;
+        if self.storage.backend == Backend::Cassandra {
+            self.storage.cassandra.to_config()?;
+        }
+        Ok(())
+    }
+
+    /// The client address: what clients are told to dial must be dialable.
+    fn validate_addresses(&self) -> Result<(), ConfigError> {
+        match &self.advertise {
+            Some(a) => check_dial_address("advertise", a),
+            None if is_unspecified(self.listen) => invalid(format!(
+                "advertise is required when listen is {} (an unspecified address): clients \
+                 would be told to dial it; set advertise to the host:port they reach this node at",
+                self.listen
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        within(
+            "limits.max_frame_bytes",
+            l.max_frame_bytes,
+            FRAME_OVERHEAD,
+            MAX_FRAME_BYTES,
+        )?;
+        // Cannot underflow: max_frame_bytes >= FRAME_OVERHEAD was just checked.
+        let body_max = l.max_frame_bytes.saturating_sub(FRAME_OVERHEAD);
+        if l.max_body_bytes == 0 || l.max_body_bytes > body_max {
+            return invalid(format!(
+                "limits.max_body_bytes must be 1..={body_max} (limits.max_frame_bytes less \
+                 {FRAME_OVERHEAD} bytes for the rest of a frame; got {})",
+                l.max_body_bytes
+            ));
+        }
+        within("limits.max_page_size", l.max_page_size, 1, MAX_PAGE_SIZE)?;
+        within(
+            "limits.default_page_size",
+            l.default_page_size,
+            1,
+            l.max_page_size,
+        )?;
+        within("limits.max_chat_list", l.max_chat_list, 1, MAX_CHAT_LIST)?;
+        within("limits.send_rate_per_sec", l.send_rate_per_sec, 1, u32::MAX)?;
+        within("limits.send_burst", l.send_burst, 1, u32::MAX)?;
+        within(
+            "limits.max_connections",
+            l.max_connections,
+            1,
+            MAX_CONNECTIONS,
+        )?;
+        within(
+            "limits.max_concurrent_handshakes",
+            l.max_concurrent_handshakes,
+            1,
+            MAX_HANDSHAKES,
+        )?;
+        within(
+            "limits.retry_above_handshakes",
+            l.retry_above_handshakes,
+            0,
+            l.max_concurrent_handshakes,
+        )?;
+        within(
+            "limits.max_handshakes_per_source",
+            l.max_handshakes_per_source,
+            1,
+            u32::MAX,
+        )?;
+        within("limits.outbound_queue", l.outbound_queue, 1, MAX_QUEUE)?;
+        within(
+            "limits.max_inflight_per_conn",
+            l.max_inflight_per_conn,
+            1,
+            MAX_INFLIGHT,
+        )?;
+        let ms = Duration::from_millis(1);
+        within(
+            "limits.handshake_timeout",
+            l.handshake_timeout,
+            ms,
+            MAX_TIMEOUT,
+        )?;
+        within(
+            "limits.handshake_queue_wait",
+            l.handshake_queue_wait,
+            Duration::ZERO,
+            MAX_TIMEOUT,
+        )?;
+        within("limits.auth_timeout", l.auth_timeout, ms, MAX_TIMEOUT)?;
+        // QUIC reads an idle timeout of 0 as "none"; clients keep alive every third of it.
+        within(
+            "limits.idle_timeout",
+            l.idle_timeout,
+            Duration::from_secs(1),
+            MAX_TIMEOUT,
+        )?;
+        within("limits.write_timeout", l.write_timeout, ms, MAX_TIMEOUT)?;
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let a = &self.auth;
+        let s = Duration::from_secs(1);
+        within("auth.token_ttl", a.token_ttl, s, MAX_TOKEN_LIFETIME)?;
+        within(
+            "auth.max_login_lifetime",
+            a.max_login_lifetime,
+            s,
+            MAX_TOKEN_LIFETIME,
+        )?;
+        within(
+            "auth.max_concurrent_hashes",
+            a.max_concurrent_hashes,
+            1,
+            MAX_CONCURRENT_HASHES,
+        )?;
+        Ok(())
+    }
+
+    fn validate_transport(&self) -> Result<(), ConfigError> {
+        let t = &self.transport;
+        // A frame is its 4-byte length and up to max_frame_bytes: in u64, so no sum overflows.
+        let frame = u64::from(self.limits.max_frame_bytes) + 4;
+        let stream = u64::from(t.stream_receive_window);
+        let conn = u64::from(t.receive_window);
+        if stream < frame || stream > MAX_WINDOW {
+            return invalid(format!(
+                "transport.stream_receive_window must be {frame}..={MAX_WINDOW} (one whole \
+                 max frame and its length; got {stream})"
+            ));
+        }
+        if conn < frame || conn > MAX_WINDOW {
+            return invalid(format!(
+                "transport.receive_window must be {frame}..={MAX_WINDOW} (one whole max frame \
+                 and its length; got {conn})"
+            ));
+        }
+        within("transport.send_window", t.send_window, 1, MAX_WINDOW)?;
+        within(
+            "transport.udp_recv_buffer",
+            t.udp_recv_buffer,
+            0,
+            MAX_UDP_BUFFER,
+        )?;
+        within(
+            "transport.udp_send_buffer",
+            t.udp_send_buffer,
+            0,
+            MAX_UDP_BUFFER,
+        )?;
+        Ok(())
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
         let c = &self.cluster;
         if [c.ca.is_some(), c.cert.is_some(), c.key.is_some()]
             .iter()
             .any(|set| *set != c.ca.is_some())
         {
-            return bad("cluster.ca, cluster.cert and cluster.key go together");
+            return invalid("cluster.ca, cluster.cert and cluster.key go together");
         }
-        let c = &self.cluster;
-        if !c.members.is_empty() {
+        within("cluster.peer_queue", c.peer_queue, 1, MAX_PEER_QUEUE)?;
+        if let Some(a) = c.mesh_advertise {
             if c.mesh_listen.is_none() {
-                return bad("cluster.members needs cluster.mesh_listen");
+                return invalid("cluster.mesh_advertise needs cluster.mesh_listen");
             }
-            if !c.members.iter().any(|m| m.id == self.node_id) {
-                return bad("cluster.members must include this node's node_id");
-            }
-            let mut ids: Vec<u32> = c.members.iter().map(|m| m.id).collect();
-            ids.sort_unstable();
-            ids.dedup();
-            if ids.len() != c.members.len() {
-                return bad("cluster.members has a node id twice");
-            }
-            if c.members.iter().any(|m| m.weight == 0) {
-                return bad("cluster.members weights must be > 0");
-            }
-            let mut workers: Vec<u16> = c.members.iter().map(StaticMember::worker).collect();
-            workers.sort_unstable();
-            workers.dedup();
-            if workers.len() != c.members.len() {
-                return bad(
-                    "cluster.members: two members share a Snowflake worker id (id % 1024, or \
-                     worker_id): they would issue duplicate ids",
-                );
-            }
-            if c.members
-                .iter()
-                .any(|m| m.id == self.node_id && m.worker() != self.worker_id())
-            {
-                return bad("worker_id differs from this node's entry in cluster.members");
-            }
+            check_dial_socket("cluster.mesh_advertise", a)?;
         }
-        if c.peer_queue == 0 {
-            return bad("cluster.peer_queue must be > 0");
+        if !c.members.is_empty() {
+            self.validate_static_members()?;
         }
         if c.redis.is_some() {
             if !c.members.is_empty() {
-                return bad("cluster.redis and cluster.members exclude each other");
+                return invalid("cluster.redis and cluster.members exclude each other");
             }
-            if c.mesh_listen.is_none() {
-                return bad("cluster.redis needs cluster.mesh_listen");
+            let Some(listen) = c.mesh_listen else {
+                return invalid("cluster.redis needs cluster.mesh_listen");
+            };
+            // Peers dial what this node registers: never an address that only means "here".
+            if c.mesh_advertise.is_none() && (is_unspecified(listen) || listen.port() == 0) {
+                return invalid(format!(
+                    "cluster.mesh_advertise is required with cluster.redis when \
+                     cluster.mesh_listen is {listen} (unspecified address or port 0): peers \
+                     would be told to dial it; set cluster.mesh_advertise to the address they \
+                     reach this node's mesh at"
+                ));
             }
-            if c.heartbeat.is_zero() || c.member_ttl < c.heartbeat * 2 {
-                return bad("cluster.member_ttl must be at least twice cluster.heartbeat");
+            within(
+                "cluster.heartbeat",
+                c.heartbeat,
+                Duration::from_millis(1),
+                MAX_HEARTBEAT,
+            )?;
+            // checked_mul: Duration's `*` panics on overflow.
+            let min_ttl = c.heartbeat.checked_mul(2).unwrap_or(Duration::MAX);
+            if c.member_ttl < min_ttl || c.member_ttl > MAX_MEMBER_TTL {
+                return invalid(format!(
+                    "cluster.member_ttl must be at least twice cluster.heartbeat and at most \
+                     {MAX_MEMBER_TTL:?} (got {:?})",
+                    c.member_ttl
+                ));
             }
-            if c.weight == 0 {
-                return bad("cluster.weight must be > 0");
-            }
+            within("cluster.weight", c.weight, 1, u32::MAX)?;
         }
-        if self.storage.backend == Backend::Cassandra {
-            self.storage.cassandra.to_config()?;
+        Ok(())
+    }
+
+    fn validate_static_members(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        if c.mesh_listen.is_none() {
+            return invalid("cluster.members needs cluster.mesh_listen");
+        }
+        let Some(me) = c.members.iter().find(|m| m.id == self.node_id) else {
+            return invalid("cluster.members must include this node's node_id");
+        };
+        let mut ids: Vec<u32> = c.members.iter().map(|m| m.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != c.members.len() {
+            return invalid("cluster.members has a node id twice");
+        }
+        if c.members.iter().any(|m| m.weight == 0) {
+            return invalid("cluster.members weights must be > 0");
+        }
+        for m in &c.members {
+            check_dial_socket("cluster.members.mesh_addr", m.mesh_addr)?;
+            check_dial_address("cluster.members.client_addr", &m.client_addr)?;
+        }
+        let mut workers: Vec<u16> = c.members.iter().map(StaticMember::worker).collect();
+        workers.sort_unstable();
+        workers.dedup();
+        if workers.len() != c.members.len() {
+            return invalid(
+                "cluster.members: two members share a Snowflake worker id (id % 1024, or \
+                 worker_id): they would issue duplicate ids",
+            );
+        }
+        if me.worker() != self.worker_id() {
+            return invalid("worker_id differs from this node's entry in cluster.members");
+        }
+        if c.mesh_advertise.is_some_and(|a| a != me.mesh_addr) {
+            return invalid(
+                "cluster.mesh_advertise differs from this node's mesh_addr in cluster.members \
+                 (peers of a static cluster dial the members' mesh_addr)",
+            );
         }
         Ok(())
     }
@@ -613,6 +882,267 @@ mod tests {
         );
         assert_eq!(c.transport, TransportSettings::default());
         assert_eq!(c.auth.token_ttl, AuthConfig::default().token_ttl);
+    }
+
+    /// The refusal of `c`, which must name `key`.
+    #[track_caller]
+    fn refused(c: &NodeConfig, key: &str) -> String {
+        match c.validate() {
+            Err(ConfigError::Invalid(m)) => {
+                assert!(m.contains(key), "{key:?} not named in {m:?}");
+                m
+            }
+            other => panic!("{key}: expected a refusal, got {other:?}"),
+        }
+    }
+
+    /// A config with Redis membership and a mesh on `mesh_listen`.
+    fn redis_node(mesh_listen: &str) -> NodeConfig {
+        let mut c = NodeConfig::default();
+        c.cluster.redis = Some("redis://127.0.0.1:6379/".into());
+        c.cluster.mesh_listen = Some(mesh_listen.parse().expect("addr"));
+        c
+    }
+
+    #[test]
+    fn absurd_values_are_refused_not_overflowed() {
+        type Tweak = fn(&mut NodeConfig);
+        let cases: &[(&str, Tweak)] = &[
+            // Each of these overflowed (a panic in debug builds) or wrapped before.
+            ("limits.max_frame_bytes", |c| {
+                c.limits.max_frame_bytes = u32::MAX
+            }),
+            ("limits.max_body_bytes", |c| {
+                c.limits.max_body_bytes = u32::MAX
+            }),
+            ("limits.max_frame_bytes", |c| {
+                c.limits.max_frame_bytes = u32::MAX - 2;
+                c.transport.stream_receive_window = u32::MAX;
+            }),
+            ("cluster.member_ttl", |c| {
+                *c = redis_node("10.0.0.1:7500");
+                c.cluster.heartbeat = Duration::from_secs(30);
+                c.cluster.member_ttl = Duration::MAX;
+            }),
+            ("cluster.heartbeat", |c| {
+                *c = redis_node("10.0.0.1:7500");
+                c.cluster.heartbeat = Duration::MAX;
+            }),
+            // Absurd: would panic at start (semaphores), hold unbounded memory, or never end.
+            ("limits.max_frame_bytes", |c| {
+                c.limits.max_frame_bytes = 16 * 1024 * 1024 + 1
+            }),
+            ("limits.max_body_bytes", |c| {
+                c.limits.max_body_bytes = c.limits.max_frame_bytes - 1023
+            }),
+            ("limits.max_page_size", |c| {
+                c.limits.max_page_size = u32::MAX
+            }),
+            ("limits.default_page_size", |c| {
+                c.limits.default_page_size = u32::MAX
+            }),
+            ("limits.max_chat_list", |c| {
+                c.limits.max_chat_list = u32::MAX
+            }),
+            ("limits.max_chat_list", |c| c.limits.max_chat_list = 0),
+            ("limits.max_connections", |c| {
+                c.limits.max_connections = usize::MAX
+            }),
+            ("limits.max_concurrent_handshakes", |c| {
+                c.limits.max_concurrent_handshakes = usize::MAX
+            }),
+            ("limits.retry_above_handshakes", |c| {
+                c.limits.retry_above_handshakes = usize::MAX
+            }),
+            ("limits.outbound_queue", |c| {
+                c.limits.outbound_queue = usize::MAX
+            }),
+            ("limits.max_inflight_per_conn", |c| {
+                c.limits.max_inflight_per_conn = usize::MAX
+            }),
+            ("auth.max_concurrent_hashes", |c| {
+                c.auth.max_concurrent_hashes = usize::MAX
+            }),
+            ("cluster.peer_queue", |c| c.cluster.peer_queue = usize::MAX),
+            ("transport.stream_receive_window", |c| {
+                c.transport.stream_receive_window = u32::MAX
+            }),
+            ("transport.receive_window", |c| {
+                c.transport.receive_window = u32::MAX
+            }),
+            ("transport.receive_window", |c| {
+                c.transport.receive_window = 1024
+            }),
+            ("transport.send_window", |c| {
+                c.transport.send_window = u64::MAX
+            }),
+            ("transport.udp_recv_buffer", |c| {
+                c.transport.udp_recv_buffer = usize::MAX
+            }),
+            ("transport.udp_send_buffer", |c| {
+                c.transport.udp_send_buffer = usize::MAX
+            }),
+            ("shutdown_grace", |c| c.shutdown_grace = Duration::MAX),
+            ("auth.token_ttl", |c| c.auth.token_ttl = Duration::MAX),
+            ("auth.max_login_lifetime", |c| {
+                c.auth.max_login_lifetime = Duration::MAX
+            }),
+            ("limits.idle_timeout", |c| {
+                c.limits.idle_timeout = Duration::MAX
+            }),
+            // Zero durations and sizes.
+            ("limits.handshake_timeout", |c| {
+                c.limits.handshake_timeout = Duration::ZERO
+            }),
+            ("limits.auth_timeout", |c| {
+                c.limits.auth_timeout = Duration::ZERO
+            }),
+            ("limits.idle_timeout", |c| {
+                c.limits.idle_timeout = Duration::ZERO
+            }),
+            ("limits.idle_timeout", |c| {
+                c.limits.idle_timeout = Duration::from_micros(500)
+            }),
+            ("limits.write_timeout", |c| {
+                c.limits.write_timeout = Duration::ZERO
+            }),
+            ("auth.token_ttl", |c| c.auth.token_ttl = Duration::ZERO),
+            ("auth.max_concurrent_hashes", |c| {
+                c.auth.max_concurrent_hashes = 0
+            }),
+            ("limits.send_burst", |c| c.limits.send_burst = 0),
+            ("cluster.heartbeat", |c| {
+                *c = redis_node("10.0.0.1:7500");
+                c.cluster.heartbeat = Duration::ZERO;
+            }),
+        ];
+        for (key, tweak) in cases {
+            let mut c = NodeConfig::default();
+            tweak(&mut c);
+            let outcome = std::panic::catch_unwind(|| c.validate());
+            let Ok(outcome) = outcome else {
+                panic!("{key}: validate panicked");
+            };
+            match outcome {
+                Err(ConfigError::Invalid(m)) => assert!(m.contains(key), "{key:?} not in {m:?}"),
+                other => panic!("{key}: expected a refusal, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_largest_sane_values_are_accepted() {
+        let mut c = NodeConfig::default();
+        c.limits.max_frame_bytes = MAX_FRAME_BYTES;
+        c.limits.max_body_bytes = MAX_FRAME_BYTES - FRAME_OVERHEAD;
+        c.transport.stream_receive_window = MAX_FRAME_BYTES + 4;
+        c.transport.receive_window = MAX_FRAME_BYTES + 4;
+        c.limits.max_page_size = MAX_PAGE_SIZE;
+        c.limits.default_page_size = MAX_PAGE_SIZE;
+        c.limits.idle_timeout = MAX_TIMEOUT;
+        c.limits.handshake_queue_wait = Duration::ZERO;
+        c.shutdown_grace = Duration::ZERO;
+        c.validate().expect("valid");
+        let mut c = redis_node("10.0.0.1:7500");
+        c.cluster.heartbeat = MAX_HEARTBEAT;
+        c.cluster.member_ttl = MAX_MEMBER_TTL;
+        c.validate().expect("valid");
+    }
+
+    #[test]
+    fn an_unspecified_listen_address_needs_advertise() {
+        for listen in [
+            "0.0.0.0:7400",
+            "[::]:7400",
+            "0.0.0.0:0",
+            "[::ffff:0.0.0.0]:7400",
+        ] {
+            let mut c = NodeConfig {
+                listen: listen.parse().expect("addr"),
+                ..NodeConfig::default()
+            };
+            refused(&c, "advertise");
+            c.advertise = Some("chat1.example.net:7400".into());
+            c.validate().expect("with advertise");
+            c.advertise = Some("[2001:db8::1]:7400".into());
+            c.validate().expect("an IPv6 advertise");
+        }
+        // A specific address needs none; port 0 advertises the port bound (tests).
+        for listen in ["127.0.0.1:0", "[::1]:7400", "10.0.0.1:7400"] {
+            let c = NodeConfig {
+                listen: listen.parse().expect("addr"),
+                ..NodeConfig::default()
+            };
+            c.validate().expect(listen);
+        }
+    }
+
+    #[test]
+    fn advertise_must_be_dialable() {
+        for bad in [
+            "0.0.0.0:7400",
+            "[::]:7400",
+            "10.0.0.1:0",
+            "chat.example.net",
+            "chat.example.net:0",
+            "chat.example.net:99999",
+            ":7400",
+            "::1:7400",
+        ] {
+            let c = NodeConfig {
+                advertise: Some(bad.into()),
+                ..NodeConfig::default()
+            };
+            refused(&c, "advertise");
+        }
+    }
+
+    #[test]
+    fn an_unspecified_mesh_listen_needs_mesh_advertise_with_redis() {
+        for listen in ["0.0.0.0:7500", "[::]:7500", "10.0.0.1:0"] {
+            let mut c = redis_node(listen);
+            refused(&c, "cluster.mesh_advertise");
+            c.cluster.mesh_advertise = Some("10.0.0.1:7500".parse().expect("addr"));
+            c.validate().expect("with mesh_advertise");
+            assert_eq!(
+                c.cluster.mesh_advertised(),
+                Some("10.0.0.1:7500".parse().expect("addr"))
+            );
+        }
+        let c = redis_node("10.0.0.1:7500");
+        c.validate().expect("a specific mesh_listen");
+        assert_eq!(c.cluster.mesh_advertised(), c.cluster.mesh_listen);
+        let mut c = redis_node("0.0.0.0:7500");
+        c.cluster.mesh_advertise = Some("0.0.0.0:7500".parse().expect("addr"));
+        refused(&c, "cluster.mesh_advertise");
+        let mut c = NodeConfig::default();
+        c.cluster.mesh_advertise = Some("10.0.0.1:7500".parse().expect("addr"));
+        refused(&c, "cluster.mesh_listen");
+    }
+
+    #[test]
+    fn static_members_are_dialable_and_agree_with_mesh_advertise() {
+        let mut c = NodeConfig::default();
+        c.cluster.mesh_listen = Some("0.0.0.0:7500".parse().expect("addr"));
+        c.cluster.members = vec![StaticMember {
+            id: 1,
+            mesh_addr: "10.0.0.1:7500".parse().expect("addr"),
+            client_addr: "chat1.example.net:7400".into(),
+            weight: 1,
+            worker_id: None,
+        }];
+        c.validate()
+            .expect("static members name their own mesh address");
+        c.cluster.mesh_advertise = Some("10.0.0.2:7500".parse().expect("addr"));
+        refused(&c, "cluster.mesh_advertise");
+        c.cluster.mesh_advertise = Some("10.0.0.1:7500".parse().expect("addr"));
+        c.validate().expect("the same address");
+        c.cluster.members[0].mesh_addr = "0.0.0.0:7500".parse().expect("addr");
+        c.cluster.mesh_advertise = None;
+        refused(&c, "cluster.members.mesh_addr");
+        c.cluster.members[0].mesh_addr = "10.0.0.1:7500".parse().expect("addr");
+        c.cluster.members[0].client_addr = "0.0.0.0:7400".into();
+        refused(&c, "cluster.members.client_addr");
     }
 
     #[test]

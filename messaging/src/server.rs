@@ -146,7 +146,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         .map_err(|e| StartError::Other(format!("endpoint address: {e}")))?;
     let mut config = config;
     if config.advertise.is_none() {
-        // Port 0 in `listen` means "any": tell clients the port actually bound.
+        // Port 0 in `listen` means "any": tell clients the port actually bound. (An
+        // unspecified listen address without `advertise` was refused by `validate`.)
         config.advertise = Some(addr.to_string());
     }
     let registry = Arc::new(Registry::new());
@@ -168,20 +169,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     let node = Arc::new(node);
     if let (Some(url), Some(mesh)) = (node.config.cluster.redis.clone(), mesh.clone()) {
         let c = &node.config;
-        let mesh_addr = c
-            .cluster
-            .mesh_listen
-            .map(|a| a.to_string())
-            .unwrap_or_default();
         let driver = RedisMembership {
             url,
             prefix: format!("meshchat:{}", c.cluster.cluster_id),
-            me: Registration {
-                id: c.node_id,
-                mesh: mesh_addr,
-                client: c.advertised(),
-                weight: c.cluster.weight,
-            },
+            me: registration(c),
             worker: c.worker_id(),
             heartbeat: c.cluster.heartbeat,
             ttl: c.cluster.member_ttl,
@@ -211,6 +202,22 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         stop,
         done,
     })
+}
+
+/// What this node publishes in Redis: the addresses its peers and clients dial, never the
+/// ones it binds (`cluster.mesh_advertise`, else `cluster.mesh_listen`; `advertise`, which
+/// `start` has set to the bound address if it was not given).
+fn registration(c: &NodeConfig) -> Registration {
+    Registration {
+        id: c.node_id,
+        mesh: c
+            .cluster
+            .mesh_advertised()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        client: c.advertised(),
+        weight: c.cluster.weight,
+    }
 }
 
 /// Starts the node's side of the mesh from its `[cluster]` config: the mesh identity and CA
@@ -347,7 +354,7 @@ async fn accept_loop(
     endpoint.set_server_config(None);
     tasks.close();
     let grace = node.config.shutdown_grace;
-    if tokio::time::timeout(grace + Duration::from_secs(1), tasks.wait())
+    if tokio::time::timeout(grace.saturating_add(Duration::from_secs(1)), tasks.wait())
         .await
         .is_err()
     {
@@ -372,4 +379,37 @@ async fn accept_loop(
     endpoint.close(close_code(ErrorCode::Unavailable), b"node shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     info!("stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_redis_registration_publishes_the_advertised_addresses() {
+        let mut c = NodeConfig {
+            node_id: 7,
+            listen: "0.0.0.0:7400".parse().expect("addr"),
+            advertise: Some("chat7.example.net:7400".into()),
+            ..NodeConfig::default()
+        };
+        c.cluster.redis = Some("redis://10.0.0.9:6379/".into());
+        c.cluster.mesh_listen = Some("0.0.0.0:7500".parse().expect("addr"));
+        c.cluster.mesh_advertise = Some("10.0.0.7:7500".parse().expect("addr"));
+        c.cluster.weight = 3;
+        c.validate().expect("valid");
+        assert_eq!(
+            registration(&c),
+            Registration {
+                id: 7,
+                mesh: "10.0.0.7:7500".into(),
+                client: "chat7.example.net:7400".into(),
+                weight: 3,
+            }
+        );
+        // Without mesh_advertise, a specific mesh_listen is what peers dial.
+        c.cluster.mesh_listen = Some("10.0.0.7:7501".parse().expect("addr"));
+        c.cluster.mesh_advertise = None;
+        assert_eq!(registration(&c).mesh, "10.0.0.7:7501");
+    }
 }

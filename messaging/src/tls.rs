@@ -233,14 +233,23 @@ pub fn node_identity(config: &NodeConfig) -> Result<Identity, TlsError> {
     match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => load_private_identity(cert, key),
         _ => {
-            let names = config
-                .advertised()
-                .rsplit_once(':')
-                .map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']').to_owned())
+            let names = dev_name(&config.advertised())
                 .into_iter()
                 .collect::<Vec<_>>();
             dev_identity(&config.data_dir, &names)
         }
+    }
+}
+
+/// The name a development certificate adds for an advertised `host:port`: its host, unless
+/// that is an unspecified address (`0.0.0.0`, `::`), which no client dials.
+fn dev_name(advertised: &str) -> Option<String> {
+    let (host, _) = advertised.rsplit_once(':')?;
+    let host = host.trim_matches(|c| c == '[' || c == ']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.to_canonical().is_unspecified() => None,
+        _ if host.is_empty() => None,
+        _ => Some(host.to_owned()),
     }
 }
 
@@ -346,4 +355,25 @@ pub fn udp_socket(
 /// Keep-alive interval clients should use for a node idle timeout (a third of it).
 pub fn keep_alive_for(idle: Duration) -> Duration {
     (idle / 3).max(Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dev_certificate_never_names_an_unspecified_address() {
+        assert_eq!(dev_name("0.0.0.0:7400"), None);
+        assert_eq!(dev_name("[::]:7400"), None);
+        assert_eq!(dev_name(":7400"), None);
+        assert_eq!(
+            dev_name("chat1.example.net:7400").as_deref(),
+            Some("chat1.example.net")
+        );
+        assert_eq!(dev_name("10.0.0.1:7400").as_deref(), Some("10.0.0.1"));
+        assert_eq!(
+            dev_name("[2001:db8::1]:7400").as_deref(),
+            Some("2001:db8::1")
+        );
+    }
 }
