@@ -1505,15 +1505,88 @@ impl Client {
         }
     }
 
-    /// Creates a channel (I become its first member).
+    /// Creates a public channel (I become its owner and first member): anyone who names it
+    /// may join and read its history.
     pub async fn channel_create(&self, name: &str) -> Result<pb::ChannelInfo, ClientError> {
+        self.channel_create_with(name, pb::ChannelVisibility::Public)
+            .await
+    }
+
+    /// Creates a private (invite-only) channel: members join when I or an admin add them.
+    pub async fn channel_create_private(&self, name: &str) -> Result<pb::ChannelInfo, ClientError> {
+        self.channel_create_with(name, pb::ChannelVisibility::Private)
+            .await
+    }
+
+    async fn channel_create_with(
+        &self,
+        name: &str,
+        visibility: pb::ChannelVisibility,
+    ) -> Result<pb::ChannelInfo, ClientError> {
         match self
             .request(client_frame::Body::ChannelCreate(pb::ChannelCreate {
                 name: name.into(),
+                visibility: visibility as i32,
             }))
             .await?
         {
             server_frame::Body::Channel(c) => Ok(c),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Adds `user` to a channel I own or administer.
+    pub async fn channel_add_member(
+        &self,
+        id: ChannelId,
+        user: UserId,
+    ) -> Result<pb::ChannelInfo, ClientError> {
+        match self
+            .request(client_frame::Body::ChannelAdd(pb::ChannelAddMember {
+                channel_id: id.0,
+                user_id: user.0,
+            }))
+            .await?
+        {
+            server_frame::Body::Channel(c) => Ok(c),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Removes member `user` from a channel I own or administer.
+    pub async fn channel_remove_member(
+        &self,
+        id: ChannelId,
+        user: UserId,
+    ) -> Result<(), ClientError> {
+        match self
+            .request(client_frame::Body::ChannelRemove(pb::ChannelRemoveMember {
+                channel_id: id.0,
+                user_id: user.0,
+            }))
+            .await?
+        {
+            server_frame::Body::Done(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Makes member `user` an admin of a channel I own (`admin`), or a plain member again.
+    pub async fn channel_set_admin(
+        &self,
+        id: ChannelId,
+        user: UserId,
+        admin: bool,
+    ) -> Result<(), ClientError> {
+        match self
+            .request(client_frame::Body::ChannelSetAdmin(pb::ChannelSetAdmin {
+                channel_id: id.0,
+                user_id: user.0,
+                admin,
+            }))
+            .await?
+        {
+            server_frame::Body::Done(_) => Ok(()),
             other => Err(unexpected(&other)),
         }
     }

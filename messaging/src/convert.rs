@@ -118,6 +118,43 @@ pub fn shrink_history_message(wire: &mut pb::Message, budget: usize, me: UserId)
     }
 }
 
+/// How many bytes of `body` a preview of at most `max` bytes keeps: `max`, or up to three
+/// less so that no UTF-8 character is cut in two (a client decoding the cut would show a
+/// replacement character, or refuse the text outright). For a UTF-8 body this is
+/// `str::floor_char_boundary`. Bodies are bytes the node never checks as text: one that is not
+/// UTF-8 keeps its bytes up to `max` as they are, except that a well-formed character across
+/// the cut is still left out whole, so a cut never adds an invalid sequence of its own.
+/// O(1): only the last three bytes before the cut are looked at.
+pub fn preview_len(body: &[u8], max: usize) -> usize {
+    if body.len() <= max {
+        return body.len();
+    }
+    // A UTF-8 character is at most four bytes: the cut splits one only if its first byte is
+    // among the three before the cut.
+    for start in (max.saturating_sub(3)..max).rev() {
+        let first = body[start];
+        if first & 0xC0 == 0x80 {
+            // A continuation byte: the character (if any) starts further back.
+            continue;
+        }
+        let width = match first {
+            0xC2..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF4 => 4,
+            _ => 1,
+        };
+        let well_formed = body
+            .get(start..start + width)
+            .is_some_and(|c| std::str::from_utf8(c).is_ok());
+        return if start + width > max && well_formed {
+            start
+        } else {
+            max
+        };
+    }
+    max
+}
+
 /// A receipt kind from the wire.
 pub fn receipt_from(k: i32) -> Result<ReceiptKind, RequestError> {
     match pb::ReceiptKind::try_from(k) {
@@ -144,6 +181,11 @@ pub fn channel_to(c: &Channel) -> pb::ChannelInfo {
         name: c.name.clone(),
         owner_id: c.owner.0,
         member_count: c.member_count,
+        visibility: if c.private {
+            pb::ChannelVisibility::Private
+        } else {
+            pb::ChannelVisibility::Public
+        } as i32,
     }
 }
 
@@ -237,6 +279,71 @@ mod tests {
             vec![2],
             "user 3 reacted with emoji 1, as did user 5"
         );
+    }
+
+    /// A body of `pad` ASCII bytes, then `c` repeated past `max`.
+    fn text_across(pad: usize, c: char, max: usize) -> String {
+        let mut s = "a".repeat(pad);
+        while s.len() <= max + 8 {
+            s.push(c);
+        }
+        s
+    }
+
+    #[test]
+    fn a_preview_never_cuts_a_character() {
+        const MAX: usize = 512;
+        // 2-, 3- and 4-byte characters, at every alignment against the cut.
+        for c in ['é', '中', '😀', '👩'] {
+            for pad in MAX - 8..=MAX {
+                let body = text_across(pad, c, MAX);
+                let n = preview_len(body.as_bytes(), MAX);
+                assert_eq!(n, body.floor_char_boundary(MAX), "{c:?} after {pad} bytes");
+                assert!(n <= MAX && n + c.len_utf8() > MAX, "{c:?} after {pad}: {n}");
+                let cut = std::str::from_utf8(&body.as_bytes()[..n]).expect("valid UTF-8");
+                assert!(body.starts_with(cut));
+            }
+        }
+        // What a plain byte cut did: an emoji cut in two.
+        let body = text_across(MAX - 1, '😀', MAX);
+        assert!(std::str::from_utf8(&body.as_bytes()[..MAX]).is_err());
+        assert_eq!(preview_len(body.as_bytes(), MAX), MAX - 1);
+    }
+
+    #[test]
+    fn a_short_or_ascii_body_is_cut_at_the_maximum() {
+        assert_eq!(preview_len(b"hello", 512), 5);
+        assert_eq!(preview_len("中文".as_bytes(), 6), 6, "fits exactly");
+        assert_eq!(preview_len(&[b'x'; 600], 512), 512);
+        assert_eq!(preview_len("😀".as_bytes(), 0), 0);
+        assert_eq!(preview_len("😀".as_bytes(), 2), 0);
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_keeps_its_bytes_but_not_half_a_character() {
+        // Binary: cut at the maximum, whatever the bytes.
+        assert_eq!(preview_len(&[0xFF; 600], 512), 512);
+        assert_eq!(
+            preview_len(&[0x80; 600], 512),
+            512,
+            "only continuation bytes"
+        );
+        // A stray invalid byte earlier does not stop a whole emoji being kept out.
+        let mut body = vec![0xFF];
+        body.extend_from_slice(text_across(509, '😀', 512).as_bytes());
+        assert_eq!(preview_len(&body, 512), 510);
+        // A lead byte with no continuation is no character: nothing to keep whole.
+        let mut body = vec![b'a'; 511];
+        body.extend_from_slice(&[0xF0, b'b', b'c', b'd']);
+        assert_eq!(preview_len(&body, 512), 512);
+        // Nor is an overlong or surrogate encoding (well formed in shape only).
+        let mut body = vec![b'a'; 511];
+        body.extend_from_slice(&[0xED, 0xA0, 0x80, b'z']);
+        assert_eq!(preview_len(&body, 512), 512);
+        // A body ending in half a character.
+        let mut body = vec![b'a'; 511];
+        body.extend_from_slice(&"😀".as_bytes()[..2]);
+        assert_eq!(preview_len(&body, 512), 512);
     }
 
     #[test]

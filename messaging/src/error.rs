@@ -57,10 +57,10 @@ pub enum RequestError {
     #[error("{0}")]
     Forbidden(String),
     /// No user by that name or id.
-    #[error("unknown user {0}")]
+    #[error("unknown user {}", clip(.0))]
     UnknownUser(String),
     /// No channel by that name.
-    #[error("no channel named {0:?}")]
+    #[error("no channel named {:?}", clip(.0))]
     UnknownChannelName(String),
     /// A node-side bound was hit (hashing queue, id generator).
     #[error("{0}")]
@@ -132,6 +132,16 @@ pub fn close_code(code: ErrorCode) -> quinn::VarInt {
     quinn::VarInt::from_u32(code as i32 as u32)
 }
 
+/// Client input quoted in an error message, cut to 64 characters: an error always fits a
+/// frame, however long the name a client sent.
+pub fn clip(s: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        None => std::borrow::Cow::Borrowed(s),
+        Some((cut, _)) => std::borrow::Cow::Owned(format!("{}...", &s[..cut])),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +182,16 @@ mod tests {
         let p = e.to_proto();
         assert_eq!(p.code, ErrorCode::Internal as i32);
         assert!(!p.message.contains("disk on fire"));
+    }
+
+    #[test]
+    fn quoted_input_is_clipped_on_a_character_boundary() {
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(100);
+        let c = clip(&long);
+        assert_eq!(c.chars().count(), 64 + 3);
+        assert!(c.ends_with("..."));
+        let e = RequestError::UnknownChannelName("\u{1}".repeat(20_000));
+        assert!(e.to_string().len() < 500, "{}", e.to_string().len());
     }
 }

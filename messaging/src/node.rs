@@ -138,7 +138,8 @@ pub fn valid_name(name: &str) -> Result<(), RequestError> {
         Ok(())
     } else {
         Err(RequestError::InvalidArgument(format!(
-            "name {name:?} must be 1-32 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit"
+            "name {:?} must be 1-32 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit",
+            crate::error::clip(name)
         )))
     }
 }
@@ -427,18 +428,40 @@ impl Node {
             B::ChannelCreate(c) => {
                 Self::check_rate(&self.event_rate, me.user)?;
                 valid_name(&c.name)?;
+                let private = match pb::ChannelVisibility::try_from(c.visibility) {
+                    Ok(pb::ChannelVisibility::Public) => false,
+                    Ok(pb::ChannelVisibility::Private) => true,
+                    _ => {
+                        return Err(RequestError::InvalidArgument(
+                            "visibility must be PUBLIC or PRIVATE".into(),
+                        ));
+                    }
+                };
                 let id = ChannelId(self.next_id()?);
-                let ch = self.storage.create_channel(id, &c.name, me.user).await?;
+                let ch = self
+                    .storage
+                    .create_channel_with(id, &c.name, me.user, private)
+                    .await?;
                 Ok(R::Channel(convert::channel_to(&ch)))
             }
             B::ChannelJoin(j) => {
                 Self::check_rate(&self.event_rate, me.user)?;
                 let id = self.channel_ref(j.channel_id, &j.name).await?;
+                let ch = self
+                    .storage
+                    .channel(id)
+                    .await?
+                    .ok_or(StorageError::UnknownChannel(id))?;
+                if ch.private && !self.storage.is_member(me.user, ChatId::Channel(id)).await? {
+                    return Err(RequestError::Forbidden(format!(
+                        "channel {id} is invite-only: its owner or an admin adds members"
+                    )));
+                }
                 // Push only when something changed: a repeated join must not be a way to
                 // flood the members' queues.
                 if self.storage.join_channel(id, me.user).await? {
                     self.members_changed(id);
-                    self.push_channel_event(id, me.user, true).await?;
+                    self.push_channel_event(id, me.user, true, None).await?;
                 }
                 let ch = self
                     .storage
@@ -452,17 +475,93 @@ impl Node {
                 let id = self.channel_ref(l.channel_id, "").await?;
                 if self.storage.leave_channel(id, me.user).await? {
                     self.members_changed(id);
-                    self.push_channel_event(id, me.user, false).await?;
+                    self.push_channel_event(id, me.user, false, None).await?;
                     // The leaver's other devices learn too.
                     let push = encode_push(push::Event::Channel(pb::ChannelEvent {
                         channel_id: id.0,
                         user_id: me.user.0,
                         joined: false,
+                        by_user_id: 0,
                     }));
                     self.router.deliver(&[me.user], &push, Some(conn));
                 } else {
                     return Err(RequestError::Forbidden(format!(
                         "you are not a member of channel {id}"
+                    )));
+                }
+                Ok(R::Done(pb::Done {}))
+            }
+            B::ChannelAdd(a) => {
+                Self::check_rate(&self.event_rate, me.user)?;
+                let id = self.channel_ref(a.channel_id, "").await?;
+                self.require_channel_admin(id, me.user).await?;
+                let user = UserId(a.user_id);
+                if self.storage.user_by_id(user).await?.is_none() {
+                    return Err(RequestError::UnknownUser(user.to_string()));
+                }
+                if self.storage.join_channel(id, user).await? {
+                    self.members_changed(id);
+                    self.push_channel_event(id, user, true, Some(me.user))
+                        .await?;
+                }
+                let ch = self
+                    .storage
+                    .channel(id)
+                    .await?
+                    .ok_or(StorageError::UnknownChannel(id))?;
+                Ok(R::Channel(convert::channel_to(&ch)))
+            }
+            B::ChannelRemove(r) => {
+                Self::check_rate(&self.event_rate, me.user)?;
+                let id = self.channel_ref(r.channel_id, "").await?;
+                let ch = self.require_channel_admin(id, me.user).await?;
+                let user = UserId(r.user_id);
+                if user == ch.owner {
+                    return Err(RequestError::Forbidden(
+                        "the owner cannot be removed (the owner may leave)".into(),
+                    ));
+                }
+                if me.user != ch.owner && self.storage.is_channel_admin(id, user).await? {
+                    return Err(RequestError::Forbidden(
+                        "only the owner removes an admin".into(),
+                    ));
+                }
+                if !self.storage.leave_channel(id, user).await? {
+                    return Err(RequestError::InvalidArgument(format!(
+                        "user {user} is not a member of channel {id}"
+                    )));
+                }
+                self.members_changed(id);
+                self.push_channel_event(id, user, false, Some(me.user))
+                    .await?;
+                // The removed user learns it too (no longer among the members).
+                let push = encode_push(push::Event::Channel(pb::ChannelEvent {
+                    channel_id: id.0,
+                    user_id: user.0,
+                    joined: false,
+                    by_user_id: me.user.0,
+                }));
+                self.router.deliver(&[user], &push, None);
+                Ok(R::Done(pb::Done {}))
+            }
+            B::ChannelSetAdmin(a) => {
+                Self::check_rate(&self.event_rate, me.user)?;
+                let id = self.channel_ref(a.channel_id, "").await?;
+                let ch = self.require_channel_admin(id, me.user).await?;
+                if me.user != ch.owner {
+                    return Err(RequestError::Forbidden(
+                        "only the owner makes or unmakes admins".into(),
+                    ));
+                }
+                let user = UserId(a.user_id);
+                if user == ch.owner {
+                    return Err(RequestError::InvalidArgument(
+                        "the owner's role does not change".into(),
+                    ));
+                }
+                if !self.storage.set_channel_admin(id, user, a.admin).await? {
+                    return Err(RequestError::InvalidArgument(format!(
+                        "user {user} is not a member of channel {id}"
                     )));
                 }
                 Ok(R::Done(pb::Done {}))
@@ -635,6 +734,30 @@ impl Node {
             ChatId::Direct { low, high } if low == high => Ok(Arc::new(vec![low])),
             ChatId::Direct { low, high } => Ok(Arc::new(vec![low, high])),
             ChatId::Channel(c) => self.members_of(c).await,
+        }
+    }
+
+    /// The channel, if `user` is its owner or one of its admins (from storage); `FORBIDDEN`
+    /// otherwise, `UNKNOWN_CHANNEL` if there is none.
+    async fn require_channel_admin(
+        &self,
+        id: ChannelId,
+        user: UserId,
+    ) -> Result<meshchat_storage::Channel, RequestError> {
+        let ch = self
+            .storage
+            .channel(id)
+            .await?
+            .ok_or(StorageError::UnknownChannel(id))?;
+        if ch.owner == user
+            || (self.storage.is_member(user, ChatId::Channel(id)).await?
+                && self.storage.is_channel_admin(id, user).await?)
+        {
+            Ok(ch)
+        } else {
+            Err(RequestError::Forbidden(format!(
+                "only the owner or an admin of channel {id} may do this"
+            )))
         }
     }
 
@@ -831,16 +954,20 @@ impl Node {
         Ok(())
     }
 
+    /// Pushes a member change to the channel's members; `by` is who added or removed
+    /// `user`, if not themselves.
     async fn push_channel_event(
         &self,
         id: ChannelId,
         user: UserId,
         joined: bool,
+        by: Option<UserId>,
     ) -> Result<(), RequestError> {
         let push = encode_push(push::Event::Channel(pb::ChannelEvent {
             channel_id: id.0,
             user_id: user.0,
             joined,
+            by_user_id: by.map_or(0, |u| u.0),
         }));
         let members = self.members_of(id).await?;
         self.router.deliver(&members, &push, None);
@@ -928,7 +1055,9 @@ impl Node {
                 // A preview, not the message: the chat list must fit one frame whatever
                 // others sent. The full message is one history request away.
                 if newest.body.len() > CHAT_LIST_PREVIEW_BYTES {
-                    newest.body.truncate(CHAT_LIST_PREVIEW_BYTES);
+                    newest
+                        .body
+                        .truncate(convert::preview_len(&newest.body, CHAT_LIST_PREVIEW_BYTES));
                 }
                 newest.reactions.clear();
             }

@@ -114,6 +114,20 @@ fn deadline_of(unix_ms: u64) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_millis(unix_ms.saturating_sub(now_ms))
 }
 
+/// Encodes `frame` into `out`. One that does not fit a frame (an error quoting too much, a
+/// reply over the budget) is answered `INTERNAL` with the same request id instead: never
+/// dropped, so a client never waits for an answer that will not come.
+fn put(frame: &ServerFrame, max_frame: usize, out: &mut BytesMut) {
+    if let Err(e) = encode_into(frame, max_frame, out) {
+        warn!(error = %e, request_id = frame.request_id, "reply did not encode");
+        let _ = encode_into(
+            &code_frame(frame.request_id, ErrorCode::Internal, "reply too large"),
+            max_frame,
+            out,
+        );
+    }
+}
+
 fn error_frame(request_id: u64, e: &RequestError) -> ServerFrame {
     ServerFrame {
         request_id,
@@ -207,15 +221,7 @@ async fn run(
                 break Some((ErrorCode::Unavailable, b"node shutting down"));
             }
             Some(reply) = inflight.next(), if !inflight.is_empty() => {
-                if let Err(e) = encode_into(&reply, max_frame, &mut out) {
-                    warn!(error = %e, "reply did not encode");
-                    out.clear();
-                    let _ = encode_into(
-                        &code_frame(reply.request_id, ErrorCode::Internal, "reply too large"),
-                        max_frame,
-                        &mut out,
-                    );
-                }
+                put(&reply, max_frame, &mut out);
             }
             () = async { match outbox.as_ref() { Some(o) => o.wait().await, None => std::future::pending().await } }, if outbox.is_some() => {
                 // Write whatever is queued in one go (one write, few packets).
@@ -231,12 +237,12 @@ async fn run(
                 }
             }
             () = async { match expires { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } }, if expires.is_some() => {
-                let _ = encode_into(&code_frame(0, ErrorCode::TokenExpired, "this connection's token expired: authenticate with a fresh token, or log in"), max_frame, &mut out);
+                put(&code_frame(0, ErrorCode::TokenExpired, "this connection's token expired: authenticate with a fresh token, or log in"), max_frame, &mut out);
                 flush_within(&mut send, &mut out, limits.write_timeout).await;
                 break Some((ErrorCode::TokenExpired, b"token expired"));
             }
             _ = &mut auth_deadline, if identity.is_none() => {
-                let _ = encode_into(&code_frame(0, ErrorCode::AuthTimeout, "not authenticated in time"), max_frame, &mut out);
+                put(&code_frame(0, ErrorCode::AuthTimeout, "not authenticated in time"), max_frame, &mut out);
                 flush_within(&mut send, &mut out, limits.write_timeout).await;
                 break Some((ErrorCode::AuthTimeout, b"not authenticated in time"));
             }
@@ -245,7 +251,7 @@ async fn run(
                     None => break None,
                     Some(Err(CodecError::FrameTooLarge { len, max })) => {
                         let msg = format!("frame of {len} bytes is over the maximum of {max}");
-                        let _ = encode_into(&code_frame(0, ErrorCode::FrameTooLarge, &msg), max_frame, &mut out);
+                        put(&code_frame(0, ErrorCode::FrameTooLarge, &msg), max_frame, &mut out);
                         // The stream cannot be resynchronised after an unread body.
                         flush_within(&mut send, &mut out, limits.write_timeout).await;
                         break Some((ErrorCode::FrameTooLarge, b"frame too large"));
@@ -253,7 +259,7 @@ async fn run(
                     Some(Err(CodecError::Malformed(e))) => {
                         // The whole frame was consumed: the stream stays in sync.
                         let msg = format!("frame is not a valid ClientFrame: {e}");
-                        let _ = encode_into(&code_frame(0, ErrorCode::MalformedFrame, &msg), max_frame, &mut out);
+                        put(&code_frame(0, ErrorCode::MalformedFrame, &msg), max_frame, &mut out);
                     }
                     Some(Err(CodecError::Io(e))) => {
                         debug!(error = %e, "read failed");
@@ -263,7 +269,7 @@ async fn run(
                         let rid = frame.request_id;
                         match (frame.body, identity.as_ref()) {
                             (None, _) => {
-                                let _ = encode_into(&error_frame(rid, &RequestError::UnknownRequest), max_frame, &mut out);
+                                put(&error_frame(rid, &RequestError::UnknownRequest), max_frame, &mut out);
                             }
                             (Some(client_frame::Body::Hello(h)), _) => {
                                 let reply = if h.protocol_version == meshchat_proto::PROTOCOL_VERSION {
@@ -271,7 +277,7 @@ async fn run(
                                 } else {
                                     error_frame(rid, &RequestError::VersionMismatch { got: h.protocol_version, want: meshchat_proto::PROTOCOL_VERSION })
                                 };
-                                let _ = encode_into(&reply, max_frame, &mut out);
+                                put(&reply, max_frame, &mut out);
                             }
                             (Some(body @ (client_frame::Body::Register(_) | client_frame::Body::Login(_) | client_frame::Body::Authenticate(_))), None) => {
                                 // Boxed: this rare, large future would otherwise be part of
@@ -279,7 +285,7 @@ async fn run(
                                 match Box::pin(node.authenticate_request(body, conn.remote_address().ip())).await {
                                     Ok(AuthOutcome::Redirect(r)) => {
                                         debug!(to = r.node_id, "redirecting to the user's home node");
-                                        let _ = encode_into(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Redirect(r)) }, max_frame, &mut out);
+                                        put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Redirect(r)) }, max_frame, &mut out);
                                     }
                                     Ok(AuthOutcome::Authenticated(who, ok)) => {
                                         expires = Some(deadline_of(ok.expires_unix_ms));
@@ -288,10 +294,10 @@ async fn run(
                                         debug!(user = who.user.0, "authenticated");
                                         identity = Some(Arc::new(who));
                                         outbox = Some(ob);
-                                        let _ = encode_into(&ServerFrame { request_id: rid, body: Some(server_frame::Body::AuthOk(ok)) }, max_frame, &mut out);
+                                        put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::AuthOk(ok)) }, max_frame, &mut out);
                                     }
                                     Err(e) => {
-                                        let _ = encode_into(&error_frame(rid, &e), max_frame, &mut out);
+                                        put(&error_frame(rid, &e), max_frame, &mut out);
                                         if matches!(e, RequestError::BadCredentials | RequestError::TokenInvalid(_) | RequestError::TokenExpired) {
                                             auth_failures += 1;
                                             if auth_failures >= max_auth_failures {
@@ -316,13 +322,13 @@ async fn run(
                                     }
                                     Err(e) => error_frame(rid, &e),
                                 };
-                                let _ = encode_into(&reply, max_frame, &mut out);
+                                put(&reply, max_frame, &mut out);
                             }
                             (Some(client_frame::Body::Ping(p)), None) => {
-                                let _ = encode_into(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Pong(pb::Pong { nonce: p.nonce })) }, max_frame, &mut out);
+                                put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Pong(pb::Pong { nonce: p.nonce })) }, max_frame, &mut out);
                             }
                             (Some(_), None) => {
-                                let _ = encode_into(&error_frame(rid, &RequestError::Unauthenticated), max_frame, &mut out);
+                                put(&error_frame(rid, &RequestError::Unauthenticated), max_frame, &mut out);
                             }
                             (Some(body), Some(me)) => {
                                 let fut = node.clone().handle(me.clone(), id, body).map(move |r| match r {
@@ -361,7 +367,7 @@ async fn run(
             let grace = node.config.shutdown_grace;
             let _ = tokio::time::timeout(grace, async {
                 while let Some(reply) = inflight.next().await {
-                    let _ = encode_into(&reply, max_frame, &mut out);
+                    put(&reply, max_frame, &mut out);
                 }
                 flush(&mut send, &mut out).await;
             })
@@ -424,11 +430,28 @@ mod tests {
     use prost::Message;
 
     #[test]
+    fn a_reply_too_large_for_a_frame_is_answered_internal_with_its_id() {
+        let mut out = BytesMut::new();
+        let big = code_frame(42, ErrorCode::UnknownChannel, &"x".repeat(10_000));
+        put(&big, 1_024, &mut out);
+        let f = ServerFrame::decode(&out[4..]).expect("decodes");
+        assert_eq!(f.request_id, 42);
+        match f.body {
+            Some(server_frame::Body::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::Internal as i32);
+                assert_eq!(e.message, "reply too large");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn push_frames_decode_as_server_frames_with_their_seq() {
         let event = crate::node::encode_push(push::Event::Channel(pb::ChannelEvent {
             channel_id: 7,
             user_id: 9,
             joined: true,
+            by_user_id: 3,
         }));
         for seq in [1u64, 127, 128, 300_000, u64::MAX >> 1] {
             let mut out = BytesMut::new();
@@ -445,7 +468,8 @@ mod tests {
                         Some(push::Event::Channel(pb::ChannelEvent {
                             channel_id: 7,
                             user_id: 9,
-                            joined: true
+                            joined: true,
+                            by_user_id: 3,
                         }))
                     );
                 }

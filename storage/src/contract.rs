@@ -7,7 +7,7 @@
 //! Each contract uses fresh, randomly named users and channels, so several contracts may share
 //! one keyspace or file.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -69,6 +69,7 @@ macro_rules! contract_tests {
             repeated_join_keeps_marks_and_rejoin_skips_backlog,
             member_counts_follow_joins_and_leaves,
             member_and_channel_pages_walk_by_cursor,
+            private_channels_and_admins,
         );
     };
     (#[ignore = $why:literal] $harness:expr) => {
@@ -1202,6 +1203,90 @@ pub async fn repeated_join_keeps_marks_and_rejoin_skips_backlog(h: &dyn Harness)
     let r = row(b).await.expect("listed again");
     assert_eq!((r.unread, r.mine), (0, marks(m3, m3)));
     assert!(m2 < m3);
+    h.close(s).await;
+}
+
+/// A private channel says so (a public one does not); the owner is an admin, a member is one
+/// only once made so, a non-member cannot be made one, and leaving ends the role.
+pub async fn private_channels_and_admins(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let (owner, m, x) = (
+        ids.user(&*s, "o").await,
+        ids.user(&*s, "m").await,
+        ids.user(&*s, "x").await,
+    );
+    let (private, public) = (ChannelId(ids.id()), ChannelId(ids.id()));
+    let created = s
+        .create_channel_with(private, &ids.name("secret"), owner, true)
+        .await
+        .expect("create private");
+    assert!(created.private);
+    let read = |id: ChannelId| {
+        let s = s.clone();
+        async move { s.channel(id).await.expect("read").expect("exists") }
+    };
+    assert!(read(private).await.private);
+    let by_name = s
+        .channel_by_name(&ids.name("secret"))
+        .await
+        .expect("by name")
+        .expect("exists");
+    assert!(by_name.private);
+    s.create_channel(public, &ids.name("open"), owner)
+        .await
+        .expect("create public");
+    assert!(!read(public).await.private);
+    // Listed with their visibility.
+    let mine = s.channels_of(owner).await.expect("mine");
+    assert_eq!(
+        mine.iter()
+            .map(|c| (c.id, c.private))
+            .collect::<BTreeSet<_>>(),
+        BTreeSet::from([(private, true), (public, false)])
+    );
+
+    assert!(s.is_channel_admin(private, owner).await.expect("owner"));
+    assert!(s.join_channel(private, m).await.expect("add m"));
+    assert!(!s.is_channel_admin(private, m).await.expect("member"));
+    assert!(
+        s.set_channel_admin(private, m, true)
+            .await
+            .expect("promote")
+    );
+    assert!(s.is_channel_admin(private, m).await.expect("admin now"));
+    // Not a member: nothing changes.
+    assert!(
+        !s.set_channel_admin(private, x, true)
+            .await
+            .expect("non-member")
+    );
+    assert!(!s.is_channel_admin(private, x).await.expect("still not"));
+    // Demote, promote again, then leave: rejoining makes a plain member.
+    assert!(
+        s.set_channel_admin(private, m, false)
+            .await
+            .expect("demote")
+    );
+    assert!(!s.is_channel_admin(private, m).await.expect("demoted"));
+    assert!(
+        s.set_channel_admin(private, m, true)
+            .await
+            .expect("promote")
+    );
+    assert!(s.leave_channel(private, m).await.expect("leave"));
+    assert!(s.join_channel(private, m).await.expect("rejoin"));
+    assert!(!s.is_channel_admin(private, m).await.expect("role ended"));
+    // Unknown channels.
+    let nowhere = ChannelId(ids.id());
+    assert!(matches!(
+        s.is_channel_admin(nowhere, owner).await,
+        Err(StorageError::UnknownChannel(_))
+    ));
+    assert!(matches!(
+        s.set_channel_admin(nowhere, owner, true).await,
+        Err(StorageError::UnknownChannel(_))
+    ));
     h.close(s).await;
 }
 

@@ -155,6 +155,9 @@ pub struct Channel {
     pub owner: UserId,
     /// How many members it has now.
     pub member_count: u32,
+    /// Invite-only: members join only when the owner or an admin adds them. A public
+    /// channel is open to anyone who names it.
+    pub private: bool,
 }
 
 /// One row of a user's chat list.

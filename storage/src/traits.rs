@@ -90,14 +90,41 @@ pub trait StateStore: Send + Sync + 'static {
     /// The user's chats, most recently active first, at most `limit`.
     async fn chat_list(&self, user: UserId, limit: u32) -> Result<Vec<ChatSummary>, StorageError>;
 
-    /// Creates a channel with `owner` as its first member. `ChannelExists` if the name is
-    /// taken.
+    /// Creates a public channel with `owner` as its first member. `ChannelExists` if the
+    /// name is taken.
     async fn create_channel(
         &self,
         id: ChannelId,
         name: &str,
         owner: UserId,
+    ) -> Result<Channel, StorageError> {
+        self.create_channel_with(id, name, owner, false).await
+    }
+
+    /// Creates a channel, public or `private` (invite-only), with `owner` as its first
+    /// member. `ChannelExists` if the name is taken. A private channel is never visible as
+    /// public, not even for a moment or after a failed creation.
+    async fn create_channel_with(
+        &self,
+        id: ChannelId,
+        name: &str,
+        owner: UserId,
+        private: bool,
     ) -> Result<Channel, StorageError>;
+
+    /// Whether `user` is an admin of channel `id`: its owner, or a member made admin.
+    /// `UnknownChannel` if none.
+    async fn is_channel_admin(&self, id: ChannelId, user: UserId) -> Result<bool, StorageError>;
+
+    /// Makes member `user` an admin of channel `id`, or a plain member again. Returns
+    /// `false` (and changes nothing) if `user` is not a member. Leaving a channel drops the
+    /// role. `UnknownChannel` if none.
+    async fn set_channel_admin(
+        &self,
+        id: ChannelId,
+        user: UserId,
+        admin: bool,
+    ) -> Result<bool, StorageError>;
 
     /// A channel by id.
     async fn channel(&self, id: ChannelId) -> Result<Option<Channel>, StorageError>;

@@ -109,6 +109,8 @@ async fn a_version_1_store_is_upgraded_to_per_chat_idempotency() {
          INSERT INTO old_idem SELECT sender, client_msg_id, chat, message_id FROM idempotency;
          DROP TABLE idempotency;
          ALTER TABLE old_idem RENAME TO idempotency;
+         ALTER TABLE channels DROP COLUMN private;
+         DROP TABLE channel_admins;
          PRAGMA user_version = 1;",
     )
     .expect("downgrade");
@@ -126,5 +128,53 @@ async fn a_version_1_store_is_upgraded_to_per_chat_idempotency() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
+}
+
+/// A version-2 store (no private channels, no admins) opens as version 3: its channels stay
+/// public, and private channels and admins work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_store_gains_private_channels_and_admins() {
+    use meshchat_idgen::{ChannelId, UserId};
+    use meshchat_storage::StateStore;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = EmbeddedStore::open_dir(dir.path()).expect("open");
+    let owner = store
+        .create_user(UserId(1), "owner", "hash")
+        .await
+        .expect("user")
+        .id;
+    store
+        .create_channel(ChannelId(10), "old", owner)
+        .await
+        .expect("channel");
+    store.close().await;
+    let path = dir.path().join(meshchat_storage::embedded::DB_FILE);
+    let conn = rusqlite::Connection::open(&path).expect("sqlite");
+    conn.execute_batch(
+        "ALTER TABLE channels DROP COLUMN private;
+         DROP TABLE channel_admins;
+         PRAGMA user_version = 2;",
+    )
+    .expect("downgrade");
+    drop(conn);
+    let store = EmbeddedStore::open_dir(dir.path()).expect("reopen upgrades");
+    let old = store
+        .channel(ChannelId(10))
+        .await
+        .expect("read")
+        .expect("kept");
+    assert!(!old.private);
+    let new = store
+        .create_channel_with(ChannelId(11), "new", owner, true)
+        .await
+        .expect("private channel");
+    assert!(new.private);
+    assert!(
+        store
+            .is_channel_admin(ChannelId(11), owner)
+            .await
+            .expect("admin")
+    );
+    store.close().await;
 }

@@ -543,15 +543,16 @@ impl CassandraStore {
         else {
             return Ok(None);
         };
-        let count = self
-            .first::<(i64,)>(&self.st.member_count, (i(id.0),))
-            .await?
-            .map_or(0, |(n,)| n);
+        let (count, private) = futures::try_join!(
+            self.first::<(i64,)>(&self.st.member_count, (i(id.0),)),
+            self.first::<(i64,)>(&self.st.is_private, (i(id.0),)),
+        )?;
         Ok(Some(Channel {
             id,
             name: name.unwrap_or_default(),
             owner: UserId(owner.map_or(0, u)),
-            member_count: u32::try_from(count).unwrap_or(u32::MAX),
+            member_count: u32::try_from(count.map_or(0, |(n,)| n)).unwrap_or(u32::MAX),
+            private: private.is_some(),
         }))
     }
 }
@@ -831,15 +832,20 @@ impl StateStore for CassandraStore {
             .await
     }
 
-    async fn create_channel(
+    async fn create_channel_with(
         &self,
         id: ChannelId,
         name: &str,
         owner: UserId,
+        private: bool,
     ) -> Result<Channel, StorageError> {
         check_name(name)?;
         if self.user_by_id(owner).await?.is_none() {
             return Err(StorageError::UnknownUser(owner));
+        }
+        // Private first: the channel is never readable as public.
+        if private {
+            self.exec(&self.st.mark_private, (i(id.0),)).await?;
         }
         // The id row first, then the name claim (see create_user): a claimed name always
         // leads to a channel.
@@ -850,6 +856,9 @@ impl StateStore for CassandraStore {
             .await?;
         if !claim.applied && claim.existing_bigint("id") != Some(i(id.0)) {
             self.exec(&self.st.delete_channel, (i(id.0),)).await?;
+            if private {
+                self.exec(&self.st.unmark_private, (i(id.0),)).await?;
+            }
             return Err(StorageError::ChannelExists(name.to_owned()));
         }
         self.join_channel(id, owner).await?;
@@ -858,7 +867,42 @@ impl StateStore for CassandraStore {
             name: name.to_owned(),
             owner,
             member_count: 1,
+            private,
         })
+    }
+
+    async fn is_channel_admin(&self, id: ChannelId, user: UserId) -> Result<bool, StorageError> {
+        let Some(ch) = self.channel_row(id).await? else {
+            return Err(StorageError::UnknownChannel(id));
+        };
+        if ch.owner == user {
+            return Ok(true);
+        }
+        Ok(self
+            .first::<(i64,)>(&self.st.is_admin, (i(id.0), i(user.0)))
+            .await?
+            .is_some())
+    }
+
+    async fn set_channel_admin(
+        &self,
+        id: ChannelId,
+        user: UserId,
+        admin: bool,
+    ) -> Result<bool, StorageError> {
+        if !self.channel_exists(id).await? {
+            return Err(StorageError::UnknownChannel(id));
+        }
+        if !self.is_member(user, ChatId::Channel(id)).await? {
+            return Ok(false);
+        }
+        let st = if admin {
+            &self.st.add_admin
+        } else {
+            &self.st.remove_admin
+        };
+        self.exec(st, (i(id.0), i(user.0))).await?;
+        Ok(true)
     }
 
     async fn channel(&self, id: ChannelId) -> Result<Option<Channel>, StorageError> {
@@ -943,9 +987,11 @@ impl StateStore for CassandraStore {
                 .first::<(i64,)>(&self.st.channel_of_user, (i(user.0), i(id.0)))
                 .await?
                 .is_some();
+        // A role ends with the membership: rejoining makes a plain member.
         futures::try_join!(
             self.exec(&self.st.remove_user_chat, (i(user.0), &key)),
             self.exec(&self.st.clear_marks, (i(user.0), &key)),
+            self.exec(&self.st.remove_admin, (i(id.0), i(user.0))),
         )?;
         // channels_by_user last: while it is there, a retry knows the leave is unfinished.
         self.exec(&self.st.remove_channel_of_user, (i(user.0), i(id.0)))

@@ -10,7 +10,7 @@ use super::error::{CassandraError, drv};
 use crate::error::StorageError;
 
 /// Newest schema version this build knows (the number of the last `storage/cql` file).
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// `component` of this schema's rows in `schema_version`.
 pub(crate) const COMPONENT: &str = "meshchat";
@@ -19,11 +19,18 @@ pub(crate) const COMPONENT: &str = "meshchat";
 pub(crate) const BUCKET_WIDTH_SETTING: &str = "bucket_width_ms";
 
 /// The schema files, in order: (version, file name, text).
-const FILES: &[(i32, &str, &str)] = &[(
-    1,
-    "001_schema.cql",
-    include_str!("../../cql/001_schema.cql"),
-)];
+const FILES: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "001_schema.cql",
+        include_str!("../../cql/001_schema.cql"),
+    ),
+    (
+        2,
+        "002_channel_access.cql",
+        include_str!("../../cql/002_channel_access.cql"),
+    ),
+];
 
 /// Splits a schema file into statements: drops whole-line `--` comments and blank lines,
 /// splits on `;` and trims. Every statement comes back without its `;`.
@@ -388,6 +395,8 @@ mod tests {
             "channels_by_name",
             "channel_members",
             "channels_by_user",
+            "private_channels",
+            "channel_admins",
         ] {
             let head = format!("CREATE TABLE IF NOT EXISTS chat_ks.{table} (");
             assert_eq!(

@@ -126,6 +126,18 @@ statements! {
     // Channels.
     claim_channel_name, false,
         "INSERT INTO {ks}.channels_by_name (name, id) VALUES (?, ?) IF NOT EXISTS";
+    mark_private, true,
+        "INSERT INTO {ks}.private_channels (id) VALUES (?)";
+    unmark_private, true,
+        "DELETE FROM {ks}.private_channels WHERE id = ?";
+    is_private, true,
+        "SELECT id FROM {ks}.private_channels WHERE id = ?";
+    add_admin, true,
+        "INSERT INTO {ks}.channel_admins (channel_id, user_id) VALUES (?, ?)";
+    remove_admin, true,
+        "DELETE FROM {ks}.channel_admins WHERE channel_id = ? AND user_id = ?";
+    is_admin, true,
+        "SELECT user_id FROM {ks}.channel_admins WHERE channel_id = ? AND user_id = ?";
     insert_channel, true,
         "INSERT INTO {ks}.channels (id, name, owner) VALUES (?, ?, ?)";
     delete_channel, true,

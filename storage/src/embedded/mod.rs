@@ -507,14 +507,29 @@ impl StateStore for EmbeddedStore {
         self.read(move |c| sql::chat_list(c, user, limit)).await
     }
 
-    async fn create_channel(
+    async fn create_channel_with(
         &self,
         id: ChannelId,
         name: &str,
         owner: UserId,
+        private: bool,
     ) -> Result<Channel, StorageError> {
         let name = name.to_owned();
-        self.write(move |c| sql::create_channel(c, id, &name, owner))
+        self.write(move |c| sql::create_channel(c, id, &name, owner, private))
+            .await
+    }
+
+    async fn is_channel_admin(&self, id: ChannelId, user: UserId) -> Result<bool, StorageError> {
+        self.read(move |c| sql::is_channel_admin(c, id, user)).await
+    }
+
+    async fn set_channel_admin(
+        &self,
+        id: ChannelId,
+        user: UserId,
+        admin: bool,
+    ) -> Result<bool, StorageError> {
+        self.write(move |c| sql::set_channel_admin(c, id, user, admin))
             .await
     }
 

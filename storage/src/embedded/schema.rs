@@ -11,7 +11,8 @@ use crate::error::StorageError;
 
 /// Schema version written to `PRAGMA user_version`.
 /// 2: the idempotency key includes the chat.
-pub(super) const SCHEMA_VERSION: i64 = 2;
+/// 3: private channels and channel admins.
+pub(super) const SCHEMA_VERSION: i64 = 3;
 
 /// Version 1 -> 2: the idempotency key was (sender, client_msg_id), so a client id reused
 /// in another chat was acked as a duplicate and not stored. Rebuilds the table with the chat
@@ -28,6 +29,12 @@ INSERT INTO idempotency_v2 (sender, chat, client_msg_id, message_id)
     SELECT sender, chat, client_msg_id, message_id FROM idempotency;
 DROP TABLE idempotency;
 ALTER TABLE idempotency_v2 RENAME TO idempotency;
+"#;
+
+/// Version 2 -> 3: a channel is public or private (existing ones stay public); the admins
+/// table is created by [`SCHEMA`].
+const MIGRATE_V2: &str = r#"
+ALTER TABLE channels ADD COLUMN private INTEGER NOT NULL DEFAULT 0;
 "#;
 
 const SCHEMA: &str = r#"
@@ -83,10 +90,18 @@ CREATE TABLE IF NOT EXISTS user_chats (
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS channels (
-    id    INTEGER PRIMARY KEY,
-    name  TEXT    NOT NULL UNIQUE,
-    owner INTEGER NOT NULL
+    id      INTEGER PRIMARY KEY,
+    name    TEXT    NOT NULL UNIQUE,
+    owner   INTEGER NOT NULL,
+    private INTEGER NOT NULL DEFAULT 0
 );
+
+-- Members made admins by the owner (the owner is an admin without a row).
+CREATE TABLE IF NOT EXISTS channel_admins (
+    channel_id INTEGER NOT NULL,
+    user_id    INTEGER NOT NULL,
+    PRIMARY KEY (channel_id, user_id)
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS channel_members (
     channel_id INTEGER NOT NULL,
@@ -136,6 +151,14 @@ pub(super) fn prepare(conn: &Connection, durability: Durability) -> Result<(), S
         let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if found == 1 {
             conn.execute_batch(MIGRATE_V1)?;
+        }
+        let has_private: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info('channels') WHERE name = 'private'",
+            [],
+            |r| r.get(0),
+        )?;
+        if (1..=2).contains(&found) && !has_private {
+            conn.execute_batch(MIGRATE_V2)?;
         }
         conn.execute_batch(&format!("{SCHEMA} PRAGMA user_version = {SCHEMA_VERSION};"))?;
         conn.execute_batch("COMMIT")

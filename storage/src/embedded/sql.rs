@@ -477,26 +477,28 @@ fn channel_row(r: &Row<'_>) -> rusqlite::Result<Channel> {
         name: r.get(1)?,
         owner: UserId(u(r.get(2)?)),
         member_count: r.get(3)?,
+        private: r.get::<_, i64>(4)? != 0,
     })
 }
 
 const CHANNEL_COLUMNS: &str = "c.id, c.name, c.owner,
-    (SELECT count(*) FROM channel_members m WHERE m.channel_id = c.id)";
+    (SELECT count(*) FROM channel_members m WHERE m.channel_id = c.id), c.private";
 
 pub(super) fn create_channel(
     c: &Connection,
     id: ChannelId,
     name: &str,
     owner: UserId,
+    private: bool,
 ) -> Result<Channel, StorageError> {
     check_name(name)?;
     if user_by_id(c, owner)?.is_none() {
         return Err(StorageError::UnknownUser(owner));
     }
     match c
-        .prepare_cached("INSERT INTO channels (id, name, owner) VALUES (?1, ?2, ?3)")
+        .prepare_cached("INSERT INTO channels (id, name, owner, private) VALUES (?1, ?2, ?3, ?4)")
         .map_err(db)?
-        .execute(params![i(id.0), name, i(owner.0)])
+        .execute(params![i(id.0), name, i(owner.0), i64::from(private)])
     {
         Ok(_) => {}
         Err(e) if is_unique_violation(&e) => {
@@ -510,7 +512,58 @@ pub(super) fn create_channel(
         name: name.to_owned(),
         owner,
         member_count: 1,
+        private,
     })
+}
+
+pub(super) fn is_channel_admin(
+    c: &Connection,
+    id: ChannelId,
+    user: UserId,
+) -> Result<bool, StorageError> {
+    let Some(ch) = channel(c, id)? else {
+        return Err(StorageError::UnknownChannel(id));
+    };
+    if ch.owner == user {
+        return Ok(true);
+    }
+    c.prepare_cached("SELECT 1 FROM channel_admins WHERE channel_id = ?1 AND user_id = ?2")
+        .map_err(db)?
+        .query_row(params![i(id.0), i(user.0)], |_| Ok(()))
+        .optional()
+        .map_err(db)
+        .map(|o| o.is_some())
+}
+
+pub(super) fn set_channel_admin(
+    c: &Connection,
+    id: ChannelId,
+    user: UserId,
+    admin: bool,
+) -> Result<bool, StorageError> {
+    if !channel_exists(c, id)? {
+        return Err(StorageError::UnknownChannel(id));
+    }
+    let member = c
+        .prepare_cached("SELECT 1 FROM channel_members WHERE channel_id = ?1 AND user_id = ?2")
+        .map_err(db)?
+        .query_row(params![i(id.0), i(user.0)], |_| Ok(()))
+        .optional()
+        .map_err(db)?
+        .is_some();
+    if !member {
+        return Ok(false);
+    }
+    let sql = if admin {
+        "INSERT OR IGNORE INTO channel_admins (channel_id, user_id) VALUES (?1, ?2)"
+    } else {
+        "DELETE FROM channel_admins WHERE channel_id = ?1 AND user_id = ?2"
+    };
+    c.prepare_cached(sql)
+        .map_err(db)?
+        .execute(params![i(id.0), i(user.0)])
+        .map_err(db)?;
+    Ok(true)
 }
 
 pub(super) fn channel(c: &Connection, id: ChannelId) -> Result<Option<Channel>, StorageError> {
@@ -589,6 +642,11 @@ pub(super) fn leave_channel(
     c.prepare_cached("DELETE FROM user_chats WHERE user_id = ?1 AND chat = ?2")
         .map_err(db)?
         .execute(params![i(user.0), chat_key(ChatId::Channel(id))])
+        .map_err(db)?;
+    // A role ends with the membership: rejoining makes a plain member.
+    c.prepare_cached("DELETE FROM channel_admins WHERE channel_id = ?1 AND user_id = ?2")
+        .map_err(db)?
+        .execute(params![i(id.0), i(user.0)])
         .map_err(db)?;
     Ok(n > 0)
 }
