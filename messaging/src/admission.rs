@@ -10,7 +10,9 @@
 //!   `handshake_timeout`;
 //! - a source (an IPv4 address, or an IPv6 /64) holds at most `per_source` slots, counting
 //!   those waiting for one: past that an unvalidated client gets a Retry and a validated one
-//!   is refused;
+//!   is refused. Validated and unvalidated handshakes are counted apart: Initials forged in a
+//!   victim's name fill only the unvalidated share, never keep the victim's real (validated)
+//!   clients out;
 //! - a validated client finding every slot taken waits for one (bounded by the caller's
 //!   timeout, `handshake_queue_wait`) instead of being refused at once.
 //!
@@ -71,14 +73,15 @@ pub struct HandshakeGate {
     capacity: usize,
     retry_above: usize,
     per_source: u32,
-    sources: Arc<DashMap<IpAddr, u32>>,
+    /// Handshakes per (source, validated).
+    sources: Arc<DashMap<(IpAddr, bool), u32>>,
 }
 
 /// One source's share of the handshakes in progress (or waiting); released on drop.
 #[derive(Debug)]
 pub struct SourceShare {
-    sources: Arc<DashMap<IpAddr, u32>>,
-    key: IpAddr,
+    sources: Arc<DashMap<(IpAddr, bool), u32>>,
+    key: (IpAddr, bool),
 }
 
 impl Drop for SourceShare {
@@ -124,7 +127,7 @@ impl HandshakeGate {
     /// Decides for a connection from `source`; `validated` says whether the client proved it
     /// owns the address (it answered a Retry).
     pub fn admit(&self, source: IpAddr, validated: bool) -> Admit {
-        let key = source_key(source);
+        let key = (source_key(source), validated);
         let held = self.sources.get(&key).map_or(0, |n| *n);
         if held >= self.per_source {
             return if validated {
@@ -147,7 +150,7 @@ impl HandshakeGate {
         }
     }
 
-    fn share(&self, key: IpAddr) -> SourceShare {
+    fn share(&self, key: (IpAddr, bool)) -> SourceShare {
         *self.sources.entry(key).or_insert(0) += 1;
         SourceShare {
             sources: self.sources.clone(),
@@ -316,8 +319,15 @@ mod tests {
         let held: Vec<_> = (0..2).map(|_| g.admit(ip("10.0.0.1"), true)).collect();
         assert!(held.iter().all(|a| matches!(a, Admit::Now(_))));
         assert!(matches!(g.admit(ip("10.0.0.1"), true), Admit::Refuse));
-        // Unvalidated: could be spoofed in the victim's name, so it is asked to prove it.
-        assert!(matches!(g.admit(ip("10.0.0.1"), false), Admit::Retry));
+        // Unvalidated handshakes have a share of their own (they could be forged in the
+        // source's name): not refused for the validated ones'.
+        assert!(matches!(g.admit(ip("10.0.0.1"), false), Admit::Now(_)));
+        assert!(matches!(g.admit(ip("10.0.0.2"), true), Admit::Now(_)));
+        // Forged Initials in 10.0.0.2's name fill its unvalidated share only: its real
+        // (validated) clients still get slots.
+        let forged: Vec<_> = (0..2).map(|_| g.admit(ip("10.0.0.2"), false)).collect();
+        assert!(forged.iter().all(|a| matches!(a, Admit::Now(_))));
+        assert!(matches!(g.admit(ip("10.0.0.2"), false), Admit::Retry));
         assert!(matches!(g.admit(ip("10.0.0.2"), true), Admit::Now(_)));
         // An IPv6 host counts per /64.
         let v6: Vec<_> = ["2001:db8::1", "2001:db8::2"]

@@ -5,9 +5,10 @@
 //! read: any node holding the cluster's token secret can check it.
 //!
 //! - **Key ids.** Every token names its key (`kid`, derived from the secret). A node signs
-//!   with its current secret and verifies with it and any previous ones, so the secret can be
-//!   rotated without logging everyone out: add the new one everywhere as current with the old
-//!   one as previous, then drop the old one once its tokens have expired.
+//!   with its current secret and verifies with it and any others listed, so the secret can be
+//!   rotated without logging everyone out, in three rolling restarts: list the new secret as
+//!   a verification key everywhere; then sign with it, keeping the old one listed; then drop
+//!   the old one once its tokens have expired.
 //! - **Refresh with a hard end.** `Authenticate` with a valid token returns a fresh one, but
 //!   never past `ath + max_lifetime`: a stolen token cannot be refreshed forever, and a user
 //!   proves their password again at least that often.
@@ -252,17 +253,31 @@ impl Auth {
     pub fn verify(&self, token: &str) -> Result<Identity, RequestError> {
         let invalid = |e: jsonwebtoken::errors::Error| match e.kind() {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => RequestError::TokenExpired,
-            _ => RequestError::TokenInvalid(e.to_string()),
+            // The library's messages can quote the token's own fields: clipped.
+            _ => RequestError::TokenInvalid(crate::error::clip(&e.to_string()).into_owned()),
         };
         let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
-        // A token without a key id predates key ids: only the current key can have signed it.
-        let kid = header.kid.unwrap_or_else(|| self.kid.clone());
-        let Some((_, key)) = self.decoding.iter().find(|(k, _)| *k == kid) else {
-            return Err(RequestError::TokenInvalid(format!(
-                "signed with key {kid}, which this node does not hold (rotated out?)"
-            )));
+        let keys: Vec<&DecodingKey> = match &header.kid {
+            Some(kid) => match self.decoding.iter().find(|(k, _)| k == kid) {
+                Some((_, key)) => vec![key],
+                None => {
+                    return Err(RequestError::TokenInvalid(format!(
+                        "signed with key {}, which this node does not hold (rotated out?)",
+                        crate::error::clip(kid)
+                    )));
+                }
+            },
+            // A token without a key id predates key ids: any key this node verifies with.
+            None => self.decoding.iter().map(|(_, key)| key).collect(),
         };
-        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(invalid)?;
+        let mut result = Err(RequestError::TokenInvalid("no verification key".into()));
+        for key in keys {
+            result = jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(invalid);
+            if result.is_ok() {
+                break;
+            }
+        }
+        let data = result?;
         // Valid strictly before `exp` (the JWT rule): a connection is closed at `exp`, and its
         // token must not open another one in the same second.
         if data.claims.exp <= now_secs() {

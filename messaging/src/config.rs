@@ -286,9 +286,10 @@ pub struct AuthConfig {
     /// File holding the token signing secret (at least 32 bytes). Every node of a cluster
     /// must share it. Default: `<data_dir>/token.key`, generated if missing.
     pub secret_file: Option<PathBuf>,
-    /// Earlier token secrets, still accepted for verification while their tokens live (key
-    /// rotation: make the new secret `secret_file`, list the old one here, drop it after
-    /// `token_ttl`). Each must be owner-only, like the current one.
+    /// Other token secrets accepted for verification only (key rotation, in three rolling
+    /// restarts: list the new secret here on every node; then make it `secret_file` and list
+    /// the old one here; drop the old one after `token_ttl`). Each must be owner-only, like
+    /// the current one.
     pub previous_secret_files: Vec<PathBuf>,
     /// How long a token is valid (default 7 days). A connection is closed with
     /// `TOKEN_EXPIRED` when the token it last got expires, unless the client refreshed it.
@@ -310,8 +311,8 @@ pub struct AuthConfig {
     pub logins_per_account_per_min: u32,
     /// Burst of logins per account name (default 5).
     pub logins_per_account_burst: u32,
-    /// Failed authentications (bad credentials or token) one connection may make; the next
-    /// closes it (default 5).
+    /// Failed authentications (bad credentials, bad or expired token) after which a connection
+    /// is closed, the last one's error first (default 5: the fifth failure closes it).
     pub max_auth_failures: u32,
 }
 
@@ -350,7 +351,8 @@ pub struct LimitsConfig {
     pub send_rate_per_sec: u32,
     /// Burst of sends per user above the sustained rate (default 100).
     pub send_burst: u32,
-    /// Live client connections per node (`UNAVAILABLE` beyond; default 200,000).
+    /// Live client connections per node, handshaking or authenticated (beyond it a new
+    /// connection is refused in the QUIC handshake, `CONNECTION_REFUSED`; default 200,000).
     pub max_connections: usize,
     /// TLS handshakes in progress at once (default 1,024). A client that proved its address
     /// (answered a QUIC Retry) waits up to `handshake_queue_wait` for a slot; others retry.
@@ -379,6 +381,12 @@ pub struct LimitsConfig {
     /// Pushes queued per connection before it is cut off as a slow reader (`SLOW_READER`;
     /// default 256).
     pub outbound_queue: usize,
+    /// Authenticated connections one user may have on this node (`OVERLOADED` beyond;
+    /// default 32): one stolen or shared token cannot take every slot of a node.
+    pub max_connections_per_user: usize,
+    /// Bytes of requests being handled at once on this node, all connections together
+    /// (`OVERLOADED` beyond; default 256 MiB).
+    pub max_inflight_bytes: usize,
     /// Requests one connection may have in progress at once; more wait (default 32).
     pub max_inflight_per_conn: usize,
     /// A write to a client blocked this long (the client stopped reading) closes the
@@ -407,6 +415,8 @@ impl Default for LimitsConfig {
             idle_timeout: Duration::from_secs(60),
             outbound_queue: 256,
             max_inflight_per_conn: 32,
+            max_connections_per_user: 32,
+            max_inflight_bytes: 256 * 1024 * 1024,
             write_timeout: Duration::from_secs(10),
         }
     }
@@ -463,6 +473,8 @@ const MAX_HANDSHAKES: usize = 1 << 20;
 const MAX_QUEUE: usize = 1 << 16;
 /// Most requests in progress per connection (`limits.max_inflight_per_conn`).
 const MAX_INFLIGHT: usize = 1 << 10;
+/// Most bytes of requests handled at once (`limits.max_inflight_bytes`): 64 GiB.
+const MAX_INFLIGHT_BYTES: usize = 64 << 30;
 /// Most envelopes queued per peer (`cluster.peer_queue`).
 const MAX_PEER_QUEUE: usize = 1 << 24;
 /// Most argon2id hashes at once (`auth.max_concurrent_hashes`): ~19 MiB each.
@@ -470,7 +482,10 @@ const MAX_CONCURRENT_HASHES: usize = 256;
 /// Longest timeout, wait or grace period: a day. Longer is a unit mistake, and some
 /// `Instant + Duration` sums panic on overflow.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-/// Longest `auth.token_ttl` and `auth.max_login_lifetime`: ten years.
+/// Longest `auth.token_ttl`: a year (a live connection's timer runs to its token's expiry,
+/// and tokio's timers reach about two years).
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Longest `auth.max_login_lifetime`: ten years.
 const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3650 * 24 * 3600);
 /// Longest `cluster.heartbeat`.
 const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
@@ -640,6 +655,19 @@ impl NodeConfig {
         )?;
         within("limits.outbound_queue", l.outbound_queue, 1, MAX_QUEUE)?;
         within(
+            "limits.max_connections_per_user",
+            l.max_connections_per_user,
+            1,
+            MAX_CONNECTIONS,
+        )?;
+        // One whole frame must fit; a tokio semaphore takes at most `usize::MAX >> 3`.
+        within(
+            "limits.max_inflight_bytes",
+            l.max_inflight_bytes,
+            l.max_frame_bytes as usize,
+            MAX_INFLIGHT_BYTES,
+        )?;
+        within(
             "limits.max_inflight_per_conn",
             l.max_inflight_per_conn,
             1,
@@ -673,7 +701,7 @@ impl NodeConfig {
     fn validate_auth(&self) -> Result<(), ConfigError> {
         let a = &self.auth;
         let s = Duration::from_secs(1);
-        within("auth.token_ttl", a.token_ttl, s, MAX_TOKEN_LIFETIME)?;
+        within("auth.token_ttl", a.token_ttl, s, MAX_TOKEN_TTL)?;
         within(
             "auth.max_login_lifetime",
             a.max_login_lifetime,
@@ -686,6 +714,24 @@ impl NodeConfig {
             1,
             MAX_CONCURRENT_HASHES,
         )?;
+        for (key, value) in [
+            (
+                "auth.attempts_per_source_per_min",
+                a.attempts_per_source_per_min,
+            ),
+            (
+                "auth.attempts_per_source_burst",
+                a.attempts_per_source_burst,
+            ),
+            (
+                "auth.logins_per_account_per_min",
+                a.logins_per_account_per_min,
+            ),
+            ("auth.logins_per_account_burst", a.logins_per_account_burst),
+            ("auth.max_auth_failures", a.max_auth_failures),
+        ] {
+            within(key, value, 1, u32::MAX)?;
+        }
         Ok(())
     }
 

@@ -132,6 +132,11 @@ impl DevCluster {
             data_dir: self.data_dir.clone(),
             ..NodeConfig::default()
         };
+        // Every client of a dev cluster (the CLI, the load test) comes from this machine, from
+        // one or a few loopback addresses: a per-source share of the handshake slots would cap
+        // the whole cluster. The other admission rules stay.
+        c.limits.max_handshakes_per_source =
+            u32::try_from(c.limits.max_concurrent_handshakes).unwrap_or(u32::MAX);
         if let DevStorage::Cassandra(settings) = &self.storage {
             c.storage.backend = Backend::Cassandra;
             c.storage.cassandra = settings.clone();

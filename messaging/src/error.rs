@@ -30,8 +30,8 @@ pub enum RequestError {
         /// Configured maximum.
         max: u32,
     },
-    /// Per-user send rate exceeded.
-    #[error("send rate exceeded; retry in {retry_after_ms} ms")]
+    /// A rate limit was hit (sends, other events, password attempts).
+    #[error("rate limit exceeded; retry in {retry_after_ms} ms")]
     RateLimited {
         /// When a send would be accepted again.
         retry_after_ms: u64,

@@ -39,13 +39,17 @@ impl MemberCache {
 
     /// Caches `list` unless something changed since `version`.
     pub fn insert_if_unchanged(&self, id: ChannelId, list: Arc<Vec<UserId>>, version: u64) {
-        if self.changes.load(Ordering::SeqCst) != version {
-            return;
-        }
         if self.lists.len() >= MEMBER_CACHE_MAX {
             self.lists.clear();
         }
-        self.lists.insert(id, list);
+        // The version is checked under the entry's lock: an invalidation bumps the counter
+        // before it takes that lock to remove, so it either is seen here (nothing cached) or
+        // removes what is cached here after it; never a stale list cached past it.
+        let entry = self.lists.entry(id);
+        if self.changes.load(Ordering::SeqCst) != version {
+            return;
+        }
+        entry.insert(list);
     }
 
     /// Drops every list: a mesh link came up (a change may have been lost with the old one),

@@ -105,6 +105,8 @@ pub struct Node {
     lease: Arc<LeaseGate>,
     /// Admission of password attempts (rates per source and account, turns per source).
     passwords: PasswordGate,
+    /// Bytes of requests being handled, all connections together.
+    inflight_bytes: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Node {
@@ -155,6 +157,7 @@ impl Node {
         members: Arc<MemberCache>,
     ) -> Result<Self, RequestError> {
         let config_auth = config.auth.clone();
+        let inflight_bytes = config.limits.max_inflight_bytes;
         let ids = Arc::new(
             Generator::new(config.worker_id())
                 .map_err(|e| RequestError::Internal(e.to_string()))?,
@@ -180,6 +183,7 @@ impl Node {
             members,
             event_rate,
             lease: Arc::new(LeaseGate::unbounded()),
+            inflight_bytes: Arc::new(tokio::sync::Semaphore::new(inflight_bytes)),
             passwords: PasswordGate::new(PasswordLimits {
                 per_source_per_min: config_auth.attempts_per_source_per_min,
                 source_burst: config_auth.attempts_per_source_burst,
@@ -310,7 +314,12 @@ impl Node {
                 }
             }
             client_frame::Body::Login(l) => {
-                let _turn = self.passwords.admit(source, Some(&l.user_name)).await?;
+                // A name that cannot exist is no account to protect, and must not become a
+                // limiter key of any length: the source's limit alone applies to it.
+                let account = valid_name(&l.user_name)
+                    .is_ok()
+                    .then_some(l.user_name.as_str());
+                let _turn = self.passwords.admit(source, account).await?;
                 let Some(creds) = self.storage.user_by_name(&l.user_name).await? else {
                     // Same answer, and the same hashing time, as a wrong password: neither
                     // reveals which names exist.
@@ -353,6 +362,23 @@ impl Node {
             expires_unix_ms,
         };
         Ok(AuthOutcome::Authenticated(identity, ok))
+    }
+
+    /// Takes `bytes` of the node's budget of request bytes in progress, for as long as the
+    /// permit lives; `OVERLOADED` when the node is handling that much already.
+    pub fn admit_request(
+        &self,
+        bytes: usize,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, RequestError> {
+        let n = u32::try_from(bytes.max(1)).unwrap_or(u32::MAX);
+        self.inflight_bytes
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| {
+                RequestError::Overloaded(
+                    "this node is handling too many request bytes at once; retry".into(),
+                )
+            })
     }
 
     /// Handles `Authenticate` on a connection authenticated as `me`: with a valid token of the
@@ -473,7 +499,12 @@ impl Node {
             B::ChannelLeave(l) => {
                 Self::check_rate(&self.event_rate, me.user)?;
                 let id = self.channel_ref(l.channel_id, "").await?;
-                if self.storage.leave_channel(id, me.user).await? {
+                let left = self.storage.leave_channel(id, me.user).await;
+                if left.is_err() {
+                    // It may have half happened: a stale member list must not outlive it.
+                    self.members_changed(id);
+                }
+                if left? {
                     self.members_changed(id);
                     self.push_channel_event(id, me.user, false, None).await?;
                     // The leaver's other devices learn too.
@@ -526,7 +557,12 @@ impl Node {
                         "only the owner removes an admin".into(),
                     ));
                 }
-                if !self.storage.leave_channel(id, user).await? {
+                let removed = self.storage.leave_channel(id, user).await;
+                if removed.is_err() {
+                    // It may have half happened: a stale member list must not outlive it.
+                    self.members_changed(id);
+                }
+                if !removed? {
                     return Err(RequestError::InvalidArgument(format!(
                         "user {user} is not a member of channel {id}"
                     )));
@@ -820,8 +856,10 @@ impl Node {
             });
         }
         let chat = chat_from(s.chat.as_ref())?;
-        self.require_member(me.user, chat).await?;
+        // The rate first: the membership check reads storage, and a flood of sends to chats
+        // the user is not in must cost no more than sends to their own.
         Self::check_rate(&self.rate, me.user)?;
+        self.require_member(me.user, chat).await?;
         // Who gets it, resolved before the write: once the message is durable, nothing may
         // fail between the ack and the push (a retry would be a duplicate and push nothing).
         let audience = self.audience(chat).await?;
@@ -924,8 +962,11 @@ impl Node {
                 }
             }
             ChatId::Channel(_) => {
+                // Only while the author is still a member: who read a channel is for its
+                // members (an ex-member of a private channel learns nothing of it).
                 if let Some(m) = self.storage.message(chat, id).await?
                     && m.sender != me.user
+                    && self.storage.is_member(m.sender, chat).await?
                 {
                     to.push(m.sender);
                 }

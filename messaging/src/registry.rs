@@ -125,6 +125,21 @@ impl Registry {
         self.live.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Adds an authenticated connection of `user` unless the user already has `cap` here;
+    /// then returns how many they have. Checked and added under one lock: concurrent
+    /// authentications of one user never pass the cap together.
+    pub fn insert_capped(&self, user: UserId, handle: ConnHandle, cap: usize) -> Result<(), usize> {
+        {
+            let mut conns = self.users.entry(user).or_default();
+            if conns.len() >= cap {
+                return Err(conns.len());
+            }
+            conns.push(handle);
+        }
+        self.live.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Removes a connection; drops the user's entry when it was the last.
     pub fn remove(&self, user: UserId, id: ConnId) {
         let mut removed = false;

@@ -183,6 +183,8 @@ async fn run(
 ) {
     let limits = &node.config.limits;
     let max_auth_failures = node.config.auth.max_auth_failures.max(1);
+    // One timer for the connection's one deadline: authenticate by `auth_timeout`, then the
+    // expiry of the token it last got (reset on authentication and on every refresh).
     let auth_deadline = tokio::time::sleep(limits.auth_timeout);
     tokio::pin!(auth_deadline);
 
@@ -208,9 +210,6 @@ async fn run(
     let mut batch: Vec<Bytes> = Vec::new();
     let mut seq: u64 = 0;
     let mut auth_failures: u32 = 0;
-    // When the token this connection last got expires: the connection ends then unless the
-    // client refreshed it (Authenticate again as the same user).
-    let mut expires: Option<tokio::time::Instant> = None;
     let mut inflight: FuturesUnordered<Reply> = FuturesUnordered::new();
     let max_frame = limits.max_frame_bytes as usize;
     // Why the loop ended: a code and reason to close with, or None for a clean client close.
@@ -236,12 +235,14 @@ async fn run(
                     batch = Vec::new();
                 }
             }
-            () = async { match expires { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } }, if expires.is_some() => {
-                put(&code_frame(0, ErrorCode::TokenExpired, "this connection's token expired: authenticate with a fresh token, or log in"), max_frame, &mut out);
-                flush_within(&mut send, &mut out, limits.write_timeout).await;
-                break Some((ErrorCode::TokenExpired, b"token expired"));
-            }
-            _ = &mut auth_deadline, if identity.is_none() => {
+            _ = &mut auth_deadline => {
+                // Authenticated: the token this connection last got has expired, and the
+                // client did not refresh it (Authenticate again as the same user).
+                if identity.is_some() {
+                    put(&code_frame(0, ErrorCode::TokenExpired, "this connection's token expired: authenticate with a fresh token, or log in"), max_frame, &mut out);
+                    flush_within(&mut send, &mut out, limits.write_timeout).await;
+                    break Some((ErrorCode::TokenExpired, b"token expired"));
+                }
                 put(&code_frame(0, ErrorCode::AuthTimeout, "not authenticated in time"), max_frame, &mut out);
                 flush_within(&mut send, &mut out, limits.write_timeout).await;
                 break Some((ErrorCode::AuthTimeout, b"not authenticated in time"));
@@ -288,13 +289,19 @@ async fn run(
                                         put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Redirect(r)) }, max_frame, &mut out);
                                     }
                                     Ok(AuthOutcome::Authenticated(who, ok)) => {
-                                        expires = Some(deadline_of(ok.expires_unix_ms));
                                         let ob = Outbox::new(limits.outbound_queue);
-                                        node.registry.insert(who.user, ConnHandle { id, outbox: ob.clone(), conn: conn.clone() });
-                                        debug!(user = who.user.0, "authenticated");
-                                        identity = Some(Arc::new(who));
-                                        outbox = Some(ob);
-                                        put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::AuthOk(ok)) }, max_frame, &mut out);
+                                        let handle = ConnHandle { id, outbox: ob.clone(), conn: conn.clone() };
+                                        if let Err(has) = node.registry.insert_capped(who.user, handle, limits.max_connections_per_user) {
+                                            // One token must not take every slot of a node.
+                                            let e = RequestError::Overloaded(format!("this user has {has} connections on this node, the most allowed; close one"));
+                                            put(&error_frame(rid, &e), max_frame, &mut out);
+                                        } else {
+                                            auth_deadline.as_mut().reset(deadline_of(ok.expires_unix_ms));
+                                            debug!(user = who.user.0, "authenticated");
+                                            identity = Some(Arc::new(who));
+                                            outbox = Some(ob);
+                                            put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::AuthOk(ok)) }, max_frame, &mut out);
+                                        }
                                     }
                                     Err(e) => {
                                         put(&error_frame(rid, &e), max_frame, &mut out);
@@ -316,7 +323,7 @@ async fn run(
                                 // connection's life and gets a fresh token back.
                                 let reply = match node.refresh_request(me, &a.token) {
                                     Ok((who, ok)) => {
-                                        expires = Some(deadline_of(ok.expires_unix_ms));
+                                        auth_deadline.as_mut().reset(deadline_of(ok.expires_unix_ms));
                                         identity = Some(Arc::new(who));
                                         ServerFrame { request_id: rid, body: Some(server_frame::Body::AuthOk(ok)) }
                                     }
@@ -331,16 +338,26 @@ async fn run(
                                 put(&error_frame(rid, &RequestError::Unauthenticated), max_frame, &mut out);
                             }
                             (Some(body), Some(me)) => {
-                                let fut = node.clone().handle(me.clone(), id, body).map(move |r| match r {
-                                    Ok(body) => ServerFrame { request_id: rid, body: Some(body) },
-                                    Err(e) => {
-                                        if matches!(e.code(), ErrorCode::Internal) {
-                                            warn!(error = %e, "request failed");
-                                        }
-                                        error_frame(rid, &e)
+                                // The node's budget of request bytes in progress: held until
+                                // the reply is made.
+                                match node.admit_request(body.encoded_len()) {
+                                    Err(e) => put(&error_frame(rid, &e), max_frame, &mut out),
+                                    Ok(permit) => {
+                                        let fut = node.clone().handle(me.clone(), id, body).map(move |r| {
+                                            let _permit = permit;
+                                            match r {
+                                                Ok(body) => ServerFrame { request_id: rid, body: Some(body) },
+                                                Err(e) => {
+                                                    if matches!(e.code(), ErrorCode::Internal) {
+                                                        warn!(error = %e, "request failed");
+                                                    }
+                                                    error_frame(rid, &e)
+                                                }
+                                            }
+                                        });
+                                        inflight.push(Box::pin(fut));
                                     }
-                                });
-                                inflight.push(Box::pin(fut));
+                                }
                             }
                         }
                     }

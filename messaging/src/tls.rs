@@ -107,21 +107,13 @@ fn dev_ca(dir: &Path, ca: &DevCa) -> Result<Issuer<'static, KeyPair>, TlsError> 
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let cert_path = dir.join(ca.cert);
     let key_path = dir.join(ca.key);
-    let mut generate_error = None;
-    let key_pem = crate::secret::read_or_create(&key_path, || match KeyPair::generate() {
-        Ok(k) => k.serialize_pem().into_bytes(),
-        Err(e) => {
-            generate_error = Some(e);
-            Vec::new()
-        }
-    })
-    .map_err(|e| TlsError::Pem {
-        path: key_path.clone(),
-        what: e.to_string(),
-    })?;
-    if let Some(e) = generate_error {
-        return Err(e.into());
-    }
+    // Generated first (it may fail): only a whole key is ever written.
+    let fresh = KeyPair::generate()?.serialize_pem().into_bytes();
+    let key_pem =
+        crate::secret::read_or_create(&key_path, || fresh).map_err(|e| TlsError::Pem {
+            path: key_path.clone(),
+            what: e.to_string(),
+        })?;
     let key_pem = String::from_utf8(key_pem).map_err(|_| TlsError::Pem {
         path: key_path.clone(),
         what: "not a PEM key".into(),
@@ -268,7 +260,8 @@ pub fn mesh_identity(
                 return Err(TlsError::Pem {
                     path: cert.clone(),
                     what: format!(
-                        "the mesh certificate does not name {} (peers bind a node's id to the                          DNS name node-<id> in its certificate)",
+                        "the mesh certificate does not name {} (peers bind a node's id to the DNS name \
+                         node-<id> in its certificate)",
                         mesh_name(id)
                     ),
                 });

@@ -407,3 +407,90 @@ async fn tokens_of_a_previous_secret_are_accepted_after_rotation() {
     let fresh = d.authenticate(&again.token).await.expect("fresh token");
     assert_eq!(fresh.user, s.user);
 }
+
+/// One user's connections on a node are capped: past `max_connections_per_user` another
+/// authentication is refused `OVERLOADED`, and a slot freed by a close is usable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_cannot_open_connections_past_the_cap() {
+    use meshchat_proto::client::ErrorCode;
+    let node = common::TestNode::start_with(|c| c.limits.max_connections_per_user = 3).await;
+    let (first, _fe, s) = node.user("capped").await;
+    let (second, _se) = node.device(&s).await;
+    let (_third, _te) = node.device(&s).await;
+    let (extra, _ee) = node.client().await;
+    assert_eq!(
+        code_overloaded(extra.authenticate(&s.token).await),
+        ErrorCode::Overloaded
+    );
+    // Another user is not affected.
+    let (_other, _oe, _os) = node.user("not-capped").await;
+    // A device leaves: its slot is free again once the node has seen the close.
+    second.close();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (c, _e) = node.client().await;
+        match c.authenticate(&s.token).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Some(ErrorCode::Overloaded) => {
+                assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    drop(first);
+}
+
+fn code_overloaded<T: std::fmt::Debug>(
+    r: Result<T, meshchat_client::ClientError>,
+) -> meshchat_proto::client::ErrorCode {
+    common::code_of(r)
+}
+
+/// The node's budget of request bytes in progress is shared by every connection: with the
+/// store's write lock held by another process, two sends that together pass the budget cannot
+/// both be in progress; one is refused `OVERLOADED` at once, the other completes when the lock
+/// is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bytes_in_progress_are_bounded_across_connections() {
+    use meshchat_proto::client::ErrorCode;
+    let node = common::TestNode::start_with(|c| {
+        c.limits.max_frame_bytes = 2048;
+        c.limits.max_body_bytes = 1024;
+        c.limits.max_inflight_bytes = 2048;
+    })
+    .await;
+    let (a, _ae, sa) = node.user("budget-a").await;
+    let (b, _be, sb) = node.user("budget-b").await;
+    let chat = meshchat_idgen::ChatId::direct(sa.user, sb.user);
+    // Hold the write lock: sends wait in the store.
+    let db = node.dir.path().join(meshchat_storage::embedded::DB_FILE);
+    let lock = rusqlite::Connection::open(&db).expect("sqlite");
+    lock.busy_timeout(std::time::Duration::from_secs(10))
+        .expect("busy");
+    lock.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+    // Straight requests: the library's send would retry an OVERLOADED.
+    let send = |c: std::sync::Arc<meshchat_client::Client>, n: u32| async move {
+        c.request(meshchat_proto::client::client_frame::Body::Send(
+            meshchat_proto::client::SendMessage {
+                client_msg_id: format!("budget-{n}"),
+                chat: Some(meshchat_proto::ids::chat_to_wire(chat)),
+                body: "x".repeat(1000).into(),
+                reply_to: 0,
+            },
+        ))
+        .await
+    };
+    let (a, b) = (std::sync::Arc::new(a), std::sync::Arc::new(b));
+    let mut sends = tokio::task::JoinSet::new();
+    sends.spawn(send(a.clone(), 1));
+    sends.spawn(send(b.clone(), 2));
+    // Whichever was admitted first holds the budget and waits for the store: the other is
+    // refused at once, and is the first to finish.
+    let first = sends.join_next().await.expect("a send").expect("task");
+    assert_eq!(common::code_of(first), ErrorCode::Overloaded);
+    // The lock released, the admitted one completes.
+    lock.execute_batch("ROLLBACK").expect("unlock");
+    let second = sends.join_next().await.expect("a send").expect("task");
+    assert!(second.is_ok(), "{second:?}");
+}

@@ -39,8 +39,9 @@ pub enum StorageError {
     /// A value is out of range for storage (an empty name, an over-long emoji...).
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
-    /// The write queue stayed full for the enqueue timeout: the store is overloaded.
-    #[error("storage write queue full for {waited_ms} ms")]
+    /// The write queue stayed full, or every reader stayed busy, for the wait limit: the store
+    /// is overloaded.
+    #[error("storage busy: no room for {waited_ms} ms")]
     Overloaded {
         /// How long the caller waited.
         waited_ms: u64,

@@ -42,6 +42,7 @@ pub fn spawn_node_ttl(
             "node_id = {id}\nlisten = \"127.0.0.1:{client_port}\"\ndata_dir = \"{}\"\n\
              [limits]\nsend_rate_per_sec = 10000\nsend_burst = 10000\n\
              [auth]\nattempts_per_source_per_min = 100000\nattempts_per_source_burst = 10000\n\
+             logins_per_account_per_min = 100000\nlogins_per_account_burst = 10000\n\
              [cluster]\nmesh_listen = \"127.0.0.1:{mesh_port}\"\nredis = \"redis://127.0.0.1:{redis}/\"\n\
              heartbeat = \"300ms\"\nmember_ttl = \"{member_ttl}\"\n{store}",
             dir.display()

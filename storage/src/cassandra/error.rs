@@ -45,6 +45,19 @@ pub enum CassandraError {
     /// The keyspace has no schema version: the migrator has not run.
     #[error("keyspace {0} has no meshchat schema; run `meshchat-node migrate` first")]
     NotMigrated(String),
+    /// The keyspace is on an older schema than this build needs.
+    #[error(
+        "keyspace {keyspace} is at schema version {found}, this build needs {needed}; run \
+         `meshchat-node migrate` (it only adds tables)"
+    )]
+    Outdated {
+        /// The keyspace.
+        keyspace: String,
+        /// Its schema version.
+        found: i32,
+        /// This build's.
+        needed: i32,
+    },
     /// Outside development, the keyspace has too few replicas for "acked means durable".
     #[error(
         "keyspace {keyspace} has {replicas} replicas in {datacenter}; a cluster that is not on \

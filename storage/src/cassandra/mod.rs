@@ -163,6 +163,14 @@ impl CassandraStore {
                     supported: i64::from(SCHEMA_VERSION),
                 });
             }
+            Some(found) if found < SCHEMA_VERSION => {
+                return Err(CassandraError::Outdated {
+                    keyspace: cfg.keyspace.clone(),
+                    found,
+                    needed: SCHEMA_VERSION,
+                }
+                .into());
+            }
             Some(_) => {}
         }
         let mut q = Statement::new(format!(
@@ -942,6 +950,9 @@ impl StateStore for CassandraStore {
                 .await?
                 .is_none();
         if added {
+            // A new member has no role, whatever an interrupted leave left behind.
+            self.exec(&self.st.remove_admin, (i(id.0), i(user.0)))
+                .await?;
             // A new member starts with the backlog marked seen (as in the embedded store).
             // Rows at 0 when the channel is empty record "joined, nothing to skip", so a
             // later repeated join never marks the messages sent in between as seen.
@@ -976,23 +987,27 @@ impl StateStore for CassandraStore {
             return Err(StorageError::UnknownChannel(id));
         }
         let key = chat_key(ChatId::Channel(id));
-        let applied = self
-            .lwt(&self.st.remove_member, (i(id.0), i(user.0)))
-            .await?
-            .applied;
-        // Not a member: never was, or the retry of a leave that failed after its membership
-        // delete (its companions are still there: finish it and report the leave as ours).
-        let removed = applied
-            || self
-                .first::<(i64,)>(&self.st.channel_of_user, (i(user.0), i(id.0)))
-                .await?
-                .is_some();
-        // A role ends with the membership: rejoining makes a plain member.
+        // What the membership grants goes first (the chat-list row, marks, an admin role),
+        // the membership itself after: a leave that fails halfway leaves a member without a
+        // chat-list row (a retry or a rejoin repairs it), never a non-member who still sees
+        // the channel in their chat list.
         futures::try_join!(
             self.exec(&self.st.remove_user_chat, (i(user.0), &key)),
             self.exec(&self.st.clear_marks, (i(user.0), &key)),
             self.exec(&self.st.remove_admin, (i(id.0), i(user.0))),
         )?;
+        let applied = self
+            .lwt(&self.st.remove_member, (i(id.0), i(user.0)))
+            .await?
+            .applied;
+        // Not a member: never was, or the retry of a leave that failed after its membership
+        // delete (its channels_by_user row is still there: finish it and report the leave as
+        // ours).
+        let removed = applied
+            || self
+                .first::<(i64,)>(&self.st.channel_of_user, (i(user.0), i(id.0)))
+                .await?
+                .is_some();
         // channels_by_user last: while it is there, a retry knows the leave is unfinished.
         self.exec(&self.st.remove_channel_of_user, (i(user.0), i(id.0)))
             .await?;

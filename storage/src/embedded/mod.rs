@@ -41,6 +41,9 @@ use meshchat_idgen::{ChannelId, ChatId, MessageId, UserId};
 use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{Semaphore, mpsc, oneshot};
+
+/// How long a read waits for a free reader connection before it is refused `Overloaded`.
+pub const READ_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 use tracing::{debug, error, info, warn};
 
 use crate::error::StorageError;
@@ -308,7 +311,8 @@ impl EmbeddedStore {
             .map_err(|_| StorageError::backend(std::io::Error::other("write batch aborted")))?
     }
 
-    /// Runs `f` on a read connection on the blocking pool.
+    /// Runs `f` on a read connection on the blocking pool, waiting at most
+    /// [`READ_QUEUE_WAIT`] for a free reader.
     async fn read<T, F>(&self, f: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
@@ -317,12 +321,18 @@ impl EmbeddedStore {
         let pool = self.readers.clone();
         // The permit moves into the blocking closure: if the caller is cancelled, the read
         // still holds its slot until it finishes, so the pool bound holds.
-        let permit = pool
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| StorageError::Closed)?;
+        // Bounded: when every reader is busy for this long (one user's heavy reads, a slow
+        // disk), the caller hears OVERLOADED instead of queueing without end.
+        let permit =
+            match tokio::time::timeout(READ_QUEUE_WAIT, pool.permits.clone().acquire_owned()).await
+            {
+                Ok(p) => p.map_err(|_| StorageError::Closed)?,
+                Err(_) => {
+                    return Err(StorageError::Overloaded {
+                        waited_ms: READ_QUEUE_WAIT.as_millis() as u64,
+                    });
+                }
+            };
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let conn = match pool.idle.lock().pop() {

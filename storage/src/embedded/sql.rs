@@ -613,6 +613,13 @@ pub(super) fn join_channel(
         .map_err(db)?
         .execute(params![i(id.0), i(user.0)])
         .map_err(db)?;
+    if n > 0 {
+        // A new member has no role.
+        c.prepare_cached("DELETE FROM channel_admins WHERE channel_id = ?1 AND user_id = ?2")
+            .map_err(db)?
+            .execute(params![i(id.0), i(user.0)])
+            .map_err(db)?;
+    }
     // A new member starts with everything before joining marked seen: no "999+ unread" and
     // no gap fill of the whole backlog.
     c.prepare_cached(
