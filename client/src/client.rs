@@ -581,6 +581,44 @@ impl Client {
         }
     }
 
+    /// Changes my password; every other login of mine is signed out (their tokens refused,
+    /// my other connections closed). The session gets a fresh token.
+    pub async fn change_password(&self, old: &str, new: &str) -> Result<Session, ClientError> {
+        match self
+            .request(client_frame::Body::ChangePassword(pb::ChangePassword {
+                old_password: old.into(),
+                new_password: new.into(),
+            }))
+            .await?
+        {
+            server_frame::Body::AuthOk(ok) => {
+                let s = Session {
+                    user: UserId(ok.user_id),
+                    name: ok.user_name,
+                    token: ok.token,
+                    expires_unix_ms: ok.expires_unix_ms,
+                };
+                *self.session.lock() = Some(s.clone());
+                Ok(s)
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Signs out: the node closes this connection after answering. With `everywhere`, every
+    /// login of mine made up to now is signed out too (tokens refused, other connections
+    /// closed). The session is forgotten either way.
+    pub async fn logout(&self, everywhere: bool) -> Result<(), ClientError> {
+        let reply = self
+            .request(client_frame::Body::Logout(pb::Logout { everywhere }))
+            .await?;
+        *self.session.lock() = None;
+        match reply {
+            server_frame::Body::Done(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Registers a new user and logs this connection in.
     pub async fn register(&self, name: &str, password: &str) -> Result<Session, ClientError> {
         self.auth(client_frame::Body::Register(pb::Register {

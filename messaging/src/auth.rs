@@ -1,7 +1,7 @@
 //! Accounts: argon2id password hashes and signed, expiring tokens.
 //!
 //! Tokens are JWTs (HS256, `jsonwebtoken`) with the user id, name, issue and expiry times,
-//! and the time the user last proved their password (`ath`). Verifying one needs no storage
+//! and the time the user last proved their password (`ath_ms`). Verifying one needs no storage
 //! read: any node holding the cluster's token secret can check it.
 //!
 //! - **Key ids.** Every token names its key (`kid`, derived from the secret). A node signs
@@ -10,7 +10,7 @@
 //!   a verification key everywhere; then sign with it, keeping the old one listed; then drop
 //!   the old one once its tokens have expired.
 //! - **Refresh with a hard end.** `Authenticate` with a valid token returns a fresh one, but
-//!   never past `ath + max_lifetime`: a stolen token cannot be refreshed forever, and a user
+//!   never past `ath_ms + max_lifetime`: a stolen token cannot be refreshed forever, and a user
 //!   proves their password again at least that often.
 //!
 //! Password hashing is memory-hard on purpose (~19 MiB, ~tens of ms), so it runs on the
@@ -63,9 +63,10 @@ pub struct Claims {
     pub exp: u64,
     /// Issuer.
     pub iss: String,
-    /// When the user last proved their password (Unix seconds); refreshes keep it.
+    /// When the user last proved their password (Unix milliseconds: a sign-out at a given
+    /// millisecond tells logins before it from logins after); refreshes keep it.
     #[serde(default)]
-    pub ath: u64,
+    pub ath_ms: u64,
 }
 
 /// A verified identity.
@@ -75,9 +76,9 @@ pub struct Identity {
     pub user: UserId,
     /// Their name.
     pub name: String,
-    /// When they last proved their password (Unix seconds): tokens minted for this identity
-    /// end at `auth_time + max_lifetime` at the latest.
-    pub auth_time: u64,
+    /// When they last proved their password (Unix milliseconds): tokens minted for this
+    /// identity end at `auth_time_ms + max_lifetime` at the latest.
+    pub auth_time_ms: u64,
 }
 
 /// The key id of a token secret: the first 8 bytes of its SHA-256, in hex. Not secret.
@@ -116,6 +117,14 @@ impl std::fmt::Debug for Auth {
 
 /// Default hard end of a login's tokens, refreshes included.
 pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The wall clock in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// The wall clock in Unix seconds.
 pub fn now_secs() -> u64 {
@@ -211,17 +220,19 @@ impl Auth {
         name: &str,
         iat: u64,
     ) -> Result<(String, u64), RequestError> {
-        self.sign(user, name, iat, iat)
+        self.sign(user, name, iat, iat.saturating_mul(1000))
     }
 
     /// A fresh token for an identity that proved itself with a token: same login time, so
-    /// never valid past `auth_time + max_lifetime` (`TOKEN_EXPIRED` once that has passed).
+    /// never valid past `auth_time_ms + max_lifetime` (`TOKEN_EXPIRED` once that has passed).
     pub fn refresh(&self, who: &Identity) -> Result<(String, u64), RequestError> {
-        let now = now_secs();
-        if now >= who.auth_time.saturating_add(self.max_lifetime.as_secs()) {
+        let end_ms = who
+            .auth_time_ms
+            .saturating_add(self.max_lifetime.as_millis() as u64);
+        if now_ms() >= end_ms {
             return Err(RequestError::TokenExpired);
         }
-        self.sign(who.user, &who.name, now, who.auth_time)
+        self.sign(who.user, &who.name, now_secs(), who.auth_time_ms)
     }
 
     fn sign(
@@ -229,18 +240,18 @@ impl Auth {
         user: UserId,
         name: &str,
         iat: u64,
-        ath: u64,
+        ath_ms: u64,
     ) -> Result<(String, u64), RequestError> {
         let exp = iat
             .saturating_add(self.ttl.as_secs())
-            .min(ath.saturating_add(self.max_lifetime.as_secs()));
+            .min((ath_ms / 1000).saturating_add(self.max_lifetime.as_secs()));
         let claims = Claims {
             sub: user.0.to_string(),
             name: name.to_owned(),
             iat,
             exp,
             iss: ISSUER.to_owned(),
-            ath,
+            ath_ms,
         };
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some(self.kid.clone());
@@ -288,16 +299,16 @@ impl Auth {
             .sub
             .parse::<u64>()
             .map_err(|_| RequestError::TokenInvalid("subject is not a user id".into()))?;
-        // Tokens from before `ath` count from their issue time.
-        let auth_time = if data.claims.ath == 0 {
-            data.claims.iat
+        // Tokens from before `ath_ms` count from their issue time.
+        let auth_time_ms = if data.claims.ath_ms == 0 {
+            data.claims.iat.saturating_mul(1000)
         } else {
-            data.claims.ath
+            data.claims.ath_ms
         };
         Ok(Identity {
             user: UserId(user),
             name: data.claims.name,
-            auth_time,
+            auth_time_ms,
         })
     }
 
@@ -373,7 +384,7 @@ mod tests {
         assert!(exp_ms > now_secs() * 1000);
         let who = a.verify(&t).expect("verify");
         assert_eq!((who.user, who.name.as_str()), (UserId(42), "ada"));
-        assert!(who.auth_time.abs_diff(now_secs()) <= 1);
+        assert!(who.auth_time_ms.abs_diff(now_ms()) <= 1_000);
     }
 
     #[test]
@@ -434,13 +445,16 @@ mod tests {
         let mut who = Identity {
             user: UserId(1),
             name: "x".into(),
-            auth_time: now - 6000,
+            auth_time_ms: (now - 6000) * 1000,
         };
         let (fresh, exp_ms) = a.refresh(&who).expect("refresh");
         assert_eq!(exp_ms / 1000, now - 6000 + 7200);
-        assert_eq!(a.verify(&fresh).expect("fresh").auth_time, now - 6000);
+        assert_eq!(
+            a.verify(&fresh).expect("fresh").auth_time_ms,
+            (now - 6000) * 1000
+        );
         // Logged in 2 hours ago: no refresh.
-        who.auth_time = now - 7200;
+        who.auth_time_ms = (now - 7200) * 1000;
         assert!(matches!(a.refresh(&who), Err(RequestError::TokenExpired)));
     }
 

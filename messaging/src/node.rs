@@ -14,7 +14,7 @@ use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use meshchat_backplane::lease::LeaseGate;
 use meshchat_idgen::{ChannelId, ChatId, Generator, MessageId, UserId};
-use meshchat_proto::client::{self as pb, client_frame, push, server_frame};
+use meshchat_proto::client::{self as pb, ErrorCode, client_frame, push, server_frame};
 use meshchat_storage::{Direction, NewMessage, PageQuery, ReceiptKind, Storage, StorageError};
 use prost::Message as _;
 use tracing::{Instrument, debug, info_span};
@@ -310,7 +310,7 @@ impl Node {
                 Identity {
                     user: user.id,
                     name: user.name,
-                    auth_time: crate::auth::now_secs(),
+                    auth_time_ms: crate::auth::now_ms(),
                 }
             }
             client_frame::Body::Login(l) => {
@@ -336,10 +336,10 @@ impl Node {
                 Identity {
                     user: creds.user.id,
                     name: creds.user.name,
-                    auth_time: crate::auth::now_secs(),
+                    auth_time_ms: crate::auth::now_ms(),
                 }
             }
-            client_frame::Body::Authenticate(a) => self.auth.verify(&a.token)?,
+            client_frame::Body::Authenticate(a) => self.verify_token(&a.token).await?,
             _ => return Err(RequestError::UnknownRequest),
         };
         // A password proves the user now; a token carries its login's time, and the fresh
@@ -384,12 +384,12 @@ impl Node {
     /// Handles `Authenticate` on a connection authenticated as `me`: with a valid token of the
     /// same user, a fresh token (never past its login's hard end) and the identity the
     /// connection has from now on; another user's token is refused (`INVALID_ARGUMENT`).
-    pub fn refresh_request(
+    pub async fn refresh_request(
         &self,
         me: &Identity,
         token: &str,
     ) -> Result<(Identity, pb::AuthOk), RequestError> {
-        let who = self.auth.verify(token)?;
+        let who = self.verify_token(token).await?;
         if who.user != me.user {
             return Err(RequestError::AlreadyAuthenticated);
         }
@@ -401,6 +401,98 @@ impl Node {
             expires_unix_ms,
         };
         Ok((who, ok))
+    }
+
+    /// Checks a token, and that its login was not signed out since (log out everywhere, a
+    /// password change): one storage read per authentication, none per request.
+    async fn verify_token(&self, token: &str) -> Result<Identity, RequestError> {
+        let who = self.auth.verify(token)?;
+        if who.auth_time_ms < self.storage.signed_out_before(who.user).await? {
+            return Err(RequestError::TokenExpired);
+        }
+        Ok(who)
+    }
+
+    fn auth_ok(&self, who: &Identity) -> Result<pb::AuthOk, RequestError> {
+        let (token, expires_unix_ms) = self.auth.refresh(who)?;
+        Ok(pb::AuthOk {
+            user_id: who.user.0,
+            user_name: who.name.clone(),
+            token,
+            expires_unix_ms,
+        })
+    }
+
+    /// Handles `ChangePassword` on connection `conn` of `me`, from `source`: the identity the
+    /// connection has from now on and its `AuthOk`. Every earlier login is signed out and the
+    /// user's other connections here are closed.
+    pub async fn change_password(
+        &self,
+        me: &Identity,
+        conn: ConnId,
+        source: std::net::IpAddr,
+        c: pb::ChangePassword,
+    ) -> Result<(Identity, pb::AuthOk), RequestError> {
+        self.check_fence()?;
+        if c.new_password.len() < 8 || c.new_password.len() > 1024 {
+            return Err(RequestError::InvalidArgument(
+                "new_password must be 8 to 1024 bytes".into(),
+            ));
+        }
+        // A guess at the old password is a login attempt: the same limits.
+        let _turn = self.passwords.admit(source, Some(&me.name)).await?;
+        let Some(creds) = self.storage.user_by_name(&me.name).await? else {
+            return Err(RequestError::UnknownUser(me.name.clone()));
+        };
+        if creds.user.id != me.user
+            || !self
+                .auth
+                .verify_password(c.old_password, creds.password_hash)
+                .await?
+        {
+            return Err(RequestError::BadCredentials);
+        }
+        let hash = self.auth.hash_password(c.new_password).await?;
+        self.storage
+            .set_password_hash(me.user, &me.name, &hash)
+            .await?;
+        let now = crate::auth::now_ms();
+        self.storage.sign_out_before(me.user, now).await?;
+        self.registry.close_user(
+            me.user,
+            Some(conn),
+            ErrorCode::TokenExpired,
+            b"signed out: the password changed",
+        );
+        let who = Identity {
+            user: me.user,
+            name: me.name.clone(),
+            auth_time_ms: now,
+        };
+        let ok = self.auth_ok(&who)?;
+        Ok((who, ok))
+    }
+
+    /// Handles `Logout` on connection `conn` of `me`: with `everywhere`, signs out every login
+    /// made up to now and closes the user's other connections here. The caller closes `conn`.
+    pub async fn logout(
+        &self,
+        me: &Identity,
+        conn: ConnId,
+        everywhere: bool,
+    ) -> Result<(), RequestError> {
+        if everywhere {
+            // Every login up to this millisecond, this connection's included.
+            let at = crate::auth::now_ms() + 1;
+            self.storage.sign_out_before(me.user, at).await?;
+            self.registry.close_user(
+                me.user,
+                Some(conn),
+                ErrorCode::TokenExpired,
+                b"signed out everywhere",
+            );
+        }
+        Ok(())
     }
 
     /// Handles one request of an authenticated connection.
@@ -711,6 +803,10 @@ impl Node {
             B::Ping(p) => Ok(R::Pong(pb::Pong { nonce: p.nonce })),
             B::Hello(_) => Err(RequestError::InvalidArgument(
                 "hello is only valid as the first frame".into(),
+            )),
+            // The session handles these itself (they change the connection).
+            B::ChangePassword(_) | B::Logout(_) => Err(RequestError::Internal(
+                "session request reached the request handler".into(),
             )),
             B::Register(_) | B::Login(_) | B::Authenticate(_) => {
                 Err(RequestError::AlreadyAuthenticated)

@@ -207,6 +207,26 @@ impl Registry {
     pub fn all(&self) -> Vec<ConnHandle> {
         self.users.iter().flat_map(|e| e.value().clone()).collect()
     }
+
+    /// Closes every connection of `user` here but `except`, with `code` and `reason`;
+    /// returns how many.
+    pub fn close_user(
+        &self,
+        user: UserId,
+        except: Option<ConnId>,
+        code: ErrorCode,
+        reason: &[u8],
+    ) -> usize {
+        let conns: Vec<ConnHandle> = self
+            .users
+            .get(&user)
+            .map(|c| c.iter().filter(|h| Some(h.id) != except).cloned().collect())
+            .unwrap_or_default();
+        for c in &conns {
+            c.conn.close(close_code(code), reason);
+        }
+        conns.len()
+    }
 }
 
 impl ClientConnections for Registry {

@@ -321,7 +321,7 @@ async fn run(
                             (Some(client_frame::Body::Authenticate(a)), Some(me)) => {
                                 // A refresh: the same user's newer token extends this
                                 // connection's life and gets a fresh token back.
-                                let reply = match node.refresh_request(me, &a.token) {
+                                let reply = match Box::pin(node.refresh_request(me, &a.token)).await {
                                     Ok((who, ok)) => {
                                         auth_deadline.as_mut().reset(deadline_of(ok.expires_unix_ms));
                                         identity = Some(Arc::new(who));
@@ -330,6 +330,28 @@ async fn run(
                                     Err(e) => error_frame(rid, &e),
                                 };
                                 put(&reply, max_frame, &mut out);
+                            }
+                            (Some(client_frame::Body::ChangePassword(c)), Some(me)) => {
+                                let reply = match Box::pin(node.change_password(me, id, conn.remote_address().ip(), c)).await {
+                                    Ok((who, ok)) => {
+                                        auth_deadline.as_mut().reset(deadline_of(ok.expires_unix_ms));
+                                        identity = Some(Arc::new(who));
+                                        ServerFrame { request_id: rid, body: Some(server_frame::Body::AuthOk(ok)) }
+                                    }
+                                    Err(e) => error_frame(rid, &e),
+                                };
+                                put(&reply, max_frame, &mut out);
+                            }
+                            (Some(client_frame::Body::Logout(l)), Some(me)) => {
+                                match Box::pin(node.logout(me, id, l.everywhere)).await {
+                                    Ok(()) => {
+                                        put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Done(pb::Done {})) }, max_frame, &mut out);
+                                        flush_within(&mut send, &mut out, limits.write_timeout).await;
+                                        // A clean close (code 0) once the Done is delivered.
+                                        break None;
+                                    }
+                                    Err(e) => put(&error_frame(rid, &e), max_frame, &mut out),
+                                }
                             }
                             (Some(client_frame::Body::Ping(p)), None) => {
                                 put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Pong(pb::Pong { nonce: p.nonce })) }, max_frame, &mut out);

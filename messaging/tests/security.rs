@@ -494,3 +494,123 @@ async fn request_bytes_in_progress_are_bounded_across_connections() {
     let second = sends.join_next().await.expect("a send").expect("task");
     assert!(second.is_ok(), "{second:?}");
 }
+
+async fn ping(
+    c: &meshchat_client::Client,
+) -> Result<meshchat_proto::client::server_frame::Body, meshchat_client::ClientError> {
+    c.request(meshchat_proto::client::client_frame::Body::Ping(
+        meshchat_proto::client::Ping { nonce: 7 },
+    ))
+    .await
+}
+
+/// The next `Disconnected` code within 5 s.
+async fn disconnect_code(events: &mut meshchat_client::Events) -> u64 {
+    common::next_matching(events, |e| match e {
+        meshchat_client::Event::Disconnected { code, .. } => Some(code),
+        _ => None,
+    })
+    .await
+}
+
+/// Logging out everywhere signs out every login made so far: the user's other connections are
+/// closed with `TOKEN_EXPIRED`, their tokens (and refreshes of them) are refused, and a new
+/// login works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logging_out_everywhere_signs_out_every_login() {
+    use meshchat_proto::client::ErrorCode;
+    let node = common::TestNode::start().await;
+    let (phone, mut phone_events, s) = node.user("leaver").await;
+    let (laptop, mut laptop_events) = node.device(&s).await;
+    let (_other, _oe, other) = node.user("stays").await;
+    laptop.logout(true).await.expect("logout everywhere");
+    assert_eq!(
+        disconnect_code(&mut phone_events).await,
+        ErrorCode::TokenExpired as u64
+    );
+    assert_eq!(
+        disconnect_code(&mut laptop_events).await,
+        0,
+        "the asking one closes cleanly"
+    );
+    // The token of that login, and of any refresh of it, opens nothing now.
+    let (c, _ce) = node.client().await;
+    assert_eq!(
+        common::code_of(c.authenticate(&s.token).await),
+        ErrorCode::TokenExpired
+    );
+    // Another user is untouched; a new login works and its token opens connections.
+    let (c, _ce) = node.client().await;
+    c.authenticate(&other.token)
+        .await
+        .expect("another user's token");
+    let (c, _ce) = node.client().await;
+    let again = c
+        .login("leaver", "password-123")
+        .await
+        .expect("log in again");
+    let (d, _de) = node.client().await;
+    d.authenticate(&again.token)
+        .await
+        .expect("the new login's token");
+    drop(phone);
+}
+
+/// A plain logout closes only the asking connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_logout_closes_only_this_connection() {
+    let node = common::TestNode::start().await;
+    let (phone, mut phone_events, s) = node.user("one-device").await;
+    let (laptop, _le) = node.device(&s).await;
+    phone.logout(false).await.expect("logout");
+    assert_eq!(disconnect_code(&mut phone_events).await, 0);
+    ping(&laptop).await.expect("the other device stays");
+    let (c, _ce) = node.client().await;
+    c.authenticate(&s.token)
+        .await
+        .expect("the token stays valid");
+}
+
+/// Changing the password needs the old one, signs every other login out, and hands this
+/// connection a fresh token; the old password stops working, the new one works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_the_password_signs_out_every_other_login() {
+    use meshchat_proto::client::ErrorCode;
+    let node = common::TestNode::start().await;
+    let (me, _me_events, s) = node.user("changer").await;
+    let (thief, mut thief_events) = node.device(&s).await;
+    assert_eq!(
+        common::code_of(me.change_password("wrong-password", "new-password-1").await),
+        ErrorCode::BadCredentials
+    );
+    assert_eq!(
+        common::code_of(me.change_password("password-123", "short").await),
+        ErrorCode::InvalidArgument
+    );
+    let fresh = me
+        .change_password("password-123", "new-password-1")
+        .await
+        .expect("change");
+    assert_eq!(
+        disconnect_code(&mut thief_events).await,
+        ErrorCode::TokenExpired as u64
+    );
+    ping(&me).await.expect("this connection stays");
+    let (c, _ce) = node.client().await;
+    assert_eq!(
+        common::code_of(c.authenticate(&s.token).await),
+        ErrorCode::TokenExpired
+    );
+    let (c, _ce) = node.client().await;
+    c.authenticate(&fresh.token).await.expect("the fresh token");
+    let (c, _ce) = node.client().await;
+    assert_eq!(
+        common::code_of(c.login("changer", "password-123").await),
+        ErrorCode::BadCredentials
+    );
+    let (c, _ce) = node.client().await;
+    c.login("changer", "new-password-1")
+        .await
+        .expect("new password");
+    drop(thief);
+}

@@ -70,6 +70,7 @@ macro_rules! contract_tests {
             member_counts_follow_joins_and_leaves,
             member_and_channel_pages_walk_by_cursor,
             private_channels_and_admins,
+            sign_outs_and_password_changes,
         );
     };
     (#[ignore = $why:literal] $harness:expr) => {
@@ -1286,6 +1287,41 @@ pub async fn private_channels_and_admins(h: &dyn Harness) {
     assert!(matches!(
         s.set_channel_admin(nowhere, owner, true).await,
         Err(StorageError::UnknownChannel(_))
+    ));
+    h.close(s).await;
+}
+
+/// A password hash is replaced where logins read it; a sign-out time starts at 0, only moves
+/// forward, and is per user; unknown users are named.
+pub async fn sign_outs_and_password_changes(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let a = ids.user(&*s, "a").await;
+    let b = ids.user(&*s, "b").await;
+    let name = s.user_by_id(a).await.expect("read").expect("a").name;
+    s.set_password_hash(a, &name, "new-hash")
+        .await
+        .expect("set");
+    let creds = s.user_by_name(&name).await.expect("read").expect("a");
+    assert_eq!(
+        (creds.user.id, creds.password_hash.as_str()),
+        (a, "new-hash")
+    );
+    assert_eq!(s.signed_out_before(a).await.expect("read"), 0);
+    s.sign_out_before(a, 2_000_000_000).await.expect("sign out");
+    assert_eq!(s.signed_out_before(a).await.expect("read"), 2_000_000_000);
+    // Never back.
+    s.sign_out_before(a, 1_000_000_000).await.expect("earlier");
+    assert_eq!(s.signed_out_before(a).await.expect("read"), 2_000_000_000);
+    assert_eq!(s.signed_out_before(b).await.expect("read"), 0);
+    let nobody = UserId(ids.id());
+    assert!(matches!(
+        s.sign_out_before(nobody, 1).await,
+        Err(StorageError::UnknownUser(_))
+    ));
+    assert!(matches!(
+        s.set_password_hash(nobody, "nobody-here", "h").await,
+        Err(StorageError::UnknownUser(_))
     ));
     h.close(s).await;
 }

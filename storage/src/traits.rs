@@ -66,6 +66,22 @@ pub trait StateStore: Send + Sync + 'static {
         password_hash: &str,
     ) -> Result<User, StorageError>;
 
+    /// Replaces the password hash of `user`, whose name is `name`. `UnknownUser` if none.
+    async fn set_password_hash(
+        &self,
+        user: UserId,
+        name: &str,
+        password_hash: &str,
+    ) -> Result<(), StorageError>;
+
+    /// The time (Unix milliseconds) before which `user`'s logins are signed out: tokens of a
+    /// login made earlier are refused. 0 when they never signed out everywhere.
+    async fn signed_out_before(&self, user: UserId) -> Result<u64, StorageError>;
+
+    /// Signs out every login of `user` made before `at` (Unix milliseconds). Never moves
+    /// back.
+    async fn sign_out_before(&self, user: UserId, at: u64) -> Result<(), StorageError>;
+
     /// Looks a user up by name, with the password hash.
     async fn user_by_name(&self, name: &str) -> Result<Option<UserCredentials>, StorageError>;
 

@@ -753,6 +753,44 @@ impl StateStore for CassandraStore {
             }))
     }
 
+    async fn set_password_hash(
+        &self,
+        user: UserId,
+        name: &str,
+        password_hash: &str,
+    ) -> Result<(), StorageError> {
+        // The name row is where logins read the hash; it must be this user's.
+        match self.user_by_name(name).await? {
+            Some(c) if c.user.id == user => {}
+            _ => return Err(StorageError::UnknownUser(user)),
+        }
+        self.exec(&self.st.set_password_hash, (password_hash, name))
+            .await?;
+        Ok(())
+    }
+
+    async fn signed_out_before(&self, user: UserId) -> Result<u64, StorageError> {
+        Ok(self
+            .first::<(Option<i64>,)>(&self.st.signed_out_before, (i(user.0),))
+            .await?
+            .and_then(|(v,)| v)
+            .map_or(0, u))
+    }
+
+    async fn sign_out_before(&self, user: UserId, at: u64) -> Result<(), StorageError> {
+        if self.user_by_id(user).await?.is_none() {
+            return Err(StorageError::UnknownUser(user));
+        }
+        // Never back: a later time only (two concurrent sign-outs both end up signed out at
+        // least as late as the earlier of them).
+        if self.signed_out_before(user).await? >= at {
+            return Ok(());
+        }
+        self.exec(&self.st.sign_out_before, (i(at), i(user.0)))
+            .await?;
+        Ok(())
+    }
+
     async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StorageError> {
         Ok(self
             .first::<(Option<String>,)>(&self.st.user_by_id, (i(id.0),))

@@ -397,6 +397,7 @@ mod tests {
             "channels_by_user",
             "private_channels",
             "channel_admins",
+            "user_sign_outs",
         ] {
             let head = format!("CREATE TABLE IF NOT EXISTS chat_ks.{table} (");
             assert_eq!(

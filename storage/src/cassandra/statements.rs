@@ -123,6 +123,12 @@ statements! {
         "SELECT id, name, password_hash FROM {ks}.users_by_name WHERE name = ?";
     user_by_id, true,
         "SELECT name FROM {ks}.users WHERE id = ?";
+    set_password_hash, true,
+        "UPDATE {ks}.users_by_name SET password_hash = ? WHERE name = ?";
+    signed_out_before, true,
+        "SELECT before FROM {ks}.user_sign_outs WHERE id = ?";
+    sign_out_before, true,
+        "UPDATE {ks}.user_sign_outs SET before = ? WHERE id = ?";
     // Channels.
     claim_channel_name, false,
         "INSERT INTO {ks}.channels_by_name (name, id) VALUES (?, ?) IF NOT EXISTS";

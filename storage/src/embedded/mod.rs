@@ -517,6 +517,25 @@ impl StateStore for EmbeddedStore {
         self.read(move |c| sql::chat_list(c, user, limit)).await
     }
 
+    async fn set_password_hash(
+        &self,
+        user: UserId,
+        _name: &str,
+        password_hash: &str,
+    ) -> Result<(), StorageError> {
+        let hash = password_hash.to_owned();
+        self.write(move |c| sql::set_password_hash(c, user, &hash))
+            .await
+    }
+
+    async fn signed_out_before(&self, user: UserId) -> Result<u64, StorageError> {
+        self.read(move |c| sql::signed_out_before(c, user)).await
+    }
+
+    async fn sign_out_before(&self, user: UserId, at: u64) -> Result<(), StorageError> {
+        self.write(move |c| sql::sign_out_before(c, user, at)).await
+    }
+
     async fn create_channel_with(
         &self,
         id: ChannelId,

@@ -11,7 +11,7 @@ use crate::error::StorageError;
 
 /// Schema version written to `PRAGMA user_version`.
 /// 2: the idempotency key includes the chat.
-/// 3: private channels and channel admins.
+/// 3: private channels, channel admins, and sign-outs (`users.signed_out_before`).
 pub(super) const SCHEMA_VERSION: i64 = 3;
 
 /// Version 1 -> 2: the idempotency key was (sender, client_msg_id), so a client id reused
@@ -33,15 +33,21 @@ ALTER TABLE idempotency_v2 RENAME TO idempotency;
 
 /// Version 2 -> 3: a channel is public or private (existing ones stay public); the admins
 /// table is created by [`SCHEMA`].
-const MIGRATE_V2: &str = r#"
+const MIGRATE_V2_CHANNELS: &str = r#"
 ALTER TABLE channels ADD COLUMN private INTEGER NOT NULL DEFAULT 0;
+"#;
+
+/// Version 2 -> 3: logins before this time (Unix milliseconds) are signed out (0: none).
+const MIGRATE_V2_USERS: &str = r#"
+ALTER TABLE users ADD COLUMN signed_out_before INTEGER NOT NULL DEFAULT 0;
 "#;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS users (
-    id            INTEGER PRIMARY KEY,
-    name          TEXT NOT NULL UNIQUE,
-    password_hash TEXT NOT NULL
+    id                INTEGER PRIMARY KEY,
+    name              TEXT NOT NULL UNIQUE,
+    password_hash     TEXT NOT NULL,
+    signed_out_before INTEGER NOT NULL DEFAULT 0
 );
 
 -- History: one row per message, clustered by chat then id (WITHOUT ROWID = the primary key
@@ -152,13 +158,20 @@ pub(super) fn prepare(conn: &Connection, durability: Durability) -> Result<(), S
         if found == 1 {
             conn.execute_batch(MIGRATE_V1)?;
         }
-        let has_private: bool = conn.query_row(
-            "SELECT count(*) > 0 FROM pragma_table_info('channels') WHERE name = 'private'",
-            [],
-            |r| r.get(0),
-        )?;
-        if (1..=2).contains(&found) && !has_private {
-            conn.execute_batch(MIGRATE_V2)?;
+        let has_column = |table: &str, column: &str| -> rusqlite::Result<bool> {
+            conn.query_row(
+                "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+                [table, column],
+                |r| r.get(0),
+            )
+        };
+        if (1..=2).contains(&found) {
+            if !has_column("channels", "private")? {
+                conn.execute_batch(MIGRATE_V2_CHANNELS)?;
+            }
+            if !has_column("users", "signed_out_before")? {
+                conn.execute_batch(MIGRATE_V2_USERS)?;
+            }
         }
         conn.execute_batch(&format!("{SCHEMA} PRAGMA user_version = {SCHEMA_VERSION};"))?;
         conn.execute_batch("COMMIT")

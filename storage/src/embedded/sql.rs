@@ -328,6 +328,45 @@ pub(super) fn user_by_name(
         .map_err(db)
 }
 
+pub(super) fn set_password_hash(
+    c: &Connection,
+    user: UserId,
+    hash: &str,
+) -> Result<(), StorageError> {
+    let n = c
+        .prepare_cached("UPDATE users SET password_hash = ?2 WHERE id = ?1")
+        .map_err(db)?
+        .execute(params![i(user.0), hash])
+        .map_err(db)?;
+    if n == 0 {
+        return Err(StorageError::UnknownUser(user));
+    }
+    Ok(())
+}
+
+pub(super) fn signed_out_before(c: &Connection, user: UserId) -> Result<u64, StorageError> {
+    c.prepare_cached("SELECT signed_out_before FROM users WHERE id = ?1")
+        .map_err(db)?
+        .query_row(params![i(user.0)], |r| r.get::<_, i64>(0))
+        .optional()
+        .map_err(db)
+        .map(|v| v.map_or(0, u))
+}
+
+pub(super) fn sign_out_before(c: &Connection, user: UserId, at: u64) -> Result<(), StorageError> {
+    let n = c
+        .prepare_cached(
+            "UPDATE users SET signed_out_before = max(signed_out_before, ?2) WHERE id = ?1",
+        )
+        .map_err(db)?
+        .execute(params![i(user.0), i(at)])
+        .map_err(db)?;
+    if n == 0 {
+        return Err(StorageError::UnknownUser(user));
+    }
+    Ok(())
+}
+
 pub(super) fn user_by_id(c: &Connection, id: UserId) -> Result<Option<User>, StorageError> {
     c.prepare_cached("SELECT name FROM users WHERE id = ?1")
         .map_err(db)?
