@@ -167,6 +167,9 @@ pub struct ClusterConfig {
     /// Envelopes queued per peer before new ones are dropped (counted and logged;
     /// default 65,536).
     pub peer_queue: usize,
+    /// Bytes of envelopes queued per peer before new ones are dropped the same way (default
+    /// 64 MiB): what a peer that is down can hold of this node's memory.
+    pub peer_queue_bytes: usize,
     /// CA that signs every node's mesh certificate (mutual TLS between nodes); keep it apart
     /// from the CA of the client-facing certificate. Goes with `cert` and `key`. Default: the
     /// development mesh CA in the data dir (`mesh-ca.pem`).
@@ -235,6 +238,7 @@ impl Default for ClusterConfig {
             members: Vec::new(),
             epoch: 1,
             peer_queue: 65_536,
+            peer_queue_bytes: 64 * 1024 * 1024,
             ca: None,
             cert: None,
             key: None,
@@ -778,6 +782,13 @@ impl NodeConfig {
             return invalid("cluster.ca, cluster.cert and cluster.key go together");
         }
         within("cluster.peer_queue", c.peer_queue, 1, MAX_PEER_QUEUE)?;
+        // One largest envelope must fit (256 KiB).
+        within(
+            "cluster.peer_queue_bytes",
+            c.peer_queue_bytes,
+            256 * 1024,
+            MAX_INFLIGHT_BYTES,
+        )?;
         if let Some(a) = c.mesh_advertise {
             if c.mesh_listen.is_none() {
                 return invalid("cluster.mesh_advertise needs cluster.mesh_listen");

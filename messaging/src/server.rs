@@ -241,6 +241,7 @@ pub fn start_mesh(
         listen,
         roots,
         peer_queue: c.peer_queue,
+        peer_queue_bytes: c.peer_queue_bytes,
         members: c
             .members
             .iter()

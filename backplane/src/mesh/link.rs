@@ -449,8 +449,8 @@ async fn run_link(
                 let mut bytes = 0usize;
                 while out.len() < BATCH_ENVELOPES && bytes < BATCH_BYTES {
                     match q.pop_front() {
-                        Some(e) => {
-                            bytes += prost::Message::encoded_len(&e);
+                        Some((len, e)) => {
+                            bytes += len;
                             out.push(e);
                         }
                         None => break,

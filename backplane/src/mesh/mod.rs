@@ -85,6 +85,7 @@ pub struct Mesh {
     endpoint: quinn::Endpoint,
     stop: watch::Receiver<bool>,
     peer_queue: usize,
+    peer_queue_bytes: usize,
     span: tracing::Span,
 }
 
@@ -103,6 +104,8 @@ pub struct MeshConfig {
     /// Envelopes queued per peer before new ones are dropped (counted, and their recipients
     /// resynced).
     pub peer_queue: usize,
+    /// Bytes of envelopes queued per peer before new ones are dropped (the same way).
+    pub peer_queue_bytes: usize,
     /// A static member list, this node included, adopted at start; empty with dynamic
     /// membership, whose member sets arrive through [`Mesh::apply`].
     pub members: Vec<MeshMember>,
@@ -177,6 +180,7 @@ impl Mesh {
             endpoint: endpoint.clone(),
             stop: stop.clone(),
             peer_queue: c.peer_queue,
+            peer_queue_bytes: c.peer_queue_bytes,
             span: span.clone(),
         });
         info!(%listen, "mesh listening");

@@ -208,15 +208,62 @@ pub struct PeerCounters {
     pub connects: u64,
 }
 
+/// A peer's envelope queue, with the bytes it holds (each envelope's encoded length).
+#[derive(Debug, Default)]
+pub(super) struct EnvelopeQueue {
+    envs: VecDeque<(usize, pm::Envelope)>,
+    bytes: usize,
+}
+
+impl EnvelopeQueue {
+    /// Envelopes queued.
+    pub(super) fn len(&self) -> usize {
+        self.envs.len()
+    }
+
+    /// Bytes queued.
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn push_back(&mut self, len: usize, env: pm::Envelope) {
+        self.bytes += len;
+        self.envs.push_back((len, env));
+    }
+
+    /// Puts an envelope back at the front (a batch whose write did not complete).
+    pub(super) fn push_front(&mut self, env: pm::Envelope) {
+        let len = prost::Message::encoded_len(&env);
+        self.bytes += len;
+        self.envs.push_front((len, env));
+    }
+
+    /// The oldest envelope and its encoded length.
+    pub(super) fn pop_front(&mut self) -> Option<(usize, pm::Envelope)> {
+        let (len, env) = self.envs.pop_front()?;
+        self.bytes -= len;
+        Some((len, env))
+    }
+
+    /// Takes every envelope.
+    pub(super) fn take_all(&mut self) -> Vec<pm::Envelope> {
+        self.bytes = 0;
+        self.envs.drain(..).map(|(_, e)| e).collect()
+    }
+}
+
 /// One peer: its link state, its bounded queue and the lanes that go ahead of it.
 pub(super) struct Peer {
     pub(super) id: NodeId,
     pub(super) addr: SocketAddr,
     /// Flipped when the peer leaves the member set: ends its dial loop and link.
     pub(super) gone: watch::Sender<bool>,
-    pub(super) queue: Mutex<VecDeque<pm::Envelope>>,
+    pub(super) queue: Mutex<EnvelopeQueue>,
     pub(super) ready: Notify,
+    /// Most envelopes queued.
     pub(super) capacity: usize,
+    /// Most bytes queued: a peer that is down holds at most this much of this node's memory.
+    pub(super) capacity_bytes: usize,
     pub(super) up: AtomicBool,
     /// When a datagram from the peer last arrived on its link (checked every
     /// [`HEARD_EVERY`]): a link can stay "up" for its idle timeout after the peer went silent.
@@ -232,16 +279,23 @@ pub(super) struct Peer {
 }
 
 impl Peer {
-    /// A peer at `addr`, not linked yet, whose queue holds up to `capacity` envelopes.
-    pub(super) fn new(id: NodeId, addr: SocketAddr, capacity: usize) -> Self {
+    /// A peer at `addr`, not linked yet, whose queue holds up to `capacity` envelopes and
+    /// `capacity_bytes` bytes of them.
+    pub(super) fn new(
+        id: NodeId,
+        addr: SocketAddr,
+        capacity: usize,
+        capacity_bytes: usize,
+    ) -> Self {
         let (gone, _) = watch::channel(false);
         Self {
             id,
             addr,
             gone,
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(EnvelopeQueue::default()),
             ready: Notify::new(),
             capacity,
+            capacity_bytes,
             up: AtomicBool::new(false),
             heard: Mutex::new(None),
             stats: PeerStats::default(),
@@ -254,18 +308,19 @@ impl Peer {
     pub(super) fn enqueue(&self, env: pm::Envelope) {
         // Bounded on the way in: one envelope too large for a batch frame would otherwise
         // fail the encoding of the whole batch it lands in.
-        if prost::Message::encoded_len(&env) > MAX_ENVELOPE_BYTES {
+        let len = prost::Message::encoded_len(&env);
+        if len > MAX_ENVELOPE_BYTES {
             self.drop_envelope(&env, "envelope over the size limit: dropping it");
             return;
         }
         {
             let mut q = self.queue.lock();
-            if q.len() >= self.capacity {
+            if q.len() >= self.capacity || q.bytes() + len > self.capacity_bytes {
                 drop(q);
                 self.drop_envelope(&env, "peer queue full: dropping envelopes");
                 return;
             }
-            q.push_back(env);
+            q.push_back(len, env);
         }
         self.ready.notify_one();
     }
@@ -307,5 +362,43 @@ mod tests {
         }
         let out: Vec<_> = c.take().iter().map(changed_of).collect();
         assert_eq!(out, vec![(0, true)]);
+    }
+
+    #[test]
+    fn a_queue_is_bounded_in_bytes_and_what_it_drops_is_resynced() {
+        let push = Bytes::from(vec![7u8; 1_000]);
+        let env = |user: u64| {
+            deliver_envelopes(1, 0, vec![user], &push)
+                .next()
+                .expect("an envelope")
+        };
+        let one = prost::Message::encoded_len(&env(1));
+        // Room for three envelopes by bytes, a hundred by count.
+        let p = Peer::new(
+            NodeId(2),
+            "127.0.0.1:1".parse().expect("addr"),
+            100,
+            3 * one + 10,
+        );
+        for user in 1..=5 {
+            p.enqueue(env(user));
+        }
+        {
+            let q = p.queue.lock();
+            assert_eq!((q.len(), q.bytes()), (3, 3 * one));
+        }
+        assert_eq!(p.stats.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            p.missed.lock().users.iter().copied().collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        // Bytes leave with what the writer takes and come back with what it puts back.
+        let mut q = p.queue.lock();
+        let (len, first) = q.pop_front().expect("first");
+        assert_eq!((len, q.bytes()), (one, 2 * one));
+        q.push_front(first);
+        assert_eq!(q.bytes(), 3 * one);
+        assert_eq!(q.take_all().len(), 3);
+        assert_eq!((q.len(), q.bytes()), (0, 0));
     }
 }

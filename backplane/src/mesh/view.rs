@@ -63,7 +63,7 @@ impl Mesh {
             if !keep {
                 let _ = p.gone.send(true);
                 info!(peer = id.0, "peer left the member set");
-                for env in p.queue.lock().drain(..) {
+                for env in p.queue.lock().take_all() {
                     orphaned.add(&env);
                 }
                 orphaned.absorb(std::mem::take(&mut *p.missed.lock()));
@@ -74,7 +74,12 @@ impl Mesh {
             if peers.contains_key(&m.id) {
                 continue;
             }
-            let peer = Arc::new(Peer::new(m.id, m.mesh_addr, self.peer_queue));
+            let peer = Arc::new(Peer::new(
+                m.id,
+                m.mesh_addr,
+                self.peer_queue,
+                self.peer_queue_bytes,
+            ));
             if m.id > self.me {
                 tokio::spawn(
                     dial_loop(
