@@ -609,10 +609,11 @@ impl Client {
     /// login of mine made up to now is signed out too (tokens refused, other connections
     /// closed). The session is forgotten either way.
     pub async fn logout(&self, everywhere: bool) -> Result<(), ClientError> {
+        // Forgotten first: a connection lost meanwhile must not be re-authenticated with it.
+        *self.session.lock() = None;
         let reply = self
             .request(client_frame::Body::Logout(pb::Logout { everywhere }))
             .await?;
-        *self.session.lock() = None;
         match reply {
             server_frame::Body::Done(_) => Ok(()),
             other => Err(unexpected(&other)),

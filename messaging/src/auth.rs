@@ -1,8 +1,9 @@
 //! Accounts: argon2id password hashes and signed, expiring tokens.
 //!
 //! Tokens are JWTs (HS256, `jsonwebtoken`) with the user id, name, issue and expiry times,
-//! and the time the user last proved their password (`ath_ms`). Verifying one needs no storage
-//! read: any node holding the cluster's token secret can check it.
+//! and the time the user last proved their password (`ath_ms`). Any node holding the
+//! cluster's token secret checks one; the node then reads the user's sign-out time (log out
+//! everywhere, a password change) once per authentication, never per request.
 //!
 //! - **Key ids.** Every token names its key (`kid`, derived from the secret). A node signs
 //!   with its current secret and verifies with it and any others listed, so the secret can be

@@ -292,6 +292,9 @@ impl Node {
         source: std::net::IpAddr,
     ) -> Result<AuthOutcome, RequestError> {
         self.check_fence()?;
+        // The login's time is taken before the credentials are read: a password change that
+        // lands while this login is checked signs it out (its floor is later than this).
+        let login_ms = crate::auth::now_ms();
         let identity = match body {
             client_frame::Body::Register(r) => {
                 valid_name(&r.user_name)?;
@@ -310,7 +313,7 @@ impl Node {
                 Identity {
                     user: user.id,
                     name: user.name,
-                    auth_time_ms: crate::auth::now_ms(),
+                    auth_time_ms: login_ms,
                 }
             }
             client_frame::Body::Login(l) => {
@@ -336,7 +339,7 @@ impl Node {
                 Identity {
                     user: creds.user.id,
                     name: creds.user.name,
-                    auth_time_ms: crate::auth::now_ms(),
+                    auth_time_ms: login_ms,
                 }
             }
             client_frame::Body::Authenticate(a) => self.verify_token(&a.token).await?,
@@ -447,27 +450,38 @@ impl Node {
         if creds.user.id != me.user
             || !self
                 .auth
-                .verify_password(c.old_password, creds.password_hash)
+                .verify_password(c.old_password, creds.password_hash.clone())
                 .await?
         {
             return Err(RequestError::BadCredentials);
         }
         let hash = self.auth.hash_password(c.new_password).await?;
-        self.storage
-            .set_password_hash(me.user, &me.name, &hash)
-            .await?;
+        // Sign out first: if what follows fails, earlier logins are out anyway (this one
+        // included), which fails safe.
         let now = crate::auth::now_ms();
         self.storage.sign_out_before(me.user, now).await?;
-        self.registry.close_user(
+        if !self
+            .storage
+            .set_password_hash(me.user, &me.name, &creds.password_hash, &hash)
+            .await?
+        {
+            // Another change from the same old password won.
+            return Err(RequestError::BadCredentials);
+        }
+        self.registry.sign_out(
             me.user,
+            now,
             Some(conn),
             ErrorCode::TokenExpired,
             b"signed out: the password changed",
         );
+        // Never below the floor (a sign-out everywhere in this millisecond, a clock behind):
+        // this connection's fresh token must stay valid.
+        let floor = self.storage.signed_out_before(me.user).await?;
         let who = Identity {
             user: me.user,
             name: me.name.clone(),
-            auth_time_ms: now,
+            auth_time_ms: now.max(floor),
         };
         let ok = self.auth_ok(&who)?;
         Ok((who, ok))
@@ -485,8 +499,9 @@ impl Node {
             // Every login up to this millisecond, this connection's included.
             let at = crate::auth::now_ms() + 1;
             self.storage.sign_out_before(me.user, at).await?;
-            self.registry.close_user(
+            self.registry.sign_out(
                 me.user,
+                at,
                 Some(conn),
                 ErrorCode::TokenExpired,
                 b"signed out everywhere",

@@ -100,10 +100,23 @@ pub struct ConnHandle {
     pub conn: quinn::Connection,
 }
 
+/// Why [`Registry::insert_capped`] refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The user has this many connections here, the most allowed.
+    Cap(usize),
+    /// The user signed out after this login.
+    SignedOut,
+}
+
 /// user -> live connections on this node.
 #[derive(Debug, Default)]
 pub struct Registry {
     users: DashMap<UserId, Vec<ConnHandle>>,
+    /// Per user who signed out (everywhere, or by a password change) while this node ran:
+    /// logins before this time (Unix ms) are not let in, even if their authentication read
+    /// the store before the sign-out was written.
+    floors: DashMap<UserId, u64>,
     next_conn: AtomicU64,
     live: AtomicU64,
 }
@@ -125,19 +138,49 @@ impl Registry {
         self.live.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Adds an authenticated connection of `user` unless the user already has `cap` here;
-    /// then returns how many they have. Checked and added under one lock: concurrent
-    /// authentications of one user never pass the cap together.
-    pub fn insert_capped(&self, user: UserId, handle: ConnHandle, cap: usize) -> Result<(), usize> {
+    /// Adds an authenticated connection of `user`, whose login was at `auth_time_ms`, unless
+    /// the user already has `cap` here or signed out after that login. Checked and added
+    /// under the user's entry lock: concurrent authentications never pass the cap together,
+    /// and one racing a sign-out is either refused here or closed by it.
+    pub fn insert_capped(
+        &self,
+        user: UserId,
+        handle: ConnHandle,
+        cap: usize,
+        auth_time_ms: u64,
+    ) -> Result<(), Refused> {
         {
             let mut conns = self.users.entry(user).or_default();
-            if conns.len() >= cap {
-                return Err(conns.len());
+            if self.floors.get(&user).is_some_and(|f| auth_time_ms < *f) {
+                return Err(Refused::SignedOut);
+            }
+            if conns.len() >= cap.max(1) {
+                return Err(Refused::Cap(conns.len()));
             }
             conns.push(handle);
         }
         self.live.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Signs `user` out of every login before `floor_ms` on this node: closes their
+    /// connections here but `except` with `code`, and keeps later authentications of such
+    /// logins out. Returns how many were closed.
+    pub fn sign_out(
+        &self,
+        user: UserId,
+        floor_ms: u64,
+        except: Option<ConnId>,
+        code: ErrorCode,
+        reason: &[u8],
+    ) -> usize {
+        // The floor first, then the connections: an authentication racing this either sees
+        // the floor (refused) or is registered before the connections are read (closed).
+        self.floors
+            .entry(user)
+            .and_modify(|f| *f = (*f).max(floor_ms))
+            .or_insert(floor_ms);
+        self.close_user(user, except, code, reason)
     }
 
     /// Removes a connection; drops the user's entry when it was the last.

@@ -28,7 +28,7 @@ use crate::admission::HandshakeSlot;
 use crate::auth::Identity;
 use crate::error::{RequestError, close_code};
 use crate::node::{AuthOutcome, Node};
-use crate::registry::{ConnHandle, ConnId, Outbox};
+use crate::registry::{ConnHandle, ConnId, Outbox, Refused};
 
 /// Initial capacity of a connection's read buffer; grows to the frame size when needed.
 const READ_BUFFER: usize = 256;
@@ -291,9 +291,12 @@ async fn run(
                                     Ok(AuthOutcome::Authenticated(who, ok)) => {
                                         let ob = Outbox::new(limits.outbound_queue);
                                         let handle = ConnHandle { id, outbox: ob.clone(), conn: conn.clone() };
-                                        if let Err(has) = node.registry.insert_capped(who.user, handle, limits.max_connections_per_user) {
-                                            // One token must not take every slot of a node.
-                                            let e = RequestError::Overloaded(format!("this user has {has} connections on this node, the most allowed; close one"));
+                                        if let Err(refused) = node.registry.insert_capped(who.user, handle, limits.max_connections_per_user, who.auth_time_ms) {
+                                            let e = match refused {
+                                                // One token must not take every slot of a node.
+                                                Refused::Cap(has) => RequestError::Overloaded(format!("this user has {has} connections on this node, the most allowed; close one")),
+                                                Refused::SignedOut => RequestError::TokenExpired,
+                                            };
                                             put(&error_frame(rid, &e), max_frame, &mut out);
                                         } else {
                                             auth_deadline.as_mut().reset(deadline_of(ok.expires_unix_ms));
@@ -346,6 +349,13 @@ async fn run(
                                 match Box::pin(node.logout(me, id, l.everywhere)).await {
                                     Ok(()) => {
                                         put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Done(pb::Done {})) }, max_frame, &mut out);
+                                        // Requests still in progress are answered, not dropped.
+                                        let _ = tokio::time::timeout(limits.write_timeout, async {
+                                            while let Some(reply) = inflight.next().await {
+                                                put(&reply, max_frame, &mut out);
+                                            }
+                                        })
+                                        .await;
                                         flush_within(&mut send, &mut out, limits.write_timeout).await;
                                         // A clean close (code 0) once the Done is delivered.
                                         break None;

@@ -1299,13 +1299,35 @@ pub async fn sign_outs_and_password_changes(h: &dyn Harness) {
     let a = ids.user(&*s, "a").await;
     let b = ids.user(&*s, "b").await;
     let name = s.user_by_id(a).await.expect("read").expect("a").name;
-    s.set_password_hash(a, &name, "new-hash")
+    let old = s
+        .user_by_name(&name)
         .await
-        .expect("set");
+        .expect("read")
+        .expect("a")
+        .password_hash;
+    assert!(
+        s.set_password_hash(a, &name, &old, "new-hash")
+            .await
+            .expect("set")
+    );
     let creds = s.user_by_name(&name).await.expect("read").expect("a");
     assert_eq!(
         (creds.user.id, creds.password_hash.as_str()),
         (a, "new-hash")
+    );
+    // A second change from the same old hash loses: compare-and-set.
+    assert!(
+        !s.set_password_hash(a, &name, &old, "other")
+            .await
+            .expect("cas")
+    );
+    assert_eq!(
+        s.user_by_name(&name)
+            .await
+            .expect("read")
+            .expect("a")
+            .password_hash,
+        "new-hash"
     );
     assert_eq!(s.signed_out_before(a).await.expect("read"), 0);
     s.sign_out_before(a, 2_000_000_000).await.expect("sign out");
@@ -1320,7 +1342,7 @@ pub async fn sign_outs_and_password_changes(h: &dyn Harness) {
         Err(StorageError::UnknownUser(_))
     ));
     assert!(matches!(
-        s.set_password_hash(nobody, "nobody-here", "h").await,
+        s.set_password_hash(nobody, "nobody-here", "h", "h2").await,
         Err(StorageError::UnknownUser(_))
     ));
     h.close(s).await;

@@ -66,13 +66,16 @@ pub trait StateStore: Send + Sync + 'static {
         password_hash: &str,
     ) -> Result<User, StorageError>;
 
-    /// Replaces the password hash of `user`, whose name is `name`. `UnknownUser` if none.
+    /// Replaces the password hash of `user`, whose name is `name`, if it is still `old_hash`
+    /// (compare-and-set: of two concurrent changes from one old password, one wins). `false`
+    /// if it was not; `UnknownUser` if there is no such user.
     async fn set_password_hash(
         &self,
         user: UserId,
         name: &str,
-        password_hash: &str,
-    ) -> Result<(), StorageError>;
+        old_hash: &str,
+        new_hash: &str,
+    ) -> Result<bool, StorageError>;
 
     /// The time (Unix milliseconds) before which `user`'s logins are signed out: tokens of a
     /// login made earlier are refused. 0 when they never signed out everywhere.

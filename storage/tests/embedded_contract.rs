@@ -178,3 +178,31 @@ async fn a_version_2_store_gains_private_channels_and_admins() {
     );
     store.close().await;
 }
+
+/// A version-3 file written before sign-outs existed (no `users.signed_out_before`) gains
+/// the column on open: the migration goes by column, not by version number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_3_store_without_sign_outs_gains_them() {
+    use meshchat_idgen::UserId;
+    use meshchat_storage::StateStore;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = EmbeddedStore::open_dir(dir.path()).expect("open");
+    store
+        .create_user(UserId(1), "early", "hash")
+        .await
+        .expect("user");
+    store.close().await;
+    let path = dir.path().join(meshchat_storage::embedded::DB_FILE);
+    let conn = rusqlite::Connection::open(&path).expect("sqlite");
+    conn.execute_batch(
+        "ALTER TABLE users DROP COLUMN signed_out_before;
+         PRAGMA user_version = 3;",
+    )
+    .expect("downgrade");
+    drop(conn);
+    let store = EmbeddedStore::open_dir(dir.path()).expect("reopen upgrades");
+    assert_eq!(store.signed_out_before(UserId(1)).await.expect("read"), 0);
+    store.sign_out_before(UserId(1), 5).await.expect("sign out");
+    assert_eq!(store.signed_out_before(UserId(1)).await.expect("read"), 5);
+    store.close().await;
+}

@@ -757,16 +757,22 @@ impl StateStore for CassandraStore {
         &self,
         user: UserId,
         name: &str,
-        password_hash: &str,
-    ) -> Result<(), StorageError> {
+        old_hash: &str,
+        new_hash: &str,
+    ) -> Result<bool, StorageError> {
         // The name row is where logins read the hash; it must be this user's.
         match self.user_by_name(name).await? {
             Some(c) if c.user.id == user => {}
             _ => return Err(StorageError::UnknownUser(user)),
         }
-        self.exec(&self.st.set_password_hash, (password_hash, name))
-            .await?;
-        Ok(())
+        // A Paxos compare-and-set: of two changes from one old password, one wins.
+        Ok(self
+            .lwt(
+                &self.st.set_password_hash,
+                (new_hash, name, i(user.0), old_hash),
+            )
+            .await?
+            .applied)
     }
 
     async fn signed_out_before(&self, user: UserId) -> Result<u64, StorageError> {
@@ -781,12 +787,8 @@ impl StateStore for CassandraStore {
         if self.user_by_id(user).await?.is_none() {
             return Err(StorageError::UnknownUser(user));
         }
-        // Never back: a later time only (two concurrent sign-outs both end up signed out at
-        // least as late as the earlier of them).
-        if self.signed_out_before(user).await? >= at {
-            return Ok(());
-        }
-        self.exec(&self.st.sign_out_before, (i(at), i(user.0)))
+        // Insert-only, read newest first: never back, in any order.
+        self.exec(&self.st.sign_out_before, (i(user.0), i(at)))
             .await?;
         Ok(())
     }

@@ -10,7 +10,7 @@ use super::error::{CassandraError, drv};
 use crate::error::StorageError;
 
 /// Newest schema version this build knows (the number of the last `storage/cql` file).
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// `component` of this schema's rows in `schema_version`.
 pub(crate) const COMPONENT: &str = "meshchat";
@@ -29,6 +29,11 @@ const FILES: &[(i32, &str, &str)] = &[
         2,
         "002_channel_access.cql",
         include_str!("../../cql/002_channel_access.cql"),
+    ),
+    (
+        3,
+        "003_sign_outs.cql",
+        include_str!("../../cql/003_sign_outs.cql"),
     ),
 ];
 

@@ -123,12 +123,13 @@ statements! {
         "SELECT id, name, password_hash FROM {ks}.users_by_name WHERE name = ?";
     user_by_id, true,
         "SELECT name FROM {ks}.users WHERE id = ?";
-    set_password_hash, true,
-        "UPDATE {ks}.users_by_name SET password_hash = ? WHERE name = ?";
+    set_password_hash, false,
+        "UPDATE {ks}.users_by_name SET password_hash = ? WHERE name = ? \
+         IF id = ? AND password_hash = ?";
     signed_out_before, true,
-        "SELECT before FROM {ks}.user_sign_outs WHERE id = ?";
+        "SELECT before FROM {ks}.user_sign_outs WHERE id = ? LIMIT 1";
     sign_out_before, true,
-        "UPDATE {ks}.user_sign_outs SET before = ? WHERE id = ?";
+        "INSERT INTO {ks}.user_sign_outs (id, before) VALUES (?, ?)";
     // Channels.
     claim_channel_name, false,
         "INSERT INTO {ks}.channels_by_name (name, id) VALUES (?, ?) IF NOT EXISTS";
@@ -205,7 +206,10 @@ mod tests {
     #[test]
     fn only_blind_writes_and_reads_are_idempotent() {
         for (name, idempotent, text) in Texts::new("k").all() {
-            let lwt = text.contains(" IF NOT EXISTS") || text.contains(" IF EXISTS");
+            // Conditional writes: IF [NOT] EXISTS, or a compare-and-set (`... IF <column> =`).
+            let lwt = text.contains(" IF NOT EXISTS")
+                || text.contains(" IF EXISTS")
+                || text.contains(" IF id =");
             assert_eq!(
                 idempotent, !lwt,
                 "{name}: LWTs are never retried, the rest are"

@@ -521,10 +521,11 @@ impl StateStore for EmbeddedStore {
         &self,
         user: UserId,
         _name: &str,
-        password_hash: &str,
-    ) -> Result<(), StorageError> {
-        let hash = password_hash.to_owned();
-        self.write(move |c| sql::set_password_hash(c, user, &hash))
+        old_hash: &str,
+        new_hash: &str,
+    ) -> Result<bool, StorageError> {
+        let (old, new) = (old_hash.to_owned(), new_hash.to_owned());
+        self.write(move |c| sql::set_password_hash(c, user, &old, &new))
             .await
     }
 

@@ -165,7 +165,9 @@ pub(super) fn prepare(conn: &Connection, durability: Durability) -> Result<(), S
                 |r| r.get(0),
             )
         };
-        if (1..=2).contains(&found) {
+        // By column, not by version number: a file written by a build that had version 3
+        // without sign-outs gains them too.
+        if found >= 1 {
             if !has_column("channels", "private")? {
                 conn.execute_batch(MIGRATE_V2_CHANNELS)?;
             }

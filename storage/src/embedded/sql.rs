@@ -331,17 +331,18 @@ pub(super) fn user_by_name(
 pub(super) fn set_password_hash(
     c: &Connection,
     user: UserId,
-    hash: &str,
-) -> Result<(), StorageError> {
+    old_hash: &str,
+    new_hash: &str,
+) -> Result<bool, StorageError> {
     let n = c
-        .prepare_cached("UPDATE users SET password_hash = ?2 WHERE id = ?1")
+        .prepare_cached("UPDATE users SET password_hash = ?3 WHERE id = ?1 AND password_hash = ?2")
         .map_err(db)?
-        .execute(params![i(user.0), hash])
+        .execute(params![i(user.0), old_hash, new_hash])
         .map_err(db)?;
-    if n == 0 {
+    if n == 0 && user_by_id(c, user)?.is_none() {
         return Err(StorageError::UnknownUser(user));
     }
-    Ok(())
+    Ok(n > 0)
 }
 
 pub(super) fn signed_out_before(c: &Connection, user: UserId) -> Result<u64, StorageError> {
