@@ -98,6 +98,10 @@ async fn a_spoofed_handshake_flood_of_ten_times_capacity_does_not_lock_clients_o
     assert!(failed.is_empty(), "baseline failures: {failed:?}");
     baseline.sort();
 
+    // How many spoofed Initials are out: the legitimate clients of a wave connect once a
+    // quarter of it has been sent, so the flood is in full swing (a condition, not a delay).
+    let sent_so_far = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = sent_so_far.clone();
     let flood = std::thread::spawn(move || {
         let mut sent = 0usize;
         for wave in waves {
@@ -105,6 +109,7 @@ async fn a_spoofed_handshake_flood_of_ten_times_capacity_does_not_lock_clients_o
             for (k, datagram) in wave.iter().enumerate() {
                 let _ = sockets[k % SOURCES].send_to(datagram, server);
                 sent += 1;
+                counter.store(sent, std::sync::atomic::Ordering::Relaxed);
                 // Paced at ~10,000 datagrams/s: a burst would mostly die in the node's socket
                 // buffer, which measures the kernel, not the node. Pacing, not waiting.
                 if k % 100 == 99 {
@@ -121,8 +126,11 @@ async fn a_spoofed_handshake_flood_of_ten_times_capacity_does_not_lock_clients_o
     let mut latencies = Vec::new();
     let mut failures = Vec::new();
     for wave in 0..WAVES {
-        // Clients connect while the wave is arriving (pacing, not waiting for a condition).
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let due = wave * per_wave + per_wave / 4;
+        common::wait_for("the wave is under way", Duration::from_secs(30), || {
+            sent_so_far.load(std::sync::atomic::Ordering::Relaxed) >= due
+        })
+        .await;
         let (ok, failed) = connect_round(&node, &auth, 1 + wave).await;
         latencies.extend(ok);
         failures.extend(failed);
