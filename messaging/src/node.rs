@@ -816,11 +816,9 @@ impl Node {
                 }))
             }
             B::Ping(p) => Ok(R::Pong(pb::Pong { nonce: p.nonce })),
-            B::Hello(_) => Err(RequestError::InvalidArgument(
-                "hello is only valid as the first frame".into(),
-            )),
-            // The session handles these itself (they change the connection).
-            B::ChangePassword(_) | B::Logout(_) => Err(RequestError::Internal(
+            // The session handles these itself (Hello at any time; the others change the
+            // connection).
+            B::Hello(_) | B::ChangePassword(_) | B::Logout(_) => Err(RequestError::Internal(
                 "session request reached the request handler".into(),
             )),
             B::Register(_) | B::Login(_) | B::Authenticate(_) => {
@@ -1068,7 +1066,10 @@ impl Node {
         let mut to = vec![me.user];
         match chat {
             ChatId::Direct { .. } => {
-                if let Some(peer) = chat.peer_of(me.user) {
+                // Notes to self: the peer is me, already listed (one event per connection).
+                if let Some(peer) = chat.peer_of(me.user)
+                    && peer != me.user
+                {
                     to.push(peer);
                 }
             }

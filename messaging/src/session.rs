@@ -272,6 +272,12 @@ async fn run(
                             (None, _) => {
                                 put(&error_frame(rid, &RequestError::UnknownRequest), max_frame, &mut out);
                             }
+                            // Id 0 is the pushes': a reply carrying it could not be told from
+                            // one. Refused, not handled (nothing happens), with id 0.
+                            (Some(_), _) if rid == 0 => {
+                                let e = RequestError::InvalidArgument("request_id 0 is reserved for pushes: use 1 or more".into());
+                                put(&error_frame(0, &e), max_frame, &mut out);
+                            }
                             (Some(client_frame::Body::Hello(h)), _) => {
                                 let reply = if h.protocol_version == meshchat_proto::PROTOCOL_VERSION {
                                     ServerFrame { request_id: rid, body: Some(server_frame::Body::HelloOk(node.hello_ok())) }

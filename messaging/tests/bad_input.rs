@@ -324,3 +324,32 @@ async fn a_connection_that_never_authenticates_is_closed() {
     );
     node_still_serves(&node).await;
 }
+
+/// Request id 0 is the pushes': a request sent with it is not handled, and is answered
+/// `INVALID_ARGUMENT` with id 0 (an unsolicited error); the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_id_0_is_refused_not_handled() {
+    let node = TestNode::start().await;
+    let (c, mut ev) = node.client().await;
+    let mut raw = BytesMut::new();
+    meshchat_proto::codec::encode_into(
+        &pb::ClientFrame {
+            request_id: 0,
+            body: Some(client_frame::Body::Register(pb::Register {
+                user_name: "id-zero".into(),
+                password: "password-123".into(),
+            })),
+        },
+        1 << 16,
+        &mut raw,
+    )
+    .expect("encode");
+    c.conn().expect("conn").send_raw(&raw).await.expect("write");
+    let (code, message) = node_error(&mut ev).await;
+    assert_eq!(code, ErrorCode::InvalidArgument as i32);
+    assert!(message.contains("request_id 0"), "{message}");
+    // Not handled: the name is still free, on the same connection.
+    c.register("id-zero", "password-123")
+        .await
+        .expect("the name was not taken");
+}

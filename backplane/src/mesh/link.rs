@@ -50,6 +50,8 @@ const _: () = assert!(
         < MAX_MESH_FRAME
 );
 
+/// A mesh handshake (and its hello) not finished in this time is dropped.
+const MESH_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The mesh connection's idle timeout: a peer silent this long is declared dead.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a link remembers whom its written batches were for. A batch written into a
@@ -220,11 +222,17 @@ pub(super) async fn accept_loop(
                 let stop = stop.clone();
                 tokio::spawn(async move {
                     let remote = inc.remote_address();
-                    let conn = match inc.await {
-                        Ok(c) => c,
-                        Err(e) => {
+                    // A deadline, as on the client port: a handshake that does not finish
+                    // (a peer without a mesh certificate, a spoofed Initial) is dropped.
+                    let conn = match tokio::time::timeout(MESH_HANDSHAKE_TIMEOUT, inc).await {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => {
                             // Includes peers without a valid cluster certificate.
                             warn!(%remote, error = %e, "mesh handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%remote, "mesh handshake timed out");
                             return;
                         }
                     };
