@@ -543,6 +543,14 @@ impl Client {
 
     /// Makes the session an `AuthOk` grants this client's.
     fn accept_session(&self, ok: pb::AuthOk) -> Session {
+        let s = self.store_session(ok);
+        self.authentications
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        s
+    }
+
+    /// Keeps the session an `AuthOk` carries (a new token for this connection's user).
+    fn store_session(&self, ok: pb::AuthOk) -> Session {
         let s = Session {
             user: UserId(ok.user_id),
             name: ok.user_name,
@@ -550,8 +558,6 @@ impl Client {
             expires_unix_ms: ok.expires_unix_ms,
         };
         *self.session.lock() = Some(s.clone());
-        self.authentications
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         s
     }
 
@@ -565,16 +571,7 @@ impl Client {
             .request(client_frame::Body::Authenticate(pb::Authenticate { token }))
             .await?
         {
-            server_frame::Body::AuthOk(ok) => {
-                let s = Session {
-                    user: UserId(ok.user_id),
-                    name: ok.user_name,
-                    token: ok.token,
-                    expires_unix_ms: ok.expires_unix_ms,
-                };
-                *self.session.lock() = Some(s.clone());
-                Ok(s)
-            }
+            server_frame::Body::AuthOk(ok) => Ok(self.store_session(ok)),
             other => Err(ClientError::Protocol(format!(
                 "unexpected answer to a token refresh: {other:?}"
             ))),
@@ -591,16 +588,7 @@ impl Client {
             }))
             .await?
         {
-            server_frame::Body::AuthOk(ok) => {
-                let s = Session {
-                    user: UserId(ok.user_id),
-                    name: ok.user_name,
-                    token: ok.token,
-                    expires_unix_ms: ok.expires_unix_ms,
-                };
-                *self.session.lock() = Some(s.clone());
-                Ok(s)
-            }
+            server_frame::Body::AuthOk(ok) => Ok(self.store_session(ok)),
             other => Err(unexpected(&other)),
         }
     }
