@@ -1,8 +1,12 @@
-//! Durable writes/s of the embedded store with 1, 16 and 256 concurrent writers.
+//! The embedded store's write path.
 //!
-//! Group commit (the default, up to 512 writes per fsync) side by side with the baseline of
-//! one transaction and one fsync per write (`max_batch = 1`), in the same run. Both use
-//! `synchronous=FULL`: a write returns only after it is durable.
+//! - `storage/durable_append`: durable writes/s with 1, 16 and 256 concurrent writers. Group
+//!   commit (the default, up to 512 writes per fsync) side by side with the baseline of one
+//!   transaction and one fsync per write (`max_batch = 1`), in the same run. A write returns
+//!   only after it is durable.
+//! - `storage/writer_cpu_per_append`: CPU time of the store's own threads (writer, syncer
+//!   and checkpointer, read from `/proc/self/task/*/schedstat`) per durable append, 16 writers; criterion's
+//!   "time" is that CPU time per append, not wall time.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -92,5 +96,52 @@ fn durable_writes(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, durable_writes);
+/// Nanoseconds of CPU the store's threads (`meshchat-store-*`) have used so far.
+fn store_threads_cpu() -> Duration {
+    let mut total = 0u64;
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        // The writer, syncer and checkpointer threads: `mc-store-*` (names before the syncer
+        // existed were `meshchat-store-*`, cut by the kernel to "meshchat-store-").
+        if !comm.starts_with("mc-store-") && !comm.starts_with("meshchat-store-") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Duration::from_nanos(total)
+}
+
+fn writer_cpu(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let ids = Arc::new(Generator::new(6).expect("generator"));
+    let mut g = c.benchmark_group("storage/writer_cpu_per_append");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(8));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = store(dir.path(), 512);
+    g.bench_function("16_writers", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let before = store_threads_cpu();
+                run(&s, &ids, 16, iters.max(16)).await;
+                store_threads_cpu().saturating_sub(before)
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, durable_writes, writer_cpu);
 criterion_main!(benches);

@@ -379,7 +379,34 @@ async fn accept_loop(
     }
     endpoint.close(close_code(ErrorCode::Unavailable), b"node shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    let bound = endpoint.local_addr().ok();
+    drop(endpoint);
+    if let Some(addr) = bound {
+        port_released(addr).await;
+    }
     info!("stopped");
+}
+
+/// Waits (at most 2 s) until `addr` can be bound again. quinn's endpoint driver task owns the
+/// socket and drops it a moment after the last endpoint handle; a node started in the same
+/// process right after shutdown (a restart) would otherwise find its port still in use.
+async fn port_released(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match std::net::UdpSocket::bind(addr) {
+            Ok(_) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+            Err(e) => {
+                debug!(%addr, error = %e, "could not check the listen port");
+                return;
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(%addr, "listen port still bound 2 s after shutdown");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub mod error;
 pub mod model;
 pub mod traits;
 
-pub use embedded::{Durability, EmbeddedConfig, EmbeddedStore};
+pub use embedded::{CrossProcess, Durability, EmbeddedConfig, EmbeddedStore};
 pub use error::StorageError;
 pub use model::*;
 pub use traits::{HistoryStore, StateStore, Storage};

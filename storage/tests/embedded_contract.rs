@@ -106,8 +106,8 @@ async fn a_version_1_store_is_upgraded_to_per_chat_idempotency() {
         "CREATE TABLE old_idem (sender INTEGER NOT NULL, client_msg_id TEXT NOT NULL,
              chat TEXT NOT NULL, message_id INTEGER NOT NULL,
              PRIMARY KEY (sender, client_msg_id)) WITHOUT ROWID;
-         INSERT INTO old_idem SELECT sender, client_msg_id, chat, message_id FROM idempotency;
-         DROP TABLE idempotency;
+         INSERT INTO old_idem SELECT sender, client_msg_id, chat, id FROM messages;
+         DROP INDEX messages_by_client_id;
          ALTER TABLE old_idem RENAME TO idempotency;
          ALTER TABLE channels DROP COLUMN private;
          DROP TABLE channel_admins;
@@ -128,7 +128,18 @@ async fn a_version_1_store_is_upgraded_to_per_chat_idempotency() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'idempotency'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("schema");
+    assert_eq!(
+        tables, 0,
+        "the idempotency table is gone; the index replaced it"
+    );
 }
 
 /// A version-2 store (no private channels, no admins) opens as version 3: its channels stay
@@ -205,4 +216,78 @@ async fn a_version_3_store_without_sign_outs_gains_them() {
     store.sign_out_before(UserId(1), 5).await.expect("sign out");
     assert_eq!(store.signed_out_before(UserId(1)).await.expect("read"), 5);
     store.close().await;
+}
+
+/// A version-3 file (idempotency table, newest id kept in `chats`) opens as version 4: the
+/// chat list keeps its order (now from the messages themselves), retries still find their
+/// first message, and new messages reorder the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_3_store_moves_to_the_append_only_layout() {
+    use bytes::Bytes;
+    use meshchat_idgen::{ChatId, MessageId, UserId};
+    use meshchat_storage::{HistoryStore, NewMessage, StateStore};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = EmbeddedStore::open_dir(dir.path()).expect("open");
+    let (a, b, c) = (UserId(1), UserId(2), UserId(3));
+    for (id, name) in [(a, "a"), (b, "b"), (c, "c")] {
+        store.create_user(id, name, "hash").await.expect("user");
+    }
+    let (ab, ac) = (ChatId::direct(a, b), ChatId::direct(a, c));
+    let msg = |id: u64, chat: ChatId, key: &str| NewMessage {
+        id: MessageId(id),
+        chat,
+        sender: a,
+        client_msg_id: key.into(),
+        body: Bytes::from_static(b"hi"),
+        reply_to: None,
+    };
+    store.append(msg(100, ab, "k1")).await.expect("append");
+    store.append(msg(200, ac, "k2")).await.expect("append");
+    store.close().await;
+    // Back to the version-3 shape: an idempotency table and `chats.last_message_id`.
+    let path = dir.path().join(meshchat_storage::embedded::DB_FILE);
+    let conn = rusqlite::Connection::open(&path).expect("sqlite");
+    conn.execute_batch(
+        "CREATE TABLE idempotency (sender INTEGER NOT NULL, chat TEXT NOT NULL,
+             client_msg_id TEXT NOT NULL, message_id INTEGER NOT NULL,
+             PRIMARY KEY (sender, chat, client_msg_id)) WITHOUT ROWID;
+         INSERT INTO idempotency SELECT sender, chat, client_msg_id, id FROM messages;
+         DROP INDEX messages_by_client_id;
+         CREATE TABLE chats_v3 (chat TEXT PRIMARY KEY, last_message_id INTEGER NOT NULL)
+             WITHOUT ROWID;
+         INSERT INTO chats_v3 SELECT chat, (SELECT max(id) FROM messages m
+             WHERE m.chat = chats.chat) FROM chats;
+         DROP TABLE chats;
+         ALTER TABLE chats_v3 RENAME TO chats;
+         PRAGMA user_version = 3;",
+    )
+    .expect("downgrade");
+    drop(conn);
+    let store = EmbeddedStore::open_dir(dir.path()).expect("reopen upgrades");
+    let order = |list: Vec<meshchat_storage::ChatSummary>| -> Vec<ChatId> {
+        list.into_iter().map(|s| s.chat).collect()
+    };
+    assert_eq!(
+        order(store.chat_list(a, 10).await.expect("list")),
+        vec![ac, ab]
+    );
+    let retry = store.append(msg(300, ab, "k1")).await.expect("retry");
+    assert_eq!((retry.id, retry.duplicate), (MessageId(100), true));
+    store.append(msg(400, ab, "k3")).await.expect("append");
+    let list = store.chat_list(a, 10).await.expect("list");
+    assert_eq!(
+        list.first().and_then(|s| s.newest.as_ref()).map(|m| m.id),
+        Some(MessageId(400))
+    );
+    assert_eq!(order(list), vec![ab, ac]);
+    store.close().await;
+    let conn = rusqlite::Connection::open(&path).expect("sqlite");
+    let old_column: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM pragma_table_info('chats') WHERE name = 'last_message_id'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("schema");
+    assert_eq!(old_column, 0);
 }

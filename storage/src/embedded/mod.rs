@@ -15,22 +15,32 @@
 //!
 //! All writes of a process go through one bounded queue to one writer thread. The thread takes
 //! every job waiting (up to `max_batch`), runs each inside its own SAVEPOINT (a failing job
-//! rolls back alone), commits the batch in one transaction with `synchronous=FULL` (one fsync
-//! of the WAL for the whole batch), and only then answers each job. So a write returns only
+//! rolls back alone), commits the batch in one transaction, fsyncs the WAL once for the whole
+//! batch, and only then answers each job. So a write returns only
 //! after it is durable, and N concurrent writers share one sync.
 //!
 //! A full queue makes the caller wait up to `enqueue_timeout`, then fail with
 //! `StorageError::Overloaded`: memory never grows with load. A job that waited longer than
 //! `max_queue_delay` before the writer reached it is refused the same way, not applied.
 //!
+//! The writer commits without an fsync and a syncer thread fsyncs the WAL before any job of
+//! the batch is answered, so the next batch runs while the last one syncs (`writer`).
+//! Writers of several processes take turns through a blocking file lock (`lock`), not
+//! SQLite's sleeping busy handler.
+//!
 //! A checkpointer thread copies committed WAL frames back into the database (PASSIVE, every
-//! 200 ms), so checkpoints do not run inside the writer's commits.
+//! 200 ms), so checkpoints do not run inside the writer's commits, and makes the WAL start
+//! over once it passes 16 MiB.
 //!
 //! Reads run on a small pool of read-only connections via `spawn_blocking`; WAL readers see
 //! every committed write and never block the writer.
 
+mod lock;
 mod schema;
 mod sql;
+mod writer;
+
+pub use lock::CrossProcess;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -92,6 +102,9 @@ pub struct EmbeddedConfig {
     pub busy_timeout: Duration,
     /// Commit durability (default [`Durability::Full`]).
     pub durability: Durability,
+    /// How writers of different processes share the store (default
+    /// [`CrossProcess::TurnLock`]).
+    pub cross_process: CrossProcess,
 }
 
 impl EmbeddedConfig {
@@ -106,15 +119,12 @@ impl EmbeddedConfig {
             readers: 4,
             busy_timeout: Duration::from_secs(10),
             durability: Durability::Full,
+            cross_process: CrossProcess::TurnLock,
         }
     }
 }
 
-type Finish = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
-
-/// One queued write: runs inside the batch transaction, and says whether it succeeded and how
-/// to answer its caller once the batch's commit outcome is known.
-type Job = Box<dyn FnOnce(&Connection) -> (bool, Finish) + Send>;
+use writer::Job;
 
 /// The embedded SQLite store. Cheap to share behind an `Arc`; dropping the last handle lets the
 /// writer drain its queue and stop.
@@ -142,6 +152,10 @@ struct ReaderPool {
     permits: Arc<Semaphore>,
 }
 
+/// Statements each connection keeps prepared (rusqlite's default of 16 is fewer than the
+/// writer's distinct statements, so they were evicted and prepared again).
+const STATEMENT_CACHE: usize = 128;
+
 fn open_connection(
     path: &Path,
     flags: OpenFlags,
@@ -149,18 +163,40 @@ fn open_connection(
 ) -> Result<Connection, StorageError> {
     let conn = Connection::open_with_flags(path, flags).map_err(StorageError::backend)?;
     conn.busy_timeout(busy).map_err(StorageError::backend)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
 }
 
 /// How often the checkpointer copies committed WAL frames back into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
+/// How often it looks while the WAL is past half of [`RESTART_AFTER_FRAMES`]: under heavy
+/// load the WAL grows by megabytes in 200 ms.
+const CHECKPOINT_BUSY_EVERY: Duration = Duration::from_millis(10);
+
+/// WAL frames (pages) past which the checkpointer makes the WAL start over: 16 MiB of 4 KiB
+/// pages. The bound on the WAL under continuous load.
+const RESTART_AFTER_FRAMES: i64 = 4096;
+
+/// Runs a PASSIVE checkpoint; returns (frames in the WAL, frames checkpointed).
+fn checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((r.get(1)?, r.get(2)?))
+    })
+}
+
 /// Starts the checkpointer: a thread with its own connection that runs a PASSIVE checkpoint
 /// every [`CHECKPOINT_EVERY`]. A PASSIVE checkpoint never blocks the writer (it copies what
-/// no reader still needs and leaves the rest for the next round), so commits no longer stall
-/// while SQLite's automatic checkpoint copies thousands of pages inside the writer's commit.
-/// Measured: the load test's per-second p99 grew to 60-80 ms as the database grew with
-/// automatic checkpoints in the commit path (docs/PERFORMANCE.md).
+/// no reader still needs and leaves the rest for the next round), so commits do not stall
+/// while a checkpoint copies thousands of pages inside a commit.
+///
+/// Under continuous commits a PASSIVE checkpoint never catches up with the last frame, and
+/// SQLite restarts the WAL from its beginning only when a write transaction starts on a fully
+/// checkpointed WAL; so the WAL grew without end and the writer's own automatic checkpoints
+/// came back (p99 spikes every ~3 s at 100k connections, docs/PERFORMANCE.md). So once the WAL
+/// holds [`RESTART_AFTER_FRAMES`], the checkpointer takes the writer lock after its bulk
+/// checkpoint and checkpoints the few frames committed meanwhile: the next write (of any
+/// process) then restarts the WAL. Writers wait only for that small remainder.
 fn start_checkpointer(
     config: &EmbeddedConfig,
 ) -> Result<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>), StorageError> {
@@ -169,21 +205,65 @@ fn start_checkpointer(
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         config.busy_timeout,
     )?;
+    // NORMAL: a checkpoint syncs the WAL before it copies and the database after.
+    conn.execute_batch("PRAGMA synchronous = NORMAL")
+        .map_err(StorageError::backend)?;
+    let lock = match config.cross_process {
+        CrossProcess::TurnLock => {
+            Some(lock::WriterLock::open(&config.path).map_err(StorageError::backend)?)
+        }
+        CrossProcess::SqliteBusy | CrossProcess::BusyPoll => None,
+    };
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let handle = std::thread::Builder::new()
-        .name("meshchat-store-checkpointer".into())
+        .name("mc-store-ckpt".into())
         .spawn(move || {
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(CHECKPOINT_EVERY)
+            let mut pause = CHECKPOINT_EVERY;
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(pause)
             {
                 // Busy (another process's checkpointer runs) is fine: try again next round.
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    debug!(error = %e, "checkpoint skipped");
+                let frames = match checkpoint(&conn) {
+                    Ok((frames, _)) => frames,
+                    Err(e) => {
+                        debug!(error = %e, "checkpoint skipped");
+                        continue;
+                    }
+                };
+                pause = if frames >= RESTART_AFTER_FRAMES / 2 {
+                    CHECKPOINT_BUSY_EVERY
+                } else {
+                    CHECKPOINT_EVERY
+                };
+                let Some(lock) = lock.as_ref().filter(|_| frames >= RESTART_AFTER_FRAMES) else {
+                    continue;
+                };
+                let started = Instant::now();
+                if let Err(e) = lock.acquire() {
+                    warn!(error = %e, "checkpointer could not take the writer lock");
+                    continue;
                 }
+                let rest = checkpoint(&conn);
+                let held = started.elapsed();
+                if let Err(e) = lock.release() {
+                    warn!(error = %e, "checkpointer could not release the writer lock");
+                }
+                debug!(
+                    frames,
+                    rest = ?rest,
+                    held_us = held.as_micros() as u64,
+                    "WAL checkpointed to its end; the next write restarts it"
+                );
             }
         })
         .map_err(StorageError::backend)?;
     Ok((stop, handle))
+}
+
+/// The WAL file of the database at `db` (`<db>-wal`), opened to sync it.
+fn open_wal(db: &Path) -> Result<std::fs::File, StorageError> {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    std::fs::File::open(std::path::PathBuf::from(wal)).map_err(StorageError::backend)
 }
 
 impl EmbeddedStore {
@@ -192,19 +272,37 @@ impl EmbeddedStore {
         if let Some(dir) = config.path.parent() {
             std::fs::create_dir_all(dir).map_err(StorageError::backend)?;
         }
-        let writer_conn = open_connection(
+        let mut writer_conn = open_connection(
             &config.path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
                 | OpenFlags::SQLITE_OPEN_CREATE
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             config.busy_timeout,
         )?;
+        if config.cross_process == CrossProcess::BusyPoll {
+            writer_conn
+                .busy_handler(Some(lock::poll_busy))
+                .map_err(StorageError::backend)?;
+        }
+        let writer_lock = match config.cross_process {
+            CrossProcess::TurnLock => {
+                Some(lock::WriterLock::open(&config.path).map_err(StorageError::backend)?)
+            }
+            CrossProcess::SqliteBusy | CrossProcess::BusyPoll => None,
+        };
         // Several processes may open a fresh store at once: switching to WAL and creating the
         // schema can then meet SQLITE_BUSY without SQLite's busy handler being consulted.
         // Retry until the busy timeout, as the handler would.
         let started = Instant::now();
         loop {
-            match schema::prepare(&writer_conn, config.durability) {
+            if let Some(lock) = &writer_lock {
+                lock.acquire().map_err(StorageError::backend)?;
+            }
+            let prepared = schema::prepare(&writer_conn);
+            if let Some(lock) = &writer_lock {
+                lock.release().map_err(StorageError::backend)?;
+            }
+            match prepared {
                 Ok(()) => break,
                 Err(e) if schema::is_busy(&e) && started.elapsed() < config.busy_timeout => {
                     std::thread::sleep(Duration::from_millis(10));
@@ -212,20 +310,39 @@ impl EmbeddedStore {
                 Err(e) => return Err(e),
             }
         }
+        // The writer commits with synchronous=NORMAL; with Full durability the syncer thread
+        // fsyncs the WAL before any write of a batch is answered (see `writer`).
+        let wal = match config.durability {
+            Durability::Full => Some(open_wal(&config.path)?),
+            Durability::Normal => None,
+        };
         let (jobs, rx) = mpsc::channel::<Job>(config.queue_capacity.max(1));
         let max_batch = config.max_batch.max(1);
         let writer = std::thread::Builder::new()
-            .name("meshchat-store-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx, max_batch))
+            .name("mc-store-writer".into())
+            .spawn(move || writer::writer_loop(writer_conn, writer_lock, wal, rx, max_batch))
             .map_err(StorageError::backend)?;
         let checkpointer = start_checkpointer(&config)?;
+        // Readers are opened (and the schema parsed) now, not by the first requests.
+        let mut idle = Vec::with_capacity(config.readers.max(1));
+        for _ in 0..config.readers.max(1) {
+            let reader = open_connection(
+                &config.path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                config.busy_timeout,
+            )?;
+            reader
+                .query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))
+                .map_err(StorageError::backend)?;
+            idle.push(reader);
+        }
         info!(path = %config.path.display(), "embedded store open");
         Ok(Self {
             jobs,
             readers: Arc::new(ReaderPool {
                 path: config.path.clone(),
                 busy_timeout: config.busy_timeout,
-                idle: Mutex::new(Vec::new()),
+                idle: Mutex::new(idle),
                 permits: Arc::new(Semaphore::new(config.readers.max(1))),
             }),
             config,
@@ -267,31 +384,16 @@ impl EmbeddedStore {
         }
     }
 
-    /// Runs `f` inside the next group-commit batch; answers after the batch is durable.
+    /// Runs `f` inside the next group-commit batch; answers after the batch is durable. `f`
+    /// may run twice (see `writer::run_batch`): only its last run's changes are kept.
     async fn write<T, F>(&self, f: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StorageError> + Send + 'static,
+        F: Fn(&Connection) -> Result<T, StorageError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
         let started = Instant::now();
-        let max_wait = self.config.max_queue_delay;
-        let job: Job = Box::new(move |conn| {
-            let waited = started.elapsed();
-            let result = if waited > max_wait {
-                Err(StorageError::Overloaded {
-                    waited_ms: waited.as_millis() as u64,
-                })
-            } else {
-                f(conn)
-            };
-            let ok = result.is_ok();
-            let finish: Finish = Box::new(move |commit| {
-                // The caller may have gone away; its write is durable all the same.
-                let _ = tx.send(commit.and(result));
-            });
-            (ok, finish)
-        });
+        let job = writer::Write::job(f, started, self.config.max_queue_delay, tx);
         match self
             .jobs
             .send_timeout(job, self.config.enqueue_timeout)
@@ -305,8 +407,7 @@ impl EmbeddedStore {
             }
             Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(StorageError::Closed),
         }
-        // The writer drops a job unanswered only when its batch could not run at all
-        // (BEGIN or a savepoint failed, e.g. another process held the lock too long).
+        // Every job is answered; a dropped answer means the writer thread died.
         rx.await
             .map_err(|_| StorageError::backend(std::io::Error::other("write batch aborted")))?
     }
@@ -349,86 +450,6 @@ impl EmbeddedStore {
         })
         .await
         .map_err(StorageError::backend)?
-    }
-}
-
-// Takes the connection by value: the writer thread owns it until the queue closes.
-#[allow(clippy::needless_pass_by_value)]
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
-    let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
-    let mut finishes: Vec<Finish> = Vec::with_capacity(max_batch);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let size = batch.len();
-        let started = Instant::now();
-        let commit = run_batch(&conn, &mut batch, &mut finishes);
-        if let Err(e) = &commit {
-            warn!(error = %e, size, "group commit failed; every job in the batch gets the error");
-        }
-        debug!(
-            size,
-            micros = started.elapsed().as_micros() as u64,
-            "group commit"
-        );
-        for finish in finishes.drain(..) {
-            finish(commit.clone());
-        }
-    }
-    debug!("embedded store writer drained and stopped");
-}
-
-fn run_batch(
-    conn: &Connection,
-    batch: &mut Vec<Job>,
-    finishes: &mut Vec<Finish>,
-) -> Result<(), StorageError> {
-    let begin = conn.execute_batch("BEGIN IMMEDIATE");
-    if let Err(e) = begin {
-        // Could not even start: fail every job without running it.
-        let err = StorageError::backend(e);
-        for job in batch.drain(..) {
-            drop(job);
-        }
-        return Err(err);
-    }
-    let mut failed: Option<StorageError> = None;
-    for job in batch.drain(..) {
-        if failed.is_some() {
-            // A savepoint statement failed: the transaction is unusable; do not run the rest.
-            drop(job);
-            continue;
-        }
-        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
-            failed = Some(StorageError::backend(e));
-            continue;
-        }
-        let (ok, finish) = job(conn);
-        let end = if ok {
-            conn.execute_batch("RELEASE job")
-        } else {
-            conn.execute_batch("ROLLBACK TO job; RELEASE job")
-        };
-        if let Err(e) = end {
-            failed = Some(StorageError::backend(e));
-        }
-        finishes.push(finish);
-    }
-    if let Some(e) = failed {
-        let _ = conn.execute_batch("ROLLBACK");
-        return Err(e);
-    }
-    match conn.execute_batch("COMMIT") {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            Err(StorageError::backend(e))
-        }
     }
 }
 

@@ -6,29 +6,29 @@
 
 use rusqlite::Connection;
 
-use super::Durability;
 use crate::error::StorageError;
 
 /// Schema version written to `PRAGMA user_version`.
 /// 2: the idempotency key includes the chat.
 /// 3: private channels, channel admins, and sign-outs (`users.signed_out_before`).
-pub(super) const SCHEMA_VERSION: i64 = 3;
+/// 4: idempotency is a unique index of `messages` (no `idempotency` table), and `chats` keeps
+///    no newest-message id (readers take the chat's max(id) from `messages`): an append writes
+///    one row and its index entries, nothing else.
+pub(super) const SCHEMA_VERSION: i64 = 4;
 
-/// Version 1 -> 2: the idempotency key was (sender, client_msg_id), so a client id reused
-/// in another chat was acked as a duplicate and not stored. Rebuilds the table with the chat
-/// in the key (existing rows keep their meaning: each names its chat).
-const MIGRATE_V1: &str = r#"
-CREATE TABLE idempotency_v2 (
-    sender        INTEGER NOT NULL,
-    chat          TEXT    NOT NULL,
-    client_msg_id TEXT    NOT NULL,
-    message_id    INTEGER NOT NULL,
-    PRIMARY KEY (sender, chat, client_msg_id)
-) WITHOUT ROWID;
-INSERT INTO idempotency_v2 (sender, chat, client_msg_id, message_id)
-    SELECT sender, chat, client_msg_id, message_id FROM idempotency;
-DROP TABLE idempotency;
-ALTER TABLE idempotency_v2 RENAME TO idempotency;
+/// Versions 1 to 3 kept idempotency keys in their own table, written beside every message
+/// (version 1 keyed it without the chat). Each row named a message stored in the same
+/// transaction, so `messages` holds every key: the table goes, and [`SCHEMA`] builds the
+/// unique index from the messages themselves.
+const MIGRATE_IDEMPOTENCY: &str = "DROP TABLE IF EXISTS idempotency;";
+
+/// Versions 1 to 3 kept each chat's newest message id in `chats`, updated by every append (a
+/// page written per message). The chat's rows in `messages` answer the same question.
+const MIGRATE_CHATS: &str = r#"
+CREATE TABLE chats_v4 (chat TEXT PRIMARY KEY) WITHOUT ROWID;
+INSERT INTO chats_v4 (chat) SELECT chat FROM chats;
+DROP TABLE chats;
+ALTER TABLE chats_v4 RENAME TO chats;
 "#;
 
 /// Version 2 -> 3: a channel is public or private (existing ones stay public); the admins
@@ -70,20 +70,14 @@ CREATE TABLE IF NOT EXISTS reactions (
     PRIMARY KEY (chat, message_id, user_id)
 ) WITHOUT ROWID;
 
--- Idempotency: (sender, chat, client message id) -> the first message stored for it.
--- (Version 1 keyed it by (sender, client message id) only: see MIGRATE_V1.)
-CREATE TABLE IF NOT EXISTS idempotency (
-    sender        INTEGER NOT NULL,
-    chat          TEXT    NOT NULL,
-    client_msg_id TEXT    NOT NULL,
-    message_id    INTEGER NOT NULL,
-    PRIMARY KEY (sender, chat, client_msg_id)
-) WITHOUT ROWID;
+-- Idempotency: (chat, sender, client message id) -> the first message stored for it. An
+-- append inserts with ON CONFLICT on this index, so a retry costs one lookup and no write.
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_client_id
+    ON messages (chat, sender, client_msg_id);
 
--- Newest message per chat (for ordering chat lists).
+-- Every chat with a message. A chat's newest message is its last row in `messages`.
 CREATE TABLE IF NOT EXISTS chats (
-    chat            TEXT    PRIMARY KEY,
-    last_message_id INTEGER NOT NULL
+    chat TEXT PRIMARY KEY
 ) WITHOUT ROWID;
 
 -- Each user's chats with their receipt marks.
@@ -118,27 +112,28 @@ CREATE TABLE IF NOT EXISTS channel_members (
 CREATE INDEX IF NOT EXISTS channel_members_by_user ON channel_members (user_id, channel_id);
 "#;
 
-/// Sets the connection up (WAL, durability, foreign settings) and creates the schema.
-pub(super) fn prepare(conn: &Connection, durability: Durability) -> Result<(), StorageError> {
-    let sync = match durability {
-        Durability::Full => "FULL",
-        Durability::Normal => "NORMAL",
-    };
+/// Sets the writer's connection up (WAL, settings) and creates or upgrades the schema.
+///
+/// `synchronous=NORMAL`: commits do not fsync; the store's syncer thread fsyncs the WAL before
+/// a write is answered when durability is Full (see `writer`).
+pub(super) fn prepare(conn: &Connection) -> Result<(), StorageError> {
     // journal_mode=WAL is persistent in the file; setting it again is a no-op.
-    // Under load (the load test's direct scenario) the writer spent a third of its time
-    // re-reading index pages through pread (SQLite's default page cache is 2 MiB) and a tenth
-    // in automatic checkpoints inside its commits. A 64 MiB cache (allocated as used) and
-    // reads through mmap cut the first; the store's checkpointer thread takes the second out
-    // of the commit path. The automatic checkpoint stays, at 65,536 pages, only as a safety
-    // net should the checkpointer fall behind. See docs/PERFORMANCE.md.
-    conn.execute_batch(&format!(
+    // Reads of clean pages go through mmap (256 MiB), so the writer does not re-read index
+    // pages through pread. The page cache stays at SQLite's default 2 MiB: at every commit
+    // SQLite walks its page-cache hash table (pcache1Truncate), and a 64 MiB cache made that
+    // walk a fifth of the writer's time (docs/PERFORMANCE.md, embedded store).
+    // Checkpoints run on the store's checkpointer thread, not inside commits; the automatic
+    // checkpoint stays, at 65,536 pages, only as a safety net should it fall behind, and a
+    // WAL that grew past 64 MiB is cut back when it restarts.
+    conn.execute_batch(
         "PRAGMA journal_mode = WAL;
-         PRAGMA synchronous = {sync};
+         PRAGMA synchronous = NORMAL;
+         PRAGMA journal_size_limit = 67108864;
          PRAGMA temp_store = MEMORY;
-         PRAGMA cache_size = -65536;
+         PRAGMA cache_size = -2000;
          PRAGMA mmap_size = 268435456;
-         PRAGMA wal_autocheckpoint = 65536;"
-    ))
+         PRAGMA wal_autocheckpoint = 65536;",
+    )
     .map_err(StorageError::backend)?;
     let found: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -155,8 +150,8 @@ pub(super) fn prepare(conn: &Connection, durability: Durability) -> Result<(), S
         .map_err(StorageError::backend)?;
     let upgrade = (|| {
         let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if found == 1 {
-            conn.execute_batch(MIGRATE_V1)?;
+        if (1..4).contains(&found) {
+            conn.execute_batch(MIGRATE_IDEMPOTENCY)?;
         }
         let has_column = |table: &str, column: &str| -> rusqlite::Result<bool> {
             conn.query_row(
@@ -173,6 +168,9 @@ pub(super) fn prepare(conn: &Connection, durability: Durability) -> Result<(), S
             }
             if !has_column("users", "signed_out_before")? {
                 conn.execute_batch(MIGRATE_V2_USERS)?;
+            }
+            if has_column("chats", "last_message_id")? {
+                conn.execute_batch(MIGRATE_CHATS)?;
             }
         }
         conn.execute_batch(&format!("{SCHEMA} PRAGMA user_version = {SCHEMA_VERSION};"))?;

@@ -36,27 +36,12 @@ fn parse_chat(s: &str) -> Result<ChatId, StorageError> {
     s.parse().map_err(StorageError::backend)
 }
 
+/// Appends a message: in the common case one row and two index entries written (the message
+/// row and its unique index on (chat, sender, client_msg_id), the idempotency key) and one
+/// lookup of the chat's row. Only a chat's first message also inserts its chat row and both
+/// 1:1 chat-list rows.
 pub(super) fn append(c: &Connection, m: &NewMessage) -> Result<AppendOutcome, StorageError> {
     let key = chat_key(m.chat);
-    // The idempotency key is (sender, chat, client_msg_id): a client id reused in another
-    // chat is another message.
-    if let Some(first) = c
-        .prepare_cached(
-            "SELECT message_id FROM idempotency
-             WHERE sender = ?1 AND chat = ?2 AND client_msg_id = ?3",
-        )
-        .map_err(db)?
-        .query_row(params![i(m.sender.0), key, m.client_msg_id], |r| {
-            r.get::<_, i64>(0)
-        })
-        .optional()
-        .map_err(db)?
-    {
-        return Ok(AppendOutcome {
-            id: MessageId(u(first)),
-            duplicate: true,
-        });
-    }
     if let Some(reply_to) = m.reply_to
         && !message_exists(c, &key, reply_to)?
     {
@@ -65,48 +50,56 @@ pub(super) fn append(c: &Connection, m: &NewMessage) -> Result<AppendOutcome, St
             id: reply_to,
         });
     }
-    c.prepare_cached(
-        "INSERT INTO messages (chat, id, sender, client_msg_id, body, reply_to)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )
-    .map_err(db)?
-    .execute(params![
-        key,
-        i(m.id.0),
-        i(m.sender.0),
-        m.client_msg_id,
-        &m.body[..],
-        m.reply_to.map(|r| i(r.0)),
-    ])
-    .map_err(db)?;
-    c.prepare_cached(
-        "INSERT INTO idempotency (sender, client_msg_id, chat, message_id) VALUES (?1, ?2, ?3, ?4)",
-    )
-    .map_err(db)?
-    .execute(params![i(m.sender.0), m.client_msg_id, key, i(m.id.0)])
-    .map_err(db)?;
-    // Most messages go to a chat that exists: one UPDATE. Only a chat's first message
-    // inserts its row and (for 1:1 chats) both members' chat-list rows.
-    let existing = c
+    // The idempotency key is (sender, chat, client_msg_id): a client id reused in another
+    // chat is another message. The conflict target names that index only: any other
+    // conflict (a reused message id) is an error, not a duplicate.
+    let inserted = c
         .prepare_cached(
-            "UPDATE chats SET last_message_id = max(last_message_id, ?2) WHERE chat = ?1",
+            "INSERT INTO messages (chat, id, sender, client_msg_id, body, reply_to)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (chat, sender, client_msg_id) DO NOTHING",
         )
         .map_err(db)?
-        .execute(params![key, i(m.id.0)])
+        .execute(params![
+            key,
+            i(m.id.0),
+            i(m.sender.0),
+            m.client_msg_id,
+            &m.body[..],
+            m.reply_to.map(|r| i(r.0)),
+        ])
         .map_err(db)?;
-    if existing > 0 {
+    if inserted == 0 {
+        let first = c
+            .prepare_cached(
+                "SELECT id FROM messages
+                 WHERE chat = ?1 AND sender = ?2 AND client_msg_id = ?3",
+            )
+            .map_err(db)?
+            .query_row(params![key, i(m.sender.0), m.client_msg_id], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(db)?;
+        return Ok(AppendOutcome {
+            id: MessageId(u(first)),
+            duplicate: true,
+        });
+    }
+    // The chat's newest message is the last of its rows in `messages` (readers take max(id)),
+    // so a message to a chat that exists changes nothing else: the INSERT OR IGNORE below
+    // finds the chat's row and writes no page. Only a chat's first message inserts its row
+    // and (for 1:1 chats) both members' chat-list rows.
+    let first = c
+        .prepare_cached("INSERT OR IGNORE INTO chats (chat) VALUES (?1)")
+        .map_err(db)?
+        .execute(params![key])
+        .map_err(db)?;
+    if first == 0 {
         return Ok(AppendOutcome {
             id: m.id,
             duplicate: false,
         });
     }
-    c.prepare_cached(
-        "INSERT INTO chats (chat, last_message_id) VALUES (?1, ?2)
-         ON CONFLICT (chat) DO UPDATE SET last_message_id = max(last_message_id, excluded.last_message_id)",
-    )
-    .map_err(db)?
-    .execute(params![key, i(m.id.0)])
-    .map_err(db)?;
     if let ChatId::Direct { low, high } = m.chat {
         let mut add = c
             .prepare_cached("INSERT OR IGNORE INTO user_chats (user_id, chat) VALUES (?1, ?2)")
@@ -454,10 +447,11 @@ pub(super) fn chat_list(
 ) -> Result<Vec<ChatSummary>, StorageError> {
     let rows: Vec<(String, Marks, Option<i64>)> = c
         .prepare_cached(
-            "SELECT uc.chat, uc.delivered, uc.seen, ch.last_message_id
-             FROM user_chats uc LEFT JOIN chats ch ON ch.chat = uc.chat
+            "SELECT uc.chat, uc.delivered, uc.seen,
+                    (SELECT max(m.id) FROM messages m WHERE m.chat = uc.chat) AS newest
+             FROM user_chats uc
              WHERE uc.user_id = ?1
-             ORDER BY coalesce(ch.last_message_id, 0) DESC, uc.chat
+             ORDER BY coalesce(newest, 0) DESC, uc.chat
              LIMIT ?2",
         )
         .map_err(db)?
@@ -664,8 +658,8 @@ pub(super) fn join_channel(
     // no gap fill of the whole backlog.
     c.prepare_cached(
         "INSERT OR IGNORE INTO user_chats (user_id, chat, delivered, seen)
-         SELECT ?1, ?2, coalesce(max(last_message_id), 0), coalesce(max(last_message_id), 0)
-         FROM chats WHERE chat = ?2",
+         SELECT ?1, ?2, coalesce(max(id), 0), coalesce(max(id), 0)
+         FROM messages WHERE chat = ?2",
     )
     .map_err(db)?
     .execute(params![i(user.0), chat_key(ChatId::Channel(id))])
