@@ -3,9 +3,9 @@
 //! SQLite lets one connection write at a time and tells the others `SQLITE_BUSY`; its default
 //! busy handler then sleeps 1, 2, 5, 10 ... up to 100 ms before it looks again. With several
 //! node processes committing continuously that made a waiting process sleep through many of
-//! the others' commits (3-node dev cluster: ack p99 544 ms, see docs/STORAGE.md). So every
-//! writer of the store takes this lock around its transaction instead, and SQLite's own lock
-//! is always free when it asks:
+//! the others' commits (3-node dev cluster at 3k msg/s: ack p99 852 ms, docs/PERFORMANCE.md).
+//! So every writer of the store takes this lock around its transaction instead, and SQLite's
+//! own lock is always free when it asks:
 //!
 //! - **No sleeps.** A waiter blocks in the kernel (`flock`) and is woken when the holder
 //!   releases. A process that dies holding the lock (SIGKILL mid-batch) loses it with its file
