@@ -96,7 +96,7 @@ fn durable_writes(c: &mut Criterion) {
     g.finish();
 }
 
-/// Nanoseconds of CPU the store's threads (`meshchat-store-*`) have used so far.
+/// Nanoseconds of CPU the store's threads (`mc-store-*`, or `meshchat-store-*` before the rework) have used so far.
 fn store_threads_cpu() -> Duration {
     let mut total = 0u64;
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
@@ -135,8 +135,12 @@ fn writer_cpu(c: &mut Criterion) {
         b.iter_custom(|iters| {
             rt.block_on(async {
                 let before = store_threads_cpu();
-                run(&s, &ids, 16, iters.max(16)).await;
-                store_threads_cpu().saturating_sub(before)
+                // `run` rounds up to whole writers: count what it really appended.
+                let appended = iters.max(16).div_ceil(16) * 16;
+                run(&s, &ids, 16, appended).await;
+                let cpu = store_threads_cpu().saturating_sub(before);
+                // Criterion divides by `iters`: scale to the appends made.
+                cpu.mul_f64(iters as f64 / appended as f64)
             })
         })
     });

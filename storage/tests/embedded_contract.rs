@@ -142,7 +142,7 @@ async fn a_version_1_store_is_upgraded_to_per_chat_idempotency() {
     );
 }
 
-/// A version-2 store (no private channels, no admins) opens as version 3: its channels stay
+/// A version-2 store (no private channels, no admins) opens as version 4: its channels stay
 /// public, and private channels and admins work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_2_store_gains_private_channels_and_admins() {

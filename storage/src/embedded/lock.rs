@@ -14,8 +14,12 @@
 //!   its commit with its next batch ready, would win the race against a waiter still being
 //!   woken, again and again. So a waiter announces itself first (a shared lock on a second
 //!   file, the queue) and keeps the announcement until it holds the lock; a releasing process
-//!   that finds announcements waits (blocking, on an exclusive lock of the queue) until every
-//!   announced waiter has had its turn. With N processes each gets at least one turn in N.
+//!   that finds announcements waits until every announced waiter has had its turn (up to
+//!   20 ms: a stopped waiter cannot hold the others up). Best effort: a newcomer that finds
+//!   the lock free takes it without queueing, and the checkpointer threads take turns too.
+//! - **Not bounded by SQLite's busy timeout.** A process stopped while holding the lock
+//!   (SIGSTOP, a debugger) holds up every writer of the machine until it resumes or dies; the
+//!   store answers the waiting callers with an error after its queue limits (see `write`).
 //!
 //! Threads of one process take turns the same way: each holder has its own file descriptions.
 
@@ -67,6 +71,7 @@ pub(super) fn poll_busy(calls: i32) -> bool {
 pub(super) struct WriterLock {
     lock: File,
     queue: File,
+    turn_wait: Duration,
 }
 
 fn open_lock_file(path: &Path) -> io::Result<File> {
@@ -94,10 +99,19 @@ impl WriterLock {
         Ok(Self {
             lock: open_lock_file(&lock)?,
             queue: open_lock_file(&queue)?,
+            turn_wait: TURN_WAIT,
         })
     }
 
-    /// Takes the lock, blocking until it is free; returns how long it waited.
+    /// The same, with another bound on the turn wait of [`Self::release`] (tests).
+    #[cfg(test)]
+    fn with_turn_wait(mut self, turn_wait: Duration) -> Self {
+        self.turn_wait = turn_wait;
+        self
+    }
+
+    /// Takes the lock, blocking until it is free; returns how long it waited. On an error
+    /// nothing is left held.
     pub(super) fn acquire(&self) -> io::Result<Duration> {
         match self.lock.try_lock() {
             Ok(()) => return Ok(Duration::ZERO),
@@ -107,25 +121,39 @@ impl WriterLock {
         let started = Instant::now();
         // Announce, wait, and withdraw the announcement once holding the lock.
         self.queue.lock_shared()?;
-        let held = self.lock.lock();
-        let withdrawn = self.queue.unlock();
-        held?;
-        withdrawn?;
+        if let Err(e) = self.lock.lock() {
+            let _ = self.queue.unlock();
+            return Err(e);
+        }
+        if let Err(e) = self.queue.unlock() {
+            let _ = self.lock.unlock();
+            return Err(e);
+        }
         Ok(started.elapsed())
     }
 
-    /// Releases the lock; if other holders announced themselves meanwhile, waits until each
-    /// of them has taken it once, so this caller cannot take it straight back.
+    /// Releases the lock; if other holders announced themselves, waits (at most
+    /// [`TURN_WAIT`]) until each of them has taken it, so this caller cannot take it straight
+    /// back. Bounded, so a waiter that was stopped (SIGSTOP) cannot hold up every release.
     pub(super) fn release(&self) -> io::Result<()> {
         self.lock.unlock()?;
-        match self.queue.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => self.queue.lock()?,
-            Err(TryLockError::Error(e)) => return Err(e),
+        let deadline = Instant::now() + self.turn_wait;
+        loop {
+            match self.queue.try_lock() {
+                Ok(()) => return self.queue.unlock(),
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    // A woken waiter takes the lock within tens of microseconds.
+                    std::thread::sleep(Duration::from_micros(20));
+                }
+                Err(TryLockError::WouldBlock) => return Ok(()),
+                Err(TryLockError::Error(e)) => return Err(e),
+            }
         }
-        self.queue.unlock()
     }
 }
+
+/// Longest a releasing holder waits for announced waiters to take their turn.
+const TURN_WAIT: Duration = Duration::from_millis(20);
 
 #[cfg(test)]
 mod tests {
@@ -138,7 +166,10 @@ mod tests {
     fn a_release_waits_until_an_announced_waiter_has_had_its_turn() {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = dir.path().join("x.db");
-        let holder = WriterLock::open(&db).expect("open");
+        // A turn wait far beyond any scheduling delay: the test is about the turn, not time.
+        let holder = WriterLock::open(&db)
+            .expect("open")
+            .with_turn_wait(Duration::from_secs(60));
         holder.acquire().expect("acquire");
         let observer = WriterLock::open(&db).expect("open");
         let (db2, got) = (db.clone(), Arc::new(AtomicBool::new(false)));

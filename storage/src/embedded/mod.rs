@@ -14,10 +14,10 @@
 //! ## Group commit
 //!
 //! All writes of a process go through one bounded queue to one writer thread. The thread takes
-//! every job waiting (up to `max_batch`), runs each inside its own SAVEPOINT (a failing job
-//! rolls back alone), commits the batch in one transaction, fsyncs the WAL once for the whole
-//! batch, and only then answers each job. So a write returns only
-//! after it is durable, and N concurrent writers share one sync.
+//! every job waiting (up to `max_batch`), runs them in one transaction (without savepoints
+//! unless a job fails half done: `writer::run_batch`), commits, fsyncs the WAL once for the
+//! whole batch, and only then answers each job. So a write returns only after it is durable,
+//! and N concurrent writers share one sync.
 //!
 //! A full queue makes the caller wait up to `enqueue_timeout`, then fail with
 //! `StorageError::Overloaded`: memory never grows with load. A job that waited longer than
@@ -69,11 +69,12 @@ pub const DB_FILE: &str = "meshchat.db";
 /// How durable a commit is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// `synchronous=FULL`: every commit fsyncs the WAL. Survives process crash and power loss.
-    /// The default: acked means durable.
+    /// The WAL is fsynced (by the syncer thread) before any write of a batch is answered.
+    /// Survives process crash and power loss: acked means durable. The default. (A commit is
+    /// visible to readers a moment before its sync: docs/STORAGE.md.)
     Full,
-    /// `synchronous=NORMAL`: survives a process crash, may lose the last commits on power
-    /// loss. For benchmarks and throwaway dev clusters only.
+    /// No fsync per batch: survives a process crash, may lose the last commits on power loss.
+    /// For benchmarks and throwaway dev clusters only.
     Normal,
 }
 
@@ -98,7 +99,9 @@ pub struct EmbeddedConfig {
     pub max_queue_delay: Duration,
     /// Read connections (default 4).
     pub readers: usize,
-    /// How long SQLite waits for another process's write lock (default 10 s).
+    /// How long SQLite waits for a lock held outside the writer lock (another tool's
+    /// transaction; every writer of the store with [`CrossProcess::SqliteBusy`]) (default
+    /// 10 s). Also part of the bound on a caller's wait: `max_queue_delay + busy_timeout`.
     pub busy_timeout: Duration,
     /// Commit durability (default [`Durability::Full`]).
     pub durability: Durability,
@@ -181,10 +184,12 @@ const RESTART_AFTER_FRAMES: i64 = 4096;
 /// Frames few enough to checkpoint (and sync) while holding the writer lock.
 const SMALL_REMAINDER: i64 = 256;
 
-/// Runs a PASSIVE checkpoint; returns (frames in the WAL, frames checkpointed).
-fn checkpoint(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+/// Runs a PASSIVE checkpoint; returns (frames in the WAL, frames checkpointed), or `None` if
+/// another connection's checkpoint was running (SQLite's busy flag).
+fn checkpoint(conn: &Connection) -> rusqlite::Result<Option<(i64, i64)>> {
     conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-        Ok((r.get(1)?, r.get(2)?))
+        let busy: i64 = r.get(0)?;
+        Ok((busy == 0).then_some((r.get(1)?, r.get(2)?)))
     })
 }
 
@@ -229,7 +234,8 @@ fn start_checkpointer(
             {
                 // Busy (another process's checkpointer runs) is fine: try again next round.
                 let (frames, mut copied) = match checkpoint(&conn) {
-                    Ok(counts) => counts,
+                    Ok(Some(counts)) => counts,
+                    Ok(None) => continue,
                     Err(e) => {
                         debug!(error = %e, "checkpoint skipped");
                         continue;
@@ -248,23 +254,26 @@ fn start_checkpointer(
                 // earlier passes copied (measured: writers held 1 ms, growing to 45 ms within
                 // 40 s). So sync outside the lock, and pass again until a pass finds little
                 // new: the pass under the lock then copies and syncs only that little.
-                let mut synced = true;
+                let mut caught_up = false;
                 for _ in 0..4 {
                     if let Err(e) = db_file.sync_data() {
                         warn!(error = %e, "checkpointer could not sync the database");
-                        synced = false;
                         break;
                     }
-                    let Ok((_, now)) = checkpoint(&conn) else {
+                    let Ok(Some((_, now))) = checkpoint(&conn) else {
                         break;
                     };
                     let fresh = now - copied;
                     copied = now;
-                    if fresh < SMALL_REMAINDER {
+                    if (0..SMALL_REMAINDER).contains(&fresh) {
+                        caught_up = true;
                         break;
                     }
                 }
-                if !synced || db_file.sync_data().is_err() {
+                // Not caught up (a reader pins an old snapshot, the disk is slow): no lock this
+                // round, and the next one after the long pause.
+                if !caught_up || db_file.sync_data().is_err() {
+                    pause = CHECKPOINT_EVERY;
                     continue;
                 }
                 let started = Instant::now();
@@ -277,6 +286,9 @@ fn start_checkpointer(
                 let held = started.elapsed();
                 if let Err(e) = lock.release() {
                     warn!(error = %e, "checkpointer could not release the writer lock");
+                }
+                if !matches!(last, Ok(Some((n, done))) if n == done) {
+                    pause = CHECKPOINT_EVERY;
                 }
                 debug!(
                     frames,
@@ -439,9 +451,18 @@ impl EmbeddedStore {
             }
             Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(StorageError::Closed),
         }
-        // Every job is answered; a dropped answer means the writer thread died.
-        rx.await
-            .map_err(|_| StorageError::backend(std::io::Error::other("write batch aborted")))?
+        // Every job is answered; a dropped answer means the writer thread died. Bounded: a
+        // process stopped while holding the writer lock (SIGSTOP) would otherwise hold this
+        // caller forever; the job itself is refused unrun once it is older than
+        // `max_queue_delay` when the writer reaches it.
+        let bound = self.config.max_queue_delay + self.config.busy_timeout;
+        match tokio::time::timeout(bound, rx).await {
+            Ok(answer) => answer
+                .map_err(|_| StorageError::backend(std::io::Error::other("write batch aborted")))?,
+            Err(_) => Err(StorageError::Overloaded {
+                waited_ms: started.elapsed().as_millis() as u64,
+            }),
+        }
     }
 
     /// Runs `f` on a read connection on the blocking pool, waiting at most

@@ -4,7 +4,7 @@
 //! same queries the same way: history keyed by `(chat, id)`, chat lists by `(user, chat)`,
 //! members by `(channel, user)` with an index for `(user, channel)`.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::StorageError;
 
@@ -136,6 +136,16 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StorageError> {
          PRAGMA wal_autocheckpoint = 65536;",
     )
     .map_err(StorageError::backend)?;
+    // The syncer fsyncs the `-wal` file: the store must really be in WAL mode (a file system
+    // without shared memory for the WAL index would leave it in another journal mode).
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .map_err(StorageError::backend)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StorageError::backend(std::io::Error::other(format!(
+            "the store could not switch to WAL mode (journal_mode is {mode})"
+        ))));
+    }
     let found: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(StorageError::backend)?;
@@ -152,6 +162,21 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StorageError> {
     let upgrade = (|| {
         let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if (1..4).contains(&found) {
+            // The unique index below is built from the messages; no version of meshchat stores
+            // two messages under one key, but say which chat if a file does.
+            let clash: Option<String> = conn
+                .query_row(
+                    "SELECT chat FROM messages GROUP BY chat, sender, client_msg_id
+                     HAVING count(*) > 1 LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(chat) = clash {
+                return Err(rusqlite::Error::InvalidParameterName(format!(
+                    "cannot upgrade: chat {chat} holds two messages with one (sender, client id)"
+                )));
+            }
             conn.execute_batch(MIGRATE_IDEMPOTENCY)?;
         }
         let has_column = |table: &str, column: &str| -> rusqlite::Result<bool> {

@@ -1,5 +1,6 @@
 //! The embedded store's statements. Each function runs on a connection handed to it: writes
-//! inside the writer's batch transaction (within a savepoint), reads on a read connection.
+//! inside the writer's batch transaction (possibly run twice: see `writer::run_batch`), reads
+//! on a read connection.
 //! Statements are cached per connection (`prepare_cached`).
 
 use std::collections::BTreeMap;
@@ -42,13 +43,20 @@ fn parse_chat(s: &str) -> Result<ChatId, StorageError> {
 /// 1:1 chat-list rows.
 pub(super) fn append(c: &Connection, m: &NewMessage) -> Result<AppendOutcome, StorageError> {
     let key = chat_key(m.chat);
-    if let Some(reply_to) = m.reply_to
-        && !message_exists(c, &key, reply_to)?
-    {
-        return Err(StorageError::UnknownMessage {
-            chat: m.chat,
-            id: reply_to,
-        });
+    if let Some(reply_to) = m.reply_to {
+        // A retry is recognised before its reply target is checked.
+        if let Some(first) = first_of(c, &key, m)? {
+            return Ok(AppendOutcome {
+                id: first,
+                duplicate: true,
+            });
+        }
+        if !message_exists(c, &key, reply_to)? {
+            return Err(StorageError::UnknownMessage {
+                chat: m.chat,
+                id: reply_to,
+            });
+        }
     }
     // The idempotency key is (sender, chat, client_msg_id): a client id reused in another
     // chat is another message. The conflict target names that index only: any other
@@ -70,18 +78,11 @@ pub(super) fn append(c: &Connection, m: &NewMessage) -> Result<AppendOutcome, St
         ])
         .map_err(db)?;
     if inserted == 0 {
-        let first = c
-            .prepare_cached(
-                "SELECT id FROM messages
-                 WHERE chat = ?1 AND sender = ?2 AND client_msg_id = ?3",
-            )
-            .map_err(db)?
-            .query_row(params![key, i(m.sender.0), m.client_msg_id], |r| {
-                r.get::<_, i64>(0)
-            })
-            .map_err(db)?;
+        let first = first_of(c, &key, m)?.ok_or_else(|| {
+            db(rusqlite::Error::QueryReturnedNoRows) // the conflict named a row that exists
+        })?;
         return Ok(AppendOutcome {
-            id: MessageId(u(first)),
+            id: first,
             duplicate: true,
         });
     }
@@ -111,6 +112,20 @@ pub(super) fn append(c: &Connection, m: &NewMessage) -> Result<AppendOutcome, St
         id: m.id,
         duplicate: false,
     })
+}
+
+/// The message already stored under `m`'s idempotency key, if any.
+fn first_of(c: &Connection, key: &str, m: &NewMessage) -> Result<Option<MessageId>, StorageError> {
+    c.prepare_cached(
+        "SELECT id FROM messages WHERE chat = ?1 AND sender = ?2 AND client_msg_id = ?3",
+    )
+    .map_err(db)?
+    .query_row(params![key, i(m.sender.0), m.client_msg_id], |r| {
+        r.get::<_, i64>(0)
+    })
+    .optional()
+    .map_err(db)
+    .map(|v| v.map(|id| MessageId(u(id))))
 }
 
 fn message_exists(c: &Connection, key: &str, id: MessageId) -> Result<bool, StorageError> {

@@ -19,12 +19,14 @@
 //! restart never overwrites frames that are not yet durable in the database file.
 
 use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use super::lock::WriterLock;
 use crate::error::StorageError;
@@ -153,9 +155,11 @@ pub(super) fn writer_loop(
     max_batch: usize,
 ) {
     let (to_syncer, committed) = std_mpsc::sync_channel::<Committed>(SYNC_QUEUE);
+    let poisoned = Arc::new(AtomicBool::new(false));
+    let syncer_poisoned = poisoned.clone();
     let syncer = std::thread::Builder::new()
         .name("mc-store-syncer".into())
-        .spawn(move || syncer_loop(wal, committed));
+        .spawn(move || syncer_loop(wal, committed, &syncer_poisoned));
     let syncer = match syncer {
         Ok(handle) => handle,
         Err(e) => {
@@ -178,32 +182,48 @@ pub(super) fn writer_loop(
         }
         let size = batch.len();
         let started = Instant::now();
-        let commit = match lock.as_ref().map(WriterLock::acquire).transpose() {
+        if poisoned.load(Ordering::SeqCst) {
+            // A WAL sync failed: nothing is run or answered Ok until the store is reopened.
+            let jobs = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
+            let commit = Err(sync_failed());
+            if to_syncer.send(Committed { jobs, commit }).is_err() {
+                break;
+            }
+            continue;
+        }
+        let mut unsent = None;
+        match lock.as_ref().map(WriterLock::acquire).transpose() {
             Ok(waited) => {
                 let commit = run_batch(&conn, &mut batch);
-                if let Some(Err(e)) = lock.as_ref().map(WriterLock::release) {
-                    warn!(error = %e, "could not release the store's writer lock");
-                }
+                log_batch(size, started, &commit);
                 if let Some(waited) = waited.filter(|w| !w.is_zero()) {
                     debug!(
                         waited_us = waited.as_micros() as u64,
                         "waited for another writer"
                     );
                 }
-                commit
+                // To the syncer before the release, which may wait for another process's
+                // turn: this batch's fsync need not wait for that.
+                let jobs = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
+                match to_syncer.try_send(Committed { jobs, commit }) {
+                    Ok(()) => {}
+                    Err(std_mpsc::TrySendError::Full(c)) => unsent = Some(c),
+                    Err(std_mpsc::TrySendError::Disconnected(_)) => break,
+                }
+                if let Some(Err(e)) = lock.as_ref().map(WriterLock::release) {
+                    warn!(error = %e, "could not release the store's writer lock");
+                }
             }
-            Err(e) => Err(StorageError::backend(e)),
-        };
-        if let Err(e) = &commit {
-            warn!(error = %e, size, "group commit failed; every job in the batch gets the error");
+            Err(e) => {
+                let jobs = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
+                let commit = Err(StorageError::backend(e));
+                log_batch(size, started, &commit);
+                unsent = Some(Committed { jobs, commit });
+            }
         }
-        debug!(
-            size,
-            micros = started.elapsed().as_micros() as u64,
-            "group commit"
-        );
-        let jobs = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
-        if to_syncer.send(Committed { jobs, commit }).is_err() {
+        if let Some(c) = unsent
+            && to_syncer.send(c).is_err()
+        {
             break;
         }
     }
@@ -214,11 +234,33 @@ pub(super) fn writer_loop(
     debug!("embedded store writer drained and stopped");
 }
 
+fn log_batch(size: usize, started: Instant, commit: &Result<(), StorageError>) {
+    if let Err(e) = commit {
+        warn!(error = %e, size, "group commit failed; every job in the batch gets the error");
+    }
+    debug!(
+        size,
+        micros = started.elapsed().as_micros() as u64,
+        "group commit"
+    );
+}
+
+/// The error of every write once a WAL sync has failed.
+fn sync_failed() -> StorageError {
+    StorageError::backend(std::io::Error::other(
+        "an earlier WAL sync failed; writes are refused until the store is reopened",
+    ))
+}
+
 /// Makes committed batches durable and answers their jobs. One `fdatasync` covers every batch
 /// waiting when it starts.
+///
+/// A failed sync is sticky (`poisoned`): on Linux a failed fsync marks the pages clean and
+/// reports the error once, so a later sync that succeeds proves nothing about them. Every
+/// batch after it is answered with an error until the store is reopened.
 // Owns the WAL handle and the receiver for the thread's life.
 #[allow(clippy::needless_pass_by_value)]
-fn syncer_loop(wal: Option<File>, committed: std_mpsc::Receiver<Committed>) {
+fn syncer_loop(wal: Option<File>, committed: std_mpsc::Receiver<Committed>, poisoned: &AtomicBool) {
     let mut ready: Vec<Committed> = Vec::new();
     while let Ok(first) = committed.recv() {
         ready.push(first);
@@ -227,6 +269,7 @@ fn syncer_loop(wal: Option<File>, committed: std_mpsc::Receiver<Committed>) {
         }
         let any_committed = ready.iter().any(|c| c.commit.is_ok());
         let synced = match &wal {
+            _ if poisoned.load(Ordering::SeqCst) => Err(sync_failed()),
             Some(wal) if any_committed => {
                 let started = Instant::now();
                 let synced = wal.sync_data().map_err(StorageError::backend);
@@ -239,8 +282,10 @@ fn syncer_loop(wal: Option<File>, committed: std_mpsc::Receiver<Committed>) {
             }
             _ => Ok(()),
         };
-        if let Err(e) = &synced {
-            warn!(error = %e, "WAL sync failed; the writes of these batches get the error");
+        if let Err(e) = &synced
+            && !poisoned.swap(true, Ordering::SeqCst)
+        {
+            error!(error = %e, "WAL sync failed; every write is refused until the store is reopened");
         }
         for Committed { jobs, commit } in ready.drain(..) {
             let outcome = commit.and_then(|()| synced.clone());
@@ -264,8 +309,17 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 /// changing rows ([`Ran::Partial`]) is the transaction rolled back and the whole batch run
 /// again with a savepoint around each job, so that job alone is undone.
 fn run_batch(conn: &Connection, batch: &mut [Job]) -> Result<(), StorageError> {
+    if !conn.is_autocommit() {
+        // A transaction left open by a failed ROLLBACK would hold SQLite's write lock.
+        let _ = exec(conn, "ROLLBACK");
+    }
     exec(conn, "BEGIN IMMEDIATE").map_err(StorageError::backend)?;
-    if batch.iter_mut().all(|job| job.run(conn) != Ran::Partial) {
+    // A job whose error made SQLite roll the transaction back counts as half done too: the
+    // jobs after it must not run outside a transaction.
+    if batch
+        .iter_mut()
+        .all(|job| job.run(conn) != Ran::Partial && !conn.is_autocommit())
+    {
         return commit(conn);
     }
     let _ = exec(conn, "ROLLBACK");
@@ -413,12 +467,11 @@ mod tests {
                 c.execute("INSERT INTO t (k) VALUES (9)", [])
                     .map_err(StorageError::backend)
             },
-            Instant::now(),
+            Instant::now() - Duration::from_secs(1),
             Duration::ZERO,
             tx,
         );
         let mut batch = vec![job];
-        std::thread::yield_now();
         run_batch(&conn, &mut batch).expect("commit");
         for job in batch {
             job.finish(Ok(()));
