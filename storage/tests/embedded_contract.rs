@@ -21,6 +21,15 @@ impl Embedded {
     }
 }
 
+/// Runs `sql` on the store file in `dir` with a plain SQLite connection (to give it an older
+/// shape); returns the file's path.
+fn rewrite(dir: &std::path::Path, sql: &str) -> std::path::PathBuf {
+    let path = dir.join(meshchat_storage::embedded::DB_FILE);
+    let conn = rusqlite::Connection::open(&path).expect("sqlite");
+    conn.execute_batch(sql).expect("rewrite the store file");
+    path
+}
+
 #[async_trait]
 impl Harness for Embedded {
     async fn open(&self) -> Arc<dyn Storage> {
@@ -44,11 +53,7 @@ meshchat_storage::contract_tests!(Embedded::new());
 #[test]
 fn a_store_from_a_newer_schema_is_refused() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join(meshchat_storage::embedded::DB_FILE);
-    let conn = rusqlite::Connection::open(&path).expect("sqlite");
-    conn.execute_batch("PRAGMA user_version = 999")
-        .expect("set version");
-    drop(conn);
+    rewrite(dir.path(), "PRAGMA user_version = 999");
     match EmbeddedStore::open_dir(dir.path()) {
         Err(meshchat_storage::StorageError::SchemaTooNew { found: 999, .. }) => {}
         other => panic!("expected SchemaTooNew, got {other:?}"),
@@ -100,9 +105,8 @@ async fn a_version_1_store_is_upgraded_to_per_chat_idempotency() {
     store.append(msg(100, ab)).await.expect("append");
     store.close().await;
     // Turn the file back into version 1: the old table shape and version number.
-    let path = dir.path().join(meshchat_storage::embedded::DB_FILE);
-    let conn = rusqlite::Connection::open(&path).expect("sqlite");
-    conn.execute_batch(
+    let path = rewrite(
+        dir.path(),
         "CREATE TABLE old_idem (sender INTEGER NOT NULL, client_msg_id TEXT NOT NULL,
              chat TEXT NOT NULL, message_id INTEGER NOT NULL,
              PRIMARY KEY (sender, client_msg_id)) WITHOUT ROWID;
@@ -112,9 +116,7 @@ async fn a_version_1_store_is_upgraded_to_per_chat_idempotency() {
          ALTER TABLE channels DROP COLUMN private;
          DROP TABLE channel_admins;
          PRAGMA user_version = 1;",
-    )
-    .expect("downgrade");
-    drop(conn);
+    );
     let store = EmbeddedStore::open_dir(dir.path()).expect("reopen upgrades");
     let retry = store.append(msg(200, ab)).await.expect("retry");
     assert_eq!((retry.id, retry.duplicate), (MessageId(100), true));
@@ -160,15 +162,12 @@ async fn a_version_2_store_gains_private_channels_and_admins() {
         .await
         .expect("channel");
     store.close().await;
-    let path = dir.path().join(meshchat_storage::embedded::DB_FILE);
-    let conn = rusqlite::Connection::open(&path).expect("sqlite");
-    conn.execute_batch(
+    rewrite(
+        dir.path(),
         "ALTER TABLE channels DROP COLUMN private;
          DROP TABLE channel_admins;
          PRAGMA user_version = 2;",
-    )
-    .expect("downgrade");
-    drop(conn);
+    );
     let store = EmbeddedStore::open_dir(dir.path()).expect("reopen upgrades");
     let old = store
         .channel(ChannelId(10))
@@ -203,14 +202,11 @@ async fn a_version_3_store_without_sign_outs_gains_them() {
         .await
         .expect("user");
     store.close().await;
-    let path = dir.path().join(meshchat_storage::embedded::DB_FILE);
-    let conn = rusqlite::Connection::open(&path).expect("sqlite");
-    conn.execute_batch(
+    rewrite(
+        dir.path(),
         "ALTER TABLE users DROP COLUMN signed_out_before;
          PRAGMA user_version = 3;",
-    )
-    .expect("downgrade");
-    drop(conn);
+    );
     let store = EmbeddedStore::open_dir(dir.path()).expect("reopen upgrades");
     assert_eq!(store.signed_out_before(UserId(1)).await.expect("read"), 0);
     store.sign_out_before(UserId(1), 5).await.expect("sign out");
@@ -245,9 +241,8 @@ async fn a_version_3_store_moves_to_the_append_only_layout() {
     store.append(msg(200, ac, "k2")).await.expect("append");
     store.close().await;
     // Back to the version-3 shape: an idempotency table and `chats.last_message_id`.
-    let path = dir.path().join(meshchat_storage::embedded::DB_FILE);
-    let conn = rusqlite::Connection::open(&path).expect("sqlite");
-    conn.execute_batch(
+    let path = rewrite(
+        dir.path(),
         "CREATE TABLE idempotency (sender INTEGER NOT NULL, chat TEXT NOT NULL,
              client_msg_id TEXT NOT NULL, message_id INTEGER NOT NULL,
              PRIMARY KEY (sender, chat, client_msg_id)) WITHOUT ROWID;
@@ -260,9 +255,7 @@ async fn a_version_3_store_moves_to_the_append_only_layout() {
          DROP TABLE chats;
          ALTER TABLE chats_v3 RENAME TO chats;
          PRAGMA user_version = 3;",
-    )
-    .expect("downgrade");
-    drop(conn);
+    );
     let store = EmbeddedStore::open_dir(dir.path()).expect("reopen upgrades");
     let order = |list: Vec<meshchat_storage::ChatSummary>| -> Vec<ChatId> {
         list.into_iter().map(|s| s.chat).collect()
