@@ -103,6 +103,14 @@ impl WriterLock {
         })
     }
 
+    /// The writer lock of the store at `db` if `scheme` uses one.
+    pub(super) fn for_scheme(db: &Path, scheme: CrossProcess) -> io::Result<Option<Self>> {
+        match scheme {
+            CrossProcess::TurnLock => Self::open(db).map(Some),
+            CrossProcess::SqliteBusy | CrossProcess::BusyPoll => Ok(None),
+        }
+    }
+
     /// The same, with another bound on the turn wait of [`Self::release`] (tests).
     #[cfg(test)]
     fn with_turn_wait(mut self, turn_wait: Duration) -> Self {

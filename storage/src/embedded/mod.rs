@@ -217,12 +217,8 @@ fn start_checkpointer(
     // NORMAL: a checkpoint syncs the WAL before it copies and the database after.
     conn.execute_batch("PRAGMA synchronous = NORMAL")
         .map_err(StorageError::backend)?;
-    let lock = match config.cross_process {
-        CrossProcess::TurnLock => {
-            Some(lock::WriterLock::open(&config.path).map_err(StorageError::backend)?)
-        }
-        CrossProcess::SqliteBusy | CrossProcess::BusyPoll => None,
-    };
+    let lock = lock::WriterLock::for_scheme(&config.path, config.cross_process)
+        .map_err(StorageError::backend)?;
     // To sync the database file between passes (see below).
     let db_file = std::fs::File::open(&config.path).map_err(StorageError::backend)?;
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -328,12 +324,8 @@ impl EmbeddedStore {
                 .busy_handler(Some(lock::poll_busy))
                 .map_err(StorageError::backend)?;
         }
-        let writer_lock = match config.cross_process {
-            CrossProcess::TurnLock => {
-                Some(lock::WriterLock::open(&config.path).map_err(StorageError::backend)?)
-            }
-            CrossProcess::SqliteBusy | CrossProcess::BusyPoll => None,
-        };
+        let writer_lock = lock::WriterLock::for_scheme(&config.path, config.cross_process)
+            .map_err(StorageError::backend)?;
         // Several processes may open a fresh store at once: switching to WAL and creating the
         // schema can then meet SQLITE_BUSY without SQLite's busy handler being consulted.
         // Retry until the busy timeout, as the handler would.

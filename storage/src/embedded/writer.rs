@@ -171,30 +171,28 @@ pub(super) fn writer_loop(
             return;
         }
     };
-    let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
+        let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
+        jobs.push(first);
+        while jobs.len() < max_batch {
             match rx.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) => jobs.push(job),
                 Err(_) => break,
             }
         }
-        let size = batch.len();
+        let size = jobs.len();
         let started = Instant::now();
         if poisoned.load(Ordering::SeqCst) {
             // A WAL sync failed: nothing is run or answered Ok until the store is reopened.
-            let jobs = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
             let commit = Err(sync_failed());
             if to_syncer.send(Committed { jobs, commit }).is_err() {
                 break;
             }
             continue;
         }
-        let mut unsent = None;
-        match lock.as_ref().map(WriterLock::acquire).transpose() {
+        let unsent = match lock.as_ref().map(WriterLock::acquire).transpose() {
             Ok(waited) => {
-                let commit = run_batch(&conn, &mut batch);
+                let commit = run_batch(&conn, &mut jobs);
                 log_batch(size, started, &commit);
                 if let Some(waited) = waited.filter(|w| !w.is_zero()) {
                     debug!(
@@ -204,23 +202,22 @@ pub(super) fn writer_loop(
                 }
                 // To the syncer before the release, which may wait for another process's
                 // turn: this batch's fsync need not wait for that.
-                let jobs = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
-                match to_syncer.try_send(Committed { jobs, commit }) {
-                    Ok(()) => {}
-                    Err(std_mpsc::TrySendError::Full(c)) => unsent = Some(c),
-                    Err(std_mpsc::TrySendError::Disconnected(_)) => break,
-                }
+                let sent = to_syncer.try_send(Committed { jobs, commit });
                 if let Some(Err(e)) = lock.as_ref().map(WriterLock::release) {
                     warn!(error = %e, "could not release the store's writer lock");
                 }
+                match sent {
+                    Ok(()) => None,
+                    Err(std_mpsc::TrySendError::Full(c)) => Some(c),
+                    Err(std_mpsc::TrySendError::Disconnected(_)) => break,
+                }
             }
             Err(e) => {
-                let jobs = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
                 let commit = Err(StorageError::backend(e));
                 log_batch(size, started, &commit);
-                unsent = Some(Committed { jobs, commit });
+                Some(Committed { jobs, commit })
             }
-        }
+        };
         if let Some(c) = unsent
             && to_syncer.send(c).is_err()
         {
