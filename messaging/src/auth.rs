@@ -21,6 +21,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use argon2::Argon2;
@@ -101,6 +102,11 @@ pub struct Auth {
     ttl: Duration,
     max_lifetime: Duration,
     hashing: Arc<Semaphore>,
+    max_hashes: usize,
+    /// Callers waiting for a hashing slot now.
+    hash_waiting: AtomicUsize,
+    /// Callers refused for want of a slot, since start.
+    hash_rejections: AtomicU64,
     /// A hash of no password, checked when a login names no account so that it takes as
     /// long as a wrong password.
     nothing: tokio::sync::OnceCell<String>,
@@ -152,6 +158,9 @@ impl Auth {
             ttl,
             max_lifetime: DEFAULT_MAX_LIFETIME,
             hashing: Arc::new(Semaphore::new(max_concurrent_hashes.max(1))),
+            max_hashes: max_concurrent_hashes.max(1),
+            hash_waiting: AtomicUsize::new(0),
+            hash_rejections: AtomicU64::new(0),
             nothing: tokio::sync::OnceCell::new(),
         }
     }
@@ -314,12 +323,32 @@ impl Auth {
     }
 
     async fn hashing_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, RequestError> {
-        match tokio::time::timeout(HASH_QUEUE_WAIT, self.hashing.clone().acquire_owned()).await {
+        self.hash_waiting.fetch_add(1, Ordering::Relaxed);
+        let slot =
+            tokio::time::timeout(HASH_QUEUE_WAIT, self.hashing.clone().acquire_owned()).await;
+        self.hash_waiting.fetch_sub(1, Ordering::Relaxed);
+        match slot {
             Ok(Ok(p)) => Ok(p),
-            _ => Err(RequestError::Overloaded(
-                "too many logins and registrations at once; retry".into(),
-            )),
+            _ => {
+                self.hash_rejections.fetch_add(1, Ordering::Relaxed);
+                Err(RequestError::Overloaded(
+                    "too many logins and registrations at once; retry".into(),
+                ))
+            }
         }
+    }
+
+    /// Password hashes running or waiting for a slot now.
+    pub fn hashes_in_progress(&self) -> usize {
+        let running = self
+            .max_hashes
+            .saturating_sub(self.hashing.available_permits());
+        running + self.hash_waiting.load(Ordering::Relaxed)
+    }
+
+    /// Registrations and logins refused for want of a hashing slot, since start.
+    pub fn hash_rejections(&self) -> u64 {
+        self.hash_rejections.load(Ordering::Relaxed)
     }
 
     /// Hashes a password with argon2id (PHC string).

@@ -58,6 +58,18 @@ pub struct NodeConfig {
     pub cluster: ClusterConfig,
     /// Where state and history live.
     pub storage: StorageSettings,
+    /// The admin HTTP listener (`/healthz`, `/readyz`, `/metrics`, `/cluster`).
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: the node's HTTP listener for operators and Prometheus (docs/OPERATIONS.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// TCP address of the admin listener, for example `127.0.0.1:9400`. Unset (the default):
+    /// no listener. It has no authentication: keep it on loopback or a management network.
+    /// Port 0 binds any free port (tests).
+    pub listen: Option<SocketAddr>,
 }
 
 /// Which storage backend the node uses.
@@ -268,6 +280,7 @@ impl Default for NodeConfig {
             shutdown_grace: Duration::from_secs(10),
             cluster: ClusterConfig::default(),
             storage: StorageSettings::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -500,6 +513,21 @@ const MAX_WINDOW: u64 = 64 * 1024 * 1024;
 /// Largest kernel UDP buffer asked for (the kernel takes an `int`; it caps it far lower).
 const MAX_UDP_BUFFER: usize = 1 << 30;
 
+/// `url` with the password of its user info (`user:password@`) replaced by `****`.
+pub fn redact_url(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[start..];
+    let Some(at) = rest.find('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!("{}{}:****{}", &url[..start], &rest[..colon], &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
 fn invalid<T>(message: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError::Invalid(message.into()))
 }
@@ -553,7 +581,11 @@ fn check_dial_address(key: &str, a: &str) -> Result<(), ConfigError> {
 impl NodeConfig {
     /// Defaults, then `file` (if any), then `MESHCHAT_*` environment variables.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut fig = Figment::from(Serialized::defaults(NodeConfig::default()));
+        // Maps merge in figment: a file's `replication = { dc1 = 3 }` would keep the default's
+        // `datacenter1 = 1` beside it. The default applies only when nothing was given.
+        let mut defaults = NodeConfig::default();
+        defaults.storage.cassandra.replication.clear();
+        let mut fig = Figment::from(Serialized::defaults(defaults));
         if let Some(f) = file {
             fig = fig.merge(Toml::file_exact(f));
         }
@@ -562,9 +594,85 @@ impl NodeConfig {
             "password",
             "cql_nodes",
         ]));
-        let config: NodeConfig = fig.extract().map_err(Box::new)?;
+        let mut config: NodeConfig = fig.extract().map_err(Box::new)?;
+        if config.storage.cassandra.replication.is_empty() {
+            config.storage.cassandra.replication = CassandraSettings::default().replication;
+        }
         config.validate()?;
         Ok(config)
+    }
+
+    /// What `meshchat-node check-config` checks beyond [`NodeConfig::validate`]: the files
+    /// the config names exist and are readable (certificates, keys, token secrets), the
+    /// Cassandra settings build a driver config, and the data dir, if it exists, is a
+    /// directory. Not checked: key file modes, certificate contents, whether Redis or
+    /// Cassandra answer (the node checks those at start). Returns warnings (things that start but deserve a look); an error names the
+    /// key and the problem.
+    pub fn check_files(&self) -> Result<Vec<String>, ConfigError> {
+        let files = [
+            ("tls.cert", self.tls.cert.as_ref()),
+            ("tls.key", self.tls.key.as_ref()),
+            ("auth.secret_file", self.auth.secret_file.as_ref()),
+            ("cluster.ca", self.cluster.ca.as_ref()),
+            ("cluster.cert", self.cluster.cert.as_ref()),
+            ("cluster.key", self.cluster.key.as_ref()),
+        ];
+        let previous = self
+            .auth
+            .previous_secret_files
+            .iter()
+            .map(|p| ("auth.previous_secret_files", Some(p)));
+        for (key, path) in files.into_iter().chain(previous) {
+            let Some(path) = path else { continue };
+            if let Err(e) = std::fs::File::open(path) {
+                return invalid(format!("{key}: {}: {e}", path.display()));
+            }
+        }
+        if self.data_dir.exists() && !self.data_dir.is_dir() {
+            return invalid(format!(
+                "data_dir: {} exists and is not a directory",
+                self.data_dir.display()
+            ));
+        }
+        if self.storage.backend == Backend::Cassandra {
+            self.storage
+                .cassandra
+                .to_config()
+                .map_err(|e| ConfigError::Invalid(format!("storage.cassandra: {e}")))?;
+        }
+        let mut warnings = Vec::new();
+        if self.tls.cert.is_none() {
+            warnings.push(format!(
+                "tls: no cert/key: a development CA is generated in {} (never in production)",
+                self.data_dir.display()
+            ));
+        }
+        let clustered = !self.cluster.members.is_empty() || self.cluster.redis.is_some();
+        if clustered && self.cluster.ca.is_none() {
+            warnings.push(
+                "cluster: no ca/cert/key: a development mesh CA is generated in data_dir \
+                 (never in production)"
+                    .into(),
+            );
+        }
+        if self.auth.secret_file.is_none() && clustered {
+            warnings.push(
+                "auth.secret_file unset: each node makes its own token key in its data_dir; \
+                 nodes on separate hosts then reject each other's tokens"
+                    .into(),
+            );
+        }
+        match self.admin.listen {
+            None => warnings.push(
+                "admin.listen unset: no /healthz, /readyz or /metrics for this node".into(),
+            ),
+            Some(a) if !a.ip().is_loopback() => warnings.push(format!(
+                "admin.listen {a} is not loopback: the admin listener has no authentication; \
+                 keep it on a management network"
+            )),
+            Some(_) => {}
+        }
+        Ok(warnings)
     }
 
     /// Checks ranges that serde cannot. Every refusal names its key; no check can overflow,
@@ -579,6 +687,23 @@ impl NodeConfig {
         self.validate_transport()?;
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return invalid("tls.cert and tls.key go together");
+        }
+        if let Some(url) = &self.cluster.redis {
+            if url.starts_with("rediss://") {
+                return invalid(
+                    "cluster.redis: rediss:// (TLS) is not built into this node; reach Redis \
+                     over a private network or a TLS tunnel with redis://",
+                );
+            }
+            if !["redis://", "unix://", "redis+unix://"]
+                .iter()
+                .any(|p| url.starts_with(p))
+            {
+                return invalid(format!(
+                    "cluster.redis {:?} must start with redis://, unix:// or redis+unix://",
+                    redact_url(url)
+                ));
+            }
         }
         within(
             "shutdown_grace",
@@ -926,6 +1051,62 @@ mod tests {
             assert_eq!(c.worker_id(), 3);
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_replication_map_in_the_file_replaces_the_default() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "[storage.cassandra]\nnodes = [\"10.0.0.11:9042\"]\nlocal_dc = \"dc1\"\nreplication = { dc1 = 3 }\n",
+        )
+        .expect("write");
+        let c = NodeConfig::load(Some(&file)).expect("load");
+        assert_eq!(
+            c.storage.cassandra.replication,
+            [("dc1".to_string(), 3)].into_iter().collect()
+        );
+        // Without one, the default stays.
+        std::fs::write(&file, "node_id = 2\n").expect("write");
+        let c = NodeConfig::load(Some(&file)).expect("load");
+        assert_eq!(
+            c.storage.cassandra.replication,
+            CassandraSettings::default().replication
+        );
+    }
+
+    #[test]
+    fn a_redis_url_this_build_cannot_use_is_refused_and_passwords_are_redacted() {
+        let mut c = NodeConfig::default();
+        c.cluster.redis = Some("rediss://meshchat:secret@10.0.0.9:6380/".into());
+        let e = c.validate().expect_err("rediss refused").to_string();
+        assert!(e.contains("cluster.redis") && e.contains("TLS"), "{e}");
+        c.cluster.redis = Some("http://meshchat:secret@10.0.0.9/".into());
+        let e = c.validate().expect_err("http refused").to_string();
+        assert!(e.contains("redis://") && !e.contains("secret"), "{e}");
+        assert_eq!(
+            redact_url("redis://meshchat:secret@10.0.0.9:6379/"),
+            "redis://meshchat:****@10.0.0.9:6379/"
+        );
+        assert_eq!(redact_url("redis://10.0.0.9/"), "redis://10.0.0.9/");
+    }
+
+    #[test]
+    fn every_node_config_of_the_deploy_kit_loads() {
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let mut loaded = 0;
+        for dir in ["cluster", "single-host"] {
+            for n in 1..=3 {
+                let path = deploy.join(dir).join(format!("node{n}.toml"));
+                let c = NodeConfig::load(Some(&path))
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert_eq!(c.node_id, n, "{}", path.display());
+                assert!(c.admin.listen.is_some(), "{}", path.display());
+                loaded += 1;
+            }
+        }
+        assert_eq!(loaded, 6);
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct DevCluster {
     /// Node i runs in network namespace `netns[i]` (`ip netns exec`; needs root); empty, or
     /// past its end: in this one. The load test's partition fault uses it.
     pub netns: Vec<String>,
+    /// Admin HTTP listener of node 0 (TCP); node i's is `admin_base + i`, on its host. `None`
+    /// (the default): no admin listeners. `meshchat-node dev` uses `base_port + 200`.
+    pub admin_base: Option<u16>,
 }
 
 /// A running dev cluster.
@@ -89,6 +92,7 @@ impl DevCluster {
             storage,
             hosts: Vec::new(),
             netns: Vec::new(),
+            admin_base: None,
         }
     }
 
@@ -116,7 +120,11 @@ impl DevCluster {
         if self.nodes == 0 {
             return Err(StartError::Other("--nodes must be at least 1".into()));
         }
-        if u32::from(self.base_port) + 100 + self.nodes > u32::from(u16::MAX) {
+        if u32::from(self.base_port) + 100 + self.nodes > u32::from(u16::MAX)
+            || self
+                .admin_base
+                .is_some_and(|a| u32::from(a) + self.nodes > u32::from(u16::MAX))
+        {
             return Err(StartError::Other(
                 "--base-port too high for that many nodes".into(),
             ));
@@ -137,6 +145,9 @@ impl DevCluster {
         // the whole cluster. The other admission rules stay.
         c.limits.max_handshakes_per_source =
             u32::try_from(c.limits.max_concurrent_handshakes).unwrap_or(u32::MAX);
+        if let Some(admin) = self.admin_base {
+            c.admin.listen = Some((self.host(i), admin + i as u16).into());
+        }
         if let DevStorage::Cassandra(settings) = &self.storage {
             c.storage.backend = Backend::Cassandra;
             c.storage.cassandra = settings.clone();
@@ -302,8 +313,16 @@ impl DevCluster {
                 c.keyspace
             ));
         }
-        for (id, addr) in &addrs {
-            s.push_str(&format!("  node {id}: {addr} (QUIC, ALPN meshchat/1)\n"));
+        for (i, (id, addr)) in addrs.iter().enumerate() {
+            s.push_str(&format!("  node {id}: {addr} (QUIC, ALPN meshchat/1)"));
+            if let Some(admin) = self.admin_base {
+                let host = self.host(i as u32);
+                s.push_str(&format!(
+                    ", admin http://{host}:{}/metrics",
+                    admin + i as u16
+                ));
+            }
+            s.push('\n');
         }
         let base = format!("{client_bin} --server {first} --ca {} --home", ca.display());
         s.push_str(&format!(

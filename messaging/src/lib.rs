@@ -20,7 +20,10 @@
 //! - [`error`]: request errors and the one mapping to protocol error codes.
 //! - [`convert`]: wire <-> domain conversions.
 //! - [`dev`]: `meshchat-node dev`, a local cluster on loopback.
+//! - [`admin`]: the admin HTTP listener: `/healthz`, `/readyz`, `/metrics`, `/cluster`.
+//! - [`metrics`]: metric names, labels and recording (Prometheus exporter).
 
+pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod config;
@@ -28,6 +31,7 @@ pub mod convert;
 pub mod dev;
 pub mod error;
 pub mod members;
+pub mod metrics;
 pub mod node;
 pub mod registry;
 pub mod router;

@@ -107,6 +107,8 @@ pub struct Node {
     passwords: PasswordGate,
     /// Bytes of requests being handled, all connections together.
     inflight_bytes: Arc<tokio::sync::Semaphore>,
+    /// This node's metrics handle (`node` label).
+    pub(crate) metrics: crate::metrics::NodeMetrics,
 }
 
 impl std::fmt::Debug for Node {
@@ -172,6 +174,7 @@ impl Node {
                 .allow_burst(burst.saturating_mul(NonZeroU32::MIN.saturating_add(1))),
         );
         Ok(Self {
+            metrics: crate::metrics::NodeMetrics::new(config.node_id),
             config,
             storage,
             ids,
@@ -990,11 +993,17 @@ impl Node {
         let router = self.router.clone();
         let (user, name) = (me.user, me.name.clone());
         let client_msg_id = s.client_msg_id.clone();
+        let metrics = self.metrics.clone();
         let committed = tokio::spawn(async move {
             let body = msg.body.clone();
             // Durable before acked: the append returns after the group commit.
-            let out = storage.append(msg).await?;
+            let started = std::time::Instant::now();
+            let out = storage.append(msg).await;
+            // Failed appends too: a store that fails slowly shows here.
+            metrics.storage("append", started.elapsed());
+            let out = out?;
             let stored = if !out.duplicate {
+                metrics.message_sent();
                 Some(meshchat_storage::StoredMessage {
                     id,
                     chat,

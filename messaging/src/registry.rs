@@ -119,6 +119,8 @@ pub struct Registry {
     floors: DashMap<UserId, u64>,
     next_conn: AtomicU64,
     live: AtomicU64,
+    /// Connections cut off by a full outbound queue, since start.
+    cut_off: AtomicU64,
 }
 
 impl Registry {
@@ -243,7 +245,15 @@ impl Registry {
             );
             d.cut_off += 1;
         }
+        if d.cut_off > 0 {
+            self.cut_off.fetch_add(d.cut_off as u64, Ordering::Relaxed);
+        }
         d
+    }
+
+    /// Connections cut off as slow readers (a full outbound queue) since start.
+    pub fn cut_off_total(&self) -> u64 {
+        self.cut_off.load(Ordering::Relaxed)
     }
 
     /// Every live connection (for shutdown).

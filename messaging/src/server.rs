@@ -69,6 +69,8 @@ pub struct RunningNode {
     pub node: Arc<Node>,
     /// The mesh, when the node is part of a cluster.
     pub mesh: Option<Arc<Mesh>>,
+    /// The admin HTTP listener's bound address, when `[admin] listen` is set.
+    pub admin_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
 }
@@ -185,10 +187,33 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         tokio::spawn(driver.run(mesh, fencing, stop_rx.clone()));
     }
     let span = info_span!("node", id = node.config.node_id, %addr);
+    let limits = &node.config.limits;
+    let gate = Arc::new(HandshakeGate::new(
+        limits.max_concurrent_handshakes,
+        limits.retry_above_handshakes,
+        limits.max_handshakes_per_source,
+    ));
+    let (admin_addr, admin_task) = match node.config.admin.listen {
+        Some(listen) => {
+            let state = crate::admin::AdminState {
+                node: Arc::downgrade(&node),
+                mesh: mesh.as_ref().map(Arc::downgrade),
+                store: embedded.as_ref().map(Arc::downgrade),
+                gate: gate.clone(),
+                stop: stop_rx.clone(),
+            };
+            let (admin_stop, until) = watch::channel(false);
+            let (a, task) = crate::admin::start(listen, state, until)
+                .instrument(span.clone())
+                .await?;
+            (Some(a), Some((admin_stop, task)))
+        }
+        None => (None, None),
+    };
     let node_for_loop = node.clone();
     let done = tokio::spawn(
         async move {
-            accept_loop(node_for_loop, endpoint, embedded, stop_rx).await;
+            accept_loop(node_for_loop, endpoint, embedded, gate, admin_task, stop_rx).await;
             // Held until the node is down: only then may another process take the worker id.
             drop(worker_lock);
         }
@@ -199,6 +224,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         addr,
         node,
         mesh,
+        admin_addr,
         stop,
         done,
     })
@@ -298,14 +324,11 @@ async fn accept_loop(
     node: Arc<Node>,
     endpoint: quinn::Endpoint,
     store: Option<Arc<EmbeddedStore>>,
+    gate: Arc<HandshakeGate>,
+    admin: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
     mut stop: watch::Receiver<bool>,
 ) {
     let limits = node.config.limits.clone();
-    let gate = Arc::new(HandshakeGate::new(
-        limits.max_concurrent_handshakes,
-        limits.retry_above_handshakes,
-        limits.max_handshakes_per_source,
-    ));
     let tasks = TaskTracker::new();
     let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
     loop {
@@ -316,6 +339,7 @@ async fn accept_loop(
                 let Some(incoming) = incoming else { break };
                 // Connections in any state (handshaking or live) count against the bound.
                 if tasks.len() >= limits.max_connections {
+                    node.metrics.handshake("refused", None);
                     incoming.refuse();
                     continue;
                 }
@@ -332,6 +356,7 @@ async fn accept_loop(
                                 Ok(slot) => session::serve(node, incoming, slot, stop).await,
                                 Err(_) => {
                                     debug!(%source, "no handshake slot in time; refused");
+                                    node.metrics.handshake("refused", None);
                                     incoming.refuse();
                                 }
                             }
@@ -345,6 +370,7 @@ async fn accept_loop(
                     }
                     Admit::Refuse => {
                         debug!(%source, "too many handshakes from one source; refused");
+                        node.metrics.handshake("refused", None);
                         incoming.refuse();
                     }
                 }
@@ -353,6 +379,7 @@ async fn accept_loop(
     }
     // Stop accepting new connections at the QUIC layer too.
     endpoint.set_server_config(None);
+
     tasks.close();
     let grace = node.config.shutdown_grace;
     if tokio::time::timeout(grace.saturating_add(Duration::from_secs(1)), tasks.wait())
@@ -367,6 +394,12 @@ async fn accept_loop(
             c.conn
                 .close(close_code(ErrorCode::Unavailable), b"node shutting down");
         }
+    }
+    // The admin listener answered /readyz with 503 while the connections drained; it stops
+    // now, before the store closes.
+    if let Some((admin_stop, task)) = admin {
+        let _ = admin_stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
     }
     drop(node);
     // Every request finished, so the store's queue is empty; close it to be sure. (Cassandra

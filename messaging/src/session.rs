@@ -8,7 +8,7 @@
 //! only after authentication, and nothing else is held per connection.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
@@ -27,6 +27,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::admission::HandshakeSlot;
 use crate::auth::Identity;
 use crate::error::{RequestError, close_code};
+use crate::metrics::{self, request_type};
 use crate::node::{AuthOutcome, Node};
 use crate::registry::{ConnHandle, ConnId, Outbox, Refused};
 
@@ -155,6 +156,8 @@ pub(crate) async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let remote = incoming.remote_address();
+    let started = std::time::Instant::now();
+    let metrics = node.metrics.clone();
     // A handshake that does not finish in time gives its slot back (dropping it closes the
     // connection): a client that sends an Initial and nothing more holds a slot for
     // `handshake_timeout`, not for the idle timeout.
@@ -162,14 +165,18 @@ pub(crate) async fn serve(
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             debug!(%remote, error = %e, "handshake failed");
+            metrics.handshake("failed", None);
             return;
         }
         Err(_) => {
             debug!(%remote, "handshake timed out");
+            metrics.handshake("timeout", None);
             return;
         }
     };
+    metrics.handshake("ok", Some(started.elapsed()));
     drop(handshake_slot);
+    let _established = metrics.established();
     let id = node.registry.next_conn_id();
     let span = info_span!("conn", id = id.0, peer = %remote);
     run(node, conn, id, &mut shutdown).instrument(span).await;
@@ -227,6 +234,7 @@ async fn run(
                 if let Some(o) = outbox.as_ref() {
                     o.drain_into(256, &mut batch);
                 }
+                node.metrics.pushes(batch.len());
                 for push in batch.drain(..) {
                     seq += 1;
                     encode_push_frame(seq, &push, &mut out);
@@ -268,20 +276,27 @@ async fn run(
                     }
                     Some(Ok(frame)) => {
                         let rid = frame.request_id;
+                        let kind = frame.body.as_ref().map_or("unknown", request_type);
+                        let started = Instant::now();
+                        let record = |outcome: &'static str| node.metrics.request(kind, outcome, started.elapsed());
                         match (frame.body, identity.as_ref()) {
                             (None, _) => {
+                                record(ErrorCode::UnknownRequest.as_str_name());
                                 put(&error_frame(rid, &RequestError::UnknownRequest), max_frame, &mut out);
                             }
                             // Id 0 is the pushes': a reply carrying it could not be told from
                             // one. Refused, not handled (nothing happens), with id 0.
                             (Some(_), _) if rid == 0 => {
                                 let e = RequestError::InvalidArgument("request_id 0 is reserved for pushes: use 1 or more".into());
+                                record(e.code().as_str_name());
                                 put(&error_frame(0, &e), max_frame, &mut out);
                             }
                             (Some(client_frame::Body::Hello(h)), _) => {
                                 let reply = if h.protocol_version == meshchat_proto::PROTOCOL_VERSION {
+                                    record("ok");
                                     ServerFrame { request_id: rid, body: Some(server_frame::Body::HelloOk(node.hello_ok())) }
                                 } else {
+                                    record(ErrorCode::VersionMismatch.as_str_name());
                                     error_frame(rid, &RequestError::VersionMismatch { got: h.protocol_version, want: meshchat_proto::PROTOCOL_VERSION })
                                 };
                                 put(&reply, max_frame, &mut out);
@@ -291,6 +306,7 @@ async fn run(
                                 // every idle connection's task.
                                 match Box::pin(node.authenticate_request(body, conn.remote_address().ip())).await {
                                     Ok(AuthOutcome::Redirect(r)) => {
+                                        record("ok");
                                         debug!(to = r.node_id, "redirecting to the user's home node");
                                         put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Redirect(r)) }, max_frame, &mut out);
                                     }
@@ -303,8 +319,10 @@ async fn run(
                                                 Refused::Cap(has) => RequestError::Overloaded(format!("this user has {has} connections on this node, the most allowed; close one")),
                                                 Refused::SignedOut => RequestError::TokenExpired,
                                             };
+                                            record(e.code().as_str_name());
                                             put(&error_frame(rid, &e), max_frame, &mut out);
                                         } else {
+                                            record("ok");
                                             auth_deadline.as_mut().reset(deadline_of(ok.expires_unix_ms));
                                             debug!(user = who.user.0, "authenticated");
                                             identity = Some(Arc::new(who));
@@ -313,6 +331,7 @@ async fn run(
                                         }
                                     }
                                     Err(e) => {
+                                        record(e.code().as_str_name());
                                         put(&error_frame(rid, &e), max_frame, &mut out);
                                         if matches!(e, RequestError::BadCredentials | RequestError::TokenInvalid(_) | RequestError::TokenExpired) {
                                             auth_failures += 1;
@@ -330,7 +349,9 @@ async fn run(
                             (Some(client_frame::Body::Authenticate(a)), Some(me)) => {
                                 // A refresh: the same user's newer token extends this
                                 // connection's life and gets a fresh token back.
-                                let reply = match Box::pin(node.refresh_request(me, &a.token)).await {
+                                let refreshed = Box::pin(node.refresh_request(me, &a.token)).await;
+                                record(metrics::outcome(&refreshed, RequestError::code));
+                                let reply = match refreshed {
                                     Ok((who, ok)) => {
                                         auth_deadline.as_mut().reset(deadline_of(ok.expires_unix_ms));
                                         identity = Some(Arc::new(who));
@@ -341,7 +362,9 @@ async fn run(
                                 put(&reply, max_frame, &mut out);
                             }
                             (Some(client_frame::Body::ChangePassword(c)), Some(me)) => {
-                                let reply = match Box::pin(node.change_password(me, id, conn.remote_address().ip(), c)).await {
+                                let changed = Box::pin(node.change_password(me, id, conn.remote_address().ip(), c)).await;
+                                record(metrics::outcome(&changed, RequestError::code));
+                                let reply = match changed {
                                     Ok((who, ok)) => {
                                         auth_deadline.as_mut().reset(deadline_of(ok.expires_unix_ms));
                                         identity = Some(Arc::new(who));
@@ -352,7 +375,9 @@ async fn run(
                                 put(&reply, max_frame, &mut out);
                             }
                             (Some(client_frame::Body::Logout(l)), Some(me)) => {
-                                match Box::pin(node.logout(me, id, l.everywhere)).await {
+                                let logged_out = Box::pin(node.logout(me, id, l.everywhere)).await;
+                                record(metrics::outcome(&logged_out, RequestError::code));
+                                match logged_out {
                                     Ok(()) => {
                                         put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Done(pb::Done {})) }, max_frame, &mut out);
                                         // Requests still in progress are answered, not dropped.
@@ -370,19 +395,26 @@ async fn run(
                                 }
                             }
                             (Some(client_frame::Body::Ping(p)), None) => {
+                                record("ok");
                                 put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Pong(pb::Pong { nonce: p.nonce })) }, max_frame, &mut out);
                             }
                             (Some(_), None) => {
+                                record(ErrorCode::Unauthenticated.as_str_name());
                                 put(&error_frame(rid, &RequestError::Unauthenticated), max_frame, &mut out);
                             }
                             (Some(body), Some(me)) => {
                                 // The node's budget of request bytes in progress: held until
                                 // the reply is made.
                                 match node.admit_request(body.encoded_len()) {
-                                    Err(e) => put(&error_frame(rid, &e), max_frame, &mut out),
+                                    Err(e) => {
+                                        record(e.code().as_str_name());
+                                        put(&error_frame(rid, &e), max_frame, &mut out);
+                                    }
                                     Ok(permit) => {
+                                        let m = node.metrics.clone();
                                         let fut = node.clone().handle(me.clone(), id, body).map(move |r| {
                                             let _permit = permit;
+                                            m.request(kind, metrics::outcome(&r, RequestError::code), started.elapsed());
                                             match r {
                                                 Ok(body) => ServerFrame { request_id: rid, body: Some(body) },
                                                 Err(e) => {

@@ -222,6 +222,11 @@ impl Mesh {
         })
     }
 
+    /// The peers this node keeps a link to (or dials), in id order.
+    pub fn peer_ids(&self) -> Vec<NodeId> {
+        self.peers.read().keys().copied().collect()
+    }
+
     /// Whether the link to `peer` is up.
     pub fn peer_up(&self, peer: NodeId) -> bool {
         self.peers

@@ -34,6 +34,12 @@ enum Cmd {
         #[arg(long)]
         node_id: Option<u32>,
     },
+    /// Validate a config file (and the environment) without starting: exits non-zero naming
+    /// the key and the problem, else prints what the node would run with and any warnings.
+    CheckConfig {
+        /// TOML config file.
+        config: PathBuf,
+    },
     /// Create or upgrade the Cassandra/ScyllaDB schema (`[storage.cassandra]` of the config).
     Migrate {
         /// TOML config file.
@@ -120,6 +126,39 @@ async fn main() -> anyhow::Result<()> {
             }
             meshchat_messaging::run(c, stop).await?;
         }
+        Cmd::CheckConfig { config } => {
+            let c = NodeConfig::load(Some(&config))
+                .with_context(|| format!("{}", config.display()))?;
+            let warnings = c.check_files().with_context(|| format!("{}", config.display()))?;
+            let clustered = !c.cluster.members.is_empty() || c.cluster.redis.is_some();
+            let mut out = format!(
+                "{}: ok\n  node {} (worker id {}), clients on {} (advertised {})\n  \
+                 storage: {:?}, data dir {}\n  cluster: {}\n  admin: {}\n",
+                config.display(),
+                c.node_id,
+                c.worker_id(),
+                c.listen,
+                c.advertise.as_deref().unwrap_or("the bound address"),
+                c.storage.backend,
+                c.data_dir.display(),
+                match (&c.cluster.redis, clustered) {
+                    (Some(r), _) => format!(
+                        "Redis membership at {}",
+                        meshchat_messaging::config::redact_url(r)
+                    ),
+                    (None, true) => format!("{} static members", c.cluster.members.len()),
+                    (None, false) => "none (a node alone)".into(),
+                },
+                c.admin
+                    .listen
+                    .map_or("off".to_string(), |a| format!("http://{a}/")),
+            );
+            for w in &warnings {
+                out.push_str(&format!("  warning: {w}\n"));
+            }
+            use std::io::Write;
+            std::io::stdout().write_all(out.as_bytes())?;
+        }
         Cmd::Migrate { config, dry_run } => {
             let c = NodeConfig::load(config.as_deref()).context("loading config")?;
             let cfg = c.storage.cassandra.to_config()?;
@@ -153,13 +192,15 @@ async fn main() -> anyhow::Result<()> {
                     ..CassandraSettings::default()
                 }),
             };
-            let dev = DevCluster::new(
+            let mut dev = DevCluster::new(
                 nodes,
                 std::path::absolute(&data_dir).unwrap_or(data_dir),
                 base_port,
                 redis,
                 storage,
             );
+            // Admin listeners (/healthz, /readyz, /metrics, /cluster) on TCP base_port + 200 + i.
+            dev.admin_base = base_port.checked_add(200);
             let exe = std::env::current_exe().context("locating meshchat-node")?;
             #[allow(clippy::print_stderr)]
             let running = dev.start(&exe, |line| eprintln!("{line}")).await?;

@@ -397,6 +397,11 @@ impl EmbeddedStore {
         &self.config
     }
 
+    /// Writes queued for the writer thread now.
+    pub fn queue_depth(&self) -> usize {
+        self.jobs.max_capacity() - self.jobs.capacity()
+    }
+
     /// Stops accepting writes, waits for every queued write to commit, and stops the writer.
     pub async fn close(self) {
         let Self {

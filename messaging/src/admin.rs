@@ -1,0 +1,267 @@
+//! The admin HTTP listener (`[admin] listen`): liveness, readiness, Prometheus metrics and a
+//! JSON view of the cluster as this node sees it. axum over HTTP/1.1; no authentication, so
+//! it belongs on loopback or a management network (docs/OPERATIONS.md).
+//!
+//! - `GET /healthz`: 200 while the process serves HTTP at all.
+//! - `GET /readyz`: 200 `ready`, or 503 with one line per unmet condition: the node is not
+//!   shutting down, holds its worker-id lease (not fenced), is on its own ring, and its
+//!   storage answers a read within a second.
+//! - `GET /metrics`: this node's series and the process's, Prometheus text format
+//!   ([`crate::metrics`]); scrape-time gauges are refreshed first.
+//! - `GET /cluster`: node id, ring epoch and members, peer links with their counters,
+//!   connections, lease.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use meshchat_backplane::mesh::Mesh;
+use meshchat_idgen::ChannelId;
+use meshchat_storage::EmbeddedStore;
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::admission::HandshakeGate;
+use crate::node::Node;
+use crate::server::StartError;
+
+/// How long `/readyz` waits for the storage read.
+const STORAGE_PROBE: Duration = Duration::from_secs(1);
+
+/// What the admin handlers read. Weak references: the listener must not keep the node or
+/// its store alive past a shutdown.
+#[derive(Clone)]
+pub(crate) struct AdminState {
+    pub node: Weak<Node>,
+    pub mesh: Option<Weak<Mesh>>,
+    pub store: Option<Weak<EmbeddedStore>>,
+    pub gate: Arc<HandshakeGate>,
+    pub stop: watch::Receiver<bool>,
+}
+
+/// Binds `listen` and serves the admin routes until `until` turns true (the end of the
+/// node's shutdown, so `/readyz` answers 503 while it drains). Returns the bound address and
+/// the server's task.
+pub(crate) async fn start(
+    listen: SocketAddr,
+    state: AdminState,
+    mut until: watch::Receiver<bool>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), StartError> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| StartError::Other(format!("admin listener {listen}: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Other(format!("admin listener address: {e}")))?;
+    // The recorder must exist before the first scrape; installing it here (once per process)
+    // also turns on recording on the request paths.
+    crate::metrics::prometheus();
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/cluster", get(cluster))
+        .with_state(state);
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = until.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            warn!(error = %e, "admin listener failed");
+        }
+        debug!("admin listener stopped");
+    });
+    info!(%addr, "admin listener up");
+    Ok((addr, task))
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// The unmet readiness conditions (empty: ready).
+async fn unready(s: &AdminState) -> Vec<String> {
+    let mut failed = Vec::new();
+    let Some(node) = s.node.upgrade() else {
+        return vec!["node stopped".into()];
+    };
+    if *s.stop.borrow() {
+        failed.push("node shutting down".into());
+    }
+    if !node.lease_gate().allows() {
+        failed.push(
+            "worker-id lease not held (still starting, or fenced: no ids, no logins)".into(),
+        );
+    }
+    if let Some(mesh) = s.mesh.as_ref().and_then(Weak::upgrade)
+        && !mesh.ring().members().contains(&mesh.me())
+    {
+        failed.push(format!(
+            "not on the ring yet (epoch {})",
+            mesh.current_epoch()
+        ));
+    }
+    match tokio::time::timeout(STORAGE_PROBE, node.storage.channel(ChannelId(0))).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => failed.push(format!("storage: {e}")),
+        Err(_) => failed.push(format!(
+            "storage did not answer a read within {} ms",
+            STORAGE_PROBE.as_millis()
+        )),
+    }
+    failed
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    let failed = unready(&s).await;
+    if failed.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        let mut body = String::from("not ready:\n");
+        for f in failed {
+            body.push_str(&f);
+            body.push('\n');
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    let Some(handle) = crate::metrics::prometheus() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "another metrics recorder is installed in this process\n",
+        )
+            .into_response();
+    };
+    let Some(node) = s.node.upgrade() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "node stopped\n").into_response();
+    };
+    let ready = unready(&s).await.is_empty();
+    refresh_gauges(&s, &node, ready);
+    handle.run_upkeep();
+    let text = crate::metrics::only_node(&handle.render(), node.metrics.node_label());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+/// Scrape-time values: read from state the node keeps anyway.
+fn refresh_gauges(s: &AdminState, node: &Node, ready: bool) {
+    let m = &node.metrics;
+    let handshaking = s.gate.in_progress() as f64;
+    m.gauge_with(
+        "meshchat_connections",
+        "state",
+        "handshaking".into(),
+        handshaking,
+    );
+    m.gauge_with(
+        "meshchat_connections",
+        "state",
+        "established".into(),
+        m.established_now() as f64,
+    );
+    m.gauge_with(
+        "meshchat_connections",
+        "state",
+        "authenticated".into(),
+        node.registry.live_connections() as f64,
+    );
+    m.counter_total(
+        "meshchat_push_queue_full_total",
+        node.registry.cut_off_total(),
+    );
+    if let Some(store) = s.store.as_ref().and_then(Weak::upgrade) {
+        m.gauge("meshchat_store_queue_depth", store.queue_depth() as f64);
+    }
+    m.gauge(
+        "meshchat_argon2_in_progress",
+        node.auth.hashes_in_progress() as f64,
+    );
+    m.counter_total("meshchat_argon2_rejected_total", node.auth.hash_rejections());
+    m.gauge(
+        "meshchat_lease_held",
+        if node.lease_gate().allows() { 1.0 } else { 0.0 },
+    );
+    m.gauge("meshchat_ready", if ready { 1.0 } else { 0.0 });
+    if let Some(mesh) = s.mesh.as_ref().and_then(Weak::upgrade) {
+        m.gauge("meshchat_ring_epoch", mesh.current_epoch() as f64);
+        m.gauge("meshchat_ring_members", mesh.ring().members().len() as f64);
+        for peer in mesh.peer_ids() {
+            let label = peer.0.to_string();
+            let up = if mesh.peer_up(peer) { 1.0 } else { 0.0 };
+            m.gauge_with("meshchat_peer_up", "peer", label.clone(), up);
+            if let Some(c) = mesh.peer_stats(peer) {
+                for (name, v) in [
+                    ("meshchat_peer_envelopes_sent_total", c.envelopes_sent),
+                    ("meshchat_peer_envelopes_received_total", c.envelopes_received),
+                    ("meshchat_peer_dropped_total", c.dropped),
+                    ("meshchat_peer_connects_total", c.connects),
+                ] {
+                    m.peer_counter_total(name, label.clone(), v);
+                }
+            }
+        }
+    } else {
+        m.gauge("meshchat_ring_members", 1.0);
+    }
+    metrics_process::Collector::default().collect();
+}
+
+async fn cluster(State(s): State<AdminState>) -> Response {
+    let Some(node) = s.node.upgrade() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "node stopped\n").into_response();
+    };
+    let gate = node.lease_gate();
+    let mut view = json!({
+        "node_id": node.config.node_id,
+        "advertise": node.config.advertised(),
+        "connections": {
+            "handshaking": s.gate.in_progress(),
+            "established": node.metrics.established_now(),
+            "authenticated": node.registry.live_connections(),
+        },
+        // Remaining validity; null without a lease to renew (a static cluster).
+        "lease": {
+            "held": gate.allows(),
+            "remaining_ms": (gate.valid_until_ms() != u64::MAX)
+                .then(|| gate.valid_until_ms().saturating_sub(gate.now_ms())),
+        },
+        "shutting_down": *s.stop.borrow(),
+    });
+    if let Some(mesh) = s.mesh.as_ref().and_then(Weak::upgrade) {
+        let peers: Vec<_> = mesh
+            .peer_ids()
+            .into_iter()
+            .map(|p| {
+                let c = mesh.peer_stats(p).unwrap_or_default();
+                json!({
+                    "id": p.0,
+                    "up": mesh.peer_up(p),
+                    "envelopes_sent": c.envelopes_sent,
+                    "envelopes_received": c.envelopes_received,
+                    "dropped": c.dropped,
+                    "connects": c.connects,
+                })
+            })
+            .collect();
+        view["ring"] = json!({
+            "epoch": mesh.current_epoch(),
+            "members": mesh.ring().members().iter().map(|m| m.0).collect::<Vec<_>>(),
+        });
+        view["peers"] = json!(peers);
+    }
+    axum::Json(view).into_response()
+}

@@ -1,0 +1,333 @@
+//! The node's metrics: their names, labels, help texts and where each one is recorded.
+//!
+//! Recording goes through the `metrics` facade; the process's recorder is the Prometheus
+//! exporter's, installed by [`prometheus`] when a node starts with an admin listener (without
+//! one, every record is a no-op). Every node metric carries the label `node` (the node id), so
+//! several nodes in one process (the dev cluster, tests) keep apart; the admin listener of a
+//! node serves only its own series and the process's.
+//!
+//! Two kinds of recording:
+//! - on the paths themselves (requests, handshakes, pushes, appends): counters and latency
+//!   histograms, with `&'static str` label values and the node label shared (no allocation);
+//! - at scrape time ([`crate::admin`]): gauges and counters read from state the node keeps
+//!   anyway (connections, queue depths, the lease, the ring, peer links, argon2 slots).
+//!
+//! The list with types and labels is in docs/OPERATIONS.md ("Metrics").
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use meshchat_proto::client::{ErrorCode, client_frame};
+use metrics::{SharedString, Unit, counter, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::warn;
+
+/// Histogram buckets of every `*_seconds` metric: 0.5 ms to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+
+static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process's Prometheus recorder, installed on the first call. `None` if the process had
+/// installed another `metrics` recorder first (the node's metrics then go to that one).
+pub fn prometheus() -> Option<&'static PrometheusHandle> {
+    RECORDER
+        .get_or_init(|| {
+            let builder = match PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(error = %e, "metrics: bad histogram buckets");
+                    return None;
+                }
+            };
+            match builder.install_recorder() {
+                Ok(handle) => {
+                    describe();
+                    metrics_process::Collector::default().describe();
+                    Some(handle)
+                }
+                Err(e) => {
+                    warn!(error = %e, "metrics: another recorder is installed; /metrics is empty");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+fn describe() {
+    describe_gauge!(
+        "meshchat_connections",
+        "Client connections by state: handshaking, established (QUIC up), authenticated."
+    );
+    describe_counter!(
+        "meshchat_handshakes_total",
+        "Client handshakes by outcome: ok, failed, timeout, refused (no slot, over a cap)."
+    );
+    describe_histogram!(
+        "meshchat_handshake_duration_seconds",
+        Unit::Seconds,
+        "Time from a client's first packet being accepted to the QUIC handshake's end."
+    );
+    describe_counter!(
+        "meshchat_auth_failures_total",
+        "Failed Register/Login/Authenticate requests by reason (the error code)."
+    );
+    describe_counter!(
+        "meshchat_requests_total",
+        "Client requests by type and outcome (ok, or the error code)."
+    );
+    describe_histogram!(
+        "meshchat_request_duration_seconds",
+        Unit::Seconds,
+        "Time from a request read to its reply made, by type; type=send is the ack latency."
+    );
+    describe_counter!(
+        "meshchat_rate_limited_total",
+        "Requests refused with RATE_LIMITED, by request type."
+    );
+    describe_counter!(
+        "meshchat_messages_sent_total",
+        "Messages stored and acked (idempotent retries not counted)."
+    );
+    describe_counter!(
+        "meshchat_pushes_total",
+        "Push frames written to client connections."
+    );
+    describe_counter!(
+        "meshchat_push_queue_full_total",
+        "Connections cut off because their outbound queue was full (slow readers)."
+    );
+    describe_histogram!(
+        "meshchat_storage_duration_seconds",
+        Unit::Seconds,
+        "Storage latency seen by the node, by operation (append: durable before it returns)."
+    );
+    describe_gauge!(
+        "meshchat_store_queue_depth",
+        "Writes waiting for the embedded store's writer thread."
+    );
+    describe_gauge!(
+        "meshchat_argon2_in_progress",
+        "Password hashes running or waiting for a hashing slot."
+    );
+    describe_counter!(
+        "meshchat_argon2_rejected_total",
+        "Registrations and logins refused OVERLOADED: no hashing slot in time."
+    );
+    describe_gauge!("meshchat_peer_up", "1 while the mesh link to the peer is up.");
+    describe_counter!(
+        "meshchat_peer_envelopes_sent_total",
+        "Envelopes written to the peer's link."
+    );
+    describe_counter!(
+        "meshchat_peer_envelopes_received_total",
+        "Envelopes received from the peer."
+    );
+    describe_counter!(
+        "meshchat_peer_dropped_total",
+        "Envelopes to the peer dropped because its queue was full (the peer then resyncs)."
+    );
+    describe_counter!(
+        "meshchat_peer_connects_total",
+        "Times the link to the peer came up."
+    );
+    describe_gauge!("meshchat_ring_epoch", "Epoch of the ring this node routes by.");
+    describe_gauge!("meshchat_ring_members", "Nodes on this node's ring.");
+    describe_gauge!(
+        "meshchat_lease_held",
+        "1 while this process holds its Snowflake worker-id lease (0: fenced)."
+    );
+    describe_gauge!(
+        "meshchat_ready",
+        "1 while /readyz answers 200 (as of the last scrape)."
+    );
+}
+
+/// One node's recording handle: its `node` label and the counters kept here.
+#[derive(Debug, Clone)]
+pub struct NodeMetrics {
+    node: SharedString,
+    established: Arc<AtomicU64>,
+}
+
+/// The label value of a request's outcome: `ok` or the protocol's error code name.
+pub fn outcome<T, E>(r: &Result<T, E>, code: impl Fn(&E) -> ErrorCode) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(e) => code(e).as_str_name(),
+    }
+}
+
+/// The label value of a request's type (the `ClientFrame` body's field name).
+pub fn request_type(body: &client_frame::Body) -> &'static str {
+    use client_frame::Body as B;
+    match body {
+        B::Hello(_) => "hello",
+        B::Register(_) => "register",
+        B::Login(_) => "login",
+        B::Authenticate(_) => "authenticate",
+        B::Send(_) => "send",
+        B::Receipt(_) => "receipt",
+        B::React(_) => "react",
+        B::Unreact(_) => "unreact",
+        B::History(_) => "history",
+        B::ChatList(_) => "chat_list",
+        B::ChannelCreate(_) => "channel_create",
+        B::ChannelJoin(_) => "channel_join",
+        B::ChannelLeave(_) => "channel_leave",
+        B::ChannelList(_) => "channel_list",
+        B::ChannelMembers(_) => "channel_members",
+        B::ResolveUser(_) => "resolve_user",
+        B::Ping(_) => "ping",
+        B::PushAck(_) => "push_ack",
+        B::WhereIs(_) => "where_is",
+        B::Cluster(_) => "cluster",
+        B::ChannelAdd(_) => "channel_add",
+        B::ChannelRemove(_) => "channel_remove",
+        B::ChannelSetAdmin(_) => "channel_set_admin",
+        B::ChangePassword(_) => "change_password",
+        B::Logout(_) => "logout",
+    }
+}
+
+impl NodeMetrics {
+    /// The handle of node `node_id`.
+    pub fn new(node_id: u32) -> Self {
+        Self {
+            node: SharedString::from(Arc::<str>::from(node_id.to_string())),
+            established: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The `node` label's value.
+    pub fn node_label(&self) -> &str {
+        &self.node
+    }
+
+    /// A request answered: its type, its outcome (`ok` or an error code name), its latency.
+    pub fn request(&self, kind: &'static str, outcome: &'static str, took: Duration) {
+        let node = self.node.clone();
+        counter!("meshchat_requests_total", "node" => node.clone(), "type" => kind, "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!("meshchat_request_duration_seconds", "node" => node.clone(), "type" => kind)
+            .record(took);
+        if outcome == ErrorCode::RateLimited.as_str_name() {
+            counter!("meshchat_rate_limited_total", "node" => node.clone(), "type" => kind)
+                .increment(1);
+        }
+        if matches!(kind, "register" | "login" | "authenticate") && outcome != "ok" {
+            counter!("meshchat_auth_failures_total", "node" => node, "reason" => outcome)
+                .increment(1);
+        }
+    }
+
+    /// A handshake ended: `ok`, `failed`, `timeout` or `refused`; its duration if it ran.
+    pub fn handshake(&self, outcome: &'static str, took: Option<Duration>) {
+        counter!("meshchat_handshakes_total", "node" => self.node.clone(), "outcome" => outcome)
+            .increment(1);
+        if let Some(took) = took {
+            metrics::histogram!("meshchat_handshake_duration_seconds", "node" => self.node.clone())
+                .record(took);
+        }
+    }
+
+    /// A connection finished its handshake; the guard counts it until dropped.
+    pub fn established(&self) -> EstablishedGuard {
+        self.established.fetch_add(1, Ordering::Relaxed);
+        EstablishedGuard(self.established.clone())
+    }
+
+    /// Connections with their handshake done and their session running.
+    pub fn established_now(&self) -> u64 {
+        self.established.load(Ordering::Relaxed)
+    }
+
+    /// `n` push frames written to a connection.
+    pub fn pushes(&self, n: usize) {
+        if n > 0 {
+            counter!("meshchat_pushes_total", "node" => self.node.clone()).increment(n as u64);
+        }
+    }
+
+    /// A message stored (not a duplicate) and about to be acked.
+    pub fn message_sent(&self) {
+        counter!("meshchat_messages_sent_total", "node" => self.node.clone()).increment(1);
+    }
+
+    /// A storage operation's latency as the node saw it.
+    pub fn storage(&self, op: &'static str, took: Duration) {
+        metrics::histogram!("meshchat_storage_duration_seconds", "node" => self.node.clone(), "op" => op)
+            .record(took);
+    }
+
+    /// Sets a node gauge (scrape time).
+    pub fn gauge(&self, name: &'static str, value: f64) {
+        metrics::gauge!(name, "node" => self.node.clone()).set(value);
+    }
+
+    /// Sets a node gauge with one more label (scrape time).
+    pub fn gauge_with(&self, name: &'static str, key: &'static str, label: String, value: f64) {
+        metrics::gauge!(name, "node" => self.node.clone(), key => label).set(value);
+    }
+
+    /// Sets a node counter kept elsewhere to its total (scrape time).
+    pub fn counter_total(&self, name: &'static str, total: u64) {
+        counter!(name, "node" => self.node.clone()).absolute(total);
+    }
+
+    /// Sets a per-peer counter kept elsewhere to its total (scrape time).
+    pub fn peer_counter_total(&self, name: &'static str, peer: String, total: u64) {
+        counter!(name, "node" => self.node.clone(), "peer" => peer).absolute(total);
+    }
+}
+
+/// Counts one established connection while it lives.
+#[derive(Debug)]
+pub struct EstablishedGuard(Arc<AtomicU64>);
+
+impl Drop for EstablishedGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Keeps the lines of a Prometheus text exposition that belong to node `node` or to no node
+/// (the process's): several nodes in one process share the recorder.
+pub fn only_node(text: &str, node: &str) -> String {
+    let mine = format!("node=\"{node}\"");
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line.starts_with('#') || !line.contains("node=\"") || line.contains(&mine) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_node_keeps_this_nodes_series_and_the_process_ones() {
+        let text = "# TYPE a counter\na{node=\"1\"} 3\na{node=\"12\"} 4\nprocess_x 5\n";
+        assert_eq!(
+            only_node(text, "1"),
+            "# TYPE a counter\na{node=\"1\"} 3\nprocess_x 5\n"
+        );
+    }
+
+    #[test]
+    fn outcomes_are_ok_or_the_error_code_name() {
+        let ok: Result<(), ErrorCode> = Ok(());
+        let err: Result<(), ErrorCode> = Err(ErrorCode::RateLimited);
+        assert_eq!(outcome(&ok, |e| *e), "ok");
+        assert_eq!(outcome(&err, |e| *e), "RATE_LIMITED");
+    }
+}

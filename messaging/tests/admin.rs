@@ -1,0 +1,217 @@
+//! The admin HTTP listener against a real node: `/metrics` is scraped over TCP and parsed as
+//! Prometheus text, and its counters match what the test did; `/readyz` flips to 503 when a
+//! real Redis goes away (the node loses its worker-id lease) and back to 200 when it returns;
+//! `meshchat-node check-config` accepts a good file and names the key of a bad one. Every
+//! wait is for a condition, with a deadline.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{TestNode, free_port, free_udp_port};
+use meshchat_idgen::ChatId;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// `GET path` on the admin listener: (status, body). HTTP/1.0, so the body is not chunked.
+async fn get(admin: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("admin listener accepts");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
+        .await
+        .expect("request written");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.expect("response read");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (status, body.to_owned())
+}
+
+/// A started node's admin address.
+fn admin_of(node: &TestNode) -> SocketAddr {
+    node.running
+        .as_ref()
+        .and_then(|r| r.admin_addr)
+        .expect("admin listener bound")
+}
+
+fn parse(body: &str) -> prometheus_parse::Scrape {
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("valid Prometheus text format")
+}
+
+/// The value of the sample `name` whose labels include every `(key, value)` of `labels`.
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(k).is_some_and(|x| x == *v))
+        })
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(buckets) => {
+                buckets.last().map_or(0.0, |b| b.count)
+            }
+            prometheus_parse::Value::Summary(_) => f64::NAN,
+        })
+}
+
+/// Polls `path` until its status is `want`; panics after `within`. Returns the last body.
+async fn wait_status(admin: SocketAddr, path: &str, want: u16, within: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (status, body) = get(admin, path).await;
+        if status == want {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path}: still {status} after {within:?}, want {want}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_scraped_parsed_and_count_what_the_clients_did() {
+    let node = TestNode::start_with(|c| {
+        c.node_id = 11;
+        c.admin.listen = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await;
+    let admin = admin_of(&node);
+    assert_eq!(get(admin, "/healthz").await, (200, "ok\n".into()));
+    assert_eq!(get(admin, "/readyz").await, (200, "ready\n".into()));
+
+    let (alice, _ae, a) = node.user("alice").await;
+    let (_bob, mut be, b) = node.user("bob").await;
+    alice
+        .send(ChatId::direct(a.user, b.user), "hello", None)
+        .await
+        .expect("send");
+    common::next_message(&mut be).await;
+    let (stranger, _se) = node.client().await;
+    assert!(stranger.login("alice", "wrong-password").await.is_err());
+
+    let (status, body) = get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let m = parse(&body);
+    let me = ("node", "11");
+    let counts = [
+        ("meshchat_requests_total", vec![me, ("type", "register"), ("outcome", "ok")], 2.0),
+        ("meshchat_requests_total", vec![me, ("type", "send"), ("outcome", "ok")], 1.0),
+        ("meshchat_requests_total", vec![me, ("type", "login"), ("outcome", "BAD_CREDENTIALS")], 1.0),
+        ("meshchat_auth_failures_total", vec![me, ("reason", "BAD_CREDENTIALS")], 1.0),
+        ("meshchat_messages_sent_total", vec![me], 1.0),
+        ("meshchat_handshakes_total", vec![me, ("outcome", "ok")], 3.0),
+        ("meshchat_connections", vec![me, ("state", "established")], 3.0),
+        ("meshchat_connections", vec![me, ("state", "authenticated")], 2.0),
+        ("meshchat_request_duration_seconds", vec![me, ("type", "send")], 1.0),
+        ("meshchat_storage_duration_seconds", vec![me, ("op", "append")], 1.0),
+        ("meshchat_ready", vec![me], 1.0),
+        ("meshchat_lease_held", vec![me], 1.0),
+        ("meshchat_store_queue_depth", vec![me], 0.0),
+    ];
+    for (name, labels, want) in counts {
+        assert_eq!(value(&m, name, &labels), Some(want), "{name} {labels:?}");
+    }
+    // The push to bob was written; the first counter may also hold other pushes (none here).
+    assert!(value(&m, "meshchat_pushes_total", &[me]).is_some_and(|v| v >= 1.0));
+    assert!(value(&m, "process_resident_memory_bytes", &[]).is_some_and(|v| v > 0.0));
+    // Only this node's series: no other node label leaks in.
+    assert!(m.samples.iter().all(|s| s.labels.get("node").is_none_or(|n| n == "11")));
+
+    let (status, cluster) = get(admin, "/cluster").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&cluster).expect("JSON");
+    assert_eq!(v["node_id"], 11);
+    assert_eq!(v["connections"]["authenticated"], 2);
+    assert_eq!(v["lease"]["held"], true);
+    drop((alice, stranger));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_flips_when_the_worker_id_lease_is_lost_and_taken_back() {
+    let port = free_port();
+    let server = common::redis_server(port);
+    let node = TestNode::start_with(|c| {
+        c.node_id = 12;
+        c.admin.listen = Some("127.0.0.1:0".parse().expect("addr"));
+        c.cluster.mesh_listen = Some(
+            format!("127.0.0.1:{}", free_udp_port())
+                .parse()
+                .expect("addr"),
+        );
+        c.cluster.redis = Some(format!("redis://127.0.0.1:{port}/"));
+        c.cluster.heartbeat = Duration::from_millis(100);
+        c.cluster.member_ttl = Duration::from_millis(1_500);
+    })
+    .await;
+    let admin = admin_of(&node);
+    wait_status(admin, "/readyz", 200, Duration::from_secs(10)).await;
+
+    // Redis goes away: the lease runs out and the node is fenced, so not ready.
+    drop(server);
+    let body = wait_status(admin, "/readyz", 503, Duration::from_secs(10)).await;
+    assert!(body.contains("lease"), "{body}");
+    let m = parse(&get(admin, "/metrics").await.1);
+    assert_eq!(value(&m, "meshchat_lease_held", &[("node", "12")]), Some(0.0));
+    assert_eq!(value(&m, "meshchat_ready", &[("node", "12")]), Some(0.0));
+    // Still alive: liveness is not readiness.
+    assert_eq!(get(admin, "/healthz").await.0, 200);
+
+    // Redis is back (empty): the node takes its lease again (after one TTL) and is ready.
+    let _server = common::redis_server(port);
+    wait_status(admin, "/readyz", 200, Duration::from_secs(15)).await;
+    let m = parse(&get(admin, "/metrics").await.1);
+    assert_eq!(value(&m, "meshchat_lease_held", &[("node", "12")]), Some(1.0));
+    assert_eq!(value(&m, "meshchat_ring_members", &[("node", "12")]), Some(1.0));
+}
+
+#[test]
+fn check_config_accepts_a_good_file_and_names_the_key_of_a_bad_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = |body: &str| {
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, body).expect("config written");
+        std::process::Command::new(env!("CARGO_BIN_EXE_meshchat-node"))
+            .arg("check-config")
+            .arg(&file)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("meshchat-node runs")
+    };
+    let data = dir.path().join("data");
+    let good = run(&format!(
+        "node_id = 3\ndata_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:9400\"\n",
+        data.display().to_string()
+    ));
+    let stdout = String::from_utf8_lossy(&good.stdout);
+    assert!(good.status.success(), "{stdout} {}", String::from_utf8_lossy(&good.stderr));
+    assert!(stdout.contains("ok") && stdout.contains("node 3"), "{stdout}");
+    assert!(stdout.contains("http://127.0.0.1:9400/"), "{stdout}");
+
+    // A range serde cannot check, a type error, an unknown key, a missing file: each named.
+    for (body, key) in [
+        ("[limits]\nmax_frame_bytes = 0\n", "max_frame_bytes"),
+        ("[limits]\nauth_timeout = \"soon\"\n", "auth_timeout"),
+        ("[limits]\nmax_frams_bytes = 10\n", "max_frams_bytes"),
+        ("[tls]\ncert = \"/nonexistent/node.pem\"\nkey = \"/nonexistent/node.key\"\n", "tls.cert"),
+    ] {
+        let out = run(body);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{body:?} accepted");
+        assert!(stderr.contains(key), "{key:?} not named for {body:?}: {stderr}");
+    }
+}
