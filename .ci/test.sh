@@ -23,6 +23,8 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
 # The load test's partition fault puts nodes in network namespaces (`ip netns`, as root).
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+# systemd-analyze verifies the deploy kit's units (messaging/tests/deploy_kit.rs).
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 if [ -z "${MESHCHAT_CQL_NODES:-}" ]; then
   command -v mvn >/dev/null 2>&1 || missing+=(maven)
   [ -x "$JDK17/bin/java" ] || missing+=(openjdk-17-jre-headless)
