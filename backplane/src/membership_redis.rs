@@ -88,6 +88,11 @@ pub struct Registration {
     pub client: String,
     /// Ring weight.
     pub weight: u32,
+    /// Draining: still a member (links, lease), but on no ring, so its users move to their
+    /// next homes. Written only when true, so a registration that is not draining reads the
+    /// same as before this field existed (nodes without it see a draining node as Active).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 /// Lua that sets `run_id` to Redis's run id (it changes on every restart and failover), or
@@ -232,6 +237,9 @@ pub struct RedisMembership {
     pub heartbeat: Duration,
     /// Registration and lease TTL.
     pub ttl: Duration,
+    /// Set by the node to drain: every round from then on registers it as draining
+    /// ([`Registration::draining`]).
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The node's client connections, as the driver needs them: closed when the node is fenced
@@ -318,7 +326,11 @@ fn to_member(r: &Registration) -> Member {
         mesh_addr: r.mesh.clone(),
         client_addr: r.client.clone(),
         weight: r.weight,
-        state: MemberState::Active,
+        state: if r.draining {
+            MemberState::Draining
+        } else {
+            MemberState::Active
+        },
     }
 }
 
@@ -346,7 +358,11 @@ impl RedisMembership {
         mark_unix_ms: u64,
     ) -> redis::RedisResult<Round> {
         let ttl = self.ttl.as_millis() as u64;
-        let me = serde_json::to_string(&self.me).map_err(|e| {
+        let me = Registration {
+            draining: self.draining.load(std::sync::atomic::Ordering::Relaxed),
+            ..self.me.clone()
+        };
+        let me = serde_json::to_string(&me).map_err(|e| {
             redis::RedisError::from((redis::ErrorKind::Client, "encoding", e.to_string()))
         })?;
         let (state, mark, trusted): (i64, u64, i64) = redis::Script::new(LEASE)

@@ -9,7 +9,8 @@
 //! - `GET /metrics`: this node's series and the process's, Prometheus text format
 //!   ([`crate::metrics`]); scrape-time gauges are refreshed first.
 //! - `GET /cluster`: node id, ring epoch and members, peer links with their counters,
-//!   connections, lease.
+//!   connections, lease, draining.
+//! - `POST /drain`: starts a drain ([`crate::drain`]): 202, or 409 without Redis membership.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
@@ -19,7 +20,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use meshchat_backplane::mesh::Mesh;
 use meshchat_idgen::ChannelId;
 use meshchat_storage::EmbeddedStore;
@@ -67,6 +68,7 @@ pub(crate) async fn start(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/cluster", get(cluster))
+        .route("/drain", post(drain))
         .with_state(state);
     let task = tokio::spawn(async move {
         let shutdown = async move {
@@ -96,6 +98,9 @@ async fn unready(s: &AdminState) -> Vec<String> {
     };
     if *s.stop.borrow() {
         failed.push("node shutting down".into());
+    }
+    if node.drain().is_draining() {
+        failed.push("draining: leaving the ring, users moving to their next homes".into());
     }
     if !node.lease_gate().allows() {
         failed.push(
@@ -196,6 +201,10 @@ fn refresh_gauges(s: &AdminState, node: &Node, ready: bool) {
         if node.lease_gate().allows() { 1.0 } else { 0.0 },
     );
     m.gauge("meshchat_ready", if ready { 1.0 } else { 0.0 });
+    m.gauge(
+        "meshchat_draining",
+        if node.drain().is_draining() { 1.0 } else { 0.0 },
+    );
     if let Some(mesh) = s.mesh.as_ref().and_then(Weak::upgrade) {
         m.gauge("meshchat_ring_epoch", mesh.current_epoch() as f64);
         m.gauge("meshchat_ring_members", mesh.ring().members().len() as f64);
@@ -240,6 +249,7 @@ async fn cluster(State(s): State<AdminState>) -> Response {
                 .then(|| gate.valid_until_ms().saturating_sub(gate.now_ms())),
         },
         "shutting_down": *s.stop.borrow(),
+        "draining": node.drain().is_draining(),
     });
     if let Some(mesh) = s.mesh.as_ref().and_then(Weak::upgrade) {
         let peers: Vec<_> = mesh
@@ -264,4 +274,58 @@ async fn cluster(State(s): State<AdminState>) -> Response {
         view["peers"] = json!(peers);
     }
     axum::Json(view).into_response()
+}
+
+async fn drain(State(s): State<AdminState>) -> Response {
+    let Some(node) = s.node.upgrade() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "node stopped\n").into_response();
+    };
+    let timeout = node.config.cluster.drain_timeout;
+    match crate::drain::Drain::start(&node, timeout) {
+        Ok(started) => {
+            let what = match started {
+                crate::drain::DrainStarted::Started => "draining",
+                crate::drain::DrainStarted::AlreadyDraining => "already draining",
+            };
+            (
+                StatusCode::ACCEPTED,
+                format!(
+                    "{what}: {} users connected; the node stops once they moved, or after {} s\n",
+                    node.registry.live_connections(),
+                    timeout.as_secs()
+                ),
+            )
+                .into_response()
+        }
+        Err(e) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
+    }
+}
+
+/// Calls the admin listener at `addr`: `method` `path` (HTTP/1.1, one request per connection).
+/// Returns the status and the body. For `meshchat-node drain` and tests.
+pub async fn call(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use http_body_util::BodyExt;
+    let io = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| io(&e))?;
+    let driver = tokio::spawn(conn);
+    let request = axum::http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| io(&e))?;
+    let response = sender.send_request(request).await.map_err(|e| io(&e))?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| io(&e))?
+        .to_bytes();
+    driver.abort();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }

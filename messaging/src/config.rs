@@ -202,6 +202,10 @@ pub struct ClusterConfig {
     pub member_ttl: Duration,
     /// This node's ring weight under dynamic membership (default 1).
     pub weight: u32,
+    /// How long a drain (`POST /drain`, `meshchat-node drain`) waits for the node's users to
+    /// move before it stops the node anyway (default 2 min; redirects go out at 400 a second).
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 /// One member of a static cluster.
@@ -261,6 +265,7 @@ impl Default for ClusterConfig {
             heartbeat: Duration::from_millis(500),
             member_ttl: Duration::from_secs(3),
             weight: 1,
+            drain_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -705,6 +710,12 @@ impl NodeConfig {
                 ));
             }
         }
+        within(
+            "cluster.drain_timeout",
+            self.cluster.drain_timeout,
+            Duration::ZERO,
+            Duration::from_secs(24 * 3600),
+        )?;
         within(
             "shutdown_grace",
             self.shutdown_grace,

@@ -20,6 +20,7 @@
 //! - [`error`]: request errors and the one mapping to protocol error codes.
 //! - [`convert`]: wire <-> domain conversions.
 //! - [`dev`]: `meshchat-node dev`, a local cluster on loopback.
+//! - [`drain`]: taking a node out of the ring, its users redirected, then stopping it.
 //! - [`admin`]: the admin HTTP listener: `/healthz`, `/readyz`, `/metrics`, `/cluster`.
 //! - [`metrics`]: metric names, labels and recording (Prometheus exporter).
 
@@ -29,6 +30,7 @@ pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod dev;
+pub mod drain;
 pub mod error;
 pub mod members;
 pub mod metrics;

@@ -143,6 +143,10 @@ fn describe() {
         "1 while this process holds its Snowflake worker-id lease (0: fenced)."
     );
     describe_gauge!(
+        "meshchat_draining",
+        "1 once a drain started: off the ring, users moving, the node stops when they left."
+    );
+    describe_gauge!(
         "meshchat_ready",
         "1 while /readyz answers 200 (as of the last scrape)."
     );

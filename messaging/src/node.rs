@@ -109,6 +109,8 @@ pub struct Node {
     inflight_bytes: Arc<tokio::sync::Semaphore>,
     /// This node's metrics handle (`node` label).
     pub(crate) metrics: crate::metrics::NodeMetrics,
+    /// Whether and how this node drains (with Redis membership only).
+    pub(crate) drain: Arc<crate::drain::Drain>,
 }
 
 impl std::fmt::Debug for Node {
@@ -175,6 +177,7 @@ impl Node {
         );
         Ok(Self {
             metrics: crate::metrics::NodeMetrics::new(config.node_id),
+            drain: Arc::new(crate::drain::Drain::new(None)),
             config,
             storage,
             ids,
@@ -239,6 +242,16 @@ impl Node {
     /// Bytes a reply body may use so the whole frame stays under `max_frame_bytes`.
     fn reply_budget(&self) -> usize {
         (self.config.limits.max_frame_bytes as usize).saturating_sub(1024)
+    }
+
+    /// Lets the node drain through `flag`, which the membership driver publishes.
+    pub fn set_drain_flag(&mut self, flag: Arc<std::sync::atomic::AtomicBool>) {
+        self.drain = Arc::new(crate::drain::Drain::new(Some(flag)));
+    }
+
+    /// The node's drain state.
+    pub fn drain(&self) -> &Arc<crate::drain::Drain> {
+        &self.drain
     }
 
     /// Replaces the lease gate (the Redis membership driver's, closed until its first round).

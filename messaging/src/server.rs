@@ -76,6 +76,11 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
+    /// Turns true when a drain of this node is done (`POST /drain`): stop it then.
+    pub fn drained(&self) -> watch::Receiver<bool> {
+        self.node.drain().done()
+    }
+
     /// Stops the node gracefully and waits until it is down.
     pub async fn shutdown(self) {
         let RunningNode {
@@ -164,9 +169,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         (mesh.clone(), Some(mesh))
     };
     let mut node = Node::new(config, storage, auth, registry.clone(), router, members)?;
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if node.config.cluster.redis.is_some() {
         // No ids and no clients until the first round takes the worker-id lease.
         node.set_lease_gate(Arc::new(LeaseGate::closed()));
+        node.set_drain_flag(draining.clone());
     }
     let node = Arc::new(node);
     if let (Some(url), Some(mesh)) = (node.config.cluster.redis.clone(), mesh.clone()) {
@@ -178,6 +185,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
             worker: c.worker_id(),
             heartbeat: c.cluster.heartbeat,
             ttl: c.cluster.member_ttl,
+            draining,
         };
         let fencing = Fencing {
             gate: node.lease_gate().clone(),
@@ -243,6 +251,7 @@ fn registration(c: &NodeConfig) -> Registration {
             .unwrap_or_default(),
         client: c.advertised(),
         weight: c.cluster.weight,
+        draining: false,
     }
 }
 
@@ -314,8 +323,11 @@ fn lock_worker_id(config: &NodeConfig) -> Result<std::fs::File, StartError> {
 /// Runs a node until `shutdown` resolves, then stops it gracefully.
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let running = start(config).await?;
-    shutdown.await;
-    info!("shutting down");
+    let mut drained = running.drained();
+    tokio::select! {
+        () = shutdown => info!("shutting down"),
+        _ = drained.wait_for(|d| *d) => info!("drained: shutting down"),
+    }
     running.shutdown().await;
     Ok(())
 }
@@ -466,6 +478,7 @@ mod tests {
                 mesh: "10.0.0.7:7500".into(),
                 client: "chat7.example.net:7400".into(),
                 weight: 3,
+                draining: false,
             }
         );
         // Without mesh_advertise, a specific mesh_listen is what peers dial.

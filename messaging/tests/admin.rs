@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{TestNode, free_port, free_udp_port};
+use common::{TestNode, free_port};
 use meshchat_idgen::ChatId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -146,16 +146,9 @@ async fn readiness_flips_when_the_worker_id_lease_is_lost_and_taken_back() {
     let port = free_port();
     let server = common::redis_server(port);
     let node = TestNode::start_with(|c| {
-        c.node_id = 12;
+        let dir = c.data_dir.clone();
+        *c = common::redis_config(&dir, 12, port);
         c.admin.listen = Some("127.0.0.1:0".parse().expect("addr"));
-        c.cluster.mesh_listen = Some(
-            format!("127.0.0.1:{}", free_udp_port())
-                .parse()
-                .expect("addr"),
-        );
-        c.cluster.redis = Some(format!("redis://127.0.0.1:{port}/"));
-        c.cluster.heartbeat = Duration::from_millis(100);
-        c.cluster.member_ttl = Duration::from_millis(1_500);
     })
     .await;
     let admin = admin_of(&node);

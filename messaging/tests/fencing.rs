@@ -11,7 +11,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{code_of, free_port, free_udp_port, next_message, text};
+use common::{code_of, free_port, next_message, text};
 use meshchat_client::{Client, ConnectOptions, Event};
 use meshchat_idgen::ChatId;
 use meshchat_messaging::RunningNode;
@@ -20,19 +20,8 @@ use meshchat_proto::client::ErrorCode;
 const TTL: Duration = Duration::from_millis(1_500);
 
 async fn node(dir: &std::path::Path, id: u32, worker: Option<u16>, redis_port: u16) -> RunningNode {
-    let mut c = common::config_in(dir);
-    c.node_id = id;
+    let mut c = common::redis_config(dir, id, redis_port);
     c.worker_id = worker;
-    c.listen = format!("127.0.0.1:{}", free_udp_port())
-        .parse()
-        .expect("addr");
-    c.cluster.mesh_listen = Some(
-        format!("127.0.0.1:{}", free_udp_port())
-            .parse()
-            .expect("addr"),
-    );
-    c.cluster.redis = Some(format!("redis://127.0.0.1:{redis_port}/"));
-    c.cluster.heartbeat = Duration::from_millis(100);
     c.cluster.member_ttl = TTL;
     meshchat_messaging::start(c).await.expect("node starts")
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{free_port, next_matching, next_message, text};
+use common::{converge, free_port, next_matching, next_message, text};
 use meshchat_client::{Client, ConnectOptions, Event, Events, Session};
 use meshchat_idgen::ChatId;
 use meshchat_messaging::RunningNode;
@@ -31,39 +31,6 @@ async fn node(dir: &std::path::Path, id: u32, redis_port: u16) -> RunningNode {
     c.cluster.heartbeat = Duration::from_millis(200);
     c.cluster.member_ttl = TTL;
     meshchat_messaging::start(c).await.expect("node starts")
-}
-
-/// Waits until every node sees exactly `ids` as members with every link up, and serves (a
-/// worker id new to Redis is usable a TTL after it was taken).
-async fn converge(nodes: &[&RunningNode], ids: &[u32]) -> u64 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let ok = nodes.iter().all(|n| {
-            if !n.node.lease_gate().allows() {
-                return false;
-            }
-            let mesh = n.mesh.as_ref().expect("mesh");
-            let ring = mesh.ring();
-            let members: Vec<u32> = ring.members().iter().map(|m| m.0).collect();
-            members == ids
-                && ids
-                    .iter()
-                    .filter(|&&p| p != mesh.me().0)
-                    .all(|&p| mesh.peer_up(meshchat_idgen::NodeId(p)))
-        });
-        let epochs: Vec<u64> = nodes
-            .iter()
-            .map(|n| n.mesh.as_ref().expect("mesh").current_epoch())
-            .collect();
-        if ok && epochs.windows(2).all(|w| w[0] == w[1]) {
-            return epochs[0];
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no convergence on {ids:?}: epochs {epochs:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// What [`Watch`] saw.

@@ -40,6 +40,16 @@ enum Cmd {
         /// TOML config file.
         config: PathBuf,
     },
+    /// Drain a running node (Redis membership): off the ring, its users redirected to their
+    /// next homes; the node stops once they moved (or after `cluster.drain_timeout`).
+    Drain {
+        /// The node's admin listener (`[admin] listen`).
+        #[arg(long, default_value = "127.0.0.1:9400")]
+        admin: std::net::SocketAddr,
+        /// Wait until the node has stopped (its admin listener closed).
+        #[arg(long)]
+        wait: bool,
+    },
     /// Create or upgrade the Cassandra/ScyllaDB schema (`[storage.cassandra]` of the config).
     Migrate {
         /// TOML config file.
@@ -125,6 +135,26 @@ async fn main() -> anyhow::Result<()> {
                 c.node_id = n;
             }
             meshchat_messaging::run(c, stop).await?;
+        }
+        Cmd::Drain { admin, wait } => {
+            let (status, body) = meshchat_messaging::admin::call(admin, "POST", "/drain")
+                .await
+                .with_context(|| format!("admin listener {admin}"))?;
+            use std::io::Write;
+            std::io::stdout().write_all(body.as_bytes())?;
+            if status != 202 {
+                anyhow::bail!("drain refused ({status})");
+            }
+            if wait {
+                // Until the listener closes: it stops just before the node does.
+                while meshchat_messaging::admin::call(admin, "GET", "/healthz")
+                    .await
+                    .is_ok()
+                {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                std::io::stdout().write_all(b"stopped\n")?;
+            }
         }
         Cmd::CheckConfig { config } => {
             let c = NodeConfig::load(Some(&config))

@@ -35,6 +35,25 @@ pub fn config_in(dir: &std::path::Path) -> NodeConfig {
     c
 }
 
+/// A node config with Redis membership on `redis_port` (heartbeat 100 ms, TTL 1.5 s), on
+/// free client and mesh ports.
+pub fn redis_config(dir: &std::path::Path, id: u32, redis_port: u16) -> NodeConfig {
+    let mut c = config_in(dir);
+    c.node_id = id;
+    c.listen = format!("127.0.0.1:{}", free_udp_port())
+        .parse()
+        .expect("addr");
+    c.cluster.mesh_listen = Some(
+        format!("127.0.0.1:{}", free_udp_port())
+            .parse()
+            .expect("addr"),
+    );
+    c.cluster.redis = Some(format!("redis://127.0.0.1:{redis_port}/"));
+    c.cluster.heartbeat = Duration::from_millis(100);
+    c.cluster.member_ttl = Duration::from_millis(1_500);
+    c
+}
+
 impl TestNode {
     pub async fn start() -> Self {
         Self::start_with(|_| {}).await
@@ -260,4 +279,37 @@ pub fn redis_server(port: u16) -> Proc {
         std::thread::sleep(Duration::from_millis(20));
     }
     Proc(child)
+}
+
+/// Waits until every node sees exactly `ids` as members with every link up, and serves (a
+/// worker id new to Redis is usable a TTL after it was taken).
+pub async fn converge(nodes: &[&RunningNode], ids: &[u32]) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = nodes.iter().all(|n| {
+            if !n.node.lease_gate().allows() {
+                return false;
+            }
+            let mesh = n.mesh.as_ref().expect("mesh");
+            let ring = mesh.ring();
+            let members: Vec<u32> = ring.members().iter().map(|m| m.0).collect();
+            members == ids
+                && ids
+                    .iter()
+                    .filter(|&&p| p != mesh.me().0)
+                    .all(|&p| mesh.peer_up(meshchat_idgen::NodeId(p)))
+        });
+        let epochs: Vec<u64> = nodes
+            .iter()
+            .map(|n| n.mesh.as_ref().expect("mesh").current_epoch())
+            .collect();
+        if ok && epochs.windows(2).all(|w| w[0] == w[1]) {
+            return epochs[0];
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no convergence on {ids:?}: epochs {epochs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -1,0 +1,99 @@
+//! Draining a node: out of the ring, its users sent to their next homes, then stopped.
+//!
+//! A drain (`POST /drain` on the admin listener, or `meshchat-node drain`) needs Redis
+//! membership: the node's next heartbeat registers it as draining, every node (itself too)
+//! adopts a ring without it at the next epoch, and the mesh's re-homing tells each user
+//! connected here to reconnect at its new home (a `Redirect` push, paced at 400 a second).
+//! The node stays a member meanwhile: it keeps its mesh links and its worker-id lease, so
+//! requests of users still here are served and routed to the new homes. When no
+//! authenticated connection is left, or after `cluster.drain_timeout`, the drain is done and
+//! the node stops as on SIGTERM (deregistering on the way out). A static cluster cannot
+//! drain: its ring is every node's config.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::node::Node;
+
+/// Why a drain did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    /// No Redis membership: nothing can take this node out of the other nodes' rings.
+    #[error(
+        "draining needs Redis membership (cluster.redis): a static cluster's ring is every \
+         node's config; remove this node from every member list and restart them instead"
+    )]
+    NotClustered,
+}
+
+/// How a drain request was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainStarted {
+    /// This request started it.
+    Started,
+    /// A drain was already under way.
+    AlreadyDraining,
+}
+
+/// A node's drain: the flag its membership driver publishes, and whether it is done.
+#[derive(Debug)]
+pub struct Drain {
+    flag: Option<Arc<AtomicBool>>,
+    done: watch::Sender<bool>,
+}
+
+impl Drain {
+    /// A drain published through `flag` (`None`: the node cannot drain).
+    pub fn new(flag: Option<Arc<AtomicBool>>) -> Self {
+        Self {
+            flag,
+            done: watch::channel(false).0,
+        }
+    }
+
+    /// Whether a drain has started.
+    pub fn is_draining(&self) -> bool {
+        self.flag.as_ref().is_some_and(|f| f.load(Ordering::Relaxed))
+    }
+
+    /// Turns true when the drain is done: the node should stop now.
+    pub fn done(&self) -> watch::Receiver<bool> {
+        self.done.subscribe()
+    }
+
+    /// Starts draining `node`: off the ring at the next heartbeat; done when its last user
+    /// left, or after `timeout`.
+    pub fn start(node: &Arc<Node>, timeout: Duration) -> Result<DrainStarted, DrainError> {
+        let drain = node.drain().clone();
+        let flag = drain.flag.as_ref().ok_or(DrainError::NotClustered)?;
+        if flag.swap(true, Ordering::Relaxed) {
+            return Ok(DrainStarted::AlreadyDraining);
+        }
+        let users = node.registry().live_connections();
+        info!(connections = users, ?timeout, "draining: leaving the ring");
+        let node = Arc::downgrade(node);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let Some(n) = node.upgrade() else { return };
+                let left = n.registry().live_connections();
+                if left == 0 {
+                    info!(took_ms = started.elapsed().as_millis() as u64, "drained: every user moved");
+                    break;
+                }
+                if started.elapsed() >= timeout {
+                    warn!(left, "drain timeout: stopping with users still connected");
+                    break;
+                }
+            }
+            drain.done.send_replace(true);
+        });
+        Ok(DrainStarted::Started)
+    }
+}
