@@ -31,6 +31,8 @@ pub enum Action {
     Kill(usize),
     /// Start node N (1-based) again.
     Restart(usize),
+    /// Drain node N (1-based): off the ring, its users redirected; done when it exited.
+    Drain(usize),
     /// Kill the harness's Redis.
     RedisDown,
     /// Start it again, empty.
@@ -47,6 +49,10 @@ pub enum Action {
     /// K users send at ten times the send rate limit for [`FLOOD_SECS`].
     Flood(usize),
 }
+
+/// How long a `drain:N` fault waits for the node to exit: its default drain timeout (2 min)
+/// and shutdown grace (10 s), and some.
+const DRAIN_WAIT: Duration = Duration::from_secs(150);
 
 /// How long a `flood:K` fault lasts.
 pub const FLOOD_SECS: u64 = 10;
@@ -79,6 +85,7 @@ impl FromStr for Fault {
         let action = match what.split_once(':') {
             Some(("kill", n)) => Action::Kill(node(n)?),
             Some(("restart", n)) => Action::Restart(node(n)?),
+            Some(("drain", n)) => Action::Drain(node(n)?),
             Some(("partition", n)) => Action::Partition(node(n)?),
             Some(("heal", n)) => Action::Heal(node(n)?),
             Some(("flood", k)) => match k.parse::<usize>() {
@@ -91,7 +98,7 @@ impl FromStr for Fault {
             None if what == "storage-up" => Action::StorageUp,
             _ => {
                 return Err(format!(
-                    "{s:?}: faults are kill:N, restart:N, partition:N, heal:N, redis-down, \
+                    "{s:?}: faults are kill:N, restart:N, drain:N, partition:N, heal:N, redis-down, \
                      redis-up, storage-down, storage-up, flood:K"
                 ));
             }
@@ -171,6 +178,13 @@ pub async fn run_plan(
                     watch_rehome(fleet.clone(), tracker.clone(), &victims, watch_until);
                 }
                 r
+            }
+            // Its clients are redirected and re-home by themselves: watch them do it.
+            Action::Drain(n) => {
+                let addr = target.servers.get(n - 1).cloned().unwrap_or_default();
+                victims = fleet.open_on(&addr);
+                watch_rehome(fleet.clone(), tracker.clone(), &victims, watch_until);
+                target.drain_node(n - 1, DRAIN_WAIT).await
             }
             Action::Heal(n) => tokio::task::block_in_place(|| target.heal(n - 1)),
             Action::Restart(n) => tokio::task::block_in_place(|| target.restart_node(n - 1)),

@@ -272,6 +272,8 @@ impl Target {
             redis.as_ref().map(RedisServer::url),
             storage,
         );
+        // Admin listeners on TCP base + 200 + i: the drain fault calls them.
+        dev.admin_base = Some(base_port + 200);
         if let Some(ns) = &netns {
             dev.hosts = (0..n as usize).map(|i| ns.node_ip(i)).collect();
             dev.netns = (0..n as usize).map(|i| ns.namespace(i)).collect();
@@ -398,6 +400,49 @@ impl Target {
         Ok(())
     }
 
+    /// Drains node `i` (0-based): `POST /drain` on its admin listener (the node leaves the
+    /// ring, its users are redirected), then waits up to `within` for the process to exit by
+    /// itself, as a drained node does.
+    pub async fn drain_node(&mut self, i: usize, within: Duration) -> Result<(), ClusterError> {
+        let s = self.spawned()?;
+        let admin = s
+            .dev
+            .admin_addr(i as u32)
+            .ok_or_else(|| ClusterError::Fault("no admin listeners".into()))?;
+        let (status, body) = meshchat_messaging::admin::call(admin, "POST", "/drain")
+            .await
+            .map_err(|e| ClusterError::Fault(format!("drain node {}: {e}", i + 1)))?;
+        if status != 202 {
+            return Err(ClusterError::Fault(format!(
+                "drain node {}: refused ({status}): {}",
+                i + 1,
+                body.trim()
+            )));
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let child = self
+                .spawned()?
+                .children
+                .get_mut(i)
+                .ok_or_else(|| ClusterError::Fault(format!("no node {}", i + 1)))?;
+            if child
+                .try_wait()
+                .map_err(|e| ClusterError::Fault(format!("node {}: {e}", i + 1)))?
+                .is_some()
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ClusterError::Fault(format!(
+                    "node {} did not stop within {within:?} of its drain",
+                    i + 1
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Kills the harness's Redis (its data is lost).
     pub fn redis_down(&mut self) -> Result<(), ClusterError> {
         self.redis()?.down();
@@ -473,7 +518,12 @@ fn free_base_port(n: u32) -> Result<u16, ClusterError> {
         let free = ports
             .map(|p| UdpSocket::bind(("127.0.0.1", p)))
             .collect::<Result<Vec<_>, _>>()
-            .is_ok();
+            .is_ok()
+            // The admin listeners (TCP).
+            && (0..n as u16)
+                .map(|i| std::net::TcpListener::bind(("127.0.0.1", base + 200 + i)))
+                .collect::<Result<Vec<_>, _>>()
+                .is_ok();
         if free {
             return Ok(base);
         }

@@ -148,11 +148,13 @@ struct Cli {
     #[arg(long)]
     redis_membership: bool,
     /// A fault during the traffic, at seconds from its start (repeatable): kill:N (SIGKILL
-    /// node N), restart:N, partition:N (cut node N off from the other nodes and Redis; needs
+    /// node N), restart:N, drain:N (POST /drain on node N's admin listener: off the ring, its
+    /// users redirected; done when it exited), partition:N (cut node N off from the other nodes and Redis; needs
     /// root: the nodes then run in network namespaces), heal:N, redis-down, redis-up
     /// (empty), storage-down (the embedded store's write lock held by the harness: every
     /// write waits up to the nodes' busy timeout, 10 s, then fails), storage-up, flood:K (K users send at --flood-rate for 10 s). Example:
-    /// --fault kill:2@20 --fault restart:2@40. Needs --spawn-nodes.
+    /// --fault kill:2@20 --fault restart:2@40; a rolling restart: --fault drain:1@10
+    /// --fault restart:1@20 --fault drain:2@35 ... Needs --spawn-nodes.
     #[arg(long, requires = "spawn_nodes")]
     fault: Vec<meshchat_loadtest::chaos::Fault>,
     /// Sends per second of each user of a flood:K fault: ten times the nodes' default

@@ -145,9 +145,7 @@ impl DevCluster {
         // the whole cluster. The other admission rules stay.
         c.limits.max_handshakes_per_source =
             u32::try_from(c.limits.max_concurrent_handshakes).unwrap_or(u32::MAX);
-        if let Some(admin) = self.admin_base {
-            c.admin.listen = Some((self.host(i), admin + i as u16).into());
-        }
+        c.admin.listen = self.admin_addr(i);
         if let DevStorage::Cassandra(settings) = &self.storage {
             c.storage.backend = Backend::Cassandra;
             c.storage.cassandra = settings.clone();
@@ -160,6 +158,12 @@ impl DevCluster {
             }
         }
         c
+    }
+
+    /// Node `i`'s (0-based) admin listener, if the cluster has them.
+    pub fn admin_addr(&self, i: u32) -> Option<std::net::SocketAddr> {
+        self.admin_base
+            .map(|a| (self.host(i), a + i as u16).into())
     }
 
     /// The client addresses, by node id.
