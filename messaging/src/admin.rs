@@ -10,7 +10,10 @@
 //!   ([`crate::metrics`]); scrape-time gauges are refreshed first.
 //! - `GET /cluster`: node id, ring epoch and members, peer links with their counters,
 //!   connections, lease, draining.
-//! - `POST /drain`: starts a drain ([`crate::drain`]): 202, or 409 without Redis membership.
+//! - `POST /drain`: starts a drain ([`crate::drain`]): 202, or 409 without Redis membership
+//!   or another node on the ring. It must carry the header `x-meshchat-admin: drain`: a
+//!   browser on the host cannot send that header cross-origin without a CORS preflight,
+//!   which this listener never answers, so a web page cannot drain the node.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
@@ -46,23 +49,28 @@ pub(crate) struct AdminState {
     pub stop: watch::Receiver<bool>,
 }
 
-/// Binds `listen` and serves the admin routes until `until` turns true (the end of the
-/// node's shutdown, so `/readyz` answers 503 while it drains). Returns the bound address and
-/// the server's task.
-pub(crate) async fn start(
-    listen: SocketAddr,
-    state: AdminState,
-    mut until: watch::Receiver<bool>,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), StartError> {
+/// Binds the admin listener's address (first thing at start: a node that cannot serve it must
+/// not join the cluster) and installs the metrics recorder, before the node registers its
+/// metric handles.
+pub(crate) async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| StartError::Other(format!("admin listener {listen}: {e}")))?;
+    crate::metrics::prometheus();
+    Ok(listener)
+}
+
+/// Serves the admin routes on `listener` until `until` turns true (the end of the node's
+/// shutdown, so `/readyz` answers 503 while it drains). Returns the bound address and the
+/// server's task.
+pub(crate) fn start(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    mut until: watch::Receiver<bool>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), StartError> {
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Other(format!("admin listener address: {e}")))?;
-    // The recorder must exist before the first scrape; installing it here (once per process)
-    // also turns on recording on the request paths.
-    crate::metrics::prometheus();
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -108,6 +116,7 @@ async fn unready(s: &AdminState) -> Vec<String> {
         );
     }
     if let Some(mesh) = s.mesh.as_ref().and_then(Weak::upgrade)
+        && !node.drain().is_draining()
         && !mesh.ring().members().contains(&mesh.me())
     {
         failed.push(format!(
@@ -236,6 +245,7 @@ async fn cluster(State(s): State<AdminState>) -> Response {
     let gate = node.lease_gate();
     let mut view = json!({
         "node_id": node.config.node_id,
+        "pid": std::process::id(),
         "advertise": node.config.advertised(),
         "connections": {
             "handshaking": s.gate.in_progress(),
@@ -276,34 +286,76 @@ async fn cluster(State(s): State<AdminState>) -> Response {
     axum::Json(view).into_response()
 }
 
-async fn drain(State(s): State<AdminState>) -> Response {
+/// The header a drain request must carry (see the module doc).
+pub const DRAIN_HEADER: (&str, &str) = ("x-meshchat-admin", "drain");
+
+async fn drain(State(s): State<AdminState>, headers: axum::http::HeaderMap) -> Response {
+    if headers.get(DRAIN_HEADER.0).and_then(|v| v.to_str().ok()) != Some(DRAIN_HEADER.1) {
+        return (
+            StatusCode::FORBIDDEN,
+            format!(
+                "a drain request carries the header `{}: {}`\n",
+                DRAIN_HEADER.0, DRAIN_HEADER.1
+            ),
+        )
+            .into_response();
+    }
     let Some(node) = s.node.upgrade() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "node stopped\n").into_response();
     };
+    let others = s.mesh.as_ref().and_then(Weak::upgrade).map_or(0, |m| {
+        let me = m.me();
+        m.ring().members().iter().filter(|&&n| n != me).count()
+    });
     let timeout = node.config.cluster.drain_timeout;
-    match crate::drain::Drain::start(&node, timeout) {
+    match crate::drain::Drain::start(&node, others, timeout) {
         Ok(started) => {
             let what = match started {
                 crate::drain::DrainStarted::Started => "draining",
                 crate::drain::DrainStarted::AlreadyDraining => "already draining",
             };
-            (
-                StatusCode::ACCEPTED,
-                format!(
-                    "{what}: {} users connected; the node stops once they moved, or after {} s\n",
-                    node.registry.live_connections(),
-                    timeout.as_secs()
-                ),
-            )
-                .into_response()
+            let conns = node.registry.live_connections();
+            // Redirects go out at 400 a second (the mesh's pacing).
+            let needs = Duration::from_secs(conns / 400 + 1);
+            let mut body = format!(
+                "{what}: {conns} authenticated connections; the node stops once they moved, or \
+                 after {} s\n",
+                timeout.as_secs()
+            );
+            if needs > timeout {
+                body.push_str(&format!(
+                    "warning: redirecting {conns} connections takes about {} s, more than \
+                     cluster.drain_timeout: the rest are closed and fail over\n",
+                    needs.as_secs()
+                ));
+            }
+            (StatusCode::ACCEPTED, body).into_response()
+        }
+        Err(e @ crate::drain::DrainError::NotServing) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
         }
         Err(e) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
     }
 }
 
-/// Calls the admin listener at `addr`: `method` `path` (HTTP/1.1, one request per connection).
-/// Returns the status and the body. For `meshchat-node drain` and tests.
+/// How long [`call`] waits for an answer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Calls the admin listener at `addr`: `method` `path` (HTTP/1.1, one request per connection,
+/// carrying [`DRAIN_HEADER`]). Returns the status and the body, or an error after 10 s.
+/// For `meshchat-node drain` and tests.
 pub async fn call(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    tokio::time::timeout(CALL_TIMEOUT, call_once(addr, method, path))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{addr} did not answer within {} s", CALL_TIMEOUT.as_secs()),
+            )
+        })?
+}
+
+async fn call_once(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     use http_body_util::BodyExt;
     let io = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
     let stream = tokio::net::TcpStream::connect(addr).await?;
@@ -316,6 +368,7 @@ pub async fn call(addr: SocketAddr, method: &str, path: &str) -> std::io::Result
         .method(method)
         .uri(path)
         .header(header::HOST, addr.to_string())
+        .header(DRAIN_HEADER.0, DRAIN_HEADER.1)
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(|e| io(&e))?;
     let response = sender.send_request(request).await.map_err(|e| io(&e))?;

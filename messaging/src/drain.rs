@@ -28,6 +28,16 @@ pub enum DrainError {
          node's config; remove this node from every member list and restart them instead"
     )]
     NotClustered,
+    /// No other node is on the ring: nobody could take this node's users.
+    #[error("no other node is on the ring to take this node's users: start one first")]
+    NoOtherNode,
+    /// The node does not hold its worker-id lease (Redis unreachable, or still starting):
+    /// it could not tell the cluster it leaves.
+    #[error(
+        "the node does not hold its worker-id lease (Redis unreachable, or still starting): \
+         the cluster cannot learn of a drain now; retry when /readyz is 200"
+    )]
+    NotServing,
 }
 
 /// How a drain request was taken.
@@ -66,10 +76,23 @@ impl Drain {
     }
 
     /// Starts draining `node`: off the ring at the next heartbeat; done when its last user
-    /// left, or after `timeout`.
-    pub fn start(node: &Arc<Node>, timeout: Duration) -> Result<DrainStarted, DrainError> {
+    /// left, or after `timeout`. `others_on_ring`: the other nodes on the ring now.
+    pub fn start(
+        node: &Arc<Node>,
+        others_on_ring: usize,
+        timeout: Duration,
+    ) -> Result<DrainStarted, DrainError> {
         let drain = node.drain().clone();
         let flag = drain.flag.as_ref().ok_or(DrainError::NotClustered)?;
+        if flag.load(Ordering::Relaxed) {
+            return Ok(DrainStarted::AlreadyDraining);
+        }
+        if others_on_ring == 0 {
+            return Err(DrainError::NoOtherNode);
+        }
+        if !node.lease_gate().allows() {
+            return Err(DrainError::NotServing);
+        }
         if flag.swap(true, Ordering::Relaxed) {
             return Ok(DrainStarted::AlreadyDraining);
         }

@@ -1,14 +1,17 @@
 //! The node's metrics: their names, labels, help texts and where each one is recorded.
 //!
 //! Recording goes through the `metrics` facade; the process's recorder is the Prometheus
-//! exporter's, installed by [`prometheus`] when a node starts with an admin listener (without
-//! one, every record is a no-op). Every node metric carries the label `node` (the node id), so
-//! several nodes in one process (the dev cluster, tests) keep apart; the admin listener of a
-//! node serves only its own series and the process's.
+//! exporter's, installed by [`prometheus`] when a node with an admin listener starts, before
+//! its [`NodeMetrics`] registers its handles (a node without one holds no-op handles). Every
+//! node metric carries the label `node` (the node id), so several nodes in one process (the
+//! dev cluster, tests) keep apart; the admin listener of a node serves only its own series
+//! and the process's. A thread runs the exporter's upkeep every 5 s, so histograms stay
+//! bounded whether or not anything scrapes.
 //!
 //! Two kinds of recording:
 //! - on the paths themselves (requests, handshakes, pushes, appends): counters and latency
-//!   histograms, with `&'static str` label values and the node label shared (no allocation);
+//!   histograms through handles registered once (per request type and outcome on first
+//!   use), so a record is an atomic add, with no key built and no allocation;
 //! - at scrape time ([`crate::admin`]): gauges and counters read from state the node keeps
 //!   anyway (connections, queue depths, the lease, the ring, peer links, argon2 slots).
 //!
@@ -19,7 +22,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use meshchat_proto::client::{ErrorCode, client_frame};
-use metrics::{SharedString, Unit, counter, describe_counter, describe_gauge, describe_histogram};
+use dashmap::DashMap;
+use metrics::{
+    Counter, Histogram, SharedString, Unit, counter, describe_counter, describe_gauge,
+    describe_histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing::warn;
 
@@ -29,6 +36,9 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// How often the exporter's histogram buffers are drained into their buckets.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// The process's Prometheus recorder, installed on the first call. `None` if the process had
 /// installed another `metrics` recorder first (the node's metrics then go to that one).
@@ -48,6 +58,18 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
                 Ok(handle) => {
                     describe();
                     metrics_process::Collector::default().describe();
+                    let upkeep = handle.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("mc-metrics".into())
+                        .spawn(move || {
+                            loop {
+                                std::thread::sleep(UPKEEP_EVERY);
+                                upkeep.run_upkeep();
+                            }
+                        });
+                    if let Err(e) = spawned {
+                        warn!(error = %e, "metrics: no upkeep thread; histograms drain on scrape only");
+                    }
                     Some(handle)
                 }
                 Err(e) => {
@@ -71,7 +93,7 @@ fn describe() {
     describe_histogram!(
         "meshchat_handshake_duration_seconds",
         Unit::Seconds,
-        "Time from a client's first packet being accepted to the QUIC handshake's end."
+        "Time from a handshake slot being granted to the QUIC handshake's end."
     );
     describe_counter!(
         "meshchat_auth_failures_total",
@@ -152,11 +174,27 @@ fn describe() {
     );
 }
 
-/// One node's recording handle: its `node` label and the counters kept here.
+/// One node's recording handles: its `node` label, the handles of its metrics, and the
+/// counters kept here. Cheap to clone (shared).
 #[derive(Debug, Clone)]
 pub struct NodeMetrics {
     node: SharedString,
     established: Arc<AtomicU64>,
+    h: Arc<Handles>,
+}
+
+/// Handles registered once; per request type (and outcome) on first use.
+#[derive(Debug)]
+struct Handles {
+    requests: DashMap<(&'static str, &'static str), Counter>,
+    request_seconds: DashMap<&'static str, Histogram>,
+    rate_limited: DashMap<&'static str, Counter>,
+    auth_failures: DashMap<&'static str, Counter>,
+    handshakes: DashMap<&'static str, Counter>,
+    handshake_seconds: Histogram,
+    pushes: Counter,
+    messages_sent: Counter,
+    append_seconds: Histogram,
 }
 
 /// The label value of a request's outcome: `ok` or the protocol's error code name.
@@ -202,9 +240,22 @@ pub fn request_type(body: &client_frame::Body) -> &'static str {
 impl NodeMetrics {
     /// The handle of node `node_id`.
     pub fn new(node_id: u32) -> Self {
+        let node = SharedString::from(Arc::<str>::from(node_id.to_string()));
+        let h = Handles {
+            requests: DashMap::new(),
+            request_seconds: DashMap::new(),
+            rate_limited: DashMap::new(),
+            auth_failures: DashMap::new(),
+            handshakes: DashMap::new(),
+            handshake_seconds: metrics::histogram!("meshchat_handshake_duration_seconds", "node" => node.clone()),
+            pushes: counter!("meshchat_pushes_total", "node" => node.clone()),
+            messages_sent: counter!("meshchat_messages_sent_total", "node" => node.clone()),
+            append_seconds: metrics::histogram!("meshchat_storage_duration_seconds", "node" => node.clone(), "op" => "append"),
+        };
         Self {
-            node: SharedString::from(Arc::<str>::from(node_id.to_string())),
+            node,
             established: Arc::new(AtomicU64::new(0)),
+            h: Arc::new(h),
         }
     }
 
@@ -215,28 +266,37 @@ impl NodeMetrics {
 
     /// A request answered: its type, its outcome (`ok` or an error code name), its latency.
     pub fn request(&self, kind: &'static str, outcome: &'static str, took: Duration) {
-        let node = self.node.clone();
-        counter!("meshchat_requests_total", "node" => node.clone(), "type" => kind, "outcome" => outcome)
-            .increment(1);
-        metrics::histogram!("meshchat_request_duration_seconds", "node" => node.clone(), "type" => kind)
-            .record(took);
+        let h = &self.h;
+        cached(&h.requests, (kind, outcome), || {
+            counter!("meshchat_requests_total", "node" => self.node.clone(), "type" => kind, "outcome" => outcome)
+        })
+        .increment(1);
+        cached(&h.request_seconds, kind, || {
+            metrics::histogram!("meshchat_request_duration_seconds", "node" => self.node.clone(), "type" => kind)
+        })
+        .record(took);
         if outcome == ErrorCode::RateLimited.as_str_name() {
-            counter!("meshchat_rate_limited_total", "node" => node.clone(), "type" => kind)
-                .increment(1);
+            cached(&h.rate_limited, kind, || {
+                counter!("meshchat_rate_limited_total", "node" => self.node.clone(), "type" => kind)
+            })
+            .increment(1);
         }
         if matches!(kind, "register" | "login" | "authenticate") && outcome != "ok" {
-            counter!("meshchat_auth_failures_total", "node" => node, "reason" => outcome)
-                .increment(1);
+            cached(&h.auth_failures, outcome, || {
+                counter!("meshchat_auth_failures_total", "node" => self.node.clone(), "reason" => outcome)
+            })
+            .increment(1);
         }
     }
 
     /// A handshake ended: `ok`, `failed`, `timeout` or `refused`; its duration if it ran.
     pub fn handshake(&self, outcome: &'static str, took: Option<Duration>) {
-        counter!("meshchat_handshakes_total", "node" => self.node.clone(), "outcome" => outcome)
-            .increment(1);
+        cached(&self.h.handshakes, outcome, || {
+            counter!("meshchat_handshakes_total", "node" => self.node.clone(), "outcome" => outcome)
+        })
+        .increment(1);
         if let Some(took) = took {
-            metrics::histogram!("meshchat_handshake_duration_seconds", "node" => self.node.clone())
-                .record(took);
+            self.h.handshake_seconds.record(took);
         }
     }
 
@@ -254,19 +314,18 @@ impl NodeMetrics {
     /// `n` push frames written to a connection.
     pub fn pushes(&self, n: usize) {
         if n > 0 {
-            counter!("meshchat_pushes_total", "node" => self.node.clone()).increment(n as u64);
+            self.h.pushes.increment(n as u64);
         }
     }
 
     /// A message stored (not a duplicate) and about to be acked.
     pub fn message_sent(&self) {
-        counter!("meshchat_messages_sent_total", "node" => self.node.clone()).increment(1);
+        self.h.messages_sent.increment(1);
     }
 
-    /// A storage operation's latency as the node saw it.
-    pub fn storage(&self, op: &'static str, took: Duration) {
-        metrics::histogram!("meshchat_storage_duration_seconds", "node" => self.node.clone(), "op" => op)
-            .record(took);
+    /// A message append's latency as the node saw it.
+    pub fn append(&self, took: Duration) {
+        self.h.append_seconds.record(took);
     }
 
     /// Sets a node gauge (scrape time).
@@ -288,6 +347,18 @@ impl NodeMetrics {
     pub fn peer_counter_total(&self, name: &'static str, peer: String, total: u64) {
         counter!(name, "node" => self.node.clone(), "peer" => peer).absolute(total);
     }
+}
+
+/// The handle under `key`, registered by `make` on first use.
+fn cached<K, H>(map: &DashMap<K, H>, key: K, make: impl FnOnce() -> H) -> H
+where
+    K: std::hash::Hash + Eq,
+    H: Clone,
+{
+    if let Some(h) = map.get(&key) {
+        return h.clone();
+    }
+    map.entry(key).or_insert_with(make).clone()
 }
 
 /// Counts one established connection while it lives.

@@ -1013,7 +1013,7 @@ impl Node {
             let started = std::time::Instant::now();
             let out = storage.append(msg).await;
             // Failed appends too: a store that fails slowly shows here.
-            metrics.storage("append", started.elapsed());
+            metrics.append(started.elapsed());
             let out = out?;
             let stored = if !out.duplicate {
                 metrics.message_sent();

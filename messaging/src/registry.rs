@@ -235,6 +235,11 @@ impl Registry {
         }
         // Close outside the map's shard lock.
         for c in slow {
+            // Until its session ends, a cut-off connection stays registered and refuses every
+            // push: count (and log) it once.
+            if c.conn.close_reason().is_some() {
+                continue;
+            }
             debug!(
                 conn = c.id.0,
                 "outbound queue full: cutting off slow reader"

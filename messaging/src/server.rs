@@ -103,6 +103,10 @@ impl RunningNode {
 /// Opens storage, binds the endpoint and starts accepting. Returns once the node listens.
 pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     config.validate()?;
+    let admin_listener = match config.admin.listen {
+        Some(listen) => Some(crate::admin::bind(listen).await?),
+        None => None,
+    };
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| StartError::Other(format!("data dir {}: {e}", config.data_dir.display())))?;
     let secret = Auth::load_or_create_secret(&config.secret_file())?;
@@ -201,8 +205,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         limits.retry_above_handshakes,
         limits.max_handshakes_per_source,
     ));
-    let (admin_addr, admin_task) = match node.config.admin.listen {
-        Some(listen) => {
+    let (admin_addr, admin_task) = match admin_listener {
+        Some(listener) => {
             let state = crate::admin::AdminState {
                 node: Arc::downgrade(&node),
                 mesh: mesh.as_ref().map(Arc::downgrade),
@@ -211,9 +215,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
                 stop: stop_rx.clone(),
             };
             let (admin_stop, until) = watch::channel(false);
-            let (a, task) = crate::admin::start(listen, state, until)
-                .instrument(span.clone())
-                .await?;
+            let (a, task) = {
+                let _in_span = span.enter();
+                crate::admin::start(listener, state, until)?
+            };
             (Some(a), Some((admin_stop, task)))
         }
         None => (None, None),
@@ -409,9 +414,15 @@ async fn accept_loop(
     }
     // The admin listener answered /readyz with 503 while the connections drained; it stops
     // now, before the store closes.
-    if let Some((admin_stop, task)) = admin {
+    if let Some((admin_stop, mut task)) = admin {
         let _ = admin_stop.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        if tokio::time::timeout(Duration::from_secs(2), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+            let _ = task.await;
+        }
     }
     drop(node);
     // Every request finished, so the store's queue is empty; close it to be sure. (Cassandra

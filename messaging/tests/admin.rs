@@ -13,23 +13,11 @@ use common::{TestNode, free_port};
 use meshchat_idgen::ChatId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// `GET path` on the admin listener: (status, body). HTTP/1.0, so the body is not chunked.
+/// `GET path` on the admin listener: (status, body).
 async fn get(admin: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(admin)
+    meshchat_messaging::admin::call(admin, "GET", path)
         .await
-        .expect("admin listener accepts");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
-        .await
-        .expect("request written");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.expect("response read");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    (status, body.to_owned())
+        .expect("admin listener answers")
 }
 
 /// A started node's admin address.
@@ -163,6 +151,20 @@ async fn readiness_flips_when_the_worker_id_lease_is_lost_and_taken_back() {
     assert_eq!(value(&m, "meshchat_ready", &[("node", "12")]), Some(0.0));
     // Still alive: liveness is not readiness.
     assert_eq!(get(admin, "/healthz").await.0, 200);
+    // No drain without the admin header (what a web page could send), nor with no other
+    // node to take the users.
+    let mut raw = tokio::net::TcpStream::connect(admin).await.expect("connect");
+    raw.write_all(b"POST /drain HTTP/1.0\r\nHost: admin\r\n\r\n")
+        .await
+        .expect("request written");
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).await.expect("answer read");
+    assert!(answer.starts_with("HTTP/1.0 403"), "{answer}");
+    let (status, body) = meshchat_messaging::admin::call(admin, "POST", "/drain")
+        .await
+        .expect("drain call");
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("no other node"), "{body}");
 
     // Redis is back (empty): the node takes its lease again (after one TTL) and is ready.
     let _server = common::redis_server(port);

@@ -146,11 +146,30 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::bail!("drain refused ({status})");
             }
             if wait {
-                // Until the listener closes: it stops just before the node does.
-                while meshchat_messaging::admin::call(admin, "GET", "/healthz")
+                // Until the listener closes (it stops just before the node does), or answers
+                // for another process (a node restarted on the same port meanwhile).
+                let pid_of = |body: &str| {
+                    serde_json::from_str::<serde_json::Value>(body)
+                        .ok()
+                        .and_then(|v| v["pid"].as_u64())
+                };
+                let draining = meshchat_messaging::admin::call(admin, "GET", "/cluster")
                     .await
-                    .is_ok()
-                {
+                    .ok()
+                    .and_then(|(_, b)| pid_of(&b));
+                // A drain is bounded by cluster.drain_timeout (at most a day) plus the grace.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(25 * 3600);
+                loop {
+                    match meshchat_messaging::admin::call(admin, "GET", "/cluster").await {
+                        Ok((_, b)) if pid_of(&b) == draining => {}
+                        Ok(_) => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(_) => break, // refused: the listener is closed
+                    }
+                    anyhow::ensure!(
+                        tokio::time::Instant::now() < deadline,
+                        "the node did not stop"
+                    );
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 std::io::stdout().write_all(b"stopped\n")?;
