@@ -382,3 +382,54 @@ async fn call_once(addr: SocketAddr, method: &str, path: &str) -> std::io::Resul
     driver.abort();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
+
+/// A human summary of the node behind the admin listener at `addr` (`meshchat-node status`):
+/// readiness, ring, peer links, connections and lease, from `/readyz` and `/cluster`.
+pub async fn status(addr: SocketAddr) -> std::io::Result<String> {
+    let (ready_status, ready) = call(addr, "GET", "/readyz").await?;
+    let (_, cluster) = call(addr, "GET", "/cluster").await?;
+    let v: serde_json::Value = serde_json::from_str(&cluster)
+        .map_err(|e| std::io::Error::other(format!("/cluster is not JSON: {e}")))?;
+    let mut out = format!(
+        "node {} (pid {}), clients dial {}\n",
+        v["node_id"], v["pid"], v["advertise"]
+    );
+    if ready_status == 200 {
+        out.push_str("ready\n");
+    } else {
+        for line in ready.lines() {
+            out.push_str(&format!("{line}\n"));
+        }
+    }
+    let c = &v["connections"];
+    out.push_str(&format!(
+        "connections: {} handshaking, {} established, {} authenticated\n",
+        c["handshaking"], c["established"], c["authenticated"]
+    ));
+    let lease = &v["lease"];
+    out.push_str(&match lease["remaining_ms"].as_u64() {
+        Some(ms) => format!("lease: held {}, {ms} ms left\n", lease["held"]),
+        None => "lease: none to lose (static cluster or a node alone)\n".into(),
+    });
+    if v["draining"] == true {
+        out.push_str("draining\n");
+    }
+    if let Some(ring) = v.get("ring") {
+        out.push_str(&format!(
+            "ring: epoch {}, members {}\n",
+            ring["epoch"], ring["members"]
+        ));
+        for p in v["peers"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "  peer {}: {} (sent {}, received {}, dropped {}, connects {})\n",
+                p["id"],
+                if p["up"] == true { "up" } else { "DOWN" },
+                p["envelopes_sent"],
+                p["envelopes_received"],
+                p["dropped"],
+                p["connects"]
+            ));
+        }
+    }
+    Ok(out)
+}

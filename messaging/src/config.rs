@@ -60,6 +60,41 @@ pub struct NodeConfig {
     pub storage: StorageSettings,
     /// The admin HTTP listener (`/healthz`, `/readyz`, `/metrics`, `/cluster`).
     pub admin: AdminConfig,
+    /// Log format and level.
+    pub log: LogConfig,
+}
+
+/// `[log]`: how the node logs (to stderr; journald under systemd).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default: human lines) or `json` (one JSON object per line, with the span
+    /// fields: node, conn, peer, ...).
+    pub format: LogFormat,
+    /// A `tracing` filter, as `RUST_LOG` takes it (default `info`; for example
+    /// `info,meshchat_backplane=debug`). `RUST_LOG`, when set, wins at start. Re-read from
+    /// the config file on SIGHUP.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// The shape of log lines.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (colours only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `[admin]`: the node's HTTP listener for operators and Prometheus (docs/OPERATIONS.md).
@@ -286,6 +321,7 @@ impl Default for NodeConfig {
             cluster: ClusterConfig::default(),
             storage: StorageSettings::default(),
             admin: AdminConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -692,6 +728,9 @@ impl NodeConfig {
         self.validate_transport()?;
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return invalid("tls.cert and tls.key go together");
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return invalid(format!("log.level {:?}: {e}", self.log.level));
         }
         if let Some(url) = &self.cluster.redis {
             if url.starts_with("rediss://") {

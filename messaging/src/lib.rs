@@ -16,10 +16,12 @@
 //! - [`admission`]: handshake slots: Retry past a threshold, per-source caps, a short wait.
 //! - [`auth`]: argon2id password hashes and JWT tokens.
 //! - [`secret`]: secret files (token key, CA keys): owner-only, atomic, refused if exposed.
+//! - [`certs`]: `meshchat-node certs`: a cluster's two CAs and every node's certificates.
 //! - [`tls`]: certificates (dev CA), rustls/quinn configs sized for chat.
 //! - [`error`]: request errors and the one mapping to protocol error codes.
 //! - [`convert`]: wire <-> domain conversions.
 //! - [`dev`]: `meshchat-node dev`, a local cluster on loopback.
+//! - [`logging`]: text or JSON log lines, the filter reloadable at runtime.
 //! - [`drain`]: taking a node out of the ring, its users redirected, then stopping it.
 //! - [`admin`]: the admin HTTP listener: `/healthz`, `/readyz`, `/metrics`, `/cluster`.
 //! - [`metrics`]: metric names, labels and recording (Prometheus exporter).
@@ -27,11 +29,13 @@
 pub mod admin;
 pub mod admission;
 pub mod auth;
+pub mod certs;
 pub mod config;
 pub mod convert;
 pub mod dev;
 pub mod drain;
 pub mod error;
+pub mod logging;
 pub mod members;
 pub mod metrics;
 pub mod node;

@@ -64,18 +64,8 @@ pub fn read(path: &Path) -> Result<Vec<u8>, SecretError> {
     std::fs::read(path).map_err(io(path))
 }
 
-/// Reads the secret at `path`, or creates it from `make()` if there is none. Returns the
-/// secret that is in the file afterwards: another process's, if it created one first.
-pub fn read_or_create(path: &Path, make: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>, SecretError> {
-    match read(path) {
-        Err(SecretError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
-        other => return other,
-    }
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    if let Some(dir) = dir {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-    }
-    let bytes = make();
+/// Writes `bytes` to a new owner-only file beside `path` (synced); returns its name.
+fn write_tmp(path: &Path, bytes: &[u8]) -> Result<std::path::PathBuf, SecretError> {
     let tmp = path.with_file_name(format!(
         ".{}.tmp{:016x}",
         path.file_name()
@@ -89,13 +79,38 @@ pub fn read_or_create(path: &Path, make: impl FnOnce() -> Vec<u8>) -> Result<Vec
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(bytes)?;
         f.sync_all()
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(io(&tmp)(e));
     }
+    Ok(tmp)
+}
+
+/// Writes the secret `bytes` to `path`, owner-only, replacing what is there atomically.
+pub fn write(path: &Path, bytes: &[u8]) -> Result<(), SecretError> {
+    let tmp = write_tmp(path, bytes)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(path)(e)
+    })
+}
+
+/// Reads the secret at `path`, or creates it from `make()` if there is none. Returns the
+/// secret that is in the file afterwards: another process's, if it created one first.
+pub fn read_or_create(path: &Path, make: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>, SecretError> {
+    match read(path) {
+        Err(SecretError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+        other => return other,
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    let bytes = make();
+    let tmp = write_tmp(path, &bytes)?;
     // A hard link is the no-clobber rename: it fails if the name exists.
     let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);

@@ -8,7 +8,6 @@ use meshchat_messaging::NodeConfig;
 use meshchat_messaging::config::CassandraSettings;
 use meshchat_messaging::dev::{DevCluster, DevStorage, Running, stop_children};
 use std::time::Duration;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(version, about = "meshchat messaging node")]
@@ -39,6 +38,30 @@ enum Cmd {
     CheckConfig {
         /// TOML config file.
         config: PathBuf,
+    },
+    /// Create a cluster's certificates in DIR: a client-facing CA and one for the mesh (each
+    /// made once, then reused), and per node a client-facing certificate for its names and
+    /// a mesh certificate for `node-<id>`. Existing leaves are kept unless --renew.
+    Certs {
+        /// Output directory (keys are written owner-only).
+        #[arg(long)]
+        out: PathBuf,
+        /// A node: ID=NAME[,NAME...] (the names clients dial it by; DNS names or IPs).
+        /// Repeatable.
+        #[arg(long = "node", required = true)]
+        nodes: Vec<meshchat_messaging::certs::NodeCerts>,
+        /// Validity of the node certificates, in days.
+        #[arg(long, default_value_t = 397)]
+        days: u32,
+        /// Issue every listed node's certificates again (rotation; same CAs).
+        #[arg(long)]
+        renew: bool,
+    },
+    /// Show a running node's view: readiness, ring, peer links, connections, lease.
+    Status {
+        /// The node's admin listener (`[admin] listen`).
+        #[arg(long, default_value = "127.0.0.1:9400")]
+        admin: std::net::SocketAddr,
     },
     /// Drain a running node (Redis membership): off the ring, its users redirected to their
     /// next homes; the node stops once they moved (or after `cluster.drain_timeout`).
@@ -107,15 +130,44 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
+/// Re-reads `[log] level` from `file` on every SIGHUP and applies it.
+fn reload_log_level_on_sighup(
+    file: Option<PathBuf>,
+    log: meshchat_messaging::logging::LogHandle,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let applied = NodeConfig::load(file.as_deref())
+                .map_err(anyhow::Error::from)
+                .and_then(|c| {
+                    log.set_level(&c.log.level)?;
+                    Ok(c.log.level)
+                });
+            match applied {
+                Ok(level) => tracing::info!(%level, "SIGHUP: log level reloaded"),
+                Err(e) => tracing::warn!(error = %e, "SIGHUP: log level not reloaded"),
+            }
+        }
+    });
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // `run` logs as its config says; every other command in text at `info` (or RUST_LOG).
+    let run_config = match &cli.cmd {
+        Cmd::Run { config, .. } => {
+            Some(NodeConfig::load(config.as_deref()).context("loading config")?)
+        }
+        _ => None,
+    };
+    let log = {
+        let l = run_config.as_ref().map(|c| c.log.clone()).unwrap_or_default();
+        meshchat_messaging::logging::init(l.format, &l.level)?
+    };
     let stop = shutdown_signal()?;
     match cli.cmd {
         Cmd::Run {
@@ -124,7 +176,8 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             node_id,
         } => {
-            let mut c = NodeConfig::load(config.as_deref()).context("loading config")?;
+            let mut c = run_config.context("config loaded above")?;
+            reload_log_level_on_sighup(config, log)?;
             if let Some(l) = listen {
                 c.listen = l;
             }
@@ -135,6 +188,30 @@ async fn main() -> anyhow::Result<()> {
                 c.node_id = n;
             }
             meshchat_messaging::run(c, stop).await?;
+        }
+        Cmd::Certs {
+            out,
+            nodes,
+            days,
+            renew,
+        } => {
+            anyhow::ensure!((1..=3650).contains(&days), "--days must be 1..=3650");
+            let written = meshchat_messaging::certs::make(&out, &nodes, days, renew)?;
+            use std::io::Write;
+            let mut o = std::io::stdout().lock();
+            for f in &written {
+                writeln!(o, "wrote {}", f.display())?;
+            }
+            if written.is_empty() {
+                writeln!(o, "nothing to do: every certificate exists (--renew issues them again)")?;
+            }
+        }
+        Cmd::Status { admin } => {
+            let report = meshchat_messaging::admin::status(admin)
+                .await
+                .with_context(|| format!("admin listener {admin}"))?;
+            use std::io::Write;
+            std::io::stdout().write_all(report.as_bytes())?;
         }
         Cmd::Drain { admin, wait } => {
             let (status, body) = meshchat_messaging::admin::call(admin, "POST", "/drain")
