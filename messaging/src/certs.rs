@@ -13,10 +13,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+
+use crate::tls::ca_params;
 use tracing::info;
 
 use meshchat_backplane::mesh::mesh_name;
@@ -78,14 +77,6 @@ fn validity(params: &mut CertificateParams, valid: Duration) {
     // An hour back: a peer whose clock is a little behind accepts it at once.
     params.not_before = now - Duration::from_secs(3600);
     params.not_after = now + valid;
-}
-
-fn ca_params(name: &str) -> Result<CertificateParams, TlsError> {
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    Ok(params)
 }
 
 /// The CA `file`.pem / `file`.key in `out`: created on first use, reused after.

@@ -121,16 +121,18 @@ fn dev_ca(dir: &Path, ca: &DevCa) -> Result<Issuer<'static, KeyPair>, TlsError> 
     let key = KeyPair::from_pem(&key_pem)?;
     if !cert_path.exists() {
         // Always from the key on disk: a certificate is never paired with another key.
-        let cert = dev_ca_params(ca.name)?.self_signed(&key)?;
+        let cert = ca_params(ca.name)?.self_signed(&key)?;
         write_new(&cert_path, cert.pem().as_bytes())?;
         info!(path = %cert_path.display(), "generated {}", ca.name);
     }
     // The issuer is the CA's subject name and key: rebuilding the same parameters names the
     // same CA (the key identifier is derived from the key) without parsing the certificate.
-    Ok(Issuer::new(dev_ca_params(ca.name)?, key))
+    Ok(Issuer::new(ca_params(ca.name)?, key))
 }
 
-fn dev_ca_params(name: &str) -> Result<CertificateParams, TlsError> {
+/// A CA certificate's parameters: `name`, may sign certificates and CRLs (also used by
+/// [`crate::certs`]).
+pub(crate) fn ca_params(name: &str) -> Result<CertificateParams, TlsError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.distinguished_name.push(DnType::CommonName, name);
