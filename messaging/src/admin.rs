@@ -384,15 +384,18 @@ async fn call_once(addr: SocketAddr, method: &str, path: &str) -> std::io::Resul
 }
 
 /// A human summary of the node behind the admin listener at `addr` (`meshchat-node status`):
-/// readiness, ring, peer links, connections and lease, from `/readyz` and `/cluster`.
-pub async fn status(addr: SocketAddr) -> std::io::Result<String> {
+/// readiness, ring, peer links, connections and lease, from `/readyz` and `/cluster`; and
+/// whether the node is ready.
+pub async fn status(addr: SocketAddr) -> std::io::Result<(bool, String)> {
     let (ready_status, ready) = call(addr, "GET", "/readyz").await?;
     let (_, cluster) = call(addr, "GET", "/cluster").await?;
     let v: serde_json::Value = serde_json::from_str(&cluster)
         .map_err(|e| std::io::Error::other(format!("/cluster is not JSON: {e}")))?;
     let mut out = format!(
         "node {} (pid {}), clients dial {}\n",
-        v["node_id"], v["pid"], v["advertise"]
+        v["node_id"],
+        v["pid"],
+        v["advertise"].as_str().unwrap_or("?")
     );
     if ready_status == 200 {
         out.push_str("ready\n");
@@ -408,16 +411,24 @@ pub async fn status(addr: SocketAddr) -> std::io::Result<String> {
     ));
     let lease = &v["lease"];
     out.push_str(&match lease["remaining_ms"].as_u64() {
-        Some(ms) => format!("lease: held {}, {ms} ms left\n", lease["held"]),
+        Some(ms) if lease["held"] == true => format!("lease: held, {ms} ms left\n"),
+        Some(_) => "lease: NOT held (fenced, or still starting)\n".into(),
         None => "lease: none to lose (static cluster or a node alone)\n".into(),
     });
     if v["draining"] == true {
         out.push_str("draining\n");
     }
     if let Some(ring) = v.get("ring") {
+        let members: Vec<String> = ring["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(ToString::to_string)
+            .collect();
         out.push_str(&format!(
             "ring: epoch {}, members {}\n",
-            ring["epoch"], ring["members"]
+            ring["epoch"],
+            members.join(", ")
         ));
         for p in v["peers"].as_array().into_iter().flatten() {
             out.push_str(&format!(
@@ -431,5 +442,5 @@ pub async fn status(addr: SocketAddr) -> std::io::Result<String> {
             ));
         }
     }
-    Ok(out)
+    Ok((ready_status == 200, out))
 }

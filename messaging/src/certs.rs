@@ -83,6 +83,14 @@ fn validity(params: &mut CertificateParams, valid: Duration) {
 fn ca(out: &Path, file: &str, name: &str) -> Result<(Issuer<'static, KeyPair>, bool), TlsError> {
     let key_path = out.join(format!("{file}.key"));
     let cert_path = out.join(format!("{file}.pem"));
+    if cert_path.exists() && !key_path.exists() {
+        // Checked before any key is written: a new key under the old certificate would sign
+        // leaves that chain to nothing.
+        return Err(pem_err(
+            &cert_path,
+            "exists without its key: move it away, or put its key beside it",
+        ));
+    }
     let fresh = KeyPair::generate()?.serialize_pem().into_bytes();
     let created = !key_path.exists();
     let key_pem =
@@ -94,11 +102,6 @@ fn ca(out: &Path, file: &str, name: &str) -> Result<(Issuer<'static, KeyPair>, b
         validity(&mut params, CA_VALIDITY);
         let cert = params.self_signed(&key)?;
         std::fs::write(&cert_path, cert.pem()).map_err(io_err(&cert_path))?;
-    } else if created {
-        return Err(pem_err(
-            &cert_path,
-            "exists without its key: move it away, or put its key beside it",
-        ));
     }
     // The issuer is the CA's name and key; the key identifier is derived from the key.
     Ok((Issuer::new(ca_params(name)?, key), created))

@@ -37,11 +37,18 @@ fn filter(level: &str) -> Result<EnvFilter, LogError> {
     })
 }
 
-/// Installs the process's subscriber: `format` lines on stderr, filtered by `RUST_LOG` if set,
-/// else by `level`.
+/// Installs the process's subscriber: `format` lines on stderr, filtered by `RUST_LOG` if set
+/// (and valid: a bad one is reported once and `level` used), else by `level`.
 pub fn init(format: LogFormat, level: &str) -> Result<LogHandle, LogError> {
+    let mut bad_env = None;
     let initial = match std::env::var("RUST_LOG") {
-        Ok(env) if !env.is_empty() => filter(&env)?,
+        Ok(env) if !env.is_empty() => match filter(&env) {
+            Ok(f) => f,
+            Err(e) => {
+                bad_env = Some(e);
+                filter(level)?
+            }
+        },
         _ => filter(level)?,
     };
     let (layer, handle) = reload::Layer::new(initial);
@@ -72,6 +79,9 @@ pub fn init(format: LogFormat, level: &str) -> Result<LogHandle, LogError> {
         .with(json)
         .try_init()
         .map_err(|e| LogError::Setup(e.to_string()))?;
+    if let Some(e) = bad_env {
+        tracing::warn!(error = %e, %level, "RUST_LOG ignored: using the configured level");
+    }
     Ok(LogHandle(handle))
 }
 

@@ -127,11 +127,12 @@ async fn metrics_are_scraped_parsed_and_count_what_the_clients_did() {
     assert_eq!(v["connections"]["authenticated"], 2);
     assert_eq!(v["lease"]["held"], true);
     // `meshchat-node status` reads the same two routes.
-    let status = meshchat_messaging::admin::status(admin)
+    let (ready, status) = meshchat_messaging::admin::status(admin)
         .await
         .expect("status");
+    assert!(ready, "{status}");
     assert!(status.starts_with("node 11 "), "{status}");
-    assert!(status.contains("ready\n"), "{status}");
+    assert!(status.contains("\nready\n"), "{status}");
     assert!(status.contains("3 established, 2 authenticated"), "{status}");
     drop((alice, stranger));
 }

@@ -207,11 +207,13 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Status { admin } => {
-            let report = meshchat_messaging::admin::status(admin)
+            let (ready, report) = meshchat_messaging::admin::status(admin)
                 .await
                 .with_context(|| format!("admin listener {admin}"))?;
             use std::io::Write;
             std::io::stdout().write_all(report.as_bytes())?;
+            // Scriptable: non-zero while the node is not ready.
+            anyhow::ensure!(ready, "not ready");
         }
         Cmd::Drain { admin, wait } => {
             let (status, body) = meshchat_messaging::admin::call(admin, "POST", "/drain")
