@@ -4,7 +4,9 @@
 //! signing each node's mesh certificate, whose one name is `node-<id>` (mutual TLS between
 //! nodes). CA keys are created once and reused, so running it again for a new node, or with
 //! `renew` to rotate the leaves, keeps every existing certificate valid. Keys are written
-//! owner-only, atomically ([`crate::secret`]); leaves are valid for `days` from now.
+//! owner-only, atomically ([`crate::secret`]), certificates atomically too; leaves are valid
+//! for `days` from now (not capped by the CA's own end, 10 years after it was made: renew the
+//! CA before then).
 //!
 //! Files in the output directory: `ca.pem`, `ca.key`, `mesh-ca.pem`, `mesh-ca.key`, and per
 //! node `node-<id>.pem`, `node-<id>.key` (`[tls] cert/key`) and `mesh-node-<id>.pem`,
@@ -54,6 +56,14 @@ impl std::str::FromStr for NodeCerts {
         if names.is_empty() {
             return Err(format!("{s:?}: node {id} needs at least one name"));
         }
+        for n in &names {
+            // What clients put in SNI / check: a DNS name or an IP, no port, no brackets.
+            if rustls_pki_types::ServerName::try_from(n.as_str()).is_err() {
+                return Err(format!(
+                    "{s:?}: {n:?} is not a DNS name or an IP address (no port, no brackets)"
+                ));
+            }
+        }
         Ok(Self { id, names })
     }
 }
@@ -70,6 +80,16 @@ fn pem_err(path: &Path, what: impl std::fmt::Display) -> TlsError {
         path: path.to_owned(),
         what: what.to_string(),
     }
+}
+
+/// Writes a certificate atomically (temp file, then rename over the old one).
+fn write_public(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
+    let tmp = path.with_extension(format!("tmp{:016x}", rand::random::<u64>()));
+    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io_err(path)(e)
+    })
 }
 
 fn validity(params: &mut CertificateParams, valid: Duration) {
@@ -101,7 +121,7 @@ fn ca(out: &Path, file: &str, name: &str) -> Result<(Issuer<'static, KeyPair>, b
         let mut params = ca_params(name)?;
         validity(&mut params, CA_VALIDITY);
         let cert = params.self_signed(&key)?;
-        std::fs::write(&cert_path, cert.pem()).map_err(io_err(&cert_path))?;
+        write_public(&cert_path, cert.pem().as_bytes())?;
     }
     // The issuer is the CA's name and key; the key identifier is derived from the key.
     Ok((Issuer::new(ca_params(name)?, key), created))
@@ -137,7 +157,7 @@ fn leaf(
     // The key first, so a certificate never names a key that is not on disk.
     crate::secret::write(&key_path, key.serialize_pem().as_bytes())
         .map_err(|e| pem_err(&key_path, e))?;
-    std::fs::write(&cert_path, cert.pem()).map_err(io_err(&cert_path))?;
+    write_public(&cert_path, cert.pem().as_bytes())?;
     Ok(true)
 }
 

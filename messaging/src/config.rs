@@ -732,6 +732,21 @@ impl NodeConfig {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return invalid(format!("log.level {:?}: {e}", self.log.level));
         }
+        // A typo ("inof", "warning") parses as a target name and would log nothing at all.
+        if !self
+            .log
+            .level
+            .split(',')
+            .map(str::trim)
+            // "" parses as `off`: an empty level would silence the node by accident.
+            .any(|d| !d.is_empty() && d.parse::<tracing::level_filters::LevelFilter>().is_ok())
+        {
+            return invalid(format!(
+                "log.level {:?} sets no default level: start it with one of error, warn, \
+                 info, debug, trace, off (for example \"info,meshchat_backplane=debug\")",
+                self.log.level
+            ));
+        }
         if let Some(url) = &self.cluster.redis {
             if url.starts_with("rediss://") {
                 return invalid(
@@ -1140,6 +1155,20 @@ mod tests {
             "redis://meshchat:****@10.0.0.9:6379/"
         );
         assert_eq!(redact_url("redis://10.0.0.9/"), "redis://10.0.0.9/");
+    }
+
+    #[test]
+    fn a_log_level_without_a_default_level_is_refused() {
+        let mut c = NodeConfig::default();
+        for bad in ["inof", "warning", "", "meshchat_backplane=debug"] {
+            c.log.level = bad.into();
+            let e = c.validate().expect_err(bad).to_string();
+            assert!(e.contains("log.level"), "{bad:?}: {e}");
+        }
+        for good in ["info", "warn,meshchat_backplane=debug", "off"] {
+            c.log.level = good.into();
+            c.validate().expect(good);
+        }
     }
 
     #[test]

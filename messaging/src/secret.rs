@@ -95,7 +95,14 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<(), SecretError> {
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         io(path)(e)
-    })
+    })?;
+    // The new name is durable once its directory is.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
+    }
+    Ok(())
 }
 
 /// Reads the secret at `path`, or creates it from `make()` if there is none. Returns the

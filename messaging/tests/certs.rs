@@ -109,7 +109,7 @@ async fn a_static_cluster_runs_on_generated_certificates_and_renewal_keeps_the_c
     assert_eq!(std::fs::read(pki.join("ca.pem")).expect("ca"), ca_before);
     assert_ne!(std::fs::read(pki.join("node-1.pem")).expect("leaf"), leaf_before);
     // Bad specs are refused with the reason.
-    for bad in ["1", "x=a", "3="] {
+    for bad in ["1", "x=a", "3=", "4=chat4.example.net:7400", "5=[::1]"] {
         let e = bad.parse::<NodeCerts>().expect_err(bad);
         assert!(e.contains(bad), "{e}");
     }

@@ -40,6 +40,15 @@ fn json_logs_and_a_log_level_reloaded_on_sighup() {
         .spawn()
         .expect("meshchat-node starts");
     let stderr = child.stderr.take().expect("stderr");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    // A failed assertion must not leave the node running.
+    struct KillOnDrop(nix::unistd::Pid);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let guard = KillOnDrop(pid);
     let (tx, lines) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -57,7 +66,6 @@ fn json_logs_and_a_log_level_reloaded_on_sighup() {
 
     // A bad level is refused and the running one stays; a good one is applied.
     std::fs::write(&file, config("info,[")).expect("config written");
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
     let refused = line_where(&lines, |l| l.contains("SIGHUP"));
     assert!(refused.contains("not reloaded"), "{refused}");
@@ -70,5 +78,7 @@ fn json_logs_and_a_log_level_reloaded_on_sighup() {
 
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     let status = child.wait().expect("node exits");
+    // Reaped: its pid may be reused, never signal it again.
+    std::mem::forget(guard);
     assert!(status.success(), "{status:?}");
 }

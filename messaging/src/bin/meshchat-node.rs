@@ -118,14 +118,30 @@ enum DevBackend {
 /// SIGINT or SIGTERM. The handlers are installed when this is called, not when the returned
 /// future is first polled: a signal that arrives while the node is still starting (or right
 /// after `dev` printed its banner) must stop it gracefully, not kill it.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+/// With `hangup`, SIGHUP stops too (`dev`: a closed terminal must stop its child nodes, which
+/// take SIGHUP as "reload the log level" and would be left running).
+fn shutdown_signal(hangup: bool) -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = if hangup {
+        Some(signal(SignalKind::hangup()).context("SIGHUP handler")?)
+    } else {
+        None
+    };
     Ok(async move {
+        let hup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
+            () = hup => {}
         }
     })
 }
@@ -168,7 +184,7 @@ async fn main() -> anyhow::Result<()> {
         let l = run_config.as_ref().map(|c| c.log.clone()).unwrap_or_default();
         meshchat_messaging::logging::init(l.format, &l.level)?
     };
-    let stop = shutdown_signal()?;
+    let stop = shutdown_signal(matches!(cli.cmd, Cmd::Dev { .. }))?;
     match cli.cmd {
         Cmd::Run {
             config,
