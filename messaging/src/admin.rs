@@ -111,9 +111,8 @@ async fn unready(s: &AdminState) -> Vec<String> {
         failed.push("draining: leaving the ring, users moving to their next homes".into());
     }
     if !node.lease_gate().allows() {
-        failed.push(
-            "worker-id lease not held (still starting, or fenced: no ids, no logins)".into(),
-        );
+        failed
+            .push("worker-id lease not held (still starting, or fenced: no ids, no logins)".into());
     }
     if let Some(mesh) = s.mesh.as_ref().and_then(Weak::upgrade)
         && !node.drain().is_draining()
@@ -165,7 +164,10 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     handle.run_upkeep();
     let text = crate::metrics::only_node(&handle.render(), node.metrics.node_label());
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     )
         .into_response()
@@ -204,7 +206,10 @@ fn refresh_gauges(s: &AdminState, node: &Node, ready: bool) {
         "meshchat_argon2_in_progress",
         node.auth.hashes_in_progress() as f64,
     );
-    m.counter_total("meshchat_argon2_rejected_total", node.auth.hash_rejections());
+    m.counter_total(
+        "meshchat_argon2_rejected_total",
+        node.auth.hash_rejections(),
+    );
     m.gauge(
         "meshchat_lease_held",
         if node.lease_gate().allows() { 1.0 } else { 0.0 },
@@ -224,7 +229,10 @@ fn refresh_gauges(s: &AdminState, node: &Node, ready: bool) {
             if let Some(c) = mesh.peer_stats(peer) {
                 for (name, v) in [
                     ("meshchat_peer_envelopes_sent_total", c.envelopes_sent),
-                    ("meshchat_peer_envelopes_received_total", c.envelopes_received),
+                    (
+                        "meshchat_peer_envelopes_received_total",
+                        c.envelopes_received,
+                    ),
                     ("meshchat_peer_dropped_total", c.dropped),
                     ("meshchat_peer_connects_total", c.connects),
                 ] {

@@ -145,9 +145,10 @@ fn leaf(
     }
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(names.to_vec())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, names.first().cloned().unwrap_or_default());
+    params.distinguished_name.push(
+        DnType::CommonName,
+        names.first().cloned().unwrap_or_default(),
+    );
     params.extended_key_usages = usages;
     validity(
         &mut params,
@@ -190,7 +191,10 @@ pub fn make(
             days,
             renew,
         )? {
-            written.extend([out.join(format!("{client}.pem")), out.join(format!("{client}.key"))]);
+            written.extend([
+                out.join(format!("{client}.pem")),
+                out.join(format!("{client}.key")),
+            ]);
         }
         let mesh = format!("mesh-node-{}", n.id);
         if leaf(
@@ -206,7 +210,10 @@ pub fn make(
             days,
             renew,
         )? {
-            written.extend([out.join(format!("{mesh}.pem")), out.join(format!("{mesh}.key"))]);
+            written.extend([
+                out.join(format!("{mesh}.pem")),
+                out.join(format!("{mesh}.key")),
+            ]);
         }
     }
     info!(dir = %out.display(), files = written.len(), "certificates written");

@@ -704,9 +704,8 @@ impl NodeConfig {
             );
         }
         match self.admin.listen {
-            None => warnings.push(
-                "admin.listen unset: no /healthz, /readyz or /metrics for this node".into(),
-            ),
+            None => warnings
+                .push("admin.listen unset: no /healthz, /readyz or /metrics for this node".into()),
             Some(a) if !a.ip().is_loopback() => warnings.push(format!(
                 "admin.listen {a} is not loopback: the admin listener has no authentication; \
                  keep it on a management network"

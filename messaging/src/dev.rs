@@ -162,8 +162,7 @@ impl DevCluster {
 
     /// Node `i`'s (0-based) admin listener, if the cluster has them.
     pub fn admin_addr(&self, i: u32) -> Option<std::net::SocketAddr> {
-        self.admin_base
-            .map(|a| (self.host(i), a + i as u16).into())
+        self.admin_base.map(|a| (self.host(i), a + i as u16).into())
     }
 
     /// The client addresses, by node id.

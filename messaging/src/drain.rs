@@ -67,7 +67,9 @@ impl Drain {
 
     /// Whether a drain has started.
     pub fn is_draining(&self) -> bool {
-        self.flag.as_ref().is_some_and(|f| f.load(Ordering::Relaxed))
+        self.flag
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Relaxed))
     }
 
     /// Turns true when the drain is done: the node should stop now.
@@ -107,7 +109,10 @@ impl Drain {
                 let Some(n) = node.upgrade() else { return };
                 let left = n.registry().live_connections();
                 if left == 0 {
-                    info!(took_ms = started.elapsed().as_millis() as u64, "drained: every user moved");
+                    info!(
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "drained: every user moved"
+                    );
                     break;
                 }
                 if started.elapsed() >= timeout {

@@ -89,8 +89,6 @@ impl LogHandle {
     /// Replaces the filter (a bad one leaves the current one in place).
     pub fn set_level(&self, level: &str) -> Result<(), LogError> {
         let f = filter(level)?;
-        self.0
-            .reload(f)
-            .map_err(|e| LogError::Setup(e.to_string()))
+        self.0.reload(f).map_err(|e| LogError::Setup(e.to_string()))
     }
 }

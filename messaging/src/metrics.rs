@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use meshchat_proto::client::{ErrorCode, client_frame};
 use dashmap::DashMap;
+use meshchat_proto::client::{ErrorCode, client_frame};
 use metrics::{
     Counter, Histogram, SharedString, Unit, counter, describe_counter, describe_gauge,
     describe_histogram,
@@ -141,7 +141,10 @@ fn describe() {
         "meshchat_argon2_rejected_total",
         "Registrations and logins refused OVERLOADED: no hashing slot in time."
     );
-    describe_gauge!("meshchat_peer_up", "1 while the mesh link to the peer is up.");
+    describe_gauge!(
+        "meshchat_peer_up",
+        "1 while the mesh link to the peer is up."
+    );
     describe_counter!(
         "meshchat_peer_envelopes_sent_total",
         "Envelopes written to the peer's link."
@@ -158,7 +161,10 @@ fn describe() {
         "meshchat_peer_connects_total",
         "Times the link to the peer came up."
     );
-    describe_gauge!("meshchat_ring_epoch", "Epoch of the ring this node routes by.");
+    describe_gauge!(
+        "meshchat_ring_epoch",
+        "Epoch of the ring this node routes by."
+    );
     describe_gauge!("meshchat_ring_members", "Nodes on this node's ring.");
     describe_gauge!(
         "meshchat_lease_held",

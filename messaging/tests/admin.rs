@@ -48,9 +48,7 @@ fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)])
             prometheus_parse::Value::Counter(v)
             | prometheus_parse::Value::Gauge(v)
             | prometheus_parse::Value::Untyped(v) => *v,
-            prometheus_parse::Value::Histogram(buckets) => {
-                buckets.last().map_or(0.0, |b| b.count)
-            }
+            prometheus_parse::Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
             prometheus_parse::Value::Summary(_) => f64::NAN,
         })
 }
@@ -97,16 +95,52 @@ async fn metrics_are_scraped_parsed_and_count_what_the_clients_did() {
     let m = parse(&body);
     let me = ("node", "11");
     let counts = [
-        ("meshchat_requests_total", vec![me, ("type", "register"), ("outcome", "ok")], 2.0),
-        ("meshchat_requests_total", vec![me, ("type", "send"), ("outcome", "ok")], 1.0),
-        ("meshchat_requests_total", vec![me, ("type", "login"), ("outcome", "BAD_CREDENTIALS")], 1.0),
-        ("meshchat_auth_failures_total", vec![me, ("reason", "BAD_CREDENTIALS")], 1.0),
+        (
+            "meshchat_requests_total",
+            vec![me, ("type", "register"), ("outcome", "ok")],
+            2.0,
+        ),
+        (
+            "meshchat_requests_total",
+            vec![me, ("type", "send"), ("outcome", "ok")],
+            1.0,
+        ),
+        (
+            "meshchat_requests_total",
+            vec![me, ("type", "login"), ("outcome", "BAD_CREDENTIALS")],
+            1.0,
+        ),
+        (
+            "meshchat_auth_failures_total",
+            vec![me, ("reason", "BAD_CREDENTIALS")],
+            1.0,
+        ),
         ("meshchat_messages_sent_total", vec![me], 1.0),
-        ("meshchat_handshakes_total", vec![me, ("outcome", "ok")], 3.0),
-        ("meshchat_connections", vec![me, ("state", "established")], 3.0),
-        ("meshchat_connections", vec![me, ("state", "authenticated")], 2.0),
-        ("meshchat_request_duration_seconds", vec![me, ("type", "send")], 1.0),
-        ("meshchat_storage_duration_seconds", vec![me, ("op", "append")], 1.0),
+        (
+            "meshchat_handshakes_total",
+            vec![me, ("outcome", "ok")],
+            3.0,
+        ),
+        (
+            "meshchat_connections",
+            vec![me, ("state", "established")],
+            3.0,
+        ),
+        (
+            "meshchat_connections",
+            vec![me, ("state", "authenticated")],
+            2.0,
+        ),
+        (
+            "meshchat_request_duration_seconds",
+            vec![me, ("type", "send")],
+            1.0,
+        ),
+        (
+            "meshchat_storage_duration_seconds",
+            vec![me, ("op", "append")],
+            1.0,
+        ),
         ("meshchat_ready", vec![me], 1.0),
         ("meshchat_lease_held", vec![me], 1.0),
         ("meshchat_store_queue_depth", vec![me], 0.0),
@@ -118,7 +152,11 @@ async fn metrics_are_scraped_parsed_and_count_what_the_clients_did() {
     assert!(value(&m, "meshchat_pushes_total", &[me]).is_some_and(|v| v >= 1.0));
     assert!(value(&m, "process_resident_memory_bytes", &[]).is_some_and(|v| v > 0.0));
     // Only this node's series: no other node label leaks in.
-    assert!(m.samples.iter().all(|s| s.labels.get("node").is_none_or(|n| n == "11")));
+    assert!(
+        m.samples
+            .iter()
+            .all(|s| s.labels.get("node").is_none_or(|n| n == "11"))
+    );
 
     let (status, cluster) = get(admin, "/cluster").await;
     assert_eq!(status, 200);
@@ -133,7 +171,10 @@ async fn metrics_are_scraped_parsed_and_count_what_the_clients_did() {
     assert!(ready, "{status}");
     assert!(status.starts_with("node 11 "), "{status}");
     assert!(status.contains("\nready\n"), "{status}");
-    assert!(status.contains("3 established, 2 authenticated"), "{status}");
+    assert!(
+        status.contains("3 established, 2 authenticated"),
+        "{status}"
+    );
     drop((alice, stranger));
 }
 
@@ -155,13 +196,18 @@ async fn readiness_flips_when_the_worker_id_lease_is_lost_and_taken_back() {
     let body = wait_status(admin, "/readyz", 503, Duration::from_secs(10)).await;
     assert!(body.contains("lease"), "{body}");
     let m = parse(&get(admin, "/metrics").await.1);
-    assert_eq!(value(&m, "meshchat_lease_held", &[("node", "12")]), Some(0.0));
+    assert_eq!(
+        value(&m, "meshchat_lease_held", &[("node", "12")]),
+        Some(0.0)
+    );
     assert_eq!(value(&m, "meshchat_ready", &[("node", "12")]), Some(0.0));
     // Still alive: liveness is not readiness.
     assert_eq!(get(admin, "/healthz").await.0, 200);
     // No drain without the admin header (what a web page could send), nor with no other
     // node to take the users.
-    let mut raw = tokio::net::TcpStream::connect(admin).await.expect("connect");
+    let mut raw = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
     raw.write_all(b"POST /drain HTTP/1.0\r\nHost: admin\r\n\r\n")
         .await
         .expect("request written");
@@ -178,8 +224,14 @@ async fn readiness_flips_when_the_worker_id_lease_is_lost_and_taken_back() {
     let _server = common::redis_server(port);
     wait_status(admin, "/readyz", 200, Duration::from_secs(15)).await;
     let m = parse(&get(admin, "/metrics").await.1);
-    assert_eq!(value(&m, "meshchat_lease_held", &[("node", "12")]), Some(1.0));
-    assert_eq!(value(&m, "meshchat_ring_members", &[("node", "12")]), Some(1.0));
+    assert_eq!(
+        value(&m, "meshchat_lease_held", &[("node", "12")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&m, "meshchat_ring_members", &[("node", "12")]),
+        Some(1.0)
+    );
 }
 
 #[test]
@@ -201,8 +253,15 @@ fn check_config_accepts_a_good_file_and_names_the_key_of_a_bad_one() {
         data.display().to_string()
     ));
     let stdout = String::from_utf8_lossy(&good.stdout);
-    assert!(good.status.success(), "{stdout} {}", String::from_utf8_lossy(&good.stderr));
-    assert!(stdout.contains("ok") && stdout.contains("node 3"), "{stdout}");
+    assert!(
+        good.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(
+        stdout.contains("ok") && stdout.contains("node 3"),
+        "{stdout}"
+    );
     assert!(stdout.contains("http://127.0.0.1:9400/"), "{stdout}");
 
     // A range serde cannot check, a type error, an unknown key, a missing file: each named.
@@ -210,11 +269,17 @@ fn check_config_accepts_a_good_file_and_names_the_key_of_a_bad_one() {
         ("[limits]\nmax_frame_bytes = 0\n", "max_frame_bytes"),
         ("[limits]\nauth_timeout = \"soon\"\n", "auth_timeout"),
         ("[limits]\nmax_frams_bytes = 10\n", "max_frams_bytes"),
-        ("[tls]\ncert = \"/nonexistent/node.pem\"\nkey = \"/nonexistent/node.key\"\n", "tls.cert"),
+        (
+            "[tls]\ncert = \"/nonexistent/node.pem\"\nkey = \"/nonexistent/node.key\"\n",
+            "tls.cert",
+        ),
     ] {
         let out = run(body);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{body:?} accepted");
-        assert!(stderr.contains(key), "{key:?} not named for {body:?}: {stderr}");
+        assert!(
+            stderr.contains(key),
+            "{key:?} not named for {body:?}: {stderr}"
+        );
     }
 }

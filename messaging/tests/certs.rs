@@ -74,10 +74,16 @@ async fn a_static_cluster_runs_on_generated_certificates_and_renewal_keeps_the_c
     let ring = running[0].mesh.as_ref().expect("mesh").ring();
     let mut users = Vec::new();
     for i in 0..32 {
-        let (c, e) = Client::connect(&running[0].addr.to_string(), ConnectOptions::new(ca.clone()))
+        let (c, e) = Client::connect(
+            &running[0].addr.to_string(),
+            ConnectOptions::new(ca.clone()),
+        )
+        .await
+        .expect("TLS with the generated certificates");
+        let s = c
+            .register(&format!("c{i}"), "password-123")
             .await
-            .expect("TLS with the generated certificates");
-        let s = c.register(&format!("c{i}"), "password-123").await.expect("register");
+            .expect("register");
         users.push((c, e, s));
         let homes: std::collections::BTreeSet<_> =
             users.iter().map(|u| ring.owner(u.2.user)).collect();
@@ -92,7 +98,11 @@ async fn a_static_cluster_runs_on_generated_certificates_and_renewal_keeps_the_c
         .expect("a user homed on the other node");
     first
         .0
-        .send(ChatId::direct(first.2.user, other.2.user), "across the mesh", None)
+        .send(
+            ChatId::direct(first.2.user, other.2.user),
+            "across the mesh",
+            None,
+        )
         .await
         .expect("send");
     assert_eq!(text(&next_message(&mut other.1).await), "across the mesh");
@@ -101,13 +111,20 @@ async fn a_static_cluster_runs_on_generated_certificates_and_renewal_keeps_the_c
     }
 
     // Again: nothing to write. Renewed: new leaves, the same CAs.
-    assert!(certs::make(&pki, &nodes, 30, false).expect("rerun").is_empty());
+    assert!(
+        certs::make(&pki, &nodes, 30, false)
+            .expect("rerun")
+            .is_empty()
+    );
     let ca_before = std::fs::read(pki.join("ca.pem")).expect("ca");
     let leaf_before = std::fs::read(pki.join("node-1.pem")).expect("leaf");
     let renewed = certs::make(&pki, &nodes, 30, true).expect("renew");
     assert_eq!(renewed.len(), 4 * nodes.len());
     assert_eq!(std::fs::read(pki.join("ca.pem")).expect("ca"), ca_before);
-    assert_ne!(std::fs::read(pki.join("node-1.pem")).expect("leaf"), leaf_before);
+    assert_ne!(
+        std::fs::read(pki.join("node-1.pem")).expect("leaf"),
+        leaf_before
+    );
     // Bad specs are refused with the reason.
     for bad in ["1", "x=a", "3=", "4=chat4.example.net:7400", "5=[::1]"] {
         let e = bad.parse::<NodeCerts>().expect_err(bad);

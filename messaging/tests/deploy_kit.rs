@@ -22,7 +22,10 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
         out.status.code(),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("ok:") && stdout.contains("meshchat-node.service"), "{stdout}");
+    assert!(
+        stdout.contains("ok:") && stdout.contains("meshchat-node.service"),
+        "{stdout}"
+    );
 }
 
 #[test]

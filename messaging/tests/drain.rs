@@ -51,7 +51,9 @@ fn reader(
                         Err(e) => Err(e),
                     };
                     if let Err(e) = moved {
-                        failed.lock().push(format!("redirect to {}: {e}", r.address));
+                        failed
+                            .lock()
+                            .push(format!("redirect to {}: {e}", r.address));
                     }
                 }
                 _ => {}
@@ -147,7 +149,10 @@ async fn a_drained_node_moves_its_users_under_traffic_and_loses_no_acked_message
     assert!(body.contains("draining"), "{body}");
 
     // Off every ring; its users move; then it reports itself drained.
-    let others: Vec<&RunningNode> = nodes.iter().filter(|n| n.node.config().node_id != drained_id.0).collect();
+    let others: Vec<&RunningNode> = nodes
+        .iter()
+        .filter(|n| n.node.config().node_id != drained_id.0)
+        .collect();
     let left: Vec<u32> = others.iter().map(|n| n.node.config().node_id).collect();
     let mut done = drained.drained();
     tokio::time::timeout(Duration::from_secs(30), done.wait_for(|d| *d))
@@ -155,15 +160,23 @@ async fn a_drained_node_moves_its_users_under_traffic_and_loses_no_acked_message
         .expect("drained within 30 s")
         .expect("drain state");
     assert_eq!(drained.node.registry().live_connections(), 0);
-    common::wait_for("every ring without the drained node", Duration::from_secs(10), || {
-        nodes.iter().all(|n| {
-            let ring = n.mesh.as_ref().expect("mesh").ring();
-            ring.members().iter().map(|m| m.0).collect::<Vec<_>>() == left
-        })
-    })
+    common::wait_for(
+        "every ring without the drained node",
+        Duration::from_secs(10),
+        || {
+            nodes.iter().all(|n| {
+                let ring = n.mesh.as_ref().expect("mesh").ring();
+                ring.members().iter().map(|m| m.0).collect::<Vec<_>>() == left
+            })
+        },
+    )
     .await;
     for (client, user) in &targets {
-        assert_ne!(client.server(), drained.addr.to_string(), "user {user:?} still there");
+        assert_ne!(
+            client.server(),
+            drained.addr.to_string(),
+            "user {user:?} still there"
+        );
     }
 
     traffic.await.expect("traffic task");

@@ -73,7 +73,10 @@ fn json_logs_and_a_log_level_reloaded_on_sighup() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
     let applied = line_where(&lines, |l| l.contains("SIGHUP"));
     let v: serde_json::Value = serde_json::from_str(&applied).expect("a JSON log line");
-    assert_eq!(v["fields"]["message"], "SIGHUP: log level reloaded", "{applied}");
+    assert_eq!(
+        v["fields"]["message"], "SIGHUP: log level reloaded",
+        "{applied}"
+    );
     assert_eq!(v["fields"]["level"], "debug", "{applied}");
 
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");

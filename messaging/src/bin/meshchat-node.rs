@@ -181,7 +181,10 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let log = {
-        let l = run_config.as_ref().map(|c| c.log.clone()).unwrap_or_default();
+        let l = run_config
+            .as_ref()
+            .map(|c| c.log.clone())
+            .unwrap_or_default();
         meshchat_messaging::logging::init(l.format, &l.level)?
     };
     let stop = shutdown_signal(matches!(cli.cmd, Cmd::Dev { .. }))?;
@@ -219,7 +222,10 @@ async fn main() -> anyhow::Result<()> {
                 writeln!(o, "wrote {}", f.display())?;
             }
             if written.is_empty() {
-                writeln!(o, "nothing to do: every certificate exists (--renew issues them again)")?;
+                writeln!(
+                    o,
+                    "nothing to do: every certificate exists (--renew issues them again)"
+                )?;
             }
         }
         Cmd::Status { admin } => {
@@ -271,9 +277,11 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::CheckConfig { config } => {
-            let c = NodeConfig::load(Some(&config))
+            let c =
+                NodeConfig::load(Some(&config)).with_context(|| format!("{}", config.display()))?;
+            let warnings = c
+                .check_files()
                 .with_context(|| format!("{}", config.display()))?;
-            let warnings = c.check_files().with_context(|| format!("{}", config.display()))?;
             let clustered = !c.cluster.members.is_empty() || c.cluster.redis.is_some();
             let mut out = format!(
                 "{}: ok\n  node {} (worker id {}), clients on {} (advertised {})\n  \
