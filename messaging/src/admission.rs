@@ -29,6 +29,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -52,6 +53,29 @@ fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Changes the number of permits of `sem` from `from` to `to`: more at once; fewer as the
+/// permits in use come back (a task takes the difference and forgets it), so nothing held
+/// now is cut short.
+pub(crate) fn resize(sem: &Arc<Semaphore>, from: usize, to: usize) {
+    if to > from {
+        sem.add_permits(to - from);
+    } else if from > to {
+        let sem = sem.clone();
+        let mut left = from - to;
+        tokio::spawn(async move {
+            while left > 0 {
+                let n = u32::try_from(left).unwrap_or(u32::MAX);
+                // The semaphores resized here are never closed.
+                let Ok(permits) = sem.acquire_many(n).await else {
+                    return;
+                };
+                permits.forget();
+                left -= n as usize;
+            }
+        });
+    }
+}
+
 /// What to do with a new connection.
 #[derive(Debug)]
 pub enum Admit {
@@ -70,9 +94,9 @@ pub enum Admit {
 #[derive(Debug)]
 pub struct HandshakeGate {
     slots: Arc<Semaphore>,
-    capacity: usize,
-    retry_above: usize,
-    per_source: u32,
+    capacity: AtomicUsize,
+    retry_above: AtomicUsize,
+    per_source: AtomicU32,
     /// Handshakes per (source, validated).
     sources: Arc<DashMap<(IpAddr, bool), u32>>,
 }
@@ -107,16 +131,29 @@ impl HandshakeGate {
         let capacity = capacity.max(1);
         Self {
             slots: Arc::new(Semaphore::new(capacity)),
-            capacity,
-            retry_above: retry_above.min(capacity),
-            per_source: per_source.max(1),
+            capacity: AtomicUsize::new(capacity),
+            retry_above: AtomicUsize::new(retry_above.min(capacity)),
+            per_source: AtomicU32::new(per_source.max(1)),
             sources: Arc::new(DashMap::new()),
         }
     }
 
+    /// Applies reloaded limits (the same arguments as [`HandshakeGate::new`]). Handshakes in
+    /// progress keep their slots; a smaller capacity takes effect as they finish.
+    pub fn set_limits(&self, capacity: usize, retry_above: usize, per_source: u32) {
+        let capacity = capacity.max(1);
+        let old = self.capacity.swap(capacity, Ordering::Relaxed);
+        resize(&self.slots, old, capacity);
+        self.retry_above
+            .store(retry_above.min(capacity), Ordering::Relaxed);
+        self.per_source.store(per_source.max(1), Ordering::Relaxed);
+    }
+
     /// Handshakes in progress.
     pub fn in_progress(&self) -> usize {
-        self.capacity - self.slots.available_permits()
+        self.capacity
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.slots.available_permits())
     }
 
     /// Sources holding a share.
@@ -129,14 +166,14 @@ impl HandshakeGate {
     pub fn admit(&self, source: IpAddr, validated: bool) -> Admit {
         let key = (source_key(source), validated);
         let held = self.sources.get(&key).map_or(0, |n| *n);
-        if held >= self.per_source {
+        if held >= self.per_source.load(Ordering::Relaxed) {
             return if validated {
                 Admit::Refuse
             } else {
                 Admit::Retry
             };
         }
-        if !validated && self.in_progress() >= self.retry_above {
+        if !validated && self.in_progress() >= self.retry_above.load(Ordering::Relaxed) {
             return Admit::Retry;
         }
         let share = self.share(key);

@@ -22,6 +22,7 @@
 //! - [`convert`]: wire <-> domain conversions.
 //! - [`dev`]: `meshchat-node dev`, a local cluster on loopback.
 //! - [`logging`]: text or JSON log lines, the filter reloadable at runtime.
+//! - [`reload`]: what a SIGHUP changes without a restart (certificates, limits, log level).
 //! - [`drain`]: taking a node out of the ring, its users redirected, then stopping it.
 //! - [`admin`]: the admin HTTP listener: `/healthz`, `/readyz`, `/metrics`, `/cluster`.
 //! - [`metrics`]: metric names, labels and recording (Prometheus exporter).
@@ -40,6 +41,7 @@ pub mod members;
 pub mod metrics;
 pub mod node;
 pub mod registry;
+pub mod reload;
 pub mod router;
 pub mod secret;
 pub mod server;

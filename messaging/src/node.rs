@@ -9,6 +9,7 @@
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -21,7 +22,7 @@ use tracing::{Instrument, debug, info_span};
 
 use crate::admission::{PasswordGate, PasswordLimits};
 use crate::auth::{Auth, Identity};
-use crate::config::NodeConfig;
+use crate::config::{LimitsConfig, NodeConfig};
 use crate::convert::{self, chat_from, chat_to, message_id};
 use crate::error::RequestError;
 use crate::members::MemberCache;
@@ -87,6 +88,31 @@ pub enum AuthOutcome {
     Redirect(pb::Redirect),
 }
 
+/// The per-user rate limiters, built from `[limits]`.
+struct Rates {
+    /// Sends per user.
+    send: DefaultKeyedRateLimiter<UserId>,
+    /// Other mutating requests (receipts, reactions, joins, creates) per user.
+    event: DefaultKeyedRateLimiter<UserId>,
+}
+
+impl Rates {
+    fn new(l: &LimitsConfig) -> Self {
+        let per_sec = NonZeroU32::new(l.send_rate_per_sec).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(l.send_burst).unwrap_or(NonZeroU32::MIN);
+        let two = NonZeroU32::MIN.saturating_add(1);
+        Self {
+            send: RateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst)),
+            // Receipts and reactions are cheaper than sends and come in bursts (one per read
+            // message): twice the send quota.
+            event: RateLimiter::keyed(
+                Quota::per_second(per_sec.saturating_mul(two))
+                    .allow_burst(burst.saturating_mul(two)),
+            ),
+        }
+    }
+}
+
 /// The chat service of one node.
 pub struct Node {
     pub(crate) config: NodeConfig,
@@ -95,11 +121,13 @@ pub struct Node {
     pub(crate) auth: Auth,
     pub(crate) registry: Arc<Registry>,
     pub(crate) router: Arc<dyn Router>,
-    rate: DefaultKeyedRateLimiter<UserId>,
+    /// The limits in force: `config.limits` at start, replaced by [`Node::set_limits`] on a
+    /// reload. Read once per request (and once per connection for per-connection bounds).
+    limits: ArcSwap<LimitsConfig>,
+    /// Per-user rates, rebuilt when a reload changes them.
+    rates: ArcSwap<Rates>,
     names: DashMap<UserId, Arc<str>>,
     members: Arc<MemberCache>,
-    /// Rate of other mutating requests (receipts, reactions, joins, creates) per user.
-    event_rate: DefaultKeyedRateLimiter<UserId>,
     /// Whether this process holds its Snowflake worker-id lease (always, in a static
     /// cluster). Without it the node is fenced: no ids, no authentication.
     lease: Arc<LeaseGate>,
@@ -166,16 +194,9 @@ impl Node {
             Generator::new(config.worker_id())
                 .map_err(|e| RequestError::Internal(e.to_string()))?,
         );
-        let per_sec = NonZeroU32::new(config.limits.send_rate_per_sec).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(config.limits.send_burst).unwrap_or(NonZeroU32::MIN);
-        let rate = RateLimiter::keyed(Quota::per_second(per_sec).allow_burst(burst));
-        // Receipts and reactions are cheaper than sends and come in bursts (one per read
-        // message): twice the send quota.
-        let event_rate = RateLimiter::keyed(
-            Quota::per_second(per_sec.saturating_mul(NonZeroU32::MIN.saturating_add(1)))
-                .allow_burst(burst.saturating_mul(NonZeroU32::MIN.saturating_add(1))),
-        );
         Ok(Self {
+            limits: ArcSwap::from_pointee(config.limits.clone()),
+            rates: ArcSwap::from_pointee(Rates::new(&config.limits)),
             metrics: crate::metrics::NodeMetrics::new(config.node_id),
             drain: Arc::new(crate::drain::Drain::new(None)),
             config,
@@ -184,10 +205,8 @@ impl Node {
             auth,
             registry,
             router,
-            rate,
             names: DashMap::new(),
             members,
-            event_rate,
             lease: Arc::new(LeaseGate::unbounded()),
             inflight_bytes: Arc::new(tokio::sync::Semaphore::new(inflight_bytes)),
             passwords: PasswordGate::new(PasswordLimits {
@@ -212,7 +231,8 @@ impl Node {
 
     /// Drops rate-limiter state of users idle long enough to be back at a full burst.
     pub fn housekeeping(&self) {
-        for r in [&self.rate, &self.event_rate] {
+        let rates = self.rates.load();
+        for r in [&rates.send, &rates.event] {
             r.retain_recent();
             r.shrink_to_fit();
         }
@@ -242,6 +262,28 @@ impl Node {
     /// Bytes a reply body may use so the whole frame stays under `max_frame_bytes`.
     fn reply_budget(&self) -> usize {
         (self.config.limits.max_frame_bytes as usize).saturating_sub(1024)
+    }
+
+    /// The limits in force (the config's at start, or the last reload's).
+    pub fn limits(&self) -> Arc<LimitsConfig> {
+        self.limits.load_full()
+    }
+
+    /// Applies reloaded limits: requests from now on see them; per-connection bounds
+    /// (outbound queue, requests in flight, timeouts) apply to connections made from now on.
+    /// New per-user rates start with full buckets. `max_frame_bytes` is not changed here (it
+    /// was announced to connected clients in `HelloOk`; the reload refuses a change to it).
+    pub fn set_limits(&self, new: LimitsConfig) {
+        let new = Arc::new(new);
+        let old = self.limits.swap(new.clone());
+        if (old.send_rate_per_sec, old.send_burst) != (new.send_rate_per_sec, new.send_burst) {
+            self.rates.store(Arc::new(Rates::new(&new)));
+        }
+        crate::admission::resize(
+            &self.inflight_bytes,
+            old.max_inflight_bytes,
+            new.max_inflight_bytes,
+        );
     }
 
     /// Lets the node drain through `flag`, which the membership driver publishes.
@@ -288,7 +330,7 @@ impl Node {
 
     /// The `HelloOk` this node answers with.
     pub fn hello_ok(&self) -> pb::HelloOk {
-        let l = &self.config.limits;
+        let l = self.limits();
         pb::HelloOk {
             protocol_version: meshchat_proto::PROTOCOL_VERSION,
             node_id: self.config.node_id,
@@ -548,7 +590,7 @@ impl Node {
                 .await
                 .map(|()| R::Done(pb::Done {})),
             B::React(r) => {
-                Self::check_rate(&self.event_rate, me.user)?;
+                Self::check_rate(&self.rates.load().event, me.user)?;
                 let chat = chat_from(r.chat.as_ref())?;
                 let id = message_id(r.message_id, "message_id")?;
                 if r.emoji.is_empty() || r.emoji.len() > 64 {
@@ -562,7 +604,7 @@ impl Node {
                 Ok(R::Done(pb::Done {}))
             }
             B::Unreact(r) => {
-                Self::check_rate(&self.event_rate, me.user)?;
+                Self::check_rate(&self.rates.load().event, me.user)?;
                 let chat = chat_from(r.chat.as_ref())?;
                 let id = message_id(r.message_id, "message_id")?;
                 self.require_member(me.user, chat).await?;
@@ -575,7 +617,7 @@ impl Node {
             B::History(q) => self.history(&me, q).await.map(R::HistoryPage),
             B::ChatList(_) => self.chat_list(&me).await.map(R::ChatList),
             B::ChannelCreate(c) => {
-                Self::check_rate(&self.event_rate, me.user)?;
+                Self::check_rate(&self.rates.load().event, me.user)?;
                 valid_name(&c.name)?;
                 let private = match pb::ChannelVisibility::try_from(c.visibility) {
                     Ok(pb::ChannelVisibility::Public) => false,
@@ -594,7 +636,7 @@ impl Node {
                 Ok(R::Channel(convert::channel_to(&ch)))
             }
             B::ChannelJoin(j) => {
-                Self::check_rate(&self.event_rate, me.user)?;
+                Self::check_rate(&self.rates.load().event, me.user)?;
                 let id = self.channel_ref(j.channel_id, &j.name).await?;
                 let ch = self
                     .storage
@@ -620,7 +662,7 @@ impl Node {
                 Ok(R::Channel(convert::channel_to(&ch)))
             }
             B::ChannelLeave(l) => {
-                Self::check_rate(&self.event_rate, me.user)?;
+                Self::check_rate(&self.rates.load().event, me.user)?;
                 let id = self.channel_ref(l.channel_id, "").await?;
                 let left = self.storage.leave_channel(id, me.user).await;
                 if left.is_err() {
@@ -646,7 +688,7 @@ impl Node {
                 Ok(R::Done(pb::Done {}))
             }
             B::ChannelAdd(a) => {
-                Self::check_rate(&self.event_rate, me.user)?;
+                Self::check_rate(&self.rates.load().event, me.user)?;
                 let id = self.channel_ref(a.channel_id, "").await?;
                 self.require_channel_admin(id, me.user).await?;
                 let user = UserId(a.user_id);
@@ -666,7 +708,7 @@ impl Node {
                 Ok(R::Channel(convert::channel_to(&ch)))
             }
             B::ChannelRemove(r) => {
-                Self::check_rate(&self.event_rate, me.user)?;
+                Self::check_rate(&self.rates.load().event, me.user)?;
                 let id = self.channel_ref(r.channel_id, "").await?;
                 let ch = self.require_channel_admin(id, me.user).await?;
                 let user = UserId(r.user_id);
@@ -704,7 +746,7 @@ impl Node {
                 Ok(R::Done(pb::Done {}))
             }
             B::ChannelSetAdmin(a) => {
-                Self::check_rate(&self.event_rate, me.user)?;
+                Self::check_rate(&self.rates.load().event, me.user)?;
                 let id = self.channel_ref(a.channel_id, "").await?;
                 let ch = self.require_channel_admin(id, me.user).await?;
                 if me.user != ch.owner {
@@ -963,7 +1005,7 @@ impl Node {
         conn: ConnId,
         s: pb::SendMessage,
     ) -> Result<pb::Processed, RequestError> {
-        let limits = &self.config.limits;
+        let limits = self.limits();
         if s.client_msg_id.is_empty() || s.client_msg_id.len() > MAX_CLIENT_MSG_ID {
             return Err(RequestError::InvalidArgument(
                 "client_msg_id must be 1 to 64 bytes".into(),
@@ -983,7 +1025,7 @@ impl Node {
         let chat = chat_from(s.chat.as_ref())?;
         // The rate first: the membership check reads storage, and a flood of sends to chats
         // the user is not in must cost no more than sends to their own.
-        Self::check_rate(&self.rate, me.user)?;
+        Self::check_rate(&self.rates.load().send, me.user)?;
         self.require_member(me.user, chat).await?;
         // Who gets it, resolved before the write: once the message is durable, nothing may
         // fail between the ack and the push (a retry would be a duplicate and push nothing).
@@ -1071,7 +1113,7 @@ impl Node {
         let chat = chat_from(r.chat.as_ref())?;
         let id = message_id(r.message_id, "message_id")?;
         let kind = convert::receipt_from(r.kind)?;
-        Self::check_rate(&self.event_rate, me.user)?;
+        Self::check_rate(&self.rates.load().event, me.user)?;
         self.require_member(me.user, chat).await?;
         let before = self.storage.mark(me.user, chat, kind, id).await?;
         let push = encode_push(push::Event::Receipt(pb::ReceiptEvent {
@@ -1156,7 +1198,7 @@ impl Node {
     ) -> Result<pb::HistoryPage, RequestError> {
         let chat = chat_from(q.chat.as_ref())?;
         self.require_member(me.user, chat).await?;
-        let l = &self.config.limits;
+        let l = self.limits();
         let limit = match q.limit {
             0 => l.default_page_size,
             n => n.min(l.max_page_size),
@@ -1215,7 +1257,7 @@ impl Node {
     async fn chat_list(&self, me: &Identity) -> Result<pb::ChatList, RequestError> {
         let rows = self
             .storage
-            .chat_list(me.user, self.config.limits.max_chat_list)
+            .chat_list(me.user, self.limits().max_chat_list)
             .await?;
         let budget = self.reply_budget();
         let mut used = 0usize;

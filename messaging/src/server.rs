@@ -71,6 +71,12 @@ pub struct RunningNode {
     pub mesh: Option<Arc<Mesh>>,
     /// The admin HTTP listener's bound address, when `[admin] listen` is set.
     pub admin_addr: Option<SocketAddr>,
+    /// The client-facing endpoint (its TLS config is replaced on a reload).
+    pub(crate) endpoint: quinn::Endpoint,
+    /// The handshake gate (its limits are replaced on a reload).
+    pub(crate) gate: Arc<HandshakeGate>,
+    /// The configuration as given to `start` or the last reload (what a reload compares with).
+    pub(crate) given: parking_lot::Mutex<Box<NodeConfig>>,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
 }
@@ -86,13 +92,16 @@ impl RunningNode {
         let RunningNode {
             node,
             mesh,
+            endpoint,
             stop,
             done,
             ..
         } = self;
-        // Our handles must not keep the store open past the accept loop's close of it.
+        // Our handles must not keep the store open past the accept loop's close of it, nor
+        // the socket bound past its release of the port.
         drop(node);
         drop(mesh);
+        drop(endpoint);
         let _ = stop.send(true);
         if let Err(e) = done.await {
             warn!(error = %e, "node task ended abnormally");
@@ -103,6 +112,7 @@ impl RunningNode {
 /// Opens storage, binds the endpoint and starts accepting. Returns once the node listens.
 pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     config.validate()?;
+    let given = parking_lot::Mutex::new(Box::new(config.clone()));
     let admin_listener = match config.admin.listen {
         Some(listen) => Some(crate::admin::bind(listen).await?),
         None => None,
@@ -224,9 +234,18 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         None => (None, None),
     };
     let node_for_loop = node.clone();
+    let (endpoint_for_loop, gate_for_loop) = (endpoint.clone(), gate.clone());
     let done = tokio::spawn(
         async move {
-            accept_loop(node_for_loop, endpoint, embedded, gate, admin_task, stop_rx).await;
+            accept_loop(
+                node_for_loop,
+                endpoint_for_loop,
+                embedded,
+                gate_for_loop,
+                admin_task,
+                stop_rx,
+            )
+            .await;
             // Held until the node is down: only then may another process take the worker id.
             drop(worker_lock);
         }
@@ -238,6 +257,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         node,
         mesh,
         admin_addr,
+        endpoint,
+        gate,
+        given,
         stop,
         done,
     })
@@ -345,7 +367,6 @@ async fn accept_loop(
     admin: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let limits = node.config.limits.clone();
     let tasks = TaskTracker::new();
     let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
     loop {
@@ -354,6 +375,7 @@ async fn accept_loop(
             _ = housekeeping.tick() => node.housekeeping(),
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                let limits = node.limits();
                 // Connections in any state (handshaking or live) count against the bound.
                 if tasks.len() >= limits.max_connections {
                     node.metrics.handshake("refused", None);

@@ -161,7 +161,7 @@ pub(crate) async fn serve(
     // A handshake that does not finish in time gives its slot back (dropping it closes the
     // connection): a client that sends an Initial and nothing more holds a slot for
     // `handshake_timeout`, not for the idle timeout.
-    let conn = match tokio::time::timeout(node.config.limits.handshake_timeout, incoming).await {
+    let conn = match tokio::time::timeout(node.limits().handshake_timeout, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             debug!(%remote, error = %e, "handshake failed");
@@ -188,7 +188,8 @@ async fn run(
     id: ConnId,
     shutdown: &mut watch::Receiver<bool>,
 ) {
-    let limits = &node.config.limits;
+    // This connection's bounds: the limits in force when it was made.
+    let limits = node.limits();
     let max_auth_failures = node.config.auth.max_auth_failures.max(1);
     // One timer for the connection's one deadline: authenticate by `auth_timeout`, then the
     // expiry of the token it last got (reset on authentication and on every refresh).

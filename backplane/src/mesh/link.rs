@@ -133,12 +133,13 @@ fn quic_transport() -> quinn::TransportConfig {
     t
 }
 
-pub(super) fn mesh_endpoint(
-    listen: SocketAddr,
+/// The mesh's TLS, both ways: the server side (peers that dial us must present a certificate
+/// chaining to `roots`) and the client side (we present ours when we dial). Built at start and
+/// again on a reload of the certificates.
+pub(super) fn mesh_crypto(
     identity: &Identity,
     roots: &[CertificateDer<'static>],
-    socket: std::net::UdpSocket,
-) -> Result<quinn::Endpoint, TlsError> {
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TlsError> {
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(r.clone())?;
@@ -172,18 +173,26 @@ pub(super) fn mesh_endpoint(
             .map_err(|e| TlsError::Quic(e.to_string()))?,
     ));
     cc.transport_config(transport);
-    let mut endpoint = quinn::Endpoint::new(
+    Ok((sc, cc))
+}
+
+/// The mesh endpoint on `socket`, serving `server`. Dials pass their client config each time
+/// (the mesh keeps the current one), so a reload reaches the next dial.
+pub(super) fn mesh_endpoint(
+    listen: SocketAddr,
+    server: quinn::ServerConfig,
+    socket: std::net::UdpSocket,
+) -> Result<quinn::Endpoint, TlsError> {
+    quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
-        Some(sc),
+        Some(server),
         socket,
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(|e| TlsError::Socket {
         addr: listen,
         source: e,
-    })?;
-    endpoint.set_default_client_config(cc);
-    Ok(endpoint)
+    })
 }
 
 /// Writes one handshake frame (a `PeerHello` or its answer).
@@ -316,8 +325,9 @@ pub(super) async fn dial_loop(
     let mut gone = peer.gone.subscribe();
     loop {
         let attempt = async {
+            let client = mesh.client_tls.read().clone();
             let conn = endpoint
-                .connect(peer.addr, &mesh_name(peer.id))
+                .connect_with(client, peer.addr, &mesh_name(peer.id))
                 .map_err(|e| e.to_string())?
                 .await
                 .map_err(|e| e.to_string())?;

@@ -71,7 +71,7 @@ pub use peer::{PeerCounters, PeerStats};
 use crate::delivery::LocalDelivery;
 use crate::ring::{DEFAULT_VNODES_PER_WEIGHT, Ring};
 use crate::tls::{Identity, TlsError};
-use link::{accept_loop, mesh_endpoint};
+use link::{accept_loop, mesh_crypto, mesh_endpoint};
 use peer::Peer;
 use view::View;
 
@@ -83,10 +83,19 @@ pub struct Mesh {
     peers: RwLock<BTreeMap<NodeId, Arc<Peer>>>,
     local: Arc<dyn LocalDelivery>,
     endpoint: quinn::Endpoint,
+    /// The TLS this node dials peers with (replaced by [`Mesh::reload_tls`]).
+    client_tls: RwLock<quinn::ClientConfig>,
     stop: watch::Receiver<bool>,
     peer_queue: usize,
     peer_queue_bytes: usize,
     span: tracing::Span,
+}
+
+/// The mesh's TLS, built by [`Mesh::prepare_tls`].
+#[derive(Debug)]
+pub struct MeshTls {
+    server: quinn::ServerConfig,
+    client: quinn::ClientConfig,
 }
 
 /// What a node's mesh starts from: plain data, resolved from the node's configuration by the
@@ -164,7 +173,8 @@ impl Mesh {
         let c = config;
         let me = c.me;
         let listen = c.listen;
-        let endpoint = mesh_endpoint(listen, identity, &c.roots, socket)?;
+        let (server_tls, client_tls) = mesh_crypto(identity, &c.roots)?;
+        let endpoint = mesh_endpoint(listen, server_tls, socket)?;
         let span = info_span!("mesh", me = me.0);
         let mesh = Arc::new(Self {
             me,
@@ -178,6 +188,7 @@ impl Mesh {
             peers: RwLock::new(BTreeMap::new()),
             local,
             endpoint: endpoint.clone(),
+            client_tls: RwLock::new(client_tls),
             stop: stop.clone(),
             peer_queue: c.peer_queue,
             peer_queue_bytes: c.peer_queue_bytes,
@@ -194,6 +205,24 @@ impl Mesh {
             mesh.apply(c.epoch, &ring, &members);
         }
         Ok(mesh)
+    }
+
+    /// Builds the mesh's TLS for a certificate rotation, to apply with [`Mesh::set_tls`]
+    /// (built apart so that a caller can build everything it reloads before applying any).
+    pub fn prepare_tls(
+        identity: &Identity,
+        roots: &[CertificateDer<'static>],
+    ) -> Result<MeshTls, MeshError> {
+        let (server, client) = mesh_crypto(identity, roots)?;
+        Ok(MeshTls { server, client })
+    }
+
+    /// Replaces the mesh's certificate, key and CA roots: links made from now on, dialled or
+    /// accepted, use them; links up now keep the session they have.
+    pub fn set_tls(&self, tls: MeshTls) {
+        self.endpoint.set_server_config(Some(tls.server));
+        *self.client_tls.write() = tls.client;
+        info!("mesh certificates reloaded");
     }
 
     /// This node.

@@ -146,27 +146,77 @@ fn shutdown_signal(hangup: bool) -> anyhow::Result<impl std::future::Future<Outp
     })
 }
 
-/// Re-reads `[log] level` from `file` on every SIGHUP and applies it.
-fn reload_log_level_on_sighup(
+/// The `run` command's overrides of the config file, applied at start and on every reload.
+struct Overrides {
+    listen: Option<std::net::SocketAddr>,
+    data_dir: Option<PathBuf>,
+    node_id: Option<u32>,
+}
+
+impl Overrides {
+    fn apply(&self, c: &mut NodeConfig) {
+        if let Some(l) = self.listen {
+            c.listen = l;
+        }
+        if let Some(d) = &self.data_dir {
+            c.data_dir = d.clone();
+        }
+        if let Some(n) = self.node_id {
+            c.node_id = n;
+        }
+    }
+}
+
+/// Runs a node until `stop` (SIGINT, SIGTERM) or the end of a drain. On SIGHUP the config
+/// file is read again and what can change without a restart is applied (certificates,
+/// limits, log level: `meshchat_messaging::reload`).
+async fn run_node(
+    config: NodeConfig,
     file: Option<PathBuf>,
+    overrides: Overrides,
     log: meshchat_messaging::logging::LogHandle,
+    stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            let applied = NodeConfig::load(file.as_deref())
-                .map_err(anyhow::Error::from)
-                .and_then(|c| {
-                    log.set_level(&c.log.level)?;
-                    Ok(c.log.level)
-                });
-            match applied {
-                Ok(level) => tracing::info!(%level, "SIGHUP: log level reloaded"),
-                Err(e) => tracing::warn!(error = %e, "SIGHUP: log level not reloaded"),
+    let running = meshchat_messaging::start(config).await?;
+    let mut drained = running.drained();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => {
+                tracing::info!("shutting down");
+                break;
+            }
+            _ = drained.wait_for(|d| *d) => {
+                tracing::info!("drained: shutting down");
+                break;
+            }
+            Some(()) = hup.recv() => {
+                let reloaded = NodeConfig::load(file.as_deref())
+                    .map_err(anyhow::Error::from)
+                    .and_then(|mut c| {
+                        overrides.apply(&mut c);
+                        Ok(running.reload(c, Some(&log))?)
+                    });
+                match reloaded {
+                    Ok(r) if r.needs_restart.is_empty() => {
+                        tracing::info!(applied = ?r.applied, "SIGHUP: configuration reloaded");
+                    }
+                    Ok(r) => tracing::warn!(
+                        applied = ?r.applied,
+                        needs_restart = ?r.needs_restart,
+                        "SIGHUP: configuration reloaded; some changed keys take effect only after a restart"
+                    ),
+                    Err(e) => tracing::warn!(
+                        error = format!("{e:#}"),
+                        "SIGHUP: configuration not reloaded; the node runs as before"
+                    ),
+                }
             }
         }
-    });
+    }
+    running.shutdown().await;
     Ok(())
 }
 
@@ -196,17 +246,13 @@ async fn main() -> anyhow::Result<()> {
             node_id,
         } => {
             let mut c = run_config.context("config loaded above")?;
-            reload_log_level_on_sighup(config, log)?;
-            if let Some(l) = listen {
-                c.listen = l;
-            }
-            if let Some(d) = data_dir {
-                c.data_dir = d;
-            }
-            if let Some(n) = node_id {
-                c.node_id = n;
-            }
-            meshchat_messaging::run(c, stop).await?;
+            let overrides = Overrides {
+                listen,
+                data_dir,
+                node_id,
+            };
+            overrides.apply(&mut c);
+            run_node(c, config, overrides, log, stop).await?;
         }
         Cmd::Certs {
             out,

@@ -192,6 +192,16 @@ pub async fn one_user_homed_at_each(
     opts: &ConnectOptions,
     homes: &[String],
 ) -> Vec<(std::sync::Arc<Client>, Events, Session)> {
+    users_homed_at_each("h", via, opts, homes).await
+}
+
+/// [`one_user_homed_at_each`] with user names `<prefix><i>` (to call it again on one store).
+pub async fn users_homed_at_each(
+    prefix: &str,
+    via: &str,
+    opts: &ConnectOptions,
+    homes: &[String],
+) -> Vec<(std::sync::Arc<Client>, Events, Session)> {
     let mut found: Vec<Option<(std::sync::Arc<Client>, Events, Session)>> =
         homes.iter().map(|_| None).collect();
     for i in 0..200 {
@@ -200,7 +210,7 @@ pub async fn one_user_homed_at_each(
         }
         let (c, e) = Client::connect(via, opts.clone()).await.expect("connect");
         let s = c
-            .register(&format!("h{i}"), "password-123")
+            .register(&format!("{prefix}{i}"), "password-123")
             .await
             .expect("register");
         // The first free slot of that home (a home may be listed more than once).
