@@ -222,24 +222,12 @@ fn refresh_gauges(s: &AdminState, node: &Node, ready: bool) {
     if let Some(mesh) = s.mesh.as_ref().and_then(Weak::upgrade) {
         m.gauge("meshchat_ring_epoch", mesh.current_epoch() as f64);
         m.gauge("meshchat_ring_members", mesh.ring().members().len() as f64);
-        for peer in mesh.peer_ids() {
-            let label = peer.0.to_string();
-            let up = if mesh.peer_up(peer) { 1.0 } else { 0.0 };
-            m.gauge_with("meshchat_peer_up", "peer", label.clone(), up);
-            if let Some(c) = mesh.peer_stats(peer) {
-                for (name, v) in [
-                    ("meshchat_peer_envelopes_sent_total", c.envelopes_sent),
-                    (
-                        "meshchat_peer_envelopes_received_total",
-                        c.envelopes_received,
-                    ),
-                    ("meshchat_peer_dropped_total", c.dropped),
-                    ("meshchat_peer_connects_total", c.connects),
-                ] {
-                    m.peer_counter_total(name, label.clone(), v);
-                }
-            }
-        }
+        let peers: Vec<_> = mesh
+            .peer_ids()
+            .into_iter()
+            .map(|p| (p, mesh.peer_up(p), mesh.peer_stats(p)))
+            .collect();
+        m.peers(&peers);
     } else {
         m.gauge("meshchat_ring_members", 1.0);
     }

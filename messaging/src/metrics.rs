@@ -22,6 +22,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use meshchat_backplane::mesh::PeerCounters;
+use meshchat_idgen::NodeId;
 use meshchat_proto::client::{ErrorCode, client_frame};
 use metrics::{
     Counter, Histogram, SharedString, Unit, counter, describe_counter, describe_gauge,
@@ -106,7 +108,7 @@ fn describe() {
     describe_histogram!(
         "meshchat_request_duration_seconds",
         Unit::Seconds,
-        "Time from a request read to its reply made, by type; type=send is the ack latency."
+        "Time from a request read to its reply made, by type, for requests answered ok; type=send is the ack latency."
     );
     describe_counter!(
         "meshchat_rate_limited_total",
@@ -123,6 +125,11 @@ fn describe() {
     describe_counter!(
         "meshchat_push_queue_full_total",
         "Connections cut off because their outbound queue was full (slow readers)."
+    );
+    describe_histogram!(
+        "meshchat_delivery_latency_seconds",
+        Unit::Seconds,
+        "Time from a message's id being issued (before its append, on the sender's node and clock) to its push queued on the recipients' connections here."
     );
     describe_histogram!(
         "meshchat_storage_duration_seconds",
@@ -143,7 +150,20 @@ fn describe() {
     );
     describe_gauge!(
         "meshchat_peer_up",
-        "1 while the mesh link to the peer is up."
+        "1 while the mesh link to the peer is up; 0 once the peer left the member set."
+    );
+    describe_gauge!(
+        "meshchat_peer_queue_depth",
+        "Envelopes queued for the peer (waiting for its link)."
+    );
+    describe_gauge!(
+        "meshchat_peer_queue_bytes",
+        "Bytes of envelopes queued for the peer (bounded by cluster.peer_queue_bytes)."
+    );
+    describe_gauge!(
+        "meshchat_peer_rtt_seconds",
+        Unit::Seconds,
+        "The mesh link's round-trip time estimate (QUIC), while it is up."
     );
     describe_counter!(
         "meshchat_peer_envelopes_sent_total",
@@ -201,6 +221,35 @@ struct Handles {
     pushes: Counter,
     messages_sent: Counter,
     append_seconds: Histogram,
+    delivery_seconds: Histogram,
+    /// Whether a recorder exports what is recorded (else the delivery latency, which costs a
+    /// look into the push, is not measured).
+    exporting: bool,
+    /// Per-peer counter totals across the peer's incarnations, by (metric, peer).
+    peer_totals: DashMap<(&'static str, String), PeerTotal>,
+    /// Peers given series so far: one that left gets `meshchat_peer_up` 0, not its last value.
+    peers_seen: DashMap<String, ()>,
+}
+
+/// One per-peer counter: the `Peer` incarnation it was last read from, its value then, and
+/// the final values of the earlier incarnations added up.
+#[derive(Debug, Clone, Copy, Default)]
+struct PeerTotal {
+    incarnation: u64,
+    last: u64,
+    earlier: u64,
+}
+
+impl PeerTotal {
+    /// The exported total after reading `value` from `incarnation`.
+    fn read(&mut self, incarnation: u64, value: u64) -> u64 {
+        if incarnation != self.incarnation {
+            self.earlier += self.last;
+            self.incarnation = incarnation;
+        }
+        self.last = value;
+        self.earlier + value
+    }
 }
 
 /// The label value of a request's outcome: `ok` or the protocol's error code name.
@@ -257,11 +306,52 @@ impl NodeMetrics {
             pushes: counter!("meshchat_pushes_total", "node" => node.clone()),
             messages_sent: counter!("meshchat_messages_sent_total", "node" => node.clone()),
             append_seconds: metrics::histogram!("meshchat_storage_duration_seconds", "node" => node.clone(), "op" => "append"),
+            delivery_seconds: metrics::histogram!("meshchat_delivery_latency_seconds", "node" => node.clone()),
+            exporting: matches!(RECORDER.get(), Some(Some(_))),
+            peer_totals: DashMap::new(),
+            peers_seen: DashMap::new(),
         };
-        Self {
+        let m = Self {
             node,
             established: Arc::new(AtomicU64::new(0)),
             h: Arc::new(h),
+        };
+        m.preregister();
+        m
+    }
+
+    /// Registers at 0 the series an alert or a dashboard panel takes a `rate()` of but that
+    /// would otherwise appear only at their first event: `rate()` and `increase()` miss
+    /// whatever happened before the first scrape that saw the series.
+    fn preregister(&self) {
+        let h = &self.h;
+        for reason in [
+            ErrorCode::BadCredentials,
+            ErrorCode::TokenExpired,
+            ErrorCode::TokenInvalid,
+            ErrorCode::RateLimited,
+            ErrorCode::Overloaded,
+        ] {
+            let reason = reason.as_str_name();
+            let _ = cached(
+                &h.auth_failures,
+                reason,
+                || counter!("meshchat_auth_failures_total", "node" => self.node.clone(), "reason" => reason),
+            );
+        }
+        for kind in ["send", "receipt", "react", "login", "register"] {
+            let _ = cached(
+                &h.rate_limited,
+                kind,
+                || counter!("meshchat_rate_limited_total", "node" => self.node.clone(), "type" => kind),
+            );
+        }
+        for outcome in ["ok", "failed", "timeout", "refused"] {
+            let _ = cached(
+                &h.handshakes,
+                outcome,
+                || counter!("meshchat_handshakes_total", "node" => self.node.clone(), "outcome" => outcome),
+            );
         }
     }
 
@@ -277,10 +367,14 @@ impl NodeMetrics {
             counter!("meshchat_requests_total", "node" => self.node.clone(), "type" => kind, "outcome" => outcome)
         })
         .increment(1);
-        cached(&h.request_seconds, kind, || {
-            metrics::histogram!("meshchat_request_duration_seconds", "node" => self.node.clone(), "type" => kind)
-        })
-        .record(took);
+        // Successful requests only: a refusal (RATE_LIMITED, FORBIDDEN, ...) is answered
+        // before any work and would pull the latency of the work down.
+        if outcome == "ok" {
+            cached(&h.request_seconds, kind, || {
+                metrics::histogram!("meshchat_request_duration_seconds", "node" => self.node.clone(), "type" => kind)
+            })
+            .record(took);
+        }
         if outcome == ErrorCode::RateLimited.as_str_name() {
             cached(&h.rate_limited, kind, || {
                 counter!("meshchat_rate_limited_total", "node" => self.node.clone(), "type" => kind)
@@ -334,6 +428,22 @@ impl NodeMetrics {
         self.h.append_seconds.record(took);
     }
 
+    /// A push was queued on this node's connections (`delivery`): if it carries a message,
+    /// records the time since the message's id was issued (just before its append, on the
+    /// sender's node: its clock, at millisecond resolution).
+    pub fn delivered(
+        &self,
+        push: &bytes::Bytes,
+        delivery: &meshchat_backplane::delivery::Delivery,
+    ) {
+        if !self.h.exporting || delivery.queued == 0 {
+            return;
+        }
+        if let Some(age) = message_age(push, std::time::SystemTime::now()) {
+            self.h.delivery_seconds.record(age);
+        }
+    }
+
     /// Sets a node gauge (scrape time).
     pub fn gauge(&self, name: &'static str, value: f64) {
         metrics::gauge!(name, "node" => self.node.clone()).set(value);
@@ -349,10 +459,94 @@ impl NodeMetrics {
         counter!(name, "node" => self.node.clone()).absolute(total);
     }
 
-    /// Sets a per-peer counter kept elsewhere to its total (scrape time).
-    pub fn peer_counter_total(&self, name: &'static str, peer: String, total: u64) {
-        counter!(name, "node" => self.node.clone(), "peer" => peer).absolute(total);
+    /// Sets the series of every peer in the member set (scrape time): link state, queue, RTT
+    /// and counters. The mesh's counters restart from zero when a peer leaves the member set
+    /// and comes back; the exported ones carry on from their earlier totals. A peer seen
+    /// before and absent now reads `meshchat_peer_up` 0 and an empty queue.
+    pub fn peers(&self, peers: &[(NodeId, bool, Option<PeerCounters>)]) {
+        let now: Vec<String> = peers.iter().map(|(id, _, _)| id.0.to_string()).collect();
+        for ((_, up, c), label) in peers.iter().zip(&now) {
+            self.h.peers_seen.insert(label.clone(), ());
+            self.gauge_with(
+                "meshchat_peer_up",
+                "peer",
+                label.clone(),
+                f64::from(u8::from(*up)),
+            );
+            let Some(c) = c else { continue };
+            self.gauge_with(
+                "meshchat_peer_queue_depth",
+                "peer",
+                label.clone(),
+                c.queued as f64,
+            );
+            self.gauge_with(
+                "meshchat_peer_queue_bytes",
+                "peer",
+                label.clone(),
+                c.queued_bytes as f64,
+            );
+            if let Some(rtt) = c.rtt {
+                self.gauge_with(
+                    "meshchat_peer_rtt_seconds",
+                    "peer",
+                    label.clone(),
+                    rtt.as_secs_f64(),
+                );
+            }
+            for (name, v) in [
+                ("meshchat_peer_envelopes_sent_total", c.envelopes_sent),
+                (
+                    "meshchat_peer_envelopes_received_total",
+                    c.envelopes_received,
+                ),
+                ("meshchat_peer_dropped_total", c.dropped),
+                ("meshchat_peer_connects_total", c.connects),
+            ] {
+                let total = self
+                    .h
+                    .peer_totals
+                    .entry((name, label.clone()))
+                    .or_default()
+                    .read(c.incarnation, v);
+                counter!(name, "node" => self.node.clone(), "peer" => label.clone())
+                    .absolute(total);
+            }
+        }
+        for gone in self.h.peers_seen.iter().map(|e| e.key().clone()) {
+            if !now.contains(&gone) {
+                self.gauge_with("meshchat_peer_up", "peer", gone.clone(), 0.0);
+                self.gauge_with("meshchat_peer_queue_depth", "peer", gone.clone(), 0.0);
+                self.gauge_with("meshchat_peer_queue_bytes", "peer", gone, 0.0);
+            }
+        }
     }
+}
+
+/// The fields of a `Push` the delivery latency needs: the message's id, if it is a message
+/// (everything else in the frame is skipped by the decoder, the body included, uncopied).
+#[derive(Clone, PartialEq, prost::Message)]
+struct PushPeek {
+    #[prost(message, optional, tag = "2")]
+    message: Option<MessagePeek>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct MessagePeek {
+    #[prost(uint64, tag = "1")]
+    message_id: u64,
+}
+
+/// How long before `now` the message in `push` had its id issued (0 if the sender's clock is
+/// ahead); `None` if the push is not a message.
+fn message_age(push: &[u8], now: std::time::SystemTime) -> Option<Duration> {
+    let id = <PushPeek as prost::Message>::decode(push)
+        .ok()?
+        .message?
+        .message_id;
+    let issued =
+        std::time::UNIX_EPOCH + Duration::from_millis(meshchat_idgen::Snowflake(id).unix_ms());
+    Some(now.duration_since(issued).unwrap_or_default())
 }
 
 /// The handle under `key`, registered by `make` on first use.
@@ -402,6 +596,36 @@ mod tests {
             only_node(text, "1"),
             "# TYPE a counter\na{node=\"1\"} 3\nprocess_x 5\n"
         );
+    }
+
+    #[test]
+    fn a_peer_counter_carries_on_across_incarnations() {
+        let mut t = PeerTotal::default();
+        assert_eq!(t.read(1, 5), 5);
+        assert_eq!(t.read(1, 9), 9);
+        // The peer left and came back: its new counters start from zero.
+        assert_eq!(t.read(2, 0), 9);
+        assert_eq!(t.read(2, 4), 13);
+        assert_eq!(t.read(3, 1), 14);
+    }
+
+    #[test]
+    fn a_message_push_gives_its_age_and_other_pushes_none() {
+        use meshchat_proto::client::{self as pb, push};
+        let issued_ms = meshchat_idgen::EPOCH_UNIX_MS + 1_000_000;
+        let id = meshchat_idgen::Snowflake::from_parts(1_000_000, 3, 7).0;
+        let frame = crate::node::encode_push(push::Event::Message(pb::Message {
+            message_id: id,
+            body: vec![b'x'; 300].into(),
+            ..Default::default()
+        }));
+        let now = std::time::UNIX_EPOCH + Duration::from_millis(issued_ms + 42);
+        assert_eq!(message_age(&frame, now), Some(Duration::from_millis(42)));
+        // A sender's clock ahead of ours reads 0, not a panic.
+        let before = std::time::UNIX_EPOCH + Duration::from_millis(issued_ms - 5);
+        assert_eq!(message_age(&frame, before), Some(Duration::ZERO));
+        let resync = crate::node::encode_push(push::Event::Resync(pb::Resync {}));
+        assert_eq!(message_age(&resync, now), None);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use meshchat_proto::client::{self as pc, push};
 pub use meshchat_backplane::delivery::{Home, MemberView, Router};
 
 use crate::members::MemberCache;
+use crate::metrics::NodeMetrics;
 use crate::node::encode_push;
 use crate::registry::{ConnId, Delivery, Registry};
 
@@ -25,18 +26,21 @@ use crate::registry::{ConnId, Delivery, Registry};
 #[derive(Debug, Clone)]
 pub struct LocalRouter {
     registry: Arc<Registry>,
+    metrics: NodeMetrics,
 }
 
 impl LocalRouter {
-    /// A router over `registry`.
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    /// A router over `registry`, recording delivery latency in `metrics`.
+    pub fn new(registry: Arc<Registry>, metrics: NodeMetrics) -> Self {
+        Self { registry, metrics }
     }
 }
 
 impl Router for LocalRouter {
     fn deliver(&self, recipients: &[UserId], push: &Bytes, skip: Option<ConnId>) -> Delivery {
-        self.registry.push_to(recipients, push, skip)
+        let d = self.registry.push_to(recipients, push, skip);
+        self.metrics.delivered(push, &d);
+        d
     }
 }
 
@@ -46,18 +50,25 @@ impl Router for LocalRouter {
 pub struct NodeDelivery {
     registry: Arc<Registry>,
     members: Arc<MemberCache>,
+    metrics: NodeMetrics,
 }
 
 impl NodeDelivery {
-    /// The mesh's way into `registry` and `members`.
-    pub fn new(registry: Arc<Registry>, members: Arc<MemberCache>) -> Self {
-        Self { registry, members }
+    /// The mesh's way into `registry` and `members`, recording delivery latency in `metrics`.
+    pub fn new(registry: Arc<Registry>, members: Arc<MemberCache>, metrics: NodeMetrics) -> Self {
+        Self {
+            registry,
+            members,
+            metrics,
+        }
     }
 }
 
 impl LocalDelivery for NodeDelivery {
     fn push_to(&self, users: &[UserId], push: &Bytes, skip: Option<ConnId>) -> Delivery {
-        self.registry.push_to(users, push, skip)
+        let d = self.registry.push_to(users, push, skip);
+        self.metrics.delivered(push, &d);
+        d
     }
 
     fn is_online(&self, user: UserId) -> bool {

@@ -176,9 +176,19 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     let (stop, stop_rx) = watch::channel(false);
     let clustered = !config.cluster.members.is_empty() || config.cluster.redis.is_some();
     let (router, mesh): (Arc<dyn Router>, Option<Arc<Mesh>>) = if !clustered {
-        (Arc::new(LocalRouter::new(registry.clone())), None)
+        (
+            Arc::new(LocalRouter::new(
+                registry.clone(),
+                crate::metrics::NodeMetrics::new(config.node_id),
+            )),
+            None,
+        )
     } else {
-        let local = Arc::new(NodeDelivery::new(registry.clone(), members.clone()));
+        let local = Arc::new(NodeDelivery::new(
+            registry.clone(),
+            members.clone(),
+            crate::metrics::NodeMetrics::new(config.node_id),
+        ));
         let mesh = start_mesh(&config, local, &stop_rx)?;
         (mesh.clone(), Some(mesh))
     };

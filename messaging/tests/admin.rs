@@ -141,6 +141,8 @@ async fn metrics_are_scraped_parsed_and_count_what_the_clients_did() {
             vec![me, ("op", "append")],
             1.0,
         ),
+        // One message, queued on bob's connection (alice's own is skipped).
+        ("meshchat_delivery_latency_seconds", vec![me], 1.0),
         ("meshchat_ready", vec![me], 1.0),
         ("meshchat_lease_held", vec![me], 1.0),
         ("meshchat_store_queue_depth", vec![me], 0.0),

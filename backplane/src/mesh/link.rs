@@ -408,6 +408,7 @@ async fn run_link(
         }
         std::future::pending::<()>().await
     };
+    *peer.conn.lock() = Some(conn.clone());
     peer.up.store(true, Ordering::Relaxed);
     peer.stats.connects.fetch_add(1, Ordering::Relaxed);
     // A `ChannelChanged` the peer wrote into the link this one replaces may never have
@@ -566,6 +567,7 @@ async fn run_link(
     }
     if !superseded {
         peer.up.store(false, Ordering::Relaxed);
+        *peer.conn.lock() = None;
     }
     conn.close(0u32.into(), b"link closed");
     info!(peer = peer.id.0, generation, superseded, "mesh link down");

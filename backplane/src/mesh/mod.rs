@@ -242,12 +242,22 @@ impl Mesh {
 
     /// Counters of the link to `peer`.
     pub fn peer_stats(&self, peer: NodeId) -> Option<PeerCounters> {
-        self.peers.read().get(&peer).map(|p| PeerCounters {
-            envelopes_sent: p.stats.envelopes_sent.load(Ordering::Relaxed),
-            frames_sent: p.stats.frames_sent.load(Ordering::Relaxed),
-            envelopes_received: p.stats.envelopes_received.load(Ordering::Relaxed),
-            dropped: p.stats.dropped.load(Ordering::Relaxed),
-            connects: p.stats.connects.load(Ordering::Relaxed),
+        self.peers.read().get(&peer).map(|p| {
+            let (queued, queued_bytes) = {
+                let q = p.queue.lock();
+                (q.len(), q.bytes())
+            };
+            PeerCounters {
+                envelopes_sent: p.stats.envelopes_sent.load(Ordering::Relaxed),
+                frames_sent: p.stats.frames_sent.load(Ordering::Relaxed),
+                envelopes_received: p.stats.envelopes_received.load(Ordering::Relaxed),
+                dropped: p.stats.dropped.load(Ordering::Relaxed),
+                connects: p.stats.connects.load(Ordering::Relaxed),
+                incarnation: p.incarnation,
+                queued,
+                queued_bytes,
+                rtt: p.conn.lock().as_ref().map(quinn::Connection::rtt),
+            }
         })
     }
 

@@ -206,7 +206,19 @@ pub struct PeerCounters {
     pub dropped: u64,
     /// Times the link came up.
     pub connects: u64,
+    /// Which `Peer` these counters belong to: a peer that leaves the member set and comes back
+    /// starts a new one, with counters from zero (a metrics exporter adds the old totals).
+    pub incarnation: u64,
+    /// Envelopes queued for the peer now.
+    pub queued: usize,
+    /// Bytes of envelopes queued for the peer now.
+    pub queued_bytes: usize,
+    /// The link's current round-trip time estimate (QUIC's), while it is up.
+    pub rtt: Option<std::time::Duration>,
 }
+
+/// Numbers every `Peer` made in this process, so no two share an incarnation.
+static INCARNATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A peer's envelope queue, with the bytes it holds (each envelope's encoded length).
 #[derive(Debug, Default)]
@@ -265,6 +277,10 @@ pub(super) struct Peer {
     /// Most bytes queued: a peer that is down holds at most this much of this node's memory.
     pub(super) capacity_bytes: usize,
     pub(super) up: AtomicBool,
+    /// This `Peer`'s number ([`PeerCounters::incarnation`]).
+    pub(super) incarnation: u64,
+    /// The current link's connection (for its RTT), while it is up.
+    pub(super) conn: Mutex<Option<quinn::Connection>>,
     /// When a datagram from the peer last arrived on its link (checked every
     /// [`HEARD_EVERY`]): a link can stay "up" for its idle timeout after the peer went silent.
     pub(super) heard: Mutex<Option<Instant>>,
@@ -297,6 +313,8 @@ impl Peer {
             capacity,
             capacity_bytes,
             up: AtomicBool::new(false),
+            incarnation: INCARNATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            conn: Mutex::new(None),
             heard: Mutex::new(None),
             stats: PeerStats::default(),
             link: watch::channel(0).0,
