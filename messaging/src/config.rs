@@ -75,6 +75,14 @@ pub struct LogConfig {
     /// `info,meshchat_backplane=debug`). `RUST_LOG`, when set, wins at start. Re-read from
     /// the config file on SIGHUP.
     pub level: String,
+    /// OTLP/HTTP endpoint the node's spans are exported to (protobuf over plain HTTP), for
+    /// example `http://127.0.0.1:4318/v1/traces` (an OpenTelemetry Collector, Jaeger or
+    /// Tempo; use a collector on the host or a private network: no TLS here). Unset (the
+    /// default): no export. Spans pass the same `level` filter as log lines.
+    pub otlp_endpoint: Option<String>,
+    /// Share of traces exported, 0.0..=1.0 (default 0.05): each connection's span and the
+    /// request spans under it are kept or dropped together.
+    pub otlp_sample_ratio: f64,
 }
 
 impl Default for LogConfig {
@@ -82,6 +90,8 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Text,
             level: "info".into(),
+            otlp_endpoint: None,
+            otlp_sample_ratio: 0.05,
         }
     }
 }
@@ -744,6 +754,20 @@ impl NodeConfig {
                 "log.level {:?} sets no default level: start it with one of error, warn, \
                  info, debug, trace, off (for example \"info,meshchat_backplane=debug\")",
                 self.log.level
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.log.otlp_sample_ratio) {
+            return invalid(format!(
+                "log.otlp_sample_ratio must be 0.0..=1.0 (got {})",
+                self.log.otlp_sample_ratio
+            ));
+        }
+        if let Some(url) = &self.log.otlp_endpoint
+            && !url.starts_with("http://")
+        {
+            return invalid(format!(
+                "log.otlp_endpoint {url:?}: must be an http:// URL (OTLP/HTTP, for example \
+                 http://127.0.0.1:4318/v1/traces; no TLS: export to a collector on the host)"
             ));
         }
         if let Some(url) = &self.cluster.redis {

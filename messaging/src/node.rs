@@ -18,7 +18,7 @@ use meshchat_idgen::{ChannelId, ChatId, Generator, MessageId, UserId};
 use meshchat_proto::client::{self as pb, ErrorCode, client_frame, push, server_frame};
 use meshchat_storage::{Direction, NewMessage, PageQuery, ReceiptKind, Storage, StorageError};
 use prost::Message as _;
-use tracing::{Instrument, debug, info_span};
+use tracing::debug;
 
 use crate::admission::{PasswordGate, PasswordLimits};
 use crate::auth::{Auth, Identity};
@@ -578,13 +578,7 @@ impl Node {
         use client_frame::Body as B;
         use server_frame::Body as R;
         match body {
-            B::Send(s) => {
-                let span = info_span!("send", user = me.user.0);
-                self.send(&me, conn, s)
-                    .instrument(span)
-                    .await
-                    .map(R::Processed)
-            }
+            B::Send(s) => self.send(&me, conn, s).await.map(R::Processed),
             B::Receipt(r) => self
                 .receipt(&me, conn, r)
                 .await

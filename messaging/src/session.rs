@@ -178,7 +178,10 @@ pub(crate) async fn serve(
     drop(handshake_slot);
     let _established = metrics.established();
     let id = node.registry.next_conn_id();
-    let span = info_span!("conn", id = id.0, peer = %remote);
+    // A root span: each connection is a trace of its own (with its requests under it), not
+    // part of the node's, so traces end and are sampled per connection.
+    let span =
+        info_span!(parent: None, "conn", node = node.config.node_id, id = id.0, peer = %remote);
     run(node, conn, id, &mut shutdown).instrument(span).await;
 }
 
@@ -426,7 +429,10 @@ async fn run(
                                                 }
                                             }
                                         });
-                                        inflight.push(Box::pin(fut));
+                                        // One span per request: its id on the wire (the
+                                        // client's logs name it), its type and user.
+                                        let span = info_span!("request", id = rid, r#type = kind, user = me.user.0);
+                                        inflight.push(Box::pin(fut.instrument(span)));
                                     }
                                 }
                             }

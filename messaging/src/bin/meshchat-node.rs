@@ -217,6 +217,8 @@ async fn run_node(
         }
     }
     running.shutdown().await;
+    // The spans of the shutdown itself included.
+    let _ = tokio::task::spawn_blocking(move || log.shutdown()).await;
     Ok(())
 }
 
@@ -225,8 +227,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // `run` logs as its config says; every other command in text at `info` (or RUST_LOG).
     let run_config = match &cli.cmd {
-        Cmd::Run { config, .. } => {
-            Some(NodeConfig::load(config.as_deref()).context("loading config")?)
+        Cmd::Run {
+            config, node_id, ..
+        } => {
+            let mut c = NodeConfig::load(config.as_deref()).context("loading config")?;
+            c.node_id = node_id.unwrap_or(c.node_id);
+            Some(c)
         }
         _ => None,
     };
@@ -235,7 +241,8 @@ async fn main() -> anyhow::Result<()> {
             .as_ref()
             .map(|c| c.log.clone())
             .unwrap_or_default();
-        meshchat_messaging::logging::init(l.format, &l.level)?
+        let node_id = run_config.as_ref().map_or(1, |c| c.node_id);
+        meshchat_messaging::logging::init(&l, node_id)?
     };
     let stop = shutdown_signal(matches!(cli.cmd, Cmd::Dev { .. }))?;
     match cli.cmd {
