@@ -237,10 +237,65 @@ pub struct RedisMembership {
     pub heartbeat: Duration,
     /// Registration and lease TTL.
     pub ttl: Duration,
-    /// Set by the node to drain: every round from then on registers it as draining
-    /// ([`Registration::draining`]).
-    pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// The node's drain: once claimed ([`RedisMembership::claim_drain`]), every round
+    /// registers it as draining ([`Registration::draining`]).
+    pub draining: Arc<DrainSwitch>,
 }
+
+/// A node's drain, shared by its membership driver and whoever starts the drain. A claim and
+/// a heartbeat round never interleave: a round must not overwrite the draining registration a
+/// claim just wrote with the flag it read before.
+#[derive(Debug, Default)]
+pub struct DrainSwitch {
+    flag: std::sync::atomic::AtomicBool,
+    rounds: tokio::sync::Mutex<()>,
+}
+
+impl DrainSwitch {
+    /// Whether the node drains (a claim succeeded).
+    pub fn is_set(&self) -> bool {
+        self.flag.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Why a drain was not claimed.
+#[derive(Debug, thiserror::Error)]
+pub enum DrainClaimError {
+    /// No other active (registered, not draining) member: nobody could take the users. Two
+    /// drains asked at once of the last two active nodes: one is refused this way.
+    #[error("no other active node is registered to take this node's users")]
+    NoOtherActive,
+    /// This node is not registered (it does not hold its lease, or its registration lapsed).
+    #[error("this node is not registered in Redis (lease not held)")]
+    NotRegistered,
+    /// Redis could not be asked.
+    #[error("redis: {0}")]
+    Redis(String),
+}
+
+/// Claims a drain. KEYS: this node's registration, the set of registered nodes. ARGV: the key
+/// prefix, this node's id, its registration marked draining, the TTL in ms. Returns the
+/// number of other active members after writing the draining registration, 0 (and writes
+/// nothing) if there is none, -1 if this node is not registered. One script, so two drains
+/// asked at once are serialized by Redis: the second sees the first one draining.
+const CLAIM_DRAIN: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local others = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')) do
+  if id ~= ARGV[2] then
+    local v = redis.call('GET', ARGV[1] .. ':node:' .. id)
+    if v then
+      local ok, r = pcall(cjson.decode, v)
+      if ok and r.draining ~= true then others = others + 1 end
+    end
+  end
+end
+if others == 0 then return 0 end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+return others
+"#;
 
 /// The node's client connections, as the driver needs them: closed when the node is fenced
 /// and the cluster can take them (their clients reconnect through another node, which
@@ -348,6 +403,54 @@ fn mesh_members(core: &Membership) -> Vec<MeshMember> {
 }
 
 impl RedisMembership {
+    /// Starts this node's drain: atomically in Redis, refused unless another active member
+    /// remains to take its users; from then on every round registers it as draining. Returns
+    /// the other active members, or `None` if the node was draining already (Redis is not
+    /// asked again).
+    pub async fn claim_drain(&self) -> Result<Option<usize>, DrainClaimError> {
+        let _round = self.draining.rounds.lock().await;
+        if self.draining.is_set() {
+            return Ok(None);
+        }
+        let me = Registration {
+            draining: true,
+            ..self.me.clone()
+        };
+        let me = serde_json::to_string(&me).map_err(|e| DrainClaimError::Redis(e.to_string()))?;
+        let redis = |e: redis::RedisError| DrainClaimError::Redis(e.to_string());
+        let ask = async {
+            let client = redis::Client::open(self.url.as_str()).map_err(redis)?;
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(redis)?;
+            redis::Script::new(CLAIM_DRAIN)
+                .key(format!("{}:node:{}", self.prefix, self.me.id))
+                .key(format!("{}:nodes", self.prefix))
+                .arg(&self.prefix)
+                .arg(self.me.id)
+                .arg(me)
+                .arg(self.ttl.as_millis() as u64)
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map_err(redis)
+        };
+        let others = tokio::time::timeout(self.heartbeat.max(Duration::from_secs(2)), ask)
+            .await
+            .map_err(|_| DrainClaimError::Redis("no answer in time".into()))??;
+        match others {
+            -1 => Err(DrainClaimError::NotRegistered),
+            0 => Err(DrainClaimError::NoOtherActive),
+            n => {
+                self.draining
+                    .flag
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                info!(others = n, "drain claimed: registered as draining");
+                Ok(Some(n as usize))
+            }
+        }
+    }
+
     /// One heartbeat: register, renew the lease (stamping up to `mark_unix_ms`), read the
     /// snapshot.
     async fn round(
@@ -359,7 +462,7 @@ impl RedisMembership {
     ) -> redis::RedisResult<Round> {
         let ttl = self.ttl.as_millis() as u64;
         let me = Registration {
-            draining: self.draining.load(std::sync::atomic::Ordering::Relaxed),
+            draining: self.draining.is_set(),
             ..self.me.clone()
         };
         let me = serde_json::to_string(&me).map_err(|e| {
@@ -477,6 +580,8 @@ impl RedisMembership {
             // ran out while it was, even if this very round reaches it (restarted empty).
             let was_down = down;
             let mut lost = false;
+            // Never at the same time as a drain claim (which is bounded in time).
+            let claim = self.draining.rounds.lock().await;
             let result = match conn.as_mut() {
                 Some(c) => tokio::time::timeout(
                     self.heartbeat * 2,
@@ -491,6 +596,7 @@ impl RedisMembership {
                     "not connected",
                 ))),
             };
+            drop(claim);
             let now = gate.now_ms();
             match result {
                 Ok(Round {

@@ -304,7 +304,7 @@ async fn drain(State(s): State<AdminState>, headers: axum::http::HeaderMap) -> R
         m.ring().members().iter().filter(|&&n| n != me).count()
     });
     let timeout = node.config.cluster.drain_timeout;
-    match crate::drain::Drain::start(&node, others, timeout) {
+    match crate::drain::Drain::start(&node, others, timeout).await {
         Ok(started) => {
             let what = match started {
                 crate::drain::DrainStarted::Started => "draining",
@@ -327,7 +327,7 @@ async fn drain(State(s): State<AdminState>, headers: axum::http::HeaderMap) -> R
             }
             (StatusCode::ACCEPTED, body).into_response()
         }
-        Err(e @ crate::drain::DrainError::NotServing) => {
+        Err(e @ (crate::drain::DrainError::NotServing | crate::drain::DrainError::Redis(_))) => {
             (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
         }
         Err(e) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),

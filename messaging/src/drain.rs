@@ -11,8 +11,9 @@
 //! drain: its ring is every node's config.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use meshchat_backplane::membership_redis::{DrainClaimError, RedisMembership};
 
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -28,8 +29,13 @@ pub enum DrainError {
          node's config; remove this node from every member list and restart them instead"
     )]
     NotClustered,
-    /// No other node is on the ring: nobody could take this node's users.
-    #[error("no other node is on the ring to take this node's users: start one first")]
+    /// No other node is on the ring (or registered and not draining, as Redis has it: of two
+    /// drains asked at once of the last two active nodes, one is refused): nobody could take
+    /// this node's users.
+    #[error(
+        "no other active node is on the ring to take this node's users (start one first, or \
+         wait for the drain under way to finish)"
+    )]
     NoOtherNode,
     /// The node does not hold its worker-id lease (Redis unreachable, or still starting):
     /// it could not tell the cluster it leaves.
@@ -38,6 +44,9 @@ pub enum DrainError {
          the cluster cannot learn of a drain now; retry when /readyz is 200"
     )]
     NotServing,
+    /// Redis did not answer the claim.
+    #[error("redis: {0}; retry")]
+    Redis(String),
 }
 
 /// How a drain request was taken.
@@ -49,27 +58,28 @@ pub enum DrainStarted {
     AlreadyDraining,
 }
 
-/// A node's drain: the flag its membership driver publishes, and whether it is done.
+/// A node's drain: its Redis membership (which claims the drain and publishes it), and
+/// whether it is done.
 #[derive(Debug)]
 pub struct Drain {
-    flag: Option<Arc<AtomicBool>>,
+    membership: Option<RedisMembership>,
     done: watch::Sender<bool>,
 }
 
 impl Drain {
-    /// A drain published through `flag` (`None`: the node cannot drain).
-    pub fn new(flag: Option<Arc<AtomicBool>>) -> Self {
+    /// A drain claimed and published through `membership` (`None`: the node cannot drain).
+    pub fn new(membership: Option<RedisMembership>) -> Self {
         Self {
-            flag,
+            membership,
             done: watch::channel(false).0,
         }
     }
 
     /// Whether a drain has started.
     pub fn is_draining(&self) -> bool {
-        self.flag
+        self.membership
             .as_ref()
-            .is_some_and(|f| f.load(Ordering::Relaxed))
+            .is_some_and(|m| m.draining.is_set())
     }
 
     /// Turns true when the drain is done: the node should stop now.
@@ -77,16 +87,17 @@ impl Drain {
         self.done.subscribe()
     }
 
-    /// Starts draining `node`: off the ring at the next heartbeat; done when its last user
-    /// left, or after `timeout`. `others_on_ring`: the other nodes on the ring now.
-    pub fn start(
+    /// Starts draining `node`: claimed in Redis (refused unless another active node remains,
+    /// atomically), off the ring at the next heartbeat; done when its last user left, or
+    /// after `timeout`. `others_on_ring`: the other nodes on this node's ring now.
+    pub async fn start(
         node: &Arc<Node>,
         others_on_ring: usize,
         timeout: Duration,
     ) -> Result<DrainStarted, DrainError> {
         let drain = node.drain().clone();
-        let flag = drain.flag.as_ref().ok_or(DrainError::NotClustered)?;
-        if flag.load(Ordering::Relaxed) {
+        let membership = drain.membership.as_ref().ok_or(DrainError::NotClustered)?;
+        if membership.draining.is_set() {
             return Ok(DrainStarted::AlreadyDraining);
         }
         if others_on_ring == 0 {
@@ -95,8 +106,12 @@ impl Drain {
         if !node.lease_gate().allows() {
             return Err(DrainError::NotServing);
         }
-        if flag.swap(true, Ordering::Relaxed) {
-            return Ok(DrainStarted::AlreadyDraining);
+        match membership.claim_drain().await {
+            Ok(None) => return Ok(DrainStarted::AlreadyDraining),
+            Ok(Some(_)) => {}
+            Err(DrainClaimError::NoOtherActive) => return Err(DrainError::NoOtherNode),
+            Err(DrainClaimError::NotRegistered) => return Err(DrainError::NotServing),
+            Err(DrainClaimError::Redis(e)) => return Err(DrainError::Redis(e)),
         }
         let users = node.registry().live_connections();
         info!(connections = users, ?timeout, "draining: leaving the ring");

@@ -286,9 +286,9 @@ impl Node {
         );
     }
 
-    /// Lets the node drain through `flag`, which the membership driver publishes.
-    pub fn set_drain_flag(&mut self, flag: Arc<std::sync::atomic::AtomicBool>) {
-        self.drain = Arc::new(crate::drain::Drain::new(Some(flag)));
+    /// Lets the node drain through its Redis membership (which claims and publishes it).
+    pub fn set_drain(&mut self, membership: meshchat_backplane::membership_redis::RedisMembership) {
+        self.drain = Arc::new(crate::drain::Drain::new(Some(membership)));
     }
 
     /// The node's drain state.

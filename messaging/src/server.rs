@@ -193,24 +193,25 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         (mesh.clone(), Some(mesh))
     };
     let mut node = Node::new(config, storage, auth, registry.clone(), router, members)?;
-    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if node.config.cluster.redis.is_some() {
-        // No ids and no clients until the first round takes the worker-id lease.
-        node.set_lease_gate(Arc::new(LeaseGate::closed()));
-        node.set_drain_flag(draining.clone());
-    }
-    let node = Arc::new(node);
-    if let (Some(url), Some(mesh)) = (node.config.cluster.redis.clone(), mesh.clone()) {
+    let driver = node.config.cluster.redis.clone().map(|url| {
         let c = &node.config;
-        let driver = RedisMembership {
+        RedisMembership {
             url,
             prefix: format!("meshchat:{}", c.cluster.cluster_id),
             me: registration(c),
             worker: c.worker_id(),
             heartbeat: c.cluster.heartbeat,
             ttl: c.cluster.member_ttl,
-            draining,
-        };
+            draining: Arc::default(),
+        }
+    });
+    if let Some(driver) = &driver {
+        // No ids and no clients until the first round takes the worker-id lease.
+        node.set_lease_gate(Arc::new(LeaseGate::closed()));
+        node.set_drain(driver.clone());
+    }
+    let node = Arc::new(node);
+    if let (Some(driver), Some(mesh)) = (driver, mesh.clone()) {
         let fencing = Fencing {
             gate: node.lease_gate().clone(),
             ids: node.id_generator(),

@@ -220,7 +220,7 @@ async fn readiness_flips_when_the_worker_id_lease_is_lost_and_taken_back() {
         .await
         .expect("drain call");
     assert_eq!(status, 409, "{body}");
-    assert!(body.contains("no other node"), "{body}");
+    assert!(body.contains("no other active node"), "{body}");
 
     // Redis is back (empty): the node takes its lease again (after one TTL) and is ready.
     let _server = common::redis_server(port);

@@ -208,3 +208,60 @@ async fn a_drained_node_moves_its_users_under_traffic_and_loses_no_acked_message
         n.shutdown().await;
     }
 }
+
+/// The last two active nodes asked to drain at once: Redis serializes the two claims, so one
+/// drains and the other is refused (409): a cluster is never left with nobody to take users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_drains_asked_at_once_of_the_last_two_nodes_one_is_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let _redis = common::redis_server(port);
+    let nodes = [
+        node(dir.path(), 1, port).await,
+        node(dir.path(), 2, port).await,
+    ];
+    converge(&nodes.iter().collect::<Vec<_>>(), &[1, 2]).await;
+    let drain = |n: &RunningNode| {
+        let admin = n.admin_addr.expect("admin listener");
+        async move {
+            meshchat_messaging::admin::call(admin, "POST", "/drain")
+                .await
+                .expect("drain call")
+        }
+    };
+    let (a, b) = tokio::join!(drain(&nodes[0]), drain(&nodes[1]));
+    let mut statuses = [a.0, b.0];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [202, 409], "{a:?} {b:?}");
+    let (refused, drained) = if a.0 == 409 {
+        (a, &nodes[1])
+    } else {
+        (b, &nodes[0])
+    };
+    assert!(refused.1.contains("no other active node"), "{}", refused.1);
+    // The one that drains leaves every ring; the other keeps serving alone.
+    let stays = nodes
+        .iter()
+        .find(|n| n.node.config().node_id != drained.node.config().node_id)
+        .expect("the other node");
+    let gone = drained.node.config().node_id;
+    common::wait_for(
+        "the drained node off the ring",
+        Duration::from_secs(10),
+        || {
+            stays
+                .mesh
+                .as_ref()
+                .expect("mesh")
+                .ring()
+                .members()
+                .iter()
+                .all(|m| m.0 != gone)
+        },
+    )
+    .await;
+    assert!(!stays.node.drain().is_draining());
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
