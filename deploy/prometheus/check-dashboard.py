@@ -28,8 +28,9 @@ Rules do not change the exit status.
 
 End the window while the nodes still run: the stat panels' instant queries are evaluated at
 its end. "Returns data" is what is checked, not that the data is right: a counter created at
-its first increment (auth failures, rate limits, errors by code) is present but its rate()
-misses what happened before the first scrape that saw it.
+its first increment (errors by code: meshchat_requests_total{outcome!="ok"}) is present but its
+rate() misses what happened before the first scrape that saw it (the auth-failure reasons,
+rate-limited types and handshake outcomes that alerts use exist at 0 from a node's start).
 
 Standard library only (urllib; PyYAML for --rules); no Grafana needed.
 """

@@ -215,6 +215,17 @@ fn refresh_gauges(s: &AdminState, node: &Node, ready: bool) {
         if node.lease_gate().allows() { 1.0 } else { 0.0 },
     );
     m.gauge("meshchat_ready", if ready { 1.0 } else { 0.0 });
+    let now = crate::auth::now_secs() as f64;
+    for (which, at) in node.cert_expiry() {
+        if let Some(at) = at {
+            m.gauge_with(
+                "meshchat_certificate_expiry_seconds",
+                "cert",
+                which.to_owned(),
+                at as f64 - now,
+            );
+        }
+    }
     m.gauge(
         "meshchat_draining",
         if node.drain().is_draining() { 1.0 } else { 0.0 },

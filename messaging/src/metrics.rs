@@ -153,6 +153,11 @@ fn describe() {
         "1 while the mesh link to the peer is up; 0 once the peer left the member set."
     );
     describe_gauge!(
+        "meshchat_certificate_expiry_seconds",
+        Unit::Seconds,
+        "Time left until the certificate in use expires: cert=client (client-facing) or mesh."
+    );
+    describe_gauge!(
         "meshchat_peer_queue_depth",
         "Envelopes queued for the peer (waiting for its link)."
     );

@@ -139,6 +139,9 @@ pub struct Node {
     pub(crate) metrics: crate::metrics::NodeMetrics,
     /// Whether and how this node drains (with Redis membership only).
     pub(crate) drain: Arc<crate::drain::Drain>,
+    /// When the client-facing and the mesh certificate in use expire (Unix seconds; 0:
+    /// unknown or none).
+    cert_expiry: [std::sync::atomic::AtomicI64; 2],
 }
 
 impl std::fmt::Debug for Node {
@@ -199,6 +202,7 @@ impl Node {
             rates: ArcSwap::from_pointee(Rates::new(&config.limits)),
             metrics: crate::metrics::NodeMetrics::new(config.node_id),
             drain: Arc::new(crate::drain::Drain::new(None)),
+            cert_expiry: Default::default(),
             config,
             storage,
             ids,
@@ -262,6 +266,36 @@ impl Node {
     /// Bytes a reply body may use so the whole frame stays under `max_frame_bytes`.
     fn reply_budget(&self) -> usize {
         (self.config.limits.max_frame_bytes as usize).saturating_sub(1024)
+    }
+
+    /// Records when the certificates in use expire (Unix seconds), at start and on a reload;
+    /// warns when one has less than 30 days left.
+    pub fn set_cert_expiry(&self, client: Option<i64>, mesh: Option<i64>) {
+        let now = crate::auth::now_secs() as i64;
+        for (slot, (which, at)) in self
+            .cert_expiry
+            .iter()
+            .zip([("client", client), ("mesh", mesh)])
+        {
+            slot.store(at.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+            if let Some(at) = at
+                && at - now < 30 * 86_400
+            {
+                tracing::warn!(
+                    cert = which,
+                    days_left = (at - now) / 86_400,
+                    "certificate expires soon: renew it (meshchat-node certs --renew) and reload"
+                );
+            }
+        }
+    }
+
+    /// When the client-facing and the mesh certificate expire (Unix seconds), if known.
+    pub fn cert_expiry(&self) -> [(&'static str, Option<i64>); 2] {
+        let read = |i: usize| {
+            Some(self.cert_expiry[i].load(std::sync::atomic::Ordering::Relaxed)).filter(|&t| t != 0)
+        };
+        [("client", read(0)), ("mesh", read(1))]
     }
 
     /// The limits in force (the config's at start, or the last reload's).

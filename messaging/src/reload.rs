@@ -151,10 +151,13 @@ impl RunningNode {
         let effective = merged(&self.node.config, &new);
         // Build everything before changing anything.
         let identity = tls::node_identity(&effective)?;
+        let client_expiry = tls::not_after_unix(&identity.chain[0]);
         let server = tls::server_config(identity, meshchat_proto::CLIENT_ALPN, &effective)?;
+        let mut mesh_expiry = None;
         let mesh = match &self.mesh {
             Some(mesh) => {
                 let (identity, roots) = tls::mesh_identity(&effective)?;
+                mesh_expiry = tls::not_after_unix(&identity.chain[0]);
                 let prepared = Mesh::prepare_tls(&identity, &roots)
                     .map_err(|e| ReloadError::Mesh(e.to_string()))?;
                 Some((mesh, prepared))
@@ -176,6 +179,7 @@ impl RunningNode {
             l.max_handshakes_per_source,
         );
         self.node.set_limits(effective.limits.clone());
+        self.node.set_cert_expiry(client_expiry, mesh_expiry);
         **given = new;
         Ok(report)
     }

@@ -153,6 +153,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
             }
         };
     let identity = tls::node_identity(&config)?;
+    let client_cert_expiry = tls::not_after_unix(&identity.chain[0]);
     let server_config = tls::server_config(identity, meshchat_proto::CLIENT_ALPN, &config)?;
     let socket = tls::udp_socket(config.listen, &config.transport)?;
     let endpoint = quinn::Endpoint::new(
@@ -211,6 +212,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         node.set_drain(driver.clone());
     }
     let node = Arc::new(node);
+    let mesh_cert_expiry = match &mesh {
+        Some(_) => tls::mesh_identity(&node.config)
+            .ok()
+            .and_then(|(id, _)| tls::not_after_unix(&id.chain[0])),
+        None => None,
+    };
+    node.set_cert_expiry(client_cert_expiry, mesh_cert_expiry);
     if let (Some(driver), Some(mesh)) = (driver, mesh.clone()) {
         let fencing = Fencing {
             gate: node.lease_gate().clone(),

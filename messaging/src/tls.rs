@@ -57,6 +57,12 @@ pub fn load_identity(cert: &Path, key: &Path) -> Result<Identity, TlsError> {
     Ok(Identity { chain, key })
 }
 
+/// When `cert` expires (its notAfter), in Unix seconds; `None` if it does not parse.
+pub fn not_after_unix(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
 /// Loads every certificate of a PEM file (a CA bundle).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
@@ -355,6 +361,19 @@ pub fn keep_alive_for(idle: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificates_expiry_is_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        let id = dev_identity(dir.path(), &[]).expect("dev identity");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64;
+        let left = not_after_unix(&id.chain[0]).expect("parses") - now;
+        assert!(left > 86_400, "{left}");
+        assert_eq!(not_after_unix(&CertificateDer::from(vec![1, 2, 3])), None);
+    }
 
     #[test]
     fn a_dev_certificate_never_names_an_unspecified_address() {

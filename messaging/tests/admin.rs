@@ -153,6 +153,23 @@ async fn metrics_are_scraped_parsed_and_count_what_the_clients_did() {
     // The push to bob was written; the first counter may also hold other pushes (none here).
     assert!(value(&m, "meshchat_pushes_total", &[me]).is_some_and(|v| v >= 1.0));
     assert!(value(&m, "process_resident_memory_bytes", &[]).is_some_and(|v| v > 0.0));
+    // The development certificate is good for a long time yet (no mesh: no mesh series).
+    assert!(
+        value(
+            &m,
+            "meshchat_certificate_expiry_seconds",
+            &[me, ("cert", "client")]
+        )
+        .is_some_and(|v| v > 30.0 * 86_400.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "meshchat_certificate_expiry_seconds",
+            &[me, ("cert", "mesh")]
+        ),
+        None
+    );
     // Only this node's series: no other node label leaks in.
     assert!(
         m.samples

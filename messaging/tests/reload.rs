@@ -110,8 +110,14 @@ async fn certificates_rotate_to_a_new_pki_on_reload_without_a_restart() {
     // The operator installs the new PKI's files where the configs point, and reloads.
     install(&new_pki, &live);
     for (n, c) in nodes.iter().zip(&configs) {
+        let before = n.node.cert_expiry();
         let r = n.reload(c.clone(), None).expect("reloaded");
         assert!(r.applied.is_empty() && r.needs_restart.is_empty(), "{r:?}");
+        // The expiry metric follows the certificates now in use (made a moment later).
+        let after = n.node.cert_expiry();
+        for ((_, b), (_, a)) in before.iter().zip(&after) {
+            assert!(a.is_some() && a >= b, "{before:?} -> {after:?}");
+        }
     }
 
     // Connected clients and the mesh link that is up are untouched.
