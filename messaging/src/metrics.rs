@@ -158,6 +158,10 @@ fn describe() {
         "Time left until the certificate in use expires: cert=client (client-facing) or mesh."
     );
     describe_gauge!(
+        "meshchat_peer_member",
+        "1 while the peer is in this node's member set; 0 once it left (drained, stopped, removed)."
+    );
+    describe_gauge!(
         "meshchat_peer_queue_depth",
         "Envelopes queued for the peer (waiting for its link)."
     );
@@ -168,7 +172,7 @@ fn describe() {
     describe_gauge!(
         "meshchat_peer_rtt_seconds",
         Unit::Seconds,
-        "The mesh link's round-trip time estimate (QUIC), while it is up."
+        "The mesh link's round-trip time estimate (QUIC); NaN while the link is down."
     );
     describe_counter!(
         "meshchat_peer_envelopes_sent_total",
@@ -351,6 +355,22 @@ impl NodeMetrics {
                 || counter!("meshchat_rate_limited_total", "node" => self.node.clone(), "type" => kind),
             );
         }
+        for (kind, outcome) in [
+            ("send", "ok"),
+            ("send", "RATE_LIMITED"),
+            ("send", "OVERLOADED"),
+            ("login", "ok"),
+            ("login", "BAD_CREDENTIALS"),
+            ("register", "ok"),
+            ("authenticate", "ok"),
+            ("authenticate", "TOKEN_EXPIRED"),
+        ] {
+            let _ = cached(
+                &h.requests,
+                (kind, outcome),
+                || counter!("meshchat_requests_total", "node" => self.node.clone(), "type" => kind, "outcome" => outcome),
+            );
+        }
         for outcome in ["ok", "failed", "timeout", "refused"] {
             let _ = cached(
                 &h.handshakes,
@@ -472,6 +492,7 @@ impl NodeMetrics {
         let now: Vec<String> = peers.iter().map(|(id, _, _)| id.0.to_string()).collect();
         for ((_, up, c), label) in peers.iter().zip(&now) {
             self.h.peers_seen.insert(label.clone(), ());
+            self.gauge_with("meshchat_peer_member", "peer", label.clone(), 1.0);
             self.gauge_with(
                 "meshchat_peer_up",
                 "peer",
@@ -491,14 +512,13 @@ impl NodeMetrics {
                 label.clone(),
                 c.queued_bytes as f64,
             );
-            if let Some(rtt) = c.rtt {
-                self.gauge_with(
-                    "meshchat_peer_rtt_seconds",
-                    "peer",
-                    label.clone(),
-                    rtt.as_secs_f64(),
-                );
-            }
+            // NaN while the link is down: no stale estimate (graphs show a gap).
+            self.gauge_with(
+                "meshchat_peer_rtt_seconds",
+                "peer",
+                label.clone(),
+                c.rtt.filter(|_| *up).map_or(f64::NAN, |r| r.as_secs_f64()),
+            );
             for (name, v) in [
                 ("meshchat_peer_envelopes_sent_total", c.envelopes_sent),
                 (
@@ -520,6 +540,8 @@ impl NodeMetrics {
         }
         for gone in self.h.peers_seen.iter().map(|e| e.key().clone()) {
             if !now.contains(&gone) {
+                self.gauge_with("meshchat_peer_member", "peer", gone.clone(), 0.0);
+                self.gauge_with("meshchat_peer_rtt_seconds", "peer", gone.clone(), f64::NAN);
                 self.gauge_with("meshchat_peer_up", "peer", gone.clone(), 0.0);
                 self.gauge_with("meshchat_peer_queue_depth", "peer", gone.clone(), 0.0);
                 self.gauge_with("meshchat_peer_queue_bytes", "peer", gone, 0.0);
