@@ -222,8 +222,8 @@ struct Round {
     instance: String,
 }
 
-/// Settings of the driver.
-#[derive(Debug, Clone)]
+/// Settings of the driver. Its `Debug` leaves the URL out (it may carry a password).
+#[derive(Clone)]
 pub struct RedisMembership {
     /// Redis URL.
     pub url: String,
@@ -318,6 +318,19 @@ pub struct Fencing {
     pub clients: Arc<dyn ClientConnections>,
 }
 
+impl std::fmt::Debug for RedisMembership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisMembership")
+            .field("prefix", &self.prefix)
+            .field("me", &self.me)
+            .field("worker", &self.worker)
+            .field("heartbeat", &self.heartbeat)
+            .field("ttl", &self.ttl)
+            .field("draining", &self.draining)
+            .finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for Fencing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fencing")
@@ -408,36 +421,64 @@ impl RedisMembership {
     /// the other active members, or `None` if the node was draining already (Redis is not
     /// asked again).
     pub async fn claim_drain(&self) -> Result<Option<usize>, DrainClaimError> {
-        let _round = self.draining.rounds.lock().await;
         if self.draining.is_set() {
             return Ok(None);
         }
+        let redis = |e: redis::RedisError| DrainClaimError::Redis(e.to_string());
+        // Connected before the round lock is taken: a slow connect must not hold heartbeats
+        // (the lease) back.
+        let mut conn = tokio::time::timeout(Duration::from_secs(2), async {
+            redis::Client::open(self.url.as_str())
+                .map_err(redis)?
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(redis)
+        })
+        .await
+        .map_err(|_| DrainClaimError::Redis("no connection within 2 s".into()))??;
         let me = Registration {
             draining: true,
             ..self.me.clone()
         };
         let me = serde_json::to_string(&me).map_err(|e| DrainClaimError::Redis(e.to_string()))?;
-        let redis = |e: redis::RedisError| DrainClaimError::Redis(e.to_string());
-        let ask = async {
-            let client = redis::Client::open(self.url.as_str()).map_err(redis)?;
-            let mut conn = client
-                .get_multiplexed_async_connection()
+        let key = format!("{}:node:{}", self.prefix, self.me.id);
+        // The script runs under the round lock, bounded well inside the lease's slack.
+        let bound = (self.ttl.saturating_sub(self.heartbeat * 2) / 2)
+            .clamp(Duration::from_millis(100), Duration::from_secs(2));
+        let _round = self.draining.rounds.lock().await;
+        if self.draining.is_set() {
+            return Ok(None);
+        }
+        let script = redis::Script::new(CLAIM_DRAIN);
+        let mut invocation = script.key(&key);
+        invocation
+            .key(format!("{}:nodes", self.prefix))
+            .arg(&self.prefix)
+            .arg(self.me.id)
+            .arg(me)
+            .arg(self.ttl.as_millis() as u64);
+        let claim = invocation.invoke_async::<i64>(&mut conn);
+        let others = match tokio::time::timeout(bound, claim).await {
+            Ok(r) => r.map_err(redis)?,
+            // No answer in time: the script may have run. What Redis holds decides, so the
+            // next round does not undo a drain Redis already published.
+            Err(_) => {
+                let now: Option<String> = tokio::time::timeout(bound, async {
+                    redis::cmd("GET").arg(&key).query_async(&mut conn).await
+                })
                 .await
+                .map_err(|_| DrainClaimError::Redis("no answer in time".into()))?
                 .map_err(redis)?;
-            redis::Script::new(CLAIM_DRAIN)
-                .key(format!("{}:node:{}", self.prefix, self.me.id))
-                .key(format!("{}:nodes", self.prefix))
-                .arg(&self.prefix)
-                .arg(self.me.id)
-                .arg(me)
-                .arg(self.ttl.as_millis() as u64)
-                .invoke_async::<i64>(&mut conn)
-                .await
-                .map_err(redis)
+                let draining = now
+                    .and_then(|j| serde_json::from_str::<Registration>(&j).ok())
+                    .is_some_and(|r| r.draining);
+                if draining {
+                    1
+                } else {
+                    return Err(DrainClaimError::Redis("no answer in time".into()));
+                }
+            }
         };
-        let others = tokio::time::timeout(self.heartbeat.max(Duration::from_secs(2)), ask)
-            .await
-            .map_err(|_| DrainClaimError::Redis("no answer in time".into()))??;
         match others {
             -1 => Err(DrainClaimError::NotRegistered),
             0 => Err(DrainClaimError::NoOtherActive),
@@ -617,13 +658,17 @@ impl RedisMembership {
                         } => {
                             // Before the gate opens: no id at or below the previous holders'.
                             fencing.ids.raise_floor(floor_unix_ms);
-                            info!(
-                                worker = self.worker,
-                                floor_unix_ms,
-                                trusted,
-                                "worker id lease taken (untrusted mark: missing, or from \
-                                 before a redis restart; ids wait a TTL unless held throughout)"
-                            );
+                            if trusted {
+                                info!(worker = self.worker, floor_unix_ms, "worker id lease taken");
+                            } else {
+                                info!(
+                                    worker = self.worker,
+                                    floor_unix_ms,
+                                    "worker id lease taken (untrusted mark: missing, or from \
+                                     before a redis restart; ids wait a TTL unless held \
+                                     throughout)"
+                                );
+                            }
                         }
                         LeaseState::Lost => {
                             lost = true;
@@ -660,7 +705,11 @@ impl RedisMembership {
                     // set (the others re-registered first) otherwise kept its old epoch while
                     // the cluster moved on (seen once in CI), and an address change with
                     // unchanged weights was never applied.
-                    if core.epoch() > mesh.current_epoch() {
+                    //
+                    // Not while another process holds this worker id (a replacement started
+                    // before the old node stopped, a twin): it would link to the peers as the
+                    // same node id and supersede the holder's links over and over.
+                    if core.epoch() > mesh.current_epoch() && lease != LeaseState::Lost {
                         mesh.apply(core.epoch(), core.ring(), &mesh_members(&core));
                     }
                 }

@@ -146,8 +146,13 @@ async fn loopback(
     Vec<quinn::Connection>,
 ) {
     let identity = tls::dev_identity(dir, &[]).expect("dev identity");
-    let sc =
-        tls::server_config(identity, CLIENT_ALPN, &NodeConfig::default()).expect("server config");
+    let sc = tls::server_config(
+        identity,
+        CLIENT_ALPN,
+        &NodeConfig::default(),
+        &tls::token_key(),
+    )
+    .expect("server config");
     let server = quinn::Endpoint::server(sc, ([127, 0, 0, 1], 0).into()).expect("server");
     let mut roots = rustls::RootCertStore::empty();
     for c in tls::load_certs(&dir.join(tls::DEV_CA_CERT)).expect("dev CA") {

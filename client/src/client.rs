@@ -1742,6 +1742,13 @@ impl Client {
         }
     }
 
+    /// The QUIC endpoint this client's connections use. A process about to exit closes it
+    /// and waits for it to go idle (`Endpoint::wait_idle`, bounded): the node then learns at
+    /// once that the connection is gone, instead of counting it until its idle timeout.
+    pub fn endpoint(&self) -> quinn::Endpoint {
+        self.endpoint.clone()
+    }
+
     /// Closes the connection (and stops a supervisor).
     pub fn close(&self) {
         self.closing

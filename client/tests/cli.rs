@@ -111,6 +111,16 @@ async fn two_people_chat_with_the_cli_and_see_receipts() {
     assert_eq!(reg[0]["user"], "alice");
     env.ok("bob", &["register", "bob"]);
     assert!(Path::new(&env.home("bob")).join("profile.json").exists());
+    // A one-shot command closes its connection before it exits: the node lets go of it at
+    // once, not after its 60 s idle timeout (a drain waits for every connection).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while env._node.node.registry().live_connections() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the CLI's connections outlived the commands"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     // Bob listens (the profile remembers server and CA); alice sends.
     let mut bob_listen = spawn_listen(&env, "bob", 1);

@@ -5,7 +5,6 @@
 //! redirecting connection's close was taken for the session's own), and messages arrive.
 //! Real nodes in this process (a static member list, free UDP ports), the real binary.
 
-use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -20,8 +19,15 @@ fn free_udp_port() -> u16 {
         .expect("free UDP port")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listen_through_a_node_that_is_not_home_does_not_reconnect_in_a_loop() {
+// A plain test: the CLI runs as blocking child processes on this thread, the nodes on a
+// runtime of their own.
+#[test]
+fn listen_through_a_node_that_is_not_home_does_not_reconnect_in_a_loop() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let dir = tempfile::tempdir().expect("dir");
     let data = dir.path().join("node");
     let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_udp_port(), free_udp_port())).collect();
@@ -34,32 +40,35 @@ async fn listen_through_a_node_that_is_not_home_does_not_reconnect_in_a_loop() {
             worker_id: None,
         })
         .collect();
-    let mut nodes = Vec::new();
-    for (i, m) in members.iter().enumerate() {
-        let mut c = meshchat_messaging::NodeConfig {
-            node_id: m.id,
-            listen: format!("127.0.0.1:{}", ports[i].0).parse().expect("addr"),
-            data_dir: data.clone(),
-            ..Default::default()
-        };
-        c.limits.send_rate_per_sec = 1000;
-        c.auth.attempts_per_source_burst = 1000;
-        c.auth.attempts_per_source_per_min = 10_000;
-        c.cluster.mesh_listen = Some(m.mesh_addr);
-        c.cluster.members = members.clone();
-        nodes.push(meshchat_messaging::start(c).await.expect("node starts"));
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !nodes.iter().all(|n| {
-        let mesh = n.mesh.as_ref().expect("mesh");
-        members
-            .iter()
-            .filter(|m| m.id != mesh.me().0)
-            .all(|m| mesh.peer_up(meshchat_idgen::NodeId(m.id)))
-    }) {
-        assert!(tokio::time::Instant::now() < deadline, "mesh links");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let nodes = rt.block_on(async {
+        let mut nodes = Vec::new();
+        for (i, m) in members.iter().enumerate() {
+            let mut c = meshchat_messaging::NodeConfig {
+                node_id: m.id,
+                listen: format!("127.0.0.1:{}", ports[i].0).parse().expect("addr"),
+                data_dir: data.clone(),
+                ..Default::default()
+            };
+            c.limits.send_rate_per_sec = 1000;
+            c.auth.attempts_per_source_burst = 1000;
+            c.auth.attempts_per_source_per_min = 10_000;
+            c.cluster.mesh_listen = Some(m.mesh_addr);
+            c.cluster.members = members.clone();
+            nodes.push(meshchat_messaging::start(c).await.expect("node starts"));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !nodes.iter().all(|n| {
+            let mesh = n.mesh.as_ref().expect("mesh");
+            members
+                .iter()
+                .filter(|m| m.id != mesh.me().0)
+                .all(|m| mesh.peer_up(meshchat_idgen::NodeId(m.id)))
+        }) {
+            assert!(tokio::time::Instant::now() < deadline, "mesh links");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        nodes
+    });
     let node1 = members[0].client_addr.clone();
     let ca = data.join("ca.pem");
     let cli = |user: &str| {
@@ -102,18 +111,27 @@ async fn listen_through_a_node_that_is_not_home_does_not_reconnect_in_a_loop() {
     // Listen through node 1 for a bounded window (the loop printed ~5 lines a second), with
     // a message arriving during it.
     let mut listen = cli(&listener)
-        .args(["listen", "--timeout", "3"])
+        .args(["listen", "--timeout", "5"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn listen");
-    let mut stderr = listen.stderr.take().expect("stderr");
-    let mut first = Vec::new();
-    let mut byte = [0u8; 1];
-    while stderr.read(&mut byte).expect("stderr") == 1 && byte[0] != b'\n' {
-        first.push(byte[0]);
-    }
-    let first = String::from_utf8_lossy(&first).into_owned();
+    // Its stderr, line by line, from a thread: a listener that never says a word fails the
+    // test at the deadline instead of hanging it.
+    let stderr = listen.stderr.take().expect("stderr");
+    let (tx, lines) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let first = lines
+        .recv_timeout(Duration::from_secs(20))
+        .expect("listen says it is listening");
     assert!(first.starts_with("listening on"), "{first}");
     assert!(
         !first.contains(&node1),
@@ -123,16 +141,20 @@ async fn listen_through_a_node_that_is_not_home_does_not_reconnect_in_a_loop() {
     let out = listen
         .wait_with_output()
         .expect("listen ends at its timeout");
-    let mut rest = String::new();
-    stderr.read_to_string(&mut rest).expect("stderr");
-    assert!(out.status.success(), "{rest}");
+    reader.join().expect("stderr reader");
+    let rest: Vec<String> = lines.try_iter().collect();
+    assert!(out.status.success(), "{rest:?}");
     assert!(
-        !rest.contains("reconnecting") && !rest.contains("disconnected"),
-        "the listener reconnected: {rest}"
+        !rest
+            .iter()
+            .any(|l| l.contains("reconnecting") || l.contains("disconnected")),
+        "the listener reconnected: {rest:?}"
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("through the home"), "{stdout}");
-    for n in nodes {
-        n.shutdown().await;
-    }
+    rt.block_on(async {
+        for n in nodes {
+            n.shutdown().await;
+        }
+    });
 }

@@ -77,7 +77,8 @@ pub struct LogConfig {
     pub level: String,
     /// OTLP/HTTP endpoint the node's spans are exported to (protobuf over plain HTTP), for
     /// example `http://127.0.0.1:4318/v1/traces` (an OpenTelemetry Collector, Jaeger or
-    /// Tempo; use a collector on the host or a private network: no TLS here). Unset (the
+    /// Tempo; use a collector on the host or a private network: no TLS here). A URL with no
+    /// path (`http://127.0.0.1:4318`) gets `/v1/traces`. Unset (the
     /// default): no export. Spans pass the same `level` filter as log lines.
     pub otlp_endpoint: Option<String>,
     /// Share of traces exported, 0.0..=1.0 (default 0.05): each connection's span and the

@@ -1,7 +1,9 @@
 //! Draining a node: out of the ring, its users sent to their next homes, then stopped.
 //!
 //! A drain (`POST /drain` on the admin listener, or `meshchat-node drain`) needs Redis
-//! membership: the node's next heartbeat registers it as draining, every node (itself too)
+//! membership: one Redis script checks that another active node remains and registers this
+//! one as draining (so of two drains asked at once of the last two nodes, one is refused;
+//! every heartbeat after it keeps the registration draining), every node (itself too)
 //! adopts a ring without it at the next epoch, and the mesh's re-homing tells each user
 //! connected here to reconnect at its new home (a `Redirect` push, paced at 400 a second).
 //! The node stays a member meanwhile: it keeps its mesh links and its worker-id lease, so

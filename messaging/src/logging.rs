@@ -46,6 +46,12 @@ fn otlp_provider(
 ) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, LogError> {
     use opentelemetry_otlp::{Protocol, WithExportConfig};
     use opentelemetry_sdk::trace::Sampler;
+    // `http://collector:4318` is what collectors document: the traces path goes after it.
+    let endpoint = match endpoint.trim_end_matches('/') {
+        base if base.matches('/').count() == 2 => format!("{base}/v1/traces"),
+        _ => endpoint.to_owned(),
+    };
+    let endpoint = endpoint.as_str();
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpBinary)

@@ -252,6 +252,11 @@ struct PeerTotal {
 impl PeerTotal {
     /// The exported total after reading `value` from `incarnation`.
     fn read(&mut self, incarnation: u64, value: u64) -> u64 {
+        // Incarnations only grow: a scrape that read an older one after a newer one (two
+        // scrapes around a rejoin) changes nothing.
+        if incarnation < self.incarnation {
+            return self.earlier + self.last;
+        }
         if incarnation != self.incarnation {
             self.earlier += self.last;
             self.incarnation = incarnation;
@@ -634,6 +639,8 @@ mod tests {
         assert_eq!(t.read(2, 0), 9);
         assert_eq!(t.read(2, 4), 13);
         assert_eq!(t.read(3, 1), 14);
+        // A late read of an older incarnation does not count it again.
+        assert_eq!(t.read(2, 4), 14);
     }
 
     #[test]

@@ -298,15 +298,22 @@ impl Node {
         [("client", read(0)), ("mesh", read(1))]
     }
 
-    /// The limits in force (the config's at start, or the last reload's).
-    pub fn limits(&self) -> Arc<LimitsConfig> {
+    /// The limits in force (the config's at start, or the last reload's), for a short read
+    /// (no shared reference count is touched).
+    pub fn limits(&self) -> arc_swap::Guard<Arc<LimitsConfig>> {
+        self.limits.load()
+    }
+
+    /// The limits in force, to keep (a connection's bounds for its lifetime).
+    pub fn limits_snapshot(&self) -> Arc<LimitsConfig> {
         self.limits.load_full()
     }
 
     /// Applies reloaded limits: requests from now on see them; per-connection bounds
     /// (outbound queue, requests in flight, timeouts) apply to connections made from now on.
-    /// New per-user rates start with full buckets. `max_frame_bytes` is not changed here (it
-    /// was announced to connected clients in `HelloOk`; the reload refuses a change to it).
+    /// New per-user rates start with full buckets. The caller keeps `max_frame_bytes` as it
+    /// runs (connected clients read with it: `crate::reload` reports a change to it as
+    /// needing a restart).
     pub fn set_limits(&self, new: LimitsConfig) {
         let new = Arc::new(new);
         let old = self.limits.swap(new.clone());

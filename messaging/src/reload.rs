@@ -6,7 +6,10 @@
 //!   files' current contents; connected clients keep their session.
 //! - `[cluster] cert`, `key` and `ca`: the mesh certificate and the CAs peers must chain to.
 //!   Links made from now on (dialled or accepted) use them; links up now stay up.
-//! - `[limits]`, except `max_frame_bytes` (announced to connected clients in `HelloOk`).
+//! - `[limits]`, except `max_frame_bytes` (the frame size connected clients were told in
+//!   `HelloOk` and read with). `max_body_bytes` and `max_page_size` are in `HelloOk` too, but
+//!   a lower one only turns a request into a clear error (`MESSAGE_TOO_LARGE`) or a shorter
+//!   page, and the reloaded limits must still hold with the running frame size.
 //!   Per-request limits (body size, page sizes, rates, bytes in flight) apply to the next
 //!   request; per-connection ones (outbound queue, requests in flight per connection,
 //!   timeouts, connections per user) to connections made from now on. New rates start with
@@ -121,7 +124,7 @@ pub fn classify(old: &NodeConfig, new: &NodeConfig) -> Reloaded {
 
 /// The configuration the node runs with after reloading `new` over `running` (what `start`
 /// filled in, such as the bound advertise address, is kept): `running` with the reloadable
-/// keys of `new`.
+/// keys of `new`. Also what the node was given, as far as it applied it.
 fn merged(running: &NodeConfig, new: &NodeConfig) -> NodeConfig {
     let mut c = running.clone();
     c.tls = new.tls.clone();
@@ -142,17 +145,25 @@ impl RunningNode {
     /// with `log`, the log level. All or nothing; see the module docs.
     pub fn reload(
         &self,
-        new: NodeConfig,
+        new: &NodeConfig,
         log: Option<&LogHandle>,
     ) -> Result<Reloaded, ReloadError> {
         new.validate()?;
         let mut given = self.given.lock();
-        let report = classify(&given, &new);
-        let effective = merged(&self.node.config, &new);
+        let report = classify(&given, new);
+        let effective = merged(&self.node.config, new);
+        // The new limits must hold with what stays (the running frame size: a body limit
+        // that no longer fits in a frame, a request budget below one frame).
+        effective.validate()?;
         // Build everything before changing anything.
         let identity = tls::node_identity(&effective)?;
         let client_expiry = tls::not_after_unix(&identity.chain[0]);
-        let server = tls::server_config(identity, meshchat_proto::CLIENT_ALPN, &effective)?;
+        let server = tls::server_config(
+            identity,
+            meshchat_proto::CLIENT_ALPN,
+            &effective,
+            &self.token_key,
+        )?;
         let mut mesh_expiry = None;
         let mesh = match &self.mesh {
             Some(mesh) => {
@@ -164,7 +175,11 @@ impl RunningNode {
             }
             None => None,
         };
-        if let Some(log) = log {
+        // Only a changed level replaces the filter: a reload for a certificate rotation must
+        // not drop the RUST_LOG filter an operator started the node with.
+        if let Some(log) = log
+            && new.log.level != given.log.level
+        {
             log.set_level(&effective.log.level)?;
         }
         // From here on nothing fails.
@@ -180,7 +195,9 @@ impl RunningNode {
         );
         self.node.set_limits(effective.limits.clone());
         self.node.set_cert_expiry(client_expiry, mesh_expiry);
-        **given = new;
+        // What runs now: the keys applied, not the ones that wait for a restart (a later
+        // reload reports those again).
+        **given = merged(&given, new);
         Ok(report)
     }
 }

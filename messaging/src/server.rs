@@ -75,7 +75,10 @@ pub struct RunningNode {
     pub(crate) endpoint: quinn::Endpoint,
     /// The handshake gate (its limits are replaced on a reload).
     pub(crate) gate: Arc<HandshakeGate>,
-    /// The configuration as given to `start` or the last reload (what a reload compares with).
+    /// The Retry token key, kept across reloads.
+    pub(crate) token_key: Arc<ring::hkdf::Prk>,
+    /// The configuration as given to `start`, with what reloads applied (what a reload
+    /// compares with).
     pub(crate) given: parking_lot::Mutex<Box<NodeConfig>>,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
@@ -154,7 +157,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         };
     let identity = tls::node_identity(&config)?;
     let client_cert_expiry = tls::not_after_unix(&identity.chain[0]);
-    let server_config = tls::server_config(identity, meshchat_proto::CLIENT_ALPN, &config)?;
+    let token_key = tls::token_key();
+    let server_config =
+        tls::server_config(identity, meshchat_proto::CLIENT_ALPN, &config, &token_key)?;
     let socket = tls::udp_socket(config.listen, &config.transport)?;
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
@@ -176,6 +181,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     let members = Arc::new(MemberCache::new());
     let (stop, stop_rx) = watch::channel(false);
     let clustered = !config.cluster.members.is_empty() || config.cluster.redis.is_some();
+    let mut mesh_cert_expiry = None;
     let (router, mesh): (Arc<dyn Router>, Option<Arc<Mesh>>) = if !clustered {
         (
             Arc::new(LocalRouter::new(
@@ -190,7 +196,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
             members.clone(),
             crate::metrics::NodeMetrics::new(config.node_id),
         ));
-        let mesh = start_mesh(&config, local, &stop_rx)?;
+        let mesh_tls = tls::mesh_identity(&config)?;
+        mesh_cert_expiry = tls::not_after_unix(&mesh_tls.0.chain[0]);
+        let mesh = start_mesh_as(&config, mesh_tls, local, &stop_rx)?;
         (mesh.clone(), Some(mesh))
     };
     let mut node = Node::new(config, storage, auth, registry.clone(), router, members)?;
@@ -212,12 +220,6 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         node.set_drain(driver.clone());
     }
     let node = Arc::new(node);
-    let mesh_cert_expiry = match &mesh {
-        Some(_) => tls::mesh_identity(&node.config)
-            .ok()
-            .and_then(|(id, _)| tls::not_after_unix(&id.chain[0])),
-        None => None,
-    };
     node.set_cert_expiry(client_cert_expiry, mesh_cert_expiry);
     if let (Some(driver), Some(mesh)) = (driver, mesh.clone()) {
         let fencing = Fencing {
@@ -278,6 +280,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         admin_addr,
         endpoint,
         gate,
+        token_key,
         given,
         stop,
         done,
@@ -309,8 +312,20 @@ pub fn start_mesh(
     local: Arc<dyn LocalDelivery>,
     stop: &watch::Receiver<bool>,
 ) -> Result<Arc<Mesh>, StartError> {
+    start_mesh_as(config, tls::mesh_identity(config)?, local, stop)
+}
+
+/// [`start_mesh`] with the mesh identity and CA roots already loaded.
+fn start_mesh_as(
+    config: &NodeConfig,
+    (identity, roots): (
+        tls::Identity,
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+    ),
+    local: Arc<dyn LocalDelivery>,
+    stop: &watch::Receiver<bool>,
+) -> Result<Arc<Mesh>, StartError> {
     let c = &config.cluster;
-    let (identity, roots) = tls::mesh_identity(config)?;
     let listen = c
         .mesh_listen
         .ok_or_else(|| StartError::Other("mesh: cluster.mesh_listen is not set".into()))?;

@@ -192,7 +192,7 @@ async fn run(
     shutdown: &mut watch::Receiver<bool>,
 ) {
     // This connection's bounds: the limits in force when it was made.
-    let limits = node.limits();
+    let limits = node.limits_snapshot();
     let max_auth_failures = node.config.auth.max_auth_failures.max(1);
     // One timer for the connection's one deadline: authenticate by `auth_timeout`, then the
     // expiry of the token it last got (reset on authentication and on every refresh).

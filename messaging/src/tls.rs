@@ -311,11 +311,20 @@ pub fn transport(
     Ok(tc)
 }
 
-/// The client-facing QUIC server config.
+/// A key for QUIC Retry and address-validation tokens, made once per process: a reload keeps
+/// it, so tokens handed out just before it stay valid.
+pub fn token_key() -> Arc<ring::hkdf::Prk> {
+    let mut secret = [0u8; 64];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+    Arc::new(ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&secret))
+}
+
+/// The client-facing QUIC server config, its tokens made with `token_key`.
 pub fn server_config(
     identity: Identity,
     alpn: &[u8],
     config: &NodeConfig,
+    token_key: &Arc<ring::hkdf::Prk>,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -326,7 +335,7 @@ pub fn server_config(
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
-    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut sc = quinn::ServerConfig::new(Arc::new(crypto), token_key.clone());
     sc.transport_config(Arc::new(transport(&config.transport, &config.limits)?));
     // Handshakes beyond this are refused at the QUIC layer instead of queueing without bound.
     sc.max_incoming(config.limits.max_concurrent_handshakes.max(1));

@@ -146,6 +146,12 @@ async fn two_processes_with_one_worker_id_never_both_issue_ids() {
             ErrorCode::Unavailable
         );
         assert!(serving(&a) && !serving(&b));
+        // Nor does it link to the members as a node of the cluster (a replacement started
+        // before the old process stopped would supersede its links again and again).
+        assert!(
+            b.mesh.as_ref().expect("mesh").peer_ids().is_empty(),
+            "b links to peers without its lease"
+        );
         let renewed = a.node.lease_gate().valid_until_ms();
         common::wait_for("a renews its lease", Duration::from_secs(10), || {
             a.node.lease_gate().valid_until_ms() != renewed

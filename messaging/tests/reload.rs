@@ -107,11 +107,19 @@ async fn certificates_rotate_to_a_new_pki_on_reload_without_a_restart() {
         ConnectOptions::new(meshchat_client::load_ca(&new_pki.join("ca.pem")).expect("ca"));
     let mut before = users_homed_at_each("b", &homes[0], &old_ca, &homes).await;
 
+    let connects = |n: &RunningNode| {
+        let mesh = n.mesh.as_ref().expect("mesh");
+        mesh.peer_stats(NodeId(3 - mesh.me().0))
+            .expect("peer")
+            .connects
+    };
+    let links_before: Vec<u64> = nodes.iter().map(connects).collect();
+
     // The operator installs the new PKI's files where the configs point, and reloads.
     install(&new_pki, &live);
     for (n, c) in nodes.iter().zip(&configs) {
         let before = n.node.cert_expiry();
-        let r = n.reload(c.clone(), None).expect("reloaded");
+        let r = n.reload(c, None).expect("reloaded");
         assert!(r.applied.is_empty() && r.needs_restart.is_empty(), "{r:?}");
         // The expiry metric follows the certificates now in use (made a moment later).
         let after = n.node.cert_expiry();
@@ -131,6 +139,8 @@ async fn certificates_rotate_to_a_new_pki_on_reload_without_a_restart() {
         text(&next_message(&mut before[1].1).await),
         "after the rotation"
     );
+    let links_after: Vec<u64> = nodes.iter().map(connects).collect();
+    assert_eq!(links_before, links_after, "the mesh link was made again");
     // New handshakes get the new certificate: only the new CA verifies it.
     assert!(
         Client::connect(&homes[0], old_ca.clone()).await.is_err(),
@@ -189,7 +199,7 @@ async fn limits_reload_at_once_and_a_failed_reload_changes_nothing() {
     tight.limits.max_body_bytes = 10;
     tight.limits.send_rate_per_sec = 1;
     tight.limits.send_burst = 1;
-    let r = node.reload(tight.clone(), None).expect("reloaded");
+    let r = node.reload(&tight, None).expect("reloaded");
     assert_eq!(
         r.applied,
         [
@@ -223,9 +233,24 @@ async fn limits_reload_at_once_and_a_failed_reload_changes_nothing() {
         .parse()
         .expect("addr");
     moved.limits.max_frame_bytes /= 2;
-    let r = node.reload(moved, None).expect("reloaded");
+    let r = node.reload(&moved, None).expect("reloaded");
     assert_eq!(r.needs_restart, ["limits.max_frame_bytes", "listen"]);
     assert!(r.applied.is_empty(), "{r:?}");
+    // Still not applied, so reported again by the next reload of the same file.
+    let r = node.reload(&moved, None).expect("reloaded");
+    assert_eq!(r.needs_restart, ["limits.max_frame_bytes", "listen"]);
+
+    // A body limit that fits the new frame size but not the running one: refused whole.
+    let mut bigger = tight.clone();
+    bigger.limits.max_frame_bytes = 256 * 1024;
+    bigger.transport.stream_receive_window = 512 * 1024;
+    bigger.transport.receive_window = 1024 * 1024;
+    bigger.limits.max_body_bytes = 128 * 1024;
+    let e = node
+        .reload(&bigger, None)
+        .expect_err("a body limit over the running frame size");
+    assert!(e.to_string().contains("max_body_bytes"), "{e}");
+    assert_eq!(node.node.limits().max_body_bytes, 10);
     assert_eq!(
         node.node.limits().max_frame_bytes,
         config.limits.max_frame_bytes
@@ -237,7 +262,7 @@ async fn limits_reload_at_once_and_a_failed_reload_changes_nothing() {
     broken.tls.cert = Some(dir.path().join("missing.pem"));
     broken.tls.key = Some(dir.path().join("missing.key"));
     let e = node
-        .reload(broken, None)
+        .reload(&broken, None)
         .expect_err("an unreadable certificate");
     assert!(e.to_string().contains("missing"), "{e}");
     assert_eq!(node.node.limits().max_body_bytes, 10);

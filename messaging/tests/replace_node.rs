@@ -3,8 +3,9 @@
 //! membership and one store. The replacement waits out the dead process's worker-id lease,
 //! takes it over, and is published with its new addresses: every node's ring has it again,
 //! the users homed on N end up connected to the new address by themselves (their clients
-//! fail over, then follow the redirect), the ids it issues stay above the dead process's
-//! (same worker id, the lease's high-water mark), and messages flow both ways. Real processes,
+//! fail over, then follow the redirect), it issues ids under the same worker id, above the
+//! dead process's, and messages flow both ways. (That the lease's high-water mark, not just
+//! the clock, keeps them above is `fencing.rs`'s test.) Real processes,
 //! a real `redis-server`; which node is replaced depends on where the first user landed, not
 //! on where ids fall on the ring.
 
@@ -46,7 +47,6 @@ async fn a_node_replaced_on_a_new_address_takes_over_its_id_its_users_and_its_id
     // The machine dies; the replacement starts at once, on new ports.
     nodes[index].0.kill().expect("SIGKILL");
     let (_replacement, new_addr) = spawn_node_ttl(dir.path(), id, redis_port, "", "3s");
-    assert_ne!(new_addr, old_addr);
 
     // Every user of node N ends up on the new address, by itself.
     for &v in &moved {

@@ -83,7 +83,7 @@ pub struct Mesh {
     peers: RwLock<BTreeMap<NodeId, Arc<Peer>>>,
     local: Arc<dyn LocalDelivery>,
     endpoint: quinn::Endpoint,
-    /// The TLS this node dials peers with (replaced by [`Mesh::reload_tls`]).
+    /// The TLS this node dials peers with (replaced by [`Mesh::set_tls`]).
     client_tls: RwLock<quinn::ClientConfig>,
     stop: watch::Receiver<bool>,
     peer_queue: usize,

@@ -197,7 +197,7 @@ async fn run_node(
                     .map_err(anyhow::Error::from)
                     .and_then(|mut c| {
                         overrides.apply(&mut c);
-                        Ok(running.reload(c, Some(&log))?)
+                        Ok(running.reload(&c, Some(&log))?)
                     });
                 match reloaded {
                     Ok(r) if r.needs_restart.is_empty() => {
@@ -259,7 +259,13 @@ async fn main() -> anyhow::Result<()> {
                 node_id,
             };
             overrides.apply(&mut c);
-            run_node(c, config, overrides, log, stop).await?;
+            let flush = log.clone();
+            let ran = run_node(c, config, overrides, log, stop).await;
+            if ran.is_err() {
+                // The spans of a failed start, exported too.
+                let _ = tokio::task::spawn_blocking(move || flush.shutdown()).await;
+            }
+            ran?;
         }
         Cmd::Certs {
             out,

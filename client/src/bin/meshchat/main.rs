@@ -188,7 +188,11 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let result = rt.block_on(run(cli));
+    let result = rt.block_on(async {
+        let r = run(cli).await;
+        close_endpoint().await;
+        r
+    });
     if let Err(e) = result {
         let code = e.downcast_ref::<ClientError>().and_then(ClientError::code);
         output::error(json, &e, code);
@@ -224,7 +228,22 @@ async fn connect(cli: &Cli, profile: &Profile) -> anyhow::Result<(Client, Events
         .or_else(|| profile.ca.clone())
         .ok_or_else(|| anyhow!("no CA: pass --ca FILE (dev: <data-dir>/ca.pem)"))?;
     let roots = meshchat_client::load_ca(&ca)?;
-    Ok(Client::connect(&server, ConnectOptions::new(roots)).await?)
+    let (client, events) = Client::connect(&server, ConnectOptions::new(roots)).await?;
+    let _ = ENDPOINT.set(client.endpoint());
+    Ok((client, events))
+}
+
+/// The endpoint of this run's client, closed before the process exits.
+static ENDPOINT: std::sync::OnceLock<quinn::Endpoint> = std::sync::OnceLock::new();
+
+/// Closes every connection and waits (at most 1 s) until the node was told: without it the
+/// process exits before its CONNECTION_CLOSE is sent, and the node counts the connection as
+/// authenticated until its idle timeout (a drain waits for it).
+async fn close_endpoint() {
+    if let Some(endpoint) = ENDPOINT.get() {
+        endpoint.close(0u32.into(), b"client closing");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
+    }
 }
 
 async fn logged_in(cli: &Cli, profile: &Profile) -> anyhow::Result<Session> {
