@@ -7,11 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{config_in, free_udp_port, next_message, text};
+use common::{config_in, next_message, text};
 use meshchat_client::{Client, ConnectOptions};
 use meshchat_idgen::ChatId;
 use meshchat_messaging::certs::{self, NodeCerts};
-use meshchat_messaging::config::StaticMember;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_static_cluster_runs_on_generated_certificates_and_renewal_keeps_the_cas() {
@@ -33,16 +32,7 @@ async fn a_static_cluster_runs_on_generated_certificates_and_renewal_keeps_the_c
         }
     }
 
-    let ports: Vec<(u16, u16)> = (0..2).map(|_| (free_udp_port(), free_udp_port())).collect();
-    let members: Vec<StaticMember> = (0..2)
-        .map(|i| StaticMember {
-            id: i as u32 + 1,
-            mesh_addr: format!("127.0.0.1:{}", ports[i].1).parse().expect("addr"),
-            client_addr: format!("127.0.0.1:{}", ports[i].0),
-            weight: 1,
-            worker_id: None,
-        })
-        .collect();
+    let members = common::static_members(2);
     let mut running = Vec::new();
     for i in 0..2usize {
         let id = i as u32 + 1;
@@ -50,7 +40,7 @@ async fn a_static_cluster_runs_on_generated_certificates_and_renewal_keeps_the_c
         // processes of one host do.
         let mut c = config_in(&dir.path().join("data"));
         c.node_id = id;
-        c.listen = format!("127.0.0.1:{}", ports[i].0).parse().expect("addr");
+        c.listen = members[i].client_addr.parse().expect("addr");
         c.tls.cert = Some(pki.join(format!("node-{id}.pem")));
         c.tls.key = Some(pki.join(format!("node-{id}.key")));
         c.cluster.mesh_listen = Some(members[i].mesh_addr);

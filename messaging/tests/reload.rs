@@ -16,7 +16,6 @@ use common::{code_of, config_in, free_udp_port, next_message, text, users_homed_
 use meshchat_client::{Client, ConnectOptions};
 use meshchat_idgen::{ChatId, NodeId};
 use meshchat_messaging::certs::{self, NodeCerts};
-use meshchat_messaging::config::StaticMember;
 use meshchat_messaging::{NodeConfig, RunningNode};
 use meshchat_proto::client::{self as pb, ErrorCode, client_frame};
 
@@ -40,22 +39,13 @@ fn install(from: &Path, to: &Path) {
 }
 
 fn static_configs(data: &Path, pki: &Path) -> Vec<NodeConfig> {
-    let ports: Vec<(u16, u16)> = (0..2).map(|_| (free_udp_port(), free_udp_port())).collect();
-    let members: Vec<StaticMember> = (0..2)
-        .map(|i| StaticMember {
-            id: i as u32 + 1,
-            mesh_addr: format!("127.0.0.1:{}", ports[i].1).parse().expect("addr"),
-            client_addr: format!("127.0.0.1:{}", ports[i].0),
-            weight: 1,
-            worker_id: None,
-        })
-        .collect();
+    let members = common::static_members(2);
     (0..2usize)
         .map(|i| {
             let id = i as u32 + 1;
             let mut c = config_in(data);
             c.node_id = id;
-            c.listen = format!("127.0.0.1:{}", ports[i].0).parse().expect("addr");
+            c.listen = members[i].client_addr.parse().expect("addr");
             c.tls.cert = Some(pki.join(format!("node-{id}.pem")));
             c.tls.key = Some(pki.join(format!("node-{id}.key")));
             c.cluster.mesh_listen = Some(members[i].mesh_addr);

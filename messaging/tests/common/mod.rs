@@ -247,6 +247,22 @@ pub fn free_udp_port() -> u16 {
         .expect("free UDP port")
 }
 
+/// A static member list of `n` nodes (ids 1..=n) on loopback, each on a free client and a
+/// free mesh port.
+pub fn static_members(n: u32) -> Vec<meshchat_messaging::config::StaticMember> {
+    (1..=n)
+        .map(|id| meshchat_messaging::config::StaticMember {
+            id,
+            mesh_addr: format!("127.0.0.1:{}", free_udp_port())
+                .parse()
+                .expect("addr"),
+            client_addr: format!("127.0.0.1:{}", free_udp_port()),
+            weight: 1,
+            worker_id: None,
+        })
+        .collect()
+}
+
 /// A free TCP port on loopback (for TCP servers such as Redis).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
