@@ -140,7 +140,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     // second process with the same worker id (a duplicate node id, or a stale process still
     // running) is refused here instead of issuing duplicate ids.
     let worker_lock = match config.storage.backend {
-        Backend::Embedded => Some(lock_worker_id(&config)?),
+        Backend::Embedded => Some(lock_worker_id(&config).await?),
         Backend::Cassandra => None,
     };
     let (storage, embedded): (Arc<dyn Storage>, Option<Arc<EmbeddedStore>>) =
@@ -356,7 +356,7 @@ fn start_mesh_as(
 
 /// Takes `<data_dir>/worker-<w>.lock` (an exclusive advisory lock, released by the kernel when
 /// the process dies), or refuses to start because another process holds it.
-fn lock_worker_id(config: &NodeConfig) -> Result<std::fs::File, StartError> {
+async fn lock_worker_id(config: &NodeConfig) -> Result<std::fs::File, StartError> {
     let path = config
         .data_dir
         .join(format!("worker-{}.lock", config.worker_id()));
@@ -366,20 +366,40 @@ fn lock_worker_id(config: &NodeConfig) -> Result<std::fs::File, StartError> {
         .write(true)
         .open(&path)
         .map_err(|e| StartError::Other(format!("{}: {e}", path.display())))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::Other(format!(
-            "worker id {} is in use by another process on this store ({}): two processes with \
-             one worker id would issue duplicate message and user ids; give each node its own \
-             node_id (or worker_id)",
-            config.worker_id(),
-            path.display()
-        ))),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(StartError::Other(format!("{}: {e}", path.display())))
+    // A holder that is exiting (killed a moment ago, and restarted at once by a supervisor or
+    // an operator) releases the lock only once the kernel has torn the process down: give it
+    // a moment before calling the worker id taken.
+    let deadline = std::time::Instant::now() + WORKER_LOCK_WAIT;
+    let mut logged = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                if !logged {
+                    info!(path = %path.display(), "worker id lock held: waiting for its holder to exit");
+                    logged = true;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StartError::Other(format!(
+                    "worker id {} is in use by another process on this store ({}): two \
+                     processes with one worker id would issue duplicate message and user ids; \
+                     give each node its own node_id (or worker_id)",
+                    config.worker_id(),
+                    path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StartError::Other(format!("{}: {e}", path.display())));
+            }
         }
     }
 }
+
+/// How long a starting node waits for another process's lock on its worker id to go away
+/// before refusing to start.
+const WORKER_LOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// Runs a node until `shutdown` resolves, then stops it gracefully.
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {

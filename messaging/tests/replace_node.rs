@@ -45,6 +45,8 @@ async fn a_node_replaced_on_a_new_address_takes_over_its_id_its_users_and_its_id
     assert_eq!(Snowflake(before).worker(), id as u16);
 
     // The machine dies; the replacement starts at once, on new ports.
+    // Not reaped first: the replacement may start while the kernel still tears the old
+    // process down, holding its lock on the worker id (on this one store); it waits for it.
     nodes[index].0.kill().expect("SIGKILL");
     let (_replacement, new_addr) = spawn_node_ttl(dir.path(), id, redis_port, "", "3s");
 

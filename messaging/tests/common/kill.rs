@@ -58,6 +58,9 @@ pub fn spawn_node_ttl(
         .expect("spawn node");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
+    // The last lines the node logged, for the failure message when it never joins.
+    let tail = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+    let lines = tail.clone();
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -66,10 +69,23 @@ pub fn spawn_node_ttl(
             {
                 let _ = tx.send(());
             }
+            if tx.is_some() {
+                let mut l = lines.lock();
+                if l.len() == 40 {
+                    l.pop_front();
+                }
+                l.push_back(line);
+            }
         }
     });
-    rx.recv_timeout(Duration::from_secs(20))
-        .expect("node joined the ring");
+    if let Err(e) = rx.recv_timeout(Duration::from_secs(20)) {
+        let status = child.try_wait();
+        let _ = child.kill();
+        let log = tail.lock().iter().cloned().collect::<Vec<_>>().join("\n");
+        panic!(
+            "node {id} did not join the ring ({e}; exit: {status:?}); its last log lines:\n{log}"
+        );
+    }
     (Proc(child), format!("127.0.0.1:{client_port}"))
 }
 
