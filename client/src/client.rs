@@ -1459,6 +1459,23 @@ impl Client {
         }
     }
 
+    /// Tells the chat's other members I am typing (`true`) or stopped (`false`). While the
+    /// user types, call it again every [`crate::typing::REFRESH`]: an indicator expires by
+    /// itself at each recipient. Never stored; a refresh sent sooner is answered and not
+    /// pushed (see docs/PROTOCOL.md, "Typing").
+    pub async fn typing(&self, chat: ChatId, typing: bool) -> Result<(), ClientError> {
+        match self
+            .request(client_frame::Body::Typing(pb::Typing {
+                chat: Some(chat_to_wire(chat)),
+                typing,
+            }))
+            .await?
+        {
+            server_frame::Body::Done(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Removes my reaction.
     pub async fn unreact(&self, chat: ChatId, id: u64) -> Result<(), ClientError> {
         match self
@@ -1731,6 +1748,19 @@ impl Client {
         }
     }
 
+    /// A round trip to the node (`Ping`/`Pong`); returns how long it took.
+    pub async fn ping(&self) -> Result<Duration, ClientError> {
+        let nonce = rand::random::<u64>();
+        let start = std::time::Instant::now();
+        match self
+            .request(client_frame::Body::Ping(pb::Ping { nonce }))
+            .await?
+        {
+            server_frame::Body::Pong(p) if p.nonce == nonce => Ok(start.elapsed()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// The cluster's members and ring epoch, as the connected node sees them.
     pub async fn cluster(&self) -> Result<pb::ClusterInfo, ClientError> {
         match self
@@ -1747,6 +1777,17 @@ impl Client {
     /// once that the connection is gone, instead of counting it until its idle timeout.
     pub fn endpoint(&self) -> quinn::Endpoint {
         self.endpoint.clone()
+    }
+
+    /// Moves this client to another local UDP socket (a phone going from Wi-Fi to cellular)
+    /// without reconnecting: QUIC connection migration. The connection, its session, the
+    /// sequence of its pushes and the requests in flight carry on; the node validates the
+    /// new path before it sends more there than a little. The node learns the new address
+    /// from the next packet: call [`Client::ping`] if nothing else is about to be sent.
+    pub fn rebind(&self, socket: std::net::UdpSocket) -> Result<(), ClientError> {
+        self.endpoint
+            .rebind(socket)
+            .map_err(|e| ClientError::Setup(format!("rebinding the client's socket: {e}")))
     }
 
     /// Closes the connection (and stops a supervisor).

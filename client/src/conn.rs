@@ -36,6 +36,9 @@ pub enum Event {
     Reaction(pb::ReactionEvent),
     /// Channel membership changed.
     Channel(pb::ChannelEvent),
+    /// Someone started or stopped typing in one of my chats. Feed it to a
+    /// [`crate::TypingTracker`], which expires indicators by themselves.
+    Typing(pb::TypingEvent),
     /// The node asks this client to reconnect elsewhere.
     Redirect(pb::Redirect),
     /// The node reported an error that answers no request (a malformed or oversized frame,
@@ -309,6 +312,11 @@ impl Conn {
         self.conn.closed().await;
     }
 
+    /// The QUIC connection's statistics (paths validated, frames, round-trip time).
+    pub fn stats(&self) -> quinn::ConnectionStats {
+        self.conn.stats()
+    }
+
     /// Whether the connection is still open.
     pub fn is_open(&self) -> bool {
         self.conn.close_reason().is_none()
@@ -580,6 +588,7 @@ async fn read_loop(
                     Some(push::Event::Channel(c)) => Event::Channel(c),
                     Some(push::Event::Redirect(r)) => Event::Redirect(r),
                     Some(push::Event::Resync(_)) => Event::Resync,
+                    Some(push::Event::Typing(t)) => Event::Typing(t),
                     None => continue,
                 }
             }

@@ -6,15 +6,19 @@
 //!   with retry that reuses the client message id, queries, channels, and reconnect that fills
 //!   gaps from history; [`Events`]: pushes, deduplicated by message id.
 //! - [`conn`]: one QUIC connection: request/reply matching, push sequence checking.
+//! - [`typing`]: [`TypingTracker`]: who is typing where, from typing pushes, expiring by
+//!   itself.
 //! - [`error`] holds `ClientError`.
 
 pub mod client;
 pub mod conn;
 pub mod error;
+pub mod typing;
 
 pub use client::{Client, Events, Session};
 pub use conn::{ConnectOptions, Event};
 pub use error::ClientError;
+pub use typing::TypingTracker;
 
 /// Reads the CA certificates of a PEM file (for [`ConnectOptions::new`]).
 pub fn load_ca(

@@ -47,6 +47,7 @@ pub mod secret;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod typing;
 
 pub use config::NodeConfig;
 pub use server::{RunningNode, StartError, run, start};

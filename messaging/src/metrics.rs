@@ -303,6 +303,7 @@ pub fn request_type(body: &client_frame::Body) -> &'static str {
         B::ChannelSetAdmin(_) => "channel_set_admin",
         B::ChangePassword(_) => "change_password",
         B::Logout(_) => "logout",
+        B::Typing(_) => "typing",
     }
 }
 

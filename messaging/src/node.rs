@@ -133,6 +133,8 @@ pub struct Node {
     lease: Arc<LeaseGate>,
     /// Admission of password attempts (rates per source and account, turns per source).
     passwords: PasswordGate,
+    /// Which typing indicators are pushed (rates per user and chat).
+    typing: crate::typing::TypingGate,
     /// Bytes of requests being handled, all connections together.
     inflight_bytes: Arc<tokio::sync::Semaphore>,
     /// This node's metrics handle (`node` label).
@@ -213,6 +215,7 @@ impl Node {
             members,
             lease: Arc::new(LeaseGate::unbounded()),
             inflight_bytes: Arc::new(tokio::sync::Semaphore::new(inflight_bytes)),
+            typing: crate::typing::TypingGate::default(),
             passwords: PasswordGate::new(PasswordLimits {
                 per_source_per_min: config_auth.attempts_per_source_per_min,
                 source_burst: config_auth.attempts_per_source_burst,
@@ -241,6 +244,7 @@ impl Node {
             r.shrink_to_fit();
         }
         self.passwords.housekeeping();
+        self.typing.housekeeping();
     }
 
     fn check_rate(
@@ -647,6 +651,13 @@ impl Node {
                     self.push_reaction(&me, conn, chat, id, String::new())
                         .await?;
                 }
+                Ok(R::Done(pb::Done {}))
+            }
+            B::Typing(t) => {
+                self.typing.check_user(me.user)?;
+                let chat = chat_from(t.chat.as_ref())?;
+                self.require_member(me.user, chat).await?;
+                self.push_typing(&me, chat, t.typing).await?;
                 Ok(R::Done(pb::Done {}))
             }
             B::History(q) => self.history(&me, q).await.map(R::HistoryPage),
@@ -1203,6 +1214,31 @@ impl Node {
         }));
         let audience = self.audience(chat).await?;
         self.router.deliver(&audience, &push, Some(conn));
+        Ok(())
+    }
+
+    /// Pushes my typing start or stop to the chat's other members, if the gate lets it.
+    async fn push_typing(
+        &self,
+        me: &Identity,
+        chat: ChatId,
+        typing: bool,
+    ) -> Result<(), RequestError> {
+        let audience = self.audience(chat).await?;
+        let others: Vec<UserId> = audience.iter().copied().filter(|u| *u != me.user).collect();
+        if self.typing.admit(me.user, chat, typing, others.len())? == crate::typing::Verdict::Push {
+            let push = encode_push(push::Event::Typing(pb::TypingEvent {
+                chat: Some(chat_to(chat)),
+                user_id: me.user.0,
+                typing,
+                expires_in_ms: if typing {
+                    crate::typing::TTL.as_millis() as u32
+                } else {
+                    0
+                },
+            }));
+            self.router.deliver(&others, &push, None);
+        }
         Ok(())
     }
 

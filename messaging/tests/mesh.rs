@@ -9,118 +9,13 @@ use std::time::Duration;
 
 use std::collections::BTreeSet;
 
-use common::{free_udp_port, next_message, text};
+use common::cluster::{Cluster, cluster, cluster_with};
+use common::{next_message, text};
 use meshchat_backplane::delivery::Router;
-use meshchat_client::{Client, ConnectOptions, Event, Events, Session};
+use meshchat_client::{Client, Event, Events, Session};
 use meshchat_idgen::{ChannelId, ChatId, NodeId};
-use meshchat_messaging::config::StaticMember;
-use meshchat_messaging::{NodeConfig, RunningNode};
 use meshchat_proto::client::{self as pb, push};
 use meshchat_proto::mesh as pb_mesh;
-
-/// A user's client, its events and its session.
-type User = (Arc<Client>, Events, Session);
-
-struct Cluster {
-    nodes: Vec<RunningNode>,
-    dir: tempfile::TempDir,
-}
-
-async fn cluster(n: u32) -> Cluster {
-    cluster_with(n, |_| {}).await
-}
-
-/// `n` nodes, each config passed through `tweak` before the node starts.
-async fn cluster_with(n: u32, tweak: impl Fn(&mut NodeConfig)) -> Cluster {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let dir = tempfile::tempdir().expect("dir");
-    let members: Vec<StaticMember> = (1..=n)
-        .map(|id| StaticMember {
-            id,
-            mesh_addr: format!("127.0.0.1:{}", free_udp_port())
-                .parse()
-                .expect("addr"),
-            client_addr: format!("127.0.0.1:{}", free_udp_port()),
-            weight: 1,
-            worker_id: None,
-        })
-        .collect();
-    let mut nodes = Vec::new();
-    for m in &members {
-        let mut c = common::config_in(dir.path());
-        c.node_id = m.id;
-        c.listen = m.client_addr.parse().expect("addr");
-        c.cluster.mesh_listen = Some(m.mesh_addr);
-        c.cluster.members = members.clone();
-        tweak(&mut c);
-        nodes.push(meshchat_messaging::start(c).await.expect("node starts"));
-    }
-    // Wait for every link (lower ids dial higher ones).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    for node in &nodes {
-        let mesh = node.mesh.as_ref().expect("mesh");
-        for peer in 1..=n {
-            if peer == mesh.me().0 {
-                continue;
-            }
-            while !mesh.peer_up(NodeId(peer)) {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "mesh link {} -> {peer} never came up",
-                    mesh.me().0
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-    Cluster { nodes, dir }
-}
-
-impl Cluster {
-    fn options(&self) -> ConnectOptions {
-        ConnectOptions::new(
-            meshchat_client::load_ca(&self.dir.path().join("ca.pem")).expect("dev CA"),
-        )
-    }
-
-    /// Registers `name` through node 1; the client follows the redirect to its home.
-    async fn user(&self, name: &str) -> (Client, Events, Session) {
-        let (c, e) = Client::connect(&self.nodes[0].addr.to_string(), self.options())
-            .await
-            .expect("connect");
-        let s = c.register(name, "password-123").await.expect("register");
-        (c, e, s)
-    }
-
-    fn home_of(&self, client: &Client) -> NodeId {
-        let addr = client.server();
-        let i = self
-            .nodes
-            .iter()
-            .position(|n| n.addr.to_string() == addr)
-            .expect("connected to a member");
-        NodeId(i as u32 + 1)
-    }
-
-    /// One user homed on node 1 and one on node 2, and their direct chat.
-    async fn pair(&self) -> (User, User, ChatId) {
-        let addrs: Vec<String> = self.nodes.iter().map(|n| n.addr.to_string()).collect();
-        let mut users = common::one_user_homed_at_each(&addrs[0], &self.options(), &addrs)
-            .await
-            .into_iter();
-        let a = users.next().expect("a user on node 1");
-        let b = users.next().expect("a user on node 2");
-        let chat = ChatId::direct(a.2.user, b.2.user);
-        (a, b, chat)
-    }
-
-    fn mesh(&self, node: NodeId) -> &Arc<meshchat_backplane::mesh::Mesh> {
-        self.nodes[node.0 as usize - 1].mesh.as_ref().expect("mesh")
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_homed_on_different_nodes_chat_both_ways() {

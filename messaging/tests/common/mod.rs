@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 pub mod cassandra;
+pub mod cluster;
 pub mod dev;
 pub mod kill;
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
-use meshchat_client::{Client, ClientError, ConnectOptions, Event, Events};
+use meshchat_client::{Client, ClientError, ConnectOptions, Event, Events, TypingTracker};
 use meshchat_idgen::{ChannelId, ChatId, UserId};
 use meshchat_proto::client::{Direction, ReceiptKind};
 
@@ -83,6 +83,14 @@ enum Cmd {
         chat: String,
         /// Message id.
         id: u64,
+    },
+    /// Tell a chat I am typing (shown for a few seconds), or that I stopped.
+    Typing {
+        /// Chat: user name or #channel.
+        chat: String,
+        /// Stopped typing.
+        #[arg(long)]
+        stop: bool,
     },
     /// Mark messages up to ID seen.
     Seen {
@@ -369,6 +377,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             s.out.done("unreact", c, s.me()?, Some(*id));
             Ok(())
         }
+        Cmd::Typing { chat, stop } => {
+            let mut s = logged_in(&cli, &profile).await?;
+            let c = s.chat(chat).await?;
+            s.client.typing(c, !stop).await?;
+            s.out.done(
+                if *stop { "typing stop" } else { "typing" },
+                c,
+                s.me()?,
+                None,
+            );
+            Ok(())
+        }
         Cmd::Seen { chat, id } => {
             let mut s = logged_in(&cli, &profile).await?;
             let c = s.chat(chat).await?;
@@ -468,6 +488,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Sleeps until `at`; never wakes without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn listen(
     s: &mut Session,
     count: Option<u64>,
@@ -477,17 +505,33 @@ async fn listen(
     let me = s.me()?;
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut seen = 0u64;
+    let mut typing = TypingTracker::new();
     s.out.listening(&s.client.server());
     while count.is_none_or(|c| seen < c) {
-        let next = match deadline {
-            Some(d) => match tokio::time::timeout_at(d, s.events.next()).await {
-                Ok(ev) => ev,
-                Err(_) => break,
-            },
-            None => s.events.next().await,
+        let expiry = typing.next_expiry().map(tokio::time::Instant::from_std);
+        let next = tokio::select! {
+            ev = s.events.next() => ev,
+            () = sleep_until(deadline) => break,
+            () = sleep_until(expiry) => {
+                for c in typing.expire(std::time::Instant::now()) {
+                    s.out.typing(&c, me);
+                }
+                continue;
+            }
         };
         let Some(ev) = next else { break };
         match &ev {
+            Event::Typing(t) => {
+                if let Ok(c) = meshchat_proto::ids::chat_from_wire(t.chat.as_ref()) {
+                    s.learn(c).await?;
+                }
+                s.learn_user(t.user_id).await;
+                // A refresh of an indicator already shown is not an event to print.
+                let Some(c) = typing.observe(t, std::time::Instant::now()) else {
+                    continue;
+                };
+                s.out.typing(&c, me);
+            }
             Event::Message(m) => {
                 let chat = meshchat_proto::ids::chat_from_wire(m.chat.as_ref()).ok();
                 if let Some(c) = chat {

@@ -249,6 +249,20 @@ impl Out {
         );
     }
 
+    pub(crate) fn typing(&self, c: &meshchat_client::typing::TypingChange, me: UserId) {
+        let chat = self.chat_name(c.chat, me);
+        let who = self.user(c.user.0);
+        self.emit(
+            json!({"type": "typing", "chat": chat, "user": who, "user_id": c.user.0,
+                   "typing": c.typing}),
+            if c.typing {
+                format!("[{chat}] {who} is typing")
+            } else {
+                format!("[{chat}] {who} stopped typing")
+            },
+        );
+    }
+
     pub(crate) fn channel_event(&self, c: &pb::ChannelEvent) {
         self.emit(
             json!({"type": "channel_event", "channel_id": c.channel_id, "user_id": c.user_id, "joined": c.joined}),

@@ -1,0 +1,116 @@
+//! A static cluster of in-process nodes over a real QUIC mesh (mutual TLS with the dev CA),
+//! one shared embedded store in a temp dir, and real clients following redirects.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshchat_client::{Client, ConnectOptions, Events, Session};
+use meshchat_idgen::{ChatId, NodeId};
+use meshchat_messaging::config::StaticMember;
+use meshchat_messaging::{NodeConfig, RunningNode};
+
+use super::free_udp_port;
+
+/// A user's client, its events and its session.
+pub type User = (Arc<Client>, Events, Session);
+
+pub struct Cluster {
+    pub nodes: Vec<RunningNode>,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn cluster(n: u32) -> Cluster {
+    cluster_with(n, |_| {}).await
+}
+
+/// `n` nodes, each config passed through `tweak` before the node starts.
+pub async fn cluster_with(n: u32, tweak: impl Fn(&mut NodeConfig)) -> Cluster {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().expect("dir");
+    let members: Vec<StaticMember> = (1..=n)
+        .map(|id| StaticMember {
+            id,
+            mesh_addr: format!("127.0.0.1:{}", free_udp_port())
+                .parse()
+                .expect("addr"),
+            client_addr: format!("127.0.0.1:{}", free_udp_port()),
+            weight: 1,
+            worker_id: None,
+        })
+        .collect();
+    let mut nodes = Vec::new();
+    for m in &members {
+        let mut c = super::config_in(dir.path());
+        c.node_id = m.id;
+        c.listen = m.client_addr.parse().expect("addr");
+        c.cluster.mesh_listen = Some(m.mesh_addr);
+        c.cluster.members = members.clone();
+        tweak(&mut c);
+        nodes.push(meshchat_messaging::start(c).await.expect("node starts"));
+    }
+    // Wait for every link (lower ids dial higher ones).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for node in &nodes {
+        let mesh = node.mesh.as_ref().expect("mesh");
+        for peer in 1..=n {
+            if peer == mesh.me().0 {
+                continue;
+            }
+            while !mesh.peer_up(NodeId(peer)) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "mesh link {} -> {peer} never came up",
+                    mesh.me().0
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    Cluster { nodes, dir }
+}
+
+impl Cluster {
+    pub fn options(&self) -> ConnectOptions {
+        ConnectOptions::new(
+            meshchat_client::load_ca(&self.dir.path().join("ca.pem")).expect("dev CA"),
+        )
+    }
+
+    /// Registers `name` through node 1; the client follows the redirect to its home.
+    pub async fn user(&self, name: &str) -> (Client, Events, Session) {
+        let (c, e) = Client::connect(&self.nodes[0].addr.to_string(), self.options())
+            .await
+            .expect("connect");
+        let s = c.register(name, "password-123").await.expect("register");
+        (c, e, s)
+    }
+
+    pub fn home_of(&self, client: &Client) -> NodeId {
+        let addr = client.server();
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| n.addr.to_string() == addr)
+            .expect("connected to a member");
+        NodeId(i as u32 + 1)
+    }
+
+    /// One user homed on node 1 and one on node 2, and their direct chat.
+    pub async fn pair(&self) -> (User, User, ChatId) {
+        let addrs: Vec<String> = self.nodes.iter().map(|n| n.addr.to_string()).collect();
+        let mut users = super::one_user_homed_at_each(&addrs[0], &self.options(), &addrs)
+            .await
+            .into_iter();
+        let a = users.next().expect("a user on node 1");
+        let b = users.next().expect("a user on node 2");
+        let chat = ChatId::direct(a.2.user, b.2.user);
+        (a, b, chat)
+    }
+
+    pub fn mesh(&self, node: NodeId) -> &Arc<meshchat_backplane::mesh::Mesh> {
+        self.nodes[node.0 as usize - 1].mesh.as_ref().expect("mesh")
+    }
+}
