@@ -158,7 +158,7 @@ mod tests {
             t.typing_in(chat, t0 + Duration::from_secs(1)),
             vec![UserId(3)]
         );
-        // A start that arrives after its own expiry time was running out: shows again.
+        // A start after a stop shows again.
         assert!(
             t.observe(&event(chat, 2, true, 6000), t0 + Duration::from_secs(2))
                 .is_some()

@@ -6,12 +6,13 @@
 //! - per user, [`PER_USER_PER_SEC`] requests a second (burst [`PER_USER_BURST`]), over it
 //!   `RATE_LIMITED`: toggling, or cycling through chats, cannot flood anyone;
 //! - a chat of more than [`MAX_AUDIENCE`] other members has indicators off (`FORBIDDEN`);
-//! - a start is pushed at most once per [`REFRESH`] per user and chat (a more frequent one is
+//! - a start is pushed at most once per [`COALESCE`] per user and chat (a more frequent one is
 //!   answered without a push: the recipients' indicator is still running), and a stop only
 //!   while a pushed start may still be showing;
-//! - per chat, [`CHAT_PUSHES_PER_SEC`] pushes a second in all, each indicator costing one push
-//!   per recipient: in a channel of 500 members that is 4 indicators a second, whoever types.
-//!   Over it `RATE_LIMITED`, with the time to wait.
+//! - per chat and node (the typist's home decides), [`CHAT_PUSHES_PER_SEC`] pushes a second,
+//!   each indicator costing one push per recipient: in a channel of 500 members that is 4
+//!   indicators a second from the typists homed on one node. Over it `RATE_LIMITED`, with the
+//!   time to wait.
 //!
 //! Sans-IO over governor's clock: the tests drive it with a fake clock.
 
@@ -29,8 +30,12 @@ use crate::error::RequestError;
 
 /// How long an indicator shows at a recipient without a refresh (pushed as `expires_in_ms`).
 pub const TTL: Duration = Duration::from_secs(6);
-/// A start is pushed at most this often per user and chat; clients refresh at this interval.
+/// Clients refresh a running indicator at this interval.
 pub const REFRESH: Duration = Duration::from_secs(3);
+/// A start within this of the last pushed one is not pushed. Shorter than [`REFRESH`] by a
+/// second of jitter, so a refresh that arrives a little early is still pushed: pushes are then
+/// at most `COALESCE + REFRESH` (5 s) apart, inside [`TTL`].
+pub const COALESCE: Duration = Duration::from_secs(2);
 /// Typing requests per user per second.
 pub const PER_USER_PER_SEC: u32 = 5;
 /// Burst of typing requests per user.
@@ -132,7 +137,7 @@ impl<C: Clock + Clone> TypingGate<C> {
         let key = (user, chat);
         let showing = self.started.get(&key).map(|at| since(now, *at));
         let pushes = match (typing, showing) {
-            (true, Some(age)) if age < REFRESH => false,
+            (true, Some(age)) if age < COALESCE => false,
             (true, _) => true,
             (false, Some(age)) => age < TTL,
             (false, None) => false,
@@ -214,7 +219,7 @@ mod tests {
             Verdict::Coalesced,
             "a refresh 1 s later: the recipient's indicator still runs"
         );
-        clock.advance(REFRESH);
+        clock.advance(COALESCE);
         assert_eq!(
             g.admit(ALICE, direct(), true, 1).expect("admitted"),
             Verdict::Push

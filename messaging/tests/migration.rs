@@ -55,7 +55,7 @@ async fn a_client_that_changes_its_address_keeps_its_session_and_loses_nothing()
     let old_local = bob.endpoint().local_addr().expect("local addr");
     let challenges = conn_before.stats().frame_rx.path_challenge;
 
-    // A request in flight while the address changes.
+    // A request sent around the address change (it may leave before or after the rebind).
     let in_flight = {
         let bob = bob.clone();
         tokio::spawn(async move { bob.history(chat, 0, Direction::Backward, 50).await })

@@ -81,6 +81,7 @@ pub fn spawn_node_ttl(
     if let Err(e) = rx.recv_timeout(Duration::from_secs(20)) {
         let status = child.try_wait();
         let _ = child.kill();
+        let _ = child.wait();
         let log = tail.lock().iter().cloned().collect::<Vec<_>>().join("\n");
         panic!(
             "node {id} did not join the ring ({e}; exit: {status:?}); its last log lines:\n{log}"
