@@ -6,10 +6,7 @@ use std::time::Duration;
 
 use meshchat_client::{Client, ConnectOptions, Events, Session};
 use meshchat_idgen::{ChatId, NodeId};
-use meshchat_messaging::config::StaticMember;
 use meshchat_messaging::{NodeConfig, RunningNode};
-
-use super::free_udp_port;
 
 /// A user's client, its events and its session.
 pub type User = (Arc<Client>, Events, Session);
@@ -30,17 +27,7 @@ pub async fn cluster_with(n: u32, tweak: impl Fn(&mut NodeConfig)) -> Cluster {
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().expect("dir");
-    let members: Vec<StaticMember> = (1..=n)
-        .map(|id| StaticMember {
-            id,
-            mesh_addr: format!("127.0.0.1:{}", free_udp_port())
-                .parse()
-                .expect("addr"),
-            client_addr: format!("127.0.0.1:{}", free_udp_port()),
-            weight: 1,
-            worker_id: None,
-        })
-        .collect();
+    let members = super::static_members(n);
     let mut nodes = Vec::new();
     for m in &members {
         let mut c = super::config_in(dir.path());
