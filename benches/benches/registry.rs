@@ -151,6 +151,7 @@ async fn loopback(
         CLIENT_ALPN,
         &NodeConfig::default(),
         &tls::token_key(),
+        &std::sync::Arc::new(meshchat_messaging::tickets::TicketStore::new(0)),
     )
     .expect("server config");
     let server = quinn::Endpoint::server(sc, ([127, 0, 0, 1], 0).into()).expect("server");

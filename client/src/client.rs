@@ -352,6 +352,33 @@ impl Client {
         server: &str,
         opts: ConnectOptions,
     ) -> Result<(Self, Events), ClientError> {
+        let (client, events) = Self::unconnected(endpoint, server, opts);
+        client.open().await?;
+        Ok((client, events))
+    }
+
+    /// Connects over `endpoint` and authenticates with a session `token`, the hello and the
+    /// authentication sent together. A returning client resumes this way: when `endpoint`
+    /// holds a session ticket from any node of the cluster, both go in 0-RTT data and the
+    /// session is back one round trip after the first packet (docs/PROTOCOL.md, "0-RTT
+    /// resumption"). Follows a redirect to the user's home node.
+    pub async fn connect_authenticated(
+        endpoint: quinn::Endpoint,
+        server: &str,
+        opts: ConnectOptions,
+        token: &str,
+    ) -> Result<(Self, Events, Session), ClientError> {
+        let (client, events) = Self::unconnected(endpoint, server, opts);
+        let session = client.open_authenticated(token).await?;
+        Ok((client, events, session))
+    }
+
+    /// A client of `server` with no connection yet.
+    fn unconnected(
+        endpoint: quinn::Endpoint,
+        server: &str,
+        opts: ConnectOptions,
+    ) -> (Self, Events) {
         let (tx, rx) = mpsc::channel(opts.event_buffer.max(1));
         let seen = Arc::new(Mutex::new(Seen::default()));
         let mut known = vec![server.to_owned()];
@@ -378,8 +405,7 @@ impl Client {
             owed_depth: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             recent: Mutex::new(RecentSends::default()),
         };
-        client.open().await?;
-        Ok((client, Events { rx, seen }))
+        (client, Events { rx, seen })
     }
 
     async fn open(&self) -> Result<Arc<Conn>, ClientError> {
@@ -653,8 +679,8 @@ impl Client {
         if let Ok(c) = self.conn() {
             c.close();
         }
-        self.open().await?;
-        self.authenticate(&token).await?;
+        // The hello and the authentication in one flight (in 0-RTT data, with a ticket).
+        self.open_authenticated(&token).await?;
         self.fill_gaps().await.map(drop)
     }
 

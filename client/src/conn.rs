@@ -131,6 +131,13 @@ pub struct ConnectOptions {
     pub idle_timeout: Duration,
     /// QUIC receive window of the protocol stream, in bytes.
     pub stream_receive_window: u32,
+    /// Resume with 0-RTT when this endpoint holds a session ticket for the node (any node of
+    /// the cluster: tickets are the cluster's; default on). Replay-safe requests
+    /// ([`meshchat_proto::replay_safe`]: the hello, `Authenticate`, reads, sends) go in the
+    /// first flight and are answered without waiting for the handshake; others wait for it.
+    /// If the node does not take the early data, it is sent again once the handshake
+    /// completes.
+    pub zero_rtt: bool,
 }
 
 impl ConnectOptions {
@@ -148,6 +155,7 @@ impl ConnectOptions {
             seeds: Vec::new(),
             idle_timeout: Duration::from_secs(60),
             stream_receive_window: 256 * 1024,
+            zero_rtt: true,
         }
     }
 }
@@ -194,6 +202,9 @@ pub fn client_config(opts: &ConnectOptions) -> Result<quinn::ClientConfig, Clien
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![meshchat_proto::CLIENT_ALPN.to_vec()];
+    // Session tickets (kept in memory per endpoint) may carry 0-RTT; whether a connection
+    // uses them is `ConnectOptions::zero_rtt`.
+    tls.enable_early_data = true;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ClientError::Setup(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -244,6 +255,39 @@ pub struct Conn {
     /// While set, the connection's own `Silent` and `Disconnected` events are not sent (a
     /// candidate that is not this client's connection yet).
     muted: Arc<AtomicBool>,
+    /// False while the handshake of a 0-RTT connection is in progress; true after it (at
+    /// once for a connection made without 0-RTT).
+    handshaken: watch::Sender<bool>,
+    /// Frames written in 0-RTT data while the handshake is in progress, to be written again
+    /// on a new stream if the node rejects the early data; `None` once the handshake is over.
+    /// Bounded by what the caller sends within one handshake.
+    early_sent: Mutex<Option<Vec<bytes::Bytes>>>,
+    /// What became of 0-RTT on this connection.
+    zero_rtt: Mutex<ZeroRtt>,
+}
+
+/// Whether a connection resumed with 0-RTT, and what the node made of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroRtt {
+    /// A full handshake: no session ticket for the node, or 0-RTT turned off.
+    NotTried,
+    /// Requests went in 0-RTT data; the handshake is in progress.
+    Pending,
+    /// The node took the early data (and may have answered from it).
+    Accepted,
+    /// The node did not take it (a ticket it cannot open): what was written there was sent
+    /// again once the handshake completed.
+    Rejected,
+}
+
+/// What a connection's reader needs (kept to start a reader on a new stream).
+#[derive(Clone)]
+struct ReaderParts {
+    pending: Pending,
+    events: mpsc::Sender<Event>,
+    muted: Arc<AtomicBool>,
+    max_frame: usize,
+    dead: Arc<AtomicBool>,
 }
 
 impl Conn {
@@ -258,23 +302,30 @@ impl Conn {
         let connecting = endpoint
             .connect(addr, &name)
             .map_err(|e| ClientError::Connect(e.to_string()))?;
-        let (conn, (send, recv)) = tokio::time::timeout(opts.connect_timeout, async {
-            let conn = connecting
-                .await
-                .map_err(|e| ClientError::Connect(e.to_string()))?;
-            let streams = conn
-                .open_bi()
-                .await
-                .map_err(|e| ClientError::Connect(e.to_string()))?;
-            Ok::<_, ClientError>((conn, streams))
-        })
-        .await
-        .map_err(|_| {
-            ClientError::Connect(format!(
-                "{server}: no answer within {:?}",
-                opts.connect_timeout
-            ))
-        })??;
+        let (conn, early, state, (send, recv)) =
+            tokio::time::timeout(opts.connect_timeout, async {
+                // With a ticket, 0-RTT: the connection is usable at once, its first requests go
+                // in the first flight. Without one, a full handshake.
+                let connecting = if opts.zero_rtt {
+                    match connecting.into_0rtt() {
+                        Ok((conn, accepted)) => return open_stream(conn, Some(accepted)).await,
+                        Err(connecting) => connecting,
+                    }
+                } else {
+                    connecting
+                };
+                let conn = connecting
+                    .await
+                    .map_err(|e| ClientError::Connect(e.to_string()))?;
+                open_stream(conn, None).await
+            })
+            .await
+            .map_err(|_| {
+                ClientError::Connect(format!(
+                    "{server}: no answer within {:?}",
+                    opts.connect_timeout
+                ))
+            })??;
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let this = Arc::new(Self {
             conn: conn.clone(),
@@ -285,6 +336,9 @@ impl Conn {
             max_frame: opts.max_frame,
             silent: Arc::new(watch::channel(false).0),
             muted: Arc::new(AtomicBool::new(false)),
+            handshaken: watch::channel(early.is_none()).0,
+            early_sent: Mutex::new(early.is_some().then(Vec::new)),
+            zero_rtt: Mutex::new(state),
         });
         let dead = Arc::new(AtomicBool::new(false));
         tokio::spawn(watch_liveness(
@@ -296,14 +350,28 @@ impl Conn {
             dead.clone(),
             (this.silent.clone(), events.clone(), this.muted.clone()),
         ));
-        tokio::spawn(read_loop(
-            conn,
-            recv,
+        let parts = ReaderParts {
             pending,
-            (events, this.muted.clone()),
-            opts.max_frame,
+            events,
+            muted: this.muted.clone(),
+            max_frame: opts.max_frame,
             dead,
-        ));
+        };
+        match early.map(futures::FutureExt::shared) {
+            Some(accepted) => {
+                let (ended_tx, ended) = oneshot::channel();
+                tokio::spawn(read_loop(
+                    conn,
+                    recv,
+                    parts.clone(),
+                    Some((accepted.clone(), ended_tx)),
+                ));
+                tokio::spawn(finish_early(this.clone(), accepted, ended, parts));
+            }
+            None => {
+                tokio::spawn(read_loop(conn, recv, parts, None));
+            }
+        }
         Ok(this)
     }
 
@@ -365,15 +433,46 @@ impl Conn {
         self.conn.close(0u32.into(), b"client closing");
     }
 
-    /// Sends raw bytes on the protocol stream (for tests of malformed input).
+    /// Sends raw bytes on the protocol stream (for tests of malformed input). In 0-RTT data
+    /// while the handshake is in progress: they are sent again if the node rejects it.
     pub async fn send_raw(&self, bytes: &[u8]) -> Result<(), ClientError> {
         let mut s = self.send.lock().await;
-        s.write_all(bytes)
-            .await
-            .map_err(|e| ClientError::Disconnected(e.to_string()))?;
-        s.flush()
-            .await
-            .map_err(|e| ClientError::Disconnected(e.to_string()))
+        let early = match self.early_sent.lock().as_mut() {
+            Some(sent) => {
+                sent.push(bytes::Bytes::copy_from_slice(bytes));
+                true
+            }
+            None => false,
+        };
+        let written = async {
+            s.write_all(bytes).await?;
+            s.flush().await
+        }
+        .await;
+        match written {
+            Ok(()) => Ok(()),
+            // Rejected 0-RTT data: `finish_early` writes it again on a new stream.
+            Err(_) if early => Ok(()),
+            Err(e) => Err(ClientError::Disconnected(e.to_string())),
+        }
+    }
+
+    /// Whether this connection's handshake is complete (a 0-RTT connection serves requests
+    /// before it is).
+    pub fn is_handshaken(&self) -> bool {
+        *self.handshaken.borrow()
+    }
+
+    /// Whether this connection resumed with 0-RTT, and whether the node took it.
+    pub fn zero_rtt(&self) -> ZeroRtt {
+        *self.zero_rtt.lock()
+    }
+
+    /// Resolves once the handshake is complete (and, after rejected 0-RTT data, the stream
+    /// opened again); at once for a connection made without 0-RTT.
+    pub async fn handshake_complete(&self) {
+        let mut rx = self.handshaken.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
     }
 
     /// Waits for a reply with `request_id` (used with [`Conn::send_raw`]).
@@ -389,8 +488,11 @@ impl Conn {
         &self,
         body: client_frame::Body,
     ) -> Result<server_frame::Body, ClientError> {
+        // Requests a replay could harm never go in 0-RTT data.
+        if !meshchat_proto::replay_safe(&body) {
+            self.handshake_done_within().await?;
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let rx = self.expect_reply(id);
         let mut buf = BytesMut::new();
         encode_into(
             &ClientFrame {
@@ -401,10 +503,30 @@ impl Conn {
             &mut buf,
         )
         .map_err(|e| ClientError::Setup(format!("request does not encode: {e}")))?;
+        match self.request_once(id, &buf).await {
+            // The node read it before its side of the handshake was done (a reordered
+            // packet): once ours is, it is not early any more. Sent again as it was.
+            Err(e) if e.code() == Some(ErrorCode::TooEarly) => {
+                self.handshake_done_within().await?;
+                self.request_once(id, &buf).await
+            }
+            other => other,
+        }
+    }
+
+    async fn handshake_done_within(&self) -> Result<(), ClientError> {
+        tokio::time::timeout(self.timeout, self.handshake_complete())
+            .await
+            .map_err(|_| ClientError::Timeout)
+    }
+
+    /// Sends request `id`, encoded in `buf`, and waits for its reply body.
+    async fn request_once(&self, id: u64, buf: &[u8]) -> Result<server_frame::Body, ClientError> {
+        let rx = self.expect_reply(id);
         // One deadline for the write and the reply: a node that stops reading must not hang
         // the caller in the write.
         let deadline = tokio::time::Instant::now() + self.timeout;
-        match tokio::time::timeout_at(deadline, self.send_raw(&buf)).await {
+        match tokio::time::timeout_at(deadline, self.send_raw(buf)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 self.pending.lock().remove(&id);
@@ -546,14 +668,104 @@ async fn watch_liveness(
     }
 }
 
+/// A connection, its 0-RTT acceptance (while its protocol stream is a 0-RTT one), what
+/// became of 0-RTT, and its protocol stream.
+type Opened = (
+    quinn::Connection,
+    Option<quinn::ZeroRttAccepted>,
+    ZeroRtt,
+    (quinn::SendStream, quinn::RecvStream),
+);
+
+/// Opens the protocol stream of `conn` (at once in 0-RTT: a stream needs no round trip).
+async fn open_stream(
+    conn: quinn::Connection,
+    early: Option<quinn::ZeroRttAccepted>,
+) -> Result<Opened, ClientError> {
+    let streams = conn
+        .open_bi()
+        .await
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    // A handshake that completed before the stream was opened (a busy client: the node's
+    // answer came first) leaves nothing early: the stream is an ordinary one.
+    let (early, state) = match early {
+        Some(accepted) if streams.1.is_0rtt() => (Some(accepted), ZeroRtt::Pending),
+        Some(accepted) => match futures::FutureExt::now_or_never(accepted) {
+            Some(true) => (None, ZeroRtt::Accepted),
+            Some(false) => (None, ZeroRtt::Rejected),
+            None => (None, ZeroRtt::NotTried),
+        },
+        None => (None, ZeroRtt::NotTried),
+    };
+    Ok((conn, early, state, streams))
+}
+
+/// Waits for a 0-RTT connection's handshake. If the node did not take the early data (it
+/// does not hold the ticket: another node issued it, it was evicted, or the node restarted),
+/// what was written there is lost: opens the stream again on the now complete connection,
+/// starts its reader and writes those frames again, so requests in flight are answered as if
+/// nothing happened. `early_reader_gone` resolves once the rejected stream's reader has
+/// dropped it.
+async fn finish_early(
+    this: Arc<Conn>,
+    accepted: futures::future::Shared<quinn::ZeroRttAccepted>,
+    early_reader_gone: oneshot::Receiver<()>,
+    parts: ReaderParts,
+) {
+    let taken = accepted.await;
+    *this.zero_rtt.lock() = if taken {
+        ZeroRtt::Accepted
+    } else {
+        ZeroRtt::Rejected
+    };
+    // Writers hold this lock while they record and write: none is half-way below.
+    let mut send = this.send.lock().await;
+    let frames = this.early_sent.lock().take().unwrap_or_default();
+    if !taken && this.conn.close_reason().is_none() {
+        debug!(
+            frames = frames.len(),
+            "0-RTT data rejected: sending it again"
+        );
+        // The new stream has the rejected one's id, and quinn forgets a stream's waiting
+        // reader (by id) when a handle of it is dropped: the old handles go first. (Its
+        // reader wakes with an error on the rejection; dropped, the sender errs here too.)
+        let _ = early_reader_gone.await;
+        match this.conn.open_bi().await {
+            Ok((s, r)) => {
+                drop(std::mem::replace(&mut *send, s));
+                tokio::spawn(read_loop(this.conn.clone(), r, parts, None));
+                for f in &frames {
+                    if send.write_all(f).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, "no stream after a rejected 0-RTT");
+                this.conn.close(0u32.into(), b"no stream after 0-RTT");
+            }
+        }
+    }
+    drop(send);
+    this.handshaken.send_replace(true);
+}
+
 async fn read_loop(
     conn: quinn::Connection,
     recv: quinn::RecvStream,
-    pending: Pending,
-    (events, muted): (mpsc::Sender<Event>, Arc<AtomicBool>),
-    max_frame: usize,
-    dead: Arc<AtomicBool>,
+    parts: ReaderParts,
+    early: Option<(
+        futures::future::Shared<quinn::ZeroRttAccepted>,
+        oneshot::Sender<()>,
+    )>,
 ) {
+    let ReaderParts {
+        pending,
+        events,
+        muted,
+        max_frame,
+        dead,
+    } = parts;
     let mut reader = FramedRead::new(recv, FrameCodec::<ServerFrame, ClientFrame>::new(max_frame));
     let mut next_seq = 1u64;
     while let Some(frame) = reader.next().await {
@@ -604,6 +816,17 @@ async fn read_loop(
             // Nobody listens; keep serving replies.
             continue;
         }
+    }
+    // The stream of rejected 0-RTT data ends while the connection lives on: `finish_early`
+    // opens another (once this one is dropped) and starts its reader; the requests stay
+    // pending.
+    if let Some((accepted, ended)) = early
+        && !accepted.await
+        && conn.close_reason().is_none()
+    {
+        drop(reader);
+        let _ = ended.send(());
+        return;
     }
     // Fail every waiting request now rather than at its timeout.
     pending.lock().clear();

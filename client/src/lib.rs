@@ -16,7 +16,7 @@ pub mod error;
 pub mod typing;
 
 pub use client::{Client, Events, Session};
-pub use conn::{ConnectOptions, Event};
+pub use conn::{ConnectOptions, Event, ZeroRtt};
 pub use error::ClientError;
 pub use typing::TypingTracker;
 

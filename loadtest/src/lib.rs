@@ -7,6 +7,8 @@
 //! - [`cluster`]: the cluster under test (external, or spawned node processes).
 //! - [`chaos`]: faults on a plan (node kill and restart, partition and heal, Redis down and
 //!   up, storage writes failing, a flood at ten times the rate limit) and re-home times.
+//! - [`delay`]: a UDP relay adding a fixed delay each way (`meshchat-resume`: time to the
+//!   first reply, 0-RTT against a full handshake).
 //! - [`netns`]: network namespaces, a bridge and veth pairs for the partition fault.
 //! - [`provision`]: synthetic users (store rows and minted tokens, no per-user hashing).
 //! - [`fleet`]: the connections: endpoints, source addresses, paced ramp, event draining.
@@ -18,6 +20,7 @@
 
 pub mod chaos;
 pub mod cluster;
+pub mod delay;
 pub mod fleet;
 pub mod netns;
 pub mod provision;

@@ -46,6 +46,7 @@ pub(crate) struct AdminState {
     pub mesh: Option<Weak<Mesh>>,
     pub store: Option<Weak<EmbeddedStore>>,
     pub gate: Arc<HandshakeGate>,
+    pub tickets: Arc<crate::tickets::TicketStore>,
     pub stop: watch::Receiver<bool>,
 }
 
@@ -202,6 +203,9 @@ fn refresh_gauges(s: &AdminState, node: &Node, ready: bool) {
     if let Some(store) = s.store.as_ref().and_then(Weak::upgrade) {
         m.gauge("meshchat_store_queue_depth", store.queue_depth() as f64);
     }
+    let (tickets, ticket_bytes) = s.tickets.usage();
+    m.gauge("meshchat_tls_tickets", tickets as f64);
+    m.gauge("meshchat_tls_ticket_bytes", ticket_bytes as f64);
     m.gauge(
         "meshchat_argon2_in_progress",
         node.auth.hashes_in_progress() as f64,

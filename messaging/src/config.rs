@@ -508,6 +508,10 @@ pub struct TransportSettings {
     pub udp_send_buffer: usize,
     /// Path MTU discovery (default off: costs memory per connection, chat frames are small).
     pub mtu_discovery: bool,
+    /// Bytes of TLS session tickets kept for 0-RTT resumption (default 16 MiB, about 45,000
+    /// tickets; 0 turns resumption and 0-RTT off). Each ticket is used once; past the budget
+    /// the oldest go, and their clients make a full handshake.
+    pub ticket_store_bytes: usize,
 }
 
 impl Default for TransportSettings {
@@ -519,6 +523,7 @@ impl Default for TransportSettings {
             udp_recv_buffer: 8 * 1024 * 1024,
             udp_send_buffer: 8 * 1024 * 1024,
             mtu_discovery: false,
+            ticket_store_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -562,6 +567,8 @@ const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
 const MAX_MEMBER_TTL: Duration = Duration::from_secs(3600);
 /// Largest QUIC flow-control window: a client can make the node buffer this much.
 const MAX_WINDOW: u64 = 64 * 1024 * 1024;
+/// Largest `transport.ticket_store_bytes`: 1 GiB.
+const MAX_TICKET_STORE: usize = 1 << 30;
 /// Largest kernel UDP buffer asked for (the kernel takes an `int`; it caps it far lower).
 const MAX_UDP_BUFFER: usize = 1 << 30;
 
@@ -983,6 +990,12 @@ impl NodeConfig {
             t.udp_send_buffer,
             0,
             MAX_UDP_BUFFER,
+        )?;
+        within(
+            "transport.ticket_store_bytes",
+            t.ticket_store_bytes,
+            0,
+            MAX_TICKET_STORE,
         )?;
         Ok(())
     }

@@ -72,6 +72,12 @@ pub enum RequestError {
     /// Storage refused or failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A request that is not safe to replay came in 0-RTT early data.
+    #[error(
+        "this request came in 0-RTT early data and is not safe to replay: send it again once \
+         the handshake is complete"
+    )]
+    TooEarly,
     /// Anything else that is the node's fault.
     #[error("internal error: {0}")]
     Internal(String),
@@ -97,6 +103,7 @@ impl RequestError {
             E::Overloaded(_) => ErrorCode::Overloaded,
             E::Fenced => ErrorCode::Unavailable,
             E::Internal(_) => ErrorCode::Internal,
+            E::TooEarly => ErrorCode::TooEarly,
             E::Storage(s) => match s {
                 StorageError::UserExists(_) => ErrorCode::UserExists,
                 StorageError::ChannelExists(_) => ErrorCode::ChannelExists,

@@ -46,6 +46,7 @@ pub mod router;
 pub mod secret;
 pub mod server;
 pub mod session;
+pub mod tickets;
 pub mod tls;
 pub mod typing;
 

@@ -115,6 +115,10 @@ fn describe() {
         "Requests refused with RATE_LIMITED, by request type."
     );
     describe_counter!(
+        "meshchat_early_data_requests_total",
+        "Requests read from 0-RTT early data: served (replay-safe) or too_early (refused TOO_EARLY)."
+    );
+    describe_counter!(
         "meshchat_messages_sent_total",
         "Messages stored and acked (idempotent retries not counted)."
     );
@@ -139,6 +143,15 @@ fn describe() {
     describe_gauge!(
         "meshchat_store_queue_depth",
         "Writes waiting for the embedded store's writer thread."
+    );
+    describe_gauge!(
+        "meshchat_tls_tickets",
+        "TLS session tickets held for 0-RTT resumption (each used once)."
+    );
+    describe_gauge!(
+        "meshchat_tls_ticket_bytes",
+        Unit::Bytes,
+        "Bytes the ticket store is counted at (bounded by transport.ticket_store_bytes)."
     );
     describe_gauge!(
         "meshchat_argon2_in_progress",
@@ -228,6 +241,8 @@ struct Handles {
     handshakes: DashMap<&'static str, Counter>,
     handshake_seconds: Histogram,
     pushes: Counter,
+    early_served: Counter,
+    early_refused: Counter,
     messages_sent: Counter,
     append_seconds: Histogram,
     delivery_seconds: Histogram,
@@ -319,6 +334,8 @@ impl NodeMetrics {
             handshakes: DashMap::new(),
             handshake_seconds: metrics::histogram!("meshchat_handshake_duration_seconds", "node" => node.clone()),
             pushes: counter!("meshchat_pushes_total", "node" => node.clone()),
+            early_served: counter!("meshchat_early_data_requests_total", "node" => node.clone(), "outcome" => "served"),
+            early_refused: counter!("meshchat_early_data_requests_total", "node" => node.clone(), "outcome" => "too_early"),
             messages_sent: counter!("meshchat_messages_sent_total", "node" => node.clone()),
             append_seconds: metrics::histogram!("meshchat_storage_duration_seconds", "node" => node.clone(), "op" => "append"),
             delivery_seconds: metrics::histogram!("meshchat_delivery_latency_seconds", "node" => node.clone()),
@@ -440,6 +457,15 @@ impl NodeMetrics {
     /// Connections with their handshake done and their session running.
     pub fn established_now(&self) -> u64 {
         self.established.load(Ordering::Relaxed)
+    }
+
+    /// A request read from 0-RTT early data: served, or refused `TOO_EARLY`.
+    pub fn early_request(&self, served: bool) {
+        if served {
+            self.h.early_served.increment(1);
+        } else {
+            self.h.early_refused.increment(1);
+        }
     }
 
     /// `n` push frames written to a connection.

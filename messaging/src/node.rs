@@ -133,6 +133,8 @@ pub struct Node {
     lease: Arc<LeaseGate>,
     /// Admission of password attempts (rates per source and account, turns per source).
     passwords: PasswordGate,
+    /// Requests read from 0-RTT early data: [served, refused TOO_EARLY].
+    early: [std::sync::atomic::AtomicU64; 2],
     /// Which typing indicators are pushed (rates per user and chat).
     typing: crate::typing::TypingGate,
     /// Bytes of requests being handled, all connections together.
@@ -216,6 +218,7 @@ impl Node {
             lease: Arc::new(LeaseGate::unbounded()),
             inflight_bytes: Arc::new(tokio::sync::Semaphore::new(inflight_bytes)),
             typing: crate::typing::TypingGate::default(),
+            early: Default::default(),
             passwords: PasswordGate::new(PasswordLimits {
                 per_source_per_min: config_auth.attempts_per_source_per_min,
                 source_burst: config_auth.attempts_per_source_burst,
@@ -234,6 +237,18 @@ impl Node {
     /// The connection registry.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Counts a request read from 0-RTT early data: served (replay-safe) or refused.
+    pub(crate) fn early_request(&self, served: bool) {
+        self.early[usize::from(!served)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.early_request(served);
+    }
+
+    /// Requests read from 0-RTT early data so far: (served, refused `TOO_EARLY`).
+    pub fn early_requests(&self) -> (u64, u64) {
+        let get = |i: usize| self.early[i].load(std::sync::atomic::Ordering::Relaxed);
+        (get(0), get(1))
     }
 
     /// Drops rate-limiter state of users idle long enough to be back at a full burst.

@@ -163,6 +163,7 @@ impl RunningNode {
             meshchat_proto::CLIENT_ALPN,
             &effective,
             &self.token_key,
+            &self.tickets,
         )?;
         let mut mesh_expiry = None;
         let mesh = match &self.mesh {

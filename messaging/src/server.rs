@@ -77,6 +77,8 @@ pub struct RunningNode {
     pub(crate) gate: Arc<HandshakeGate>,
     /// The Retry token key, kept across reloads.
     pub(crate) token_key: Arc<ring::hkdf::Prk>,
+    /// The TLS session tickets for 0-RTT (kept across reloads).
+    pub(crate) tickets: Arc<crate::tickets::TicketStore>,
     /// The configuration as given to `start`, with what reloads applied (what a reload
     /// compares with).
     pub(crate) given: parking_lot::Mutex<Box<NodeConfig>>,
@@ -85,6 +87,11 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
+    /// TLS session tickets held for 0-RTT, and the bytes they are counted at.
+    pub fn tickets(&self) -> (usize, usize) {
+        self.tickets.usage()
+    }
+
     /// Turns true when a drain of this node is done (`POST /drain`): stop it then.
     pub fn drained(&self) -> watch::Receiver<bool> {
         self.node.drain().done()
@@ -158,8 +165,16 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     let identity = tls::node_identity(&config)?;
     let client_cert_expiry = tls::not_after_unix(&identity.chain[0]);
     let token_key = tls::token_key();
-    let server_config =
-        tls::server_config(identity, meshchat_proto::CLIENT_ALPN, &config, &token_key)?;
+    let tickets = Arc::new(crate::tickets::TicketStore::new(
+        config.transport.ticket_store_bytes,
+    ));
+    let server_config = tls::server_config(
+        identity,
+        meshchat_proto::CLIENT_ALPN,
+        &config,
+        &token_key,
+        &tickets,
+    )?;
     let socket = tls::udp_socket(config.listen, &config.transport)?;
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
@@ -243,6 +258,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
                 mesh: mesh.as_ref().map(Arc::downgrade),
                 store: embedded.as_ref().map(Arc::downgrade),
                 gate: gate.clone(),
+                tickets: tickets.clone(),
                 stop: stop_rx.clone(),
             };
             let (admin_stop, until) = watch::channel(false);
@@ -281,6 +297,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         endpoint,
         gate,
         token_key,
+        tickets,
         given,
         stop,
         done,

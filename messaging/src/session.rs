@@ -158,39 +158,157 @@ pub(crate) async fn serve(
     let remote = incoming.remote_address();
     let started = std::time::Instant::now();
     let metrics = node.metrics.clone();
-    // A handshake that does not finish in time gives its slot back (dropping it closes the
-    // connection): a client that sends an Initial and nothing more holds a slot for
-    // `handshake_timeout`, not for the idle timeout.
-    let conn = match tokio::time::timeout(node.limits().handshake_timeout, incoming).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
             debug!(%remote, error = %e, "handshake failed");
             metrics.handshake("failed", None);
             return;
         }
-        Err(_) => {
-            debug!(%remote, "handshake timed out");
-            metrics.handshake("timeout", None);
-            return;
+    };
+    // Served from the start (0.5-RTT): a resuming client's 0-RTT requests are answered before
+    // its handshake completes; `Handshake` finishes it. (A server-side `into_0rtt` always
+    // succeeds; the fallback keeps the plain path if that ever changes.)
+    let (conn, handshake) = match connecting.into_0rtt() {
+        Ok((conn, done)) => (
+            conn,
+            Some(Handshake {
+                // A handshake that does not finish in time gives its slot back and the
+                // connection is closed: a client that sends an Initial and nothing more
+                // holds a slot for `handshake_timeout`, not for the idle timeout.
+                done: Box::pin(tokio::time::timeout(node.limits().handshake_timeout, done)),
+                slot: handshake_slot,
+                started,
+                ended: None,
+            }),
+        ),
+        Err(connecting) => {
+            match tokio::time::timeout(node.limits().handshake_timeout, connecting).await {
+                Ok(Ok(c)) => {
+                    metrics.handshake("ok", Some(started.elapsed()));
+                    drop(handshake_slot);
+                    (c, None)
+                }
+                Ok(Err(e)) => {
+                    debug!(%remote, error = %e, "handshake failed");
+                    metrics.handshake("failed", None);
+                    return;
+                }
+                Err(_) => {
+                    debug!(%remote, "handshake timed out");
+                    metrics.handshake("timeout", None);
+                    return;
+                }
+            }
         }
     };
-    metrics.handshake("ok", Some(started.elapsed()));
-    drop(handshake_slot);
-    let _established = metrics.established();
     let id = node.registry.next_conn_id();
     // A root span: each connection is a trace of its own (with its requests under it), not
     // part of the node's, so traces end and are sampled per connection.
     let span =
         info_span!(parent: None, "conn", node = node.config.node_id, id = id.0, peer = %remote);
-    run(node, conn, id, &mut shutdown).instrument(span).await;
+    run(node, conn, id, handshake, &mut shutdown)
+        .instrument(span)
+        .await;
+}
+
+/// The rest of a handshake while the connection is already served (0-RTT, 0.5-RTT).
+struct Handshake {
+    /// Resolves `Ok` once the handshake ended (complete or failed: see [`HandshakeEnd::of`]),
+    /// `Err` at the handshake timeout.
+    done: std::pin::Pin<Box<tokio::time::Timeout<quinn::ZeroRttAccepted>>>,
+    /// The connection's handshake slot, given back when the handshake ends.
+    slot: HandshakeSlot,
+    started: std::time::Instant,
+    /// How it ended, when [`Handshake::complete_now`] saw it end first.
+    ended: Option<HandshakeEnd>,
+}
+
+/// How a handshake still in progress ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HandshakeEnd {
+    Complete,
+    Failed,
+    TimedOut,
+}
+
+impl HandshakeEnd {
+    /// The end `done` resolved to. On a server its `bool` says nothing (quinn); the connection
+    /// has an error once the handshake failed (set before `done` resolves).
+    fn of<T>(r: &Result<T, tokio::time::error::Elapsed>, conn: &quinn::Connection) -> Self {
+        match r {
+            Ok(_) if conn.close_reason().is_none() => Self::Complete,
+            Ok(_) => Self::Failed,
+            Err(_) => Self::TimedOut,
+        }
+    }
+}
+
+impl Handshake {
+    /// Whether the handshake is complete at this instant. A frame is early data unless it is:
+    /// the connection's driver may complete the handshake between the session's poll of
+    /// [`handshake_end`] and its read of a frame that came after the client's Finished, so
+    /// this looks again (and keeps what it saw for `handshake_end`). A failed or timed-out
+    /// handshake never makes a frame safe.
+    fn complete_now(&mut self, conn: &quinn::Connection) -> bool {
+        if self.ended.is_none() {
+            self.ended = (&mut self.done)
+                .now_or_never()
+                .map(|r| HandshakeEnd::of(&r, conn));
+        }
+        self.ended == Some(HandshakeEnd::Complete)
+    }
+}
+
+/// Waits for the handshake in progress to end (never, when there is none).
+async fn handshake_end(h: &mut Option<Handshake>, conn: &quinn::Connection) -> HandshakeEnd {
+    match h {
+        Some(h) => match h.ended {
+            Some(end) => end,
+            None => HandshakeEnd::of(&(&mut h.done).await, conn),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Ends the handshake in progress (its slot given back, counted); `false` when the
+/// connection is to be dropped (failed, or closed here at the timeout).
+fn finish_handshake(
+    h: &mut Option<Handshake>,
+    end: HandshakeEnd,
+    node: &Node,
+    conn: &quinn::Connection,
+) -> bool {
+    let Some(hs) = h.take() else { return true };
+    drop(hs.slot);
+    match end {
+        HandshakeEnd::Complete => {
+            node.metrics.handshake("ok", Some(hs.started.elapsed()));
+            true
+        }
+        HandshakeEnd::Failed => {
+            debug!("handshake failed");
+            node.metrics.handshake("failed", None);
+            false
+        }
+        HandshakeEnd::TimedOut => {
+            debug!("handshake timed out");
+            node.metrics.handshake("timeout", None);
+            conn.close(0u32.into(), b"handshake timed out");
+            false
+        }
+    }
 }
 
 async fn run(
     node: Arc<Node>,
     conn: quinn::Connection,
     id: ConnId,
+    mut handshake: Option<Handshake>,
     shutdown: &mut watch::Receiver<bool>,
 ) {
+    // Counted as established once the handshake is complete.
+    let mut _established = handshake.is_none().then(|| node.metrics.established());
     // This connection's bounds: the limits in force when it was made.
     let limits = node.limits_snapshot();
     let max_auth_failures = node.config.auth.max_auth_failures.max(1);
@@ -199,19 +317,27 @@ async fn run(
     let auth_deadline = tokio::time::sleep(limits.auth_timeout);
     tokio::pin!(auth_deadline);
 
-    // The client opens one bidirectional stream.
-    let (mut send, recv) = tokio::select! {
-        s = conn.accept_bi() => match s {
-            Ok(s) => s,
-            Err(e) => { debug!(error = %e, "closed before opening a stream"); return; }
-        },
-        _ = &mut auth_deadline => {
-            conn.close(close_code(ErrorCode::AuthTimeout), b"no stream opened in time");
-            return;
-        }
-        _ = shutdown.changed() => {
-            conn.close(close_code(ErrorCode::Unavailable), b"node shutting down");
-            return;
+    // The client opens one bidirectional stream (in 0-RTT data, when it resumes).
+    let (mut send, recv) = loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok(s) => break s,
+                Err(e) => { debug!(error = %e, "closed before opening a stream"); return; }
+            },
+            end = handshake_end(&mut handshake, &conn) => {
+                if !finish_handshake(&mut handshake, end, &node, &conn) {
+                    return;
+                }
+                _established = Some(node.metrics.established());
+            }
+            _ = &mut auth_deadline => {
+                conn.close(close_code(ErrorCode::AuthTimeout), b"no stream opened in time");
+                return;
+            }
+            _ = shutdown.changed() => {
+                conn.close(close_code(ErrorCode::Unavailable), b"node shutting down");
+                return;
+            }
         }
     };
     let mut reader = FrameReader::new(recv, limits.max_frame_bytes as usize);
@@ -223,12 +349,35 @@ async fn run(
     let mut auth_failures: u32 = 0;
     let mut inflight: FuturesUnordered<Reply> = FuturesUnordered::new();
     let max_frame = limits.max_frame_bytes as usize;
+    // Authenticated in early data, not yet in the registry (the login's time): a replayed
+    // 0-RTT flight never completes its handshake, and must not hold one of the user's
+    // connection slots meanwhile.
+    let mut unregistered: Option<u64> = None;
     // Why the loop ended: a code and reason to close with, or None for a clean client close.
     let close: Option<(ErrorCode, &'static [u8])> = loop {
         tokio::select! {
             biased;
             _ = shutdown.changed() => {
                 break Some((ErrorCode::Unavailable, b"node shutting down"));
+            }
+            end = handshake_end(&mut handshake, &conn), if handshake.is_some() => {
+                if !finish_handshake(&mut handshake, end, &node, &conn) {
+                    break None;
+                }
+                _established = Some(node.metrics.established());
+                if let (Some(auth_time), Some(me), Some(ob)) = (unregistered.take(), identity.as_ref(), outbox.as_ref()) {
+                    let handle = ConnHandle { id, outbox: ob.clone(), conn: conn.clone() };
+                    if let Err(refused) = node.registry.insert_capped(me.user, handle, limits.max_connections_per_user, auth_time) {
+                        let (e, reason): (RequestError, &'static [u8]) = match refused {
+                            Refused::Cap(has) => (RequestError::Overloaded(format!("this user has {has} connections on this node, the most allowed; close one")), b"too many connections"),
+                            Refused::SignedOut => (RequestError::TokenExpired, b"signed out"),
+                        };
+                        put(&error_frame(0, &e), max_frame, &mut out);
+                        flush_within(&mut send, &mut out, limits.write_timeout).await;
+                        identity = None;
+                        break Some((e.code(), reason));
+                    }
+                }
             }
             Some(reply) = inflight.next(), if !inflight.is_empty() => {
                 put(&reply, max_frame, &mut out);
@@ -283,6 +432,11 @@ async fn run(
                         let kind = frame.body.as_ref().map_or("unknown", request_type);
                         let started = Instant::now();
                         let record = |outcome: &'static str| node.metrics.request(kind, outcome, started.elapsed());
+                        let early = handshake.as_mut().is_some_and(|h| !h.complete_now(&conn));
+                        let replayable = frame.body.as_ref().is_none_or(meshchat_proto::replay_safe);
+                        if early {
+                            node.early_request(replayable);
+                        }
                         match (frame.body, identity.as_ref()) {
                             (None, _) => {
                                 record(ErrorCode::UnknownRequest.as_str_name());
@@ -294,6 +448,12 @@ async fn run(
                                 let e = RequestError::InvalidArgument("request_id 0 is reserved for pushes: use 1 or more".into());
                                 record(e.code().as_str_name());
                                 put(&error_frame(0, &e), max_frame, &mut out);
+                            }
+                            // 0-RTT data can be replayed: only replay-safe requests are
+                            // served from it; the client sends the others again later.
+                            (Some(_), _) if early && !replayable => {
+                                record(ErrorCode::TooEarly.as_str_name());
+                                put(&error_frame(rid, &RequestError::TooEarly), max_frame, &mut out);
                             }
                             (Some(client_frame::Body::Hello(h)), _) => {
                                 let reply = if h.protocol_version == meshchat_proto::PROTOCOL_VERSION {
@@ -313,6 +473,17 @@ async fn run(
                                         record("ok");
                                         debug!(to = r.node_id, "redirecting to the user's home node");
                                         put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Redirect(r)) }, max_frame, &mut out);
+                                    }
+                                    Ok(AuthOutcome::Authenticated(who, ok)) if early => {
+                                        // Served now, registered (and pushed to) once the
+                                        // handshake completes.
+                                        record("ok");
+                                        auth_deadline.as_mut().reset(deadline_of(ok.expires_unix_ms));
+                                        debug!(user = who.user.0, "authenticated in early data");
+                                        unregistered = Some(who.auth_time_ms);
+                                        identity = Some(Arc::new(who));
+                                        outbox = Some(Outbox::new(limits.outbound_queue));
+                                        put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::AuthOk(ok)) }, max_frame, &mut out);
                                     }
                                     Ok(AuthOutcome::Authenticated(who, ok)) => {
                                         let ob = Outbox::new(limits.outbound_queue);

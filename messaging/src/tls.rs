@@ -325,14 +325,27 @@ pub fn server_config(
     alpn: &[u8],
     config: &NodeConfig,
     token_key: &Arc<ring::hkdf::Prk>,
+    tickets: &Arc<crate::tickets::TicketStore>,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(identity.chain, identity.key)?;
     tls.alpn_protocols = vec![alpn.to_vec()];
-    // Session tickets cost memory per resumption; chat clients reconnect rarely.
-    tls.max_early_data_size = 0;
+    // Resumption with 0-RTT by single-use tickets held on this node (crate::tickets: rustls
+    // gives early data only to stored tickets). QUIC requires early data to be either off or
+    // unbounded at the TLS layer (flow control bounds it). Which requests are served from
+    // early data is the session's rule (replay-safe ones only).
+    if tickets.budget() > 0 {
+        tls.session_storage = tickets.clone();
+        tls.send_tls13_tickets = 1;
+        tls.max_early_data_size = u32::MAX;
+        tls.send_half_rtt_data = true;
+    } else {
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        tls.send_tls13_tickets = 0;
+        tls.max_early_data_size = 0;
+    }
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut sc = quinn::ServerConfig::new(Arc::new(crypto), token_key.clone());

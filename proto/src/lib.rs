@@ -7,6 +7,7 @@
 //!   channels, redirects, errors with stable codes).
 //! - `proto/mesh.proto` -> [`mesh`]: node <-> node frames (peer hello, batched envelopes).
 //! - [`ids`]: wire <-> [`meshchat_idgen::ChatId`] conversions shared by node and client.
+//! - [`replay_safe`]: which requests may be served from 0-RTT early data.
 //! - [`codec`]: the frame codec: a 4-byte big-endian length then the protobuf body, with a
 //!   hard maximum checked before the body is read; a short buffer is "need more", not an error.
 //!
@@ -45,3 +46,44 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const CLIENT_ALPN: &[u8] = b"meshchat/1";
 /// ALPN id for node <-> node connections.
 pub const MESH_ALPN: &[u8] = b"meshchat-mesh/1";
+
+/// Whether a request may be served from 0-RTT early data, which an attacker can replay (to
+/// the same node or another, any number of times, before the client's own connection ends):
+/// reads; `Authenticate` (the replayed connection can read nothing: it never completes its
+/// handshake); sends, which are idempotent by `client_msg_id` (a replay is answered
+/// `duplicate` and re-pushes the same message id, which clients drop); receipts, whose marks
+/// never move back; typing indicators, which expire. Everything else changes state in a way a
+/// replay could undo or repeat (a leave replayed after a rejoin, a reaction replayed after
+/// it was changed) or costs a password hash: the node answers it `TOO_EARLY` in early data and
+/// a client sends it only once the handshake is complete.
+pub fn replay_safe(body: &client::client_frame::Body) -> bool {
+    use client::client_frame::Body as B;
+    match body {
+        B::Hello(_)
+        | B::Authenticate(_)
+        | B::Ping(_)
+        | B::PushAck(_)
+        | B::History(_)
+        | B::ChatList(_)
+        | B::ResolveUser(_)
+        | B::WhereIs(_)
+        | B::Cluster(_)
+        | B::ChannelList(_)
+        | B::ChannelMembers(_)
+        | B::Send(_)
+        | B::Receipt(_)
+        | B::Typing(_) => true,
+        B::Register(_)
+        | B::Login(_)
+        | B::ChangePassword(_)
+        | B::Logout(_)
+        | B::React(_)
+        | B::Unreact(_)
+        | B::ChannelCreate(_)
+        | B::ChannelJoin(_)
+        | B::ChannelLeave(_)
+        | B::ChannelAdd(_)
+        | B::ChannelRemove(_)
+        | B::ChannelSetAdmin(_) => false,
+    }
+}

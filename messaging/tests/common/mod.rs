@@ -6,6 +6,7 @@ pub mod cassandra;
 pub mod cluster;
 pub mod dev;
 pub mod kill;
+pub mod relay;
 
 use std::time::Duration;
 
