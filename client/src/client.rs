@@ -359,9 +359,10 @@ impl Client {
 
     /// Connects over `endpoint` and authenticates with a session `token`, the hello and the
     /// authentication sent together. A returning client resumes this way: when `endpoint`
-    /// holds a session ticket from any node of the cluster, both go in 0-RTT data and the
-    /// session is back one round trip after the first packet (docs/PROTOCOL.md, "0-RTT
-    /// resumption"). Follows a redirect to the user's home node.
+    /// holds a session ticket from that node (tickets are single use and good only at the
+    /// node that issued them), both go in 0-RTT data and the session is back one round trip
+    /// after the first packet (docs/PROTOCOL.md, "0-RTT resumption"); otherwise it costs a
+    /// full handshake. Follows a redirect to the user's home node.
     pub async fn connect_authenticated(
         endpoint: quinn::Endpoint,
         server: &str,

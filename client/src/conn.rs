@@ -131,8 +131,8 @@ pub struct ConnectOptions {
     pub idle_timeout: Duration,
     /// QUIC receive window of the protocol stream, in bytes.
     pub stream_receive_window: u32,
-    /// Resume with 0-RTT when this endpoint holds a session ticket for the node (any node of
-    /// the cluster: tickets are the cluster's; default on). Replay-safe requests
+    /// Resume with 0-RTT when this endpoint holds a session ticket for the node's name
+    /// (default on; a ticket is good at the node that issued it, once). Replay-safe requests
     /// ([`meshchat_proto::replay_safe`]: the hello, `Authenticate`, reads, sends) go in the
     /// first flight and are answered without waiting for the handshake; others wait for it.
     /// If the node does not take the early data, it is sent again once the handshake
@@ -366,7 +366,13 @@ impl Conn {
                     parts.clone(),
                     Some((accepted.clone(), ended_tx)),
                 ));
-                tokio::spawn(finish_early(this.clone(), accepted, ended, parts));
+                tokio::spawn(finish_early(
+                    this.clone(),
+                    accepted,
+                    ended,
+                    parts,
+                    opts.connect_timeout,
+                ));
             }
             None => {
                 tokio::spawn(read_loop(conn, recv, parts, None));
@@ -444,17 +450,15 @@ impl Conn {
             }
             None => false,
         };
-        let written = async {
-            s.write_all(bytes).await?;
-            s.flush().await
-        }
-        .await;
-        match written {
-            Ok(()) => Ok(()),
+        match s.write_all(bytes).await {
+            Ok(()) => {}
             // Rejected 0-RTT data: `finish_early` writes it again on a new stream.
-            Err(_) if early => Ok(()),
-            Err(e) => Err(ClientError::Disconnected(e.to_string())),
+            Err(quinn::WriteError::ZeroRttRejected) if early => return Ok(()),
+            Err(e) => return Err(ClientError::Disconnected(e.to_string())),
         }
+        s.flush()
+            .await
+            .map_err(|e| ClientError::Disconnected(e.to_string()))
     }
 
     /// Whether this connection's handshake is complete (a 0-RTT connection serves requests
@@ -504,8 +508,9 @@ impl Conn {
         )
         .map_err(|e| ClientError::Setup(format!("request does not encode: {e}")))?;
         match self.request_once(id, &buf).await {
-            // The node read it before its side of the handshake was done (a reordered
-            // packet): once ours is, it is not early any more. Sent again as it was.
+            // The node read it as early data (a client that sent it before its handshake
+            // was done, through `send_raw`): once the handshake is complete it is not early
+            // any more. Sent again as it was.
             Err(e) if e.code() == Some(ErrorCode::TooEarly) => {
                 self.handshake_done_within().await?;
                 self.request_once(id, &buf).await
@@ -711,8 +716,18 @@ async fn finish_early(
     accepted: futures::future::Shared<quinn::ZeroRttAccepted>,
     early_reader_gone: oneshot::Receiver<()>,
     parts: ReaderParts,
+    connect_timeout: Duration,
 ) {
-    let taken = accepted.await;
+    // A 0-RTT connection is usable before the node has answered at all: a node that never
+    // answers (dead, unreachable) is given up at the connect timeout, as without 0-RTT, and
+    // the requests waiting on it fail then.
+    let taken = match tokio::time::timeout(connect_timeout, accepted).await {
+        Ok(taken) => taken,
+        Err(_) => {
+            this.conn.close(0u32.into(), b"handshake timed out");
+            false
+        }
+    };
     *this.zero_rtt.lock() = if taken {
         ZeroRtt::Accepted
     } else {

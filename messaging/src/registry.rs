@@ -151,15 +151,21 @@ impl Registry {
         cap: usize,
         auth_time_ms: u64,
     ) -> Result<(), Refused> {
-        {
+        let refused = {
             let mut conns = self.users.entry(user).or_default();
             if self.floors.get(&user).is_some_and(|f| auth_time_ms < *f) {
-                return Err(Refused::SignedOut);
+                Some(Refused::SignedOut)
+            } else if conns.len() >= cap.max(1) {
+                Some(Refused::Cap(conns.len()))
+            } else {
+                conns.push(handle);
+                None
             }
-            if conns.len() >= cap.max(1) {
-                return Err(Refused::Cap(conns.len()));
-            }
-            conns.push(handle);
+        };
+        if let Some(refused) = refused {
+            // A refused first connection leaves no empty entry (the user is not online here).
+            self.users.remove_if(&user, |_, conns| conns.is_empty());
+            return Err(refused);
         }
         self.live.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -203,6 +209,11 @@ impl Registry {
     /// Authenticated connections registered now.
     pub fn live_connections(&self) -> u64 {
         self.live.load(Ordering::Relaxed)
+    }
+
+    /// How many live connections `user` has here.
+    pub fn connections_of(&self, user: UserId) -> usize {
+        self.users.get(&user).map_or(0, |conns| conns.len())
     }
 
     /// Whether `user` has a live connection here.

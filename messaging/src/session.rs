@@ -252,7 +252,9 @@ impl Handshake {
     /// handshake never makes a frame safe.
     fn complete_now(&mut self, conn: &quinn::Connection) -> bool {
         if self.ended.is_none() {
-            self.ended = (&mut self.done)
+            // Unconstrained: tokio's per-task budget must not make a completed handshake
+            // look in progress (a safe answer, TOO_EARLY, but a needless one).
+            self.ended = tokio::task::unconstrained(&mut self.done)
                 .now_or_never()
                 .map(|r| HandshakeEnd::of(&r, conn));
         }
@@ -300,6 +302,15 @@ fn finish_handshake(
     }
 }
 
+/// Counts a handshake still in progress when its connection ends (closed, shut down, timed
+/// out waiting for a stream) as failed; its slot goes with it.
+fn abandon_handshake(h: &mut Option<Handshake>, node: &Node) {
+    if h.take().is_some() {
+        debug!("connection ended during its handshake");
+        node.metrics.handshake("failed", None);
+    }
+}
+
 async fn run(
     node: Arc<Node>,
     conn: quinn::Connection,
@@ -318,11 +329,11 @@ async fn run(
     tokio::pin!(auth_deadline);
 
     // The client opens one bidirectional stream (in 0-RTT data, when it resumes).
-    let (mut send, recv) = loop {
+    let opened = loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
-                Ok(s) => break s,
-                Err(e) => { debug!(error = %e, "closed before opening a stream"); return; }
+                Ok(s) => break Some(s),
+                Err(e) => { debug!(error = %e, "closed before opening a stream"); break None; }
             },
             end = handshake_end(&mut handshake, &conn) => {
                 if !finish_handshake(&mut handshake, end, &node, &conn) {
@@ -332,13 +343,17 @@ async fn run(
             }
             _ = &mut auth_deadline => {
                 conn.close(close_code(ErrorCode::AuthTimeout), b"no stream opened in time");
-                return;
+                break None;
             }
             _ = shutdown.changed() => {
                 conn.close(close_code(ErrorCode::Unavailable), b"node shutting down");
-                return;
+                break None;
             }
         }
+    };
+    let Some((mut send, recv)) = opened else {
+        abandon_handshake(&mut handshake, &node);
+        return;
     };
     let mut reader = FrameReader::new(recv, limits.max_frame_bytes as usize);
     let mut out = BytesMut::new();
@@ -349,10 +364,6 @@ async fn run(
     let mut auth_failures: u32 = 0;
     let mut inflight: FuturesUnordered<Reply> = FuturesUnordered::new();
     let max_frame = limits.max_frame_bytes as usize;
-    // Authenticated in early data, not yet in the registry (the login's time): a replayed
-    // 0-RTT flight never completes its handshake, and must not hold one of the user's
-    // connection slots meanwhile.
-    let mut unregistered: Option<u64> = None;
     // Why the loop ended: a code and reason to close with, or None for a clean client close.
     let close: Option<(ErrorCode, &'static [u8])> = loop {
         tokio::select! {
@@ -365,19 +376,6 @@ async fn run(
                     break None;
                 }
                 _established = Some(node.metrics.established());
-                if let (Some(auth_time), Some(me), Some(ob)) = (unregistered.take(), identity.as_ref(), outbox.as_ref()) {
-                    let handle = ConnHandle { id, outbox: ob.clone(), conn: conn.clone() };
-                    if let Err(refused) = node.registry.insert_capped(me.user, handle, limits.max_connections_per_user, auth_time) {
-                        let (e, reason): (RequestError, &'static [u8]) = match refused {
-                            Refused::Cap(has) => (RequestError::Overloaded(format!("this user has {has} connections on this node, the most allowed; close one")), b"too many connections"),
-                            Refused::SignedOut => (RequestError::TokenExpired, b"signed out"),
-                        };
-                        put(&error_frame(0, &e), max_frame, &mut out);
-                        flush_within(&mut send, &mut out, limits.write_timeout).await;
-                        identity = None;
-                        break Some((e.code(), reason));
-                    }
-                }
             }
             Some(reply) = inflight.next(), if !inflight.is_empty() => {
                 put(&reply, max_frame, &mut out);
@@ -473,17 +471,6 @@ async fn run(
                                         record("ok");
                                         debug!(to = r.node_id, "redirecting to the user's home node");
                                         put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Redirect(r)) }, max_frame, &mut out);
-                                    }
-                                    Ok(AuthOutcome::Authenticated(who, ok)) if early => {
-                                        // Served now, registered (and pushed to) once the
-                                        // handshake completes.
-                                        record("ok");
-                                        auth_deadline.as_mut().reset(deadline_of(ok.expires_unix_ms));
-                                        debug!(user = who.user.0, "authenticated in early data");
-                                        unregistered = Some(who.auth_time_ms);
-                                        identity = Some(Arc::new(who));
-                                        outbox = Some(Outbox::new(limits.outbound_queue));
-                                        put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::AuthOk(ok)) }, max_frame, &mut out);
                                     }
                                     Ok(AuthOutcome::Authenticated(who, ok)) => {
                                         let ob = Outbox::new(limits.outbound_queue);
@@ -623,6 +610,7 @@ async fn run(
         }
     };
 
+    abandon_handshake(&mut handshake, &node);
     if let Some(me) = &identity {
         node.registry.remove(me.user, id);
     }

@@ -79,12 +79,19 @@ async fn a_returning_client_resumes_at_its_home_and_is_answered_from_early_data(
     });
     // The hello and the authentication are read, and answered, before the client can have
     // finished its handshake (it has not heard from node 2 yet).
+    // (Alice's first device is on node 2 too: two connections once this one is registered.)
     wait_for(
         "node 2 serves the hello and the authentication from early data",
         Duration::from_secs(10),
-        || node2.early_requests().0 >= served + 2,
+        || node2.early_requests().0 >= served + 2 && node2.registry().connections_of(alice_s.user) == 2,
     )
     .await;
+    // A message sent meanwhile is pushed to the connection still in its handshake (the
+    // client reads it once it has the keys): no gap between AuthOk and the first push.
+    let early_push = bob
+        .send(chat, "while you resumed", None)
+        .await
+        .expect("bob sends");
     relay.open();
     let (alice, mut alice_events, s) = resuming
         .await
@@ -104,8 +111,12 @@ async fn a_returning_client_resumes_at_its_home_and_is_answered_from_early_data(
     )
     .await;
 
-    // Registered once the handshake completed: pushes reach the resumed connection, and it
-    // sends.
+    let m = next_message(&mut alice_events).await;
+    assert_eq!(
+        (m.message_id, text(&m)),
+        (early_push.message_id, "while you resumed".into())
+    );
+    // Later pushes reach it too, and it sends.
     let p = bob
         .send(chat, "after the resume", None)
         .await
