@@ -83,7 +83,10 @@ async fn a_returning_client_resumes_at_its_home_and_is_answered_from_early_data(
     wait_for(
         "node 2 serves the hello and the authentication from early data",
         Duration::from_secs(10),
-        || node2.early_requests().0 >= served + 2 && node2.registry().connections_of(alice_s.user) == 2,
+        || {
+            node2.early_requests().0 >= served + 2
+                && node2.registry().connections_of(alice_s.user) == 2
+        },
     )
     .await;
     // A message sent meanwhile is pushed to the connection still in its handshake (the
