@@ -1240,8 +1240,9 @@ impl Node {
         typing: bool,
     ) -> Result<(), RequestError> {
         let audience = self.audience(chat).await?;
-        let others: Vec<UserId> = audience.iter().copied().filter(|u| *u != me.user).collect();
-        if self.typing.admit(me.user, chat, typing, others.len())? == crate::typing::Verdict::Push {
+        // Counted first: a chat too large for indicators is refused without a copy of it.
+        let count = audience.len() - usize::from(audience.contains(&me.user));
+        self.typing.admit_then(me.user, chat, typing, count, || {
             let push = encode_push(push::Event::Typing(pb::TypingEvent {
                 chat: Some(chat_to(chat)),
                 user_id: me.user.0,
@@ -1252,8 +1253,9 @@ impl Node {
                     0
                 },
             }));
+            let others: Vec<UserId> = audience.iter().copied().filter(|u| *u != me.user).collect();
             self.router.deliver(&others, &push, None);
-        }
+        })?;
         Ok(())
     }
 

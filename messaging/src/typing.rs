@@ -125,6 +125,23 @@ impl<C: Clock + Clone> TypingGate<C> {
         typing: bool,
         recipients: usize,
     ) -> Result<Verdict, RequestError> {
+        self.admit_then(user, chat, typing, recipients, || ())
+    }
+
+    /// [`TypingGate::admit`], calling `push` when the verdict is [`Verdict::Push`], with the
+    /// decision, its record and the push under the lock of the (user, chat) entry: a start and
+    /// a stop of one user in one chat racing each other (two devices, or requests pipelined on
+    /// one connection) are pushed in the order they were decided, so a stop never overtakes
+    /// its start and leaves an indicator showing until it expires. `push` must not block.
+    pub fn admit_then(
+        &self,
+        user: UserId,
+        chat: ChatId,
+        typing: bool,
+        recipients: usize,
+        push: impl FnOnce(),
+    ) -> Result<Verdict, RequestError> {
+        use dashmap::mapref::entry::Entry;
         if recipients > MAX_AUDIENCE {
             return Err(RequestError::Forbidden(format!(
                 "typing indicators are off in chats of more than {MAX_AUDIENCE} members"
@@ -134,8 +151,11 @@ impl<C: Clock + Clone> TypingGate<C> {
             return Ok(Verdict::Coalesced);
         };
         let now = self.clock.now();
-        let key = (user, chat);
-        let showing = self.started.get(&key).map(|at| since(now, *at));
+        let entry = self.started.entry((user, chat));
+        let showing = match &entry {
+            Entry::Occupied(o) => Some(since(now, *o.get())),
+            Entry::Vacant(_) => None,
+        };
         let pushes = match (typing, showing) {
             (true, Some(age)) if age < COALESCE => false,
             (true, _) => true,
@@ -143,8 +163,8 @@ impl<C: Clock + Clone> TypingGate<C> {
             (false, None) => false,
         };
         if !pushes {
-            if !typing {
-                self.started.remove(&key);
+            if let (false, Entry::Occupied(o)) = (typing, entry) {
+                o.remove();
             }
             return Ok(Verdict::Coalesced);
         }
@@ -161,10 +181,17 @@ impl<C: Clock + Clone> TypingGate<C> {
                 )));
             }
         }
-        if typing {
-            self.started.insert(key, now);
-        } else {
-            self.started.remove(&key);
+        match (typing, entry) {
+            (true, entry) => {
+                let _held = entry.insert(now);
+                push();
+            }
+            (false, Entry::Occupied(o)) => {
+                push();
+                o.remove();
+            }
+            // A stop pushes only while a start shows: the entry is there.
+            (false, Entry::Vacant(_)) => push(),
         }
         Ok(Verdict::Push)
     }
@@ -238,6 +265,33 @@ mod tests {
             Verdict::Push,
             "a start right after a stop is pushed"
         );
+    }
+
+    #[test]
+    fn the_push_runs_exactly_when_the_verdict_is_push() {
+        let (g, clock) = gate();
+        let pushed = std::cell::Cell::new(0);
+        let push = || pushed.set(pushed.get() + 1);
+        let mut verdicts = Vec::new();
+        for typing in [true, true, false, false, true] {
+            verdicts.push(
+                g.admit_then(ALICE, direct(), typing, 1, push)
+                    .expect("admitted"),
+            );
+            clock.advance(Duration::from_millis(100));
+        }
+        assert_eq!(
+            verdicts,
+            [
+                Verdict::Push,
+                Verdict::Coalesced,
+                Verdict::Push,
+                Verdict::Coalesced,
+                Verdict::Push
+            ]
+        );
+        assert_eq!(pushed.get(), 3);
+        assert_eq!(g.tracked(), 1, "the last start is recorded");
     }
 
     #[test]

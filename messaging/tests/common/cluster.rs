@@ -27,17 +27,7 @@ pub async fn cluster_with(n: u32, tweak: impl Fn(&mut NodeConfig)) -> Cluster {
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().expect("dir");
-    let members = super::static_members(n);
-    let mut nodes = Vec::new();
-    for m in &members {
-        let mut c = super::config_in(dir.path());
-        c.node_id = m.id;
-        c.listen = m.client_addr.parse().expect("addr");
-        c.cluster.mesh_listen = Some(m.mesh_addr);
-        c.cluster.members = members.clone();
-        tweak(&mut c);
-        nodes.push(meshchat_messaging::start(c).await.expect("node starts"));
-    }
+    let nodes = start_members(n, dir.path(), &tweak).await;
     // Wait for every link (lower ids dial higher ones).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     for node in &nodes {
@@ -57,6 +47,57 @@ pub async fn cluster_with(n: u32, tweak: impl Fn(&mut NodeConfig)) -> Cluster {
         }
     }
     Cluster { nodes, dir }
+}
+
+/// Starts `n` nodes on free ports. A port found free can be taken by another test's socket
+/// before the node binds it: then every node of this try is stopped and the cluster starts
+/// again on new ports (a few times).
+async fn start_members(
+    n: u32,
+    dir: &std::path::Path,
+    tweak: &impl Fn(&mut NodeConfig),
+) -> Vec<RunningNode> {
+    for _ in 0..5 {
+        let members = super::static_members(n);
+        let mut nodes = Vec::new();
+        let mut clash = None;
+        for m in &members {
+            let mut c = super::config_in(dir);
+            c.node_id = m.id;
+            c.listen = m.client_addr.parse().expect("addr");
+            c.cluster.mesh_listen = Some(m.mesh_addr);
+            c.cluster.members = members.clone();
+            tweak(&mut c);
+            match meshchat_messaging::start(c).await {
+                Ok(node) => nodes.push(node),
+                Err(e) if address_in_use(&e) => {
+                    clash = Some(e.to_string());
+                    break;
+                }
+                Err(e) => panic!("node {} starts: {e}", m.id),
+            }
+        }
+        let Some(clash) = clash else { return nodes };
+        tracing::warn!(%clash, "a port was taken before the node bound it: starting again");
+        for node in nodes {
+            node.shutdown().await;
+        }
+    }
+    panic!("5 tries to start {n} nodes each met a port taken before it was bound");
+}
+
+/// Whether `e` (or what caused it) is an address already in use.
+fn address_in_use(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 impl Cluster {
