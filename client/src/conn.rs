@@ -275,9 +275,12 @@ pub enum ZeroRtt {
     Pending,
     /// The node took the early data (and may have answered from it).
     Accepted,
-    /// The node did not take it (a ticket it cannot open): what was written there was sent
+    /// The node did not take it (a ticket it does not hold): what was written there was sent
     /// again once the handshake completed.
     Rejected,
+    /// The node did not answer within the connect timeout: the connection was closed and
+    /// the requests written early failed.
+    TimedOut,
 }
 
 /// What a connection's reader needs (kept to start a reader on a new stream).
@@ -722,16 +725,19 @@ async fn finish_early(
     // answers (dead, unreachable) is given up at the connect timeout, as without 0-RTT, and
     // the requests waiting on it fail then.
     let taken = match tokio::time::timeout(connect_timeout, accepted).await {
-        Ok(taken) => taken,
+        Ok(taken) => {
+            *this.zero_rtt.lock() = if taken {
+                ZeroRtt::Accepted
+            } else {
+                ZeroRtt::Rejected
+            };
+            taken
+        }
         Err(_) => {
+            *this.zero_rtt.lock() = ZeroRtt::TimedOut;
             this.conn.close(0u32.into(), b"handshake timed out");
             false
         }
-    };
-    *this.zero_rtt.lock() = if taken {
-        ZeroRtt::Accepted
-    } else {
-        ZeroRtt::Rejected
     };
     // Writers hold this lock while they record and write: none is half-way below.
     let mut send = this.send.lock().await;

@@ -302,10 +302,14 @@ fn finish_handshake(
     }
 }
 
-/// Counts a handshake still in progress when its connection ends (closed, shut down, timed
-/// out waiting for a stream) as failed; its slot goes with it.
-fn abandon_handshake(h: &mut Option<Handshake>, node: &Node) {
-    if h.take().is_some() {
+/// Ends the handshake record of a connection that ends: one already seen to end (by
+/// [`Handshake::complete_now`], in the pass that ended the connection) is counted as it
+/// ended; one still in progress (closed, shut down, timed out waiting for a stream) as
+/// failed. Its slot goes with it.
+fn abandon_handshake(h: &mut Option<Handshake>, node: &Node, conn: &quinn::Connection) {
+    if let Some(end) = h.as_ref().and_then(|hs| hs.ended) {
+        finish_handshake(h, end, node, conn);
+    } else if h.take().is_some() {
         debug!("connection ended during its handshake");
         node.metrics.handshake("failed", None);
     }
@@ -352,7 +356,7 @@ async fn run(
         }
     };
     let Some((mut send, recv)) = opened else {
-        abandon_handshake(&mut handshake, &node);
+        abandon_handshake(&mut handshake, &node, &conn);
         return;
     };
     let mut reader = FrameReader::new(recv, limits.max_frame_bytes as usize);
@@ -610,7 +614,7 @@ async fn run(
         }
     };
 
-    abandon_handshake(&mut handshake, &node);
+    abandon_handshake(&mut handshake, &node, &conn);
     if let Some(me) = &identity {
         node.registry.remove(me.user, id);
     }

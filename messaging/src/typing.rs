@@ -132,7 +132,9 @@ impl<C: Clock + Clone> TypingGate<C> {
     /// decision, its record and the push under the lock of the (user, chat) entry: a start and
     /// a stop of one user in one chat racing each other (two devices, or requests pipelined on
     /// one connection) are pushed in the order they were decided, so a stop never overtakes
-    /// its start and leaves an indicator showing until it expires. `push` must not block.
+    /// its start and leaves an indicator showing until it expires. `push` must not block (it
+    /// holds up other typists of the same map shard while it runs: a push to at most
+    /// [`MAX_AUDIENCE`] recipients, queued, not written).
     pub fn admit_then(
         &self,
         user: UserId,
@@ -190,8 +192,8 @@ impl<C: Clock + Clone> TypingGate<C> {
                 push();
                 o.remove();
             }
-            // A stop pushes only while a start shows: the entry is there.
-            (false, Entry::Vacant(_)) => push(),
+            // Cannot happen (a stop pushes only while its start is recorded): nothing shows.
+            (false, Entry::Vacant(_)) => return Ok(Verdict::Coalesced),
         }
         Ok(Verdict::Push)
     }
