@@ -285,6 +285,8 @@ async fn cluster(State(s): State<AdminState>) -> Response {
                     "envelopes_received": c.envelopes_received,
                     "dropped": c.dropped,
                     "connects": c.connects,
+                    "queued": c.queued,
+                    "queued_bytes": c.queued_bytes,
                 })
             })
             .collect();
@@ -443,9 +445,11 @@ pub async fn status(addr: SocketAddr) -> std::io::Result<(bool, String)> {
         ));
         for p in v["peers"].as_array().into_iter().flatten() {
             out.push_str(&format!(
-                "  peer {}: {} (sent {}, received {}, dropped {}, connects {})\n",
+                "  peer {}: {} (queued {} envelopes, {} bytes; sent {}, received {}, dropped {}, connects {})\n",
                 p["id"],
                 if p["up"] == true { "up" } else { "DOWN" },
+                p["queued"],
+                p["queued_bytes"],
                 p["envelopes_sent"],
                 p["envelopes_received"],
                 p["dropped"],

@@ -1238,6 +1238,80 @@ mod tests {
         assert_eq!(c.auth.token_ttl, AuthConfig::default().token_ttl);
     }
 
+    #[test]
+    fn the_example_config_in_deploy_names_every_key() {
+        fn keys(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+            if let toml::Value::Table(t) = v {
+                for (k, v) in t {
+                    match v {
+                        // A map of values (the replication map) is one key.
+                        toml::Value::Table(_) if k == "replication" => {
+                            out.push((prefix.to_owned(), k.clone()));
+                        }
+                        toml::Value::Table(_) => {
+                            let section = if prefix.is_empty() {
+                                k.clone()
+                            } else {
+                                format!("{prefix}.{k}")
+                            };
+                            keys(&section, v, out);
+                        }
+                        _ => out.push((prefix.to_owned(), k.clone())),
+                    }
+                }
+            }
+        }
+        let mut expected = Vec::new();
+        let default = toml::Value::try_from(NodeConfig::default()).expect("serializes");
+        keys("", &default, &mut expected);
+        // Keys that are unset by default are not serialized: these are named by hand.
+        for (section, key) in [
+            ("", "worker_id"),
+            ("", "advertise"),
+            ("tls", "cert"),
+            ("tls", "key"),
+            ("log", "otlp_endpoint"),
+        ] {
+            expected.push((section.into(), key.into()));
+        }
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/node.example.toml");
+        let text = std::fs::read_to_string(&path).expect("deploy/node.example.toml");
+        // (section, key) of every `key = ...` line, commented out or not.
+        let mut section = String::new();
+        let mut named = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let line = line.trim_start_matches('#').trim();
+            let header = line.split('#').next().unwrap_or_default().trim();
+            if let Some(s) = header.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = s.trim_matches(['[', ']']).to_owned();
+                // `[[cluster.members]]`: an array of tables names the key `members`.
+                if let Some((parent, last)) = section.rsplit_once('.') {
+                    named.insert((parent.to_owned(), last.to_owned()));
+                }
+            } else if let Some((k, _)) = line.split_once('=') {
+                let k = k.trim();
+                if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    named.insert((section.clone(), k.to_owned()));
+                }
+            }
+        }
+        let missing: Vec<String> = expected
+            .iter()
+            .filter(|k| !named.contains(*k))
+            .map(|(s, k)| {
+                if s.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{s}.{k}")
+                }
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "deploy/node.example.toml does not document {missing:?}"
+        );
+    }
+
     /// The refusal of `c`, which must name `key`.
     #[track_caller]
     fn refused(c: &NodeConfig, key: &str) -> String {
