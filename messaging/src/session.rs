@@ -167,41 +167,22 @@ pub(crate) async fn serve(
         }
     };
     // Served from the start (0.5-RTT): a resuming client's 0-RTT requests are answered before
-    // its handshake completes; `Handshake` finishes it. (A server-side `into_0rtt` always
-    // succeeds; the fallback keeps the plain path if that ever changes.)
-    let (conn, handshake) = match connecting.into_0rtt() {
-        Ok((conn, done)) => (
-            conn,
-            Some(Handshake {
-                // A handshake that does not finish in time gives its slot back and the
-                // connection is closed: a client that sends an Initial and nothing more
-                // holds a slot for `handshake_timeout`, not for the idle timeout.
-                done: Box::pin(tokio::time::timeout(node.limits().handshake_timeout, done)),
-                slot: handshake_slot,
-                started,
-                ended: None,
-            }),
-        ),
-        Err(connecting) => {
-            match tokio::time::timeout(node.limits().handshake_timeout, connecting).await {
-                Ok(Ok(c)) => {
-                    metrics.handshake("ok", Some(started.elapsed()));
-                    drop(handshake_slot);
-                    (c, None)
-                }
-                Ok(Err(e)) => {
-                    debug!(%remote, error = %e, "handshake failed");
-                    metrics.handshake("failed", None);
-                    return;
-                }
-                Err(_) => {
-                    debug!(%remote, "handshake timed out");
-                    metrics.handshake("timeout", None);
-                    return;
-                }
-            }
-        }
+    // its handshake completes; `Handshake` finishes it. A server-side `into_0rtt` always
+    // succeeds in quinn 0.11; were that to change, connections would fail here, counted.
+    let Ok((conn, done)) = connecting.into_0rtt() else {
+        debug!(%remote, "quinn refused to serve the connection before its handshake");
+        metrics.handshake("failed", None);
+        return;
     };
+    let handshake = Some(Handshake {
+        // A handshake that does not finish in time gives its slot back and the connection is
+        // closed: a client that sends an Initial and nothing more holds a slot for
+        // `handshake_timeout`, not for the idle timeout.
+        done: Box::pin(tokio::time::timeout(node.limits().handshake_timeout, done)),
+        slot: handshake_slot,
+        started,
+        ended: None,
+    });
     let id = node.registry.next_conn_id();
     // A root span: each connection is a trace of its own (with its requests under it), not
     // part of the node's, so traces end and are sampled per connection.
