@@ -302,3 +302,38 @@ fn check_config_accepts_a_good_file_and_names_the_key_of_a_bad_one() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_view_and_status_show_every_peers_link_and_queue() {
+    let cl = common::cluster::cluster_with(3, |c| {
+        c.admin.listen = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await;
+    let admin = cl.nodes[0].admin_addr.expect("admin listener bound");
+    let (status, cluster) = get(admin, "/cluster").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&cluster).expect("JSON");
+    let peers = v["peers"].as_array().expect("peers");
+    let ids: Vec<u64> = peers.iter().filter_map(|p| p["id"].as_u64()).collect();
+    assert_eq!(ids, [2, 3], "{cluster}");
+    for p in peers {
+        assert_eq!(p["up"], true, "{p}");
+        // Links up: nothing waits for them.
+        assert_eq!(
+            (p["queued"].as_u64(), p["queued_bytes"].as_u64()),
+            (Some(0), Some(0)),
+            "{p}"
+        );
+    }
+    let (_, status) = meshchat_messaging::admin::status(admin)
+        .await
+        .expect("status");
+    assert!(
+        status.contains("peer 2: up (queued 0 envelopes, 0 bytes; sent "),
+        "{status}"
+    );
+    assert!(
+        status.contains("peer 3: up (queued 0 envelopes, 0 bytes; sent "),
+        "{status}"
+    );
+}
