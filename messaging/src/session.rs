@@ -174,7 +174,7 @@ pub(crate) async fn serve(
         metrics.handshake("failed", None);
         return;
     };
-    let handshake = Some(Handshake {
+    let handshake = Handshake {
         // A handshake that does not finish in time gives its slot back and the connection is
         // closed: a client that sends an Initial and nothing more holds a slot for
         // `handshake_timeout`, not for the idle timeout.
@@ -182,7 +182,7 @@ pub(crate) async fn serve(
         slot: handshake_slot,
         started,
         ended: None,
-    });
+    };
     let id = node.registry.next_conn_id();
     // A root span: each connection is a trace of its own (with its requests under it), not
     // part of the node's, so traces end and are sampled per connection.
@@ -300,11 +300,12 @@ async fn run(
     node: Arc<Node>,
     conn: quinn::Connection,
     id: ConnId,
-    mut handshake: Option<Handshake>,
+    handshake: Handshake,
     shutdown: &mut watch::Receiver<bool>,
 ) {
-    // Counted as established once the handshake is complete.
-    let mut _established = handshake.is_none().then(|| node.metrics.established());
+    // Taken when the handshake ends; counted as established once it is complete.
+    let mut handshake = Some(handshake);
+    let mut _established = None;
     // This connection's bounds: the limits in force when it was made.
     let limits = node.limits_snapshot();
     let max_auth_failures = node.config.auth.max_auth_failures.max(1);
