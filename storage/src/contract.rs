@@ -71,6 +71,7 @@ macro_rules! contract_tests {
             member_and_channel_pages_walk_by_cursor,
             private_channels_and_admins,
             sign_outs_and_password_changes,
+            direct_peers_are_the_other_users_of_my_direct_chats,
         );
     };
     (#[ignore = $why:literal] $harness:expr) => {
@@ -1469,5 +1470,49 @@ pub async fn member_and_channel_pages_walk_by_cursor(h: &dyn Harness) {
         s.channel_members_page(nope, UserId(0), 10).await,
         Err(StorageError::UnknownChannel(_))
     ));
+    h.close(s).await;
+}
+
+/// A user's contacts (presence goes to them): the other user of every 1:1 chat with a
+/// message, in either direction, ascending; never channels' members, never the user itself.
+pub async fn direct_peers_are_the_other_users_of_my_direct_chats(h: &dyn Harness) {
+    let s = h.open().await;
+    let ids = Ids::new();
+    let (a, b, c, d) = (
+        ids.user(&*s, "a").await,
+        ids.user(&*s, "b").await,
+        ids.user(&*s, "c").await,
+        ids.user(&*s, "d").await,
+    );
+    assert_eq!(
+        s.direct_peers(a).await.expect("peers"),
+        Vec::<UserId>::new()
+    );
+    // a wrote to c; b wrote to a (a never answered); notes to self; a channel with d.
+    s.append(ids.msg(ChatId::direct(a, c), a, "hi c"))
+        .await
+        .expect("append");
+    s.append(ids.msg(ChatId::direct(b, a), b, "hi a"))
+        .await
+        .expect("append");
+    s.append(ids.msg(ChatId::direct(a, a), a, "note"))
+        .await
+        .expect("append");
+    let ch = ChannelId(ids.id());
+    s.create_channel(ch, &ids.name("peers"), a)
+        .await
+        .expect("create");
+    s.join_channel(ch, d).await.expect("join");
+    s.append(ids.msg(ChatId::Channel(ch), d, "hi all"))
+        .await
+        .expect("append");
+    let mut want = vec![b, c];
+    want.sort_unstable();
+    assert_eq!(s.direct_peers(a).await.expect("peers"), want);
+    assert_eq!(s.direct_peers(b).await.expect("peers"), vec![a]);
+    assert_eq!(
+        s.direct_peers(d).await.expect("peers"),
+        Vec::<UserId>::new()
+    );
     h.close(s).await;
 }

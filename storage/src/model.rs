@@ -176,3 +176,18 @@ pub struct ChatSummary {
     /// For 1:1 chats, the other user's marks (so a sender sees delivered/seen).
     pub peer: Option<Marks>,
 }
+
+/// The other users of the 1:1 chats among `chats`, ascending, without `user` itself (the
+/// answer of [`crate::StateStore::direct_peers`] from a user's chat-list keys).
+pub(crate) fn peers_of(user: UserId, chats: &[ChatId]) -> Vec<UserId> {
+    let mut peers: Vec<UserId> = chats
+        .iter()
+        .filter_map(|chat| match chat {
+            ChatId::Direct { .. } => chat.peer_of(user).filter(|p| *p != user),
+            ChatId::Channel(_) => None,
+        })
+        .collect();
+    peers.sort_unstable();
+    peers.dedup();
+    peers
+}

@@ -180,6 +180,10 @@ pub trait StateStore: Send + Sync + 'static {
         after: ChannelId,
         limit: u32,
     ) -> Result<Vec<Channel>, StorageError>;
+
+    /// The users `user` shares a 1:1 chat with (a chat with at least one message), ascending
+    /// by id, `user` itself never among them (notes to self are not a contact).
+    async fn direct_peers(&self, user: UserId) -> Result<Vec<UserId>, StorageError>;
 }
 
 /// A whole backend: history and state. Blanket-implemented.

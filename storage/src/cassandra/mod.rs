@@ -1085,6 +1085,15 @@ impl StateStore for CassandraStore {
         Ok(rows.into_iter().map(|(v,)| UserId(u(v))).collect())
     }
 
+    async fn direct_peers(&self, user: UserId) -> Result<Vec<UserId>, StorageError> {
+        let keys: Vec<(String,)> = self.all(&self.st.user_chats, (i(user.0),)).await?;
+        let chats = keys
+            .iter()
+            .map(|(k,)| parse_chat(k))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(crate::model::peers_of(user, &chats))
+    }
+
     async fn channels_of_page(
         &self,
         user: UserId,

@@ -678,4 +678,8 @@ impl StateStore for EmbeddedStore {
         self.read(move |c| sql::channels_of_page(c, user, after, limit))
             .await
     }
+
+    async fn direct_peers(&self, user: UserId) -> Result<Vec<UserId>, StorageError> {
+        self.read(move |c| sql::direct_peers(c, user)).await
+    }
 }

@@ -745,6 +745,24 @@ pub(super) fn channels_of(c: &Connection, user: UserId) -> Result<Vec<Channel>, 
     .map_err(db)
 }
 
+pub(super) fn direct_peers(c: &Connection, user: UserId) -> Result<Vec<UserId>, StorageError> {
+    // 1:1 chat keys start with "d:" (`ChatId`'s text form); the range keeps channels out.
+    let keys: Vec<String> = c
+        .prepare_cached(
+            "SELECT chat FROM user_chats WHERE user_id = ?1 AND chat >= 'd:' AND chat < 'd;'",
+        )
+        .map_err(db)?
+        .query_map(params![i(user.0)], |r| r.get(0))
+        .map_err(db)?
+        .collect::<Result<_, _>>()
+        .map_err(db)?;
+    let chats = keys
+        .iter()
+        .map(|k| parse_chat(k))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(crate::model::peers_of(user, &chats))
+}
+
 pub(super) fn channels_of_page(
     c: &Connection,
     user: UserId,
