@@ -27,6 +27,18 @@ pub struct Delivery {
     pub cut_off: usize,
 }
 
+/// One user's presence on one node: what a node tells its peers when a user's last visible
+/// connection there goes (`online: false`, with when) or the first comes (`online: true`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceChange {
+    /// The user.
+    pub user: UserId,
+    /// Whether the user has a visible connection on the node.
+    pub online: bool,
+    /// When the user's last visible connection on the node ended (Unix ms; offline only).
+    pub last_seen_ms: u64,
+}
+
 /// Where a user is homed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Home {
@@ -79,6 +91,10 @@ pub trait Router: Send + Sync + 'static {
     fn members(&self) -> Vec<MemberView> {
         Vec::new()
     }
+
+    /// Users' presence on this node changed: tell every peer (coalesced per user, never
+    /// dropped; a link that comes up gets [`LocalDelivery::presence_snapshot`] instead).
+    fn presence_changed(&self, _changes: &[PresenceChange]) {}
 }
 
 /// Where the mesh hands what is for this node: pushes for users connected here, the
@@ -103,4 +119,13 @@ pub trait LocalDelivery: Send + Sync + 'static {
     fn invalidate_channel(&self, channel: ChannelId);
     /// Drop every cached member list (a link came up, or a peer owed too many changes to list).
     fn invalidate_all_channels(&self);
+    /// Every user shown online on this node now, for a peer's snapshot.
+    fn presence_snapshot(&self) -> Vec<PresenceChange> {
+        Vec::new()
+    }
+    /// Presence from peer `node`: with `full`, every state it told before is replaced (a
+    /// snapshot starts; it may continue in later calls without `full`).
+    fn presence_from(&self, _node: NodeId, _full: bool, _changes: Vec<PresenceChange>) {}
+    /// Peer `node` left the member set: nobody is online there any more.
+    fn presence_node_gone(&self, _node: NodeId) {}
 }

@@ -85,6 +85,7 @@ impl Fixture {
                         id: registry.next_conn_id(),
                         outbox: outbox.clone(),
                         conn: conns[i % conns.len()].clone(),
+                        visible: false,
                     },
                 );
                 outbox
@@ -107,6 +108,7 @@ impl Fixture {
             id,
             outbox: Outbox::new(self.outbound_queue),
             conn: self.conns[id.0 as usize % self.conns.len()].clone(),
+            visible: false,
         }
     }
 

@@ -148,6 +148,8 @@ pub struct Client {
     seen: Arc<Mutex<Seen>>,
     session: Mutex<Option<Session>>,
     hello: Mutex<Option<pb::HelloOk>>,
+    /// Whether this client's connections hide the user's presence (sent in each hello).
+    hidden: std::sync::atomic::AtomicBool,
     /// Nodes to fail over to: the seeds, then the cluster's members once learned.
     known: Mutex<Vec<String>>,
     /// Whether the cluster's members were learned (at login, and again after a failover).
@@ -231,10 +233,11 @@ fn random_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-fn hello_body() -> client_frame::Body {
+fn hello_body(hide_presence: bool) -> client_frame::Body {
     client_frame::Body::Hello(pb::Hello {
         protocol_version: meshchat_proto::PROTOCOL_VERSION,
         client_name: concat!("meshchat-client/", env!("CARGO_PKG_VERSION")).into(),
+        hide_presence,
     })
 }
 
@@ -382,6 +385,7 @@ impl Client {
     ) -> (Self, Events) {
         let (tx, rx) = mpsc::channel(opts.event_buffer.max(1));
         let seen = Arc::new(Mutex::new(Seen::default()));
+        let hide_presence = opts.hide_presence;
         let mut known = vec![server.to_owned()];
         known.extend(opts.seeds.iter().cloned());
         known.dedup();
@@ -394,6 +398,7 @@ impl Client {
             seen: seen.clone(),
             session: Mutex::new(None),
             hello: Mutex::new(None),
+            hidden: std::sync::atomic::AtomicBool::new(hide_presence),
             known: Mutex::new(known),
             learned: std::sync::atomic::AtomicBool::new(false),
             members: Mutex::new(Vec::new()),
@@ -411,7 +416,7 @@ impl Client {
 
     async fn open(&self) -> Result<Arc<Conn>, ClientError> {
         let conn = self.dial().await?;
-        let hello = conn.request(hello_body()).await;
+        let hello = conn.request(self.hello_body()).await;
         self.adopt(conn, hello)
     }
 
@@ -457,7 +462,7 @@ impl Client {
         // node also takes an authentication without a hello before it).
         let (hello, first) = tokio::join!(
             biased;
-            conn.request(hello_body()),
+            conn.request(self.hello_body()),
             conn.request(body.clone())
         );
         self.adopt(conn, hello)?;
@@ -1104,7 +1109,7 @@ impl Client {
             }
             let (hello, mut reply) = tokio::join!(
                 biased;
-                conn.request(hello_body()),
+                conn.request(self.hello_body()),
                 conn.request(body.clone())
             );
             let hello = match hello? {
@@ -1501,6 +1506,36 @@ impl Client {
             server_frame::Body::Done(_) => Ok(()),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// The presence of my contacts (the users I share a 1:1 chat with), ascending by id, at
+    /// most 1,000. Changes come as [`crate::Event::Presence`].
+    pub async fn presence(&self) -> Result<Vec<pb::PresenceState>, ClientError> {
+        match self
+            .request(client_frame::Body::Presence(pb::PresenceQuery {}))
+            .await?
+        {
+            server_frame::Body::Presence(p) => Ok(p.users),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Hides my presence (`true`: this client never shows me online) or shows it again, on
+    /// the live connection and every one after it.
+    pub async fn set_presence_hidden(&self, hidden: bool) -> Result<(), ClientError> {
+        self.hidden
+            .store(hidden, std::sync::atomic::Ordering::Relaxed);
+        match self
+            .request(client_frame::Body::SetPresence(pb::SetPresence { hidden }))
+            .await?
+        {
+            server_frame::Body::Done(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn hello_body(&self) -> client_frame::Body {
+        hello_body(self.hidden.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Removes my reaction.

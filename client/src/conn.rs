@@ -36,6 +36,8 @@ pub enum Event {
     Reaction(pb::ReactionEvent),
     /// Channel membership changed.
     Channel(pb::ChannelEvent),
+    /// Contacts (users I share a 1:1 chat with) came online or went offline.
+    Presence(pb::PresenceEvent),
     /// Someone started or stopped typing in one of my chats. Feed it to a
     /// [`crate::TypingTracker`], which expires indicators by themselves.
     Typing(pb::TypingEvent),
@@ -138,6 +140,10 @@ pub struct ConnectOptions {
     /// If the node does not take the early data, it is sent again once the handshake
     /// completes.
     pub zero_rtt: bool,
+    /// Never show this user online through this client's connections (sent in each hello,
+    /// so a connection is hidden from its first moment; [`crate::Client::set_presence_hidden`]
+    /// changes it for the live connection and the ones after it). Default off.
+    pub hide_presence: bool,
 }
 
 impl ConnectOptions {
@@ -156,6 +162,7 @@ impl ConnectOptions {
             idle_timeout: Duration::from_secs(60),
             stream_receive_window: 256 * 1024,
             zero_rtt: true,
+            hide_presence: false,
         }
     }
 }
@@ -822,6 +829,7 @@ async fn read_loop(
                     Some(push::Event::Redirect(r)) => Event::Redirect(r),
                     Some(push::Event::Resync(_)) => Event::Resync,
                     Some(push::Event::Typing(t)) => Event::Typing(t),
+                    Some(push::Event::Presence(p)) => Event::Presence(p),
                     None => continue,
                 }
             }

@@ -337,8 +337,8 @@ impl Fleet {
         while let Some(ev) = events.next().await {
             match ev {
                 Event::Message(m) => self.tracker.delivered(user, m.message_id, &m.body),
-                // The load test sends no typing indicators.
-                Event::Typing(_) => {}
+                // The load test sends no typing indicators and does not measure presence.
+                Event::Typing(_) | Event::Presence(_) => {}
                 Event::Redirect(r) => {
                     Counters::inc(&counters.redirects);
                     let (fleet, client) = (self.clone(), client.clone());

@@ -10,6 +10,7 @@
 //! - [`session`]: one task per connection: auth, request loop, pushes with sequence numbers.
 //! - [`node`]: the chat service: every request handler and the send path.
 //! - [`registry`]: user -> live connections, bounded per-connection push queues.
+//! - [`presence`]: who is online: this node's users (debounced changes) and the cluster's view.
 //! - [`router`]: where deliveries go: a node alone's router, and [`router::NodeDelivery`], what
 //!   this node hands the mesh (its connections, Redirect/Resync pushes, member cache).
 //! - [`members`]: the per-node channel member cache (fan-out only; invalidated across the mesh).
@@ -40,6 +41,7 @@ pub mod logging;
 pub mod members;
 pub mod metrics;
 pub mod node;
+pub mod presence;
 pub mod registry;
 pub mod reload;
 pub mod router;

@@ -119,6 +119,10 @@ fn describe() {
         "Requests read from 0-RTT early data: served (replay-safe) or too_early (refused TOO_EARLY)."
     );
     describe_counter!(
+        "meshchat_presence_changes_total",
+        "Presence changes this node published: scope=node (a user's first visible connection here came or the last went, told to every peer), scope=cluster (the user's state in the whole cluster flipped, pushed to their contacts)."
+    );
+    describe_counter!(
         "meshchat_messages_sent_total",
         "Messages stored and acked (idempotent retries not counted)."
     );
@@ -243,6 +247,8 @@ struct Handles {
     pushes: Counter,
     early_served: Counter,
     early_refused: Counter,
+    presence_node: Counter,
+    presence_cluster: Counter,
     messages_sent: Counter,
     append_seconds: Histogram,
     delivery_seconds: Histogram,
@@ -319,6 +325,8 @@ pub fn request_type(body: &client_frame::Body) -> &'static str {
         B::ChangePassword(_) => "change_password",
         B::Logout(_) => "logout",
         B::Typing(_) => "typing",
+        B::SetPresence(_) => "set_presence",
+        B::Presence(_) => "presence",
     }
 }
 
@@ -336,6 +344,8 @@ impl NodeMetrics {
             pushes: counter!("meshchat_pushes_total", "node" => node.clone()),
             early_served: counter!("meshchat_early_data_requests_total", "node" => node.clone(), "outcome" => "served"),
             early_refused: counter!("meshchat_early_data_requests_total", "node" => node.clone(), "outcome" => "too_early"),
+            presence_node: counter!("meshchat_presence_changes_total", "node" => node.clone(), "scope" => "node"),
+            presence_cluster: counter!("meshchat_presence_changes_total", "node" => node.clone(), "scope" => "cluster"),
             messages_sent: counter!("meshchat_messages_sent_total", "node" => node.clone()),
             append_seconds: metrics::histogram!("meshchat_storage_duration_seconds", "node" => node.clone(), "op" => "append"),
             delivery_seconds: metrics::histogram!("meshchat_delivery_latency_seconds", "node" => node.clone()),
@@ -478,6 +488,12 @@ impl NodeMetrics {
     /// A message stored (not a duplicate) and about to be acked.
     pub fn message_sent(&self) {
         self.h.messages_sent.increment(1);
+    }
+
+    /// Presence changes published: `node` told to peers, `cluster` pushed to contacts.
+    pub fn presence_changes(&self, node: usize, cluster: usize) {
+        self.h.presence_node.increment(node as u64);
+        self.h.presence_cluster.increment(cluster as u64);
     }
 
     /// A message append's latency as the node saw it.

@@ -137,6 +137,8 @@ pub struct Node {
     early: [std::sync::atomic::AtomicU64; 2],
     /// Which typing indicators are pushed (rates per user and chat).
     typing: crate::typing::TypingGate,
+    /// Presence changes pushed to contacts (a user's cluster-wide state flipped), since start.
+    presence_pushes: std::sync::atomic::AtomicU64,
     /// Bytes of requests being handled, all connections together.
     inflight_bytes: Arc<tokio::sync::Semaphore>,
     /// This node's metrics handle (`node` label).
@@ -165,6 +167,15 @@ pub fn encode_push(event: push::Event) -> Bytes {
         }
         .encode_to_vec(),
     )
+}
+
+/// A user's presence on the wire.
+fn presence_to(user: UserId, s: crate::presence::State) -> pb::PresenceState {
+    pb::PresenceState {
+        user_id: user.0,
+        online: s.online,
+        last_seen_unix_ms: s.last_seen_ms,
+    }
 }
 
 /// Checks a user or channel name: 1..=32 of `a-z 0-9 _ . -`, starting with a letter or digit.
@@ -218,6 +229,7 @@ impl Node {
             lease: Arc::new(LeaseGate::unbounded()),
             inflight_bytes: Arc::new(tokio::sync::Semaphore::new(inflight_bytes)),
             typing: crate::typing::TypingGate::default(),
+            presence_pushes: Default::default(),
             early: Default::default(),
             passwords: PasswordGate::new(PasswordLimits {
                 per_source_per_min: config_auth.attempts_per_source_per_min,
@@ -237,6 +249,17 @@ impl Node {
     /// The connection registry.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The node's store (for inspection and tests).
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// Presence changes pushed to contacts since start (each queued when this counts it).
+    pub fn presence_pushes(&self) -> u64 {
+        self.presence_pushes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Counts a request read from 0-RTT early data: served (replay-safe) or refused.
@@ -260,6 +283,7 @@ impl Node {
         }
         self.passwords.housekeeping();
         self.typing.housekeeping();
+        self.registry.presence().housekeeping();
     }
 
     fn check_rate(
@@ -937,9 +961,10 @@ impl Node {
             B::Ping(p) => Ok(R::Pong(pb::Pong { nonce: p.nonce })),
             // The session handles these itself (Hello at any time; the others change the
             // connection).
-            B::Hello(_) | B::ChangePassword(_) | B::Logout(_) => Err(RequestError::Internal(
-                "session request reached the request handler".into(),
-            )),
+            B::Hello(_) | B::ChangePassword(_) | B::Logout(_) | B::SetPresence(_) => Err(
+                RequestError::Internal("session request reached the request handler".into()),
+            ),
+            B::Presence(_) => self.presence_of_contacts(&me).await.map(R::Presence),
             B::Register(_) | B::Login(_) | B::Authenticate(_) => {
                 Err(RequestError::AlreadyAuthenticated)
             }
@@ -1230,6 +1255,70 @@ impl Node {
         let audience = self.audience(chat).await?;
         self.router.deliver(&audience, &push, Some(conn));
         Ok(())
+    }
+
+    /// Publishes the presence changes of this node's users that are due (see
+    /// [`crate::presence`]): into the cluster view, to every peer, and to the contacts of each
+    /// user whose state in the whole cluster flipped (one push each, through the router: one
+    /// `Deliver` per node). Call every [`crate::presence::TICK`]; a tick's pushes are queued
+    /// before the next tick starts, so a user's changes reach their contacts in order.
+    pub async fn presence_tick(&self) {
+        use futures::StreamExt as _;
+        let changes = self.registry.presence_due(std::time::Instant::now());
+        if changes.is_empty() {
+            return;
+        }
+        let me = meshchat_idgen::NodeId(self.config.node_id);
+        let book = self.registry.presence();
+        let flips: Vec<(UserId, crate::presence::State)> = changes
+            .iter()
+            .filter_map(|c| book.apply(me, c).map(|s| (c.user, s)))
+            .collect();
+        self.router.presence_changed(&changes);
+        self.metrics.presence_changes(changes.len(), flips.len());
+        futures::stream::iter(flips)
+            .for_each_concurrent(16, |(user, state)| async move {
+                match self.storage.direct_peers(user).await {
+                    Ok(mut contacts) => {
+                        contacts.truncate(crate::presence::MAX_FANOUT);
+                        let push = encode_push(push::Event::Presence(pb::PresenceEvent {
+                            users: vec![presence_to(user, state)],
+                        }));
+                        self.router.deliver(&contacts, &push, None);
+                        self.presence_pushes
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::warn!(user = user.0, error = %e, "presence not pushed: contacts unreadable");
+                    }
+                }
+            })
+            .await;
+    }
+
+    /// Runs [`Node::presence_tick`] every [`crate::presence::TICK`] until `stop`.
+    pub async fn presence_loop(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut every = tokio::time::interval(crate::presence::TICK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = every.tick() => self.presence_tick().await,
+            }
+        }
+    }
+
+    /// The presence of my contacts (the users I share a 1:1 chat with), ascending by id.
+    async fn presence_of_contacts(&self, me: &Identity) -> Result<pb::PresenceList, RequestError> {
+        let contacts = self.storage.direct_peers(me.user).await?;
+        let book = self.registry.presence();
+        Ok(pb::PresenceList {
+            users: contacts
+                .into_iter()
+                .take(crate::presence::MAX_QUERY)
+                .map(|u| presence_to(u, book.state(u)))
+                .collect(),
+        })
     }
 
     /// Pushes my typing start or stop to the chat's other members, if the gate lets it.

@@ -98,6 +98,9 @@ pub struct ConnHandle {
     pub outbox: Arc<Outbox>,
     /// The QUIC connection, to close a slow reader.
     pub conn: quinn::Connection,
+    /// Whether it shows its user online (authenticated, handshake complete, not hidden):
+    /// counted by the presence tracker while it is registered.
+    pub visible: bool,
 }
 
 /// Why [`Registry::insert_capped`] refused a connection.
@@ -121,6 +124,11 @@ pub struct Registry {
     live: AtomicU64,
     /// Connections cut off by a full outbound queue, since start.
     cut_off: AtomicU64,
+    /// Users' visible connections here, and the presence changes due (updated under the
+    /// user's entry lock, so a user's connects and disconnects reach it in order).
+    tracker: Mutex<crate::presence::Tracker>,
+    /// The cluster's presence as this node knows it.
+    book: crate::presence::Book,
 }
 
 impl Registry {
@@ -136,7 +144,12 @@ impl Registry {
 
     /// Adds an authenticated connection of `user`.
     pub fn insert(&self, user: UserId, handle: ConnHandle) {
-        self.users.entry(user).or_default().push(handle);
+        let mut conns = self.users.entry(user).or_default();
+        if handle.visible {
+            self.tracker.lock().connected(user);
+        }
+        conns.push(handle);
+        drop(conns);
         self.live.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -158,6 +171,9 @@ impl Registry {
             } else if conns.len() >= cap.max(1) {
                 Some(Refused::Cap(conns.len()))
             } else {
+                if handle.visible {
+                    self.tracker.lock().connected(user);
+                }
                 conns.push(handle);
                 None
             }
@@ -196,14 +212,62 @@ impl Registry {
         let mut removed = false;
         // The closure edits the entry in place whether or not it is then removed.
         self.users.remove_if_mut(&user, |_, conns| {
-            let before = conns.len();
-            conns.retain(|c| c.id != id);
-            removed = conns.len() < before;
+            if let Some(i) = conns.iter().position(|c| c.id == id) {
+                if conns.swap_remove(i).visible {
+                    self.tracker.lock().disconnected(
+                        user,
+                        std::time::Instant::now(),
+                        crate::auth::now_ms(),
+                    );
+                }
+                removed = true;
+            }
             conns.is_empty()
         });
         if removed {
             self.live.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Shows (`visible`) or hides connection `id` of `user` in the user's presence; `false`
+    /// if it is not registered.
+    pub fn set_visible(&self, user: UserId, id: ConnId, visible: bool) -> bool {
+        let Some(mut conns) = self.users.get_mut(&user) else {
+            return false;
+        };
+        let Some(c) = conns.iter_mut().find(|c| c.id == id) else {
+            return false;
+        };
+        if c.visible != visible {
+            c.visible = visible;
+            let mut t = self.tracker.lock();
+            if visible {
+                t.connected(user);
+            } else {
+                t.disconnected(user, std::time::Instant::now(), crate::auth::now_ms());
+            }
+        }
+        true
+    }
+
+    /// The presence changes of this node's users due at `now`, marked published.
+    pub fn presence_due(&self, now: std::time::Instant) -> Vec<crate::presence::PresenceChange> {
+        self.tracker.lock().due(now)
+    }
+
+    /// Every user this node shows online (a peer's presence snapshot).
+    pub fn presence_online(&self) -> Vec<crate::presence::PresenceChange> {
+        self.tracker.lock().online()
+    }
+
+    /// Users the presence tracker holds (visible here, or a change due).
+    pub fn presence_tracked(&self) -> usize {
+        self.tracker.lock().tracked()
+    }
+
+    /// The cluster's presence as this node knows it.
+    pub fn presence(&self) -> &crate::presence::Book {
+        &self.book
     }
 
     /// Authenticated connections registered now.

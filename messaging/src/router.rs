@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use meshchat_backplane::delivery::LocalDelivery;
+use meshchat_backplane::delivery::{LocalDelivery, PresenceChange};
 use meshchat_idgen::{ChannelId, NodeId, UserId};
 use meshchat_proto::client::{self as pc, push};
 
@@ -103,5 +103,25 @@ impl LocalDelivery for NodeDelivery {
 
     fn invalidate_all_channels(&self) {
         self.members.invalidate_all();
+    }
+
+    fn presence_snapshot(&self) -> Vec<PresenceChange> {
+        self.registry.presence_online()
+    }
+
+    fn presence_from(&self, node: NodeId, full: bool, changes: Vec<PresenceChange>) {
+        let book = self.registry.presence();
+        if full {
+            book.forget_node(node, crate::auth::now_ms());
+        }
+        for c in &changes {
+            book.apply(node, c);
+        }
+    }
+
+    fn presence_node_gone(&self, node: NodeId) {
+        self.registry
+            .presence()
+            .forget_node(node, crate::auth::now_ms());
     }
 }

@@ -439,6 +439,7 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let tasks = TaskTracker::new();
+    tokio::spawn(node.clone().presence_loop(stop.clone()));
     let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {

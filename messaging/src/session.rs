@@ -348,6 +348,8 @@ async fn run(
     let mut batch: Vec<Bytes> = Vec::new();
     let mut seq: u64 = 0;
     let mut auth_failures: u32 = 0;
+    // Hello's `hide_presence`, then `SetPresence`: this connection never shows its user online.
+    let mut hide_presence = false;
     let mut inflight: FuturesUnordered<Reply> = FuturesUnordered::new();
     let max_frame = limits.max_frame_bytes as usize;
     // Why the loop ended: a code and reason to close with, or None for a clean client close.
@@ -362,6 +364,13 @@ async fn run(
                     break None;
                 }
                 _established = Some(node.metrics.established());
+                // Authenticated in early data: shown online only now (early data can be
+                // replayed, and a replay must not show anyone online).
+                if let Some(me) = &identity
+                    && !hide_presence
+                {
+                    node.registry.set_visible(me.user, id, true);
+                }
             }
             Some(reply) = inflight.next(), if !inflight.is_empty() => {
                 put(&reply, max_frame, &mut out);
@@ -440,6 +449,7 @@ async fn run(
                                 put(&error_frame(rid, &RequestError::TooEarly), max_frame, &mut out);
                             }
                             (Some(client_frame::Body::Hello(h)), _) => {
+                                hide_presence |= h.hide_presence;
                                 let reply = if h.protocol_version == meshchat_proto::PROTOCOL_VERSION {
                                     record("ok");
                                     ServerFrame { request_id: rid, body: Some(server_frame::Body::HelloOk(node.hello_ok())) }
@@ -460,7 +470,7 @@ async fn run(
                                     }
                                     Ok(AuthOutcome::Authenticated(who, ok)) => {
                                         let ob = Outbox::new(limits.outbound_queue);
-                                        let handle = ConnHandle { id, outbox: ob.clone(), conn: conn.clone() };
+                                        let handle = ConnHandle { id, outbox: ob.clone(), conn: conn.clone(), visible: !hide_presence && !early };
                                         if let Err(refused) = node.registry.insert_capped(who.user, handle, limits.max_connections_per_user, who.auth_time_ms) {
                                             let e = match refused {
                                                 // One token must not take every slot of a node.
@@ -541,6 +551,14 @@ async fn run(
                                     }
                                     Err(e) => put(&error_frame(rid, &e), max_frame, &mut out),
                                 }
+                            }
+                            (Some(client_frame::Body::SetPresence(p)), Some(me)) => {
+                                // Never early data here (not replay-safe): the handshake is
+                                // complete.
+                                hide_presence = p.hidden;
+                                node.registry.set_visible(me.user, id, !p.hidden);
+                                record("ok");
+                                put(&ServerFrame { request_id: rid, body: Some(server_frame::Body::Done(pb::Done {})) }, max_frame, &mut out);
                             }
                             (Some(client_frame::Body::Ping(p)), None) => {
                                 record("ok");

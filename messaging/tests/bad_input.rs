@@ -189,6 +189,7 @@ async fn credentials_and_names_are_checked() {
         .request(client_frame::Body::Hello(pb::Hello {
             protocol_version: 99,
             client_name: "future".into(),
+            hide_presence: false,
         }))
         .await;
     assert_eq!(code_of(r), ErrorCode::VersionMismatch);

@@ -408,6 +408,7 @@ async fn normal_close(w: Arc<World>) -> Got {
             body: Some(client_frame::Body::Hello(pb::Hello {
                 protocol_version: meshchat_proto::PROTOCOL_VERSION,
                 client_name: "error_codes".into(),
+                hide_presence: false,
             })),
         },
         1 << 16,
@@ -595,6 +596,7 @@ async fn version_mismatch(w: Arc<World>) -> Got {
         .request(client_frame::Body::Hello(pb::Hello {
             protocol_version: 99,
             client_name: "from the future".into(),
+            hide_presence: false,
         }))
         .await;
     refused(&c, &mut ev, r).await

@@ -72,7 +72,8 @@ pub fn replay_safe(body: &client::client_frame::Body) -> bool {
         | B::ChannelMembers(_)
         | B::Send(_)
         | B::Receipt(_)
-        | B::Typing(_) => true,
+        | B::Typing(_)
+        | B::Presence(_) => true,
         B::Register(_)
         | B::Login(_)
         | B::ChangePassword(_)
@@ -84,6 +85,7 @@ pub fn replay_safe(body: &client::client_frame::Body) -> bool {
         | B::ChannelLeave(_)
         | B::ChannelAdd(_)
         | B::ChannelRemove(_)
-        | B::ChannelSetAdmin(_) => false,
+        | B::ChannelSetAdmin(_)
+        | B::SetPresence(_) => false,
     }
 }

@@ -26,8 +26,8 @@ use tracing::{debug, info, warn};
 
 use super::Mesh;
 use super::peer::{
-    HEARD_EVERY, MAX_CHANGED_CHANNELS, MAX_ENVELOPE_BYTES, MAX_MISSED_USERS, Missed, Peer,
-    RECIPIENT_BYTES,
+    HEARD_EVERY, MAX_CHANGED_CHANNELS, MAX_ENVELOPE_BYTES, MAX_MISSED_USERS, Missed,
+    PRESENCE_ENTRY_BYTES, PRESENCE_PER_ENVELOPE, Peer, RECIPIENT_BYTES,
 };
 use crate::tls::{self, Identity, TlsError};
 
@@ -39,13 +39,14 @@ const BATCH_ENVELOPES: usize = 1_024;
 const BATCH_BYTES: usize = 64 * 1024;
 
 // A batch stops adding envelopes once past BATCH_BYTES, so the largest batch is that, one
-// largest envelope, a resync naming MAX_MISSED_USERS users, the channel-change lane, and the
-// per-envelope framing: always under the frame limit.
+// largest envelope, a resync naming MAX_MISSED_USERS users, the channel-change lane, one
+// presence envelope, and the per-envelope framing: always under the frame limit.
 const _: () = assert!(
     BATCH_BYTES
         + MAX_ENVELOPE_BYTES
         + MAX_MISSED_USERS * RECIPIENT_BYTES
         + MAX_CHANGED_CHANNELS * 16
+        + PRESENCE_PER_ENVELOPE * PRESENCE_ENTRY_BYTES
         + BATCH_ENVELOPES * 8
         < MAX_MESH_FRAME
 );
@@ -414,6 +415,10 @@ async fn run_link(
     // A `ChannelChanged` the peer wrote into the link this one replaces may never have
     // arrived: cached member lists are re-read from storage rather than trusted.
     mesh.local.invalidate_all_channels();
+    // Presence written into the link this one replaces may never have arrived either: the
+    // peer gets a snapshot of whom this node shows online, ahead of any later change.
+    peer.presence.lock().set_full();
+    peer.ready.notify_one();
     info!(peer = peer.id.0, generation, "mesh link up");
     let reader = {
         let mesh = mesh.clone();
@@ -435,7 +440,7 @@ async fn run_link(
                             .envelopes_received
                             .fetch_add(batch.envelopes.len() as u64, Ordering::Relaxed);
                         for env in batch.envelopes {
-                            mesh.receive(env);
+                            mesh.receive(peer.id, env);
                         }
                     }
                     Err(e) => {
@@ -464,6 +469,8 @@ async fn run_link(
                 }
                 // Member changes go before the pushes queued after them.
                 out.extend(peer.changed.lock().take());
+                let presence = peer.presence.lock().take(|| mesh.local.presence_snapshot());
+                out.extend(presence);
                 let mut q = peer.queue.lock();
                 let mut bytes = 0usize;
                 while out.len() < BATCH_ENVELOPES && bytes < BATCH_BYTES {
@@ -493,6 +500,7 @@ async fn run_link(
                         Some(envelope::Body::ChannelChanged(c)) => {
                             peer.changed.lock().readd(c);
                         }
+                        Some(envelope::Body::Presence(_)) => peer.presence.lock().set_full(),
                         _ => peer.missed.lock().add(env),
                     }
                 }
@@ -560,6 +568,11 @@ async fn run_link(
     if !unsent.is_empty() {
         let mut q = peer.queue.lock();
         for env in unsent.into_iter().rev() {
+            // Presence is not requeued: it would land after the next link's snapshot and
+            // undo it. That link sends a snapshot with it (set when it comes up).
+            if matches!(env.body, Some(envelope::Body::Presence(_))) {
+                continue;
+            }
             q.push_front(env);
         }
         drop(q);

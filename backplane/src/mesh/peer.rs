@@ -4,7 +4,7 @@
 //! (`Resync` for what was missed, `ChannelChanged` coalesced per channel), the envelope size
 //! bound with the split of one delivery into envelopes under it, and the link's counters.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -117,6 +117,91 @@ impl Changed {
     }
 }
 
+/// Users waiting on a peer's presence lane before a full snapshot replaces them.
+pub(super) const MAX_PRESENCE_USERS: usize = 65_536;
+/// Entries in one presence envelope: a snapshot of 100k users goes in several batches.
+pub(super) const PRESENCE_PER_ENVELOPE: usize = 8_192;
+/// Most bytes of one `PresenceEntry` (three varints, their tags and the entry's own framing).
+pub(super) const PRESENCE_ENTRY_BYTES: usize = 28;
+
+/// Presence owed to a peer: a lane that is never dropped, coalesced per user (the latest
+/// state wins). A full snapshot replaces it when the link comes up (the peer may have missed
+/// anything before) or when too many users wait; the snapshot goes out in envelopes of
+/// [`PRESENCE_PER_ENVELOPE`] entries, one per batch, before the changes made after it.
+#[derive(Debug, Default)]
+pub(super) struct PresenceLane {
+    users: BTreeMap<u64, (bool, u64)>,
+    /// A snapshot is owed: taken from the node at the next [`PresenceLane::take`].
+    full: bool,
+    /// The rest of a snapshot being sent.
+    snapshot: VecDeque<pm::PresenceEntry>,
+}
+
+impl PresenceLane {
+    pub(super) fn add(&mut self, c: &crate::delivery::PresenceChange) {
+        if self.full {
+            // The snapshot, taken later, has it.
+            return;
+        }
+        self.users.insert(c.user.0, (c.online, c.last_seen_ms));
+        if self.users.len() > MAX_PRESENCE_USERS {
+            self.set_full();
+        }
+    }
+
+    /// Owes a full snapshot (a link came up, or a batch with presence did not go out).
+    pub(super) fn set_full(&mut self) {
+        self.users.clear();
+        self.snapshot.clear();
+        self.full = true;
+    }
+
+    /// The next envelope owed, if any: a snapshot's next part (the first marked `full`),
+    /// else up to [`PRESENCE_PER_ENVELOPE`] changes. `snapshot` is asked only when one is owed.
+    pub(super) fn take(
+        &mut self,
+        snapshot: impl FnOnce() -> Vec<crate::delivery::PresenceChange>,
+    ) -> Option<pm::Envelope> {
+        let entry = |user: u64, online: bool, last_seen_unix_ms: u64| pm::PresenceEntry {
+            user,
+            online,
+            last_seen_unix_ms,
+        };
+        let full = std::mem::take(&mut self.full);
+        if full {
+            self.snapshot = snapshot()
+                .into_iter()
+                .map(|c| entry(c.user.0, c.online, c.last_seen_ms))
+                .collect();
+        }
+        let entries: Vec<pm::PresenceEntry> = if full || !self.snapshot.is_empty() {
+            let n = self.snapshot.len().min(PRESENCE_PER_ENVELOPE);
+            self.snapshot.drain(..n).collect()
+        } else if !self.users.is_empty() {
+            let mut rest = if self.users.len() > PRESENCE_PER_ENVELOPE {
+                let split = *self.users.keys().nth(PRESENCE_PER_ENVELOPE)?;
+                self.users.split_off(&split)
+            } else {
+                BTreeMap::new()
+            };
+            std::mem::swap(&mut rest, &mut self.users);
+            rest.into_iter()
+                .map(|(u, (online, at))| entry(u, online, at))
+                .collect()
+        } else {
+            return None;
+        };
+        Some(pm::Envelope {
+            ring_epoch: 0,
+            hops: 0,
+            body: Some(envelope::Body::Presence(pm::PresenceUpdate {
+                full,
+                entries,
+            })),
+        })
+    }
+}
+
 /// What a peer missed because its queue was full: told to it ahead of the next batch.
 #[derive(Debug, Default)]
 pub(super) struct Missed {
@@ -133,9 +218,9 @@ impl Missed {
         match &env.body {
             Some(envelope::Body::Deliver(d)) => self.add_users(d.recipients.iter().copied()),
             Some(envelope::Body::Resync(r)) if !r.all => self.add_users(r.users.iter().copied()),
-            // Channel changes have a lane of their own, and a link that comes up drops the
-            // member cache: nothing to resync.
-            Some(envelope::Body::ChannelChanged(_)) => {}
+            // Channel changes and presence have lanes of their own, and a link that comes up
+            // drops the member cache and sends a presence snapshot: nothing to resync.
+            Some(envelope::Body::ChannelChanged(_) | envelope::Body::Presence(_)) => {}
             // A move or a resync of everyone: which users it concerns is not listed here.
             _ => self.add_all(),
         }
@@ -292,6 +377,8 @@ pub(super) struct Peer {
     pub(super) missed: Mutex<Missed>,
     /// Channel member changes owed to the peer (never dropped).
     pub(super) changed: Mutex<Changed>,
+    /// Presence owed to the peer (never dropped).
+    pub(super) presence: Mutex<PresenceLane>,
 }
 
 impl Peer {
@@ -320,6 +407,7 @@ impl Peer {
             link: watch::channel(0).0,
             missed: Mutex::new(Missed::default()),
             changed: Mutex::new(Changed::default()),
+            presence: Mutex::new(PresenceLane::default()),
         }
     }
 
@@ -380,6 +468,103 @@ mod tests {
         }
         let out: Vec<_> = c.take().iter().map(changed_of).collect();
         assert_eq!(out, vec![(0, true)]);
+    }
+
+    fn presence_of(env: &pm::Envelope) -> (bool, Vec<(u64, bool, u64)>) {
+        match &env.body {
+            Some(envelope::Body::Presence(p)) => (
+                p.full,
+                p.entries
+                    .iter()
+                    .map(|e| (e.user, e.online, e.last_seen_unix_ms))
+                    .collect(),
+            ),
+            other => panic!("not presence: {other:?}"),
+        }
+    }
+
+    fn change(user: u64, online: bool, at: u64) -> crate::delivery::PresenceChange {
+        crate::delivery::PresenceChange {
+            user: meshchat_idgen::UserId(user),
+            online,
+            last_seen_ms: at,
+        }
+    }
+
+    #[test]
+    fn presence_coalesces_per_user_and_a_snapshot_goes_first_in_parts() {
+        let mut lane = PresenceLane::default();
+        let none = Vec::new;
+        assert!(lane.take(none).is_none(), "nothing owed");
+        lane.add(&change(5, true, 0));
+        lane.add(&change(3, true, 0));
+        lane.add(&change(5, false, 77));
+        let env = lane.take(none).expect("changes");
+        assert_eq!(
+            presence_of(&env),
+            (false, vec![(3, true, 0), (5, false, 77)]),
+            "the latest state of each user, once"
+        );
+        assert!(lane.take(none).is_none(), "taking empties the lane");
+        // A link comes up: a snapshot of everyone online, in parts, then later changes.
+        lane.add(&change(9, true, 0));
+        lane.set_full();
+        lane.add(&change(10, true, 0));
+        let online = PRESENCE_PER_ENVELOPE as u64 + 2;
+        let snap = || (1..=online).map(|u| change(u, true, 0)).collect();
+        let (full, first) = presence_of(&lane.take(snap).expect("snapshot"));
+        assert!(full);
+        assert_eq!(first.len(), PRESENCE_PER_ENVELOPE);
+        lane.add(&change(1, false, 99));
+        let (full, rest) = presence_of(&lane.take(none).expect("the rest"));
+        assert!(!full);
+        assert_eq!(rest.len(), 2);
+        assert_eq!(
+            presence_of(&lane.take(none).expect("after the snapshot")),
+            (false, vec![(1, false, 99)])
+        );
+        assert!(lane.take(none).is_none());
+        // An empty snapshot still says "forget what I told you".
+        lane.set_full();
+        assert_eq!(
+            presence_of(&lane.take(none).expect("empty")),
+            (true, vec![])
+        );
+        // Too many users waiting: a snapshot instead.
+        for u in 0..=MAX_PRESENCE_USERS as u64 {
+            lane.add(&change(u, true, 0));
+        }
+        let (full, _) = presence_of(&lane.take(|| vec![change(1, true, 0)]).expect("snap"));
+        assert!(full);
+        // Changes past one envelope go in several.
+        for u in 0..PRESENCE_PER_ENVELOPE as u64 + 1 {
+            lane.add(&change(u, true, 0));
+        }
+        assert_eq!(
+            presence_of(&lane.take(none).expect("one")).1.len(),
+            PRESENCE_PER_ENVELOPE
+        );
+        assert_eq!(presence_of(&lane.take(none).expect("two")).1.len(), 1);
+    }
+
+    #[test]
+    fn a_presence_envelope_fits_its_byte_bound() {
+        let entries = (0..PRESENCE_PER_ENVELOPE as u64)
+            .map(|i| pm::PresenceEntry {
+                user: u64::MAX - i,
+                online: true,
+                last_seen_unix_ms: u64::MAX,
+            })
+            .collect();
+        let env = pm::Envelope {
+            ring_epoch: u64::MAX,
+            hops: u32::MAX,
+            body: Some(envelope::Body::Presence(pm::PresenceUpdate {
+                full: true,
+                entries,
+            })),
+        };
+        assert!(prost::Message::encoded_len(&env) <= PRESENCE_PER_ENVELOPE * PRESENCE_ENTRY_BYTES);
     }
 
     #[test]

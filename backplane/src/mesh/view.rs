@@ -24,7 +24,7 @@ use super::{Mesh, MeshMember};
 const REDIRECTS_PER_TICK: usize = 40;
 /// See [`REDIRECTS_PER_TICK`].
 const REDIRECT_TICK: Duration = Duration::from_millis(100);
-use crate::delivery::{ConnId, Delivery, Home, MemberView, Router};
+use crate::delivery::{ConnId, Delivery, Home, MemberView, PresenceChange, Router};
 use crate::fanout;
 use crate::ring::Ring;
 
@@ -58,11 +58,13 @@ impl Mesh {
         // What a departed peer may never have got: its queue and what it missed. Its link
         // hands over what it wrote lately when it ends (`run_link`).
         let mut orphaned = Missed::default();
+        let mut gone = Vec::new();
         peers.retain(|id, p| {
             let keep = members.iter().any(|m| m.id == *id && m.mesh_addr == p.addr);
             if !keep {
                 let _ = p.gone.send(true);
                 info!(peer = id.0, "peer left the member set");
+                gone.push(*id);
                 for env in p.queue.lock().take_all() {
                     orphaned.add(&env);
                 }
@@ -94,6 +96,9 @@ impl Mesh {
             peers.insert(m.id, peer);
         }
         drop(peers);
+        for node in gone {
+            self.local.presence_node_gone(node);
+        }
         self.retarget(orphaned);
         // Re-home: users connected here whose owner is now another node.
         let moved: Vec<(UserId, NodeId, String)> = {
@@ -210,9 +215,22 @@ impl Mesh {
     }
 
     /// Handles one envelope from a peer.
-    pub(super) fn receive(&self, env: pm::Envelope) {
+    pub(super) fn receive(&self, from: NodeId, env: pm::Envelope) {
         let d = match env.body {
             Some(envelope::Body::Deliver(d)) => d,
+            Some(envelope::Body::Presence(p)) => {
+                let changes = p
+                    .entries
+                    .into_iter()
+                    .map(|e| PresenceChange {
+                        user: UserId(e.user),
+                        online: e.online,
+                        last_seen_ms: e.last_seen_unix_ms,
+                    })
+                    .collect();
+                self.local.presence_from(from, p.full, changes);
+                return;
+            }
             Some(envelope::Body::ChannelChanged(c)) => {
                 if c.all {
                     self.local.invalidate_all_channels();
@@ -322,6 +340,19 @@ impl Router for Mesh {
         let peers: Vec<Arc<Peer>> = self.peers.read().values().cloned().collect();
         for peer in peers {
             peer.changed.lock().add(channel);
+            peer.ready.notify_one();
+        }
+    }
+
+    fn presence_changed(&self, changes: &[PresenceChange]) {
+        let peers: Vec<Arc<Peer>> = self.peers.read().values().cloned().collect();
+        for peer in peers {
+            {
+                let mut lane = peer.presence.lock();
+                for c in changes {
+                    lane.add(c);
+                }
+            }
             peer.ready.notify_one();
         }
     }

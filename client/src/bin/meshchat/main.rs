@@ -36,6 +36,9 @@ struct Cli {
     /// Profile directory (keeps the token).
     #[arg(long, global = true, env = "MESHCHAT_HOME")]
     home: Option<PathBuf>,
+    /// Do not show me online to my contacts while this command runs.
+    #[arg(long, global = true)]
+    hide_presence: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -113,7 +116,7 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
-    /// My chats with unread counts.
+    /// My chats with unread counts, and whether each 1:1 chat's peer is online.
     Chats,
     /// Channels.
     #[command(subcommand)]
@@ -236,7 +239,9 @@ async fn connect(cli: &Cli, profile: &Profile) -> anyhow::Result<(Client, Events
         .or_else(|| profile.ca.clone())
         .ok_or_else(|| anyhow!("no CA: pass --ca FILE (dev: <data-dir>/ca.pem)"))?;
     let roots = meshchat_client::load_ca(&ca)?;
-    let (client, events) = Client::connect(&server, ConnectOptions::new(roots)).await?;
+    let mut opts = ConnectOptions::new(roots);
+    opts.hide_presence = cli.hide_presence;
+    let (client, events) = Client::connect(&server, opts).await?;
     let _ = ENDPOINT.set(client.endpoint());
     Ok((client, events))
 }
@@ -420,8 +425,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Chats => {
             let s = logged_in(&cli, &profile).await?;
             let me = s.me()?;
-            for row in s.client.chat_list().await? {
-                s.out.chat_row(&row, me);
+            let rows = s.client.chat_list().await?;
+            let presence: std::collections::HashMap<u64, meshchat_proto::client::PresenceState> = s
+                .client
+                .presence()
+                .await?
+                .into_iter()
+                .map(|p| (p.user_id, p))
+                .collect();
+            for row in rows {
+                let peer = meshchat_proto::ids::chat_from_wire(row.chat.as_ref())
+                    .ok()
+                    .and_then(|c| c.peer_of(me))
+                    .and_then(|p| presence.get(&p.0));
+                s.out.chat_row(&row, me, peer);
             }
             Ok(())
         }
@@ -561,6 +578,12 @@ async fn listen(
                 s.out.reaction(r, me);
             }
             Event::Channel(c) => s.out.channel_event(c),
+            Event::Presence(p) => {
+                for u in &p.users {
+                    s.learn_user(u.user_id).await;
+                    s.out.presence(u);
+                }
+            }
             Event::Redirect(r) => {
                 s.out.note(&format!(
                     "home moved to node {} ({}); reconnecting",

@@ -7,7 +7,9 @@
 //! - `receipt`: `chat`, `user`, `user_id`, `message_id`, `kind` (`delivered`|`seen`)
 //! - `reaction`: `chat`, `user`, `user_id`, `message_id`, `emoji` (empty = removed)
 //! - `chat`: `chat`, `unread`, `newest` (a message object or null), `my_delivered`, `my_seen`,
-//!   `peer_delivered`, `peer_seen`
+//!   `peer_delivered`, `peer_seen`, `presence` (1:1 chats: `{online, last_seen_unix_ms}`, else
+//!   null)
+//! - `presence`: `user`, `user_id`, `online`, `last_seen_unix_ms` (0: unknown or online)
 //! - `channel`: `channel_id`, `name`, `owner_id`, `member_count`; `member`: `channel`,
 //!   `user`, `user_id`; `channel_event`: `channel_id`, `user_id`, `joined`
 //! - `whereis` (no `type`, as specified): `user`, `node`, `addr`, `epoch`; `cluster`: `epoch`,
@@ -23,6 +25,23 @@ use meshchat_client::Session as AuthSession;
 use meshchat_idgen::{ChatId, UserId};
 use meshchat_proto::client::{self as pb, ErrorCode, ReceiptKind};
 use serde_json::{Value, json};
+
+/// "unknown", or how long ago `unix_ms` was ("just now", "5 min ago", "3 h ago", "2 d ago").
+fn last_seen(unix_ms: u64) -> String {
+    if unix_ms == 0 {
+        return "unknown".into();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let secs = now.saturating_sub(unix_ms) / 1000;
+    match secs {
+        0..60 => "just now".into(),
+        60..3_600 => format!("{} min ago", secs / 60),
+        3_600..86_400 => format!("{} h ago", secs / 3_600),
+        _ => format!("{} d ago", secs / 86_400),
+    }
+}
 
 pub(crate) struct Out {
     json: bool,
@@ -177,7 +196,12 @@ impl Out {
         );
     }
 
-    pub(crate) fn chat_row(&self, row: &pb::ChatSummary, me: UserId) {
+    pub(crate) fn chat_row(
+        &self,
+        row: &pb::ChatSummary,
+        me: UserId,
+        presence: Option<&pb::PresenceState>,
+    ) {
         let chat = meshchat_proto::ids::chat_from_wire(row.chat.as_ref()).ok();
         let name = match chat {
             Some(ChatId::Channel(_)) => format!("#{}", row.title),
@@ -216,11 +240,40 @@ impl Out {
                 )
             })
             .unwrap_or_default();
+        let here = presence.map(|p| {
+            if p.online {
+                "  (online)".to_owned()
+            } else {
+                format!("  (last seen {})", last_seen(p.last_seen_unix_ms))
+            }
+        });
         self.emit(
             json!({"type": "chat", "chat": name, "unread": row.unread, "newest": newest,
                    "my_delivered": row.my_delivered, "my_seen": row.my_seen,
-                   "peer_delivered": row.peer_delivered, "peer_seen": row.peer_seen}),
-            format!("{name:<20} {:>4} unread  {preview}{status}", row.unread),
+                   "peer_delivered": row.peer_delivered, "peer_seen": row.peer_seen,
+                   "presence": presence.map(|p| json!({"online": p.online,
+                       "last_seen_unix_ms": p.last_seen_unix_ms}))}),
+            format!(
+                "{name:<20} {:>4} unread  {preview}{status}{}",
+                row.unread,
+                here.unwrap_or_default()
+            ),
+        );
+    }
+
+    pub(crate) fn presence(&self, p: &pb::PresenceState) {
+        let who = self.user(p.user_id);
+        self.emit(
+            json!({"type": "presence", "user": who, "user_id": p.user_id, "online": p.online,
+                   "last_seen_unix_ms": p.last_seen_unix_ms}),
+            if p.online {
+                format!("{who} is online")
+            } else {
+                format!(
+                    "{who} went offline (last seen {})",
+                    last_seen(p.last_seen_unix_ms)
+                )
+            },
         );
     }
 

@@ -1,0 +1,411 @@
+//! Presence: who is online, and since when they are not. Owns the two halves of it:
+//!
+//! - [`Tracker`]: this node's users. It counts each user's *visible* connections here
+//!   (authenticated, handshake complete, not hidden) and decides which changes are published:
+//!   online at the first visible connection, offline [`GRACE`] after the last one ended (a
+//!   reconnect within the grace publishes nothing, so a flapping connection publishes at most
+//!   one online and one offline per [`GRACE`]). Sans-IO: every call takes the time, and the
+//!   tests drive it with simulated time.
+//! - [`Book`]: the cluster's view, per user the nodes that show them online and when they were
+//!   last seen. This node's published changes and its peers' (the mesh's presence lane, with a
+//!   snapshot whenever a link comes up) both land here; a user is online while any node shows
+//!   them, which is how a user's devices on two nodes (during a ring change) are one state.
+//!
+//! The node ([`crate::node::Node::presence_tick`]) publishes the tracker's due changes every
+//! [`TICK`]: into the book, to every peer, and, when the user's state in the whole cluster
+//! flipped, as a `PresenceEvent` push to their contacts (the users they share a 1:1 chat
+//! with, at most [`MAX_FANOUT`]) through the router: one `Deliver` per node, whatever the
+//! number of contacts there.
+//!
+//! What it does not do: it stores nothing (last seen lives in the nodes' memory: a user not
+//! online since every node restarted has last seen 0, "unknown"); a peer whose link is down
+//! but is still a member keeps its users as they were until it comes back (its snapshot then
+//! corrects them) or leaves the member set (then they are offline).
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+pub use meshchat_backplane::delivery::PresenceChange;
+use meshchat_idgen::{NodeId, UserId};
+
+/// How long a user with no visible connection left is still shown online.
+pub const GRACE: Duration = Duration::from_secs(5);
+/// How often the node publishes due changes.
+pub const TICK: Duration = Duration::from_millis(250);
+/// Most contacts one change is pushed to.
+pub const MAX_FANOUT: usize = 10_000;
+/// Most contacts in one `PresenceList`.
+pub const MAX_QUERY: usize = 1_000;
+/// Users the book remembers; past it, housekeeping forgets the offline ones.
+pub const MAX_REMEMBERED: usize = 2_000_000;
+
+/// One of this node's users.
+#[derive(Debug, Default)]
+struct Local {
+    /// Visible connections here.
+    devices: u32,
+    /// What was last published (false: offline, or never published).
+    published: bool,
+    /// When `devices` last fell to 0.
+    zero_since: Option<Instant>,
+    /// Unix ms of that moment (the user's last seen once offline is published).
+    last_seen_ms: u64,
+}
+
+/// This node's users' visible connections, and the changes due to be published.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    users: HashMap<UserId, Local>,
+    /// Users whose published state may differ from their devices.
+    dirty: HashSet<UserId>,
+}
+
+impl Tracker {
+    /// A visible connection of `user` began.
+    pub fn connected(&mut self, user: UserId) {
+        let u = self.users.entry(user).or_default();
+        u.devices += 1;
+        u.zero_since = None;
+        self.dirty.insert(user);
+    }
+
+    /// A visible connection of `user` ended at `now` (`now_ms` in Unix ms).
+    pub fn disconnected(&mut self, user: UserId, now: Instant, now_ms: u64) {
+        let Some(u) = self.users.get_mut(&user) else {
+            return;
+        };
+        u.devices = u.devices.saturating_sub(1);
+        if u.devices == 0 {
+            u.zero_since = Some(now);
+            u.last_seen_ms = now_ms;
+            self.dirty.insert(user);
+        }
+    }
+
+    /// The changes due at `now`, marked published.
+    pub fn due(&mut self, now: Instant) -> Vec<PresenceChange> {
+        let mut out = Vec::new();
+        let users = &mut self.users;
+        self.dirty.retain(|user| {
+            let Some(u) = users.get_mut(user) else {
+                return false;
+            };
+            let want = u.devices > 0;
+            if want == u.published {
+                if !want {
+                    users.remove(user);
+                }
+                return false;
+            }
+            if !want && u.zero_since.is_some_and(|t| now.duration_since(t) < GRACE) {
+                // Still within the grace: wait.
+                return true;
+            }
+            out.push(PresenceChange {
+                user: *user,
+                online: want,
+                last_seen_ms: if want { 0 } else { u.last_seen_ms },
+            });
+            if want {
+                u.published = true;
+            } else {
+                users.remove(user);
+            }
+            false
+        });
+        out
+    }
+
+    /// Every user published online here (a peer's snapshot).
+    pub fn online(&self) -> Vec<PresenceChange> {
+        self.users
+            .iter()
+            .filter(|(_, u)| u.published)
+            .map(|(user, _)| PresenceChange {
+                user: *user,
+                online: true,
+                last_seen_ms: 0,
+            })
+            .collect()
+    }
+
+    /// Users tracked (the memory bound: users with a visible connection or a change due).
+    pub fn tracked(&self) -> usize {
+        self.users.len()
+    }
+}
+
+/// A user in the cluster's view.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    /// The nodes that show the user online (one, except during a ring change).
+    nodes: Vec<NodeId>,
+    /// Unix ms the user was last seen (0: unknown).
+    last_seen_ms: u64,
+}
+
+/// A user's presence as clients see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct State {
+    /// Online on some node.
+    pub online: bool,
+    /// When last seen (Unix ms; 0 while online or when unknown).
+    pub last_seen_ms: u64,
+}
+
+/// The cluster's presence as this node knows it.
+#[derive(Debug, Default)]
+pub struct Book {
+    users: DashMap<UserId, Seen>,
+}
+
+impl Book {
+    /// Applies `node`'s change; returns the user's cluster-wide state when it flipped.
+    pub fn apply(&self, node: NodeId, c: &PresenceChange) -> Option<State> {
+        let mut seen = self.users.entry(c.user).or_default();
+        let before = !seen.nodes.is_empty();
+        if c.online {
+            if !seen.nodes.contains(&node) {
+                seen.nodes.push(node);
+            }
+        } else {
+            seen.nodes.retain(|n| *n != node);
+            seen.last_seen_ms = seen.last_seen_ms.max(c.last_seen_ms);
+        }
+        let after = !seen.nodes.is_empty();
+        (before != after).then(|| State {
+            online: after,
+            last_seen_ms: if after { 0 } else { seen.last_seen_ms },
+        })
+    }
+
+    /// `node` shows nobody online any more (it left, or a snapshot of it starts); users
+    /// only it showed are last seen at `now_ms` unless it said otherwise.
+    pub fn forget_node(&self, node: NodeId, now_ms: u64) {
+        for mut seen in self.users.iter_mut() {
+            let before = seen.nodes.len();
+            seen.nodes.retain(|n| *n != node);
+            if before > 0 && seen.nodes.is_empty() {
+                seen.last_seen_ms = seen.last_seen_ms.max(now_ms);
+            }
+        }
+    }
+
+    /// `user`'s state.
+    pub fn state(&self, user: UserId) -> State {
+        match self.users.get(&user) {
+            Some(s) if !s.nodes.is_empty() => State {
+                online: true,
+                last_seen_ms: 0,
+            },
+            Some(s) => State {
+                online: false,
+                last_seen_ms: s.last_seen_ms,
+            },
+            None => State {
+                online: false,
+                last_seen_ms: 0,
+            },
+        }
+    }
+
+    /// Forgets offline users past [`MAX_REMEMBERED`] (their last seen becomes unknown).
+    pub fn housekeeping(&self) {
+        if self.users.len() > MAX_REMEMBERED {
+            self.users.retain(|_, s| !s.nodes.is_empty());
+            self.users.shrink_to_fit();
+        }
+    }
+
+    /// Users remembered.
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether nobody is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALICE: UserId = UserId(1);
+    const BOB: UserId = UserId(2);
+
+    /// Simulated time: an origin and an offset.
+    struct Clock(Instant, Duration);
+
+    impl Clock {
+        fn new() -> Self {
+            Self(Instant::now(), Duration::ZERO)
+        }
+        fn now(&self) -> Instant {
+            self.0 + self.1
+        }
+        fn ms(&self) -> u64 {
+            1_000_000 + self.1.as_millis() as u64
+        }
+        fn advance(&mut self, d: Duration) {
+            self.1 += d;
+        }
+    }
+
+    fn online(user: UserId) -> PresenceChange {
+        PresenceChange {
+            user,
+            online: true,
+            last_seen_ms: 0,
+        }
+    }
+
+    fn offline(user: UserId, at: u64) -> PresenceChange {
+        PresenceChange {
+            user,
+            online: false,
+            last_seen_ms: at,
+        }
+    }
+
+    #[test]
+    fn online_at_the_first_device_offline_a_grace_after_the_last() {
+        let mut t = Tracker::default();
+        let mut clock = Clock::new();
+        t.connected(ALICE);
+        t.connected(ALICE);
+        assert_eq!(t.due(clock.now()), vec![online(ALICE)]);
+        assert_eq!(t.due(clock.now()), vec![], "published once");
+        clock.advance(Duration::from_secs(1));
+        t.disconnected(ALICE, clock.now(), clock.ms());
+        assert_eq!(t.due(clock.now()), vec![], "a device is left");
+        let last = clock.ms();
+        t.disconnected(ALICE, clock.now(), last);
+        clock.advance(GRACE - Duration::from_millis(1));
+        assert_eq!(t.due(clock.now()), vec![], "within the grace");
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(t.due(clock.now()), vec![offline(ALICE, last)]);
+        assert_eq!(t.tracked(), 0, "an offline user costs nothing");
+    }
+
+    #[test]
+    fn a_reconnect_within_the_grace_publishes_nothing() {
+        let mut t = Tracker::default();
+        let mut clock = Clock::new();
+        t.connected(BOB);
+        assert_eq!(t.due(clock.now()), vec![online(BOB)]);
+        // A phone flapping between networks: 20 reconnects a second apart.
+        for _ in 0..20 {
+            t.disconnected(BOB, clock.now(), clock.ms());
+            clock.advance(Duration::from_secs(1));
+            assert_eq!(t.due(clock.now()), vec![]);
+            t.connected(BOB);
+            assert_eq!(t.due(clock.now()), vec![]);
+        }
+        assert_eq!(t.online(), vec![online(BOB)]);
+    }
+
+    #[test]
+    fn flapping_slower_than_the_grace_publishes_at_most_two_changes_per_grace() {
+        let mut t = Tracker::default();
+        let mut clock = Clock::new();
+        let mut published = 0;
+        let cycles = 10;
+        for _ in 0..cycles {
+            t.connected(ALICE);
+            published += t.due(clock.now()).len();
+            clock.advance(Duration::from_millis(100));
+            t.disconnected(ALICE, clock.now(), clock.ms());
+            // Ticks every 250 ms until the next connect.
+            for _ in 0..24 {
+                clock.advance(TICK);
+                published += t.due(clock.now()).len();
+            }
+        }
+        // Each cycle lasts 6.1 s, longer than the grace: one online and one offline each.
+        assert_eq!(published, 2 * cycles);
+    }
+
+    #[test]
+    fn a_connect_before_the_offline_is_due_cancels_it_and_the_user_stays_online() {
+        let mut t = Tracker::default();
+        let mut clock = Clock::new();
+        t.connected(ALICE);
+        t.due(clock.now());
+        t.disconnected(ALICE, clock.now(), clock.ms());
+        clock.advance(GRACE / 2);
+        t.connected(ALICE);
+        clock.advance(GRACE);
+        assert_eq!(t.due(clock.now()), vec![]);
+        t.disconnected(ALICE, clock.now(), clock.ms());
+        let last = clock.ms();
+        clock.advance(GRACE);
+        assert_eq!(t.due(clock.now()), vec![offline(ALICE, last)]);
+    }
+
+    #[test]
+    fn a_user_offline_before_the_first_publish_is_never_published() {
+        let mut t = Tracker::default();
+        let mut clock = Clock::new();
+        t.connected(ALICE);
+        t.disconnected(ALICE, clock.now(), clock.ms());
+        clock.advance(GRACE);
+        assert_eq!(t.due(clock.now()), vec![]);
+        assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn the_book_is_the_union_of_the_nodes_and_flips_only_on_the_union() {
+        let b = Book::default();
+        let (n1, n2) = (NodeId(1), NodeId(2));
+        assert_eq!(
+            b.apply(n1, &online(ALICE)),
+            Some(State {
+                online: true,
+                last_seen_ms: 0
+            })
+        );
+        assert_eq!(b.apply(n2, &online(ALICE)), None, "a second node's device");
+        assert_eq!(b.apply(n1, &offline(ALICE, 10)), None, "still on node 2");
+        assert!(b.state(ALICE).online);
+        assert_eq!(
+            b.apply(n2, &offline(ALICE, 20)),
+            Some(State {
+                online: false,
+                last_seen_ms: 20
+            })
+        );
+        assert_eq!(
+            b.state(ALICE),
+            State {
+                online: false,
+                last_seen_ms: 20
+            }
+        );
+        assert_eq!(
+            b.state(BOB),
+            State {
+                online: false,
+                last_seen_ms: 0
+            },
+            "never seen: unknown"
+        );
+        // A node that leaves takes its users' presence with it.
+        b.apply(n2, &online(BOB));
+        b.forget_node(n2, 99);
+        assert_eq!(
+            b.state(BOB),
+            State {
+                online: false,
+                last_seen_ms: 99
+            }
+        );
+        assert_eq!(
+            b.state(ALICE).last_seen_ms,
+            20,
+            "already offline: unchanged"
+        );
+    }
+}

@@ -1,0 +1,271 @@
+//! Presence over real QUIC across a 3-node static cluster (one user homed on each node,
+//! whichever way ids land): a user's state goes to the users they share a 1:1 chat with and
+//! to no one else, is the union of their devices, keeps last seen, honours hiding, and costs
+//! the mesh a fixed number of envelopes per change whatever the number of contacts. "Nothing
+//! else arrived" is checked by a message sent afterwards arriving next, never by waiting.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::{User, cluster};
+use common::next_matching_within;
+use meshchat_client::{Client, Event, Events};
+use meshchat_idgen::{ChatId, MessageId, NodeId, UserId};
+use meshchat_proto::client as pb;
+use meshchat_storage::NewMessage;
+
+/// The next presence push or message, whichever comes first (other events skipped).
+async fn next_presence_or_message(events: &mut Events) -> Result<pb::PresenceState, pb::Message> {
+    // An offline comes a grace after the last device left.
+    let within = meshchat_messaging::presence::GRACE + Duration::from_secs(10);
+    next_matching_within(events, within, |e| match e {
+        Event::Presence(mut p) if p.users.len() == 1 => p.users.pop().map(Ok),
+        Event::Presence(p) => panic!("one change per push: {p:?}"),
+        Event::Message(m) => Some(Err(m)),
+        _ => None,
+    })
+    .await
+}
+
+async fn presence(events: &mut Events) -> pb::PresenceState {
+    match next_presence_or_message(events).await {
+        Ok(p) => p,
+        Err(m) => panic!("a message ({}) came before the presence push", m.message_id),
+    }
+}
+
+async fn message(events: &mut Events) -> pb::Message {
+    match next_presence_or_message(events).await {
+        Ok(p) => panic!("an unexpected presence push: {p:?}"),
+        Err(m) => m,
+    }
+}
+
+/// A second device of `user` (homed at `home`), authenticated.
+async fn device(cl: &common::cluster::Cluster, home: &str, user: &User, hide: bool) -> Client {
+    let mut opts = cl.options();
+    opts.hide_presence = hide;
+    let (c, _events) = Client::connect(home, opts).await.expect("connect");
+    c.authenticate(&user.2.token).await.expect("authenticate");
+    c
+}
+
+/// Polls `who`'s view of `of` until it is `online` (the presence lane is asynchronous).
+async fn until_seen(who: &Client, of: UserId, online: bool) -> pb::PresenceState {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let list = who.presence().await.expect("presence");
+        if let Some(p) = list.iter().find(|p| p.user_id == of.0)
+            && p.online == online
+        {
+            return *p;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{of} never seen online={online}: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_reaches_contacts_across_nodes_as_the_union_of_devices_with_last_seen() {
+    let cl = cluster(3).await;
+    let addrs: Vec<String> = cl.nodes.iter().map(|n| n.addr.to_string()).collect();
+    let mut users = common::one_user_homed_at_each(&addrs[0], &cl.options(), &addrs).await;
+    let (a, b) = (users[0].2.user, users[1].2.user);
+    let grace = meshchat_messaging::presence::GRACE;
+
+    // Everyone's online is published first (after that, a new chat pushes nothing).
+    common::wait_for(
+        "the users online everywhere",
+        Duration::from_secs(10),
+        || {
+            cl.nodes.iter().all(|n| {
+                users
+                    .iter()
+                    .all(|u| n.node.registry().presence().state(u.2.user).online)
+            })
+        },
+    )
+    .await;
+    // No 1:1 chat yet: nobody is a contact.
+    assert_eq!(users[1].0.presence().await.expect("presence"), vec![]);
+    // a (node 1) and b (node 2) get a 1:1 chat; a and c (node 3) share only a channel.
+    let ab = ChatId::direct(a, b);
+    users[0].0.send(ab, "hello b", None).await.expect("send");
+    message(&mut users[1].1).await;
+    let room = users[0].0.channel_create("room").await.expect("create");
+    users[2].0.channel_join("room").await.expect("join");
+    let room = ChatId::Channel(meshchat_idgen::ChannelId(room.channel_id));
+
+    // b sees a online (a's node told b's node through the mesh), and only a; a sees b; c,
+    // a channel member only, has no contacts.
+    let seen = until_seen(&users[1].0, a, true).await;
+    assert_eq!(seen.last_seen_unix_ms, 0, "no last seen while online");
+    assert_eq!(users[1].0.presence().await.expect("presence").len(), 1);
+    until_seen(&users[0].0, b, true).await;
+    assert_eq!(users[2].0.presence().await.expect("presence"), vec![]);
+
+    // A second device of a: a stays online when the first one goes. b learns nothing: the
+    // message the second device sends after the grace is b's next event.
+    let second = device(&cl, &addrs[0], &users[0], false).await;
+    users[0].0.close();
+    let n1 = cl.nodes[0].node.clone();
+    common::wait_for(
+        "a's first device counted gone",
+        Duration::from_secs(10),
+        || n1.registry().connections_of(a) == 1,
+    )
+    .await;
+    tokio::time::sleep(grace + Duration::from_millis(500)).await;
+    second.send(ab, "still here", None).await.expect("send");
+    assert_eq!(common::text(&message(&mut users[1].1).await), "still here");
+    assert!(users[1].0.presence().await.expect("presence")[0].online);
+
+    // The last device goes: offline after the grace, pushed to b with last seen.
+    let before_close = meshchat_messaging::auth::now_ms();
+    second.close();
+    let p = presence(&mut users[1].1).await;
+    assert_eq!((p.user_id, p.online), (a.0, false));
+    assert!(
+        p.last_seen_unix_ms >= before_close
+            && p.last_seen_unix_ms <= meshchat_messaging::auth::now_ms(),
+        "last seen {} is when the last device left (after {before_close})",
+        p.last_seen_unix_ms
+    );
+    let listed = until_seen(&users[1].0, a, false).await;
+    assert_eq!(listed.last_seen_unix_ms, p.last_seen_unix_ms);
+
+    // a comes back: online, pushed.
+    let back = device(&cl, &addrs[0], &users[0], false).await;
+    let p = presence(&mut users[1].1).await;
+    assert_eq!((p.user_id, p.online), (a.0, true));
+
+    // Hiding: the device that hides makes a offline (after the grace); a hidden device does
+    // not make a online, so when the visible one closes a goes offline again; showing it
+    // again makes a online.
+    back.set_presence_hidden(true).await.expect("hide");
+    let p = presence(&mut users[1].1).await;
+    assert_eq!((p.user_id, p.online), (a.0, false));
+    let hidden = device(&cl, &addrs[0], &users[0], true).await;
+    back.set_presence_hidden(false).await.expect("show");
+    let p = presence(&mut users[1].1).await;
+    assert_eq!((p.user_id, p.online), (a.0, true));
+    back.close();
+    let p = presence(&mut users[1].1).await;
+    assert_eq!(
+        (p.user_id, p.online),
+        (a.0, false),
+        "the hidden device left does not show a online"
+    );
+    hidden.set_presence_hidden(false).await.expect("show");
+    let p = presence(&mut users[1].1).await;
+    assert_eq!((p.user_id, p.online), (a.0, true));
+
+    // c, a channel member and no contact, got none of it: the channel message is its next
+    // message or presence event.
+    hidden.send(room, "to the room", None).await.expect("send");
+    assert_eq!(common::text(&message(&mut users[2].1).await), "to the room");
+}
+
+/// Mesh envelopes written by `node` to its peers so far, and the frames that carried them.
+fn sent_by(cl: &common::cluster::Cluster, node: NodeId) -> (u64, u64) {
+    let mesh = cl.mesh(node);
+    mesh.peer_ids()
+        .into_iter()
+        .filter_map(|p| mesh.peer_stats(p))
+        .fold((0, 0), |(e, f), s| {
+            (e + s.envelopes_sent, f + s.frames_sent)
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_a_user_with_1k_contacts_costs_two_envelopes_per_peer() {
+    const CONTACTS: u64 = 1_000;
+    let cl = cluster(3).await;
+    let (x, _x_events) = Client::connect(&cl.nodes[0].addr.to_string(), cl.options())
+        .await
+        .expect("connect");
+    let me = x
+        .register("x", "password-123")
+        .await
+        .expect("register")
+        .user;
+    let home = cl.home_of(&x);
+    let store = cl.nodes[0].node.storage().clone();
+    // 1,000 contacts, each with a message to x: users and messages written to the store
+    // directly (registering them would hash 1,000 passwords).
+    let ids = meshchat_idgen::Generator::new(1_000).expect("generator");
+    let mut contacts = Vec::new();
+    for i in 0..CONTACTS {
+        let u = UserId(ids.next_id().expect("id").0);
+        store
+            .create_user(u, &format!("contact{i}"), "not-a-hash")
+            .await
+            .expect("user");
+        contacts.push(u);
+    }
+    let appends = contacts.iter().map(|&u| {
+        let store = store.clone();
+        let id = MessageId(ids.next_id().expect("id").0);
+        async move {
+            store
+                .append(NewMessage {
+                    id,
+                    chat: ChatId::direct(u, me),
+                    sender: u,
+                    client_msg_id: format!("c{}", u.0),
+                    body: bytes::Bytes::from_static(b"hi"),
+                    reply_to: None,
+                })
+                .await
+                .expect("append")
+        }
+    });
+    futures::future::join_all(appends).await;
+    assert_eq!(
+        store.direct_peers(me).await.expect("peers").len() as u64,
+        CONTACTS
+    );
+    // Where the contacts are homed: the Deliver envelopes go to the other nodes with any.
+    let ring = cl.mesh(home).ring();
+    let remote_nodes: std::collections::BTreeSet<NodeId> = contacts
+        .iter()
+        .filter_map(|u| ring.owner(*u))
+        .filter(|n| *n != home)
+        .collect();
+    assert_eq!(remote_nodes.len(), 2, "1,000 contacts on all 3 nodes");
+
+    // Every node sees x online: the mesh is quiet from now on but for x's changes.
+    let books = |online: bool| {
+        cl.nodes
+            .iter()
+            .all(|n| n.node.registry().presence().state(me).online == online)
+    };
+    common::wait_for("x online everywhere", Duration::from_secs(10), || {
+        books(true)
+    })
+    .await;
+    let pushes = cl.nodes[home.0 as usize - 1].node.presence_pushes();
+    let before = sent_by(&cl, home);
+
+    // x goes: one change.
+    x.close();
+    common::wait_for(
+        "x offline everywhere, pushed",
+        meshchat_messaging::presence::GRACE + Duration::from_secs(10),
+        || {
+            books(false)
+                && cl.nodes[home.0 as usize - 1].node.presence_pushes() == pushes + 1
+                && sent_by(&cl, home).0 >= before.0 + 4
+        },
+    )
+    .await;
+    let after = sent_by(&cl, home);
+    // Per peer: one presence update (the cluster view) and one Deliver (the push to the
+    // contacts homed there, ~333 recipients), whatever the number of contacts.
+    assert_eq!(after.0 - before.0, 4, "envelopes for one change");
+    assert!(after.1 - before.1 <= 4, "frames: {}", after.1 - before.1);
+}
