@@ -236,3 +236,63 @@ async fn errors_go_to_stderr_with_their_code() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("BAD_CREDENTIALS"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chats_show_presence_and_listen_prints_its_changes() {
+    let env = env().await;
+    env.ok("alice", &["register", "alice"]);
+    let bob_id = env.ok("bob", &["register", "bob"])[0]["user_id"]
+        .as_u64()
+        .map(meshchat_idgen::UserId)
+        .expect("bob's id");
+    env.ok("alice", &["send", "bob", "hi"]);
+    // Bob online while his listener runs (8 s); alice's chat list shows it.
+    let mut bob = Command::new(CLI)
+        .arg("--home")
+        .arg(env.home("bob"))
+        .args(["--json", "listen", "--timeout", "8"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn listen");
+    let _bob_stderr = wait_listening(&mut bob);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let chats = env.ok("alice", &["chats"]);
+        assert_eq!(chats[0]["chat"], "bob");
+        if chats[0]["presence"]["online"] == true {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bob never shown online: {chats:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Alice listens; bob's listener ends; after the grace alice is told, with last seen.
+    let mut alice = spawn_listen(&env, "alice", 1);
+    let _alice_stderr = wait_listening(&mut alice);
+    let bob_out = bob.wait_with_output().expect("bob's listen ends");
+    assert!(bob_out.status.success());
+    let got = lines(&alice.wait_with_output().expect("listen").stdout);
+    assert_eq!(got[0]["type"], "presence");
+    assert_eq!(got[0]["user"], "bob");
+    assert_eq!(got[0]["online"], false);
+    assert!(got[0]["last_seen_unix_ms"].as_u64().is_some_and(|t| t > 0));
+    let chats = env.ok("alice", &["chats"]);
+    assert_eq!(chats[0]["presence"]["online"], false);
+    // With --hide-presence bob's connection is his, and does not show him online.
+    let mut hidden = Command::new(CLI)
+        .arg("--home")
+        .arg(env.home("bob"))
+        .args(["--json", "--hide-presence", "listen", "--timeout", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn listen");
+    let _hidden_stderr = wait_listening(&mut hidden);
+    let registry = env._node.node.registry();
+    assert_eq!(registry.connections_of(bob_id), 1);
+    assert_eq!(registry.visible_connections(bob_id), 0);
+    assert!(hidden.wait_with_output().expect("listen").status.success());
+}

@@ -130,6 +130,11 @@ impl Tracker {
             .collect()
     }
 
+    /// Visible connections of `user` here.
+    pub fn devices(&self, user: UserId) -> u32 {
+        self.users.get(&user).map_or(0, |u| u.devices)
+    }
+
     /// Users tracked (the memory bound: users with a visible connection or a change due).
     pub fn tracked(&self) -> usize {
         self.users.len()

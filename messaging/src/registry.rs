@@ -260,6 +260,11 @@ impl Registry {
         self.tracker.lock().online()
     }
 
+    /// Connections of `user` here that show them online.
+    pub fn visible_connections(&self, user: UserId) -> u32 {
+        self.tracker.lock().devices(user)
+    }
+
     /// Users the presence tracker holds (visible here, or a change due).
     pub fn presence_tracked(&self) -> usize {
         self.tracker.lock().tracked()

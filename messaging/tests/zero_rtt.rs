@@ -89,6 +89,9 @@ async fn a_returning_client_resumes_at_its_home_and_is_answered_from_early_data(
         },
     )
     .await;
+    // Registered, but not shown online until its handshake completes: early data can be
+    // replayed, and a replay must not show alice online (her first device does).
+    assert_eq!(node2.registry().visible_connections(alice_s.user), 1);
     // A message sent meanwhile is pushed to the connection still in its handshake (the
     // client reads it once it has the keys): no gap between AuthOk and the first push.
     let early_push = bob
@@ -105,6 +108,12 @@ async fn a_returning_client_resumes_at_its_home_and_is_answered_from_early_data(
     assert_eq!(conn.zero_rtt(), ZeroRtt::Accepted);
     conn.handshake_complete().await;
     assert_eq!(node2.early_requests().1, refused, "nothing refused");
+    wait_for(
+        "the resumed connection shows alice online once its handshake is complete",
+        Duration::from_secs(10),
+        || node2.registry().visible_connections(alice_s.user) == 2,
+    )
+    .await;
     // Single use: the ticket went, and the new connection gets the next one (issued when
     // the node sees the client's Finished).
     wait_for(
