@@ -188,11 +188,9 @@ async fn a_change_of_a_user_with_1k_contacts_costs_two_envelopes_per_peer() {
     let (x, _x_events) = Client::connect(&cl.nodes[0].addr.to_string(), cl.options())
         .await
         .expect("connect");
-    let me = x
-        .register("x", "password-123")
-        .await
-        .expect("register")
-        .user;
+    let session = x.register("x", "password-123").await.expect("register");
+    let me = session.user;
+    let addrs: Vec<String> = cl.nodes.iter().map(|n| n.addr.to_string()).collect();
     let home = cl.home_of(&x);
     let store = cl.nodes[0].node.storage().clone();
     // 1,000 contacts, each with a message to x: users and messages written to the store
@@ -248,24 +246,74 @@ async fn a_change_of_a_user_with_1k_contacts_costs_two_envelopes_per_peer() {
         books(true)
     })
     .await;
-    let pushes = cl.nodes[home.0 as usize - 1].node.presence_pushes();
-    let before = sent_by(&cl, home);
+    let home_node = cl.nodes[home.0 as usize - 1].node.clone();
 
-    // x goes: one change.
-    x.close();
-    common::wait_for(
-        "x offline everywhere, pushed",
-        meshchat_messaging::presence::GRACE + Duration::from_secs(10),
-        || {
-            books(false)
-                && cl.nodes[home.0 as usize - 1].node.presence_pushes() == pushes + 1
-                && sent_by(&cl, home).0 >= before.0 + 4
-        },
-    )
+    // The baseline, in the same cluster: x's message to a channel of the same 1,000 users
+    // (one Deliver per node that homes members).
+    let ch = meshchat_idgen::ChannelId(ids.next_id().expect("id").0);
+    store
+        .create_channel(ch, "all-contacts", me)
+        .await
+        .expect("channel");
+    for u in &contacts {
+        store.join_channel(ch, *u).await.expect("join");
+    }
+    let before = sent_by(&cl, home);
+    x.send(ChatId::Channel(ch), "to all", None)
+        .await
+        .expect("send");
+    common::wait_for("the channel message sent", Duration::from_secs(10), || {
+        sent_by(&cl, home).0 >= before.0 + 2
+    })
     .await;
-    let after = sent_by(&cl, home);
-    // Per peer: one presence update (the cluster view) and one Deliver (the push to the
-    // contacts homed there, ~333 recipients), whatever the number of contacts.
-    assert_eq!(after.0 - before.0, 4, "envelopes for one change");
-    assert!(after.1 - before.1 <= 4, "frames: {}", after.1 - before.1);
+    let channel = delta(before, sent_by(&cl, home));
+    assert_eq!(
+        channel.0, 2,
+        "a channel message: one Deliver per other node"
+    );
+
+    // x goes, then comes back: one change each. Per peer: one presence update (the cluster
+    // view) and one Deliver (the push to the contacts homed there, ~333 recipients),
+    // whatever the number of contacts.
+    let mut costs = Vec::new();
+    for online in [false, true] {
+        let pushes = home_node.presence_pushes();
+        let before = sent_by(&cl, home);
+        let back = if online {
+            let (c, e) = Client::connect(&addrs[home.0 as usize - 1], cl.options())
+                .await
+                .expect("connect");
+            c.authenticate(&session.token).await.expect("authenticate");
+            Some((c, e))
+        } else {
+            x.close();
+            None
+        };
+        common::wait_for(
+            "the change seen everywhere and pushed",
+            meshchat_messaging::presence::GRACE + Duration::from_secs(10),
+            || {
+                books(online)
+                    && home_node.presence_pushes() == pushes + 1
+                    && sent_by(&cl, home).0 >= before.0 + 4
+            },
+        )
+        .await;
+        let cost = delta(before, sent_by(&cl, home));
+        assert_eq!(cost.0, 4, "envelopes for one change (online: {online})");
+        assert!(cost.1 <= 4, "frames: {}", cost.1);
+        costs.push(cost);
+        drop(back);
+    }
+    tracing::info!(
+        contacts = CONTACTS,
+        ?channel,
+        offline = ?costs[0],
+        online = ?costs[1],
+        "mesh (envelopes, frames) written by the user's home"
+    );
+}
+
+fn delta(before: (u64, u64), after: (u64, u64)) -> (u64, u64) {
+    (after.0 - before.0, after.1 - before.1)
 }
