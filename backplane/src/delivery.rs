@@ -128,4 +128,8 @@ pub trait LocalDelivery: Send + Sync + 'static {
     fn presence_from(&self, _node: NodeId, _full: bool, _changes: Vec<PresenceChange>) {}
     /// Peer `node` left the member set: nobody is online there any more.
     fn presence_node_gone(&self, _node: NodeId) {}
+    /// The ring changed from `old` to `new`: users now homed at `me` and not before are this
+    /// node's to push presence for (a flip seen while their home was another node, say the one
+    /// leaving, was that node's to push and may never have been).
+    fn homes_moved(&self, _old: &crate::Ring, _new: &crate::Ring, _me: NodeId) {}
 }

@@ -120,7 +120,7 @@ fn describe() {
     );
     describe_counter!(
         "meshchat_presence_changes_total",
-        "Presence changes this node published: scope=node (a user's first visible connection here came or the last went, told to every peer), scope=cluster (the user's state in the whole cluster flipped, pushed to their contacts)."
+        "Presence changes this node published: scope=node (a user's first visible connection here came or the last went, told to every peer), scope=cluster (the state in the whole cluster of a user homed here flipped, or the ring moved the user here: pushed to their contacts)."
     );
     describe_counter!(
         "meshchat_messages_sent_total",
@@ -490,7 +490,7 @@ impl NodeMetrics {
         self.h.messages_sent.increment(1);
     }
 
-    /// Presence changes published: `node` told to peers, `cluster` pushed to contacts.
+    /// Presence changes published: `node` told to peers, `cluster` to be pushed to contacts.
     pub fn presence_changes(&self, node: usize, cluster: usize) {
         self.h.presence_node.increment(node as u64);
         self.h.presence_cluster.increment(cluster as u64);

@@ -1258,29 +1258,37 @@ impl Node {
     }
 
     /// Publishes the presence changes of this node's users that are due (see
-    /// [`crate::presence`]): into the cluster view, to every peer, and to the contacts of each
-    /// user whose state in the whole cluster flipped (one push each, through the router: one
-    /// `Deliver` per node). Call every [`crate::presence::TICK`]; a tick's pushes are queued
-    /// before the next tick starts, so a user's changes reach their contacts in order.
+    /// [`crate::presence`]) into the cluster view and to every peer; then pushes, to their
+    /// contacts, the current state of each user homed here whose cluster-wide state flipped
+    /// since the last tick, whatever flipped it (this node's change, a peer's, a node that
+    /// left): one push each, through the router (one `Deliver` per node). Call every
+    /// [`crate::presence::TICK`]; a tick's pushes are queued before the next tick starts, so
+    /// a user's pushes reach their contacts in order.
     pub async fn presence_tick(&self) {
         use futures::StreamExt as _;
         let changes = self.registry.presence_due(std::time::Instant::now());
-        if changes.is_empty() {
-            return;
-        }
-        let me = meshchat_idgen::NodeId(self.config.node_id);
         let book = self.registry.presence();
-        let flips: Vec<(UserId, crate::presence::State)> = changes
-            .iter()
-            .filter_map(|c| book.apply(me, c).map(|s| (c.user, s)))
+        if !changes.is_empty() {
+            let me = meshchat_idgen::NodeId(self.config.node_id);
+            for c in &changes {
+                book.apply(me, c);
+            }
+            self.router.presence_changed(&changes);
+        }
+        // Users homed elsewhere are their home's to push.
+        let flips: Vec<UserId> = book
+            .take_flipped()
+            .into_iter()
+            .filter(|u| matches!(self.router.home(*u), Home::Local))
             .collect();
-        self.router.presence_changed(&changes);
         self.metrics.presence_changes(changes.len(), flips.len());
         futures::stream::iter(flips)
-            .for_each_concurrent(16, |(user, state)| async move {
+            .for_each_concurrent(16, |user| async move {
                 match self.storage.direct_peers(user).await {
                     Ok(mut contacts) => {
                         contacts.truncate(crate::presence::MAX_FANOUT);
+                        // The state now: a flip and its undo within one tick push it once.
+                        let state = book.state(user);
                         let push = encode_push(push::Event::Presence(pb::PresenceEvent {
                             users: vec![presence_to(user, state)],
                         }));
@@ -1289,7 +1297,9 @@ impl Node {
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     Err(e) => {
-                        tracing::warn!(user = user.0, error = %e, "presence not pushed: contacts unreadable");
+                        // Retried at the next tick.
+                        book.reflip(user);
+                        tracing::warn!(user = user.0, error = %e, "presence not pushed yet: contacts unreadable");
                     }
                 }
             })
@@ -1308,17 +1318,23 @@ impl Node {
         }
     }
 
-    /// The presence of my contacts (the users I share a 1:1 chat with), ascending by id.
+    /// The presence of my contacts (the users I share a 1:1 chat with), ascending by id: the
+    /// first [`crate::presence::MAX_QUERY`], cut to fit one frame.
     async fn presence_of_contacts(&self, me: &Identity) -> Result<pb::PresenceList, RequestError> {
         let contacts = self.storage.direct_peers(me.user).await?;
         let book = self.registry.presence();
-        Ok(pb::PresenceList {
-            users: contacts
-                .into_iter()
-                .take(crate::presence::MAX_QUERY)
-                .map(|u| presence_to(u, book.state(u)))
-                .collect(),
-        })
+        let rows = contacts
+            .into_iter()
+            .take(crate::presence::MAX_QUERY)
+            .map(|u| presence_to(u, book.state(u)))
+            .collect();
+        let (users, _) = fit_page(
+            rows,
+            crate::presence::MAX_QUERY as u32,
+            self.reply_budget(),
+            |p| p.user_id,
+        );
+        Ok(pb::PresenceList { users })
     }
 
     /// Pushes my typing start or stop to the chat's other members, if the gate lets it.

@@ -10,17 +10,26 @@
 //!   last seen. This node's published changes and its peers' (the mesh's presence lane, with a
 //!   snapshot whenever a link comes up) both land here; a user is online while any node shows
 //!   them, which is how a user's devices on two nodes (during a ring change) are one state.
+//!   It records which users' cluster-wide state flipped, from whatever source.
 //!
 //! The node ([`crate::node::Node::presence_tick`]) publishes the tracker's due changes every
-//! [`TICK`]: into the book, to every peer, and, when the user's state in the whole cluster
-//! flipped, as a `PresenceEvent` push to their contacts (the users they share a 1:1 chat
-//! with, at most [`MAX_FANOUT`]) through the router: one `Deliver` per node, whatever the
-//! number of contacts there.
+//! [`TICK`], into the book and to every peer. Then, for each user whose state flipped in the
+//! book since the last tick and whose **home** (ring owner) is this node, it pushes the
+//! user's current state as a `PresenceEvent` to their contacts (the users they share a 1:1
+//! chat with, at most [`MAX_FANOUT`]) through the router: one `Deliver` per node, whatever
+//! the number of contacts there. One node per user pushes, and it pushes what its book holds
+//! after every update it applied, so the contacts' last push is the cluster's final state
+//! even when a user's devices on two nodes come and go at once, or a node leaves (its users'
+//! new homes push their offline: a ring change marks every user it moved here as flipped, so
+//! a flip seen while the home was the leaving node is pushed). A push that fails (the
+//! contacts unreadable) is retried at the next tick.
 //!
-//! What it does not do: it stores nothing (last seen lives in the nodes' memory: a user not
-//! online since every node restarted has last seen 0, "unknown"); a peer whose link is down
-//! but is still a member keeps its users as they were until it comes back (its snapshot then
-//! corrects them) or leaves the member set (then they are offline).
+//! What it does not do: it stores nothing. Last seen lives in the nodes' memory: a node that
+//! restarts knows the last seen of no one until they are seen again (0, "unknown"), and a
+//! user who went offline on a node while the link to it was down is last seen, on the other
+//! side, when the link came back. A node that is down but still a member (a static cluster)
+//! keeps its users as they were on the other nodes until it comes back; its users' contacts
+//! are told of them again when they reconnect (their home pushes), not of those who do not.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -28,6 +37,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 pub use meshchat_backplane::delivery::PresenceChange;
 use meshchat_idgen::{NodeId, UserId};
+use parking_lot::Mutex;
 
 /// How long a user with no visible connection left is still shown online.
 pub const GRACE: Duration = Duration::from_secs(5);
@@ -163,11 +173,45 @@ pub struct State {
 #[derive(Debug, Default)]
 pub struct Book {
     users: DashMap<UserId, Seen>,
+    /// Users whose cluster-wide state flipped since [`Book::take_flipped`] (at most every
+    /// user remembered).
+    flipped: Mutex<HashSet<UserId>>,
 }
 
 impl Book {
-    /// Applies `node`'s change; returns the user's cluster-wide state when it flipped.
+    /// Applies `node`'s change; returns the user's cluster-wide state when it flipped (and
+    /// records the flip for [`Book::take_flipped`]).
     pub fn apply(&self, node: NodeId, c: &PresenceChange) -> Option<State> {
+        let flip = self.apply_entry(node, c);
+        if flip.is_some() {
+            self.flipped.lock().insert(c.user);
+        }
+        flip
+    }
+
+    /// The users whose cluster-wide state flipped since the last call.
+    pub fn take_flipped(&self) -> Vec<UserId> {
+        self.flipped.lock().drain().collect()
+    }
+
+    /// Records `user` as flipped again (its push failed: retried at the next take).
+    pub fn reflip(&self, user: UserId) {
+        self.flipped.lock().insert(user);
+    }
+
+    /// Records as flipped every user remembered for whom `moved_here` holds (the ring moved
+    /// their home to this node: their state is pushed once more, from here).
+    pub fn reflip_where(&self, moved_here: impl Fn(UserId) -> bool) {
+        let moved: Vec<UserId> = self
+            .users
+            .iter()
+            .map(|e| *e.key())
+            .filter(|u| moved_here(*u))
+            .collect();
+        self.flipped.lock().extend(moved);
+    }
+
+    fn apply_entry(&self, node: NodeId, c: &PresenceChange) -> Option<State> {
         let mut seen = self.users.entry(c.user).or_default();
         let before = !seen.nodes.is_empty();
         if c.online {
@@ -188,13 +232,16 @@ impl Book {
     /// `node` shows nobody online any more (it left, or a snapshot of it starts); users
     /// only it showed are last seen at `now_ms` unless it said otherwise.
     pub fn forget_node(&self, node: NodeId, now_ms: u64) {
+        let mut flipped = Vec::new();
         for mut seen in self.users.iter_mut() {
             let before = seen.nodes.len();
             seen.nodes.retain(|n| *n != node);
             if before > 0 && seen.nodes.is_empty() {
                 seen.last_seen_ms = seen.last_seen_ms.max(now_ms);
+                flipped.push(*seen.key());
             }
         }
+        self.flipped.lock().extend(flipped);
     }
 
     /// `user`'s state.

@@ -124,4 +124,15 @@ impl LocalDelivery for NodeDelivery {
             .presence()
             .forget_node(node, crate::auth::now_ms());
     }
+
+    fn homes_moved(
+        &self,
+        old: &meshchat_backplane::Ring,
+        new: &meshchat_backplane::Ring,
+        me: NodeId,
+    ) {
+        self.registry
+            .presence()
+            .reflip_where(|u| new.owner(u) == Some(me) && old.owner(u) != Some(me));
+    }
 }

@@ -449,7 +449,13 @@ async fn run(
                                 put(&error_frame(rid, &RequestError::TooEarly), max_frame, &mut out);
                             }
                             (Some(client_frame::Body::Hello(h)), _) => {
-                                hide_presence |= h.hide_presence;
+                                if h.hide_presence && !hide_presence {
+                                    hide_presence = true;
+                                    // Already authenticated: hidden from now on.
+                                    if let Some(me) = &identity {
+                                        node.registry.set_visible(me.user, id, false);
+                                    }
+                                }
                                 let reply = if h.protocol_version == meshchat_proto::PROTOCOL_VERSION {
                                     record("ok");
                                     ServerFrame { request_id: rid, body: Some(server_frame::Body::HelloOk(node.hello_ok())) }

@@ -459,6 +459,11 @@ async fn run_link(
     let writer = async {
         let mut buf = BytesMut::new();
         loop {
+            if *peer.link.borrow() != generation {
+                // Replaced: the new link takes the queue and the lanes (a presence snapshot
+                // taken here would go into a dead connection). `replaced` ends this link.
+                std::future::pending::<()>().await;
+            }
             let batch: Vec<pm::Envelope> = {
                 let mut out = Vec::new();
                 {
@@ -563,13 +568,20 @@ async fn run_link(
             peer.ready.notify_one();
         }
     }
+    // Presence this link wrote may not have arrived (and a snapshot owed to the link that
+    // replaced it may have been taken here, in the moment between the two): the next link
+    // sends a snapshot, whichever that is.
+    if !*stop.borrow() {
+        peer.presence.lock().set_full();
+        peer.ready.notify_one();
+    }
     // A batch whose write did not complete goes back to the front of the queue.
     let unsent = std::mem::take(&mut *writing.lock());
     if !unsent.is_empty() {
         let mut q = peer.queue.lock();
         for env in unsent.into_iter().rev() {
             // Presence is not requeued: it would land after the next link's snapshot and
-            // undo it. That link sends a snapshot with it (set when it comes up).
+            // undo it. That link sends a snapshot instead (set above, and when it comes up).
             if matches!(env.body, Some(envelope::Body::Presence(_))) {
                 continue;
             }

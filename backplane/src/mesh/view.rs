@@ -44,8 +44,9 @@ impl Mesh {
     /// peers, and tells users connected here whose home moved to reconnect there (a redirect
     /// push). Returns how many users were told to move.
     pub fn apply(self: &Arc<Self>, epoch: u64, ring: &Arc<Ring>, members: &[MeshMember]) -> usize {
-        {
+        let old_ring = {
             let mut v = self.view.write();
+            let old_ring = v.ring.clone();
             v.epoch = epoch;
             v.ring = ring.clone();
             v.client_addrs = members
@@ -53,7 +54,8 @@ impl Mesh {
                 .map(|m| (m.id, m.client_addr.clone()))
                 .collect();
             v.weights = members.iter().map(|m| (m.id, m.weight)).collect();
-        }
+            old_ring
+        };
         let mut peers = self.peers.write();
         // What a departed peer may never have got: its queue and what it missed. Its link
         // hands over what it wrote lately when it ends (`run_link`).
@@ -99,6 +101,7 @@ impl Mesh {
         for node in gone {
             self.local.presence_node_gone(node);
         }
+        self.local.homes_moved(&old_ring, ring, self.me);
         self.retarget(orphaned);
         // Re-home: users connected here whose owner is now another node.
         let moved: Vec<(UserId, NodeId, String)> = {

@@ -7,8 +7,8 @@
 //! - `receipt`: `chat`, `user`, `user_id`, `message_id`, `kind` (`delivered`|`seen`)
 //! - `reaction`: `chat`, `user`, `user_id`, `message_id`, `emoji` (empty = removed)
 //! - `chat`: `chat`, `unread`, `newest` (a message object or null), `my_delivered`, `my_seen`,
-//!   `peer_delivered`, `peer_seen`, `presence` (1:1 chats: `{online, last_seen_unix_ms}`, else
-//!   null)
+//!   `peer_delivered`, `peer_seen`, `presence` (1:1 chats: `{online, last_seen_unix_ms}`; null
+//!   for channels, notes to self, and contacts past the first 1,000)
 //! - `presence`: `user`, `user_id`, `online`, `last_seen_unix_ms` (0: unknown or online)
 //! - `channel`: `channel_id`, `name`, `owner_id`, `member_count`; `member`: `channel`,
 //!   `user`, `user_id`; `channel_event`: `channel_id`, `user_id`, `joined`
