@@ -2,8 +2,9 @@
 //! node still holds the old, dead link (nothing has told it yet: the QUIC idle timeout is
 //! far away). The new link must replace the old one at once: before, the old link's writer
 //! kept taking envelopes off the shared queue and writing them into the dead connection, so
-//! about half the pushes to the restarted node's users were lost without a trace. Real
-//! processes (a static two-node dev cluster), real QUIC.
+//! about half the pushes to the restarted node's users were lost without a trace. The
+//! restarted node also learns the other node's presence from the snapshot on the new link.
+//! Real processes (a static two-node dev cluster), real QUIC.
 
 mod common;
 
@@ -90,5 +91,19 @@ async fn a_restarted_peer_replaces_its_old_link_and_no_push_is_lost() {
     }
     let missing = want.difference(&got).count();
     assert_eq!(missing, 0, "{missing} of 40 pushes lost after the restart");
+    // The restarted node knew nobody's presence: node 2's snapshot, sent on the new link and
+    // not into the dead one it replaced, tells it alice is online.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let list = bob.presence().await.expect("presence");
+        if list.iter().any(|p| p.user_id == alice_s.user.0 && p.online) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restarted node never learned that alice is online: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     drop(children);
 }
