@@ -245,12 +245,28 @@ async fn chats_show_presence_and_listen_prints_its_changes() {
         .as_u64()
         .map(meshchat_idgen::UserId)
         .expect("bob's id");
-    env.ok("alice", &["send", "bob", "hi"]);
-    // Bob online while his listener runs (8 s); alice's chat list shows it.
+    // Alice runs hidden (--hide-presence) throughout: bob hears nothing of her, so his
+    // listener's one event is the message that ends it.
+    let hidden = |args: &[&str]| {
+        let mut all = vec!["--hide-presence"];
+        all.extend_from_slice(args);
+        env.ok("alice", &all)
+    };
+    hidden(&["send", "bob", "hi"]);
+    // Bob online while his listener runs (no receipts: alice's listener below counts two
+    // events); alice's chat list shows it.
     let mut bob = Command::new(CLI)
         .arg("--home")
         .arg(env.home("bob"))
-        .args(["--json", "listen", "--timeout", "8"])
+        .args([
+            "--json",
+            "listen",
+            "--count",
+            "1",
+            "--no-receipts",
+            "--timeout",
+            "30",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -258,7 +274,7 @@ async fn chats_show_presence_and_listen_prints_its_changes() {
     let _bob_stderr = wait_listening(&mut bob);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let chats = env.ok("alice", &["chats"]);
+        let chats = hidden(&["chats"]);
         assert_eq!(chats[0]["chat"], "bob");
         if chats[0]["presence"]["online"] == true {
             break;
@@ -269,20 +285,43 @@ async fn chats_show_presence_and_listen_prints_its_changes() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    // Alice listens; bob's listener ends; after the grace alice is told, with last seen.
-    let mut alice = spawn_listen(&env, "alice", 1);
+    // Alice listens; a message ends bob's listener; after the grace alice is told, with
+    // last seen (her listener's other event: her own message, from her other device).
+    let mut alice = Command::new(CLI)
+        .arg("--home")
+        .arg(env.home("alice"))
+        .args([
+            "--json",
+            "--hide-presence",
+            "listen",
+            "--count",
+            "2",
+            "--timeout",
+            "30",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn listen");
     let _alice_stderr = wait_listening(&mut alice);
+    hidden(&["send", "bob", "bye"]);
     let bob_out = bob.wait_with_output().expect("bob's listen ends");
     assert!(bob_out.status.success());
-    let got = lines(&alice.wait_with_output().expect("listen").stdout);
-    assert_eq!(got[0]["type"], "presence");
-    assert_eq!(got[0]["user"], "bob");
-    assert_eq!(got[0]["online"], false);
-    assert!(got[0]["last_seen_unix_ms"].as_u64().is_some_and(|t| t > 0));
-    let chats = env.ok("alice", &["chats"]);
+    assert_eq!(lines(&bob_out.stdout)[0]["text"], "bye");
+    let alice_out = alice.wait_with_output().expect("listen");
+    assert!(alice_out.status.success());
+    let got = lines(&alice_out.stdout);
+    assert_eq!(got.len(), 2, "alice's listen: {got:?}");
+    assert_eq!(got[0]["type"], "message");
+    assert_eq!(got[0]["text"], "bye");
+    assert_eq!(got[1]["type"], "presence");
+    assert_eq!(got[1]["user"], "bob");
+    assert_eq!(got[1]["online"], false);
+    assert!(got[1]["last_seen_unix_ms"].as_u64().is_some_and(|t| t > 0));
+    let chats = hidden(&["chats"]);
     assert_eq!(chats[0]["presence"]["online"], false);
     // With --hide-presence bob's connection is his, and does not show him online.
-    let mut hidden = Command::new(CLI)
+    let mut bob_hidden = Command::new(CLI)
         .arg("--home")
         .arg(env.home("bob"))
         .args(["--json", "--hide-presence", "listen", "--timeout", "2"])
@@ -290,9 +329,15 @@ async fn chats_show_presence_and_listen_prints_its_changes() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn listen");
-    let _hidden_stderr = wait_listening(&mut hidden);
+    let _hidden_stderr = wait_listening(&mut bob_hidden);
     let registry = env._node.node.registry();
     assert_eq!(registry.connections_of(bob_id), 1);
     assert_eq!(registry.visible_connections(bob_id), 0);
-    assert!(hidden.wait_with_output().expect("listen").status.success());
+    assert!(
+        bob_hidden
+            .wait_with_output()
+            .expect("listen")
+            .status
+            .success()
+    );
 }

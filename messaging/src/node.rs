@@ -139,6 +139,8 @@ pub struct Node {
     typing: crate::typing::TypingGate,
     /// Presence changes pushed to contacts (a user's cluster-wide state flipped), since start.
     presence_pushes: std::sync::atomic::AtomicU64,
+    /// Presence ticks completed since start.
+    presence_ticks: std::sync::atomic::AtomicU64,
     /// Bytes of requests being handled, all connections together.
     inflight_bytes: Arc<tokio::sync::Semaphore>,
     /// This node's metrics handle (`node` label).
@@ -230,6 +232,7 @@ impl Node {
             inflight_bytes: Arc::new(tokio::sync::Semaphore::new(inflight_bytes)),
             typing: crate::typing::TypingGate::default(),
             presence_pushes: Default::default(),
+            presence_ticks: Default::default(),
             early: Default::default(),
             passwords: PasswordGate::new(PasswordLimits {
                 per_source_per_min: config_auth.attempts_per_source_per_min,
@@ -254,6 +257,12 @@ impl Node {
     /// The node's store (for inspection and tests).
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
+    }
+
+    /// Presence ticks completed since start (each one's pushes queued when it counts).
+    pub fn presence_ticks(&self) -> u64 {
+        self.presence_ticks
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Presence changes pushed to contacts since start (each queued when this counts it).
@@ -1275,35 +1284,55 @@ impl Node {
             }
             self.router.presence_changed(&changes);
         }
-        // Users homed elsewhere are their home's to push.
-        let flips: Vec<UserId> = book
+        // Users homed elsewhere are their home's to push; past the per-tick bound, the rest
+        // wait for the next ticks.
+        let mut flips: Vec<UserId> = book
             .take_flipped()
             .into_iter()
             .filter(|u| matches!(self.router.home(*u), Home::Local))
             .collect();
+        if flips.len() > crate::presence::MAX_PUSHES_PER_TICK {
+            for u in flips.split_off(crate::presence::MAX_PUSHES_PER_TICK) {
+                book.reflip(u);
+            }
+        }
         self.metrics.presence_changes(changes.len(), flips.len());
+        // The first failed read stops this tick's reads: the store is likely down, and the
+        // users wait for the next tick rather than each costing a failed read.
+        let failed = std::sync::atomic::AtomicBool::new(false);
         futures::stream::iter(flips)
-            .for_each_concurrent(16, |user| async move {
-                match self.storage.direct_peers(user).await {
-                    Ok(mut contacts) => {
-                        contacts.truncate(crate::presence::MAX_FANOUT);
-                        // The state now: a flip and its undo within one tick push it once.
-                        let state = book.state(user);
-                        let push = encode_push(push::Event::Presence(pb::PresenceEvent {
-                            users: vec![presence_to(user, state)],
-                        }));
-                        self.router.deliver(&contacts, &push, None);
-                        self.presence_pushes
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        // Retried at the next tick.
+            .for_each_concurrent(16, |user| {
+                let failed = &failed;
+                async move {
+                    if failed.load(std::sync::atomic::Ordering::Relaxed) {
                         book.reflip(user);
-                        tracing::warn!(user = user.0, error = %e, "presence not pushed yet: contacts unreadable");
+                        return;
+                    }
+                    match self.storage.direct_peers(user).await {
+                        Ok(mut contacts) => {
+                            contacts.truncate(crate::presence::MAX_FANOUT);
+                            // The state now: a flip and its undo within one tick push it once.
+                            let state = book.state(user);
+                            let push = encode_push(push::Event::Presence(pb::PresenceEvent {
+                                users: vec![presence_to(user, state)],
+                            }));
+                            self.router.deliver(&contacts, &push, None);
+                            self.presence_pushes
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            // Retried at the next tick.
+                            book.reflip(user);
+                            if !failed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                tracing::warn!(user = user.0, error = %e, "presence pushes wait: contacts unreadable");
+                            }
+                        }
                     }
                 }
             })
             .await;
+        self.presence_ticks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Runs [`Node::presence_tick`] every [`crate::presence::TICK`] until `stop`.

@@ -30,6 +30,10 @@
 //! side, when the link came back. A node that is down but still a member (a static cluster)
 //! keeps its users as they were on the other nodes until it comes back; its users' contacts
 //! are told of them again when they reconnect (their home pushes), not of those who do not.
+//! Pushes carry no version: during a ring change an old and a new home may both push, and a
+//! contact can get them out of order. A node that just started answers from what snapshots
+//! have brought so far; a node that drops out of the member set and comes straight back
+//! leaves its users shown offline (pushed by their interim homes) until their next change.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -47,6 +51,11 @@ pub const TICK: Duration = Duration::from_millis(250);
 pub const MAX_FANOUT: usize = 10_000;
 /// Most contacts in one `PresenceList`.
 pub const MAX_QUERY: usize = 1_000;
+/// Most pushes one tick makes; the rest wait for the next ticks (a ring change can flip a
+/// node's worth of users at once).
+pub const MAX_PUSHES_PER_TICK: usize = 2_000;
+/// Users a ring change moves here are pushed again if online, or offline for less than this.
+pub const RECENT: Duration = Duration::from_secs(60);
 /// Users the book remembers; past it, housekeeping forgets the offline ones.
 pub const MAX_REMEMBERED: usize = 2_000_000;
 
@@ -199,12 +208,16 @@ impl Book {
         self.flipped.lock().insert(user);
     }
 
-    /// Records as flipped every user remembered for whom `moved_here` holds (the ring moved
-    /// their home to this node: their state is pushed once more, from here).
-    pub fn reflip_where(&self, moved_here: impl Fn(UserId) -> bool) {
+    /// Records as flipped every user for whom `moved_here` holds (the ring moved their home to
+    /// this node) and whose last push may have been lost with their old home: the online ones,
+    /// and those offline for less than [`RECENT`] at `now_ms`. Their state is pushed once
+    /// more, from here; users offline for longer were pushed offline long ago.
+    pub fn reflip_where(&self, now_ms: u64, moved_here: impl Fn(UserId) -> bool) {
+        let recent = RECENT.as_millis() as u64;
         let moved: Vec<UserId> = self
             .users
             .iter()
+            .filter(|e| !e.nodes.is_empty() || now_ms.saturating_sub(e.last_seen_ms) < recent)
             .map(|e| *e.key())
             .filter(|u| moved_here(*u))
             .collect();

@@ -133,6 +133,8 @@ impl LocalDelivery for NodeDelivery {
     ) {
         self.registry
             .presence()
-            .reflip_where(|u| new.owner(u) == Some(me) && old.owner(u) != Some(me));
+            .reflip_where(crate::auth::now_ms(), |u| {
+                new.owner(u) == Some(me) && old.owner(u) != Some(me)
+            });
     }
 }

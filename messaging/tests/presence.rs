@@ -89,6 +89,16 @@ async fn presence_reaches_contacts_across_nodes_as_the_union_of_devices_with_las
         },
     )
     .await;
+    // ... and pushed (to nobody yet): the ticks that flipped them are over once every node
+    // has completed two more.
+    let ticks: Vec<u64> = cl.nodes.iter().map(|n| n.node.presence_ticks()).collect();
+    common::wait_for("two more presence ticks", Duration::from_secs(10), || {
+        cl.nodes
+            .iter()
+            .zip(&ticks)
+            .all(|(n, t)| n.node.presence_ticks() >= t + 2)
+    })
+    .await;
     // No 1:1 chat yet: nobody is a contact.
     assert_eq!(users[1].0.presence().await.expect("presence"), vec![]);
     // a (node 1) and b (node 2) get a 1:1 chat; a and c (node 3) share only a channel.

@@ -83,8 +83,9 @@ impl Written {
             match &env.body {
                 Some(envelope::Body::Deliver(d)) => users.extend_from_slice(&d.recipients),
                 Some(envelope::Body::Resync(r)) if !r.all => users.extend_from_slice(&r.users),
-                // Covered without a resync: a link that comes up drops the member cache.
-                Some(envelope::Body::ChannelChanged(_)) => {}
+                // Covered without a resync: a link that comes up drops the member cache, and
+                // every link that ends owes the peer a presence snapshot.
+                Some(envelope::Body::ChannelChanged(_) | envelope::Body::Presence(_)) => {}
                 _ => self.all_at = Some(now),
             }
         }
@@ -395,12 +396,14 @@ async fn run_link(
     mut stop: watch::Receiver<bool>,
 ) {
     // This link replaces any older one of the same peer.
+    // Subscribed before the bump: a link that bumps in between (a late dial completing beside
+    // a redial) is seen as a change, so this link cannot miss its own replacement.
+    let mut replaced = peer.link.subscribe();
     let mut generation = 0;
     peer.link.send_modify(|g| {
         *g += 1;
         generation = *g;
     });
-    let mut replaced = peer.link.subscribe();
     let replaced = async move {
         while replaced.changed().await.is_ok() {
             if *replaced.borrow() != generation {
@@ -617,7 +620,7 @@ mod tests {
     }
 
     #[test]
-    fn a_dead_link_does_not_resync_everyone_for_a_channel_change() {
+    fn a_dead_link_does_not_resync_everyone_for_a_channel_change_or_presence() {
         let t0 = Instant::now();
         let mut w = Written::default();
         let changed = pm::Envelope {
@@ -628,10 +631,22 @@ mod tests {
                 all: false,
             })),
         };
-        w.record(t0, &[changed, deliver(vec![5])]);
+        // Nor a presence update (every link's first batch has one: its snapshot).
+        let presence = pm::Envelope {
+            ring_epoch: 0,
+            hops: 0,
+            body: Some(envelope::Body::Presence(pm::PresenceUpdate {
+                full: true,
+                entries: Vec::new(),
+            })),
+        };
+        w.record(t0, &[changed, presence, deliver(vec![5])]);
         let mut missed = Missed::default();
         assert!(w.resync_into(t0, &mut missed));
-        assert!(!missed.all, "a channel change must not resync everyone");
+        assert!(
+            !missed.all,
+            "a channel change or presence must not resync everyone"
+        );
         assert_eq!(missed.users, BTreeSet::from([5]));
     }
 

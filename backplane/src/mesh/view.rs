@@ -222,6 +222,14 @@ impl Mesh {
         let d = match env.body {
             Some(envelope::Body::Deliver(d)) => d,
             Some(envelope::Body::Presence(p)) => {
+                // A node that left the member set is forgotten; what its link still delivers
+                // after that would leave ghosts online. The view is held while applying: a
+                // removal (which forgets the node after changing the view) comes wholly
+                // before or after.
+                let view = self.view.read();
+                if !view.client_addrs.contains_key(&from) {
+                    return;
+                }
                 let changes = p
                     .entries
                     .into_iter()
@@ -232,6 +240,7 @@ impl Mesh {
                     })
                     .collect();
                 self.local.presence_from(from, p.full, changes);
+                drop(view);
                 return;
             }
             Some(envelope::Body::ChannelChanged(c)) => {
