@@ -35,8 +35,10 @@ pub struct PresenceChange {
     pub user: UserId,
     /// Whether the user has a visible connection on the node.
     pub online: bool,
-    /// When the user's last visible connection on the node ended (Unix ms; offline only).
-    pub last_seen_ms: u64,
+    /// When this state began on the node (Unix ms): online, the first visible connection;
+    /// offline, the end of the last one (the user's last seen). Of two states of a user, the
+    /// later one is the newer.
+    pub at_ms: u64,
 }
 
 /// Where a user is homed.

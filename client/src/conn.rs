@@ -36,7 +36,9 @@ pub enum Event {
     Reaction(pb::ReactionEvent),
     /// Channel membership changed.
     Channel(pb::ChannelEvent),
-    /// Contacts (users I share a 1:1 chat with) came online or went offline.
+    /// Contacts (users I share a 1:1 chat with) came online or went offline. Of two states of
+    /// one user, the one with the later `changed_unix_ms` is current (pushes can cross during
+    /// a ring change).
     Presence(pb::PresenceEvent),
     /// Someone started or stopped typing in one of my chats. Feed it to a
     /// [`crate::TypingTracker`], which expires indicators by themselves.

@@ -177,6 +177,7 @@ fn presence_to(user: UserId, s: crate::presence::State) -> pb::PresenceState {
         user_id: user.0,
         online: s.online,
         last_seen_unix_ms: s.last_seen_ms,
+        changed_unix_ms: s.changed_ms,
     }
 }
 

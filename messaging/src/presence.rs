@@ -30,8 +30,9 @@
 //! side, when the link came back. A node that is down but still a member (a static cluster)
 //! keeps its users as they were on the other nodes until it comes back; its users' contacts
 //! are told of them again when they reconnect (their home pushes), not of those who do not.
-//! Pushes carry no version: during a ring change an old and a new home may both push, and a
-//! contact can get them out of order. A node that just started answers from what snapshots
+//! During a ring change an old and a new home may both push, and a contact can get them out
+//! of order: each state carries when it began (`changed_unix_ms`, the clock of the node that
+//! saw it), and clients keep the later. A node that just started answers from what snapshots
 //! have brought so far; a node that drops out of the member set and comes straight back
 //! leaves its users shown offline (pushed by their interim homes) until their next change.
 
@@ -70,6 +71,9 @@ struct Local {
     zero_since: Option<Instant>,
     /// Unix ms of that moment (the user's last seen once offline is published).
     last_seen_ms: u64,
+    /// Unix ms the first of the visible connections now counted came (while published
+    /// online: when the user came online here).
+    online_since_ms: u64,
 }
 
 /// This node's users' visible connections, and the changes due to be published.
@@ -81,9 +85,13 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// A visible connection of `user` began.
-    pub fn connected(&mut self, user: UserId) {
+    /// A visible connection of `user` began at `now_ms` (Unix ms).
+    pub fn connected(&mut self, user: UserId, now_ms: u64) {
         let u = self.users.entry(user).or_default();
+        // A reconnect within the grace keeps the online it never left.
+        if u.devices == 0 && !u.published {
+            u.online_since_ms = now_ms;
+        }
         u.devices += 1;
         u.zero_since = None;
         self.dirty.insert(user);
@@ -124,7 +132,11 @@ impl Tracker {
             out.push(PresenceChange {
                 user: *user,
                 online: want,
-                last_seen_ms: if want { 0 } else { u.last_seen_ms },
+                at_ms: if want {
+                    u.online_since_ms
+                } else {
+                    u.last_seen_ms
+                },
             });
             if want {
                 u.published = true;
@@ -141,10 +153,10 @@ impl Tracker {
         self.users
             .iter()
             .filter(|(_, u)| u.published)
-            .map(|(user, _)| PresenceChange {
+            .map(|(user, u)| PresenceChange {
                 user: *user,
                 online: true,
-                last_seen_ms: 0,
+                at_ms: u.online_since_ms,
             })
             .collect()
     }
@@ -167,6 +179,8 @@ struct Seen {
     nodes: Vec<NodeId>,
     /// Unix ms the user was last seen (0: unknown).
     last_seen_ms: u64,
+    /// Unix ms the user's cluster-wide state last flipped (0: unknown).
+    changed_ms: u64,
 }
 
 /// A user's presence as clients see it.
@@ -176,6 +190,8 @@ pub struct State {
     pub online: bool,
     /// When last seen (Unix ms; 0 while online or when unknown).
     pub last_seen_ms: u64,
+    /// When this state began (Unix ms; 0 when unknown): the later of two states is newer.
+    pub changed_ms: u64,
 }
 
 /// The cluster's presence as this node knows it.
@@ -233,12 +249,17 @@ impl Book {
             }
         } else {
             seen.nodes.retain(|n| *n != node);
-            seen.last_seen_ms = seen.last_seen_ms.max(c.last_seen_ms);
+            seen.last_seen_ms = seen.last_seen_ms.max(c.at_ms);
         }
         let after = !seen.nodes.is_empty();
-        (before != after).then(|| State {
+        if before == after {
+            return None;
+        }
+        seen.changed_ms = seen.changed_ms.max(c.at_ms);
+        Some(State {
             online: after,
             last_seen_ms: if after { 0 } else { seen.last_seen_ms },
+            changed_ms: seen.changed_ms,
         })
     }
 
@@ -251,6 +272,7 @@ impl Book {
             seen.nodes.retain(|n| *n != node);
             if before > 0 && seen.nodes.is_empty() {
                 seen.last_seen_ms = seen.last_seen_ms.max(now_ms);
+                seen.changed_ms = seen.changed_ms.max(now_ms);
                 flipped.push(*seen.key());
             }
         }
@@ -260,17 +282,19 @@ impl Book {
     /// `user`'s state.
     pub fn state(&self, user: UserId) -> State {
         match self.users.get(&user) {
-            Some(s) if !s.nodes.is_empty() => State {
-                online: true,
-                last_seen_ms: 0,
-            },
             Some(s) => State {
-                online: false,
-                last_seen_ms: s.last_seen_ms,
+                online: !s.nodes.is_empty(),
+                last_seen_ms: if s.nodes.is_empty() {
+                    s.last_seen_ms
+                } else {
+                    0
+                },
+                changed_ms: s.changed_ms,
             },
             None => State {
                 online: false,
                 last_seen_ms: 0,
+                changed_ms: 0,
             },
         }
     }
@@ -319,19 +343,23 @@ mod tests {
         }
     }
 
-    fn online(user: UserId) -> PresenceChange {
+    fn online_at(user: UserId, at: u64) -> PresenceChange {
         PresenceChange {
             user,
             online: true,
-            last_seen_ms: 0,
+            at_ms: at,
         }
+    }
+
+    fn online(user: UserId) -> PresenceChange {
+        online_at(user, 1)
     }
 
     fn offline(user: UserId, at: u64) -> PresenceChange {
         PresenceChange {
             user,
             online: false,
-            last_seen_ms: at,
+            at_ms: at,
         }
     }
 
@@ -339,9 +367,13 @@ mod tests {
     fn online_at_the_first_device_offline_a_grace_after_the_last() {
         let mut t = Tracker::default();
         let mut clock = Clock::new();
-        t.connected(ALICE);
-        t.connected(ALICE);
-        assert_eq!(t.due(clock.now()), vec![online(ALICE)]);
+        t.connected(ALICE, clock.ms());
+        t.connected(ALICE, clock.ms());
+        assert_eq!(
+            t.due(clock.now()),
+            vec![online_at(ALICE, 1_000_000)],
+            "online since the first device came"
+        );
         assert_eq!(t.due(clock.now()), vec![], "published once");
         clock.advance(Duration::from_secs(1));
         t.disconnected(ALICE, clock.now(), clock.ms());
@@ -359,17 +391,21 @@ mod tests {
     fn a_reconnect_within_the_grace_publishes_nothing() {
         let mut t = Tracker::default();
         let mut clock = Clock::new();
-        t.connected(BOB);
-        assert_eq!(t.due(clock.now()), vec![online(BOB)]);
+        t.connected(BOB, clock.ms());
+        assert_eq!(t.due(clock.now()), vec![online_at(BOB, 1_000_000)]);
         // A phone flapping between networks: 20 reconnects a second apart.
         for _ in 0..20 {
             t.disconnected(BOB, clock.now(), clock.ms());
             clock.advance(Duration::from_secs(1));
             assert_eq!(t.due(clock.now()), vec![]);
-            t.connected(BOB);
+            t.connected(BOB, clock.ms());
             assert_eq!(t.due(clock.now()), vec![]);
         }
-        assert_eq!(t.online(), vec![online(BOB)]);
+        assert_eq!(
+            t.online(),
+            vec![online_at(BOB, 1_000_000)],
+            "online since the first connection, through every reconnect"
+        );
     }
 
     #[test]
@@ -379,7 +415,7 @@ mod tests {
         let mut published = 0;
         let cycles = 10;
         for _ in 0..cycles {
-            t.connected(ALICE);
+            t.connected(ALICE, clock.ms());
             published += t.due(clock.now()).len();
             clock.advance(Duration::from_millis(100));
             t.disconnected(ALICE, clock.now(), clock.ms());
@@ -397,11 +433,11 @@ mod tests {
     fn a_connect_before_the_offline_is_due_cancels_it_and_the_user_stays_online() {
         let mut t = Tracker::default();
         let mut clock = Clock::new();
-        t.connected(ALICE);
+        t.connected(ALICE, clock.ms());
         t.due(clock.now());
         t.disconnected(ALICE, clock.now(), clock.ms());
         clock.advance(GRACE / 2);
-        t.connected(ALICE);
+        t.connected(ALICE, clock.ms());
         clock.advance(GRACE);
         assert_eq!(t.due(clock.now()), vec![]);
         t.disconnected(ALICE, clock.now(), clock.ms());
@@ -414,7 +450,7 @@ mod tests {
     fn a_user_offline_before_the_first_publish_is_never_published() {
         let mut t = Tracker::default();
         let mut clock = Clock::new();
-        t.connected(ALICE);
+        t.connected(ALICE, clock.ms());
         t.disconnected(ALICE, clock.now(), clock.ms());
         clock.advance(GRACE);
         assert_eq!(t.due(clock.now()), vec![]);
@@ -429,7 +465,8 @@ mod tests {
             b.apply(n1, &online(ALICE)),
             Some(State {
                 online: true,
-                last_seen_ms: 0
+                last_seen_ms: 0,
+                changed_ms: 1
             })
         );
         assert_eq!(b.apply(n2, &online(ALICE)), None, "a second node's device");
@@ -439,21 +476,24 @@ mod tests {
             b.apply(n2, &offline(ALICE, 20)),
             Some(State {
                 online: false,
-                last_seen_ms: 20
+                last_seen_ms: 20,
+                changed_ms: 20
             })
         );
         assert_eq!(
             b.state(ALICE),
             State {
                 online: false,
-                last_seen_ms: 20
+                last_seen_ms: 20,
+                changed_ms: 20
             }
         );
         assert_eq!(
             b.state(BOB),
             State {
                 online: false,
-                last_seen_ms: 0
+                last_seen_ms: 0,
+                changed_ms: 0
             },
             "never seen: unknown"
         );
@@ -464,13 +504,56 @@ mod tests {
             b.state(BOB),
             State {
                 online: false,
-                last_seen_ms: 99
+                last_seen_ms: 99,
+                changed_ms: 99
             }
         );
         assert_eq!(
             b.state(ALICE).last_seen_ms,
             20,
             "already offline: unchanged"
+        );
+    }
+
+    #[test]
+    fn every_flip_is_recorded_whatever_its_source_and_only_flips() {
+        let b = Book::default();
+        let (n1, n2, n3) = (NodeId(1), NodeId(2), NodeId(3));
+        // Alice's devices on two nodes leave at once: each node's own change alone is no
+        // flip, the second one applied is, wherever it came from.
+        b.apply(n1, &online(ALICE));
+        b.apply(n2, &online(ALICE));
+        assert_eq!(b.take_flipped(), vec![ALICE]);
+        b.apply(n2, &offline(ALICE, 5));
+        assert_eq!(b.take_flipped(), vec![], "still online on node 1");
+        b.apply(n1, &offline(ALICE, 6));
+        assert_eq!(b.take_flipped(), vec![ALICE]);
+        assert_eq!(b.state(ALICE).changed_ms, 6, "the flip's time orders it");
+        // Bob only on node 3, which leaves: a flip nobody published.
+        b.apply(n3, &online_at(BOB, 7));
+        b.take_flipped();
+        b.forget_node(n3, 9);
+        assert_eq!(b.take_flipped(), vec![BOB]);
+        assert_eq!(b.state(BOB).changed_ms, 9);
+        assert_eq!(b.take_flipped(), vec![], "taken");
+        b.reflip(BOB);
+        assert_eq!(b.take_flipped(), vec![BOB], "a failed push comes back");
+        // A ring change moves users here: the online and the recently offline are pushed
+        // again, not those offline for long.
+        b.apply(n1, &online_at(UserId(3), 10));
+        b.apply(n1, &offline(UserId(4), 1_000));
+        b.apply(n1, &online_at(UserId(4), 1_500));
+        b.apply(n1, &offline(UserId(4), 2_000));
+        b.take_flipped();
+        b.reflip_where(2_000 + RECENT.as_millis() as u64 - 1, |_| true);
+        let mut moved = b.take_flipped();
+        moved.sort_unstable();
+        assert_eq!(moved, vec![UserId(3), UserId(4)]);
+        b.reflip_where(2_000 + RECENT.as_millis() as u64, |u| u != UserId(3));
+        assert_eq!(
+            b.take_flipped(),
+            vec![],
+            "user 4 offline for long; user 3 not moved"
         );
     }
 }

@@ -146,7 +146,7 @@ impl Registry {
     pub fn insert(&self, user: UserId, handle: ConnHandle) {
         let mut conns = self.users.entry(user).or_default();
         if handle.visible {
-            self.tracker.lock().connected(user);
+            self.tracker.lock().connected(user, crate::auth::now_ms());
         }
         conns.push(handle);
         drop(conns);
@@ -172,7 +172,7 @@ impl Registry {
                 Some(Refused::Cap(conns.len()))
             } else {
                 if handle.visible {
-                    self.tracker.lock().connected(user);
+                    self.tracker.lock().connected(user, crate::auth::now_ms());
                 }
                 conns.push(handle);
                 None
@@ -242,7 +242,7 @@ impl Registry {
             c.visible = visible;
             let mut t = self.tracker.lock();
             if visible {
-                t.connected(user);
+                t.connected(user, crate::auth::now_ms());
             } else {
                 t.disconnected(user, std::time::Instant::now(), crate::auth::now_ms());
             }

@@ -146,13 +146,16 @@ async fn presence_reaches_contacts_across_nodes_as_the_union_of_devices_with_las
         "last seen {} is when the last device left (after {before_close})",
         p.last_seen_unix_ms
     );
+    assert_eq!(p.changed_unix_ms, p.last_seen_unix_ms, "offline since last seen");
     let listed = until_seen(&users[1].0, a, false).await;
     assert_eq!(listed.last_seen_unix_ms, p.last_seen_unix_ms);
+    let went = p.changed_unix_ms;
 
-    // a comes back: online, pushed.
+    // a comes back: online, pushed, a newer state than the offline.
     let back = device(&cl, &addrs[0], &users[0], false).await;
     let p = presence(&mut users[1].1).await;
     assert_eq!((p.user_id, p.online), (a.0, true));
+    assert!(p.changed_unix_ms > went, "{} > {went}", p.changed_unix_ms);
 
     // Hiding: the device that hides makes a offline (after the grace); a hidden device does
     // not make a online, so when the visible one closes a goes offline again; showing it

@@ -143,7 +143,7 @@ impl PresenceLane {
             // The snapshot, taken later, has it.
             return;
         }
-        self.users.insert(c.user.0, (c.online, c.last_seen_ms));
+        self.users.insert(c.user.0, (c.online, c.at_ms));
         if self.users.len() > MAX_PRESENCE_USERS {
             self.set_full();
         }
@@ -162,16 +162,16 @@ impl PresenceLane {
         &mut self,
         snapshot: impl FnOnce() -> Vec<crate::delivery::PresenceChange>,
     ) -> Option<pm::Envelope> {
-        let entry = |user: u64, online: bool, last_seen_unix_ms: u64| pm::PresenceEntry {
+        let entry = |user: u64, online: bool, at_unix_ms: u64| pm::PresenceEntry {
             user,
             online,
-            last_seen_unix_ms,
+            at_unix_ms,
         };
         let full = std::mem::take(&mut self.full);
         if full {
             self.snapshot = snapshot()
                 .into_iter()
-                .map(|c| entry(c.user.0, c.online, c.last_seen_ms))
+                .map(|c| entry(c.user.0, c.online, c.at_ms))
                 .collect();
         }
         let entries: Vec<pm::PresenceEntry> = if full || !self.snapshot.is_empty() {
@@ -476,7 +476,7 @@ mod tests {
                 p.full,
                 p.entries
                     .iter()
-                    .map(|e| (e.user, e.online, e.last_seen_unix_ms))
+                    .map(|e| (e.user, e.online, e.at_unix_ms))
                     .collect(),
             ),
             other => panic!("not presence: {other:?}"),
@@ -487,7 +487,7 @@ mod tests {
         crate::delivery::PresenceChange {
             user: meshchat_idgen::UserId(user),
             online,
-            last_seen_ms: at,
+            at_ms: at,
         }
     }
 
@@ -553,7 +553,7 @@ mod tests {
             .map(|i| pm::PresenceEntry {
                 user: u64::MAX - i,
                 online: true,
-                last_seen_unix_ms: u64::MAX,
+                at_unix_ms: u64::MAX,
             })
             .collect();
         let env = pm::Envelope {

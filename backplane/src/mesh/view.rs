@@ -236,7 +236,7 @@ impl Mesh {
                     .map(|e| PresenceChange {
                         user: UserId(e.user),
                         online: e.online,
-                        last_seen_ms: e.last_seen_unix_ms,
+                        at_ms: e.at_unix_ms,
                     })
                     .collect();
                 self.local.presence_from(from, p.full, changes);
