@@ -73,21 +73,30 @@ fn lines(bytes: &[u8]) -> Vec<Value> {
 }
 
 fn spawn_listen(env: &Env, user: &str, count: u32) -> std::process::Child {
-    Command::new(CLI)
-        .arg("--home")
-        .arg(env.home(user))
-        .args([
+    spawn_cli(
+        env,
+        user,
+        &[
             "--json",
             "listen",
             "--count",
             &count.to_string(),
             "--timeout",
             "20",
-        ])
+        ],
+    )
+}
+
+/// Runs the CLI for `user` with `args` (the profile gives server and CA) in the background.
+fn spawn_cli(env: &Env, user: &str, args: &[&str]) -> std::process::Child {
+    Command::new(CLI)
+        .arg("--home")
+        .arg(env.home(user))
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn listen")
+        .expect("spawn meshchat")
 }
 
 /// Waits until `listen` says on stderr that it is authenticated and receiving.
@@ -255,10 +264,10 @@ async fn chats_show_presence_and_listen_prints_its_changes() {
     hidden(&["send", "bob", "hi"]);
     // Bob online while his listener runs (no receipts: alice's listener below counts two
     // events); alice's chat list shows it.
-    let mut bob = Command::new(CLI)
-        .arg("--home")
-        .arg(env.home("bob"))
-        .args([
+    let mut bob = spawn_cli(
+        &env,
+        "bob",
+        &[
             "--json",
             "listen",
             "--count",
@@ -266,11 +275,8 @@ async fn chats_show_presence_and_listen_prints_its_changes() {
             "--no-receipts",
             "--timeout",
             "30",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn listen");
+        ],
+    );
     let _bob_stderr = wait_listening(&mut bob);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -287,10 +293,10 @@ async fn chats_show_presence_and_listen_prints_its_changes() {
     }
     // Alice listens; a message ends bob's listener; after the grace alice is told, with
     // last seen (her listener's other event: her own message, from her other device).
-    let mut alice = Command::new(CLI)
-        .arg("--home")
-        .arg(env.home("alice"))
-        .args([
+    let mut alice = spawn_cli(
+        &env,
+        "alice",
+        &[
             "--json",
             "--hide-presence",
             "listen",
@@ -298,11 +304,8 @@ async fn chats_show_presence_and_listen_prints_its_changes() {
             "2",
             "--timeout",
             "30",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn listen");
+        ],
+    );
     let _alice_stderr = wait_listening(&mut alice);
     hidden(&["send", "bob", "bye"]);
     let bob_out = bob.wait_with_output().expect("bob's listen ends");
@@ -321,14 +324,11 @@ async fn chats_show_presence_and_listen_prints_its_changes() {
     let chats = hidden(&["chats"]);
     assert_eq!(chats[0]["presence"]["online"], false);
     // With --hide-presence bob's connection is his, and does not show him online.
-    let mut bob_hidden = Command::new(CLI)
-        .arg("--home")
-        .arg(env.home("bob"))
-        .args(["--json", "--hide-presence", "listen", "--timeout", "2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn listen");
+    let mut bob_hidden = spawn_cli(
+        &env,
+        "bob",
+        &["--json", "--hide-presence", "listen", "--timeout", "2"],
+    );
     let _hidden_stderr = wait_listening(&mut bob_hidden);
     let registry = env._node.node.registry();
     assert_eq!(registry.connections_of(bob_id), 1);

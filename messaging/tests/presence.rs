@@ -146,7 +146,10 @@ async fn presence_reaches_contacts_across_nodes_as_the_union_of_devices_with_las
         "last seen {} is when the last device left (after {before_close})",
         p.last_seen_unix_ms
     );
-    assert_eq!(p.changed_unix_ms, p.last_seen_unix_ms, "offline since last seen");
+    assert_eq!(
+        p.changed_unix_ms, p.last_seen_unix_ms,
+        "offline since last seen"
+    );
     let listed = until_seen(&users[1].0, a, false).await;
     assert_eq!(listed.last_seen_unix_ms, p.last_seen_unix_ms);
     let went = p.changed_unix_ms;
