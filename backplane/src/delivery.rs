@@ -125,9 +125,16 @@ pub trait LocalDelivery: Send + Sync + 'static {
     fn presence_snapshot(&self) -> Vec<PresenceChange> {
         Vec::new()
     }
-    /// Presence from peer `node`: with `full`, every state it told before is replaced (a
-    /// snapshot starts; it may continue in later calls without `full`).
-    fn presence_from(&self, _node: NodeId, _full: bool, _changes: Vec<PresenceChange>) {}
+    /// Presence from peer `node`: with `full`, a snapshot starts, replacing every state it told
+    /// before; while `more`, the snapshot continues in the next calls (apply it whole).
+    fn presence_from(
+        &self,
+        _node: NodeId,
+        _full: bool,
+        _more: bool,
+        _changes: Vec<PresenceChange>,
+    ) {
+    }
     /// Peer `node` left the member set: nobody is online there any more.
     fn presence_node_gone(&self, _node: NodeId) {}
     /// The ring changed from `old` to `new`: users now homed at `me` and not before are this

@@ -37,7 +37,9 @@ impl Env {
         self.dir.path().join(format!("home-{user}"))
     }
 
-    /// Runs the CLI for `user` with `--json`; returns its output.
+    /// Runs the CLI for `user` with `--json`, hidden (`--hide-presence`: a one-shot command's
+    /// connection must not push its user's presence into other tests' listeners); returns its
+    /// output.
     fn run(&self, user: &str, args: &[&str]) -> Output {
         Command::new(CLI)
             .arg("--server")
@@ -47,6 +49,7 @@ impl Env {
             .arg("--home")
             .arg(self.home(user))
             .arg("--json")
+            .arg("--hide-presence")
             .args(args)
             .env("MESHCHAT_PASSWORD", "secret-password")
             .stdin(Stdio::null())
@@ -249,19 +252,14 @@ async fn errors_go_to_stderr_with_their_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chats_show_presence_and_listen_prints_its_changes() {
     let env = env().await;
+    // One-shot commands run hidden (`Env::run`): alice never shows online, so bob's
+    // one-event listener ends on the message it waits for.
     env.ok("alice", &["register", "alice"]);
     let bob_id = env.ok("bob", &["register", "bob"])[0]["user_id"]
         .as_u64()
         .map(meshchat_idgen::UserId)
         .expect("bob's id");
-    // Alice runs hidden (--hide-presence) throughout: bob hears nothing of her, so his
-    // listener's one event is the message that ends it.
-    let hidden = |args: &[&str]| {
-        let mut all = vec!["--hide-presence"];
-        all.extend_from_slice(args);
-        env.ok("alice", &all)
-    };
-    hidden(&["send", "bob", "hi"]);
+    env.ok("alice", &["send", "bob", "hi"]);
     // Bob online while his listener runs (no receipts: alice's listener below counts two
     // events); alice's chat list shows it.
     let mut bob = spawn_cli(
@@ -280,7 +278,7 @@ async fn chats_show_presence_and_listen_prints_its_changes() {
     let _bob_stderr = wait_listening(&mut bob);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let chats = hidden(&["chats"]);
+        let chats = env.ok("alice", &["chats"]);
         assert_eq!(chats[0]["chat"], "bob");
         if chats[0]["presence"]["online"] == true {
             break;
@@ -307,7 +305,7 @@ async fn chats_show_presence_and_listen_prints_its_changes() {
         ],
     );
     let _alice_stderr = wait_listening(&mut alice);
-    hidden(&["send", "bob", "bye"]);
+    env.ok("alice", &["send", "bob", "bye"]);
     let bob_out = bob.wait_with_output().expect("bob's listen ends");
     assert!(bob_out.status.success());
     assert_eq!(lines(&bob_out.stdout)[0]["text"], "bye");
@@ -321,7 +319,7 @@ async fn chats_show_presence_and_listen_prints_its_changes() {
     assert_eq!(got[1]["user"], "bob");
     assert_eq!(got[1]["online"], false);
     assert!(got[1]["last_seen_unix_ms"].as_u64().is_some_and(|t| t > 0));
-    let chats = hidden(&["chats"]);
+    let chats = env.ok("alice", &["chats"]);
     assert_eq!(chats[0]["presence"]["online"], false);
     // With --hide-presence bob's connection is his, and does not show him online.
     let mut bob_hidden = spawn_cli(

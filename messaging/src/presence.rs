@@ -201,6 +201,15 @@ pub struct Book {
     /// Users whose cluster-wide state flipped since [`Book::take_flipped`] (at most every
     /// user remembered).
     flipped: Mutex<HashSet<UserId>>,
+    /// Snapshot parts waiting for their last part, per peer (at most that peer's online
+    /// users).
+    pending: Mutex<HashMap<NodeId, Vec<PresenceChange>>>,
+}
+
+/// The time of a flip: `at`, and always after the previous flip's (`prev`), so that of two
+/// states of one user the later one is the newer, even when a clock said otherwise.
+fn stamp(prev: u64, at: u64) -> u64 {
+    at.max(prev + 1)
 }
 
 impl Book {
@@ -212,6 +221,65 @@ impl Book {
             self.flipped.lock().insert(c.user);
         }
         flip
+    }
+
+    /// Presence from peer `node` (see `LocalDelivery::presence_from`): a change applies at
+    /// once; a snapshot (`full`, continued while `more`) applies whole once its last part is
+    /// in: the users `node` no longer lists are offline from `now_ms`, the others keep their
+    /// state (and its time) unless it changed.
+    pub fn from_peer(
+        &self,
+        node: NodeId,
+        full: bool,
+        more: bool,
+        changes: Vec<PresenceChange>,
+        now_ms: u64,
+    ) {
+        // An online state with no time (a node of an older version) began now.
+        let changes = changes.into_iter().map(|mut c| {
+            if c.online && c.at_ms == 0 {
+                c.at_ms = now_ms;
+            }
+            c
+        });
+        let snapshot = {
+            let mut pending = self.pending.lock();
+            if full {
+                pending.insert(node, changes.collect());
+            } else if let Some(part) = pending.get_mut(&node) {
+                part.extend(changes);
+            } else {
+                drop(pending);
+                for c in changes {
+                    self.apply(node, &c);
+                }
+                return;
+            }
+            if more {
+                return;
+            }
+            pending.remove(&node).unwrap_or_default()
+        };
+        let listed: HashSet<UserId> = snapshot
+            .iter()
+            .filter(|c| c.online)
+            .map(|c| c.user)
+            .collect();
+        let mut flipped = Vec::new();
+        for mut seen in self.users.iter_mut() {
+            if seen.nodes.contains(&node) && !listed.contains(seen.key()) {
+                seen.nodes.retain(|n| *n != node);
+                if seen.nodes.is_empty() {
+                    seen.last_seen_ms = seen.last_seen_ms.max(now_ms);
+                    seen.changed_ms = stamp(seen.changed_ms, now_ms);
+                    flipped.push(*seen.key());
+                }
+            }
+        }
+        self.flipped.lock().extend(flipped);
+        for c in &snapshot {
+            self.apply(node, c);
+        }
     }
 
     /// The users whose cluster-wide state flipped since the last call.
@@ -255,7 +323,7 @@ impl Book {
         if before == after {
             return None;
         }
-        seen.changed_ms = seen.changed_ms.max(c.at_ms);
+        seen.changed_ms = stamp(seen.changed_ms, c.at_ms);
         Some(State {
             online: after,
             last_seen_ms: if after { 0 } else { seen.last_seen_ms },
@@ -263,8 +331,8 @@ impl Book {
         })
     }
 
-    /// `node` shows nobody online any more (it left, or a snapshot of it starts); users
-    /// only it showed are last seen at `now_ms` unless it said otherwise.
+    /// `node` shows nobody online any more (it left the member set); users only it showed are
+    /// last seen at `now_ms` unless it said otherwise.
     pub fn forget_node(&self, node: NodeId, now_ms: u64) {
         let mut flipped = Vec::new();
         for mut seen in self.users.iter_mut() {
@@ -272,7 +340,7 @@ impl Book {
             seen.nodes.retain(|n| *n != node);
             if before > 0 && seen.nodes.is_empty() {
                 seen.last_seen_ms = seen.last_seen_ms.max(now_ms);
-                seen.changed_ms = seen.changed_ms.max(now_ms);
+                seen.changed_ms = stamp(seen.changed_ms, now_ms);
                 flipped.push(*seen.key());
             }
         }
@@ -555,5 +623,46 @@ mod tests {
             vec![],
             "user 4 offline for long; user 3 not moved"
         );
+    }
+
+    #[test]
+    fn a_snapshot_applies_whole_and_keeps_the_times_of_those_it_lists_again() {
+        let b = Book::default();
+        let (me, peer) = (NodeId(1), NodeId(2));
+        let (carol, dave) = (UserId(3), UserId(4));
+        b.from_peer(peer, false, false, vec![online_at(ALICE, 10)], 50);
+        b.from_peer(peer, false, false, vec![online_at(BOB, 20)], 50);
+        b.apply(me, &online_at(carol, 30));
+        b.take_flipped();
+        // A snapshot in two parts: alice, then dave (new); bob is no longer listed.
+        b.from_peer(peer, true, true, vec![online_at(ALICE, 10)], 100);
+        assert!(b.state(BOB).online, "nothing applies before the last part");
+        b.from_peer(peer, false, false, vec![online_at(dave, 0)], 100);
+        assert_eq!(
+            b.state(ALICE).changed_ms,
+            10,
+            "listed again: no flicker, same time"
+        );
+        assert_eq!(
+            b.state(BOB),
+            State {
+                online: false,
+                last_seen_ms: 100,
+                changed_ms: 100
+            },
+            "not listed: offline when the snapshot came"
+        );
+        assert_eq!(
+            b.state(dave).changed_ms,
+            100,
+            "an online with no time began when it arrived"
+        );
+        assert!(b.state(carol).online, "other nodes' users untouched");
+        let mut flipped = b.take_flipped();
+        flipped.sort_unstable();
+        assert_eq!(flipped, vec![BOB, dave]);
+        // A later change from the peer applies at once; times never go back.
+        b.from_peer(peer, false, false, vec![offline(ALICE, 5)], 120);
+        assert_eq!(b.state(ALICE).changed_ms, 11, "after the online it ends");
     }
 }

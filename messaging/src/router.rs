@@ -109,14 +109,10 @@ impl LocalDelivery for NodeDelivery {
         self.registry.presence_online()
     }
 
-    fn presence_from(&self, node: NodeId, full: bool, changes: Vec<PresenceChange>) {
-        let book = self.registry.presence();
-        if full {
-            book.forget_node(node, crate::auth::now_ms());
-        }
-        for c in &changes {
-            book.apply(node, c);
-        }
+    fn presence_from(&self, node: NodeId, full: bool, more: bool, changes: Vec<PresenceChange>) {
+        self.registry
+            .presence()
+            .from_peer(node, full, more, changes, crate::auth::now_ms());
     }
 
     fn presence_node_gone(&self, node: NodeId) {

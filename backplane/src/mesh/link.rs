@@ -638,6 +638,7 @@ mod tests {
             body: Some(envelope::Body::Presence(pm::PresenceUpdate {
                 full: true,
                 entries: Vec::new(),
+                more: false,
             })),
         };
         w.record(t0, &[changed, presence, deliver(vec![5])]);

@@ -174,9 +174,12 @@ impl PresenceLane {
                 .map(|c| entry(c.user.0, c.online, c.at_ms))
                 .collect();
         }
+        let mut more = false;
         let entries: Vec<pm::PresenceEntry> = if full || !self.snapshot.is_empty() {
             let n = self.snapshot.len().min(PRESENCE_PER_ENVELOPE);
-            self.snapshot.drain(..n).collect()
+            let part = self.snapshot.drain(..n).collect();
+            more = !self.snapshot.is_empty();
+            part
         } else if !self.users.is_empty() {
             let mut rest = if self.users.len() > PRESENCE_PER_ENVELOPE {
                 let split = *self.users.keys().nth(PRESENCE_PER_ENVELOPE)?;
@@ -197,6 +200,7 @@ impl PresenceLane {
             body: Some(envelope::Body::Presence(pm::PresenceUpdate {
                 full,
                 entries,
+                more,
             })),
         })
     }
@@ -483,6 +487,10 @@ mod tests {
         }
     }
 
+    fn more_of(env: &pm::Envelope) -> bool {
+        matches!(&env.body, Some(envelope::Body::Presence(p)) if p.more)
+    }
+
     fn change(user: u64, online: bool, at: u64) -> crate::delivery::PresenceChange {
         crate::delivery::PresenceChange {
             user: meshchat_idgen::UserId(user),
@@ -512,12 +520,16 @@ mod tests {
         lane.add(&change(10, true, 0));
         let online = PRESENCE_PER_ENVELOPE as u64 + 2;
         let snap = || (1..=online).map(|u| change(u, true, 0)).collect();
-        let (full, first) = presence_of(&lane.take(snap).expect("snapshot"));
+        let part = lane.take(snap).expect("snapshot");
+        let (full, first) = presence_of(&part);
         assert!(full);
+        assert!(more_of(&part), "more parts follow");
         assert_eq!(first.len(), PRESENCE_PER_ENVELOPE);
         lane.add(&change(1, false, 99));
-        let (full, rest) = presence_of(&lane.take(none).expect("the rest"));
+        let part = lane.take(none).expect("the rest");
+        let (full, rest) = presence_of(&part);
         assert!(!full);
+        assert!(!more_of(&part), "the last part");
         assert_eq!(rest.len(), 2);
         assert_eq!(
             presence_of(&lane.take(none).expect("after the snapshot")),
@@ -562,6 +574,7 @@ mod tests {
             body: Some(envelope::Body::Presence(pm::PresenceUpdate {
                 full: true,
                 entries,
+                more: true,
             })),
         };
         assert!(prost::Message::encoded_len(&env) <= PRESENCE_PER_ENVELOPE * PRESENCE_ENTRY_BYTES);

@@ -239,7 +239,7 @@ impl Mesh {
                         at_ms: e.at_unix_ms,
                     })
                     .collect();
-                self.local.presence_from(from, p.full, changes);
+                self.local.presence_from(from, p.full, p.more, changes);
                 drop(view);
                 return;
             }
