@@ -374,16 +374,6 @@ impl Book {
             self.users.shrink_to_fit();
         }
     }
-
-    /// Users remembered.
-    pub fn len(&self) -> usize {
-        self.users.len()
-    }
-
-    /// Whether nobody is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.users.is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -265,11 +265,6 @@ impl Registry {
         self.tracker.lock().devices(user)
     }
 
-    /// Users the presence tracker holds (visible here, or a change due).
-    pub fn presence_tracked(&self) -> usize {
-        self.tracker.lock().tracked()
-    }
-
     /// The cluster's presence as this node knows it.
     pub fn presence(&self) -> &crate::presence::Book {
         &self.book
