@@ -1,8 +1,9 @@
 //! The admin HTTP listener against a real node: `/metrics` is scraped over TCP and parsed as
 //! Prometheus text, and its counters match what the test did; `/readyz` flips to 503 when a
-//! real Redis goes away (the node loses its worker-id lease) and back to 200 when it returns;
-//! `meshchat-node check-config` accepts a good file and names the key of a bad one. Every
-//! wait is for a condition, with a deadline.
+//! real Redis goes away (the node loses its worker-id lease) and back to 200 when it returns,
+//! and to 503 while the embedded store cannot be read (another holder of SQLite's WAL read
+//! locks) and back when it can; `meshchat-node check-config` accepts a good file and names the
+//! key of a bad one. Every wait is for a condition, with a deadline.
 
 mod common;
 
@@ -251,6 +252,82 @@ async fn readiness_flips_when_the_worker_id_lease_is_lost_and_taken_back() {
         value(&m, "meshchat_ring_members", &[("node", "12")]),
         Some(1.0)
     );
+}
+
+/// SQLite's WAL read-mark locks (`WAL_READ_LOCK(0..5)`: bytes 123..128 of the `-shm` file,
+/// `sqlite3.c` `WALINDEX_LOCK_OFFSET` + 3), held for writing by an open file description lock:
+/// unlike a process's own record locks, it conflicts with SQLite's locks in this process too,
+/// so no connection of the node can start a read while it is held. This is what a stuck
+/// process sharing the store (or a backup tool holding it) does to the node.
+///
+/// Closing any descriptor of a file drops every POSIX record lock this process holds on it,
+/// SQLite's own included: the file stays open until the node has stopped.
+struct ReadersLockedOut(std::fs::File);
+
+fn wal_read_locks(kind: i32) -> nix::libc::flock {
+    nix::libc::flock {
+        l_type: kind as i16,
+        l_whence: nix::libc::SEEK_SET as i16,
+        l_start: 123,
+        l_len: 5,
+        l_pid: 0,
+    }
+}
+
+impl ReadersLockedOut {
+    /// Takes the locks, retrying while a read in progress holds one (for up to 10 s).
+    fn take(shm: &std::path::Path) -> Self {
+        use nix::fcntl::{FcntlArg, fcntl};
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(shm)
+            .expect("open the store's -shm file");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let lock = wal_read_locks(nix::libc::F_WRLCK);
+        while let Err(e) = fcntl(&file, FcntlArg::F_OFD_SETLK(&lock)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "WAL read locks not taken in 10 s: {e}"
+            );
+            std::thread::yield_now();
+        }
+        Self(file)
+    }
+
+    /// Releases the locks; the file stays open.
+    fn release(&self) {
+        use nix::fcntl::{FcntlArg, fcntl};
+        fcntl(
+            &self.0,
+            FcntlArg::F_OFD_SETLK(&wal_read_locks(nix::libc::F_UNLCK)),
+        )
+        .expect("WAL read locks released");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_flips_when_the_store_cannot_be_read() {
+    let mut node = TestNode::start_with(|c| {
+        c.admin.listen = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await;
+    let admin = admin_of(&node);
+    wait_status(admin, "/readyz", 200, Duration::from_secs(10)).await;
+    let shm = node
+        .config
+        .data_dir
+        .join(format!("{}-shm", meshchat_storage::embedded::DB_FILE));
+    let locked = tokio::task::spawn_blocking(move || ReadersLockedOut::take(&shm))
+        .await
+        .expect("lock task");
+    let body = wait_status(admin, "/readyz", 503, Duration::from_secs(10)).await;
+    assert!(body.contains("storage"), "{body}");
+    assert_eq!(get(admin, "/healthz").await.0, 200, "alive, only not ready");
+    locked.release();
+    wait_status(admin, "/readyz", 200, Duration::from_secs(15)).await;
+    node.stop().await;
+    drop(locked);
 }
 
 #[test]
