@@ -7,9 +7,11 @@
 //!
 //! - **Key ids.** Every token names its key (`kid`, derived from the secret). A node signs
 //!   with its current secret and verifies with it and any others listed, so the secret can be
-//!   rotated without logging everyone out, in three rolling restarts: list the new secret as
-//!   a verification key everywhere; then sign with it, keeping the old one listed; then drop
-//!   the old one once its tokens have expired.
+//!   rotated without logging everyone out, in three rounds of reloads (SIGHUP) or restarts:
+//!   list the new secret as a verification key everywhere; then sign with it, keeping the
+//!   old one listed; then drop the old one once its tokens have expired. A reload swaps the
+//!   keys at once ([`Auth::set_keys`]); requests in progress finish with the keys they began
+//!   with.
 //! - **Refresh with a hard end.** `Authenticate` with a valid token returns a fresh one, but
 //!   never past `ath_ms + max_lifetime`: a stolen token cannot be refreshed forever, and a user
 //!   proves their password again at least that often.
@@ -94,10 +96,7 @@ pub fn key_id(secret: &[u8]) -> String {
 
 /// Token minting and checking, and password hashing.
 pub struct Auth {
-    kid: String,
-    encoding: EncodingKey,
-    /// Verification keys by key id: the current secret's and the previous ones'.
-    decoding: Vec<(String, DecodingKey)>,
+    keys: arc_swap::ArcSwap<Keys>,
     validation: Validation,
     ttl: Duration,
     max_lifetime: Duration,
@@ -115,7 +114,7 @@ pub struct Auth {
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Auth")
-            .field("kid", &self.kid)
+            .field("kid", &self.keys.load().kid)
             .field("ttl", &self.ttl)
             .field("max_lifetime", &self.max_lifetime)
             .finish()
@@ -141,6 +140,50 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// The token keys: the one tokens are signed with, and every one they are verified with.
+pub struct Keys {
+    kid: String,
+    encoding: EncodingKey,
+    /// Verification keys by key id: the current secret's and the previous ones'.
+    decoding: Vec<(String, DecodingKey)>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("kid", &self.kid)
+            .field(
+                "verifies",
+                &self.decoding.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Keys {
+    /// Signing with `secret`, verifying with it and with every one of `previous`.
+    pub fn new(secret: &[u8], previous: &[Vec<u8>]) -> Self {
+        let kid = key_id(secret);
+        let mut keys = Self {
+            decoding: vec![(kid.clone(), DecodingKey::from_secret(secret))],
+            kid,
+            encoding: EncodingKey::from_secret(secret),
+        };
+        for secret in previous {
+            let kid = key_id(secret);
+            if !keys.decoding.iter().any(|(k, _)| *k == kid) {
+                keys.decoding.push((kid, DecodingKey::from_secret(secret)));
+            }
+        }
+        keys
+    }
+
+    /// The key id tokens are signed with.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+}
+
 impl Auth {
     /// Auth signing with `secret`, tokens valid `ttl`, at most `max_concurrent_hashes`
     /// password hashes at once; logins last at most [`DEFAULT_MAX_LIFETIME`].
@@ -149,11 +192,8 @@ impl Auth {
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "sub", "iss"]);
         validation.leeway = 0;
-        let kid = key_id(secret);
         Self {
-            decoding: vec![(kid.clone(), DecodingKey::from_secret(secret))],
-            kid,
-            encoding: EncodingKey::from_secret(secret),
+            keys: arc_swap::ArcSwap::from_pointee(Keys::new(secret, &[])),
             validation,
             ttl,
             max_lifetime: DEFAULT_MAX_LIFETIME,
@@ -166,14 +206,27 @@ impl Auth {
     }
 
     /// Also accepts tokens signed with these earlier secrets (rotation).
-    pub fn with_previous_secrets(mut self, previous: &[Vec<u8>]) -> Self {
+    pub fn with_previous_secrets(self, previous: &[Vec<u8>]) -> Self {
+        let now = self.keys.load_full();
+        let mut decoding = now.decoding.clone();
         for secret in previous {
             let kid = key_id(secret);
-            if !self.decoding.iter().any(|(k, _)| *k == kid) {
-                self.decoding.push((kid, DecodingKey::from_secret(secret)));
+            if !decoding.iter().any(|(k, _)| *k == kid) {
+                decoding.push((kid, DecodingKey::from_secret(secret)));
             }
         }
+        self.keys.store(Arc::new(Keys {
+            kid: now.kid.clone(),
+            encoding: now.encoding.clone(),
+            decoding,
+        }));
         self
+    }
+
+    /// Replaces the token keys (a reload): tokens are signed with the new current key from
+    /// now on, and verified with the new list.
+    pub fn set_keys(&self, keys: Keys) {
+        self.keys.store(Arc::new(keys));
     }
 
     /// Sets the hard end of a login's tokens, refreshes included.
@@ -183,8 +236,8 @@ impl Auth {
     }
 
     /// The key id tokens are signed with now.
-    pub fn kid(&self) -> &str {
-        &self.kid
+    pub fn kid(&self) -> String {
+        self.keys.load().kid.clone()
     }
 
     /// Reads the secret from `path`, creating a random 64-byte one (owner-only, atomically)
@@ -205,6 +258,12 @@ impl Auth {
     pub fn load_secret(path: &Path) -> Result<Vec<u8>, AuthSetupError> {
         let bytes = crate::secret::read(path)?;
         Self::checked_secret(path, &bytes)
+    }
+
+    /// Reads the earlier secrets named by `auth.previous_secret_files` ([`Auth::load_secret`]
+    /// each).
+    pub fn load_previous(paths: &[std::path::PathBuf]) -> Result<Vec<Vec<u8>>, AuthSetupError> {
+        paths.iter().map(|p| Self::load_secret(p)).collect()
     }
 
     fn checked_secret(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, AuthSetupError> {
@@ -264,8 +323,9 @@ impl Auth {
             ath_ms,
         };
         let mut header = Header::new(Algorithm::HS256);
-        header.kid = Some(self.kid.clone());
-        let token = jsonwebtoken::encode(&header, &claims, &self.encoding)
+        let keys = self.keys.load();
+        header.kid = Some(keys.kid.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &keys.encoding)
             .map_err(|e| RequestError::Internal(format!("minting token: {e}")))?;
         Ok((token, exp * 1000))
     }
@@ -278,8 +338,9 @@ impl Auth {
             _ => RequestError::TokenInvalid(crate::error::clip(&e.to_string()).into_owned()),
         };
         let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
+        let held = self.keys.load();
         let keys: Vec<&DecodingKey> = match &header.kid {
-            Some(kid) => match self.decoding.iter().find(|(k, _)| k == kid) {
+            Some(kid) => match held.decoding.iter().find(|(k, _)| k == kid) {
                 Some((_, key)) => vec![key],
                 None => {
                     return Err(RequestError::TokenInvalid(format!(
@@ -289,7 +350,7 @@ impl Auth {
                 }
             },
             // A token without a key id predates key ids: any key this node verifies with.
-            None => self.decoding.iter().map(|(_, key)| key).collect(),
+            None => held.decoding.iter().map(|(_, key)| key).collect(),
         };
         let mut result = Err(RequestError::TokenInvalid("no verification key".into()));
         for key in keys {
@@ -456,12 +517,12 @@ mod tests {
                 .expect("header")
                 .kid
                 .as_deref(),
-            Some(rotated.kid())
+            Some(rotated.kid().as_str())
         );
         // Once the old secret is dropped, its tokens are refused, naming the key.
         let dropped = Auth::new(&[2u8; 32], Duration::from_secs(60), 1);
         match dropped.verify(&t) {
-            Err(RequestError::TokenInvalid(why)) => assert!(why.contains(old.kid()), "{why}"),
+            Err(RequestError::TokenInvalid(why)) => assert!(why.contains(&old.kid()), "{why}"),
             other => panic!("{other:?}"),
         }
     }

@@ -16,11 +16,15 @@
 //!   full buckets. A smaller handshake or in-flight budget takes effect as what is held now is
 //!   released.
 //! - `[log] level`, when the caller passes its log handle.
+//! - `[auth] secret_file` and `previous_secret_files`: the token keys. Tokens are signed with
+//!   the new current key from the next one minted, and verified with the new list from the
+//!   next request (a key rotation in three rounds of reloads: `crate::auth`).
 //!
-//! Everything else (addresses, ids, storage, Redis, `[auth]`, `[transport]`, the rest of
-//! `[cluster]`) is read at start only: a reload reports those keys as needing a restart and
-//! leaves them as they are. The certificate files are re-read on every reload, so renewing
-//! them in place (`meshchat-node certs --renew`) and sending SIGHUP rotates them.
+//! Everything else (addresses, ids, storage, Redis, the rest of `[auth]`, `[transport]`, the
+//! rest of `[cluster]`) is read at start only: a reload reports those keys as needing a
+//! restart and leaves them as they are. The certificate and token secret files are re-read on
+//! every reload, so renewing them in place (`meshchat-node certs --renew`) and sending SIGHUP
+//! rotates them.
 //!
 //! A reload builds everything first (new configuration validated, certificates and keys
 //! loaded, TLS configs built) and applies only if all of it succeeded: a bad file or an
@@ -29,6 +33,7 @@
 use meshchat_backplane::mesh::Mesh;
 use serde_json::Value;
 
+use crate::auth::{Auth, AuthSetupError, Keys};
 use crate::config::{ConfigError, NodeConfig};
 use crate::logging::{LogError, LogHandle};
 use crate::server::RunningNode;
@@ -43,6 +48,8 @@ const RELOADABLE: &[&str] = &[
     "cluster.ca",
     "limits",
     "log.level",
+    "auth.secret_file",
+    "auth.previous_secret_files",
 ];
 
 /// Keys inside a reloadable table that are not.
@@ -73,6 +80,9 @@ pub enum ReloadError {
     /// The mesh refused its new certificates.
     #[error("mesh certificates: {0}")]
     Mesh(String),
+    /// A token secret file could not be used.
+    #[error(transparent)]
+    Auth(#[from] AuthSetupError),
 }
 
 /// The dotted keys whose values differ between `a` and `b` (tables compared key by key).
@@ -136,6 +146,8 @@ fn merged(running: &NodeConfig, new: &NodeConfig) -> NodeConfig {
         ..new.limits.clone()
     };
     c.log.level = new.log.level.clone();
+    c.auth.secret_file = new.auth.secret_file.clone();
+    c.auth.previous_secret_files = new.auth.previous_secret_files.clone();
     c
 }
 
@@ -155,7 +167,11 @@ impl RunningNode {
         // The new limits must hold with what stays (the running frame size: a body limit
         // that no longer fits in a frame, a request budget below one frame).
         effective.validate()?;
-        // Build everything before changing anything.
+        // Build everything before changing anything. The token secrets are read, never
+        // created: a missing file is an error, not a new key that no other node holds.
+        let secret = Auth::load_secret(&effective.secret_file())?;
+        let previous = Auth::load_previous(&effective.auth.previous_secret_files)?;
+        let keys = Keys::new(&secret, &previous);
         let identity = tls::node_identity(&effective)?;
         let client_expiry = tls::not_after_unix(&identity.chain[0]);
         let server = tls::server_config(
@@ -196,6 +212,13 @@ impl RunningNode {
         );
         self.node.set_limits(effective.limits.clone());
         self.node.set_cert_expiry(client_expiry, mesh_expiry);
+        if keys.kid() != self.node.auth.kid() {
+            tracing::info!(
+                kid = keys.kid(),
+                "token keys reloaded: signing with a new key"
+            );
+        }
+        self.node.auth.set_keys(keys);
         // What runs now: the keys applied, not the ones that wait for a restart (a later
         // reload reports those again).
         **given = merged(&given, new);

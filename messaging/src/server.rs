@@ -130,12 +130,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| StartError::Other(format!("data dir {}: {e}", config.data_dir.display())))?;
     let secret = Auth::load_or_create_secret(&config.secret_file())?;
-    let previous = config
-        .auth
-        .previous_secret_files
-        .iter()
-        .map(|p| Auth::load_secret(p))
-        .collect::<Result<Vec<_>, _>>()?;
+    let previous = Auth::load_previous(&config.auth.previous_secret_files)?;
     let auth = Auth::new(
         &secret,
         config.auth.token_ttl,
@@ -232,7 +227,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     if let Some(driver) = &driver {
         // No ids and no clients until the first round takes the worker-id lease.
         node.set_lease_gate(Arc::new(LeaseGate::closed()));
-        node.set_drain(driver.clone());
+        node.set_drain(crate::drain::DrainVia::Redis(driver.clone()));
+    } else if let Some(mesh) = mesh.as_ref().filter(|m| m.is_static()) {
+        node.set_drain(crate::drain::DrainVia::Mesh(mesh.clone()));
     }
     let node = Arc::new(node);
     node.set_cert_expiry(client_cert_expiry, mesh_cert_expiry);

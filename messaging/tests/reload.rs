@@ -6,6 +6,9 @@
 //!   refuse.
 //! - Limits apply to the next request, changed keys that need a restart are reported and left
 //!   alone, and a reload with an unreadable certificate applies nothing.
+//! - The token secret rotates in three reloads (new key listed; new key signing, old listed;
+//!   old key dropped) with a client connected throughout; a missing secret file applies
+//!   nothing.
 
 mod common;
 
@@ -260,5 +263,90 @@ async fn limits_reload_at_once_and_a_failed_reload_changes_nothing() {
     Client::connect(&node.addr.to_string(), ConnectOptions::new(ca))
         .await
         .expect("connect after a failed reload");
+    node.shutdown().await;
+}
+
+/// The key id a token names.
+fn kid_of(token: &str) -> String {
+    jsonwebtoken::decode_header(token)
+        .expect("a JWT")
+        .kid
+        .expect("a key id")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_secret_rotates_in_three_reloads_without_a_restart() {
+    use meshchat_messaging::auth::{Auth, key_id};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let keys = tempfile::tempdir().expect("keys");
+    let (old_file, new_file) = (keys.path().join("old.key"), keys.path().join("new.key"));
+    let old_secret = Auth::load_or_create_secret(&old_file).expect("old secret");
+    let new_secret = Auth::load_or_create_secret(&new_file).expect("new secret");
+    let (old_kid, new_kid) = (key_id(&old_secret), key_id(&new_secret));
+    let mut config = config_in(dir.path());
+    config.auth.secret_file = Some(old_file.clone());
+    let node = meshchat_messaging::start(config.clone())
+        .await
+        .expect("node starts");
+    let ca = meshchat_client::load_ca(&dir.path().join("ca.pem")).expect("dev CA");
+    let opts = ConnectOptions::new(ca);
+    let (c, _events) = Client::connect(&node.addr.to_string(), opts.clone())
+        .await
+        .expect("connect");
+    let first = c.register("rot", "password-123").await.expect("register");
+    assert_eq!(kid_of(&first.token), old_kid);
+    // Authenticates `token` on a new connection: the key id of the token it hands back.
+    let auth_with = |token: String| {
+        let (addr, opts) = (node.addr.to_string(), opts.clone());
+        async move {
+            let (c, _e) = Client::connect(&addr, opts).await.expect("connect");
+            c.authenticate(&token).await.map(|s| s.token)
+        }
+    };
+
+    // 1. The new secret listed for verification: tokens still signed with the old one.
+    let mut step1 = config.clone();
+    step1.auth.previous_secret_files = vec![new_file.clone()];
+    let r = node.reload(&step1, None).expect("reloaded");
+    assert_eq!(r.applied, ["auth.previous_secret_files"]);
+    let t = auth_with(first.token.clone()).await.expect("old token");
+    assert_eq!(kid_of(&t), old_kid);
+
+    // 2. Signing with the new one, the old one listed: old tokens verify, new ones carry the
+    //    new key.
+    let mut step2 = config.clone();
+    step2.auth.secret_file = Some(new_file.clone());
+    step2.auth.previous_secret_files = vec![old_file.clone()];
+    let r = node.reload(&step2, None).expect("reloaded");
+    assert_eq!(
+        r.applied,
+        ["auth.previous_secret_files", "auth.secret_file"]
+    );
+    let renewed = auth_with(first.token.clone()).await.expect("old token");
+    assert_eq!(kid_of(&renewed), new_kid);
+
+    // A missing secret file: refused whole, the keys stay.
+    let mut broken = step2.clone();
+    broken.auth.previous_secret_files = vec![keys.path().join("missing.key")];
+    let e = node
+        .reload(&broken, None)
+        .expect_err("a missing secret file");
+    assert!(e.to_string().contains("missing.key"), "{e}");
+    auth_with(first.token.clone())
+        .await
+        .expect("the old key still verifies");
+
+    // 3. The old secret dropped: its tokens are refused, naming the key; new ones work; the
+    //    client connected since before the rotation still sends.
+    let mut step3 = config.clone();
+    step3.auth.secret_file = Some(new_file.clone());
+    node.reload(&step3, None).expect("reloaded");
+    let refused = auth_with(first.token.clone()).await;
+    assert_eq!(code_of(refused), ErrorCode::TokenInvalid);
+    let t = auth_with(renewed).await.expect("a new-key token");
+    assert_eq!(kid_of(&t), new_kid);
+    c.send(ChatId::direct(first.user, first.user), "still here", None)
+        .await
+        .expect("the connected client is unaffected");
     node.shutdown().await;
 }
