@@ -10,8 +10,8 @@
 //!   ([`crate::metrics`]); scrape-time gauges are refreshed first.
 //! - `GET /cluster`: node id, ring epoch and members, peer links with their counters,
 //!   connections, lease, draining.
-//! - `POST /drain`: starts a drain ([`crate::drain`]): 202, or 409 without Redis membership
-//!   or another node on the ring. It must carry the header `x-meshchat-admin: drain`: a
+//! - `POST /drain`: starts a drain ([`crate::drain`]): 202, or 409 outside a cluster, with no
+//!   other node on the ring, or while another static member drains. It must carry the header `x-meshchat-admin: drain`: a
 //!   browser on the host cannot send that header cross-origin without a CORS preflight,
 //!   which this listener never answers, so a web page cannot drain the node.
 
@@ -293,6 +293,8 @@ async fn cluster(State(s): State<AdminState>) -> Response {
         view["ring"] = json!({
             "epoch": mesh.current_epoch(),
             "members": mesh.ring().members().iter().map(|m| m.0).collect::<Vec<_>>(),
+            // A static cluster's members that said they drain (kept off the ring).
+            "draining": mesh.draining_members().iter().map(|m| m.0).collect::<Vec<_>>(),
         });
         view["peers"] = json!(peers);
     }
@@ -432,17 +434,26 @@ pub async fn status(addr: SocketAddr) -> std::io::Result<(bool, String)> {
         out.push_str("draining\n");
     }
     if let Some(ring) = v.get("ring") {
-        let members: Vec<String> = ring["members"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(ToString::to_string)
-            .collect();
+        // A JSON array of ids, as "1, 2, 3".
+        let ids = |a: &serde_json::Value| {
+            a.as_array()
+                .into_iter()
+                .flatten()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         out.push_str(&format!(
             "ring: epoch {}, members {}\n",
             ring["epoch"],
-            members.join(", ")
+            ids(&ring["members"])
         ));
+        let draining = ids(&ring["draining"]);
+        if !draining.is_empty() {
+            out.push_str(&format!(
+                "drained or draining (static members kept off the ring): {draining}\n"
+            ));
+        }
         for p in v["peers"].as_array().into_iter().flatten() {
             out.push_str(&format!(
                 "  peer {}: {} (queued {} envelopes, {} bytes; sent {}, received {}, dropped {}, connects {})\n",

@@ -1,21 +1,30 @@
 //! Draining a node: out of the ring, its users sent to their next homes, then stopped.
 //!
-//! A drain (`POST /drain` on the admin listener, or `meshchat-node drain`) needs Redis
-//! membership: one Redis script checks that another active node remains and registers this
-//! one as draining (so of two drains asked at once of the last two nodes, one is refused;
-//! every heartbeat after it keeps the registration draining), every node (itself too)
-//! adopts a ring without it at the next epoch, and the mesh's re-homing tells each user
-//! connected here to reconnect at its new home (a `Redirect` push, paced at 400 a second).
-//! The node stays a member meanwhile: it keeps its mesh links and its worker-id lease, so
-//! requests of users still here are served and routed to the new homes. When no
-//! authenticated connection is left, or after `cluster.drain_timeout`, the drain is done and
-//! the node stops as on SIGTERM (deregistering on the way out). A static cluster cannot
-//! drain: its ring is every node's config.
+//! A drain (`POST /drain` on the admin listener, or `meshchat-node drain`) takes the node out
+//! of every ring in one of two ways:
+//! - **Redis membership**: one Redis script checks that another active node remains and
+//!   registers this one as draining (so of two drains asked at once of the last two nodes,
+//!   one is refused; every heartbeat after it keeps the registration draining), and every
+//!   node (itself too) adopts a ring without it at the next epoch.
+//! - **A static member list**: the node tells every peer through the mesh (`NodeState`,
+//!   sent on every link and never dropped); each drops it from its ring, as it does itself.
+//!   Refused while another running member is known to drain; of two drains asked within one
+//!   round trip that would leave nobody, the higher id withdraws its own (and keeps
+//!   serving). A peer that was down meanwhile hears it when its link comes back; a drained
+//!   node that is started again says it no longer drains and is put back on every ring.
+//!
+//! Then the mesh's re-homing tells each user connected here to reconnect at its new home (a
+//! `Redirect` push, paced at 400 a second). The node stays a member meanwhile: it keeps its
+//! mesh links and its worker-id lease, so requests of users still here are served and routed
+//! to the new homes. When no authenticated connection is left, or after
+//! `cluster.drain_timeout`, the drain is done and the node stops as on SIGTERM
+//! (deregistering on the way out, with Redis).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshchat_backplane::membership_redis::{DrainClaimError, RedisMembership};
+use meshchat_backplane::mesh::{Mesh, StaticDrainError};
 
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -25,12 +34,12 @@ use crate::node::Node;
 /// Why a drain did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DrainError {
-    /// No Redis membership: nothing can take this node out of the other nodes' rings.
-    #[error(
-        "draining needs Redis membership (cluster.redis): a static cluster's ring is every \
-         node's config; remove this node from every member list and restart them instead"
-    )]
+    /// Not in a cluster (no `[cluster]`): there is no other node to send the users to.
+    #[error("draining needs a cluster: this node has no [cluster] and nowhere to send its users")]
     NotClustered,
+    /// Another member of a static cluster is draining (as it told this node).
+    #[error("node {0} is draining: drain one node at a time (retry once it has stopped)")]
+    OtherDraining(u32),
     /// No other node is on the ring (or registered and not draining, as Redis has it: of two
     /// drains asked at once of the last two active nodes, one is refused): nobody could take
     /// this node's users.
@@ -60,28 +69,40 @@ pub enum DrainStarted {
     AlreadyDraining,
 }
 
-/// A node's drain: its Redis membership (which claims the drain and publishes it), and
-/// whether it is done.
+/// Who takes a node out of the other nodes' rings.
+#[derive(Debug)]
+pub enum DrainVia {
+    /// Nobody: the node is not in a cluster.
+    Nothing,
+    /// Its Redis membership, which claims the drain and publishes it.
+    Redis(RedisMembership),
+    /// The mesh of a static cluster, which tells every peer.
+    Mesh(Arc<Mesh>),
+}
+
+/// A node's drain: what publishes it, and whether it is done.
 #[derive(Debug)]
 pub struct Drain {
-    membership: Option<RedisMembership>,
+    via: DrainVia,
     done: watch::Sender<bool>,
 }
 
 impl Drain {
-    /// A drain claimed and published through `membership` (`None`: the node cannot drain).
-    pub fn new(membership: Option<RedisMembership>) -> Self {
+    /// A drain published through `via`.
+    pub fn new(via: DrainVia) -> Self {
         Self {
-            membership,
+            via,
             done: watch::channel(false).0,
         }
     }
 
     /// Whether a drain has started.
     pub fn is_draining(&self) -> bool {
-        self.membership
-            .as_ref()
-            .is_some_and(|m| m.draining.is_set())
+        match &self.via {
+            DrainVia::Nothing => false,
+            DrainVia::Redis(m) => m.draining.is_set(),
+            DrainVia::Mesh(mesh) => mesh.is_draining(),
+        }
     }
 
     /// Turns true when the drain is done: the node should stop now.
@@ -89,17 +110,20 @@ impl Drain {
         self.done.subscribe()
     }
 
-    /// Starts draining `node`: claimed in Redis (refused unless another active node remains,
-    /// atomically), off the ring at the next heartbeat; done when its last user left, or
-    /// after `timeout`. `others_on_ring`: the other nodes on this node's ring now.
+    /// Starts draining `node`: with Redis, claimed there (refused unless another active node
+    /// remains, atomically), off the ring at the next heartbeat; in a static cluster, told to
+    /// every peer and off this node's ring at once. Done when its last user left, or after
+    /// `timeout`. `others_on_ring`: the other nodes on this node's ring now.
     pub async fn start(
         node: &Arc<Node>,
         others_on_ring: usize,
         timeout: Duration,
     ) -> Result<DrainStarted, DrainError> {
         let drain = node.drain().clone();
-        let membership = drain.membership.as_ref().ok_or(DrainError::NotClustered)?;
-        if membership.draining.is_set() {
+        if matches!(drain.via, DrainVia::Nothing) {
+            return Err(DrainError::NotClustered);
+        }
+        if drain.is_draining() {
             return Ok(DrainStarted::AlreadyDraining);
         }
         if others_on_ring == 0 {
@@ -108,12 +132,24 @@ impl Drain {
         if !node.lease_gate().allows() {
             return Err(DrainError::NotServing);
         }
-        match membership.claim_drain().await {
-            Ok(None) => return Ok(DrainStarted::AlreadyDraining),
-            Ok(Some(_)) => {}
-            Err(DrainClaimError::NoOtherActive) => return Err(DrainError::NoOtherNode),
-            Err(DrainClaimError::NotRegistered) => return Err(DrainError::NotServing),
-            Err(DrainClaimError::Redis(e)) => return Err(DrainError::Redis(e)),
+        match &drain.via {
+            DrainVia::Nothing => return Err(DrainError::NotClustered),
+            DrainVia::Redis(membership) => match membership.claim_drain().await {
+                Ok(None) => return Ok(DrainStarted::AlreadyDraining),
+                Ok(Some(_)) => {}
+                Err(DrainClaimError::NoOtherActive) => return Err(DrainError::NoOtherNode),
+                Err(DrainClaimError::NotRegistered) => return Err(DrainError::NotServing),
+                Err(DrainClaimError::Redis(e)) => return Err(DrainError::Redis(e)),
+            },
+            DrainVia::Mesh(mesh) => match mesh.drain_static() {
+                Ok(true) => {}
+                Ok(false) => return Ok(DrainStarted::AlreadyDraining),
+                Err(StaticDrainError::OtherDraining(n)) => {
+                    return Err(DrainError::OtherDraining(n));
+                }
+                Err(StaticDrainError::NoOtherNode) => return Err(DrainError::NoOtherNode),
+                Err(StaticDrainError::NotStatic) => return Err(DrainError::NotClustered),
+            },
         }
         let users = node.registry().live_connections();
         info!(connections = users, ?timeout, "draining: leaving the ring");
@@ -124,6 +160,12 @@ impl Drain {
             loop {
                 tick.tick().await;
                 let Some(n) = node.upgrade() else { return };
+                if !n.drain().is_draining() {
+                    // A static member withdrew its drain (another drained at once and nobody
+                    // would have been left): it keeps serving.
+                    warn!("drain withdrawn: the node stays on the ring and keeps serving");
+                    return;
+                }
                 let left = n.registry().live_connections();
                 if left == 0 {
                     info!(

@@ -145,7 +145,7 @@ pub struct Node {
     inflight_bytes: Arc<tokio::sync::Semaphore>,
     /// This node's metrics handle (`node` label).
     pub(crate) metrics: crate::metrics::NodeMetrics,
-    /// Whether and how this node drains (with Redis membership only).
+    /// Whether and how this node drains (Redis membership, or a static cluster's mesh).
     pub(crate) drain: Arc<crate::drain::Drain>,
     /// When the client-facing and the mesh certificate in use expire (Unix seconds; 0:
     /// unknown or none).
@@ -219,7 +219,7 @@ impl Node {
             limits: ArcSwap::from_pointee(config.limits.clone()),
             rates: ArcSwap::from_pointee(Rates::new(&config.limits)),
             metrics: crate::metrics::NodeMetrics::new(config.node_id),
-            drain: Arc::new(crate::drain::Drain::new(None)),
+            drain: Arc::new(crate::drain::Drain::new(crate::drain::DrainVia::Nothing)),
             cert_expiry: Default::default(),
             config,
             storage,
@@ -380,9 +380,10 @@ impl Node {
         );
     }
 
-    /// Lets the node drain through its Redis membership (which claims and publishes it).
-    pub fn set_drain(&mut self, membership: meshchat_backplane::membership_redis::RedisMembership) {
-        self.drain = Arc::new(crate::drain::Drain::new(Some(membership)));
+    /// Lets the node drain through its Redis membership (which claims and publishes it) or
+    /// its static cluster's mesh (which tells every peer).
+    pub fn set_drain(&mut self, via: crate::drain::DrainVia) {
+        self.drain = Arc::new(crate::drain::Drain::new(via));
     }
 
     /// The node's drain state.

@@ -1,9 +1,11 @@
-//! Draining one node of a 3-node cluster with Redis membership (a real `redis-server` on a
-//! free port), under traffic: `POST /drain` on its admin listener takes it off every ring,
-//! its users are redirected to their next homes and follow, the node reports itself drained
-//! once none is left, and every message acked meanwhile reaches its recipient (by push, or by
-//! the gap fill a client runs after it moved). Which users live on the drained node is read
-//! from the ring, whatever the ids; every wait is for a condition, with a deadline.
+//! Draining one node of a 3-node cluster under traffic, with Redis membership (a real
+//! `redis-server` on a free port) and with a static member list (the drain told through the
+//! mesh): `POST /drain` on its admin listener takes it off every ring, its users are
+//! redirected to their next homes and follow, the node reports itself drained once none is
+//! left, and every message acked meanwhile reaches its recipient (by push, or by the gap fill
+//! a client runs after it moved). A drained static member started again is put back on every
+//! ring and gets its users back. Which users live on the drained node is read from the ring,
+//! whatever the ids; every wait is for a condition, with a deadline.
 
 mod common;
 
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use common::{converge, free_port};
 use meshchat_client::{Client, ConnectOptions, Event, Events, Session};
-use meshchat_idgen::ChatId;
+use meshchat_idgen::{ChatId, UserId};
 use meshchat_messaging::RunningNode;
 use parking_lot::Mutex;
 
@@ -62,24 +64,25 @@ fn reader(
     });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drained_node_moves_its_users_under_traffic_and_loses_no_acked_message() {
-    let dir = tempfile::tempdir().expect("dir");
-    let port = free_port();
-    let _redis = common::redis_server(port);
-    let nodes = [
-        node(dir.path(), 1, port).await,
-        node(dir.path(), 2, port).await,
-        node(dir.path(), 3, port).await,
-    ];
-    converge(&nodes.iter().collect::<Vec<_>>(), &[1, 2, 3]).await;
+/// What [`drain_one_under_traffic`] leaves: the drained node's id, its users (moved, their
+/// readers still running), and the users homed elsewhere (kept connected).
+struct Drained {
+    id: u32,
+    movers: Vec<(Arc<Client>, UserId)>,
+    _stayers: Vec<(Arc<Client>, Events, Session)>,
+}
 
+/// Drains the home node of the first user registered through `nodes[0]`, under traffic to
+/// every user homed there, and checks the drain: 202 then not ready, drained within 30 s with
+/// no connection left, every ring without it, its users elsewhere, every acked message
+/// received. The drained node is left running (drained) for the caller.
+async fn drain_one_under_traffic(nodes: &[RunningNode], dir: &std::path::Path) -> Drained {
     // Users register through node 1 and land on their homes. The drained node is the first
     // user's home; register until some other node is home to someone too.
     let ring = nodes[0].mesh.as_ref().expect("mesh").ring();
     let mut users: Vec<(Arc<Client>, Events, Session)> = Vec::new();
     for i in 0..64 {
-        let (c, e) = Client::connect(&nodes[0].addr.to_string(), options(dir.path()))
+        let (c, e) = Client::connect(&nodes[0].addr.to_string(), options(dir))
             .await
             .expect("connect");
         let s = c
@@ -138,9 +141,7 @@ async fn a_drained_node_moves_its_users_under_traffic_and_loses_no_acked_message
     .await;
 
     let admin = drained.admin_addr.expect("admin listener");
-    let (status, body) = meshchat_messaging::admin::call(admin, "POST", "/drain")
-        .await
-        .expect("drain call");
+    let (status, body) = post_drain(drained).await;
     assert_eq!(status, 202, "{body}");
     let (status, body) = meshchat_messaging::admin::call(admin, "GET", "/readyz")
         .await
@@ -171,13 +172,15 @@ async fn a_drained_node_moves_its_users_under_traffic_and_loses_no_acked_message
         },
     )
     .await;
-    for (client, user) in &targets {
-        assert_ne!(
-            client.server(),
-            drained.addr.to_string(),
-            "user {user:?} still there"
-        );
-    }
+    // The node counts a user gone when the old connection closes, which the client does
+    // right after its new one is authenticated and a moment before it records the new server.
+    let there = drained.addr.to_string();
+    common::wait_for(
+        "every user of the drained node connected elsewhere",
+        Duration::from_secs(10),
+        || targets.iter().all(|(client, _)| client.server() != there),
+    )
+    .await;
 
     traffic.await.expect("traffic task");
     assert!(failed.lock().is_empty(), "{:?}", failed.lock());
@@ -202,9 +205,145 @@ async fn a_drained_node_moves_its_users_under_traffic_and_loses_no_acked_message
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    drop(stayers);
+    Drained {
+        id: drained_id.0,
+        movers: targets,
+        _stayers: stayers,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_moves_its_users_under_traffic_and_loses_no_acked_message() {
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let _redis = common::redis_server(port);
+    let nodes = [
+        node(dir.path(), 1, port).await,
+        node(dir.path(), 2, port).await,
+        node(dir.path(), 3, port).await,
+    ];
+    converge(&nodes.iter().collect::<Vec<_>>(), &[1, 2, 3]).await;
+    let drained = drain_one_under_traffic(&nodes, dir.path()).await;
+    drop(drained);
     let [a, b, c] = nodes;
     for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+/// `POST /drain` on `n`'s admin listener: (status, body).
+async fn post_drain(n: &RunningNode) -> (u16, String) {
+    let admin = n.admin_addr.expect("admin listener");
+    meshchat_messaging::admin::call(admin, "POST", "/drain")
+        .await
+        .expect("drain call")
+}
+
+/// The ring's members on `node`.
+fn ring_of(node: &RunningNode) -> Vec<u32> {
+    let ring = node.mesh.as_ref().expect("mesh").ring();
+    ring.members().iter().map(|m| m.0).collect()
+}
+
+/// A static cluster (no Redis): the drain goes to the peers through the mesh. While the
+/// drained node still runs, another drain is refused; stopped, it stays off the others' rings;
+/// started again, it is back on every ring and its users come home.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_member_drains_through_the_mesh_and_comes_back_when_restarted() {
+    let mut cluster = common::cluster::cluster_with(3, |c| {
+        c.cluster.drain_timeout = Duration::from_secs(60);
+        c.admin.listen = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await;
+    let drained = drain_one_under_traffic(&cluster.nodes, cluster.dir.path()).await;
+    let i = drained.id as usize - 1;
+    let left: Vec<u32> = (1..=3).filter(|&n| n != drained.id).collect();
+
+    // While it runs (drained, not yet stopped), no other node may drain; the others say who
+    // drains in /cluster and `status`.
+    let other = &cluster.nodes[(i + 1) % 3];
+    let admin = other.admin_addr.expect("admin listener");
+    let (status, body) = post_drain(other).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains(&format!("node {} is draining", drained.id)),
+        "{body}"
+    );
+    let (_, status) = meshchat_messaging::admin::status(admin)
+        .await
+        .expect("status");
+    assert!(
+        status.contains(&format!(
+            "(static members kept off the ring): {}",
+            drained.id
+        )),
+        "{status}"
+    );
+
+    // Stopped, it stays off the rings of the others.
+    let config = cluster.nodes[i].node.config().clone();
+    cluster.nodes.remove(i).shutdown().await;
+    for n in &cluster.nodes {
+        assert_eq!(ring_of(n), left);
+    }
+
+    // Started again (same id, ports and store): on every ring again, ready, and its users
+    // are redirected home by the nodes that held them meanwhile.
+    // Its sockets close as the stopped node's last connections finish closing: wait for them.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let back = loop {
+        match meshchat_messaging::start(config.clone()).await {
+            Ok(node) => break node,
+            Err(e)
+                if common::cluster::address_in_use(&e)
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("drained node starts again: {e}"),
+        }
+    };
+    cluster.nodes.insert(i, back);
+    common::wait_for(
+        "every ring with all three nodes again",
+        Duration::from_secs(15),
+        || cluster.nodes.iter().all(|n| ring_of(n) == [1, 2, 3]),
+    )
+    .await;
+    let back = &cluster.nodes[i];
+    assert!(!back.node.drain().is_draining());
+    let admin = back.admin_addr.expect("admin listener");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = meshchat_messaging::admin::call(admin, "GET", "/readyz")
+            .await
+            .expect("readyz");
+        if status == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let home = back.addr.to_string();
+    common::wait_for(
+        "the drained node's users home again",
+        Duration::from_secs(20),
+        || {
+            drained
+                .movers
+                .iter()
+                .all(|(client, _)| client.server() == home)
+        },
+    )
+    .await;
+    common::wait_for(
+        "the restarted node counts its users",
+        Duration::from_secs(10),
+        || back.node.registry().live_connections() >= drained.movers.len() as u64,
+    )
+    .await;
+    drop(drained);
+    for n in cluster.nodes {
         n.shutdown().await;
     }
 }
@@ -221,15 +360,7 @@ async fn of_two_drains_asked_at_once_of_the_last_two_nodes_one_is_refused() {
         node(dir.path(), 2, port).await,
     ];
     converge(&nodes.iter().collect::<Vec<_>>(), &[1, 2]).await;
-    let drain = |n: &RunningNode| {
-        let admin = n.admin_addr.expect("admin listener");
-        async move {
-            meshchat_messaging::admin::call(admin, "POST", "/drain")
-                .await
-                .expect("drain call")
-        }
-    };
-    let (a, b) = tokio::join!(drain(&nodes[0]), drain(&nodes[1]));
+    let (a, b) = tokio::join!(post_drain(&nodes[0]), post_drain(&nodes[1]));
     let mut statuses = [a.0, b.0];
     statuses.sort_unstable();
     assert_eq!(statuses, [202, 409], "{a:?} {b:?}");
@@ -262,6 +393,44 @@ async fn of_two_drains_asked_at_once_of_the_last_two_nodes_one_is_refused() {
     .await;
     assert!(!stays.node.drain().is_draining());
     for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+/// The two members of a static cluster asked to drain at once: whatever each heard first, one
+/// drains and the other keeps serving (the higher id withdraws a drain that would leave
+/// nobody), so the cluster never ends with both stopping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_static_members_asked_to_drain_at_once_one_keeps_serving() {
+    let cluster = common::cluster::cluster_with(2, |c| {
+        c.cluster.drain_timeout = Duration::from_secs(60);
+        c.admin.listen = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await;
+    let (a, b) = tokio::join!(post_drain(&cluster.nodes[0]), post_drain(&cluster.nodes[1]));
+    assert!(a.0 == 202 || b.0 == 202, "{a:?} {b:?}");
+    for r in [&a, &b] {
+        assert!(r.0 == 202 || r.0 == 409, "{r:?}");
+    }
+    common::wait_for(
+        "one member draining, the other serving alone on both rings",
+        Duration::from_secs(10),
+        || {
+            let draining: Vec<bool> = cluster
+                .nodes
+                .iter()
+                .map(|n| n.node.drain().is_draining())
+                .collect();
+            let Some(stays) = draining.iter().position(|d| !d) else {
+                return false;
+            };
+            let want = vec![stays as u32 + 1];
+            draining.iter().filter(|d| **d).count() == 1
+                && cluster.nodes.iter().all(|n| ring_of(n) == want)
+        },
+    )
+    .await;
+    for n in cluster.nodes {
         n.shutdown().await;
     }
 }

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use super::Mesh;
 use super::peer::{
     HEARD_EVERY, MAX_CHANGED_CHANNELS, MAX_ENVELOPE_BYTES, MAX_MISSED_USERS, Missed,
-    PRESENCE_ENTRY_BYTES, PRESENCE_PER_ENVELOPE, Peer, RECIPIENT_BYTES,
+    PRESENCE_ENTRY_BYTES, PRESENCE_PER_ENVELOPE, Peer, RECIPIENT_BYTES, node_state,
 };
 use crate::tls::{self, Identity, TlsError};
 
@@ -40,9 +40,10 @@ const BATCH_BYTES: usize = 64 * 1024;
 
 // A batch stops adding envelopes once past BATCH_BYTES, so the largest batch is that, one
 // largest envelope, a resync naming MAX_MISSED_USERS users, the channel-change lane, one
-// presence envelope, and the per-envelope framing: always under the frame limit.
+// presence envelope, the node's state, and the per-envelope framing: always under the frame
+// limit.
 const _: () = assert!(
-    BATCH_BYTES
+    16 + BATCH_BYTES
         + MAX_ENVELOPE_BYTES
         + MAX_MISSED_USERS * RECIPIENT_BYTES
         + MAX_CHANGED_CHANNELS * 16
@@ -83,9 +84,14 @@ impl Written {
             match &env.body {
                 Some(envelope::Body::Deliver(d)) => users.extend_from_slice(&d.recipients),
                 Some(envelope::Body::Resync(r)) if !r.all => users.extend_from_slice(&r.users),
-                // Covered without a resync: a link that comes up drops the member cache, and
-                // every link that ends owes the peer a presence snapshot.
-                Some(envelope::Body::ChannelChanged(_) | envelope::Body::Presence(_)) => {}
+                // Covered without a resync: a link that comes up drops the member cache and
+                // sends the node's state, and every link that ends owes the peer a presence
+                // snapshot.
+                Some(
+                    envelope::Body::ChannelChanged(_)
+                    | envelope::Body::Presence(_)
+                    | envelope::Body::NodeState(_),
+                ) => {}
                 _ => self.all_at = Some(now),
             }
         }
@@ -421,6 +427,8 @@ async fn run_link(
     // Presence written into the link this one replaces may never have arrived either: the
     // peer gets a snapshot of whom this node shows online, ahead of any later change.
     peer.presence.lock().set_full();
+    // And this node's state (draining or not) goes first on every link.
+    peer.state_owed.store(true, Ordering::SeqCst);
     peer.ready.notify_one();
     info!(peer = peer.id.0, generation, "mesh link up");
     let reader = {
@@ -469,6 +477,10 @@ async fn run_link(
             }
             let batch: Vec<pm::Envelope> = {
                 let mut out = Vec::new();
+                // The node's state first: a peer learns of a drain before the pushes after it.
+                if peer.state_owed.swap(false, Ordering::SeqCst) {
+                    out.push(node_state(mesh.is_draining()));
+                }
                 {
                     let mut missed = peer.missed.lock();
                     if !missed.is_empty() {
@@ -509,6 +521,9 @@ async fn run_link(
                             peer.changed.lock().readd(c);
                         }
                         Some(envelope::Body::Presence(_)) => peer.presence.lock().set_full(),
+                        Some(envelope::Body::NodeState(_)) => {
+                            peer.state_owed.store(true, Ordering::SeqCst);
+                        }
                         _ => peer.missed.lock().add(env),
                     }
                 }
@@ -576,6 +591,9 @@ async fn run_link(
     // sends a snapshot, whichever that is.
     if !*stop.borrow() {
         peer.presence.lock().set_full();
+        // The same for this node's state: the replacing link may have set it owed after this
+        // link's writer last looked, and this link taken it into its dying connection.
+        peer.state_owed.store(true, Ordering::SeqCst);
         peer.ready.notify_one();
     }
     // A batch whose write did not complete goes back to the front of the queue.
@@ -586,6 +604,11 @@ async fn run_link(
             // Presence is not requeued: it would land after the next link's snapshot and
             // undo it. That link sends a snapshot instead (set above, and when it comes up).
             if matches!(env.body, Some(envelope::Body::Presence(_))) {
+                continue;
+            }
+            // Nor the node's state: owed again, it goes first in the next batch.
+            if matches!(env.body, Some(envelope::Body::NodeState(_))) {
+                peer.state_owed.store(true, Ordering::SeqCst);
                 continue;
             }
             q.push_front(env);

@@ -14,6 +14,11 @@
 //!   most 256 KiB, and the queue refuses a larger envelope (resyncing its recipients), so a
 //!   batch always fits the 1 MiB mesh frame.
 //! - **Reconnect**: the dialer retries with jittered exponential backoff (100 ms .. 5 s).
+//! - **Draining a static cluster**: a node's `NodeState` (sent first on every link and again
+//!   when it changes, never dropped) says whether it drains. With a static member list each
+//!   node's ring is the configured members minus those draining ([`Mesh::drain_static`]); a
+//!   drained node that comes back says it no longer drains and is put back. With Redis
+//!   membership Redis says who drains, and `NodeState` is ignored.
 //!
 //! ## What happens to an in-flight envelope
 //!
@@ -54,19 +59,20 @@ mod link;
 mod peer;
 mod view;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use meshchat_idgen::NodeId;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 use tracing::{Instrument, info, info_span};
 
 pub use link::mesh_name;
 pub use peer::{PeerCounters, PeerStats};
+pub use view::StaticDrainError;
 
 use crate::delivery::LocalDelivery;
 use crate::ring::{DEFAULT_VNODES_PER_WEIGHT, Ring};
@@ -89,6 +95,21 @@ pub struct Mesh {
     peer_queue: usize,
     peer_queue_bytes: usize,
     span: tracing::Span,
+    /// The configured member list and who of it drains (`None` with dynamic membership).
+    statics: Option<StaticMembers>,
+    /// This node is draining (told to every peer in its `NodeState`).
+    draining: AtomicBool,
+}
+
+/// A static cluster's member list, and the members that said they drain: the ring is the
+/// list without them.
+struct StaticMembers {
+    members: Vec<MeshMember>,
+    epoch: u64,
+    /// Members (this node too) draining, as they said in their `NodeState`.
+    draining: Mutex<BTreeSet<NodeId>>,
+    /// Held while a ring is computed and adopted, so two changes adopt in order.
+    applying: Mutex<()>,
 }
 
 /// The mesh's TLS, built by [`Mesh::prepare_tls`].
@@ -193,16 +214,18 @@ impl Mesh {
             peer_queue: c.peer_queue,
             peer_queue_bytes: c.peer_queue_bytes,
             span: span.clone(),
+            statics: (!c.members.is_empty()).then(|| StaticMembers {
+                members: c.members,
+                epoch: c.epoch,
+                draining: Mutex::new(BTreeSet::new()),
+                applying: Mutex::new(()),
+            }),
+            draining: AtomicBool::new(false),
         });
         info!(%listen, "mesh listening");
         tokio::spawn(accept_loop(mesh.clone(), endpoint, stop.clone()).instrument(span));
-        if !c.members.is_empty() {
-            let members = c.members;
-            let weights: BTreeMap<NodeId, u32> = members.iter().map(|m| (m.id, m.weight)).collect();
-            // The same ring input as Redis membership builds (and clients predict).
-            let (weights, per_weight) = crate::ring::params(&weights);
-            let ring = Arc::new(Ring::build(&weights, per_weight)?);
-            mesh.apply(c.epoch, &ring, &members);
+        if mesh.statics.is_some() {
+            mesh.apply_static()?;
         }
         Ok(mesh)
     }

@@ -1,7 +1,8 @@
 //! One peer as this node sees it: its bounded envelope queue and the drop policy (an
 //! envelope refused for lack of room or for its size is counted and its recipients resynced,
 //! never lost invisibly), the lanes that go ahead of the next batch outside the bound
-//! (`Resync` for what was missed, `ChannelChanged` coalesced per channel), the envelope size
+//! (`NodeState` once per link and change, `Resync` for what was missed, `ChannelChanged`
+//! coalesced per channel, presence), the envelope size
 //! bound with the split of one delivery into envelopes under it, and the link's counters.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -206,6 +207,15 @@ impl PresenceLane {
     }
 }
 
+/// The envelope telling a peer this node's state.
+pub(super) fn node_state(draining: bool) -> pm::Envelope {
+    pm::Envelope {
+        ring_epoch: 0,
+        hops: 0,
+        body: Some(envelope::Body::NodeState(pm::NodeState { draining })),
+    }
+}
+
 /// What a peer missed because its queue was full: told to it ahead of the next batch.
 #[derive(Debug, Default)]
 pub(super) struct Missed {
@@ -222,9 +232,14 @@ impl Missed {
         match &env.body {
             Some(envelope::Body::Deliver(d)) => self.add_users(d.recipients.iter().copied()),
             Some(envelope::Body::Resync(r)) if !r.all => self.add_users(r.users.iter().copied()),
-            // Channel changes and presence have lanes of their own, and a link that comes up
-            // drops the member cache and sends a presence snapshot: nothing to resync.
-            Some(envelope::Body::ChannelChanged(_) | envelope::Body::Presence(_)) => {}
+            // Channel changes, presence and the node's state have lanes of their own, and a
+            // link that comes up drops the member cache and sends a presence snapshot and the
+            // node's state: nothing to resync.
+            Some(
+                envelope::Body::ChannelChanged(_)
+                | envelope::Body::Presence(_)
+                | envelope::Body::NodeState(_),
+            ) => {}
             // A move or a resync of everyone: which users it concerns is not listed here.
             _ => self.add_all(),
         }
@@ -383,6 +398,9 @@ pub(super) struct Peer {
     pub(super) changed: Mutex<Changed>,
     /// Presence owed to the peer (never dropped).
     pub(super) presence: Mutex<PresenceLane>,
+    /// This node's `NodeState` is owed to the peer: set when a link comes up and when the
+    /// state changes; sent first in the next batch (never dropped).
+    pub(super) state_owed: AtomicBool,
 }
 
 impl Peer {
@@ -412,6 +430,7 @@ impl Peer {
             missed: Mutex::new(Missed::default()),
             changed: Mutex::new(Changed::default()),
             presence: Mutex::new(PresenceLane::default()),
+            state_owed: AtomicBool::new(false),
         }
     }
 

@@ -2,11 +2,13 @@
 //! from, adopting a new one (peers added and removed, users connected here whose home moved
 //! told to reconnect there), where a user is homed, the send path's [`Router`] (recipients
 //! homed here to this node, one envelope per other node), envelopes received from peers
-//! (delivered here, or forwarded once to the owner), and the resync of pushes that went to a
-//! peer which then left the member set.
+//! (delivered here, or forwarded once to the owner), the resync of pushes that went to a
+//! peer which then left the member set, and a static cluster's ring without its draining
+//! members.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,6 +29,55 @@ const REDIRECT_TICK: Duration = Duration::from_millis(100);
 use crate::delivery::{ConnId, Delivery, Home, MemberView, PresenceChange, Router};
 use crate::fanout;
 use crate::ring::Ring;
+
+/// A static cluster's ring input: the members not draining, by weight; all of them if that
+/// would leave no weight (users always have a home).
+fn static_ring_weights(
+    members: &[MeshMember],
+    draining: &std::collections::BTreeSet<NodeId>,
+) -> BTreeMap<NodeId, u32> {
+    let all: BTreeMap<NodeId, u32> = members.iter().map(|m| (m.id, m.weight)).collect();
+    let active: BTreeMap<NodeId, u32> = all
+        .iter()
+        .filter(|(id, _)| !draining.contains(id))
+        .map(|(&id, &w)| (id, w))
+        .collect();
+    if active.values().all(|&w| w == 0) {
+        all
+    } else {
+        active
+    }
+}
+
+/// Whether `me`, draining, withdraws its drain: every member with weight drains (nobody
+/// would take the users) and a lower id drains too. Every member applies it to what it has
+/// heard, so of the members that drained at once only the lowest id goes on.
+fn must_withdraw(
+    me: NodeId,
+    members: &[MeshMember],
+    draining: &std::collections::BTreeSet<NodeId>,
+) -> bool {
+    draining.contains(&me)
+        && members
+            .iter()
+            .all(|m| m.weight == 0 || draining.contains(&m.id))
+        && draining.iter().any(|&id| id < me)
+}
+
+/// Why a node of a static cluster cannot start draining.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StaticDrainError {
+    /// The member list is not static: Redis membership drains through Redis.
+    #[error("the member list is not static")]
+    NotStatic,
+    /// Another member said it drains and is still running: two at once could leave nobody
+    /// to take the users.
+    #[error("node {0} is draining: drain one node at a time")]
+    OtherDraining(u32),
+    /// No other member is left on the ring to take this node's users.
+    #[error("no other node is on the ring to take this node's users")]
+    NoOtherNode,
+}
 
 /// Forwarding bound for envelopes that reach a node that no longer owns their recipients.
 const MAX_HOPS: u32 = 1;
@@ -119,7 +170,7 @@ impl Mesh {
                 .collect()
         };
         let moved_count = moved.len();
-        self.redirect_paced(epoch, moved);
+        self.redirect_paced(epoch, ring.clone(), moved);
         let moved = moved_count;
         info!(epoch, members = members.len(), moved, "ring adopted");
         moved
@@ -132,8 +183,14 @@ impl Mesh {
     /// comes a user stays connected here: pushes from this node reach it, pushes from other
     /// nodes go to its new home, where it is not yet (the client's fill after following the
     /// redirect reads back as far as a resync's). Stops if the ring changes again (that
-    /// change redirects whoever is still misplaced) or the node stops.
-    fn redirect_paced(self: &Arc<Self>, epoch: u64, moved: Vec<(UserId, NodeId, String)>) {
+    /// change redirects whoever is still misplaced; a static cluster's drains change the ring
+    /// under one epoch, so the ring itself is compared) or the node stops.
+    fn redirect_paced(
+        self: &Arc<Self>,
+        epoch: u64,
+        ring: Arc<Ring>,
+        moved: Vec<(UserId, NodeId, String)>,
+    ) {
         if moved.len() <= REDIRECTS_PER_TICK {
             for (user, owner, addr) in moved {
                 self.local.redirect(user, owner, addr, epoch);
@@ -149,7 +206,11 @@ impl Mesh {
                     if *mesh.stop.borrow() {
                         return; // the node stops: its clients go anyway
                     }
-                    if mesh.current_epoch() != epoch {
+                    let moved_on = {
+                        let v = mesh.view.read();
+                        v.epoch != epoch || !Arc::ptr_eq(&v.ring, &ring)
+                    };
+                    if moved_on {
                         debug!(epoch, "ring changed again: paced redirects stop");
                         return;
                     }
@@ -161,6 +222,148 @@ impl Mesh {
             }
             .instrument(self.span.clone()),
         );
+    }
+
+    /// Starts this node's drain in a static cluster: every peer hears it (the `NodeState`
+    /// lane) and drops this node from its ring, as this node does now; this node keeps its
+    /// links and serves the users still here while the ring change redirects them. Returns
+    /// false if it was draining already. Refused while another member drains (and is still
+    /// linked: one that drained and stopped does not count), or when no other member would
+    /// be left on the ring.
+    pub fn drain_static(self: &Arc<Self>) -> Result<bool, StaticDrainError> {
+        let statics = self.statics.as_ref().ok_or(StaticDrainError::NotStatic)?;
+        {
+            let mut draining = statics.draining.lock();
+            if draining.contains(&self.me) {
+                return Ok(false);
+            }
+            // A member that drained and stopped since (its link down) no longer holds users:
+            // only one still running blocks this drain.
+            if let Some(other) = draining.iter().find(|&&id| self.peer_up(id)) {
+                return Err(StaticDrainError::OtherDraining(other.0));
+            }
+            if !statics
+                .members
+                .iter()
+                .any(|m| m.id != self.me && m.weight > 0 && !draining.contains(&m.id))
+            {
+                return Err(StaticDrainError::NoOtherNode);
+            }
+            draining.insert(self.me);
+            self.draining.store(true, Ordering::SeqCst);
+        }
+        for p in self.peers.read().values() {
+            p.state_owed.store(true, Ordering::SeqCst);
+            p.ready.notify_one();
+        }
+        info!("draining: leaving every member's ring");
+        if let Err(e) = self.apply_static() {
+            warn!(error = %e, "ring without this node could not be built");
+        }
+        Ok(true)
+    }
+
+    /// Whether this node is draining through the mesh (a static cluster's drain). Turns false
+    /// again if the drain is withdrawn (two members drained at once and none would be left:
+    /// the higher id withdraws).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// The members of a static cluster that said they drain (this node too, if it does).
+    pub fn draining_members(&self) -> Vec<NodeId> {
+        self.statics
+            .as_ref()
+            .map(|s| s.draining.lock().iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether the member list is static (configured, not from Redis).
+    pub fn is_static(&self) -> bool {
+        self.statics.is_some()
+    }
+
+    /// Adopts a static cluster's ring: the configured members without those draining (all
+    /// of them if every member drains, so users always have a home). Nothing happens when
+    /// the ring would not change.
+    pub(super) fn apply_static(self: &Arc<Self>) -> Result<(), crate::RingError> {
+        let Some(statics) = &self.statics else {
+            return Ok(());
+        };
+        let _in_order = statics.applying.lock();
+        let draining = statics.draining.lock().clone();
+        let active = static_ring_weights(&statics.members, &draining);
+        // The same ring input as Redis membership builds (and clients predict).
+        let (weights, per_weight) = crate::ring::params(&active);
+        let ring = Ring::build(&weights, per_weight)?;
+        {
+            let v = self.view.read();
+            if !v.ring.members().is_empty() && v.ring.members() == ring.members() {
+                return Ok(());
+            }
+        }
+        // Members off the ring are listed with weight 0 (what clients predict homes from),
+        // and keep their links.
+        let members: Vec<MeshMember> = statics
+            .members
+            .iter()
+            .map(|m| MeshMember {
+                weight: if active.contains_key(&m.id) {
+                    m.weight
+                } else {
+                    0
+                },
+                ..m.clone()
+            })
+            .collect();
+        self.apply(statics.epoch, &Arc::new(ring), &members);
+        Ok(())
+    }
+
+    /// A peer's `NodeState`: in a static cluster, a member that drains leaves the ring, and one
+    /// that no longer drains (restarted) comes back.
+    fn peer_state(self: &Arc<Self>, from: NodeId, state: &pm::NodeState) {
+        let Some(statics) = &self.statics else {
+            return;
+        };
+        if !statics.members.iter().any(|m| m.id == from) {
+            return;
+        }
+        let (changed, withdrawn) = {
+            let mut draining = statics.draining.lock();
+            let changed = if state.draining {
+                draining.insert(from)
+            } else {
+                draining.remove(&from)
+            };
+            // Drains asked of several members within one round trip can leave no member to
+            // take the users: then every draining member but the lowest id withdraws its own
+            // drain (each applies the same rule to what it has heard, so they agree once
+            // they have heard each other).
+            let withdrawn =
+                must_withdraw(self.me, &statics.members, &draining) && draining.remove(&self.me);
+            if withdrawn {
+                self.draining.store(false, Ordering::SeqCst);
+            }
+            (changed, withdrawn)
+        };
+        if withdrawn {
+            warn!(
+                peer = from.0,
+                "drain withdrawn: another member drains too and nobody would be left to take \
+                 the users (the lower id drains)"
+            );
+            for p in self.peers.read().values() {
+                p.state_owed.store(true, Ordering::SeqCst);
+                p.ready.notify_one();
+            }
+        }
+        if changed || withdrawn {
+            info!(peer = from.0, draining = state.draining, "peer drain state");
+            if let Err(e) = self.apply_static() {
+                warn!(error = %e, "ring could not be built");
+            }
+        }
     }
 
     fn owner(&self, user: UserId) -> NodeId {
@@ -218,9 +421,13 @@ impl Mesh {
     }
 
     /// Handles one envelope from a peer.
-    pub(super) fn receive(&self, from: NodeId, env: pm::Envelope) {
+    pub(super) fn receive(self: &Arc<Self>, from: NodeId, env: pm::Envelope) {
         let d = match env.body {
             Some(envelope::Body::Deliver(d)) => d,
+            Some(envelope::Body::NodeState(state)) => {
+                self.peer_state(from, &state);
+                return;
+            }
             Some(envelope::Body::Presence(p)) => {
                 // A node that left the member set is forgotten; what its link still delivers
                 // after that would leave ghosts online. The view is held while applying: a
@@ -381,5 +588,61 @@ impl Router for Mesh {
                 epoch: v.epoch,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn members(weights: &[(u32, u32)]) -> Vec<MeshMember> {
+        weights
+            .iter()
+            .map(|&(id, weight)| MeshMember {
+                id: NodeId(id),
+                mesh_addr: "127.0.0.1:1".parse().expect("addr"),
+                client_addr: String::new(),
+                weight,
+            })
+            .collect()
+    }
+
+    fn set(ids: &[u32]) -> BTreeSet<NodeId> {
+        ids.iter().map(|&i| NodeId(i)).collect()
+    }
+
+    #[test]
+    fn a_static_ring_leaves_out_draining_members_but_never_every_member() {
+        let m = members(&[(1, 1), (2, 1), (3, 2)]);
+        let ids = |w: BTreeMap<NodeId, u32>| w.into_keys().map(|n| n.0).collect::<Vec<_>>();
+        assert_eq!(ids(static_ring_weights(&m, &set(&[]))), [1, 2, 3]);
+        assert_eq!(ids(static_ring_weights(&m, &set(&[2]))), [1, 3]);
+        assert_eq!(static_ring_weights(&m, &set(&[1, 2]))[&NodeId(3)], 2);
+        // Everyone draining: the whole list, so users keep a home.
+        assert_eq!(ids(static_ring_weights(&m, &set(&[1, 2, 3]))), [1, 2, 3]);
+        // Only a weight-0 member left: as good as nobody.
+        let m = members(&[(1, 1), (2, 0)]);
+        assert_eq!(ids(static_ring_weights(&m, &set(&[1]))), [1, 2]);
+    }
+
+    #[test]
+    fn of_drains_that_would_leave_nobody_only_the_lowest_id_goes_on() {
+        let two = members(&[(1, 1), (2, 1)]);
+        // Both drain: 2 withdraws, 1 does not.
+        assert!(must_withdraw(NodeId(2), &two, &set(&[1, 2])));
+        assert!(!must_withdraw(NodeId(1), &two, &set(&[1, 2])));
+        // 2 has not heard of 1's drain yet: it goes on until it has.
+        assert!(!must_withdraw(NodeId(2), &two, &set(&[2])));
+        // Not draining: nothing to withdraw.
+        assert!(!must_withdraw(NodeId(2), &two, &set(&[1])));
+        // Three members, two drain: one is left to take the users, both go on.
+        let three = members(&[(1, 1), (2, 1), (3, 1)]);
+        assert!(!must_withdraw(NodeId(3), &three, &set(&[1, 3])));
+        // All three: 2 and 3 withdraw.
+        let all = set(&[1, 2, 3]);
+        assert!(must_withdraw(NodeId(3), &three, &all));
+        assert!(must_withdraw(NodeId(2), &three, &all));
+        assert!(!must_withdraw(NodeId(1), &three, &all));
     }
 }

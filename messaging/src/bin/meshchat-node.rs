@@ -63,7 +63,7 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:9400")]
         admin: std::net::SocketAddr,
     },
-    /// Drain a running node (Redis membership): off the ring, its users redirected to their
+    /// Drain a running node (Redis membership or a static cluster): off the ring, its users redirected to their
     /// next homes; the node stops once they moved (or after `cluster.drain_timeout`).
     Drain {
         /// The node's admin listener (`[admin] listen`).

@@ -87,7 +87,7 @@ async fn start_members(
 }
 
 /// Whether `e` (or what caused it) is an address already in use.
-fn address_in_use(e: &(dyn std::error::Error + 'static)) -> bool {
+pub fn address_in_use(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(e);
     while let Some(c) = cause {
         if c.downcast_ref::<std::io::Error>()
