@@ -10,8 +10,10 @@
 //!   sent on every link and never dropped); each drops it from its ring, as it does itself.
 //!   Refused while another running member is known to drain; of two drains asked within one
 //!   round trip that would leave nobody, the higher id withdraws its own (and keeps
-//!   serving). A peer that was down meanwhile hears it when its link comes back; a drained
-//!   node that is started again says it no longer drains and is put back on every ring.
+//!   serving). Each peer answers with its own state, saying it took the node off its ring;
+//!   the drain ends only once every linked peer has. A peer that was down meanwhile hears it
+//!   when its link comes back; a drained node that is started again says it no longer
+//!   drains and is put back on every ring.
 //!
 //! Then the mesh's re-homing tells each user connected here to reconnect at its new home (a
 //! `Redirect` push, paced at 400 a second). The node stays a member meanwhile: it keeps its
@@ -105,6 +107,16 @@ impl Drain {
         }
     }
 
+    /// Whether every other node has taken this one off its ring, as far as this node can know:
+    /// with Redis, the next ring round does it; in a static cluster, every peer linked now has
+    /// said so ([`Mesh::drain_confirmed`]).
+    fn confirmed(&self) -> bool {
+        match &self.via {
+            DrainVia::Mesh(mesh) => mesh.drain_confirmed(),
+            DrainVia::Nothing | DrainVia::Redis(_) => true,
+        }
+    }
+
     /// Turns true when the drain is done: the node should stop now.
     pub fn done(&self) -> watch::Receiver<bool> {
         self.done.subscribe()
@@ -167,7 +179,9 @@ impl Drain {
                     return;
                 }
                 let left = n.registry().live_connections();
-                if left == 0 {
+                // A static member also waits until every linked peer said it took this node
+                // off its ring: a peer that drained at the same moment may still route to it.
+                if left == 0 && n.drain().confirmed() {
                     info!(
                         took_ms = started.elapsed().as_millis() as u64,
                         "drained: every user moved"

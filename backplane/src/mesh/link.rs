@@ -427,7 +427,9 @@ async fn run_link(
     // Presence written into the link this one replaces may never have arrived either: the
     // peer gets a snapshot of whom this node shows online, ahead of any later change.
     peer.presence.lock().set_full();
-    // And this node's state (draining or not) goes first on every link.
+    // And this node's state (draining or not) goes first on every link; whether the peer
+    // took a drain of this node into account is heard again on this link.
+    peer.confirms_drain.store(false, Ordering::SeqCst);
     peer.state_owed.store(true, Ordering::SeqCst);
     peer.ready.notify_one();
     info!(peer = peer.id.0, generation, "mesh link up");
@@ -479,7 +481,7 @@ async fn run_link(
                 let mut out = Vec::new();
                 // The node's state first: a peer learns of a drain before the pushes after it.
                 if peer.state_owed.swap(false, Ordering::SeqCst) {
-                    out.push(node_state(mesh.is_draining()));
+                    out.push(node_state(mesh.is_draining(), mesh.sees_drain_of(peer.id)));
                 }
                 {
                     let mut missed = peer.missed.lock();

@@ -208,11 +208,14 @@ impl PresenceLane {
 }
 
 /// The envelope telling a peer this node's state.
-pub(super) fn node_state(draining: bool) -> pm::Envelope {
+pub(super) fn node_state(draining: bool, sees_your_drain: bool) -> pm::Envelope {
     pm::Envelope {
         ring_epoch: 0,
         hops: 0,
-        body: Some(envelope::Body::NodeState(pm::NodeState { draining })),
+        body: Some(envelope::Body::NodeState(pm::NodeState {
+            draining,
+            sees_your_drain,
+        })),
     }
 }
 
@@ -401,6 +404,9 @@ pub(super) struct Peer {
     /// This node's `NodeState` is owed to the peer: set when a link comes up and when the
     /// state changes; sent first in the next batch (never dropped).
     pub(super) state_owed: AtomicBool,
+    /// The peer said (in its `NodeState`, on the current link) that it took this draining
+    /// node off its ring.
+    pub(super) confirms_drain: AtomicBool,
 }
 
 impl Peer {
@@ -431,6 +437,7 @@ impl Peer {
             changed: Mutex::new(Changed::default()),
             presence: Mutex::new(PresenceLane::default()),
             state_owed: AtomicBool::new(false),
+            confirms_drain: AtomicBool::new(false),
         }
     }
 

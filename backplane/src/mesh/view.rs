@@ -35,33 +35,41 @@ use crate::ring::Ring;
 fn static_ring_weights(
     members: &[MeshMember],
     draining: &std::collections::BTreeSet<NodeId>,
+    running: impl Fn(NodeId) -> bool,
 ) -> BTreeMap<NodeId, u32> {
-    let all: BTreeMap<NodeId, u32> = members.iter().map(|m| (m.id, m.weight)).collect();
-    let active: BTreeMap<NodeId, u32> = all
-        .iter()
-        .filter(|(id, _)| !draining.contains(id))
-        .map(|(&id, &w)| (id, w))
-        .collect();
-    if active.values().all(|&w| w == 0) {
-        all
-    } else {
-        active
+    let pick = |keep: &dyn Fn(NodeId) -> bool| -> BTreeMap<NodeId, u32> {
+        members
+            .iter()
+            .filter(|m| keep(m.id))
+            .map(|m| (m.id, m.weight))
+            .collect()
+    };
+    let has_weight = |w: &BTreeMap<NodeId, u32>| w.values().any(|&w| w > 0);
+    let active = pick(&|id| !draining.contains(&id));
+    if has_weight(&active) {
+        return active;
     }
+    // Everyone drains: those still running keep the users (a drained member that stopped
+    // cannot); if none, the whole list.
+    let up = pick(&|id| running(id));
+    if has_weight(&up) { up } else { pick(&|_| true) }
 }
 
 /// Whether `me`, draining, withdraws its drain: every member with weight drains (nobody
-/// would take the users) and a lower id drains too. Every member applies it to what it has
+/// would take the users) and a lower id that is still running (`running`: linked now) drains
+/// too; one that drained and stopped does not count. Every member applies it to what it has
 /// heard, so of the members that drained at once only the lowest id goes on.
 fn must_withdraw(
     me: NodeId,
     members: &[MeshMember],
     draining: &std::collections::BTreeSet<NodeId>,
+    running: impl Fn(NodeId) -> bool,
 ) -> bool {
     draining.contains(&me)
         && members
             .iter()
             .all(|m| m.weight == 0 || draining.contains(&m.id))
-        && draining.iter().any(|&id| id < me)
+        && draining.iter().any(|&id| id < me && running(id))
 }
 
 /// Why a node of a static cluster cannot start draining.
@@ -242,17 +250,18 @@ impl Mesh {
             if let Some(other) = draining.iter().find(|&&id| self.peer_up(id)) {
                 return Err(StaticDrainError::OtherDraining(other.0));
             }
-            if !statics
-                .members
-                .iter()
-                .any(|m| m.id != self.me && m.weight > 0 && !draining.contains(&m.id))
-            {
+            // Someone must take the users now: a member that is linked, with weight, and
+            // not draining.
+            if !statics.members.iter().any(|m| {
+                m.id != self.me && m.weight > 0 && !draining.contains(&m.id) && self.peer_up(m.id)
+            }) {
                 return Err(StaticDrainError::NoOtherNode);
             }
             draining.insert(self.me);
             self.draining.store(true, Ordering::SeqCst);
         }
         for p in self.peers.read().values() {
+            p.confirms_drain.store(false, Ordering::SeqCst);
             p.state_owed.store(true, Ordering::SeqCst);
             p.ready.notify_one();
         }
@@ -261,6 +270,26 @@ impl Mesh {
             warn!(error = %e, "ring without this node could not be built");
         }
         Ok(true)
+    }
+
+    /// Whether every peer linked now has said it took this draining node off its ring (its
+    /// `NodeState.sees_your_drain`): until then a static drain must not end, or the node could
+    /// stop while a peer (one that drained at the same moment, say) still routes to it.
+    /// Peers not linked hear of the drain when their link comes up.
+    pub fn drain_confirmed(&self) -> bool {
+        self.is_draining()
+            && self
+                .peers
+                .read()
+                .values()
+                .all(|p| !p.up.load(Ordering::Relaxed) || p.confirms_drain.load(Ordering::SeqCst))
+    }
+
+    /// Whether this node has heard that `peer` drains (what its `NodeState` to it says).
+    pub(super) fn sees_drain_of(&self, peer: NodeId) -> bool {
+        self.statics
+            .as_ref()
+            .is_some_and(|s| s.draining.lock().contains(&peer))
     }
 
     /// Whether this node is draining through the mesh (a static cluster's drain). Turns false
@@ -292,7 +321,9 @@ impl Mesh {
         };
         let _in_order = statics.applying.lock();
         let draining = statics.draining.lock().clone();
-        let active = static_ring_weights(&statics.members, &draining);
+        let active = static_ring_weights(&statics.members, &draining, |id| {
+            id == self.me || self.peer_up(id)
+        });
         // The same ring input as Redis membership builds (and clients predict).
         let (weights, per_weight) = crate::ring::params(&active);
         let ring = Ring::build(&weights, per_weight)?;
@@ -329,6 +360,13 @@ impl Mesh {
         if !statics.members.iter().any(|m| m.id == from) {
             return;
         }
+        let peer = self.peer(from);
+        if let Some(p) = &peer {
+            p.confirms_drain.store(
+                state.sees_your_drain && self.is_draining(),
+                Ordering::SeqCst,
+            );
+        }
         let (changed, withdrawn) = {
             let mut draining = statics.draining.lock();
             let changed = if state.draining {
@@ -340,8 +378,9 @@ impl Mesh {
             // take the users: then every draining member but the lowest id withdraws its own
             // drain (each applies the same rule to what it has heard, so they agree once
             // they have heard each other).
-            let withdrawn =
-                must_withdraw(self.me, &statics.members, &draining) && draining.remove(&self.me);
+            let running = |id: NodeId| id == self.me || self.peer_up(id);
+            let withdrawn = must_withdraw(self.me, &statics.members, &draining, running)
+                && draining.remove(&self.me);
             if withdrawn {
                 self.draining.store(false, Ordering::SeqCst);
             }
@@ -357,6 +396,11 @@ impl Mesh {
                 p.state_owed.store(true, Ordering::SeqCst);
                 p.ready.notify_one();
             }
+        }
+        if changed && let Some(p) = &peer {
+            // Answered with this node's state, which now says whether it sees the peer drain.
+            p.state_owed.store(true, Ordering::SeqCst);
+            p.ready.notify_one();
         }
         if changed || withdrawn {
             info!(peer = from.0, draining = state.draining, "peer drain state");
@@ -612,37 +656,66 @@ mod tests {
         ids.iter().map(|&i| NodeId(i)).collect()
     }
 
+    fn all_up(_: NodeId) -> bool {
+        true
+    }
+
     #[test]
     fn a_static_ring_leaves_out_draining_members_but_never_every_member() {
         let m = members(&[(1, 1), (2, 1), (3, 2)]);
         let ids = |w: BTreeMap<NodeId, u32>| w.into_keys().map(|n| n.0).collect::<Vec<_>>();
-        assert_eq!(ids(static_ring_weights(&m, &set(&[]))), [1, 2, 3]);
-        assert_eq!(ids(static_ring_weights(&m, &set(&[2]))), [1, 3]);
-        assert_eq!(static_ring_weights(&m, &set(&[1, 2]))[&NodeId(3)], 2);
+        assert_eq!(ids(static_ring_weights(&m, &set(&[]), all_up)), [1, 2, 3]);
+        assert_eq!(ids(static_ring_weights(&m, &set(&[2]), all_up)), [1, 3]);
+        assert_eq!(
+            static_ring_weights(&m, &set(&[1, 2]), all_up)[&NodeId(3)],
+            2
+        );
         // Everyone draining: the whole list, so users keep a home.
-        assert_eq!(ids(static_ring_weights(&m, &set(&[1, 2, 3]))), [1, 2, 3]);
+        assert_eq!(
+            ids(static_ring_weights(&m, &set(&[1, 2, 3]), all_up)),
+            [1, 2, 3]
+        );
         // Only a weight-0 member left: as good as nobody.
         let m = members(&[(1, 1), (2, 0)]);
-        assert_eq!(ids(static_ring_weights(&m, &set(&[1]))), [1, 2]);
+        assert_eq!(ids(static_ring_weights(&m, &set(&[1]), all_up)), [1, 2]);
     }
 
     #[test]
     fn of_drains_that_would_leave_nobody_only_the_lowest_id_goes_on() {
         let two = members(&[(1, 1), (2, 1)]);
         // Both drain: 2 withdraws, 1 does not.
-        assert!(must_withdraw(NodeId(2), &two, &set(&[1, 2])));
-        assert!(!must_withdraw(NodeId(1), &two, &set(&[1, 2])));
+        assert!(must_withdraw(NodeId(2), &two, &set(&[1, 2]), all_up));
+        assert!(!must_withdraw(NodeId(1), &two, &set(&[1, 2]), all_up));
         // 2 has not heard of 1's drain yet: it goes on until it has.
-        assert!(!must_withdraw(NodeId(2), &two, &set(&[2])));
+        assert!(!must_withdraw(NodeId(2), &two, &set(&[2]), all_up));
         // Not draining: nothing to withdraw.
-        assert!(!must_withdraw(NodeId(2), &two, &set(&[1])));
+        assert!(!must_withdraw(NodeId(2), &two, &set(&[1]), all_up));
         // Three members, two drain: one is left to take the users, both go on.
         let three = members(&[(1, 1), (2, 1), (3, 1)]);
-        assert!(!must_withdraw(NodeId(3), &three, &set(&[1, 3])));
+        assert!(!must_withdraw(NodeId(3), &three, &set(&[1, 3]), all_up));
         // All three: 2 and 3 withdraw.
         let all = set(&[1, 2, 3]);
-        assert!(must_withdraw(NodeId(3), &three, &all));
-        assert!(must_withdraw(NodeId(2), &three, &all));
-        assert!(!must_withdraw(NodeId(1), &three, &all));
+        assert!(must_withdraw(NodeId(3), &three, &all, all_up));
+        assert!(must_withdraw(NodeId(2), &three, &all, all_up));
+        assert!(!must_withdraw(NodeId(1), &three, &all, all_up));
+        // Node 1 drained and stopped (down): 2 and 3 drain at once; only 3 withdraws.
+        let one_down = |id: NodeId| id != NodeId(1);
+        assert!(must_withdraw(NodeId(3), &three, &all, one_down));
+        assert!(!must_withdraw(NodeId(2), &three, &all, one_down));
+    }
+
+    #[test]
+    fn when_everyone_drains_the_members_still_running_keep_the_users() {
+        let m = members(&[(1, 1), (2, 1), (3, 1)]);
+        let ids = |w: BTreeMap<NodeId, u32>| w.into_keys().map(|n| n.0).collect::<Vec<_>>();
+        let one_down = |id: NodeId| id != NodeId(1);
+        assert_eq!(
+            ids(static_ring_weights(&m, &set(&[1, 2, 3]), one_down)),
+            [2, 3]
+        );
+        assert_eq!(
+            ids(static_ring_weights(&m, &set(&[1, 2, 3]), |_| false)),
+            [1, 2, 3]
+        );
     }
 }
