@@ -4,11 +4,12 @@
 //! a table indexed by the endpoint's connection handle), one transmit buffer, one receive
 //! buffer and the timers. There is no task, channel, `Notify` or driver per connection, as
 //! quinn's async layer has (a tokio unbounded channel whose first 32-slot block is allocated
-//! up front, a driver task, a transmit buffer per connection: about 12 KB per connection in
-//! the node's heap profile, docs/PERFORMANCE.md). What a connection's application does is an
+//! up front, a driver task, a transmit buffer per connection: ~9.7 KB per connection
+//! measured, docs/PERFORMANCE.md "Endpoint loop"). What a connection's application does is an
 //! [`App`]'s business, called from the loop: sans-IO, so it can be tested without a socket.
 //!
-//! What it is today: the loop, a timer heap, and an echo application, enough to hold idle
+//! What it is today: the loop, a timer heap, an echo application, and a server TLS session
+//! that lets go of rustls once the handshake is done ([`lean`]), enough to hold idle
 //! connections and to measure what each costs against quinn's async layer with the same
 //! transport settings (`meshchat-edge-idle`, docs/PERFORMANCE.md "Endpoint loop"). The
 //! session (authentication, push sequence, outbound queue, requests) is not on it yet.
@@ -16,9 +17,11 @@
 //! Known simplifications, each to be replaced as the node moves onto the loop: one datagram
 //! per `recv_from` and per `send_to` (no GRO/GSO batching, no `quinn-udp`); a datagram the
 //! socket cannot take at once is dropped and left to QUIC's loss recovery; timers in a binary
-//! heap with lazy deletion (a wheel scales better past 100k connections with busy timers).
+//! heap with lazy deletion (a wheel scales better past 100k connections with busy timers);
+//! no ECN and no local-address tracking (fine on a socket bound to one address).
 
 pub mod echo;
+pub mod lean;
 pub mod tls;
 
 use std::cmp::Reverse;
@@ -38,6 +41,11 @@ use tracing::{debug, trace};
 
 /// Largest UDP datagram read.
 const RECV_BUFFER: usize = 64 * 1024;
+/// Bytes an application's answers may wait for a connection's flow-control window; past it the
+/// connection is closed (a client that sends without reading).
+const MAX_PENDING_BYTES: usize = 256 * 1024;
+/// Application error code of a connection closed for [`MAX_PENDING_BYTES`].
+const CLOSE_PENDING_FULL: u32 = 1;
 
 /// What runs a connection's application protocol, called from the loop.
 pub trait App {
@@ -48,7 +56,9 @@ pub trait App {
     fn accept(&mut self, remote: SocketAddr) -> Self::Conn;
 
     /// `data` arrived on stream `stream` (`fin`: the peer finished it). Whatever is pushed
-    /// onto `out` is written to the same stream.
+    /// onto `out` is written to the same stream, in order, as the peer's flow control allows
+    /// (and the stream finished after it when `fin`); past `MAX_PENDING_BYTES` waiting, the
+    /// connection is closed.
     fn on_stream(
         &mut self,
         conn: &mut Self::Conn,
@@ -74,10 +84,15 @@ pub enum EdgeError {
 struct Entry<C> {
     conn: quinn_proto::Connection,
     app: C,
-    /// The deadline this connection last asked for, and the number that marks it in the heap
-    /// (older heap entries of the connection are stale).
+    /// The deadline the connection asks for now.
     deadline: Option<Instant>,
+    /// When its live heap entry fires (at or before `deadline`: a deadline that moves later
+    /// is not pushed again, the entry re-arms when it fires), and the number that marks that
+    /// entry (older heap entries of the connection are stale).
+    queued: Option<Instant>,
     timer: u64,
+    /// Answers waiting for the peer's flow-control window: stream, bytes, finish after them.
+    pending: Vec<(StreamId, Vec<u8>, bool)>,
 }
 
 /// Counters of the loop, for tests and measurements.
@@ -150,11 +165,14 @@ impl<A: App> Edge<A> {
                 }
             };
             tokio::select! {
-                received = socket.recv_from(&mut rx) => {
-                    let (n, from) = received?;
-                    let now = Instant::now();
-                    self.datagram(&socket, now, from, &rx[..n]);
-                }
+                received = socket.recv_from(&mut rx) => match received {
+                    Ok((n, from)) => {
+                        let now = Instant::now();
+                        self.datagram(&socket, now, from, &rx[..n]);
+                    }
+                    // An ICMP error reported on the socket, say: the loop goes on.
+                    Err(e) => debug!(error = %e, "recv_from failed"),
+                },
                 () = sleep => self.expire(&socket, Instant::now()),
                 _ = stop.changed() => break,
             }
@@ -186,19 +204,42 @@ impl<A: App> Edge<A> {
         self.conns.get_mut(handle).and_then(|e| e.as_deref_mut())
     }
 
-    /// Runs the timeouts due at `now`.
+    /// Runs the timeouts due at `now`: the heap entries due now are taken first, so a
+    /// connection that asks again for a deadline already past is served at the next turn of
+    /// the loop, not in a spin here.
     fn expire(&mut self, socket: &UdpSocket, now: Instant) {
+        let mut due = Vec::new();
         while let Some(Reverse((at, handle, timer))) = self.timers.peek().copied() {
             if at > now {
                 break;
             }
             self.timers.pop();
-            if let Some(e) = self.entry(handle)
-                && e.timer == timer
-            {
-                e.deadline = None;
-                e.conn.handle_timeout(now);
-                self.drive(socket, handle, now);
+            due.push((handle, timer));
+        }
+        for (handle, timer) in due {
+            let Some(e) = self.entry(handle) else {
+                continue;
+            };
+            if e.timer != timer {
+                continue;
+            }
+            e.queued = None;
+            match e.deadline {
+                Some(d) if d <= now => {
+                    e.conn.handle_timeout(now);
+                    self.drive(socket, handle, now);
+                }
+                // The deadline moved later since this entry was queued: queue it again.
+                Some(d) => {
+                    self.next_timer += 1;
+                    let id = self.next_timer;
+                    if let Some(e) = self.entry(handle) {
+                        e.timer = id;
+                        e.queued = Some(d);
+                    }
+                    self.timers.push(Reverse((d, handle, id)));
+                }
+                None => {}
             }
         }
     }
@@ -234,7 +275,9 @@ impl<A: App> Edge<A> {
                             conn,
                             app,
                             deadline: None,
+                            queued: None,
                             timer: 0,
+                            pending: Vec::new(),
                         }));
                         self.stats.connections += 1;
                         self.stats.accepted += 1;
@@ -280,10 +323,11 @@ impl<A: App> Edge<A> {
             match event {
                 Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
                     while let Some(id) = e.conn.streams().accept(Dir::Bi) {
-                        self.read(e, id);
+                        self.read(e, id, now);
                     }
                 }
-                Event::Stream(StreamEvent::Readable { id }) => self.read(e, id),
+                Event::Stream(StreamEvent::Readable { id }) => self.read(e, id, now),
+                Event::Stream(StreamEvent::Writable { id }) => flush(e, id),
                 _ => {}
             }
         }
@@ -294,8 +338,9 @@ impl<A: App> Edge<A> {
             };
             self.send(socket, &t);
         }
-        // Events the transmit pass raised (a connection that closed itself is drained only
-        // after its endpoint hears it).
+        // As quinn's driver, events queued since the first pass go to the endpoint before the
+        // connection can be dropped (its `Drained` must reach the endpoint, or the endpoint
+        // keeps the handle).
         while let Some(event) = e.conn.poll_endpoint_events() {
             if let Some(back) = self.endpoint.handle_event(ConnectionHandle(handle), event) {
                 e.conn.handle_event(back);
@@ -307,20 +352,23 @@ impl<A: App> Edge<A> {
             trace!(handle, "connection drained");
             return;
         }
-        let deadline = e.conn.poll_timeout();
-        if deadline != e.deadline {
-            e.deadline = deadline;
+        // A deadline earlier than the queued entry gets a new entry; a later one waits for the
+        // queued entry to fire and re-arm (`expire`): a busy connection's idle deadline, which
+        // moves with every packet, does not fill the heap.
+        e.deadline = e.conn.poll_timeout();
+        if let Some(at) = e.deadline
+            && e.queued.is_none_or(|q| at < q)
+        {
             self.next_timer += 1;
             e.timer = self.next_timer;
-            if let Some(at) = deadline {
-                self.timers.push(Reverse((at, handle, e.timer)));
-            }
+            e.queued = Some(at);
+            self.timers.push(Reverse((at, handle, e.timer)));
         }
         self.conns[handle] = Some(entry);
     }
 
     /// Reads what stream `id` has and hands it to the application; writes back its answer.
-    fn read(&mut self, e: &mut Entry<A::Conn>, id: StreamId) {
+    fn read(&mut self, e: &mut Entry<A::Conn>, id: StreamId, now: Instant) {
         let mut recv = e.conn.recv_stream(id);
         let Ok(mut chunks) = recv.read(true) else {
             return;
@@ -344,11 +392,50 @@ impl<A: App> Edge<A> {
         self.out.clear();
         self.app
             .on_stream(&mut e.app, id, &data, fin, &mut self.out);
-        if !self.out.is_empty() {
-            // A bidirectional stream's send side; what does not fit the flow-control window
-            // is cut (the echo application's answers are small).
-            let _ = e.conn.send_stream(id).write(&self.out);
+        if self.out.is_empty() && !fin {
+            return;
         }
+        match e.pending.iter_mut().find(|p| p.0 == id) {
+            // Behind what already waits: in order.
+            Some(p) => {
+                p.1.extend_from_slice(&self.out);
+                p.2 |= fin;
+            }
+            None => e.pending.push((id, self.out.clone(), fin)),
+        }
+        flush(e, id);
+        let waiting: usize = e.pending.iter().map(|p| p.1.len()).sum();
+        if waiting > MAX_PENDING_BYTES {
+            debug!(waiting, "answers not read by the peer: connection closed");
+            e.conn.close(
+                now,
+                CLOSE_PENDING_FULL.into(),
+                bytes::Bytes::from_static(b"answers not read"),
+            );
+        }
+    }
+}
+
+/// Writes what waits for stream `id` as far as flow control allows; finishes the stream once
+/// all of it is written if asked.
+fn flush<C>(e: &mut Entry<C>, id: StreamId) {
+    let Some(at) = e.pending.iter().position(|p| p.0 == id) else {
+        return;
+    };
+    let (_, data, fin) = &mut e.pending[at];
+    let written = match e.conn.send_stream(id).write(data) {
+        Ok(n) => n,
+        Err(quinn_proto::WriteError::Blocked) => 0,
+        // Stopped or reset by the peer, or closed: nothing more goes out on it.
+        Err(_) => {
+            e.pending.swap_remove(at);
+            return;
+        }
+    };
+    data.drain(..written);
+    if data.is_empty() {
+        let fin = *fin;
+        e.pending.swap_remove(at);
         if fin {
             let _ = e.conn.send_stream(id).finish();
         }

@@ -6,6 +6,7 @@
 //! compared on equal terms.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use quinn_proto::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -61,15 +62,37 @@ pub fn server_config(
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
 ) -> Result<Arc<quinn_proto::ServerConfig>, TlsSetupError> {
+    let crypto = QuicServerConfig::try_from(server_tls(cert, key)?)
+        .map_err(|e| TlsSetupError::Quic(e.to_string()))?;
+    let mut server = quinn_proto::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(node_transport()));
+    Ok(Arc::new(server))
+}
+
+/// [`server_config`] whose sessions let go of rustls after the handshake
+/// ([`crate::lean`]); the counter counts the sessions that did.
+pub fn lean_server_config(
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> Result<(Arc<quinn_proto::ServerConfig>, Arc<AtomicU64>), TlsSetupError> {
+    let lean = crate::lean::LeanServerConfig::new(Arc::new(server_tls(cert, key)?))
+        .map_err(TlsSetupError::Quic)?;
+    let released = lean.released();
+    let mut server = quinn_proto::ServerConfig::with_crypto(Arc::new(lean));
+    server.transport_config(Arc::new(node_transport()));
+    Ok((Arc::new(server), released))
+}
+
+fn server_tls(
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ServerConfig, TlsSetupError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(vec![cert], key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsSetupError::Quic(e.to_string()))?;
-    let mut server = quinn_proto::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(node_transport()));
-    Ok(Arc::new(server))
+    Ok(tls)
 }
 
 /// A client config that trusts `cert` only.

@@ -22,28 +22,53 @@ async fn wait_stats(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_connect_get_their_bytes_echoed_and_drain_out_when_they_close() {
-    let (cert, key) = self_signed().expect("certificate");
-    let server = server_config(cert.clone(), key).expect("server config");
+/// A loop serving `server` on a free loopback port, with the echo application: its address,
+/// its counters, its stop switch and its task.
+async fn serve(
+    server: std::sync::Arc<quinn_proto::ServerConfig>,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::watch::Receiver<EdgeStats>,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<Result<(), meshchat_edge::EdgeError>>,
+) {
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = socket.local_addr().expect("addr");
     let edge = Edge::new(server, Echo::default());
-    let mut stats = edge.stats();
+    let stats = edge.stats();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(edge.run(socket, stopped));
+    (addr, stats, stop, task)
+}
 
+/// A client endpoint that trusts `cert`.
+fn client_for(cert: rustls_pki_types::CertificateDer<'static>) -> quinn::Endpoint {
     let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
     client.set_default_client_config(client_config(cert).expect("client config"));
+    client
+}
+
+/// A connection of `client` to the loop at `addr`, handshake done.
+async fn connected(client: &quinn::Endpoint, addr: std::net::SocketAddr) -> quinn::Connection {
+    client
+        .connect(addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_connect_get_their_bytes_echoed_and_drain_out_when_they_close() {
+    let (cert, key) = self_signed().expect("certificate");
+    let server = server_config(cert.clone(), key).expect("server config");
+    let (addr, mut stats, stop, task) = serve(server).await;
+
+    let client = client_for(cert);
     let mut conns = Vec::new();
     for i in 0..20u32 {
-        let conn = client
-            .connect(addr, "localhost")
-            .expect("connect")
-            .await
-            .expect("handshake");
+        let conn = connected(&client, addr).await;
         let (mut send, mut recv) = conn.open_bi().await.expect("stream");
         let msg = format!("hello {i}");
         send.write_all(msg.as_bytes()).await.expect("write");
@@ -82,26 +107,11 @@ async fn a_client_that_goes_silent_is_timed_out_by_the_loop() {
         quinn_proto::IdleTimeout::try_from(Duration::from_millis(500)).expect("timeout"),
     ));
     server.transport_config(std::sync::Arc::new(transport));
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = socket.local_addr().expect("addr");
-    let edge = Edge::new(std::sync::Arc::new(server), Echo::default());
-    let mut stats = edge.stats();
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(edge.run(socket, stopped));
+    let (addr, mut stats, _stop, _task) = serve(std::sync::Arc::new(server)).await;
 
-    let client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
-    let conn = client
-        .connect_with(
-            client_config(cert).expect("client config"),
-            addr,
-            "localhost",
-        )
-        .expect("connect")
-        .await
-        .expect("handshake");
-    wait_stats(&mut stats, "one connection held", |s| s.connections == 1).await;
+    let client = client_for(cert);
+    let conn = connected(&client, addr).await;
+    wait_stats(&mut stats, "one connection accepted", |s| s.accepted == 1).await;
     // The client sends nothing more (and no keep-alives): only the loop's idle timer ends the
     // connection. (Dropping the handle would close it with a frame instead.)
     wait_stats(&mut stats, "the silent connection timed out", |s| {
@@ -109,4 +119,86 @@ async fn a_client_that_goes_silent_is_timed_out_by_the_loop() {
     })
     .await;
     drop((conn, client));
+}
+
+/// Sessions that let go of rustls after the handshake ([`meshchat_edge::lean`]): every
+/// connection lets go, streams still echo, and a key update the client asks for afterwards
+/// (which needs the kept secrets) leaves the connection working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_sessions_let_go_of_rustls_and_still_update_keys() {
+    let (cert, key) = self_signed().expect("certificate");
+    let (server, released) =
+        meshchat_edge::tls::lean_server_config(cert.clone(), key).expect("server config");
+    let (addr, mut stats, _stop, _task) = serve(server).await;
+
+    let client = client_for(cert);
+    let mut conns = Vec::new();
+    for i in 0..5u32 {
+        let conn = connected(&client, addr).await;
+        let alpn = conn
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.protocol);
+        assert_eq!(alpn.as_deref(), Some(meshchat_edge::tls::ALPN));
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        let msg = format!("lean {i}");
+        send.write_all(msg.as_bytes()).await.expect("write");
+        let mut back = vec![0u8; msg.len()];
+        recv.read_exact(&mut back).await.expect("echo");
+        assert_eq!(back, msg.as_bytes());
+        conns.push((conn, send, recv));
+    }
+    wait_stats(&mut stats, "5 connections held", |s| s.connections == 5).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while released.load(std::sync::atomic::Ordering::Relaxed) < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of 5 sessions let go of rustls",
+            released.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        tokio::task::yield_now().await;
+    }
+
+    // Key updates after rustls is gone: twice in a row, each followed by an echo.
+    for (conn, send, recv) in &mut conns {
+        for round in 0..2u8 {
+            conn.force_key_update();
+            send.write_all(&[round; 3])
+                .await
+                .expect("write after a key update");
+            let mut back = [0u8; 3];
+            recv.read_exact(&mut back)
+                .await
+                .expect("echo after a key update");
+            assert_eq!(back, [round; 3]);
+        }
+    }
+    assert_eq!(stats.borrow().connections, 5, "no connection lost");
+}
+
+/// An answer larger than the client's stream window (128 KiB): the loop writes what the window
+/// allows and the rest as the client reads (`Writable`), in order, then finishes the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_larger_than_the_window_arrives_whole_and_in_order() {
+    let (cert, key) = self_signed().expect("certificate");
+    let server = server_config(cert.clone(), key).expect("server config");
+    let (addr, _stats, _stop, _task) = serve(server).await;
+
+    let client = client_for(cert);
+    let conn = connected(&client, addr).await;
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    let body: Vec<u8> = (0..200 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let sent = body.clone();
+    let writer = tokio::spawn(async move {
+        send.write_all(&sent).await.expect("write");
+        send.finish().expect("finish");
+        send
+    });
+    let back = tokio::time::timeout(Duration::from_secs(15), recv.read_to_end(1 << 20))
+        .await
+        .expect("echo within 15 s")
+        .expect("read to the end");
+    assert_eq!(back.len(), body.len());
+    assert!(back == body, "the echo differs from what was sent");
+    drop(writer.await.expect("writer"));
 }
