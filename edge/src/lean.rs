@@ -38,6 +38,9 @@ impl LeanServerConfig {
     /// Wraps `tls` (TLS 1.3 with a QUIC-capable cipher suite, as quinn-proto requires).
     pub fn new(tls: Arc<rustls::ServerConfig>) -> Result<Self, String> {
         let quic = QuicServerConfig::try_from(tls.clone()).map_err(|e| e.to_string())?;
+        // A config rustls' QUIC server refuses fails here, not at every handshake.
+        rustls::quic::ServerConnection::new(tls.clone(), Version::V1, Vec::new())
+            .map_err(|e| e.to_string())?;
         Ok(Self {
             tls,
             quic: Arc::new(quic),

@@ -328,6 +328,10 @@ impl<A: App> Edge<A> {
                 }
                 Event::Stream(StreamEvent::Readable { id }) => self.read(e, id, now),
                 Event::Stream(StreamEvent::Writable { id }) => flush(e, id),
+                // The peer will read no more of it: what waits for it goes.
+                Event::Stream(StreamEvent::Stopped { id, .. }) => {
+                    e.pending.retain(|p| p.0 != id);
+                }
                 _ => {}
             }
         }
@@ -365,6 +369,18 @@ impl<A: App> Edge<A> {
             self.timers.push(Reverse((at, handle, e.timer)));
         }
         self.conns[handle] = Some(entry);
+        // Entries made stale by deadlines that moved earlier leave the heap when they come
+        // due; a long idle deadline under many short ones could keep them for a minute: past
+        // twice the live entries, the heap is rebuilt from the live ones.
+        if self.timers.len() > 2 * self.stats.connections + 1024 {
+            let conns = &self.conns;
+            self.timers.retain(|Reverse((_, h, id))| {
+                conns
+                    .get(*h)
+                    .and_then(|e| e.as_deref())
+                    .is_some_and(|e| e.timer == *id)
+            });
+        }
     }
 
     /// Reads what stream `id` has and hands it to the application; writes back its answer.
@@ -423,15 +439,21 @@ fn flush<C>(e: &mut Entry<C>, id: StreamId) {
         return;
     };
     let (_, data, fin) = &mut e.pending[at];
-    let written = match e.conn.send_stream(id).write(data) {
-        Ok(n) => n,
-        Err(quinn_proto::WriteError::Blocked) => 0,
-        // Stopped or reset by the peer, or closed: nothing more goes out on it.
-        Err(_) => {
-            e.pending.swap_remove(at);
-            return;
+    // Until all is written or a write says `Blocked`: quinn-proto raises `Writable` later only
+    // for a stream whose write was refused whole (one cut short by the connection's window
+    // would never hear of more room).
+    let mut written = 0;
+    while written < data.len() {
+        match e.conn.send_stream(id).write(&data[written..]) {
+            Ok(0) | Err(quinn_proto::WriteError::Blocked) => break,
+            Ok(n) => written += n,
+            // Stopped or reset by the peer, or closed: nothing more goes out on it.
+            Err(_) => {
+                e.pending.swap_remove(at);
+                return;
+            }
         }
-    };
+    }
     data.drain(..written);
     if data.is_empty() {
         let fin = *fin;

@@ -59,6 +59,26 @@ async fn connected(client: &quinn::Endpoint, addr: std::net::SocketAddr) -> quin
         .expect("handshake")
 }
 
+/// Sends `len` bytes on a new stream of `conn` while reading the echo: it must come back
+/// whole and in order, the stream finished after it.
+async fn echoes_whole(conn: &quinn::Connection, len: u32) {
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let sent = body.clone();
+    let writer = tokio::spawn(async move {
+        send.write_all(&sent).await.expect("write");
+        send.finish().expect("finish");
+        send
+    });
+    let back = tokio::time::timeout(Duration::from_secs(15), recv.read_to_end(4 << 20))
+        .await
+        .expect("echo within 15 s")
+        .expect("read to the end");
+    assert_eq!(back.len(), body.len());
+    assert!(back == body, "the echo differs from what was sent");
+    drop(writer.await.expect("writer"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_connect_get_their_bytes_echoed_and_drain_out_when_they_close() {
     let (cert, key) = self_signed().expect("certificate");
@@ -186,19 +206,24 @@ async fn an_answer_larger_than_the_window_arrives_whole_and_in_order() {
 
     let client = client_for(cert);
     let conn = connected(&client, addr).await;
-    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
-    let body: Vec<u8> = (0..200 * 1024u32).map(|i| (i % 251) as u8).collect();
-    let sent = body.clone();
-    let writer = tokio::spawn(async move {
-        send.write_all(&sent).await.expect("write");
-        send.finish().expect("finish");
-        send
-    });
-    let back = tokio::time::timeout(Duration::from_secs(15), recv.read_to_end(1 << 20))
+    echoes_whole(&conn, 200 * 1024).await;
+}
+
+/// The same with a client whose windows are quinn's defaults (1.25 MB per stream): the loop's
+/// writes are cut by its own 256 KiB send window instead of the stream's, and the answer
+/// still arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cut_by_the_send_window_arrives_whole() {
+    let (cert, key) = self_signed().expect("certificate");
+    let server = server_config(cert.clone(), key).expect("server config");
+    let (addr, _stats, _stop, _task) = serve(server).await;
+    let mut config = client_config(cert).expect("client config");
+    config.transport_config(std::sync::Arc::new(quinn::TransportConfig::default()));
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+    let conn = client
+        .connect_with(config, addr, "localhost")
+        .expect("connect")
         .await
-        .expect("echo within 15 s")
-        .expect("read to the end");
-    assert_eq!(back.len(), body.len());
-    assert!(back == body, "the echo differs from what was sent");
-    drop(writer.await.expect("writer"));
+        .expect("handshake");
+    echoes_whole(&conn, 600 * 1024).await;
 }

@@ -399,7 +399,8 @@ async fn of_two_drains_asked_at_once_of_the_last_two_nodes_one_is_refused() {
 
 /// The two members of a static cluster asked to drain at once: whatever each heard first, one
 /// drains and the other keeps serving (the higher id withdraws a drain that would leave
-/// nobody), so the cluster never ends with both stopping.
+/// nobody), so the cluster never ends with both stopping; the drain ends once the other has
+/// confirmed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn of_two_static_members_asked_to_drain_at_once_one_keeps_serving() {
     let cluster = common::cluster::cluster_with(2, |c| {
@@ -430,6 +431,18 @@ async fn of_two_static_members_asked_to_drain_at_once_one_keeps_serving() {
         },
     )
     .await;
+    // The drain ends once the other said it took the node off its ring (it has no users);
+    // the one that kept serving never ends a drain.
+    let (gone, stays): (Vec<&RunningNode>, Vec<&RunningNode>) = cluster
+        .nodes
+        .iter()
+        .partition(|n| n.node.drain().is_draining());
+    let mut done = gone[0].drained();
+    tokio::time::timeout(Duration::from_secs(10), done.wait_for(|d| *d))
+        .await
+        .expect("the drain ends within 10 s")
+        .expect("drain state");
+    assert!(!*stays[0].drained().borrow());
     for n in cluster.nodes {
         n.shutdown().await;
     }

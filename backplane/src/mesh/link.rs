@@ -419,7 +419,10 @@ async fn run_link(
         std::future::pending::<()>().await
     };
     *peer.conn.lock() = Some(conn.clone());
-    peer.up.store(true, Ordering::Relaxed);
+    // Whether the peer took a drain of this node into account is heard again on this link
+    // (the peer may have restarted): reset before the link counts as up.
+    peer.confirms_drain.store(false, Ordering::SeqCst);
+    peer.up.store(true, Ordering::SeqCst);
     peer.stats.connects.fetch_add(1, Ordering::Relaxed);
     // A `ChannelChanged` the peer wrote into the link this one replaces may never have
     // arrived: cached member lists are re-read from storage rather than trusted.
@@ -427,9 +430,7 @@ async fn run_link(
     // Presence written into the link this one replaces may never have arrived either: the
     // peer gets a snapshot of whom this node shows online, ahead of any later change.
     peer.presence.lock().set_full();
-    // And this node's state (draining or not) goes first on every link; whether the peer
-    // took a drain of this node into account is heard again on this link.
-    peer.confirms_drain.store(false, Ordering::SeqCst);
+    // And this node's state (draining or not) goes first on every link.
     peer.state_owed.store(true, Ordering::SeqCst);
     peer.ready.notify_one();
     info!(peer = peer.id.0, generation, "mesh link up");
@@ -619,7 +620,8 @@ async fn run_link(
         peer.ready.notify_one();
     }
     if !superseded {
-        peer.up.store(false, Ordering::Relaxed);
+        peer.up.store(false, Ordering::SeqCst);
+        peer.confirms_drain.store(false, Ordering::SeqCst);
         *peer.conn.lock() = None;
     }
     conn.close(0u32.into(), b"link closed");

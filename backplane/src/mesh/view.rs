@@ -277,12 +277,14 @@ impl Mesh {
     /// stop while a peer (one that drained at the same moment, say) still routes to it.
     /// Peers not linked hear of the drain when their link comes up.
     pub fn drain_confirmed(&self) -> bool {
-        self.is_draining()
-            && self
-                .peers
-                .read()
-                .values()
-                .all(|p| !p.up.load(Ordering::Relaxed) || p.confirms_drain.load(Ordering::SeqCst))
+        // The confirmations first, the drain after: a withdrawal clears the drain before it
+        // could leave a confirmation standing.
+        let all = self
+            .peers
+            .read()
+            .values()
+            .all(|p| p.confirms_drain.load(Ordering::SeqCst) || !p.up.load(Ordering::SeqCst));
+        all && self.is_draining()
     }
 
     /// Whether this node has heard that `peer` drains (what its `NodeState` to it says).
@@ -361,12 +363,6 @@ impl Mesh {
             return;
         }
         let peer = self.peer(from);
-        if let Some(p) = &peer {
-            p.confirms_drain.store(
-                state.sees_your_drain && self.is_draining(),
-                Ordering::SeqCst,
-            );
-        }
         let (changed, withdrawn) = {
             let mut draining = statics.draining.lock();
             let changed = if state.draining {
@@ -397,16 +393,29 @@ impl Mesh {
                 p.ready.notify_one();
             }
         }
-        if changed && let Some(p) = &peer {
-            // Answered with this node's state, which now says whether it sees the peer drain.
-            p.state_owed.store(true, Ordering::SeqCst);
-            p.ready.notify_one();
+        // After the withdrawal decision: a drain withdrawn just now is not confirmed.
+        if let Some(p) = &peer {
+            p.confirms_drain.store(
+                state.sees_your_drain && self.is_draining(),
+                Ordering::SeqCst,
+            );
         }
+        let mut ring_ok = true;
         if changed || withdrawn {
             info!(peer = from.0, draining = state.draining, "peer drain state");
             if let Err(e) = self.apply_static() {
                 warn!(error = %e, "ring could not be built");
+                ring_ok = false;
             }
+        }
+        // Answered with this node's state once its ring is rebuilt: it now says whether this
+        // node sees the peer drain (both ends also owe their state at every link up and end).
+        if changed
+            && ring_ok
+            && let Some(p) = &peer
+        {
+            p.state_owed.store(true, Ordering::SeqCst);
+            p.ready.notify_one();
         }
     }
 
