@@ -14,6 +14,10 @@
 //! session stream), waits until the server's RSS has not moved for a second, and prints the
 //! RSS per connection. The quinn server does what the node does per connection: a task that
 //! accepts the stream and echoes it, beside quinn's own driver task.
+//!
+//! Then a CPU phase: 1,000 of the connections each echo 100 bytes 200 times, one at a time, all
+//! at once; the server's CPU time (user + system, `/proc/<pid>/stat`) over the echoes gives its
+//! CPU per echoed message.
 
 // The report is this tool's output.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -201,13 +205,14 @@ async fn measure(n: usize) -> anyhow::Result<()> {
     std::fs::write(&cert_file, cert.as_ref())?;
     std::fs::write(&key_file, key.secret_der())?;
     let client = client_config(cert)?;
+    let mut cpu = Vec::new();
     println!("| server | connections held | RSS before | RSS held | bytes per connection |");
     println!("|---|---|---|---|---|");
     for kind in ["quinn", "edge", "edge-lean"] {
         let server = spawn_server(kind, &cert_file, &key_file)?;
         let pid = server.child.id();
         let before = settled_rss(pid).await?;
-        let conns = open(n, server.addr, &client).await?;
+        let mut conns = open(n, server.addr, &client).await?;
         let held = settled_rss(pid).await?;
         let per = (held.saturating_sub(before)) / conns.len().max(1) as u64;
         println!(
@@ -216,23 +221,100 @@ async fn measure(n: usize) -> anyhow::Result<()> {
             before as f64 / 1e6,
             held as f64 / 1e6,
         );
-        for (c, _) in &conns {
-            c.close(0u32.into(), b"done");
+        cpu.push((kind, echo_cpu(pid, &mut conns).await?));
+        for held in &conns {
+            held.conn.close(0u32.into(), b"done");
         }
         drop(conns);
         drop(server);
+    }
+    println!();
+    println!("| server | echoes | wall time | server CPU | server CPU per echo |");
+    println!("|---|---|---|---|---|");
+    for (kind, (echoes, wall, server)) in cpu {
+        println!(
+            "| {kind} | {echoes} | {:.2} s | {:.2} s | **{:.1} us** |",
+            wall.as_secs_f64(),
+            server.as_secs_f64(),
+            server.as_secs_f64() * 1e6 / echoes.max(1) as f64
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
+/// Connections that echo at once in the CPU phase, and round trips each.
+const ECHO_CONNECTIONS: usize = 1_000;
+const ECHO_ROUNDS: usize = 200;
+/// Bytes of one echoed message (a short chat message in a frame).
+const ECHO_BYTES: usize = 100;
+/// Linux's `USER_HZ`: the unit of `utime` and `stime` in `/proc/<pid>/stat`.
+const USER_HZ: u64 = 100;
+
+/// CPU time (user + system) the process `pid` has used.
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("/proc stat format")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15: 11 and 12 after the command name.
+    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
+        + fields.get(12).context("stime")?.parse::<u64>()?;
+    Ok(Duration::from_millis(ticks * 1000 / USER_HZ))
+}
+
+/// The CPU phase: the first [`ECHO_CONNECTIONS`] connections each echo [`ECHO_BYTES`] bytes
+/// [`ECHO_ROUNDS`] times, one at a time, all connections at once. Returns the echoes done,
+/// the wall time and the server's CPU time over it.
+async fn echo_cpu(pid: u32, conns: &mut [Held]) -> anyhow::Result<(usize, Duration, Duration)> {
+    let before = cpu_time(pid)?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for held in conns.iter_mut().take(ECHO_CONNECTIONS) {
+        // Moved into the task and back: the streams stay with their connection.
+        let Some((mut send, mut recv)) = held.streams.take() else {
+            continue;
+        };
+        tasks.push(tokio::spawn(async move {
+            let msg = [7u8; ECHO_BYTES];
+            let mut back = [0u8; ECHO_BYTES];
+            let mut done = 0;
+            for _ in 0..ECHO_ROUNDS {
+                if send.write_all(&msg).await.is_err() || recv.read_exact(&mut back).await.is_err()
+                {
+                    break;
+                }
+                done += 1;
+            }
+            (done, send, recv)
+        }));
+    }
+    let mut echoes = 0;
+    for (held, task) in conns.iter_mut().zip(tasks) {
+        let (done, send, recv) = task.await?;
+        echoes += done;
+        held.streams = Some((send, recv));
+    }
+    let wall = started.elapsed();
+    Ok((echoes, wall, cpu_time(pid)?.saturating_sub(before)))
+}
+
+/// A client connection and its stream, kept open (as a chat client keeps its session).
+struct Held {
+    conn: quinn::Connection,
+    streams: Option<(quinn::SendStream, quinn::RecvStream)>,
+}
+
 /// Opens `n` connections to `addr`, each with its stream echoed once; returns those that
-/// made it (with their open send stream, kept so the stream stays open).
+/// made it, their stream kept open.
 async fn open(
     n: usize,
     addr: SocketAddr,
     client: &quinn::ClientConfig,
-) -> anyhow::Result<Vec<(quinn::Connection, quinn::SendStream)>> {
+) -> anyhow::Result<Vec<Held>> {
     let mut endpoints = Vec::new();
     for _ in 0..n.div_ceil(PER_CLIENT_ENDPOINT) {
         let mut e = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
@@ -251,7 +333,10 @@ async fn open(
             send.write_all(b"hello").await.ok()?;
             let mut buf = [0u8; 5];
             recv.read_exact(&mut buf).await.ok()?;
-            Some((conn, send))
+            Some(Held {
+                conn,
+                streams: Some((send, recv)),
+            })
         }));
     }
     let mut conns = Vec::with_capacity(n);
