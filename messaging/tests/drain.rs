@@ -28,6 +28,17 @@ async fn node(dir: &std::path::Path, id: u32, redis_port: u16) -> RunningNode {
     meshchat_messaging::start(c).await.expect("node starts")
 }
 
+/// Nodes 1..=n with Redis membership on `redis_port`, once every one has adopted a ring of all.
+async fn redis_nodes(dir: &std::path::Path, redis_port: u16, n: u32) -> Vec<RunningNode> {
+    let mut nodes = Vec::new();
+    for id in 1..=n {
+        nodes.push(node(dir, id, redis_port).await);
+    }
+    let ids: Vec<u32> = (1..=n).collect();
+    converge(&nodes.iter().collect::<Vec<_>>(), &ids).await;
+    nodes
+}
+
 fn options(dir: &std::path::Path) -> ConnectOptions {
     ConnectOptions::new(meshchat_client::load_ca(&dir.join("ca.pem")).expect("ca"))
 }
@@ -217,16 +228,10 @@ async fn a_drained_node_moves_its_users_under_traffic_and_loses_no_acked_message
     let dir = tempfile::tempdir().expect("dir");
     let port = free_port();
     let _redis = common::redis_server(port);
-    let nodes = [
-        node(dir.path(), 1, port).await,
-        node(dir.path(), 2, port).await,
-        node(dir.path(), 3, port).await,
-    ];
-    converge(&nodes.iter().collect::<Vec<_>>(), &[1, 2, 3]).await;
+    let nodes = redis_nodes(dir.path(), port, 3).await;
     let drained = drain_one_under_traffic(&nodes, dir.path()).await;
     drop(drained);
-    let [a, b, c] = nodes;
-    for n in [a, b, c] {
+    for n in nodes {
         n.shutdown().await;
     }
 }
@@ -349,11 +354,7 @@ async fn of_two_drains_asked_at_once_of_the_last_two_nodes_one_is_refused() {
     let dir = tempfile::tempdir().expect("dir");
     let port = free_port();
     let _redis = common::redis_server(port);
-    let nodes = [
-        node(dir.path(), 1, port).await,
-        node(dir.path(), 2, port).await,
-    ];
-    converge(&nodes.iter().collect::<Vec<_>>(), &[1, 2]).await;
+    let nodes = redis_nodes(dir.path(), port, 2).await;
     let (a, b) = tokio::join!(post_drain(&nodes[0]), post_drain(&nodes[1]));
     let mut statuses = [a.0, b.0];
     statuses.sort_unstable();
