@@ -563,7 +563,7 @@ impl Client {
                         return Err(ClientError::Protocol("too many redirects".into()));
                     }
                     if let Ok(c) = self.conn() {
-                        c.close();
+                        c.retire();
                     }
                     *self.server.lock() = r.address;
                     self.open().await?;
@@ -683,7 +683,7 @@ impl Client {
             *self.server.lock() = server.to_owned();
         }
         if let Ok(c) = self.conn() {
-            c.close();
+            c.retire();
         }
         // The hello and the authentication in one flight (in 0-RTT data, with a ticket).
         self.open_authenticated(&token).await?;
@@ -756,7 +756,7 @@ impl Client {
                     if let Some(old) = old
                         && self.conn().is_ok_and(|now| !Arc::ptr_eq(&now, &old))
                     {
-                        old.close();
+                        old.retire();
                     }
                 }
                 Err(e) => {
@@ -1049,7 +1049,7 @@ impl Client {
                 *self.server.lock() = server;
                 *self.hello.lock() = Some(hello);
                 *self.conn.lock() = Some(conn);
-                old.close();
+                old.retire();
                 self.accept_session(ok);
                 debug!(
                     server = %self.server(),

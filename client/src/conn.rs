@@ -69,7 +69,9 @@ pub enum Event {
     /// Call [`crate::Client::rehome_early`] (a supervised client does it by itself). A hint:
     /// not sent if the event buffer is full.
     Silent,
-    /// The connection closed; `code` is the node's error code when it closed on purpose.
+    /// The client's connection closed; `code` is the node's error code when it closed on
+    /// purpose. Not sent for a connection the client replaced itself (a redirect followed, a
+    /// reconnect, a move to another node), nor for a candidate it dropped.
     Disconnected {
         /// Protocol error code of the close (0 = none).
         code: u64,
@@ -262,7 +264,7 @@ pub struct Conn {
     /// True while the node is silent past [`ConnectOptions::suspect_after`].
     silent: Arc<watch::Sender<bool>>,
     /// While set, the connection's own `Silent` and `Disconnected` events are not sent (a
-    /// candidate that is not this client's connection yet).
+    /// candidate that is not this client's connection yet, or one it replaced).
     muted: Arc<AtomicBool>,
     /// False while the handshake of a 0-RTT connection is in progress; true after it (at
     /// once for a connection made without 0-RTT).
@@ -449,6 +451,14 @@ impl Conn {
     /// Closes the connection.
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"client closing");
+    }
+
+    /// Closes a connection this client has replaced (followed a redirect, reconnected,
+    /// switched nodes): its end is no event for the application, which goes on with the new
+    /// one. (An application that reconnected on every `Disconnected` would otherwise loop.)
+    pub(crate) fn retire(&self) {
+        self.set_muted(true);
+        self.close();
     }
 
     /// Sends raw bytes on the protocol stream (for tests of malformed input). In 0-RTT data

@@ -314,8 +314,8 @@ async fn dropped_mesh_envelopes_are_resynced_while_the_recipient_stays_online() 
                 resyncs += 1;
                 bob.fill_gaps().await.expect("fill");
             }
-            // The registration's first connection (redirected) ends too: only a close of the
-            // current one matters.
+            // Only a close of the current connection matters (a replaced one is not
+            // reported: connections_the_client_replaces_end_without_a_disconnected_event).
             Ok(Some(Event::Disconnected { code, reason })) => assert!(
                 bob.conn().is_ok_and(|c| c.is_open()),
                 "bob was disconnected ({code}: {reason}): the test needs him online"
@@ -760,4 +760,41 @@ async fn a_backlog_queued_while_the_link_was_down_arrives_when_it_is_back() {
     for n in c.nodes {
         n.shutdown().await;
     }
+}
+
+/// A connection the client replaces itself (the registration's first connection, redirected
+/// to the user's home; the one before each reconnect) ends without a `Disconnected` event:
+/// an application that reconnects on every `Disconnected`, as the CLI's `listen` once did,
+/// would otherwise loop (issue 17's listener defect, fixed in the client library). The
+/// client's own close is still reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_client_replaces_end_without_a_disconnected_event() {
+    let c = cluster(2).await;
+    let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr.to_string()).collect();
+    // Registered through node 1, homed at node 2: one redirect.
+    let (bob, mut events, _) = common::one_user_homed_at_each(&addrs[0], &c.options(), &addrs[1..])
+        .await
+        .pop()
+        .expect("a user homed at node 2");
+    bob.reconnect().await.expect("reconnect");
+    bob.reconnect().await.expect("reconnect again");
+    assert_eq!(bob.server(), addrs[1]);
+    // A closed connection's reader reports within 2 s of its close.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Some(e) = events
+        .next_within(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await
+    {
+        assert!(
+            !matches!(e, Event::Disconnected { .. }),
+            "a replaced connection was reported: {e:?}"
+        );
+    }
+    bob.close();
+    let reason = common::next_matching(&mut events, |e| match e {
+        Event::Disconnected { reason, .. } => Some(reason),
+        _ => None,
+    })
+    .await;
+    assert_eq!(reason, "closed by this client");
 }

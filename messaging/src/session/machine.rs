@@ -661,7 +661,7 @@ mod tests {
         let mut frames = Vec::new();
         let mut at = 0;
         while at < out.len() {
-            let len = u32::from_be_bytes(out[at..at + 4].try_into().unwrap()) as usize;
+            let len = u32::from_be_bytes(out[at..at + 4].try_into().expect("a length")) as usize;
             frames.push(ServerFrame::decode(&out[at + 4..at + 4 + len]).expect("decodes"));
             at += 4 + len;
         }
@@ -670,7 +670,9 @@ mod tests {
 
     fn error_code(f: &ServerFrame) -> ErrorCode {
         match &f.body {
-            Some(server_frame::Body::Error(e)) => ErrorCode::try_from(e.code).unwrap(),
+            Some(server_frame::Body::Error(e)) => {
+                ErrorCode::try_from(e.code).expect("a known code")
+            }
             other => panic!("not an error: {other:?}"),
         }
     }

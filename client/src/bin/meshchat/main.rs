@@ -615,8 +615,9 @@ async fn listen(
                 continue;
             }
             Event::Disconnected { code, reason } => {
-                // The close of an earlier connection (a redirect followed, a failover's
-                // candidate) while the current one is fine: nothing to do.
+                // The library reports no connection it replaced itself (a redirect followed,
+                // a reconnect); a close while the current connection is fine still asks for
+                // nothing.
                 if s.client.conn().is_ok_and(|c| c.is_open()) {
                     continue;
                 }
