@@ -339,3 +339,47 @@ async fn chats_show_presence_and_listen_prints_its_changes() {
             .success()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_from_the_cli_shows_in_listen() {
+    let env = env().await;
+    // Everyone hidden (`Env::run`, and the listener's flag): no presence event takes one of
+    // the listener's two.
+    env.ok("alice", &["register", "alice"]);
+    let bob_id = env.ok("bob", &["register", "bob"])[0]["user_id"]
+        .as_u64()
+        .expect("bob's id");
+    let mut alice = spawn_cli(
+        &env,
+        "alice",
+        &[
+            "--json",
+            "--hide-presence",
+            "listen",
+            "--count",
+            "2",
+            "--timeout",
+            "20",
+        ],
+    );
+    let _alice_stderr = wait_listening(&mut alice);
+    let done = env.ok("bob", &["typing", "alice"]);
+    assert_eq!(done[0]["type"], "done");
+    assert_eq!(done[0]["action"], "typing");
+    assert_eq!(done[0]["chat"], "alice");
+    // Well within the indicator's 6 s: the stop is pushed and printed, not an expiry.
+    let stop = env.ok("bob", &["typing", "alice", "--stop"]);
+    assert_eq!(stop[0]["action"], "typing stop");
+    // The listener ends on its second event, or at its timeout.
+    let out = alice.wait_with_output().expect("listen");
+    assert!(out.status.success());
+    let got = lines(&out.stdout);
+    assert_eq!(got.len(), 2, "alice's listen: {got:?}");
+    for (event, typing) in got.iter().zip([true, false]) {
+        assert_eq!(event["type"], "typing", "{got:?}");
+        assert_eq!(event["chat"], "bob");
+        assert_eq!(event["user"], "bob");
+        assert_eq!(event["user_id"].as_u64(), Some(bob_id));
+        assert_eq!(event["typing"], typing, "{got:?}");
+    }
+}
