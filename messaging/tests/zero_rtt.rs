@@ -216,6 +216,118 @@ async fn a_request_a_replay_could_harm_is_refused_in_early_data_and_served_after
     assert_eq!(node1.early_requests().0, served, "nothing else was early");
 }
 
+/// The requests the issue names as replay-safe, a send (idempotent by `client_msg_id`) and a
+/// read, are served from early data: a resuming client writes hello, authentication, a send
+/// and a history read in its first flight; node 2 stores and delivers the message before the
+/// client can have finished its handshake, and every reply arrives once it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_and_a_read_in_the_first_flight_are_served_from_early_data() {
+    let cl = cluster(3).await;
+    let opts = cl.options();
+    let addrs: Vec<String> = cl.nodes.iter().map(|n| n.addr.to_string()).collect();
+    // Alice homed on node 2, Bob on node 3.
+    let mut users = common::one_user_homed_at_each(&addrs[0], &opts, &addrs[1..]).await;
+    let (_bob, mut bob_events, bob_s) = users.pop().expect("bob");
+    let (_alice_first, _, alice_s) = users.pop().expect("alice");
+    let chat = ChatId::direct(alice_s.user, bob_s.user);
+    let ep = endpoint(&opts);
+    take_ticket(&ep, &addrs[1], &opts).await.close();
+
+    let relay = Relay::shut(cl.nodes[1].addr).await;
+    let node2 = cl.nodes[1].node.clone();
+    let (served, refused) = node2.early_requests();
+    let (events, _events_rx) = tokio::sync::mpsc::channel(64);
+    let conn = Conn::open(&ep, &relay.addr.to_string(), &opts, events)
+        .await
+        .expect("0-RTT connection");
+    assert_eq!(conn.zero_rtt(), ZeroRtt::Pending);
+    let wire_chat = Some(meshchat_proto::ids::chat_to_wire(chat));
+    let first_flight = [
+        client_frame::Body::Hello(pb::Hello {
+            protocol_version: meshchat_proto::PROTOCOL_VERSION,
+            client_name: "early".into(),
+            hide_presence: false,
+        }),
+        client_frame::Body::Authenticate(pb::Authenticate {
+            token: alice_s.token.clone(),
+        }),
+        client_frame::Body::Send(pb::SendMessage {
+            client_msg_id: "early-1".into(),
+            chat: wire_chat.clone(),
+            body: "sent in 0-RTT".into(),
+            reply_to: 0,
+        }),
+        client_frame::Body::History(pb::HistoryQuery {
+            chat: wire_chat,
+            ..Default::default()
+        }),
+    ];
+    let mut raw = BytesMut::new();
+    let mut replies = Vec::new();
+    for (i, body) in first_flight.into_iter().enumerate() {
+        let rid = 2_000_000 + i as u64;
+        replies.push(conn.expect_reply(rid));
+        meshchat_proto::codec::encode_into(
+            &ClientFrame {
+                request_id: rid,
+                body: Some(body),
+            },
+            1 << 20,
+            &mut raw,
+        )
+        .expect("encode");
+    }
+    conn.send_raw(&raw).await.expect("write in early data");
+    // Node 2 serves all four before the client can have its handshake (nothing of node 2's
+    // has reached it), and the message reaches bob on node 3.
+    wait_for(
+        "node 2 serves the four requests from early data",
+        Duration::from_secs(10),
+        || node2.early_requests().0 >= served + 4,
+    )
+    .await;
+    let m = next_message(&mut bob_events).await;
+    assert_eq!(text(&m), "sent in 0-RTT");
+    assert!(
+        !conn.is_handshaken(),
+        "the relay still holds node 2's answers"
+    );
+    relay.open();
+    let mut bodies = Vec::new();
+    for reply in replies {
+        let f = tokio::time::timeout(Duration::from_secs(10), reply)
+            .await
+            .expect("a reply in time")
+            .expect("a reply");
+        bodies.push(f.body.expect("a body"));
+    }
+    assert!(
+        matches!(bodies[0], server_frame::Body::HelloOk(_)),
+        "{:?}",
+        bodies[0]
+    );
+    assert!(
+        matches!(bodies[1], server_frame::Body::AuthOk(_)),
+        "{:?}",
+        bodies[1]
+    );
+    match &bodies[2] {
+        server_frame::Body::Processed(p) => {
+            assert_eq!((p.message_id, p.duplicate), (m.message_id, false));
+        }
+        other => panic!("the send: {other:?}"),
+    }
+    // The read runs beside the send (a connection's requests run concurrently): its page may
+    // or may not hold the message, but it is answered.
+    assert!(
+        matches!(bodies[3], server_frame::Body::HistoryPage(_)),
+        "{:?}",
+        bodies[3]
+    );
+    assert_eq!(conn.zero_rtt(), ZeroRtt::Accepted);
+    assert_eq!(node2.early_requests().1, refused, "nothing refused");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ticket_the_node_does_not_hold_costs_a_round_trip_and_nothing_else() {
     let cl = cluster(3).await;
