@@ -6,7 +6,11 @@
 //!   only after it is durable.
 //! - `storage/writer_cpu_per_append`: CPU time of the store's own threads (writer, syncer
 //!   and checkpointer, read from `/proc/self/task/*/schedstat`) per durable append, 16 writers; criterion's
-//!   "time" is that CPU time per append, not wall time.
+//!   "time" is that CPU time per append, not wall time. `same_chats`: each writer appends to
+//!   one chat of its own (appends share pages); `spread_chats`: every append goes to another
+//!   of 100,000 chats, as a node's 1:1 traffic does (each append touches pages of its own).
+//!   Each with the WAL writes gathered (`gather`, the default) and as SQLite makes them
+//!   (`no_gather`, the baseline), in the same run.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,18 +20,21 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use meshchat_idgen::{ChatId, Generator, MessageId, UserId};
 use meshchat_storage::{EmbeddedConfig, EmbeddedStore, HistoryStore, NewMessage};
 
-fn store(dir: &std::path::Path, max_batch: usize) -> Arc<EmbeddedStore> {
+fn store(dir: &std::path::Path, max_batch: usize, gather: bool) -> Arc<EmbeddedStore> {
     let mut config = EmbeddedConfig::in_dir(dir);
     config.max_batch = max_batch;
+    config.gather_wal_writes = gather;
     Arc::new(EmbeddedStore::open(config).expect("open store"))
 }
 
-/// Appends `total` messages from `writers` concurrent tasks; returns the elapsed time.
+/// Appends `total` messages from `writers` concurrent tasks, each to a chat of its own or
+/// (`spread`) each to another of 100,000 chats; returns the elapsed time.
 async fn run(
     store: &Arc<EmbeddedStore>,
     ids: &Arc<Generator>,
     writers: u64,
     total: u64,
+    spread: bool,
 ) -> Duration {
     let start = Instant::now();
     let per = total.div_ceil(writers);
@@ -36,9 +43,14 @@ async fn run(
         let (store, ids) = (store.clone(), ids.clone());
         tasks.push(tokio::spawn(async move {
             let sender = UserId(10 + w);
-            let chat = ChatId::direct(sender, UserId(1));
-            for _ in 0..per {
+            for i in 0..per {
                 let id = MessageId(ids.next_id().expect("id").0);
+                let peer = if spread {
+                    1_000 + (w * per + i) * 7_919 % 100_000
+                } else {
+                    1
+                };
+                let chat = ChatId::direct(sender, UserId(peer));
                 store
                     .append(NewMessage {
                         id,
@@ -72,7 +84,7 @@ fn durable_writes(c: &mut Criterion) {
     for writers in [1u64, 16, 256] {
         for (label, max_batch) in [("group_commit", 512usize), ("no_grouping", 1)] {
             let dir = tempfile::tempdir().expect("temp dir");
-            let s = store(dir.path(), max_batch);
+            let s = store(dir.path(), max_batch, true);
             // Writes per iteration: enough for every writer to have several in flight.
             let batch = (writers * 4).max(64);
             g.throughput(Throughput::Elements(batch));
@@ -84,7 +96,7 @@ fn durable_writes(c: &mut Criterion) {
                         rt.block_on(async {
                             let mut total = Duration::ZERO;
                             for _ in 0..iters {
-                                total += run(&s, &ids, writers, batch).await;
+                                total += run(&s, &ids, writers, batch, false).await;
                             }
                             total
                         })
@@ -129,21 +141,28 @@ fn writer_cpu(c: &mut Criterion) {
     let mut g = c.benchmark_group("storage/writer_cpu_per_append");
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(8));
-    let dir = tempfile::tempdir().expect("temp dir");
-    let s = store(dir.path(), 512);
-    g.bench_function("16_writers", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let before = store_threads_cpu();
-                // `run` rounds up to whole writers: count what it really appended.
-                let appended = iters.max(16).div_ceil(16) * 16;
-                run(&s, &ids, 16, appended).await;
-                let cpu = store_threads_cpu().saturating_sub(before);
-                // Criterion divides by `iters`: scale to the appends made.
-                cpu.mul_f64(iters as f64 / appended as f64)
-            })
-        })
-    });
+    for (chats, spread) in [("same_chats", false), ("spread_chats", true)] {
+        for (label, gather) in [("gather", true), ("no_gather", false)] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let s = store(dir.path(), 512, gather);
+            g.bench_function(
+                BenchmarkId::new(format!("16_writers_{chats}"), label),
+                |b| {
+                    b.iter_custom(|iters| {
+                        rt.block_on(async {
+                            let before = store_threads_cpu();
+                            // `run` rounds up to whole writers: count what it really appended.
+                            let appended = iters.max(16).div_ceil(16) * 16;
+                            run(&s, &ids, 16, appended, spread).await;
+                            let cpu = store_threads_cpu().saturating_sub(before);
+                            // Criterion divides by `iters`: scale to the appends made.
+                            cpu.mul_f64(iters as f64 / appended as f64)
+                        })
+                    })
+                },
+            );
+        }
+    }
     g.finish();
 }
 
