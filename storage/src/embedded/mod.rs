@@ -38,6 +38,7 @@
 mod lock;
 mod schema;
 mod sql;
+mod pcache;
 mod walbuf;
 mod writer;
 
@@ -320,6 +321,10 @@ impl EmbeddedStore {
     pub fn open(config: EmbeddedConfig) -> Result<Self, StorageError> {
         if let Some(dir) = config.path.parent() {
             std::fs::create_dir_all(dir).map_err(StorageError::backend)?;
+        }
+        // Before anything starts SQLite (a VFS lookup does): it can only be set up before.
+        if !pcache::install() {
+            debug!("SQLite was started before the store: its page cache stays as it is");
         }
         let writer_flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
