@@ -36,9 +36,9 @@
 //! every committed write and never block the writer.
 
 mod lock;
+mod pcache;
 mod schema;
 mod sql;
-mod pcache;
 mod walbuf;
 mod writer;
 
@@ -353,6 +353,7 @@ impl EmbeddedStore {
             if let Some(lock) = &writer_lock {
                 lock.acquire().map_err(StorageError::backend)?;
             }
+            walbuf::discard(&writer_conn);
             let prepared = schema::prepare(&writer_conn);
             if let Some(lock) = &writer_lock {
                 lock.release().map_err(StorageError::backend)?;
@@ -363,6 +364,17 @@ impl EmbeddedStore {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => return Err(e),
+            }
+        }
+        if config.gather_wal_writes {
+            // walbuf gathers past a commit's sync point with synchronous=FULL (padding).
+            let sync: i64 = writer_conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .map_err(StorageError::backend)?;
+            if sync > 1 {
+                return Err(StorageError::backend(std::io::Error::other(format!(
+                    "the writer runs with synchronous={sync}; gathered WAL writes need NORMAL or OFF"
+                ))));
             }
         }
         // The writer commits with synchronous=NORMAL; with Full durability the syncer thread

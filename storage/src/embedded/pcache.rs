@@ -5,9 +5,10 @@
 //! largest page number it has ever held (`iMaxKey`), and when that is far above the limit it
 //! walks its entire hash table. A b-tree split (`balance_nonroot`) parks a page under the
 //! number of the lock-byte page (the page at `PENDING_BYTE`, 1 GiB, page 262,145 at 4 KiB)
-//! for a moment while it orders sibling pages, so after any split the cache's `iMaxKey` is
-//! 262,145 for good, and every later commit of a smaller database walks the whole table: with
-//! the store's 64 MiB cache, 30% of the writer thread's CPU (issue 14, docs/PERFORMANCE.md).
+//! for a moment while it orders sibling pages, so after a split the cache's `iMaxKey` is
+//! 262,145 and the commit that ends the transaction (of a database under 1 GiB) walks the
+//! whole table. Under appends to many chats nearly every batch splits a page: with the
+//! store's 64 MiB cache, 30% of the writer thread's CPU (issue 14, docs/PERFORMANCE.md).
 //!
 //! The shim keeps its own largest page number, leaving out the lock-byte page (SQLite never
 //! stores a page there; `balance_nonroot` moves the page away again in the next statement),
@@ -91,7 +92,10 @@ pub(super) fn install() -> bool {
 
 fn inner() -> &'static ffi::sqlite3_pcache_methods2 {
     // Set before the shim's table was handed to SQLite, which is the only caller.
-    &INNER.get().expect("the default page cache is recorded first").0
+    &INNER
+        .get()
+        .expect("the default page cache is recorded first")
+        .0
 }
 
 unsafe fn cache<'a>(p: *mut ffi::sqlite3_pcache) -> &'a mut Cache {

@@ -7,19 +7,32 @@
 //! share of the writer thread's CPU (docs/PERFORMANCE.md, issue 14). Gathered, a batch is one
 //! `pwrite` per 64 KiB.
 //!
+//! What is gathered: writes that extend the WAL (appends at its end as this connection last
+//! wrote it, and the WAL header that starts it over). A write anywhere else (SQLite rewriting a
+//! frame of the same transaction in place, or its checksums) first writes what is gathered,
+//! then goes straight to the file.
+//!
 //! Why it is safe:
 //! - A transaction's frames become visible to other connections (and processes) only when
-//!   SQLite updates the wal-index header in shared memory, which it does after the commit
-//!   frame has been written. The gathered frames are written when the commit frame's page
-//!   arrives, so before that update; a `COMMIT` that cannot write them fails as SQLite's own
-//!   write would have.
-//! - Anything that looks at the file (a read, a size, a sync, a truncate, a file control, a
-//!   lock, a close) writes what is gathered first, so the shim's connection never sees the
-//!   file differently from SQLite's model of it. Frames of a transaction rolled back before
-//!   its commit are written too, as SQLite itself would have written them: past the WAL's
-//!   valid end, they are never read.
+//!   SQLite updates the wal-index header in shared memory, after the commit frame has been
+//!   written (`sqlite3WalFrames`). The gathered frames are written when the commit frame's
+//!   page arrives, so before that update; a `COMMIT` that cannot write them fails as
+//!   SQLite's own write would have. Writes after the commit frame (checksum rewrites) are not
+//!   appends, so they go straight to the file.
+//! - Only uncommitted frames can be left gathered, and only while this connection holds the
+//!   WAL write lock may they be written: once the lock is gone another process may append at
+//!   the same offsets. So they are dropped, never written, once their transaction is over:
+//!   [`discard`] before every `BEGIN` of the store's writer, and at close. (Written while the
+//!   lock is held, as a read in the transaction makes them, they are what SQLite itself would
+//!   have written past the log's valid end.)
+//! - Anything that looks at the file (a read, a size, a sync, a truncate, a file control)
+//!   writes what is gathered first, so the connection never sees the file differently from
+//!   SQLite's model of it.
 //! - Nothing is durable before it was written: the syncer's `fdatasync` of the WAL happens
 //!   after the `COMMIT` returned, so after the frames are in the file.
+//! - It needs `synchronous = NORMAL` or `OFF` (the writer's settings, checked at open): with
+//!   `FULL`, SQLite pads a commit to a sector boundary after syncing, and a padding write cut
+//!   at the sync point would be gathered past the commit.
 //! - Every other file (the database, journals) is the default VFS's own, untouched.
 //!
 //! Bounded: a gathering is written early once it holds [`MAX_GATHER`] bytes, and its buffer
@@ -70,6 +83,8 @@ struct WalFile {
 struct Gather {
     at: i64,
     bytes: Vec<u8>,
+    /// Where this connection's writes left the WAL's end (`None` before its first write).
+    end: Option<i64>,
     /// The last write was a commit frame's header: its page completes the transaction.
     commit_header_seen: bool,
 }
@@ -171,9 +186,12 @@ unsafe extern "C" fn x_open(
         (*wal).real = real;
         (*wal).gather = ptr::null_mut();
         let rc = open(default, name, real, flags, out_flags);
-        if rc != ffi::SQLITE_OK || (*real).pMethods.is_null() {
+        if rc != ffi::SQLITE_OK {
             // SQLite calls no method of a file whose pMethods is null.
             return rc;
+        }
+        if (*real).pMethods.is_null() {
+            return ffi::SQLITE_CANTOPEN;
         }
         (*wal).gather = Box::into_raw(Box::default());
         (*wal).base.pMethods = &shim.methods;
@@ -234,18 +252,31 @@ unsafe extern "C" fn x_write(
     unsafe {
         let (g, _, _) = parts(file);
         let data = std::slice::from_raw_parts(data as *const u8, amount.max(0) as usize);
-        let contiguous = g.at + g.bytes.len() as i64 == offset;
-        if !g.bytes.is_empty() && (!contiguous || g.bytes.len() + data.len() > MAX_GATHER) {
+        let appends = offset == 0 || g.end.is_none_or(|end| end == offset);
+        if !g.bytes.is_empty()
+            && (!appends || offset == 0 || g.bytes.len() + data.len() > MAX_GATHER)
+        {
             let rc = flush(file);
             if rc != ffi::SQLITE_OK {
                 return rc;
             }
         }
-        let (g, _, _) = parts(file);
+        let (g, real, m) = parts(file);
+        let written_to = offset + data.len() as i64;
+        if !appends {
+            // A rewrite in place: straight to the file, after what was gathered before it.
+            g.commit_header_seen = false;
+            g.end = g.end.max(Some(written_to));
+            return match m.xWrite {
+                Some(write) => write(real, data.as_ptr().cast(), amount, offset),
+                None => ffi::SQLITE_IOERR_WRITE,
+            };
+        }
         if g.bytes.is_empty() {
             g.at = offset;
         }
         g.bytes.extend_from_slice(data);
+        g.end = Some(written_to);
         let completes_commit = g.commit_header_seen;
         g.commit_header_seen =
             offset >= WAL_HEADER && data.len() == FRAME_HEADER && data[4..8] != [0u8; 4];
@@ -258,7 +289,7 @@ unsafe extern "C" fn x_write(
 
 unsafe extern "C" fn x_close(file: *mut ffi::sqlite3_file) -> c_int {
     unsafe {
-        let flushed = flush(file);
+        // What is still gathered belongs to a transaction that did not commit: dropped.
         let wal = file as *mut WalFile;
         let real = (*wal).real;
         let closed = match (*(*real).pMethods).xClose {
@@ -267,12 +298,74 @@ unsafe extern "C" fn x_close(file: *mut ffi::sqlite3_file) -> c_int {
         };
         drop(Box::from_raw((*wal).gather));
         (*wal).gather = ptr::null_mut();
-        if flushed != ffi::SQLITE_OK {
-            flushed
-        } else {
-            closed
-        }
+        closed
     }
+}
+
+/// Bytes `conn`'s WAL file has gathered and not written (0 when not through this VFS).
+#[cfg(test)]
+fn gathered(conn: &rusqlite::Connection) -> usize {
+    let Some(Ok(shim)) = VFS.get() else { return 0 };
+    unsafe {
+        let mut wal: *mut ffi::sqlite3_file = ptr::null_mut();
+        let rc = ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            ffi::SQLITE_FCNTL_JOURNAL_POINTER,
+            (&mut wal as *mut *mut ffi::sqlite3_file).cast(),
+        );
+        if rc != ffi::SQLITE_OK || wal.is_null() || !ptr::eq((*wal).pMethods, &shim.methods) {
+            return 0;
+        }
+        parts(wal).0.bytes.len()
+    }
+}
+
+/// Drops what `conn`'s WAL file has gathered, unwritten: call it when no transaction is open
+/// on `conn` (before a `BEGIN`). Anything gathered then belongs to a transaction that did not
+/// commit, and the write lock that made writing it safe is gone. A no-op for a connection not
+/// opened through this VFS, or whose WAL is not open yet.
+pub(super) fn discard(conn: &rusqlite::Connection) {
+    let Some(Ok(shim)) = VFS.get() else { return };
+    unsafe {
+        let mut wal: *mut ffi::sqlite3_file = ptr::null_mut();
+        let rc = ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            ffi::SQLITE_FCNTL_JOURNAL_POINTER,
+            (&mut wal as *mut *mut ffi::sqlite3_file).cast(),
+        );
+        if rc != ffi::SQLITE_OK || wal.is_null() || !ptr::eq((*wal).pMethods, &shim.methods) {
+            return;
+        }
+        let (g, _, _) = parts(wal);
+        if !g.bytes.is_empty() {
+            tracing::debug!(
+                bytes = g.bytes.len(),
+                "dropping WAL frames of a transaction that did not commit"
+            );
+        }
+        g.bytes.clear();
+        g.commit_header_seen = false;
+        // Another process may have moved the WAL's end meanwhile.
+        g.end = None;
+    }
+}
+
+/// A method that does what the default VFS does (the WAL file's locks and shared memory are
+/// never used by SQLite: they are the database file's).
+macro_rules! forward {
+    ($name:ident, $method:ident, ($($arg:ident: $ty:ty),*), $missing:expr) => {
+        unsafe extern "C" fn $name(file: *mut ffi::sqlite3_file, $($arg: $ty),*) -> c_int {
+            unsafe {
+                let (_, real, m) = parts(file);
+                match m.$method {
+                    Some(f) => f(real, $($arg),*),
+                    None => $missing,
+                }
+            }
+        }
+    };
 }
 
 /// A method that writes what is gathered, then does what the default VFS does.
@@ -298,19 +391,19 @@ after_flush!(x_read, xRead, (data: *mut c_void, amount: c_int, offset: ffi::sqli
 after_flush!(x_truncate, xTruncate, (size: ffi::sqlite3_int64), ffi::SQLITE_IOERR_TRUNCATE);
 after_flush!(x_sync, xSync, (flags: c_int), ffi::SQLITE_IOERR_FSYNC);
 after_flush!(x_file_size, xFileSize, (size: *mut ffi::sqlite3_int64), ffi::SQLITE_IOERR_FSTAT);
-after_flush!(x_lock, xLock, (level: c_int), ffi::SQLITE_IOERR_LOCK);
-after_flush!(x_unlock, xUnlock, (level: c_int), ffi::SQLITE_IOERR_UNLOCK);
-after_flush!(x_check_reserved_lock, xCheckReservedLock, (out: *mut c_int), ffi::SQLITE_IOERR_CHECKRESERVEDLOCK);
+forward!(x_lock, xLock, (level: c_int), ffi::SQLITE_IOERR_LOCK);
+forward!(x_unlock, xUnlock, (level: c_int), ffi::SQLITE_IOERR_UNLOCK);
+forward!(x_check_reserved_lock, xCheckReservedLock, (out: *mut c_int), ffi::SQLITE_IOERR_CHECKRESERVEDLOCK);
 after_flush!(x_file_control, xFileControl, (op: c_int, arg: *mut c_void), ffi::SQLITE_NOTFOUND);
-after_flush!(x_shm_map, xShmMap, (region: c_int, size: c_int, extend: c_int, out: *mut *mut c_void), ffi::SQLITE_IOERR_SHMMAP);
-after_flush!(x_shm_lock, xShmLock, (offset: c_int, n: c_int, flags: c_int), ffi::SQLITE_IOERR_SHMLOCK);
-after_flush!(x_shm_unmap, xShmUnmap, (delete: c_int), ffi::SQLITE_OK);
-after_flush!(x_fetch, xFetch, (offset: ffi::sqlite3_int64, amount: c_int, out: *mut *mut c_void), {
+forward!(x_shm_map, xShmMap, (region: c_int, size: c_int, extend: c_int, out: *mut *mut c_void), ffi::SQLITE_IOERR_SHMMAP);
+forward!(x_shm_lock, xShmLock, (offset: c_int, n: c_int, flags: c_int), ffi::SQLITE_IOERR_SHMLOCK);
+forward!(x_shm_unmap, xShmUnmap, (delete: c_int), ffi::SQLITE_OK);
+forward!(x_fetch, xFetch, (offset: ffi::sqlite3_int64, amount: c_int, out: *mut *mut c_void), {
     // No memory map: SQLite reads instead.
     *out = ptr::null_mut();
     ffi::SQLITE_OK
 });
-after_flush!(x_unfetch, xUnfetch, (offset: ffi::sqlite3_int64, page: *mut c_void), ffi::SQLITE_OK);
+forward!(x_unfetch, xUnfetch, (offset: ffi::sqlite3_int64, page: *mut c_void), ffi::SQLITE_OK);
 
 unsafe extern "C" fn x_sector_size(file: *mut ffi::sqlite3_file) -> c_int {
     unsafe {
@@ -328,10 +421,156 @@ unsafe extern "C" fn x_device_characteristics(file: *mut ffi::sqlite3_file) -> c
 
 unsafe extern "C" fn x_shm_barrier(file: *mut ffi::sqlite3_file) {
     unsafe {
-        let _ = flush(file);
         let (_, real, m) = parts(file);
         if let Some(f) = m.xShmBarrier {
             f(real);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The shim against real SQLite files: another connection (the default VFS, standing in
+    //! for another process) reads and writes the same database, and a copy of the files taken
+    //! without a checkpoint (as a crash leaves them) is recovered from the WAL alone.
+
+    use std::path::Path;
+
+    use rusqlite::{Connection, OpenFlags};
+
+    use super::*;
+
+    fn writer(path: &Path) -> Connection {
+        register().expect("register");
+        let c = Connection::open_with_flags_and_vfs(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+            NAME,
+        )
+        .expect("open through the shim");
+        c.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+             PRAGMA wal_autocheckpoint = 0;
+             CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v BLOB NOT NULL);",
+        )
+        .expect("set up");
+        c
+    }
+
+    fn other(path: &Path) -> Connection {
+        let c = Connection::open(path).expect("open");
+        c.execute_batch("PRAGMA wal_autocheckpoint = 0;")
+            .expect("set up");
+        c
+    }
+
+    fn insert(c: &Connection, from: i64, n: i64) {
+        let mut st = c
+            .prepare_cached("INSERT INTO t (k, v) VALUES (?1, zeroblob(300))")
+            .expect("prepare");
+        for k in from..from + n {
+            st.execute([k]).expect("insert");
+        }
+    }
+
+    fn keys(c: &Connection) -> (i64, i64) {
+        c.query_row("SELECT count(*), coalesce(sum(k), 0) FROM t", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .expect("count")
+    }
+
+    fn sum(from: i64, n: i64) -> i64 {
+        (from..from + n).sum()
+    }
+
+    /// The database and its WAL copied as they are on disk (no checkpoint, no close), opened
+    /// elsewhere: what a crash right now would leave.
+    fn crash_copy(path: &Path, to: &Path) -> Connection {
+        let wal = |p: &Path| {
+            let mut s = p.as_os_str().to_owned();
+            s.push("-wal");
+            std::path::PathBuf::from(s)
+        };
+        std::fs::copy(path, to).expect("copy the database");
+        std::fs::copy(wal(path), wal(to)).expect("copy the WAL");
+        let c = Connection::open(to).expect("open the copy");
+        let ok: String = c
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .expect("check");
+        assert_eq!(ok, "ok");
+        c
+    }
+
+    #[test]
+    fn committed_transactions_are_in_the_file_when_commit_returns() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("a.db");
+        let w = writer(&path);
+        for round in 0..20 {
+            w.execute_batch("BEGIN IMMEDIATE").expect("begin");
+            insert(&w, round * 100, 100);
+            w.execute_batch("COMMIT").expect("commit");
+        }
+        assert_eq!(keys(&other(&path)), (2_000, sum(0, 2_000)));
+        let copy = crash_copy(&path, &dir.path().join("copy.db"));
+        assert_eq!(keys(&copy), (2_000, sum(0, 2_000)));
+    }
+
+    #[test]
+    fn a_spilled_transaction_that_rolls_back_never_overwrites_another_writers_frames() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("b.db");
+        let w = writer(&path);
+        insert(&w, 0, 10);
+        // A cache of a few pages: the big transaction spills frames into the WAL (gathered)
+        // before it is rolled back.
+        w.execute_batch("PRAGMA cache_size = 4")
+            .expect("small cache");
+        w.execute_batch("BEGIN IMMEDIATE").expect("begin");
+        insert(&w, 1_000, 2_000);
+        assert!(
+            gathered(&w) > 0,
+            "the spilled frames are gathered, not written"
+        );
+        w.execute_batch("ROLLBACK").expect("rollback");
+        // Another writer appends at the offsets the rolled-back frames had.
+        let o = other(&path);
+        o.execute_batch("BEGIN IMMEDIATE").expect("begin");
+        insert(&o, 10_000, 500);
+        o.execute_batch("COMMIT").expect("commit");
+        // The shim's writer goes on: its leftovers are dropped, not written over o's frames.
+        discard(&w);
+        w.execute_batch("BEGIN IMMEDIATE").expect("begin");
+        insert(&w, 20_000, 10);
+        w.execute_batch("COMMIT").expect("commit");
+        let want = (520, sum(0, 10) + sum(10_000, 500) + sum(20_000, 10));
+        assert_eq!(keys(&o), want);
+        let copy = crash_copy(&path, &dir.path().join("copy.db"));
+        assert_eq!(keys(&copy), want);
+    }
+
+    #[test]
+    fn a_spilled_transaction_that_commits_is_whole_on_disk() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("c.db");
+        let w = writer(&path);
+        // Spills, then rewrites pages it already wrote in this transaction (SQLite overwrites
+        // such frames in place and rewrites the checksums after the commit frame).
+        w.execute_batch("PRAGMA cache_size = 4")
+            .expect("small cache");
+        w.execute_batch("BEGIN IMMEDIATE").expect("begin");
+        insert(&w, 0, 3_000);
+        w.execute_batch("UPDATE t SET v = zeroblob(310) WHERE k % 7 = 0")
+            .expect("update");
+        w.execute_batch("COMMIT").expect("commit");
+        let copy = crash_copy(&path, &dir.path().join("copy.db"));
+        assert_eq!(keys(&copy), (3_000, sum(0, 3_000)));
+        let longer: i64 = copy
+            .query_row("SELECT count(*) FROM t WHERE length(v) = 310", [], |r| {
+                r.get(0)
+            })
+            .expect("count");
+        assert_eq!(longer, (0..3_000).filter(|k| k % 7 == 0).count() as i64);
     }
 }

@@ -310,7 +310,7 @@ fn run_batch(conn: &Connection, batch: &mut [Job]) -> Result<(), StorageError> {
         // A transaction left open by a failed ROLLBACK would hold SQLite's write lock.
         let _ = exec(conn, "ROLLBACK");
     }
-    exec(conn, "BEGIN IMMEDIATE").map_err(StorageError::backend)?;
+    begin(conn)?;
     // A job whose error made SQLite roll the transaction back counts as half done too: the
     // jobs after it must not run outside a transaction.
     if batch
@@ -324,7 +324,7 @@ fn run_batch(conn: &Connection, batch: &mut [Job]) -> Result<(), StorageError> {
         size = batch.len(),
         "a write failed half done; running its batch again with savepoints"
     );
-    exec(conn, "BEGIN IMMEDIATE").map_err(StorageError::backend)?;
+    begin(conn)?;
     for job in batch.iter_mut() {
         let step = exec(conn, "SAVEPOINT job").and_then(|()| {
             if job.run(conn) == Ran::Done {
@@ -340,6 +340,13 @@ fn run_batch(conn: &Connection, batch: &mut [Job]) -> Result<(), StorageError> {
         }
     }
     commit(conn)
+}
+
+/// Starts the batch's write transaction; WAL frames a failed transaction left gathered are
+/// dropped first (`walbuf::discard`: they must never be written once its lock is gone).
+fn begin(conn: &Connection) -> Result<(), StorageError> {
+    super::walbuf::discard(conn);
+    exec(conn, "BEGIN IMMEDIATE").map_err(StorageError::backend)
 }
 
 fn commit(conn: &Connection) -> Result<(), StorageError> {
