@@ -682,11 +682,24 @@ impl Client {
         if let Some(server) = server {
             *self.server.lock() = server.to_owned();
         }
-        if let Ok(c) = self.conn() {
+        let retired = self.conn().ok();
+        if let Some(c) = &retired {
             c.retire();
         }
         // The hello and the authentication in one flight (in 0-RTT data, with a ticket).
-        self.open_authenticated(&token).await?;
+        if let Err(e) = self.open_authenticated(&token).await {
+            // No connection replaced the retired one: the application hears it is gone.
+            if retired.is_some() {
+                let _ = self
+                    .events
+                    .send(Event::Disconnected {
+                        code: 0,
+                        reason: format!("reconnect failed: {e}"),
+                    })
+                    .await;
+            }
+            return Err(e);
+        }
         self.fill_gaps().await.map(drop)
     }
 

@@ -71,7 +71,8 @@ pub enum Event {
     Silent,
     /// The client's connection closed; `code` is the node's error code when it closed on
     /// purpose. Not sent for a connection the client replaced itself (a redirect followed, a
-    /// reconnect, a move to another node), nor for a candidate it dropped.
+    /// reconnect, a move to another node, an early re-home); a reconnect that fails says so
+    /// with one (reason "reconnect failed: ...").
     Disconnected {
         /// Protocol error code of the close (0 = none).
         code: u64,

@@ -253,7 +253,7 @@ async fn a_send_and_a_read_in_the_first_flight_are_served_from_early_data() {
         }),
         client_frame::Body::Send(pb::SendMessage {
             client_msg_id: "early-1".into(),
-            chat: wire_chat.clone(),
+            chat: wire_chat,
             body: "sent in 0-RTT".into(),
             reply_to: 0,
         }),

@@ -548,30 +548,31 @@ async fn run(
     };
 
     abandon_handshake(&mut handshake, &node, &conn);
-    if let Some(me) = session.identity() {
-        node.registry.remove(me.user, id);
-    }
-    if close.answer_inflight {
-        // Requests in progress are answered, not dropped (their writes are durable either
-        // way): within the shutdown grace when the node stops, the write timeout otherwise.
-        let shutting_down = close.code.is_some_and(|(c, _)| c == ErrorCode::Unavailable);
-        let within = if shutting_down {
-            node.config.shutdown_grace
-        } else {
-            limits.write_timeout
-        };
-        let _ = tokio::time::timeout(within, async {
+    // Requests in progress are answered, not dropped (their writes are durable either way).
+    // After a logout, before the connection leaves the registry (its user is online until
+    // then, as the old order had it), within the write timeout; when the node stops, after,
+    // within the shutdown grace.
+    let shutting_down = close.code.is_some_and(|(c, _)| c == ErrorCode::Unavailable);
+    if close.answer_inflight && !shutting_down {
+        let _ = tokio::time::timeout(limits.write_timeout, async {
             while let Some(reply) = inflight.next().await {
                 session.finished(&reply);
             }
-            if shutting_down {
-                flush(&mut send, session.out()).await;
-            }
         })
         .await;
-        if !shutting_down {
-            flush_within(&mut send, session.out(), limits.write_timeout).await;
-        }
+        flush_within(&mut send, session.out(), limits.write_timeout).await;
+    }
+    if let Some(me) = session.identity() {
+        node.registry.remove(me.user, id);
+    }
+    if close.answer_inflight && shutting_down {
+        let _ = tokio::time::timeout(node.config.shutdown_grace, async {
+            while let Some(reply) = inflight.next().await {
+                session.finished(&reply);
+            }
+            flush(&mut send, session.out()).await;
+        })
+        .await;
     }
     linger(&mut send).await;
     match close.code {
