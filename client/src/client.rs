@@ -683,20 +683,27 @@ impl Client {
             *self.server.lock() = server.to_owned();
         }
         let retired = self.conn().ok();
+        // Whether the application still thinks it is connected (a closed connection already
+        // sent its Disconnected).
+        let was_open = retired.as_ref().is_some_and(|c| c.is_open());
         if let Some(c) = &retired {
             c.retire();
         }
         // The hello and the authentication in one flight (in 0-RTT data, with a ticket).
         if let Err(e) = self.open_authenticated(&token).await {
-            // No connection replaced the retired one: the application hears it is gone.
-            if retired.is_some() {
-                let _ = self
-                    .events
-                    .send(Event::Disconnected {
-                        code: 0,
-                        reason: format!("reconnect failed: {e}"),
-                    })
-                    .await;
+            // A new connection adopted before its authentication failed goes quietly too:
+            // one event says the client is not connected.
+            if let Ok(now) = self.conn()
+                && !retired.as_ref().is_some_and(|r| Arc::ptr_eq(r, &now))
+            {
+                now.retire();
+            }
+            if was_open {
+                // Not awaited: the caller may be the one draining the events.
+                let _ = self.events.try_send(Event::Disconnected {
+                    code: 0,
+                    reason: format!("reconnect failed: {e}"),
+                });
             }
             return Err(e);
         }

@@ -363,18 +363,11 @@ impl EmbeddedStore {
                 Err(e) if schema::is_busy(&e) && started.elapsed() < config.busy_timeout => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(e) => return Err(e),
-            }
-        }
-        if config.gather_wal_writes {
-            // walbuf gathers past a commit's sync point with synchronous=FULL (padding).
-            let sync: i64 = writer_conn
-                .query_row("PRAGMA synchronous", [], |r| r.get(0))
-                .map_err(StorageError::backend)?;
-            if sync > 1 {
-                return Err(StorageError::backend(std::io::Error::other(format!(
-                    "the writer runs with synchronous={sync}; gathered WAL writes need NORMAL or OFF"
-                ))));
+                Err(e) => {
+                    // Its close must not write what a failed transaction gathered.
+                    walbuf::discard(&writer_conn);
+                    return Err(e);
+                }
             }
         }
         // The writer commits with synchronous=NORMAL; with Full durability the syncer thread

@@ -22,15 +22,16 @@
 //! - Only uncommitted frames can be left gathered, and only while this connection holds the
 //!   WAL write lock may they be written: once the lock is gone another process may append at
 //!   the same offsets. So they are dropped, never written, once their transaction is over:
-//!   [`discard`] before every `BEGIN` of the store's writer, and at close. (Written while the
-//!   lock is held, as a read in the transaction makes them, they are what SQLite itself would
-//!   have written past the log's valid end.)
+//!   [`discard`] after every rollback of the store's writer, before its every `BEGIN`, and
+//!   before its connection closes (SQLite's checkpoint at close syncs the WAL, which would
+//!   write them), and at close. (Written while the lock is held, as a read in the transaction
+//!   makes them, they are what SQLite itself would have written past the log's valid end.)
 //! - Anything that looks at the file (a read, a size, a sync, a truncate, a file control)
 //!   writes what is gathered first, so the connection never sees the file differently from
 //!   SQLite's model of it.
 //! - Nothing is durable before it was written: the syncer's `fdatasync` of the WAL happens
 //!   after the `COMMIT` returned, so after the frames are in the file.
-//! - It needs `synchronous = NORMAL` or `OFF` (the writer's settings, checked at open): with
+//! - It needs `synchronous = NORMAL` or `OFF` (the writer's setting, `schema::prepare`): with
 //!   `FULL`, SQLite pads a commit to a sector boundary after syncing, and a padding write cut
 //!   at the sync point would be gathered past the commit.
 //! - Every other file (the database, journals) is the default VFS's own, untouched.
@@ -252,6 +253,9 @@ unsafe extern "C" fn x_write(
     unsafe {
         let (g, _, _) = parts(file);
         let data = std::slice::from_raw_parts(data as *const u8, amount.max(0) as usize);
+        // Read before any flush below (which forgets it): this write may be the page of a
+        // commit frame whose header is gathered, or was just written by that flush.
+        let completes_commit = g.commit_header_seen;
         let appends = offset == 0 || g.end.is_none_or(|end| end == offset);
         if !g.bytes.is_empty()
             && (!appends || offset == 0 || g.bytes.len() + data.len() > MAX_GATHER)
@@ -277,7 +281,6 @@ unsafe extern "C" fn x_write(
         }
         g.bytes.extend_from_slice(data);
         g.end = Some(written_to);
-        let completes_commit = g.commit_header_seen;
         g.commit_header_seen =
             offset >= WAL_HEADER && data.len() == FRAME_HEADER && data[4..8] != [0u8; 4];
         if completes_commit {
@@ -302,11 +305,13 @@ unsafe extern "C" fn x_close(file: *mut ffi::sqlite3_file) -> c_int {
     }
 }
 
-/// Bytes `conn`'s WAL file has gathered and not written (0 when not through this VFS).
-#[cfg(test)]
-fn gathered(conn: &rusqlite::Connection) -> usize {
-    let Some(Ok(shim)) = VFS.get() else { return 0 };
+/// `conn`'s WAL file, when it is open and opened through this VFS.
+fn wal_of(conn: &rusqlite::Connection) -> Option<*mut ffi::sqlite3_file> {
+    let Some(Ok(shim)) = VFS.get() else {
+        return None;
+    };
     unsafe {
+        // The WAL file once it is open; before, the pager's journal file (never this VFS's).
         let mut wal: *mut ffi::sqlite3_file = ptr::null_mut();
         let rc = ffi::sqlite3_file_control(
             conn.handle(),
@@ -314,11 +319,15 @@ fn gathered(conn: &rusqlite::Connection) -> usize {
             ffi::SQLITE_FCNTL_JOURNAL_POINTER,
             (&mut wal as *mut *mut ffi::sqlite3_file).cast(),
         );
-        if rc != ffi::SQLITE_OK || wal.is_null() || !ptr::eq((*wal).pMethods, &shim.methods) {
-            return 0;
-        }
-        parts(wal).0.bytes.len()
+        (rc == ffi::SQLITE_OK && !wal.is_null() && ptr::eq((*wal).pMethods, &shim.methods))
+            .then_some(wal)
     }
+}
+
+/// Bytes `conn`'s WAL file has gathered and not written (0 when not through this VFS).
+#[cfg(test)]
+fn gathered(conn: &rusqlite::Connection) -> usize {
+    wal_of(conn).map_or(0, |wal| unsafe { parts(wal).0.bytes.len() })
 }
 
 /// Drops what `conn`'s WAL file has gathered, unwritten: call it when no transaction is open
@@ -326,18 +335,12 @@ fn gathered(conn: &rusqlite::Connection) -> usize {
 /// commit, and the write lock that made writing it safe is gone. A no-op for a connection not
 /// opened through this VFS, or whose WAL is not open yet.
 pub(super) fn discard(conn: &rusqlite::Connection) {
-    let Some(Ok(shim)) = VFS.get() else { return };
+    // A transaction still open (a failed ROLLBACK) may yet need its frames.
+    if !conn.is_autocommit() {
+        return;
+    }
+    let Some(wal) = wal_of(conn) else { return };
     unsafe {
-        let mut wal: *mut ffi::sqlite3_file = ptr::null_mut();
-        let rc = ffi::sqlite3_file_control(
-            conn.handle(),
-            c"main".as_ptr(),
-            ffi::SQLITE_FCNTL_JOURNAL_POINTER,
-            (&mut wal as *mut *mut ffi::sqlite3_file).cast(),
-        );
-        if rc != ffi::SQLITE_OK || wal.is_null() || !ptr::eq((*wal).pMethods, &shim.methods) {
-            return;
-        }
         let (g, _, _) = parts(wal);
         if !g.bytes.is_empty() {
             tracing::debug!(
@@ -493,7 +496,10 @@ mod tests {
             std::path::PathBuf::from(s)
         };
         std::fs::copy(path, to).expect("copy the database");
-        std::fs::copy(wal(path), wal(to)).expect("copy the WAL");
+        // None left when the last connection closed and checkpointed it.
+        if wal(path).exists() {
+            std::fs::copy(wal(path), wal(to)).expect("copy the WAL");
+        }
         let c = Connection::open(to).expect("open the copy");
         let ok: String = c
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))
@@ -511,6 +517,7 @@ mod tests {
             w.execute_batch("BEGIN IMMEDIATE").expect("begin");
             insert(&w, round * 100, 100);
             w.execute_batch("COMMIT").expect("commit");
+            assert_eq!(gathered(&w), 0, "written when COMMIT returns");
         }
         assert_eq!(keys(&other(&path)), (2_000, sum(0, 2_000)));
         let copy = crash_copy(&path, &dir.path().join("copy.db"));
@@ -522,32 +529,85 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("b.db");
         let w = writer(&path);
-        insert(&w, 0, 10);
-        // A cache of a few pages: the big transaction spills frames into the WAL (gathered)
-        // before it is rolled back.
+        insert(&w, 0, 2_000);
+        // The table's pages in the database file, not the WAL: the update reads them there
+        // (a read of the WAL would write what is gathered first).
+        w.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+            .expect("checkpoint");
+        // Same-size updates with a cache of a few pages: the transaction spills frames into
+        // the WAL and is rolled back. (Whether any are still gathered at the rollback depends
+        // on SQLite's reads during the spill; none may be written after it either way.)
         w.execute_batch("PRAGMA cache_size = 4")
             .expect("small cache");
         w.execute_batch("BEGIN IMMEDIATE").expect("begin");
-        insert(&w, 1_000, 2_000);
-        assert!(
-            gathered(&w) > 0,
-            "the spilled frames are gathered, not written"
-        );
+        // One row in 25: each leaf page is changed once, spilled, and not read again.
+        w.execute_batch("UPDATE t SET v = zeroblob(300) WHERE k % 25 = 0")
+            .expect("update");
         w.execute_batch("ROLLBACK").expect("rollback");
-        // Another writer appends at the offsets the rolled-back frames had.
+        let left = gathered(&w);
+        // What the store's writer does after every rollback (and before every BEGIN).
+        discard(&w);
+        assert_eq!(gathered(&w), 0);
+        // Another writer appends where the rolled-back frames were.
         let o = other(&path);
         o.execute_batch("BEGIN IMMEDIATE").expect("begin");
         insert(&o, 10_000, 500);
         o.execute_batch("COMMIT").expect("commit");
-        // The shim's writer goes on: its leftovers are dropped, not written over o's frames.
-        discard(&w);
         w.execute_batch("BEGIN IMMEDIATE").expect("begin");
         insert(&w, 20_000, 10);
         w.execute_batch("COMMIT").expect("commit");
-        let want = (520, sum(0, 10) + sum(10_000, 500) + sum(20_000, 10));
-        assert_eq!(keys(&o), want);
+        let want = (2_510, sum(0, 2_000) + sum(10_000, 500) + sum(20_000, 10));
+        assert_eq!(
+            keys(&o),
+            want,
+            "{left} bytes were left gathered by the rollback"
+        );
+        // And the checkpoint SQLite runs when the last connection closes.
+        drop(w);
+        drop(o);
         let copy = crash_copy(&path, &dir.path().join("copy.db"));
         assert_eq!(keys(&copy), want);
+    }
+
+    #[test]
+    fn a_commit_frame_past_the_gathering_bound_is_written_before_commit_returns() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("d.db");
+        let w = writer(&path);
+        w.execute_batch("PRAGMA cache_size = -65536")
+            .expect("cache");
+        // One row per page: a transaction that updates n rows writes n leaf pages (plus a
+        // few interior ones), so some of these put the commit frame right at the point where
+        // the gathering (8 MiB, 2,036 frames of 4 KiB) is written early.
+        w.execute_batch("BEGIN IMMEDIATE").expect("begin");
+        let mut st = w
+            .prepare("INSERT INTO t (k, v) VALUES (?1, zeroblob(3500))")
+            .expect("prepare");
+        for k in 0..2_100 {
+            st.execute([k]).expect("insert");
+        }
+        drop(st);
+        w.execute_batch("COMMIT").expect("commit");
+        for n in 2_025..2_045 {
+            w.execute_batch("BEGIN IMMEDIATE").expect("begin");
+            w.execute(
+                "UPDATE t SET v = zeroblob(3500 - ?1 % 2) WHERE k < ?2",
+                [n, n],
+            )
+            .expect("update");
+            w.execute_batch("COMMIT").expect("commit");
+            assert_eq!(gathered(&w), 0, "all of the commit of {n} rows is written");
+        }
+        let copy = crash_copy(&path, &dir.path().join("copy.db"));
+        assert_eq!(keys(&copy), (2_100, sum(0, 2_100)));
+        let last: i64 = copy
+            .query_row(
+                "SELECT count(*) FROM t WHERE length(v) = 3500 - 2044 % 2 AND k < 2044",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(last, 2_044, "the last commit is whole in the WAL");
     }
 
     #[test]

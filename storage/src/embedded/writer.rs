@@ -224,6 +224,9 @@ pub(super) fn writer_loop(
             break;
         }
     }
+    // Before the connection closes: SQLite's checkpoint at close syncs the WAL, which would
+    // write what a failed last batch left gathered.
+    super::walbuf::discard(&conn);
     drop(to_syncer);
     if syncer.join().is_err() {
         warn!("the store's syncer thread panicked");
@@ -308,7 +311,7 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 fn run_batch(conn: &Connection, batch: &mut [Job]) -> Result<(), StorageError> {
     if !conn.is_autocommit() {
         // A transaction left open by a failed ROLLBACK would hold SQLite's write lock.
-        let _ = exec(conn, "ROLLBACK");
+        rollback(conn);
     }
     begin(conn)?;
     // A job whose error made SQLite roll the transaction back counts as half done too: the
@@ -319,7 +322,7 @@ fn run_batch(conn: &Connection, batch: &mut [Job]) -> Result<(), StorageError> {
     {
         return commit(conn);
     }
-    let _ = exec(conn, "ROLLBACK");
+    rollback(conn);
     debug!(
         size = batch.len(),
         "a write failed half done; running its batch again with savepoints"
@@ -335,11 +338,17 @@ fn run_batch(conn: &Connection, batch: &mut [Job]) -> Result<(), StorageError> {
         });
         if let Err(e) = step {
             // A savepoint statement failed: the transaction is unusable.
-            let _ = exec(conn, "ROLLBACK");
+            rollback(conn);
             return Err(StorageError::backend(e));
         }
     }
     commit(conn)
+}
+
+/// Rolls the open transaction back; the WAL frames it gathered are dropped (`walbuf::discard`).
+fn rollback(conn: &Connection) {
+    let _ = exec(conn, "ROLLBACK");
+    super::walbuf::discard(conn);
 }
 
 /// Starts the batch's write transaction; WAL frames a failed transaction left gathered are
@@ -351,7 +360,7 @@ fn begin(conn: &Connection) -> Result<(), StorageError> {
 
 fn commit(conn: &Connection) -> Result<(), StorageError> {
     exec(conn, "COMMIT").map_err(|e| {
-        let _ = exec(conn, "ROLLBACK");
+        rollback(conn);
         StorageError::backend(e)
     })
 }
