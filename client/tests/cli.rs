@@ -76,18 +76,23 @@ fn lines(bytes: &[u8]) -> Vec<Value> {
 }
 
 fn spawn_listen(env: &Env, user: &str, count: u32) -> std::process::Child {
-    spawn_cli(
-        env,
-        user,
-        &[
-            "--json",
-            "listen",
-            "--count",
-            &count.to_string(),
-            "--timeout",
-            "20",
-        ],
-    )
+    spawn_listen_with(env, user, &[], count, 20)
+}
+
+/// `listen --json` with `flags` (global ones, such as `--hide-presence`), ending after
+/// `count` events or `timeout_s` seconds.
+fn spawn_listen_with(
+    env: &Env,
+    user: &str,
+    flags: &[&str],
+    count: u32,
+    timeout_s: u32,
+) -> std::process::Child {
+    let (count, timeout) = (count.to_string(), timeout_s.to_string());
+    let mut args = vec!["--json"];
+    args.extend_from_slice(flags);
+    args.extend(["listen", "--count", &count, "--timeout", &timeout]);
+    spawn_cli(env, user, &args)
 }
 
 /// Runs the CLI for `user` with `args` (the profile gives server and CA) in the background.
@@ -291,19 +296,7 @@ async fn chats_show_presence_and_listen_prints_its_changes() {
     }
     // Alice listens; a message ends bob's listener; after the grace alice is told, with
     // last seen (her listener's other event: her own message, from her other device).
-    let mut alice = spawn_cli(
-        &env,
-        "alice",
-        &[
-            "--json",
-            "--hide-presence",
-            "listen",
-            "--count",
-            "2",
-            "--timeout",
-            "30",
-        ],
-    );
+    let mut alice = spawn_listen_with(&env, "alice", &["--hide-presence"], 2, 30);
     let _alice_stderr = wait_listening(&mut alice);
     env.ok("alice", &["send", "bob", "bye"]);
     let bob_out = bob.wait_with_output().expect("bob's listen ends");
@@ -349,19 +342,7 @@ async fn typing_from_the_cli_shows_in_listen() {
     let bob_id = env.ok("bob", &["register", "bob"])[0]["user_id"]
         .as_u64()
         .expect("bob's id");
-    let mut alice = spawn_cli(
-        &env,
-        "alice",
-        &[
-            "--json",
-            "--hide-presence",
-            "listen",
-            "--count",
-            "2",
-            "--timeout",
-            "20",
-        ],
-    );
+    let mut alice = spawn_listen_with(&env, "alice", &["--hide-presence"], 2, 20);
     let _alice_stderr = wait_listening(&mut alice);
     let done = env.ok("bob", &["typing", "alice"]);
     assert_eq!(done[0]["type"], "done");

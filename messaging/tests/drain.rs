@@ -20,12 +20,15 @@ use meshchat_messaging::RunningNode;
 use parking_lot::Mutex;
 
 async fn node(dir: &std::path::Path, id: u32, redis_port: u16) -> RunningNode {
-    let mut c = common::redis_config(dir, id, redis_port);
-    c.cluster.heartbeat = Duration::from_millis(200);
-    c.cluster.member_ttl = Duration::from_secs(3);
-    c.cluster.drain_timeout = Duration::from_secs(60);
-    c.admin.listen = Some("127.0.0.1:0".parse().expect("addr"));
-    meshchat_messaging::start(c).await.expect("node starts")
+    common::start_node(|| {
+        let mut c = common::redis_config(dir, id, redis_port);
+        c.cluster.heartbeat = Duration::from_millis(200);
+        c.cluster.member_ttl = Duration::from_secs(3);
+        c.cluster.drain_timeout = Duration::from_secs(60);
+        c.admin.listen = Some("127.0.0.1:0".parse().expect("addr"));
+        c
+    })
+    .await
 }
 
 /// Nodes 1..=n with Redis membership on `redis_port`, once every one has adopted a ring of all.

@@ -20,10 +20,13 @@ use meshchat_proto::client::ErrorCode;
 const TTL: Duration = Duration::from_millis(1_500);
 
 async fn node(dir: &std::path::Path, id: u32, worker: Option<u16>, redis_port: u16) -> RunningNode {
-    let mut c = common::redis_config(dir, id, redis_port);
-    c.worker_id = worker;
-    c.cluster.member_ttl = TTL;
-    meshchat_messaging::start(c).await.expect("node starts")
+    common::start_node(|| {
+        let mut c = common::redis_config(dir, id, redis_port);
+        c.worker_id = worker;
+        c.cluster.member_ttl = TTL;
+        c
+    })
+    .await
 }
 
 fn options(dir: &std::path::Path) -> ConnectOptions {

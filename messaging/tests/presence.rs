@@ -342,8 +342,7 @@ async fn the_users_of_a_node_that_leaves_are_pushed_offline_by_their_new_home() 
     let _redis = common::redis_server(port);
     let mut nodes = Vec::new();
     for id in 1..=3 {
-        let c = common::redis_config(dir.path(), id, port);
-        nodes.push(meshchat_messaging::start(c).await.expect("node starts"));
+        nodes.push(common::start_node(|| common::redis_config(dir.path(), id, port)).await);
     }
     common::converge(&[&nodes[0], &nodes[1], &nodes[2]], &[1, 2, 3]).await;
     let opts = meshchat_client::ConnectOptions::new(

@@ -21,16 +21,19 @@ use meshchat_proto::client::ErrorCode;
 const TTL: Duration = Duration::from_millis(3_000);
 
 async fn node(dir: &std::path::Path, id: u32, redis_port: u16) -> RunningNode {
-    let mut c = common::config_in(dir);
-    c.node_id = id;
-    c.listen = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    c.cluster.mesh_listen = Some(format!("127.0.0.1:{}", free_port()).parse().expect("addr"));
-    c.cluster.redis = Some(format!("redis://127.0.0.1:{redis_port}/"));
-    // Generous TTL: under a loaded test run a heartbeat can be late without the member
-    // flapping out of the ring.
-    c.cluster.heartbeat = Duration::from_millis(200);
-    c.cluster.member_ttl = TTL;
-    meshchat_messaging::start(c).await.expect("node starts")
+    common::start_node(|| {
+        let mut c = common::config_in(dir);
+        c.node_id = id;
+        c.listen = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        c.cluster.mesh_listen = Some(format!("127.0.0.1:{}", free_port()).parse().expect("addr"));
+        c.cluster.redis = Some(format!("redis://127.0.0.1:{redis_port}/"));
+        // Generous TTL: under a loaded test run a heartbeat can be late without the member
+        // flapping out of the ring.
+        c.cluster.heartbeat = Duration::from_millis(200);
+        c.cluster.member_ttl = TTL;
+        c
+    })
+    .await
 }
 
 /// What [`Watch`] saw.

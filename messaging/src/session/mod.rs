@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use meshchat_proto::FrameCodec;
-use meshchat_proto::client::{ClientFrame, ErrorCode, ServerFrame};
+use meshchat_proto::client::{self as pb, ClientFrame, ErrorCode, ServerFrame};
 use meshchat_proto::codec::CodecError;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
@@ -26,6 +26,7 @@ pub mod machine;
 
 use self::machine::{Authenticated, Bounds, Call, Close, Next, Session, error_frame};
 use crate::admission::HandshakeSlot;
+use crate::auth::Identity;
 use crate::error::{RequestError, close_code};
 use crate::metrics::{self, request_type};
 use crate::node::{AuthOutcome, Node};
@@ -87,6 +88,12 @@ impl FrameReader {
         }
     }
 }
+/// A renewed identity and token, with the instant the token runs out.
+fn expiring((who, ok): (Identity, pb::AuthOk)) -> (Identity, pb::AuthOk, Instant) {
+    let at = deadline_of(ok.expires_unix_ms);
+    (who, ok, at)
+}
+
 /// The instant a token expiring at `unix_ms` (wall clock) runs out.
 fn deadline_of(unix_ms: u64) -> Instant {
     let now_ms = std::time::SystemTime::now()
@@ -430,13 +437,7 @@ async fn run(
                             token,
                         } => {
                             let r = Box::pin(node.refresh_request(&identity, &token)).await;
-                            session.renewed(
-                                rid,
-                                r.map(|(who, ok)| {
-                                    let at = deadline_of(ok.expires_unix_ms);
-                                    (who, ok, at)
-                                }),
-                            )
+                            session.renewed(rid, r.map(expiring))
                         }
                         Call::ChangePassword {
                             rid,
@@ -450,13 +451,7 @@ async fn run(
                                 body,
                             ))
                             .await;
-                            session.renewed(
-                                rid,
-                                r.map(|(who, ok)| {
-                                    let at = deadline_of(ok.expires_unix_ms);
-                                    (who, ok, at)
-                                }),
-                            )
+                            session.renewed(rid, r.map(expiring))
                         }
                         Call::Logout {
                             rid,

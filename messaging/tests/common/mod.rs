@@ -37,6 +37,22 @@ pub fn config_in(dir: &std::path::Path) -> NodeConfig {
     c
 }
 
+/// Starts a node from `config()`. A port found free can be taken by another test's socket
+/// before the node binds it: then the node starts again from a new `config()` (new free
+/// ports), a few times.
+pub async fn start_node(mut config: impl FnMut() -> NodeConfig) -> RunningNode {
+    for _ in 0..5 {
+        match meshchat_messaging::start(config()).await {
+            Ok(node) => return node,
+            Err(e) if cluster::address_in_use(&e) => {
+                tracing::warn!(error = %e, "a port was taken before the node bound it: again");
+            }
+            Err(e) => panic!("node starts: {e}"),
+        }
+    }
+    panic!("5 tries to start a node each met a port taken before it was bound");
+}
+
 /// A node config with Redis membership on `redis_port` (heartbeat 100 ms, TTL 1.5 s), on
 /// free client and mesh ports.
 pub fn redis_config(dir: &std::path::Path, id: u32, redis_port: u16) -> NodeConfig {
