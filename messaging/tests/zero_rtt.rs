@@ -35,6 +35,27 @@ async fn take_ticket(endpoint: &quinn::Endpoint, server: &str, opts: &ConnectOpt
     c
 }
 
+/// A connection from `ep` (which holds a ticket of the node at `node`) in 0-RTT, through a
+/// relay that holds the node's answers until it is opened: the relay, the connection, and
+/// the receiver of its events.
+async fn early_conn(
+    ep: &quinn::Endpoint,
+    node: std::net::SocketAddr,
+    opts: &ConnectOptions,
+) -> (
+    Relay,
+    std::sync::Arc<Conn>,
+    tokio::sync::mpsc::Receiver<meshchat_client::Event>,
+) {
+    let relay = Relay::shut(node).await;
+    let (events, events_rx) = tokio::sync::mpsc::channel(64);
+    let conn = Conn::open(ep, &relay.addr.to_string(), opts, events)
+        .await
+        .expect("0-RTT connection");
+    assert_eq!(conn.zero_rtt(), ZeroRtt::Pending);
+    (relay, conn, events_rx)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_returning_client_resumes_at_its_home_and_is_answered_from_early_data() {
     let cl = cluster(3).await;
@@ -154,14 +175,9 @@ async fn a_request_a_replay_could_harm_is_refused_in_early_data_and_served_after
     let ep = endpoint(&opts);
     take_ticket(&ep, &addrs[0], &opts).await.close();
 
-    let relay = Relay::shut(cl.nodes[0].addr).await;
     let node1 = cl.nodes[0].node.clone();
     let (served, refused) = node1.early_requests();
-    let (events, _events_rx) = tokio::sync::mpsc::channel(64);
-    let conn = Conn::open(&ep, &relay.addr.to_string(), &opts, events)
-        .await
-        .expect("0-RTT connection");
-    assert_eq!(conn.zero_rtt(), ZeroRtt::Pending);
+    let (relay, conn, _events_rx) = early_conn(&ep, cl.nodes[0].addr, &opts).await;
     let login = client_frame::Body::Login(pb::Login {
         user_name: "carol".into(),
         password: "password-123".into(),
@@ -233,14 +249,9 @@ async fn a_send_and_a_read_in_the_first_flight_are_served_from_early_data() {
     let ep = endpoint(&opts);
     take_ticket(&ep, &addrs[1], &opts).await.close();
 
-    let relay = Relay::shut(cl.nodes[1].addr).await;
     let node2 = cl.nodes[1].node.clone();
     let (served, refused) = node2.early_requests();
-    let (events, _events_rx) = tokio::sync::mpsc::channel(64);
-    let conn = Conn::open(&ep, &relay.addr.to_string(), &opts, events)
-        .await
-        .expect("0-RTT connection");
-    assert_eq!(conn.zero_rtt(), ZeroRtt::Pending);
+    let (relay, conn, _events_rx) = early_conn(&ep, cl.nodes[1].addr, &opts).await;
     let wire_chat = Some(meshchat_proto::ids::chat_to_wire(chat));
     let first_flight = [
         client_frame::Body::Hello(pb::Hello {
