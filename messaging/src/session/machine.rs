@@ -65,13 +65,15 @@ pub struct Close {
 }
 
 impl Close {
-    const CLEAN: Close = Close {
+    /// A clean close (code 0), nothing more to answer.
+    pub const CLEAN: Close = Close {
         code: None,
         answer_inflight: false,
         outcome: None,
     };
 
-    fn with(code: ErrorCode, reason: &'static [u8]) -> Self {
+    /// A close with `code` and `reason`.
+    pub fn with(code: ErrorCode, reason: &'static [u8]) -> Self {
         Close {
             code: Some((code, reason)),
             ..Self::CLEAN

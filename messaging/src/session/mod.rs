@@ -316,11 +316,11 @@ async fn run(
         tokio::select! {
             biased;
             _ = shutdown.changed() => {
-                break Close { code: Some((ErrorCode::Unavailable, b"node shutting down")), answer_inflight: true, outcome: None };
+                break Close { answer_inflight: true, ..Close::with(ErrorCode::Unavailable, b"node shutting down") };
             }
             end = handshake_end(&mut handshake, &conn), if handshake.is_some() => {
                 if !finish_handshake(&mut handshake, end, &node, &conn) {
-                    break Close { code: None, answer_inflight: false, outcome: None };
+                    break Close::CLEAN;
                 }
                 _established = Some(node.metrics.established());
                 // Authenticated in early data: shown online only now (early data can be
@@ -347,7 +347,7 @@ async fn run(
                 next = Some((Next::Close(session.expired()), None));
             }
             frame = reader.next(), if session.wants_frame() => {
-                let Some(frame) = frame else { break Close { code: None, answer_inflight: false, outcome: None } };
+                let Some(frame) = frame else { break Close::CLEAN };
                 let kind = frame.as_ref().ok().and_then(|f| f.body.as_ref()).map_or("unknown", request_type);
                 let started = Instant::now();
                 let early = frame.is_ok() && handshake.as_mut().is_some_and(|h| !h.complete_now(&conn));
@@ -522,21 +522,11 @@ async fn run(
         if !session.out().is_empty() {
             match flush_within(&mut send, session.out(), limits.write_timeout).await {
                 Flushed::Ok => {}
-                Flushed::Gone => {
-                    break Close {
-                        code: None,
-                        answer_inflight: false,
-                        outcome: None,
-                    };
-                }
+                Flushed::Gone => break Close::CLEAN,
                 // The client stopped reading: a task blocked on one connection must not
                 // outlive every deadline (auth, shutdown) by waiting here.
                 Flushed::Blocked => {
-                    break Close {
-                        code: Some((ErrorCode::SlowReader, b"client stopped reading")),
-                        answer_inflight: false,
-                        outcome: None,
-                    };
+                    break Close::with(ErrorCode::SlowReader, b"client stopped reading");
                 }
             }
         }
