@@ -7,7 +7,8 @@
 //!
 //! - [`config`]: `NodeConfig` and its parts, with documented defaults; file + env + flags.
 //! - [`server`]: start/run a node: QUIC endpoint, bounded accept loop, graceful shutdown.
-//! - [`session`]: one task per connection: auth, request loop, pushes with sequence numbers.
+//! - [`session`]: one task per connection (`session::machine`, the sans-IO state machine of its
+//!   stream: auth, request dispatch, pushes with sequence numbers; the task drives it).
 //! - [`node`]: the chat service: every request handler and the send path.
 //! - [`registry`]: user -> live connections, bounded per-connection push queues.
 //! - [`presence`]: who is online: this node's users (debounced changes) and the cluster's view.
