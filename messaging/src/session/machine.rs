@@ -362,37 +362,27 @@ impl Session {
                 }
             }
             (body @ (B::Register(_) | B::Login(_) | B::Authenticate(_)), None) => {
-                self.calling = true;
-                Next::Call(Call::Authenticate {
+                self.call(Call::Authenticate {
                     rid,
                     body,
                     visible: !self.hide_presence && !early,
                 })
             }
-            (B::Authenticate(a), Some(identity)) => {
-                self.calling = true;
-                Next::Call(Call::Refresh {
-                    rid,
-                    identity,
-                    token: a.token,
-                })
-            }
-            (B::ChangePassword(body), Some(identity)) => {
-                self.calling = true;
-                Next::Call(Call::ChangePassword {
-                    rid,
-                    identity,
-                    body,
-                })
-            }
-            (B::Logout(l), Some(identity)) => {
-                self.calling = true;
-                Next::Call(Call::Logout {
-                    rid,
-                    identity,
-                    everywhere: l.everywhere,
-                })
-            }
+            (B::Authenticate(a), Some(identity)) => self.call(Call::Refresh {
+                rid,
+                identity,
+                token: a.token,
+            }),
+            (B::ChangePassword(body), Some(identity)) => self.call(Call::ChangePassword {
+                rid,
+                identity,
+                body,
+            }),
+            (B::Logout(l), Some(identity)) => self.call(Call::Logout {
+                rid,
+                identity,
+                everywhere: l.everywhere,
+            }),
             (B::SetPresence(p), Some(me)) => {
                 // Never early data here (not replay-safe): the handshake is complete.
                 self.hide_presence = p.hidden;
@@ -511,6 +501,12 @@ impl Session {
             }
             Err(e) => self.refuse(rid, &e),
         }
+    }
+
+    /// Hands `call` to the driver; no frame is read until its result comes back.
+    fn call(&mut self, call: Call) -> Next {
+        self.calling = true;
+        Next::Call(call)
     }
 
     fn answer(&mut self, rid: u64, body: server_frame::Body) {
