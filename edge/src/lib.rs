@@ -1,4 +1,4 @@
-//! meshchat's own QUIC endpoint loop on `quinn-proto` (issue 15, its first part).
+//! meshchat's own QUIC endpoint loop on `quinn-proto` (issue 15).
 //!
 //! One task owns the QUIC endpoint ([`quinn_proto::Endpoint`]), every connection (boxed, in
 //! a table indexed by the endpoint's connection handle), one transmit buffer, one receive
@@ -6,19 +6,23 @@
 //! quinn's async layer has (a tokio unbounded channel whose first 32-slot block is allocated
 //! up front, a driver task, a transmit buffer per connection: ~9.7 KB per connection
 //! measured, docs/PERFORMANCE.md "Endpoint loop"). What a connection's application does is an
-//! [`App`]'s business, called from the loop: sans-IO, so it can be tested without a socket.
+//! [`App`]'s business, called from the loop with a [`Cx`] to write, pause reading, set a
+//! deadline or close: sans-IO, so it can be tested without a socket.
 //!
-//! What it is today: the loop, a timer heap, an echo application, and a server TLS session
-//! that lets go of rustls once the handshake is done ([`lean`]), enough to hold idle
-//! connections and to measure what each costs against quinn's async layer with the same
-//! transport settings (`meshchat-edge-idle`, docs/PERFORMANCE.md "Endpoint loop"). The
-//! session (authentication, push sequence, outbound queue, requests) is not on it yet.
+//! What reaches an application:
+//! - the admission decision for each new connection ([`App::admit`]: accept, Retry, refuse)
+//!   before the endpoint keeps any state for it;
+//! - its connection's events ([`AppEvent`]): the handshake completed, stream data (read only
+//!   while the application does not pause reading, so a client that sends faster than it is
+//!   served meets QUIC flow control, not a growing buffer), its deadline, a ring of its
+//!   [`Bell`] from another task (a push queued, a close asked for), the result of work it
+//!   started ([`App::poll_work`]), and the loop's shutdown;
+//! - its end ([`App::on_closed`]), once, when the connection is lost or drained.
 //!
-//! Known simplifications, each to be replaced as the node moves onto the loop: one datagram
-//! per `recv_from` and per `send_to` (no GRO/GSO batching, no `quinn-udp`); a datagram the
-//! socket cannot take at once is dropped and left to QUIC's loss recovery; timers in a binary
-//! heap with lazy deletion (a wheel scales better past 100k connections with busy timers);
-//! no ECN and no local-address tracking (fine on a socket bound to one address).
+//! Known simplifications: one datagram per `recv_from` and per `send_to` (no GRO/GSO
+//! batching, no `quinn-udp`); a datagram the socket cannot take at once is dropped and left to
+//! QUIC's loss recovery; timers in a binary heap with lazy deletion; no ECN and no
+//! local-address tracking (fine on a socket bound to one address).
 
 pub mod echo;
 pub mod lean;
@@ -28,48 +32,101 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
 use quinn_proto::{
     ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig, Event, ServerConfig,
     StreamEvent, StreamId, Transmit,
 };
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, trace};
 
 /// Largest UDP datagram read.
 const RECV_BUFFER: usize = 64 * 1024;
-/// Bytes an application's answers may wait for a connection's flow-control window; past it the
-/// connection is closed (a client that sends without reading).
+/// Default bound on the bytes an application's writes may wait for a connection's flow-control
+/// window; past it the connection is closed (a client that sends without reading).
 const MAX_PENDING_BYTES: usize = 256 * 1024;
-/// Application error code of a connection closed for [`MAX_PENDING_BYTES`].
+/// Application error code of a connection closed for the pending bound, by default.
 const CLOSE_PENDING_FULL: u32 = 1;
+/// How long a stopping loop waits for its closed connections to drain before it returns.
+const DRAIN_AFTER_STOP: Duration = Duration::from_secs(2);
+
+/// A connection's key: its slot in the loop's table and the generation that slot had when the
+/// connection was accepted (a slot is reused; a stale key finds nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    slot: u32,
+    generation: u32,
+}
+
+/// What the application decides for a new connection, before any state is kept for it.
+#[derive(Debug)]
+pub enum Admit<T> {
+    /// Accept it; `T` goes to [`App::accept`].
+    Accept(T),
+    /// Ask the client to prove its address first (QUIC Retry: no state kept here).
+    Retry,
+    /// Refuse it (CONNECTION_REFUSED).
+    Refuse,
+}
+
+/// What happened to a connection, for its application.
+#[derive(Debug)]
+pub enum AppEvent<'a, W> {
+    /// The handshake completed (data read before this was 0-RTT early data).
+    Connected,
+    /// `data` arrived on stream `stream`; `fin`: the peer finished (or reset) it.
+    Data {
+        /// The stream.
+        stream: StreamId,
+        /// What arrived (may be empty with `fin`).
+        data: &'a [u8],
+        /// The peer will send no more on it.
+        fin: bool,
+    },
+    /// The deadline set with [`Cx::set_deadline`] passed (it is cleared).
+    Timer,
+    /// The connection's [`Bell`] rang.
+    Wake,
+    /// Work the application started for this connection finished ([`App::poll_work`]).
+    Work(W),
+    /// The loop is stopping: finish up; connections still open after the grace are closed.
+    Shutdown,
+}
 
 /// What runs a connection's application protocol, called from the loop.
 pub trait App {
     /// Per-connection application state, made when a connection is accepted.
     type Conn;
+    /// What [`App::admit`] hands to [`App::accept`].
+    type Admission;
+    /// The result of work the application runs for a connection.
+    type Work;
+
+    /// Whether to take a new connection from `remote` (`validated`: its address was proven
+    /// by a Retry token); `held`: connections the loop holds now.
+    fn admit(&mut self, remote: SocketAddr, validated: bool, held: usize)
+    -> Admit<Self::Admission>;
 
     /// A new connection's state.
-    fn accept(&mut self, remote: SocketAddr) -> Self::Conn;
+    fn accept(&mut self, cx: &mut Cx<'_>, admission: Self::Admission) -> Self::Conn;
 
-    /// `data` arrived on stream `stream` (`fin`: the peer finished it). Whatever is pushed
-    /// onto `out` is written to the same stream, in order, as the peer's flow control allows
-    /// (and the stream finished after it when `fin`); past `MAX_PENDING_BYTES` waiting, the
-    /// connection is closed.
-    fn on_stream(
-        &mut self,
-        conn: &mut Self::Conn,
-        stream: StreamId,
-        data: &[u8],
-        fin: bool,
-        out: &mut Vec<u8>,
-    );
+    /// Something happened on a connection.
+    fn on_event(&mut self, cx: &mut Cx<'_>, conn: &mut Self::Conn, event: AppEvent<'_, Self::Work>);
 
-    /// The connection ended (closed by either side, or timed out) and its state goes.
+    /// The connection ended (lost, closed by either side, timed out) and its state goes.
     fn on_closed(&mut self, conn: Self::Conn);
+
+    /// The application's own work (say, requests running against storage): the next result,
+    /// for the connection it belongs to. Results for connections gone are dropped.
+    fn poll_work(&mut self, _cx: &mut Context<'_>) -> Poll<(ConnKey, Self::Work)> {
+        Poll::Pending
+    }
 }
 
 /// Why the loop could not start or stopped.
@@ -80,19 +137,198 @@ pub enum EdgeError {
     Socket(#[from] std::io::Error),
 }
 
-/// One connection as the loop keeps it.
-struct Entry<C> {
+const QUEUED: u8 = 1;
+const CLOSE_ASKED: u8 = 2;
+const GONE: u8 = 4;
+
+/// The loop's queue of connections whose bell rang. Each connection is in it at most once
+/// (its [`Bell`]'s queued flag), so it holds at most as many keys as there are connections.
+#[derive(Debug, Default)]
+struct Rung {
+    keys: Mutex<Vec<ConnKey>>,
+    notify: Notify,
+}
+
+/// A handle on one connection for other tasks: ring it (the application gets
+/// [`AppEvent::Wake`]) or close it. Cheap to clone as an `Arc`; stays valid (and harmless)
+/// after the connection is gone.
+#[derive(Debug)]
+pub struct Bell {
+    key: ConnKey,
+    state: AtomicU8,
+    close: Mutex<Option<(u32, Bytes)>>,
+    rung: Arc<Rung>,
+}
+
+impl Bell {
+    /// Wakes the connection's application in the loop (coalesced: rings before the loop gets
+    /// to it make one wake).
+    pub fn ring(&self) {
+        let before = self.state.fetch_or(QUEUED, Ordering::AcqRel);
+        if before & (QUEUED | GONE) == 0 {
+            self.rung.keys.lock().push(self.key);
+            self.rung.notify.notify_one();
+        }
+    }
+
+    /// Closes the connection with application error `code` and `reason` (the first close
+    /// asked for wins).
+    pub fn close(&self, code: u32, reason: &[u8]) {
+        {
+            let mut c = self.close.lock();
+            if c.is_some() || self.is_closed() {
+                return;
+            }
+            *c = Some((code, Bytes::copy_from_slice(reason)));
+        }
+        self.state.fetch_or(CLOSE_ASKED, Ordering::AcqRel);
+        self.ring();
+    }
+
+    /// Whether a close was asked for or the connection is gone.
+    pub fn is_closed(&self) -> bool {
+        self.state.load(Ordering::Acquire) & (CLOSE_ASKED | GONE) != 0
+    }
+}
+
+/// What the loop keeps per connection besides the application's state.
+struct Io {
     conn: quinn_proto::Connection,
-    app: C,
-    /// The deadline the connection asks for now.
-    deadline: Option<Instant>,
-    /// When its live heap entry fires (at or before `deadline`: a deadline that moves later
-    /// is not pushed again, the entry re-arms when it fires), and the number that marks that
-    /// entry (older heap entries of the connection are stale).
+    key: ConnKey,
+    bell: Arc<Bell>,
+    /// Writes waiting for the peer's flow-control window: stream, bytes, finish after them.
+    pending: Vec<(StreamId, Vec<u8>, bool)>,
+    /// The application's deadline.
+    app_deadline: Option<Instant>,
+    /// The application does not read now; streams that became readable meanwhile.
+    paused: bool,
+    unread: Vec<StreamId>,
+    /// A close after the stream's data is acknowledged: stream, code, reason, at the latest.
+    linger: Option<(StreamId, u32, Bytes, Instant)>,
+    /// When its live heap entry fires and the number that marks it (older entries are stale).
     queued: Option<Instant>,
     timer: u64,
-    /// Answers waiting for the peer's flow-control window: stream, bytes, finish after them.
-    pending: Vec<(StreamId, Vec<u8>, bool)>,
+    /// The application's pending bound (bytes, close code, reason).
+    limit: (usize, u32, &'static [u8]),
+}
+
+/// One connection as the loop keeps it.
+struct Entry<C> {
+    io: Io,
+    /// Taken when the connection is lost (the rest stays until it drains).
+    app: Option<C>,
+}
+
+/// A connection's I/O as its application sees it in a callback.
+pub struct Cx<'a> {
+    io: &'a mut Io,
+    now: Instant,
+}
+
+impl Cx<'_> {
+    /// The connection's key (for work results).
+    pub fn key(&self) -> ConnKey {
+        self.io.key
+    }
+
+    /// The instant the loop is serving.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// The client's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.io.conn.remote_address()
+    }
+
+    /// Whether the handshake is still in progress (data read now is 0-RTT early data).
+    pub fn is_handshaking(&self) -> bool {
+        self.io.conn.is_handshaking()
+    }
+
+    /// The connection's bell, for other tasks.
+    pub fn bell(&self) -> Arc<Bell> {
+        self.io.bell.clone()
+    }
+
+    /// Writes `data` to `stream` (in order, as the peer's flow control allows). Past the
+    /// loop's pending bound the connection is closed with the bound's code.
+    pub fn write(&mut self, stream: StreamId, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let io = &mut *self.io;
+        match io.pending.iter_mut().find(|p| p.0 == stream) {
+            Some(p) => p.1.extend_from_slice(data),
+            None => io.pending.push((stream, data.to_vec(), false)),
+        }
+        flush(io, stream);
+        let waiting = self.pending_bytes();
+        let (limit, code, reason) = self.io.limit;
+        if waiting > limit {
+            debug!(waiting, "writes not read by the peer: connection closed");
+            self.close(code, reason);
+        }
+    }
+
+    /// Finishes `stream` once what waits for it is written.
+    pub fn finish(&mut self, stream: StreamId) {
+        let io = &mut *self.io;
+        match io.pending.iter_mut().find(|p| p.0 == stream) {
+            Some(p) => p.2 = true,
+            None => {
+                let _ = io.conn.send_stream(stream).finish();
+            }
+        }
+        flush(io, stream);
+    }
+
+    /// Bytes written and not yet taken by the peer's flow control.
+    pub fn pending_bytes(&self) -> usize {
+        self.io.pending.iter().map(|p| p.1.len()).sum()
+    }
+
+    /// Stops reading: data stays with QUIC (and the peer meets its flow-control window).
+    pub fn pause_reading(&mut self) {
+        self.io.paused = true;
+    }
+
+    /// Reads again; what arrived meanwhile is delivered after this callback.
+    pub fn resume_reading(&mut self) {
+        self.io.paused = false;
+    }
+
+    /// Sets (or clears) the application's deadline: [`AppEvent::Timer`] when it passes.
+    pub fn set_deadline(&mut self, at: Option<Instant>) {
+        self.io.app_deadline = at;
+    }
+
+    /// Closes the connection now with application error `code`.
+    pub fn close(&mut self, code: u32, reason: &[u8]) {
+        self.io.linger = None;
+        self.io
+            .conn
+            .close(self.now, code.into(), Bytes::copy_from_slice(reason));
+    }
+
+    /// Finishes `stream` and closes the connection with `code` once the peer acknowledged
+    /// everything written to it, or after `linger` (a QUIC close discards unacknowledged
+    /// stream data, and the last bytes written often explain the close).
+    pub fn close_after_flush(
+        &mut self,
+        stream: StreamId,
+        code: u32,
+        reason: &[u8],
+        linger: Duration,
+    ) {
+        self.finish(stream);
+        self.io.linger = Some((
+            stream,
+            code,
+            Bytes::copy_from_slice(reason),
+            self.now + linger,
+        ));
+    }
 }
 
 /// Counters of the loop, for tests and measurements.
@@ -106,25 +342,75 @@ pub struct EdgeStats {
     pub send_dropped: u64,
 }
 
+/// Commands to a running loop.
+enum Command {
+    /// New connections are made with this config; `None` refuses them.
+    ServerConfig(Option<Arc<ServerConfig>>),
+}
+
+/// A handle on a running loop from other tasks.
+#[derive(Debug, Clone)]
+pub struct EdgeControl {
+    commands: mpsc::Sender<Command>,
+    local_addr: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::ServerConfig(c) => write!(f, "ServerConfig(set: {})", c.is_some()),
+        }
+    }
+}
+
+impl EdgeControl {
+    /// Replaces the config new connections are made with (`None`: refuse them). Connections
+    /// held keep theirs.
+    pub async fn set_server_config(&self, config: Option<Arc<ServerConfig>>) {
+        let _ = self.commands.send(Command::ServerConfig(config)).await;
+    }
+
+    /// The address the loop's socket is bound to, when known.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+}
+
 /// The endpoint loop: see the module docs.
 pub struct Edge<A: App> {
     endpoint: Endpoint,
-    server: Arc<ServerConfig>,
+    server: Option<Arc<ServerConfig>>,
     conns: Vec<Option<Box<Entry<A::Conn>>>>,
+    generation: u32,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     next_timer: u64,
     app: A,
+    rung: Arc<Rung>,
+    commands: mpsc::Receiver<Command>,
+    control: mpsc::Sender<Command>,
     /// The one transmit buffer: every datagram is built here and sent before the next.
     tx: Vec<u8>,
-    /// Bytes an application wrote back, reused.
-    out: Vec<u8>,
+    limit: (usize, u32, &'static [u8]),
+    grace: Duration,
+    stop_close: (u32, &'static [u8]),
     stats: EdgeStats,
     stats_tx: watch::Sender<EdgeStats>,
+}
+
+/// What woke the loop.
+enum Wakeup<W> {
+    Datagram(std::io::Result<(usize, SocketAddr)>),
+    Rung,
+    Work(ConnKey, W),
+    Timer,
+    Command(Option<Command>),
+    Stop,
 }
 
 impl<A: App> Edge<A> {
     /// A loop serving `server` and running `app` on each connection.
     pub fn new(server: Arc<ServerConfig>, app: A) -> Self {
+        let (control, commands) = mpsc::channel(16);
         Self {
             endpoint: Endpoint::new(
                 Arc::new(EndpointConfig::default()),
@@ -132,16 +418,41 @@ impl<A: App> Edge<A> {
                 false,
                 None,
             ),
-            server,
+            server: Some(server),
             conns: Vec::new(),
+            generation: 0,
             timers: BinaryHeap::new(),
             next_timer: 0,
             app,
+            rung: Arc::default(),
+            commands,
+            control,
             tx: Vec::new(),
-            out: Vec::new(),
+            limit: (
+                MAX_PENDING_BYTES,
+                CLOSE_PENDING_FULL,
+                b"writes not read by the peer",
+            ),
+            grace: Duration::from_secs(5),
+            stop_close: (0, b"server stopping"),
             stats: EdgeStats::default(),
             stats_tx: watch::channel(EdgeStats::default()).0,
         }
+    }
+
+    /// Bytes of writes a connection may have waiting for the peer before it is closed with
+    /// application error `code` and `reason` (default 256 KiB, code 1).
+    pub fn with_pending_limit(mut self, bytes: usize, code: u32, reason: &'static [u8]) -> Self {
+        self.limit = (bytes, code, reason);
+        self
+    }
+
+    /// How long connections have to finish once the loop is told to stop (default 5 s);
+    /// those still open then are closed with application error `code` and `reason`.
+    pub fn with_shutdown(mut self, grace: Duration, code: u32, reason: &'static [u8]) -> Self {
+        self.grace = grace;
+        self.stop_close = (code, reason);
+        self
     }
 
     /// The loop's counters, updated as it runs.
@@ -149,32 +460,92 @@ impl<A: App> Edge<A> {
         self.stats_tx.subscribe()
     }
 
-    /// Serves `socket` until `stop` turns true.
+    /// A handle to command the loop once it runs on `local_addr`.
+    pub fn control(&self, local_addr: Option<SocketAddr>) -> EdgeControl {
+        EdgeControl {
+            commands: self.control.clone(),
+            local_addr,
+        }
+    }
+
+    /// Serves `socket` until `stop` turns true, then gives connections the shutdown grace,
+    /// closes what is left and returns once they drained (or after 2 s more).
     pub async fn run(
         mut self,
         socket: UdpSocket,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), EdgeError> {
         let mut rx = vec![0u8; RECV_BUFFER];
+        // Once stopping: until when connections may finish, then until when they drain.
+        let mut stopping: Option<(Instant, bool)> = None;
+        let rung = self.rung.clone();
         loop {
+            if stopping.is_some() && self.stats.connections == 0 {
+                break;
+            }
             let deadline = self.next_deadline();
-            let sleep = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
+            let until = match (deadline, stopping) {
+                (Some(d), Some((s, _))) => Some(d.min(s)),
+                (d, s) => d.or(s.map(|s| s.0)),
+            };
+            let wakeup = {
+                let app = &mut self.app;
+                let commands = &mut self.commands;
+                let sleep = async {
+                    match until {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    received = socket.recv_from(&mut rx) => Wakeup::Datagram(received),
+                    () = rung.notify.notified() => Wakeup::Rung,
+                    (key, work) = std::future::poll_fn(|cx| app.poll_work(cx)) => Wakeup::Work(key, work),
+                    () = sleep => Wakeup::Timer,
+                    cmd = commands.recv() => Wakeup::Command(cmd),
+                    _ = stop.changed(), if stopping.is_none() => Wakeup::Stop,
                 }
             };
-            tokio::select! {
-                received = socket.recv_from(&mut rx) => match received {
-                    Ok((n, from)) => {
-                        let now = Instant::now();
-                        self.datagram(&socket, now, from, &rx[..n]);
+            let now = Instant::now();
+            match wakeup {
+                Wakeup::Datagram(Ok((n, from))) => self.datagram(&socket, now, from, &rx[..n]),
+                // An ICMP error reported on the socket, say: the loop goes on.
+                Wakeup::Datagram(Err(e)) => debug!(error = %e, "recv_from failed"),
+                Wakeup::Rung => self.rung(&socket, now),
+                Wakeup::Work(key, work) => {
+                    self.with_app(&socket, key, now, |app, cx, c| {
+                        app.on_event(cx, c, AppEvent::Work(work));
+                    });
+                }
+                Wakeup::Timer => {
+                    self.expire(&socket, now);
+                    match stopping {
+                        Some((at, false)) if at <= now => {
+                            self.close_all(&socket, now);
+                            stopping = Some((now + DRAIN_AFTER_STOP, true));
+                        }
+                        Some((at, true)) if at <= now => break,
+                        _ => {}
                     }
-                    // An ICMP error reported on the socket, say: the loop goes on.
-                    Err(e) => debug!(error = %e, "recv_from failed"),
-                },
-                () = sleep => self.expire(&socket, Instant::now()),
-                _ = stop.changed() => break,
+                }
+                Wakeup::Command(Some(Command::ServerConfig(config))) => {
+                    self.endpoint.set_server_config(config.clone());
+                    self.server = config;
+                }
+                Wakeup::Command(None) => {}
+                Wakeup::Stop => {
+                    // No new connections; those held hear of it and get the grace.
+                    self.endpoint.set_server_config(None);
+                    self.server = None;
+                    stopping = Some((now + self.grace, false));
+                    for slot in 0..self.conns.len() {
+                        if let Some(key) = self.entry(slot).map(|e| e.io.key) {
+                            self.with_app(&socket, key, now, |app, cx, c| {
+                                app.on_event(cx, c, AppEvent::Shutdown);
+                            });
+                        }
+                    }
+                }
             }
             self.publish();
         }
@@ -187,11 +558,27 @@ impl<A: App> Edge<A> {
         }
     }
 
+    /// Closes every connection still open (the shutdown grace is over).
+    fn close_all(&mut self, socket: &UdpSocket, now: Instant) {
+        for slot in 0..self.conns.len() {
+            let stop_close = self.stop_close;
+            let Some(e) = self.entry(slot) else { continue };
+            let key = e.io.key;
+            if !e.io.conn.is_closed() {
+                let (code, reason) = stop_close;
+                e.io.linger = None;
+                e.io.conn
+                    .close(now, code.into(), Bytes::from_static(reason));
+            }
+            self.drive(socket, key.slot as usize, now);
+        }
+    }
+
     /// The earliest live deadline, dropping stale heap entries on the way.
     fn next_deadline(&mut self) -> Option<Instant> {
         while let Some(Reverse((at, handle, timer))) = self.timers.peek().copied() {
             match self.entry(handle) {
-                Some(e) if e.timer == timer => return Some(at),
+                Some(e) if e.io.timer == timer => return Some(at),
                 _ => {
                     self.timers.pop();
                 }
@@ -204,9 +591,56 @@ impl<A: App> Edge<A> {
         self.conns.get_mut(handle).and_then(|e| e.as_deref_mut())
     }
 
-    /// Runs the timeouts due at `now`: the heap entries due now are taken first, so a
-    /// connection that asks again for a deadline already past is served at the next turn of
-    /// the loop, not in a spin here.
+    /// Runs the application callback `f` on the connection `key` (when it is still there and
+    /// its application has not ended), then brings the connection up to date.
+    fn with_app(
+        &mut self,
+        socket: &UdpSocket,
+        key: ConnKey,
+        now: Instant,
+        f: impl FnOnce(&mut A, &mut Cx<'_>, &mut A::Conn),
+    ) {
+        let slot = key.slot as usize;
+        let Some(e) = self.conns.get_mut(slot).and_then(|e| e.as_deref_mut()) else {
+            return;
+        };
+        if e.io.key != key {
+            return;
+        }
+        if let Some(c) = e.app.as_mut() {
+            let mut cx = Cx { io: &mut e.io, now };
+            f(&mut self.app, &mut cx, c);
+        }
+        self.drive(socket, slot, now);
+    }
+
+    /// The connections whose bell rang: a close asked for is applied, the application woken.
+    fn rung(&mut self, socket: &UdpSocket, now: Instant) {
+        let keys = std::mem::take(&mut *self.rung.keys.lock());
+        for key in keys {
+            let Some(e) = self.entry(key.slot as usize) else {
+                continue;
+            };
+            if e.io.key != key {
+                continue;
+            }
+            // Cleared before the application looks: a ring from now on queues it again.
+            let before = e.io.bell.state.fetch_and(!QUEUED, Ordering::AcqRel);
+            if before & CLOSE_ASKED != 0
+                && let Some((code, reason)) = e.io.bell.close.lock().take()
+            {
+                e.io.linger = None;
+                e.io.conn.close(now, code.into(), reason);
+            }
+            self.with_app(socket, key, now, |app, cx, c| {
+                app.on_event(cx, c, AppEvent::Wake);
+            });
+        }
+    }
+
+    /// Runs the timeouts due at `now` (the connection's, the application's, a linger's): the
+    /// heap entries due now are taken first, so a deadline set again in the past is served
+    /// at the next turn of the loop, not in a spin here.
     fn expire(&mut self, socket: &UdpSocket, now: Instant) {
         let mut due = Vec::new();
         while let Some(Reverse((at, handle, timer))) = self.timers.peek().copied() {
@@ -220,26 +654,28 @@ impl<A: App> Edge<A> {
             let Some(e) = self.entry(handle) else {
                 continue;
             };
-            if e.timer != timer {
+            if e.io.timer != timer {
                 continue;
             }
-            e.queued = None;
-            match e.deadline {
-                Some(d) if d <= now => {
-                    e.conn.handle_timeout(now);
-                    self.drive(socket, handle, now);
-                }
-                // The deadline moved later since this entry was queued: queue it again.
-                Some(d) => {
-                    self.next_timer += 1;
-                    let id = self.next_timer;
-                    if let Some(e) = self.entry(handle) {
-                        e.timer = id;
-                        e.queued = Some(d);
-                    }
-                    self.timers.push(Reverse((d, handle, id)));
-                }
-                None => {}
+            e.io.queued = None;
+            if e.io.conn.poll_timeout().is_some_and(|t| t <= now) {
+                e.io.conn.handle_timeout(now);
+            }
+            if let Some((_, code, reason, at)) = &e.io.linger
+                && *at <= now
+            {
+                let (code, reason) = (*code, reason.clone());
+                e.io.linger = None;
+                e.io.conn.close(now, code.into(), reason);
+            }
+            let key = e.io.key;
+            if e.io.app_deadline.is_some_and(|t| t <= now) {
+                e.io.app_deadline = None;
+                self.with_app(socket, key, now, |app, cx, c| {
+                    app.on_event(cx, c, AppEvent::Timer);
+                });
+            } else {
+                self.drive(socket, handle, now);
             }
         }
     }
@@ -254,46 +690,94 @@ impl<A: App> Edge<A> {
         match event {
             Some(DatagramEvent::ConnectionEvent(handle, event)) => {
                 if let Some(e) = self.entry(handle.0) {
-                    e.conn.handle_event(event);
+                    e.io.conn.handle_event(event);
                     self.drive(socket, handle.0, now);
                 }
             }
-            Some(DatagramEvent::NewConnection(incoming)) => {
-                let remote = incoming.remote_address();
-                self.tx.clear();
-                match self
-                    .endpoint
-                    .accept(incoming, now, &mut self.tx, Some(self.server.clone()))
-                {
-                    Ok((handle, conn)) => {
-                        let app = self.app.accept(remote);
-                        let slot = handle.0;
-                        if self.conns.len() <= slot {
-                            self.conns.resize_with(slot + 1, || None);
-                        }
-                        self.conns[slot] = Some(Box::new(Entry {
-                            conn,
-                            app,
-                            deadline: None,
-                            queued: None,
-                            timer: 0,
-                            pending: Vec::new(),
-                        }));
-                        self.stats.connections += 1;
-                        self.stats.accepted += 1;
-                        trace!(%remote, handle = slot, "connection accepted");
-                        self.drive(socket, slot, now);
-                    }
-                    Err(e) => {
-                        debug!(%remote, error = %e.cause, "connection refused");
-                        if let Some(t) = e.response {
-                            self.send(socket, &t);
-                        }
-                    }
-                }
-            }
+            Some(DatagramEvent::NewConnection(incoming)) => self.incoming(socket, now, incoming),
             Some(DatagramEvent::Response(t)) => self.send(socket, &t),
             None => {}
+        }
+    }
+
+    /// A new connection: admitted by the application, or asked to Retry, or refused.
+    fn incoming(&mut self, socket: &UdpSocket, now: Instant, incoming: quinn_proto::Incoming) {
+        let remote = incoming.remote_address();
+        let Some(server) = self.server.clone() else {
+            self.tx.clear();
+            let t = self.endpoint.refuse(incoming, &mut self.tx);
+            self.send(socket, &t);
+            return;
+        };
+        let admission = match self.app.admit(
+            remote,
+            incoming.remote_address_validated(),
+            self.stats.connections,
+        ) {
+            Admit::Accept(a) => a,
+            Admit::Retry => {
+                self.tx.clear();
+                match self.endpoint.retry(incoming, &mut self.tx) {
+                    Ok(t) => self.send(socket, &t),
+                    // Already validated: nothing more to ask; dropped.
+                    Err(e) => self.endpoint.ignore(e.into_incoming()),
+                }
+                return;
+            }
+            Admit::Refuse => {
+                self.tx.clear();
+                let t = self.endpoint.refuse(incoming, &mut self.tx);
+                self.send(socket, &t);
+                return;
+            }
+        };
+        self.tx.clear();
+        match self
+            .endpoint
+            .accept(incoming, now, &mut self.tx, Some(server))
+        {
+            Ok((handle, conn)) => {
+                let slot = handle.0;
+                self.generation = self.generation.wrapping_add(1);
+                let key = ConnKey {
+                    slot: slot as u32,
+                    generation: self.generation,
+                };
+                if self.conns.len() <= slot {
+                    self.conns.resize_with(slot + 1, || None);
+                }
+                let bell = Arc::new(Bell {
+                    key,
+                    state: AtomicU8::new(0),
+                    close: Mutex::new(None),
+                    rung: self.rung.clone(),
+                });
+                let mut io = Io {
+                    conn,
+                    key,
+                    bell,
+                    pending: Vec::new(),
+                    app_deadline: None,
+                    paused: false,
+                    unread: Vec::new(),
+                    linger: None,
+                    queued: None,
+                    timer: 0,
+                    limit: self.limit,
+                };
+                let app = self.app.accept(&mut Cx { io: &mut io, now }, admission);
+                self.conns[slot] = Some(Box::new(Entry { io, app: Some(app) }));
+                self.stats.connections += 1;
+                self.stats.accepted += 1;
+                trace!(%remote, handle = slot, "connection accepted");
+                self.drive(socket, slot, now);
+            }
+            Err(e) => {
+                debug!(%remote, error = %e.cause, "connection refused");
+                if let Some(t) = e.response {
+                    self.send(socket, &t);
+                }
+            }
         }
     }
 
@@ -314,30 +798,49 @@ impl<A: App> Edge<A> {
             return;
         };
         let e = &mut *entry;
-        while let Some(event) = e.conn.poll_endpoint_events() {
+        while let Some(event) = e.io.conn.poll_endpoint_events() {
             if let Some(back) = self.endpoint.handle_event(ConnectionHandle(handle), event) {
-                e.conn.handle_event(back);
+                e.io.conn.handle_event(back);
             }
         }
-        while let Some(event) = e.conn.poll() {
+        while let Some(event) = e.io.conn.poll() {
             match event {
+                Event::Connected => {
+                    if let Some(c) = e.app.as_mut() {
+                        self.app
+                            .on_event(&mut Cx { io: &mut e.io, now }, c, AppEvent::Connected);
+                    }
+                }
                 Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
-                    while let Some(id) = e.conn.streams().accept(Dir::Bi) {
+                    while let Some(id) = e.io.conn.streams().accept(Dir::Bi) {
                         self.read(e, id, now);
                     }
                 }
                 Event::Stream(StreamEvent::Readable { id }) => self.read(e, id, now),
-                Event::Stream(StreamEvent::Writable { id }) => flush(e, id),
+                Event::Stream(StreamEvent::Writable { id }) => flush(&mut e.io, id),
                 // The peer will read no more of it: what waits for it goes.
                 Event::Stream(StreamEvent::Stopped { id, .. }) => {
-                    e.pending.retain(|p| p.0 != id);
+                    e.io.pending.retain(|p| p.0 != id);
+                    self.linger_done(e, id, now);
+                }
+                // All written to it was acknowledged.
+                Event::Stream(StreamEvent::Finished { id }) => self.linger_done(e, id, now),
+                Event::ConnectionLost { reason } => {
+                    trace!(handle, %reason, "connection lost");
+                    self.gone(e);
                 }
                 _ => {}
             }
         }
+        // Reading resumed by a callback: what arrived meanwhile.
+        while !e.io.paused
+            && let Some(id) = e.io.unread.pop()
+        {
+            self.read(e, id, now);
+        }
         loop {
             self.tx.clear();
-            let Some(t) = e.conn.poll_transmit(now, 1, &mut self.tx) else {
+            let Some(t) = e.io.conn.poll_transmit(now, 1, &mut self.tx) else {
                 break;
             };
             self.send(socket, &t);
@@ -345,28 +848,35 @@ impl<A: App> Edge<A> {
         // As quinn's driver, events queued since the first pass go to the endpoint before the
         // connection can be dropped (its `Drained` must reach the endpoint, or the endpoint
         // keeps the handle).
-        while let Some(event) = e.conn.poll_endpoint_events() {
+        while let Some(event) = e.io.conn.poll_endpoint_events() {
             if let Some(back) = self.endpoint.handle_event(ConnectionHandle(handle), event) {
-                e.conn.handle_event(back);
+                e.io.conn.handle_event(back);
             }
         }
-        if e.conn.is_drained() {
+        if e.io.conn.is_drained() {
+            self.gone(e);
             self.stats.connections -= 1;
-            self.app.on_closed(entry.app);
             trace!(handle, "connection drained");
             return;
         }
         // A deadline earlier than the queued entry gets a new entry; a later one waits for the
         // queued entry to fire and re-arm (`expire`): a busy connection's idle deadline, which
         // moves with every packet, does not fill the heap.
-        e.deadline = e.conn.poll_timeout();
-        if let Some(at) = e.deadline
-            && e.queued.is_none_or(|q| at < q)
+        let deadline = [
+            e.io.conn.poll_timeout(),
+            e.io.app_deadline,
+            e.io.linger.as_ref().map(|l| l.3),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if let Some(at) = deadline
+            && e.io.queued.is_none_or(|q| at < q)
         {
             self.next_timer += 1;
-            e.timer = self.next_timer;
-            e.queued = Some(at);
-            self.timers.push(Reverse((at, handle, e.timer)));
+            e.io.timer = self.next_timer;
+            e.io.queued = Some(at);
+            self.timers.push(Reverse((at, handle, e.io.timer)));
         }
         self.conns[handle] = Some(entry);
         // Entries made stale by deadlines that moved earlier leave the heap when they come
@@ -378,78 +888,99 @@ impl<A: App> Edge<A> {
                 conns
                     .get(*h)
                     .and_then(|e| e.as_deref())
-                    .is_some_and(|e| e.timer == *id)
+                    .is_some_and(|e| e.io.timer == *id)
             });
         }
     }
 
-    /// Reads what stream `id` has and hands it to the application; writes back its answer.
+    /// The connection is lost: its application ends (once), its bell goes quiet.
+    fn gone(&mut self, e: &mut Entry<A::Conn>) {
+        e.io.bell.state.fetch_or(GONE, Ordering::AcqRel);
+        if let Some(c) = e.app.take() {
+            self.app.on_closed(c);
+        }
+    }
+
+    /// A lingering close waits for stream `id`: it is done with.
+    fn linger_done(&mut self, e: &mut Entry<A::Conn>, id: StreamId, now: Instant) {
+        if let Some((stream, code, reason, _)) = &e.io.linger
+            && *stream == id
+        {
+            let (code, reason) = (*code, reason.clone());
+            e.io.linger = None;
+            e.io.conn.close(now, code.into(), reason);
+        }
+    }
+
+    /// Reads what stream `id` has, chunk by chunk, and hands it to the application until it
+    /// pauses reading.
     fn read(&mut self, e: &mut Entry<A::Conn>, id: StreamId, now: Instant) {
-        let mut recv = e.conn.recv_stream(id);
-        let Ok(mut chunks) = recv.read(true) else {
+        if e.io.paused {
+            if !e.io.unread.contains(&id) {
+                e.io.unread.push(id);
+            }
             return;
-        };
-        let mut data = Vec::new();
-        let mut fin = false;
+        }
+        let Some(c) = e.app.as_mut() else { return };
         loop {
-            match chunks.next(usize::MAX) {
-                Ok(Some(chunk)) => data.extend_from_slice(&chunk.bytes),
-                Ok(None) => {
-                    fin = true;
-                    break;
-                }
-                Err(_) => break,
+            let mut recv = e.io.conn.recv_stream(id);
+            let Ok(mut chunks) = recv.read(true) else {
+                return;
+            };
+            let (chunk, fin) = match chunks.next(usize::MAX) {
+                Ok(Some(chunk)) => (Some(chunk.bytes), false),
+                Ok(None) => (None, true),
+                // Reset by the peer: the end of what it sends.
+                Err(quinn_proto::ReadError::Reset(_)) => (None, true),
+                Err(quinn_proto::ReadError::Blocked) => (None, false),
+            };
+            // Whether the peer's flow-control credit must be sent is the connection's business
+            // (it queues the frame); the return value says so.
+            let _ = chunks.finalize();
+            if chunk.is_none() && !fin {
+                return;
             }
-        }
-        let _ = chunks.finalize();
-        if data.is_empty() && !fin {
-            return;
-        }
-        self.out.clear();
-        self.app
-            .on_stream(&mut e.app, id, &data, fin, &mut self.out);
-        if self.out.is_empty() && !fin {
-            return;
-        }
-        match e.pending.iter_mut().find(|p| p.0 == id) {
-            // Behind what already waits: in order.
-            Some(p) => {
-                p.1.extend_from_slice(&self.out);
-                p.2 |= fin;
-            }
-            None => e.pending.push((id, self.out.clone(), fin)),
-        }
-        flush(e, id);
-        let waiting: usize = e.pending.iter().map(|p| p.1.len()).sum();
-        if waiting > MAX_PENDING_BYTES {
-            debug!(waiting, "answers not read by the peer: connection closed");
-            e.conn.close(
-                now,
-                CLOSE_PENDING_FULL.into(),
-                bytes::Bytes::from_static(b"answers not read"),
+            let data = chunk.unwrap_or_default();
+            self.app.on_event(
+                &mut Cx { io: &mut e.io, now },
+                c,
+                AppEvent::Data {
+                    stream: id,
+                    data: &data,
+                    fin,
+                },
             );
+            if fin {
+                return;
+            }
+            if e.io.paused {
+                if !e.io.unread.contains(&id) {
+                    e.io.unread.push(id);
+                }
+                return;
+            }
         }
     }
 }
 
 /// Writes what waits for stream `id` as far as flow control allows; finishes the stream once
 /// all of it is written if asked.
-fn flush<C>(e: &mut Entry<C>, id: StreamId) {
-    let Some(at) = e.pending.iter().position(|p| p.0 == id) else {
+fn flush(io: &mut Io, id: StreamId) {
+    let Some(at) = io.pending.iter().position(|p| p.0 == id) else {
         return;
     };
-    let (_, data, fin) = &mut e.pending[at];
+    let (_, data, fin) = &mut io.pending[at];
     // Until all is written or a write says `Blocked`: quinn-proto raises `Writable` later only
     // for a stream whose write was refused whole (one cut short by the connection's window
     // would never hear of more room).
     let mut written = 0;
     while written < data.len() {
-        match e.conn.send_stream(id).write(&data[written..]) {
+        match io.conn.send_stream(id).write(&data[written..]) {
             Ok(0) | Err(quinn_proto::WriteError::Blocked) => break,
             Ok(n) => written += n,
             // Stopped or reset by the peer, or closed: nothing more goes out on it.
             Err(_) => {
-                e.pending.swap_remove(at);
+                io.pending.swap_remove(at);
                 return;
             }
         }
@@ -457,9 +988,9 @@ fn flush<C>(e: &mut Entry<C>, id: StreamId) {
     data.drain(..written);
     if data.is_empty() {
         let fin = *fin;
-        e.pending.swap_remove(at);
+        io.pending.swap_remove(at);
         if fin {
-            let _ = e.conn.send_stream(id).finish();
+            let _ = io.conn.send_stream(id).finish();
         }
     }
 }
