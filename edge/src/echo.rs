@@ -17,8 +17,13 @@ pub struct Echo {
 impl Echo {
     /// What the echo does with one event: data is written back on its stream, and the stream
     /// finished after it when the peer finished its own.
-    fn answer(&mut self, conn: &mut u64, event: AppEvent<'_, ()>, out: &mut dyn FnMut(Echoed<'_>)) {
-        if let AppEvent::Data { stream, data, fin } = event {
+    fn answer(
+        &mut self,
+        conn: &mut u64,
+        event: &AppEvent<'_, ()>,
+        out: &mut dyn FnMut(Echoed<'_>),
+    ) {
+        if let AppEvent::Data { stream, data, fin } = *event {
             self.echoed += data.len() as u64;
             *conn += data.len() as u64;
             out(Echoed { stream, data, fin });
@@ -48,7 +53,7 @@ impl App for Echo {
     }
 
     fn on_event(&mut self, cx: &mut Cx<'_>, conn: &mut Self::Conn, event: AppEvent<'_, ()>) {
-        self.answer(conn, event, &mut |e| {
+        self.answer(conn, &event, &mut |e| {
             cx.write(e.stream, e.data);
             if e.fin {
                 cx.finish(e.stream);
@@ -77,12 +82,12 @@ mod tests {
             data: b"hello",
             fin: true,
         };
-        echo.answer(&mut conn, event, &mut |e| {
+        echo.answer(&mut conn, &event, &mut |e| {
             out.extend_from_slice(e.data);
             fins += usize::from(e.fin);
         });
         // Events that are not data write nothing.
-        echo.answer(&mut conn, AppEvent::Timer, &mut |_| {
+        echo.answer(&mut conn, &AppEvent::Timer, &mut |_| {
             panic!("nothing to echo")
         });
         assert_eq!((out.as_slice(), fins), (&b"hello"[..], 1));
