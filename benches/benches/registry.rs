@@ -29,7 +29,7 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use meshchat_idgen::UserId;
 use meshchat_messaging::NodeConfig;
-use meshchat_messaging::registry::{ConnHandle, ConnId, Outbox, Registry};
+use meshchat_messaging::registry::{ConnControl, ConnHandle, ConnId, Outbox, Registry};
 use meshchat_messaging::tls;
 use meshchat_proto::CLIENT_ALPN;
 
@@ -84,7 +84,7 @@ impl Fixture {
                     ConnHandle {
                         id: registry.next_conn_id(),
                         outbox: outbox.clone(),
-                        conn: conns[i % conns.len()].clone(),
+                        conn: ConnControl::Quinn(conns[i % conns.len()].clone()),
                         visible: false,
                     },
                 );
@@ -107,7 +107,7 @@ impl Fixture {
         ConnHandle {
             id,
             outbox: Outbox::new(self.outbound_queue),
-            conn: self.conns[id.0 as usize % self.conns.len()].clone(),
+            conn: ConnControl::Quinn(self.conns[id.0 as usize % self.conns.len()].clone()),
             visible: false,
         }
     }

@@ -38,9 +38,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
+/// The stream ids applications see (quinn-proto's).
+pub use quinn_proto::StreamId;
 use quinn_proto::{
     ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig, Event, ServerConfig,
-    StreamEvent, StreamId, Transmit,
+    StreamEvent, Transmit,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, mpsc, watch};
@@ -93,6 +95,9 @@ pub enum AppEvent<'a, W> {
     Timer,
     /// The connection's [`Bell`] rang.
     Wake,
+    /// The peer's flow control took some of the bytes waiting for it
+    /// ([`Cx::pending_bytes`] is smaller than before).
+    Flushed,
     /// Work the application started for this connection finished ([`App::poll_work`]).
     Work(W),
     /// The loop is stopping: finish up; connections still open after the grace are closed.
@@ -119,8 +124,11 @@ pub trait App {
     /// Something happened on a connection.
     fn on_event(&mut self, cx: &mut Cx<'_>, conn: &mut Self::Conn, event: AppEvent<'_, Self::Work>);
 
-    /// The connection ended (lost, closed by either side, timed out) and its state goes.
+    /// The connection ended (closed by either side, lost, timed out) and its state goes.
     fn on_closed(&mut self, conn: Self::Conn);
+
+    /// Work whose connection is gone (or whose application ended) came back.
+    fn orphaned(&mut self, _work: Self::Work) {}
 
     /// The application's own work (say, requests running against storage): the next result,
     /// for the connection it belongs to. Results for connections gone are dropped.
@@ -365,9 +373,11 @@ impl std::fmt::Debug for Command {
 
 impl EdgeControl {
     /// Replaces the config new connections are made with (`None`: refuse them). Connections
-    /// held keep theirs.
-    pub async fn set_server_config(&self, config: Option<Arc<ServerConfig>>) {
-        let _ = self.commands.send(Command::ServerConfig(config)).await;
+    /// held keep theirs. `false` when the loop has stopped or has 16 commands waiting.
+    pub fn set_server_config(&self, config: Option<Arc<ServerConfig>>) -> bool {
+        self.commands
+            .try_send(Command::ServerConfig(config))
+            .is_ok()
     }
 
     /// The address the loop's socket is bound to, when known.
@@ -513,9 +523,16 @@ impl<A: App> Edge<A> {
                 Wakeup::Datagram(Err(e)) => debug!(error = %e, "recv_from failed"),
                 Wakeup::Rung => self.rung(&socket, now),
                 Wakeup::Work(key, work) => {
-                    self.with_app(&socket, key, now, |app, cx, c| {
-                        app.on_event(cx, c, AppEvent::Work(work));
-                    });
+                    let live = self
+                        .entry(key.slot as usize)
+                        .is_some_and(|e| e.io.key == key && e.app.is_some());
+                    if live {
+                        self.with_app(&socket, key, now, |app, cx, c| {
+                            app.on_event(cx, c, AppEvent::Work(work));
+                        });
+                    } else {
+                        self.app.orphaned(work);
+                    }
                 }
                 Wakeup::Timer => {
                     self.expire(&socket, now);
@@ -817,7 +834,17 @@ impl<A: App> Edge<A> {
                     }
                 }
                 Event::Stream(StreamEvent::Readable { id }) => self.read(e, id, now),
-                Event::Stream(StreamEvent::Writable { id }) => flush(&mut e.io, id),
+                Event::Stream(StreamEvent::Writable { id }) => {
+                    let before = e.io.pending.iter().map(|p| p.1.len()).sum::<usize>();
+                    flush(&mut e.io, id);
+                    let after = e.io.pending.iter().map(|p| p.1.len()).sum::<usize>();
+                    if after < before
+                        && let Some(c) = e.app.as_mut()
+                    {
+                        self.app
+                            .on_event(&mut Cx { io: &mut e.io, now }, c, AppEvent::Flushed);
+                    }
+                }
                 // The peer will read no more of it: what waits for it goes.
                 Event::Stream(StreamEvent::Stopped { id, .. }) => {
                     e.io.pending.retain(|p| p.0 != id);
@@ -831,6 +858,12 @@ impl<A: App> Edge<A> {
                 }
                 _ => {}
             }
+        }
+        // Closed here (by the application, a bell, the pending bound, a linger's end) or by
+        // the peer: nothing more reaches the application, which ends now rather than when
+        // the connection drains (3 PTO later).
+        if e.io.conn.is_closed() {
+            self.gone(e);
         }
         // Reading resumed by a callback: what arrived meanwhile.
         while !e.io.paused

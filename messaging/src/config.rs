@@ -512,6 +512,21 @@ pub struct TransportSettings {
     /// tickets; 0 turns resumption and 0-RTT off). Each ticket is used once; past the budget
     /// the oldest go, and their clients make a full handshake.
     pub ticket_store_bytes: usize,
+    /// What serves the client port: `quinn` (default: quinn's async endpoint, a task per
+    /// connection) or `loop` (meshchat's endpoint loop on quinn-proto, `meshchat-edge`: every
+    /// connection in one task, less memory per connection). Not reloadable.
+    pub endpoint: EndpointKind,
+}
+
+/// What serves the client port (`transport.endpoint`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointKind {
+    /// quinn's async endpoint: a task per connection beside quinn's driver task.
+    #[default]
+    Quinn,
+    /// meshchat's endpoint loop (`meshchat-edge`): one task for every connection.
+    Loop,
 }
 
 impl Default for TransportSettings {
@@ -524,6 +539,7 @@ impl Default for TransportSettings {
             udp_send_buffer: 8 * 1024 * 1024,
             mtu_discovery: false,
             ticket_store_bytes: 16 * 1024 * 1024,
+            endpoint: EndpointKind::Quinn,
         }
     }
 }

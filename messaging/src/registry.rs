@@ -35,6 +35,8 @@ pub use meshchat_backplane::delivery::{ConnId, Delivery};
 pub struct Outbox {
     queue: Mutex<VecDeque<Bytes>>,
     ready: Notify,
+    /// Rung instead of `ready` for a connection served by the endpoint loop.
+    bell: Option<Arc<meshchat_edge::Bell>>,
     capacity: usize,
 }
 
@@ -51,6 +53,18 @@ impl Outbox {
         Arc::new(Self {
             queue: Mutex::new(VecDeque::new()),
             ready: Notify::new(),
+            bell: None,
+            capacity: capacity.max(1),
+        })
+    }
+
+    /// An empty queue holding at most `capacity` pushes whose pushes ring `bell` (a
+    /// connection of the endpoint loop: it drains the queue when woken).
+    pub fn ringing(capacity: usize, bell: Arc<meshchat_edge::Bell>) -> Arc<Self> {
+        Arc::new(Self {
+            queue: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            bell: Some(bell),
             capacity: capacity.max(1),
         })
     }
@@ -64,8 +78,11 @@ impl Outbox {
             }
             q.push_back(push);
         }
-        // Stores a permit when nobody waits, so a push is never missed.
-        self.ready.notify_one();
+        match &self.bell {
+            Some(bell) => bell.ring(),
+            // Stores a permit when nobody waits, so a push is never missed.
+            None => self.ready.notify_one(),
+        }
         Ok(())
     }
 
@@ -89,6 +106,34 @@ impl Outbox {
     }
 }
 
+/// A way to close a client connection from outside its session, whichever endpoint serves
+/// it.
+#[derive(Debug, Clone)]
+pub enum ConnControl {
+    /// A connection of quinn's async endpoint.
+    Quinn(quinn::Connection),
+    /// A connection of meshchat's endpoint loop (`transport.endpoint = "loop"`).
+    Loop(Arc<meshchat_edge::Bell>),
+}
+
+impl ConnControl {
+    /// Closes the connection with `code` and `reason`.
+    pub fn close(&self, code: ErrorCode, reason: &[u8]) {
+        match self {
+            ConnControl::Quinn(c) => c.close(close_code(code), reason),
+            ConnControl::Loop(b) => b.close(close_code(code).into_inner() as u32, reason),
+        }
+    }
+
+    /// Whether it is closed (or a close was asked for).
+    pub fn is_closed(&self) -> bool {
+        match self {
+            ConnControl::Quinn(c) => c.close_reason().is_some(),
+            ConnControl::Loop(b) => b.is_closed(),
+        }
+    }
+}
+
 /// What the registry holds per live connection.
 #[derive(Debug, Clone)]
 pub struct ConnHandle {
@@ -96,8 +141,8 @@ pub struct ConnHandle {
     pub id: ConnId,
     /// Its outbound push queue (pre-encoded `Push` bodies without `seq`).
     pub outbox: Arc<Outbox>,
-    /// The QUIC connection, to close a slow reader.
-    pub conn: quinn::Connection,
+    /// The connection, to close a slow reader.
+    pub conn: ConnControl,
     /// Whether it shows its user online (authenticated, handshake complete, not hidden):
     /// counted by the presence tracker while it is registered.
     pub visible: bool,
@@ -312,7 +357,7 @@ impl Registry {
         for c in slow {
             // Until its session ends, a cut-off connection stays registered and refuses every
             // push: count (and log) it once.
-            if c.conn.close_reason().is_some() {
+            if c.conn.is_closed() {
                 continue;
             }
             debug!(
@@ -320,7 +365,7 @@ impl Registry {
                 "outbound queue full: cutting off slow reader"
             );
             c.conn.close(
-                close_code(ErrorCode::SlowReader),
+                ErrorCode::SlowReader,
                 b"outbound queue full: reconnect and fill the gap from history",
             );
             d.cut_off += 1;
@@ -356,7 +401,7 @@ impl Registry {
             .map(|c| c.iter().filter(|h| Some(h.id) != except).cloned().collect())
             .unwrap_or_default();
         for c in &conns {
-            c.conn.close(close_code(code), reason);
+            c.conn.close(code, reason);
         }
         conns.len()
     }
@@ -367,7 +412,7 @@ impl ClientConnections for Registry {
         let conns = self.all();
         for c in &conns {
             c.conn.close(
-                close_code(ErrorCode::Unavailable),
+                ErrorCode::Unavailable,
                 b"node fenced: cut off from cluster membership",
             );
         }

@@ -203,7 +203,7 @@ impl RunningNode {
         if let Some((mesh, prepared)) = mesh {
             mesh.set_tls(prepared);
         }
-        self.endpoint.set_server_config(Some(server));
+        self.endpoint.set_server_config(server);
         let l = &effective.limits;
         self.gate.set_limits(
             l.max_concurrent_handshakes,

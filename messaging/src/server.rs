@@ -25,7 +25,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admission::{Admit, HandshakeGate};
 use crate::auth::{Auth, AuthSetupError};
-use crate::config::{Backend, NodeConfig};
+use crate::config::{Backend, EndpointKind, NodeConfig};
 use crate::error::{RequestError, close_code};
 use crate::members::MemberCache;
 use crate::node::Node;
@@ -72,7 +72,7 @@ pub struct RunningNode {
     /// The admin HTTP listener's bound address, when `[admin] listen` is set.
     pub admin_addr: Option<SocketAddr>,
     /// The client-facing endpoint (its TLS config is replaced on a reload).
-    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) endpoint: ClientEndpoint,
     /// The handshake gate (its limits are replaced on a reload).
     pub(crate) gate: Arc<HandshakeGate>,
     /// The Retry token key, kept across reloads.
@@ -117,6 +117,44 @@ impl RunningNode {
             warn!(error = %e, "node task ended abnormally");
         }
     }
+}
+
+/// What serves the client port (`transport.endpoint`), as the node commands it.
+#[derive(Debug)]
+pub(crate) enum ClientEndpoint {
+    /// quinn's async endpoint.
+    Quinn(quinn::Endpoint),
+    /// meshchat's endpoint loop.
+    Loop(meshchat_edge::EdgeControl),
+}
+
+impl ClientEndpoint {
+    /// New connections are made with `config` from now on.
+    pub(crate) fn set_server_config(&self, config: quinn::ServerConfig) {
+        match self {
+            ClientEndpoint::Quinn(e) => e.set_server_config(Some(config)),
+            ClientEndpoint::Loop(c) => {
+                if !c.set_server_config(Some(Arc::new(config))) {
+                    warn!("the endpoint loop did not take the new TLS config (stopped or busy)");
+                }
+            }
+        }
+    }
+}
+
+/// The client port as bound: quinn's endpoint, or the loop's socket and TLS config.
+enum ClientPort {
+    Quinn(quinn::Endpoint),
+    Loop(tokio::net::UdpSocket, Arc<quinn::ServerConfig>),
+}
+
+/// The client port ready to serve: quinn's endpoint, or the loop and its socket.
+enum Serving {
+    Quinn(quinn::Endpoint),
+    Loop(
+        Box<meshchat_edge::Edge<session::looped::NodeApp>>,
+        tokio::net::UdpSocket,
+    ),
 }
 
 /// Opens storage, binds the endpoint and starts accepting. Returns once the node listens.
@@ -171,16 +209,28 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         &tickets,
     )?;
     let socket = tls::udp_socket(config.listen, &config.transport)?;
-    let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server_config),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|e| StartError::Other(format!("endpoint: {e}")))?;
-    let addr = endpoint
+    let addr = socket
         .local_addr()
         .map_err(|e| StartError::Other(format!("endpoint address: {e}")))?;
+    let client_port = match config.transport.endpoint {
+        EndpointKind::Quinn => ClientPort::Quinn(
+            quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                Some(server_config),
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .map_err(|e| StartError::Other(format!("endpoint: {e}")))?,
+        ),
+        EndpointKind::Loop => {
+            socket
+                .set_nonblocking(true)
+                .map_err(|e| StartError::Other(format!("endpoint socket: {e}")))?;
+            let socket = tokio::net::UdpSocket::from_std(socket)
+                .map_err(|e| StartError::Other(format!("endpoint socket: {e}")))?;
+            ClientPort::Loop(socket, Arc::new(server_config))
+        }
+    };
     let mut config = config;
     if config.advertise.is_none() {
         // Port 0 in `listen` means "any": tell clients the port actually bound. (An
@@ -267,19 +317,59 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         }
         None => (None, None),
     };
+    let (endpoint, serving) = match client_port {
+        ClientPort::Quinn(e) => (ClientEndpoint::Quinn(e.clone()), Serving::Quinn(e)),
+        ClientPort::Loop(socket, server_config) => {
+            let l = &node.config.limits;
+            let slow = close_code(ErrorCode::SlowReader).into_inner() as u32;
+            let unavailable = close_code(ErrorCode::Unavailable).into_inner() as u32;
+            let edge = meshchat_edge::Edge::new(
+                server_config,
+                session::looped::NodeApp::new(node.clone(), gate.clone()),
+            )
+            // What one connection may have unsent: beyond the session's own soft mark (where
+            // it stops reading and draining pushes), room for replies in progress.
+            .with_pending_limit(
+                (l.max_frame_bytes as usize)
+                    .saturating_mul(l.max_inflight_per_conn + 2)
+                    .max(1024 * 1024),
+                slow,
+                b"client stopped reading",
+            )
+            .with_shutdown(
+                node.config
+                    .shutdown_grace
+                    .saturating_add(Duration::from_secs(1)),
+                unavailable,
+                b"node shutting down",
+            );
+            let control = edge.control(Some(addr));
+            (
+                ClientEndpoint::Loop(control),
+                Serving::Loop(Box::new(edge), socket),
+            )
+        }
+    };
     let node_for_loop = node.clone();
-    let (endpoint_for_loop, gate_for_loop) = (endpoint.clone(), gate.clone());
+    let gate_for_loop = gate.clone();
     let done = tokio::spawn(
         async move {
-            accept_loop(
-                node_for_loop,
-                endpoint_for_loop,
-                embedded,
-                gate_for_loop,
-                admin_task,
-                stop_rx,
-            )
-            .await;
+            match serving {
+                Serving::Quinn(endpoint) => {
+                    accept_loop(
+                        node_for_loop,
+                        endpoint,
+                        embedded,
+                        gate_for_loop,
+                        admin_task,
+                        stop_rx,
+                    )
+                    .await;
+                }
+                Serving::Loop(edge, socket) => {
+                    serve_loop(node_for_loop, *edge, socket, embedded, admin_task, stop_rx).await;
+                }
+            }
             // Held until the node is down: only then may another process take the worker id.
             drop(worker_lock);
         }
@@ -499,12 +589,63 @@ async fn accept_loop(
             "connections still open after the grace period; closing them"
         );
         for c in node.registry.all() {
-            c.conn
-                .close(close_code(ErrorCode::Unavailable), b"node shutting down");
+            c.conn.close(ErrorCode::Unavailable, b"node shutting down");
         }
     }
-    // The admin listener answered /readyz with 503 while the connections drained; it stops
-    // now, before the store closes.
+    stop_admin_and_store(node, store, admin).await;
+    endpoint.close(close_code(ErrorCode::Unavailable), b"node shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    let bound = endpoint.local_addr().ok();
+    drop(endpoint);
+    if let Some(addr) = bound {
+        port_released(addr).await;
+    }
+    info!("stopped");
+}
+
+/// Serves the client port with the endpoint loop until `stop`; then the loop gives the
+/// sessions the shutdown grace (each answers its requests in progress and closes with
+/// `UNAVAILABLE`), the admin listener and the store close, and the port is released.
+async fn serve_loop(
+    node: Arc<Node>,
+    edge: meshchat_edge::Edge<session::looped::NodeApp>,
+    socket: tokio::net::UdpSocket,
+    store: Option<Arc<EmbeddedStore>>,
+    admin: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+    stop: watch::Receiver<bool>,
+) {
+    tokio::spawn(node.clone().presence_loop(stop.clone()));
+    let housekeeping = {
+        let (node, mut stop) = (node.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = every.tick() => node.housekeeping(),
+                }
+            }
+        })
+    };
+    let bound = socket.local_addr().ok();
+    if let Err(e) = edge.run(socket, stop).await {
+        warn!(error = %e, "the endpoint loop failed");
+    }
+    let _ = housekeeping.await;
+    stop_admin_and_store(node, store, admin).await;
+    if let Some(addr) = bound {
+        port_released(addr).await;
+    }
+    info!("stopped");
+}
+
+/// The last of a shutdown, once the connections are gone: the admin listener (it answered
+/// `/readyz` with 503 while they drained), then the store.
+async fn stop_admin_and_store(
+    node: Arc<Node>,
+    store: Option<Arc<EmbeddedStore>>,
+    admin: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+) {
     if let Some((admin_stop, mut task)) = admin {
         let _ = admin_stop.send(true);
         if tokio::time::timeout(Duration::from_secs(2), &mut task)
@@ -524,14 +665,6 @@ async fn accept_loop(
             Err(_) => warn!("store still referenced at shutdown; its writer drains on drop"),
         }
     }
-    endpoint.close(close_code(ErrorCode::Unavailable), b"node shutting down");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    let bound = endpoint.local_addr().ok();
-    drop(endpoint);
-    if let Some(addr) = bound {
-        port_released(addr).await;
-    }
-    info!("stopped");
 }
 
 /// Waits (at most 2 s) until `addr` can be bound again. quinn's endpoint driver task owns the

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio_util::codec::Decoder;
 use tracing::{Instrument, debug, info_span, warn};
 
+pub(crate) mod looped;
 pub mod machine;
 
 use self::machine::{Authenticated, Bounds, Call, Close, Next, Session, error_frame};
@@ -30,7 +31,7 @@ use crate::auth::Identity;
 use crate::error::{RequestError, close_code};
 use crate::metrics::{self, request_type};
 use crate::node::{AuthOutcome, Node};
-use crate::registry::{ConnHandle, ConnId, Outbox, Refused};
+use crate::registry::{ConnControl, ConnHandle, ConnId, Outbox, Refused};
 
 /// Initial capacity of a connection's read buffer; grows to the frame size when needed.
 const READ_BUFFER: usize = 256;
@@ -388,47 +389,22 @@ async fn run(
                     // idle connection's task.
                     let after = match call {
                         Call::Authenticate { rid, body, visible } => {
-                            let result = match Box::pin(
+                            let outcome = Box::pin(
                                 node.authenticate_request(body, conn.remote_address().ip()),
                             )
-                            .await
-                            {
-                                Ok(AuthOutcome::Redirect(r)) => Authenticated::Redirect(r),
-                                Ok(AuthOutcome::Authenticated(who, ok)) => {
-                                    let ob = Outbox::new(limits.outbound_queue);
-                                    let handle = ConnHandle {
-                                        id,
-                                        outbox: ob.clone(),
-                                        conn: conn.clone(),
-                                        visible,
-                                    };
-                                    match node.registry.insert_capped(
-                                        who.user,
-                                        handle,
-                                        limits.max_connections_per_user,
-                                        who.auth_time_ms,
-                                    ) {
-                                        // One token must not take every slot of a node.
-                                        Err(Refused::Cap(has)) => Authenticated::Refused(
-                                            RequestError::Overloaded(format!(
-                                                "this user has {has} connections on this node, the most allowed; close one"
-                                            )),
-                                        ),
-                                        Err(Refused::SignedOut) => {
-                                            Authenticated::Refused(RequestError::TokenExpired)
-                                        }
-                                        Ok(()) => {
-                                            outbox = Some(ob);
-                                            Authenticated::Registered {
-                                                expires: deadline_of(ok.expires_unix_ms),
-                                                identity: who,
-                                                ok,
-                                            }
-                                        }
-                                    }
-                                }
-                                Err(e) => Authenticated::Failed(e),
-                            };
+                            .await;
+                            let (result, registered) = register(
+                                &node,
+                                outcome,
+                                id,
+                                visible,
+                                &limits,
+                                ConnControl::Quinn(conn.clone()),
+                                || Outbox::new(limits.outbound_queue),
+                            );
+                            if registered.is_some() {
+                                outbox = registered;
+                            }
                             session.authenticated(rid, result)
                         }
                         Call::Refresh {
@@ -481,32 +457,14 @@ async fn run(
                             session.finished(&error_frame(rid, &e));
                         }
                         Ok(permit) => {
-                            let m = node.metrics.clone();
-                            let user = identity.user.0;
-                            let fut = node.clone().handle(identity, id, body).map(move |r| {
-                                let _permit = permit;
-                                m.request(
-                                    kind,
-                                    metrics::outcome(&r, RequestError::code),
-                                    started.elapsed(),
-                                );
-                                match r {
-                                    Ok(body) => ServerFrame {
-                                        request_id: rid,
-                                        body: Some(body),
-                                    },
-                                    Err(e) => {
-                                        if matches!(e.code(), ErrorCode::Internal) {
-                                            warn!(error = %e, "request failed");
-                                        }
-                                        error_frame(rid, &e)
-                                    }
-                                }
-                            });
-                            // One span per request: its id on the wire (the client's logs
-                            // name it), its type and user.
-                            let span = info_span!("request", id = rid, r#type = kind, user = user);
-                            inflight.push(Box::pin(fut.instrument(span)));
+                            inflight.push(Box::pin(run_request(
+                                &node,
+                                identity,
+                                id,
+                                (rid, body),
+                                (kind, started),
+                                permit,
+                            )));
                         }
                     }
                 }
@@ -606,6 +564,93 @@ async fn flush(send: &mut quinn::SendStream, out: &mut BytesMut) -> bool {
         *out = BytesMut::new();
     }
     ok
+}
+
+/// Request `rid` run against the node, its reply made, its outcome recorded as `kind` since
+/// `started`; `permit` (its share of the node's request budget) is held until the reply is
+/// made.
+pub(crate) fn run_request(
+    node: &Arc<Node>,
+    identity: Arc<Identity>,
+    id: ConnId,
+    (rid, body): (u64, pb::client_frame::Body),
+    (kind, started): (&'static str, Instant),
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> impl std::future::Future<Output = ServerFrame> + Send + 'static {
+    let m = node.metrics.clone();
+    let user = identity.user.0;
+    let fut = node.clone().handle(identity, id, body).map(move |r| {
+        let _permit = permit;
+        m.request(
+            kind,
+            metrics::outcome(&r, RequestError::code),
+            started.elapsed(),
+        );
+        match r {
+            Ok(body) => ServerFrame {
+                request_id: rid,
+                body: Some(body),
+            },
+            Err(e) => {
+                if matches!(e.code(), ErrorCode::Internal) {
+                    warn!(error = %e, "request failed");
+                }
+                error_frame(rid, &e)
+            }
+        }
+    });
+    // One span per request: its id on the wire (the client's logs name it), its type and user.
+    let span = info_span!("request", id = rid, r#type = kind, user = user);
+    fut.instrument(span)
+}
+
+/// What an authentication's outcome leads to: a redirect, a failure, or the connection
+/// registered under its user (within the user's connection cap, and unless the user signed
+/// out after this login), with the outbound queue `outbox()` makes (returned too).
+pub(crate) fn register(
+    node: &Node,
+    outcome: Result<AuthOutcome, RequestError>,
+    id: ConnId,
+    visible: bool,
+    limits: &crate::config::LimitsConfig,
+    conn: ConnControl,
+    outbox: impl FnOnce() -> Arc<Outbox>,
+) -> (Authenticated, Option<Arc<Outbox>>) {
+    let (who, ok) = match outcome {
+        Ok(AuthOutcome::Redirect(r)) => return (Authenticated::Redirect(r), None),
+        Err(e) => return (Authenticated::Failed(e), None),
+        Ok(AuthOutcome::Authenticated(who, ok)) => (who, ok),
+    };
+    let ob = outbox();
+    let handle = ConnHandle {
+        id,
+        outbox: ob.clone(),
+        conn,
+        visible,
+    };
+    match node.registry.insert_capped(
+        who.user,
+        handle,
+        limits.max_connections_per_user,
+        who.auth_time_ms,
+    ) {
+        // One token must not take every slot of a node.
+        Err(Refused::Cap(has)) => (
+            Authenticated::Refused(RequestError::Overloaded(format!(
+                "this user has {has} connections on this node, the most allowed; close one"
+            ))),
+            None,
+        ),
+        Err(Refused::SignedOut) => (Authenticated::Refused(RequestError::TokenExpired), None),
+        Ok(()) => (
+            Authenticated::Registered {
+                expires: deadline_of(ok.expires_unix_ms),
+                identity: who,
+                ok,
+            },
+            Some(ob),
+        ),
+    }
 }
 
 impl machine::Host for Node {

@@ -1,0 +1,655 @@
+//! The client sessions on meshchat's endpoint loop (`transport.endpoint = "loop"`): the same
+//! [`Session`] machine as the quinn driver, driven from `meshchat_edge`'s one task instead of
+//! a task per connection.
+//!
+//! Per connection the loop keeps quinn-proto's connection and a [`LoopConn`]: the machine,
+//! the bytes read and not yet decoded, the outbound queue once authenticated, the handshake
+//! slot until the handshake ends. Requests and authentication calls run as futures polled by
+//! the loop ([`NodeApp::poll_work`]); their results come back to their connection as events.
+//! A push rings the connection's bell (its outbound queue is made with it), and the loop
+//! drains the queue into the stream.
+//!
+//! Back-pressure, as the quinn driver has it: frames are read only while the machine wants
+//! one and the connection's unsent bytes are under [`PENDING_SOFT`]; past it, reading and
+//! the draining of pushes wait (so a client that does not read fills its outbound queue and
+//! is cut off as a slow reader by the registry), and a connection whose bytes have not moved
+//! for `write_timeout` is closed with `SLOW_READER`.
+//!
+//! What the quinn endpoint does and this one does not yet: a validated client that finds
+//! every handshake slot taken is refused at once instead of waiting `handshake_queue_wait`
+//! for one (docs/ARCHITECTURE.md).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use meshchat_edge::StreamId;
+use meshchat_edge::{Admit, App, AppEvent, ConnKey, Cx};
+use meshchat_proto::FrameCodec;
+use meshchat_proto::client::{AuthOk, ClientFrame, ErrorCode, ServerFrame};
+use tokio_util::codec::Decoder;
+use tracing::debug;
+
+use super::machine::{Authenticated, Bounds, Call, Close, Next, Session, error_frame};
+use super::{expiring, register, run_request};
+use crate::admission::{self, HandshakeGate, HandshakeSlot};
+use crate::auth::Identity;
+use crate::config::LimitsConfig;
+use crate::error::{RequestError, close_code};
+use crate::metrics::{EstablishedGuard, request_type};
+use crate::node::Node;
+use crate::registry::{ConnControl, ConnId, Outbox};
+
+/// Unsent bytes past which a connection reads no frame and drains no push until they move.
+pub(crate) const PENDING_SOFT: usize = 64 * 1024;
+/// Initial capacity of a connection's read buffer, and the size past which an emptied one is
+/// dropped (as the quinn driver's).
+const READ_BUFFER: usize = 256;
+const READ_BUFFER_KEEP: usize = 16 * 1024;
+/// How long a closing connection waits for the client to acknowledge its last bytes.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// A request in progress, for its metrics: its type and when it was read.
+type Req = Option<(&'static str, Instant)>;
+
+/// What a connection's work returns to it.
+pub(crate) enum Work {
+    /// A request's reply.
+    Reply(ServerFrame),
+    /// `Call::Authenticate`'s result; `outbox` when the connection was registered.
+    Authenticated {
+        rid: u64,
+        id: ConnId,
+        result: Authenticated,
+        outbox: Option<Arc<Outbox>>,
+        request: Req,
+    },
+    /// `Call::Refresh` or `Call::ChangePassword`'s result.
+    Renewed {
+        rid: u64,
+        result: Result<(Identity, AuthOk, Instant), RequestError>,
+        request: Req,
+    },
+    /// `Call::Logout`'s result.
+    LoggedOut {
+        rid: u64,
+        result: Result<(), RequestError>,
+        request: Req,
+    },
+}
+
+type WorkFuture = Pin<Box<dyn Future<Output = (ConnKey, Work)> + Send>>;
+
+/// The node's sessions as the loop's application.
+pub(crate) struct NodeApp {
+    node: Arc<Node>,
+    gate: Arc<HandshakeGate>,
+    work: FuturesUnordered<WorkFuture>,
+    /// Pushes taken from an outbound queue, reused.
+    batch: Vec<Bytes>,
+}
+
+/// One connection's state beside quinn-proto's.
+pub(crate) struct LoopConn {
+    id: ConnId,
+    session: Session,
+    limits: Arc<LimitsConfig>,
+    /// The protocol stream, once the client opened it.
+    stream: Option<StreamId>,
+    buf: BytesMut,
+    codec: FrameCodec<ClientFrame, ServerFrame>,
+    eof: bool,
+    outbox: Option<Arc<Outbox>>,
+    /// Until the handshake ends: its slot and when it started.
+    handshake: Option<(HandshakeSlot, Instant)>,
+    _established: Option<EstablishedGuard>,
+    /// A close waiting for the requests in progress, until the instant.
+    closing: Option<(Close, Instant)>,
+    /// Since when the unsent bytes have been past [`PENDING_SOFT`].
+    stalled: Option<Instant>,
+    shutting_down: bool,
+    /// Closed by the session: nothing more happens but the loop's linger and drain.
+    done: bool,
+}
+
+impl NodeApp {
+    pub(crate) fn new(node: Arc<Node>, gate: Arc<HandshakeGate>) -> Self {
+        Self {
+            node,
+            gate,
+            work: FuturesUnordered::new(),
+            batch: Vec::new(),
+        }
+    }
+
+    /// Frames as far as the machine takes them, then what is owed: writes, reading, deadline.
+    fn pump(&mut self, cx: &mut Cx<'_>, c: &mut LoopConn) {
+        while !c.done
+            && c.closing.is_none()
+            && c.session.wants_frame()
+            && cx.pending_bytes() < PENDING_SOFT
+        {
+            let frame = match c.codec.decode(&mut c.buf) {
+                Ok(Some(f)) => {
+                    if c.buf.is_empty() && c.buf.capacity() > READ_BUFFER_KEEP {
+                        c.buf = BytesMut::with_capacity(READ_BUFFER);
+                    }
+                    Ok(f)
+                }
+                Ok(None) if c.eof => {
+                    self.close(cx, c, Close::CLEAN);
+                    return;
+                }
+                Ok(None) => break,
+                Err(e) => Err(e),
+            };
+            let kind = frame
+                .as_ref()
+                .ok()
+                .and_then(|f| f.body.as_ref())
+                .map_or("unknown", request_type);
+            let early = frame.is_ok() && cx.is_handshaking();
+            if let (true, Ok(f)) = (early, &frame) {
+                self.node
+                    .early_request(f.body.as_ref().is_none_or(meshchat_proto::replay_safe));
+            }
+            let step = c.session.frame(&*self.node, frame, early);
+            self.step(cx, c, step, Some((kind, Instant::now())));
+        }
+        self.settle(cx, c);
+    }
+
+    /// Writes what the machine has, reads again or not, and sets the one deadline.
+    fn settle(&mut self, cx: &mut Cx<'_>, c: &mut LoopConn) {
+        if c.done {
+            return;
+        }
+        write_out(cx, c);
+        let pending = cx.pending_bytes();
+        if pending >= PENDING_SOFT {
+            c.stalled.get_or_insert(cx.now());
+        } else {
+            c.stalled = None;
+        }
+        if c.closing.is_none() && c.session.wants_frame() && c.stalled.is_none() {
+            cx.resume_reading();
+        } else {
+            cx.pause_reading();
+        }
+        let mut at = match &c.closing {
+            Some((_, until)) => *until,
+            None => c.session.deadline(),
+        };
+        if let Some((_, started)) = &c.handshake {
+            at = at.min(*started + c.limits.handshake_timeout);
+        }
+        if let Some(since) = c.stalled {
+            at = at.min(since + c.limits.write_timeout);
+        }
+        cx.set_deadline(Some(at));
+    }
+
+    /// What a frame, a deadline or a call's result led to; a call's result leads on in turn
+    /// when it comes back.
+    fn step(&mut self, cx: &mut Cx<'_>, c: &mut LoopConn, step: Next, request: Req) {
+        let record = |outcome: &'static str| {
+            if let Some((kind, started)) = request {
+                self.node.metrics.request(kind, outcome, started.elapsed());
+            }
+        };
+        match step {
+            Next::Answered(outcome) => record(outcome),
+            Next::Skipped => {}
+            Next::Visible {
+                outcome,
+                user,
+                visible,
+            } => {
+                self.node.registry.set_visible(user, c.id, visible);
+                record(outcome);
+            }
+            Next::Close(close) => {
+                if let Some(outcome) = close.outcome {
+                    record(outcome);
+                }
+                self.close(cx, c, close);
+            }
+            Next::Call(call) => self.call(cx, c, call, request),
+            Next::Start {
+                rid,
+                identity,
+                body,
+            } => {
+                let (kind, started) = request.unwrap_or(("unknown", Instant::now()));
+                match self.node.admit_request(body.encoded_len()) {
+                    Err(e) => {
+                        self.node
+                            .metrics
+                            .request(kind, e.code().as_str_name(), started.elapsed());
+                        c.session.finished(&error_frame(rid, &e));
+                    }
+                    Ok(permit) => {
+                        let key = cx.key();
+                        let reply = run_request(
+                            &self.node,
+                            identity,
+                            c.id,
+                            (rid, body),
+                            (kind, started),
+                            permit,
+                        );
+                        self.work
+                            .push(Box::pin(async move { (key, Work::Reply(reply.await)) }));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs an authentication-family call; the machine reads no frame until it returns.
+    fn call(&mut self, cx: &mut Cx<'_>, c: &mut LoopConn, call: Call, request: Req) {
+        let key = cx.key();
+        let node = self.node.clone();
+        let id = c.id;
+        let source = cx.remote_address().ip();
+        let fut: WorkFuture = match call {
+            Call::Authenticate { rid, body, visible } => {
+                let limits = c.limits.clone();
+                let bell = cx.bell();
+                Box::pin(async move {
+                    let outcome = node.authenticate_request(body, source).await;
+                    let (result, outbox) = register(
+                        &node,
+                        outcome,
+                        id,
+                        visible,
+                        &limits,
+                        ConnControl::Loop(bell.clone()),
+                        || Outbox::ringing(limits.outbound_queue, bell),
+                    );
+                    let work = Work::Authenticated {
+                        rid,
+                        id,
+                        result,
+                        outbox,
+                        request,
+                    };
+                    (key, work)
+                })
+            }
+            Call::Refresh {
+                rid,
+                identity,
+                token,
+            } => Box::pin(async move {
+                let result = node.refresh_request(&identity, &token).await;
+                let result = result.map(expiring);
+                (
+                    key,
+                    Work::Renewed {
+                        rid,
+                        result,
+                        request,
+                    },
+                )
+            }),
+            Call::ChangePassword {
+                rid,
+                identity,
+                body,
+            } => Box::pin(async move {
+                let result = node.change_password(&identity, id, source, body).await;
+                let result = result.map(expiring);
+                (
+                    key,
+                    Work::Renewed {
+                        rid,
+                        result,
+                        request,
+                    },
+                )
+            }),
+            Call::Logout {
+                rid,
+                identity,
+                everywhere,
+            } => Box::pin(async move {
+                let result = node.logout(&identity, id, everywhere).await;
+                (
+                    key,
+                    Work::LoggedOut {
+                        rid,
+                        result,
+                        request,
+                    },
+                )
+            }),
+        };
+        self.work.push(fut);
+    }
+
+    /// The session ends with `close`: after the requests in progress when it asks for that
+    /// (bounded), else now.
+    fn close(&mut self, cx: &mut Cx<'_>, c: &mut LoopConn, close: Close) {
+        if c.done {
+            return;
+        }
+        self.abandon_handshake(c);
+        if close.answer_inflight && c.session.inflight() > 0 {
+            // When the node stops, the connection leaves the registry first (as the quinn
+            // driver's order has it); after a logout, once its requests are answered.
+            let wait = if c.shutting_down {
+                self.unregister(c);
+                self.node.config.shutdown_grace
+            } else {
+                c.limits.write_timeout
+            };
+            c.closing = Some((close, cx.now() + wait));
+            self.settle(cx, c);
+            return;
+        }
+        self.finish_close(cx, c, close);
+    }
+
+    /// Closes now: what the machine wrote goes out first (the reason, often), then the QUIC
+    /// close once the client acknowledged it (bounded).
+    fn finish_close(&mut self, cx: &mut Cx<'_>, c: &mut LoopConn, close: Close) {
+        write_out(cx, c);
+        self.unregister(c);
+        c.done = true;
+        c.closing = None;
+        c.outbox = None;
+        cx.pause_reading();
+        cx.set_deadline(None);
+        let (code, reason): (u32, &[u8]) = match close.code {
+            Some((code, reason)) => (close_code(code).into_inner() as u32, reason),
+            None => (0, b"bye"),
+        };
+        match c.stream {
+            Some(stream) => cx.close_after_flush(stream, code, reason, CLOSE_LINGER),
+            None => cx.close(code, reason),
+        }
+    }
+
+    fn unregister(&self, c: &LoopConn) {
+        if let Some(me) = c.session.identity() {
+            self.node.registry.remove(me.user, c.id);
+        }
+    }
+
+    /// The connection ends during its handshake: counted as failed, its slot given back.
+    fn abandon_handshake(&self, c: &mut LoopConn) {
+        if c.handshake.take().is_some() {
+            debug!(conn = c.id.0, "connection ended during its handshake");
+            self.node.metrics.handshake("failed", None);
+        }
+    }
+
+    /// The connection's deadline passed: which one.
+    fn timer(&mut self, cx: &mut Cx<'_>, c: &mut LoopConn) {
+        if c.done {
+            return;
+        }
+        let now = cx.now();
+        if let Some((close, until)) = c.closing {
+            if until <= now {
+                self.finish_close(cx, c, close);
+            } else {
+                self.settle(cx, c);
+            }
+            return;
+        }
+        if let Some((_, started)) = &c.handshake
+            && *started + c.limits.handshake_timeout <= now
+        {
+            c.handshake = None;
+            debug!(conn = c.id.0, "handshake timed out");
+            self.node.metrics.handshake("timeout", None);
+            c.done = true;
+            cx.close(0, b"handshake timed out");
+            return;
+        }
+        if c.stalled
+            .is_some_and(|since| since + c.limits.write_timeout <= now)
+        {
+            // The client stopped reading: nothing more can reach it.
+            c.done = true;
+            self.unregister(c);
+            cx.close(
+                close_code(ErrorCode::SlowReader).into_inner() as u32,
+                b"client stopped reading",
+            );
+            return;
+        }
+        if c.session.deadline() <= now {
+            let close = c.session.expired();
+            self.step(cx, c, Next::Close(close), None);
+            return;
+        }
+        self.settle(cx, c);
+    }
+
+    /// A push was queued (the bell rang): write what the queue holds, unless the client is
+    /// behind on reading (then the queue fills and the registry cuts it off).
+    fn drain_outbox(&mut self, cx: &mut Cx<'_>, c: &mut LoopConn) {
+        if c.done || cx.pending_bytes() >= PENDING_SOFT {
+            return;
+        }
+        let Some(o) = c.outbox.as_ref() else { return };
+        o.drain_into(c.limits.outbound_queue, &mut self.batch);
+        self.node.metrics.pushes(self.batch.len());
+        c.session.pushes(&mut self.batch);
+        if self.batch.capacity() > 256 {
+            self.batch = Vec::new();
+        }
+        self.settle(cx, c);
+    }
+
+    /// A call or request came back.
+    fn work(&mut self, cx: &mut Cx<'_>, c: &mut LoopConn, work: Work) {
+        if c.done {
+            self.orphaned(work);
+            return;
+        }
+        match work {
+            Work::Reply(reply) => {
+                c.session.finished(&reply);
+                if let Some((close, _)) = c.closing
+                    && c.session.inflight() == 0
+                {
+                    self.finish_close(cx, c, close);
+                    return;
+                }
+            }
+            Work::Authenticated {
+                rid,
+                result,
+                outbox,
+                request,
+                ..
+            } => {
+                if outbox.is_some() {
+                    c.outbox = outbox;
+                }
+                let next = c.session.authenticated(rid, result);
+                self.step(cx, c, next, request);
+            }
+            Work::Renewed {
+                rid,
+                result,
+                request,
+            } => {
+                let next = c.session.renewed(rid, result);
+                self.step(cx, c, next, request);
+            }
+            Work::LoggedOut {
+                rid,
+                result,
+                request,
+            } => {
+                let next = c.session.logged_out(rid, result);
+                self.step(cx, c, next, request);
+            }
+        }
+        // Pushes may have waited for the client to catch up, frames for the machine.
+        self.drain_outbox(cx, c);
+        self.pump(cx, c);
+    }
+
+    /// Work whose connection is gone: a registration it made is undone.
+    fn orphaned(&self, work: Work) {
+        if let Work::Authenticated {
+            id,
+            result: Authenticated::Registered { identity, .. },
+            ..
+        } = work
+        {
+            self.node.registry.remove(identity.user, id);
+        }
+    }
+}
+
+/// Writes what the machine has to the protocol stream (dropped when there is none yet: a
+/// close before the client opened it).
+fn write_out(cx: &mut Cx<'_>, c: &mut LoopConn) {
+    let out = c.session.out();
+    if out.is_empty() {
+        return;
+    }
+    if let Some(stream) = c.stream {
+        cx.write(stream, out);
+    }
+    out.clear();
+    if out.capacity() > 64 * 1024 {
+        *out = BytesMut::new();
+    }
+}
+
+impl App for NodeApp {
+    type Conn = LoopConn;
+    type Admission = HandshakeSlot;
+    type Work = Work;
+
+    fn admit(&mut self, remote: SocketAddr, validated: bool, held: usize) -> Admit<HandshakeSlot> {
+        let source = remote.ip();
+        // Connections in any state (handshaking or live) count against the bound.
+        if held >= self.node.limits().max_connections {
+            self.node.metrics.handshake("refused", None);
+            return Admit::Refuse;
+        }
+        match self.gate.admit(source, validated) {
+            admission::Admit::Now(slot) => Admit::Accept(slot),
+            // Costs the node no state; a spoofed source never answers.
+            admission::Admit::Retry => Admit::Retry,
+            admission::Admit::Wait(_) => {
+                debug!(%source, "every handshake slot taken; refused (the loop does not queue)");
+                self.node.metrics.handshake("refused", None);
+                Admit::Refuse
+            }
+            admission::Admit::Refuse => {
+                debug!(%source, "too many handshakes from one source; refused");
+                self.node.metrics.handshake("refused", None);
+                Admit::Refuse
+            }
+        }
+    }
+
+    fn accept(&mut self, cx: &mut Cx<'_>, slot: HandshakeSlot) -> LoopConn {
+        // This connection's bounds: the limits in force when it was made.
+        let limits = self.node.limits_snapshot();
+        let max_frame = limits.max_frame_bytes as usize;
+        let session = Session::new(
+            Bounds {
+                max_frame,
+                max_inflight: limits.max_inflight_per_conn,
+                max_auth_failures: self.node.config.auth.max_auth_failures,
+            },
+            cx.now(),
+            limits.auth_timeout,
+        );
+        let mut c = LoopConn {
+            id: self.node.registry.next_conn_id(),
+            session,
+            limits,
+            stream: None,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+            codec: FrameCodec::new(max_frame),
+            eof: false,
+            outbox: None,
+            handshake: Some((slot, cx.now())),
+            _established: None,
+            closing: None,
+            stalled: None,
+            shutting_down: false,
+            done: false,
+        };
+        debug!(conn = c.id.0, peer = %cx.remote_address(), "connection accepted");
+        self.settle(cx, &mut c);
+        c
+    }
+
+    fn on_event(&mut self, cx: &mut Cx<'_>, c: &mut LoopConn, event: AppEvent<'_, Work>) {
+        match event {
+            AppEvent::Connected => {
+                if let Some((slot, started)) = c.handshake.take() {
+                    drop(slot);
+                    self.node.metrics.handshake("ok", Some(started.elapsed()));
+                    c._established = Some(self.node.metrics.established());
+                    // Authenticated in early data: shown online only now (early data can be
+                    // replayed, and a replay must not show anyone online).
+                    if let Some(user) = c.session.handshake_complete() {
+                        self.node.registry.set_visible(user, c.id, true);
+                    }
+                }
+                self.settle(cx, c);
+            }
+            AppEvent::Data { stream, data, fin } => {
+                // The client opens one bidirectional stream (the transport allows one).
+                if *c.stream.get_or_insert(stream) != stream || c.done {
+                    return;
+                }
+                c.buf.extend_from_slice(data);
+                c.eof |= fin;
+                self.pump(cx, c);
+            }
+            AppEvent::Timer => self.timer(cx, c),
+            AppEvent::Wake => self.drain_outbox(cx, c),
+            AppEvent::Work(work) => self.work(cx, c, work),
+            AppEvent::Flushed => {
+                self.drain_outbox(cx, c);
+                self.pump(cx, c);
+            }
+            AppEvent::Shutdown => {
+                c.shutting_down = true;
+                let close = Close {
+                    answer_inflight: true,
+                    ..Close::with(ErrorCode::Unavailable, b"node shutting down")
+                };
+                self.close(cx, c, close);
+            }
+        }
+    }
+
+    fn on_closed(&mut self, mut c: LoopConn) {
+        self.abandon_handshake(&mut c);
+        self.unregister(&c);
+    }
+
+    fn orphaned(&mut self, work: Work) {
+        NodeApp::orphaned(self, work);
+    }
+
+    fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<(ConnKey, Work)> {
+        match self.work.poll_next_unpin(cx) {
+            Poll::Ready(Some(done)) => Poll::Ready(done),
+            // Empty: the loop polls again after it pushed more.
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+}
