@@ -107,3 +107,9 @@ fi
 # The Cassandra contract suite is #[ignore]d (reported as skipped by a plain `cargo test`
 # without a server); here a server is always there, so every ignored test runs.
 cargo nextest run "${args[@]}" --no-fail-fast --run-ignored all "$@"
+
+# The node's tests once more with every node they start on meshchat's endpoint loop
+# (`transport.endpoint = "loop"`, messaging/src/session/looped.rs) instead of quinn's endpoint:
+# the same test binaries, nothing rebuilt.
+TEST_CLIENT_ENDPOINT=loop cargo nextest run "${args[@]}" --no-fail-fast \
+  -E 'package(meshchat-messaging)' "$@"

@@ -19,8 +19,8 @@
 //!   started ([`App::poll_work`]), and the loop's shutdown;
 //! - its end ([`App::on_closed`]), once, when the connection is lost or drained.
 //!
-//! Known simplifications: one datagram per `recv_from` and per `send_to` (no GRO/GSO
-//! batching, no `quinn-udp`); a datagram the socket cannot take at once is dropped and left to
+//! Known simplifications: up to 64 datagrams read per wake-up but one system call each, and
+//! one `send_to` per datagram (no GRO/GSO, no `quinn-udp`); a datagram the socket cannot take at once is dropped and left to
 //! QUIC's loss recovery; timers in a binary heap with lazy deletion; no ECN and no
 //! local-address tracking (fine on a socket bound to one address).
 
@@ -30,13 +30,16 @@ pub mod tls;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use parking_lot::Mutex;
 /// The stream ids applications see (quinn-proto's).
 pub use quinn_proto::StreamId;
@@ -50,6 +53,8 @@ use tracing::{debug, trace};
 
 /// Largest UDP datagram read.
 const RECV_BUFFER: usize = 64 * 1024;
+/// Datagrams read per wake-up of the loop at most.
+const RECV_BATCH: usize = 64;
 /// Default bound on the bytes an application's writes may wait for a connection's flow-control
 /// window; past it the connection is closed (a client that sends without reading).
 const MAX_PENDING_BYTES: usize = 256 * 1024;
@@ -67,15 +72,31 @@ pub struct ConnKey {
 }
 
 /// What the application decides for a new connection, before any state is kept for it.
-#[derive(Debug)]
 pub enum Admit<T> {
     /// Accept it; `T` goes to [`App::accept`].
     Accept(T),
+    /// Decide once this resolves: accept with `Some`, refuse with `None` (the application
+    /// bounds the wait). Only the client's first packet is kept meanwhile.
+    Later(Pin<Box<dyn Future<Output = Option<T>> + Send>>),
     /// Ask the client to prove its address first (QUIC Retry: no state kept here).
     Retry,
     /// Refuse it (CONNECTION_REFUSED).
     Refuse,
 }
+
+impl<T> std::fmt::Debug for Admit<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Admit::Accept(_) => "Accept",
+            Admit::Later(_) => "Later",
+            Admit::Retry => "Retry",
+            Admit::Refuse => "Refuse",
+        })
+    }
+}
+
+/// A new connection waiting for its admission, with the client's first packet.
+type Waiting<T> = Pin<Box<dyn Future<Output = (quinn_proto::Incoming, Option<T>)> + Send>>;
 
 /// What happened to a connection, for its application.
 #[derive(Debug)]
@@ -98,6 +119,11 @@ pub enum AppEvent<'a, W> {
     /// The peer's flow control took some of the bytes waiting for it
     /// ([`Cx::pending_bytes`] is smaller than before).
     Flushed,
+    /// The peer will read no more of `stream` (STOP_SENDING): what waited for it is dropped.
+    Stopped {
+        /// The stream.
+        stream: StreamId,
+    },
     /// Work the application started for this connection finished ([`App::poll_work`]).
     Work(W),
     /// The loop is stopping: finish up; connections still open after the grace are closed.
@@ -108,8 +134,9 @@ pub enum AppEvent<'a, W> {
 pub trait App {
     /// Per-connection application state, made when a connection is accepted.
     type Conn;
-    /// What [`App::admit`] hands to [`App::accept`].
-    type Admission;
+    /// What [`App::admit`] hands to [`App::accept`] (sent across tasks while a decision is
+    /// [`Admit::Later`]).
+    type Admission: Send + 'static;
     /// The result of work the application runs for a connection.
     type Work;
 
@@ -129,6 +156,9 @@ pub trait App {
 
     /// Work whose connection is gone (or whose application ended) came back.
     fn orphaned(&mut self, _work: Self::Work) {}
+
+    /// An admitted connection failed before it was made (a bad first packet, say).
+    fn accept_failed(&mut self, _admission: Self::Admission) {}
 
     /// The application's own work (say, requests running against storage): the next result,
     /// for the connection it belongs to. Results for connections gone are dropped.
@@ -267,10 +297,20 @@ impl Cx<'_> {
         }
         let io = &mut *self.io;
         match io.pending.iter_mut().find(|p| p.0 == stream) {
-            Some(p) => p.1.extend_from_slice(data),
-            None => io.pending.push((stream, data.to_vec(), false)),
+            // Behind what already waits: in order.
+            Some(p) => {
+                p.1.extend_from_slice(data);
+                flush(io, stream);
+            }
+            // Straight to the stream; only what flow control does not take now waits.
+            None => {
+                if let Some(written) = write_some(&mut io.conn, stream, data)
+                    && written < data.len()
+                {
+                    io.pending.push((stream, data[written..].to_vec(), false));
+                }
+            }
         }
-        flush(io, stream);
         let waiting = self.pending_bytes();
         let (limit, code, reason) = self.io.limit;
         if waiting > limit {
@@ -395,6 +435,8 @@ pub struct Edge<A: App> {
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     next_timer: u64,
     app: A,
+    /// New connections whose admission is decided later.
+    waiting: futures::stream::FuturesUnordered<Waiting<A::Admission>>,
     rung: Arc<Rung>,
     commands: mpsc::Receiver<Command>,
     control: mpsc::Sender<Command>,
@@ -408,10 +450,11 @@ pub struct Edge<A: App> {
 }
 
 /// What woke the loop.
-enum Wakeup<W> {
+enum Wakeup<W, A> {
     Datagram(std::io::Result<(usize, SocketAddr)>),
     Rung,
     Work(ConnKey, W),
+    Admitted(Box<quinn_proto::Incoming>, Option<A>),
     Timer,
     Command(Option<Command>),
     Stop,
@@ -434,6 +477,7 @@ impl<A: App> Edge<A> {
             timers: BinaryHeap::new(),
             next_timer: 0,
             app,
+            waiting: futures::stream::FuturesUnordered::new(),
             rung: Arc::default(),
             commands,
             control,
@@ -501,6 +545,7 @@ impl<A: App> Edge<A> {
             let wakeup = {
                 let app = &mut self.app;
                 let commands = &mut self.commands;
+                let waiting = &mut self.waiting;
                 let sleep = async {
                     match until {
                         Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -511,6 +556,9 @@ impl<A: App> Edge<A> {
                     received = socket.recv_from(&mut rx) => Wakeup::Datagram(received),
                     () = rung.notify.notified() => Wakeup::Rung,
                     (key, work) = std::future::poll_fn(|cx| app.poll_work(cx)) => Wakeup::Work(key, work),
+                    Some((incoming, admission)) = waiting.next(), if !waiting.is_empty() => {
+                        Wakeup::Admitted(Box::new(incoming), admission)
+                    }
                     () = sleep => Wakeup::Timer,
                     cmd = commands.recv() => Wakeup::Command(cmd),
                     _ = stop.changed(), if stopping.is_none() => Wakeup::Stop,
@@ -518,10 +566,24 @@ impl<A: App> Edge<A> {
             };
             let now = Instant::now();
             match wakeup {
-                Wakeup::Datagram(Ok((n, from))) => self.datagram(&socket, now, from, &rx[..n]),
+                Wakeup::Datagram(Ok((n, from))) => {
+                    self.datagram(&socket, now, from, &rx[..n]);
+                    // What else the socket holds, without a turn of the loop per datagram
+                    // (bounded, so timers and other wake-ups are not starved).
+                    for _ in 1..RECV_BATCH {
+                        match socket.try_recv_from(&mut rx) {
+                            Ok((n, from)) => self.datagram(&socket, Instant::now(), from, &rx[..n]),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 // An ICMP error reported on the socket, say: the loop goes on.
                 Wakeup::Datagram(Err(e)) => debug!(error = %e, "recv_from failed"),
                 Wakeup::Rung => self.rung(&socket, now),
+                Wakeup::Admitted(incoming, Some(admission)) => {
+                    self.accept(&socket, now, *incoming, admission);
+                }
+                Wakeup::Admitted(incoming, None) => self.refuse(&socket, *incoming),
                 Wakeup::Work(key, work) => {
                     let live = self
                         .entry(key.slot as usize)
@@ -643,11 +705,17 @@ impl<A: App> Edge<A> {
             }
             // Cleared before the application looks: a ring from now on queues it again.
             let before = e.io.bell.state.fetch_and(!QUEUED, Ordering::AcqRel);
-            if before & CLOSE_ASKED != 0
-                && let Some((code, reason)) = e.io.bell.close.lock().take()
-            {
+            let asked = if before & CLOSE_ASKED != 0 {
+                e.io.bell.close.lock().take()
+            } else {
+                None
+            };
+            if let Some((code, reason)) = asked {
                 e.io.linger = None;
                 e.io.conn.close(now, code.into(), reason);
+                // Nothing more to write: the application ends in `drive`.
+                self.drive(socket, key.slot as usize, now);
+                continue;
             }
             self.with_app(socket, key, now, |app, cx, c| {
                 app.on_event(cx, c, AppEvent::Wake);
@@ -720,18 +788,21 @@ impl<A: App> Edge<A> {
     /// A new connection: admitted by the application, or asked to Retry, or refused.
     fn incoming(&mut self, socket: &UdpSocket, now: Instant, incoming: quinn_proto::Incoming) {
         let remote = incoming.remote_address();
-        let Some(server) = self.server.clone() else {
-            self.tx.clear();
-            let t = self.endpoint.refuse(incoming, &mut self.tx);
-            self.send(socket, &t);
+        if self.server.is_none() {
+            self.refuse(socket, incoming);
             return;
-        };
+        }
         let admission = match self.app.admit(
             remote,
             incoming.remote_address_validated(),
             self.stats.connections,
         ) {
             Admit::Accept(a) => a,
+            Admit::Later(decision) => {
+                self.waiting
+                    .push(Box::pin(async move { (incoming, decision.await) }));
+                return;
+            }
             Admit::Retry => {
                 self.tx.clear();
                 match self.endpoint.retry(incoming, &mut self.tx) {
@@ -742,11 +813,33 @@ impl<A: App> Edge<A> {
                 return;
             }
             Admit::Refuse => {
-                self.tx.clear();
-                let t = self.endpoint.refuse(incoming, &mut self.tx);
-                self.send(socket, &t);
+                self.refuse(socket, incoming);
                 return;
             }
+        };
+        self.accept(socket, now, incoming, admission);
+    }
+
+    /// Refuses a new connection (CONNECTION_REFUSED).
+    fn refuse(&mut self, socket: &UdpSocket, incoming: quinn_proto::Incoming) {
+        self.tx.clear();
+        let t = self.endpoint.refuse(incoming, &mut self.tx);
+        self.send(socket, &t);
+    }
+
+    /// Accepts a new connection the application admitted.
+    fn accept(
+        &mut self,
+        socket: &UdpSocket,
+        now: Instant,
+        incoming: quinn_proto::Incoming,
+        admission: A::Admission,
+    ) {
+        let remote = incoming.remote_address();
+        // Stopping meanwhile: no new connections.
+        let Some(server) = self.server.clone() else {
+            self.refuse(socket, incoming);
+            return;
         };
         self.tx.clear();
         match self
@@ -791,6 +884,7 @@ impl<A: App> Edge<A> {
             }
             Err(e) => {
                 debug!(%remote, error = %e.cause, "connection refused");
+                self.app.accept_failed(admission);
                 if let Some(t) = e.response {
                     self.send(socket, &t);
                 }
@@ -849,6 +943,11 @@ impl<A: App> Edge<A> {
                 Event::Stream(StreamEvent::Stopped { id, .. }) => {
                     e.io.pending.retain(|p| p.0 != id);
                     self.linger_done(e, id, now);
+                    if let Some(c) = e.app.as_mut() {
+                        let stopped = AppEvent::Stopped { stream: id };
+                        self.app
+                            .on_event(&mut Cx { io: &mut e.io, now }, c, stopped);
+                    }
                 }
                 // All written to it was acknowledged.
                 Event::Stream(StreamEvent::Finished { id }) => self.linger_done(e, id, now),
@@ -866,10 +965,10 @@ impl<A: App> Edge<A> {
             self.gone(e);
         }
         // Reading resumed by a callback: what arrived meanwhile.
-        while !e.io.paused
-            && let Some(id) = e.io.unread.pop()
-        {
-            self.read(e, id, now);
+        if !e.io.paused && !e.io.unread.is_empty() {
+            for id in std::mem::take(&mut e.io.unread) {
+                self.read(e, id, now);
+            }
         }
         loop {
             self.tx.clear();
@@ -956,6 +1055,10 @@ impl<A: App> Edge<A> {
         }
         let Some(c) = e.app.as_mut() else { return };
         loop {
+            // Stream data still queued in a connection closed meanwhile goes nowhere.
+            if e.io.conn.is_closed() {
+                return;
+            }
             let mut recv = e.io.conn.recv_stream(id);
             let Ok(mut chunks) = recv.read(true) else {
                 return;
@@ -996,6 +1099,23 @@ impl<A: App> Edge<A> {
     }
 }
 
+/// Writes as much of `data` to stream `id` as flow control takes now: how much, or `None` when
+/// the stream takes nothing more (stopped or reset by the peer, or closed). Until all is
+/// written or a write says `Blocked`: quinn-proto raises `Writable` later only for a stream
+/// whose write was refused whole (one cut short by the connection's window would never hear
+/// of more room).
+fn write_some(conn: &mut quinn_proto::Connection, id: StreamId, data: &[u8]) -> Option<usize> {
+    let mut written = 0;
+    while written < data.len() {
+        match conn.send_stream(id).write(&data[written..]) {
+            Ok(0) | Err(quinn_proto::WriteError::Blocked) => break,
+            Ok(n) => written += n,
+            Err(_) => return None,
+        }
+    }
+    Some(written)
+}
+
 /// Writes what waits for stream `id` as far as flow control allows; finishes the stream once
 /// all of it is written if asked.
 fn flush(io: &mut Io, id: StreamId) {
@@ -1003,27 +1123,20 @@ fn flush(io: &mut Io, id: StreamId) {
         return;
     };
     let (_, data, fin) = &mut io.pending[at];
-    // Until all is written or a write says `Blocked`: quinn-proto raises `Writable` later only
-    // for a stream whose write was refused whole (one cut short by the connection's window
-    // would never hear of more room).
-    let mut written = 0;
-    while written < data.len() {
-        match io.conn.send_stream(id).write(&data[written..]) {
-            Ok(0) | Err(quinn_proto::WriteError::Blocked) => break,
-            Ok(n) => written += n,
-            // Stopped or reset by the peer, or closed: nothing more goes out on it.
-            Err(_) => {
-                io.pending.swap_remove(at);
-                return;
-            }
-        }
-    }
+    let Some(written) = write_some(&mut io.conn, id, data) else {
+        io.pending.swap_remove(at);
+        return;
+    };
     data.drain(..written);
     if data.is_empty() {
         let fin = *fin;
         io.pending.swap_remove(at);
         if fin {
             let _ = io.conn.send_stream(id).finish();
+        }
+        if io.pending.is_empty() {
+            // An idle connection keeps no allocation here.
+            io.pending = Vec::new();
         }
     }
 }

@@ -375,7 +375,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         }
         .instrument(span),
     );
-    info!(%addr, node = node.config.node_id, "listening");
+    info!(
+        %addr,
+        node = node.config.node_id,
+        endpoint = ?node.config.transport.endpoint,
+        lean_tls = node.config.transport.lean_tls,
+        "listening"
+    );
     Ok(RunningNode {
         addr,
         node,

@@ -346,9 +346,17 @@ pub fn server_config(
         tls.send_tls13_tickets = 0;
         tls.max_early_data_size = 0;
     }
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| TlsError::Quic(e.to_string()))?;
-    let mut sc = quinn::ServerConfig::new(Arc::new(crypto), token_key.clone());
+    // With `transport.lean_tls`, a connection lets go of rustls once its handshake and
+    // tickets are done and keeps only the secrets of the next key update (meshchat_edge::lean).
+    let crypto: Arc<dyn quinn::crypto::ServerConfig> = if config.transport.lean_tls {
+        Arc::new(meshchat_edge::lean::LeanServerConfig::new(Arc::new(tls)).map_err(TlsError::Quic)?)
+    } else {
+        Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+                .map_err(|e| TlsError::Quic(e.to_string()))?,
+        )
+    };
+    let mut sc = quinn::ServerConfig::new(crypto, token_key.clone());
     sc.transport_config(Arc::new(transport(&config.transport, &config.limits)?));
     // Handshakes beyond this are refused at the QUIC layer instead of queueing without bound.
     sc.max_incoming(config.limits.max_concurrent_handshakes.max(1));

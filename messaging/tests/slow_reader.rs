@@ -79,3 +79,56 @@ async fn a_slow_reader_is_cut_off_and_others_are_unaffected() {
 fn registry_live(node: &std::sync::Arc<meshchat_messaging::node::Node>) -> u64 {
     node.registry().live_connections()
 }
+
+/// A client that keeps sending requests and never reads the replies: the node stops reading
+/// its frames once its replies wait for it, and closes it with SLOW_READER `write_timeout`
+/// after they stopped moving, instead of buffering replies without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_replies_is_closed_as_a_slow_reader() {
+    use meshchat_proto::client::{self as pb, client_frame};
+    let node = TestNode::start_with(|c| c.limits.write_timeout = Duration::from_millis(500)).await;
+    // A 4 KiB stream window: the node can put little on the wire before the client's reads
+    // (none) would have to make room.
+    let mut opts = node.options();
+    opts.stream_receive_window = 4 * 1024;
+    let (addr, name) = meshchat_client::conn::resolve(&node.addr()).expect("address");
+    let endpoint =
+        meshchat_client::conn::client_endpoint(&opts, "127.0.0.1:0".parse().expect("bind"))
+            .expect("endpoint");
+    let conn = endpoint
+        .connect(addr, &name)
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let (mut send, _recv) = conn.open_bi().await.expect("stream");
+    // Pings until the node stops taking them (its reading paused, the stream window full) or
+    // the connection closes: bounded at 200,000 frames (~2 MB).
+    let writer = tokio::spawn(async move {
+        let mut batch = bytes::BytesMut::new();
+        for id in 1..=200_000u64 {
+            let frame = pb::ClientFrame {
+                request_id: id,
+                body: Some(client_frame::Body::Ping(pb::Ping { nonce: id })),
+            };
+            meshchat_proto::codec::encode_into(&frame, 1 << 16, &mut batch).expect("encode");
+            if batch.len() >= 8 * 1024 {
+                if send.write_all(&batch).await.is_err() {
+                    return id;
+                }
+                batch.clear();
+            }
+        }
+        200_000
+    });
+    let code = match tokio::time::timeout(Duration::from_secs(15), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(a)) => a.error_code.into_inner(),
+        Ok(other) => panic!("closed without an application code: {other}"),
+        Err(_) => panic!("not closed within 15 s"),
+    };
+    assert_eq!(code, ErrorCode::SlowReader as u64);
+    let sent = writer.await.expect("writer");
+    assert!(
+        sent < 200_000,
+        "the node stopped taking frames before the bound"
+    );
+}

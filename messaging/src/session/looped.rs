@@ -14,10 +14,6 @@
 //! the draining of pushes wait (so a client that does not read fills its outbound queue and
 //! is cut off as a slow reader by the registry), and a connection whose bytes have not moved
 //! for `write_timeout` is closed with `SLOW_READER`.
-//!
-//! What the quinn endpoint does and this one does not yet: a validated client that finds
-//! every handshake slot taken is refused at once instead of waiting `handshake_queue_wait`
-//! for one (docs/ARCHITECTURE.md).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -48,10 +44,8 @@ use crate::registry::{ConnControl, ConnId, Outbox};
 
 /// Unsent bytes past which a connection reads no frame and drains no push until they move.
 pub(crate) const PENDING_SOFT: usize = 64 * 1024;
-/// Initial capacity of a connection's read buffer, and the size past which an emptied one is
-/// dropped (as the quinn driver's).
-const READ_BUFFER: usize = 256;
-const READ_BUFFER_KEEP: usize = 16 * 1024;
+/// Pushes taken from a connection's queue at a time.
+const PUSH_STEP: usize = 32;
 /// How long a closing connection waits for the client to acknowledge its last bytes.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
@@ -95,7 +89,9 @@ pub(crate) struct NodeApp {
     batch: Vec<Bytes>,
 }
 
-/// One connection's state beside quinn-proto's.
+/// One connection's state beside quinn-proto's. Between events an idle connection holds no
+/// read or write buffer: what it costs is this struct, the machine, its outbound queue and its
+/// registry entry.
 pub(crate) struct LoopConn {
     id: ConnId,
     session: Session,
@@ -136,12 +132,7 @@ impl NodeApp {
             && cx.pending_bytes() < PENDING_SOFT
         {
             let frame = match c.codec.decode(&mut c.buf) {
-                Ok(Some(f)) => {
-                    if c.buf.is_empty() && c.buf.capacity() > READ_BUFFER_KEEP {
-                        c.buf = BytesMut::with_capacity(READ_BUFFER);
-                    }
-                    Ok(f)
-                }
+                Ok(Some(f)) => Ok(f),
                 Ok(None) if c.eof => {
                     self.close(cx, c, Close::CLEAN);
                     return;
@@ -154,13 +145,19 @@ impl NodeApp {
                 .ok()
                 .and_then(|f| f.body.as_ref())
                 .map_or("unknown", request_type);
-            let early = frame.is_ok() && cx.is_handshaking();
+            // Early data until the handshake completed (`Connected`): a handshake that failed
+            // or was cut short never makes a frame safe.
+            let early = frame.is_ok() && c.handshake.is_some();
             if let (true, Ok(f)) = (early, &frame) {
                 self.node
                     .early_request(f.body.as_ref().is_none_or(meshchat_proto::replay_safe));
             }
             let step = c.session.frame(&*self.node, frame, early);
             self.step(cx, c, step, Some((kind, Instant::now())));
+        }
+        // Nothing left to decode: an idle connection holds no read buffer.
+        if c.buf.is_empty() && c.buf.capacity() > 0 {
+            c.buf = BytesMut::new();
         }
         self.settle(cx, c);
     }
@@ -172,26 +169,31 @@ impl NodeApp {
         }
         write_out(cx, c);
         let pending = cx.pending_bytes();
-        if pending >= PENDING_SOFT {
-            c.stalled.get_or_insert(cx.now());
-        } else {
+        // The write clock runs while bytes wait; `Flushed` (they moved) restarts it.
+        if pending == 0 {
             c.stalled = None;
+        } else {
+            c.stalled.get_or_insert(cx.now());
         }
-        if c.closing.is_none() && c.session.wants_frame() && c.stalled.is_none() {
+        if c.closing.is_none() && c.session.wants_frame() && pending < PENDING_SOFT {
             cx.resume_reading();
         } else {
             cx.pause_reading();
         }
-        let mut at = match &c.closing {
+        // A close waiting for requests has its one deadline (and `timer` serves only it).
+        let at = match &c.closing {
             Some((_, until)) => *until,
-            None => c.session.deadline(),
+            None => {
+                let mut at = c.session.deadline();
+                if let Some((_, started)) = &c.handshake {
+                    at = at.min(*started + c.limits.handshake_timeout);
+                }
+                if let Some(since) = c.stalled {
+                    at = at.min(since + c.limits.write_timeout);
+                }
+                at
+            }
         };
-        if let Some((_, started)) = &c.handshake {
-            at = at.min(*started + c.limits.handshake_timeout);
-        }
-        if let Some(since) = c.stalled {
-            at = at.min(since + c.limits.write_timeout);
-        }
         cx.set_deadline(Some(at));
     }
 
@@ -340,6 +342,14 @@ impl NodeApp {
         if c.done {
             return;
         }
+        if c.closing.is_some() {
+            // Already waiting to close (after a logout): a shutdown meanwhile only takes the
+            // connection out of the registry now; the close it waits for stays.
+            if c.shutting_down {
+                self.unregister(c);
+            }
+            return;
+        }
         self.abandon_handshake(c);
         if close.answer_inflight && c.session.inflight() > 0 {
             // When the node stops, the connection leaves the registry first (as the quinn
@@ -438,13 +448,21 @@ impl NodeApp {
     /// A push was queued (the bell rang): write what the queue holds, unless the client is
     /// behind on reading (then the queue fills and the registry cuts it off).
     fn drain_outbox(&mut self, cx: &mut Cx<'_>, c: &mut LoopConn) {
-        if c.done || cx.pending_bytes() >= PENDING_SOFT {
+        if c.done || c.closing.is_some() {
             return;
         }
-        let Some(o) = c.outbox.as_ref() else { return };
-        o.drain_into(c.limits.outbound_queue, &mut self.batch);
-        self.node.metrics.pushes(self.batch.len());
-        c.session.pushes(&mut self.batch);
+        let Some(o) = c.outbox.clone() else { return };
+        // In steps, each written before the next, up to the soft mark: what is left waits in
+        // the queue for `Flushed` (and a queue that fills cuts the reader off).
+        while cx.pending_bytes() < PENDING_SOFT {
+            o.drain_into(PUSH_STEP, &mut self.batch);
+            if self.batch.is_empty() {
+                break;
+            }
+            self.node.metrics.pushes(self.batch.len());
+            c.session.pushes(&mut self.batch);
+            write_out(cx, c);
+        }
         if self.batch.capacity() > 256 {
             self.batch = Vec::new();
         }
@@ -479,6 +497,13 @@ impl NodeApp {
                 }
                 let next = c.session.authenticated(rid, result);
                 self.step(cx, c, next, request);
+                // Authenticated in early data, and the handshake completed while the call
+                // ran: shown online now (`Connected` found no user yet).
+                if c.handshake.is_none()
+                    && let Some(user) = c.session.handshake_complete()
+                {
+                    self.node.registry.set_visible(user, c.id, true);
+                }
             }
             Work::Renewed {
                 rid,
@@ -525,10 +550,8 @@ fn write_out(cx: &mut Cx<'_>, c: &mut LoopConn) {
     if let Some(stream) = c.stream {
         cx.write(stream, out);
     }
-    out.clear();
-    if out.capacity() > 64 * 1024 {
-        *out = BytesMut::new();
-    }
+    // Not kept: an idle connection holds no write buffer either.
+    *out = BytesMut::new();
 }
 
 impl App for NodeApp {
@@ -547,10 +570,18 @@ impl App for NodeApp {
             admission::Admit::Now(slot) => Admit::Accept(slot),
             // Costs the node no state; a spoofed source never answers.
             admission::Admit::Retry => Admit::Retry,
-            admission::Admit::Wait(_) => {
-                debug!(%source, "every handshake slot taken; refused (the loop does not queue)");
-                self.node.metrics.handshake("refused", None);
-                Admit::Refuse
+            // A validated client finding every slot taken waits for one, bounded.
+            admission::Admit::Wait(share) => {
+                let (node, gate) = (self.node.clone(), self.gate.clone());
+                let wait = node.limits().handshake_queue_wait;
+                Admit::Later(Box::pin(async move {
+                    let slot = tokio::time::timeout(wait, gate.wait(share)).await.ok();
+                    if slot.is_none() {
+                        debug!(%source, "no handshake slot in time; refused");
+                        node.metrics.handshake("refused", None);
+                    }
+                    slot
+                }))
             }
             admission::Admit::Refuse => {
                 debug!(%source, "too many handshakes from one source; refused");
@@ -578,7 +609,7 @@ impl App for NodeApp {
             session,
             limits,
             stream: None,
-            buf: BytesMut::with_capacity(READ_BUFFER),
+            buf: BytesMut::new(),
             codec: FrameCodec::new(max_frame),
             eof: false,
             outbox: None,
@@ -622,8 +653,17 @@ impl App for NodeApp {
             AppEvent::Wake => self.drain_outbox(cx, c),
             AppEvent::Work(work) => self.work(cx, c, work),
             AppEvent::Flushed => {
+                // Bytes moved: the write clock starts again.
+                c.stalled = None;
                 self.drain_outbox(cx, c);
                 self.pump(cx, c);
+            }
+            // The client will read no more: nothing it asks for can be answered.
+            AppEvent::Stopped { stream } => {
+                if c.stream == Some(stream) && !c.done {
+                    c.stream = None;
+                    self.finish_close(cx, c, Close::CLEAN);
+                }
             }
             AppEvent::Shutdown => {
                 c.shutting_down = true;
@@ -643,6 +683,10 @@ impl App for NodeApp {
 
     fn orphaned(&mut self, work: Work) {
         NodeApp::orphaned(self, work);
+    }
+
+    fn accept_failed(&mut self, _slot: HandshakeSlot) {
+        self.node.metrics.handshake("failed", None);
     }
 
     fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<(ConnKey, Work)> {
