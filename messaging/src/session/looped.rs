@@ -28,16 +28,15 @@ use futures::stream::FuturesUnordered;
 use meshchat_edge::StreamId;
 use meshchat_edge::{Admit, App, AppEvent, ConnKey, Cx};
 use meshchat_proto::FrameCodec;
-use meshchat_proto::client::{AuthOk, ClientFrame, ErrorCode, ServerFrame};
+use meshchat_proto::client::{ClientFrame, ErrorCode, ServerFrame};
 use tokio_util::codec::Decoder;
 use tracing::debug;
 
 use super::machine::{Authenticated, Bounds, Call, Close, Next, Session, error_frame};
-use super::{expiring, register, run_request};
+use super::{CallResult, run_call, run_request};
 use crate::admission::{self, HandshakeGate, HandshakeSlot};
-use crate::auth::Identity;
 use crate::config::LimitsConfig;
-use crate::error::{RequestError, close_code};
+use crate::error::close_code;
 use crate::metrics::{EstablishedGuard, request_type};
 use crate::node::Node;
 use crate::registry::{ConnControl, ConnId, Outbox};
@@ -56,24 +55,10 @@ type Req = Option<(&'static str, Instant)>;
 pub(crate) enum Work {
     /// A request's reply.
     Reply(ServerFrame),
-    /// `Call::Authenticate`'s result; `outbox` when the connection was registered.
-    Authenticated {
-        rid: u64,
+    /// An authentication-family call's result (of connection `id`).
+    Call {
         id: ConnId,
-        result: Authenticated,
-        outbox: Option<Arc<Outbox>>,
-        request: Req,
-    },
-    /// `Call::Refresh` or `Call::ChangePassword`'s result.
-    Renewed {
-        rid: u64,
-        result: Result<(Identity, AuthOk, Instant), RequestError>,
-        request: Req,
-    },
-    /// `Call::Logout`'s result.
-    LoggedOut {
-        rid: u64,
-        result: Result<(), RequestError>,
+        result: CallResult,
         request: Req,
     },
 }
@@ -257,83 +242,25 @@ impl NodeApp {
     /// Runs an authentication-family call; the machine reads no frame until it returns.
     fn call(&mut self, cx: &mut Cx<'_>, c: &mut LoopConn, call: Call, request: Req) {
         let key = cx.key();
-        let node = self.node.clone();
         let id = c.id;
-        let source = cx.remote_address().ip();
-        let fut: WorkFuture = match call {
-            Call::Authenticate { rid, body, visible } => {
-                let limits = c.limits.clone();
-                let bell = cx.bell();
-                Box::pin(async move {
-                    let outcome = node.authenticate_request(body, source).await;
-                    let (result, outbox) = register(
-                        &node,
-                        outcome,
-                        id,
-                        visible,
-                        &limits,
-                        ConnControl::Loop(bell.clone()),
-                        || Outbox::ringing(limits.outbound_queue, bell),
-                    );
-                    let work = Work::Authenticated {
-                        rid,
-                        id,
-                        result,
-                        outbox,
-                        request,
-                    };
-                    (key, work)
-                })
-            }
-            Call::Refresh {
-                rid,
-                identity,
-                token,
-            } => Box::pin(async move {
-                let result = node.refresh_request(&identity, &token).await;
-                let result = result.map(expiring);
-                (
-                    key,
-                    Work::Renewed {
-                        rid,
-                        result,
-                        request,
-                    },
-                )
-            }),
-            Call::ChangePassword {
-                rid,
-                identity,
-                body,
-            } => Box::pin(async move {
-                let result = node.change_password(&identity, id, source, body).await;
-                let result = result.map(expiring);
-                (
-                    key,
-                    Work::Renewed {
-                        rid,
-                        result,
-                        request,
-                    },
-                )
-            }),
-            Call::Logout {
-                rid,
-                identity,
-                everywhere,
-            } => Box::pin(async move {
-                let result = node.logout(&identity, id, everywhere).await;
-                (
-                    key,
-                    Work::LoggedOut {
-                        rid,
-                        result,
-                        request,
-                    },
-                )
-            }),
-        };
-        self.work.push(fut);
+        let result = run_call(
+            self.node.clone(),
+            call,
+            (id, cx.remote_address().ip()),
+            c.limits.clone(),
+            ConnControl::Loop(cx.bell()),
+        );
+        self.work.push(Box::pin(async move {
+            let result = result.await;
+            (
+                key,
+                Work::Call {
+                    id,
+                    result,
+                    request,
+                },
+            )
+        }));
     }
 
     /// The session ends with `close`: after the requests in progress when it asks for that
@@ -485,17 +412,13 @@ impl NodeApp {
                     return;
                 }
             }
-            Work::Authenticated {
-                rid,
-                result,
-                outbox,
-                request,
-                ..
+            Work::Call {
+                result, request, ..
             } => {
-                if outbox.is_some() {
-                    c.outbox = outbox;
+                if let Some(o) = result.registered() {
+                    c.outbox = Some(o.clone());
                 }
-                let next = c.session.authenticated(rid, result);
+                let next = result.apply(&mut c.session);
                 self.step(cx, c, next, request);
                 // Authenticated in early data, and the handshake completed while the call
                 // ran: shown online now (`Connected` found no user yet).
@@ -505,22 +428,6 @@ impl NodeApp {
                     self.node.registry.set_visible(user, c.id, true);
                 }
             }
-            Work::Renewed {
-                rid,
-                result,
-                request,
-            } => {
-                let next = c.session.renewed(rid, result);
-                self.step(cx, c, next, request);
-            }
-            Work::LoggedOut {
-                rid,
-                result,
-                request,
-            } => {
-                let next = c.session.logged_out(rid, result);
-                self.step(cx, c, next, request);
-            }
         }
         // Pushes may have waited for the client to catch up, frames for the machine.
         self.drain_outbox(cx, c);
@@ -529,9 +436,13 @@ impl NodeApp {
 
     /// Work whose connection is gone: a registration it made is undone.
     fn orphaned(&self, work: Work) {
-        if let Work::Authenticated {
+        if let Work::Call {
             id,
-            result: Authenticated::Registered { identity, .. },
+            result:
+                CallResult::Authenticated {
+                    result: Authenticated::Registered { identity, .. },
+                    ..
+                },
             ..
         } = work
         {

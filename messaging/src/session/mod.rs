@@ -387,57 +387,18 @@ async fn run(
                 Next::Call(call) => {
                     // Boxed: these rare, large futures would otherwise be part of every
                     // idle connection's task.
-                    let after = match call {
-                        Call::Authenticate { rid, body, visible } => {
-                            let outcome = Box::pin(
-                                node.authenticate_request(body, conn.remote_address().ip()),
-                            )
-                            .await;
-                            let (result, registered) = register(
-                                &node,
-                                outcome,
-                                id,
-                                visible,
-                                &limits,
-                                ConnControl::Quinn(conn.clone()),
-                                || Outbox::new(limits.outbound_queue),
-                            );
-                            if registered.is_some() {
-                                outbox = registered;
-                            }
-                            session.authenticated(rid, result)
-                        }
-                        Call::Refresh {
-                            rid,
-                            identity,
-                            token,
-                        } => {
-                            let r = Box::pin(node.refresh_request(&identity, &token)).await;
-                            session.renewed(rid, r.map(expiring))
-                        }
-                        Call::ChangePassword {
-                            rid,
-                            identity,
-                            body,
-                        } => {
-                            let r = Box::pin(node.change_password(
-                                &identity,
-                                id,
-                                conn.remote_address().ip(),
-                                body,
-                            ))
-                            .await;
-                            session.renewed(rid, r.map(expiring))
-                        }
-                        Call::Logout {
-                            rid,
-                            identity,
-                            everywhere,
-                        } => {
-                            let r = Box::pin(node.logout(&identity, id, everywhere)).await;
-                            session.logged_out(rid, r)
-                        }
-                    };
+                    let result = Box::pin(run_call(
+                        node.clone(),
+                        call,
+                        (id, conn.remote_address().ip()),
+                        limits.clone(),
+                        ConnControl::Quinn(conn.clone()),
+                    ))
+                    .await;
+                    if let Some(o) = result.registered() {
+                        outbox = Some(o.clone());
+                    }
+                    let after = result.apply(&mut session);
                     auth_deadline.as_mut().reset(session.deadline().into());
                     next = Some((after, request));
                 }
@@ -604,24 +565,118 @@ pub(crate) fn run_request(
     fut.instrument(span)
 }
 
+/// The result of an authentication-family call, for the machine.
+pub(crate) enum CallResult {
+    /// [`Call::Authenticate`]'s; the outbound queue when the connection was registered.
+    Authenticated {
+        rid: u64,
+        result: Authenticated,
+        outbox: Option<Arc<Outbox>>,
+    },
+    /// [`Call::Refresh`]'s or [`Call::ChangePassword`]'s.
+    Renewed {
+        rid: u64,
+        result: Result<(Identity, pb::AuthOk, Instant), RequestError>,
+    },
+    /// [`Call::Logout`]'s.
+    LoggedOut {
+        rid: u64,
+        result: Result<(), RequestError>,
+    },
+}
+
+impl CallResult {
+    /// The outbound queue of a connection this call registered.
+    pub(crate) fn registered(&self) -> Option<&Arc<Outbox>> {
+        match self {
+            CallResult::Authenticated { outbox, .. } => outbox.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Gives the result to the machine: what it leads to.
+    pub(crate) fn apply(self, session: &mut Session) -> Next {
+        match self {
+            CallResult::Authenticated { rid, result, .. } => session.authenticated(rid, result),
+            CallResult::Renewed { rid, result } => session.renewed(rid, result),
+            CallResult::LoggedOut { rid, result } => session.logged_out(rid, result),
+        }
+    }
+}
+
+/// Runs an authentication-family call of connection `id` (from `source`, with the bounds
+/// `limits`, closed through `conn`) against the node.
+pub(crate) async fn run_call(
+    node: Arc<Node>,
+    call: Call,
+    (id, source): (ConnId, std::net::IpAddr),
+    limits: Arc<crate::config::LimitsConfig>,
+    conn: ConnControl,
+) -> CallResult {
+    match call {
+        Call::Authenticate { rid, body, visible } => {
+            let outcome = node.authenticate_request(body, source).await;
+            let (result, outbox) = register(&node, outcome, id, visible, &limits, conn);
+            CallResult::Authenticated {
+                rid,
+                result,
+                outbox,
+            }
+        }
+        Call::Refresh {
+            rid,
+            identity,
+            token,
+        } => {
+            let result = node.refresh_request(&identity, &token).await;
+            CallResult::Renewed {
+                rid,
+                result: result.map(expiring),
+            }
+        }
+        Call::ChangePassword {
+            rid,
+            identity,
+            body,
+        } => {
+            let result = node.change_password(&identity, id, source, body).await;
+            CallResult::Renewed {
+                rid,
+                result: result.map(expiring),
+            }
+        }
+        Call::Logout {
+            rid,
+            identity,
+            everywhere,
+        } => {
+            let result = node.logout(&identity, id, everywhere).await;
+            CallResult::LoggedOut { rid, result }
+        }
+    }
+}
+
 /// What an authentication's outcome leads to: a redirect, a failure, or the connection
 /// registered under its user (within the user's connection cap, and unless the user signed
-/// out after this login), with the outbound queue `outbox()` makes (returned too).
-pub(crate) fn register(
+/// out after this login) with a new outbound queue (returned too; a connection of the loop
+/// gets one that rings its bell).
+fn register(
     node: &Node,
     outcome: Result<AuthOutcome, RequestError>,
     id: ConnId,
     visible: bool,
     limits: &crate::config::LimitsConfig,
     conn: ConnControl,
-    outbox: impl FnOnce() -> Arc<Outbox>,
 ) -> (Authenticated, Option<Arc<Outbox>>) {
     let (who, ok) = match outcome {
         Ok(AuthOutcome::Redirect(r)) => return (Authenticated::Redirect(r), None),
         Err(e) => return (Authenticated::Failed(e), None),
         Ok(AuthOutcome::Authenticated(who, ok)) => (who, ok),
     };
-    let ob = outbox();
+    let ob = match &conn {
+        ConnControl::Quinn(_) => Outbox::new(limits.outbound_queue),
+        ConnControl::Loop(bell) => Outbox::ringing(limits.outbound_queue, bell.clone()),
+    };
     let handle = ConnHandle {
         id,
         outbox: ob.clone(),
