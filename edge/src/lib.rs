@@ -26,6 +26,7 @@
 
 pub mod echo;
 pub mod lean;
+pub mod spread;
 pub mod tls;
 
 use std::cmp::Reverse;
@@ -34,7 +35,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -116,8 +117,8 @@ pub enum AppEvent<'a, W> {
     Timer,
     /// The connection's [`Bell`] rang.
     Wake,
-    /// The peer's flow control took some of the bytes waiting for it
-    /// ([`Cx::pending_bytes`] is smaller than before).
+    /// The peer's flow control took some of the bytes that waited for it (raised once per
+    /// turn of the connection, however the bytes moved).
     Flushed,
     /// The peer will read no more of `stream` (STOP_SENDING): what waited for it is dropped.
     Stopped {
@@ -248,6 +249,8 @@ struct Io {
     timer: u64,
     /// The application's pending bound (bytes, close code, reason).
     limit: (usize, u32, &'static [u8]),
+    /// Waiting bytes the peer's flow control took since the application last heard of it.
+    moved: usize,
 }
 
 /// One connection as the loop keeps it.
@@ -443,6 +446,8 @@ pub struct Edge<A: App> {
     /// The one transmit buffer: every datagram is built here and sent before the next.
     tx: Vec<u8>,
     limit: (usize, u32, &'static [u8]),
+    /// Connections held by this loop and the others of its group.
+    held: Arc<AtomicUsize>,
     grace: Duration,
     stop_close: (u32, &'static [u8]),
     stats: EdgeStats,
@@ -451,7 +456,7 @@ pub struct Edge<A: App> {
 
 /// What woke the loop.
 enum Wakeup<W, A> {
-    Datagram(std::io::Result<(usize, SocketAddr)>),
+    Datagram(std::io::Result<(SocketAddr, BytesMut)>),
     Rung,
     Work(ConnKey, W),
     Admitted(Box<quinn_proto::Incoming>, Option<A>),
@@ -487,6 +492,7 @@ impl<A: App> Edge<A> {
                 CLOSE_PENDING_FULL,
                 b"writes not read by the peer",
             ),
+            held: Arc::default(),
             grace: Duration::from_secs(5),
             stop_close: (0, b"server stopping"),
             stats: EdgeStats::default(),
@@ -522,14 +528,45 @@ impl<A: App> Edge<A> {
         }
     }
 
+    /// Makes this loop number `index` of a group sharing one socket (see [`spread`]): the
+    /// connection ids it issues name it, and `held` counts the group's connections (what
+    /// [`App::admit`] is told). Before [`Edge::run_fed`].
+    pub fn in_group(mut self, index: u8, held: Arc<AtomicUsize>) -> Self {
+        let mut config = EndpointConfig::default();
+        config.cid_generator(move || Box::new(spread::LoopCids::new(index)));
+        self.endpoint = Endpoint::new(Arc::new(config), self.server.clone(), false, None);
+        self.held = held;
+        self
+    }
+
     /// Serves `socket` until `stop` turns true, then gives connections the shutdown grace,
     /// closes what is left and returns once they drained (or after 2 s more).
     pub async fn run(
-        mut self,
+        self,
         socket: UdpSocket,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(), EdgeError> {
+        self.serve(&socket, None, stop).await
+    }
+
+    /// As [`Edge::run`] for a loop of a group: its datagrams come from `datagrams` (the
+    /// group's receiver, [`spread::dispatch`]); it sends on `socket` itself.
+    pub async fn run_fed(
+        self,
+        socket: Arc<UdpSocket>,
+        datagrams: mpsc::Receiver<(SocketAddr, BytesMut)>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(), EdgeError> {
+        self.serve(&socket, Some(datagrams), stop).await
+    }
+
+    async fn serve(
+        mut self,
+        socket: &UdpSocket,
+        mut fed: Option<mpsc::Receiver<(SocketAddr, BytesMut)>>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), EdgeError> {
-        let mut rx = vec![0u8; RECV_BUFFER];
+        let mut rx = vec![0u8; if fed.is_some() { 0 } else { RECV_BUFFER }];
         // Once stopping: until when connections may finish, then until when they drain.
         let mut stopping: Option<(Instant, bool)> = None;
         let rung = self.rung.clone();
@@ -553,7 +590,7 @@ impl<A: App> Edge<A> {
                     }
                 };
                 tokio::select! {
-                    received = socket.recv_from(&mut rx) => Wakeup::Datagram(received),
+                    received = next_datagram(socket, &mut rx, &mut fed) => Wakeup::Datagram(received),
                     () = rung.notify.notified() => Wakeup::Rung,
                     (key, work) = std::future::poll_fn(|cx| app.poll_work(cx)) => Wakeup::Work(key, work),
                     Some((incoming, admission)) = waiting.next(), if !waiting.is_empty() => {
@@ -566,30 +603,35 @@ impl<A: App> Edge<A> {
             };
             let now = Instant::now();
             match wakeup {
-                Wakeup::Datagram(Ok((n, from))) => {
-                    self.datagram(&socket, now, from, &rx[..n]);
-                    // What else the socket holds, without a turn of the loop per datagram
-                    // (bounded, so timers and other wake-ups are not starved).
+                Wakeup::Datagram(Ok((from, data))) => {
+                    self.datagram(socket, now, from, data);
+                    // What else is waiting, without a turn of the loop per datagram (bounded,
+                    // so timers and other wake-ups are not starved).
                     for _ in 1..RECV_BATCH {
-                        match socket.try_recv_from(&mut rx) {
-                            Ok((n, from)) => self.datagram(&socket, Instant::now(), from, &rx[..n]),
-                            Err(_) => break,
-                        }
+                        let next = match fed.as_mut() {
+                            Some(f) => f.try_recv().ok(),
+                            None => socket
+                                .try_recv_from(&mut rx)
+                                .ok()
+                                .map(|(n, from)| (from, BytesMut::from(&rx[..n]))),
+                        };
+                        let Some((from, data)) = next else { break };
+                        self.datagram(socket, Instant::now(), from, data);
                     }
                 }
                 // An ICMP error reported on the socket, say: the loop goes on.
                 Wakeup::Datagram(Err(e)) => debug!(error = %e, "recv_from failed"),
-                Wakeup::Rung => self.rung(&socket, now),
+                Wakeup::Rung => self.rung(socket, now),
                 Wakeup::Admitted(incoming, Some(admission)) => {
-                    self.accept(&socket, now, *incoming, admission);
+                    self.accept(socket, now, *incoming, admission);
                 }
-                Wakeup::Admitted(incoming, None) => self.refuse(&socket, *incoming),
+                Wakeup::Admitted(incoming, None) => self.refuse(socket, *incoming),
                 Wakeup::Work(key, work) => {
                     let live = self
                         .entry(key.slot as usize)
                         .is_some_and(|e| e.io.key == key && e.app.is_some());
                     if live {
-                        self.with_app(&socket, key, now, |app, cx, c| {
+                        self.with_app(socket, key, now, |app, cx, c| {
                             app.on_event(cx, c, AppEvent::Work(work));
                         });
                     } else {
@@ -597,16 +639,18 @@ impl<A: App> Edge<A> {
                     }
                 }
                 Wakeup::Timer => {
-                    self.expire(&socket, now);
+                    self.expire(socket, now);
                     match stopping {
                         Some((at, false)) if at <= now => {
-                            self.close_all(&socket, now);
+                            self.close_all(socket, now);
                             stopping = Some((now + DRAIN_AFTER_STOP, true));
                         }
                         Some((at, true)) if at <= now => break,
                         _ => {}
                     }
                 }
+                // Stopping: new connections stay refused, whatever a reload asks.
+                Wakeup::Command(Some(Command::ServerConfig(_))) if stopping.is_some() => {}
                 Wakeup::Command(Some(Command::ServerConfig(config))) => {
                     self.endpoint.set_server_config(config.clone());
                     self.server = config;
@@ -619,7 +663,7 @@ impl<A: App> Edge<A> {
                     stopping = Some((now + self.grace, false));
                     for slot in 0..self.conns.len() {
                         if let Some(key) = self.entry(slot).map(|e| e.io.key) {
-                            self.with_app(&socket, key, now, |app, cx, c| {
+                            self.with_app(socket, key, now, |app, cx, c| {
                                 app.on_event(cx, c, AppEvent::Shutdown);
                             });
                         }
@@ -766,12 +810,12 @@ impl<A: App> Edge<A> {
     }
 
     /// One datagram from `from`.
-    fn datagram(&mut self, socket: &UdpSocket, now: Instant, from: SocketAddr, data: &[u8]) {
+    fn datagram(&mut self, socket: &UdpSocket, now: Instant, from: SocketAddr, data: BytesMut) {
         // quinn-proto writes a response it makes itself from the start of an empty buffer.
         self.tx.clear();
         let event = self
             .endpoint
-            .handle(now, from, None, None, BytesMut::from(data), &mut self.tx);
+            .handle(now, from, None, None, data, &mut self.tx);
         match event {
             Some(DatagramEvent::ConnectionEvent(handle, event)) => {
                 if let Some(e) = self.entry(handle.0) {
@@ -795,7 +839,7 @@ impl<A: App> Edge<A> {
         let admission = match self.app.admit(
             remote,
             incoming.remote_address_validated(),
-            self.stats.connections,
+            self.held.load(Ordering::Relaxed) + self.waiting.len(),
         ) {
             Admit::Accept(a) => a,
             Admit::Later(decision) => {
@@ -838,6 +882,7 @@ impl<A: App> Edge<A> {
         let remote = incoming.remote_address();
         // Stopping meanwhile: no new connections.
         let Some(server) = self.server.clone() else {
+            self.app.accept_failed(admission);
             self.refuse(socket, incoming);
             return;
         };
@@ -874,10 +919,12 @@ impl<A: App> Edge<A> {
                     queued: None,
                     timer: 0,
                     limit: self.limit,
+                    moved: 0,
                 };
                 let app = self.app.accept(&mut Cx { io: &mut io, now }, admission);
                 self.conns[slot] = Some(Box::new(Entry { io, app: Some(app) }));
                 self.stats.connections += 1;
+                self.held.fetch_add(1, Ordering::Relaxed);
                 self.stats.accepted += 1;
                 trace!(%remote, handle = slot, "connection accepted");
                 self.drive(socket, slot, now);
@@ -928,17 +975,7 @@ impl<A: App> Edge<A> {
                     }
                 }
                 Event::Stream(StreamEvent::Readable { id }) => self.read(e, id, now),
-                Event::Stream(StreamEvent::Writable { id }) => {
-                    let before = e.io.pending.iter().map(|p| p.1.len()).sum::<usize>();
-                    flush(&mut e.io, id);
-                    let after = e.io.pending.iter().map(|p| p.1.len()).sum::<usize>();
-                    if after < before
-                        && let Some(c) = e.app.as_mut()
-                    {
-                        self.app
-                            .on_event(&mut Cx { io: &mut e.io, now }, c, AppEvent::Flushed);
-                    }
-                }
+                Event::Stream(StreamEvent::Writable { id }) => flush(&mut e.io, id),
                 // The peer will read no more of it: what waits for it goes.
                 Event::Stream(StreamEvent::Stopped { id, .. }) => {
                     e.io.pending.retain(|p| p.0 != id);
@@ -958,17 +995,26 @@ impl<A: App> Edge<A> {
                 _ => {}
             }
         }
-        // Closed here (by the application, a bell, the pending bound, a linger's end) or by
-        // the peer: nothing more reaches the application, which ends now rather than when
-        // the connection drains (3 PTO later).
-        if e.io.conn.is_closed() {
-            self.gone(e);
+        // Waiting bytes moved (on `Writable`, or flushed ahead of a callback's write): the
+        // application hears of it once, whatever raised it.
+        if e.io.moved > 0 {
+            e.io.moved = 0;
+            if let Some(c) = e.app.as_mut() {
+                self.app
+                    .on_event(&mut Cx { io: &mut e.io, now }, c, AppEvent::Flushed);
+            }
         }
         // Reading resumed by a callback: what arrived meanwhile.
         if !e.io.paused && !e.io.unread.is_empty() {
             for id in std::mem::take(&mut e.io.unread) {
                 self.read(e, id, now);
             }
+        }
+        // Closed here (by the application, a bell, the pending bound, a linger's end) or by
+        // the peer: nothing more reaches the application, which ends now rather than when
+        // the connection drains (3 PTO later).
+        if e.io.conn.is_closed() {
+            self.gone(e);
         }
         loop {
             self.tx.clear();
@@ -988,6 +1034,7 @@ impl<A: App> Edge<A> {
         if e.io.conn.is_drained() {
             self.gone(e);
             self.stats.connections -= 1;
+            self.held.fetch_sub(1, Ordering::Relaxed);
             trace!(handle, "connection drained");
             return;
         }
@@ -1099,6 +1146,25 @@ impl<A: App> Edge<A> {
     }
 }
 
+/// The next datagram: from the socket, or from the group's receiver (`fed`; once that is
+/// gone, none ever again).
+async fn next_datagram(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    fed: &mut Option<mpsc::Receiver<(SocketAddr, BytesMut)>>,
+) -> std::io::Result<(SocketAddr, BytesMut)> {
+    match fed {
+        Some(f) => match f.recv().await {
+            Some(d) => Ok(d),
+            None => std::future::pending().await,
+        },
+        None => {
+            let (n, from) = socket.recv_from(buf).await?;
+            Ok((from, BytesMut::from(&buf[..n])))
+        }
+    }
+}
+
 /// Writes as much of `data` to stream `id` as flow control takes now: how much, or `None` when
 /// the stream takes nothing more (stopped or reset by the peer, or closed). Until all is
 /// written or a write says `Blocked`: quinn-proto raises `Writable` later only for a stream
@@ -1128,6 +1194,7 @@ fn flush(io: &mut Io, id: StreamId) {
         return;
     };
     data.drain(..written);
+    io.moved += written;
     if data.is_empty() {
         let fin = *fin;
         io.pending.swap_remove(at);

@@ -227,3 +227,70 @@ async fn an_answer_cut_by_the_send_window_arrives_whole() {
         .expect("handshake");
     echoes_whole(&conn, 600 * 1024).await;
 }
+
+/// Two loops sharing one socket, as a group (`meshchat_edge::spread`): a receiver hands each
+/// datagram to the loop its connection id names. 64 clients connect and get their echoes;
+/// each loop holds some of them (64 random Initial ids all hashing to one of two loops has a
+/// chance of 2^-63), and the group's count is the sum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_loops_share_a_socket_and_each_serves_its_own_connections() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    let (cert, key) = self_signed().expect("certificate");
+    let server = server_config(cert.clone(), key).expect("server config");
+    let socket = Arc::new(
+        tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+    );
+    let addr = socket.local_addr().expect("addr");
+    let held = Arc::new(AtomicUsize::new(0));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (mut queues, mut stats, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
+    for k in 0..2u8 {
+        let edge = Edge::new(server.clone(), Echo::default()).in_group(k, held.clone());
+        stats.push(edge.stats());
+        let (tx, rx) = tokio::sync::mpsc::channel(meshchat_edge::spread::QUEUE_DATAGRAMS);
+        queues.push(tx);
+        tasks.push(tokio::spawn(edge.run_fed(
+            socket.clone(),
+            rx,
+            stopped.clone(),
+        )));
+    }
+    let (done, until) = tokio::sync::watch::channel(false);
+    let receiver = tokio::spawn(meshchat_edge::spread::dispatch(socket, queues, until));
+
+    let client = client_for(cert);
+    let mut conns = Vec::new();
+    for i in 0..64u32 {
+        let conn = connected(&client, addr).await;
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        let msg = format!("hello {i}");
+        send.write_all(msg.as_bytes()).await.expect("write");
+        let mut back = vec![0u8; msg.len()];
+        recv.read_exact(&mut back).await.expect("echo");
+        assert_eq!(back, msg.as_bytes());
+        conns.push((conn, send, recv));
+    }
+    let held_by = |s: &tokio::sync::watch::Receiver<EdgeStats>| s.borrow().connections;
+    assert_eq!(held_by(&stats[0]) + held_by(&stats[1]), 64);
+    assert!(
+        held_by(&stats[0]) > 0 && held_by(&stats[1]) > 0,
+        "both loops serve"
+    );
+    assert_eq!(held.load(std::sync::atomic::Ordering::Relaxed), 64);
+
+    // The group stops: every loop returns once its connections drained.
+    drop(conns);
+    stop.send(true).expect("stop");
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(15), t)
+            .await
+            .expect("a loop stops within 15 s")
+            .expect("loop task")
+            .expect("loop ends cleanly");
+    }
+    done.send(true).expect("done");
+    receiver.await.expect("receiver");
+}

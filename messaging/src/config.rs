@@ -516,6 +516,10 @@ pub struct TransportSettings {
     /// connection) or `loop` (meshchat's endpoint loop on quinn-proto, `meshchat-edge`: every
     /// connection in one task, less memory per connection). Not reloadable.
     pub endpoint: EndpointKind,
+    /// With `endpoint = "loop"`: how many loops (tasks, each on a core when the runtime has
+    /// them) share the client port, connections spread among them by connection id
+    /// (default 1, at most 64). Not reloadable.
+    pub loops: usize,
     /// Let go of rustls once a connection's handshake (and its session tickets) is done,
     /// keeping only the secrets of the next key update: ~3.8 KB less per idle connection
     /// (docs/PERFORMANCE.md). Default false. Not reloadable.
@@ -544,6 +548,7 @@ impl Default for TransportSettings {
             mtu_discovery: false,
             ticket_store_bytes: 16 * 1024 * 1024,
             endpoint: EndpointKind::Quinn,
+            loops: 1,
             lean_tls: false,
         }
     }
@@ -1018,6 +1023,7 @@ impl NodeConfig {
             0,
             MAX_TICKET_STORE,
         )?;
+        within("transport.loops", t.loops, 1, 64)?;
         Ok(())
     }
 

@@ -124,8 +124,8 @@ impl RunningNode {
 pub(crate) enum ClientEndpoint {
     /// quinn's async endpoint.
     Quinn(quinn::Endpoint),
-    /// meshchat's endpoint loop.
-    Loop(meshchat_edge::EdgeControl),
+    /// meshchat's endpoint loops (`transport.loops` of them).
+    Loop(Vec<meshchat_edge::EdgeControl>),
 }
 
 impl ClientEndpoint {
@@ -133,9 +133,12 @@ impl ClientEndpoint {
     pub(crate) fn set_server_config(&self, config: quinn::ServerConfig) {
         match self {
             ClientEndpoint::Quinn(e) => e.set_server_config(Some(config)),
-            ClientEndpoint::Loop(c) => {
-                if !c.set_server_config(Some(Arc::new(config))) {
-                    warn!("the endpoint loop did not take the new TLS config (stopped or busy)");
+            ClientEndpoint::Loop(loops) => {
+                let config = Arc::new(config);
+                for c in loops {
+                    if !c.set_server_config(Some(config.clone())) {
+                        warn!("an endpoint loop did not take the new TLS config (stopped or busy)");
+                    }
                 }
             }
         }
@@ -152,7 +155,7 @@ enum ClientPort {
 enum Serving {
     Quinn(quinn::Endpoint),
     Loop(
-        Box<meshchat_edge::Edge<session::looped::NodeApp>>,
+        Vec<meshchat_edge::Edge<session::looped::NodeApp>>,
         tokio::net::UdpSocket,
     ),
 }
@@ -323,31 +326,42 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
             let l = &node.config.limits;
             let slow = close_code(ErrorCode::SlowReader).into_inner() as u32;
             let unavailable = close_code(ErrorCode::Unavailable).into_inner() as u32;
-            let edge = meshchat_edge::Edge::new(
-                server_config,
-                session::looped::NodeApp::new(node.clone(), gate.clone()),
-            )
-            // What one connection may have unsent: beyond the session's own soft mark (where
-            // it stops reading and draining pushes), room for replies in progress.
-            .with_pending_limit(
-                (l.max_frame_bytes as usize)
-                    .saturating_mul(l.max_inflight_per_conn + 2)
-                    .max(1024 * 1024),
-                slow,
-                b"client stopped reading",
-            )
-            .with_shutdown(
-                node.config
-                    .shutdown_grace
-                    .saturating_add(Duration::from_secs(1)),
-                unavailable,
-                b"node shutting down",
-            );
-            let control = edge.control(Some(addr));
-            (
-                ClientEndpoint::Loop(control),
-                Serving::Loop(Box::new(edge), socket),
-            )
+            let loops = node.config.transport.loops.max(1);
+            let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let edges: Vec<_> = (0..loops)
+                .map(|k| {
+                    let edge = meshchat_edge::Edge::new(
+                        server_config.clone(),
+                        session::looped::NodeApp::new(node.clone(), gate.clone()),
+                    )
+                    // What one connection may have unsent: beyond the session's own soft
+                    // mark (where it stops reading and draining pushes), room for replies in
+                    // progress and for one step of pushes.
+                    .with_pending_limit(
+                        (l.max_frame_bytes as usize)
+                            .saturating_mul(
+                                l.max_inflight_per_conn + 2 + session::looped::PUSH_STEP,
+                            )
+                            .max(1024 * 1024),
+                        slow,
+                        b"client stopped reading",
+                    )
+                    .with_shutdown(
+                        node.config
+                            .shutdown_grace
+                            .saturating_add(Duration::from_secs(1)),
+                        unavailable,
+                        b"node shutting down",
+                    );
+                    if loops > 1 {
+                        edge.in_group(k as u8, held.clone())
+                    } else {
+                        edge
+                    }
+                })
+                .collect();
+            let controls = edges.iter().map(|e| e.control(Some(addr))).collect();
+            (ClientEndpoint::Loop(controls), Serving::Loop(edges, socket))
         }
     };
     let node_for_loop = node.clone();
@@ -366,8 +380,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
                     )
                     .await;
                 }
-                Serving::Loop(edge, socket) => {
-                    serve_loop(node_for_loop, *edge, socket, embedded, admin_task, stop_rx).await;
+                Serving::Loop(edges, socket) => {
+                    serve_loop(node_for_loop, edges, socket, embedded, admin_task, stop_rx).await;
                 }
             }
             // Held until the node is down: only then may another process take the worker id.
@@ -609,12 +623,13 @@ async fn accept_loop(
     info!("stopped");
 }
 
-/// Serves the client port with the endpoint loop until `stop`; then the loop gives the
-/// sessions the shutdown grace (each answers its requests in progress and closes with
-/// `UNAVAILABLE`), the admin listener and the store close, and the port is released.
+/// Serves the client port with the endpoint loops until `stop` (one reads the socket itself;
+/// several share it through a receiver that hands each datagram to its loop); then each loop
+/// gives its sessions the shutdown grace (each answers its requests in progress and closes
+/// with `UNAVAILABLE`), the admin listener and the store close, and the port is released.
 async fn serve_loop(
     node: Arc<Node>,
-    edge: meshchat_edge::Edge<session::looped::NodeApp>,
+    mut edges: Vec<meshchat_edge::Edge<session::looped::NodeApp>>,
     socket: tokio::net::UdpSocket,
     store: Option<Arc<EmbeddedStore>>,
     admin: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
@@ -634,8 +649,34 @@ async fn serve_loop(
         })
     };
     let bound = socket.local_addr().ok();
-    if let Err(e) = edge.run(socket, stop).await {
-        warn!(error = %e, "the endpoint loop failed");
+    if edges.len() == 1 {
+        let edge = edges.remove(0);
+        if let Err(e) = edge.run(socket, stop).await {
+            warn!(error = %e, "the endpoint loop failed");
+        }
+    } else {
+        let socket = Arc::new(socket);
+        let (mut queues, mut loops) = (Vec::new(), Vec::new());
+        for edge in edges {
+            let (tx, rx) = tokio::sync::mpsc::channel(meshchat_edge::spread::QUEUE_DATAGRAMS);
+            queues.push(tx);
+            let span = info_span!("loop", index = loops.len());
+            loops.push(tokio::spawn(
+                edge.run_fed(socket.clone(), rx, stop.clone())
+                    .instrument(span),
+            ));
+        }
+        let (done, until) = watch::channel(false);
+        let receiver = tokio::spawn(meshchat_edge::spread::dispatch(socket, queues, until));
+        for l in loops {
+            match l.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "an endpoint loop failed"),
+                Err(e) => warn!(error = %e, "an endpoint loop ended abnormally"),
+            }
+        }
+        let _ = done.send(true);
+        let _ = receiver.await;
     }
     let _ = housekeeping.await;
     stop_admin_and_store(node, store, admin).await;

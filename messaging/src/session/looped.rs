@@ -43,8 +43,9 @@ use crate::registry::{ConnControl, ConnId, Outbox};
 
 /// Unsent bytes past which a connection reads no frame and drains no push until they move.
 pub(crate) const PENDING_SOFT: usize = 64 * 1024;
-/// Pushes taken from a connection's queue at a time.
-const PUSH_STEP: usize = 32;
+/// Pushes taken from a connection's queue at a time (the loop's hard bound on unsent bytes
+/// leaves room for one step of frames of the largest size).
+pub(crate) const PUSH_STEP: usize = 8;
 /// How long a closing connection waits for the client to acknowledge its last bytes.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
@@ -169,7 +170,13 @@ impl NodeApp {
         let at = match &c.closing {
             Some((_, until)) => *until,
             None => {
-                let mut at = c.session.deadline();
+                // While a call is out its result decides the deadline (a refresh near the
+                // token's expiry is served, as the quinn driver, which awaits the call).
+                let mut at = if c.session.calling() {
+                    Instant::now() + Duration::from_secs(3600)
+                } else {
+                    c.session.deadline()
+                };
                 if let Some((_, started)) = &c.handshake {
                     at = at.min(*started + c.limits.handshake_timeout);
                 }
@@ -364,7 +371,7 @@ impl NodeApp {
             );
             return;
         }
-        if c.session.deadline() <= now {
+        if c.session.deadline() <= now && !c.session.calling() {
             let close = c.session.expired();
             self.step(cx, c, Next::Close(close), None);
             return;
@@ -429,9 +436,11 @@ impl NodeApp {
                 }
             }
         }
-        // Pushes may have waited for the client to catch up, frames for the machine.
-        self.drain_outbox(cx, c);
+        // Frames may have waited for the machine, pushes for the client to catch up. Frames
+        // first: pushes alone can keep the unsent bytes at the soft mark, and requests must
+        // not starve behind them.
         self.pump(cx, c);
+        self.drain_outbox(cx, c);
     }
 
     /// Work whose connection is gone: a registration it made is undone.
@@ -566,8 +575,8 @@ impl App for NodeApp {
             AppEvent::Flushed => {
                 // Bytes moved: the write clock starts again.
                 c.stalled = None;
-                self.drain_outbox(cx, c);
                 self.pump(cx, c);
+                self.drain_outbox(cx, c);
             }
             // The client will read no more: nothing it asks for can be answered.
             AppEvent::Stopped { stream } => {

@@ -237,6 +237,11 @@ impl Session {
         !self.calling && self.inflight < self.bounds.max_inflight
     }
 
+    /// Whether an authentication-family call is out (its result not yet given back).
+    pub fn calling(&self) -> bool {
+        self.calling
+    }
+
     /// Requests started and not yet finished.
     pub fn inflight(&self) -> usize {
         self.inflight

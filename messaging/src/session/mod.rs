@@ -333,17 +333,6 @@ async fn run(
             Some(reply) = inflight.next(), if !inflight.is_empty() => {
                 session.finished(&reply);
             }
-            () = async { match outbox.as_ref() { Some(o) => o.wait().await, None => std::future::pending().await } }, if outbox.is_some() => {
-                // Write whatever is queued in one go (one write, few packets).
-                if let Some(o) = outbox.as_ref() {
-                    o.drain_into(256, &mut batch);
-                }
-                node.metrics.pushes(batch.len());
-                session.pushes(&mut batch);
-                if batch.capacity() > 256 {
-                    batch = Vec::new();
-                }
-            }
             _ = &mut auth_deadline => {
                 next = Some((Next::Close(session.expired()), None));
             }
@@ -357,6 +346,19 @@ async fn run(
                 }
                 let step = session.frame(&*node, frame, early);
                 next = Some((step, Some((kind, started))));
+            }
+            // After frames: a burst of pushes must not keep a request (a gap fill, say) from
+            // being read; the bound on requests in progress keeps frames from starving pushes.
+            () = async { match outbox.as_ref() { Some(o) => o.wait().await, None => std::future::pending().await } }, if outbox.is_some() => {
+                // Write whatever is queued in one go (one write, few packets).
+                if let Some(o) = outbox.as_ref() {
+                    o.drain_into(256, &mut batch);
+                }
+                node.metrics.pushes(batch.len());
+                session.pushes(&mut batch);
+                if batch.capacity() > 256 {
+                    batch = Vec::new();
+                }
             }
         }
         // What the frame (or the deadline) led to; a call's result leads on in turn.

@@ -34,10 +34,15 @@ pub fn config_in(dir: &std::path::Path) -> NodeConfig {
     c.auth.logins_per_account_per_min = 100_000;
     c.auth.logins_per_account_burst = 10_000;
     c.shutdown_grace = Duration::from_secs(3);
-    // `TEST_CLIENT_ENDPOINT=loop` runs the suite's nodes in the density configuration: the
-    // endpoint loop, with TLS sessions that let go of rustls after the handshake.
+    // `TEST_CLIENT_ENDPOINT=loop` runs the suite's nodes in the density configuration: two
+    // endpoint loops sharing the port (the group path: datagrams handed to the loop their
+    // connection id names), with TLS sessions that let go of rustls after the handshake.
     if std::env::var("TEST_CLIENT_ENDPOINT").is_ok_and(|v| v == "loop") {
         c.transport.endpoint = meshchat_messaging::config::EndpointKind::Loop;
+        c.transport.loops = std::env::var("TEST_CLIENT_LOOPS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(2);
         c.transport.lean_tls = true;
     }
     c
