@@ -59,6 +59,23 @@ async fn connected(client: &quinn::Endpoint, addr: std::net::SocketAddr) -> quin
         .expect("handshake")
 }
 
+/// A connection of `client` to `addr` with its stream open, whose first message (`hello i`)
+/// came back.
+async fn connected_and_echoed(
+    client: &quinn::Endpoint,
+    addr: std::net::SocketAddr,
+    i: u32,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let conn = connected(client, addr).await;
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    let msg = format!("hello {i}");
+    send.write_all(msg.as_bytes()).await.expect("write");
+    let mut back = vec![0u8; msg.len()];
+    recv.read_exact(&mut back).await.expect("echo");
+    assert_eq!(back, msg.as_bytes());
+    (conn, send, recv)
+}
+
 /// Sends `len` bytes on a new stream of `conn` while reading the echo: it must come back
 /// whole and in order, the stream finished after it.
 async fn echoes_whole(conn: &quinn::Connection, len: u32) {
@@ -88,13 +105,7 @@ async fn clients_connect_get_their_bytes_echoed_and_drain_out_when_they_close() 
     let client = client_for(cert);
     let mut conns = Vec::new();
     for i in 0..20u32 {
-        let conn = connected(&client, addr).await;
-        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
-        let msg = format!("hello {i}");
-        send.write_all(msg.as_bytes()).await.expect("write");
-        let mut back = vec![0u8; msg.len()];
-        recv.read_exact(&mut back).await.expect("echo");
-        assert_eq!(back, msg.as_bytes());
+        let (conn, mut send, mut recv) = connected_and_echoed(&client, addr, i).await;
         // A second write on the same stream is echoed too.
         send.write_all(b"again").await.expect("write");
         let mut again = [0u8; 5];
@@ -264,14 +275,7 @@ async fn two_loops_share_a_socket_and_each_serves_its_own_connections() {
     let client = client_for(cert);
     let mut conns = Vec::new();
     for i in 0..64u32 {
-        let conn = connected(&client, addr).await;
-        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
-        let msg = format!("hello {i}");
-        send.write_all(msg.as_bytes()).await.expect("write");
-        let mut back = vec![0u8; msg.len()];
-        recv.read_exact(&mut back).await.expect("echo");
-        assert_eq!(back, msg.as_bytes());
-        conns.push((conn, send, recv));
+        conns.push(connected_and_echoed(&client, addr, i).await);
     }
     let held_by = |s: &tokio::sync::watch::Receiver<EdgeStats>| s.borrow().connections;
     assert_eq!(held_by(&stats[0]) + held_by(&stats[1]), 64);

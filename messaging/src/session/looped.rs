@@ -33,7 +33,7 @@ use tokio_util::codec::Decoder;
 use tracing::debug;
 
 use super::machine::{Authenticated, Bounds, Call, Close, Next, Session, error_frame};
-use super::{CallResult, run_call, run_request};
+use super::{CallResult, record_step, run_call, run_request};
 use crate::admission::{self, HandshakeGate, HandshakeSlot};
 use crate::config::LimitsConfig;
 use crate::error::close_code;
@@ -192,28 +192,10 @@ impl NodeApp {
     /// What a frame, a deadline or a call's result led to; a call's result leads on in turn
     /// when it comes back.
     fn step(&mut self, cx: &mut Cx<'_>, c: &mut LoopConn, step: Next, request: Req) {
-        let record = |outcome: &'static str| {
-            if let Some((kind, started)) = request {
-                self.node.metrics.request(kind, outcome, started.elapsed());
-            }
-        };
+        record_step(&self.node, c.id, &step, request);
         match step {
-            Next::Answered(outcome) => record(outcome),
-            Next::Skipped => {}
-            Next::Visible {
-                outcome,
-                user,
-                visible,
-            } => {
-                self.node.registry.set_visible(user, c.id, visible);
-                record(outcome);
-            }
-            Next::Close(close) => {
-                if let Some(outcome) = close.outcome {
-                    record(outcome);
-                }
-                self.close(cx, c, close);
-            }
+            Next::Answered(_) | Next::Skipped | Next::Visible { .. } => {}
+            Next::Close(close) => self.close(cx, c, close),
             Next::Call(call) => self.call(cx, c, call, request),
             Next::Start {
                 rid,

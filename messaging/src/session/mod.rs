@@ -364,26 +364,10 @@ async fn run(
         // What the frame (or the deadline) led to; a call's result leads on in turn.
         let mut ended = None;
         while let Some((step, request)) = next.take() {
-            let record = |outcome: &'static str| {
-                if let Some((kind, started)) = request {
-                    node.metrics.request(kind, outcome, started.elapsed());
-                }
-            };
+            record_step(&node, id, &step, request);
             match step {
-                Next::Answered(outcome) => record(outcome),
-                Next::Skipped => {}
-                Next::Visible {
-                    outcome,
-                    user,
-                    visible,
-                } => {
-                    node.registry.set_visible(user, id, visible);
-                    record(outcome);
-                }
+                Next::Answered(_) | Next::Skipped | Next::Visible { .. } => {}
                 Next::Close(c) => {
-                    if let Some(outcome) = c.outcome {
-                        record(outcome);
-                    }
                     ended = Some(c);
                 }
                 Next::Call(call) => {
@@ -527,6 +511,32 @@ async fn flush(send: &mut quinn::SendStream, out: &mut BytesMut) -> bool {
         *out = BytesMut::new();
     }
     ok
+}
+
+/// What either driver does first with a step: the outcome of the request that led to it
+/// recorded (`request`: its type and when it was read), a presence change applied.
+pub(crate) fn record_step(
+    node: &Node,
+    id: ConnId,
+    step: &Next,
+    request: Option<(&'static str, Instant)>,
+) {
+    let outcome = match step {
+        Next::Answered(outcome) => Some(*outcome),
+        Next::Visible {
+            outcome,
+            user,
+            visible,
+        } => {
+            node.registry.set_visible(*user, id, *visible);
+            Some(*outcome)
+        }
+        Next::Close(c) => c.outcome,
+        Next::Skipped | Next::Call(_) | Next::Start { .. } => None,
+    };
+    if let (Some(outcome), Some((kind, started))) = (outcome, request) {
+        node.metrics.request(kind, outcome, started.elapsed());
+    }
 }
 
 /// Request `rid` run against the node, its reply made, its outcome recorded as `kind` since
