@@ -10,10 +10,11 @@
 //! is a request to run alongside others (`Start`). It encodes every reply and push into its
 //! output buffer.
 //!
-//! The driver (`session::run` over quinn today) reads frames, runs the calls and requests
-//! against the [`Node`](crate::node::Node), writes [`Session::out`] to the stream, and feeds
-//! time in as deadlines. The same machine can be driven by another event loop; its unit tests
-//! drive it with made-up instants.
+//! A driver reads frames, runs the calls and requests against the
+//! [`Node`](crate::node::Node), writes [`Session::out`] to the stream, and feeds time in as
+//! deadlines. Two drive it: `session::run` over quinn's endpoint (a task per connection) and
+//! `session::looped` on meshchat's endpoint loop (`transport.endpoint`); its unit tests drive
+//! it with made-up instants.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,7 +2,10 @@
 //! they ask against the node (up to `max_inflight_per_conn` requests at once), writes their
 //! replies, and writes pushes from the connection's bounded outbound queue. What a frame means
 //! (authentication state, push sequence, the one deadline, errors) is [`machine`]'s, a sans-IO
-//! state machine; this module is its driver over quinn.
+//! state machine; this module is its driver over quinn's endpoint (`transport.endpoint =
+//! "quinn"`), and [`looped`] its driver on meshchat's endpoint loop. What both drivers do the
+//! same way lives here: running a request ([`run_request`]) or an authentication-family call
+//! ([`run_call`]), and recording a step ([`record_step`]).
 //!
 //! Memory per idle connection is kept small on purpose: the read buffer starts at 256 bytes
 //! (tokio's default is 8 KiB), the write buffer starts empty, the outbound queue is created
