@@ -67,13 +67,21 @@ async fn connected_and_echoed(
     i: u32,
 ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
     let conn = connected(client, addr).await;
+    let (send, recv) = stream_echoing(&conn, &format!("hello {i}")).await;
+    (conn, send, recv)
+}
+
+/// A new stream of `conn` on which `msg` was sent and came back.
+async fn stream_echoing(
+    conn: &quinn::Connection,
+    msg: &str,
+) -> (quinn::SendStream, quinn::RecvStream) {
     let (mut send, mut recv) = conn.open_bi().await.expect("stream");
-    let msg = format!("hello {i}");
     send.write_all(msg.as_bytes()).await.expect("write");
     let mut back = vec![0u8; msg.len()];
     recv.read_exact(&mut back).await.expect("echo");
     assert_eq!(back, msg.as_bytes());
-    (conn, send, recv)
+    (send, recv)
 }
 
 /// Sends `len` bytes on a new stream of `conn` while reading the echo: it must come back
@@ -171,12 +179,7 @@ async fn lean_sessions_let_go_of_rustls_and_still_update_keys() {
             .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
             .and_then(|d| d.protocol);
         assert_eq!(alpn.as_deref(), Some(meshchat_edge::tls::ALPN));
-        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
-        let msg = format!("lean {i}");
-        send.write_all(msg.as_bytes()).await.expect("write");
-        let mut back = vec![0u8; msg.len()];
-        recv.read_exact(&mut back).await.expect("echo");
-        assert_eq!(back, msg.as_bytes());
+        let (send, recv) = stream_echoing(&conn, &format!("lean {i}")).await;
         conns.push((conn, send, recv));
     }
     wait_stats(&mut stats, "5 connections held", |s| s.connections == 5).await;
