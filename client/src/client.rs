@@ -262,6 +262,27 @@ enum FillEnd {
     Stopped,
 }
 
+/// The chat list on `conn`, for a gap fill: a busy node (right after a failover, say) is
+/// retried as history pages are, since without the list there is no fill at all.
+async fn chat_list_retried(conn: &Conn) -> Result<Vec<pb::ChatSummary>, ClientError> {
+    let mut attempt = 0u32;
+    loop {
+        match conn
+            .request(client_frame::Body::ChatList(pb::ChatListQuery {}))
+            .await
+        {
+            Ok(server_frame::Body::ChatList(l)) => return Ok(l.chats),
+            Ok(other) => return Err(unexpected(&other)),
+            Err(e) if e.is_retryable() && conn.is_open() && attempt < GAP_FILL_ATTEMPTS => {
+                attempt += 1;
+                debug!(error = %e, attempt, "gap fill: chat list retried");
+                tokio::time::sleep(gap_fill_backoff(attempt)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Reads `chat` forward from `cursor` to its head on `conn` and feeds the messages to
 /// `events`.
 async fn fill_chat(
@@ -1223,9 +1244,14 @@ impl Client {
     }
 
     /// Reads every chat forward from its cursor and feeds what it finds to [`Events`]. The
-    /// chat list is read here; the paging runs in a background task (it waits for the
+    /// chat list and the pages are read in a background task, and this returns its handle
+    /// at once (an error only when there is no open connection): the fill waits for the
     /// application to take events, and must not hold up the caller, who may be the one
-    /// reading them). Returns that task's handle.
+    /// reading them. (The chat list was once read here: a caller awaiting it from its event
+    /// loop, with the event buffer full of an earlier fill's messages, stopped the reader
+    /// that the chat list's reply had to pass, and waited out every retry.) A fill that
+    /// could not finish on a live connection, or whose connection closed, asks for another
+    /// with [`Event::Resync`], reading as far back.
     pub async fn fill_gaps(&self) -> Result<tokio::task::JoinHandle<()>, ClientError> {
         self.fill_gaps_back(GAP_FILL_OVERLAP_MS).await
     }
@@ -1256,52 +1282,57 @@ impl Client {
         for cursor in from.values_mut() {
             *cursor = cursor.saturating_sub(overlap_ms << 22);
         }
-        // The chat list carries each chat's newest id (its head): a chat whose head is not
-        // past the point a read would start from has nothing to fill. That skips the chats
-        // this client has not seen a message of (read from my delivered mark) that did not
-        // move; a chat it has seen is always read (its head is at least the newest id seen,
-        // past the read's start 10 s before it).
-        let mut heads: HashMap<ChatId, u64> = HashMap::new();
-        let mut attempt = 0u32;
-        let rows = loop {
-            // A busy node right after a failover: retried like history pages, since without
-            // the list there is no fill at all.
-            match self.chat_list().await {
-                Ok(rows) => break rows,
-                Err(e)
-                    if e.is_retryable()
-                        && self.conn().is_ok_and(|c| c.is_open())
-                        && attempt < GAP_FILL_ATTEMPTS =>
-                {
-                    attempt += 1;
-                    debug!(error = %e, attempt, "gap fill: chat list retried");
-                    tokio::time::sleep(gap_fill_backoff(attempt)).await;
-                }
-                Err(e) => {
-                    owe(&self.owed_depth);
-                    return Err(e);
-                }
+        // No fill on a closed connection (the failover's or reconnect's fill reads as far
+        // back): an error now, as when there is no connection at all.
+        let conn = match self.conn() {
+            Ok(conn) if conn.is_open() => conn,
+            Ok(_) => {
+                owe(&self.owed_depth);
+                return Err(ClientError::Disconnected("connection closed".into()));
+            }
+            Err(e) => {
+                owe(&self.owed_depth);
+                return Err(e);
             }
         };
-        for row in rows {
-            if let Ok(chat) = chat_from_wire(row.chat.as_ref()) {
-                from.entry(chat).or_insert(row.my_delivered);
-                if let Some(newest) = &row.newest {
-                    heads.insert(chat, newest.message_id);
-                }
-            }
-        }
-        // Chats missing from the list (past its limit, or left) or listed without a newest
-        // message (a store that could not read it) keep their read.
-        from.retain(|chat, cursor| heads.get(chat).is_none_or(|&head| head > *cursor));
-        let conn = self.conn()?;
         let events = self.events.clone();
         let filled = self.gap_fills.clone();
         let owed = self.owed_depth.clone();
-        let (chats, started) = (from.len(), std::time::Instant::now());
         let me = self.me().map_or(0, |u| u.0);
         Ok(tokio::spawn(async move {
             use futures::StreamExt;
+            // The chat list carries each chat's newest id (its head): a chat whose head is
+            // not past the point a read would start from has nothing to fill. That skips the
+            // chats this client has not seen a message of (read from my delivered mark) that
+            // did not move; a chat it has seen is always read (its head is at least the
+            // newest id seen, past the read's start 10 s before it).
+            let rows = match chat_list_retried(&conn).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    // Without the list there is no fill: owed, and asked for again (after
+                    // the retries' backoff) on a live connection the node was too busy to
+                    // answer on; a closed one's successor fills as far back.
+                    debug!(error = %e, "gap fill: no chat list");
+                    owe(&owed);
+                    if e.is_retryable() && conn.is_open() {
+                        let _ = events.send(Event::Resync).await;
+                    }
+                    return;
+                }
+            };
+            let mut heads: HashMap<ChatId, u64> = HashMap::new();
+            for row in rows {
+                if let Ok(chat) = chat_from_wire(row.chat.as_ref()) {
+                    from.entry(chat).or_insert(row.my_delivered);
+                    if let Some(newest) = &row.newest {
+                        heads.insert(chat, newest.message_id);
+                    }
+                }
+            }
+            // Chats missing from the list (past its limit, or left) or listed without a
+            // newest message (a store that could not read it) keep their read.
+            from.retain(|chat, cursor| heads.get(chat).is_none_or(|&head| head > *cursor));
+            let (chats, started) = (from.len(), std::time::Instant::now());
             // A few chats at a time: after a failover the reads are round trips to a busy
             // node, and one after another they added up to seconds.
             let ends: Vec<FillEnd> = futures::stream::iter(from)

@@ -132,3 +132,64 @@ async fn a_client_that_never_reads_its_replies_is_closed_as_a_slow_reader() {
         "the node stopped taking frames before the bound"
     );
 }
+
+/// An application that asks for a gap fill from its event loop while its event buffer is
+/// full (pushes waiting, the connection's reader stopped behind them) is not held up: the
+/// fill reads the chat list in its background task, which proceeds as the events are
+/// taken. (The chat list was read in the caller: its reply waited behind the stopped reader,
+/// and the caller behind the reply, until every retry had timed out; found as a rare
+/// `fill: Timeout` in `mesh.rs::dropped_mesh_envelopes_are_resynced_...`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_fill_asked_for_with_a_full_event_buffer_returns_and_completes() {
+    let node = TestNode::start().await;
+    let (alice, _ae, a) = node.user("alice").await;
+    let (_bob, _be, b) = node.user("bob").await;
+    // Bob's other device: two events of buffer, and a request timeout long enough that
+    // waiting it out could not pass for returning at once.
+    let mut opts = node.options();
+    opts.event_buffer = 2;
+    opts.request_timeout = Duration::from_secs(30);
+    let (slow, mut slow_ev) = node.client_with(opts).await;
+    slow.authenticate(&b.token).await.expect("auth");
+    let chat = ChatId::direct(a.user, b.user);
+    let mut ids = std::collections::BTreeSet::new();
+    for n in 0..10 {
+        ids.insert(
+            alice
+                .send(chat, format!("m{n}"), None)
+                .await
+                .expect("send")
+                .message_id,
+        );
+    }
+    // Nothing read yet: the buffer holds two pushes and the reader waits with a third.
+    let fill = tokio::time::timeout(Duration::from_secs(5), slow.fill_gaps())
+        .await
+        .expect("the fill returns without waiting for a reply")
+        .expect("a fill on an open connection");
+    // Reading the events lets the pushes and the fill through: every message arrives.
+    let mut got = std::collections::BTreeSet::new();
+    while !ids.is_subset(&got) {
+        match slow_ev.next_within(Duration::from_secs(10)).await {
+            Some(Event::Message(m)) => {
+                got.insert(m.message_id);
+            }
+            Some(_) => {}
+            None => panic!("{} of {} messages arrived", got.len(), ids.len()),
+        }
+    }
+    // And the fill itself ran to its end (its messages, duplicates of the pushes, read too).
+    let mut fill = fill;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            tokio::select! {
+                ended = &mut fill => break ended,
+                _ = slow_ev.next_within(Duration::from_secs(10)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the fill ended within 10 s")
+    .expect("the fill's task");
+    assert_eq!(slow.gap_fills(), 1, "the fill read every chat to its head");
+}
