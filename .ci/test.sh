@@ -108,8 +108,8 @@ fi
 # without a server); here a server is always there, so every ignored test runs.
 cargo nextest run "${args[@]}" --no-fail-fast --run-ignored all "$@"
 
-# The node's tests once more with every node they start on meshchat's endpoint loop
-# (`transport.endpoint = "loop"`, messaging/src/session/looped.rs) instead of quinn's endpoint:
-# the same test binaries, nothing rebuilt.
-TEST_CLIENT_ENDPOINT=loop cargo nextest run "${args[@]}" --no-fail-fast \
+# The node's tests once more with every node they start on quinn's endpoint
+# (`transport.endpoint = "quinn"`, the quinn driver in messaging/src/session/mod.rs) instead of the default
+# endpoint loops: the same test binaries, nothing rebuilt.
+TEST_CLIENT_ENDPOINT=quinn cargo nextest run "${args[@]}" --no-fail-fast \
   -E 'package(meshchat-messaging)' "$@"

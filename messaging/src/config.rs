@@ -81,8 +81,9 @@ pub struct LogConfig {
     /// path (`http://127.0.0.1:4318`) gets `/v1/traces`. Unset (the
     /// default): no export. Spans pass the same `level` filter as log lines.
     pub otlp_endpoint: Option<String>,
-    /// Share of traces exported, 0.0..=1.0 (default 0.05): each connection's span and the
-    /// request spans under it are kept or dropped together.
+    /// Share of traces exported, 0.0..=1.0 (default 0.05). A trace is a request under its
+    /// own `conn` span on the endpoint loop (the default), a whole connection with its
+    /// requests on quinn's endpoint: kept or dropped together.
     pub otlp_sample_ratio: f64,
 }
 
@@ -512,17 +513,19 @@ pub struct TransportSettings {
     /// tickets; 0 turns resumption and 0-RTT off). Each ticket is used once; past the budget
     /// the oldest go, and their clients make a full handshake.
     pub ticket_store_bytes: usize,
-    /// What serves the client port: `quinn` (default: quinn's async endpoint, a task per
-    /// connection) or `loop` (meshchat's endpoint loop on quinn-proto, `meshchat-edge`: every
-    /// connection in one task, less memory per connection). Not reloadable.
+    /// What serves the client port: `loop` (default: meshchat's endpoint loop on
+    /// quinn-proto, `meshchat-edge`, every connection of a loop in one task; half the memory
+    /// per connection) or `quinn` (quinn's async endpoint, a task per connection).
+    /// Not reloadable.
     pub endpoint: EndpointKind,
     /// With `endpoint = "loop"`: how many loops (tasks, each on a core when the runtime has
-    /// them) share the client port, connections spread among them by connection id
-    /// (default 1, at most 64). Not reloadable.
+    /// them) share the client port, connections spread among them by connection id; 0
+    /// (default) is one per core of the machine ([`TransportSettings::loop_count`]). At most
+    /// 64. Not reloadable.
     pub loops: usize,
     /// Let go of rustls once a connection's handshake (and its session tickets) is done,
     /// keeping only the secrets of the next key update: ~3.8 KB less per idle connection
-    /// (docs/PERFORMANCE.md). Default false. Not reloadable.
+    /// (docs/PERFORMANCE.md, docs/SECURITY.md). Default true. Not reloadable.
     pub lean_tls: bool,
 }
 
@@ -531,9 +534,9 @@ pub struct TransportSettings {
 #[serde(rename_all = "lowercase")]
 pub enum EndpointKind {
     /// quinn's async endpoint: a task per connection beside quinn's driver task.
-    #[default]
     Quinn,
-    /// meshchat's endpoint loop (`meshchat-edge`): one task for every connection.
+    /// meshchat's endpoint loop (`meshchat-edge`): one task for every connection of a loop.
+    #[default]
     Loop,
 }
 
@@ -547,9 +550,22 @@ impl Default for TransportSettings {
             udp_send_buffer: 8 * 1024 * 1024,
             mtu_discovery: false,
             ticket_store_bytes: 16 * 1024 * 1024,
-            endpoint: EndpointKind::Quinn,
-            loops: 1,
-            lean_tls: false,
+            endpoint: EndpointKind::Loop,
+            loops: 0,
+            lean_tls: true,
+        }
+    }
+}
+
+impl TransportSettings {
+    /// How many endpoint loops serve the client port: `loops`, or for 0 one per core the
+    /// process may use (`std::thread::available_parallelism`), at most 64.
+    pub fn loop_count(&self) -> usize {
+        match self.loops {
+            0 => std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get)
+                .min(64),
+            n => n,
         }
     }
 }
@@ -1023,7 +1039,7 @@ impl NodeConfig {
             0,
             MAX_TICKET_STORE,
         )?;
-        within("transport.loops", t.loops, 1, 64)?;
+        within("transport.loops", t.loops, 0, 64)?;
         Ok(())
     }
 

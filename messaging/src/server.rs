@@ -326,7 +326,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
             let l = &node.config.limits;
             let slow = close_code(ErrorCode::SlowReader).into_inner() as u32;
             let unavailable = close_code(ErrorCode::Unavailable).into_inner() as u32;
-            let loops = node.config.transport.loops.max(1);
+            let loops = node.config.transport.loop_count();
             let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let edges: Vec<_> = (0..loops)
                 .map(|k| {
@@ -393,6 +393,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         %addr,
         node = node.config.node_id,
         endpoint = ?node.config.transport.endpoint,
+        loops = ?(node.config.transport.endpoint == EndpointKind::Loop)
+            .then(|| node.config.transport.loop_count()),
         lean_tls = node.config.transport.lean_tls,
         "listening"
     );

@@ -30,10 +30,10 @@ use meshchat_edge::{Admit, App, AppEvent, ConnKey, Cx};
 use meshchat_proto::FrameCodec;
 use meshchat_proto::client::{ClientFrame, ErrorCode, ServerFrame};
 use tokio_util::codec::Decoder;
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use super::machine::{Authenticated, Bounds, Call, Close, Next, Session, error_frame};
-use super::{CallResult, record_step, run_call, run_request};
+use super::{CallResult, conn_span, record_step, run_call, run_request};
 use crate::admission::{self, HandshakeGate, HandshakeSlot};
 use crate::config::LimitsConfig;
 use crate::error::close_code;
@@ -212,6 +212,7 @@ impl NodeApp {
                     }
                     Ok(permit) => {
                         let key = cx.key();
+                        let _conn = conn_span(&self.node, c.id, cx.remote_address()).entered();
                         let reply = run_request(
                             &self.node,
                             identity,
@@ -232,13 +233,15 @@ impl NodeApp {
     fn call(&mut self, cx: &mut Cx<'_>, c: &mut LoopConn, call: Call, request: Req) {
         let key = cx.key();
         let id = c.id;
+        let span = conn_span(&self.node, id, cx.remote_address());
         let result = run_call(
             self.node.clone(),
             call,
             (id, cx.remote_address().ip()),
             c.limits.clone(),
             ConnControl::Loop(cx.bell()),
-        );
+        )
+        .instrument(span);
         self.work.push(Box::pin(async move {
             let result = result.await;
             (

@@ -11,6 +11,7 @@
 //! (tokio's default is 8 KiB), the write buffer starts empty, the outbound queue is created
 //! only after authentication, and nothing else is held per connection.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -144,13 +145,19 @@ pub(crate) async fn serve(
         ended: None,
     };
     let id = node.registry.next_conn_id();
-    // A root span: each connection is a trace of its own (with its requests under it), not
-    // part of the node's, so traces end and are sampled per connection.
-    let span =
-        info_span!(parent: None, "conn", node = node.config.node_id, id = id.0, peer = %remote);
+    let span = conn_span(&node, id, remote);
     run(node, conn, id, handshake, &mut shutdown)
         .instrument(span)
         .await;
+}
+
+/// A connection's span, `conn{node, id, peer}`: a root, so traces end and are sampled per
+/// connection, not as part of the node's. The quinn driver holds one for the connection's
+/// life (its requests under it, one trace); the loop makes one per request or call instead
+/// (held per idle connection, a span would cost the registry's entry at 100k), so there each
+/// request is a trace of its own with the same fields above it.
+pub(crate) fn conn_span(node: &Node, id: ConnId, remote: SocketAddr) -> tracing::Span {
+    info_span!(parent: None, "conn", node = node.config.node_id, id = id.0, peer = %remote)
 }
 
 /// The rest of a handshake while the connection is already served (0-RTT, 0.5-RTT).

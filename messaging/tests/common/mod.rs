@@ -34,16 +34,24 @@ pub fn config_in(dir: &std::path::Path) -> NodeConfig {
     c.auth.logins_per_account_per_min = 100_000;
     c.auth.logins_per_account_burst = 10_000;
     c.shutdown_grace = Duration::from_secs(3);
-    // `TEST_CLIENT_ENDPOINT=loop` runs the suite's nodes in the density configuration: two
-    // endpoint loops sharing the port (the group path: datagrams handed to the loop their
-    // connection id names), with TLS sessions that let go of rustls after the handshake.
-    if std::env::var("TEST_CLIENT_ENDPOINT").is_ok_and(|v| v == "loop") {
-        c.transport.endpoint = meshchat_messaging::config::EndpointKind::Loop;
-        c.transport.loops = std::env::var("TEST_CLIENT_LOOPS")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(2);
-        c.transport.lean_tls = true;
+    // The suite's nodes run the default client endpoint (meshchat's endpoint loops, lean TLS
+    // sessions) unless `TEST_CLIENT_ENDPOINT=quinn` asks for quinn's endpoint with rustls
+    // kept whole (the suite's second pass, `.ci/test.sh`). Two loops whatever the machine's
+    // cores (`TEST_CLIENT_LOOPS=N` for another count), so the group path, datagrams handed
+    // to the loop their connection id names, always runs.
+    match std::env::var("TEST_CLIENT_ENDPOINT").as_deref() {
+        Ok("quinn") => {
+            c.transport.endpoint = meshchat_messaging::config::EndpointKind::Quinn;
+            c.transport.lean_tls = false;
+        }
+        _ => {
+            c.transport.endpoint = meshchat_messaging::config::EndpointKind::Loop;
+            c.transport.loops = std::env::var("TEST_CLIENT_LOOPS")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(2);
+            c.transport.lean_tls = true;
+        }
     }
     c
 }
