@@ -11,6 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -93,12 +94,14 @@ pub fn route(data: &[u8], loops: usize) -> usize {
 pub const QUEUE_DATAGRAMS: usize = 1024;
 
 /// The receiver of a group of loops: reads `socket` and hands each datagram to its loop's
-/// queue (made with [`QUEUE_DATAGRAMS`]) until `done` turns true. Run it until every loop has
-/// returned: a stopping loop still needs the acknowledgements of its closes.
+/// queue (made with [`QUEUE_DATAGRAMS`]) until `done` turns true, counting in `dropped` the
+/// datagrams a full queue did not take. Run it until every loop has returned: a stopping
+/// loop still needs the acknowledgements of its closes.
 pub async fn dispatch(
     socket: Arc<UdpSocket>,
     loops: Vec<mpsc::Sender<(SocketAddr, BytesMut)>>,
     mut done: watch::Receiver<bool>,
+    counted: Arc<AtomicU64>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut dropped: u64 = 0;
@@ -113,6 +116,7 @@ pub async fn dispatch(
                     let k = route(data, loops.len());
                     if loops[k].try_send((from, BytesMut::from(data))).is_err() {
                         dropped += 1;
+                        counted.fetch_add(1, Ordering::Relaxed);
                         if dropped.is_power_of_two() {
                             debug!(dropped, "a loop's datagram queue was full: dropped");
                         }

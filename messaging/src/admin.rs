@@ -42,6 +42,7 @@ const STORAGE_PROBE: Duration = Duration::from_secs(1);
 /// its store alive past a shutdown.
 #[derive(Clone)]
 pub(crate) struct AdminState {
+    pub loops: Arc<crate::server::LoopWatch>,
     pub node: Weak<Node>,
     pub mesh: Option<Weak<Mesh>>,
     pub store: Option<Weak<EmbeddedStore>>,
@@ -200,6 +201,34 @@ fn refresh_gauges(s: &AdminState, node: &Node, ready: bool) {
         "meshchat_push_queue_full_total",
         node.registry.cut_off_total(),
     );
+    // The endpoint loops (none on quinn's endpoint): connections each holds, and datagrams
+    // dropped on the way in (a loop's queue full) or out (the socket's buffer full).
+    let loops: Vec<meshchat_edge::EdgeStats> =
+        s.loops.loops.lock().iter().map(|r| *r.borrow()).collect();
+    if !loops.is_empty() {
+        for (k, l) in loops.iter().enumerate() {
+            m.gauge_with(
+                "meshchat_endpoint_loop_connections",
+                "loop",
+                k.to_string(),
+                l.connections as f64,
+            );
+        }
+        m.counter_total_with(
+            "meshchat_endpoint_datagrams_dropped_total",
+            "reason",
+            "socket_full",
+            loops.iter().map(|l| l.send_dropped).sum(),
+        );
+        m.counter_total_with(
+            "meshchat_endpoint_datagrams_dropped_total",
+            "reason",
+            "loop_queue_full",
+            s.loops
+                .queue_dropped
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+    }
     if let Some(store) = s.store.as_ref().and_then(Weak::upgrade) {
         m.gauge("meshchat_store_queue_depth", store.queue_depth() as f64);
     }

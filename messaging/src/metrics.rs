@@ -88,6 +88,14 @@ fn describe() {
         "meshchat_connections",
         "Client connections by state: handshaking, established (QUIC up), authenticated."
     );
+    describe_gauge!(
+        "meshchat_endpoint_loop_connections",
+        "QUIC connections each endpoint loop holds (transport.endpoint = loop), by loop."
+    );
+    describe_counter!(
+        "meshchat_endpoint_datagrams_dropped_total",
+        "Datagrams the endpoint loops dropped, by reason: loop_queue_full (in), socket_full (out)."
+    );
     describe_counter!(
         "meshchat_handshakes_total",
         "Client handshakes by outcome: ok, failed, timeout, refused (no slot, over a cap)."
@@ -530,6 +538,17 @@ impl NodeMetrics {
     /// Sets a node counter kept elsewhere to its total (scrape time).
     pub fn counter_total(&self, name: &'static str, total: u64) {
         counter!(name, "node" => self.node.clone()).absolute(total);
+    }
+
+    /// Sets a node counter kept elsewhere, with one more label, to its total (scrape time).
+    pub fn counter_total_with(
+        &self,
+        name: &'static str,
+        key: &'static str,
+        label: &'static str,
+        total: u64,
+    ) {
+        counter!(name, "node" => self.node.clone(), key => label).absolute(total);
     }
 
     /// Sets the series of every peer in the member set (scrape time): link state, queue, RTT

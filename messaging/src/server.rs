@@ -145,6 +145,14 @@ impl ClientEndpoint {
     }
 }
 
+/// What the admin listener reads of the endpoint loops (empty on quinn's endpoint): each
+/// loop's counters, and the datagrams the group's receiver dropped for a full loop queue.
+#[derive(Debug, Default)]
+pub(crate) struct LoopWatch {
+    pub(crate) loops: parking_lot::Mutex<Vec<watch::Receiver<meshchat_edge::EdgeStats>>>,
+    pub(crate) queue_dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
 /// The client port as bound: quinn's endpoint, or the loop's socket and TLS config.
 enum ClientPort {
     Quinn(quinn::Endpoint),
@@ -301,9 +309,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         limits.retry_above_handshakes,
         limits.max_handshakes_per_source,
     ));
+    let loop_watch = Arc::new(LoopWatch::default());
     let (admin_addr, admin_task) = match admin_listener {
         Some(listener) => {
             let state = crate::admin::AdminState {
+                loops: loop_watch.clone(),
                 node: Arc::downgrade(&node),
                 mesh: mesh.as_ref().map(Arc::downgrade),
                 store: embedded.as_ref().map(Arc::downgrade),
@@ -360,6 +370,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
                     }
                 })
                 .collect();
+            *loop_watch.loops.lock() = edges.iter().map(|e| e.stats()).collect();
             let controls = edges.iter().map(|e| e.control(Some(addr))).collect();
             (ClientEndpoint::Loop(controls), Serving::Loop(edges, socket))
         }
@@ -381,7 +392,17 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
                     .await;
                 }
                 Serving::Loop(edges, socket) => {
-                    serve_loop(node_for_loop, edges, socket, embedded, admin_task, stop_rx).await;
+                    let dropped = loop_watch.queue_dropped.clone();
+                    serve_loop(
+                        node_for_loop,
+                        edges,
+                        socket,
+                        dropped,
+                        embedded,
+                        admin_task,
+                        stop_rx,
+                    )
+                    .await;
                 }
             }
             // Held until the node is down: only then may another process take the worker id.
@@ -633,6 +654,7 @@ async fn serve_loop(
     node: Arc<Node>,
     mut edges: Vec<meshchat_edge::Edge<session::looped::NodeApp>>,
     socket: tokio::net::UdpSocket,
+    queue_dropped: Arc<std::sync::atomic::AtomicU64>,
     store: Option<Arc<EmbeddedStore>>,
     admin: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
     stop: watch::Receiver<bool>,
@@ -669,7 +691,12 @@ async fn serve_loop(
             ));
         }
         let (done, until) = watch::channel(false);
-        let receiver = tokio::spawn(meshchat_edge::spread::dispatch(socket, queues, until));
+        let receiver = tokio::spawn(meshchat_edge::spread::dispatch(
+            socket,
+            queues,
+            until,
+            queue_dropped,
+        ));
         for l in loops {
             match l.await {
                 Ok(Ok(())) => {}

@@ -151,6 +151,38 @@ async fn metrics_are_scraped_parsed_and_count_what_the_clients_did() {
     for (name, labels, want) in counts {
         assert_eq!(value(&m, name, &labels), Some(want), "{name} {labels:?}");
     }
+    // The endpoint loops (the default; none on quinn's endpoint) hold the three connections
+    // between them, and say what they dropped.
+    let per_loop: Vec<f64> = m
+        .samples
+        .iter()
+        .filter(|s| s.metric == "meshchat_endpoint_loop_connections")
+        .filter_map(|s| match s.value {
+            prometheus_parse::Value::Gauge(v) => Some(v),
+            _ => None,
+        })
+        .collect();
+    if std::env::var("TEST_CLIENT_ENDPOINT").is_ok_and(|v| v == "quinn") {
+        assert!(per_loop.is_empty(), "no loop series on quinn: {per_loop:?}");
+    } else {
+        let loops = std::env::var("TEST_CLIENT_LOOPS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(2usize);
+        assert_eq!(per_loop.len(), loops, "one series per loop");
+        assert_eq!(per_loop.iter().sum::<f64>(), 3.0, "{per_loop:?}");
+        for reason in ["socket_full", "loop_queue_full"] {
+            assert!(
+                value(
+                    &m,
+                    "meshchat_endpoint_datagrams_dropped_total",
+                    &[me, ("reason", reason)]
+                )
+                .is_some(),
+                "{reason}"
+            );
+        }
+    }
     // The push to bob was written; the first counter may also hold other pushes (none here).
     assert!(value(&m, "meshchat_pushes_total", &[me]).is_some_and(|v| v >= 1.0));
     assert!(value(&m, "process_resident_memory_bytes", &[]).is_some_and(|v| v > 0.0));
