@@ -262,17 +262,24 @@ enum FillEnd {
     Stopped,
 }
 
+/// The chat list on `conn`.
+async fn chat_list_on(conn: &Conn) -> Result<Vec<pb::ChatSummary>, ClientError> {
+    match conn
+        .request(client_frame::Body::ChatList(pb::ChatListQuery {}))
+        .await?
+    {
+        server_frame::Body::ChatList(l) => Ok(l.chats),
+        other => Err(unexpected(&other)),
+    }
+}
+
 /// The chat list on `conn`, for a gap fill: a busy node (right after a failover, say) is
 /// retried as history pages are, since without the list there is no fill at all.
 async fn chat_list_retried(conn: &Conn) -> Result<Vec<pb::ChatSummary>, ClientError> {
     let mut attempt = 0u32;
     loop {
-        match conn
-            .request(client_frame::Body::ChatList(pb::ChatListQuery {}))
-            .await
-        {
-            Ok(server_frame::Body::ChatList(l)) => return Ok(l.chats),
-            Ok(other) => return Err(unexpected(&other)),
+        match chat_list_on(conn).await {
+            Ok(chats) => return Ok(chats),
             Err(e) if e.is_retryable() && conn.is_open() && attempt < GAP_FILL_ATTEMPTS => {
                 attempt += 1;
                 debug!(error = %e, attempt, "gap fill: chat list retried");
@@ -1628,13 +1635,7 @@ impl Client {
 
     /// My chats, most recently active first.
     pub async fn chat_list(&self) -> Result<Vec<pb::ChatSummary>, ClientError> {
-        match self
-            .request(client_frame::Body::ChatList(pb::ChatListQuery {}))
-            .await?
-        {
-            server_frame::Body::ChatList(l) => Ok(l.chats),
-            other => Err(unexpected(&other)),
-        }
+        chat_list_on(&*self.conn()?).await
     }
 
     /// A user by name.

@@ -101,10 +101,9 @@ pub async fn dispatch(
     socket: Arc<UdpSocket>,
     loops: Vec<mpsc::Sender<(SocketAddr, BytesMut)>>,
     mut done: watch::Receiver<bool>,
-    counted: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
-    let mut dropped: u64 = 0;
     loop {
         tokio::select! {
             received = socket.recv_from(&mut buf) => {
@@ -115,8 +114,7 @@ pub async fn dispatch(
                     let data = &buf[..n];
                     let k = route(data, loops.len());
                     if loops[k].try_send((from, BytesMut::from(data))).is_err() {
-                        dropped += 1;
-                        counted.fetch_add(1, Ordering::Relaxed);
+                        let dropped = dropped.fetch_add(1, Ordering::Relaxed) + 1;
                         if dropped.is_power_of_two() {
                             debug!(dropped, "a loop's datagram queue was full: dropped");
                         }
