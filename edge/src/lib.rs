@@ -195,7 +195,8 @@ struct Rung {
 pub struct Bell {
     key: ConnKey,
     state: AtomicU8,
-    close: Mutex<Option<(u32, Bytes)>>,
+    /// The close asked for (boxed: a bell lives as long as its connection, a close rarely).
+    close: Mutex<Option<Box<(u32, Bytes)>>>,
     rung: Arc<Rung>,
 }
 
@@ -218,7 +219,7 @@ impl Bell {
             if c.is_some() || self.is_closed() {
                 return;
             }
-            *c = Some((code, Bytes::copy_from_slice(reason)));
+            *c = Some(Box::new((code, Bytes::copy_from_slice(reason))));
         }
         self.state.fetch_or(CLOSE_ASKED, Ordering::AcqRel);
         self.ring();
@@ -235,22 +236,96 @@ struct Io {
     conn: quinn_proto::Connection,
     key: ConnKey,
     bell: Arc<Bell>,
-    /// Writes waiting for the peer's flow-control window: stream, bytes, finish after them.
-    pending: Vec<(StreamId, Vec<u8>, bool)>,
+    /// What only a busy or closing connection needs (`None` for an idle one: what it saves
+    /// counts at 100k connections).
+    cold: Option<Box<Cold>>,
     /// The application's deadline.
     app_deadline: Option<Instant>,
-    /// The application does not read now; streams that became readable meanwhile.
+    /// The application does not read now (streams that became readable meanwhile: `cold`).
     paused: bool,
-    unread: Vec<StreamId>,
-    /// A close after the stream's data is acknowledged: stream, code, reason, at the latest.
-    linger: Option<(StreamId, u32, Bytes, Instant)>,
     /// When its live heap entry fires and the number that marks it (older entries are stale).
     queued: Option<Instant>,
     timer: u64,
-    /// The application's pending bound (bytes, close code, reason).
-    limit: (usize, u32, &'static [u8]),
     /// Waiting bytes the peer's flow control took since the application last heard of it.
     moved: usize,
+}
+
+/// A close after the stream's data is acknowledged: stream, code, reason, at the latest.
+type Linger = (StreamId, u32, Bytes, Instant);
+
+/// An application's bound on a connection's waiting bytes: bytes, close code, reason.
+type Limit = (usize, u32, &'static [u8]);
+
+/// A connection's state that is empty while it is idle, boxed apart.
+#[derive(Default)]
+struct Cold {
+    /// Writes waiting for the peer's flow-control window: stream, bytes, finish after them.
+    pending: Vec<(StreamId, Vec<u8>, bool)>,
+    /// Streams that became readable while the application did not read.
+    unread: Vec<StreamId>,
+    linger: Option<Linger>,
+}
+
+impl Io {
+    /// The cold state, made when first needed.
+    fn cold(&mut self) -> &mut Cold {
+        self.cold.get_or_insert_with(Box::default)
+    }
+
+    /// Lets go of the cold state once it holds nothing.
+    fn tidy(&mut self) {
+        if self
+            .cold
+            .as_deref()
+            .is_some_and(|c| c.pending.is_empty() && c.unread.is_empty() && c.linger.is_none())
+        {
+            self.cold = None;
+        }
+    }
+
+    /// What waits for stream `stream`.
+    fn waiting(&mut self, stream: StreamId) -> Option<&mut (StreamId, Vec<u8>, bool)> {
+        self.cold
+            .as_deref_mut()?
+            .pending
+            .iter_mut()
+            .find(|p| p.0 == stream)
+    }
+
+    fn linger(&self) -> Option<&Linger> {
+        self.cold.as_deref()?.linger.as_ref()
+    }
+
+    fn set_linger(&mut self, linger: Option<Linger>) {
+        match linger {
+            Some(l) => self.cold().linger = Some(l),
+            None => {
+                if let Some(c) = self.cold.as_deref_mut() {
+                    c.linger = None;
+                }
+                self.tidy();
+            }
+        }
+    }
+
+    /// Stream `id` is to be read once the application reads again.
+    fn mark_unread(&mut self, id: StreamId) {
+        let unread = &mut self.cold().unread;
+        if !unread.contains(&id) {
+            unread.push(id);
+        }
+    }
+
+    /// The streams to read now that the application reads again.
+    fn take_unread(&mut self) -> Vec<StreamId> {
+        let unread = self
+            .cold
+            .as_deref_mut()
+            .map(|c| std::mem::take(&mut c.unread))
+            .unwrap_or_default();
+        self.tidy();
+        unread
+    }
 }
 
 /// One connection as the loop keeps it.
@@ -264,6 +339,7 @@ struct Entry<C> {
 pub struct Cx<'a> {
     io: &'a mut Io,
     now: Instant,
+    limit: Limit,
 }
 
 impl Cx<'_> {
@@ -299,7 +375,7 @@ impl Cx<'_> {
             return;
         }
         let io = &mut *self.io;
-        match io.pending.iter_mut().find(|p| p.0 == stream) {
+        match io.waiting(stream) {
             // Behind what already waits: in order.
             Some(p) => {
                 p.1.extend_from_slice(data);
@@ -310,12 +386,14 @@ impl Cx<'_> {
                 if let Some(written) = write_some(&mut io.conn, stream, data)
                     && written < data.len()
                 {
-                    io.pending.push((stream, data[written..].to_vec(), false));
+                    io.cold()
+                        .pending
+                        .push((stream, data[written..].to_vec(), false));
                 }
             }
         }
         let waiting = self.pending_bytes();
-        let (limit, code, reason) = self.io.limit;
+        let (limit, code, reason) = self.limit;
         if waiting > limit {
             debug!(waiting, "writes not read by the peer: connection closed");
             self.close(code, reason);
@@ -325,7 +403,7 @@ impl Cx<'_> {
     /// Finishes `stream` once what waits for it is written.
     pub fn finish(&mut self, stream: StreamId) {
         let io = &mut *self.io;
-        match io.pending.iter_mut().find(|p| p.0 == stream) {
+        match io.waiting(stream) {
             Some(p) => p.2 = true,
             None => {
                 let _ = io.conn.send_stream(stream).finish();
@@ -336,7 +414,10 @@ impl Cx<'_> {
 
     /// Bytes written and not yet taken by the peer's flow control.
     pub fn pending_bytes(&self) -> usize {
-        self.io.pending.iter().map(|p| p.1.len()).sum()
+        self.io
+            .cold
+            .as_deref()
+            .map_or(0, |c| c.pending.iter().map(|p| p.1.len()).sum())
     }
 
     /// Stops reading: data stays with QUIC (and the peer meets its flow-control window).
@@ -356,7 +437,7 @@ impl Cx<'_> {
 
     /// Closes the connection now with application error `code`.
     pub fn close(&mut self, code: u32, reason: &[u8]) {
-        self.io.linger = None;
+        self.io.set_linger(None);
         self.io
             .conn
             .close(self.now, code.into(), Bytes::copy_from_slice(reason));
@@ -373,12 +454,12 @@ impl Cx<'_> {
         linger: Duration,
     ) {
         self.finish(stream);
-        self.io.linger = Some((
+        self.io.set_linger(Some((
             stream,
             code,
             Bytes::copy_from_slice(reason),
             self.now + linger,
-        ));
+        )));
     }
 }
 
@@ -445,7 +526,7 @@ pub struct Edge<A: App> {
     control: mpsc::Sender<Command>,
     /// The one transmit buffer: every datagram is built here and sent before the next.
     tx: Vec<u8>,
-    limit: (usize, u32, &'static [u8]),
+    limit: Limit,
     /// Connections held by this loop and the others of its group.
     held: Arc<AtomicUsize>,
     grace: Duration,
@@ -689,7 +770,7 @@ impl<A: App> Edge<A> {
             let key = e.io.key;
             if !e.io.conn.is_closed() {
                 let (code, reason) = stop_close;
-                e.io.linger = None;
+                e.io.set_linger(None);
                 e.io.conn
                     .close(now, code.into(), Bytes::from_static(reason));
             }
@@ -731,7 +812,11 @@ impl<A: App> Edge<A> {
             return;
         }
         if let Some(c) = e.app.as_mut() {
-            let mut cx = Cx { io: &mut e.io, now };
+            let mut cx = Cx {
+                io: &mut e.io,
+                now,
+                limit: self.limit,
+            };
             f(&mut self.app, &mut cx, c);
         }
         self.drive(socket, slot, now);
@@ -754,8 +839,8 @@ impl<A: App> Edge<A> {
             } else {
                 None
             };
-            if let Some((code, reason)) = asked {
-                e.io.linger = None;
+            if let Some((code, reason)) = asked.map(|a| *a) {
+                e.io.set_linger(None);
                 e.io.conn.close(now, code.into(), reason);
                 // Nothing more to write: the application ends in `drive`.
                 self.drive(socket, key.slot as usize, now);
@@ -790,11 +875,11 @@ impl<A: App> Edge<A> {
             if e.io.conn.poll_timeout().is_some_and(|t| t <= now) {
                 e.io.conn.handle_timeout(now);
             }
-            if let Some((_, code, reason, at)) = &e.io.linger
+            if let Some((_, code, reason, at)) = e.io.linger()
                 && *at <= now
             {
                 let (code, reason) = (*code, reason.clone());
-                e.io.linger = None;
+                e.io.set_linger(None);
                 e.io.conn.close(now, code.into(), reason);
             }
             let key = e.io.key;
@@ -911,17 +996,21 @@ impl<A: App> Edge<A> {
                     conn,
                     key,
                     bell,
-                    pending: Vec::new(),
+                    cold: None,
                     app_deadline: None,
                     paused: false,
-                    unread: Vec::new(),
-                    linger: None,
                     queued: None,
                     timer: 0,
-                    limit: self.limit,
                     moved: 0,
                 };
-                let app = self.app.accept(&mut Cx { io: &mut io, now }, admission);
+                let app = self.app.accept(
+                    &mut Cx {
+                        io: &mut io,
+                        now,
+                        limit: self.limit,
+                    },
+                    admission,
+                );
                 self.conns[slot] = Some(Box::new(Entry { io, app: Some(app) }));
                 self.stats.connections += 1;
                 self.held.fetch_add(1, Ordering::Relaxed);
@@ -965,8 +1054,15 @@ impl<A: App> Edge<A> {
             match event {
                 Event::Connected => {
                     if let Some(c) = e.app.as_mut() {
-                        self.app
-                            .on_event(&mut Cx { io: &mut e.io, now }, c, AppEvent::Connected);
+                        self.app.on_event(
+                            &mut Cx {
+                                io: &mut e.io,
+                                now,
+                                limit: self.limit,
+                            },
+                            c,
+                            AppEvent::Connected,
+                        );
                     }
                 }
                 Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
@@ -978,12 +1074,22 @@ impl<A: App> Edge<A> {
                 Event::Stream(StreamEvent::Writable { id }) => flush(&mut e.io, id),
                 // The peer will read no more of it: what waits for it goes.
                 Event::Stream(StreamEvent::Stopped { id, .. }) => {
-                    e.io.pending.retain(|p| p.0 != id);
+                    if let Some(c) = e.io.cold.as_deref_mut() {
+                        c.pending.retain(|p| p.0 != id);
+                    }
+                    e.io.tidy();
                     self.linger_done(e, id, now);
                     if let Some(c) = e.app.as_mut() {
                         let stopped = AppEvent::Stopped { stream: id };
-                        self.app
-                            .on_event(&mut Cx { io: &mut e.io, now }, c, stopped);
+                        self.app.on_event(
+                            &mut Cx {
+                                io: &mut e.io,
+                                now,
+                                limit: self.limit,
+                            },
+                            c,
+                            stopped,
+                        );
                     }
                 }
                 // All written to it was acknowledged.
@@ -1000,13 +1106,20 @@ impl<A: App> Edge<A> {
         if e.io.moved > 0 {
             e.io.moved = 0;
             if let Some(c) = e.app.as_mut() {
-                self.app
-                    .on_event(&mut Cx { io: &mut e.io, now }, c, AppEvent::Flushed);
+                self.app.on_event(
+                    &mut Cx {
+                        io: &mut e.io,
+                        now,
+                        limit: self.limit,
+                    },
+                    c,
+                    AppEvent::Flushed,
+                );
             }
         }
         // Reading resumed by a callback: what arrived meanwhile.
-        if !e.io.paused && !e.io.unread.is_empty() {
-            for id in std::mem::take(&mut e.io.unread) {
+        if !e.io.paused && e.io.cold.as_deref().is_some_and(|c| !c.unread.is_empty()) {
+            for id in e.io.take_unread() {
                 self.read(e, id, now);
             }
         }
@@ -1044,7 +1157,7 @@ impl<A: App> Edge<A> {
         let deadline = [
             e.io.conn.poll_timeout(),
             e.io.app_deadline,
-            e.io.linger.as_ref().map(|l| l.3),
+            e.io.linger().map(|l| l.3),
         ]
         .into_iter()
         .flatten()
@@ -1082,11 +1195,11 @@ impl<A: App> Edge<A> {
 
     /// A lingering close waits for stream `id`: it is done with.
     fn linger_done(&mut self, e: &mut Entry<A::Conn>, id: StreamId, now: Instant) {
-        if let Some((stream, code, reason, _)) = &e.io.linger
+        if let Some((stream, code, reason, _)) = e.io.linger()
             && *stream == id
         {
             let (code, reason) = (*code, reason.clone());
-            e.io.linger = None;
+            e.io.set_linger(None);
             e.io.conn.close(now, code.into(), reason);
         }
     }
@@ -1095,9 +1208,7 @@ impl<A: App> Edge<A> {
     /// pauses reading.
     fn read(&mut self, e: &mut Entry<A::Conn>, id: StreamId, now: Instant) {
         if e.io.paused {
-            if !e.io.unread.contains(&id) {
-                e.io.unread.push(id);
-            }
+            e.io.mark_unread(id);
             return;
         }
         let Some(c) = e.app.as_mut() else { return };
@@ -1125,7 +1236,11 @@ impl<A: App> Edge<A> {
             }
             let data = chunk.unwrap_or_default();
             self.app.on_event(
-                &mut Cx { io: &mut e.io, now },
+                &mut Cx {
+                    io: &mut e.io,
+                    now,
+                    limit: self.limit,
+                },
                 c,
                 AppEvent::Data {
                     stream: id,
@@ -1137,9 +1252,7 @@ impl<A: App> Edge<A> {
                 return;
             }
             if e.io.paused {
-                if !e.io.unread.contains(&id) {
-                    e.io.unread.push(id);
-                }
+                e.io.mark_unread(id);
                 return;
             }
         }
@@ -1185,25 +1298,27 @@ fn write_some(conn: &mut quinn_proto::Connection, id: StreamId, data: &[u8]) -> 
 /// Writes what waits for stream `id` as far as flow control allows; finishes the stream once
 /// all of it is written if asked.
 fn flush(io: &mut Io, id: StreamId) {
-    let Some(at) = io.pending.iter().position(|p| p.0 == id) else {
+    let Some(cold) = io.cold.as_deref_mut() else {
         return;
     };
-    let (_, data, fin) = &mut io.pending[at];
+    let Some(at) = cold.pending.iter().position(|p| p.0 == id) else {
+        return;
+    };
+    let (_, data, fin) = &mut cold.pending[at];
     let Some(written) = write_some(&mut io.conn, id, data) else {
-        io.pending.swap_remove(at);
+        cold.pending.swap_remove(at);
+        io.tidy();
         return;
     };
     data.drain(..written);
     io.moved += written;
     if data.is_empty() {
         let fin = *fin;
-        io.pending.swap_remove(at);
+        cold.pending.swap_remove(at);
         if fin {
             let _ = io.conn.send_stream(id).finish();
         }
-        if io.pending.is_empty() {
-            // An idle connection keeps no allocation here.
-            io.pending = Vec::new();
-        }
+        // An idle connection keeps no allocation here.
+        io.tidy();
     }
 }

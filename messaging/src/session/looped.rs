@@ -89,10 +89,10 @@ pub(crate) struct LoopConn {
     eof: bool,
     outbox: Option<Arc<Outbox>>,
     /// Until the handshake ends: its slot and when it started.
-    handshake: Option<(HandshakeSlot, Instant)>,
+    handshake: Option<Box<(HandshakeSlot, Instant)>>,
     _established: Option<EstablishedGuard>,
     /// A close waiting for the requests in progress, until the instant.
-    closing: Option<(Close, Instant)>,
+    closing: Option<Box<(Close, Instant)>>,
     /// Since when the unsent bytes have been past [`PENDING_SOFT`].
     stalled: Option<Instant>,
     shutting_down: bool,
@@ -167,7 +167,7 @@ impl NodeApp {
             cx.pause_reading();
         }
         // A close waiting for requests has its one deadline (and `timer` serves only it).
-        let at = match &c.closing {
+        let at = match c.closing.as_deref() {
             Some((_, until)) => *until,
             None => {
                 // While a call is out its result decides the deadline (a refresh near the
@@ -177,7 +177,7 @@ impl NodeApp {
                 } else {
                     c.session.deadline()
                 };
-                if let Some((_, started)) = &c.handshake {
+                if let Some((_, started)) = c.handshake.as_deref() {
                     at = at.min(*started + c.limits.handshake_timeout);
                 }
                 if let Some(since) = c.stalled {
@@ -279,7 +279,7 @@ impl NodeApp {
             } else {
                 c.limits.write_timeout
             };
-            c.closing = Some((close, cx.now() + wait));
+            c.closing = Some(Box::new((close, cx.now() + wait)));
             self.settle(cx, c);
             return;
         }
@@ -326,7 +326,7 @@ impl NodeApp {
             return;
         }
         let now = cx.now();
-        if let Some((close, until)) = c.closing {
+        if let Some(&(close, until)) = c.closing.as_deref() {
             if until <= now {
                 self.finish_close(cx, c, close);
             } else {
@@ -334,7 +334,7 @@ impl NodeApp {
             }
             return;
         }
-        if let Some((_, started)) = &c.handshake
+        if let Some((_, started)) = c.handshake.as_deref()
             && *started + c.limits.handshake_timeout <= now
         {
             c.handshake = None;
@@ -397,7 +397,7 @@ impl NodeApp {
         match work {
             Work::Reply(reply) => {
                 c.session.finished(&reply);
-                if let Some((close, _)) = c.closing
+                if let Some(&(close, _)) = c.closing.as_deref()
                     && c.session.inflight() == 0
                 {
                     self.finish_close(cx, c, close);
@@ -518,7 +518,7 @@ impl App for NodeApp {
             codec: FrameCodec::new(max_frame),
             eof: false,
             outbox: None,
-            handshake: Some((slot, cx.now())),
+            handshake: Some(Box::new((slot, cx.now()))),
             _established: None,
             closing: None,
             stalled: None,
@@ -533,7 +533,8 @@ impl App for NodeApp {
     fn on_event(&mut self, cx: &mut Cx<'_>, c: &mut LoopConn, event: AppEvent<'_, Work>) {
         match event {
             AppEvent::Connected => {
-                if let Some((slot, started)) = c.handshake.take() {
+                if let Some(h) = c.handshake.take() {
+                    let (slot, started) = *h;
                     drop(slot);
                     self.node.metrics.handshake("ok", Some(started.elapsed()));
                     c._established = Some(self.node.metrics.established());
