@@ -19,15 +19,18 @@
 //!   started ([`App::poll_work`]), and the loop's shutdown;
 //! - its end ([`App::on_closed`]), once, when the connection is lost or drained.
 //!
-//! Known simplifications: up to 64 datagrams read per wake-up but one system call each, and
-//! one `send_to` per datagram (no GRO/GSO, no `quinn-udp`); a datagram the socket cannot take at once is dropped and left to
-//! QUIC's loss recovery; timers in a binary heap with lazy deletion; no ECN and no
-//! local-address tracking (fine on a socket bound to one address).
+//! The socket's I/O goes through `quinn-udp` ([`udp`]): datagrams read in batches (`recvmmsg`,
+//! GRO), a connection's datagrams sent together (GSO), ECN both ways.
+//!
+//! Known simplifications: a datagram the socket cannot take at once is dropped and left to
+//! QUIC's loss recovery; timers in a binary heap with lazy deletion; no local-address
+//! tracking (fine on a socket bound to one address).
 
 pub mod echo;
 pub mod lean;
 pub mod spread;
 pub mod tls;
+pub mod udp;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -51,10 +54,9 @@ use quinn_proto::{
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, trace};
+use udp::{Datagram, RecvBatch, Udp};
 
-/// Largest UDP datagram read.
-const RECV_BUFFER: usize = 64 * 1024;
-/// Datagrams read per wake-up of the loop at most.
+/// Datagrams a loop of a group takes from its queue per wake-up at most.
 const RECV_BATCH: usize = 64;
 /// Default bound on the bytes an application's writes may wait for a connection's flow-control
 /// window; past it the connection is closed (a client that sends without reading).
@@ -537,7 +539,8 @@ pub struct Edge<A: App> {
 
 /// What woke the loop.
 enum Wakeup<W, A> {
-    Datagram(std::io::Result<(SocketAddr, BytesMut)>),
+    /// A datagram from the group's receiver, or (`None`) a batch read from the socket.
+    Datagram(std::io::Result<Option<Datagram>>),
     Rung,
     Work(ConnKey, W),
     Admitted(Box<quinn_proto::Incoming>, Option<A>),
@@ -627,7 +630,8 @@ impl<A: App> Edge<A> {
         socket: UdpSocket,
         stop: watch::Receiver<bool>,
     ) -> Result<(), EdgeError> {
-        self.serve(&socket, None, stop).await
+        let udp = Udp::new(Arc::new(socket))?;
+        self.serve(&udp, None, stop).await
     }
 
     /// As [`Edge::run`] for a loop of a group: its datagrams come from `datagrams` (the
@@ -635,19 +639,21 @@ impl<A: App> Edge<A> {
     pub async fn run_fed(
         self,
         socket: Arc<UdpSocket>,
-        datagrams: mpsc::Receiver<(SocketAddr, BytesMut)>,
+        datagrams: mpsc::Receiver<Datagram>,
         stop: watch::Receiver<bool>,
     ) -> Result<(), EdgeError> {
-        self.serve(&socket, Some(datagrams), stop).await
+        let udp = Udp::new(socket)?;
+        self.serve(&udp, Some(datagrams), stop).await
     }
 
     async fn serve(
         mut self,
-        socket: &UdpSocket,
-        mut fed: Option<mpsc::Receiver<(SocketAddr, BytesMut)>>,
+        socket: &Udp,
+        mut fed: Option<mpsc::Receiver<Datagram>>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), EdgeError> {
-        let mut rx = vec![0u8; if fed.is_some() { 0 } else { RECV_BUFFER }];
+        // A loop that reads the socket itself reads it in batches.
+        let mut rx = fed.is_none().then(RecvBatch::default);
         // Once stopping: until when connections may finish, then until when they drain.
         let mut stopping: Option<(Instant, bool)> = None;
         let rung = self.rung.clone();
@@ -684,20 +690,23 @@ impl<A: App> Edge<A> {
             };
             let now = Instant::now();
             match wakeup {
-                Wakeup::Datagram(Ok((from, data))) => {
-                    self.datagram(socket, now, from, data);
-                    // What else is waiting, without a turn of the loop per datagram (bounded,
+                Wakeup::Datagram(Ok(Some(d))) => {
+                    self.datagram(socket, now, d);
+                    // What else is queued, without a turn of the loop per datagram (bounded,
                     // so timers and other wake-ups are not starved).
                     for _ in 1..RECV_BATCH {
-                        let next = match fed.as_mut() {
-                            Some(f) => f.try_recv().ok(),
-                            None => socket
-                                .try_recv_from(&mut rx)
-                                .ok()
-                                .map(|(n, from)| (from, BytesMut::from(&rx[..n]))),
+                        let Some(d) = fed.as_mut().and_then(|f| f.try_recv().ok()) else {
+                            break;
                         };
-                        let Some((from, data)) = next else { break };
-                        self.datagram(socket, Instant::now(), from, data);
+                        self.datagram(socket, Instant::now(), d);
+                    }
+                }
+                Wakeup::Datagram(Ok(None)) => {
+                    if let Some(batch) = rx.as_ref() {
+                        for (from, ecn, data) in batch.datagrams() {
+                            let data = BytesMut::from(data);
+                            self.datagram(socket, now, Datagram { from, ecn, data });
+                        }
                     }
                 }
                 // An ICMP error reported on the socket, say: the loop goes on.
@@ -763,7 +772,7 @@ impl<A: App> Edge<A> {
     }
 
     /// Closes every connection still open (the shutdown grace is over).
-    fn close_all(&mut self, socket: &UdpSocket, now: Instant) {
+    fn close_all(&mut self, socket: &Udp, now: Instant) {
         for slot in 0..self.conns.len() {
             let stop_close = self.stop_close;
             let Some(e) = self.entry(slot) else { continue };
@@ -799,7 +808,7 @@ impl<A: App> Edge<A> {
     /// its application has not ended), then brings the connection up to date.
     fn with_app(
         &mut self,
-        socket: &UdpSocket,
+        socket: &Udp,
         key: ConnKey,
         now: Instant,
         f: impl FnOnce(&mut A, &mut Cx<'_>, &mut A::Conn),
@@ -823,7 +832,7 @@ impl<A: App> Edge<A> {
     }
 
     /// The connections whose bell rang: a close asked for is applied, the application woken.
-    fn rung(&mut self, socket: &UdpSocket, now: Instant) {
+    fn rung(&mut self, socket: &Udp, now: Instant) {
         let keys = std::mem::take(&mut *self.rung.keys.lock());
         for key in keys {
             let Some(e) = self.entry(key.slot as usize) else {
@@ -855,7 +864,7 @@ impl<A: App> Edge<A> {
     /// Runs the timeouts due at `now` (the connection's, the application's, a linger's): the
     /// heap entries due now are taken first, so a deadline set again in the past is served
     /// at the next turn of the loop, not in a spin here.
-    fn expire(&mut self, socket: &UdpSocket, now: Instant) {
+    fn expire(&mut self, socket: &Udp, now: Instant) {
         let mut due = Vec::new();
         while let Some(Reverse((at, handle, timer))) = self.timers.peek().copied() {
             if at > now {
@@ -894,13 +903,13 @@ impl<A: App> Edge<A> {
         }
     }
 
-    /// One datagram from `from`.
-    fn datagram(&mut self, socket: &UdpSocket, now: Instant, from: SocketAddr, data: BytesMut) {
+    /// One datagram.
+    fn datagram(&mut self, socket: &Udp, now: Instant, d: Datagram) {
         // quinn-proto writes a response it makes itself from the start of an empty buffer.
         self.tx.clear();
         let event = self
             .endpoint
-            .handle(now, from, None, None, data, &mut self.tx);
+            .handle(now, d.from, None, d.ecn, d.data, &mut self.tx);
         match event {
             Some(DatagramEvent::ConnectionEvent(handle, event)) => {
                 if let Some(e) = self.entry(handle.0) {
@@ -915,7 +924,7 @@ impl<A: App> Edge<A> {
     }
 
     /// A new connection: admitted by the application, or asked to Retry, or refused.
-    fn incoming(&mut self, socket: &UdpSocket, now: Instant, incoming: quinn_proto::Incoming) {
+    fn incoming(&mut self, socket: &Udp, now: Instant, incoming: quinn_proto::Incoming) {
         let remote = incoming.remote_address();
         if self.server.is_none() {
             self.refuse(socket, incoming);
@@ -950,7 +959,7 @@ impl<A: App> Edge<A> {
     }
 
     /// Refuses a new connection (CONNECTION_REFUSED).
-    fn refuse(&mut self, socket: &UdpSocket, incoming: quinn_proto::Incoming) {
+    fn refuse(&mut self, socket: &Udp, incoming: quinn_proto::Incoming) {
         self.tx.clear();
         let t = self.endpoint.refuse(incoming, &mut self.tx);
         self.send(socket, &t);
@@ -959,7 +968,7 @@ impl<A: App> Edge<A> {
     /// Accepts a new connection the application admitted.
     fn accept(
         &mut self,
-        socket: &UdpSocket,
+        socket: &Udp,
         now: Instant,
         incoming: quinn_proto::Incoming,
         admission: A::Admission,
@@ -1028,9 +1037,10 @@ impl<A: App> Edge<A> {
         }
     }
 
-    /// Sends the datagram in the transmit buffer; one the socket cannot take now is dropped.
-    fn send(&mut self, socket: &UdpSocket, t: &Transmit) {
-        match socket.try_send_to(&self.tx[..t.size], t.destination) {
+    /// Sends the datagram(s) in the transmit buffer; what the socket cannot take now is
+    /// dropped.
+    fn send(&mut self, socket: &Udp, t: &Transmit) {
+        match socket.try_send(t, &self.tx[..t.size]) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.stats.send_dropped += 1,
             Err(e) => debug!(to = %t.destination, error = %e, "send failed"),
@@ -1040,7 +1050,7 @@ impl<A: App> Edge<A> {
     /// Brings connection `handle` up to date after something happened to it: its events for
     /// the endpoint, its application events, its datagrams, its next deadline; and removes it
     /// once it is drained.
-    fn drive(&mut self, socket: &UdpSocket, handle: usize, now: Instant) {
+    fn drive(&mut self, socket: &Udp, handle: usize, now: Instant) {
         let Some(mut entry) = self.conns.get_mut(handle).and_then(Option::take) else {
             return;
         };
@@ -1131,7 +1141,9 @@ impl<A: App> Edge<A> {
         }
         loop {
             self.tx.clear();
-            let Some(t) = e.io.conn.poll_transmit(now, 1, &mut self.tx) else {
+            // Several datagrams at once when the connection has them (GSO).
+            let segments = socket.max_gso_segments();
+            let Some(t) = e.io.conn.poll_transmit(now, segments, &mut self.tx) else {
                 break;
             };
             self.send(socket, &t);
@@ -1259,22 +1271,20 @@ impl<A: App> Edge<A> {
     }
 }
 
-/// The next datagram: from the socket, or from the group's receiver (`fed`; once that is
-/// gone, none ever again).
+/// The next datagram from the group's receiver (`fed`; once that is gone, none ever again),
+/// or else (`None`) the next batch read from the socket into `rx`.
 async fn next_datagram(
-    socket: &UdpSocket,
-    buf: &mut [u8],
-    fed: &mut Option<mpsc::Receiver<(SocketAddr, BytesMut)>>,
-) -> std::io::Result<(SocketAddr, BytesMut)> {
-    match fed {
-        Some(f) => match f.recv().await {
-            Some(d) => Ok(d),
+    socket: &Udp,
+    rx: &mut Option<RecvBatch>,
+    fed: &mut Option<mpsc::Receiver<Datagram>>,
+) -> std::io::Result<Option<Datagram>> {
+    match (fed, rx) {
+        (Some(f), _) => match f.recv().await {
+            Some(d) => Ok(Some(d)),
             None => std::future::pending().await,
         },
-        None => {
-            let (n, from) = socket.recv_from(buf).await?;
-            Ok((from, BytesMut::from(&buf[..n])))
-        }
+        (None, Some(rx)) => rx.recv(socket).await.map(|()| None),
+        (None, None) => std::future::pending().await,
     }
 }
 

@@ -9,13 +9,14 @@
 //! client that migrates stays with its loop (SO_REUSEPORT would hash the new address
 //! elsewhere).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use quinn_proto::{ConnectionId, ConnectionIdGenerator, RandomConnectionIdGenerator};
+
+use crate::udp::{Datagram, RecvBatch, Udp};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
@@ -93,33 +94,42 @@ pub fn route(data: &[u8], loops: usize) -> usize {
 /// path without MTU discovery, ~1.5 MB (a full queue drops what comes, and QUIC resends).
 pub const QUEUE_DATAGRAMS: usize = 1024;
 
-/// The receiver of a group of loops: reads `socket` and hands each datagram to its loop's
-/// queue (made with [`QUEUE_DATAGRAMS`]) until `done` turns true, counting in `dropped` the
-/// datagrams a full queue did not take. Run it until every loop has returned: a stopping
+/// The receiver of a group of loops: reads `socket` in batches and hands each datagram to its
+/// loop's queue (made with [`QUEUE_DATAGRAMS`]) until `done` turns true, counting in `dropped`
+/// the datagrams a full queue did not take. Run it until every loop has returned: a stopping
 /// loop still needs the acknowledgements of its closes.
 pub async fn dispatch(
     socket: Arc<UdpSocket>,
-    loops: Vec<mpsc::Sender<(SocketAddr, BytesMut)>>,
+    loops: Vec<mpsc::Sender<Datagram>>,
     mut done: watch::Receiver<bool>,
     dropped: Arc<AtomicU64>,
 ) {
-    let mut buf = vec![0u8; 64 * 1024];
+    let udp = match Udp::new(socket) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(error = %e, "the loops' socket cannot be read: no datagram reaches them");
+            let _ = done.changed().await;
+            return;
+        }
+    };
+    let mut batch = RecvBatch::default();
     loop {
         tokio::select! {
-            received = socket.recv_from(&mut buf) => {
-                let mut next = received.ok();
-                // What else the socket holds, in one turn (bounded).
-                for _ in 0..64 {
-                    let Some((n, from)) = next else { break };
-                    let data = &buf[..n];
+            received = batch.recv(&udp) => {
+                if let Err(e) = received {
+                    // An ICMP error reported on the socket, say: reading goes on.
+                    debug!(error = %e, "recv failed");
+                    continue;
+                }
+                for (from, ecn, data) in batch.datagrams() {
                     let k = route(data, loops.len());
-                    if loops[k].try_send((from, BytesMut::from(data))).is_err() {
+                    let d = Datagram { from, ecn, data: BytesMut::from(data) };
+                    if loops[k].try_send(d).is_err() {
                         let dropped = dropped.fetch_add(1, Ordering::Relaxed) + 1;
                         if dropped.is_power_of_two() {
                             debug!(dropped, "a loop's datagram queue was full: dropped");
                         }
                     }
-                    next = socket.try_recv_from(&mut buf).ok();
                 }
             }
             _ = done.changed() => break,

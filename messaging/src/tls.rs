@@ -17,7 +17,7 @@ use meshchat_backplane::mesh::mesh_name;
 pub use meshchat_backplane::tls::{Identity, TlsError, names_node, provider};
 use meshchat_idgen::NodeId;
 
-use crate::config::{LimitsConfig, NodeConfig, TransportSettings};
+use crate::config::{EndpointKind, LimitsConfig, NodeConfig, TransportSettings};
 
 /// File name of the development CA certificate in the data dir (clients trust this).
 pub const DEV_CA_CERT: &str = "ca.pem";
@@ -304,7 +304,9 @@ pub fn transport(
         .datagram_receive_buffer_size(None)
         .datagram_send_buffer_size(0)
         .crypto_buffer_size(16 * 1024)
-        .enable_segmentation_offload(false);
+        // GSO on the loop (one transmit buffer for all its connections); quinn's endpoint
+        // would keep a buffer of that many datagrams per connection.
+        .enable_segmentation_offload(t.endpoint == EndpointKind::Loop);
     if !t.mtu_discovery {
         tc.mtu_discovery_config(None);
     }

@@ -1,0 +1,205 @@
+//! The loops' UDP socket through `quinn-udp`: datagrams read in batches (one `recvmmsg` for up
+//! to [`quinn_udp::BATCH_SIZE`] of them, and GRO where the kernel coalesces one flow's
+//! datagrams into one buffer), several datagrams of one connection sent in one system call
+//! (GSO, when the connection has them), and the ECN codepoints of both directions given to
+//! quinn-proto.
+
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use quinn_udp::{BATCH_SIZE, RecvMeta, UdpSocketState};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+/// A datagram as a loop takes it.
+#[derive(Debug)]
+pub struct Datagram {
+    /// Who sent it.
+    pub from: SocketAddr,
+    /// Its ECN codepoint, when the socket reports one.
+    pub ecn: Option<quinn_proto::EcnCodepoint>,
+    /// Its bytes.
+    pub data: BytesMut,
+}
+
+/// Bytes of one receive slot: the largest datagram, or a GRO run of datagrams (the kernel
+/// never coalesces more than 64 KiB).
+const SLOT: usize = 64 * 1024;
+
+/// A UDP socket with quinn-udp's state for it (what the kernel supports: GSO segments, GRO).
+#[derive(Debug)]
+pub struct Udp {
+    socket: Arc<UdpSocket>,
+    state: UdpSocketState,
+}
+
+impl Udp {
+    /// Sets `socket` up for batched, segmented I/O with ECN (quinn-udp's socket options).
+    pub fn new(socket: Arc<UdpSocket>) -> io::Result<Self> {
+        let state = UdpSocketState::new((&*socket).into())?;
+        Ok(Self { socket, state })
+    }
+
+    /// Datagrams one send may carry (1 where the kernel has no GSO).
+    pub fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    /// Sends `contents`, the datagram(s) of `t`, now; `WouldBlock` when the socket's buffer
+    /// is full.
+    pub fn try_send(&self, t: &quinn_proto::Transmit, contents: &[u8]) -> io::Result<()> {
+        let transmit = quinn_udp::Transmit {
+            destination: t.destination,
+            ecn: t.ecn.map(udp_ecn),
+            contents,
+            segment_size: t.segment_size,
+            src_ip: t.src_ip,
+        };
+        self.socket.try_io(Interest::WRITABLE, || {
+            self.state.try_send((&*self.socket).into(), &transmit)
+        })
+    }
+}
+
+/// Buffers for one batch of received datagrams (2 MiB: made once per socket reader).
+pub struct RecvBatch {
+    buf: Vec<u8>,
+    meta: [RecvMeta; BATCH_SIZE],
+    len: usize,
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        Self {
+            buf: vec![0; SLOT * BATCH_SIZE],
+            meta: [RecvMeta::default(); BATCH_SIZE],
+            len: 0,
+        }
+    }
+}
+
+impl std::fmt::Debug for RecvBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBatch").field("len", &self.len).finish()
+    }
+}
+
+impl RecvBatch {
+    /// Waits until `udp` has datagrams and reads a batch of them.
+    pub async fn recv(&mut self, udp: &Udp) -> io::Result<()> {
+        loop {
+            udp.socket.readable().await?;
+            match self.try_recv(udp) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                done => return done,
+            }
+        }
+    }
+
+    /// Reads the datagrams `udp` has now (`WouldBlock` when none).
+    pub fn try_recv(&mut self, udp: &Udp) -> io::Result<()> {
+        self.len = 0;
+        let mut slots = self.buf.chunks_mut(SLOT).map(IoSliceMut::new);
+        let mut iovs: [IoSliceMut<'_>; BATCH_SIZE] =
+            std::array::from_fn(|_| slots.next().expect("BATCH_SIZE slots"));
+        let meta = &mut self.meta;
+        let n = udp.socket.try_io(Interest::READABLE, || {
+            udp.state.recv((&*udp.socket).into(), &mut iovs, meta)
+        })?;
+        self.len = n;
+        Ok(())
+    }
+
+    /// The datagrams of the last batch read, a GRO run split at its stride.
+    pub fn datagrams(
+        &self,
+    ) -> impl Iterator<Item = (SocketAddr, Option<quinn_proto::EcnCodepoint>, &[u8])> {
+        self.meta[..self.len]
+            .iter()
+            .zip(self.buf.chunks(SLOT))
+            .flat_map(|(m, slot)| {
+                let stride = if m.stride == 0 {
+                    m.len.max(1)
+                } else {
+                    m.stride
+                };
+                slot[..m.len.min(SLOT)]
+                    .chunks(stride)
+                    .map(move |d| (m.addr, m.ecn.map(proto_ecn), d))
+            })
+    }
+}
+
+fn proto_ecn(ecn: quinn_udp::EcnCodepoint) -> quinn_proto::EcnCodepoint {
+    match ecn {
+        quinn_udp::EcnCodepoint::Ect0 => quinn_proto::EcnCodepoint::Ect0,
+        quinn_udp::EcnCodepoint::Ect1 => quinn_proto::EcnCodepoint::Ect1,
+        quinn_udp::EcnCodepoint::Ce => quinn_proto::EcnCodepoint::Ce,
+    }
+}
+
+fn udp_ecn(ecn: quinn_proto::EcnCodepoint) -> quinn_udp::EcnCodepoint {
+    match ecn {
+        quinn_proto::EcnCodepoint::Ect0 => quinn_udp::EcnCodepoint::Ect0,
+        quinn_proto::EcnCodepoint::Ect1 => quinn_udp::EcnCodepoint::Ect1,
+        quinn_proto::EcnCodepoint::Ce => quinn_udp::EcnCodepoint::Ce,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two sockets on loopback: a batch sent by several sends arrives whole, in one or more
+    /// batches, every datagram with its sender; a GSO send of three segments arrives as three
+    /// datagrams of the segment size (or fewer sends where the kernel has no GSO).
+    #[tokio::test]
+    async fn batches_and_segments_arrive_as_the_datagrams_sent() -> io::Result<()> {
+        let a = Udp::new(Arc::new(UdpSocket::bind("127.0.0.1:0").await?))?;
+        let b = Udp::new(Arc::new(UdpSocket::bind("127.0.0.1:0").await?))?;
+        let to = b.socket.local_addr()?;
+        let from = a.socket.local_addr()?;
+        let transmit = |size, segment_size| quinn_proto::Transmit {
+            destination: to,
+            ecn: None,
+            size,
+            segment_size,
+            src_ip: None,
+        };
+        // A fresh socket is writable once the reactor has seen it so.
+        a.socket.writable().await?;
+        for i in 0..5u8 {
+            a.try_send(&transmit(10, None), &[i; 10])?;
+        }
+        let segments = a.max_gso_segments().min(3);
+        let mut gso = Vec::new();
+        for i in 0..segments as u8 {
+            gso.extend_from_slice(&[100 + i; 200]);
+        }
+        let segment_size = (segments > 1).then_some(200);
+        a.try_send(&transmit(gso.len(), segment_size), &gso)?;
+
+        let mut batch = RecvBatch::default();
+        let mut got: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+        while got.len() < 5 + segments {
+            batch.recv(&b).await?;
+            got.extend(batch.datagrams().map(|(f, _, d)| (f, d.to_vec())));
+        }
+        assert_eq!(got.len(), 5 + segments, "no extra datagrams");
+        for (i, (f, d)) in got.iter().enumerate() {
+            assert_eq!(*f, from);
+            if i < 5 {
+                assert_eq!(d, &vec![i as u8; 10]);
+            } else {
+                assert_eq!(d, &vec![100 + (i - 5) as u8; 200]);
+            }
+        }
+        assert!(
+            matches!(batch.try_recv(&b), Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "nothing left"
+        );
+        Ok(())
+    }
+}
