@@ -5,6 +5,12 @@
 //! the [`Router`], and returns the reply body. Auth requests (`register`, `login`,
 //! `authenticate`) are handled by [`Node::authenticate_request`] because they change the
 //! connection's state.
+//!
+//! [`Node::handle`] dispatches by request family, one module each: `messages` (send, receipts,
+//! history, the chat list), `events` (reactions, typing), `channels` (creation, membership,
+//! roles, lists) and `directory` (users, homes, the cluster, contacts' presence). A request
+//! that changes something first passes the one shared step, `Node::rate_then_authorise`: the
+//! user's rate, then their membership of the chat it names.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -28,6 +34,22 @@ use crate::error::RequestError;
 use crate::members::MemberCache;
 use crate::registry::{ConnId, Registry};
 use crate::router::{Home, Router};
+
+mod channels;
+mod directory;
+mod events;
+mod messages;
+
+/// Which of a user's rate limits a request counts against.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Rate {
+    /// `limits.send_rate_per_sec` and `send_burst`: messages.
+    Send,
+    /// Twice the send quota: receipts, reactions, channel changes.
+    Event,
+    /// The typing limiter (`typing.rs`), per user.
+    Typing,
+}
 
 /// Longest client message id accepted.
 const MAX_CLIENT_MSG_ID: usize = 64;
@@ -308,6 +330,29 @@ impl Node {
                 retry_after_ms: wait.as_millis() as u64 + 1,
             }
         })
+    }
+
+    /// The step every request that changes something takes once its arguments are parsed:
+    /// the user's `rate` first (authorising reads storage, and a flood of requests about chats
+    /// the user is not in must cost no more than requests about their own), then, when it
+    /// names a `chat`, the user's membership of it (from storage, never the fan-out cache).
+    /// Refused here, the request changed nothing. (Channel administration authorises by role
+    /// after this step: `channels`.)
+    pub(super) async fn rate_then_authorise(
+        &self,
+        me: &Identity,
+        rate: Rate,
+        chat: Option<ChatId>,
+    ) -> Result<(), RequestError> {
+        match rate {
+            Rate::Send => Self::check_rate(&self.rates.load().send, me.user)?,
+            Rate::Event => Self::check_rate(&self.rates.load().event, me.user)?,
+            Rate::Typing => self.typing.check_user(me.user)?,
+        }
+        match chat {
+            Some(chat) => self.require_member(me.user, chat).await,
+            None => Ok(()),
+        }
     }
 
     /// Drops the cached member list of `id` after a join or leave, here and on peers.
@@ -678,297 +723,22 @@ impl Node {
                 .receipt(&me, conn, r)
                 .await
                 .map(|()| R::Done(pb::Done {})),
-            B::React(r) => {
-                Self::check_rate(&self.rates.load().event, me.user)?;
-                let chat = chat_from(r.chat.as_ref())?;
-                let id = message_id(r.message_id, "message_id")?;
-                if r.emoji.is_empty() || r.emoji.len() > 64 {
-                    return Err(RequestError::InvalidArgument(
-                        "emoji must be 1 to 64 bytes".into(),
-                    ));
-                }
-                self.require_member(me.user, chat).await?;
-                self.storage.react(chat, id, me.user, &r.emoji).await?;
-                self.push_reaction(&me, conn, chat, id, r.emoji).await?;
-                Ok(R::Done(pb::Done {}))
-            }
-            B::Unreact(r) => {
-                Self::check_rate(&self.rates.load().event, me.user)?;
-                let chat = chat_from(r.chat.as_ref())?;
-                let id = message_id(r.message_id, "message_id")?;
-                self.require_member(me.user, chat).await?;
-                if self.storage.unreact(chat, id, me.user).await? {
-                    self.push_reaction(&me, conn, chat, id, String::new())
-                        .await?;
-                }
-                Ok(R::Done(pb::Done {}))
-            }
-            B::Typing(t) => {
-                self.typing.check_user(me.user)?;
-                let chat = chat_from(t.chat.as_ref())?;
-                self.require_member(me.user, chat).await?;
-                self.push_typing(&me, chat, t.typing).await?;
-                Ok(R::Done(pb::Done {}))
-            }
+            B::React(r) => self.react(&me, conn, r).await,
+            B::Unreact(r) => self.unreact(&me, conn, r).await,
+            B::Typing(t) => self.typing(&me, t).await,
             B::History(q) => self.history(&me, q).await.map(R::HistoryPage),
             B::ChatList(_) => self.chat_list(&me).await.map(R::ChatList),
-            B::ChannelCreate(c) => {
-                Self::check_rate(&self.rates.load().event, me.user)?;
-                valid_name(&c.name)?;
-                let private = match pb::ChannelVisibility::try_from(c.visibility) {
-                    Ok(pb::ChannelVisibility::Public) => false,
-                    Ok(pb::ChannelVisibility::Private) => true,
-                    _ => {
-                        return Err(RequestError::InvalidArgument(
-                            "visibility must be PUBLIC or PRIVATE".into(),
-                        ));
-                    }
-                };
-                let id = ChannelId(self.next_id()?);
-                let ch = self
-                    .storage
-                    .create_channel_with(id, &c.name, me.user, private)
-                    .await?;
-                Ok(R::Channel(convert::channel_to(&ch)))
-            }
-            B::ChannelJoin(j) => {
-                Self::check_rate(&self.rates.load().event, me.user)?;
-                let id = self.channel_ref(j.channel_id, &j.name).await?;
-                let ch = self
-                    .storage
-                    .channel(id)
-                    .await?
-                    .ok_or(StorageError::UnknownChannel(id))?;
-                if ch.private && !self.storage.is_member(me.user, ChatId::Channel(id)).await? {
-                    return Err(RequestError::Forbidden(format!(
-                        "channel {id} is invite-only: its owner or an admin adds members"
-                    )));
-                }
-                // Push only when something changed: a repeated join must not be a way to
-                // flood the members' queues.
-                if self.storage.join_channel(id, me.user).await? {
-                    self.members_changed(id);
-                    self.push_channel_event(id, me.user, true, None).await?;
-                }
-                let ch = self
-                    .storage
-                    .channel(id)
-                    .await?
-                    .ok_or(StorageError::UnknownChannel(id))?;
-                Ok(R::Channel(convert::channel_to(&ch)))
-            }
-            B::ChannelLeave(l) => {
-                Self::check_rate(&self.rates.load().event, me.user)?;
-                let id = self.channel_ref(l.channel_id, "").await?;
-                let left = self.storage.leave_channel(id, me.user).await;
-                if left.is_err() {
-                    // It may have half happened: a stale member list must not outlive it.
-                    self.members_changed(id);
-                }
-                if left? {
-                    self.members_changed(id);
-                    self.push_channel_event(id, me.user, false, None).await?;
-                    // The leaver's other devices learn too.
-                    let push = encode_push(push::Event::Channel(pb::ChannelEvent {
-                        channel_id: id.0,
-                        user_id: me.user.0,
-                        joined: false,
-                        by_user_id: 0,
-                    }));
-                    self.router.deliver(&[me.user], &push, Some(conn));
-                } else {
-                    return Err(RequestError::Forbidden(format!(
-                        "you are not a member of channel {id}"
-                    )));
-                }
-                Ok(R::Done(pb::Done {}))
-            }
-            B::ChannelAdd(a) => {
-                Self::check_rate(&self.rates.load().event, me.user)?;
-                let id = self.channel_ref(a.channel_id, "").await?;
-                self.require_channel_admin(id, me.user).await?;
-                let user = UserId(a.user_id);
-                if self.storage.user_by_id(user).await?.is_none() {
-                    return Err(RequestError::UnknownUser(user.to_string()));
-                }
-                if self.storage.join_channel(id, user).await? {
-                    self.members_changed(id);
-                    self.push_channel_event(id, user, true, Some(me.user))
-                        .await?;
-                }
-                let ch = self
-                    .storage
-                    .channel(id)
-                    .await?
-                    .ok_or(StorageError::UnknownChannel(id))?;
-                Ok(R::Channel(convert::channel_to(&ch)))
-            }
-            B::ChannelRemove(r) => {
-                Self::check_rate(&self.rates.load().event, me.user)?;
-                let id = self.channel_ref(r.channel_id, "").await?;
-                let ch = self.require_channel_admin(id, me.user).await?;
-                let user = UserId(r.user_id);
-                if user == ch.owner {
-                    return Err(RequestError::Forbidden(
-                        "the owner cannot be removed (the owner may leave)".into(),
-                    ));
-                }
-                if me.user != ch.owner && self.storage.is_channel_admin(id, user).await? {
-                    return Err(RequestError::Forbidden(
-                        "only the owner removes an admin".into(),
-                    ));
-                }
-                let removed = self.storage.leave_channel(id, user).await;
-                if removed.is_err() {
-                    // It may have half happened: a stale member list must not outlive it.
-                    self.members_changed(id);
-                }
-                if !removed? {
-                    return Err(RequestError::InvalidArgument(format!(
-                        "user {user} is not a member of channel {id}"
-                    )));
-                }
-                self.members_changed(id);
-                self.push_channel_event(id, user, false, Some(me.user))
-                    .await?;
-                // The removed user learns it too (no longer among the members).
-                let push = encode_push(push::Event::Channel(pb::ChannelEvent {
-                    channel_id: id.0,
-                    user_id: user.0,
-                    joined: false,
-                    by_user_id: me.user.0,
-                }));
-                self.router.deliver(&[user], &push, None);
-                Ok(R::Done(pb::Done {}))
-            }
-            B::ChannelSetAdmin(a) => {
-                Self::check_rate(&self.rates.load().event, me.user)?;
-                let id = self.channel_ref(a.channel_id, "").await?;
-                let ch = self.require_channel_admin(id, me.user).await?;
-                if me.user != ch.owner {
-                    return Err(RequestError::Forbidden(
-                        "only the owner makes or unmakes admins".into(),
-                    ));
-                }
-                let user = UserId(a.user_id);
-                if user == ch.owner {
-                    return Err(RequestError::InvalidArgument(
-                        "the owner's role does not change".into(),
-                    ));
-                }
-                if !self.storage.set_channel_admin(id, user, a.admin).await? {
-                    return Err(RequestError::InvalidArgument(format!(
-                        "user {user} is not a member of channel {id}"
-                    )));
-                }
-                Ok(R::Done(pb::Done {}))
-            }
-            B::ChannelList(q) => {
-                let limit = list_limit(q.limit);
-                // One more than the page holds: whether another page follows.
-                let chans = self
-                    .storage
-                    .channels_of_page(me.user, ChannelId(q.after_channel_id), limit + 1)
-                    .await?;
-                let rows = chans.iter().map(convert::channel_to).collect();
-                let (channels, next_cursor) =
-                    fit_page(rows, limit, self.reply_budget(), |c| c.channel_id);
-                Ok(R::Channels(pb::ChannelList {
-                    channels,
-                    next_cursor,
-                }))
-            }
-            B::ChannelMembers(m) => {
-                let id = self.channel_ref(m.channel_id, "").await?;
-                // Authorised from storage, never from the fan-out cache: a lost
-                // `ChannelChanged` must not let a user who left read the member list.
-                self.require_member(me.user, ChatId::Channel(id)).await?;
-                let limit = list_limit(m.limit);
-                let members = self
-                    .storage
-                    .channel_members_page(id, UserId(m.after_user_id), limit + 1)
-                    .await?;
-                let mut rows = Vec::with_capacity(members.len());
-                for u in members.iter() {
-                    rows.push(pb::UserInfo {
-                        user_id: u.0,
-                        user_name: self.name_of(*u).await?.to_string(),
-                    });
-                }
-                let (members, next_cursor) =
-                    fit_page(rows, limit, self.reply_budget(), |u| u.user_id);
-                Ok(R::Members(pb::MemberList {
-                    channel_id: id.0,
-                    members,
-                    next_cursor,
-                }))
-            }
-            B::ResolveUser(r) => {
-                let user = if r.user_id != 0 {
-                    self.storage
-                        .user_by_id(UserId(r.user_id))
-                        .await?
-                        .ok_or_else(|| RequestError::UnknownUser(r.user_id.to_string()))?
-                } else {
-                    self.storage
-                        .user_by_name(&r.user_name)
-                        .await?
-                        .ok_or_else(|| RequestError::UnknownUser(r.user_name.clone()))?
-                        .user
-                };
-                Ok(R::User(pb::UserInfo {
-                    user_id: user.id.0,
-                    user_name: user.name,
-                }))
-            }
-            B::WhereIs(w) => {
-                let creds = self
-                    .storage
-                    .user_by_name(&w.user_name)
-                    .await?
-                    .ok_or_else(|| RequestError::UnknownUser(w.user_name.clone()))?;
-                let (node_id, address, ring_epoch) = match self.router.home(creds.user.id) {
-                    Home::Local => (
-                        self.config.node_id,
-                        self.config.advertised(),
-                        self.router.epoch(),
-                    ),
-                    Home::Remote { node, addr, epoch } => (node.0, addr, epoch),
-                };
-                Ok(R::UserHome(pb::UserHome {
-                    user_id: creds.user.id.0,
-                    user_name: creds.user.name,
-                    node_id,
-                    address,
-                    ring_epoch,
-                }))
-            }
-            B::Cluster(_) => {
-                let mut members: Vec<pb::ClusterMember> = self
-                    .router
-                    .members()
-                    .into_iter()
-                    .map(|m| pb::ClusterMember {
-                        node_id: m.node.0,
-                        address: m.addr,
-                        weight: m.weight,
-                        state: m.state.into(),
-                    })
-                    .collect();
-                if members.is_empty() {
-                    members.push(pb::ClusterMember {
-                        node_id: self.config.node_id,
-                        address: self.config.advertised(),
-                        weight: 1,
-                        state: "self".into(),
-                    });
-                }
-                Ok(R::Cluster(pb::ClusterInfo {
-                    ring_epoch: self.router.epoch(),
-                    node_id: self.config.node_id,
-                    members,
-                }))
-            }
+            B::ChannelCreate(c) => self.channel_create(&me, c).await,
+            B::ChannelJoin(j) => self.channel_join(&me, j).await,
+            B::ChannelLeave(l) => self.channel_leave(&me, conn, l).await,
+            B::ChannelAdd(a) => self.channel_add(&me, a).await,
+            B::ChannelRemove(r) => self.channel_remove(&me, r).await,
+            B::ChannelSetAdmin(a) => self.channel_set_admin(&me, a).await,
+            B::ChannelList(q) => self.channel_list(&me, q).await,
+            B::ChannelMembers(m) => self.channel_members(&me, m).await,
+            B::ResolveUser(r) => self.resolve_user(r).await,
+            B::WhereIs(w) => self.where_is(w).await,
+            B::Cluster(_) => self.cluster().await,
             B::Ping(p) => Ok(R::Pong(pb::Pong { nonce: p.nonce })),
             // The session handles these itself (Hello at any time; the others change the
             // connection).
@@ -980,22 +750,6 @@ impl Node {
                 Err(RequestError::AlreadyAuthenticated)
             }
             B::PushAck(_) => Ok(R::Done(pb::Done {})),
-        }
-    }
-
-    async fn channel_ref(&self, id: u64, name: &str) -> Result<ChannelId, RequestError> {
-        if id != 0 {
-            return Ok(ChannelId(id));
-        }
-        if name.is_empty() {
-            return Err(RequestError::InvalidArgument(
-                "channel_id or name is required".into(),
-            ));
-        }
-        let name = name.trim_start_matches('#');
-        match self.storage.channel_by_name(name).await? {
-            Some(c) => Ok(c.id),
-            None => Err(RequestError::UnknownChannelName(name.to_owned())),
         }
     }
 
@@ -1014,51 +768,6 @@ impl Node {
         }
         self.names.insert(user, name.clone());
         Ok(name)
-    }
-
-    /// Channel members, from the per-node cache (invalidated on join/leave). Used for fan-out;
-    /// authorisation asks storage ([`Self::require_member`]).
-    async fn members_of(&self, id: ChannelId) -> Result<Arc<Vec<UserId>>, RequestError> {
-        if let Some(m) = self.members.get(id) {
-            return Ok(m);
-        }
-        let version = self.members.version();
-        let m = Arc::new(self.storage.channel_members(id).await?);
-        self.members.insert_if_unchanged(id, m.clone(), version);
-        Ok(m)
-    }
-
-    /// Everyone who receives events of `chat`.
-    async fn audience(&self, chat: ChatId) -> Result<Arc<Vec<UserId>>, RequestError> {
-        match chat {
-            ChatId::Direct { low, high } if low == high => Ok(Arc::new(vec![low])),
-            ChatId::Direct { low, high } => Ok(Arc::new(vec![low, high])),
-            ChatId::Channel(c) => self.members_of(c).await,
-        }
-    }
-
-    /// The channel, if `user` is its owner or one of its admins (from storage); `FORBIDDEN`
-    /// otherwise, `UNKNOWN_CHANNEL` if there is none.
-    async fn require_channel_admin(
-        &self,
-        id: ChannelId,
-        user: UserId,
-    ) -> Result<meshchat_storage::Channel, RequestError> {
-        let ch = self
-            .storage
-            .channel(id)
-            .await?
-            .ok_or(StorageError::UnknownChannel(id))?;
-        if ch.owner == user
-            || (self.storage.is_member(user, ChatId::Channel(id)).await?
-                && self.storage.is_channel_admin(id, user).await?)
-        {
-            Ok(ch)
-        } else {
-            Err(RequestError::Forbidden(format!(
-                "only the owner or an admin of channel {id} may do this"
-            )))
-        }
     }
 
     async fn require_member(&self, user: UserId, chat: ChatId) -> Result<(), RequestError> {
@@ -1094,178 +803,6 @@ impl Node {
                 "you are not a member of {chat}"
             )))
         }
-    }
-
-    async fn send(
-        &self,
-        me: &Identity,
-        conn: ConnId,
-        s: pb::SendMessage,
-    ) -> Result<pb::Processed, RequestError> {
-        let limits = self.limits();
-        if s.client_msg_id.is_empty() || s.client_msg_id.len() > MAX_CLIENT_MSG_ID {
-            return Err(RequestError::InvalidArgument(
-                "client_msg_id must be 1 to 64 bytes".into(),
-            ));
-        }
-        if s.body.is_empty() {
-            return Err(RequestError::InvalidArgument(
-                "message body is empty".into(),
-            ));
-        }
-        if s.body.len() > limits.max_body_bytes as usize {
-            return Err(RequestError::MessageTooLarge {
-                len: s.body.len(),
-                max: limits.max_body_bytes,
-            });
-        }
-        let chat = chat_from(s.chat.as_ref())?;
-        // The rate first: the membership check reads storage, and a flood of sends to chats
-        // the user is not in must cost no more than sends to their own.
-        Self::check_rate(&self.rates.load().send, me.user)?;
-        self.require_member(me.user, chat).await?;
-        // Who gets it, resolved before the write: once the message is durable, nothing may
-        // fail between the ack and the push (a retry would be a duplicate and push nothing).
-        let audience = self.audience(chat).await?;
-        let id = MessageId(self.next_id()?);
-        let reply_to = (s.reply_to != 0).then_some(MessageId(s.reply_to));
-        let msg = NewMessage {
-            id,
-            chat,
-            sender: me.user,
-            client_msg_id: s.client_msg_id.clone(),
-            body: s.body,
-            reply_to,
-        };
-        // The append and the push run in their own task: the request future is dropped when
-        // its connection closes, and a push lost between the commit and the deliver would be
-        // invisible to every recipient. The task finishes both whatever happens to the
-        // request; the request only waits for it.
-        let storage = self.storage.clone();
-        let router = self.router.clone();
-        let (user, name) = (me.user, me.name.clone());
-        let client_msg_id = s.client_msg_id.clone();
-        let metrics = self.metrics.clone();
-        let committed = tokio::spawn(async move {
-            let body = msg.body.clone();
-            // Durable before acked: the append returns after the group commit.
-            let started = std::time::Instant::now();
-            let out = storage.append(msg).await;
-            // Failed appends too: a store that fails slowly shows here.
-            metrics.append(started.elapsed());
-            let out = out?;
-            let stored = if !out.duplicate {
-                metrics.message_sent();
-                Some(meshchat_storage::StoredMessage {
-                    id,
-                    chat,
-                    sender: user,
-                    client_msg_id,
-                    body,
-                    reply_to,
-                    reactions: Vec::new(),
-                })
-            } else {
-                // A retry of a message already stored. The first attempt's push may never
-                // have gone out (its node died between the commit and the push). Push the
-                // stored message again; clients drop ids they already have, so a second copy
-                // costs bandwidth, never a duplicate (found by the load test).
-                storage
-                    .message(chat, out.id)
-                    .await?
-                    .filter(|m| m.sender == user)
-            };
-            if let Some(mut stored) = stored {
-                // The push announces the message; its reactions (any number by now) are a
-                // history request away, and would not always fit a frame.
-                stored.reactions.clear();
-                let push = encode_push(push::Event::Message(convert::message_to(&stored, &name)));
-                let d = router.deliver(&audience, &push, Some(conn));
-                debug!(
-                    message = stored.id.0,
-                    queued = d.queued,
-                    cut_off = d.cut_off,
-                    "delivered"
-                );
-            }
-            Ok::<_, RequestError>(out)
-        });
-        let out = committed
-            .await
-            .map_err(|e| RequestError::Internal(format!("send task: {e}")))??;
-        Ok(pb::Processed {
-            client_msg_id: s.client_msg_id,
-            message_id: out.id.0,
-            duplicate: out.duplicate,
-            chat: Some(chat_to(chat)),
-        })
-    }
-
-    async fn receipt(
-        &self,
-        me: &Identity,
-        conn: ConnId,
-        r: pb::MarkReceipt,
-    ) -> Result<(), RequestError> {
-        let chat = chat_from(r.chat.as_ref())?;
-        let id = message_id(r.message_id, "message_id")?;
-        let kind = convert::receipt_from(r.kind)?;
-        Self::check_rate(&self.rates.load().event, me.user)?;
-        self.require_member(me.user, chat).await?;
-        let before = self.storage.mark(me.user, chat, kind, id).await?;
-        let push = encode_push(push::Event::Receipt(pb::ReceiptEvent {
-            chat: Some(chat_to(chat)),
-            user_id: me.user.0,
-            message_id: match kind {
-                ReceiptKind::Delivered => before.delivered.0,
-                ReceiptKind::Seen => before.seen.0,
-            },
-            kind: convert::receipt_to(kind) as i32,
-        }));
-        // My other devices, and the other side of a 1:1 chat. In a channel, the author of the
-        // marked message learns of it (not all members: that would be a push per member).
-        let mut to = vec![me.user];
-        match chat {
-            ChatId::Direct { .. } => {
-                // Notes to self: the peer is me, already listed (one event per connection).
-                if let Some(peer) = chat.peer_of(me.user)
-                    && peer != me.user
-                {
-                    to.push(peer);
-                }
-            }
-            ChatId::Channel(_) => {
-                // Only while the author is still a member: who read a channel is for its
-                // members (an ex-member of a private channel learns nothing of it).
-                if let Some(m) = self.storage.message(chat, id).await?
-                    && m.sender != me.user
-                    && self.storage.is_member(m.sender, chat).await?
-                {
-                    to.push(m.sender);
-                }
-            }
-        }
-        self.router.deliver(&to, &push, Some(conn));
-        Ok(())
-    }
-
-    async fn push_reaction(
-        &self,
-        me: &Identity,
-        conn: ConnId,
-        chat: ChatId,
-        id: MessageId,
-        emoji: String,
-    ) -> Result<(), RequestError> {
-        let push = encode_push(push::Event::Reaction(pb::ReactionEvent {
-            chat: Some(chat_to(chat)),
-            message_id: id.0,
-            user_id: me.user.0,
-            emoji,
-        }));
-        let audience = self.audience(chat).await?;
-        self.router.deliver(&audience, &push, Some(conn));
-        Ok(())
     }
 
     /// Publishes the presence changes of this node's users that are due (see
@@ -1347,167 +884,5 @@ impl Node {
                 _ = every.tick() => self.presence_tick().await,
             }
         }
-    }
-
-    /// The presence of my contacts (the users I share a 1:1 chat with), ascending by id: the
-    /// first [`crate::presence::MAX_QUERY`], cut to fit one frame.
-    async fn presence_of_contacts(&self, me: &Identity) -> Result<pb::PresenceList, RequestError> {
-        let contacts = self.storage.direct_peers(me.user).await?;
-        let book = self.registry.presence();
-        let rows = contacts
-            .into_iter()
-            .take(crate::presence::MAX_QUERY)
-            .map(|u| presence_to(u, book.state(u)))
-            .collect();
-        let (users, _) = fit_page(
-            rows,
-            crate::presence::MAX_QUERY as u32,
-            self.reply_budget(),
-            |p| p.user_id,
-        );
-        Ok(pb::PresenceList { users })
-    }
-
-    /// Pushes my typing start or stop to the chat's other members, if the gate lets it.
-    async fn push_typing(
-        &self,
-        me: &Identity,
-        chat: ChatId,
-        typing: bool,
-    ) -> Result<(), RequestError> {
-        let audience = self.audience(chat).await?;
-        // Counted first: a chat too large for indicators is refused without a copy of it.
-        let count = audience.len() - usize::from(audience.contains(&me.user));
-        self.typing.admit_then(me.user, chat, typing, count, || {
-            let push = encode_push(push::Event::Typing(pb::TypingEvent {
-                chat: Some(chat_to(chat)),
-                user_id: me.user.0,
-                typing,
-                expires_in_ms: if typing {
-                    crate::typing::TTL.as_millis() as u32
-                } else {
-                    0
-                },
-            }));
-            let others: Vec<UserId> = audience.iter().copied().filter(|u| *u != me.user).collect();
-            self.router.deliver(&others, &push, None);
-        })?;
-        Ok(())
-    }
-
-    /// Pushes a member change to the channel's members; `by` is who added or removed
-    /// `user`, if not themselves.
-    async fn push_channel_event(
-        &self,
-        id: ChannelId,
-        user: UserId,
-        joined: bool,
-        by: Option<UserId>,
-    ) -> Result<(), RequestError> {
-        let push = encode_push(push::Event::Channel(pb::ChannelEvent {
-            channel_id: id.0,
-            user_id: user.0,
-            joined,
-            by_user_id: by.map_or(0, |u| u.0),
-        }));
-        let members = self.members_of(id).await?;
-        self.router.deliver(&members, &push, None);
-        Ok(())
-    }
-
-    async fn history(
-        &self,
-        me: &Identity,
-        q: pb::HistoryQuery,
-    ) -> Result<pb::HistoryPage, RequestError> {
-        let chat = chat_from(q.chat.as_ref())?;
-        self.require_member(me.user, chat).await?;
-        let l = self.limits();
-        let limit = match q.limit {
-            0 => l.default_page_size,
-            n => n.min(l.max_page_size),
-        };
-        let direction = match pb::Direction::try_from(q.direction) {
-            Ok(pb::Direction::Forward) => Direction::Forward,
-            Ok(pb::Direction::Backward) => Direction::Backward,
-            Err(_) => {
-                return Err(RequestError::InvalidArgument(
-                    "direction must be BACKWARD or FORWARD".into(),
-                ));
-            }
-        };
-        let page = self
-            .storage
-            .page(
-                chat,
-                PageQuery {
-                    cursor: (q.cursor != 0).then_some(MessageId(q.cursor)),
-                    direction,
-                    limit,
-                },
-            )
-            .await?;
-        // The reply must fit one frame: stop early (with a cursor) when the page's bytes
-        // would pass the budget.
-        let budget = self.reply_budget();
-        let mut used = 0usize;
-        let mut truncated = false;
-        let mut messages = Vec::with_capacity(page.len());
-        for m in &page {
-            // Reactions aggregated, and a lone message shrunk to fit: a page holds at least
-            // one message and a cursor past it, whatever its reactions.
-            let mut wire = convert::history_message_to(m, &self.name_of(m.sender).await?, me.user);
-            convert::shrink_history_message(&mut wire, budget, me.user);
-            let len = wire.encoded_len() + 8;
-            if used + len > budget && !messages.is_empty() {
-                truncated = true;
-                break;
-            }
-            used += len;
-            messages.push(wire);
-        }
-        let next_cursor = if truncated || page.len() as u32 == limit {
-            messages.last().map(|m| m.message_id).unwrap_or(0)
-        } else {
-            0
-        };
-        Ok(pb::HistoryPage {
-            chat: Some(chat_to(chat)),
-            messages,
-            next_cursor,
-        })
-    }
-
-    async fn chat_list(&self, me: &Identity) -> Result<pb::ChatList, RequestError> {
-        let rows = self
-            .storage
-            .chat_list(me.user, self.limits().max_chat_list)
-            .await?;
-        let budget = self.reply_budget();
-        let mut used = 0usize;
-        let mut chats = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let name = match &r.newest {
-                Some(m) => self.name_of(m.sender).await?,
-                None => Arc::from(""),
-            };
-            let mut row = convert::summary_to(r, &name);
-            if let Some(newest) = row.newest.as_mut() {
-                // A preview, not the message: the chat list must fit one frame whatever
-                // others sent. The full message is one history request away.
-                if newest.body.len() > CHAT_LIST_PREVIEW_BYTES {
-                    newest
-                        .body
-                        .truncate(convert::preview_len(&newest.body, CHAT_LIST_PREVIEW_BYTES));
-                }
-                newest.reactions.clear();
-            }
-            used += row.encoded_len() + 8;
-            if used > budget {
-                break;
-            }
-            chats.push(row);
-        }
-        Ok(pb::ChatList { chats })
     }
 }
