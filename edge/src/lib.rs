@@ -1,8 +1,8 @@
 //! meshchat's own QUIC endpoint loop on `quinn-proto` (issue 15).
 //!
 //! One task owns the QUIC endpoint ([`quinn_proto::Endpoint`]), every connection (boxed, in
-//! a table indexed by the endpoint's connection handle), one transmit buffer, one receive
-//! buffer and the timers. There is no task, channel, `Notify` or driver per connection, as
+//! a table indexed by the endpoint's connection handle), one transmit buffer, the receive
+//! buffers of its socket (or, in a group, a queue its group's receiver fills) and the timers. There is no task, channel, `Notify` or driver per connection, as
 //! quinn's async layer has (a tokio unbounded channel whose first 32-slot block is allocated
 //! up front, a driver task, a transmit buffer per connection: ~9.7 KB per connection
 //! measured, docs/PERFORMANCE.md "Endpoint loop"). What a connection's application does is an
@@ -22,9 +22,9 @@
 //! The socket's I/O goes through `quinn-udp` ([`udp`]): datagrams read in batches (`recvmmsg`,
 //! GRO), a connection's datagrams sent together (GSO), ECN both ways.
 //!
-//! Known simplifications: a datagram the socket cannot take at once is dropped and left to
-//! QUIC's loss recovery; timers in a binary heap with lazy deletion; no local-address
-//! tracking (fine on a socket bound to one address).
+//! Known simplifications: what the socket cannot take at once (a datagram, or the datagrams
+//! of one GSO send) is dropped and left to QUIC's loss recovery; timers in a binary heap with
+//! lazy deletion.
 
 pub mod echo;
 pub mod lean;
@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::Mutex;
 /// The stream ids applications see (quinn-proto's).
@@ -53,9 +53,13 @@ use quinn_proto::{
 };
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, mpsc, watch};
-use tracing::{debug, trace};
+use tracing::{debug, trace, warn};
 use udp::{Datagram, RecvBatch, Udp};
 
+/// Datagrams sent by one GSO send at most (quinn's driver has the same bound).
+const MAX_TRANSMIT_SEGMENTS: usize = 10;
+/// Bytes one UDP send may carry (the kernel refuses a send of more than 65,507).
+const MAX_UDP_SEND: usize = 65_000;
 /// Datagrams a loop of a group takes from its queue per wake-up at most.
 const RECV_BATCH: usize = 64;
 /// Default bound on the bytes an application's writes may wait for a connection's flow-control
@@ -474,6 +478,9 @@ pub struct EdgeStats {
     pub accepted: u64,
     /// Datagrams the socket would not take at once (dropped; QUIC resends).
     pub send_dropped: u64,
+    /// Datagrams a send failed for otherwise (dropped too; an error the kernel returned, such
+    /// as a GSO send it refused).
+    pub send_failed: u64,
 }
 
 /// Commands to a running loop.
@@ -526,7 +533,8 @@ pub struct Edge<A: App> {
     rung: Arc<Rung>,
     commands: mpsc::Receiver<Command>,
     control: mpsc::Sender<Command>,
-    /// The one transmit buffer: every datagram is built here and sent before the next.
+    /// The one transmit buffer: every datagram (or GSO run of them) is built here and sent
+    /// before the next.
     tx: Vec<u8>,
     limit: Limit,
     /// Connections held by this loop and the others of its group.
@@ -635,14 +643,13 @@ impl<A: App> Edge<A> {
     }
 
     /// As [`Edge::run`] for a loop of a group: its datagrams come from `datagrams` (the
-    /// group's receiver, [`spread::dispatch`]); it sends on `socket` itself.
+    /// group's receiver, [`spread::dispatch`]); it sends on the group's socket `udp` itself.
     pub async fn run_fed(
         self,
-        socket: Arc<UdpSocket>,
+        udp: Arc<Udp>,
         datagrams: mpsc::Receiver<Datagram>,
         stop: watch::Receiver<bool>,
     ) -> Result<(), EdgeError> {
-        let udp = Udp::new(socket)?;
         self.serve(&udp, Some(datagrams), stop).await
     }
 
@@ -703,14 +710,18 @@ impl<A: App> Edge<A> {
                 }
                 Wakeup::Datagram(Ok(None)) => {
                     if let Some(batch) = rx.as_ref() {
-                        for (from, ecn, data) in batch.datagrams() {
-                            let data = BytesMut::from(data);
-                            self.datagram(socket, now, Datagram { from, ecn, data });
+                        for (meta, data) in batch.datagrams() {
+                            let d = Datagram::new(meta, data);
+                            self.datagram(socket, Instant::now(), d);
                         }
                     }
                 }
                 // An ICMP error reported on the socket, say: the loop goes on.
-                Wakeup::Datagram(Err(e)) => debug!(error = %e, "recv_from failed"),
+                Wakeup::Datagram(Err(e)) if udp::is_icmp_report(&e) => {
+                    debug!(error = %e, "recv failed");
+                }
+                // The batch waits before it reads again (`RecvBatch::recv`).
+                Wakeup::Datagram(Err(e)) => warn!(error = %e, "recv failed"),
                 Wakeup::Rung => self.rung(socket, now),
                 Wakeup::Admitted(incoming, Some(admission)) => {
                     self.accept(socket, now, *incoming, admission);
@@ -909,7 +920,7 @@ impl<A: App> Edge<A> {
         self.tx.clear();
         let event = self
             .endpoint
-            .handle(now, d.from, None, d.ecn, d.data, &mut self.tx);
+            .handle(now, d.from, d.local_ip, d.ecn, d.data, &mut self.tx);
         match event {
             Some(DatagramEvent::ConnectionEvent(handle, event)) => {
                 if let Some(e) = self.entry(handle.0) {
@@ -1040,10 +1051,22 @@ impl<A: App> Edge<A> {
     /// Sends the datagram(s) in the transmit buffer; what the socket cannot take now is
     /// dropped.
     fn send(&mut self, socket: &Udp, t: &Transmit) {
+        let datagrams = t.segment_size.map_or(1, |s| t.size.div_ceil(s.max(1))) as u64;
         match socket.try_send(t, &self.tx[..t.size]) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.stats.send_dropped += 1,
-            Err(e) => debug!(to = %t.destination, error = %e, "send failed"),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                self.stats.send_dropped += datagrams;
+            }
+            Err(e) => {
+                let before = self.stats.send_failed;
+                self.stats.send_failed += datagrams;
+                // Every failure at debug; at warn when the count passes a power of two.
+                if (before + datagrams).ilog2() != before.checked_ilog2().unwrap_or(u32::MAX) {
+                    warn!(to = %t.destination, error = %e, failed = self.stats.send_failed, "send failed");
+                } else {
+                    debug!(to = %t.destination, error = %e, "send failed");
+                }
+            }
         }
     }
 
@@ -1141,8 +1164,15 @@ impl<A: App> Edge<A> {
         }
         loop {
             self.tx.clear();
-            // Several datagrams at once when the connection has them (GSO).
-            let segments = socket.max_gso_segments();
+            // Several datagrams at once when the connection has them (GSO), as many as one
+            // UDP send carries (64 KiB: the kernel refuses more, losing them all) and no more
+            // than quinn's driver sends at once.
+            let mtu = usize::from(e.io.conn.current_mtu()).max(1);
+            let segments = socket
+                .max_gso_segments()
+                .min(MAX_TRANSMIT_SEGMENTS)
+                .min(MAX_UDP_SEND / mtu)
+                .max(1);
             let Some(t) = e.io.conn.poll_transmit(now, segments, &mut self.tx) else {
                 break;
             };

@@ -13,13 +13,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use quinn_proto::{ConnectionId, ConnectionIdGenerator, RandomConnectionIdGenerator};
-
-use crate::udp::{Datagram, RecvBatch, Udp};
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
-use tracing::debug;
+use tracing::{debug, warn};
+
+use crate::udp::{Datagram, RecvBatch, Udp, is_icmp_report};
 
 /// Length of the connection ids the loops issue (quinn-proto's default).
 pub const CID_LEN: usize = 8;
@@ -94,37 +92,35 @@ pub fn route(data: &[u8], loops: usize) -> usize {
 /// path without MTU discovery, ~1.5 MB (a full queue drops what comes, and QUIC resends).
 pub const QUEUE_DATAGRAMS: usize = 1024;
 
-/// The receiver of a group of loops: reads `socket` in batches and hands each datagram to its
+/// The receiver of a group of loops: reads the group's socket `udp` in batches and hands each datagram to its
 /// loop's queue (made with [`QUEUE_DATAGRAMS`]) until `done` turns true, counting in `dropped`
 /// the datagrams a full queue did not take. Run it until every loop has returned: a stopping
 /// loop still needs the acknowledgements of its closes.
 pub async fn dispatch(
-    socket: Arc<UdpSocket>,
+    udp: Arc<Udp>,
     loops: Vec<mpsc::Sender<Datagram>>,
     mut done: watch::Receiver<bool>,
     dropped: Arc<AtomicU64>,
 ) {
-    let udp = match Udp::new(socket) {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::warn!(error = %e, "the loops' socket cannot be read: no datagram reaches them");
-            let _ = done.changed().await;
-            return;
-        }
-    };
     let mut batch = RecvBatch::default();
     loop {
         tokio::select! {
             received = batch.recv(&udp) => {
-                if let Err(e) = received {
-                    // An ICMP error reported on the socket, say: reading goes on.
-                    debug!(error = %e, "recv failed");
-                    continue;
+                match received {
+                    Ok(()) => {}
+                    Err(e) if is_icmp_report(&e) => {
+                        debug!(error = %e, "recv failed");
+                        continue;
+                    }
+                    // The batch waits before it reads again.
+                    Err(e) => {
+                        warn!(error = %e, "recv failed");
+                        continue;
+                    }
                 }
-                for (from, ecn, data) in batch.datagrams() {
+                for (meta, data) in batch.datagrams() {
                     let k = route(data, loops.len());
-                    let d = Datagram { from, ecn, data: BytesMut::from(data) };
-                    if loops[k].try_send(d).is_err() {
+                    if loops[k].try_send(Datagram::new(meta, data)).is_err() {
                         let dropped = dropped.fetch_add(1, Ordering::Relaxed) + 1;
                         if dropped.is_power_of_two() {
                             debug!(dropped, "a loop's datagram queue was full: dropped");

@@ -57,7 +57,15 @@ pub fn node_transport() -> quinn_proto::TransportConfig {
     tc
 }
 
-/// A server config with `cert` and the node's transport settings.
+/// The node's transport settings as the endpoint loop runs them: GSO on (the loop has one
+/// transmit buffer for all its connections; quinn's endpoint would keep one per connection).
+pub fn loop_transport() -> quinn_proto::TransportConfig {
+    let mut tc = node_transport();
+    tc.enable_segmentation_offload(true);
+    tc
+}
+
+/// A server config with `cert` and the node's transport settings, for the loop.
 pub fn server_config(
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
@@ -65,7 +73,7 @@ pub fn server_config(
     let crypto = QuicServerConfig::try_from(server_tls(cert, key)?)
         .map_err(|e| TlsSetupError::Quic(e.to_string()))?;
     let mut server = quinn_proto::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(node_transport()));
+    server.transport_config(Arc::new(loop_transport()));
     Ok(Arc::new(server))
 }
 
@@ -79,7 +87,7 @@ pub fn lean_server_config(
         .map_err(TlsSetupError::Quic)?;
     let released = lean.released();
     let mut server = quinn_proto::ServerConfig::with_crypto(Arc::new(lean));
-    server.transport_config(Arc::new(node_transport()));
+    server.transport_config(Arc::new(loop_transport()));
     Ok((Arc::new(server), released))
 }
 

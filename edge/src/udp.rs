@@ -5,8 +5,9 @@
 //! quinn-proto.
 
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use quinn_udp::{BATCH_SIZE, RecvMeta, UdpSocketState};
@@ -20,6 +21,8 @@ pub struct Datagram {
     pub from: SocketAddr,
     /// Its ECN codepoint, when the socket reports one.
     pub ecn: Option<quinn_proto::EcnCodepoint>,
+    /// The address it was sent to (a socket bound to a wildcard address answers from it).
+    pub local_ip: Option<IpAddr>,
     /// Its bytes.
     pub data: BytesMut,
 }
@@ -68,6 +71,10 @@ pub struct RecvBatch {
     buf: Vec<u8>,
     meta: [RecvMeta; BATCH_SIZE],
     len: usize,
+    /// Reads that failed in a row (other than reports of ICMP errors), and until when the
+    /// next read waits because of them.
+    failures: u32,
+    quiet_until: Option<tokio::time::Instant>,
 }
 
 impl Default for RecvBatch {
@@ -76,6 +83,8 @@ impl Default for RecvBatch {
             buf: vec![0; SLOT * BATCH_SIZE],
             meta: [RecvMeta::default(); BATCH_SIZE],
             len: 0,
+            failures: 0,
+            quiet_until: None,
         }
     }
 }
@@ -87,13 +96,31 @@ impl std::fmt::Debug for RecvBatch {
 }
 
 impl RecvBatch {
-    /// Waits until `udp` has datagrams and reads a batch of them.
+    /// Waits until `udp` has datagrams and reads a batch of them. A read error is returned;
+    /// unless it reports an ICMP error (a client's port gone: one report each), the next read
+    /// waits first, 1 ms doubling to ~1 s while errors repeat, so a socket that fails at once
+    /// every time cannot spin a core. Cancel-safe.
     pub async fn recv(&mut self, udp: &Udp) -> io::Result<()> {
+        if let Some(at) = self.quiet_until {
+            tokio::time::sleep_until(at).await;
+            self.quiet_until = None;
+        }
         loop {
             udp.socket.readable().await?;
             match self.try_recv(udp) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                done => return done,
+                Ok(()) => {
+                    self.failures = 0;
+                    return Ok(());
+                }
+                Err(e) => {
+                    if !is_icmp_report(&e) {
+                        self.failures = (self.failures + 1).min(11);
+                        let pause = Duration::from_millis(1 << (self.failures - 1));
+                        self.quiet_until = Some(tokio::time::Instant::now() + pause);
+                    }
+                    return Err(e);
+                }
             }
         }
     }
@@ -113,9 +140,7 @@ impl RecvBatch {
     }
 
     /// The datagrams of the last batch read, a GRO run split at its stride.
-    pub fn datagrams(
-        &self,
-    ) -> impl Iterator<Item = (SocketAddr, Option<quinn_proto::EcnCodepoint>, &[u8])> {
+    pub fn datagrams(&self) -> impl Iterator<Item = (&RecvMeta, &[u8])> {
         self.meta[..self.len]
             .iter()
             .zip(self.buf.chunks(SLOT))
@@ -125,11 +150,29 @@ impl RecvBatch {
                 } else {
                     m.stride
                 };
-                slot[..m.len.min(SLOT)]
-                    .chunks(stride)
-                    .map(move |d| (m.addr, m.ecn.map(proto_ecn), d))
+                slot[..m.len.min(SLOT)].chunks(stride).map(move |d| (m, d))
             })
     }
+}
+
+impl Datagram {
+    /// A datagram of a batch, copied out of it.
+    pub fn new(meta: &RecvMeta, data: &[u8]) -> Self {
+        Self {
+            from: meta.addr,
+            ecn: meta.ecn.map(proto_ecn),
+            local_ip: meta.dst_ip,
+            data: BytesMut::from(data),
+        }
+    }
+}
+
+/// Whether a read error only reports an ICMP error for an earlier send.
+pub fn is_icmp_report(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionRefused
+    )
 }
 
 fn proto_ecn(ecn: quinn_udp::EcnCodepoint) -> quinn_proto::EcnCodepoint {
@@ -185,7 +228,7 @@ mod tests {
         let mut got: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
         while got.len() < 5 + segments {
             batch.recv(&b).await?;
-            got.extend(batch.datagrams().map(|(f, _, d)| (f, d.to_vec())));
+            got.extend(batch.datagrams().map(|(m, d)| (m.addr, d.to_vec())));
         }
         assert_eq!(got.len(), 5 + segments, "no extra datagrams");
         for (i, (f, d)) in got.iter().enumerate() {

@@ -95,7 +95,7 @@ async fn echoes_whole(conn: &quinn::Connection, len: u32) {
         send.finish().expect("finish");
         send
     });
-    let back = tokio::time::timeout(Duration::from_secs(15), recv.read_to_end(4 << 20))
+    let back = tokio::time::timeout(Duration::from_secs(15), recv.read_to_end(16 << 20))
         .await
         .expect("echo within 15 s")
         .expect("read to the end");
@@ -242,6 +242,27 @@ async fn an_answer_cut_by_the_send_window_arrives_whole() {
     echoes_whole(&conn, 600 * 1024).await;
 }
 
+/// A long answer on a fast path: the congestion window grows past what one UDP send carries
+/// (64 KiB), and the loop's GSO sends must stay under it (a larger one is refused by the
+/// kernel and all its datagrams lost). 8 MiB echoed whole, with no failed send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_answer_goes_out_in_sends_the_kernel_takes() {
+    let (cert, key) = self_signed().expect("certificate");
+    let server = server_config(cert.clone(), key).expect("server config");
+    let (addr, stats, _stop, _task) = serve(server).await;
+    let mut config = client_config(cert).expect("client config");
+    config.transport_config(std::sync::Arc::new(quinn::TransportConfig::default()));
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+    let conn = client
+        .connect_with(config, addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    echoes_whole(&conn, 8 << 20).await;
+    let s = *stats.borrow();
+    assert_eq!(s.send_failed, 0, "sends the kernel refused: {s:?}");
+}
+
 /// Two loops sharing one socket, as a group (`meshchat_edge::spread`): a receiver hands each
 /// datagram to the loop its connection id names. 64 clients connect and get their echoes;
 /// each loop holds some of them (64 random Initial ids all hashing to one of two loops has a
@@ -258,6 +279,7 @@ async fn two_loops_share_a_socket_and_each_serves_its_own_connections() {
             .expect("bind"),
     );
     let addr = socket.local_addr().expect("addr");
+    let socket = Arc::new(meshchat_edge::udp::Udp::new(socket).expect("socket state"));
     let held = Arc::new(AtomicUsize::new(0));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (mut queues, mut stats, mut tasks) = (Vec::new(), Vec::new(), Vec::new());

@@ -223,6 +223,12 @@ fn refresh_gauges(s: &AdminState, node: &Node, ready: bool) {
         m.counter_total_with(
             "meshchat_endpoint_datagrams_dropped_total",
             "reason",
+            "send_error",
+            loops.iter().map(|l| l.send_failed).sum(),
+        );
+        m.counter_total_with(
+            "meshchat_endpoint_datagrams_dropped_total",
+            "reason",
             "loop_queue_full",
             s.loops
                 .queue_dropped

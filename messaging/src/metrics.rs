@@ -94,7 +94,7 @@ fn describe() {
     );
     describe_counter!(
         "meshchat_endpoint_datagrams_dropped_total",
-        "Datagrams the endpoint loops dropped, by reason: loop_queue_full (in), socket_full (out)."
+        "Datagrams the endpoint loops dropped, by reason: loop_queue_full (in), socket_full and send_error (out)."
     );
     describe_counter!(
         "meshchat_handshakes_total",

@@ -679,33 +679,12 @@ async fn serve_loop(
             warn!(error = %e, "the endpoint loop failed");
         }
     } else {
-        let socket = Arc::new(socket);
-        let (mut queues, mut loops) = (Vec::new(), Vec::new());
-        for edge in edges {
-            let (tx, rx) = tokio::sync::mpsc::channel(meshchat_edge::spread::QUEUE_DATAGRAMS);
-            queues.push(tx);
-            let span = info_span!("loop", index = loops.len());
-            loops.push(tokio::spawn(
-                edge.run_fed(socket.clone(), rx, stop.clone())
-                    .instrument(span),
-            ));
+        match meshchat_edge::udp::Udp::new(Arc::new(socket)) {
+            // One socket state for the group: its receiver reads, each loop sends.
+            Ok(udp) => serve_group(edges, Arc::new(udp), queue_dropped, stop).await,
+            // As a lone loop that fails to start: logged; the node stops when told.
+            Err(e) => warn!(error = %e, "the endpoint loops' socket failed"),
         }
-        let (done, until) = watch::channel(false);
-        let receiver = tokio::spawn(meshchat_edge::spread::dispatch(
-            socket,
-            queues,
-            until,
-            queue_dropped,
-        ));
-        for l in loops {
-            match l.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(error = %e, "an endpoint loop failed"),
-                Err(e) => warn!(error = %e, "an endpoint loop ended abnormally"),
-            }
-        }
-        let _ = done.send(true);
-        let _ = receiver.await;
     }
     let _ = housekeeping.await;
     stop_admin_and_store(node, store, admin).await;
@@ -713,6 +692,41 @@ async fn serve_loop(
         port_released(addr).await;
     }
     info!("stopped");
+}
+
+/// Several loops on one socket: each its own task fed by one receiver, until every loop has
+/// returned (the receiver runs until then: a stopping loop needs its closes acknowledged).
+async fn serve_group(
+    edges: Vec<meshchat_edge::Edge<session::looped::NodeApp>>,
+    udp: Arc<meshchat_edge::udp::Udp>,
+    queue_dropped: Arc<std::sync::atomic::AtomicU64>,
+    stop: watch::Receiver<bool>,
+) {
+    let (mut queues, mut loops) = (Vec::new(), Vec::new());
+    for edge in edges {
+        let (tx, rx) = tokio::sync::mpsc::channel(meshchat_edge::spread::QUEUE_DATAGRAMS);
+        queues.push(tx);
+        let span = info_span!("loop", index = loops.len());
+        loops.push(tokio::spawn(
+            edge.run_fed(udp.clone(), rx, stop.clone()).instrument(span),
+        ));
+    }
+    let (done, until) = watch::channel(false);
+    let receiver = tokio::spawn(meshchat_edge::spread::dispatch(
+        udp,
+        queues,
+        until,
+        queue_dropped,
+    ));
+    for l in loops {
+        match l.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "an endpoint loop failed"),
+            Err(e) => warn!(error = %e, "an endpoint loop ended abnormally"),
+        }
+    }
+    let _ = done.send(true);
+    let _ = receiver.await;
 }
 
 /// The last of a shutdown, once the connections are gone: the admin listener (it answered

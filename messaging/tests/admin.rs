@@ -171,7 +171,7 @@ async fn metrics_are_scraped_parsed_and_count_what_the_clients_did() {
             .unwrap_or(2usize);
         assert_eq!(per_loop.len(), loops, "one series per loop");
         assert_eq!(per_loop.iter().sum::<f64>(), 3.0, "{per_loop:?}");
-        for reason in ["socket_full", "loop_queue_full"] {
+        for reason in ["socket_full", "send_error", "loop_queue_full"] {
             assert!(
                 value(
                     &m,

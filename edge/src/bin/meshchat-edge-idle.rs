@@ -30,7 +30,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use meshchat_edge::tls::{client_config, lean_server_config, self_signed, server_config};
+use meshchat_edge::tls::{
+    client_config, lean_server_config, node_transport, self_signed, server_config,
+};
 use meshchat_edge::{Edge, echo::Echo};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -92,9 +94,13 @@ async fn serve(kind: &str, cert: &Path, key: &Path) -> anyhow::Result<()> {
             task.await??;
         }
         "quinn" => {
+            // The node's quinn endpoint keeps GSO off (a buffer of that many datagrams per
+            // connection otherwise).
+            let mut config = (*config).clone();
+            config.transport_config(Arc::new(node_transport()));
             let endpoint = quinn::Endpoint::new(
                 quinn::EndpointConfig::default(),
-                Some((*config).clone()),
+                Some(config),
                 socket,
                 Arc::new(quinn::TokioRuntime),
             )?;
