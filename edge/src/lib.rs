@@ -2,8 +2,8 @@
 //!
 //! One task owns the QUIC endpoint ([`quinn_proto::Endpoint`]), every connection (boxed, in
 //! a table indexed by the endpoint's connection handle), one transmit buffer, the receive
-//! buffers of its socket (or, in a group, a queue its group's receiver fills) and the timers. There is no task, channel, `Notify` or driver per connection, as
-//! quinn's async layer has (a tokio unbounded channel whose first 32-slot block is allocated
+//! buffers of its socket (or, in a group, a queue its group's receiver fills) and the timers.
+//! There is no task, channel, `Notify` or driver per connection, as quinn's async layer has (a tokio unbounded channel whose first 32-slot block is allocated
 //! up front, a driver task, a transmit buffer per connection: ~9.7 KB per connection
 //! measured, docs/PERFORMANCE.md "Endpoint loop"). What a connection's application does is an
 //! [`App`]'s business, called from the loop with a [`Cx`] to write, pause reading, set a
@@ -56,6 +56,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, trace, warn};
 use udp::{Datagram, RecvBatch, Udp};
 
+/// `EMSGSIZE` on Linux: a datagram larger than the interface takes.
+const EMSGSIZE: i32 = 90;
 /// Datagrams sent by one GSO send at most (quinn's driver has the same bound).
 const MAX_TRANSMIT_SEGMENTS: usize = 10;
 /// Bytes one UDP send may carry (the kernel refuses a send of more than 65,507).
@@ -721,7 +723,14 @@ impl<A: App> Edge<A> {
                     debug!(error = %e, "recv failed");
                 }
                 // The batch waits before it reads again (`RecvBatch::recv`).
-                Wakeup::Datagram(Err(e)) => warn!(error = %e, "recv failed"),
+                Wakeup::Datagram(Err(e)) => {
+                    let errors = rx.as_ref().map_or(1, RecvBatch::errors);
+                    if errors.is_power_of_two() {
+                        warn!(error = %e, errors, "recv failed");
+                    } else {
+                        debug!(error = %e, "recv failed");
+                    }
+                }
                 Wakeup::Rung => self.rung(socket, now),
                 Wakeup::Admitted(incoming, Some(admission)) => {
                     self.accept(socket, now, *incoming, admission);
@@ -1051,11 +1060,19 @@ impl<A: App> Edge<A> {
     /// Sends the datagram(s) in the transmit buffer; what the socket cannot take now is
     /// dropped.
     fn send(&mut self, socket: &Udp, t: &Transmit) {
-        let datagrams = t.segment_size.map_or(1, |s| t.size.div_ceil(s.max(1))) as u64;
+        let datagrams = t
+            .segment_size
+            .map_or(1, |s| t.size.div_ceil(s.max(1)))
+            .max(1) as u64;
         match socket.try_send(t, &self.tx[..t.size]) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 self.stats.send_dropped += datagrams;
+            }
+            // An MTU probe larger than the path takes (with `mtu_discovery` on): expected,
+            // and quinn-proto learns from its loss.
+            Err(e) if t.segment_size.is_none() && e.raw_os_error() == Some(EMSGSIZE) => {
+                debug!(to = %t.destination, size = t.size, "datagram larger than the path: dropped");
             }
             Err(e) => {
                 let before = self.stats.send_failed;

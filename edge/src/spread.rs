@@ -92,8 +92,8 @@ pub fn route(data: &[u8], loops: usize) -> usize {
 /// path without MTU discovery, ~1.5 MB (a full queue drops what comes, and QUIC resends).
 pub const QUEUE_DATAGRAMS: usize = 1024;
 
-/// The receiver of a group of loops: reads the group's socket `udp` in batches and hands each datagram to its
-/// loop's queue (made with [`QUEUE_DATAGRAMS`]) until `done` turns true, counting in `dropped`
+/// The receiver of a group of loops: reads the group's socket `udp` in batches and hands each
+/// datagram to its loop's queue (made with [`QUEUE_DATAGRAMS`]) until `done` turns true, counting in `dropped`
 /// the datagrams a full queue did not take. Run it until every loop has returned: a stopping
 /// loop still needs the acknowledgements of its closes.
 pub async fn dispatch(
@@ -114,7 +114,11 @@ pub async fn dispatch(
                     }
                     // The batch waits before it reads again.
                     Err(e) => {
-                        warn!(error = %e, "recv failed");
+                        if batch.errors().is_power_of_two() {
+                            warn!(error = %e, errors = batch.errors(), "recv failed");
+                        } else {
+                            debug!(error = %e, "recv failed");
+                        }
                         continue;
                     }
                 }

@@ -1,9 +1,10 @@
 //! The TLS and QUIC transport a measurement server runs with: a self-signed certificate for
 //! `localhost` and the client-facing transport settings of a meshchat node (one bidirectional
 //! stream, no unidirectional streams, 128 KiB stream and 256 KiB connection windows, MTU
-//! discovery and segmentation offload off, no datagrams, a 16 KiB crypto buffer, a 60 s idle
-//! timeout: `messaging/src/tls.rs`), so the endpoint loop and quinn's async layer are
-//! compared on equal terms.
+//! discovery off, no datagrams, a 16 KiB crypto buffer, a 60 s idle timeout:
+//! `messaging/src/tls.rs`), so the endpoint loop and quinn's async layer are compared on
+//! equal terms. Segmentation offload (GSO) is on for the loop ([`loop_transport`]) and off
+//! for quinn's endpoint ([`node_transport`]), as the node has them.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;

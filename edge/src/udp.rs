@@ -74,6 +74,9 @@ pub struct RecvBatch {
     /// Reads that failed in a row (other than reports of ICMP errors), and until when the
     /// next read waits because of them.
     failures: u32,
+    /// Reads that failed since the batch was made (for logs: every one at debug, at warn
+    /// when the count is a power of two).
+    errors: u64,
     quiet_until: Option<tokio::time::Instant>,
 }
 
@@ -84,6 +87,7 @@ impl Default for RecvBatch {
             meta: [RecvMeta::default(); BATCH_SIZE],
             len: 0,
             failures: 0,
+            errors: 0,
             quiet_until: None,
         }
     }
@@ -114,6 +118,7 @@ impl RecvBatch {
                     return Ok(());
                 }
                 Err(e) => {
+                    self.errors += 1;
                     if !is_icmp_report(&e) {
                         self.failures = (self.failures + 1).min(11);
                         let pause = Duration::from_millis(1 << (self.failures - 1));
@@ -140,10 +145,15 @@ impl RecvBatch {
     }
 
     /// The datagrams of the last batch read, a GRO run split at its stride.
+    /// Datagrams sent to a multicast or broadcast address are left out: no answer may come
+    /// from such an address (the kernel refuses it as a source, and quinn-udp would turn GSO
+    /// off for the socket on that refusal). A subnet's broadcast address cannot be told
+    /// from the address alone; an answer to one fails and is counted as a failed send.
     pub fn datagrams(&self) -> impl Iterator<Item = (&RecvMeta, &[u8])> {
         self.meta[..self.len]
             .iter()
             .zip(self.buf.chunks(SLOT))
+            .filter(|(m, _)| m.dst_ip.is_none_or(answerable))
             .flat_map(|(m, slot)| {
                 let stride = if m.stride == 0 {
                     m.len.max(1)
@@ -152,6 +162,11 @@ impl RecvBatch {
                 };
                 slot[..m.len.min(SLOT)].chunks(stride).map(move |d| (m, d))
             })
+    }
+
+    /// Reads that failed since the batch was made.
+    pub fn errors(&self) -> u64 {
+        self.errors
     }
 }
 
@@ -164,6 +179,19 @@ impl Datagram {
             local_ip: meta.dst_ip,
             data: BytesMut::from(data),
         }
+    }
+}
+
+/// Whether an answer may come from `ip`: not multicast, not the IPv4 broadcast address, not
+/// unspecified (an IPv4-mapped IPv6 address judged as IPv4).
+fn answerable(ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => !(v4.is_multicast() || v4.is_broadcast() || v4.is_unspecified()),
+        IpAddr::V6(v6) => !(v6.is_multicast() || v6.is_unspecified()),
     }
 }
 
@@ -194,6 +222,30 @@ fn udp_ecn(ecn: quinn_proto::EcnCodepoint) -> quinn_udp::EcnCodepoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_never_come_from_multicast_broadcast_or_unspecified_addresses() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "::1",
+            "2001:db8::1",
+            "::ffff:192.0.2.1",
+        ] {
+            assert!(answerable(ip.parse().expect("ip")), "{ip}");
+        }
+        for ip in [
+            "255.255.255.255",
+            "224.0.0.1",
+            "0.0.0.0",
+            "ff02::1",
+            "::",
+            "::ffff:255.255.255.255",
+            "::ffff:239.1.2.3",
+        ] {
+            assert!(!answerable(ip.parse().expect("ip")), "{ip}");
+        }
+    }
 
     /// Two sockets on loopback: a batch sent by several sends arrives whole, in one or more
     /// batches, every datagram with its sender; a GSO send of three segments arrives as three

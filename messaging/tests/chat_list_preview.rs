@@ -6,7 +6,7 @@ mod common;
 use common::TestNode;
 use meshchat_idgen::ChatId;
 
-/// The preview bound (node.rs `CHAT_LIST_PREVIEW_BYTES`).
+/// The preview bound (node/mod.rs `CHAT_LIST_PREVIEW_BYTES`).
 const PREVIEW: usize = 512;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,9 +8,10 @@
 //!
 //! [`Node::handle`] dispatches by request family, one module each: `messages` (send, receipts,
 //! history, the chat list), `events` (reactions, typing), `channels` (creation, membership,
-//! roles, lists) and `directory` (users, homes, the cluster, contacts' presence). A request
-//! that changes something first passes the one shared step, `Node::rate_then_authorise`: the
-//! user's rate, then their membership of the chat it names.
+//! roles, lists) and `directory` (users, homes, the cluster, contacts' presence). A chat
+//! request handled here that changes something passes one shared step before any storage
+//! read, `Node::rate_then_authorise`: the user's rate, then their membership of the chat it
+//! names. (Password changes, logout and presence changes are the session's.)
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -332,12 +333,13 @@ impl Node {
         })
     }
 
-    /// The step every request that changes something takes once its arguments are parsed:
-    /// the user's `rate` first (authorising reads storage, and a flood of requests about chats
-    /// the user is not in must cost no more than requests about their own), then, when it
-    /// names a `chat`, the user's membership of it (from storage, never the fan-out cache).
-    /// Refused here, the request changed nothing. (Channel administration authorises by role
-    /// after this step: `channels`.)
+    /// The step every chat request handled here that changes something takes before any
+    /// storage read: the user's `rate` first (authorising reads storage, and a flood of
+    /// requests about chats the user is not in must cost no more than requests about their
+    /// own), then, when it names a `chat`, the user's membership of it (from storage, never
+    /// the fan-out cache). Sends, receipts, reactions and typing call it once their arguments
+    /// are parsed; channel requests call it first and authorise by role after it
+    /// (`channels`). Refused here, the request changed nothing.
     pub(super) async fn rate_then_authorise(
         &self,
         me: &Identity,
