@@ -84,6 +84,23 @@ async fn stream_echoing(
     (send, recv)
 }
 
+/// A client connected to `addr` with quinn's default windows (1.25 MB per stream, far above
+/// the node's), and its endpoint (kept alive with the connection).
+async fn connected_with_quinn_windows(
+    cert: rustls_pki_types::CertificateDer<'static>,
+    addr: std::net::SocketAddr,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let mut config = client_config(cert).expect("client config");
+    config.transport_config(std::sync::Arc::new(quinn::TransportConfig::default()));
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+    let conn = client
+        .connect_with(config, addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    (client, conn)
+}
+
 /// Sends `len` bytes on a new stream of `conn` while reading the echo: it must come back
 /// whole and in order, the stream finished after it.
 async fn echoes_whole(conn: &quinn::Connection, len: u32) {
@@ -231,14 +248,7 @@ async fn an_answer_cut_by_the_send_window_arrives_whole() {
     let (cert, key) = self_signed().expect("certificate");
     let server = server_config(cert.clone(), key).expect("server config");
     let (addr, _stats, _stop, _task) = serve(server).await;
-    let mut config = client_config(cert).expect("client config");
-    config.transport_config(std::sync::Arc::new(quinn::TransportConfig::default()));
-    let client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
-    let conn = client
-        .connect_with(config, addr, "localhost")
-        .expect("connect")
-        .await
-        .expect("handshake");
+    let (_client, conn) = connected_with_quinn_windows(cert, addr).await;
     echoes_whole(&conn, 600 * 1024).await;
 }
 
@@ -250,14 +260,7 @@ async fn a_long_answer_goes_out_in_sends_the_kernel_takes() {
     let (cert, key) = self_signed().expect("certificate");
     let server = server_config(cert.clone(), key).expect("server config");
     let (addr, stats, _stop, _task) = serve(server).await;
-    let mut config = client_config(cert).expect("client config");
-    config.transport_config(std::sync::Arc::new(quinn::TransportConfig::default()));
-    let client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
-    let conn = client
-        .connect_with(config, addr, "localhost")
-        .expect("connect")
-        .await
-        .expect("handshake");
+    let (_client, conn) = connected_with_quinn_windows(cert, addr).await;
     echoes_whole(&conn, 8 << 20).await;
     let s = *stats.borrow();
     assert_eq!(s.send_failed, 0, "sends the kernel refused: {s:?}");
