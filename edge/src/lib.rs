@@ -3,9 +3,10 @@
 //! One task owns the QUIC endpoint ([`quinn_proto::Endpoint`]), every connection (boxed, in
 //! a table indexed by the endpoint's connection handle), one transmit buffer, the receive
 //! buffers of its socket (or, in a group, a queue its group's receiver fills) and the timers.
-//! There is no task, channel, `Notify` or driver per connection, as quinn's async layer has (a tokio unbounded channel whose first 32-slot block is allocated
-//! up front, a driver task, a transmit buffer per connection: ~9.7 KB per connection
-//! measured, docs/PERFORMANCE.md "Endpoint loop"). What a connection's application does is an
+//! There is no task, channel, `Notify` or driver per connection, as quinn's async layer has
+//! (a tokio unbounded channel whose first 32-slot block is allocated up front, a driver task,
+//! a transmit buffer per connection: ~9.7 KB per connection measured, docs/PERFORMANCE.md
+//! "Endpoint loop"). What a connection's application does is an
 //! [`App`]'s business, called from the loop with a [`Cx`] to write, pause reading, set a
 //! deadline or close: sans-IO, so it can be tested without a socket.
 //!
