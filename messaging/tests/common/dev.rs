@@ -33,7 +33,8 @@ pub fn start_dev(
         .arg("--data-dir")
         .arg(data)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        // Its log, beside the data dir: shown when the banner does not come.
+        .stderr(std::fs::File::create(data.with_extension("log")).expect("dev log file"))
         .spawn()
         .expect("spawn meshchat-node dev");
     let mut out = BufReader::new(child.stdout.take().expect("stdout"));
@@ -47,6 +48,13 @@ pub fn start_dev(
         line.clear();
     }
     child.stdout = Some(out.into_inner());
+    if !banner.contains("Stop with Ctrl-C") {
+        // It exited before it was up: why, from its log.
+        let log = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
+        banner.push_str(&format!(
+            "\n(dev exited before its banner; its log:)\n{log}"
+        ));
+    }
     (child, banner)
 }
 
@@ -72,7 +80,7 @@ pub async fn stop_dev(mut child: Child, within: Duration) {
 }
 
 /// A base port for `n` dev nodes: client ports base..base+n and mesh ports
-/// base+100..base+100+n all free.
+/// base+100..base+100+n (UDP) and admin ports base+200..base+200+n (TCP) all free.
 pub fn free_dev_ports(n: u16) -> u16 {
     loop {
         let p = free_udp_port();
@@ -80,6 +88,9 @@ pub fn free_dev_ports(n: u16) -> u16 {
             && (0..n).all(|i| {
                 std::net::UdpSocket::bind(("127.0.0.1", p + i)).is_ok()
                     && std::net::UdpSocket::bind(("127.0.0.1", p + 100 + i)).is_ok()
+                    // `dev`'s admin listeners (TCP): an ephemeral port of some client's
+                    // connection (a Cassandra driver's, say) may hold one.
+                    && std::net::TcpListener::bind(("127.0.0.1", p + 200 + i)).is_ok()
             })
         {
             return p;
@@ -106,7 +117,7 @@ pub struct DevChat {
 pub async fn one_node_serves_two_users(extra: &[&str]) -> DevChat {
     let dir = tempfile::tempdir().expect("dir");
     let data = dir.path().join("data");
-    let port = free_udp_port();
+    let port = free_dev_ports(1);
     let (child, banner) = start_dev(1, port, &data, extra);
     let addr = format!("127.0.0.1:{port}");
     assert!(banner.contains(&format!("node 1: {addr}")), "{banner}");
