@@ -73,23 +73,8 @@ impl Node {
         use server_frame::Body as R;
         self.rate_then_authorise(me, Rate::Event, None).await?;
         let id = self.channel_ref(l.channel_id, "").await?;
-        let left = self.storage.leave_channel(id, me.user).await;
-        if left.is_err() {
-            // It may have half happened: a stale member list must not outlive it.
-            self.members_changed(id);
-        }
-        if left? {
-            self.members_changed(id);
-            self.push_channel_event(id, me.user, false, None).await?;
-            // The leaver's other devices learn too.
-            let push = encode_push(push::Event::Channel(pb::ChannelEvent {
-                channel_id: id.0,
-                user_id: me.user.0,
-                joined: false,
-                by_user_id: 0,
-            }));
-            self.router.deliver(&[me.user], &push, Some(conn));
-        } else {
+        // The leaver's other devices learn too (this connection has its reply).
+        if !self.depart(id, me.user, None, Some(conn)).await? {
             return Err(RequestError::Forbidden(format!(
                 "you are not a member of channel {id}"
             )));
@@ -145,27 +130,11 @@ impl Node {
                 "only the owner removes an admin".into(),
             ));
         }
-        let removed = self.storage.leave_channel(id, user).await;
-        if removed.is_err() {
-            // It may have half happened: a stale member list must not outlive it.
-            self.members_changed(id);
-        }
-        if !removed? {
+        if !self.depart(id, user, Some(me.user), None).await? {
             return Err(RequestError::InvalidArgument(format!(
                 "user {user} is not a member of channel {id}"
             )));
         }
-        self.members_changed(id);
-        self.push_channel_event(id, user, false, Some(me.user))
-            .await?;
-        // The removed user learns it too (no longer among the members).
-        let push = encode_push(push::Event::Channel(pb::ChannelEvent {
-            channel_id: id.0,
-            user_id: user.0,
-            joined: false,
-            by_user_id: me.user.0,
-        }));
-        self.router.deliver(&[user], &push, None);
         Ok(R::Done(pb::Done {}))
     }
 
@@ -304,6 +273,32 @@ impl Node {
 
     /// Pushes a member change to the channel's members; `by` is who added or removed
     /// `user`, if not themselves.
+    /// `user` leaves channel `id` (removed by `by`, or of their own accord): the member list
+    /// is dropped from the caches, the members hear of it, and so does `user` (no longer among
+    /// them; every connection but `except`). `false` when `user` was not a member.
+    async fn depart(
+        &self,
+        id: ChannelId,
+        user: UserId,
+        by: Option<UserId>,
+        except: Option<ConnId>,
+    ) -> Result<bool, RequestError> {
+        let left = self.storage.leave_channel(id, user).await;
+        if left.is_err() {
+            // It may have half happened: a stale member list must not outlive it.
+            self.members_changed(id);
+        }
+        if !left? {
+            return Ok(false);
+        }
+        self.members_changed(id);
+        let push = channel_event(id, user, false, by);
+        let members = self.members_of(id).await?;
+        self.router.deliver(&members, &push, None);
+        self.router.deliver(&[user], &push, except);
+        Ok(true)
+    }
+
     async fn push_channel_event(
         &self,
         id: ChannelId,
@@ -311,14 +306,19 @@ impl Node {
         joined: bool,
         by: Option<UserId>,
     ) -> Result<(), RequestError> {
-        let push = encode_push(push::Event::Channel(pb::ChannelEvent {
-            channel_id: id.0,
-            user_id: user.0,
-            joined,
-            by_user_id: by.map_or(0, |u| u.0),
-        }));
+        let push = channel_event(id, user, joined, by);
         let members = self.members_of(id).await?;
         self.router.deliver(&members, &push, None);
         Ok(())
     }
+}
+
+/// The push that tells of `user` joining or leaving channel `id` (`by` another user).
+fn channel_event(id: ChannelId, user: UserId, joined: bool, by: Option<UserId>) -> Bytes {
+    encode_push(push::Event::Channel(pb::ChannelEvent {
+        channel_id: id.0,
+        user_id: user.0,
+        joined,
+        by_user_id: by.map_or(0, |u| u.0),
+    }))
 }
