@@ -304,6 +304,10 @@ pub fn transport(
         .datagram_receive_buffer_size(None)
         .datagram_send_buffer_size(0)
         .crypto_buffer_size(16 * 1024)
+        // The handshake's connection id and one spare, so a client can move to another
+        // network on purpose (a NAT rebinding needs none); quinn-proto's default of 8 (5 with
+        // quinn's clients) costs the endpoint a routing entry each (vendor/quinn-proto patch).
+        .issued_cid_limit(2)
         // GSO on the loop (one transmit buffer for all its connections); quinn's endpoint
         // would keep a buffer of that many datagrams per connection.
         .enable_segmentation_offload(t.endpoint == EndpointKind::Loop);

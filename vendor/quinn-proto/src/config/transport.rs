@@ -46,6 +46,7 @@ pub struct TransportConfig {
     pub(crate) keep_alive_interval: Option<Duration>,
     pub(crate) crypto_buffer_size: usize,
     pub(crate) allow_spin: bool,
+    pub(crate) issued_cid_limit: u64,
     pub(crate) datagram_receive_buffer_size: Option<usize>,
     pub(crate) datagram_send_buffer_size: usize,
     #[cfg(test)]
@@ -283,6 +284,17 @@ impl TransportConfig {
         self
     }
 
+    /// Maximum number of connection IDs to issue to the peer at once, the handshake's included
+    ///
+    /// The peer's `active_connection_id_limit` bounds it too. Each ID costs the endpoint a
+    /// routing-table entry and the peer a NEW_CONNECTION_ID frame. A peer needs a spare ID to
+    /// migrate on purpose (to move to another address and keep the connection); a NAT
+    /// rebinding needs none. At least 1; defaults to 8.
+    pub fn issued_cid_limit(&mut self, value: u64) -> &mut Self {
+        self.issued_cid_limit = value.max(1);
+        self
+    }
+
     /// Maximum number of incoming application datagram bytes to buffer, or None to disable
     /// incoming datagrams
     ///
@@ -392,6 +404,7 @@ impl Default for TransportConfig {
             keep_alive_interval: None,
             crypto_buffer_size: 16 * 1024,
             allow_spin: true,
+            issued_cid_limit: crate::LOC_CID_COUNT,
             datagram_receive_buffer_size: Some(STREAM_RWND as usize),
             datagram_send_buffer_size: 1024 * 1024,
             #[cfg(test)]
@@ -428,6 +441,7 @@ impl fmt::Debug for TransportConfig {
             keep_alive_interval,
             crypto_buffer_size,
             allow_spin,
+            issued_cid_limit,
             datagram_receive_buffer_size,
             datagram_send_buffer_size,
             #[cfg(test)]
@@ -460,6 +474,7 @@ impl fmt::Debug for TransportConfig {
             .field("keep_alive_interval", keep_alive_interval)
             .field("crypto_buffer_size", crypto_buffer_size)
             .field("allow_spin", allow_spin)
+            .field("issued_cid_limit", issued_cid_limit)
             .field("datagram_receive_buffer_size", datagram_receive_buffer_size)
             .field("datagram_send_buffer_size", datagram_send_buffer_size)
             // congestion_controller_factory not debug

@@ -67,6 +67,7 @@ pub(crate) mod qlog;
 
 mod send_buffer;
 
+mod sent_packets;
 mod spaces;
 #[cfg(fuzzing)]
 pub use spaces::Retransmits;
@@ -133,7 +134,6 @@ use timer::{Timer, TimerTable};
 pub struct Connection {
     endpoint_config: Arc<EndpointConfig>,
     config: Arc<TransportConfig>,
-    rng: StdRng,
     crypto: Box<dyn crypto::Session>,
     /// The CID we initially chose, for use during the handshake
     handshake_cid: ConnectionId,
@@ -149,7 +149,8 @@ pub struct Connection {
     path_counter: u64,
     /// Whether MTU detection is supported in this environment
     allow_mtud: bool,
-    prev_path: Option<(ConnectionId, PathData)>,
+    /// The path before a migration, while the new one is validated. Boxed: a connection that never migrates keeps one pointer instead of a `PathData`.
+    prev_path: Option<Box<(ConnectionId, PathData)>>,
     state: State,
     side: ConnectionSide,
     /// Whether or not 0-RTT was enabled during the handshake. Does not imply acceptance.
@@ -360,7 +361,6 @@ impl Connection {
             datagrams: DatagramState::default(),
             config,
             rem_cids: CidQueue::new(rem_cid),
-            rng,
             stats: ConnectionStats::default(),
             version,
         };
@@ -1018,7 +1018,7 @@ impl Connection {
 
     /// Send PATH_CHALLENGE for a previous path if necessary
     fn send_path_challenge(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
-        let (prev_cid, prev_path) = self.prev_path.as_mut()?;
+        let (prev_cid, prev_path) = &mut **self.prev_path.as_mut()?;
         if !prev_path.challenge_pending {
             return None;
         }
@@ -1222,8 +1222,8 @@ impl Connection {
                 }
                 Timer::PathValidation => {
                     debug!("path validation failed");
-                    if let Some((_, prev)) = self.prev_path.take() {
-                        self.path = prev;
+                    if let Some(prev) = self.prev_path.take() {
+                        self.path = prev.1;
                     }
                     self.path.challenge = None;
                     self.path.challenge_pending = false;
@@ -1475,7 +1475,7 @@ impl Connection {
             let space = &mut self.spaces[space];
             if space.largest_acked_packet.is_none_or(|pn| ack.largest > pn) {
                 space.largest_acked_packet = Some(ack.largest);
-                if let Some(info) = space.sent_packets.get(&ack.largest) {
+                if let Some(info) = space.sent_packets.get(ack.largest) {
                     // This should always succeed, but a misbehaving peer might ACK a packet we
                     // haven't sent. At worst, that will result in us spuriously reducing the
                     // congestion window.
@@ -1491,7 +1491,7 @@ impl Connection {
         let mut newly_acked = ArrayRangeSet::new();
         for range in ack.iter() {
             self.packet_number_filter.check_ack(space, range.clone())?;
-            for (&pn, _) in self.spaces[space].sent_packets.range(range) {
+            for (pn, _) in self.spaces[space].sent_packets.range(range) {
                 newly_acked.insert_one(pn);
             }
         }
@@ -1712,7 +1712,7 @@ impl Connection {
         let space = &mut self.spaces[pn_space];
         space.loss_time = None;
 
-        for (&packet, info) in space.sent_packets.range(0..largest_acked_packet) {
+        for (packet, info) in space.sent_packets.range(0..largest_acked_packet) {
             if prev_packet != Some(packet.wrapping_sub(1)) {
                 // An intervening packet was acknowledged
                 persistent_congestion_start = None;
@@ -1765,7 +1765,11 @@ impl Connection {
         // OnPacketsLost
         if let Some(largest_lost) = lost_packets.last().cloned() {
             let old_bytes_in_flight = self.path.in_flight.bytes;
-            let largest_lost_sent = self.spaces[pn_space].sent_packets[&largest_lost].time_sent;
+            let largest_lost_sent = self.spaces[pn_space]
+                .sent_packets
+                .get(largest_lost)
+                .expect("lost packet is tracked")
+                .time_sent;
             self.stats.path.lost_packets += lost_packets.len() as u64;
             self.stats.path.lost_bytes += size_of_lost_packets;
             trace!(
@@ -2835,7 +2839,7 @@ impl Connection {
                         self.timers.stop(Timer::PathValidation);
                         self.path.challenge = None;
                         self.path.validated = true;
-                        if let Some((_, ref mut prev_path)) = self.prev_path {
+                        if let Some((_, prev_path)) = self.prev_path.as_deref_mut() {
                             prev_path.challenge = None;
                             prev_path.challenge_pending = false;
                         }
@@ -2901,7 +2905,7 @@ impl Connection {
                 Frame::RetireConnectionId { sequence } => {
                     let allow_more_cids = self
                         .local_cid_state
-                        .on_cid_retirement(sequence, self.peer_params.issue_cids_limit())?;
+                        .on_cid_retirement(sequence, self.issue_cids_limit())?;
                     self.endpoint_events
                         .push_back(EndpointEventInner::RetireConnectionId(
                             now,
@@ -3081,7 +3085,7 @@ impl Connection {
                 &self.config,
             )
         };
-        new_path.challenge = Some(self.rng.random());
+        new_path.challenge = Some(rand::rng().random());
         new_path.challenge_pending = true;
         let prev_pto = self.pto(SpaceId::Data);
 
@@ -3089,11 +3093,11 @@ impl Connection {
         self.datagrams().drop_oversized();
         // Don't clobber the original path if the previous one hasn't been validated yet
         if prev.challenge.is_none() {
-            prev.challenge = Some(self.rng.random());
+            prev.challenge = Some(rand::rng().random());
             prev.challenge_pending = true;
             // We haven't updated the remote CID yet, this captures the remote CID we were using on
             // the previous path.
-            self.prev_path = Some((self.rem_cids.active(), prev));
+            self.prev_path = Some(Box::new((self.rem_cids.active(), prev)));
         }
 
         self.timers.set(
@@ -3133,18 +3137,28 @@ impl Connection {
     }
 
     /// Issue an initial set of connection IDs to the peer upon connection
+    /// How many CIDs the peer may hold from us at once: its limit and our config's
+    fn issue_cids_limit(&self) -> u64 {
+        self.peer_params
+            .issue_cids_limit()
+            .min(self.config.issued_cid_limit)
+    }
+
     fn issue_first_cids(&mut self, now: Instant) {
         if self.local_cid_state.cid_len() == 0 {
             return;
         }
 
         // Subtract 1 to account for the CID we supplied while handshaking
-        let mut n = self.peer_params.issue_cids_limit() - 1;
+        let mut n = self.issue_cids_limit().saturating_sub(1);
         if let ConnectionSide::Server { server_config } = &self.side {
             if server_config.has_preferred_address() {
                 // We also sent a CID in the transport parameters
-                n -= 1;
+                n = n.saturating_sub(1);
             }
+        }
+        if n == 0 {
+            return;
         }
         self.endpoint_events
             .push_back(EndpointEventInner::NeedIdentifiers(now, n));
@@ -3384,7 +3398,7 @@ impl Connection {
                     ip: remote_addr.ip(),
                     issued: server_config.time_source.now(),
                 },
-                &mut self.rng,
+                &mut rand::rng(),
             );
             let new_token = NewToken {
                 token: token.encode(&*server_config.token_key).into(),
@@ -3721,7 +3735,7 @@ impl Connection {
             || self
                 .prev_path
                 .as_ref()
-                .is_some_and(|(_, x)| x.challenge_pending)
+                .is_some_and(|p| p.1.challenge_pending)
             || !self.path_responses.is_empty()
             || self.datagrams.outgoing.can_send_1rtt(max_size)
     }
@@ -3731,7 +3745,7 @@ impl Connection {
         // Visit known paths from newest to oldest to find the one `packet` was sent on
         for path in [&mut self.path]
             .into_iter()
-            .chain(self.prev_path.as_mut().map(|(_, data)| data))
+            .chain(self.prev_path.as_deref_mut().map(|(_, data)| data))
         {
             if path.remove_in_flight(packet) {
                 return;
