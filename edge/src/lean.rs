@@ -10,19 +10,25 @@
 //!
 //! After the handshake a client has nothing to send in CRYPTO frames (QUIC has no TLS
 //! KeyUpdate or renegotiation); any that arrives is a protocol violation. Key updates use the
-//! kept secrets, as quinn-proto's session does.
+//! kept secrets, as quinn-proto's session does, but the next key phase's packet keys are
+//! expanded from them only when first used ([`LazyKey`]): quinn-proto holds that pair from the
+//! handshake on, and most chat connections never update their keys.
 
 use std::any::Any;
 use std::io::Cursor;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use bytes::BytesMut;
 
 use quinn_proto::crypto::ServerConfig as _;
 use quinn_proto::crypto::rustls::{HandshakeData, QuicServerConfig};
-use quinn_proto::crypto::{self, ExportKeyingMaterialError, KeyPair, Keys, UnsupportedVersion};
+use quinn_proto::crypto::{
+    self, CryptoError, ExportKeyingMaterialError, KeyPair, Keys, UnsupportedVersion,
+};
 use quinn_proto::transport_parameters::TransportParameters;
 use quinn_proto::{ConnectionId, Side, TransportError, TransportErrorCode};
-use rustls::quic::{KeyChange, Secrets, Version};
+use rustls::quic::{KeyChange, PacketKeySet, Secrets, Version};
 use rustls_pki_types::CertificateDer;
 
 /// A server config whose sessions drop rustls after the handshake.
@@ -98,9 +104,87 @@ impl crypto::ServerConfig for LeanServerConfig {
                 Err(e) => State::Failed(e.to_string()),
             },
             next: None,
+            handed_out: false,
+            limits: KeyLimits::default(),
             got_handshake_data: false,
             released: self.released.clone(),
         })
+    }
+}
+
+/// The tag length and AEAD limits of a phase's packet keys (they depend on the cipher suite
+/// only), so quinn-proto can read them off the next phase's keys without expanding them.
+#[derive(Clone, Copy, Default)]
+struct KeyLimits {
+    tag_len: usize,
+    confidentiality: u64,
+    integrity: u64,
+}
+
+/// One key phase's secrets and, once either key is first used, its expanded packet keys.
+struct NextPhase {
+    secrets: Secrets,
+    keys: OnceLock<PacketKeySet>,
+}
+
+/// A packet key of the next key phase, expanded from the phase's secrets when a packet is
+/// first sealed or opened with it (the key update), not when quinn-proto asks for it (the end
+/// of the handshake). An idle connection then holds the secrets (~200 B) instead of two
+/// expanded AES-GCM keys (~1.1 KB).
+///
+/// The trade-off (RFC 9001 section 9.5 says an endpoint SHOULD have the next receive keys
+/// ready): the first packet that opens with the other key phase, real or injected, takes one
+/// key expansion (a few microseconds) longer. For an injected packet that is one bit, its
+/// unprotected key phase, told by timing once per phase and connection; every later packet is
+/// timed alike. A real update is visible to an observer anyway (quinn-proto derives the
+/// following phase's keys while it handles the packet that completes one).
+struct LazyKey {
+    phase: Arc<NextPhase>,
+    /// Seals outgoing packets (else opens incoming ones).
+    local: bool,
+    limits: KeyLimits,
+}
+
+impl LazyKey {
+    // The box itself: quinn-proto implements its `PacketKey` for rustls' boxed key.
+    #[allow(clippy::borrowed_box)]
+    fn key(&self) -> &Box<dyn rustls::quic::PacketKey> {
+        let keys = self
+            .phase
+            .keys
+            .get_or_init(|| self.phase.secrets.clone().next_packet_keys());
+        if self.local {
+            &keys.local
+        } else {
+            &keys.remote
+        }
+    }
+}
+
+impl crypto::PacketKey for LazyKey {
+    fn encrypt(&self, packet: u64, buf: &mut [u8], header_len: usize) {
+        crypto::PacketKey::encrypt(self.key(), packet, buf, header_len)
+    }
+
+    fn decrypt(
+        &self,
+        packet: u64,
+        header: &[u8],
+        payload: &mut BytesMut,
+    ) -> Result<(), CryptoError> {
+        crypto::PacketKey::decrypt(self.key(), packet, header, payload)
+    }
+
+    fn tag_len(&self) -> usize {
+        self.limits.tag_len
+    }
+
+    fn confidentiality_limit(&self) -> u64 {
+        self.limits.confidentiality
+    }
+
+    fn integrity_limit(&self) -> u64 {
+        self.limits.integrity
     }
 }
 
@@ -124,6 +208,10 @@ pub struct LeanSession {
     state: State,
     /// The secrets the next 1-RTT keys derive from.
     next: Option<Secrets>,
+    /// Whether keys of `next`'s phase have been handed out (so the next call steps past it).
+    handed_out: bool,
+    /// The 1-RTT packet keys' tag length and AEAD limits (the same in every phase).
+    limits: KeyLimits,
     got_handshake_data: bool,
     released: Arc<AtomicU64>,
 }
@@ -268,6 +356,11 @@ impl crypto::Session for LeanSession {
             Some(KeyChange::Handshake { keys }) => return Some(boxed(keys)),
             Some(KeyChange::OneRtt { keys, next }) => {
                 self.next = Some(next);
+                self.limits = KeyLimits {
+                    tag_len: keys.local.packet.tag_len(),
+                    confidentiality: keys.local.packet.confidentiality_limit(),
+                    integrity: keys.local.packet.integrity_limit(),
+                };
                 return Some(boxed(keys));
             }
             None => {}
@@ -289,10 +382,29 @@ impl crypto::Session for LeanSession {
     }
 
     fn next_1rtt_keys(&mut self) -> Option<KeyPair<Box<dyn crypto::PacketKey>>> {
-        let keys = self.next.as_mut()?.next_packet_keys();
+        let next = self.next.as_mut()?;
+        if self.handed_out {
+            // The phase handed out last is now in use (a key update): step the secrets past
+            // it. rustls steps them only together with that phase's keys, which its lazy pair
+            // has expanded already; these are dropped (once per key update).
+            drop(next.next_packet_keys());
+        }
+        self.handed_out = true;
+        let phase = Arc::new(NextPhase {
+            secrets: next.clone(),
+            keys: OnceLock::new(),
+        });
         Some(KeyPair {
-            local: Box::new(keys.local),
-            remote: Box::new(keys.remote),
+            local: Box::new(LazyKey {
+                phase: phase.clone(),
+                local: true,
+                limits: self.limits,
+            }),
+            remote: Box::new(LazyKey {
+                phase,
+                local: false,
+                limits: self.limits,
+            }),
         })
     }
 
