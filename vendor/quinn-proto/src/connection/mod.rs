@@ -73,7 +73,9 @@ mod spaces;
 pub use spaces::Retransmits;
 #[cfg(not(fuzzing))]
 use spaces::Retransmits;
-use spaces::{PacketNumberFilter, PacketSpace, SendableFrames, SentPacket, ThinRetransmits};
+use spaces::{
+    PacketNumberFilter, PacketSpace, SendableFrames, SentPacket, Spaces, ThinRetransmits,
+};
 
 mod stats;
 pub use stats::{ConnectionStats, FrameStats, PathStats, UdpStats};
@@ -176,7 +178,7 @@ pub struct Connection {
     /// Outgoing spin bit state
     spin: bool,
     /// Packet number spaces: initial, handshake, 1-RTT
-    spaces: [PacketSpace; 3],
+    spaces: Spaces,
     /// Highest usable packet number space
     highest_space: SpaceId,
     /// 1-RTT keys used prior to a key update
@@ -315,7 +317,7 @@ impl Connection {
             endpoint_events: VecDeque::new(),
             spin_enabled: config.allow_spin && rng.random_ratio(7, 8),
             spin: false,
-            spaces: [initial_space, PacketSpace::new(now), PacketSpace::new(now)],
+            spaces: Spaces::new(initial_space, PacketSpace::new(now), PacketSpace::new(now)),
             highest_space: SpaceId::Initial,
             prev_crypto: None,
             next_crypto: None,
@@ -485,7 +487,9 @@ impl Connection {
         for space in SpaceId::iter() {
             let request_immediate_ack =
                 space == SpaceId::Data && self.peer_supports_ack_frequency();
-            self.spaces[space].maybe_queue_probe(request_immediate_ack, &self.streams);
+            if let Some(space) = self.spaces.get_mut(space) {
+                space.maybe_queue_probe(request_immediate_ack, &self.streams);
+            }
         }
 
         // Check whether we need to send a close message
@@ -2220,13 +2224,10 @@ impl Connection {
                 *token = Bytes::new();
             }
         }
-        let space = &mut self.spaces[space_id];
-        space.crypto = None;
-        space.time_of_last_ack_eliciting_packet = None;
-        space.loss_time = None;
-        let sent_packets = mem::take(&mut space.sent_packets);
-        for packet in sent_packets.into_values() {
-            self.remove_in_flight(&packet);
+        if let Some(space) = self.spaces.discard(space_id) {
+            for packet in space.sent_packets.into_values() {
+                self.remove_in_flight(&packet);
+            }
         }
         self.set_loss_detection_timer(now)
     }
@@ -2513,13 +2514,17 @@ impl Connection {
                     self.on_packet_acked(now, info);
                 };
 
+                let next_packet_number = self.spaces[SpaceId::Initial].next_packet_number;
                 self.discard_space(now, SpaceId::Initial); // Make sure we clean up after any retransmitted Initials
-                self.spaces[SpaceId::Initial] = PacketSpace {
-                    crypto: Some(self.crypto.initial_keys(&rem_cid, self.side.side())),
-                    next_packet_number: self.spaces[SpaceId::Initial].next_packet_number,
-                    crypto_offset: client_hello.len() as u64,
-                    ..PacketSpace::new(now)
-                };
+                self.spaces.restart(
+                    SpaceId::Initial,
+                    PacketSpace {
+                        crypto: Some(self.crypto.initial_keys(&rem_cid, self.side.side())),
+                        next_packet_number,
+                        crypto_offset: client_hello.len() as u64,
+                        ..PacketSpace::new(now)
+                    },
+                );
                 self.spaces[SpaceId::Initial]
                     .pending
                     .crypto
@@ -3806,7 +3811,7 @@ impl Connection {
         let ConnectionSide::Server { server_config } = &self.side else {
             return;
         };
-        let new_tokens = &mut self.spaces[SpaceId::Data as usize].pending.new_tokens;
+        let new_tokens = &mut self.spaces[SpaceId::Data].pending.new_tokens;
         new_tokens.clear();
         for _ in 0..server_config.validation_token.sent {
             new_tokens.push(self.path.remote);

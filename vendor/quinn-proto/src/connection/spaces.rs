@@ -265,16 +265,77 @@ impl PacketSpace {
     }
 }
 
-impl Index<SpaceId> for [PacketSpace; 3] {
-    type Output = PacketSpace;
-    fn index(&self, space: SpaceId) -> &PacketSpace {
-        &self.as_ref()[space as usize]
+/// The connection's three packet spaces
+///
+/// The Initial and Handshake spaces are boxed and freed when their keys are discarded, so an
+/// established connection carries one `PacketSpace` instead of three. A discarded space reads
+/// as an empty one with no keys (nothing in flight, nothing pending, no loss or probe timers);
+/// code that may mutate a space after its discard uses [`Spaces::get_mut`], which skips it.
+pub(super) struct Spaces {
+    /// The Initial and Handshake spaces, `None` once discarded
+    handshaking: [Option<Box<PacketSpace>>; 2],
+    data: PacketSpace,
+}
+
+impl Spaces {
+    pub(super) fn new(initial: PacketSpace, handshake: PacketSpace, data: PacketSpace) -> Self {
+        Self {
+            handshaking: [Some(Box::new(initial)), Some(Box::new(handshake))],
+            data,
+        }
+    }
+
+    /// The space, unless it was discarded
+    pub(super) fn get_mut(&mut self, space: SpaceId) -> Option<&mut PacketSpace> {
+        match space {
+            SpaceId::Data => Some(&mut self.data),
+            _ => self.handshaking[space as usize].as_deref_mut(),
+        }
+    }
+
+    /// Starts the Initial or Handshake space anew (a client after a Retry)
+    pub(super) fn restart(&mut self, space: SpaceId, state: PacketSpace) {
+        debug_assert!(space != SpaceId::Data);
+        self.handshaking[space as usize] = Some(Box::new(state));
+    }
+
+    /// Frees the Initial or Handshake space, returning it
+    pub(super) fn discard(&mut self, space: SpaceId) -> Option<Box<PacketSpace>> {
+        debug_assert!(space != SpaceId::Data);
+        self.handshaking.get_mut(space as usize)?.take()
     }
 }
 
-impl IndexMut<SpaceId> for [PacketSpace; 3] {
+/// What a discarded space reads as
+fn discarded() -> &'static PacketSpace {
+    static DISCARDED: std::sync::OnceLock<PacketSpace> = std::sync::OnceLock::new();
+    DISCARDED.get_or_init(|| PacketSpace::new(Instant::now()))
+}
+
+impl Index<SpaceId> for Spaces {
+    type Output = PacketSpace;
+    fn index(&self, space: SpaceId) -> &PacketSpace {
+        match space {
+            SpaceId::Data => &self.data,
+            _ => match &self.handshaking[space as usize] {
+                Some(space) => space,
+                None => discarded(),
+            },
+        }
+    }
+}
+
+impl IndexMut<SpaceId> for Spaces {
     fn index_mut(&mut self, space: SpaceId) -> &mut PacketSpace {
-        &mut self.as_mut()[space as usize]
+        match space {
+            SpaceId::Data => &mut self.data,
+            _ => {
+                let slot = &mut self.handshaking[space as usize];
+                debug_assert!(slot.is_some(), "{space:?} space mutated after its discard");
+                // Never expected (see `get_mut`); an empty space again rather than a panic.
+                slot.get_or_insert_with(|| Box::new(PacketSpace::new(Instant::now())))
+            }
+        }
     }
 }
 
