@@ -93,6 +93,10 @@ impl Assembler {
                 self.buffered -= chunk.bytes.len();
                 self.allocated -= chunk.allocation_size;
                 let chunk = PeekMut::pop(chunk);
+                if self.data.is_empty() {
+                    // An idle stream holds no buffer
+                    self.data = BinaryHeap::new();
+                }
                 Chunk::new(chunk.offset, chunk.bytes)
             });
         }

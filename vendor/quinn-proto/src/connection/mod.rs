@@ -397,6 +397,11 @@ impl Connection {
     #[must_use]
     pub fn poll(&mut self) -> Option<Event> {
         if let Some(x) = self.events.pop_front() {
+            if self.events.is_empty() {
+                // Events are few and far between on an established connection: do not hold
+                // the queue's allocation for its life.
+                self.events = VecDeque::new();
+            }
             return Some(x);
         }
 
@@ -414,7 +419,11 @@ impl Connection {
     /// Return endpoint-facing events
     #[must_use]
     pub fn poll_endpoint_events(&mut self) -> Option<EndpointEvent> {
-        self.endpoint_events.pop_front().map(EndpointEvent)
+        let event = self.endpoint_events.pop_front();
+        if self.endpoint_events.is_empty() && self.endpoint_events.capacity() != 0 {
+            self.endpoint_events = VecDeque::new();
+        }
+        event.map(EndpointEvent)
     }
 
     /// Provide control over streams
@@ -3319,6 +3328,10 @@ impl Connection {
                 frame.offset += len as u64;
                 space.pending.crypto.push_front(frame);
             }
+        }
+        if space.pending.crypto.is_empty() && space.pending.crypto.capacity() != 0 {
+            // 1-RTT CRYPTO data (session tickets) is written once: free its queue once sent
+            space.pending.crypto = VecDeque::new();
         }
 
         if space_id == SpaceId::Data {

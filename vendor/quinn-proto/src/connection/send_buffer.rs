@@ -75,6 +75,10 @@ impl SendBuffer {
                 }
             }
         }
+        if self.acks.is_empty() {
+            // An emptied B-tree keeps its leaf: an idle stream holds none
+            self.acks = RangeSet::new();
+        }
     }
 
     /// Compute the next range to transmit on this stream and update state to account for that
