@@ -104,7 +104,6 @@ impl crypto::ServerConfig for LeanServerConfig {
                 Err(e) => State::Failed(e.to_string()),
             },
             next: None,
-            handed_out: false,
             limits: KeyLimits::default(),
             got_handshake_data: false,
             released: self.released.clone(),
@@ -121,6 +120,15 @@ struct KeyLimits {
     integrity: u64,
 }
 
+/// Where [`LeanSession`] takes the next 1-RTT keys from.
+enum Next {
+    /// The secrets of the first key update, as the handshake gave them (until quinn-proto asks
+    /// for that phase's keys, right after the handshake).
+    First(Box<Secrets>),
+    /// The phase handed out last: the next one steps from its secrets.
+    After(Arc<NextPhase>),
+}
+
 /// One key phase's secrets and, once either key is first used, its expanded packet keys.
 struct NextPhase {
     secrets: Secrets,
@@ -129,8 +137,8 @@ struct NextPhase {
 
 /// A packet key of the next key phase, expanded from the phase's secrets when a packet is
 /// first sealed or opened with it (the key update), not when quinn-proto asks for it (the end
-/// of the handshake). An idle connection then holds the secrets (~200 B) instead of two
-/// expanded AES-GCM keys (~1.1 KB).
+/// of the handshake). An idle connection then holds the phase's secrets and the two keys'
+/// boxes (~300 B) instead of two expanded AES-GCM keys (~1.1 KB).
 ///
 /// The trade-off (RFC 9001 section 9.5 says an endpoint SHOULD have the next receive keys
 /// ready): the first packet that opens with the other key phase, real or injected, takes one
@@ -206,10 +214,8 @@ pub struct LeanSession {
     version: u32,
     quic: Arc<QuicServerConfig>,
     state: State,
-    /// The secrets the next 1-RTT keys derive from.
-    next: Option<Secrets>,
-    /// Whether keys of `next`'s phase have been handed out (so the next call steps past it).
-    handed_out: bool,
+    /// Where the next 1-RTT keys derive from.
+    next: Option<Next>,
     /// The 1-RTT packet keys' tag length and AEAD limits (the same in every phase).
     limits: KeyLimits,
     got_handshake_data: bool,
@@ -355,7 +361,7 @@ impl crypto::Session for LeanSession {
         match tls.write_hs(buf) {
             Some(KeyChange::Handshake { keys }) => return Some(boxed(keys)),
             Some(KeyChange::OneRtt { keys, next }) => {
-                self.next = Some(next);
+                self.next = Some(Next::First(Box::new(next)));
                 self.limits = KeyLimits {
                     tag_len: keys.local.packet.tag_len(),
                     confidentiality: keys.local.packet.confidentiality_limit(),
@@ -382,18 +388,23 @@ impl crypto::Session for LeanSession {
     }
 
     fn next_1rtt_keys(&mut self) -> Option<KeyPair<Box<dyn crypto::PacketKey>>> {
-        let next = self.next.as_mut()?;
-        if self.handed_out {
-            // The phase handed out last is now in use (a key update): step the secrets past
-            // it. rustls steps them only together with that phase's keys, which its lazy pair
-            // has expanded already; these are dropped (once per key update).
-            drop(next.next_packet_keys());
-        }
-        self.handed_out = true;
+        let secrets = match self.next.take()? {
+            Next::First(secrets) => *secrets,
+            Next::After(last) => {
+                // The phase handed out last is now in use (a key update): step its secrets
+                // past it. rustls steps them only together with that phase's keys, which are
+                // expanded here and dropped (once per key update; the phase's own pair expands
+                // them again if it has not yet).
+                let mut secrets = last.secrets.clone();
+                drop(secrets.next_packet_keys());
+                secrets
+            }
+        };
         let phase = Arc::new(NextPhase {
-            secrets: next.clone(),
+            secrets,
             keys: OnceLock::new(),
         });
+        self.next = Some(Next::After(phase.clone()));
         Some(KeyPair {
             local: Box::new(LazyKey {
                 phase: phase.clone(),

@@ -155,6 +155,10 @@ impl EndpointConfig {
     /// However, you can seed the rng yourself through this method (e.g. if you need to run quinn
     /// deterministically or if you are using quinn in an environment that doesn't have a source of
     /// entropy available).
+    ///
+    /// (meshchat's copy: the seed decides the endpoint's draws and what a connection draws when
+    /// it is created; a connection's later draws come from the thread's generator, seeded from
+    /// the platform's entropy, so runs are no longer fully deterministic.)
     pub fn rng_seed(&mut self, seed: Option<[u8; 32]>) -> &mut Self {
         self.rng_seed = seed;
         self

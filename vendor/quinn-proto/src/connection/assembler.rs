@@ -70,6 +70,10 @@ impl Assembler {
                     self.buffered -= chunk.bytes.len();
                     self.allocated -= chunk.allocation_size;
                     PeekMut::pop(chunk);
+                    if self.data.is_empty() {
+                        // An idle stream holds no buffer
+                        self.data = BinaryHeap::new();
+                    }
                     continue;
                 }
 

@@ -1697,7 +1697,11 @@ impl Connection {
             // Conventional loss probe
             _ => 2,
         };
-        self.spaces[space].loss_probes = self.spaces[space].loss_probes.saturating_add(count);
+        // `pto_time_and_space` may name a discarded space (a client with nothing in flight): it
+        // can send no probe there
+        if let Some(space) = self.spaces.get_mut(space) {
+            space.loss_probes = space.loss_probes.saturating_add(count);
+        }
         self.pto_count = self.pto_count.saturating_add(1);
         self.set_loss_detection_timer(now);
     }
@@ -3150,7 +3154,6 @@ impl Connection {
         self.peer_params.stateless_reset_token = Some(reset_token);
     }
 
-    /// Issue an initial set of connection IDs to the peer upon connection
     /// How many CIDs the peer may hold from us at once: its limit and our config's
     fn issue_cids_limit(&self) -> u64 {
         self.peer_params
@@ -3158,6 +3161,7 @@ impl Connection {
             .min(self.config.issued_cid_limit)
     }
 
+    /// Issue an initial set of connection IDs to the peer upon connection
     fn issue_first_cids(&mut self, now: Instant) {
         if self.local_cid_state.cid_len() == 0 {
             return;
