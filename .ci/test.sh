@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole meshchat test suite, from a fresh machine: installs what the tests need when it
 # is missing, boots a real single-node Apache Cassandra 5.0 for the Cassandra contract suite,
-# then builds the fuzz target and runs every test with cargo-nextest.
+# then builds the fuzz target, runs the patched quinn-proto's own unit tests and every
+# workspace test with cargo-nextest.
 # README.md's test command and .ci/run both run exactly this script.
 #
 # Cassandra: unless MESHCHAT_CQL_NODES already points at a cluster, the script starts its own
@@ -88,6 +89,11 @@ fi
 # The decoder fuzz target must keep building (cargo fuzz itself needs nightly; see
 # proto/fuzz/README.md). Plain cargo builds it without sanitizers, into the shared target dir.
 cargo build --quiet --manifest-path proto/fuzz/Cargo.toml --target-dir target
+
+# quinn-proto's own unit tests against meshchat's patched copy (docs/QUINN-PATCHES.md), with its
+# own lock file and target dir; a debug build, so the patches' debug assertions are checked.
+cargo test --locked --quiet --manifest-path vendor/quinn-proto/Cargo.toml --lib \
+  --target-dir target/quinn-proto
 
 # Build every test binary while Cassandra boots.
 args=(--workspace --features meshchat-storage/cassandra)
