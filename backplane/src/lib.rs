@@ -24,6 +24,7 @@
 //! - `sim` (tests only): a deterministic multi-node simulation of membership cores, a
 //!   TTL-based source of truth and a lossy, partitionable network on a simulated clock.
 
+pub mod bounded;
 pub mod delivery;
 pub mod fanout;
 pub mod lease;

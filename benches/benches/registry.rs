@@ -58,6 +58,7 @@ struct Fixture {
     /// Client ends of the loopback connections every handle clones.
     conns: Vec<quinn::Connection>,
     outbound_queue: usize,
+    outbound_queue_bytes: usize,
     _server_conns: Vec<quinn::Connection>,
     _endpoints: [quinn::Endpoint; 2],
     _dir: tempfile::TempDir,
@@ -75,10 +76,11 @@ impl Fixture {
         let dir = tempfile::tempdir().expect("temp dir");
         let (endpoints, conns, server_conns) = rt.block_on(loopback(dir.path(), 2));
         let outbound_queue = NodeConfig::default().limits.outbound_queue;
+        let outbound_queue_bytes = NodeConfig::default().limits.outbound_queue_bytes;
         let registry = Registry::new();
         let outboxes: Vec<Arc<Outbox>> = (0..USERS)
             .map(|i| {
-                let outbox = Outbox::new(outbound_queue);
+                let outbox = Outbox::new(outbound_queue, outbound_queue_bytes);
                 registry.insert(
                     user(i),
                     ConnHandle {
@@ -96,6 +98,7 @@ impl Fixture {
             outboxes,
             conns,
             outbound_queue,
+            outbound_queue_bytes,
             _server_conns: server_conns,
             _endpoints: endpoints,
             _dir: dir,
@@ -106,7 +109,7 @@ impl Fixture {
     fn handle(&self, id: ConnId) -> ConnHandle {
         ConnHandle {
             id,
-            outbox: Outbox::new(self.outbound_queue),
+            outbox: Outbox::new(self.outbound_queue, self.outbound_queue_bytes),
             conn: ConnControl::Quinn(self.conns[id.0 as usize % self.conns.len()].clone()),
             visible: false,
         }

@@ -451,6 +451,9 @@ pub struct LimitsConfig {
     /// Pushes queued per connection before it is cut off as a slow reader (`SLOW_READER`;
     /// default 256).
     pub outbound_queue: usize,
+    /// Bytes of pushes queued per connection before it is cut off as a slow reader
+    /// (`SLOW_READER`; default 4 MiB; at least one whole frame, `max_frame_bytes` + 4).
+    pub outbound_queue_bytes: usize,
     /// Authenticated connections one user may have on this node (`OVERLOADED` beyond;
     /// default 32): one stolen or shared token cannot take every slot of a node.
     pub max_connections_per_user: usize,
@@ -484,6 +487,7 @@ impl Default for LimitsConfig {
             auth_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             outbound_queue: 256,
+            outbound_queue_bytes: 4 << 20,
             max_inflight_per_conn: 32,
             max_connections_per_user: 32,
             max_inflight_bytes: 256 * 1024 * 1024,
@@ -587,6 +591,8 @@ const MAX_CONNECTIONS: usize = 10_000_000;
 const MAX_HANDSHAKES: usize = 1 << 20;
 /// Most pushes queued per connection (`limits.outbound_queue`), each up to a frame.
 const MAX_QUEUE: usize = 1 << 16;
+/// Most bytes of pushes queued per connection (`limits.outbound_queue_bytes`): 1 GiB.
+const MAX_QUEUE_BYTES: usize = 1 << 30;
 /// Most requests in progress per connection (`limits.max_inflight_per_conn`).
 const MAX_INFLIGHT: usize = 1 << 10;
 /// Most bytes of requests handled at once (`limits.max_inflight_bytes`): 64 GiB.
@@ -921,6 +927,14 @@ impl NodeConfig {
             u32::MAX,
         )?;
         within("limits.outbound_queue", l.outbound_queue, 1, MAX_QUEUE)?;
+        // A push is one frame: a queue that cannot hold the largest would cut every
+        // connection off at its first large push.
+        within(
+            "limits.outbound_queue_bytes",
+            l.outbound_queue_bytes,
+            l.max_frame_bytes as usize + 4,
+            MAX_QUEUE_BYTES,
+        )?;
         within(
             "limits.max_connections_per_user",
             l.max_connections_per_user,
@@ -1428,6 +1442,9 @@ mod tests {
             ("limits.outbound_queue", |c| {
                 c.limits.outbound_queue = usize::MAX
             }),
+            ("limits.outbound_queue_bytes", |c| {
+                c.limits.outbound_queue_bytes = usize::MAX
+            }),
             ("limits.max_inflight_per_conn", |c| {
                 c.limits.max_inflight_per_conn = usize::MAX
             }),
@@ -1506,6 +1523,7 @@ mod tests {
         let mut c = NodeConfig::default();
         c.limits.max_frame_bytes = MAX_FRAME_BYTES;
         c.limits.max_body_bytes = MAX_FRAME_BYTES - FRAME_OVERHEAD;
+        c.limits.outbound_queue_bytes = MAX_QUEUE_BYTES;
         c.transport.stream_receive_window = MAX_FRAME_BYTES + 4;
         c.transport.receive_window = MAX_FRAME_BYTES + 4;
         c.limits.max_page_size = MAX_PAGE_SIZE;

@@ -7,12 +7,12 @@
 //! `SLOW_READER` right away (its client reconnects and fills the gap from history), so a slow
 //! reader never makes the node buffer more than `outbound_queue` pushes for it.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use meshchat_backplane::bounded::Bounded;
 use meshchat_backplane::membership_redis::ClientConnections;
 use meshchat_idgen::UserId;
 use meshchat_proto::client::ErrorCode;
@@ -25,59 +25,59 @@ use crate::error::close_code;
 // Shared with the mesh, which passes them through (`meshchat_backplane::delivery`).
 pub use meshchat_backplane::delivery::{ConnId, Delivery};
 
-/// A connection's bounded outbound push queue.
+/// A connection's bounded outbound push queue: the node's one bounded queue
+/// ([`meshchat_backplane::bounded::Bounded`], a mesh peer's envelope queue too) under a lock,
+/// with the connection's waking.
 ///
 /// Written for idle memory: a tokio `mpsc` channel allocates a 32-slot block up front (~1 KiB
-/// per connection with `Bytes` items, measured with heaptrack); an empty `VecDeque` allocates
+/// per connection with `Bytes` items, measured with heaptrack); an empty queue allocates
 /// nothing, so an idle connection pays ~100 bytes here. Pushes are rare per connection, so a
 /// short lock per push costs nothing measurable.
 #[derive(Debug)]
 pub struct Outbox {
-    queue: Mutex<VecDeque<Bytes>>,
+    queue: Mutex<Bounded<Bytes>>,
     ready: Notify,
     /// Rung instead of `ready` for a connection served by the endpoint loop.
     bell: Option<Arc<meshchat_edge::Bell>>,
-    capacity: usize,
 }
 
 /// Why a push was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushError {
-    /// The queue holds `capacity` pushes: the reader is too slow.
+    /// The queue holds its most pushes or bytes: the reader is too slow.
     Full,
 }
 
 impl Outbox {
-    /// An empty queue holding at most `capacity` pushes.
-    pub fn new(capacity: usize) -> Arc<Self> {
+    /// An empty queue holding at most `capacity` pushes and `capacity_bytes` bytes of them.
+    pub fn new(capacity: usize, capacity_bytes: usize) -> Arc<Self> {
         Arc::new(Self {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Bounded::new(capacity, capacity_bytes)),
             ready: Notify::new(),
             bell: None,
-            capacity: capacity.max(1),
         })
     }
 
-    /// An empty queue holding at most `capacity` pushes whose pushes ring `bell` (a
-    /// connection of the endpoint loop: it drains the queue when woken).
-    pub fn ringing(capacity: usize, bell: Arc<meshchat_edge::Bell>) -> Arc<Self> {
+    /// The same, whose pushes ring `bell` (a connection of the endpoint loop: it drains the
+    /// queue when woken).
+    pub fn ringing(
+        capacity: usize,
+        capacity_bytes: usize,
+        bell: Arc<meshchat_edge::Bell>,
+    ) -> Arc<Self> {
         Arc::new(Self {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Bounded::new(capacity, capacity_bytes)),
             ready: Notify::new(),
             bell: Some(bell),
-            capacity: capacity.max(1),
         })
     }
 
     /// Queues a push, or refuses when full.
     pub fn try_push(&self, push: Bytes) -> Result<(), PushError> {
-        {
-            let mut q = self.queue.lock();
-            if q.len() >= self.capacity {
-                return Err(PushError::Full);
-            }
-            q.push_back(push);
-        }
+        self.queue
+            .lock()
+            .try_push(push.len(), push)
+            .map_err(|_| PushError::Full)?;
         match &self.bell {
             Some(bell) => bell.ring(),
             // Stores a permit when nobody waits, so a push is never missed.
@@ -88,13 +88,7 @@ impl Outbox {
 
     /// Takes up to `max` queued pushes (without waiting).
     pub fn drain_into(&self, max: usize, out: &mut Vec<Bytes>) {
-        let mut q = self.queue.lock();
-        let n = q.len().min(max);
-        out.extend(q.drain(..n));
-        if q.is_empty() && q.capacity() > 64 {
-            // A burst is over: give the memory back.
-            *q = VecDeque::new();
-        }
+        self.queue.lock().drain_into(max, out);
     }
 
     /// Waits until a push may be queued (cancel-safe).
@@ -426,7 +420,7 @@ mod tests {
 
     #[tokio::test]
     async fn outbox_is_bounded_and_wakes_its_reader() {
-        let o = Outbox::new(2);
+        let o = Outbox::new(2, 1024);
         assert_eq!(o.try_push(Bytes::from_static(b"a")), Ok(()));
         assert_eq!(o.try_push(Bytes::from_static(b"b")), Ok(()));
         assert_eq!(o.try_push(Bytes::from_static(b"c")), Err(PushError::Full));
@@ -451,5 +445,11 @@ mod tests {
             .expect("woken")
             .expect("task");
         assert_eq!(v, vec![Bytes::from_static(b"d")]);
+
+        // Bounded in bytes too: a few large pushes fill it before its count does.
+        let o = Outbox::new(10, 5);
+        assert_eq!(o.try_push(Bytes::from_static(b"abc")), Ok(()));
+        assert_eq!(o.try_push(Bytes::from_static(b"def")), Err(PushError::Full));
+        assert_eq!(o.try_push(Bytes::from_static(b"gh")), Ok(()));
     }
 }

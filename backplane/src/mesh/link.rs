@@ -614,7 +614,7 @@ async fn run_link(
                 peer.state_owed.store(true, Ordering::SeqCst);
                 continue;
             }
-            q.push_front(env);
+            q.push_front(prost::Message::encoded_len(&env), env);
         }
         drop(q);
         peer.ready.notify_one();

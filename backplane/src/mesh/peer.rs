@@ -17,6 +17,8 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 use tracing::warn;
 
+use crate::bounded::Bounded;
+
 /// Users remembered per peer whose envelopes were dropped; past it the resync covers every
 /// connection on the peer.
 /// How often a link checks whether a datagram arrived from its peer.
@@ -327,62 +329,16 @@ pub struct PeerCounters {
 /// Numbers every `Peer` made in this process, so no two share an incarnation.
 static INCARNATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// A peer's envelope queue, with the bytes it holds (each envelope's encoded length).
-#[derive(Debug, Default)]
-pub(super) struct EnvelopeQueue {
-    envs: VecDeque<(usize, pm::Envelope)>,
-    bytes: usize,
-}
-
-impl EnvelopeQueue {
-    /// Envelopes queued.
-    pub(super) fn len(&self) -> usize {
-        self.envs.len()
-    }
-
-    /// Bytes queued.
-    pub(super) fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    fn push_back(&mut self, len: usize, env: pm::Envelope) {
-        self.bytes += len;
-        self.envs.push_back((len, env));
-    }
-
-    /// Puts an envelope back at the front (a batch whose write did not complete).
-    pub(super) fn push_front(&mut self, env: pm::Envelope) {
-        let len = prost::Message::encoded_len(&env);
-        self.bytes += len;
-        self.envs.push_front((len, env));
-    }
-
-    /// The oldest envelope and its encoded length.
-    pub(super) fn pop_front(&mut self) -> Option<(usize, pm::Envelope)> {
-        let (len, env) = self.envs.pop_front()?;
-        self.bytes -= len;
-        Some((len, env))
-    }
-
-    /// Takes every envelope.
-    pub(super) fn take_all(&mut self) -> Vec<pm::Envelope> {
-        self.bytes = 0;
-        self.envs.drain(..).map(|(_, e)| e).collect()
-    }
-}
-
 /// One peer: its link state, its bounded queue and the lanes that go ahead of it.
 pub(super) struct Peer {
     pub(super) id: NodeId,
     pub(super) addr: SocketAddr,
     /// Flipped when the peer leaves the member set: ends its dial loop and link.
     pub(super) gone: watch::Sender<bool>,
-    pub(super) queue: Mutex<EnvelopeQueue>,
+    /// Envelopes waiting for the link, each with its encoded length: bounded in both, so a
+    /// peer that is down holds at most `capacity_bytes` of this node's memory.
+    pub(super) queue: Mutex<Bounded<pm::Envelope>>,
     pub(super) ready: Notify,
-    /// Most envelopes queued.
-    pub(super) capacity: usize,
-    /// Most bytes queued: a peer that is down holds at most this much of this node's memory.
-    pub(super) capacity_bytes: usize,
     pub(super) up: AtomicBool,
     /// This `Peer`'s number ([`PeerCounters::incarnation`]).
     pub(super) incarnation: u64,
@@ -423,10 +379,8 @@ impl Peer {
             id,
             addr,
             gone,
-            queue: Mutex::new(EnvelopeQueue::default()),
+            queue: Mutex::new(Bounded::new(capacity, capacity_bytes)),
             ready: Notify::new(),
-            capacity,
-            capacity_bytes,
             up: AtomicBool::new(false),
             incarnation: INCARNATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             conn: Mutex::new(None),
@@ -449,14 +403,10 @@ impl Peer {
             self.drop_envelope(&env, "envelope over the size limit: dropping it");
             return;
         }
-        {
-            let mut q = self.queue.lock();
-            if q.len() >= self.capacity || q.bytes() + len > self.capacity_bytes {
-                drop(q);
-                self.drop_envelope(&env, "peer queue full: dropping envelopes");
-                return;
-            }
-            q.push_back(len, env);
+        let refused = self.queue.lock().try_push(len, env);
+        if let Err((_, env)) = refused {
+            self.drop_envelope(&env, "peer queue full: dropping envelopes");
+            return;
         }
         self.ready.notify_one();
     }
@@ -638,7 +588,7 @@ mod tests {
         let mut q = p.queue.lock();
         let (len, first) = q.pop_front().expect("first");
         assert_eq!((len, q.bytes()), (one, 2 * one));
-        q.push_front(first);
+        q.push_front(len, first);
         assert_eq!(q.bytes(), 3 * one);
         assert_eq!(q.take_all().len(), 3);
         assert_eq!((q.len(), q.bytes()), (0, 0));

@@ -696,8 +696,12 @@ fn register(
         Ok(AuthOutcome::Authenticated(who, ok)) => (who, ok),
     };
     let ob = match &conn {
-        ConnControl::Quinn(_) => Outbox::new(limits.outbound_queue),
-        ConnControl::Loop(bell) => Outbox::ringing(limits.outbound_queue, bell.clone()),
+        ConnControl::Quinn(_) => Outbox::new(limits.outbound_queue, limits.outbound_queue_bytes),
+        ConnControl::Loop(bell) => Outbox::ringing(
+            limits.outbound_queue,
+            limits.outbound_queue_bytes,
+            bell.clone(),
+        ),
     };
     let handle = ConnHandle {
         id,
