@@ -1,7 +1,9 @@
 //! The bounded FIFO behind every outbound queue of a node: a client connection's pushes
 //! (`meshchat_messaging::registry::Outbox`) and a mesh peer's envelopes
 //! (`mesh::peer::Peer`). Bounded in items and in bytes, each item's size given when it is
-//! queued. Not synchronised: its owner keeps it under its own lock, does its own waking and
+//! queued; an empty queue takes one item whatever its size, so the bound in bytes is
+//! `max_bytes` or one item, and a single large item is never refused for its size alone (its
+//! owner bounds the size of one item). Not synchronised: its owner keeps it under its own lock, does its own waking and
 //! decides what a refusal means (a slow client is cut off, an envelope for a peer that is down
 //! is dropped and its recipients told).
 
@@ -42,12 +44,12 @@ impl<T> Bounded<T> {
     }
 
     /// Queues `item` of `len` bytes at the back, or gives it back with the bound it would
-    /// break.
+    /// break (an empty queue takes it whatever its size).
     pub fn try_push(&mut self, len: usize, item: T) -> Result<(), (Full, T)> {
         if self.items.len() >= self.max_items {
             return Err((Full::Items, item));
         }
-        if self.bytes.saturating_add(len) > self.max_bytes {
+        if !self.items.is_empty() && self.bytes.saturating_add(len) > self.max_bytes {
             return Err((Full::Bytes, item));
         }
         self.bytes += len;
@@ -55,8 +57,8 @@ impl<T> Bounded<T> {
         Ok(())
     }
 
-    /// Puts an item taken from the front back there (a write that did not complete), bounds
-    /// or not: it was counted in them before.
+    /// Puts an item back at the front (a write that did not complete), bounds or not: the
+    /// queue may then hold more than its bounds by what was put back.
     pub fn push_front(&mut self, len: usize, item: T) {
         self.bytes += len;
         self.items.push_front((len, item));
@@ -140,11 +142,13 @@ mod tests {
     }
 
     #[test]
-    fn an_item_larger_than_the_byte_bound_is_refused_even_when_empty() {
+    fn an_empty_queue_takes_one_item_whatever_its_size() {
         let mut q = Bounded::new(10, 10);
-        assert_eq!(q.try_push(11, ()), Err((Full::Bytes, ())));
-        assert_eq!(q.try_push(usize::MAX, ()), Err((Full::Bytes, ())));
-        assert!(q.is_empty());
+        assert_eq!(q.try_push(11, 1), Ok(()));
+        assert_eq!(q.try_push(1, 2), Err((Full::Bytes, 2)));
+        assert_eq!(q.pop_front(), Some((11, 1)));
+        assert_eq!(q.try_push(usize::MAX, 3), Ok(()));
+        assert_eq!(q.try_push(0, 4), Err((Full::Bytes, 4)));
     }
 
     #[test]

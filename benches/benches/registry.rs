@@ -10,7 +10,8 @@
 //! while clients come and go. The churn thread's rate is printed after each contended bench.
 //!
 //! Handles are real: two loopback QUIC connections (dev CA, client ALPN) cloned into every
-//! `ConnHandle` under distinct `ConnId`s, and outboxes of the default `limits.outbound_queue`.
+//! `ConnHandle` under distinct `ConnId`s, and outboxes of the default `limits.outbound_queue`
+//! and `limits.outbound_queue_bytes`.
 //! Push benches drain the outboxes they filled every `CHUNK` pushes with the clock stopped,
 //! so no queue fills (a full one would cut a connection off) and memory stays flat.
 

@@ -452,7 +452,8 @@ pub struct LimitsConfig {
     /// default 256).
     pub outbound_queue: usize,
     /// Bytes of pushes queued per connection before it is cut off as a slow reader
-    /// (`SLOW_READER`; default 4 MiB; at least one whole frame, `max_frame_bytes` + 4).
+    /// (`SLOW_READER`; default 4 MiB, at least 64 KiB). An empty queue always takes one push,
+    /// whatever its size; with `max_frame_bytes` raised, raise this to a few frames.
     pub outbound_queue_bytes: usize,
     /// Authenticated connections one user may have on this node (`OVERLOADED` beyond;
     /// default 32): one stolen or shared token cannot take every slot of a node.
@@ -927,12 +928,11 @@ impl NodeConfig {
             u32::MAX,
         )?;
         within("limits.outbound_queue", l.outbound_queue, 1, MAX_QUEUE)?;
-        // A push is one frame: a queue that cannot hold the largest would cut every
-        // connection off at its first large push.
+        // An empty queue takes one push of any size, so this need not cover a frame.
         within(
             "limits.outbound_queue_bytes",
             l.outbound_queue_bytes,
-            l.max_frame_bytes as usize + 4,
+            64 * 1024,
             MAX_QUEUE_BYTES,
         )?;
         within(

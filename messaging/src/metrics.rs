@@ -192,7 +192,7 @@ fn describe() {
     );
     describe_gauge!(
         "meshchat_peer_queue_bytes",
-        "Bytes of envelopes queued for the peer (bounded by cluster.peer_queue_bytes)."
+        "Bytes of envelopes queued for the peer (bounded by cluster.peer_queue_bytes, plus a batch put back)."
     );
     describe_gauge!(
         "meshchat_peer_rtt_seconds",

@@ -5,7 +5,8 @@
 //! goes to every recipient connection; each connection task adds its own sequence number when
 //! it writes the frame. A connection whose queue is full is a slow reader: it is closed with
 //! `SLOW_READER` right away (its client reconnects and fills the gap from history), so a slow
-//! reader never makes the node buffer more than `outbound_queue` pushes for it.
+//! reader never makes the node buffer more than `outbound_queue` pushes or
+//! `outbound_queue_bytes` bytes of them (or one push) for it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

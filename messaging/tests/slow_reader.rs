@@ -76,6 +76,48 @@ async fn a_slow_reader_is_cut_off_and_others_are_unaffected() {
     assert_eq!(got.into_iter().collect::<Vec<_>>(), ids);
 }
 
+/// The queue is bounded in bytes too: a reader that falls behind by a few large pushes is cut
+/// off long before its count (the default 256) is reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_of_large_pushes_is_cut_off_by_bytes() {
+    let node = TestNode::start_with(|c| c.limits.outbound_queue_bytes = 64 * 1024).await;
+    assert_eq!(node.config.limits.outbound_queue, 256);
+    let (alice, _ae, a) = node.user("alice").await;
+    let (_bob_fast, mut fast_ev, b) = node.user("bob").await;
+    let mut opts = node.options();
+    opts.event_buffer = 1;
+    opts.stream_receive_window = 4 * 1024;
+    let (bob_slow, mut slow_ev) = node.client_with(opts).await;
+    bob_slow.authenticate(&b.token).await.expect("auth");
+
+    // 40 pushes of ~16 KiB: 640 KiB, ten times the byte bound, a sixth of the count bound.
+    let chat = ChatId::direct(a.user, b.user);
+    let body = vec![b'z'; 16 * 1024 - 64];
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(
+            alice
+                .send(chat, body.clone(), None)
+                .await
+                .expect("the sender is never slowed down")
+                .message_id,
+        );
+    }
+    for id in &ids {
+        assert_eq!(next_message(&mut fast_ev).await.message_id, *id);
+    }
+    let (code, reason) = next_matching(&mut slow_ev, |e| match e {
+        Event::Disconnected { code, reason } => Some((code, reason)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(code, ErrorCode::SlowReader as u64);
+    assert!(
+        reason.contains("outbound queue full"),
+        "cut off for its queue, not for a blocked write: {reason}"
+    );
+}
+
 fn registry_live(node: &std::sync::Arc<meshchat_messaging::node::Node>) -> u64 {
     node.registry().live_connections()
 }
