@@ -7,42 +7,19 @@ mod common;
 use std::time::Duration;
 
 use common::{TestNode, next_matching, next_message};
-use meshchat_client::Event;
+use meshchat_client::{Client, Event, Events};
 use meshchat_idgen::ChatId;
 use meshchat_proto::client::ErrorCode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_is_cut_off_and_others_are_unaffected() {
     let node = TestNode::start_with(|c| c.limits.outbound_queue = 4).await;
-    let (alice, _ae, a) = node.user("alice").await;
-    let (_bob_fast, mut fast_ev, b) = node.user("bob").await;
-
-    // Bob's second device reads nothing: a one-event buffer and a 4 KiB stream window, so the
-    // node's writes to it block almost at once and its queue of 4 fills.
-    let mut opts = node.options();
-    opts.event_buffer = 1;
-    opts.stream_receive_window = 4 * 1024;
-    let (bob_slow, mut slow_ev) = node.client_with(opts).await;
-    bob_slow.authenticate(&b.token).await.expect("auth");
+    // Bob's second device reads nothing, so its queue of 4 fills.
+    let mut s = Slow::start(&node).await;
     let registry = node.running.as_ref().expect("running").node.clone();
     let live_before = registry_live(&registry);
-
-    let chat = ChatId::direct(a.user, b.user);
-    let body = vec![b'z'; 2048];
-    let mut ids = Vec::new();
-    for _ in 0..60 {
-        ids.push(
-            alice
-                .send(chat, body.clone(), None)
-                .await
-                .expect("the sender is never slowed down")
-                .message_id,
-        );
-    }
-    // The fast device gets every message, in order.
-    for id in &ids {
-        assert_eq!(next_message(&mut fast_ev).await.message_id, *id);
-    }
+    let ids = s.send(60, 2048).await;
+    let (bob_slow, mut slow_ev) = (s.bob_slow, s.slow_ev);
     // The slow device was cut off with SLOW_READER (after receiving a few messages).
     let mut got = std::collections::BTreeSet::new();
     let code = next_matching(&mut slow_ev, |e| match e {
@@ -82,31 +59,10 @@ async fn a_slow_reader_is_cut_off_and_others_are_unaffected() {
 async fn a_slow_reader_of_large_pushes_is_cut_off_by_bytes() {
     let node = TestNode::start_with(|c| c.limits.outbound_queue_bytes = 64 * 1024).await;
     assert_eq!(node.config.limits.outbound_queue, 256);
-    let (alice, _ae, a) = node.user("alice").await;
-    let (_bob_fast, mut fast_ev, b) = node.user("bob").await;
-    let mut opts = node.options();
-    opts.event_buffer = 1;
-    opts.stream_receive_window = 4 * 1024;
-    let (bob_slow, mut slow_ev) = node.client_with(opts).await;
-    bob_slow.authenticate(&b.token).await.expect("auth");
-
+    let mut s = Slow::start(&node).await;
     // 40 pushes of ~16 KiB: 640 KiB, ten times the byte bound, a sixth of the count bound.
-    let chat = ChatId::direct(a.user, b.user);
-    let body = vec![b'z'; 16 * 1024 - 64];
-    let mut ids = Vec::new();
-    for _ in 0..40 {
-        ids.push(
-            alice
-                .send(chat, body.clone(), None)
-                .await
-                .expect("the sender is never slowed down")
-                .message_id,
-        );
-    }
-    for id in &ids {
-        assert_eq!(next_message(&mut fast_ev).await.message_id, *id);
-    }
-    let (code, reason) = next_matching(&mut slow_ev, |e| match e {
+    s.send(40, 16 * 1024 - 64).await;
+    let (code, reason) = next_matching(&mut s.slow_ev, |e| match e {
         Event::Disconnected { code, reason } => Some((code, reason)),
         _ => None,
     })
@@ -116,6 +72,56 @@ async fn a_slow_reader_of_large_pushes_is_cut_off_by_bytes() {
         reason.contains("outbound queue full"),
         "cut off for its queue, not for a blocked write: {reason}"
     );
+}
+
+/// Alice, Bob's device that reads, and Bob's second device that reads nothing: a one-event
+/// buffer and a 4 KiB stream window, so the node's writes to it block almost at once.
+struct Slow {
+    alice: Client,
+    chat: ChatId,
+    fast_ev: Events,
+    _bob_fast: Client,
+    bob_slow: Client,
+    slow_ev: Events,
+}
+
+impl Slow {
+    async fn start(node: &TestNode) -> Self {
+        let (alice, _ae, a) = node.user("alice").await;
+        let (bob_fast, fast_ev, b) = node.user("bob").await;
+        let mut opts = node.options();
+        opts.event_buffer = 1;
+        opts.stream_receive_window = 4 * 1024;
+        let (bob_slow, slow_ev) = node.client_with(opts).await;
+        bob_slow.authenticate(&b.token).await.expect("auth");
+        Self {
+            alice,
+            chat: ChatId::direct(a.user, b.user),
+            fast_ev,
+            _bob_fast: bob_fast,
+            bob_slow,
+            slow_ev,
+        }
+    }
+
+    /// Alice sends `n` messages of `len` bytes; Bob's reading device gets every one, in
+    /// order. Their ids.
+    async fn send(&mut self, n: usize, len: usize) -> Vec<u64> {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            ids.push(
+                self.alice
+                    .send(self.chat, vec![b'z'; len], None)
+                    .await
+                    .expect("the sender is never slowed down")
+                    .message_id,
+            );
+        }
+        for id in &ids {
+            assert_eq!(next_message(&mut self.fast_ev).await.message_id, *id);
+        }
+        ids
+    }
 }
 
 fn registry_live(node: &std::sync::Arc<meshchat_messaging::node::Node>) -> u64 {
