@@ -9,9 +9,21 @@ use std::sync::Arc;
 use meshchat_idgen::NodeId;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-/// The process-wide crypto provider: ring.
+/// The process-wide crypto provider: ring, with `TLS_AES_128_GCM_SHA256` as its first cipher
+/// suite (ring's default puts `TLS_AES_256_GCM_SHA384` first).
+///
+/// A node's handshake spends about a tenth of its CPU in the key schedule's HMACs: with
+/// SHA-384 they run SHA-512 blocks in software, with SHA-256 on the CPU's SHA extensions; and
+/// AES-128 protects every packet in 10 rounds instead of 14 (docs/PERFORMANCE.md, "AES-128
+/// first"). The mesh (both ends use this order) and meshchat's client library offer it
+/// first; the client-facing node honours a client's own order (rustls' default), so a client
+/// without AES instructions that asks for ChaCha20 first still gets it (docs/SECURITY.md).
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// Whether `cert` names node `id` (a DNS name `node-<id>`). Only the name is read: whether the

@@ -207,8 +207,8 @@ pub fn client_config(opts: &ConnectOptions) -> Result<quinn::ClientConfig, Clien
             .add(r.clone())
             .map_err(|e| ClientError::Setup(format!("CA certificate: {e}")))?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    // AES-128-GCM first: the cheapest suite for the node (meshchat_backplane::tls::provider).
+    let mut tls = rustls::ClientConfig::builder_with_provider(meshchat_backplane::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ClientError::Setup(e.to_string()))?
         .with_root_certificates(roots)

@@ -37,8 +37,14 @@ pub fn self_signed() -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>)
     Ok((cert.cert.der().clone(), key.into()))
 }
 
+/// ring, with `TLS_AES_128_GCM_SHA256` first, as the node's provider
+/// (`meshchat_backplane::tls::provider`, which says why).
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// The transport settings of a node's client-facing endpoint.

@@ -325,14 +325,14 @@ pub fn token_key() -> Arc<ring::hkdf::Prk> {
     Arc::new(ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&secret))
 }
 
-/// The client-facing QUIC server config, its tokens made with `token_key`.
-pub fn server_config(
+/// The client-facing TLS config: TLS 1.3 only, `alpn`, tickets from `tickets` (none if its
+/// budget is 0). Cipher suites in [`provider`]'s order, but a client's own order wins
+/// (rustls' default): see `meshchat_backplane::tls::provider`.
+fn server_tls(
     identity: Identity,
     alpn: &[u8],
-    config: &NodeConfig,
-    token_key: &Arc<ring::hkdf::Prk>,
     tickets: &Arc<crate::tickets::TicketStore>,
-) -> Result<quinn::ServerConfig, TlsError> {
+) -> Result<rustls::ServerConfig, TlsError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
@@ -352,6 +352,18 @@ pub fn server_config(
         tls.send_tls13_tickets = 0;
         tls.max_early_data_size = 0;
     }
+    Ok(tls)
+}
+
+/// The client-facing QUIC server config, its tokens made with `token_key`.
+pub fn server_config(
+    identity: Identity,
+    alpn: &[u8],
+    config: &NodeConfig,
+    token_key: &Arc<ring::hkdf::Prk>,
+    tickets: &Arc<crate::tickets::TicketStore>,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let tls = server_tls(identity, alpn, tickets)?;
     // With `transport.lean_tls`, a connection lets go of rustls once its handshake and
     // tickets are done and keeps only the secrets of the next key update (meshchat_edge::lean).
     let crypto: Arc<dyn quinn::crypto::ServerConfig> = if config.transport.lean_tls {
@@ -409,6 +421,86 @@ mod tests {
         let left = not_after_unix(&id.chain[0]).expect("parses") - now;
         assert!(left > 86_400, "{left}");
         assert_eq!(not_after_unix(&CertificateDer::from(vec![1, 2, 3])), None);
+    }
+
+    /// Runs a QUIC-TLS handshake in memory between a client offering `suites` (in that
+    /// order) and the node's client-facing TLS config; returns the suite they agree on.
+    fn negotiated(suites: &[rustls::CipherSuite]) -> rustls::CipherSuite {
+        use rustls::quic::{ClientConnection, Connection, ServerConnection, Version};
+        let dir = tempfile::tempdir().expect("dir");
+        let identity = dev_identity(dir.path(), &[]).expect("dev identity");
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in load_certs(&dir.path().join(DEV_CA_CERT)).expect("ca") {
+            roots.add(ca).expect("root");
+        }
+        let mut offered = rustls::crypto::ring::default_provider();
+        offered
+            .cipher_suites
+            .retain(|s| suites.contains(&s.suite()));
+        offered
+            .cipher_suites
+            .sort_by_key(|s| suites.iter().position(|x| *x == s.suite()));
+        let mut client_tls = rustls::ClientConfig::builder_with_provider(Arc::new(offered))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client_tls.alpn_protocols = vec![b"test".to_vec()];
+        let tickets = Arc::new(crate::tickets::TicketStore::new(0));
+        let server_tls = server_tls(identity, b"test", &tickets).expect("server tls");
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        let mut client = Connection::Client(
+            ClientConnection::new(Arc::new(client_tls), Version::V1, name, vec![0])
+                .expect("client"),
+        );
+        let mut server = Connection::Server(
+            ServerConnection::new(Arc::new(server_tls), Version::V1, vec![0]).expect("server"),
+        );
+        // Each side's handshake bytes go to the other (rustls tracks the encryption level),
+        // until neither has anything to say: a full handshake takes three flights.
+        for _ in 0..8 {
+            let mut flight = Vec::new();
+            client.write_hs(&mut flight);
+            if !flight.is_empty() {
+                server.read_hs(&flight).expect("server reads");
+            }
+            let mut flight = Vec::new();
+            server.write_hs(&mut flight);
+            if !flight.is_empty() {
+                client.read_hs(&flight).expect("client reads");
+            }
+            if !client.is_handshaking() && !server.is_handshaking() {
+                break;
+            }
+        }
+        assert!(!server.is_handshaking(), "the handshake completes");
+        let Connection::Server(server) = server else {
+            unreachable!("made as a server")
+        };
+        server
+            .negotiated_cipher_suite()
+            .expect("a suite was agreed")
+            .suite()
+    }
+
+    #[test]
+    fn the_node_and_its_clients_agree_on_aes_128_gcm_and_a_clients_own_order_wins() {
+        use rustls::CipherSuite::{
+            TLS13_AES_128_GCM_SHA256 as AES_128, TLS13_AES_256_GCM_SHA384 as AES_256,
+            TLS13_CHACHA20_POLY1305_SHA256 as CHACHA,
+        };
+        let ours: Vec<_> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(ours.first(), Some(&AES_128), "{ours:?}");
+        assert!(
+            ours.contains(&AES_256) && ours.contains(&CHACHA),
+            "{ours:?}"
+        );
+        // meshchat's client library offers the provider's order.
+        assert_eq!(negotiated(&ours), AES_128);
+        // A client without AES instructions asks for ChaCha20 first and gets it; one that
+        // prefers AES-256 (OpenSSL's and ring's default order) gets that.
+        assert_eq!(negotiated(&[CHACHA, AES_128, AES_256]), CHACHA);
+        assert_eq!(negotiated(&[AES_256, CHACHA, AES_128]), AES_256);
     }
 
     #[test]
