@@ -12,12 +12,12 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 /// The process-wide crypto provider: ring, with `TLS_AES_128_GCM_SHA256` as its first cipher
 /// suite (ring's default puts `TLS_AES_256_GCM_SHA384` first).
 ///
-/// A node's handshake spends about a tenth of its CPU in the key schedule's HMACs: with
-/// SHA-384 they run SHA-512 blocks in software, with SHA-256 on the CPU's SHA extensions; and
-/// AES-128 protects every packet in 10 rounds instead of 14 (docs/PERFORMANCE.md, "AES-128
-/// first"). The mesh (both ends use this order) and meshchat's client library offer it
-/// first; the client-facing node honours a client's own order (rustls' default), so a client
-/// without AES instructions that asks for ChaCha20 first still gets it (docs/SECURITY.md).
+/// The key schedule of a handshake then runs SHA-256 (on the CPU's SHA extensions where it
+/// has them) instead of SHA-512 in software: that was a tenth of a node's CPU in a ramp of
+/// handshakes (docs/PERFORMANCE.md, "Handshakes: AES-128 first"). Both ends of the mesh and
+/// meshchat's client library offer it first; the client-facing node honours a client's own
+/// order (rustls' default), so a client without AES instructions that asks for ChaCha20 first
+/// still gets it (docs/SECURITY.md).
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     let mut provider = rustls::crypto::ring::default_provider();
     provider

@@ -23,10 +23,9 @@ use quinn_proto::{
 const SERVER: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 7400);
 const CLIENT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 50_000);
 
-/// The node's client-facing QUIC config, from a development identity in `dir`.
-fn node_config(dir: &std::path::Path) -> Arc<ServerConfig> {
+/// The node's client-facing QUIC config with `identity`, its own ticket store.
+fn node_config(identity: meshchat_messaging::tls::Identity) -> Arc<ServerConfig> {
     let config = NodeConfig::default();
-    let identity = meshchat_messaging::tls::dev_identity(dir, &[]).expect("dev identity");
     let tickets = Arc::new(TicketStore::new(config.transport.ticket_store_bytes));
     Arc::new(
         meshchat_messaging::tls::server_config(
@@ -41,8 +40,9 @@ fn node_config(dir: &std::path::Path) -> Arc<ServerConfig> {
 }
 
 /// A client config like the client library's (`meshchat_client::conn::client_config`: TLS 1.3,
-/// its ALPN, the dev CA), its suites offered in `order`, without resumption: every handshake
-/// is a full one (the library would resume with a ticket of an earlier connection).
+/// its ALPN, the dev CA, no path MTU discovery), offering only the suites in `order`, in that
+/// order, and without resumption: every handshake is a full one (the library would resume
+/// with a ticket of an earlier connection).
 fn client_config(dir: &std::path::Path, order: &[rustls::CipherSuite]) -> ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for ca in meshchat_messaging::tls::load_certs(&dir.join(meshchat_messaging::tls::DEV_CA_CERT))
@@ -51,6 +51,9 @@ fn client_config(dir: &std::path::Path, order: &[rustls::CipherSuite]) -> Client
         roots.add(ca).expect("root");
     }
     let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .retain(|s| order.contains(&s.suite()));
     provider
         .cipher_suites
         .sort_by_key(|s| order.iter().position(|x| *x == s.suite()));
@@ -62,7 +65,12 @@ fn client_config(dir: &std::path::Path, order: &[rustls::CipherSuite]) -> Client
     tls.alpn_protocols = vec![meshchat_proto::CLIENT_ALPN.to_vec()];
     tls.resumption = rustls::client::Resumption::disabled();
     let crypto = quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
-    ClientConfig::new(Arc::new(crypto))
+    let mut config = ClientConfig::new(Arc::new(crypto));
+    // As the library's: no path MTU probes (each would be another ~1.3 KB of padding).
+    let mut transport = quinn_proto::TransportConfig::default();
+    transport.mtu_discovery_config(None);
+    config.transport_config(Arc::new(transport));
+    config
 }
 
 /// One side of the handshake: its endpoint and its one connection.
@@ -188,17 +196,30 @@ fn handshakes(c: &mut Criterion) {
         TLS13_CHACHA20_POLY1305_SHA256 as CHACHA,
     };
     let dir = tempfile::tempdir().expect("dir");
-    let server_config = node_config(dir.path());
-    let side = |config: Option<Arc<ServerConfig>>, addr| Side {
-        endpoint: Endpoint::new(Arc::new(EndpointConfig::default()), config, true, None),
-        conn: None,
-        addr,
-        spent: Duration::ZERO,
+    let identity = meshchat_messaging::tls::dev_identity(dir.path(), &[]).expect("dev identity");
+    // A fresh pair of endpoints for each benchmark, the node's with a fresh ticket store: it
+    // takes one ticket per handshake (never redeemed here), and one benchmark's must not
+    // weigh on the next.
+    let pair = || {
+        let side = |config: Option<Arc<ServerConfig>>, addr| Side {
+            endpoint: Endpoint::new(Arc::new(EndpointConfig::default()), config, false, None),
+            conn: None,
+            addr,
+            spent: Duration::ZERO,
+        };
+        (
+            side(
+                Some(node_config(meshchat_messaging::tls::Identity {
+                    chain: identity.chain.clone(),
+                    key: identity.key.clone_key(),
+                })),
+                SERVER,
+            ),
+            side(None, CLIENT),
+        )
     };
-    let mut server = side(Some(server_config), SERVER);
-    let mut client = side(None, CLIENT);
-    // The client library's order (meshchat_backplane::tls::provider), and ring's default
-    // (OpenSSL's too): the node honours the client's order.
+    // The client library's order (meshchat_backplane::tls::provider), and ring's default,
+    // AES-256 first (as OpenSSL's): the node honours the client's order.
     let library: Vec<_> = meshchat_backplane::tls::provider()
         .cipher_suites
         .iter()
@@ -213,6 +234,7 @@ fn handshakes(c: &mut Criterion) {
     ];
     let mut group = c.benchmark_group("handshake");
     for (name, config) in &clients {
+        let (mut server, mut client) = pair();
         group.bench_with_input(
             BenchmarkId::new("server_side", name),
             config,
@@ -224,6 +246,7 @@ fn handshakes(c: &mut Criterion) {
                 });
             },
         );
+        let (mut server, mut client) = pair();
         group.bench_with_input(BenchmarkId::new("both_sides", name), config, |b, config| {
             b.iter_custom(|n| {
                 (0..n)

@@ -498,7 +498,7 @@ mod tests {
         // meshchat's client library offers the provider's order.
         assert_eq!(negotiated(&ours), AES_128);
         // A client without AES instructions asks for ChaCha20 first and gets it; one that
-        // prefers AES-256 (OpenSSL's and ring's default order) gets that.
+        // prefers AES-256 (OpenSSL's order) gets that.
         assert_eq!(negotiated(&[CHACHA, AES_128, AES_256]), CHACHA);
         assert_eq!(negotiated(&[AES_256, CHACHA, AES_128]), AES_256);
     }
