@@ -130,7 +130,7 @@ async fn a_version_1_store_is_upgraded_to_per_chat_idempotency() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
     let tables: i64 = conn
         .query_row(
             "SELECT count(*) FROM sqlite_schema WHERE name = 'idempotency'",
@@ -144,7 +144,7 @@ async fn a_version_1_store_is_upgraded_to_per_chat_idempotency() {
     );
 }
 
-/// A version-2 store (no private channels, no admins) opens as version 4: its channels stay
+/// A version-2 store (no private channels, no admins) opens as version 5: its channels stay
 /// public, and private channels and admins work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_2_store_gains_private_channels_and_admins() {
@@ -214,7 +214,7 @@ async fn a_version_3_store_without_sign_outs_gains_them() {
     store.close().await;
 }
 
-/// A version-3 file (idempotency table, newest id kept in `chats`) opens as version 4: the
+/// A version-3 file (idempotency table, newest id kept in `chats`) opens as version 5: the
 /// chat list keeps its order (now from the messages themselves), retries still find their
 /// first message, and new messages reorder the list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,12 +248,9 @@ async fn a_version_3_store_moves_to_the_append_only_layout() {
              PRIMARY KEY (sender, chat, client_msg_id)) WITHOUT ROWID;
          INSERT INTO idempotency SELECT sender, chat, client_msg_id, id FROM messages;
          DROP INDEX messages_by_client_id;
-         CREATE TABLE chats_v3 (chat TEXT PRIMARY KEY, last_message_id INTEGER NOT NULL)
+         CREATE TABLE chats (chat TEXT PRIMARY KEY, last_message_id INTEGER NOT NULL)
              WITHOUT ROWID;
-         INSERT INTO chats_v3 SELECT chat, (SELECT max(id) FROM messages m
-             WHERE m.chat = chats.chat) FROM chats;
-         DROP TABLE chats;
-         ALTER TABLE chats_v3 RENAME TO chats;
+         INSERT INTO chats SELECT chat, max(id) FROM messages GROUP BY chat;
          PRAGMA user_version = 3;",
     );
     let store = EmbeddedStore::open_dir(dir.path()).expect("reopen upgrades");
@@ -275,12 +272,74 @@ async fn a_version_3_store_moves_to_the_append_only_layout() {
     assert_eq!(order(list), vec![ab, ac]);
     store.close().await;
     let conn = rusqlite::Connection::open(&path).expect("sqlite");
-    let old_column: i64 = conn
+    let chats: i64 = conn
         .query_row(
-            "SELECT count(*) FROM pragma_table_info('chats') WHERE name = 'last_message_id'",
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'chats'",
             [],
             |r| r.get(0),
         )
         .expect("schema");
-    assert_eq!(old_column, 0);
+    assert_eq!(chats, 0, "the chats table is gone");
+}
+
+/// A version-4 file (a `chats` table beside `messages`) opens as version 5 without it: a
+/// chat that had messages stays in both members' lists once, a new chat's first message
+/// still puts it in both lists, and a message whose id is below the chat's others (a node
+/// with a slow clock) is not taken for its first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_4_store_drops_the_chats_table_and_chat_lists_stay_whole() {
+    use bytes::Bytes;
+    use meshchat_idgen::{ChatId, MessageId, UserId};
+    use meshchat_storage::{HistoryStore, NewMessage, StateStore};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = EmbeddedStore::open_dir(dir.path()).expect("open");
+    let (a, b, c) = (UserId(1), UserId(2), UserId(3));
+    for (id, name) in [(a, "a"), (b, "b"), (c, "c")] {
+        store.create_user(id, name, "hash").await.expect("user");
+    }
+    let (ab, bc) = (ChatId::direct(a, b), ChatId::direct(b, c));
+    let msg = |id: u64, chat: ChatId, sender: UserId, key: &str| NewMessage {
+        id: MessageId(id),
+        chat,
+        sender,
+        client_msg_id: key.into(),
+        body: Bytes::from_static(b"hi"),
+        reply_to: None,
+    };
+    store.append(msg(100, ab, a, "k1")).await.expect("append");
+    store.close().await;
+    let path = rewrite(
+        dir.path(),
+        "CREATE TABLE chats (chat TEXT PRIMARY KEY) WITHOUT ROWID;
+         INSERT INTO chats SELECT DISTINCT chat FROM messages;
+         PRAGMA user_version = 4;",
+    );
+    let store = EmbeddedStore::open_dir(dir.path()).expect("reopen upgrades");
+    let chats = |user: UserId| {
+        let store = &store;
+        async move {
+            let list = store.chat_list(user, 10).await.expect("list");
+            list.into_iter().map(|s| s.chat).collect::<Vec<_>>()
+        }
+    };
+    // The old chat, written again (and once below its first id), is listed once.
+    store.append(msg(200, ab, b, "k2")).await.expect("append");
+    store.append(msg(50, ab, b, "k3")).await.expect("append");
+    assert_eq!(chats(a).await, vec![ab]);
+    // A new chat, its first message with an id below an old chat's: in both members' lists.
+    store.append(msg(60, bc, c, "k4")).await.expect("append");
+    assert_eq!(chats(b).await, vec![ab, bc]);
+    assert_eq!(chats(c).await, vec![bc]);
+    assert_eq!(chats(a).await, vec![ab]);
+    store.close().await;
+    let conn = rusqlite::Connection::open(&path).expect("sqlite");
+    let (version, tables): (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT user_version FROM pragma_user_version),
+                    (SELECT count(*) FROM sqlite_schema WHERE name = 'chats')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("schema");
+    assert_eq!((version, tables), (5, 0));
 }

@@ -14,7 +14,10 @@ use crate::error::StorageError;
 /// 4: idempotency is a unique index of `messages` (no `idempotency` table), and `chats` keeps
 ///    no newest-message id (readers take the chat's max(id) from `messages`): an append writes
 ///    one row and its index entries, nothing else.
-pub(super) const SCHEMA_VERSION: i64 = 4;
+/// 5: no `chats` table: a chat's first message is told by `messages` itself (no other row of
+///    the chat beside the one inserted), so an append no longer looks a chat up in a table of
+///    its own, and a chat's first message writes one page fewer.
+pub(super) const SCHEMA_VERSION: i64 = 5;
 
 /// Versions 1 to 3 kept idempotency keys in their own table, written beside every message
 /// (version 1 keyed it without the chat). Each row named a message stored in the same
@@ -22,14 +25,9 @@ pub(super) const SCHEMA_VERSION: i64 = 4;
 /// unique index from the messages themselves.
 const MIGRATE_IDEMPOTENCY: &str = "DROP TABLE IF EXISTS idempotency;";
 
-/// Versions 1 to 3 kept each chat's newest message id in `chats`, updated by every append (a
-/// page written per message). The chat's rows in `messages` answer the same question.
-const MIGRATE_CHATS: &str = r#"
-CREATE TABLE chats_v4 (chat TEXT PRIMARY KEY) WITHOUT ROWID;
-INSERT INTO chats_v4 (chat) SELECT chat FROM chats;
-DROP TABLE chats;
-ALTER TABLE chats_v4 RENAME TO chats;
-"#;
+/// Versions 1 to 4 kept the set of chats with a message in `chats` (1 to 3 also each chat's
+/// newest message id, updated by every append). The chat's rows in `messages` answer both.
+const MIGRATE_CHATS: &str = "DROP TABLE IF EXISTS chats;";
 
 /// Version 2 -> 3: a channel is public or private (existing ones stay public); the admins
 /// table is created by [`SCHEMA`].
@@ -74,11 +72,6 @@ CREATE TABLE IF NOT EXISTS reactions (
 -- append inserts with ON CONFLICT on this index, so a retry costs one lookup and no write.
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_client_id
     ON messages (chat, sender, client_msg_id);
-
--- Every chat with a message. A chat's newest message is its last row in `messages`.
-CREATE TABLE IF NOT EXISTS chats (
-    chat TEXT PRIMARY KEY
-) WITHOUT ROWID;
 
 -- Each user's chats with their receipt marks.
 CREATE TABLE IF NOT EXISTS user_chats (
@@ -195,9 +188,7 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StorageError> {
             if !has_column("users", "signed_out_before")? {
                 conn.execute_batch(MIGRATE_V2_USERS)?;
             }
-            if has_column("chats", "last_message_id")? {
-                conn.execute_batch(MIGRATE_CHATS)?;
-            }
+            conn.execute_batch(MIGRATE_CHATS)?;
         }
         conn.execute_batch(&format!("{SCHEMA} PRAGMA user_version = {SCHEMA_VERSION};"))?;
         conn.execute_batch("COMMIT")

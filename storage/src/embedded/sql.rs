@@ -87,27 +87,34 @@ pub(super) fn append(c: &Connection, m: &NewMessage) -> Result<AppendOutcome, St
         });
     }
     // The chat's newest message is the last of its rows in `messages` (readers take max(id)),
-    // so a message to a chat that exists changes nothing else: the INSERT OR IGNORE below
-    // finds the chat's row and writes no page. Only a chat's first message inserts its row
-    // and (for 1:1 chats) both members' chat-list rows.
-    let first = c
-        .prepare_cached("INSERT OR IGNORE INTO chats (chat) VALUES (?1)")
+    // so a message to a chat that exists changes nothing else. Only a 1:1 chat's first message
+    // writes more: both members' chat-list rows. Whether the chat has another message is
+    // asked of its newest two rows (the page the insert wrote, as a rule). Messages are never
+    // deleted, so a chat that had a message still has one.
+    let ChatId::Direct { low, high } = m.chat else {
+        return Ok(AppendOutcome {
+            id: m.id,
+            duplicate: false,
+        });
+    };
+    let rows: i64 = c
+        .prepare_cached(
+            "SELECT count(*) FROM (SELECT 1 FROM messages WHERE chat = ?1 ORDER BY id DESC LIMIT 2)",
+        )
         .map_err(db)?
-        .execute(params![key])
+        .query_row(params![key], |r| r.get(0))
         .map_err(db)?;
-    if first == 0 {
+    if rows > 1 {
         return Ok(AppendOutcome {
             id: m.id,
             duplicate: false,
         });
     }
-    if let ChatId::Direct { low, high } = m.chat {
-        let mut add = c
-            .prepare_cached("INSERT OR IGNORE INTO user_chats (user_id, chat) VALUES (?1, ?2)")
-            .map_err(db)?;
-        add.execute(params![i(low.0), key]).map_err(db)?;
-        add.execute(params![i(high.0), key]).map_err(db)?;
-    }
+    let mut add = c
+        .prepare_cached("INSERT OR IGNORE INTO user_chats (user_id, chat) VALUES (?1, ?2)")
+        .map_err(db)?;
+    add.execute(params![i(low.0), key]).map_err(db)?;
+    add.execute(params![i(high.0), key]).map_err(db)?;
     Ok(AppendOutcome {
         id: m.id,
         duplicate: false,
