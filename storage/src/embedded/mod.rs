@@ -178,10 +178,13 @@ fn tune(conn: Connection, busy: Duration) -> Result<Connection, StorageError> {
     conn.busy_timeout(busy).map_err(StorageError::backend)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     // Query planner stability: a cached statement keeps its plan whatever is bound to it.
-    // Without it SQLite may mark a statement to be prepared again when a parameter is rebound
-    // (so that the new value can choose the plan): a `SELECT ... WHERE chat = ?1` run per
-    // append was parsed and planned again every time (`sqlite3Reprepare`, a quarter of the
-    // writer's CPU). The store keeps no statistics for values to choose among plans anyway.
+    // Without it, a statement whose planning looked at a bound value (any `LIMIT ?N`; a
+    // `chat = ?1` in a query with an ORDER BY, through the planner's small-integer estimate)
+    // is expired by `sqlite3_clear_bindings`, which rusqlite calls when the statement goes
+    // back to its cache, and so is parsed and planned again at every use: a per-append
+    // `WHERE chat = ?1 ... ORDER BY` read spent a quarter of the writer in `sqlite3Reprepare`,
+    // and the readers' paged queries paid the same. The store keeps no statistics for a value
+    // to choose among plans anyway.
     conn.set_db_config(
         rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
         true,

@@ -14,9 +14,9 @@ use crate::error::StorageError;
 /// 4: idempotency is a unique index of `messages` (no `idempotency` table), and `chats` keeps
 ///    no newest-message id (readers take the chat's max(id) from `messages`): an append writes
 ///    one row and its index entries, nothing else.
-/// 5: no `chats` table: a chat's first message is told by `messages` itself (no other row of
-///    the chat beside the one inserted), so an append no longer looks a chat up in a table of
-///    its own, and a chat's first message writes one page fewer.
+/// 5: no `chats` table: a chat's first message is told by `messages` itself (the chat's newest
+///    two rows), so an append no longer looks a chat up in a table of its own, and a chat's
+///    first message writes one row fewer.
 pub(super) const SCHEMA_VERSION: i64 = 5;
 
 /// Versions 1 to 3 kept idempotency keys in their own table, written beside every message

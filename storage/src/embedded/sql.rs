@@ -37,10 +37,10 @@ fn parse_chat(s: &str) -> Result<ChatId, StorageError> {
     s.parse().map_err(StorageError::backend)
 }
 
-/// Appends a message: in the common case one row and two index entries written (the message
-/// row and its unique index on (chat, sender, client_msg_id), the idempotency key) and one
-/// lookup of the chat's row. Only a chat's first message also inserts its chat row and both
-/// 1:1 chat-list rows.
+/// Appends a message: one row and two index entries written (the message row and its unique
+/// index on (chat, sender, client_msg_id), the idempotency key). A 1:1 append also reads the
+/// chat's newest two rows; only a 1:1 chat's first message writes both members' chat-list
+/// rows. A channel append writes nothing else.
 pub(super) fn append(c: &Connection, m: &NewMessage) -> Result<AppendOutcome, StorageError> {
     let key = chat_key(m.chat);
     if let Some(reply_to) = m.reply_to {
