@@ -546,6 +546,9 @@ pub struct Edge<A: App> {
     stop_close: (u32, &'static [u8]),
     stats: EdgeStats,
     stats_tx: watch::Sender<EdgeStats>,
+    /// How this loop's own reads of its socket go (a lone loop's; a group's receiver has its
+    /// own).
+    recv_health: Arc<udp::RecvHealth>,
 }
 
 /// What woke the loop.
@@ -592,7 +595,15 @@ impl<A: App> Edge<A> {
             stop_close: (0, b"server stopping"),
             stats: EdgeStats::default(),
             stats_tx: watch::channel(EdgeStats::default()).0,
+            recv_health: Arc::default(),
         }
+    }
+
+    /// Reports how this loop's reads of its socket go to `health` ([`Edge::run`]: a loop of a
+    /// group reads nothing itself, its group's receiver does, [`spread::dispatch`]).
+    pub fn with_recv_health(mut self, health: Arc<udp::RecvHealth>) -> Self {
+        self.recv_health = health;
+        self
     }
 
     /// Bytes of writes a connection may have waiting for the peer before it is closed with
@@ -663,7 +674,9 @@ impl<A: App> Edge<A> {
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), EdgeError> {
         // A loop that reads the socket itself reads it in batches.
-        let mut rx = fed.is_none().then(RecvBatch::default);
+        let mut rx = fed
+            .is_none()
+            .then(|| RecvBatch::new(self.recv_health.clone()));
         // Once stopping: until when connections may finish, then until when they drain.
         let mut stopping: Option<(Instant, bool)> = None;
         let rung = self.rung.clone();

@@ -17,7 +17,7 @@ use quinn_proto::{ConnectionId, ConnectionIdGenerator, RandomConnectionIdGenerat
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
-use crate::udp::{Datagram, RecvBatch, Udp, is_icmp_report};
+use crate::udp::{Datagram, RecvBatch, RecvHealth, Udp, is_icmp_report};
 
 /// Length of the connection ids the loops issue (quinn-proto's default).
 pub const CID_LEN: usize = 8;
@@ -94,15 +94,16 @@ pub const QUEUE_DATAGRAMS: usize = 1024;
 
 /// The receiver of a group of loops: reads the group's socket `udp` in batches and hands each
 /// datagram to its loop's queue (made with [`QUEUE_DATAGRAMS`]) until `done` turns true, counting in `dropped`
-/// the datagrams a full queue did not take. Run it until every loop has returned: a stopping
-/// loop still needs the acknowledgements of its closes.
+/// the datagrams a full queue did not take and reporting how its reads go to `health`. Run it
+/// until every loop has returned: a stopping loop still needs the acknowledgements of its
+/// closes.
 pub async fn dispatch(
     udp: Arc<Udp>,
     loops: Vec<mpsc::Sender<Datagram>>,
     mut done: watch::Receiver<bool>,
-    dropped: Arc<AtomicU64>,
+    (dropped, health): (Arc<AtomicU64>, Arc<RecvHealth>),
 ) {
-    let mut batch = RecvBatch::default();
+    let mut batch = RecvBatch::new(health);
     loop {
         tokio::select! {
             received = batch.recv(&udp) => {

@@ -2,12 +2,13 @@
 //! to [`quinn_udp::BATCH_SIZE`] of them, and GRO where the kernel coalesces one flow's
 //! datagrams into one buffer), several datagrams of one connection sent in one system call
 //! (GSO, when the connection has them), and the ECN codepoints of both directions given to
-//! quinn-proto.
+//! quinn-proto; how a reader's reads go ([`RecvHealth`]), for the node's readiness.
 
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use quinn_udp::{BATCH_SIZE, RecvMeta, UdpSocketState};
@@ -66,6 +67,87 @@ impl Udp {
     }
 }
 
+/// How a socket's reads are going, for whoever watches the reader (the node's `/readyz` and
+/// metrics): reads that failed since start, and the run of failures going on now. Reports of
+/// ICMP errors for earlier sends are not failures of the socket and count in neither. A read
+/// that works costs one atomic load here.
+#[derive(Debug, Default)]
+pub struct RecvHealth {
+    errors: AtomicU64,
+    /// Failures in a row now: 0 once a read works.
+    in_row: AtomicU64,
+    run: parking_lot::Mutex<Option<FailingReads>>,
+}
+
+/// A run of failed reads, not yet ended by one that worked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailingReads {
+    /// The run's first failure.
+    pub since: Instant,
+    /// Its latest.
+    pub last: Instant,
+    /// Failed reads in the run.
+    pub in_row: u64,
+    /// The latest failure's error.
+    pub error: String,
+}
+
+impl RecvHealth {
+    /// Reads that failed since start.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    /// The run of failed reads going on now (`None` once a read worked, or before any
+    /// failed).
+    pub fn failing(&self) -> Option<FailingReads> {
+        self.run.lock().clone()
+    }
+
+    /// Whether reads are failing now: a run of failures that has lasted at least `at_least`
+    /// (one transient error is not a fault) and whose latest failure is at most `recent` old.
+    /// A socket that stopped being read (nothing arrived since) proves nothing either way: the
+    /// run no longer counts once its latest failure is older than `recent`, which must
+    /// exceed the reader's longest wait between attempts ([`RecvBatch::recv`]: ~1 s).
+    pub fn failing_now(
+        &self,
+        now: Instant,
+        at_least: Duration,
+        recent: Duration,
+    ) -> Option<FailingReads> {
+        if self.in_row.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        self.failing().filter(|r| {
+            r.last.duration_since(r.since) >= at_least && now.duration_since(r.last) <= recent
+        })
+    }
+
+    fn failed(&self, e: &io::Error) {
+        let now = Instant::now();
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let in_row = self.in_row.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut run = self.run.lock();
+        let since = match run.as_ref() {
+            Some(r) if in_row > 1 => r.since,
+            _ => now,
+        };
+        *run = Some(FailingReads {
+            since,
+            last: now,
+            in_row,
+            error: e.to_string(),
+        });
+    }
+
+    fn worked(&self) {
+        if self.in_row.load(Ordering::Relaxed) != 0 {
+            self.in_row.store(0, Ordering::Relaxed);
+            *self.run.lock() = None;
+        }
+    }
+}
+
 /// Buffers for one batch of received datagrams (2 MiB: made once per socket reader).
 pub struct RecvBatch {
     buf: Vec<u8>,
@@ -78,18 +160,12 @@ pub struct RecvBatch {
     /// when the count is a power of two).
     errors: u64,
     quiet_until: Option<tokio::time::Instant>,
+    health: Arc<RecvHealth>,
 }
 
 impl Default for RecvBatch {
     fn default() -> Self {
-        Self {
-            buf: vec![0; SLOT * BATCH_SIZE],
-            meta: [RecvMeta::default(); BATCH_SIZE],
-            len: 0,
-            failures: 0,
-            errors: 0,
-            quiet_until: None,
-        }
+        Self::new(Arc::default())
     }
 }
 
@@ -100,26 +176,45 @@ impl std::fmt::Debug for RecvBatch {
 }
 
 impl RecvBatch {
+    /// Buffers that report how their reads go to `health`.
+    pub fn new(health: Arc<RecvHealth>) -> Self {
+        Self {
+            buf: vec![0; SLOT * BATCH_SIZE],
+            meta: [RecvMeta::default(); BATCH_SIZE],
+            len: 0,
+            failures: 0,
+            errors: 0,
+            quiet_until: None,
+            health,
+        }
+    }
+
     /// Waits until `udp` has datagrams and reads a batch of them. A read error is returned;
-    /// unless it reports an ICMP error (a client's port gone: one report each), the next read
-    /// waits first, 1 ms doubling to ~1 s while errors repeat, so a socket that fails at once
-    /// every time cannot spin a core. Cancel-safe.
+    /// unless it reports an ICMP error (a client's port gone: one report each), it counts in
+    /// the batch's [`RecvHealth`] and the next read waits first, 1 ms doubling to ~1 s while
+    /// errors repeat, so a socket that fails at once every time cannot spin a core.
+    /// Cancel-safe.
     pub async fn recv(&mut self, udp: &Udp) -> io::Result<()> {
         if let Some(at) = self.quiet_until {
             tokio::time::sleep_until(at).await;
             self.quiet_until = None;
         }
         loop {
-            udp.socket.readable().await?;
-            match self.try_recv(udp) {
+            let read = match udp.socket.readable().await {
+                Ok(()) => self.try_recv(udp),
+                Err(e) => Err(e),
+            };
+            match read {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Ok(()) => {
                     self.failures = 0;
+                    self.health.worked();
                     return Ok(());
                 }
                 Err(e) => {
                     self.errors += 1;
                     if !is_icmp_report(&e) {
+                        self.health.failed(&e);
                         self.failures = (self.failures + 1).min(11);
                         let pause = Duration::from_millis(1 << (self.failures - 1));
                         self.quiet_until = Some(tokio::time::Instant::now() + pause);
@@ -295,6 +390,87 @@ mod tests {
             matches!(batch.try_recv(&b), Err(e) if e.kind() == io::ErrorKind::WouldBlock),
             "nothing left"
         );
+        Ok(())
+    }
+
+    /// A real fault: the socket's descriptor made to name something that is not a socket
+    /// (`/dev/null` duplicated over it) while a datagram waits. Every read fails
+    /// (`ENOTSOCK`), each counts, and the run shows in the health; with the socket put back,
+    /// the next read works and the run is over.
+    #[tokio::test]
+    #[allow(unsafe_code)]
+    async fn reads_that_keep_failing_make_a_run_that_a_working_read_ends() -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let b = Udp::new(Arc::new(UdpSocket::bind("127.0.0.1:0").await?))?;
+        let to = b.socket.local_addr()?;
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let health = Arc::new(RecvHealth::default());
+        let mut batch = RecvBatch::new(health.clone());
+        assert_eq!(health.failing(), None);
+
+        let fd = b.socket.as_raw_fd();
+        let null = std::fs::File::open("/dev/null")?;
+        // SAFETY: `saved` is a new descriptor this test owns and closes; `fd` stays open
+        // throughout (it names /dev/null, then the socket again), owned by `b`.
+        let saved = unsafe { libc::dup(fd) };
+        assert!(saved >= 0, "{}", io::Error::last_os_error());
+        // SAFETY: as above.
+        assert!(unsafe { libc::dup2(null.as_raw_fd(), fd) } >= 0);
+        sender.send_to(b"x", to)?;
+        let started = Instant::now();
+        for n in 1..=4u64 {
+            let e = batch
+                .recv(&b)
+                .await
+                .expect_err("a read of /dev/null as a socket");
+            assert_eq!(e.raw_os_error(), Some(libc::ENOTSOCK), "{e}");
+            let run = health.failing().expect("a run of failures");
+            assert_eq!((run.in_row, health.errors()), (n, n));
+            assert!(run.since >= started && run.last >= run.since);
+            assert!(
+                run.error.contains(&format!("os error {}", libc::ENOTSOCK)),
+                "{}",
+                run.error
+            );
+        }
+        let run = health.failing().expect("run");
+        // Now: failing, once the run is long enough; a run whose latest failure is old proves
+        // nothing (nothing was read since).
+        assert!(
+            health
+                .failing_now(run.last, Duration::ZERO, Duration::from_secs(3))
+                .is_some()
+        );
+        assert!(
+            health
+                .failing_now(run.last, Duration::from_secs(3600), Duration::from_secs(3))
+                .is_none()
+        );
+        let later = run.last + Duration::from_secs(4);
+        assert!(
+            health
+                .failing_now(later, Duration::ZERO, Duration::from_secs(3))
+                .is_none()
+        );
+
+        // SAFETY: as above; `saved` is closed once, here.
+        assert!(unsafe { libc::dup2(saved, fd) } >= 0);
+        assert_eq!(unsafe { libc::close(saved) }, 0);
+        batch.recv(&b).await?;
+        assert_eq!(
+            batch
+                .datagrams()
+                .map(|(_, d)| d.to_vec())
+                .collect::<Vec<_>>(),
+            vec![b"x".to_vec()]
+        );
+        assert_eq!(health.failing(), None);
+        assert!(
+            health
+                .failing_now(Instant::now(), Duration::ZERO, Duration::from_secs(3))
+                .is_none()
+        );
+        assert_eq!(health.errors(), 4, "the total stays");
         Ok(())
     }
 }

@@ -300,7 +300,10 @@ async fn two_loops_share_a_socket_and_each_serves_its_own_connections() {
     let (done, until) = tokio::sync::watch::channel(false);
     let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let receiver = tokio::spawn(meshchat_edge::spread::dispatch(
-        socket, queues, until, dropped,
+        socket,
+        queues,
+        until,
+        (dropped, Default::default()),
     ));
 
     let client = client_for(cert);

@@ -4,8 +4,8 @@
 //!
 //! - `GET /healthz`: 200 while the process serves HTTP at all.
 //! - `GET /readyz`: 200 `ready`, or 503 with one line per unmet condition: the node is not
-//!   shutting down, holds its worker-id lease (not fenced), is on its own ring, and its
-//!   storage answers a read within a second.
+//!   shutting down, holds its worker-id lease (not fenced), is on its own ring, its client
+//!   socket's reads are not failing, and its storage answers a read within a second.
 //! - `GET /metrics`: this node's series and the process's, Prometheus text format
 //!   ([`crate::metrics`]); scrape-time gauges are refreshed first.
 //! - `GET /cluster`: node id, ring epoch and members, peer links with their counters,
@@ -37,6 +37,15 @@ use crate::server::StartError;
 
 /// How long `/readyz` waits for the storage read.
 const STORAGE_PROBE: Duration = Duration::from_secs(1);
+
+/// Reads of the client socket count as failing (`/readyz` 503) once a run of failures, with no
+/// read that worked between them, has lasted this long: a lone transient error is no fault.
+const RECV_FAILING_FOR: Duration = Duration::from_secs(1);
+
+/// ... and while the run's latest failure is at most this old: the reader waits up to ~1 s
+/// between attempts while reads fail, and a socket nothing arrives on is not read at all, so
+/// an old run proves nothing about the socket now (an idle node must not stay unready).
+const RECV_FAILING_RECENT: Duration = Duration::from_secs(3);
 
 /// What the admin handlers read. Weak references: the listener must not keep the node or
 /// its store alive past a shutdown.
@@ -123,6 +132,18 @@ async fn unready(s: &AdminState) -> Vec<String> {
         failed.push(format!(
             "not on the ring yet (epoch {})",
             mesh.current_epoch()
+        ));
+    }
+    if let Some(run) = s.loops.recv.failing_now(
+        std::time::Instant::now(),
+        RECV_FAILING_FOR,
+        RECV_FAILING_RECENT,
+    ) {
+        failed.push(format!(
+            "client socket: every read failed for {:.1} s ({} in a row), latest: {}",
+            run.last.duration_since(run.since).as_secs_f64(),
+            run.in_row,
+            run.error
         ));
     }
     match tokio::time::timeout(STORAGE_PROBE, node.storage.channel(ChannelId(0))).await {
@@ -234,6 +255,9 @@ fn refresh_gauges(s: &AdminState, node: &Node, ready: bool) {
                 .queue_dropped
                 .load(std::sync::atomic::Ordering::Relaxed),
         );
+    }
+    if !loops.is_empty() {
+        m.counter_total("meshchat_endpoint_recv_errors_total", s.loops.recv.errors());
     }
     if let Some(store) = s.store.as_ref().and_then(Weak::upgrade) {
         m.gauge("meshchat_store_queue_depth", store.queue_depth() as f64);

@@ -97,6 +97,10 @@ fn describe() {
         "Datagrams the endpoint loops dropped, by reason: loop_queue_full (in), socket_full and send_error (out)."
     );
     describe_counter!(
+        "meshchat_endpoint_recv_errors_total",
+        "Reads of the client socket that failed (reports of ICMP errors excluded); endpoint loops only."
+    );
+    describe_counter!(
         "meshchat_handshakes_total",
         "Client handshakes by outcome: ok, failed, timeout, refused (no slot, over a cap)."
     );

@@ -146,11 +146,13 @@ impl ClientEndpoint {
 }
 
 /// What the admin listener reads of the endpoint loops (empty on quinn's endpoint): each
-/// loop's counters, and the datagrams the group's receiver dropped for a full loop queue.
+/// loop's counters, the datagrams the group's receiver dropped for a full loop queue, and how
+/// the reads of the client socket go (the lone loop's, or the group's receiver's).
 #[derive(Debug, Default)]
 pub(crate) struct LoopWatch {
     pub(crate) loops: parking_lot::Mutex<Vec<watch::Receiver<meshchat_edge::EdgeStats>>>,
     pub(crate) queue_dropped: Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) recv: Arc<meshchat_edge::udp::RecvHealth>,
 }
 
 /// The client port as bound: quinn's endpoint, or the loop's socket and TLS config.
@@ -366,7 +368,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
                     if loops > 1 {
                         edge.in_group(k as u8, held.clone())
                     } else {
-                        edge
+                        edge.with_recv_health(loop_watch.recv.clone())
                     }
                 })
                 .collect();
@@ -392,12 +394,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
                     .await;
                 }
                 Serving::Loop(edges, socket) => {
-                    let dropped = loop_watch.queue_dropped.clone();
                     serve_loop(
                         node_for_loop,
                         edges,
                         socket,
-                        dropped,
+                        loop_watch,
                         embedded,
                         admin_task,
                         stop_rx,
@@ -654,7 +655,7 @@ async fn serve_loop(
     node: Arc<Node>,
     mut edges: Vec<meshchat_edge::Edge<session::looped::NodeApp>>,
     socket: tokio::net::UdpSocket,
-    queue_dropped: Arc<std::sync::atomic::AtomicU64>,
+    loop_watch: Arc<LoopWatch>,
     store: Option<Arc<EmbeddedStore>>,
     admin: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
     stop: watch::Receiver<bool>,
@@ -681,7 +682,7 @@ async fn serve_loop(
     } else {
         match meshchat_edge::udp::Udp::new(Arc::new(socket)) {
             // One socket state for the group: its receiver reads, each loop sends.
-            Ok(udp) => serve_group(edges, Arc::new(udp), queue_dropped, stop).await,
+            Ok(udp) => serve_group(edges, Arc::new(udp), &loop_watch, stop).await,
             // As a lone loop that fails to start: logged; the node stops when told.
             Err(e) => warn!(error = %e, "the endpoint loops' socket failed"),
         }
@@ -699,7 +700,7 @@ async fn serve_loop(
 async fn serve_group(
     edges: Vec<meshchat_edge::Edge<session::looped::NodeApp>>,
     udp: Arc<meshchat_edge::udp::Udp>,
-    queue_dropped: Arc<std::sync::atomic::AtomicU64>,
+    loop_watch: &LoopWatch,
     stop: watch::Receiver<bool>,
 ) {
     let (mut queues, mut loops) = (Vec::new(), Vec::new());
@@ -716,7 +717,7 @@ async fn serve_group(
         udp,
         queues,
         until,
-        queue_dropped,
+        (loop_watch.queue_dropped.clone(), loop_watch.recv.clone()),
     ));
     for l in loops {
         match l.await {

@@ -2,8 +2,10 @@
 //! Prometheus text, and its counters match what the test did; `/readyz` flips to 503 when a
 //! real Redis goes away (the node loses its worker-id lease) and back to 200 when it returns,
 //! and to 503 while the embedded store cannot be read (another holder of SQLite's WAL read
-//! locks) and back when it can; `meshchat-node check-config` accepts a good file and names the
-//! key of a bad one. Every wait is for a condition, with a deadline.
+//! locks) and back when it can, and while the reads of its client socket keep failing (its
+//! descriptor made to name /dev/null) and back once they work; `meshchat-node check-config`
+//! accepts a good file and names the key of a bad one. Every wait is for a condition, with a
+//! deadline.
 
 mod common;
 
@@ -68,6 +70,106 @@ async fn wait_status(admin: SocketAddr, path: &str, want: u16, within: Duration)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The descriptor of this process's UDP socket bound to `port` (its inode from
+/// /proc/net/udp, then the descriptor that links to it).
+fn udp_fd_of(port: u16) -> i32 {
+    let inodes: Vec<String> = ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let local_port = cols.get(1)?.rsplit(':').next()?;
+            (u16::from_str_radix(local_port, 16).ok()? == port)
+                .then(|| cols.get(9).map(|i| format!("socket:[{i}]")))?
+        })
+        .collect();
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(Result::ok)
+        .find_map(|e| {
+            let link = std::fs::read_link(e.path()).ok()?;
+            inodes
+                .iter()
+                .any(|i| link.to_str() == Some(i))
+                .then(|| e.file_name().to_str()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no descriptor of this process for UDP port {port}"))
+}
+
+/// A real fault on the client socket of a node with `loops` endpoint loops (one reads the
+/// socket itself; several have a receiver that reads for them): its descriptor made to name
+/// /dev/null while a datagram waits, so every read fails (`ENOTSOCK`). `/readyz` turns 503 with
+/// the socket's line once the reads have failed for a second, `/metrics` counts them; with
+/// the socket put back, the next read works, `/readyz` is 200 again and clients are served.
+#[allow(unsafe_code)]
+async fn readiness_follows_the_client_socket(loops: usize) {
+    use std::os::fd::AsRawFd;
+    let node = TestNode::start_with(|c| {
+        c.node_id = 14;
+        c.admin.listen = Some("127.0.0.1:0".parse().expect("addr"));
+        // The loop's socket, in the quinn pass of the suite too (`TEST_CLIENT_ENDPOINT`).
+        c.transport.endpoint = meshchat_messaging::config::EndpointKind::Loop;
+        c.transport.lean_tls = true;
+        c.transport.loops = loops;
+    })
+    .await;
+    let admin = admin_of(&node);
+    wait_status(admin, "/readyz", 200, Duration::from_secs(10)).await;
+    let addr = node.running.as_ref().expect("running").addr;
+    let fd = udp_fd_of(addr.port());
+    let null = std::fs::File::open("/dev/null").expect("/dev/null");
+    // SAFETY: `saved` is a new descriptor the test owns and closes once, below; `fd` stays
+    // open throughout (naming /dev/null, then the socket again), owned by the node.
+    let saved = unsafe { libc::dup(fd) };
+    assert!(saved >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: as above.
+    assert!(unsafe { libc::dup2(null.as_raw_fd(), fd) } >= 0);
+    let poke = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    poke.send_to(b"not a QUIC packet", addr).expect("send");
+
+    let body = wait_status(admin, "/readyz", 503, Duration::from_secs(10)).await;
+    assert!(
+        body.contains("client socket: every read failed for")
+            && body.contains(&format!("os error {}", libc::ENOTSOCK)),
+        "{body}"
+    );
+    let (_, metrics) = get(admin, "/metrics").await;
+    let errors = value(
+        &parse(&metrics),
+        "meshchat_endpoint_recv_errors_total",
+        &[("node", "14")],
+    );
+    assert!(errors.is_some_and(|n| n >= 2.0), "{errors:?}");
+
+    // SAFETY: as above.
+    assert!(unsafe { libc::dup2(saved, fd) } >= 0);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::close(saved) }, 0);
+    wait_status(admin, "/readyz", 200, Duration::from_secs(10)).await;
+    let (alice, _events, a) = node.user("alice").await;
+    alice
+        .send(ChatId::direct(a.user, a.user), "still here", None)
+        .await
+        .expect("send after the socket came back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_a_lone_loops_socket_whose_reads_keep_failing() {
+    readiness_follows_the_client_socket(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_a_loop_groups_socket_whose_reads_keep_failing() {
+    readiness_follows_the_client_socket(2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
