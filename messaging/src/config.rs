@@ -514,7 +514,7 @@ pub struct TransportSettings {
     pub udp_send_buffer: usize,
     /// Path MTU discovery (default off: costs memory per connection, chat frames are small).
     pub mtu_discovery: bool,
-    /// Bytes of TLS session tickets kept for 0-RTT resumption (default 16 MiB, about 45,000
+    /// Bytes of TLS session tickets kept for 0-RTT resumption (default 16 MiB, about 47,000
     /// tickets; 0 turns resumption and 0-RTT off). Each ticket is used once; past the budget
     /// the oldest go, and their clients make a full handshake.
     pub ticket_store_bytes: usize,
