@@ -94,14 +94,15 @@ pub const QUEUE_DATAGRAMS: usize = 1024;
 
 /// The receiver of a group of loops: reads the group's socket `udp` in batches and hands each
 /// datagram to its loop's queue (made with [`QUEUE_DATAGRAMS`]) until `done` turns true, counting in `dropped`
-/// the datagrams a full queue did not take and reporting how its reads go to `health`. Run it
-/// until every loop has returned: a stopping loop still needs the acknowledgements of its
-/// closes.
+/// the datagrams a full queue did not take and reporting how its reads go to `health` (its
+/// only reader). Run it until every loop has returned: a stopping loop still needs the
+/// acknowledgements of its closes.
 pub async fn dispatch(
     udp: Arc<Udp>,
     loops: Vec<mpsc::Sender<Datagram>>,
     mut done: watch::Receiver<bool>,
-    (dropped, health): (Arc<AtomicU64>, Arc<RecvHealth>),
+    dropped: Arc<AtomicU64>,
+    health: Arc<RecvHealth>,
 ) {
     let mut batch = RecvBatch::new(health);
     loop {

@@ -67,10 +67,18 @@ impl Udp {
     }
 }
 
+/// Doublings of the 1 ms wait between reads while they fail ([`RecvBatch::recv`]).
+const PAUSE_DOUBLINGS: u32 = 10;
+
+/// The longest wait between two reads while they fail ([`RecvBatch::recv`]): 1,024 ms.
+pub const MAX_RECV_PAUSE: Duration = Duration::from_millis(1 << PAUSE_DOUBLINGS);
+
 /// How a socket's reads are going, for whoever watches the reader (the node's `/readyz` and
 /// metrics): reads that failed since start, and the run of failures going on now. Reports of
-/// ICMP errors for earlier sends are not failures of the socket and count in neither. A read
-/// that works costs one atomic load here.
+/// ICMP errors for earlier sends are not failures of the socket and count in neither; a read
+/// that finds nothing to read (`WouldBlock`) works. A read that works costs one atomic load
+/// here. One reader per `RecvHealth`: a second reader's working read would end the first's
+/// run.
 #[derive(Debug, Default)]
 pub struct RecvHealth {
     errors: AtomicU64,
@@ -108,7 +116,7 @@ impl RecvHealth {
     /// (one transient error is not a fault) and whose latest failure is at most `recent` old.
     /// A socket that stopped being read (nothing arrived since) proves nothing either way: the
     /// run no longer counts once its latest failure is older than `recent`, which must
-    /// exceed the reader's longest wait between attempts ([`RecvBatch::recv`]: ~1 s).
+    /// exceed the reader's longest wait between attempts ([`MAX_RECV_PAUSE`]).
     pub fn failing_now(
         &self,
         now: Instant,
@@ -205,7 +213,12 @@ impl RecvBatch {
                 Err(e) => Err(e),
             };
             match read {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // The socket answered (nothing to read after all): it works.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.failures = 0;
+                    self.health.worked();
+                    continue;
+                }
                 Ok(()) => {
                     self.failures = 0;
                     self.health.worked();
@@ -215,7 +228,7 @@ impl RecvBatch {
                     self.errors += 1;
                     if !is_icmp_report(&e) {
                         self.health.failed(&e);
-                        self.failures = (self.failures + 1).min(11);
+                        self.failures = (self.failures + 1).min(PAUSE_DOUBLINGS + 1);
                         let pause = Duration::from_millis(1 << (self.failures - 1));
                         self.quiet_until = Some(tokio::time::Instant::now() + pause);
                     }
@@ -396,7 +409,7 @@ mod tests {
     /// A real fault: the socket's descriptor made to name something that is not a socket
     /// (`/dev/null` duplicated over it) while a datagram waits. Every read fails
     /// (`ENOTSOCK`), each counts, and the run shows in the health; with the socket put back,
-    /// the next read works and the run is over.
+    /// the next read works and the run is over, as it is when a read finds nothing to read.
     #[tokio::test]
     #[allow(unsafe_code)]
     async fn reads_that_keep_failing_make_a_run_that_a_working_read_ends() -> io::Result<()> {
@@ -410,12 +423,17 @@ mod tests {
 
         let fd = b.socket.as_raw_fd();
         let null = std::fs::File::open("/dev/null")?;
-        // SAFETY: `saved` is a new descriptor this test owns and closes; `fd` stays open
-        // throughout (it names /dev/null, then the socket again), owned by `b`.
-        let saved = unsafe { libc::dup(fd) };
+        // SAFETY: `saved` is a new descriptor this test owns and closes once, at the end; `fd`
+        // stays open throughout (it names /dev/null, then the socket again), owned by `b`.
+        // Both stay close-on-exec, as the socket was.
+        let saved = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
         assert!(saved >= 0, "{}", io::Error::last_os_error());
-        // SAFETY: as above.
-        assert!(unsafe { libc::dup2(null.as_raw_fd(), fd) } >= 0);
+        let point_at = |target: i32| {
+            // SAFETY: as above.
+            let r = unsafe { libc::dup3(target, fd, libc::O_CLOEXEC) };
+            assert!(r >= 0, "{}", io::Error::last_os_error());
+        };
+        point_at(null.as_raw_fd());
         sender.send_to(b"x", to)?;
         let started = Instant::now();
         for n in 1..=4u64 {
@@ -436,41 +454,46 @@ mod tests {
         let run = health.failing().expect("run");
         // Now: failing, once the run is long enough; a run whose latest failure is old proves
         // nothing (nothing was read since).
+        let recent = Duration::from_secs(3);
         assert!(
             health
-                .failing_now(run.last, Duration::ZERO, Duration::from_secs(3))
+                .failing_now(run.last, Duration::ZERO, recent)
                 .is_some()
         );
-        assert!(
-            health
-                .failing_now(run.last, Duration::from_secs(3600), Duration::from_secs(3))
-                .is_none()
-        );
+        let long = Duration::from_secs(3600);
+        assert!(health.failing_now(run.last, long, recent).is_none());
         let later = run.last + Duration::from_secs(4);
-        assert!(
-            health
-                .failing_now(later, Duration::ZERO, Duration::from_secs(3))
-                .is_none()
-        );
+        assert!(health.failing_now(later, Duration::ZERO, recent).is_none());
 
-        // SAFETY: as above; `saved` is closed once, here.
-        assert!(unsafe { libc::dup2(saved, fd) } >= 0);
-        assert_eq!(unsafe { libc::close(saved) }, 0);
+        point_at(saved);
         batch.recv(&b).await?;
-        assert_eq!(
-            batch
-                .datagrams()
-                .map(|(_, d)| d.to_vec())
-                .collect::<Vec<_>>(),
-            vec![b"x".to_vec()]
-        );
+        let got: Vec<Vec<u8>> = batch.datagrams().map(|(_, d)| d.to_vec()).collect();
+        assert_eq!(got, vec![b"x".to_vec()]);
         assert_eq!(health.failing(), None);
         assert!(
             health
-                .failing_now(Instant::now(), Duration::ZERO, Duration::from_secs(3))
+                .failing_now(Instant::now(), Duration::ZERO, recent)
                 .is_none()
         );
         assert_eq!(health.errors(), 4, "the total stays");
+
+        // A read that finds nothing to read ends a run too: one failure, the datagram taken
+        // by another reader of the socket meanwhile, then a read that would block (nothing
+        // arrives: the read waits out the bound).
+        point_at(null.as_raw_fd());
+        sender.send_to(b"y", to)?;
+        batch.recv(&b).await.expect_err("/dev/null again");
+        assert_eq!(health.failing().map(|r| r.in_row), Some(1));
+        let mut byte = [0u8; 8];
+        // SAFETY: `saved` names the socket; `byte` is a live buffer of that length.
+        let n = unsafe { libc::recv(saved, byte.as_mut_ptr().cast(), byte.len(), 0) };
+        assert_eq!(n, 1, "{}", io::Error::last_os_error());
+        point_at(saved);
+        let waited = tokio::time::timeout(Duration::from_millis(50), batch.recv(&b)).await;
+        assert!(waited.is_err(), "nothing to read");
+        assert_eq!(health.failing(), None, "the socket answered");
+        // SAFETY: `saved` is closed once, here.
+        assert_eq!(unsafe { libc::close(saved) }, 0);
         Ok(())
     }
 }

@@ -303,7 +303,8 @@ async fn two_loops_share_a_socket_and_each_serves_its_own_connections() {
         socket,
         queues,
         until,
-        (dropped, Default::default()),
+        dropped,
+        Default::default(),
     ));
 
     let client = client_for(cert);

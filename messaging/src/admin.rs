@@ -42,10 +42,13 @@ const STORAGE_PROBE: Duration = Duration::from_secs(1);
 /// read that worked between them, has lasted this long: a lone transient error is no fault.
 const RECV_FAILING_FOR: Duration = Duration::from_secs(1);
 
-/// ... and while the run's latest failure is at most this old: the reader waits up to ~1 s
-/// between attempts while reads fail, and a socket nothing arrives on is not read at all, so
-/// an old run proves nothing about the socket now (an idle node must not stay unready).
+/// ... and while the run's latest failure is at most this old: the reader waits up to
+/// [`meshchat_edge::udp::MAX_RECV_PAUSE`] between attempts while reads fail, and a socket
+/// nothing arrives on is not read at all, so an old run proves nothing about the socket now
+/// (an idle node must not stay unready).
 const RECV_FAILING_RECENT: Duration = Duration::from_secs(3);
+const _: () =
+    assert!(RECV_FAILING_RECENT.as_millis() > 2 * meshchat_edge::udp::MAX_RECV_PAUSE.as_millis());
 
 /// What the admin handlers read. Weak references: the listener must not keep the node or
 /// its store alive past a shutdown.

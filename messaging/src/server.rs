@@ -717,7 +717,8 @@ async fn serve_group(
         udp,
         queues,
         until,
-        (loop_watch.queue_dropped.clone(), loop_watch.recv.clone()),
+        loop_watch.queue_dropped.clone(),
+        loop_watch.recv.clone(),
     ));
     for l in loops {
         match l.await {

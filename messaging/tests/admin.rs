@@ -113,8 +113,9 @@ fn udp_fd_of(port: u16) -> i32 {
 #[allow(unsafe_code)]
 async fn readiness_follows_the_client_socket(loops: usize) {
     use std::os::fd::AsRawFd;
+    let id = 20 + loops as u32;
     let node = TestNode::start_with(|c| {
-        c.node_id = 14;
+        c.node_id = id;
         c.admin.listen = Some("127.0.0.1:0".parse().expect("addr"));
         // The loop's socket, in the quinn pass of the suite too (`TEST_CLIENT_ENDPOINT`).
         c.transport.endpoint = meshchat_messaging::config::EndpointKind::Loop;
@@ -128,30 +129,48 @@ async fn readiness_follows_the_client_socket(loops: usize) {
     let fd = udp_fd_of(addr.port());
     let null = std::fs::File::open("/dev/null").expect("/dev/null");
     // SAFETY: `saved` is a new descriptor the test owns and closes once, below; `fd` stays
-    // open throughout (naming /dev/null, then the socket again), owned by the node.
-    let saved = unsafe { libc::dup(fd) };
+    // open throughout (naming /dev/null, then the socket again), owned by the node. Both stay
+    // close-on-exec, as the socket was (other tests of this process start processes).
+    let saved = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
     assert!(saved >= 0, "{}", std::io::Error::last_os_error());
-    // SAFETY: as above.
-    assert!(unsafe { libc::dup2(null.as_raw_fd(), fd) } >= 0);
+    let point_at = |target: i32| {
+        // SAFETY: as above.
+        let r = unsafe { libc::dup3(target, fd, libc::O_CLOEXEC) };
+        assert!(r >= 0, "{}", std::io::Error::last_os_error());
+    };
+    point_at(null.as_raw_fd());
     let poke = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     poke.send_to(b"not a QUIC packet", addr).expect("send");
 
-    let body = wait_status(admin, "/readyz", 503, Duration::from_secs(10)).await;
+    // Until the socket's line is there (another reason alone, a slow storage probe on a busy
+    // machine, is not what this waits for).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (status, body) = get(admin, "/readyz").await;
+        if status == 503 && body.contains("client socket:") {
+            break body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no client socket line within 10 s: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         body.contains("client socket: every read failed for")
             && body.contains(&format!("os error {}", libc::ENOTSOCK)),
         "{body}"
     );
     let (_, metrics) = get(admin, "/metrics").await;
+    let node_label = id.to_string();
     let errors = value(
         &parse(&metrics),
         "meshchat_endpoint_recv_errors_total",
-        &[("node", "14")],
+        &[("node", node_label.as_str())],
     );
     assert!(errors.is_some_and(|n| n >= 2.0), "{errors:?}");
 
-    // SAFETY: as above.
-    assert!(unsafe { libc::dup2(saved, fd) } >= 0);
+    point_at(saved);
     // SAFETY: as above.
     assert_eq!(unsafe { libc::close(saved) }, 0);
     wait_status(admin, "/readyz", 200, Duration::from_secs(10)).await;
@@ -266,6 +285,11 @@ async fn metrics_are_scraped_parsed_and_count_what_the_clients_did() {
         .collect();
     if std::env::var("TEST_CLIENT_ENDPOINT").is_ok_and(|v| v == "quinn") {
         assert!(per_loop.is_empty(), "no loop series on quinn: {per_loop:?}");
+        assert_eq!(
+            value(&m, "meshchat_endpoint_recv_errors_total", &[me]),
+            None,
+            "no socket reads of ours on quinn"
+        );
     } else {
         let loops = std::env::var("TEST_CLIENT_LOOPS")
             .ok()
@@ -273,6 +297,10 @@ async fn metrics_are_scraped_parsed_and_count_what_the_clients_did() {
             .unwrap_or(2usize);
         assert_eq!(per_loop.len(), loops, "one series per loop");
         assert_eq!(per_loop.iter().sum::<f64>(), 3.0, "{per_loop:?}");
+        assert_eq!(
+            value(&m, "meshchat_endpoint_recv_errors_total", &[me]),
+            Some(0.0)
+        );
         for reason in ["socket_full", "send_error", "loop_queue_full"] {
             assert!(
                 value(
