@@ -675,29 +675,9 @@ async fn serve_loop(
     };
     let bound = socket.local_addr().ok();
     if edges.len() == 1 {
-        // A lone loop runs on a thread of its own, its socket registered with that thread's
-        // runtime: a datagram, or a task its requests spawn, wakes that thread and no other.
         let edge = edges.remove(0);
-        match socket.into_std() {
-            Ok(socket) => {
-                let span = info_span!("loop", index = 0);
-                let (ran, thread) = on_loop_thread(0, move |ran| async move {
-                    let out = match tokio::net::UdpSocket::from_std(socket) {
-                        Ok(socket) => edge.run(socket, stop).instrument(span).await,
-                        Err(e) => Err(e.into()),
-                    };
-                    let _ = ran.send(out);
-                });
-                match ran.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => warn!(error = %e, "the endpoint loop failed"),
-                    Err(_) => warn!("the endpoint loop ended abnormally"),
-                }
-                if let Some(t) = thread {
-                    let _ = tokio::task::spawn_blocking(move || t.join()).await;
-                }
-            }
-            Err(e) => warn!(error = %e, "the endpoint loop's socket failed"),
+        if let Err(e) = edge.run(socket, stop).await {
+            warn!(error = %e, "the endpoint loop failed");
         }
     } else {
         match meshchat_edge::udp::Udp::new(Arc::new(socket)) {
@@ -749,65 +729,6 @@ async fn serve_group(
     }
     let _ = done.send(true);
     let _ = receiver.await;
-}
-
-/// How long a loop's thread waits, after its loop returned, for the tasks its requests
-/// started (a message's append and push) before its runtime drops them.
-const LOOP_TASKS_SETTLE: Duration = Duration::from_secs(5);
-
-/// What an endpoint loop returned.
-type LoopResult = Result<(), meshchat_edge::EdgeError>;
-
-/// Runs the future `make` returns on a thread of its own (`mc-loop-<k>`), in a
-/// current-thread runtime: a lone endpoint loop and the tasks its requests spawn stay on one
-/// thread. On the node's multi-thread runtime the loop moved between workers and each task
-/// a request spawned woke an idle one: 15-20% more CPU per message (docs/PERFORMANCE.md, "A
-/// lone loop on a thread of its own"). A group of loops stays on that runtime, where a
-/// worker already awake runs another loop's turn without waking a thread (measured no
-/// better on threads of their own).
-/// The future sends what the loop returned to the receiver this returns (dropped unsent if
-/// the thread or its runtime failed to start); the thread then waits, at most
-/// [`LOOP_TASKS_SETTLE`] once the future is done, for the tasks the loop's requests spawned.
-fn on_loop_thread<F, Fut>(
-    k: usize,
-    make: F,
-) -> (
-    tokio::sync::oneshot::Receiver<LoopResult>,
-    Option<std::thread::JoinHandle<()>>,
-)
-where
-    F: FnOnce(tokio::sync::oneshot::Sender<LoopResult>) -> Fut + Send + 'static,
-    Fut: Future<Output = ()>,
-{
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let thread = std::thread::Builder::new()
-        .name(format!("mc-loop-{k}"))
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = tx.send(Err(e.into()));
-                    return;
-                }
-            };
-            rt.block_on(make(tx));
-            let until = std::time::Instant::now() + LOOP_TASKS_SETTLE;
-            rt.block_on(async {
-                while rt.metrics().num_alive_tasks() > 0 && std::time::Instant::now() < until {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            });
-        });
-    match thread {
-        Ok(t) => (rx, Some(t)),
-        Err(e) => {
-            warn!(error = %e, "an endpoint loop's thread did not start");
-            (rx, None)
-        }
-    }
 }
 
 /// The last of a shutdown, once the connections are gone: the admin listener (it answered
