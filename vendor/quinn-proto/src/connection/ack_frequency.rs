@@ -21,6 +21,11 @@ pub(super) struct AckFrequencyState {
 }
 
 impl AckFrequencyState {
+    /// Whether the peer has sent an ACK_FREQUENCY frame (set how often we acknowledge).
+    pub(super) fn peer_set_ack_frequency(&self) -> bool {
+        self.last_ack_frequency_frame.is_some()
+    }
+
     pub(super) fn new(default_max_ack_delay: Duration) -> Self {
         Self {
             in_flight_ack_frequency_frame: None,

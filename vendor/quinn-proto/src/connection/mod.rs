@@ -2776,6 +2776,8 @@ impl Connection {
         let mut close = None;
         let payload_len = payload.len();
         let mut ack_eliciting = false;
+        // Whether PING is the only ack-eliciting frame so far (a keep-alive, or a probe).
+        let mut only_ping = true;
         for result in frame::Iter::new(payload)? {
             let frame = result?;
             let span = match frame {
@@ -2813,6 +2815,7 @@ impl Connection {
                 }
             }
             ack_eliciting |= frame.is_ack_eliciting();
+            only_ping &= !frame.is_ack_eliciting() || matches!(frame, Frame::Ping);
 
             // Check whether this could be a probing packet
             match frame {
@@ -3040,6 +3043,13 @@ impl Connection {
         }
 
         let space = &mut self.spaces[SpaceId::Data];
+        // A packet whose only ack-eliciting frame is a PING (a keep-alive, or a probe) carries
+        // nothing an answer could ride with: it is acknowledged at once rather than after the
+        // ACK delay, which spares a timer, its wake-up and a second pass over the connection.
+        // Not when the peer has set our ACK frequency (it asked for its ACKs to be delayed).
+        if ack_eliciting && only_ping && !self.ack_frequency.peer_set_ack_frequency() {
+            space.pending_acks.set_immediate_ack_required();
+        }
         if space
             .pending_acks
             .packet_received(now, number, ack_eliciting, &space.dedup)

@@ -3117,10 +3117,13 @@ fn single_ack_eliciting_packet_triggers_ack_after_delay() {
 
     let stats_after_connect = pair.client_conn_mut(client_ch).stats();
 
+    // A STREAM frame (meshchat's patch acknowledges a lone PING at once:
+    // `ping_is_acknowledged_without_the_ack_delay`).
     let start = pair.time;
-    pair.client_conn_mut(client_ch).ping();
-    pair.drive_client(); // Send ping
-    pair.drive_server(); // Process ping
+    let s = pair.client_streams(client_ch).open(Dir::Uni).unwrap();
+    pair.client_send(client_ch, s).write(b"x").unwrap();
+    pair.drive_client(); // Send the stream frame
+    pair.drive_server(); // Process it
     pair.drive_client(); // Give the client a chance to process an ack, so our assertion can fail
 
     // Sanity check: the time hasn't advanced in the meantime)
@@ -3128,7 +3131,7 @@ fn single_ack_eliciting_packet_triggers_ack_after_delay() {
 
     let stats_after_ping = pair.client_conn_mut(client_ch).stats();
     assert_eq!(
-        stats_after_ping.frame_tx.ping - stats_after_connect.frame_tx.ping,
+        stats_after_ping.frame_tx.stream - stats_after_connect.frame_tx.stream,
         1
     );
     assert_eq!(
@@ -3169,7 +3172,46 @@ fn single_ack_eliciting_packet_triggers_ack_after_delay() {
     // Sanity check: no loss probe was sent, because the delayed ACK was received on time
     assert_eq!(
         stats_after_drive.frame_tx.ping - stats_after_connect.frame_tx.ping,
+        0
+    );
+    assert_eq!(
+        stats_after_drive.frame_tx.stream - stats_after_connect.frame_tx.stream,
         1
+    );
+}
+
+#[test]
+fn ping_is_acknowledged_without_the_ack_delay() {
+    let _guard = subscribe();
+    let mut pair = Pair::default();
+    let (client_ch, server_ch) = pair.connect();
+    pair.drive();
+    let server_acks = pair.server_conn_mut(server_ch).stats().frame_tx.acks;
+
+    // A keep-alive: the server acknowledges it when it arrives, not max_ack_delay later.
+    pair.client_conn_mut(client_ch).ping();
+    pair.drive_client();
+    let arrived = pair.time;
+    pair.drive_server();
+    assert_eq!(pair.time, arrived);
+    assert_eq!(
+        pair.server_conn_mut(server_ch).stats().frame_tx.acks,
+        server_acks + 1
+    );
+
+    // Stream data is still acknowledged after the delay (an answer may carry the ACK).
+    let s = pair.client_streams(client_ch).open(Dir::Uni).unwrap();
+    pair.client_send(client_ch, s).write(b"hello").unwrap();
+    pair.drive_client();
+    pair.drive_server();
+    assert_eq!(
+        pair.server_conn_mut(server_ch).stats().frame_tx.acks,
+        server_acks + 1
+    );
+    pair.drive();
+    assert_eq!(
+        pair.server_conn_mut(server_ch).stats().frame_tx.acks,
+        server_acks + 2
     );
 }
 
