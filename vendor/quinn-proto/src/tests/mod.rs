@@ -3129,13 +3129,13 @@ fn single_ack_eliciting_packet_triggers_ack_after_delay() {
     // Sanity check: the time hasn't advanced in the meantime)
     assert_eq!(pair.time, start);
 
-    let stats_after_ping = pair.client_conn_mut(client_ch).stats();
+    let stats_after_send = pair.client_conn_mut(client_ch).stats();
     assert_eq!(
-        stats_after_ping.frame_tx.stream - stats_after_connect.frame_tx.stream,
+        stats_after_send.frame_tx.stream - stats_after_connect.frame_tx.stream,
         1
     );
     assert_eq!(
-        stats_after_ping.frame_rx.acks - stats_after_connect.frame_rx.acks,
+        stats_after_send.frame_rx.acks - stats_after_connect.frame_rx.acks,
         0
     );
 
@@ -3143,7 +3143,7 @@ fn single_ack_eliciting_packet_triggers_ack_after_delay() {
     pair.drive();
     let stats_after_drive = pair.client_conn_mut(client_ch).stats();
     assert_eq!(
-        stats_after_drive.frame_rx.acks - stats_after_ping.frame_rx.acks,
+        stats_after_drive.frame_rx.acks - stats_after_send.frame_rx.acks,
         1
     );
 
@@ -3183,8 +3183,9 @@ fn single_ack_eliciting_packet_triggers_ack_after_delay() {
 #[test]
 fn ping_is_acknowledged_without_the_ack_delay() {
     let _guard = subscribe();
-    let mut pair = Pair::default();
-    let (client_ch, server_ch) = pair.connect();
+    // No skipped packet number: a gap would make any packet acknowledged at once.
+    let mut pair = Pair::default_with_deterministic_pns();
+    let (client_ch, server_ch) = pair.connect_with(client_config_with_deterministic_pns());
     pair.drive();
     let server_acks = pair.server_conn_mut(server_ch).stats().frame_tx.acks;
 
@@ -3246,15 +3247,19 @@ fn out_of_order_ack_eliciting_packet_triggers_ack() {
     let client_stats_after_connect = pair.client_conn_mut(client_ch).stats();
     let server_stats_after_connect = pair.server_conn_mut(server_ch).stats();
 
+    // STREAM frames, not PINGs (meshchat's patch acknowledges a lone PING at once:
+    // `ping_is_acknowledged_without_the_ack_delay`).
+    let s = pair.client_streams(client_ch).open(Dir::Uni).unwrap();
+
     // Send a packet that won't arrive right away (it will be dropped and be re-sent later)
     pair.mtu = 0;
-    pair.client_conn_mut(client_ch).ping();
+    pair.client_send(client_ch, s).write(b"a").unwrap();
     pair.drive_client();
 
     // Sanity check (ping sent, no ACK received)
     let client_stats_after_first_ping = pair.client_conn_mut(client_ch).stats();
     assert_eq!(
-        client_stats_after_first_ping.frame_tx.ping - client_stats_after_connect.frame_tx.ping,
+        client_stats_after_first_ping.frame_tx.stream - client_stats_after_connect.frame_tx.stream,
         1
     );
     assert_eq!(
@@ -3264,7 +3269,7 @@ fn out_of_order_ack_eliciting_packet_triggers_ack() {
 
     // Restore the default MTU and send another ping, which will arrive earlier than the dropped one
     pair.mtu = default_mtu;
-    pair.client_conn_mut(client_ch).ping();
+    pair.client_send(client_ch, s).write(b"b").unwrap();
     pair.drive_client();
     pair.drive_server();
     pair.drive_client();
@@ -3272,7 +3277,7 @@ fn out_of_order_ack_eliciting_packet_triggers_ack() {
     // Client sanity check (ping sent, one ACK received)
     let client_stats_after_second_ping = pair.client_conn_mut(client_ch).stats();
     assert_eq!(
-        client_stats_after_second_ping.frame_tx.ping - client_stats_after_connect.frame_tx.ping,
+        client_stats_after_second_ping.frame_tx.stream - client_stats_after_connect.frame_tx.stream,
         2
     );
     assert_eq!(
@@ -3283,7 +3288,7 @@ fn out_of_order_ack_eliciting_packet_triggers_ack() {
     // Server checks (single ping received, ACK sent)
     let server_stats_after_second_ping = pair.server_conn_mut(server_ch).stats();
     assert_eq!(
-        server_stats_after_second_ping.frame_rx.ping - server_stats_after_connect.frame_rx.ping,
+        server_stats_after_second_ping.frame_rx.stream - server_stats_after_connect.frame_rx.stream,
         1
     );
     assert_eq!(
@@ -3303,7 +3308,10 @@ fn single_ack_eliciting_packet_with_ce_bit_triggers_immediate_ack() {
 
     let start = pair.time;
 
-    pair.client_conn_mut(client_ch).ping();
+    // A STREAM frame, not a PING (meshchat's patch acknowledges a lone PING at once:
+    // `ping_is_acknowledged_without_the_ack_delay`).
+    let s = pair.client_streams(client_ch).open(Dir::Uni).unwrap();
+    pair.client_send(client_ch, s).write(b"x").unwrap();
 
     pair.congestion_experienced = true;
     pair.drive_client(); // Send ping
@@ -3317,7 +3325,7 @@ fn single_ack_eliciting_packet_with_ce_bit_triggers_immediate_ack() {
 
     let stats_after_ping = pair.client_conn_mut(client_ch).stats();
     assert_eq!(
-        stats_after_ping.frame_tx.ping - stats_after_connect.frame_tx.ping,
+        stats_after_ping.frame_tx.stream - stats_after_connect.frame_tx.stream,
         1
     );
     assert_eq!(
