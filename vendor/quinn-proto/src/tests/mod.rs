@@ -3256,43 +3256,43 @@ fn out_of_order_ack_eliciting_packet_triggers_ack() {
     pair.client_send(client_ch, s).write(b"a").unwrap();
     pair.drive_client();
 
-    // Sanity check (ping sent, no ACK received)
-    let client_stats_after_first_ping = pair.client_conn_mut(client_ch).stats();
+    // Sanity check (stream frame sent, no ACK received)
+    let client_stats_after_first_send = pair.client_conn_mut(client_ch).stats();
     assert_eq!(
-        client_stats_after_first_ping.frame_tx.stream - client_stats_after_connect.frame_tx.stream,
+        client_stats_after_first_send.frame_tx.stream - client_stats_after_connect.frame_tx.stream,
         1
     );
     assert_eq!(
-        client_stats_after_first_ping.frame_rx.acks - client_stats_after_connect.frame_rx.acks,
+        client_stats_after_first_send.frame_rx.acks - client_stats_after_connect.frame_rx.acks,
         0
     );
 
-    // Restore the default MTU and send another ping, which will arrive earlier than the dropped one
+    // Restore the default MTU and send more data, which will arrive earlier than the dropped packet
     pair.mtu = default_mtu;
     pair.client_send(client_ch, s).write(b"b").unwrap();
     pair.drive_client();
     pair.drive_server();
     pair.drive_client();
 
-    // Client sanity check (ping sent, one ACK received)
-    let client_stats_after_second_ping = pair.client_conn_mut(client_ch).stats();
+    // Client sanity check (second stream frame sent, one ACK received)
+    let client_stats_after_second_send = pair.client_conn_mut(client_ch).stats();
     assert_eq!(
-        client_stats_after_second_ping.frame_tx.stream - client_stats_after_connect.frame_tx.stream,
+        client_stats_after_second_send.frame_tx.stream - client_stats_after_connect.frame_tx.stream,
         2
     );
     assert_eq!(
-        client_stats_after_second_ping.frame_rx.acks - client_stats_after_connect.frame_rx.acks,
+        client_stats_after_second_send.frame_rx.acks - client_stats_after_connect.frame_rx.acks,
         1
     );
 
-    // Server checks (single ping received, ACK sent)
-    let server_stats_after_second_ping = pair.server_conn_mut(server_ch).stats();
+    // Server checks (single stream frame received, ACK sent)
+    let server_stats_after_second_send = pair.server_conn_mut(server_ch).stats();
     assert_eq!(
-        server_stats_after_second_ping.frame_rx.stream - server_stats_after_connect.frame_rx.stream,
+        server_stats_after_second_send.frame_rx.stream - server_stats_after_connect.frame_rx.stream,
         1
     );
     assert_eq!(
-        server_stats_after_second_ping.frame_tx.acks - server_stats_after_connect.frame_tx.acks,
+        server_stats_after_second_send.frame_tx.acks - server_stats_after_connect.frame_tx.acks,
         1
     );
 }
@@ -3314,26 +3314,26 @@ fn single_ack_eliciting_packet_with_ce_bit_triggers_immediate_ack() {
     pair.client_send(client_ch, s).write(b"x").unwrap();
 
     pair.congestion_experienced = true;
-    pair.drive_client(); // Send ping
+    pair.drive_client(); // Send the stream frame
     pair.congestion_experienced = false;
 
-    pair.drive_server(); // Process ping, send ACK in response to congestion
+    pair.drive_server(); // Process it, send ACK in response to congestion
     pair.drive_client(); // Process ACK
 
     // Sanity check: the time hasn't advanced in the meantime)
     assert_eq!(pair.time, start);
 
-    let stats_after_ping = pair.client_conn_mut(client_ch).stats();
+    let stats_after_send = pair.client_conn_mut(client_ch).stats();
     assert_eq!(
-        stats_after_ping.frame_tx.stream - stats_after_connect.frame_tx.stream,
+        stats_after_send.frame_tx.stream - stats_after_connect.frame_tx.stream,
         1
     );
     assert_eq!(
-        stats_after_ping.frame_rx.acks - stats_after_connect.frame_rx.acks,
+        stats_after_send.frame_rx.acks - stats_after_connect.frame_rx.acks,
         1
     );
     assert_eq!(
-        stats_after_ping.path.congestion_events - stats_after_connect.path.congestion_events,
+        stats_after_send.path.congestion_events - stats_after_connect.path.congestion_events,
         1
     );
 }
