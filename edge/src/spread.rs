@@ -6,8 +6,9 @@
 //! client's first Initial carries a connection id the client chose: it goes by a hash of
 //! that id, the same for every packet that carries it, and the loop it reaches makes the
 //! connection and issues ids of its own. Routing is by connection id, never by address, so a
-//! client that migrates stays with its loop (SO_REUSEPORT would hash the new address
-//! elsewhere).
+//! client that migrates stays with its loop (plain SO_REUSEPORT would hash the new address
+//! elsewhere). The node's default is the kernel doing the same routing for a socket per
+//! loop ([`crate::steer`]); this receiver is the fallback where the kernel cannot.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
