@@ -21,9 +21,7 @@
 //! - its end ([`App::on_closed`]), once, when the connection is lost or drained.
 //!
 //! The socket's I/O goes through `quinn-udp` ([`udp`]): datagrams read in batches (`recvmmsg`,
-//! GRO), a connection's datagrams sent together (GSO), ECN both ways. Several loops share a
-//! port with a socket each that the kernel steers by connection id ([`steer`]), or one
-//! socket and a receiver that hands datagrams over ([`spread`]).
+//! GRO), a connection's datagrams sent together (GSO), ECN both ways.
 //!
 //! Known simplifications: what the socket cannot take at once (a datagram, or the datagrams
 //! of one GSO send) is dropped and left to QUIC's loss recovery; timers in a binary heap with
@@ -32,7 +30,6 @@
 pub mod echo;
 pub mod lean;
 pub mod spread;
-pub mod steer;
 pub mod tls;
 pub mod udp;
 
@@ -639,7 +636,7 @@ impl<A: App> Edge<A> {
 
     /// Makes this loop number `index` of a group sharing one socket (see [`spread`]): the
     /// connection ids it issues name it, and `held` counts the group's connections (what
-    /// [`App::admit`] is told). Before [`Edge::run_fed`] (or, in a steered group, [`Edge::run_on`]).
+    /// [`App::admit`] is told). Before [`Edge::run_fed`].
     pub fn in_group(mut self, index: u8, held: Arc<AtomicUsize>) -> Self {
         let mut config = EndpointConfig::default();
         config.cid_generator(move || Box::new(spread::LoopCids::new(index)));
@@ -656,13 +653,6 @@ impl<A: App> Edge<A> {
         stop: watch::Receiver<bool>,
     ) -> Result<(), EdgeError> {
         let udp = Udp::new(Arc::new(socket))?;
-        self.serve(&udp, None, stop).await
-    }
-
-    /// As [`Edge::run`] on a socket the caller shares (a loop of a steered group,
-    /// [`steer`]: the group's sockets stay bound until its last loop is done, so the kernel
-    /// keeps steering by the same indexes while the others drain).
-    pub async fn run_on(self, udp: Arc<Udp>, stop: watch::Receiver<bool>) -> Result<(), EdgeError> {
         self.serve(&udp, None, stop).await
     }
 

@@ -7,8 +7,8 @@
 //! that id, the same for every packet that carries it, and the loop it reaches makes the
 //! connection and issues ids of its own. Routing is by connection id, never by address, so a
 //! client that migrates stays with its loop (plain SO_REUSEPORT would hash the new address
-//! elsewhere). The node's default is the kernel doing the same routing for a socket per
-//! loop ([`crate::steer`]); this receiver is the fallback where the kernel cannot.
+//! elsewhere; the kernel steering by id through a BPF program was measured against this
+//! receiver and not kept: docs/PERFORMANCE.md, "A socket per loop, steered by the kernel").
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

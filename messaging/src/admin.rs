@@ -137,22 +137,13 @@ async fn unready(s: &AdminState) -> Vec<String> {
             mesh.current_epoch()
         ));
     }
-    let sockets = s.loops.recv.lock().clone();
-    for (k, health) in sockets.iter().enumerate() {
-        let Some(run) = health.failing_now(
-            std::time::Instant::now(),
-            RECV_FAILING_FOR,
-            RECV_FAILING_RECENT,
-        ) else {
-            continue;
-        };
-        let which = if sockets.len() > 1 {
-            format!("client socket {k}")
-        } else {
-            "client socket".to_owned()
-        };
+    if let Some(run) = s.loops.recv.failing_now(
+        std::time::Instant::now(),
+        RECV_FAILING_FOR,
+        RECV_FAILING_RECENT,
+    ) {
         failed.push(format!(
-            "{which}: every read failed for {:.1} s ({} in a row), latest: {}",
+            "client socket: every read failed for {:.1} s ({} in a row), latest: {}",
             run.last.duration_since(run.since).as_secs_f64(),
             run.in_row,
             run.error
@@ -269,10 +260,7 @@ fn refresh_gauges(s: &AdminState, node: &Node, ready: bool) {
         );
     }
     if !loops.is_empty() {
-        m.counter_total(
-            "meshchat_endpoint_recv_errors_total",
-            s.loops.recv.lock().iter().map(|h| h.errors()).sum(),
-        );
+        m.counter_total("meshchat_endpoint_recv_errors_total", s.loops.recv.errors());
     }
     if let Some(store) = s.store.as_ref().and_then(Weak::upgrade) {
         m.gauge("meshchat_store_queue_depth", store.queue_depth() as f64);

@@ -528,12 +528,6 @@ pub struct TransportSettings {
     /// (default) is one per core of the machine ([`TransportSettings::loop_count`]). At most
     /// 64. Not reloadable.
     pub loops: usize,
-    /// With several loops: each loop reads a socket of its own, all bound to the client port
-    /// as one `SO_REUSEPORT` group, and the kernel steers each datagram to its loop's socket
-    /// by connection id (a BPF program, `meshchat_edge::steer`). Off, or where the kernel
-    /// refuses the program: one socket and a receiver task that hands each datagram to its
-    /// loop. Default true. Not reloadable.
-    pub steer: bool,
     /// Let go of rustls once a connection's handshake (and its session tickets) is done,
     /// keeping only the secrets of the next key update: ~3.8 KB less per idle connection
     /// (docs/PERFORMANCE.md, docs/SECURITY.md). Default true. Not reloadable.
@@ -563,7 +557,6 @@ impl Default for TransportSettings {
             ticket_store_bytes: 16 * 1024 * 1024,
             endpoint: EndpointKind::Loop,
             loops: 0,
-            steer: true,
             lean_tls: true,
         }
     }

@@ -147,29 +147,18 @@ impl ClientEndpoint {
 
 /// What the admin listener reads of the endpoint loops (empty on quinn's endpoint): each
 /// loop's counters, the datagrams the group's receiver dropped for a full loop queue, and how
-/// the reads of the client sockets go (the lone loop's, the group's receiver's, or each
-/// steered loop's of its own socket).
+/// the reads of the client socket go (the lone loop's, or the group's receiver's).
 #[derive(Debug, Default)]
 pub(crate) struct LoopWatch {
     pub(crate) loops: parking_lot::Mutex<Vec<watch::Receiver<meshchat_edge::EdgeStats>>>,
     pub(crate) queue_dropped: Arc<std::sync::atomic::AtomicU64>,
-    pub(crate) recv: parking_lot::Mutex<Vec<Arc<meshchat_edge::udp::RecvHealth>>>,
-}
-
-impl LoopWatch {
-    /// A new record of one socket's reads, watched from now on.
-    fn new_recv(&self) -> Arc<meshchat_edge::udp::RecvHealth> {
-        let health = Arc::new(meshchat_edge::udp::RecvHealth::default());
-        self.recv.lock().push(health.clone());
-        health
-    }
+    pub(crate) recv: Arc<meshchat_edge::udp::RecvHealth>,
 }
 
 /// The client port as bound: quinn's endpoint, or the loop's socket and TLS config.
 enum ClientPort {
     Quinn(quinn::Endpoint),
-    /// One socket, or (steered, `meshchat_edge::steer`) one per loop.
-    Loop(Vec<tokio::net::UdpSocket>, Arc<quinn::ServerConfig>),
+    Loop(tokio::net::UdpSocket, Arc<quinn::ServerConfig>),
 }
 
 /// The client port ready to serve: quinn's endpoint, or the loop and its socket.
@@ -177,7 +166,7 @@ enum Serving {
     Quinn(quinn::Endpoint),
     Loop(
         Vec<meshchat_edge::Edge<session::looped::NodeApp>>,
-        Vec<tokio::net::UdpSocket>,
+        tokio::net::UdpSocket,
     ),
 }
 
@@ -232,12 +221,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         &token_key,
         &tickets,
     )?;
-    let loops = match config.transport.endpoint {
-        EndpointKind::Quinn => 1,
-        EndpointKind::Loop => config.transport.loop_count(),
-    };
-    let mut sockets = tls::client_sockets(config.listen, &config.transport, loops)?;
-    let addr = sockets[0]
+    let socket = tls::udp_socket(config.listen, &config.transport)?;
+    let addr = socket
         .local_addr()
         .map_err(|e| StartError::Other(format!("endpoint address: {e}")))?;
     let client_port = match config.transport.endpoint {
@@ -245,21 +230,18 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
             quinn::Endpoint::new(
                 quinn::EndpointConfig::default(),
                 Some(server_config),
-                sockets.remove(0),
+                socket,
                 Arc::new(quinn::TokioRuntime),
             )
             .map_err(|e| StartError::Other(format!("endpoint: {e}")))?,
         ),
         EndpointKind::Loop => {
-            let sockets = sockets
-                .into_iter()
-                .map(|socket| {
-                    socket.set_nonblocking(true)?;
-                    tokio::net::UdpSocket::from_std(socket)
-                })
-                .collect::<std::io::Result<Vec<_>>>()
+            socket
+                .set_nonblocking(true)
                 .map_err(|e| StartError::Other(format!("endpoint socket: {e}")))?;
-            ClientPort::Loop(sockets, Arc::new(server_config))
+            let socket = tokio::net::UdpSocket::from_std(socket)
+                .map_err(|e| StartError::Other(format!("endpoint socket: {e}")))?;
+            ClientPort::Loop(socket, Arc::new(server_config))
         }
     };
     let mut config = config;
@@ -352,8 +334,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     };
     let (endpoint, serving) = match client_port {
         ClientPort::Quinn(e) => (ClientEndpoint::Quinn(e.clone()), Serving::Quinn(e)),
-        ClientPort::Loop(sockets, server_config) => {
-            let steered = sockets.len() > 1;
+        ClientPort::Loop(socket, server_config) => {
             let l = &node.config.limits;
             let slow = close_code(ErrorCode::SlowReader).into_inner() as u32;
             let unavailable = close_code(ErrorCode::Unavailable).into_inner() as u32;
@@ -384,23 +365,16 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
                         unavailable,
                         b"node shutting down",
                     );
-                    if steered {
-                        // Its own socket, read by itself.
-                        edge.in_group(k as u8, held.clone())
-                            .with_recv_health(loop_watch.new_recv())
-                    } else if loops > 1 {
+                    if loops > 1 {
                         edge.in_group(k as u8, held.clone())
                     } else {
-                        edge.with_recv_health(loop_watch.new_recv())
+                        edge.with_recv_health(loop_watch.recv.clone())
                     }
                 })
                 .collect();
             *loop_watch.loops.lock() = edges.iter().map(|e| e.stats()).collect();
             let controls = edges.iter().map(|e| e.control(Some(addr))).collect();
-            (
-                ClientEndpoint::Loop(controls),
-                Serving::Loop(edges, sockets),
-            )
+            (ClientEndpoint::Loop(controls), Serving::Loop(edges, socket))
         }
     };
     let node_for_loop = node.clone();
@@ -419,11 +393,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
                     )
                     .await;
                 }
-                Serving::Loop(edges, sockets) => {
+                Serving::Loop(edges, socket) => {
                     serve_loop(
                         node_for_loop,
                         edges,
-                        sockets,
+                        socket,
                         loop_watch,
                         embedded,
                         admin_task,
@@ -680,7 +654,7 @@ async fn accept_loop(
 async fn serve_loop(
     node: Arc<Node>,
     mut edges: Vec<meshchat_edge::Edge<session::looped::NodeApp>>,
-    mut sockets: Vec<tokio::net::UdpSocket>,
+    socket: tokio::net::UdpSocket,
     loop_watch: Arc<LoopWatch>,
     store: Option<Arc<EmbeddedStore>>,
     admin: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
@@ -699,16 +673,14 @@ async fn serve_loop(
             }
         })
     };
-    let bound = sockets[0].local_addr().ok();
+    let bound = socket.local_addr().ok();
     if edges.len() == 1 {
         let edge = edges.remove(0);
-        if let Err(e) = edge.run(sockets.remove(0), stop).await {
+        if let Err(e) = edge.run(socket, stop).await {
             warn!(error = %e, "the endpoint loop failed");
         }
-    } else if sockets.len() == edges.len() {
-        serve_steered(edges, sockets, stop).await;
     } else {
-        match meshchat_edge::udp::Udp::new(Arc::new(sockets.remove(0))) {
+        match meshchat_edge::udp::Udp::new(Arc::new(socket)) {
             // One socket state for the group: its receiver reads, each loop sends.
             Ok(udp) => serve_group(edges, Arc::new(udp), &loop_watch, stop).await,
             // As a lone loop that fails to start: logged; the node stops when told.
@@ -721,41 +693,6 @@ async fn serve_loop(
         port_released(addr).await;
     }
     info!("stopped");
-}
-
-/// Several loops, each its own task reading its own socket of a steered group, until every
-/// loop has returned.
-async fn serve_steered(
-    edges: Vec<meshchat_edge::Edge<session::looped::NodeApp>>,
-    sockets: Vec<tokio::net::UdpSocket>,
-    stop: watch::Receiver<bool>,
-) {
-    let mut udps = Vec::new();
-    for socket in sockets {
-        match meshchat_edge::udp::Udp::new(Arc::new(socket)) {
-            Ok(udp) => udps.push(Arc::new(udp)),
-            // As a lone loop that fails to start: logged; the node stops when told.
-            Err(e) => return warn!(error = %e, "the endpoint loops' sockets failed"),
-        }
-    }
-    // Every socket stays bound until the last loop is done (`Edge::run_on`).
-    let loops: Vec<_> = edges
-        .into_iter()
-        .zip(&udps)
-        .enumerate()
-        .map(|(k, (edge, udp))| {
-            let span = info_span!("loop", index = k);
-            tokio::spawn(edge.run_on(udp.clone(), stop.clone()).instrument(span))
-        })
-        .collect();
-    for l in loops {
-        match l.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "an endpoint loop failed"),
-            Err(e) => warn!(error = %e, "an endpoint loop ended abnormally"),
-        }
-    }
-    drop(udps);
 }
 
 /// Several loops on one socket: each its own task fed by one receiver, until every loop has
@@ -781,7 +718,7 @@ async fn serve_group(
         queues,
         until,
         loop_watch.queue_dropped.clone(),
-        loop_watch.new_recv(),
+        loop_watch.recv.clone(),
     ));
     for l in loops {
         match l.await {

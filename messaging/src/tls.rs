@@ -394,42 +394,11 @@ pub fn udp_socket(
     if addr.is_ipv6() {
         socket.set_only_v6(false).ok();
     }
-    buffers(&socket, t);
-    socket.bind(&addr.into()).map_err(err)?;
-    Ok(socket.into())
-}
-
-/// Best effort: an unprivileged process gets what the kernel allows.
-fn buffers(socket: &socket2::Socket, t: &TransportSettings) {
+    // Best effort: an unprivileged process gets what the kernel allows.
     socket.set_recv_buffer_size(t.udp_recv_buffer).ok();
     socket.set_send_buffer_size(t.udp_send_buffer).ok();
-}
-
-/// The client port's sockets for `loops` endpoint loops: one each, bound as a steered group
-/// (`meshchat_edge::steer`), when there are several loops and `t.steer` is set; else one.
-/// Where the kernel refuses the steering program, one socket (and a warning): the loops then
-/// share it through a receiver.
-pub fn client_sockets(
-    addr: SocketAddr,
-    t: &TransportSettings,
-    loops: usize,
-) -> Result<Vec<std::net::UdpSocket>, TlsError> {
-    if loops < 2 || !t.steer {
-        return Ok(vec![udp_socket(addr, t)?]);
-    }
-    match meshchat_edge::steer::bind(addr, loops, &|s| {
-        buffers(s, t);
-        Ok(())
-    }) {
-        Ok(sockets) => Ok(sockets),
-        Err(source) if source.kind() == std::io::ErrorKind::AddrInUse => {
-            Err(TlsError::Socket { addr, source })
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "no steered sockets for the endpoint loops; one socket and a receiver instead");
-            Ok(vec![udp_socket(addr, t)?])
-        }
-    }
+    socket.bind(&addr.into()).map_err(err)?;
+    Ok(socket.into())
 }
 
 /// Keep-alive interval clients should use for a node idle timeout (a third of it).

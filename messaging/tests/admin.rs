@@ -72,10 +72,9 @@ async fn wait_status(admin: SocketAddr, path: &str, want: u16, within: Duration)
     }
 }
 
-/// The descriptors of this process's UDP sockets bound to `port` (their inodes from
-/// /proc/net/udp, then the descriptors that link to them): one, or one per loop of a steered
-/// group.
-fn udp_fds_of(port: u16) -> Vec<i32> {
+/// The descriptor of this process's UDP socket bound to `port` (its inode from
+/// /proc/net/udp, then the descriptor that links to it).
+fn udp_fd_of(port: u16) -> i32 {
     let inodes: Vec<String> = ["/proc/net/udp", "/proc/net/udp6"]
         .iter()
         .flat_map(|f| {
@@ -93,34 +92,28 @@ fn udp_fds_of(port: u16) -> Vec<i32> {
                 .then(|| cols.get(9).map(|i| format!("socket:[{i}]")))?
         })
         .collect();
-    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+    std::fs::read_dir("/proc/self/fd")
         .expect("/proc/self/fd")
         .filter_map(Result::ok)
-        .filter_map(|e| {
+        .find_map(|e| {
             let link = std::fs::read_link(e.path()).ok()?;
             inodes
                 .iter()
                 .any(|i| link.to_str() == Some(i))
                 .then(|| e.file_name().to_str()?.parse().ok())?
         })
-        .collect();
-    assert!(
-        !fds.is_empty(),
-        "no descriptor of this process for UDP port {port}"
-    );
-    fds
+        .unwrap_or_else(|| panic!("no descriptor of this process for UDP port {port}"))
 }
 
-/// A real fault on the client sockets of a node with `loops` endpoint loops (one reads the
-/// socket itself; several read a steered socket each, or with `steer` off have a receiver that
-/// reads for them): their descriptors made to name /dev/null while a datagram waits, so every
-/// read of the socket it reached fails (`ENOTSOCK`). `/readyz` turns 503 with that socket's
-/// line once the reads have failed for a second, `/metrics` counts them; with the sockets put
-/// back, the next read works, `/readyz` is 200 again and clients are served.
+/// A real fault on the client socket of a node with `loops` endpoint loops (one reads the
+/// socket itself; several have a receiver that reads for them): its descriptor made to name
+/// /dev/null while a datagram waits, so every read fails (`ENOTSOCK`). `/readyz` turns 503 with
+/// the socket's line once the reads have failed for a second, `/metrics` counts them; with
+/// the socket put back, the next read works, `/readyz` is 200 again and clients are served.
 #[allow(unsafe_code)]
-async fn readiness_follows_the_client_socket(loops: usize, steer: bool) {
+async fn readiness_follows_the_client_socket(loops: usize) {
     use std::os::fd::AsRawFd;
-    let id = 20 + loops as u32 + 10 * u32::from(steer);
+    let id = 20 + loops as u32;
     let node = TestNode::start_with(|c| {
         c.node_id = id;
         c.admin.listen = Some("127.0.0.1:0".parse().expect("addr"));
@@ -128,35 +121,24 @@ async fn readiness_follows_the_client_socket(loops: usize, steer: bool) {
         c.transport.endpoint = meshchat_messaging::config::EndpointKind::Loop;
         c.transport.lean_tls = true;
         c.transport.loops = loops;
-        c.transport.steer = steer;
     })
     .await;
     let admin = admin_of(&node);
     wait_status(admin, "/readyz", 200, Duration::from_secs(10)).await;
     let addr = node.running.as_ref().expect("running").addr;
-    let fds = udp_fds_of(addr.port());
-    let sockets = if loops > 1 && steer { loops } else { 1 };
-    assert_eq!(fds.len(), sockets, "the client port's sockets");
+    let fd = udp_fd_of(addr.port());
     let null = std::fs::File::open("/dev/null").expect("/dev/null");
-    // SAFETY: each `saved` is a new descriptor the test owns and closes once, below; each `fd`
-    // stays open throughout (naming /dev/null, then its socket again), owned by the node. All
-    // stay close-on-exec, as the sockets were (other tests of this process start processes).
-    let saved: Vec<i32> = fds
-        .iter()
-        .map(|fd| {
-            let saved = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 0) };
-            assert!(saved >= 0, "{}", std::io::Error::last_os_error());
-            saved
-        })
-        .collect();
-    let point_at = |fd: i32, target: i32| {
+    // SAFETY: `saved` is a new descriptor the test owns and closes once, below; `fd` stays
+    // open throughout (naming /dev/null, then the socket again), owned by the node. Both stay
+    // close-on-exec, as the socket was (other tests of this process start processes).
+    let saved = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    assert!(saved >= 0, "{}", std::io::Error::last_os_error());
+    let point_at = |target: i32| {
         // SAFETY: as above.
         let r = unsafe { libc::dup3(target, fd, libc::O_CLOEXEC) };
         assert!(r >= 0, "{}", std::io::Error::last_os_error());
     };
-    for fd in &fds {
-        point_at(*fd, null.as_raw_fd());
-    }
+    point_at(null.as_raw_fd());
     let poke = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     poke.send_to(b"not a QUIC packet", addr).expect("send");
 
@@ -165,7 +147,7 @@ async fn readiness_follows_the_client_socket(loops: usize, steer: bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let body = loop {
         let (status, body) = get(admin, "/readyz").await;
-        if status == 503 && body.contains("client socket") {
+        if status == 503 && body.contains("client socket:") {
             break body;
         }
         assert!(
@@ -174,13 +156,8 @@ async fn readiness_follows_the_client_socket(loops: usize, steer: bool) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let line = if sockets > 1 {
-        "client socket 0: every read failed for"
-    } else {
-        "client socket: every read failed for"
-    };
     assert!(
-        (body.contains(line) || body.contains(&line.replace(" 0:", " 1:")))
+        body.contains("client socket: every read failed for")
             && body.contains(&format!("os error {}", libc::ENOTSOCK)),
         "{body}"
     );
@@ -193,11 +170,9 @@ async fn readiness_follows_the_client_socket(loops: usize, steer: bool) {
     );
     assert!(errors.is_some_and(|n| n >= 2.0), "{errors:?}");
 
-    for (fd, saved) in fds.iter().zip(saved) {
-        point_at(*fd, saved);
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::close(saved) }, 0);
-    }
+    point_at(saved);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::close(saved) }, 0);
     wait_status(admin, "/readyz", 200, Duration::from_secs(10)).await;
     let (alice, _events, a) = node.user("alice").await;
     alice
@@ -208,17 +183,12 @@ async fn readiness_follows_the_client_socket(loops: usize, steer: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_reports_a_lone_loops_socket_whose_reads_keep_failing() {
-    readiness_follows_the_client_socket(1, true).await;
+    readiness_follows_the_client_socket(1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_reports_a_loop_groups_socket_whose_reads_keep_failing() {
-    readiness_follows_the_client_socket(2, false).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readyz_reports_a_steered_loops_socket_whose_reads_keep_failing() {
-    readiness_follows_the_client_socket(2, true).await;
+    readiness_follows_the_client_socket(2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
