@@ -62,6 +62,8 @@ pub struct NodeConfig {
     pub admin: AdminConfig,
     /// Log format and level.
     pub log: LogConfig,
+    /// The node's async runtime.
+    pub runtime: RuntimeConfig,
 }
 
 /// `[log]`: how the node logs (to stderr; journald under systemd).
@@ -334,6 +336,31 @@ impl Default for NodeConfig {
             storage: StorageSettings::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
+            runtime: RuntimeConfig::default(),
+        }
+    }
+}
+
+/// `[runtime]`: the threads that run the node's tasks (requests, the endpoint loops, the mesh).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads of the node's tokio runtime. 0 (default): one per core the process may
+    /// use (`std::thread::available_parallelism`, which honours CPU affinity and cgroup
+    /// quotas), or `TOKIO_WORKER_THREADS` when that is set. Nodes that share a host can be
+    /// given their share of its cores: less CPU per message, at the price of a node stalled
+    /// whole when its one thread is preempted (docs/PERFORMANCE.md, "Nodes that share a
+    /// host: a thread each"). At most 1024. Not reloadable.
+    pub worker_threads: usize,
+}
+
+impl TransportSettings {
+    /// How many endpoint loops serve the client port on a runtime of `workers` worker threads:
+    /// `loops`, or for 0 one per worker thread, at most 64.
+    pub fn loop_count(&self, workers: usize) -> usize {
+        match self.loops {
+            0 => workers.clamp(1, 64),
+            n => n,
         }
     }
 }
@@ -525,8 +552,9 @@ pub struct TransportSettings {
     pub endpoint: EndpointKind,
     /// With `endpoint = "loop"`: how many loops (tasks, each on a core when the runtime has
     /// them) share the client port, connections spread among them by connection id; 0
-    /// (default) is one per core of the machine ([`TransportSettings::loop_count`]). At most
-    /// 64. Not reloadable.
+    /// (default) is one per worker thread of the runtime the node runs on, so one per core
+    /// unless `runtime.worker_threads` says otherwise ([`TransportSettings::loop_count`]). At
+    /// most 64. Not reloadable.
     pub loops: usize,
     /// Let go of rustls once a connection's handshake (and its session tickets) is done,
     /// keeping only the secrets of the next key update: ~3.8 KB less per idle connection
@@ -558,19 +586,6 @@ impl Default for TransportSettings {
             endpoint: EndpointKind::Loop,
             loops: 0,
             lean_tls: true,
-        }
-    }
-}
-
-impl TransportSettings {
-    /// How many endpoint loops serve the client port: `loops`, or for 0 one per core the
-    /// process may use (`std::thread::available_parallelism`), at most 64.
-    pub fn loop_count(&self) -> usize {
-        match self.loops {
-            0 => std::thread::available_parallelism()
-                .map_or(1, std::num::NonZeroUsize::get)
-                .min(64),
-            n => n,
         }
     }
 }
@@ -792,6 +807,9 @@ impl NodeConfig {
         self.validate_limits()?;
         self.validate_auth()?;
         self.validate_transport()?;
+        if self.runtime.worker_threads > 1024 {
+            return invalid("runtime.worker_threads must be 0..=1024");
+        }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return invalid("tls.cert and tls.key go together");
         }
@@ -1644,5 +1662,14 @@ mod tests {
             ..NodeConfig::default()
         };
         assert!(c.validate().is_err());
+        let mut c = NodeConfig::default();
+        c.runtime.worker_threads = 1025;
+        assert!(
+            matches!(c.validate(), Err(ConfigError::Invalid(m)) if m.contains("runtime.worker_threads"))
+        );
+        assert_eq!(c.transport.loop_count(3), 3, "a loop per worker thread");
+        assert_eq!(c.transport.loop_count(100), 64);
+        c.transport.loops = 1;
+        assert_eq!(c.transport.loop_count(3), 1, "loops set stays as set");
     }
 }

@@ -20,7 +20,8 @@
 //!   the new current key from the next one minted, and verified with the new list from the
 //!   next request (a key rotation in three rounds of reloads: `crate::auth`).
 //!
-//! Everything else (addresses, ids, storage, Redis, the rest of `[auth]`, `[transport]`, the
+//! Everything else (addresses, ids, storage, Redis, the rest of `[auth]`, `[transport]`,
+//! `[runtime]`, the
 //! rest of `[cluster]`) is read at start only: a reload reports those keys as needing a
 //! restart and leaves them as they are. The certificate and token secret files are re-read on
 //! every reload, so renewing them in place (`meshchat-node certs --renew`) and sending SIGHUP
@@ -241,6 +242,7 @@ mod tests {
         new.cluster.peer_queue += 1;
         new.listen = "127.0.0.1:7999".parse().expect("addr");
         new.log.level = "debug".into();
+        new.runtime.worker_threads = 2;
         let r = classify(&old, &new);
         assert_eq!(
             r.applied,
@@ -253,7 +255,12 @@ mod tests {
         );
         assert_eq!(
             r.needs_restart,
-            ["cluster.peer_queue", "limits.max_frame_bytes", "listen"]
+            [
+                "cluster.peer_queue",
+                "limits.max_frame_bytes",
+                "listen",
+                "runtime.worker_threads"
+            ]
         );
         assert_eq!(classify(&old, &old), Reloaded::default());
     }

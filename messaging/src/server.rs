@@ -170,6 +170,13 @@ enum Serving {
     ),
 }
 
+/// The endpoint loops for `config` on the runtime this runs on (`transport.loops`, or one per
+/// worker thread of the runtime).
+fn loop_count(config: &NodeConfig) -> usize {
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    config.transport.loop_count(workers)
+}
+
 /// Opens storage, binds the endpoint and starts accepting. Returns once the node listens.
 pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     config.validate()?;
@@ -338,7 +345,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
             let l = &node.config.limits;
             let slow = close_code(ErrorCode::SlowReader).into_inner() as u32;
             let unavailable = close_code(ErrorCode::Unavailable).into_inner() as u32;
-            let loops = node.config.transport.loop_count();
+            let loops = loop_count(&node.config);
             let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let edges: Vec<_> = (0..loops)
                 .map(|k| {
@@ -416,7 +423,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         node = node.config.node_id,
         endpoint = ?node.config.transport.endpoint,
         loops = ?(node.config.transport.endpoint == EndpointKind::Loop)
-            .then(|| node.config.transport.loop_count()),
+            .then(|| loop_count(&node.config)),
         lean_tls = node.config.transport.lean_tls,
         "listening"
     );

@@ -222,8 +222,7 @@ async fn run_node(
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // `run` logs as its config says; every other command in text at `info` (or RUST_LOG).
     let run_config = match &cli.cmd {
@@ -236,6 +235,24 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => None,
     };
+    // `runtime.worker_threads` (0: tokio's choice, `TOKIO_WORKER_THREADS` or one per core).
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = run_config
+        .as_ref()
+        .map(|c| c.runtime.worker_threads)
+        // (`NodeConfig::load` has refused a value past 1024.)
+        .filter(|n| *n > 0)
+    {
+        runtime.worker_threads(n);
+    }
+    runtime
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(cli, run_config))
+}
+
+async fn serve(cli: Cli, run_config: Option<NodeConfig>) -> anyhow::Result<()> {
     let log = {
         let l = run_config
             .as_ref()
