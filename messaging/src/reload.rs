@@ -21,11 +21,10 @@
 //!   next request (a key rotation in three rounds of reloads: `crate::auth`).
 //!
 //! Everything else (addresses, ids, storage, Redis, the rest of `[auth]`, `[transport]`,
-//! `[runtime]`, the
-//! rest of `[cluster]`) is read at start only: a reload reports those keys as needing a
-//! restart and leaves them as they are. The certificate and token secret files are re-read on
-//! every reload, so renewing them in place (`meshchat-node certs --renew`) and sending SIGHUP
-//! rotates them.
+//! `[runtime]`, the rest of `[cluster]`) is read at start only: a reload reports those keys
+//! as needing a restart and leaves them as they are. The certificate and token secret files
+//! are re-read on every reload, so renewing them in place (`meshchat-node certs --renew`) and
+//! sending SIGHUP rotates them.
 //!
 //! A reload builds everything first (new configuration validated, certificates and keys
 //! loaded, TLS configs built) and applies only if all of it succeeded: a bad file or an

@@ -170,13 +170,6 @@ enum Serving {
     ),
 }
 
-/// The endpoint loops for `config` on the runtime this runs on (`transport.loops`, or one per
-/// worker thread of the runtime).
-fn loop_count(config: &NodeConfig) -> usize {
-    let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    config.transport.loop_count(workers)
-}
-
 /// Opens storage, binds the endpoint and starts accepting. Returns once the node listens.
 pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     config.validate()?;
@@ -339,13 +332,17 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         }
         None => (None, None),
     };
+    // One loop per worker thread of this runtime unless `transport.loops` says otherwise.
+    let loops = node
+        .config
+        .transport
+        .loop_count(tokio::runtime::Handle::current().metrics().num_workers());
     let (endpoint, serving) = match client_port {
         ClientPort::Quinn(e) => (ClientEndpoint::Quinn(e.clone()), Serving::Quinn(e)),
         ClientPort::Loop(socket, server_config) => {
             let l = &node.config.limits;
             let slow = close_code(ErrorCode::SlowReader).into_inner() as u32;
             let unavailable = close_code(ErrorCode::Unavailable).into_inner() as u32;
-            let loops = loop_count(&node.config);
             let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let edges: Vec<_> = (0..loops)
                 .map(|k| {
@@ -423,7 +420,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         node = node.config.node_id,
         endpoint = ?node.config.transport.endpoint,
         loops = ?(node.config.transport.endpoint == EndpointKind::Loop)
-            .then(|| loop_count(&node.config)),
+            .then_some(loops),
         lean_tls = node.config.transport.lean_tls,
         "listening"
     );
