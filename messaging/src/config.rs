@@ -348,21 +348,11 @@ pub struct RuntimeConfig {
     /// Worker threads of the node's tokio runtime. 0 (default): one per core the process may
     /// use (`std::thread::available_parallelism`, which honours CPU affinity and cgroup
     /// quotas), or `TOKIO_WORKER_THREADS` when that is set. Nodes that share a host can be
-    /// given their share of its cores: less CPU per message, at the price of a node stalled
-    /// whole when its one thread is preempted (docs/PERFORMANCE.md, "Nodes that share a
-    /// host: a thread each"). At most 1024. Not reloadable.
+    /// given their share of its cores: measured, less CPU per message, but occasional
+    /// seconds of a much higher p99 with one thread per node, cause not established
+    /// (docs/PERFORMANCE.md, "Nodes that share a host: a thread each"). At most 1024. Not
+    /// reloadable.
     pub worker_threads: usize,
-}
-
-impl TransportSettings {
-    /// How many endpoint loops serve the client port on a runtime of `workers` worker threads:
-    /// `loops`, or for 0 one per worker thread, at most 64.
-    pub fn loop_count(&self, workers: usize) -> usize {
-        match self.loops {
-            0 => workers.clamp(1, 64),
-            n => n,
-        }
-    }
 }
 
 /// TLS certificate and key. Without them the node generates (once) a development CA and a
@@ -590,6 +580,17 @@ impl Default for TransportSettings {
     }
 }
 
+impl TransportSettings {
+    /// How many endpoint loops serve the client port on a runtime of `workers` worker threads:
+    /// `loops`, or for 0 one per worker thread, at most 64.
+    pub fn loop_count(&self, workers: usize) -> usize {
+        match self.loops {
+            0 => workers.clamp(1, 64),
+            n => n,
+        }
+    }
+}
+
 /// Most bytes a frame may hold (`limits.max_frame_bytes`): frames are buffered whole, per
 /// connection, and chat frames are small.
 pub const MAX_FRAME_BYTES: u32 = 16 * 1024 * 1024;
@@ -807,9 +808,12 @@ impl NodeConfig {
         self.validate_limits()?;
         self.validate_auth()?;
         self.validate_transport()?;
-        if self.runtime.worker_threads > 1024 {
-            return invalid("runtime.worker_threads must be 0..=1024");
-        }
+        within(
+            "runtime.worker_threads",
+            self.runtime.worker_threads,
+            0,
+            1024,
+        )?;
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return invalid("tls.cert and tls.key go together");
         }
