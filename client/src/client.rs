@@ -229,8 +229,21 @@ impl RecentSends {
     }
 }
 
-fn random_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+/// A new client message id: 32 hex digits, the Unix time in milliseconds (12 digits, 48 bits)
+/// then 80 random bits, so ids sort by the time they were made (as UUIDv7 does). Unique
+/// without coordination; the time first lets a store append each new id at the end of its
+/// idempotency index instead of on a page of its own (docs/STORAGE.md).
+fn new_client_msg_id() -> String {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    client_msg_id_at(millis, rand::random())
+}
+
+/// [`new_client_msg_id`] at `millis` with `random`'s low 80 bits.
+fn client_msg_id_at(millis: u64, random: u128) -> String {
+    let random = random & ((1 << 80) - 1);
+    format!("{:012x}{random:020x}", millis & ((1 << 48) - 1))
 }
 
 fn hello_body(hide_presence: bool) -> client_frame::Body {
@@ -1433,15 +1446,17 @@ impl Client {
         self.gap_fills.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Sends a message; retries with the same client message id (so never twice) across
-    /// disconnects, rate limits and overload, reconnecting when needed.
+    /// Sends a message under a new client message id (the time, then random bits); retries
+    /// with the same id (so never twice) across disconnects, rate limits and overload,
+    /// reconnecting when needed.
     pub async fn send(
         &self,
         chat: ChatId,
         body: impl Into<Bytes>,
         reply_to: Option<u64>,
     ) -> Result<pb::Processed, ClientError> {
-        self.send_with_id(chat, body, reply_to, &random_id()).await
+        self.send_with_id(chat, body, reply_to, &new_client_msg_id())
+            .await
     }
 
     /// [`Client::send`] with a caller-chosen client message id.
@@ -1931,5 +1946,25 @@ where
             return Ok(out);
         }
         after = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_msg_id_at;
+
+    #[test]
+    fn client_msg_ids_sort_by_time_whatever_their_random_bits() {
+        let t = 1_796_000_000_000; // 2026-11
+        let late_small = client_msg_id_at(t + 1, 0);
+        let early_large = client_msg_id_at(t, u128::MAX);
+        assert!(early_large < late_small, "{early_large} !< {late_small}");
+        for id in [&late_small, &early_large] {
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        }
+        assert_eq!(&early_large[..12], "01a229f12800");
+        assert_eq!(&early_large[12..], "ffffffffffffffffffff");
+        assert_ne!(client_msg_id_at(t, 1), client_msg_id_at(t, 2));
     }
 }

@@ -130,7 +130,7 @@ async fn a_version_1_store_is_upgraded_to_per_chat_idempotency() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("version");
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     let tables: i64 = conn
         .query_row(
             "SELECT count(*) FROM sqlite_schema WHERE name = 'idempotency'",
@@ -144,7 +144,7 @@ async fn a_version_1_store_is_upgraded_to_per_chat_idempotency() {
     );
 }
 
-/// A version-2 store (no private channels, no admins) opens as version 5: its channels stay
+/// A version-2 store (no private channels, no admins) opens as version 6: its channels stay
 /// public, and private channels and admins work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_2_store_gains_private_channels_and_admins() {
@@ -214,7 +214,7 @@ async fn a_version_3_store_without_sign_outs_gains_them() {
     store.close().await;
 }
 
-/// A version-3 file (idempotency table, newest id kept in `chats`) opens as version 5: the
+/// A version-3 file (idempotency table, newest id kept in `chats`) opens as version 6: the
 /// chat list keeps its order (now from the messages themselves), retries still find their
 /// first message, and new messages reorder the list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,7 +282,7 @@ async fn a_version_3_store_moves_to_the_append_only_layout() {
     assert_eq!(chats, 0, "the chats table is gone");
 }
 
-/// A version-4 file (a `chats` table beside `messages`) opens as version 5 without it: a
+/// A version-4 file (a `chats` table beside `messages`) opens as version 6 without it: a
 /// message to a chat that had messages is not taken for its first (not even one whose id is
 /// below the others', from a node with a slow clock), and a new chat's first message puts it
 /// in both members' lists.
@@ -346,5 +346,57 @@ async fn a_version_4_store_drops_the_chats_table_and_chat_lists_stay_whole() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .expect("schema");
-    assert_eq!((version, tables), (5, 0));
+    assert_eq!((version, tables), (6, 0));
+}
+
+/// A version-5 file (the idempotency index in chat order) opens as version 6 with the index
+/// led by the client id: the same key, so a retry is still the first message and the same
+/// client id in another chat is still another message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_5_store_orders_its_idempotency_index_by_client_id() {
+    use bytes::Bytes;
+    use meshchat_idgen::{ChatId, MessageId, UserId};
+    use meshchat_storage::{HistoryStore, NewMessage, StateStore};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = EmbeddedStore::open_dir(dir.path()).expect("open");
+    let (a, b, c) = (UserId(1), UserId(2), UserId(3));
+    for (id, name) in [(a, "a"), (b, "b"), (c, "c")] {
+        store.create_user(id, name, "hash").await.expect("user");
+    }
+    let (ab, ac) = (ChatId::direct(a, b), ChatId::direct(a, c));
+    let msg = |id: u64, chat: ChatId, key: &str| NewMessage {
+        id: MessageId(id),
+        chat,
+        sender: a,
+        client_msg_id: key.into(),
+        body: Bytes::from_static(b"hi"),
+        reply_to: None,
+    };
+    store.append(msg(100, ab, "k1")).await.expect("append");
+    store.close().await;
+    let path = rewrite(
+        dir.path(),
+        "DROP INDEX messages_by_client_id;
+         CREATE UNIQUE INDEX messages_by_client_id ON messages (chat, sender, client_msg_id);
+         PRAGMA user_version = 5;",
+    );
+    let store = EmbeddedStore::open_dir(dir.path()).expect("reopen upgrades");
+    let retry = store.append(msg(200, ab, "k1")).await.expect("retry");
+    assert_eq!((retry.id, retry.duplicate), (MessageId(100), true));
+    let elsewhere = store.append(msg(300, ac, "k1")).await.expect("other chat");
+    assert_eq!((elsewhere.id, elsewhere.duplicate), (MessageId(300), false));
+    store.close().await;
+    let conn = rusqlite::Connection::open(&path).expect("sqlite");
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("version");
+    let columns: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_index_info('messages_by_client_id') ORDER BY seqno")
+        .expect("index info")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("columns");
+    assert_eq!(version, 6);
+    assert_eq!(columns, ["client_msg_id", "sender", "chat"]);
 }

@@ -17,7 +17,10 @@ use crate::error::StorageError;
 /// 5: no `chats` table: a chat's first message is told by `messages` itself (the chat's newest
 ///    two rows), so an append no longer looks a chat up in a table of its own, and a chat's
 ///    first message writes one row fewer.
-pub(super) const SCHEMA_VERSION: i64 = 5;
+/// 6: the idempotency index leads with the client message id, `(client_msg_id, sender, chat)`:
+///    the client library's ids begin with the time, so the index grows at its end (a few
+///    pages shared by every chat) instead of one page in each chat's part of it.
+pub(super) const SCHEMA_VERSION: i64 = 6;
 
 /// Versions 1 to 3 kept idempotency keys in their own table, written beside every message
 /// (version 1 keyed it without the chat). Each row named a message stored in the same
@@ -28,6 +31,10 @@ const MIGRATE_IDEMPOTENCY: &str = "DROP TABLE IF EXISTS idempotency;";
 /// Versions 1 to 4 kept the set of chats with a message in `chats` (1 to 3 also each chat's
 /// newest message id, updated by every append). The chat's rows in `messages` answer both.
 const MIGRATE_CHATS: &str = "DROP TABLE IF EXISTS chats;";
+
+/// Versions 4 and 5 kept the idempotency index in chat order; [`SCHEMA`] builds it again in
+/// the order of version 6 (same columns, same uniqueness, so the messages cannot clash).
+const MIGRATE_CLIENT_ID_ORDER: &str = "DROP INDEX IF EXISTS messages_by_client_id;";
 
 /// Version 2 -> 3: a channel is public or private (existing ones stay public); the admins
 /// table is created by [`SCHEMA`].
@@ -68,10 +75,12 @@ CREATE TABLE IF NOT EXISTS reactions (
     PRIMARY KEY (chat, message_id, user_id)
 ) WITHOUT ROWID;
 
--- Idempotency: (chat, sender, client message id) -> the first message stored for it. An
+-- Idempotency: (client message id, sender, chat) -> the first message stored for it. An
 -- append inserts with ON CONFLICT on this index, so a retry costs one lookup and no write.
+-- The client id leads: ids that begin with the time (the client library's) make every
+-- append's entry land at the index's end, on a page the last appends wrote too.
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_client_id
-    ON messages (chat, sender, client_msg_id);
+    ON messages (client_msg_id, sender, chat);
 
 -- Each user's chats with their receipt marks.
 CREATE TABLE IF NOT EXISTS user_chats (
@@ -189,6 +198,11 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StorageError> {
                 conn.execute_batch(MIGRATE_V2_USERS)?;
             }
             conn.execute_batch(MIGRATE_CHATS)?;
+        }
+        // By version: a version-6 file has the index in its order, and dropping it would
+        // rebuild it at every open.
+        if (1..6).contains(&found) {
+            conn.execute_batch(MIGRATE_CLIENT_ID_ORDER)?;
         }
         conn.execute_batch(&format!("{SCHEMA} PRAGMA user_version = {SCHEMA_VERSION};"))?;
         conn.execute_batch("COMMIT")

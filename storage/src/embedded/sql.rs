@@ -38,7 +38,7 @@ fn parse_chat(s: &str) -> Result<ChatId, StorageError> {
 }
 
 /// Appends a message: one row and two index entries written (the message row and its unique
-/// index on (chat, sender, client_msg_id), the idempotency key). A 1:1 append also reads the
+/// index on (client_msg_id, sender, chat), the idempotency key). A 1:1 append also reads the
 /// chat's newest two rows; only a 1:1 chat's first message writes both members' chat-list
 /// rows. A channel append writes nothing else.
 pub(super) fn append(c: &Connection, m: &NewMessage) -> Result<AppendOutcome, StorageError> {
@@ -65,7 +65,7 @@ pub(super) fn append(c: &Connection, m: &NewMessage) -> Result<AppendOutcome, St
         .prepare_cached(
             "INSERT INTO messages (chat, id, sender, client_msg_id, body, reply_to)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (chat, sender, client_msg_id) DO NOTHING",
+             ON CONFLICT (client_msg_id, sender, chat) DO NOTHING",
         )
         .map_err(db)?
         .execute(params![
