@@ -30,6 +30,35 @@ fn rewrite(dir: &std::path::Path, sql: &str) -> std::path::PathBuf {
     path
 }
 
+/// A store opened in `dir` with users 1, 2 and 3 ("a", "b", "c").
+async fn store_with_users(dir: &std::path::Path) -> (EmbeddedStore, [meshchat_idgen::UserId; 3]) {
+    use meshchat_idgen::UserId;
+    use meshchat_storage::StateStore;
+    let store = EmbeddedStore::open_dir(dir).expect("open");
+    let users = [UserId(1), UserId(2), UserId(3)];
+    for (id, name) in users.into_iter().zip(["a", "b", "c"]) {
+        store.create_user(id, name, "hash").await.expect("user");
+    }
+    (store, users)
+}
+
+/// A message "hi" with id `id` from `sender` in `chat` under client id `key`.
+fn hello(
+    id: u64,
+    chat: meshchat_idgen::ChatId,
+    sender: meshchat_idgen::UserId,
+    key: &str,
+) -> meshchat_storage::NewMessage {
+    meshchat_storage::NewMessage {
+        id: meshchat_idgen::MessageId(id),
+        chat,
+        sender,
+        client_msg_id: key.into(),
+        body: bytes::Bytes::from_static(b"hi"),
+        reply_to: None,
+    }
+}
+
 #[async_trait]
 impl Harness for Embedded {
     async fn open(&self) -> Arc<dyn Storage> {
@@ -219,24 +248,12 @@ async fn a_version_3_store_without_sign_outs_gains_them() {
 /// first message, and new messages reorder the list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_3_store_moves_to_the_append_only_layout() {
-    use bytes::Bytes;
-    use meshchat_idgen::{ChatId, MessageId, UserId};
-    use meshchat_storage::{HistoryStore, NewMessage, StateStore};
+    use meshchat_idgen::{ChatId, MessageId};
+    use meshchat_storage::{HistoryStore, StateStore};
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = EmbeddedStore::open_dir(dir.path()).expect("open");
-    let (a, b, c) = (UserId(1), UserId(2), UserId(3));
-    for (id, name) in [(a, "a"), (b, "b"), (c, "c")] {
-        store.create_user(id, name, "hash").await.expect("user");
-    }
+    let (store, [a, b, c]) = store_with_users(dir.path()).await;
     let (ab, ac) = (ChatId::direct(a, b), ChatId::direct(a, c));
-    let msg = |id: u64, chat: ChatId, key: &str| NewMessage {
-        id: MessageId(id),
-        chat,
-        sender: a,
-        client_msg_id: key.into(),
-        body: Bytes::from_static(b"hi"),
-        reply_to: None,
-    };
+    let msg = |id: u64, chat: ChatId, key: &str| hello(id, chat, a, key);
     store.append(msg(100, ab, "k1")).await.expect("append");
     store.append(msg(200, ac, "k2")).await.expect("append");
     store.close().await;
@@ -288,24 +305,12 @@ async fn a_version_3_store_moves_to_the_append_only_layout() {
 /// in both members' lists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_4_store_drops_the_chats_table_and_chat_lists_stay_whole() {
-    use bytes::Bytes;
-    use meshchat_idgen::{ChatId, MessageId, UserId};
-    use meshchat_storage::{HistoryStore, NewMessage, StateStore};
+    use meshchat_idgen::{ChatId, UserId};
+    use meshchat_storage::{HistoryStore, StateStore};
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = EmbeddedStore::open_dir(dir.path()).expect("open");
-    let (a, b, c) = (UserId(1), UserId(2), UserId(3));
-    for (id, name) in [(a, "a"), (b, "b"), (c, "c")] {
-        store.create_user(id, name, "hash").await.expect("user");
-    }
+    let (store, [a, b, c]) = store_with_users(dir.path()).await;
     let (ab, bc) = (ChatId::direct(a, b), ChatId::direct(b, c));
-    let msg = |id: u64, chat: ChatId, sender: UserId, key: &str| NewMessage {
-        id: MessageId(id),
-        chat,
-        sender,
-        client_msg_id: key.into(),
-        body: Bytes::from_static(b"hi"),
-        reply_to: None,
-    };
+    let msg = hello;
     store.append(msg(100, ab, a, "k1")).await.expect("append");
     store.close().await;
     let path = rewrite(
@@ -354,24 +359,12 @@ async fn a_version_4_store_drops_the_chats_table_and_chat_lists_stay_whole() {
 /// client id in another chat is still another message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_5_store_orders_its_idempotency_index_by_client_id() {
-    use bytes::Bytes;
-    use meshchat_idgen::{ChatId, MessageId, UserId};
-    use meshchat_storage::{HistoryStore, NewMessage, StateStore};
+    use meshchat_idgen::{ChatId, MessageId};
+    use meshchat_storage::HistoryStore;
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = EmbeddedStore::open_dir(dir.path()).expect("open");
-    let (a, b, c) = (UserId(1), UserId(2), UserId(3));
-    for (id, name) in [(a, "a"), (b, "b"), (c, "c")] {
-        store.create_user(id, name, "hash").await.expect("user");
-    }
+    let (store, [a, b, c]) = store_with_users(dir.path()).await;
     let (ab, ac) = (ChatId::direct(a, b), ChatId::direct(a, c));
-    let msg = |id: u64, chat: ChatId, key: &str| NewMessage {
-        id: MessageId(id),
-        chat,
-        sender: a,
-        client_msg_id: key.into(),
-        body: Bytes::from_static(b"hi"),
-        reply_to: None,
-    };
+    let msg = |id: u64, chat: ChatId, key: &str| hello(id, chat, a, key);
     store.append(msg(100, ab, "k1")).await.expect("append");
     store.close().await;
     let path = rewrite(
@@ -390,13 +383,43 @@ async fn a_version_5_store_orders_its_idempotency_index_by_client_id() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .expect("version");
-    let columns: Vec<String> = conn
-        .prepare("SELECT name FROM pragma_index_info('messages_by_client_id') ORDER BY seqno")
+    assert_eq!(version, 6);
+    assert_eq!(
+        client_id_index_columns(&path),
+        ["client_msg_id", "sender", "chat"]
+    );
+}
+
+/// The idempotency index's columns in the store file at `path`, in index order.
+fn client_id_index_columns(path: &std::path::Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(path).expect("sqlite");
+    conn.prepare("SELECT name FROM pragma_index_info('messages_by_client_id') ORDER BY seqno")
         .expect("index info")
         .query_map([], |r| r.get(0))
         .expect("query")
         .collect::<Result<_, _>>()
-        .expect("columns");
-    assert_eq!(version, 6);
-    assert_eq!(columns, ["client_msg_id", "sender", "chat"]);
+        .expect("columns")
+}
+
+/// A new store is made at version 6 with the index led by the client id, and opening it again
+/// keeps both (an index already in that order is never rebuilt).
+#[tokio::test]
+async fn a_new_store_has_its_idempotency_index_in_client_id_order() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join(meshchat_storage::embedded::DB_FILE);
+    for _ in 0..2 {
+        EmbeddedStore::open_dir(dir.path())
+            .expect("open")
+            .close()
+            .await;
+        assert_eq!(
+            client_id_index_columns(&path),
+            ["client_msg_id", "sender", "chat"]
+        );
+        let conn = rusqlite::Connection::open(&path).expect("sqlite");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 6);
+    }
 }

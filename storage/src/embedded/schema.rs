@@ -33,7 +33,9 @@ const MIGRATE_IDEMPOTENCY: &str = "DROP TABLE IF EXISTS idempotency;";
 const MIGRATE_CHATS: &str = "DROP TABLE IF EXISTS chats;";
 
 /// Versions 4 and 5 kept the idempotency index in chat order; [`SCHEMA`] builds it again in
-/// the order of version 6 (same columns, same uniqueness, so the messages cannot clash).
+/// the order of version 6 (same columns, same uniqueness, so the messages cannot clash). A
+/// build of version 5 still running meanwhile keeps working: its conflict target names the
+/// same columns, and SQLite matches them in any order.
 const MIGRATE_CLIENT_ID_ORDER: &str = "DROP INDEX IF EXISTS messages_by_client_id;";
 
 /// Version 2 -> 3: a channel is public or private (existing ones stay public); the admins
@@ -163,6 +165,10 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StorageError> {
         .map_err(StorageError::backend)?;
     let upgrade = (|| {
         let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if found > SCHEMA_VERSION {
+            // A newer build upgraded the file since the check above: leave it as it is.
+            return Ok(Some(found));
+        }
         if (1..4).contains(&found) {
             // The unique index below is built from the messages; no version of meshchat stores
             // two messages under one key, but say which chat if a file does.
@@ -199,19 +205,36 @@ pub(super) fn prepare(conn: &Connection) -> Result<(), StorageError> {
             }
             conn.execute_batch(MIGRATE_CHATS)?;
         }
-        // By version: a version-6 file has the index in its order, and dropping it would
-        // rebuild it at every open.
-        if (1..6).contains(&found) {
+        // By shape, not by version: only an index in chat order is rebuilt, so a file already
+        // in client-id order (a version-6 one) never is.
+        let leading: Option<String> = conn
+            .query_row(
+                "SELECT name FROM pragma_index_info('messages_by_client_id') WHERE seqno = 0",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if leading.as_deref() == Some("chat") {
             conn.execute_batch(MIGRATE_CLIENT_ID_ORDER)?;
         }
         conn.execute_batch(&format!("{SCHEMA} PRAGMA user_version = {SCHEMA_VERSION};"))?;
-        conn.execute_batch("COMMIT")
+        conn.execute_batch("COMMIT")?;
+        Ok(None)
     })();
-    if let Err(e) = upgrade {
-        let _ = conn.execute_batch("ROLLBACK");
-        return Err(StorageError::backend(e));
+    match upgrade {
+        Ok(None) => Ok(()),
+        Ok(Some(found)) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(StorageError::SchemaTooNew {
+                found,
+                supported: SCHEMA_VERSION,
+            })
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(StorageError::backend(e))
+        }
     }
-    Ok(())
 }
 
 /// Whether `e` is SQLite's "database is busy/locked" (worth retrying).
