@@ -652,7 +652,7 @@ impl<A: App> Edge<A> {
         socket: UdpSocket,
         stop: watch::Receiver<bool>,
     ) -> Result<(), EdgeError> {
-        let udp = Udp::new(Arc::new(socket))?;
+        let udp = Udp::new(socket)?;
         self.serve(&udp, None, stop).await
     }
 

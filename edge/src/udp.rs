@@ -3,6 +3,13 @@
 //! datagrams into one buffer), several datagrams of one connection sent in one system call
 //! (GSO, when the connection has them), and the ECN codepoints of both directions given to
 //! quinn-proto; how a reader's reads go ([`RecvHealth`]), for the node's readiness.
+//!
+//! The socket is registered with the runtime for reads only. A send is made when a loop has
+//! something to send and dropped if the socket's buffer is full (QUIC takes it for a loss), so
+//! nothing ever waits for the socket to turn writable. Registered for writes too (as
+//! `tokio::net::UdpSocket` always is), every datagram sent would make the kernel signal
+//! "writable" again once its buffer was freed, waking a worker parked in `epoll_wait` for an
+//! event nobody waits for.
 
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
@@ -13,6 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use quinn_udp::{BATCH_SIZE, RecvMeta, UdpSocketState};
 use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
 
 /// A datagram as a loop takes it.
@@ -35,15 +43,29 @@ const SLOT: usize = 64 * 1024;
 /// A UDP socket with quinn-udp's state for it (what the kernel supports: GSO segments, GRO).
 #[derive(Debug)]
 pub struct Udp {
-    socket: Arc<UdpSocket>,
+    socket: AsyncFd<std::net::UdpSocket>,
     state: UdpSocketState,
 }
 
 impl Udp {
-    /// Sets `socket` up for batched, segmented I/O with ECN (quinn-udp's socket options).
-    pub fn new(socket: Arc<UdpSocket>) -> io::Result<Self> {
-        let state = UdpSocketState::new((&*socket).into())?;
+    /// Sets `socket` up for batched, segmented I/O with ECN (quinn-udp's socket options), and
+    /// registers it with the runtime for reads only (see the module docs). Must be called in
+    /// the runtime.
+    pub fn new(socket: UdpSocket) -> io::Result<Self> {
+        let socket = socket.into_std()?;
+        socket.set_nonblocking(true)?;
+        let state = UdpSocketState::new((&socket).into())?;
+        // SAFETY: `socket` owns its descriptor and the `AsyncFd` owns `socket` until it is
+        // dropped, so the descriptor stays open and names this socket while registered.
+        #[allow(unsafe_code)]
+        let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
         Ok(Self { socket, state })
+    }
+
+    /// The address the socket is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.get_ref().local_addr()
     }
 
     /// Datagrams one send may carry (1 where the kernel has no GSO).
@@ -52,7 +74,7 @@ impl Udp {
     }
 
     /// Sends `contents`, the datagram(s) of `t`, now; `WouldBlock` when the socket's buffer
-    /// is full.
+    /// is full. Every call asks the kernel (no readiness is kept for writes).
     pub fn try_send(&self, t: &quinn_proto::Transmit, contents: &[u8]) -> io::Result<()> {
         let transmit = quinn_udp::Transmit {
             destination: t.destination,
@@ -61,9 +83,7 @@ impl Udp {
             segment_size: t.segment_size,
             src_ip: t.src_ip,
         };
-        self.socket.try_io(Interest::WRITABLE, || {
-            self.state.try_send((&*self.socket).into(), &transmit)
-        })
+        self.state.try_send(self.socket.get_ref().into(), &transmit)
     }
 }
 
@@ -209,7 +229,7 @@ impl RecvBatch {
         }
         loop {
             let read = match udp.socket.readable().await {
-                Ok(()) => self.try_recv(udp),
+                Ok(_ready) => self.try_recv(udp),
                 Err(e) => Err(e),
             };
             match read {
@@ -245,8 +265,8 @@ impl RecvBatch {
         let mut iovs: [IoSliceMut<'_>; BATCH_SIZE] =
             std::array::from_fn(|_| slots.next().expect("BATCH_SIZE slots"));
         let meta = &mut self.meta;
-        let n = udp.socket.try_io(Interest::READABLE, || {
-            udp.state.recv((&*udp.socket).into(), &mut iovs, meta)
+        let n = udp.socket.try_io(Interest::READABLE, |socket| {
+            udp.state.recv(socket.into(), &mut iovs, meta)
         })?;
         self.len = n;
         Ok(())
@@ -360,10 +380,10 @@ mod tests {
     /// datagrams of the segment size (or fewer sends where the kernel has no GSO).
     #[tokio::test]
     async fn batches_and_segments_arrive_as_the_datagrams_sent() -> io::Result<()> {
-        let a = Udp::new(Arc::new(UdpSocket::bind("127.0.0.1:0").await?))?;
-        let b = Udp::new(Arc::new(UdpSocket::bind("127.0.0.1:0").await?))?;
-        let to = b.socket.local_addr()?;
-        let from = a.socket.local_addr()?;
+        let a = Udp::new(UdpSocket::bind("127.0.0.1:0").await?)?;
+        let b = Udp::new(UdpSocket::bind("127.0.0.1:0").await?)?;
+        let to = b.local_addr()?;
+        let from = a.local_addr()?;
         let transmit = |size, segment_size| quinn_proto::Transmit {
             destination: to,
             ecn: None,
@@ -371,8 +391,6 @@ mod tests {
             segment_size,
             src_ip: None,
         };
-        // A fresh socket is writable once the reactor has seen it so.
-        a.socket.writable().await?;
         for i in 0..5u8 {
             a.try_send(&transmit(10, None), &[i; 10])?;
         }
@@ -414,8 +432,8 @@ mod tests {
     #[allow(unsafe_code)]
     async fn reads_that_keep_failing_make_a_run_that_a_working_read_ends() -> io::Result<()> {
         use std::os::fd::AsRawFd;
-        let b = Udp::new(Arc::new(UdpSocket::bind("127.0.0.1:0").await?))?;
-        let to = b.socket.local_addr()?;
+        let b = Udp::new(UdpSocket::bind("127.0.0.1:0").await?)?;
+        let to = b.local_addr()?;
         let sender = std::net::UdpSocket::bind("127.0.0.1:0")?;
         let health = Arc::new(RecvHealth::default());
         let mut batch = RecvBatch::new(health.clone());

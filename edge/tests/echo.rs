@@ -276,11 +276,9 @@ async fn two_loops_share_a_socket_and_each_serves_its_own_connections() {
     use std::sync::atomic::AtomicUsize;
     let (cert, key) = self_signed().expect("certificate");
     let server = server_config(cert.clone(), key).expect("server config");
-    let socket = Arc::new(
-        tokio::net::UdpSocket::bind("127.0.0.1:0")
-            .await
-            .expect("bind"),
-    );
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = socket.local_addr().expect("addr");
     let socket = Arc::new(meshchat_edge::udp::Udp::new(socket).expect("socket state"));
     let held = Arc::new(AtomicUsize::new(0));

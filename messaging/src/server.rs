@@ -684,7 +684,7 @@ async fn serve_loop(
             warn!(error = %e, "the endpoint loop failed");
         }
     } else {
-        match meshchat_edge::udp::Udp::new(Arc::new(socket)) {
+        match meshchat_edge::udp::Udp::new(socket) {
             // One socket state for the group: its receiver reads, each loop sends.
             Ok(udp) => serve_group(edges, Arc::new(udp), &loop_watch, stop).await,
             // As a lone loop that fails to start: logged; the node stops when told.
