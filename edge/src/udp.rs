@@ -443,7 +443,11 @@ mod tests {
         let null = std::fs::File::open("/dev/null")?;
         // SAFETY: `saved` is a new descriptor this test owns and closes once, at the end; `fd`
         // stays open throughout (it names /dev/null, then the socket again), owned by `b`.
-        // Both stay close-on-exec, as the socket was.
+        // Both stay close-on-exec, as the socket was. While `fd` names /dev/null it breaks the
+        // runtime registration's rule that it name the registered socket: `saved` keeps the
+        // socket open, so its epoll entry stays, and the socket is back before `b` is dropped
+        // (were an assert to fail in between, dropping `b` could not remove the entry and the
+        // runtime would leak the registration: a leak in a failing test).
         let saved = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
         assert!(saved >= 0, "{}", io::Error::last_os_error());
         let point_at = |target: i32| {
