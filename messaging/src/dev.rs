@@ -42,6 +42,13 @@ pub async fn migrate_cassandra(settings: &CassandraSettings) -> Result<Vec<Strin
     Ok(meshchat_storage::cassandra::migrate(&session, &cfg, false).await?)
 }
 
+/// `auth.attempts_per_source_per_min` of a dev cluster's nodes (all its clients share one
+/// loopback address; default 30).
+pub const DEV_ATTEMPTS_PER_SOURCE_PER_MIN: u32 = 6_000;
+
+/// `auth.attempts_per_source_burst` of a dev cluster's nodes (default 10).
+pub const DEV_ATTEMPTS_PER_SOURCE_BURST: u32 = 1_000;
+
 /// Settings of a dev cluster.
 #[derive(Debug, Clone)]
 pub struct DevCluster {
@@ -145,6 +152,11 @@ impl DevCluster {
         // the whole cluster. The other admission rules stay.
         c.limits.max_handshakes_per_source =
             u32::try_from(c.limits.max_concurrent_handshakes).unwrap_or(u32::MAX);
+        // Likewise the password attempts per source: every `Register` and `Login` of the
+        // cluster's users comes from that address, so 10 at once and 30 a minute would refuse
+        // a script that signs up a handful of users. The per-account login limits stay.
+        c.auth.attempts_per_source_per_min = DEV_ATTEMPTS_PER_SOURCE_PER_MIN;
+        c.auth.attempts_per_source_burst = DEV_ATTEMPTS_PER_SOURCE_BURST;
         c.admin.listen = self.admin_addr(i);
         if let DevStorage::Cassandra(settings) = &self.storage {
             c.storage.backend = Backend::Cassandra;
@@ -387,6 +399,47 @@ pub fn stop_children(children: &mut [Child], grace: Duration) {
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dev cluster's nodes take password attempts from one source by the thousand (all its
+    /// clients are on this machine) and keep the per-account login limits of any node.
+    #[test]
+    fn dev_nodes_allow_many_attempts_per_source_but_keep_per_account_limits() {
+        let dev = DevCluster::new(
+            3,
+            PathBuf::from("/tmp/unused"),
+            7600,
+            None,
+            DevStorage::Embedded,
+        );
+        let defaults = NodeConfig::default().auth;
+        for i in 0..3 {
+            let c = dev.node_config(i);
+            assert_eq!(
+                c.auth.attempts_per_source_burst,
+                DEV_ATTEMPTS_PER_SOURCE_BURST
+            );
+            assert_eq!(
+                c.auth.attempts_per_source_per_min,
+                DEV_ATTEMPTS_PER_SOURCE_PER_MIN
+            );
+            assert_eq!(
+                (
+                    c.auth.logins_per_account_per_min,
+                    c.auth.logins_per_account_burst
+                ),
+                (
+                    defaults.logins_per_account_per_min,
+                    defaults.logins_per_account_burst
+                )
+            );
+            c.validate().expect("a dev node's config is valid");
         }
     }
 }
