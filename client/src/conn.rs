@@ -24,6 +24,7 @@ use tokio_util::codec::FramedRead;
 use tracing::debug;
 
 use crate::error::ClientError;
+use crate::liveness::{self, DEAD_REASON};
 
 /// Something the node pushed, or a change in the connection.
 #[derive(Debug, Clone, PartialEq)]
@@ -356,15 +357,21 @@ impl Conn {
             zero_rtt: Mutex::new(state),
         });
         let dead = Arc::new(AtomicBool::new(false));
-        tokio::spawn(watch_liveness(
-            conn.clone(),
-            Liveness {
-                timeout: opts.liveness_timeout,
-                suspect_after: opts.suspect_after,
-            },
-            dead.clone(),
-            (this.silent.clone(), events.clone(), this.muted.clone()),
-        ));
+        liveness::watch(liveness::ConnWatch {
+            judge: liveness::Judge::new(
+                liveness::Liveness {
+                    timeout: opts.liveness_timeout,
+                    suspect_after: opts.suspect_after,
+                },
+                liveness::seen(&conn),
+                std::time::Instant::now(),
+            ),
+            conn: conn.clone(),
+            dead: dead.clone(),
+            silent: this.silent.clone(),
+            events: events.clone(),
+            muted: this.muted.clone(),
+        });
         let parts = ReaderParts {
             pending,
             events,
@@ -587,111 +594,6 @@ impl Conn {
             }),
             Some(b) => Ok(b),
             None => Err(ClientError::Protocol("reply without a body".into())),
-        }
-    }
-}
-
-/// A node whose smoothed RTT is above four times the lowest seen plus this is slow.
-const SLOW_RTT_MARGIN: Duration = Duration::from_millis(100);
-
-/// The `Disconnected` reason after [`watch_liveness`] closed the connection.
-const DEAD_REASON: &str = "node silent: declared dead by the liveness check";
-
-/// Ack-eliciting frames this side has sent (what the node must acknowledge).
-fn eliciting_sent(s: &quinn::ConnectionStats) -> u64 {
-    let f = &s.frame_tx;
-    f.stream + f.ping + f.max_data + f.max_stream_data
-}
-
-/// How long a node may stay silent.
-#[derive(Debug, Clone, Copy)]
-struct Liveness {
-    /// Until the connection is closed as dead.
-    timeout: Duration,
-    /// Until the connection is marked silent.
-    suspect_after: Duration,
-}
-
-/// Closes `conn` when the node stays silent for `timeout` after this side sent it an
-/// ack-eliciting frame (a request, or a keep-alive PING), and marks it `silent` from
-/// `suspect_after` of such silence until the node is heard again. Checks six times per
-/// `suspect_after` (or timeout, if shorter); a datagram of any kind from the node (an ACK suffices) proves it alive. A check
-/// that runs late by more than a quarter of the timeout means this process was not running
-/// (starved of CPU, suspended): received datagrams may be waiting unread, so silence until
-/// then proves nothing and the clock starts again.
-async fn watch_liveness(
-    conn: quinn::Connection,
-    Liveness {
-        timeout,
-        suspect_after,
-    }: Liveness,
-    dead: Arc<AtomicBool>,
-    (silent, events, muted): (
-        Arc<watch::Sender<bool>>,
-        mpsc::Sender<Event>,
-        Arc<AtomicBool>,
-    ),
-) {
-    // Zero turns it off.
-    let suspect_after = if suspect_after.is_zero() {
-        Duration::MAX
-    } else {
-        suspect_after
-    };
-    // Fine enough that the tick adds little to either deadline (0.5 s at the defaults, a
-    // sixth of the shorter one); no finer, as a load generator runs one per connection.
-    let period = (timeout.min(suspect_after) / 6).max(Duration::from_millis(50));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let s = conn.stats();
-    let (mut rx, mut sent) = (s.udp_rx.datagrams, eliciting_sent(&s));
-    let mut waiting_since: Option<tokio::time::Instant> = None;
-    let mut last_check = tokio::time::Instant::now();
-    // The round trip this connection can have (the lowest smoothed RTT seen), and whether
-    // the node was already slow when the silence began (its RTT well above that): a busy
-    // node's clients go silent together, and each trying another node at once overloads
-    // the others in turn (10k load test: 7k early attempts, a storm); a node that dies was
-    // answering at its usual pace until then. A silence that follows a slowdown is left to
-    // the liveness timeout.
-    let mut min_rtt = conn.rtt();
-    let mut slow_before = false;
-    loop {
-        tokio::select! {
-            _ = conn.closed() => return,
-            _ = tick.tick() => {}
-        }
-        let now = tokio::time::Instant::now();
-        if now.duration_since(last_check) > period + timeout / 4 && waiting_since.is_some() {
-            debug!(
-                late_ms = (now - last_check - period).as_millis() as u64,
-                "liveness check ran late; its clock restarts"
-            );
-            waiting_since = Some(now);
-        }
-        last_check = now;
-        let s = conn.stats();
-        let (now_rx, now_sent) = (s.udp_rx.datagrams, eliciting_sent(&s));
-        let rtt = conn.rtt();
-        min_rtt = min_rtt.min(rtt);
-        if now_rx != rx {
-            waiting_since = None;
-        } else if now_sent != sent && waiting_since.is_none() {
-            waiting_since = Some(tokio::time::Instant::now());
-            slow_before = rtt > min_rtt * 4 + SLOW_RTT_MARGIN;
-        }
-        (rx, sent) = (now_rx, now_sent);
-        if waiting_since.is_some_and(|t| t.elapsed() >= timeout) {
-            debug!(remote = %conn.remote_address(), "node silent; closing the connection");
-            dead.store(true, Ordering::SeqCst);
-            conn.close(0u32.into(), DEAD_REASON.as_bytes());
-            return;
-        }
-        let quiet = !slow_before && waiting_since.is_some_and(|t| t.elapsed() >= suspect_after);
-        if silent.send_if_modified(|s| std::mem::replace(s, quiet) != quiet) && quiet {
-            debug!(remote = %conn.remote_address(), "node silent");
-            if !muted.load(Ordering::SeqCst) {
-                let _ = events.try_send(Event::Silent);
-            }
         }
     }
 }

@@ -6,6 +6,8 @@
 //!   with retry that reuses the client message id, queries, channels, and reconnect that fills
 //!   gaps from history; [`Events`]: pushes, deduplicated by message id.
 //! - [`conn`]: one QUIC connection: request/reply matching, push sequence checking.
+//! - `liveness`: whether a node went silent or dead; the checks of every connection of the
+//!   process on one thread.
 //! - [`typing`]: [`TypingTracker`]: who is typing where, from typing pushes, expiring by
 //!   itself.
 //! - [`error`] holds `ClientError`.
@@ -13,6 +15,7 @@
 pub mod client;
 pub mod conn;
 pub mod error;
+mod liveness;
 pub mod typing;
 
 pub use client::{Client, Events, Session};
